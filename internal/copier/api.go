@@ -1,0 +1,112 @@
+package copier
+
+import (
+	"time"
+)
+
+// Extent is a byte range of the disk that must be copied, as CBT
+// (QueryChangedDiskAreas) reports it. A list of extents handed to Copy is
+// sorted by Offset and its extents do not overlap.
+type Extent struct {
+	Offset int64 // first byte of the range
+	Length int64 // number of bytes, > 0
+}
+
+// End returns the offset just past the extent.
+func (e Extent) End() int64 { return e.Offset + e.Length }
+
+// Defaults used where an Options field is left zero.
+const (
+	DefaultRequestSize      = 1 << 20 // bytes per read/write request
+	DefaultInFlight         = 8       // requests in flight per connection
+	DefaultRetries          = 3       // extra attempts of a failed request
+	DefaultRetryBackoff     = 100 * time.Millisecond
+	DefaultFlushInterval    = 5 * time.Second
+	DefaultProgressInterval = 250 * time.Millisecond
+	DefaultSparseSize       = 64 << 10 // granularity of zero detection
+)
+
+// Options describe one copy. Source, Target and Extents are required; every
+// other field has a default.
+type Options struct {
+	// Source and Target are NBD URIs (nbd+unix:///?socket=PATH, nbd://host/…).
+	// The source is only read; the target must be at least as large as the
+	// end of the last extent.
+	Source, Target string
+
+	// Extents are the areas to copy: sorted, non-overlapping.
+	Extents []Extent
+
+	// Overlay says the target is a QCOW2 overlay over older data. Zero chunks
+	// (all-zero reads and holes reported by the source's block status) are
+	// then written as NBD zeroes, so the backing file cannot show through.
+	// On a fresh image (Overlay false) they are skipped: the image reads as
+	// zero already.
+	Overlay bool
+
+	// ResumeFrom is a resume point from an earlier attempt on the same
+	// target (Progress.ResumePoint): extent bytes below it are not copied.
+	ResumeFrom int64
+
+	// RequestSize is the size of one read/write request in bytes; InFlight
+	// the number of read/write requests in flight at once. Memory use is
+	// about RequestSize × InFlight, independent of the disk size.
+	RequestSize int
+	InFlight    int
+
+	// SparseSize is the granularity (bytes) at which data read from the
+	// source is checked for zeros: an all-zero block of this size is skipped
+	// (fresh image) or written as an NBD zero (overlay). Default 64 KiB, the
+	// QCOW2 cluster size.
+	SparseSize int
+
+	// Retries is how many more times a failed request is tried, after
+	// RetryBackoff, doubled on each attempt. Negative means no retry.
+	Retries      int
+	RetryBackoff time.Duration
+
+	// FlushInterval and FlushBytes decide when the target is flushed during
+	// the copy so the resume point advances: after FlushInterval since the
+	// last flush, or after FlushBytes written or zeroed since the last flush
+	// (0: no byte limit). The copy always ends with a flush.
+	FlushInterval time.Duration
+	FlushBytes    int64
+
+	// Progress, when set, is called from the copying goroutine at most every
+	// ProgressInterval, whenever the resume point advances and once at the
+	// end. It must return quickly: the pipeline waits for it.
+	Progress         func(Progress)
+	ProgressInterval time.Duration
+}
+
+// Progress is a snapshot of a running copy.
+type Progress struct {
+	// Total is the sum of the extents' lengths; Done the part already
+	// handled (read and written, zeroed or skipped, plus whatever lay below
+	// ResumeFrom). Done is not durable: see ResumePoint.
+	Total, Done int64
+
+	// Read, Written, Zeroed and Skipped count bytes handled by this call:
+	// read from the source, written as data, written as NBD zeroes, and
+	// skipped as zero on a fresh image.
+	Read, Written, Zeroed, Skipped int64
+
+	// Retried counts requests that failed and were tried again.
+	Retried int64
+
+	// ResumePoint is a byte offset below which every extent byte is durable
+	// in the target: it advances only after a FLUSH that completed after
+	// every request below it. Pass it as Options.ResumeFrom to continue.
+	ResumePoint int64
+}
+
+// Result is what a finished copy did. Its counters cover this call only.
+type Result struct {
+	Read, Written, Zeroed, Skipped int64
+	Retried                        int64
+	Flushes                        int64
+	// ResumePoint is the end of the last extent once the final FLUSH
+	// succeeded.
+	ResumePoint int64
+	Duration    time.Duration
+}

@@ -1,0 +1,16 @@
+// Package copier copies a list of disk extents from an NBD source to an NBD
+// target, the data path of a backup: extents in, bytes out.
+//
+// It keeps many requests in flight through libnbd's asynchronous API with
+// buffers allocated in C, so memory stays bounded by InFlight × RequestSize.
+// It asks the source for block status so it does not read holes, and treats
+// zero chunks according to the target: skipped on a fresh image, written as
+// NBD zeroes on an overlay, where skipping would let the backing file show
+// through. Failed requests are retried; a persistent failure names the
+// operation and offset. Progress carries a resume point that advances only
+// after a FLUSH of the target, because qemu-nbd acknowledges writes before
+// they are durable.
+//
+// It is not a scheduler of disks, nor does it start NBD servers: the caller
+// serves the source and the target and hands over their URIs.
+package copier
