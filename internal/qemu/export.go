@@ -1,0 +1,336 @@
+package qemu
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// Names of the files an export keeps in its directory.
+const (
+	socketName  = "nbd.sock"
+	pidFileName = "nbd.pid"
+)
+
+// maxSocketPath is the longest unix socket path Linux accepts (sun_path
+// holds 108 bytes including the terminating NUL).
+const maxSocketPath = 107
+
+// Export is a running NBD server on a unix socket.
+type Export struct {
+	program string
+	cmd     *exec.Cmd
+	dir     string
+	ownDir  bool // the directory was made by Start and is removed by Close
+	socket  string
+	pidFile string
+	stderr  *tailBuffer
+	done    chan struct{} // closed when the process has been reaped
+	waitErr error
+
+	closeOnce sync.Once
+	closeErr  error
+}
+
+// URI is the NBD URI of the export, for libnbd and qemu-img.
+func (e *Export) URI() string { return "nbd+unix:///?socket=" + e.socket }
+
+// Socket is the path of the export's unix socket.
+func (e *Export) Socket() string { return e.socket }
+
+// Pid is the process ID of the server.
+func (e *Export) Pid() int { return e.cmd.Process.Pid }
+
+// Done is closed when the server process has exited.
+func (e *Export) Done() <-chan struct{} { return e.done }
+
+// Stderr returns the last few KiB the server wrote to its stderr.
+func (e *Export) Stderr() string { return e.stderr.String() }
+
+// Close stops the server (SIGTERM, then SIGKILL after a grace period),
+// waits for it, and removes its socket, pid file and — when Start made it —
+// its directory. It is safe to call more than once.
+func (e *Export) Close() error {
+	e.closeOnce.Do(func() { e.closeErr = e.stop(syscall.SIGTERM, 10*time.Second) })
+	return e.closeErr
+}
+
+// Kill stops the server at once with SIGKILL, as a crash would, and cleans
+// up like Close. Data the server acknowledged but did not flush is lost,
+// which is what tests of resumption want.
+func (e *Export) Kill() error {
+	e.closeOnce.Do(func() { e.closeErr = e.stop(syscall.SIGKILL, 0) })
+	return e.closeErr
+}
+
+func (e *Export) stop(sig syscall.Signal, grace time.Duration) error {
+	select {
+	case <-e.done:
+	default:
+		_ = e.cmd.Process.Signal(sig)
+		select {
+		case <-e.done:
+		case <-time.After(grace):
+			_ = e.cmd.Process.Kill()
+			<-e.done
+		}
+	}
+	var errs []error
+	for _, p := range []string{e.socket, e.pidFile} {
+		if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, err)
+		}
+	}
+	if e.ownDir {
+		if err := os.Remove(e.dir); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// spec is what Start needs to run one server.
+type spec struct {
+	program string
+	args    func(socket string) []string
+	dir     string // empty: a fresh private directory under os.TempDir()
+	timeout time.Duration
+}
+
+// start runs a server in the foreground and waits until its socket accepts
+// connections. When dir is given, a server that an earlier, killed attempt
+// left there (recorded in the pid file) is stopped first.
+func start(ctx context.Context, s spec) (*Export, error) {
+	dir, ownDir, err := exportDir(s.dir)
+	if err != nil {
+		return nil, err
+	}
+	e := &Export{
+		program: s.program,
+		dir:     dir,
+		ownDir:  ownDir,
+		socket:  filepath.Join(dir, socketName),
+		pidFile: filepath.Join(dir, pidFileName),
+		stderr:  &tailBuffer{max: 8 << 10},
+		done:    make(chan struct{}),
+	}
+	cleanupDir := func() {
+		if ownDir {
+			_ = os.RemoveAll(dir)
+		}
+	}
+	if len(e.socket) > maxSocketPath {
+		cleanupDir()
+		return nil, fmt.Errorf("qemu: socket path %s is longer than %d bytes", e.socket, maxSocketPath)
+	}
+	if err := stopStale(e.pidFile, s.program, e.socket); err != nil {
+		cleanupDir()
+		return nil, err
+	}
+	if err := os.Remove(e.socket); err != nil && !errors.Is(err, os.ErrNotExist) {
+		cleanupDir()
+		return nil, fmt.Errorf("qemu: remove stale socket: %w", err)
+	}
+
+	args := s.args(e.socket)
+	e.cmd = exec.Command(s.program, args...)
+	e.cmd.Stderr = e.stderr
+	e.cmd.Stdout = e.stderr
+	e.cmd.Env = childEnv(os.Environ())
+	// The server must not outlive a worker killed with SIGKILL: it would keep
+	// the image's write lock. Pdeathsig follows the forking OS thread, which
+	// the Go runtime keeps alive unless a locked goroutine exits.
+	e.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := e.cmd.Start(); err != nil {
+		cleanupDir()
+		return nil, fmt.Errorf("qemu: start %s: %w", s.program, err)
+	}
+	go func() {
+		e.waitErr = e.cmd.Wait()
+		close(e.done)
+	}()
+	if err := os.WriteFile(e.pidFile, []byte(strconv.Itoa(e.cmd.Process.Pid)+"\n"), 0o600); err != nil {
+		_ = e.Kill()
+		return nil, fmt.Errorf("qemu: write pid file: %w", err)
+	}
+
+	timeout := s.timeout
+	if timeout == 0 {
+		timeout = 30 * time.Second
+	}
+	if err := e.waitReady(ctx, timeout); err != nil {
+		_ = e.Kill()
+		return nil, err
+	}
+	return e, nil
+}
+
+// waitReady polls the socket until the server accepts a connection, the
+// server exits, or the time is up.
+func (e *Export) waitReady(ctx context.Context, timeout time.Duration) error {
+	deadline := time.NewTimer(timeout)
+	defer deadline.Stop()
+	tick := time.NewTicker(5 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		if _, err := os.Stat(e.socket); err == nil && greets(e.socket) {
+			return nil
+		}
+		select {
+		case <-e.done:
+			return fmt.Errorf("qemu: %s exited before it was ready (%v): %s", e.program, e.waitErr, strings.TrimSpace(e.Stderr()))
+		case <-ctx.Done():
+			return fmt.Errorf("qemu: waiting for %s: %w", e.program, ctx.Err())
+		case <-deadline.C:
+			return fmt.Errorf("qemu: %s not ready after %s: %s", e.program, timeout, strings.TrimSpace(e.Stderr()))
+		case <-tick.C:
+		}
+	}
+}
+
+// greets reports whether an NBD server on socket answers a connection
+// with its greeting. A listening socket alone is not enough: qemu-nbd
+// binds it before it opens the image, and may still fail.
+func greets(socket string) bool {
+	c, err := net.DialTimeout("unix", socket, time.Second)
+	if err != nil {
+		return false
+	}
+	defer c.Close()
+	_ = c.SetReadDeadline(time.Now().Add(time.Second))
+	magic := make([]byte, 8)
+	if _, err := io.ReadFull(c, magic); err != nil {
+		return false
+	}
+	return string(magic) == "NBDMAGIC"
+}
+
+// exportDir returns the directory for an export's socket: dir itself (made
+// 0700 when missing), or a fresh private directory.
+func exportDir(dir string) (string, bool, error) {
+	if dir == "" {
+		d, err := os.MkdirTemp("", "cbtflow-nbd-")
+		if err != nil {
+			return "", false, fmt.Errorf("qemu: socket directory: %w", err)
+		}
+		return d, true, nil
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return "", false, fmt.Errorf("qemu: socket directory: %w", err)
+	}
+	fi, err := os.Stat(dir)
+	if err != nil {
+		return "", false, fmt.Errorf("qemu: socket directory: %w", err)
+	}
+	if fi.Mode().Perm()&0o077 != 0 {
+		if err := os.Chmod(dir, 0o700); err != nil {
+			return "", false, fmt.Errorf("qemu: socket directory %s: %w", dir, err)
+		}
+	}
+	return dir, false, nil
+}
+
+// stopStale kills the server recorded in pidFile when it is still running
+// and really is program serving socket (pids are reused), and waits until
+// it is gone, so the image's lock is free again.
+func stopStale(pidFile, program, socket string) error {
+	b, err := os.ReadFile(pidFile)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("qemu: read pid file: %w", err)
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil || pid <= 0 {
+		return os.Remove(pidFile)
+	}
+	if !isServer(pid, program, socket) {
+		return os.Remove(pidFile)
+	}
+	_ = syscall.Kill(pid, syscall.SIGKILL)
+	for i := 0; i < 500 && isServer(pid, program, socket); i++ {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if isServer(pid, program, socket) {
+		return fmt.Errorf("qemu: stale %s (pid %d) on %s does not exit", program, pid, socket)
+	}
+	return os.Remove(pidFile)
+}
+
+// isServer reports whether pid is a live process running program with
+// socket on its command line.
+func isServer(pid int, program, socket string) bool {
+	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return false
+	}
+	if i := bytes.LastIndexByte(stat, ')'); i >= 0 {
+		if f := strings.Fields(string(stat[i+1:])); len(f) > 0 && f[0] == "Z" {
+			return false
+		}
+	}
+	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	if err != nil {
+		return false
+	}
+	argv := strings.Split(strings.TrimRight(string(cmdline), "\x00"), "\x00")
+	if len(argv) == 0 || filepath.Base(argv[0]) != filepath.Base(program) {
+		return false
+	}
+	for _, a := range argv[1:] {
+		if a == socket {
+			return true
+		}
+	}
+	return false
+}
+
+// childEnv drops variables that may hold secrets: the servers never need
+// them, and a child's environment is readable by its user.
+func childEnv(env []string) []string {
+	out := make([]string, 0, len(env))
+	for _, kv := range env {
+		name, _, _ := strings.Cut(kv, "=")
+		up := strings.ToUpper(name)
+		if strings.Contains(up, "PASSWORD") || strings.Contains(up, "SECRET") || strings.Contains(up, "TOKEN") {
+			continue
+		}
+		out = append(out, kv)
+	}
+	return out
+}
+
+// tailBuffer keeps the last max bytes written to it.
+type tailBuffer struct {
+	mu  sync.Mutex
+	max int
+	buf []byte
+}
+
+func (t *tailBuffer) Write(p []byte) (int, error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.buf = append(t.buf, p...)
+	if over := len(t.buf) - t.max; over > 0 {
+		t.buf = append(t.buf[:0], t.buf[over:]...)
+	}
+	return len(p), nil
+}
+
+func (t *tailBuffer) String() string {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return string(t.buf)
+}

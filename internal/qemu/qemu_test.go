@@ -1,0 +1,341 @@
+package qemu
+
+import (
+	"bytes"
+	"context"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/cbtflow/cbtflow/internal/testutil"
+)
+
+const mib = 1 << 20
+
+func ctxT(t *testing.T) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// writeRaw makes a sparse raw image of size bytes with random data at the
+// given MiB offsets.
+func writeRaw(t *testing.T, path string, size int64, seed uint64, mibs ...int64) {
+	t.Helper()
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := f.Truncate(size); err != nil {
+		t.Fatal(err)
+	}
+	r := rand.New(rand.NewPCG(seed, 1))
+	buf := make([]byte, mib)
+	for _, m := range mibs {
+		for i := range buf {
+			buf[i] = byte(r.Uint32())
+		}
+		if _, err := f.WriteAt(buf, m*mib); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// nbdcopy runs libnbd's nbdcopy, which talks to the export over NBD.
+func nbdcopy(t *testing.T, args ...string) {
+	t.Helper()
+	out, err := exec.Command("nbdcopy", args...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("nbdcopy %q: %v: %s", args, err, out)
+	}
+}
+
+func TestImageLifecycle(t *testing.T) {
+	testutil.CheckNoChildren(t)
+	ctx := ctxT(t)
+	dir := t.TempDir()
+	full := filepath.Join(dir, "chain", "full.qcow2")
+	if err := os.MkdirAll(filepath.Dir(full), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := Create(ctx, full, 64*mib); err != nil {
+		t.Fatal(err)
+	}
+	if err := Create(ctx, full, 64*mib); err == nil || !strings.Contains(err.Error(), "exists") {
+		t.Errorf("second create over an existing image: err=%v", err)
+	}
+	if err := Create(ctx, filepath.Join(dir, "bad.qcow2"), 0); err == nil {
+		t.Error("size 0 accepted")
+	}
+	over := filepath.Join(dir, "chain", "sub", "over.qcow2")
+	if err := os.MkdirAll(filepath.Dir(over), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := CreateOverlay(ctx, over, full); err != nil {
+		t.Fatal(err)
+	}
+	if err := CreateOverlay(ctx, filepath.Join(dir, "x.qcow2"), filepath.Join(dir, "missing.qcow2")); err == nil || !strings.Contains(err.Error(), "missing.qcow2") {
+		t.Errorf("overlay on a missing backing file: err=%v", err)
+	}
+
+	// The chain survives a move of the whole folder: backing names are relative.
+	moved := filepath.Join(dir, "moved")
+	if err := os.Rename(filepath.Join(dir, "chain"), moved); err != nil {
+		t.Fatal(err)
+	}
+	chain, err := Info(ctx, filepath.Join(moved, "sub", "over.qcow2"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(chain) != 2 {
+		t.Fatalf("chain has %d images, want 2: %+v", len(chain), chain)
+	}
+	if chain[0].BackingFilename != "../full.qcow2" || chain[0].VirtualSize != 64*mib || chain[1].Format != "qcow2" {
+		t.Errorf("chain = %+v", chain)
+	}
+	if got, want := chain[1].Filename, filepath.Join(moved, "sub", "../full.qcow2"); filepath.Clean(got) != filepath.Clean(want) {
+		t.Errorf("backing resolved to %s, want %s", got, want)
+	}
+
+	res, err := Check(ctx, filepath.Join(moved, "full.qcow2"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !res.Clean() {
+		t.Errorf("fresh image not clean: %+v", res)
+	}
+	// Damage the header's L1 table offset: check must not call it clean.
+	bad := filepath.Join(dir, "bad.qcow2")
+	if err := Create(ctx, bad, 64*mib); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.OpenFile(bad, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// l1_table_offset lives at byte 40 of the header.
+	if _, err := f.WriteAt([]byte{0, 0, 0, 0, 0, 0, 0x10, 0x01}, 40); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	if res, err := Check(ctx, bad); err == nil && res.Clean() {
+		t.Errorf("damaged image checked clean: %+v", res)
+	}
+}
+
+func TestCompareAndConvert(t *testing.T) {
+	testutil.CheckNoChildren(t)
+	ctx := ctxT(t)
+	dir := t.TempDir()
+	a := filepath.Join(dir, "a.raw")
+	writeRaw(t, a, 32*mib, 1, 3, 17)
+	q := filepath.Join(dir, "a.qcow2")
+	if err := Convert(ctx, ConvertOptions{Source: a, SourceFormat: "raw", Target: q, TargetFormat: "qcow2"}); err != nil {
+		t.Fatal(err)
+	}
+	if diff, err := Compare(ctx, a, "raw", q, "qcow2"); err != nil || diff != "" {
+		t.Fatalf("converted image differs: %q %v", diff, err)
+	}
+	b := filepath.Join(dir, "b.raw")
+	writeRaw(t, b, 32*mib, 1, 3, 18)
+	diff, err := Compare(ctx, b, "raw", q, "qcow2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(diff, "mismatch") {
+		t.Errorf("different images: diff=%q", diff)
+	}
+	if _, err := Compare(ctx, filepath.Join(dir, "none.raw"), "raw", q, "qcow2"); err == nil {
+		t.Error("compare of a missing file: no error")
+	}
+}
+
+func TestQemuNBDServesAndStops(t *testing.T) {
+	testutil.CheckNoChildren(t)
+	ctx := ctxT(t)
+	dir := t.TempDir()
+	testutil.CheckNoSockets(t, dir)
+	src := filepath.Join(dir, "src.raw")
+	writeRaw(t, src, 16*mib, 2, 0, 5, 15)
+	img := filepath.Join(dir, "t.qcow2")
+	if err := Create(ctx, img, 16*mib); err != nil {
+		t.Fatal(err)
+	}
+	exp, err := StartQemuNBD(ctx, QemuNBDOptions{Image: img, Format: "qcow2", Dir: filepath.Join(dir, "sock")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	fi, err := os.Stat(filepath.Join(dir, "sock"))
+	if err != nil || fi.Mode().Perm() != 0o700 {
+		t.Errorf("socket directory mode %v, %v; want 0700", fi.Mode().Perm(), err)
+	}
+	nbdcopy(t, "--flush", src, exp.URI())
+	// Readers may connect while a writer is connected (-e 4).
+	nbdcopy(t, exp.URI(), filepath.Join(dir, "back.raw"))
+	if err := exp.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := exp.Close(); err != nil {
+		t.Errorf("second Close: %v", err)
+	}
+	if _, err := os.Stat(exp.Socket()); !os.IsNotExist(err) {
+		t.Errorf("socket still there after Close: %v", err)
+	}
+	if diff, err := Compare(ctx, src, "raw", img, "qcow2"); err != nil || diff != "" {
+		t.Fatalf("image differs from what was written: %q %v", diff, err)
+	}
+	got, _ := os.ReadFile(filepath.Join(dir, "back.raw"))
+	want, _ := os.ReadFile(src)
+	if !bytes.Equal(got, want) {
+		t.Error("data read back over NBD differs")
+	}
+
+	// Read-only raw export refuses writes.
+	ro, err := StartQemuNBD(ctx, QemuNBDOptions{Image: src, Format: "raw", ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ro.Close()
+	if out, err := exec.Command("nbdcopy", src, ro.URI()).CombinedOutput(); err == nil {
+		t.Errorf("write to a read-only export succeeded: %s", out)
+	}
+	sockDir := filepath.Dir(ro.Socket())
+	if err := ro.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(sockDir); !os.IsNotExist(err) {
+		t.Errorf("private socket directory %s not removed: %v", sockDir, err)
+	}
+}
+
+func TestStartFailsClearly(t *testing.T) {
+	testutil.CheckNoChildren(t)
+	ctx := ctxT(t)
+	dir := t.TempDir()
+	_, err := StartQemuNBD(ctx, QemuNBDOptions{Image: filepath.Join(dir, "missing.qcow2"), Format: "qcow2"})
+	if err == nil || !strings.Contains(err.Error(), "missing.qcow2") {
+		t.Errorf("missing image: err=%v", err)
+	}
+	long := filepath.Join(dir, strings.Repeat("d", 120))
+	if _, err := StartNbdkit(ctx, NbdkitFile(filepath.Join(dir, "x"), true)); err == nil {
+		t.Error("nbdkit on a missing file started")
+	}
+	if _, err := StartQemuNBD(ctx, QemuNBDOptions{Image: "x", Format: "raw", Dir: long}); err == nil || !strings.Contains(err.Error(), "longer") {
+		t.Errorf("long socket path: err=%v", err)
+	}
+}
+
+// A retry after a killed worker finds the previous server still holding
+// the image's write lock; starting in the same Dir stops it first.
+func TestRestartStopsStaleServer(t *testing.T) {
+	testutil.CheckNoChildren(t)
+	ctx := ctxT(t)
+	dir := t.TempDir()
+	testutil.CheckNoSockets(t, dir)
+	img := filepath.Join(dir, "t.qcow2")
+	if err := Create(ctx, img, 16*mib); err != nil {
+		t.Fatal(err)
+	}
+	sock := filepath.Join(dir, "sock")
+	first, err := StartQemuNBD(ctx, QemuNBDOptions{Image: img, Format: "qcow2", Dir: sock})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Without the stale-server check the second qemu-nbd would fail on the
+	// image's write lock.
+	second, err := StartQemuNBD(ctx, QemuNBDOptions{Image: img, Format: "qcow2", Dir: sock})
+	if err != nil {
+		t.Fatalf("restart in the same directory: %v", err)
+	}
+	select {
+	case <-first.Done():
+	case <-time.After(5 * time.Second):
+		t.Error("stale server still running")
+	}
+	src := filepath.Join(dir, "src.raw")
+	writeRaw(t, src, 16*mib, 3, 1)
+	nbdcopy(t, "--flush", src, second.URI())
+	if err := second.Close(); err != nil {
+		t.Fatal(err)
+	}
+	_ = first.Close()
+	if diff, err := Compare(ctx, src, "raw", img, "qcow2"); err != nil || diff != "" {
+		t.Fatalf("image differs: %q %v", diff, err)
+	}
+}
+
+func TestKillThenRestartOnSameImage(t *testing.T) {
+	testutil.CheckNoChildren(t)
+	ctx := ctxT(t)
+	dir := t.TempDir()
+	testutil.CheckNoSockets(t, dir)
+	img := filepath.Join(dir, "t.qcow2")
+	if err := Create(ctx, img, 16*mib); err != nil {
+		t.Fatal(err)
+	}
+	exp, err := StartQemuNBD(ctx, QemuNBDOptions{Image: img, Format: "qcow2"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := exp.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	again, err := StartQemuNBD(ctx, QemuNBDOptions{Image: img, Format: "qcow2"})
+	if err != nil {
+		t.Fatalf("restart after kill: %v", err)
+	}
+	if err := again.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestNbdkitFilters(t *testing.T) {
+	testutil.CheckNoChildren(t)
+	ctx := ctxT(t)
+	dir := t.TempDir()
+	testutil.CheckNoSockets(t, dir)
+	src := filepath.Join(dir, "src.raw")
+	writeRaw(t, src, 8*mib, 4, 2)
+	stats := filepath.Join(dir, "stats.txt")
+	o := NbdkitFile(src, true)
+	o.Filters = []string{"stats"}
+	o.Params = append(o.Params, "statsfile="+stats)
+	exp, err := StartNbdkit(ctx, o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	nbdcopy(t, exp.URI(), filepath.Join(dir, "out.raw"))
+	if err := exp.Close(); err != nil {
+		t.Fatal(err)
+	}
+	// The stats filter writes its file when nbdkit exits cleanly.
+	b, err := os.ReadFile(stats)
+	if err != nil {
+		t.Fatalf("stats file: %v", err)
+	}
+	if !strings.Contains(string(b), "read:") {
+		t.Errorf("stats file has no reads: %s", b)
+	}
+	got, _ := os.ReadFile(filepath.Join(dir, "out.raw"))
+	want, _ := os.ReadFile(src)
+	if !bytes.Equal(got, want) {
+		t.Error("data read over nbdkit differs")
+	}
+}
+
+func TestCompareSizeMismatch(t *testing.T) {
+	ctx := ctxT(t)
+	dir := t.TempDir()
+	a, b := filepath.Join(dir, "a.raw"), filepath.Join(dir, "b.raw")
+	writeRaw(t, a, 8*mib, 1)
+	writeRaw(t, b, 9*mib, 1)
+	diff, err := Compare(ctx, a, "raw", b, "raw")
+	if err != nil || !strings.Contains(diff, "size mismatch") {
+		t.Errorf("diff=%q err=%v", diff, err)
+	}
+}

@@ -1,0 +1,155 @@
+package qemu
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// Programs run by this package; tests may point them elsewhere.
+var (
+	QemuNBD = "qemu-nbd"
+	Nbdkit  = "nbdkit"
+)
+
+// QemuNBDOptions describes a qemu-nbd export of one image.
+type QemuNBDOptions struct {
+	Image    string
+	Format   string // "qcow2" or "raw"
+	ReadOnly bool
+	// Shared is how many clients may connect at once (-e); default 4.
+	Shared int
+	// Cache is qemu's cache mode (--cache); empty keeps qemu's writeback.
+	Cache string
+	// Discard is the discard mode (--discard); default "unmap" for writable
+	// exports, so NBD trims and zeroes can free clusters.
+	Discard string
+	// Dir is the private directory for the socket and pid file; empty makes
+	// a fresh one. A retry that passes the same Dir stops a server a killed
+	// predecessor left there.
+	Dir string
+	// Timeout bounds the wait for readiness; default 30s.
+	Timeout time.Duration
+}
+
+// Args returns qemu-nbd's argv (without the program name) for a server on
+// socket. The server stays in the foreground and keeps running across
+// clients (-t); it is never daemonized (--fork), since a forked server
+// would outlive a killed parent.
+func (o QemuNBDOptions) Args(socket string) []string {
+	shared := o.Shared
+	if shared <= 0 {
+		shared = 4
+	}
+	args := []string{"-t", "-k", socket, "-f", o.Format, "-e", strconv.Itoa(shared)}
+	if o.ReadOnly {
+		args = append(args, "-r")
+	} else {
+		discard := o.Discard
+		if discard == "" {
+			discard = "unmap"
+		}
+		args = append(args, "--discard="+discard)
+	}
+	if o.Cache != "" {
+		args = append(args, "--cache="+o.Cache)
+	}
+	return append(args, o.Image)
+}
+
+func (o QemuNBDOptions) validate() error {
+	if o.Image == "" {
+		return errors.New("qemu-nbd: no image")
+	}
+	switch o.Format {
+	case "qcow2", "raw":
+	default:
+		return fmt.Errorf("qemu-nbd: format %q is not qcow2 or raw", o.Format)
+	}
+	return nil
+}
+
+// StartQemuNBD serves one image with qemu-nbd and returns once the socket
+// accepts connections. ctx bounds only the start; the server runs until
+// Close or Kill.
+func StartQemuNBD(ctx context.Context, o QemuNBDOptions) (*Export, error) {
+	if err := o.validate(); err != nil {
+		return nil, err
+	}
+	return start(ctx, spec{program: QemuNBD, args: o.Args, dir: o.Dir, timeout: o.Timeout})
+}
+
+// NbdkitOptions describes an nbdkit export.
+type NbdkitOptions struct {
+	// Plugin is the plugin name or path, e.g. "file" or "vddk".
+	Plugin string
+	// Filters are applied in order; the first is outermost.
+	Filters []string
+	// Params are the KEY=VALUE parameters of the plugin and filters. A
+	// password must be given as password=+FILE (read from a file), never
+	// inline: argv is visible to every user of the machine.
+	Params   []string
+	ReadOnly bool
+	// Threads is nbdkit's thread count (-t); 0 keeps its default.
+	Threads int
+	// Dir is the private directory for the socket and pid file, as in
+	// QemuNBDOptions.
+	Dir string
+	// Verbose enables nbdkit's debug messages on stderr.
+	Verbose bool
+	// Timeout bounds the wait for readiness; default 30s.
+	Timeout time.Duration
+}
+
+// Args returns nbdkit's argv (without the program name) for a server on
+// socket: in the foreground, exiting with its parent.
+func (o NbdkitOptions) Args(socket string) []string {
+	args := []string{"--foreground", "--exit-with-parent", "--unix", socket}
+	if o.ReadOnly {
+		args = append(args, "--readonly")
+	}
+	if o.Threads > 0 {
+		args = append(args, "--threads", strconv.Itoa(o.Threads))
+	}
+	if o.Verbose {
+		args = append(args, "--verbose")
+	}
+	for _, f := range o.Filters {
+		args = append(args, "--filter="+f)
+	}
+	args = append(args, o.Plugin)
+	return append(args, o.Params...)
+}
+
+func (o NbdkitOptions) validate() error {
+	if o.Plugin == "" {
+		return errors.New("nbdkit: no plugin")
+	}
+	for _, p := range o.Params {
+		key, value, ok := strings.Cut(p, "=")
+		if !ok {
+			return fmt.Errorf("nbdkit: parameter %q is not KEY=VALUE", p)
+		}
+		if strings.EqualFold(key, "password") && !strings.HasPrefix(value, "+") && value != "-" {
+			return errors.New("nbdkit: a password must be passed as password=+FILE, never on the command line")
+		}
+	}
+	return nil
+}
+
+// NbdkitFile returns options that serve a file with nbdkit's file plugin.
+func NbdkitFile(path string, readOnly bool) NbdkitOptions {
+	return NbdkitOptions{Plugin: "file", Params: []string{"file=" + path}, ReadOnly: readOnly}
+}
+
+// StartNbdkit starts nbdkit and returns once the socket accepts
+// connections. ctx bounds only the start.
+func StartNbdkit(ctx context.Context, o NbdkitOptions) (*Export, error) {
+	if err := o.validate(); err != nil {
+		return nil, err
+	}
+	return start(ctx, spec{program: Nbdkit, args: o.Args, dir: o.Dir, timeout: o.Timeout})
+}
