@@ -1,0 +1,422 @@
+// Command bench is `make bench`: it times cbtflow's copier against nbdcopy
+// and qemu-img convert on the same generated disk, served by one source NBD
+// server, in the same run, because figures on a shared two-core machine
+// vary by tens of percent from one run to the next and only ratios measured
+// together mean anything.
+//
+// It is a development tool, not part of cbtflow's product.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/cbtflow/cbtflow/internal/copier"
+	"github.com/cbtflow/cbtflow/internal/qemu"
+)
+
+const (
+	mib = int64(1) << 20
+	gib = int64(1) << 30
+)
+
+func main() {
+	if len(os.Args) > 1 && os.Args[1] == "copy" {
+		if err := copyMain(os.Args[2:]); err != nil {
+			fmt.Fprintln(os.Stderr, "bench copy:", err)
+			os.Exit(1)
+		}
+		return
+	}
+	var (
+		dir     = flag.String("dir", "", "work folder (default: a fresh one under $TMPDIR, removed at the end)")
+		size    = flag.Int64("size", 4*gib, "disk size in bytes")
+		data    = flag.Int64("data", 1*gib, "bytes of random data, in scattered 1 MiB pieces")
+		runs    = flag.Int("runs", 5, "timed runs of each tool (at least 5)")
+		seed    = flag.Uint64("seed", 1, "seed of the generated disk")
+		verbose = flag.Bool("v", false, "log each run")
+	)
+	flag.Parse()
+	if *runs < 5 {
+		fmt.Fprintln(os.Stderr, "bench: --runs must be at least 5")
+		os.Exit(2)
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := run(ctx, *dir, *size, *data, *runs, *seed, *verbose); err != nil {
+		fmt.Fprintln(os.Stderr, "bench:", err)
+		os.Exit(1)
+	}
+}
+
+// tool is one way of doing the full copy.
+type tool struct {
+	name  string
+	argv  func(target string) [][]string // commands run in order, timed together
+	serve bool                           // the target is served by qemu-nbd
+	times []time.Duration
+	rss   []int64 // peak RSS of the first command, KiB
+}
+
+func run(ctx context.Context, dir string, size, data int64, runs int, seed uint64, verbose bool) error {
+	if dir == "" {
+		d, err := os.MkdirTemp("", "cbtflow-bench-")
+		if err != nil {
+			return err
+		}
+		defer os.RemoveAll(d)
+		dir = d
+	} else if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	self, err := os.Executable()
+	if err != nil {
+		return err
+	}
+
+	src := filepath.Join(dir, "source.raw")
+	fmt.Printf("generating %s: %d GiB disk, %d MiB of random data in scattered 1 MiB pieces\n", src, size/gib, data/mib)
+	if err := generate(src, size, data, seed); err != nil {
+		return err
+	}
+	extents, err := allocated(src)
+	if err != nil {
+		return err
+	}
+	var allocBytes int64
+	for _, e := range extents {
+		allocBytes += e.Length
+	}
+	fmt.Printf("source: %d bytes allocated in %d extents (what CBT \"*\" returns)\n", allocBytes, len(extents))
+	extentsFile := filepath.Join(dir, "extents.json")
+	if err := writeJSON(extentsFile, extents); err != nil {
+		return err
+	}
+
+	// 1. The copier does not read holes: count the source's reads with
+	// nbdkit's stats filter in a separate, untimed pass.
+	if err := checkNoHoleReads(ctx, dir, src, self, extentsFile, allocBytes, size); err != nil {
+		return err
+	}
+
+	// 2. Timed runs, one source server for every tool.
+	source, err := qemu.StartNbdkit(ctx, qemu.NbdkitFile(src, true))
+	if err != nil {
+		return err
+	}
+	defer source.Close()
+	srcURI := source.URI()
+	tools := []*tool{
+		{name: "cbtflow", serve: true, argv: func(t string) [][]string {
+			return [][]string{{self, "copy", "--source", srcURI, "--target", t, "--extents", extentsFile}}
+		}},
+		{name: "nbdcopy", serve: true, argv: func(t string) [][]string {
+			return [][]string{{"nbdcopy", "--flush", srcURI, t}}
+		}},
+		{name: "qemu-img", argv: func(t string) [][]string {
+			return [][]string{qemuImgConvert(srcURI, t), {"sync"}}
+		}},
+	}
+	fmt.Println("commands (TARGET is a fresh QCOW2 of the disk's size, served by qemu-nbd where the tool needs NBD):")
+	for _, t := range tools {
+		target := "TARGET.qcow2"
+		if t.serve {
+			target = "nbd+unix:///?socket=TARGET.sock"
+		}
+		var cmds []string
+		for _, c := range t.argv(target) {
+			cmds = append(cmds, strings.Join(c, " "))
+		}
+		fmt.Printf("  %-8s %s\n", t.name, strings.Join(cmds, " && "))
+	}
+
+	for i := 0; i < runs; i++ {
+		for j := range tools {
+			// Alternate the order so no tool always runs on a warmer machine.
+			t := tools[(i+j)%len(tools)]
+			d, rss, err := timeOne(ctx, dir, t, size, src, i == 0)
+			if err != nil {
+				return fmt.Errorf("%s run %d: %w", t.name, i+1, err)
+			}
+			t.times = append(t.times, d)
+			t.rss = append(t.rss, rss)
+			if verbose {
+				fmt.Printf("run %d %-8s %.3fs peak RSS %d KiB\n", i+1, t.name, d.Seconds(), rss)
+			}
+		}
+	}
+
+	fmt.Printf("\n%-8s %8s %8s %8s  %s\n", "tool", "median", "min", "max", "peak RSS")
+	med := map[string]float64{}
+	for _, t := range tools {
+		s := slices.Clone(t.times)
+		slices.Sort(s)
+		m := median(s)
+		med[t.name] = m
+		fmt.Printf("%-8s %7.3fs %7.3fs %7.3fs  %d KiB\n", t.name, m, s[0].Seconds(), s[len(s)-1].Seconds(), slices.Max(t.rss))
+	}
+	fmt.Printf("copier peak memory: %d KiB (max RSS of the copier process over %d runs)\n", slices.Max(tools[0].rss), runs)
+	fmt.Printf("full cbtflow/nbdcopy %.2f\n", med["cbtflow"]/med["nbdcopy"])
+	fmt.Printf("full cbtflow/qemu-img %.2f\n", med["cbtflow"]/med["qemu-img"])
+	return nil
+}
+
+func qemuImgConvert(srcURI, target string) []string {
+	args := qemu.ConvertArgs(qemu.ConvertOptions{Source: srcURI, SourceFormat: "raw", Target: target, TargetFormat: "qcow2", OutOfOrder: true})
+	return append([]string{qemu.QemuImg}, args...)
+}
+
+// timeOne makes a fresh target, runs the tool's commands and times them.
+// The first run of each tool is checked against the source.
+func timeOne(ctx context.Context, dir string, t *tool, size int64, src string, verify bool) (time.Duration, int64, error) {
+	img := filepath.Join(dir, "target-"+t.name+".qcow2")
+	_ = os.Remove(img)
+	defer os.Remove(img)
+	var target string
+	var exp *qemu.Export
+	if t.serve {
+		if err := qemu.Create(ctx, img, size); err != nil {
+			return 0, 0, err
+		}
+		var err error
+		exp, err = qemu.StartQemuNBD(ctx, qemu.QemuNBDOptions{Image: img, Format: "qcow2"})
+		if err != nil {
+			return 0, 0, err
+		}
+		defer exp.Close()
+		target = exp.URI()
+	} else {
+		target = img
+	}
+	var rss int64
+	start := time.Now()
+	for k, argv := range t.argv(target) {
+		cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
+		cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+		if err := cmd.Run(); err != nil {
+			return 0, 0, fmt.Errorf("%s: %w", strings.Join(argv, " "), err)
+		}
+		if k == 0 {
+			if ru, ok := cmd.ProcessState.SysUsage().(*syscall.Rusage); ok {
+				rss = ru.Maxrss
+			}
+		}
+	}
+	elapsed := time.Since(start)
+	if exp != nil {
+		if err := exp.Close(); err != nil {
+			return 0, 0, err
+		}
+	}
+	if verify {
+		diff, err := qemu.Compare(ctx, src, "raw", img, "qcow2")
+		if err != nil {
+			return 0, 0, err
+		}
+		if diff != "" {
+			return 0, 0, fmt.Errorf("copy differs from the source: %s", diff)
+		}
+		fmt.Printf("verified: %s's copy is identical to the source (qemu-img compare)\n", t.name)
+	}
+	return elapsed, rss, nil
+}
+
+// checkNoHoleReads copies once through an nbdkit source with the stats
+// filter and shows that the bytes read are the allocated data, not the disk.
+func checkNoHoleReads(ctx context.Context, dir, src, self, extentsFile string, allocBytes, size int64) error {
+	statsFile := filepath.Join(dir, "stats.txt")
+	o := qemu.NbdkitFile(src, true)
+	o.Filters = []string{"stats"}
+	o.Params = append(o.Params, "statsfile="+statsFile)
+	source, err := qemu.StartNbdkit(ctx, o)
+	if err != nil {
+		return err
+	}
+	defer source.Close()
+	img := filepath.Join(dir, "target-stats.qcow2")
+	defer os.Remove(img)
+	if err := qemu.Create(ctx, img, size); err != nil {
+		return err
+	}
+	target, err := qemu.StartQemuNBD(ctx, qemu.QemuNBDOptions{Image: img, Format: "qcow2"})
+	if err != nil {
+		return err
+	}
+	defer target.Close()
+	cmd := exec.CommandContext(ctx, self, "copy", "--source", source.URI(), "--target", target.URI(), "--extents", extentsFile)
+	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+	if err := cmd.Run(); err != nil {
+		return fmt.Errorf("copier through the stats filter: %w", err)
+	}
+	if err := source.Close(); err != nil { // the stats filter writes its file on exit
+		return err
+	}
+	b, err := os.ReadFile(statsFile)
+	if err != nil {
+		return fmt.Errorf("nbdkit stats: %w", err)
+	}
+	read, err := statsBytes(string(b), "read")
+	if err != nil {
+		return err
+	}
+	fmt.Printf("nbdkit stats on the source during one copier run:\n")
+	for _, line := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+		if strings.Contains(line, "read:") || strings.Contains(line, "extents:") || strings.HasPrefix(line, "total:") {
+			fmt.Printf("  %s\n", strings.TrimSpace(line))
+		}
+	}
+	// nbdkit rounds to two decimals of its unit: allow that much.
+	slack := allocBytes / 200
+	fmt.Printf("copier read about %d bytes of a %d-byte disk with %d bytes allocated: it read no holes\n",
+		read, size, allocBytes)
+	if read > allocBytes+slack {
+		return fmt.Errorf("the copier read about %d bytes, more than the %d allocated: it read holes", read, allocBytes)
+	}
+	return nil
+}
+
+var statsLine = regexp.MustCompile(`(?m)^\s*(\w+):\s*\d+ ops,\s*[\d.]+ s,\s*([\d.]+) ?(bytes|B|KiB|MiB|GiB|TiB)\b`)
+
+// statsBytes returns the amount of data of one operation in nbdkit's stats
+// file ("read: 8 ops, 0.001224 s, 2.00 MiB, 1.60 GiB/s op, ..."). nbdkit
+// prints it with two decimals of a binary unit, so the value is rounded.
+func statsBytes(stats, op string) (int64, error) {
+	units := map[string]float64{"bytes": 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
+	for _, m := range statsLine.FindAllStringSubmatch(stats, -1) {
+		if m[1] == op {
+			v, err := strconv.ParseFloat(m[2], 64)
+			if err != nil {
+				return 0, err
+			}
+			return int64(v * units[m[3]]), nil
+		}
+	}
+	return 0, fmt.Errorf("nbdkit stats: no %q line in:\n%s", op, stats)
+}
+
+func median(s []time.Duration) float64 {
+	n := len(s)
+	if n%2 == 1 {
+		return s[n/2].Seconds()
+	}
+	return (s[n/2-1].Seconds() + s[n/2].Seconds()) / 2
+}
+
+// generate writes a sparse raw disk with data bytes of random data in 1 MiB
+// pieces at random 1 MiB-aligned places; an eighth of the pieces are
+// neighbours, so extents have varied lengths as on a real disk.
+func generate(path string, size, data int64, seed uint64) error {
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	if err := f.Truncate(size); err != nil {
+		return err
+	}
+	r := rand.New(rand.NewPCG(seed, 0xcb7f))
+	slots := size / mib
+	pieces := data / mib
+	used := make([]bool, slots)
+	buf := make([]byte, mib)
+	for n := int64(0); n < pieces; {
+		s := r.Int64N(slots)
+		if used[s] {
+			continue
+		}
+		used[s] = true
+		n++
+		for i := 0; i < len(buf); i += 8 {
+			v := r.Uint64()
+			for k := 0; k < 8; k++ {
+				buf[i+k] = byte(v >> (8 * k))
+			}
+		}
+		if _, err := f.WriteAt(buf, s*mib); err != nil {
+			return err
+		}
+	}
+	return f.Sync()
+}
+
+// allocated lists the data extents of a sparse file (SEEK_DATA/SEEK_HOLE),
+// merged, as CBT's "*" query would return them.
+func allocated(path string) ([]copier.Extent, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	var out []copier.Extent
+	fd := int(f.Fd())
+	for off := int64(0); off < fi.Size(); {
+		data, err := syscall.Seek(fd, off, 3) // SEEK_DATA
+		if err != nil {
+			if errors.Is(err, syscall.ENXIO) {
+				break
+			}
+			return nil, err
+		}
+		hole, err := syscall.Seek(fd, data, 4) // SEEK_HOLE
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, copier.Extent{Offset: data, Length: hole - data})
+		off = hole
+	}
+	return out, nil
+}
+
+func writeJSON(path string, v any) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(path, b, 0o644)
+}
+
+// copyMain is the copier run as its own process, so its peak memory can be
+// measured apart from the benchmark's.
+func copyMain(args []string) error {
+	fs := flag.NewFlagSet("copy", flag.ContinueOnError)
+	source := fs.String("source", "", "source NBD URI")
+	target := fs.String("target", "", "target NBD URI")
+	extentsFile := fs.String("extents", "", "JSON file of extents")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	f, err := os.Open(*extentsFile)
+	if err != nil {
+		return err
+	}
+	b, err := io.ReadAll(f)
+	f.Close()
+	if err != nil {
+		return err
+	}
+	var extents []copier.Extent
+	if err := json.Unmarshal(b, &extents); err != nil {
+		return err
+	}
+	_, err = copier.Copy(context.Background(), copier.Options{Source: *source, Target: *target, Extents: extents})
+	return err
+}
