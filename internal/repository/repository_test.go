@@ -1,0 +1,63 @@
+package repository
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+func TestPaths(t *testing.T) {
+	root := t.TempDir()
+	r, err := Open(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	k := Key{Profile: "lab", VMUUID: "5011d2e3-aaaa-bbbb-cccc-0123456789ab", DiskKey: 204, BackupID: "20261128T203000Z-ab12"}
+	p, err := r.PrepareImage(k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := filepath.Join(root, "lab", "5011d2e3-aaaa-bbbb-cccc-0123456789ab", "204", "20261128T203000Z-ab12.qcow2")
+	if p != want {
+		t.Errorf("path %s, want %s", p, want)
+	}
+	if fi, err := os.Stat(filepath.Dir(p)); err != nil || !fi.IsDir() {
+		t.Errorf("disk folder not created: %v", err)
+	}
+	if !r.Contains(p) {
+		t.Errorf("%s not inside %s", p, root)
+	}
+	if r.Contains(filepath.Join(root, "..", "x")) || r.Contains("/etc/passwd") {
+		t.Error("outside path reported inside")
+	}
+}
+
+func TestUnsafeNames(t *testing.T) {
+	r, err := Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	bad := []Key{
+		{Profile: "../etc", VMUUID: "u", DiskKey: 1, BackupID: "b"},
+		{Profile: "lab", VMUUID: "a/b", DiskKey: 1, BackupID: "b"},
+		{Profile: "lab", VMUUID: "u", DiskKey: 1, BackupID: ".."},
+		{Profile: "lab", VMUUID: "u", DiskKey: 1, BackupID: "x..y"},
+		{Profile: "lab", VMUUID: "u", DiskKey: 1, BackupID: "with space"},
+		{Profile: "läb", VMUUID: "u", DiskKey: 1, BackupID: "b"},
+		{Profile: "", VMUUID: "u", DiskKey: 1, BackupID: "b"},
+		{Profile: "lab", VMUUID: "u", DiskKey: -1, BackupID: "b"},
+		{Profile: "lab", VMUUID: strings.Repeat("u", 129), DiskKey: 1, BackupID: "b"},
+	}
+	for _, k := range bad {
+		if p, err := r.ImagePath(k); err == nil {
+			t.Errorf("%+v accepted as %s", k, p)
+		}
+	}
+	if _, err := Open("relative/root"); err == nil {
+		t.Error("relative root accepted")
+	}
+	if _, err := r.StagingDir("../x"); err == nil {
+		t.Error("unsafe staging name accepted")
+	}
+}
