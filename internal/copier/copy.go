@@ -3,6 +3,12 @@ package copier
 import (
 	"context"
 	"errors"
+	"fmt"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/cbtflow/cbtflow/internal/nbd"
 )
 
 // Copy copies opts.Extents from opts.Source to opts.Target and returns what
@@ -10,6 +16,560 @@ import (
 // every extent is durable. On error, the last Progress.ResumePoint reported
 // is a valid Options.ResumeFrom for a new attempt. Cancelling ctx stops the
 // copy promptly; connections are always closed before Copy returns.
+//
+// A request that fails is retried opts.Retries times; an error that
+// persists is returned wrapping the *nbd.Error, which names the operation
+// and the offset. A failed connection (server gone) is not retried: the
+// caller resumes with a new connection.
 func Copy(ctx context.Context, opts Options) (*Result, error) {
-	return nil, errors.New("copier: not implemented yet")
+	opts.setDefaults()
+	if err := opts.validate(); err != nil {
+		return nil, err
+	}
+	c := &copier{opts: opts, start: time.Now()}
+	defer c.freeBuffers() // after the handles are closed (defers run in reverse)
+
+	var err error
+	if c.src, err = nbd.Connect(opts.Source); err != nil {
+		return nil, fmt.Errorf("copier: source: %w", err)
+	}
+	defer c.src.Close()
+	if c.dst, err = nbd.Connect(opts.Target); err != nil {
+		return nil, fmt.Errorf("copier: target: %w", err)
+	}
+	defer c.dst.Close()
+	if err := c.check(); err != nil {
+		return nil, err
+	}
+
+	wake, stopWake, err := wakeOnDone(ctx)
+	if err != nil {
+		return nil, err
+	}
+	defer stopWake()
+	c.wakeFd = wake
+	if err := c.run(ctx); err != nil {
+		c.report()
+		return nil, err
+	}
+	c.report()
+	return &Result{
+		Read: c.prog.Read, Written: c.prog.Written, Zeroed: c.prog.Zeroed, Skipped: c.prog.Skipped,
+		Retried: c.prog.Retried, Flushes: c.flushes, ResumePoint: c.prog.ResumePoint,
+		Duration: time.Since(c.start),
+	}, nil
+}
+
+func (o *Options) setDefaults() {
+	if o.RequestSize <= 0 {
+		o.RequestSize = DefaultRequestSize
+	}
+	if o.InFlight <= 0 {
+		o.InFlight = DefaultInFlight
+	}
+	if o.SparseSize <= 0 {
+		o.SparseSize = DefaultSparseSize
+	}
+	if o.Retries == 0 {
+		o.Retries = DefaultRetries
+	} else if o.Retries < 0 {
+		o.Retries = 0
+	}
+	if o.RetryBackoff <= 0 {
+		o.RetryBackoff = DefaultRetryBackoff
+	}
+	if o.FlushInterval <= 0 {
+		o.FlushInterval = DefaultFlushInterval
+	}
+	if o.ProgressInterval <= 0 {
+		o.ProgressInterval = DefaultProgressInterval
+	}
+}
+
+func (o *Options) validate() error {
+	if o.Source == "" || o.Target == "" {
+		return errors.New("copier: source and target URIs are required")
+	}
+	if o.RequestSize > 32<<20 {
+		return fmt.Errorf("copier: request size %d above the NBD limit of 32 MiB", o.RequestSize)
+	}
+	prev := int64(0)
+	for i, e := range o.Extents {
+		if e.Offset < 0 || e.Length <= 0 {
+			return fmt.Errorf("copier: extent %d (offset %d length %d) is empty or negative", i, e.Offset, e.Length)
+		}
+		if e.Offset < prev {
+			return fmt.Errorf("copier: extent %d at offset %d overlaps or precedes the one before it", i, e.Offset)
+		}
+		prev = e.End()
+	}
+	if o.ResumeFrom < 0 {
+		return fmt.Errorf("copier: negative resume point %d", o.ResumeFrom)
+	}
+	return nil
+}
+
+type opKind uint8
+
+const (
+	opRead opKind = iota
+	opWrite
+	opZero
+	opFlush
+)
+
+var opNames = [...]string{opRead: "pread", opWrite: "pwrite", opZero: "zero", opFlush: "flush"}
+
+// op is one NBD command of a request, kept to retry it and to name it in
+// errors.
+type op struct {
+	kind     opKind
+	req      *request // nil for a flush
+	off, n   int64
+	bufOff   int
+	attempts int
+	due      time.Time // when a retry may be sent
+}
+
+// request is a chunk on its way: read into buf, then written out in one or
+// more commands (data runs written, zero runs zeroed or skipped).
+type request struct {
+	buf     *nbd.Buffer
+	span    *span
+	off, n  int64
+	pending int // target commands in flight
+}
+
+type copier struct {
+	opts     Options
+	start    time.Time
+	src, dst *nbd.Handle
+	wakeFd   int
+
+	bufs    []*nbd.Buffer
+	free    []*request
+	plan    *planner
+	track   tracker
+	srcOps  map[nbd.Cookie]*op
+	dstOps  map[nbd.Cookie]*op
+	retry   []*op
+	busy    int // requests not in free
+	lastEnd int64
+
+	flushOp       *op // the flush in flight
+	flushMark     int64
+	lastFlush     time.Time
+	sinceFlush    int64
+	flushes       int64
+	finalFlushed  bool
+	prog          Progress
+	lastProgress  time.Time
+	progressDirty bool
+}
+
+func (c *copier) freeBuffers() {
+	for _, b := range c.bufs {
+		b.Free()
+	}
+}
+
+// check reads sizes and capabilities and builds the pipeline.
+func (c *copier) check() error {
+	o := &c.opts
+	for _, e := range o.Extents {
+		c.prog.Total += e.Length
+		if e.Offset < o.ResumeFrom {
+			c.prog.Done += min(e.End(), o.ResumeFrom) - e.Offset
+		}
+	}
+	if n := len(o.Extents); n > 0 {
+		c.lastEnd = o.Extents[n-1].End()
+	}
+	c.prog.ResumePoint = max(o.ResumeFrom, 0)
+	for _, side := range []struct {
+		name string
+		h    *nbd.Handle
+	}{{"source", c.src}, {"target", c.dst}} {
+		size, err := side.h.Size()
+		if err != nil {
+			return fmt.Errorf("copier: %s: %w", side.name, err)
+		}
+		if size < c.lastEnd {
+			return fmt.Errorf("copier: %s has %d bytes, extents end at %d", side.name, size, c.lastEnd)
+		}
+	}
+	if ok, err := c.dst.CanFlush(); err != nil || !ok {
+		return fmt.Errorf("copier: target cannot flush (%v): no durable resume point possible", err)
+	}
+	if o.Overlay {
+		if ok, err := c.dst.CanZero(); err != nil || !ok {
+			return fmt.Errorf("copier: overlay target cannot write zeroes (%v)", err)
+		}
+	}
+	var status statusFunc
+	if ok, err := c.src.CanMetaContext(nbd.MetaBaseAllocation); err == nil && ok {
+		status = c.src.BlockStatus
+	}
+	c.plan = newPlanner(o.Extents, o.ResumeFrom, int64(o.RequestSize), status)
+	for i := 0; i < o.InFlight; i++ {
+		b := nbd.NewBuffer(o.RequestSize)
+		c.bufs = append(c.bufs, b)
+		c.free = append(c.free, &request{buf: b})
+	}
+	c.srcOps = make(map[nbd.Cookie]*op, o.InFlight)
+	c.dstOps = make(map[nbd.Cookie]*op, 4*o.InFlight)
+	c.lastFlush = time.Now()
+	c.lastProgress = time.Now()
+	return nil
+}
+
+// run is the event loop: plan and send requests while there is room, wait
+// on both sockets, and react to completions, until the final flush.
+func (c *copier) run(ctx context.Context) error {
+	hs := []*nbd.Handle{c.src, c.dst}
+	done := make([]nbd.Completion, 64)
+	for {
+		if err := ctx.Err(); err != nil {
+			return fmt.Errorf("copier: %w", err)
+		}
+		if err := c.fill(); err != nil {
+			return err
+		}
+		now := time.Now()
+		if err := c.sendRetries(now); err != nil {
+			return err
+		}
+		finished, err := c.maybeFlush(now)
+		if err != nil {
+			return err
+		}
+		if finished {
+			return nil
+		}
+		c.maybeReport(now)
+
+		woken, err := nbd.PollHandles(hs, c.wakeFd, c.timeout(now))
+		if err != nil {
+			var pe *nbd.PollError
+			if errors.As(err, &pe) && pe.Index >= 0 {
+				return fmt.Errorf("copier: %s connection failed: %w", [2]string{"source", "target"}[pe.Index], err)
+			}
+			return fmt.Errorf("copier: %w", err)
+		}
+		if woken {
+			return fmt.Errorf("copier: %w", ctx.Err())
+		}
+		for {
+			n := c.src.AioDrain(done)
+			for _, d := range done[:n] {
+				if err := c.srcDone(d); err != nil {
+					return err
+				}
+			}
+			m := c.dst.AioDrain(done)
+			for _, d := range done[:m] {
+				if err := c.dstDone(d); err != nil {
+					return err
+				}
+			}
+			if n < len(done) && m < len(done) {
+				break
+			}
+		}
+		if c.src.IsDead() {
+			return errors.New("copier: source connection died")
+		}
+		if c.dst.IsDead() {
+			return errors.New("copier: target connection died")
+		}
+	}
+}
+
+// timeout is how long poll may sleep: until the next retry, periodic flush
+// or progress report is due; completions wake it earlier.
+func (c *copier) timeout(now time.Time) time.Duration {
+	t := time.Second
+	// A flush or report that is overdue waits for the next completion,
+	// which wakes the poll anyway: no busy loop while a server is slow.
+	if f := c.opts.FlushInterval - now.Sub(c.lastFlush); f > 0 && c.flushOp == nil {
+		t = min(t, f)
+	}
+	if p := c.opts.ProgressInterval - now.Sub(c.lastProgress); p > 0 && c.progressDirty && c.opts.Progress != nil {
+		t = min(t, p)
+	}
+	for _, o := range c.retry {
+		t = min(t, o.due.Sub(now))
+	}
+	return max(t, time.Millisecond)
+}
+
+// fill plans chunks while a request is free.
+func (c *copier) fill() error {
+	for len(c.free) > 0 {
+		ch, ok := c.plan.next()
+		if !ok {
+			return nil
+		}
+		if ch.zero && !c.opts.Overlay {
+			// A fresh image reads as zeros already.
+			c.prog.Skipped += ch.n
+			c.prog.Done += ch.n
+			c.progressDirty = true
+			continue
+		}
+		r := c.free[len(c.free)-1]
+		c.free = c.free[:len(c.free)-1]
+		c.busy++
+		r.off, r.n, r.pending = ch.off, ch.n, 0
+		r.span = c.track.add(ch.off)
+		if ch.zero {
+			if err := c.send(&op{kind: opZero, req: r, off: ch.off, n: ch.n}); err != nil {
+				return err
+			}
+			continue
+		}
+		if err := c.send(&op{kind: opRead, req: r, off: ch.off, n: ch.n}); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// send issues o on its connection.
+func (c *copier) send(o *op) error {
+	var ck nbd.Cookie
+	var err error
+	switch o.kind {
+	case opRead:
+		ck, err = c.src.AioPread(o.req.buf, 0, int(o.n), o.off)
+		if err == nil {
+			c.srcOps[ck] = o
+		}
+		return c.sendErr(o, err)
+	case opWrite:
+		ck, err = c.dst.AioPwrite(o.req.buf, o.bufOff, int(o.n), o.off, 0)
+	case opZero:
+		ck, err = c.dst.AioZero(o.off, o.n, 0)
+	case opFlush:
+		ck, err = c.dst.AioFlush()
+	}
+	if err == nil {
+		c.dstOps[ck] = o
+		if o.req != nil && o.attempts == 0 {
+			o.req.pending++
+		}
+	}
+	return c.sendErr(o, err)
+}
+
+func (c *copier) sendErr(o *op, err error) error {
+	if err == nil {
+		return nil
+	}
+	side := "target"
+	if o.kind == opRead {
+		side = "source"
+	}
+	return fmt.Errorf("copier: %s %s at offset %d: %w", side, opNames[o.kind], o.off, err)
+}
+
+// failed decides between a retry and giving up on a failed command.
+func (c *copier) failed(o *op, e *nbd.Error, h *nbd.Handle) error {
+	e.Op = opNames[o.kind]
+	e.Offset, e.Length = o.off, o.n
+	if o.kind == opFlush {
+		e.Offset, e.Length = -1, 0
+	}
+	o.attempts++
+	if o.attempts > c.opts.Retries || h.IsDead() {
+		side := "target"
+		if o.kind == opRead {
+			side = "source"
+		}
+		return fmt.Errorf("copier: %s failed after %d attempts: %w", side, o.attempts, e)
+	}
+	c.prog.Retried++
+	o.due = time.Now().Add(c.opts.RetryBackoff << (o.attempts - 1))
+	c.retry = append(c.retry, o)
+	return nil
+}
+
+func (c *copier) sendRetries(now time.Time) error {
+	kept := c.retry[:0]
+	var due []*op
+	for _, o := range c.retry {
+		if now.Before(o.due) {
+			kept = append(kept, o)
+		} else {
+			due = append(due, o)
+		}
+	}
+	c.retry = kept
+	for _, o := range due {
+		if err := c.send(o); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// srcDone handles a finished read: it checks the data for zero blocks and
+// sends the writes (or zeroes) for it.
+func (c *copier) srcDone(d nbd.Completion) error {
+	o := c.srcOps[d.Cookie]
+	delete(c.srcOps, d.Cookie)
+	if o == nil {
+		return fmt.Errorf("copier: unknown source cookie %d", d.Cookie)
+	}
+	if d.Err != nil {
+		return c.failed(o, d.Err, c.src)
+	}
+	r := o.req
+	c.prog.Read += r.n
+	var err error
+	zeroRuns(r.buf.Bytes()[:r.n], r.off, c.opts.SparseSize, func(start, n int, zero bool) {
+		if err != nil {
+			return
+		}
+		off := r.off + int64(start)
+		switch {
+		case !zero:
+			err = c.send(&op{kind: opWrite, req: r, off: off, n: int64(n), bufOff: start})
+		case c.opts.Overlay:
+			// The backing file must not show through.
+			err = c.send(&op{kind: opZero, req: r, off: off, n: int64(n)})
+		default:
+			c.prog.Skipped += int64(n)
+		}
+	})
+	if err != nil {
+		return err
+	}
+	if r.pending == 0 {
+		c.finish(r)
+	}
+	return nil
+}
+
+// dstDone handles a finished write, zero or flush.
+func (c *copier) dstDone(d nbd.Completion) error {
+	o := c.dstOps[d.Cookie]
+	delete(c.dstOps, d.Cookie)
+	if o == nil {
+		return fmt.Errorf("copier: unknown target cookie %d", d.Cookie)
+	}
+	if d.Err != nil {
+		return c.failed(o, d.Err, c.dst)
+	}
+	switch o.kind {
+	case opFlush:
+		c.flushOp = nil
+		c.flushes++
+		if c.flushMark > c.prog.ResumePoint {
+			c.prog.ResumePoint = c.flushMark
+			c.progressDirty = true
+			c.report()
+		}
+		if c.flushMark >= c.lastEnd && c.plan.i >= len(c.plan.exts) && c.busy == 0 {
+			c.finalFlushed = true
+		}
+		return nil
+	case opWrite:
+		c.prog.Written += o.n
+	case opZero:
+		c.prog.Zeroed += o.n
+	}
+	c.sinceFlush += o.n
+	r := o.req
+	r.pending--
+	if r.pending == 0 {
+		c.finish(r)
+	}
+	return nil
+}
+
+// finish returns a request whose commands all completed.
+func (c *copier) finish(r *request) {
+	r.span.done = true
+	c.prog.Done += r.n
+	c.progressDirty = true
+	c.busy--
+	c.free = append(c.free, r)
+}
+
+// maybeFlush sends a flush when one is due and reports whether the copy is
+// complete (the final flush succeeded).
+func (c *copier) maybeFlush(now time.Time) (bool, error) {
+	if c.finalFlushed {
+		return true, nil
+	}
+	if c.flushOp != nil {
+		return false, nil
+	}
+	for _, o := range c.retry {
+		if o.kind == opFlush {
+			return false, nil // a failed flush waits for its retry
+		}
+	}
+	low := c.track.low(c.plan.position())
+	end := c.busy == 0 && len(c.free) > 0 && c.plan.i >= len(c.plan.exts)
+	if end && len(c.opts.Extents) == 0 {
+		low = c.prog.ResumePoint
+	}
+	due := end ||
+		(low > c.prog.ResumePoint && (now.Sub(c.lastFlush) >= c.opts.FlushInterval ||
+			(c.opts.FlushBytes > 0 && c.sinceFlush >= c.opts.FlushBytes)))
+	if !due {
+		return false, nil
+	}
+	// The flush covers what completed before it is sent: low is computed
+	// from completed requests only.
+	c.flushMark = max(low, c.prog.ResumePoint)
+	if end {
+		c.flushMark = max(c.lastEnd, c.prog.ResumePoint)
+	}
+	c.lastFlush = now
+	c.sinceFlush = 0
+	c.flushOp = &op{kind: opFlush, off: -1}
+	return false, c.send(c.flushOp)
+}
+
+func (c *copier) maybeReport(now time.Time) {
+	if c.progressDirty && now.Sub(c.lastProgress) >= c.opts.ProgressInterval {
+		c.report()
+	}
+}
+
+func (c *copier) report() {
+	c.lastProgress = time.Now()
+	c.progressDirty = false
+	if c.opts.Progress != nil {
+		c.opts.Progress(c.prog)
+	}
+}
+
+// wakeOnDone returns a pipe's read end that becomes readable when ctx is
+// done, so the poll wakes at once instead of polling the context.
+func wakeOnDone(ctx context.Context) (int, func(), error) {
+	var p [2]int
+	if err := syscall.Pipe2(p[:], syscall.O_NONBLOCK|syscall.O_CLOEXEC); err != nil {
+		return -1, nil, fmt.Errorf("copier: pipe: %w", err)
+	}
+	var mu sync.Mutex
+	closed := false
+	stop := context.AfterFunc(ctx, func() {
+		mu.Lock()
+		defer mu.Unlock()
+		if !closed {
+			_, _ = syscall.Write(p[1], []byte{1})
+		}
+	})
+	return p[0], func() {
+		stop()
+		mu.Lock()
+		defer mu.Unlock()
+		closed = true
+		syscall.Close(p[0])
+		syscall.Close(p[1])
+	}, nil
 }
