@@ -1,0 +1,168 @@
+package copier
+
+import (
+	"math/rand/v2"
+	"testing"
+
+	"github.com/cbtflow/cbtflow/internal/nbd"
+)
+
+func TestPlannerChunksAndBlockStatus(t *testing.T) {
+	exts := []Extent{{0, 10}, {20, 25}, {100, 3}}
+	// Source map: [0,22) data, [22,40) zero, [40,…) data.
+	calls := 0
+	status := func(off, n int64) ([]nbd.Extent, error) {
+		calls++
+		all := []nbd.Extent{{Offset: 0, Length: 22}, {Offset: 22, Length: 18, Flags: nbd.StateZero | nbd.StateHole}, {Offset: 40, Length: 1000}}
+		var out []nbd.Extent
+		for _, e := range all {
+			s, end := max(e.Offset, off), min(e.Offset+e.Length, off+n)
+			if s < end {
+				out = append(out, nbd.Extent{Offset: s, Length: end - s, Flags: e.Flags})
+			}
+		}
+		return out, nil
+	}
+	p := newPlanner(exts, 0, 4, status)
+	p.window = 30 // force a second block status window, which splits the zero run
+	var got []chunk
+	for {
+		c, ok := p.next()
+		if !ok {
+			break
+		}
+		got = append(got, c)
+	}
+	want := []chunk{
+		{0, 4, false}, {4, 4, false}, {8, 2, false},
+		{20, 2, false}, {22, 8, true}, {30, 10, true}, {40, 4, false}, {44, 1, false},
+		{100, 3, false},
+	}
+	if len(got) != len(want) {
+		t.Fatalf("chunks = %v; want %v", got, want)
+	}
+	for i := range got {
+		if got[i] != want[i] {
+			t.Fatalf("chunks = %v; want %v", got, want)
+		}
+	}
+	if calls < 2 {
+		t.Errorf("block status asked %d times; want a window at a time", calls)
+	}
+	if p.position() != 103 {
+		t.Errorf("position at end = %d; want 103", p.position())
+	}
+}
+
+func TestPlannerResumeAndStatusFailure(t *testing.T) {
+	exts := []Extent{{0, 10}, {20, 10}}
+	failing := func(off, n int64) ([]nbd.Extent, error) { return nil, &nbd.Error{Op: "block_status"} }
+	p := newPlanner(exts, 25, 100, failing)
+	c, ok := p.next()
+	if !ok || c != (chunk{25, 5, false}) {
+		t.Fatalf("first chunk after resume at 25 = %v %v; want {25 5 data}", c, ok)
+	}
+	if _, ok := p.next(); ok {
+		t.Fatal("more chunks after the last extent")
+	}
+	if p.statusErrs != 1 {
+		t.Errorf("statusErrs = %d; want 1", p.statusErrs)
+	}
+	// No block status at all: everything is data, cut at the request size.
+	p = newPlanner([]Extent{{0, 9}}, 0, 4, nil)
+	var n []int64
+	for c, ok := p.next(); ok; c, ok = p.next() {
+		if c.zero {
+			t.Fatal("zero chunk without block status")
+		}
+		n = append(n, c.n)
+	}
+	if len(n) != 3 || n[2] != 1 {
+		t.Fatalf("chunk lengths = %v; want [4 4 1]", n)
+	}
+}
+
+func TestZeroDetection(t *testing.T) {
+	b := make([]byte, 300<<10)
+	if !isZero(b) {
+		t.Fatal("zero buffer not seen as zero")
+	}
+	b[len(b)-1] = 1
+	if isZero(b) {
+		t.Fatal("last byte set, still seen as zero")
+	}
+	b[len(b)-1] = 0
+
+	// Disk offset 12K, granularity 16K: blocks [12K,16K) [16K,32K) ...
+	const gran = 16 << 10
+	buf := make([]byte, 100<<10)
+	buf[5<<10] = 1        // rel 5K: block 1, rel [4K,20K)
+	buf[(4+16+1)<<10] = 7 // block 2: rel [20K,36K)
+	buf[len(buf)-1] = 9   // last block
+	type run struct {
+		start, n int
+		zero     bool
+	}
+	var got []run
+	zeroRuns(buf, 12<<10, gran, func(s, n int, z bool) { got = append(got, run{s, n, z}) })
+	want := []run{
+		{0, 4 << 10, true},         // rel [0,4K): disk [12K,16K)
+		{4 << 10, 32 << 10, false}, // rel [4K,36K): blocks with bytes at 5K and 21K
+		{36 << 10, 48 << 10, true}, // rel [36K,84K)
+		{84 << 10, 16 << 10, false},
+	}
+	if len(got) != len(want) {
+		t.Fatalf("runs = %v; want %v", got, want)
+	}
+	for i := range got {
+		if got[i] != want[i] {
+			t.Fatalf("runs = %v; want %v", got, want)
+		}
+	}
+	// Runs cover the buffer exactly, for random inputs too.
+	r := rand.New(rand.NewPCG(1, 2))
+	for i := 0; i < 200; i++ {
+		b := make([]byte, 1+r.IntN(200<<10))
+		for j := 0; j < r.IntN(4); j++ {
+			b[r.IntN(len(b))] = 1
+		}
+		pos := 0
+		zeroRuns(b, r.Int64N(1<<30), 4096, func(s, n int, z bool) {
+			if s != pos || n <= 0 || isZero(b[s:s+n]) != z {
+				t.Fatalf("bad run %d+%d zero=%v at pos %d", s, n, z, pos)
+			}
+			pos += n
+		})
+		if pos != len(b) {
+			t.Fatalf("runs cover %d of %d bytes", pos, len(b))
+		}
+	}
+}
+
+func TestTrackerResumeBookkeeping(t *testing.T) {
+	var tr tracker
+	if got := tr.low(0); got != 0 {
+		t.Fatalf("empty tracker low = %d", got)
+	}
+	a, b, c := tr.add(0), tr.add(10), tr.add(30)
+	b.done = true
+	if got := tr.low(40); got != 0 {
+		t.Fatalf("low with the first chunk in flight = %d; want 0", got)
+	}
+	a.done = true
+	if got := tr.low(40); got != 30 {
+		t.Fatalf("low = %d; want 30 (third chunk in flight)", got)
+	}
+	c.done = true
+	if got := tr.low(40); got != 40 {
+		t.Fatalf("low = %d; want the planner position 40", got)
+	}
+	// Many completions in order keep the queue short.
+	for i := int64(0); i < 1000; i++ {
+		tr.add(100 + i).done = true
+		tr.low(0)
+	}
+	if len(tr.q)-tr.head > 1 || len(tr.q) > 200 {
+		t.Errorf("queue holds %d entries (head %d)", len(tr.q), tr.head)
+	}
+}
