@@ -1,0 +1,319 @@
+package lab
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"slices"
+	"syscall"
+
+	"github.com/vmware/govmomi/simulator"
+	"github.com/vmware/govmomi/vim25/types"
+)
+
+// Errors of the Go API and the lab endpoints; test with errors.Is.
+var (
+	ErrUnknownVM       = errors.New("unknown VM")
+	ErrUnknownDisk     = errors.New("unknown disk")
+	ErrUnknownSnapshot = errors.New("unknown snapshot")
+	ErrOutOfRange      = errors.New("outside the disk")
+	ErrImage           = errors.New("snapshot image unavailable")
+)
+
+// chunkSize is the unit of guest I/O: each chunk of a write is atomic with
+// respect to a snapshot, as a guest's write request is.
+const chunkSize = 1 << 20
+
+// DiskInfo describes a tracked disk of a VM.
+type DiskInfo struct {
+	VM       string `json:"vm"`
+	VMRef    string `json:"vmRef"`
+	Key      int32  `json:"key"`
+	Capacity int64  `json:"capacity"`
+	FileName string `json:"fileName"` // backing file in the live config
+	ChangeID string `json:"changeId"` // in the live config; empty until a snapshot with CBT on
+}
+
+// ImageInfo locates the frozen image of a snapshot's disk.
+type ImageInfo struct {
+	Path     string `json:"path"`
+	Capacity int64  `json:"capacity"`
+	ChangeID string `json:"changeId"` // empty when CBT was off
+	VM       string `json:"vm"`
+	Snapshot string `json:"snapshot"`
+	Key      int32  `json:"key"`
+}
+
+func (l *Lab) lockCtx() *simulator.Context {
+	return &simulator.Context{Map: l.model.Service.Context.Map}
+}
+
+// findVM resolves a VM by name or moref value.
+func (l *Lab) findVM(name string) (*simulator.VirtualMachine, error) {
+	reg := l.model.Service.Context.Map
+	if vm, ok := reg.Get(types.ManagedObjectReference{Type: "VirtualMachine", Value: name}).(*simulator.VirtualMachine); ok {
+		return vm, nil
+	}
+	var found *simulator.VirtualMachine
+	for _, e := range reg.All("VirtualMachine") {
+		vm, ok := e.(*simulator.VirtualMachine)
+		if !ok {
+			continue
+		}
+		var n string
+		reg.WithLock(l.lockCtx(), vm, func() { n = vm.Name })
+		if n == name {
+			if found != nil {
+				return nil, fmt.Errorf("lab: %w: %q names more than one VM", ErrUnknownVM, name)
+			}
+			found = vm
+		}
+	}
+	if found == nil {
+		return nil, fmt.Errorf("lab: %w %q", ErrUnknownVM, name)
+	}
+	return found, nil
+}
+
+// Disks lists the tracked disks of a VM (by name or moref value).
+func (l *Lab) Disks(vmName string) ([]DiskInfo, error) {
+	vm, err := l.findVM(vmName)
+	if err != nil {
+		return nil, err
+	}
+	var out []DiskInfo
+	l.model.Service.Context.Map.WithLock(l.lockCtx(), vm, func() {
+		for _, dev := range vm.Config.Hardware.Device {
+			vd, b := flatDisk(dev)
+			if b == nil {
+				continue
+			}
+			out = append(out, DiskInfo{VM: vm.Name, VMRef: vm.Self.Value, Key: vd.Key, Capacity: capacityOf(vd),
+				FileName: b.FileName, ChangeID: b.ChangeId})
+		}
+	})
+	return out, nil
+}
+
+// Disk describes one tracked disk of a VM.
+func (l *Lab) Disk(vmName string, key int32) (DiskInfo, error) {
+	disks, err := l.Disks(vmName)
+	if err != nil {
+		return DiskInfo{}, err
+	}
+	for _, d := range disks {
+		if d.Key == key {
+			return d, nil
+		}
+	}
+	keys := make([]int32, 0, len(disks))
+	for _, d := range disks {
+		keys = append(keys, d.Key)
+	}
+	return DiskInfo{}, fmt.Errorf("lab: %w %d on VM %q (disks: %v)", ErrUnknownDisk, key, vmName, keys)
+}
+
+// DiskCapacity returns the capacity of a VM's disk in bytes.
+func (l *Lab) DiskCapacity(vmName string, key int32) (int64, error) {
+	info, err := l.Disk(vmName, key)
+	return info.Capacity, err
+}
+
+func (l *Lab) liveDisk(vmName string, key int32) (*disk, error) {
+	info, err := l.Disk(vmName, key)
+	if err != nil {
+		return nil, err
+	}
+	return l.disk(info.VMRef, key, info.Capacity)
+}
+
+func rangeErr(off, n, capacity int64) error {
+	return fmt.Errorf("lab: %w: offset %d length %d, capacity %d", ErrOutOfRange, off, n, capacity)
+}
+
+// WriteDisk writes guest data from r into a VM's disk at byte offset off,
+// streaming, and returns the bytes written. Every written block counts as
+// changed, zeros included. Data past the capacity is refused: what fits is
+// written, then the error is ErrOutOfRange.
+func (l *Lab) WriteDisk(vmName string, key int32, off int64, r io.Reader) (int64, error) {
+	d, err := l.liveDisk(vmName, key)
+	if err != nil {
+		return 0, err
+	}
+	if off < 0 || off > d.capacitySafe() {
+		return 0, rangeErr(off, 0, d.capacitySafe())
+	}
+	buf := make([]byte, chunkSize)
+	var done int64
+	for {
+		n, rerr := io.ReadFull(r, buf)
+		if n > 0 {
+			w, err := d.writeAt(buf[:n], off+done)
+			done += w
+			if err != nil {
+				return done, err
+			}
+		}
+		switch {
+		case rerr == io.EOF || rerr == io.ErrUnexpectedEOF:
+			return done, nil
+		case rerr != nil:
+			return done, fmt.Errorf("lab: write disk: %w", rerr)
+		}
+	}
+}
+
+func (d *disk) capacitySafe() int64 {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.capacity
+}
+
+func (d *disk) writeAt(p []byte, off int64) (int64, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.f == nil {
+		return 0, errors.New("lab: closed")
+	}
+	n := int64(len(p))
+	var tooLong error
+	if off+n > d.capacity {
+		tooLong = rangeErr(off, n, d.capacity)
+		n = max(d.capacity-off, 0)
+	}
+	w, err := d.f.WriteAt(p[:n], off)
+	d.mark(off, int64(w))
+	if err != nil {
+		return int64(w), fmt.Errorf("lab: write disk: %w", err)
+	}
+	return int64(w), tooLong
+}
+
+// PunchHole deallocates [off, off+length) of a VM's disk: the guest
+// discarded it (it reads as zeros). It counts as a change.
+func (l *Lab) PunchHole(vmName string, key int32, off, length int64) error {
+	d, err := l.liveDisk(vmName, key)
+	if err != nil {
+		return err
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if off < 0 || length < 0 || off+length > d.capacity {
+		return rangeErr(off, length, d.capacity)
+	}
+	const punchHole, keepSize = 0x02, 0x01 // FALLOC_FL_*
+	if err := syscall.Fallocate(int(d.f.Fd()), punchHole|keepSize, off, length); err != nil {
+		return fmt.Errorf("lab: punch hole: %w", err)
+	}
+	d.mark(off, length)
+	return nil
+}
+
+// ReadDisk streams the current content of a VM's disk, its whole capacity,
+// into w.
+func (l *Lab) ReadDisk(vmName string, key int32, w io.Writer) (int64, error) {
+	d, err := l.liveDisk(vmName, key)
+	if err != nil {
+		return 0, err
+	}
+	return d.readRange(0, d.capacitySafe(), w)
+}
+
+// ReadDiskRange streams length bytes of a VM's disk from off into w.
+func (l *Lab) ReadDiskRange(vmName string, key int32, off, length int64, w io.Writer) (int64, error) {
+	d, err := l.liveDisk(vmName, key)
+	if err != nil {
+		return 0, err
+	}
+	return d.readRange(off, length, w)
+}
+
+func (d *disk) readRange(off, length int64, w io.Writer) (int64, error) {
+	if c := d.capacitySafe(); off < 0 || length < 0 || off+length > c {
+		return 0, rangeErr(off, length, c)
+	}
+	buf := make([]byte, chunkSize)
+	var done int64
+	for done < length {
+		n := min(int64(len(buf)), length-done)
+		d.mu.Lock()
+		var err error
+		if d.f == nil {
+			err = errors.New("lab: closed")
+		} else {
+			_, err = d.f.ReadAt(buf[:n], off+done)
+		}
+		d.mu.Unlock()
+		if err != nil {
+			return done, fmt.Errorf("lab: read disk: %w", err)
+		}
+		if _, err := w.Write(buf[:n]); err != nil {
+			return done, err
+		}
+		done += n
+	}
+	return done, nil
+}
+
+// DiskExtents lists the allocated ranges of a VM's disk image (the rest
+// reads as zeros).
+func (l *Lab) DiskExtents(vmName string, key int32) ([]Extent, error) {
+	d, err := l.liveDisk(vmName, key)
+	if err != nil {
+		return nil, err
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.f == nil {
+		return nil, errors.New("lab: closed")
+	}
+	exts, err := dataExtents(d.f, d.capacity)
+	if err != nil {
+		return nil, fmt.Errorf("lab: disk extents: %w", err)
+	}
+	return exts, nil
+}
+
+// SnapshotImage locates the frozen image of disk key in a snapshot (moref
+// value, e.g. "snapshot-123"). The file is read-only by convention and
+// exists until the snapshot is removed or the lab closes.
+func (l *Lab) SnapshotImage(snapshot string, key int32) (ImageInfo, error) {
+	l.mu.Lock()
+	rec := l.snaps[snapshot]
+	l.mu.Unlock()
+	if rec == nil {
+		return ImageInfo{}, fmt.Errorf("lab: %w %q", ErrUnknownSnapshot, snapshot)
+	}
+	sd := rec.disks[key]
+	if sd == nil {
+		return ImageInfo{}, fmt.Errorf("lab: %w %d in snapshot %q", ErrUnknownDisk, key, snapshot)
+	}
+	if sd.img == nil {
+		return ImageInfo{}, fmt.Errorf("lab: %w: snapshot %q disk %d: %v", ErrImage, snapshot, key, sd.err)
+	}
+	return ImageInfo{Path: sd.img.path, Capacity: sd.capacity, ChangeID: sd.changeID, VM: rec.vmName, Snapshot: rec.ref, Key: key}, nil
+}
+
+// ChangeIDLog returns every change ID the lab stamped, oldest first.
+func (l *Lab) ChangeIDLog() []Stamp {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return slices.Clone(l.stamps)
+}
+
+// SetCBT switches change tracking of a VM on or off, as ReconfigVM with
+// changeTrackingEnabled does. Off ends the change-ID series of its disks;
+// the first snapshot after switching on starts a new one.
+func (l *Lab) SetCBT(vmName string, enabled bool) error {
+	vm, err := l.findVM(vmName)
+	if err != nil {
+		return err
+	}
+	l.model.Service.Context.Map.WithLock(l.lockCtx(), vm, func() {
+		vm.Config.ChangeTrackingEnabled = types.NewBool(enabled)
+		if !enabled {
+			l.cbtOff(vm)
+		}
+	})
+	return nil
+}

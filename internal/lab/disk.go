@@ -1,0 +1,288 @@
+package lab
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"sort"
+	"sync"
+	"syscall"
+
+	"github.com/google/uuid"
+)
+
+// Extent is a byte range of a disk.
+type Extent struct {
+	Offset int64 `json:"offset"`
+	Length int64 `json:"length"`
+}
+
+// End returns the offset just past the extent.
+func (e Extent) End() int64 { return e.Offset + e.Length }
+
+type diskID struct {
+	vm  string // VM moref value
+	key int32
+}
+
+// disk is the state of one tracked virtual disk. mu orders guest writes
+// against snapshot freezes: a freeze sees every write either entirely
+// before it or entirely after it, and the changed blocks it records agree
+// with the image it copies.
+type disk struct {
+	id   diskID
+	path string
+
+	mu       sync.Mutex
+	f        *os.File // the live image
+	capacity int64
+	dirty    []uint64 // bitmap of blocks written since the last freeze
+	written  bool     // anything written (or punched) since the last freeze
+	series   *series  // nil while CBT is off
+	last     *frozenImage
+	seq      int    // names frozen images
+	base     string // backing file name before the first snapshot
+	deltas   int    // snapshots taken since the VM last had none
+}
+
+// series is one change-ID series of a disk: it starts when CBT is enabled
+// (or the lab starts) and ends when CBT is disabled.
+type series struct {
+	uuid string
+	gen  int
+	// changes[g-1] holds the blocks written between freeze g-1 and freeze g.
+	changes [][]Extent
+}
+
+func newSeries() *series { return &series{uuid: uuid.NewString()} }
+
+func (s *series) changeID(gen int) string { return fmt.Sprintf("%s/%d", s.uuid, gen) }
+
+// frozenImage is a snapshot's copy of a disk. Snapshots taken without a
+// write in between share one.
+type frozenImage struct {
+	path     string
+	capacity int64
+	refs     int
+}
+
+func openDisk(id diskID, path string, capacity int64) (*disk, error) {
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	d := &disk{id: id, path: path, f: f}
+	if err := d.resize(capacity); err != nil {
+		f.Close()
+		return nil, err
+	}
+	return d, nil
+}
+
+// resize follows the capacity of the VM's config. Called with mu held (or
+// before d is shared).
+func (d *disk) resize(capacity int64) error {
+	if capacity == d.capacity {
+		return nil
+	}
+	if err := d.f.Truncate(capacity); err != nil {
+		return err
+	}
+	if capacity < d.capacity {
+		// Shrinking is not a thing disks do; keep the bitmap consistent.
+		d.dirty = nil
+		d.written = true
+	}
+	d.capacity = capacity
+	words := (blocks(capacity) + 63) / 64
+	if int64(len(d.dirty)) < words {
+		d.dirty = append(d.dirty, make([]uint64, words-int64(len(d.dirty)))...)
+	}
+	return nil
+}
+
+func blocks(n int64) int64 { return (n + BlockSize - 1) / BlockSize }
+
+// mark records a change of [off, off+n). Called with mu held.
+func (d *disk) mark(off, n int64) {
+	if n <= 0 {
+		return
+	}
+	d.written = true
+	for b := off / BlockSize; b < blocks(off+n); b++ {
+		d.dirty[b/64] |= 1 << (b % 64)
+	}
+}
+
+// dirtyExtents returns the changed blocks as merged extents clipped to the
+// capacity, and clears the bitmap. Called with mu held.
+func (d *disk) takeDirty() []Extent {
+	var out []Extent
+	nb := blocks(d.capacity)
+	for b := int64(0); b < nb; b++ {
+		w := d.dirty[b/64]
+		if w == 0 {
+			b += 63 - b%64
+			continue
+		}
+		if w&(1<<(b%64)) == 0 {
+			continue
+		}
+		start := b * BlockSize
+		end := min(start+BlockSize, d.capacity)
+		if n := len(out); n > 0 && out[n-1].End() == start {
+			out[n-1].Length = end - out[n-1].Offset
+		} else {
+			out = append(out, Extent{start, end - start})
+		}
+	}
+	clear(d.dirty)
+	return out
+}
+
+// freeze makes (or shares) the frozen image of the disk's current content
+// and closes the current generation of the change series. Called with mu
+// held.
+func (d *disk) freeze(dir string) (*frozenImage, error) {
+	changed := d.takeDirty()
+	if d.series != nil {
+		d.series.gen++
+		d.series.changes = append(d.series.changes, changed)
+	}
+	if d.last != nil && !d.written && d.last.capacity == d.capacity {
+		d.last.refs++
+		return d.last, nil
+	}
+	d.written = false
+	d.seq++
+	path := filepath.Join(dir, fmt.Sprintf("%s-%d-%06d.raw", d.id.vm, d.id.key, d.seq))
+	if err := sparseCopy(d.f, path, d.capacity); err != nil {
+		_ = os.Remove(path)
+		d.last = nil
+		// The next freeze must copy again.
+		d.written = true
+		return nil, err
+	}
+	d.last = &frozenImage{path: path, capacity: d.capacity, refs: 1}
+	return d.last, nil
+}
+
+// release drops one reference to img and removes the file with the last.
+func (d *disk) release(img *frozenImage) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	img.refs--
+	if img.refs > 0 {
+		return nil
+	}
+	if d.last == img {
+		d.last = nil
+	}
+	return os.Remove(img.path)
+}
+
+const (
+	seekData = 3 // SEEK_DATA
+	seekHole = 4 // SEEK_HOLE
+)
+
+// dataExtents lists the allocated ranges of f up to size, using
+// SEEK_DATA/SEEK_HOLE. It moves f's offset.
+func dataExtents(f *os.File, size int64) ([]Extent, error) {
+	var out []Extent
+	for off := int64(0); off < size; {
+		data, err := f.Seek(off, seekData)
+		if errors.Is(err, syscall.ENXIO) {
+			break
+		}
+		if err != nil {
+			return nil, err
+		}
+		if data >= size {
+			break
+		}
+		hole, err := f.Seek(data, seekHole)
+		if err != nil {
+			return nil, err
+		}
+		hole = min(hole, size)
+		out = append(out, Extent{data, hole - data})
+		off = hole
+	}
+	return out, nil
+}
+
+// sparseCopy copies the allocated ranges of src into a new file of size
+// bytes at dst: holes stay holes, so a mostly empty disk copies in
+// milliseconds (and with copy_file_range, reflinks where the file system
+// can).
+func sparseCopy(src *os.File, dst string, size int64) error {
+	exts, err := dataExtents(src, size)
+	if err != nil {
+		return err
+	}
+	out, err := os.OpenFile(dst, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return err
+	}
+	if err := out.Truncate(size); err != nil {
+		out.Close()
+		return err
+	}
+	for _, e := range exts {
+		if _, err := src.Seek(e.Offset, io.SeekStart); err != nil {
+			out.Close()
+			return err
+		}
+		if _, err := out.Seek(e.Offset, io.SeekStart); err != nil {
+			out.Close()
+			return err
+		}
+		// *os.File.ReadFrom uses copy_file_range for a LimitedReader over a file.
+		n, err := out.ReadFrom(io.LimitReader(src, e.Length))
+		if err == nil && n != e.Length {
+			err = fmt.Errorf("short copy at %d: %d of %d bytes", e.Offset, n, e.Length)
+		}
+		if err != nil {
+			out.Close()
+			return err
+		}
+	}
+	return out.Close()
+}
+
+// alignExtents widens extents to whole blocks (clipped to capacity) and
+// merges what touches.
+func alignExtents(exts []Extent, capacity int64) []Extent {
+	var out []Extent
+	for _, e := range exts {
+		start := e.Offset / BlockSize * BlockSize
+		end := min(blocks(e.End())*BlockSize, capacity)
+		if n := len(out); n > 0 && out[n-1].End() >= start {
+			out[n-1].Length = max(out[n-1].End(), end) - out[n-1].Offset
+			continue
+		}
+		out = append(out, Extent{start, end - start})
+	}
+	return out
+}
+
+// unionExtents merges several sorted extent lists.
+func unionExtents(lists ...[]Extent) []Extent {
+	var all []Extent
+	for _, l := range lists {
+		all = append(all, l...)
+	}
+	sort.Slice(all, func(i, j int) bool { return all[i].Offset < all[j].Offset })
+	var out []Extent
+	for _, e := range all {
+		if n := len(out); n > 0 && out[n-1].End() >= e.Offset {
+			out[n-1].Length = max(out[n-1].End(), e.End()) - out[n-1].Offset
+			continue
+		}
+		out = append(out, e)
+	}
+	return out
+}

@@ -1,0 +1,278 @@
+package lab
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"strconv"
+)
+
+// endpointPrefix is where the lab endpoints live on the lab's HTTPS server,
+// next to the vSphere API at /sdk. They need no login and answer only
+// loopback clients.
+const endpointPrefix = "/cbtflow-lab/"
+
+// Error codes of the lab endpoints ({"error": "...", "code": "..."}).
+const (
+	codeUnknownVM       = "unknown_vm"
+	codeUnknownDisk     = "unknown_disk"
+	codeUnknownSnapshot = "unknown_snapshot"
+	codeOutOfRange      = "out_of_range"
+	codeImage           = "image_unavailable"
+	codeBadRequest      = "bad_request"
+	codeInternal        = "internal"
+)
+
+var errorCodes = []struct {
+	err    error
+	code   string
+	status int
+}{
+	{ErrUnknownVM, codeUnknownVM, http.StatusNotFound},
+	{ErrUnknownDisk, codeUnknownDisk, http.StatusNotFound},
+	{ErrUnknownSnapshot, codeUnknownSnapshot, http.StatusNotFound},
+	{ErrOutOfRange, codeOutOfRange, http.StatusBadRequest},
+	{ErrImage, codeImage, http.StatusConflict},
+}
+
+type errorBody struct {
+	Error string `json:"error"`
+	Code  string `json:"code"`
+}
+
+// WrittenBody is the answer of a disk write.
+type WrittenBody struct {
+	Written int64 `json:"written"`
+}
+
+// CBTBody switches change tracking of a VM.
+type CBTBody struct {
+	Enabled bool `json:"enabled"`
+}
+
+func (l *Lab) endpoints() http.Handler {
+	mux := http.NewServeMux()
+	const p = "/cbtflow-lab/v1"
+	mux.HandleFunc("GET "+p+"/vms/{vm}/disks", l.getDisks)
+	mux.HandleFunc("GET "+p+"/vms/{vm}/disks/{key}", l.getDisk)
+	mux.HandleFunc("GET "+p+"/vms/{vm}/disks/{key}/extents", l.getExtents)
+	mux.HandleFunc("GET "+p+"/vms/{vm}/disks/{key}/data", l.getData)
+	mux.HandleFunc("PUT "+p+"/vms/{vm}/disks/{key}/data", l.putData)
+	mux.HandleFunc("POST "+p+"/vms/{vm}/disks/{key}/punch", l.postPunch)
+	mux.HandleFunc("PUT "+p+"/vms/{vm}/cbt", l.putCBT)
+	mux.HandleFunc("GET "+p+"/snapshots/{snapshot}/disks/{key}/image", l.getImage)
+	mux.HandleFunc("GET "+p+"/changeids", l.getChangeIDs)
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		host, _, err := net.SplitHostPort(r.RemoteAddr)
+		if ip := net.ParseIP(host); err != nil || ip == nil || !ip.IsLoopback() {
+			writeError(w, http.StatusForbidden, codeBadRequest, "lab endpoints answer loopback clients only")
+			return
+		}
+		mux.ServeHTTP(w, r)
+	})
+}
+
+func writeJSON(w http.ResponseWriter, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	_ = json.NewEncoder(w).Encode(v)
+}
+
+func writeError(w http.ResponseWriter, status int, code, msg string) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	_ = json.NewEncoder(w).Encode(errorBody{Error: msg, Code: code})
+}
+
+func (l *Lab) fail(w http.ResponseWriter, r *http.Request, err error) {
+	for _, c := range errorCodes {
+		if errors.Is(err, c.err) {
+			writeError(w, c.status, c.code, err.Error())
+			return
+		}
+	}
+	l.log.Warn("lab endpoint failed", "method", r.Method, "path", r.URL.Path, "err", err)
+	writeError(w, http.StatusInternalServerError, codeInternal, err.Error())
+}
+
+func badRequest(w http.ResponseWriter, format string, args ...any) {
+	writeError(w, http.StatusBadRequest, codeBadRequest, fmt.Sprintf(format, args...))
+}
+
+func pathKey(w http.ResponseWriter, r *http.Request) (int32, bool) {
+	k, err := strconv.ParseInt(r.PathValue("key"), 10, 32)
+	if err != nil {
+		badRequest(w, "disk key %q is not a number", r.PathValue("key"))
+		return 0, false
+	}
+	return int32(k), true
+}
+
+// queryInt reads an integer query parameter, def when absent.
+func queryInt(w http.ResponseWriter, r *http.Request, name string, def int64) (int64, bool) {
+	s := r.URL.Query().Get(name)
+	if s == "" {
+		return def, true
+	}
+	v, err := strconv.ParseInt(s, 10, 64)
+	if err != nil {
+		badRequest(w, "%s %q is not a number", name, s)
+		return 0, false
+	}
+	return v, true
+}
+
+func (l *Lab) getDisks(w http.ResponseWriter, r *http.Request) {
+	disks, err := l.Disks(r.PathValue("vm"))
+	if err != nil {
+		l.fail(w, r, err)
+		return
+	}
+	writeJSON(w, disks)
+}
+
+func (l *Lab) getDisk(w http.ResponseWriter, r *http.Request) {
+	key, ok := pathKey(w, r)
+	if !ok {
+		return
+	}
+	d, err := l.Disk(r.PathValue("vm"), key)
+	if err != nil {
+		l.fail(w, r, err)
+		return
+	}
+	writeJSON(w, d)
+}
+
+func (l *Lab) getExtents(w http.ResponseWriter, r *http.Request) {
+	key, ok := pathKey(w, r)
+	if !ok {
+		return
+	}
+	exts, err := l.DiskExtents(r.PathValue("vm"), key)
+	if err != nil {
+		l.fail(w, r, err)
+		return
+	}
+	if exts == nil {
+		exts = []Extent{}
+	}
+	writeJSON(w, exts)
+}
+
+// getData streams [offset, offset+length) of the disk (default: all of it).
+func (l *Lab) getData(w http.ResponseWriter, r *http.Request) {
+	key, ok := pathKey(w, r)
+	if !ok {
+		return
+	}
+	vm := r.PathValue("vm")
+	d, err := l.liveDisk(vm, key)
+	if err != nil {
+		l.fail(w, r, err)
+		return
+	}
+	capacity := d.capacitySafe()
+	off, ok := queryInt(w, r, "offset", 0)
+	if !ok {
+		return
+	}
+	length, ok := queryInt(w, r, "length", capacity-off)
+	if !ok {
+		return
+	}
+	if off < 0 || length < 0 || off+length > capacity {
+		l.fail(w, r, rangeErr(off, length, capacity))
+		return
+	}
+	w.Header().Set("Content-Type", "application/octet-stream")
+	w.Header().Set("Content-Length", strconv.FormatInt(length, 10))
+	if _, err := d.readRange(off, length, w); err != nil {
+		l.log.Warn("disk read aborted", "vm", vm, "disk", key, "err", err)
+	}
+}
+
+func (l *Lab) putData(w http.ResponseWriter, r *http.Request) {
+	key, ok := pathKey(w, r)
+	if !ok {
+		return
+	}
+	vm := r.PathValue("vm")
+	off, ok := queryInt(w, r, "offset", 0)
+	if !ok {
+		return
+	}
+	if r.ContentLength >= 0 {
+		capacity, err := l.DiskCapacity(vm, key)
+		if err != nil {
+			l.fail(w, r, err)
+			return
+		}
+		if off < 0 || off+r.ContentLength > capacity {
+			l.fail(w, r, rangeErr(off, r.ContentLength, capacity))
+			return
+		}
+	}
+	n, err := l.WriteDisk(vm, key, off, r.Body)
+	if err != nil {
+		l.fail(w, r, err)
+		return
+	}
+	l.log.Debug("disk written", "vm", vm, "disk", key, "offset", off, "bytes", n)
+	writeJSON(w, WrittenBody{Written: n})
+}
+
+func (l *Lab) postPunch(w http.ResponseWriter, r *http.Request) {
+	key, ok := pathKey(w, r)
+	if !ok {
+		return
+	}
+	off, ok := queryInt(w, r, "offset", -1)
+	if !ok {
+		return
+	}
+	length, ok := queryInt(w, r, "length", -1)
+	if !ok {
+		return
+	}
+	if err := l.PunchHole(r.PathValue("vm"), key, off, length); err != nil {
+		l.fail(w, r, err)
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
+
+func (l *Lab) putCBT(w http.ResponseWriter, r *http.Request) {
+	var body CBTBody
+	if err := json.NewDecoder(r.Body).Decode(&body); err != nil {
+		badRequest(w, "body: %v", err)
+		return
+	}
+	if err := l.SetCBT(r.PathValue("vm"), body.Enabled); err != nil {
+		l.fail(w, r, err)
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
+
+func (l *Lab) getImage(w http.ResponseWriter, r *http.Request) {
+	key, ok := pathKey(w, r)
+	if !ok {
+		return
+	}
+	img, err := l.SnapshotImage(r.PathValue("snapshot"), key)
+	if err != nil {
+		l.fail(w, r, err)
+		return
+	}
+	writeJSON(w, img)
+}
+
+func (l *Lab) getChangeIDs(w http.ResponseWriter, r *http.Request) {
+	stamps := l.ChangeIDLog()
+	if stamps == nil {
+		stamps = []Stamp{}
+	}
+	writeJSON(w, stamps)
+}
