@@ -33,11 +33,11 @@ func Copy(ctx context.Context, opts Options) (*Result, error) {
 	if c.src, err = nbd.Connect(opts.Source); err != nil {
 		return nil, fmt.Errorf("copier: source: %w", err)
 	}
-	defer c.src.Close()
+	defer c.closeHandle(c.src)
 	if c.dst, err = nbd.Connect(opts.Target); err != nil {
 		return nil, fmt.Errorf("copier: target: %w", err)
 	}
-	defer c.dst.Close()
+	defer c.closeHandle(c.dst)
 	if err := c.check(); err != nil {
 		return nil, err
 	}
@@ -166,6 +166,16 @@ type copier struct {
 	lastProgress  time.Time
 	progressDirty bool
 }
+
+// closeHandle lets commands still in flight after an error finish (briefly)
+// so the server sees a clean disconnect, then closes the handle.
+func (c *copier) closeHandle(h *nbd.Handle) {
+	h.WaitIdle(closeGrace)
+	h.Close()
+}
+
+// closeGrace bounds how long an aborted copy waits for its last replies.
+const closeGrace = 2 * time.Second
 
 func (c *copier) freeBuffers() {
 	for _, b := range c.bufs {

@@ -415,7 +415,9 @@ func TestResumeAfterTargetKilled(t *testing.T) {
 		Source: s.URI, Target: d2.URI, Extents: src.extents, ResumeFrom: resume,
 	})
 	if err != nil {
-		t.Fatal(err)
+		fi, serr := os.Stat(s.Socket)
+		t.Logf("socket %v %v; ls: %s", fi, serr, run(t, dir, "ls", "-la", dir))
+		t.Fatalf("%v; source stderr: %s", err, s.Stderr())
 	}
 	d2.Stop()
 	var below int64

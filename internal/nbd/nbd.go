@@ -514,3 +514,34 @@ func PollHandles(hs []*Handle, wakeFd int, timeout time.Duration) (bool, error) 
 	}
 	return r.r == 1, nil
 }
+
+// WaitIdle runs the handle until no command is in flight, retiring (and
+// discarding) what completes, for at most timeout. It reports whether the
+// handle became idle. Call it before Close after an aborted pipeline: a
+// clean disconnect with nothing in flight is kinder to servers than a reset
+// in the middle of replies (nbdkit 1.32 aborts on that).
+func (h *Handle) WaitIdle(timeout time.Duration) bool {
+	deadline := time.Now().Add(timeout)
+	out := make([]Completion, drainMax)
+	for {
+		for h.AioDrain(out) > 0 {
+		}
+		if h.IsDead() {
+			return false
+		}
+		n, err := h.AioInFlight()
+		if err != nil {
+			return false
+		}
+		if n == 0 {
+			return true
+		}
+		left := time.Until(deadline)
+		if left <= 0 {
+			return false
+		}
+		if _, err := PollHandles([]*Handle{h}, -1, left); err != nil {
+			return false
+		}
+	}
+}
