@@ -128,7 +128,7 @@ func (l *Lab) liveDisk(vmName string, key int32) (*disk, error) {
 }
 
 func rangeErr(off, n, capacity int64) error {
-	return fmt.Errorf("lab: %w: offset %d length %d, capacity %d", ErrOutOfRange, off, n, capacity)
+	return fmt.Errorf("lab: %w: offset %d + %d bytes is beyond the capacity %d", ErrOutOfRange, off, n, capacity)
 }
 
 // WriteDisk writes guest data from r into a VM's disk at byte offset off,
