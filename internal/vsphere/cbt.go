@@ -1,0 +1,85 @@
+package vsphere
+
+import (
+	"context"
+	"fmt"
+
+	"github.com/vmware/govmomi/vim25/methods"
+	"github.com/vmware/govmomi/vim25/soap"
+	"github.com/vmware/govmomi/vim25/types"
+)
+
+// QueryChangedAreas pages through QueryChangedDiskAreas for disk key of a
+// snapshot and calls fn with every changed area, in ascending order and
+// without overlaps, clipped to capacity. changeID "*" asks for the
+// allocated areas (a full backup); a stored change ID asks for the areas
+// changed since it.
+//
+// It starts at offset 0 and continues from the end of the last area of each
+// answer (or from the answer's startOffset+length when it has none) until
+// capacity is covered. An answer that does not move forward is an error,
+// not an endless loop. A vSphere fault is returned as *CBTError, with
+// FirstQuery set when it answered the first call; an error from fn is
+// returned as is.
+func (c *Client) QueryChangedAreas(ctx context.Context, vmRef, snapRef string, key int32, capacity int64, changeID string, fn func(offset, length int64) error) error {
+	if changeID == "" {
+		return fmt.Errorf("vsphere: changed areas of disk %d of %s: empty change ID (use \"*\" for all allocated areas)", key, snapRef)
+	}
+	if capacity <= 0 {
+		return fmt.Errorf("vsphere: changed areas of disk %d of %s: capacity %d", key, snapRef, capacity)
+	}
+	snap := snapshotRef(snapRef)
+	req := types.QueryChangedDiskAreas{
+		This:      types.ManagedObjectReference{Type: "VirtualMachine", Value: vmRef},
+		Snapshot:  &snap,
+		DeviceKey: key,
+		ChangeId:  changeID,
+	}
+	var (
+		start int64 // next offset to ask from
+		done  int64 // end of the last area passed to fn
+		calls int
+	)
+	for start < capacity {
+		req.StartOffset = start
+		res, err := methods.QueryChangedDiskAreas(ctx, c.vim, &req)
+		calls++
+		if err != nil {
+			if f := vimFault(err); f != nil {
+				msg := ""
+				if soap.IsSoapFault(err) {
+					msg = soap.ToSoapFault(err).String
+				}
+				if msg == "" {
+					msg = fmt.Sprintf("disk %d of snapshot %s of %s, change ID %q, offset %d", key, snapRef, vmRef, changeID, start)
+				}
+				return &CBTError{Fault: faultName(f), FirstQuery: calls == 1, Msg: msg}
+			}
+			return fmt.Errorf("vsphere: QueryChangedDiskAreas(disk %d of snapshot %s of %s, offset %d): %w", key, snapRef, vmRef, start, err)
+		}
+		info := res.Returnval
+		next := start
+		for _, a := range info.ChangedArea {
+			if a.Length < 0 || a.Start < 0 {
+				return fmt.Errorf("vsphere: QueryChangedDiskAreas(disk %d of snapshot %s, offset %d): bad area [%d, +%d)", key, snapRef, start, a.Start, a.Length)
+			}
+			s, e := max(a.Start, done), min(a.Start+a.Length, capacity)
+			if e > s {
+				if err := fn(s, e-s); err != nil {
+					return err
+				}
+				done = e
+			}
+			next = max(next, a.Start+a.Length)
+		}
+		if len(info.ChangedArea) == 0 {
+			next = info.StartOffset + info.Length
+		}
+		if next <= start {
+			return fmt.Errorf("vsphere: QueryChangedDiskAreas(disk %d of snapshot %s, offset %d): the answer (start %d, length %d, %d areas) does not move forward",
+				key, snapRef, start, info.StartOffset, info.Length, len(info.ChangedArea))
+		}
+		start = next
+	}
+	return nil
+}
