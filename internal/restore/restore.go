@@ -1,0 +1,166 @@
+// Package restore writes a disk as it was at a restore point: the whole
+// QCOW2 chain flattened into a raw (sparse) or QCOW2 file. Before it reads
+// a byte it checks every image of the chain against the size and SHA-256
+// recorded at commit, and that the chain on disk is the chain the catalog
+// recorded, so a damaged or swapped file is refused by name instead of
+// returning wrong data. The output appears only when complete: it is
+// written to a temporary file in the same folder and renamed.
+package restore
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+
+	"github.com/cbtflow/cbtflow/internal/catalog"
+	"github.com/cbtflow/cbtflow/internal/qemu"
+)
+
+// ErrDamaged is wrapped by errors about a chain image that does not match
+// the catalog.
+var ErrDamaged = errors.New("restore point damaged")
+
+// Options describe one restore.
+type Options struct {
+	BackupID string
+	DiskKey  int32
+	To       string // output file
+	Format   string // "raw" (default) or "qcow2"
+}
+
+// Result describes a finished restore.
+type Result struct {
+	Chain []string // images read, top first
+	Bytes int64    // virtual size of the disk
+}
+
+// Disk restores one disk of a restore point.
+func Disk(ctx context.Context, cat *catalog.Catalog, o Options) (*Result, error) {
+	if o.Format == "" {
+		o.Format = "raw"
+	}
+	if o.Format != "raw" && o.Format != "qcow2" {
+		return nil, fmt.Errorf("restore: format %q is not raw or qcow2", o.Format)
+	}
+	if o.To == "" {
+		return nil, errors.New("restore: no output file given")
+	}
+	b, err := cat.Get(ctx, o.BackupID)
+	if errors.Is(err, catalog.ErrNotFound) {
+		return nil, fmt.Errorf("restore: backup %s does not exist", o.BackupID)
+	}
+	if err != nil {
+		return nil, err
+	}
+	if b.Status != catalog.StatusCommitted {
+		return nil, fmt.Errorf("restore: backup %s is %s, not a restore point", o.BackupID, b.Status)
+	}
+	chain, err := cat.Chain(ctx, o.BackupID, o.DiskKey)
+	if err != nil {
+		if errors.Is(err, catalog.ErrNotFound) {
+			return nil, fmt.Errorf("restore: backup %s has no disk %d", o.BackupID, o.DiskKey)
+		}
+		return nil, err
+	}
+	res := &Result{}
+	for _, link := range chain {
+		if err := Verify(ctx, link.Path, link.SizeBytes, link.SHA256); err != nil {
+			return nil, err
+		}
+		res.Chain = append(res.Chain, link.Path)
+	}
+	// The chain qemu will read must be the chain the catalog recorded.
+	info, err := qemu.Info(ctx, chain[0].Path)
+	if err != nil {
+		return nil, err
+	}
+	if len(info) != len(chain) {
+		return nil, fmt.Errorf("restore: %w: %s has a chain of %d images on disk, the catalog recorded %d", ErrDamaged, chain[0].Path, len(info), len(chain))
+	}
+	for i := range info {
+		if !sameFile(info[i].Filename, chain[i].Path) {
+			return nil, fmt.Errorf("restore: %w: image %d of the chain is %s on disk, the catalog recorded %s", ErrDamaged, i, info[i].Filename, chain[i].Path)
+		}
+	}
+	res.Bytes = info[0].VirtualSize
+
+	dir := filepath.Dir(o.To)
+	tmp, err := os.CreateTemp(dir, "."+filepath.Base(o.To)+".partial-*")
+	if err != nil {
+		return nil, fmt.Errorf("restore: %w", err)
+	}
+	tmpName := tmp.Name()
+	tmp.Close()
+	os.Remove(tmpName) // qemu-img creates it
+	defer os.Remove(tmpName)
+	if err := qemu.Convert(ctx, qemu.ConvertOptions{Source: chain[0].Path, SourceFormat: "qcow2", Target: tmpName, TargetFormat: o.Format}); err != nil {
+		return nil, fmt.Errorf("restore: %w", err)
+	}
+	if err := syncFile(tmpName); err != nil {
+		return nil, fmt.Errorf("restore: %w", err)
+	}
+	if err := os.Rename(tmpName, o.To); err != nil {
+		return nil, fmt.Errorf("restore: %w", err)
+	}
+	return res, nil
+}
+
+// Verify checks that the file at path has the size and SHA-256 recorded
+// at commit. The error names the file.
+func Verify(ctx context.Context, path string, size int64, sum string) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return fmt.Errorf("restore: %w: %s: %v", ErrDamaged, path, err)
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return err
+	}
+	if fi.Size() != size {
+		return fmt.Errorf("restore: %w: %s is %d bytes, %d were recorded at commit", ErrDamaged, path, fi.Size(), size)
+	}
+	h := sha256.New()
+	if _, err := io.Copy(h, &ctxReader{ctx: ctx, r: f}); err != nil {
+		return err
+	}
+	if got := hex.EncodeToString(h.Sum(nil)); got != sum {
+		return fmt.Errorf("restore: %w: %s has SHA-256 %s, %s was recorded at commit", ErrDamaged, path, got, sum)
+	}
+	return nil
+}
+
+func sameFile(a, b string) bool {
+	fa, err1 := os.Stat(a)
+	fb, err2 := os.Stat(b)
+	return err1 == nil && err2 == nil && os.SameFile(fa, fb)
+}
+
+func syncFile(path string) error {
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
+}
+
+type ctxReader struct {
+	ctx context.Context
+	r   io.Reader
+}
+
+func (c *ctxReader) Read(p []byte) (int, error) {
+	if err := c.ctx.Err(); err != nil {
+		return 0, err
+	}
+	return c.r.Read(p)
+}
