@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"runtime"
 	"strings"
 	"sync"
 	"syscall"
@@ -896,4 +897,38 @@ func containsOffset(exts []lab.Extent, off int64) bool {
 		}
 	}
 	return false
+}
+
+// TestCloseStopsGoroutines is not parallel: it runs before the parallel
+// tests start, so every simulator goroutine it sees is its own.
+func TestCloseStopsGoroutines(t *testing.T) {
+	l, err := lab.Start(context.Background(), lab.Options{Password: password})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := mustConnect(t, l)
+	vm := findVM(t, c, vm1)
+	snapshot(t, vm, "s")
+	lc := &lab.Client{BaseURL: l.URL().String()}
+	if _, err := lc.Disks(context.Background(), vm1); err != nil {
+		t.Fatal(err)
+	}
+	lc.CloseIdleConnections()
+	if err := l.Close(); err != nil {
+		t.Fatal(err)
+	}
+	var stacks string
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		buf := make([]byte, 1<<20)
+		stacks = ""
+		for _, g := range strings.Split(string(buf[:runtime.Stack(buf, true)]), "\n\n") {
+			if strings.Contains(g, "govmomi/simulator") || strings.Contains(g, "internal/lab.") && !strings.Contains(g, "TestCloseStopsGoroutines") {
+				stacks += g + "\n\n"
+			}
+		}
+		if stacks == "" {
+			return
+		}
+	}
+	t.Errorf("goroutines left after Close:\n%s", stacks)
 }
