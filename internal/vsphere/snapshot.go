@@ -86,11 +86,11 @@ func (c *Client) CreateSnapshot(ctx context.Context, vm *VM, name string) (*Snap
 	}
 	c.log.Info("snapshot created", "vm", vm.Name, "vm_ref", vm.Ref, "snapshot", sref.Value, "snapshot_name", name)
 	// Read name and time from the tree, as a retry would.
-	s, err := c.FindSnapshot(ctx, vm.Ref, name)
+	s, err := c.findSnapshot(ctx, vm.Ref, name, func(t types.VirtualMachineSnapshotTree) bool { return t.Snapshot == sref })
 	if err != nil {
 		return nil, err
 	}
-	if s == nil || s.Ref != sref.Value {
+	if s == nil {
 		return nil, fmt.Errorf("vsphere: %w: snapshot %s (%q) of %s is not in its snapshot tree after creation", ErrSnapshotNotFound, sref.Value, name, vm.Name)
 	}
 	return s, nil
@@ -153,14 +153,20 @@ func (c *Client) waitSnapshotTasks(ctx context.Context, vm *VM) error {
 // snapshot tree) with the disks of its config, or nil, nil when there is
 // none. Should two carry the name, the oldest is returned.
 func (c *Client) FindSnapshot(ctx context.Context, vmRefValue, name string) (*Snapshot, error) {
+	return c.findSnapshot(ctx, vmRefValue, name, func(t types.VirtualMachineSnapshotTree) bool { return t.Name == name })
+}
+
+// findSnapshot returns the oldest snapshot in the VM's tree that matches,
+// or nil, nil. what names the snapshot for logs and errors.
+func (c *Client) findSnapshot(ctx context.Context, vmRefValue, what string, match func(types.VirtualMachineSnapshotTree) bool) (*Snapshot, error) {
 	var mvm mo.VirtualMachine
 	if err := property.DefaultCollector(c.vim).RetrieveOne(ctx, vmRef(vmRefValue), []string{"name", "snapshot"}, &mvm); err != nil {
-		return nil, fmt.Errorf("vsphere: find snapshot %q of %s: %w", name, vmRefValue, vmNotFound(err))
+		return nil, fmt.Errorf("vsphere: find snapshot %q of %s: %w", what, vmRefValue, vmNotFound(err))
 	}
 	var found []types.VirtualMachineSnapshotTree
 	if mvm.Snapshot != nil {
 		walkSnapshots(mvm.Snapshot.RootSnapshotList, func(t types.VirtualMachineSnapshotTree) {
-			if t.Name == name {
+			if match(t) {
 				found = append(found, t)
 			}
 		})
@@ -171,7 +177,7 @@ func (c *Client) FindSnapshot(ctx context.Context, vmRefValue, name string) (*Sn
 	slices.SortStableFunc(found, func(a, b types.VirtualMachineSnapshotTree) int { return a.CreateTime.Compare(b.CreateTime) })
 	if len(found) > 1 {
 		c.log.Warn("several snapshots have the same name, using the oldest", "vm", mvm.Name, "vm_ref", vmRefValue,
-			"snapshot_name", name, "count", len(found), "snapshot", found[0].Snapshot.Value)
+			"snapshot_name", what, "count", len(found), "snapshot", found[0].Snapshot.Value)
 	}
 	t := found[0]
 	disks, err := c.snapshotDisks(ctx, t.Snapshot)
