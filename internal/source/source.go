@@ -1,0 +1,210 @@
+// Package source opens a disk of a vSphere snapshot as a read-only NBD
+// export for the copier.
+//
+// Two kinds exist, chosen by the vCenter profile's Source:
+//
+//   - "vddk" (the default, production): nbdkit's vddk plugin reads the
+//     snapshot's disk through VMware's VDDK (nbdssl/nbd/hotadd transports).
+//     VDDK and an nbdkit with the vddk plugin are installed by the operator;
+//     the password reaches nbdkit as password=+FILE, never on its command
+//     line.
+//   - "lab": nbdkit's file plugin serves the frozen image the lab
+//     (internal/lab) made of the snapshot's disk, found through the lab's
+//     own endpoint. It needs the worker and the lab to share a file system
+//     (demo, tests).
+//
+// The package only starts and describes the NBD server; reading from it is
+// the copier's business, and finding the snapshot is internal/vsphere's.
+package source
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/url"
+
+	"github.com/cbtflow/cbtflow/internal/lab"
+	"github.com/cbtflow/cbtflow/internal/qemu"
+	"github.com/cbtflow/cbtflow/internal/vsphere"
+)
+
+// Request names the snapshot disk to open.
+type Request struct {
+	Profile     vsphere.Profile
+	VMRef       string       // VM moref value, e.g. "vm-62"
+	SnapshotRef string       // snapshot moref value, e.g. "snapshot-123"
+	Disk        vsphere.Disk // from the snapshot's config (its FileName is the frozen backing)
+	// Dir is a private (0700) directory for the server's socket and pid
+	// file. A retried attempt passes the same Dir, so that a server an
+	// earlier, killed attempt left behind is stopped first. Empty: a fresh
+	// temporary directory, removed by Close.
+	Dir string
+}
+
+// Opener opens a snapshot disk as a read-only NBD export. The caller
+// closes the export.
+//
+// Errors: ErrBadRequest (wrapped) is permanent — the request or the profile
+// cannot work as given. Any other error (the server did not start, the lab
+// did not answer) may be transient.
+type Opener interface {
+	Open(ctx context.Context, req Request) (*qemu.Export, error)
+}
+
+// ErrBadRequest marks a request that cannot succeed as given: fields
+// missing, or a profile that lacks what the source needs.
+var ErrBadRequest = errors.New("bad source request")
+
+// New returns the opener for the profile's source: vsphere.SourceVDDK
+// (also when empty) or vsphere.SourceLab.
+func New(p vsphere.Profile) (Opener, error) {
+	switch p.Source {
+	case "", vsphere.SourceVDDK:
+		return vddkOpener{}, nil
+	case vsphere.SourceLab:
+		return labOpener{}, nil
+	}
+	return nil, fmt.Errorf("source: profile %q: unknown source %q (want %q or %q)", p.Name, p.Source, vsphere.SourceVDDK, vsphere.SourceLab)
+}
+
+func (r Request) check() error {
+	var missing []string
+	if r.VMRef == "" {
+		missing = append(missing, "VM moref")
+	}
+	if r.SnapshotRef == "" {
+		missing = append(missing, "snapshot moref")
+	}
+	if r.Disk.FileName == "" {
+		missing = append(missing, "disk file name")
+	}
+	if r.Disk.Capacity <= 0 {
+		missing = append(missing, "disk capacity")
+	}
+	if len(missing) > 0 {
+		return fmt.Errorf("source: %w: disk %d of snapshot %q of %q: missing %v", ErrBadRequest, r.Disk.Key, r.SnapshotRef, r.VMRef, missing)
+	}
+	return nil
+}
+
+// labOpener serves the lab's frozen snapshot image with nbdkit's file
+// plugin.
+type labOpener struct{}
+
+// Open implements Opener.
+func (labOpener) Open(ctx context.Context, req Request) (*qemu.Export, error) {
+	if err := req.check(); err != nil {
+		return nil, err
+	}
+	lc := &lab.Client{BaseURL: req.Profile.URL, Thumbprint: req.Profile.Thumbprint}
+	defer lc.CloseIdleConnections()
+	img, err := lc.SnapshotImage(ctx, req.SnapshotRef, req.Disk.Key)
+	if err != nil {
+		if errors.Is(err, lab.ErrUnknownSnapshot) || errors.Is(err, lab.ErrUnknownDisk) {
+			return nil, fmt.Errorf("source: lab image of disk %d of snapshot %s: %w: %w", req.Disk.Key, req.SnapshotRef, vsphere.ErrSnapshotNotFound, err)
+		}
+		return nil, fmt.Errorf("source: lab image of disk %d of snapshot %s: %w", req.Disk.Key, req.SnapshotRef, err)
+	}
+	if img.Capacity != req.Disk.Capacity {
+		return nil, fmt.Errorf("source: %w: lab image of disk %d of snapshot %s has %d bytes, the snapshot's config says %d",
+			ErrBadRequest, req.Disk.Key, req.SnapshotRef, img.Capacity, req.Disk.Capacity)
+	}
+	opts := qemu.NbdkitFile(img.Path, true)
+	opts.Dir = req.Dir
+	e, err := qemu.StartNbdkit(ctx, opts)
+	if err != nil {
+		return nil, fmt.Errorf("source: serve lab image of disk %d of snapshot %s: %w", req.Disk.Key, req.SnapshotRef, err)
+	}
+	return e, nil
+}
+
+// vddkOpener reads the snapshot's disk through nbdkit's vddk plugin.
+type vddkOpener struct{}
+
+// Open implements Opener.
+func (vddkOpener) Open(ctx context.Context, req Request) (*qemu.Export, error) {
+	opts, err := VDDKOptions(req)
+	if err != nil {
+		return nil, err
+	}
+	e, err := qemu.StartNbdkit(ctx, opts)
+	if err != nil {
+		return nil, fmt.Errorf("source: vddk export of disk %d (%s) of snapshot %s of %s: %w",
+			req.Disk.Key, req.Disk.FileName, req.SnapshotRef, req.VMRef, err)
+	}
+	return e, nil
+}
+
+// Retry filter settings: up to 3 reopens, 1 s then 2 s then 4 s apart.
+// Short enough that a dead connection surfaces to the copier (which has its
+// own retries and resume points) within seconds; long enough to ride out
+// a dropped NFC connection.
+const (
+	vddkRetries    = "3"
+	vddkRetryDelay = "1"
+)
+
+// VDDKOptions returns the nbdkit options that serve the request's disk
+// with the vddk plugin, read-only:
+//
+//	nbdkit --readonly --filter=retry --filter=cacheextents vddk
+//	  server=HOST [port=PORT] user=USER password=+FILE thumbprint=TP
+//	  vm=moref=VM snapshot=SNAPSHOT file=[ds] vm/disk.vmdk
+//	  [libdir=DIR] [transports=nbdssl:nbd] retries=3 retry-delay=1
+//
+// Filters: retry reopens the VDDK connection after an error (NFC sessions
+// drop on network hiccups and host load; a read-only reopen is safe), so
+// a long transfer survives them; cacheextents caches VDDK's allocation
+// answers, which are slow (QueryAllocatedBlocks per request) and which the
+// copier asks for per chunk. The password is never on argv: the plugin
+// reads it from the profile's password file.
+func VDDKOptions(req Request) (qemu.NbdkitOptions, error) {
+	if err := req.check(); err != nil {
+		return qemu.NbdkitOptions{}, err
+	}
+	p := req.Profile
+	u, err := url.Parse(p.URL)
+	if err != nil || u.Hostname() == "" {
+		return qemu.NbdkitOptions{}, fmt.Errorf("source: %w: profile %q: url %q has no host", ErrBadRequest, p.Name, p.URL)
+	}
+	var missing []string
+	if p.User == "" {
+		missing = append(missing, "user")
+	}
+	if p.PasswordFile == "" {
+		missing = append(missing, "password_file")
+	}
+	if p.Thumbprint == "" {
+		// VDDK verifies vCenter and the ESXi hosts by thumbprint only.
+		missing = append(missing, "thumbprint (VDDK needs it; insecure is not enough)")
+	}
+	if len(missing) > 0 {
+		return qemu.NbdkitOptions{}, fmt.Errorf("source: %w: profile %q lacks %v for the vddk source", ErrBadRequest, p.Name, missing)
+	}
+	params := []string{"server=" + u.Hostname()}
+	if port := u.Port(); port != "" {
+		params = append(params, "port="+port)
+	}
+	params = append(params,
+		"user="+p.User,
+		"password=+"+p.PasswordFile,
+		"thumbprint="+p.Thumbprint,
+		"vm=moref="+req.VMRef,
+		"snapshot="+req.SnapshotRef,
+		"file="+req.Disk.FileName,
+	)
+	if p.VDDKLibDir != "" {
+		params = append(params, "libdir="+p.VDDKLibDir)
+	}
+	if p.Transports != "" {
+		params = append(params, "transports="+p.Transports)
+	}
+	params = append(params, "retries="+vddkRetries, "retry-delay="+vddkRetryDelay)
+	return qemu.NbdkitOptions{
+		Plugin:   "vddk",
+		Filters:  []string{"retry", "cacheextents"},
+		Params:   params,
+		ReadOnly: true,
+		Dir:      req.Dir,
+	}, nil
+}
