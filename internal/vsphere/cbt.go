@@ -35,12 +35,8 @@ func (c *Client) QueryChangedAreas(ctx context.Context, vmRef, snapRef string, k
 		DeviceKey: key,
 		ChangeId:  changeID,
 	}
-	var (
-		start int64 // next offset to ask from
-		done  int64 // end of the last area passed to fn
-		calls int
-	)
-	for start < capacity {
+	calls := 0
+	query := func(start int64) (types.DiskChangeInfo, error) {
 		req.StartOffset = start
 		res, err := methods.QueryChangedDiskAreas(ctx, c.vim, &req)
 		calls++
@@ -53,15 +49,32 @@ func (c *Client) QueryChangedAreas(ctx context.Context, vmRef, snapRef string, k
 				if msg == "" {
 					msg = fmt.Sprintf("disk %d of snapshot %s of %s, change ID %q, offset %d", key, snapRef, vmRef, changeID, start)
 				}
-				return &CBTError{Fault: faultName(f), FirstQuery: calls == 1, Msg: msg}
+				return types.DiskChangeInfo{}, &CBTError{Fault: faultName(f), FirstQuery: calls == 1, Msg: msg}
 			}
-			return fmt.Errorf("vsphere: QueryChangedDiskAreas(disk %d of snapshot %s of %s, offset %d): %w", key, snapRef, vmRef, start, err)
+			return types.DiskChangeInfo{}, fmt.Errorf("vsphere: QueryChangedDiskAreas(disk %d of snapshot %s of %s, offset %d): %w", key, snapRef, vmRef, start, err)
 		}
-		info := res.Returnval
+		return res.Returnval, nil
+	}
+	what := fmt.Sprintf("disk %d of snapshot %s", key, snapRef)
+	return pageChangedAreas(what, capacity, query, fn)
+}
+
+// pageChangedAreas is the paging loop of QueryChangedAreas over any query
+// function; what names the disk in errors.
+func pageChangedAreas(what string, capacity int64, query func(start int64) (types.DiskChangeInfo, error), fn func(offset, length int64) error) error {
+	var (
+		start int64 // next offset to ask from
+		done  int64 // end of the last area passed to fn
+	)
+	for start < capacity {
+		info, err := query(start)
+		if err != nil {
+			return err
+		}
 		next := start
 		for _, a := range info.ChangedArea {
 			if a.Length < 0 || a.Start < 0 {
-				return fmt.Errorf("vsphere: QueryChangedDiskAreas(disk %d of snapshot %s, offset %d): bad area [%d, +%d)", key, snapRef, start, a.Start, a.Length)
+				return fmt.Errorf("vsphere: QueryChangedDiskAreas(%s, offset %d): bad area [%d, +%d)", what, start, a.Start, a.Length)
 			}
 			s, e := max(a.Start, done), min(a.Start+a.Length, capacity)
 			if e > s {
@@ -76,8 +89,8 @@ func (c *Client) QueryChangedAreas(ctx context.Context, vmRef, snapRef string, k
 			next = info.StartOffset + info.Length
 		}
 		if next <= start {
-			return fmt.Errorf("vsphere: QueryChangedDiskAreas(disk %d of snapshot %s, offset %d): the answer (start %d, length %d, %d areas) does not move forward",
-				key, snapRef, start, info.StartOffset, info.Length, len(info.ChangedArea))
+			return fmt.Errorf("vsphere: QueryChangedDiskAreas(%s, offset %d): the answer (start %d, length %d, %d areas) does not move forward",
+				what, start, info.StartOffset, info.Length, len(info.ChangedArea))
 		}
 		start = next
 	}

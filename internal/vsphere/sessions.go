@@ -324,7 +324,7 @@ func (r *reauth) RoundTrip(ctx context.Context, req, res soap.HasFault) error {
 	gen := r.generation()
 	err := r.sc.RoundTrip(ctx, req, res)
 	if !isFault(err, &types.NotAuthenticated{}) {
-		return err
+		return r.transportError(ctx, err)
 	}
 	if lerr := r.relogin(ctx, gen, "session not authenticated"); lerr != nil {
 		return lerr
@@ -333,7 +333,18 @@ func (r *reauth) RoundTrip(ctx context.Context, req, res soap.HasFault) error {
 	if v := reflect.ValueOf(res); v.Kind() == reflect.Pointer && !v.IsNil() {
 		v.Elem().SetZero()
 	}
-	return r.sc.RoundTrip(ctx, req, res)
+	return r.transportError(ctx, r.sc.RoundTrip(ctx, req, res))
+}
+
+// transportError marks an error that is neither a vSphere fault nor the
+// caller's cancellation (vCenter down, connection reset, certificate
+// changed) with ErrUnreachable or ErrCertificate; the original error stays
+// in the chain. Faults pass unchanged, as govmomi inspects them.
+func (r *reauth) transportError(ctx context.Context, err error) error {
+	if err == nil || vimFault(err) != nil || ctx.Err() != nil {
+		return err
+	}
+	return connError(ctx, r.profile, err)
 }
 
 // relogin logs in again unless another caller already did since gen.
@@ -375,6 +386,16 @@ func (r *reauth) loginLocked(ctx context.Context, reason string) error {
 // dropping it while idle and logs in again when it was dropped anyway.
 func (c *Client) keepAlive(interval time.Duration) {
 	defer close(c.done)
+	// base ends with the client, so that close never waits for a slow ping.
+	base, stop := context.WithCancel(context.Background())
+	defer stop()
+	go func() {
+		select {
+		case <-c.stop:
+			stop()
+		case <-base.Done():
+		}
+	}()
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
@@ -383,8 +404,8 @@ func (c *Client) keepAlive(interval time.Duration) {
 			return
 		case <-t.C:
 		}
-		ctx, cancel := context.WithTimeout(context.Background(), interval)
-		if err := c.ping(ctx); err != nil {
+		ctx, cancel := context.WithTimeout(base, time.Minute)
+		if err := c.ping(ctx); err != nil && base.Err() == nil {
 			c.log.Warn("vcenter keep-alive failed", "url", c.profile.URL, "err", err)
 		}
 		cancel()

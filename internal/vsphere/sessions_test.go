@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -264,5 +265,68 @@ func TestSessionsClose(t *testing.T) {
 	}
 	if err := admin.TerminateSession(ctx, []string{us.Key}); err == nil {
 		t.Fatal("the closed session could still be terminated: it was not logged out")
+	}
+}
+
+// TestConcurrentRelogin: many callers at once, first on a fresh Sessions,
+// then after the session was terminated, make one login each time.
+func TestConcurrentRelogin(t *testing.T) {
+	f := startLab(t, lab.Options{})
+	ctx := ctxT(t)
+	const n = 8
+	clients := make([]*Client, n)
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Go(func() {
+			c, err := f.sessions.Client(ctx, "lab")
+			if err != nil {
+				t.Error(err)
+			}
+			clients[i] = c
+		})
+	}
+	wg.Wait()
+	c := clients[0]
+	for _, o := range clients {
+		if o != c {
+			t.Fatal("concurrent Client calls returned different clients")
+		}
+	}
+	us, err := session.NewManager(c.Vim()).UserSession(ctx)
+	if err != nil || us == nil {
+		t.Fatalf("UserSession: %v, %v", us, err)
+	}
+	_, admin := f.adminSession(t)
+	if err := admin.TerminateSession(ctx, []string{us.Key}); err != nil {
+		t.Fatal(err)
+	}
+	for range n {
+		wg.Go(func() {
+			if _, err := c.FindVM(ctx, "/DC0/vm/DC0_H0_VM1"); err != nil {
+				t.Error(err)
+			}
+		})
+	}
+	wg.Wait()
+	if got := c.auth.logins.Load(); got != 2 {
+		t.Fatalf("%d logins, want 2 (one at start, one after the termination)", got)
+	}
+}
+
+// TestUnreachableAfterLogin: vCenter going away after the login gives
+// ErrUnreachable on the next call.
+func TestUnreachableAfterLogin(t *testing.T) {
+	f := startLab(t, lab.Options{})
+	ctx := ctxT(t)
+	c := f.client(t)
+	if err := f.lab.Close(); err != nil {
+		t.Fatal(err)
+	}
+	c.sc.CloseIdleConnections()
+	if _, err := c.FindVM(ctx, "DC0_H0_VM1"); !errors.Is(err, ErrUnreachable) {
+		t.Fatalf("FindVM with vCenter gone = %v, want ErrUnreachable", err)
+	}
+	if err := f.sessions.Close(ctx); err == nil || !strings.Contains(err.Error(), "logout") {
+		t.Fatalf("Close with vCenter gone = %v, want the logout error", err)
 	}
 }

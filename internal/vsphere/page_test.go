@@ -1,0 +1,95 @@
+package vsphere
+
+import (
+	"fmt"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/vmware/govmomi/vim25/types"
+)
+
+// TestPageChangedAreas drives the paging loop with scripted answers, for
+// the server behaviours the lab does not show.
+func TestPageChangedAreas(t *testing.T) {
+	ext := func(s, l int64) types.DiskChangeExtent { return types.DiskChangeExtent{Start: s, Length: l} }
+	type answer struct {
+		wantStart int64
+		info      types.DiskChangeInfo
+	}
+	for _, tc := range []struct {
+		name     string
+		capacity int64
+		answers  []answer
+		want     []area
+		err      string
+	}{
+		{
+			name: "empty page continues from start+length", capacity: 1000,
+			answers: []answer{
+				{0, types.DiskChangeInfo{StartOffset: 0, Length: 400}},
+				{400, types.DiskChangeInfo{StartOffset: 400, Length: 600, ChangedArea: []types.DiskChangeExtent{ext(500, 10)}}},
+				{510, types.DiskChangeInfo{StartOffset: 510, Length: 490}},
+			},
+			want: []area{{500, 10}},
+		},
+		{
+			name: "overlapping pages and an area past the end are clipped", capacity: 1000,
+			answers: []answer{
+				{0, types.DiskChangeInfo{StartOffset: 0, Length: 200, ChangedArea: []types.DiskChangeExtent{ext(0, 100), ext(150, 50)}}},
+				{200, types.DiskChangeInfo{StartOffset: 200, Length: 800, ChangedArea: []types.DiskChangeExtent{ext(180, 40), ext(900, 200)}}},
+			},
+			want: []area{{0, 100}, {150, 50}, {200, 20}, {900, 100}},
+		},
+		{
+			name: "no progress", capacity: 1000,
+			answers: []answer{
+				{0, types.DiskChangeInfo{StartOffset: 0, Length: 100}},
+				{100, types.DiskChangeInfo{StartOffset: 100, Length: 0}},
+			},
+			want: nil, err: "does not move forward",
+		},
+		{
+			name: "areas behind the start", capacity: 1000,
+			answers: []answer{
+				{0, types.DiskChangeInfo{StartOffset: 0, Length: 100, ChangedArea: []types.DiskChangeExtent{ext(0, 50)}}},
+				{50, types.DiskChangeInfo{StartOffset: 50, Length: 100, ChangedArea: []types.DiskChangeExtent{ext(10, 20)}}},
+			},
+			want: []area{{0, 50}}, err: "does not move forward",
+		},
+		{
+			name: "negative length", capacity: 1000,
+			answers: []answer{{0, types.DiskChangeInfo{StartOffset: 0, Length: 1000, ChangedArea: []types.DiskChangeExtent{ext(0, -1)}}}},
+			err:     "bad area",
+		},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			i := 0
+			query := func(start int64) (types.DiskChangeInfo, error) {
+				if i >= len(tc.answers) {
+					return types.DiskChangeInfo{}, fmt.Errorf("query %d from %d: no more answers scripted", i, start)
+				}
+				a := tc.answers[i]
+				i++
+				if start != a.wantStart {
+					return types.DiskChangeInfo{}, fmt.Errorf("query %d from %d, want %d", i, start, a.wantStart)
+				}
+				return a.info, nil
+			}
+			var got []area
+			err := pageChangedAreas("disk 1", tc.capacity, query, func(off, n int64) error {
+				got = append(got, area{off, n})
+				return nil
+			})
+			if tc.err == "" && err != nil || tc.err != "" && (err == nil || !strings.Contains(err.Error(), tc.err)) {
+				t.Fatalf("error %v, want %q", err, tc.err)
+			}
+			if !slices.Equal(got, tc.want) {
+				t.Errorf("areas %v, want %v", got, tc.want)
+			}
+			if tc.err == "" && i != len(tc.answers) {
+				t.Errorf("%d queries, want %d", i, len(tc.answers))
+			}
+		})
+	}
+}
