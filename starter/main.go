@@ -48,10 +48,20 @@ func main() {
 	}
 	err := run(ctx, e, os.Args[1:])
 	stop()
+	var exit exitError
+	var usage usageError
 	switch {
 	case err == nil:
 	case errors.Is(err, flag.ErrHelp), errors.Is(err, errUsage):
 		os.Exit(2)
+	case errors.As(err, &usage):
+		fmt.Fprintln(os.Stderr, "starter:", usage.err)
+		os.Exit(2)
+	case errors.As(err, &exit):
+		if !exit.quiet {
+			fmt.Fprintln(os.Stderr, "starter:", exit.err)
+		}
+		os.Exit(exit.code)
 	default:
 		fmt.Fprintln(os.Stderr, "starter:", err)
 		os.Exit(1)

@@ -1,0 +1,56 @@
+package activities
+
+import (
+	"errors"
+	"strings"
+	"syscall"
+
+	"go.temporal.io/sdk/temporal"
+
+	"github.com/cbtflow/cbtflow/internal/vsphere"
+)
+
+// permanent turns errors that no retry can fix into non-retryable
+// ApplicationErrors with a type constant; other errors pass unchanged and
+// are retried within the activity's time limit.
+func permanent(err error) error {
+	if err == nil {
+		return nil
+	}
+	var app *temporal.ApplicationError
+	if errors.As(err, &app) {
+		return err
+	}
+	if t := permanentType(err); t != "" {
+		return temporal.NewNonRetryableApplicationError(err.Error(), t, err)
+	}
+	return err
+}
+
+func permanentType(err error) string {
+	switch {
+	case errors.Is(err, vsphere.ErrProfileNotFound):
+		return ErrTypeProfileNotFound
+	case errors.Is(err, vsphere.ErrVMNotFound):
+		return ErrTypeVMNotFound
+	case errors.Is(err, vsphere.ErrLogin):
+		return ErrTypeLogin
+	case errors.Is(err, syscall.ENOSPC), errors.Is(err, syscall.EDQUOT):
+		return ErrTypeNoSpace
+	case errors.Is(err, syscall.EROFS):
+		return ErrTypeReadOnly
+	case errors.Is(err, syscall.EACCES), errors.Is(err, syscall.EPERM):
+		return ErrTypePermission
+	}
+	// External programs (qemu-img) report these only as text.
+	msg := err.Error()
+	switch {
+	case strings.Contains(msg, "No space left on device"), strings.Contains(msg, "Disk quota exceeded"):
+		return ErrTypeNoSpace
+	case strings.Contains(msg, "Read-only file system"):
+		return ErrTypeReadOnly
+	case strings.Contains(msg, "Permission denied"):
+		return ErrTypePermission
+	}
+	return ""
+}

@@ -1,0 +1,261 @@
+package activities
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"time"
+
+	"go.temporal.io/sdk/activity"
+	"go.temporal.io/sdk/temporal"
+
+	"github.com/cbtflow/cbtflow/internal/copier"
+	"github.com/cbtflow/cbtflow/internal/qemu"
+	"github.com/cbtflow/cbtflow/internal/repository"
+	"github.com/cbtflow/cbtflow/internal/source"
+	"github.com/cbtflow/cbtflow/internal/vsphere"
+)
+
+// Signaler sends a signal to a running workflow; client.Client is one.
+type Signaler interface {
+	SignalWorkflow(ctx context.Context, workflowID, runID, signalName string, arg any) error
+}
+
+// ProgressSignal is what TransferDisk signals to its workflow. It has the
+// shape of workflows.TransferProgressSignal (activities may not import
+// workflows).
+type ProgressSignal struct {
+	Key   int32 `json:"key"`
+	Done  int64 `json:"done"`
+	Total int64 `json:"total"`
+}
+
+// SignalTransferProgress is the signal name of ProgressSignal.
+const SignalTransferProgress = "transfer-progress"
+
+// Transfer holds the activity that moves a disk's data.
+type Transfer struct {
+	Sessions *vsphere.Sessions
+	Repo     *repository.Repository
+	// RuntimeDir holds the private folders of NBD sockets; short, since a
+	// unix socket path is limited to 107 bytes. Default: $TMPDIR/cbtflow-<uid>.
+	RuntimeDir string
+	// Copy is the template of the copier's options (request size, requests
+	// in flight, flush interval); the activity fills in the rest.
+	Copy copier.Options
+	// Signals, when set, reports progress to the workflow every
+	// SignalInterval (default 10s), for its progress query.
+	Signals        Signaler
+	SignalInterval time.Duration
+	// Sources opens a snapshot disk as NBD; source.New when nil.
+	Sources func(vsphere.Profile) (source.Opener, error)
+}
+
+// TransferDisk copies a disk's changed areas from the snapshot into a new
+// QCOW2 — a fresh image, or an overlay on the previous restore point — and
+// returns it durable, with its size and SHA-256. A retried attempt resumes
+// from the last resume point it heartbeated (advanced only after a FLUSH).
+func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*TransferDiskResult, error) {
+	start := time.Now()
+	log := activity.GetLogger(ctx)
+	profile, err := a.Sessions.Profile(in.Profile)
+	if err != nil {
+		return nil, permanent(err)
+	}
+	if in.Mode != "full" && in.Mode != "incremental" {
+		return nil, temporal.NewNonRetryableApplicationError(fmt.Sprintf("disk %d: mode %q", in.Key, in.Mode), ErrTypeInvalidInput, nil)
+	}
+	path, err := a.Repo.PrepareImage(repository.Key{Profile: in.Profile, VMUUID: in.VMUUID, DiskKey: in.Key, BackupID: in.BackupID})
+	if err != nil {
+		return nil, permanent(err)
+	}
+	extents, err := readExtents(in.ExtentsFile)
+	if err != nil {
+		return nil, permanent(err)
+	}
+
+	// Resume only an image this activity made and flushed; anything else
+	// at this path is a partial file of a dead attempt.
+	var resume TransferProgress
+	if activity.HasHeartbeatDetails(ctx) {
+		if err := activity.GetHeartbeatDetails(ctx, &resume); err != nil || resume.Path != path {
+			resume = TransferProgress{}
+		}
+	}
+	if _, err := os.Stat(path); err != nil {
+		resume = TransferProgress{}
+	}
+	if resume.Path == "" {
+		if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return nil, permanent(err)
+		}
+		if err := a.createImage(ctx, in, path); err != nil {
+			return nil, err
+		}
+	} else {
+		log.Info("resuming transfer", "disk", in.Key, "backup", in.BackupID, "resume_point", resume.ResumePoint)
+	}
+
+	runDir, err := a.runtimeDir()
+	if err != nil {
+		return nil, permanent(err)
+	}
+	base := filepath.Join(runDir, in.BackupID+"-"+strconv.Itoa(int(in.Key)))
+	target, err := qemu.StartQemuNBD(ctx, qemu.QemuNBDOptions{Image: path, Format: "qcow2", Dir: base + "-t"})
+	if err != nil {
+		return nil, permanent(err)
+	}
+	defer target.Close()
+	opener, err := a.opener(profile)
+	if err != nil {
+		return nil, permanent(err)
+	}
+	src, err := opener.Open(ctx, source.Request{Profile: profile, VMRef: in.VMRef, SnapshotRef: in.SnapshotRef,
+		Disk: vsphere.Disk{Key: in.Key, Capacity: in.Capacity, FileName: in.FileName}, Dir: base + "-s"})
+	if err != nil {
+		return nil, permanent(err)
+	}
+	defer src.Close()
+
+	opts := a.Copy
+	opts.Source, opts.Target = src.URI(), target.URI()
+	opts.Extents = extents
+	opts.Overlay = in.Mode == "incremental"
+	opts.ResumeFrom = resume.ResumePoint
+	sig := a.progressSignaler(ctx, in.Key)
+	opts.Progress = func(p copier.Progress) {
+		activity.RecordHeartbeat(ctx, TransferProgress{Path: path, ResumePoint: p.ResumePoint, Done: p.Done, Total: p.Total})
+		sig(p.Done, p.Total, false)
+	}
+	res, err := copier.Copy(ctx, opts)
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+		return nil, permanent(fmt.Errorf("disk %d: %w", in.Key, err))
+	}
+	sig(in.ChangedBytes, in.ChangedBytes, true)
+	// A clean stop of qemu-nbd closes the image; the copy's final FLUSH
+	// already made the data durable.
+	if err := target.Close(); err != nil {
+		return nil, fmt.Errorf("disk %d: stopping qemu-nbd: %w", in.Key, err)
+	}
+	_ = src.Close()
+
+	check, err := qemu.Check(ctx, path)
+	if err != nil {
+		return nil, permanent(err)
+	}
+	if !check.Clean() {
+		return nil, fmt.Errorf("disk %d: %s fails qemu-img check: %d corruptions, %d errors", in.Key, path, check.Corruptions, check.CheckErrors)
+	}
+	size, sum, err := hashFile(ctx, path, func() {
+		activity.RecordHeartbeat(ctx, TransferProgress{Path: path, ResumePoint: res.ResumePoint, Done: in.ChangedBytes, Total: in.ChangedBytes})
+	})
+	if err != nil {
+		return nil, permanent(err)
+	}
+	log.Info("disk transferred", "disk", in.Key, "backup", in.BackupID, "mode", in.Mode,
+		"written", res.Written, "zeroed", res.Zeroed, "skipped", res.Skipped, "retried", res.Retried, "size", size)
+	return &TransferDiskResult{Path: path, ReadBytes: res.Read, WrittenBytes: res.Written + res.Zeroed,
+		SizeBytes: size, SHA256: sum, Seconds: time.Since(start).Seconds()}, nil
+}
+
+func (a *Transfer) createImage(ctx context.Context, in TransferDiskInput, path string) error {
+	if in.Mode == "full" {
+		return permanent(qemu.Create(ctx, path, in.Capacity))
+	}
+	if in.BackingPath == "" {
+		return temporal.NewNonRetryableApplicationError(fmt.Sprintf("disk %d: incremental without a backing image", in.Key), ErrTypeInvalidInput, nil)
+	}
+	if !a.Repo.Contains(in.BackingPath) {
+		return temporal.NewNonRetryableApplicationError(fmt.Sprintf("disk %d: backing image %s is outside the repository", in.Key, in.BackingPath), ErrTypeInvalidInput, nil)
+	}
+	return permanent(qemu.CreateOverlay(ctx, path, in.BackingPath))
+}
+
+func (a *Transfer) opener(p vsphere.Profile) (source.Opener, error) {
+	if a.Sources != nil {
+		return a.Sources(p)
+	}
+	return source.New(p)
+}
+
+func (a *Transfer) runtimeDir() (string, error) {
+	dir := a.RuntimeDir
+	if dir == "" {
+		dir = filepath.Join(os.TempDir(), "cbtflow-"+strconv.Itoa(os.Getuid()))
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return "", err
+	}
+	return dir, os.Chmod(dir, 0o700)
+}
+
+// progressSignaler returns a function that signals progress to the
+// workflow at most every SignalInterval (and always when final).
+func (a *Transfer) progressSignaler(ctx context.Context, key int32) func(done, total int64, final bool) {
+	if a.Signals == nil {
+		return func(int64, int64, bool) {}
+	}
+	every := a.SignalInterval
+	if every <= 0 {
+		every = 10 * time.Second
+	}
+	info := activity.GetInfo(ctx)
+	var mu sync.Mutex
+	var last time.Time
+	return func(done, total int64, final bool) {
+		mu.Lock()
+		defer mu.Unlock()
+		if !final && time.Since(last) < every {
+			return
+		}
+		last = time.Now()
+		sctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		defer cancel()
+		// Progress is informative: a failed signal must not fail the copy.
+		_ = a.Signals.SignalWorkflow(sctx, info.WorkflowExecution.ID, info.WorkflowExecution.RunID,
+			SignalTransferProgress, ProgressSignal{Key: key, Done: done, Total: total})
+	}
+}
+
+// hashFile returns the size and hex SHA-256 of a file, calling beat every
+// few seconds.
+func hashFile(ctx context.Context, path string, beat func()) (int64, string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return 0, "", err
+	}
+	defer f.Close()
+	h := sha256.New()
+	buf := make([]byte, 1<<20)
+	var n int64
+	last := time.Now()
+	for {
+		if err := ctx.Err(); err != nil {
+			return 0, "", err
+		}
+		k, err := f.Read(buf)
+		h.Write(buf[:k])
+		n += int64(k)
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return 0, "", err
+		}
+		if time.Since(last) > 2*time.Second {
+			beat()
+			last = time.Now()
+		}
+	}
+	return n, hex.EncodeToString(h.Sum(nil)), nil
+}

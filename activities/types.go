@@ -1,0 +1,207 @@
+package activities
+
+// Types of non-retryable ApplicationErrors returned by the activities.
+const (
+	ErrTypeProfileNotFound = "ProfileNotFound"
+	ErrTypeVMNotFound      = "VMNotFound"
+	ErrTypeLogin           = "LoginFailed"
+	ErrTypeUnreachable     = "VCenterUnreachable"
+	ErrTypeNoDisks         = "NoDisks"
+	// ErrTypeCBTReset: the first query with a stored change ID was refused
+	// (InvalidArgument or FileFault): the disk needs a full backup.
+	ErrTypeCBTReset = "CBTReset"
+	// ErrTypeCBTQuery: a CBT query failed later in the paging.
+	ErrTypeCBTQuery       = "CBTQueryFailed"
+	ErrTypeNoSpace        = "NoSpace"
+	ErrTypeReadOnly       = "ReadOnlyRepository"
+	ErrTypePermission     = "PermissionDenied"
+	ErrTypeInvalidInput   = "InvalidInput"
+	ErrTypeNoRestorePoint = "NoRestorePoint"
+	ErrTypeCommitted      = "AlreadyCommitted"
+	ErrTypeSnapshotGone   = "SnapshotGone"
+)
+
+// ResolveVMInput names a VM: by name, inventory path or moref.
+type ResolveVMInput struct {
+	Profile string `json:"profile"`
+	VM      string `json:"vm"`
+}
+
+// ResolveVMResult identifies the VM for good.
+type ResolveVMResult struct {
+	Profile string `json:"profile"`
+	VMRef   string `json:"vm_ref"`
+	VMUUID  string `json:"vm_uuid"`
+	VMName  string `json:"vm_name"`
+}
+
+// PrepareVMInput asks for a VM's disks, by instance UUID.
+type PrepareVMInput struct {
+	Profile string `json:"profile"`
+	VMUUID  string `json:"vm_uuid"`
+}
+
+// VMDisk is one disk of the live VM.
+type VMDisk struct {
+	Key      int32  `json:"key"`
+	Label    string `json:"label,omitempty"`
+	Capacity int64  `json:"capacity"`
+	FileName string `json:"file_name"`
+}
+
+// PrepareVMResult describes the VM and whether CBT had to be enabled (then
+// every disk needs a full backup: earlier change IDs mean nothing).
+type PrepareVMResult struct {
+	VMRef          string   `json:"vm_ref"`
+	VMName         string   `json:"vm_name"`
+	Disks          []VMDisk `json:"disks"`
+	CBTJustEnabled bool     `json:"cbt_just_enabled,omitempty"`
+}
+
+// BeginBackupInput records a running backup in the catalog.
+type BeginBackupInput struct {
+	BackupID   string `json:"backup_id"`
+	Profile    string `json:"profile"`
+	VMUUID     string `json:"vm_uuid"`
+	VMName     string `json:"vm_name"`
+	Mode       string `json:"mode"`
+	WorkflowID string `json:"workflow_id"`
+	RunID      string `json:"run_id"`
+}
+
+// PreviousDisk is a disk's latest committed restore point.
+type PreviousDisk struct {
+	Key         int32  `json:"key"`
+	BackupID    string `json:"backup_id"`
+	Capacity    int64  `json:"capacity"`
+	ChangeID    string `json:"change_id"`
+	Path        string `json:"path"`
+	ChainLength int    `json:"chain_length"` // images in its chain, itself included
+}
+
+// BeginBackupResult lists the previous restore point of each disk.
+type BeginBackupResult struct {
+	Previous []PreviousDisk `json:"previous,omitempty"`
+}
+
+// CreateSnapshotInput asks for the backup's snapshot.
+type CreateSnapshotInput struct {
+	Profile  string `json:"profile"`
+	VMRef    string `json:"vm_ref"`
+	VMUUID   string `json:"vm_uuid"`
+	BackupID string `json:"backup_id"`
+}
+
+// SnapshotDisk is a disk as the snapshot's config describes it: the change
+// ID there is the one the next backup queries from.
+type SnapshotDisk struct {
+	Key      int32  `json:"key"`
+	Capacity int64  `json:"capacity"`
+	FileName string `json:"file_name"`
+	ChangeID string `json:"change_id"`
+}
+
+// CreateSnapshotResult is the snapshot taken.
+type CreateSnapshotResult struct {
+	SnapshotRef  string         `json:"snapshot_ref"`
+	SnapshotName string         `json:"snapshot_name"`
+	Disks        []SnapshotDisk `json:"disks"`
+}
+
+// ChangedAreasInput asks CBT which areas of a disk changed since ChangeID
+// ("*" for the allocated areas, for a full backup).
+type ChangedAreasInput struct {
+	Profile     string `json:"profile"`
+	VMRef       string `json:"vm_ref"`
+	SnapshotRef string `json:"snapshot_ref"`
+	BackupID    string `json:"backup_id"`
+	Key         int32  `json:"key"`
+	Capacity    int64  `json:"capacity"`
+	ChangeID    string `json:"change_id"`
+}
+
+// ChangedAreasResult says how much changed; the extents themselves are in
+// ExtentsFile (JSON), since a big disk's list may be larger than a payload
+// should be.
+type ChangedAreasResult struct {
+	ExtentsFile  string `json:"extents_file"`
+	Extents      int    `json:"extents"`
+	ChangedBytes int64  `json:"changed_bytes"`
+}
+
+// TransferDiskInput copies a disk's changed areas from the snapshot into a
+// new QCOW2: a fresh image (full) or an overlay on BackingPath.
+type TransferDiskInput struct {
+	Profile      string `json:"profile"`
+	VMRef        string `json:"vm_ref"`
+	VMUUID       string `json:"vm_uuid"`
+	SnapshotRef  string `json:"snapshot_ref"`
+	BackupID     string `json:"backup_id"`
+	Key          int32  `json:"key"`
+	Capacity     int64  `json:"capacity"`
+	FileName     string `json:"file_name"`
+	Mode         string `json:"mode"` // full or incremental
+	BackingPath  string `json:"backing_path,omitempty"`
+	ExtentsFile  string `json:"extents_file"`
+	ChangedBytes int64  `json:"changed_bytes"`
+}
+
+// TransferDiskResult is the durable QCOW2 of one disk.
+type TransferDiskResult struct {
+	Path         string  `json:"path"`
+	ReadBytes    int64   `json:"read_bytes"`
+	WrittenBytes int64   `json:"written_bytes"` // data and zeroes written
+	SizeBytes    int64   `json:"size_bytes"`    // the QCOW2 file's size
+	SHA256       string  `json:"sha256"`
+	Seconds      float64 `json:"seconds"`
+}
+
+// TransferProgress is the heartbeat detail of TransferDisk: the resume
+// point advances only after a FLUSH of the target.
+type TransferProgress struct {
+	Path        string `json:"path"`
+	ResumePoint int64  `json:"resume_point"`
+	Done        int64  `json:"done"`
+	Total       int64  `json:"total"`
+}
+
+// CommitDisk is one disk of a restore point to commit.
+type CommitDisk struct {
+	Key             int32  `json:"key"`
+	Capacity        int64  `json:"capacity"`
+	Mode            string `json:"mode"`
+	Path            string `json:"path"`
+	BackingBackupID string `json:"backing_backup_id,omitempty"`
+	ChangeIDFrom    string `json:"change_id_from,omitempty"`
+	ChangeID        string `json:"change_id"`
+	ChangedBytes    int64  `json:"changed_bytes"`
+	WrittenBytes    int64  `json:"written_bytes"`
+	SizeBytes       int64  `json:"size_bytes"`
+	SHA256          string `json:"sha256"`
+	Note            string `json:"note,omitempty"`
+}
+
+// CommitInput makes a backup a restore point.
+type CommitInput struct {
+	BackupID string       `json:"backup_id"`
+	Disks    []CommitDisk `json:"disks"`
+}
+
+// SnapshotPrefix starts the name of every snapshot cbtflow takes:
+// "cbtflow-<backup id>".
+const SnapshotPrefix = "cbtflow-"
+
+// RemoveSnapshotInput removes the backup's snapshot: by moref, or by name
+// when the moref is unknown (the snapshot activity died after creating it).
+type RemoveSnapshotInput struct {
+	Profile      string `json:"profile"`
+	VMRef        string `json:"vm_ref"`
+	SnapshotRef  string `json:"snapshot_ref,omitempty"`
+	SnapshotName string `json:"snapshot_name"`
+}
+
+// FailBackupInput marks a backup failed and deletes its partial files.
+type FailBackupInput struct {
+	BackupID string `json:"backup_id"`
+	Reason   string `json:"reason"`
+}

@@ -1,0 +1,250 @@
+package activities
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"time"
+
+	"go.temporal.io/sdk/activity"
+	"go.temporal.io/sdk/temporal"
+
+	"github.com/cbtflow/cbtflow/internal/copier"
+	"github.com/cbtflow/cbtflow/internal/repository"
+	"github.com/cbtflow/cbtflow/internal/vsphere"
+)
+
+// VSphere holds the activities that talk to vCenter.
+type VSphere struct {
+	Sessions *vsphere.Sessions
+	Repo     *repository.Repository
+}
+
+func (a *VSphere) client(ctx context.Context, profile string) (*vsphere.Client, error) {
+	c, err := a.Sessions.Client(ctx, profile)
+	return c, permanent(err)
+}
+
+// ResolveVM finds a VM by name, inventory path or moref.
+func (a *VSphere) ResolveVM(ctx context.Context, in ResolveVMInput) (*ResolveVMResult, error) {
+	if in.VM == "" {
+		return nil, temporal.NewNonRetryableApplicationError("no VM given", ErrTypeInvalidInput, nil)
+	}
+	c, err := a.client(ctx, in.Profile)
+	if err != nil {
+		return nil, err
+	}
+	vm, err := c.FindVM(ctx, in.VM)
+	if err != nil {
+		return nil, permanent(err)
+	}
+	return &ResolveVMResult{Profile: in.Profile, VMRef: vm.Ref, VMUUID: vm.UUID, VMName: vm.Name}, nil
+}
+
+// PrepareVM reads the VM's disks and enables CBT when it is off.
+func (a *VSphere) PrepareVM(ctx context.Context, in PrepareVMInput) (*PrepareVMResult, error) {
+	c, err := a.client(ctx, in.Profile)
+	if err != nil {
+		return nil, err
+	}
+	vm, err := c.VMByUUID(ctx, in.VMUUID)
+	if err != nil {
+		return nil, permanent(err)
+	}
+	res := &PrepareVMResult{VMRef: vm.Ref, VMName: vm.Name}
+	if !vm.CBTEnabled {
+		changed, err := c.EnableCBT(ctx, vm)
+		if err != nil {
+			return nil, permanent(err)
+		}
+		res.CBTJustEnabled = changed
+		if changed {
+			activity.GetLogger(ctx).Info("enabled changed block tracking", "vm", vm.Name)
+		}
+	}
+	for _, d := range vm.Disks {
+		res.Disks = append(res.Disks, VMDisk{Key: d.Key, Label: d.Label, Capacity: d.Capacity, FileName: d.FileName})
+	}
+	return res, nil
+}
+
+// CreateSnapshot takes the backup's snapshot, "cbtflow-<backup id>", or
+// finds it when an earlier attempt made it. The disks' change IDs are read
+// from the snapshot's config.
+func (a *VSphere) CreateSnapshot(ctx context.Context, in CreateSnapshotInput) (*CreateSnapshotResult, error) {
+	c, err := a.client(ctx, in.Profile)
+	if err != nil {
+		return nil, err
+	}
+	vm, err := c.VMByUUID(ctx, in.VMUUID)
+	if err != nil {
+		return nil, permanent(err)
+	}
+	name := SnapshotPrefix + in.BackupID
+	stop := heartbeatEvery(ctx, 10*time.Second, nil)
+	snap, err := c.CreateSnapshot(ctx, vm, name)
+	stop()
+	if err != nil {
+		return nil, permanent(err)
+	}
+	res := &CreateSnapshotResult{SnapshotRef: snap.Ref, SnapshotName: snap.Name}
+	for _, d := range snap.Disks {
+		res.Disks = append(res.Disks, SnapshotDisk{Key: d.Key, Capacity: d.Capacity, FileName: d.FileName, ChangeID: d.ChangeID})
+	}
+	activity.GetLogger(ctx).Info("snapshot taken", "vm", vm.Name, "backup", in.BackupID, "snapshot", snap.Ref)
+	return res, nil
+}
+
+// ChangedAreas asks CBT for the areas of one disk that changed since
+// ChangeID ("*": the allocated areas) and writes them to a file in the
+// backup's staging folder.
+func (a *VSphere) ChangedAreas(ctx context.Context, in ChangedAreasInput) (*ChangedAreasResult, error) {
+	c, err := a.client(ctx, in.Profile)
+	if err != nil {
+		return nil, err
+	}
+	dir, err := a.Repo.StagingDir(in.BackupID)
+	if err != nil {
+		return nil, temporal.NewNonRetryableApplicationError(err.Error(), ErrTypeInvalidInput, err)
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, permanent(err)
+	}
+	var extents []copier.Extent
+	var changed int64
+	stop := heartbeatEvery(ctx, 10*time.Second, nil)
+	err = c.QueryChangedAreas(ctx, in.VMRef, in.SnapshotRef, in.Key, in.Capacity, in.ChangeID, func(off, n int64) error {
+		if n <= 0 {
+			return nil
+		}
+		changed += n
+		if k := len(extents) - 1; k >= 0 && extents[k].End() == off {
+			extents[k].Length += n
+			return nil
+		}
+		extents = append(extents, copier.Extent{Offset: off, Length: n})
+		return nil
+	})
+	stop()
+	if err != nil {
+		var cbt *vsphere.CBTError
+		if errors.As(err, &cbt) {
+			switch {
+			case cbt.Fault == "NotFound":
+				return nil, temporal.NewNonRetryableApplicationError(
+					fmt.Sprintf("disk %d: snapshot %s is gone: %s", in.Key, in.SnapshotRef, cbt.Msg), ErrTypeSnapshotGone, err)
+			case cbt.FirstQuery && in.ChangeID != "*" && (cbt.Fault == "InvalidArgument" || cbt.Fault == "FileFault"):
+				return nil, temporal.NewNonRetryableApplicationError(
+					fmt.Sprintf("disk %d: change ID %s refused (%s: %s)", in.Key, in.ChangeID, cbt.Fault, cbt.Msg), ErrTypeCBTReset, err)
+			default:
+				return nil, temporal.NewNonRetryableApplicationError(
+					fmt.Sprintf("disk %d: changed areas since %s: %s: %s", in.Key, in.ChangeID, cbt.Fault, cbt.Msg), ErrTypeCBTQuery, err)
+			}
+		}
+		return nil, permanent(err)
+	}
+	file := filepath.Join(dir, strconv.Itoa(int(in.Key))+".extents.json")
+	if err := writeExtents(file, extents); err != nil {
+		return nil, permanent(err)
+	}
+	return &ChangedAreasResult{ExtentsFile: file, Extents: len(extents), ChangedBytes: changed}, nil
+}
+
+// RemoveSnapshot removes the backup's snapshot; a snapshot already gone is
+// no error.
+func (a *VSphere) RemoveSnapshot(ctx context.Context, in RemoveSnapshotInput) error {
+	c, err := a.client(ctx, in.Profile)
+	if err != nil {
+		return err
+	}
+	ref := in.SnapshotRef
+	if ref == "" {
+		snap, err := c.FindSnapshot(ctx, in.VMRef, in.SnapshotName)
+		if err != nil {
+			return permanent(err)
+		}
+		if snap == nil {
+			return nil
+		}
+		ref = snap.Ref
+	}
+	stop := heartbeatEvery(ctx, 10*time.Second, nil)
+	defer stop()
+	if err := c.RemoveSnapshot(ctx, in.VMRef, ref); err != nil {
+		return permanent(err)
+	}
+	activity.GetLogger(ctx).Info("snapshot removed", "snapshot", ref)
+	return nil
+}
+
+// writeExtents writes extents as a JSON array, atomically.
+func writeExtents(path string, extents []copier.Extent) error {
+	tmp := path + ".tmp"
+	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
+	if err != nil {
+		return err
+	}
+	w := bufio.NewWriter(f)
+	if extents == nil {
+		extents = []copier.Extent{}
+	}
+	if err := json.NewEncoder(w).Encode(extents); err != nil {
+		f.Close()
+		return err
+	}
+	if err := w.Flush(); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	return os.Rename(tmp, path)
+}
+
+// readExtents reads a file written by writeExtents.
+func readExtents(path string) ([]copier.Extent, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	var extents []copier.Extent
+	if err := json.Unmarshal(b, &extents); err != nil {
+		return nil, fmt.Errorf("extents file %s: %w", path, err)
+	}
+	return extents, nil
+}
+
+// heartbeatEvery heartbeats with details from fn (or none) until stop is
+// called, so a long vCenter call does not look like a dead worker.
+func heartbeatEvery(ctx context.Context, every time.Duration, fn func() any) (stop func()) {
+	done := make(chan struct{})
+	go func() {
+		t := time.NewTicker(every)
+		defer t.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case <-ctx.Done():
+				return
+			case <-t.C:
+				if fn != nil {
+					activity.RecordHeartbeat(ctx, fn())
+				} else {
+					activity.RecordHeartbeat(ctx)
+				}
+			}
+		}
+	}()
+	return func() { close(done) }
+}

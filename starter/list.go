@@ -1,0 +1,110 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"text/tabwriter"
+	"time"
+
+	"github.com/cbtflow/cbtflow/internal/catalog"
+	"github.com/cbtflow/cbtflow/internal/config"
+)
+
+func init() {
+	commands["list"] = command{summary: "list restore points, newest first", run: listCmd}
+}
+
+type listEntry struct {
+	BackupID   string     `json:"backup_id"`
+	VM         string     `json:"vm"`
+	VMUUID     string     `json:"vm_uuid"`
+	Profile    string     `json:"profile"`
+	Status     string     `json:"status"`
+	StartedAt  time.Time  `json:"started_at"`
+	FinishedAt *time.Time `json:"finished_at"`
+	Error      string     `json:"error,omitempty"`
+	Disks      []listDisk `json:"disks"`
+}
+
+type listDisk struct {
+	Key       int32  `json:"key"`
+	Mode      string `json:"mode"`
+	Path      string `json:"path"`
+	SizeBytes int64  `json:"size_bytes"`
+	ChangeID  string `json:"change_id"`
+}
+
+func listCmd(ctx context.Context, e *env, args []string) error {
+	fs := newFlags(e, "list")
+	var cfg config.Config
+	cfg.Register(fs)
+	asJSON := fs.Bool("json", false, "print one JSON array")
+	status := fs.String("status", "", "only backups with this status (running, committed, failed)")
+	fs.Usage = func() {
+		fmt.Fprintln(fs.Output(), "usage: starter list [VM] [flags]\n\nVM is a VM name or instance UUID.\n\nflags:")
+		fs.PrintDefaults()
+	}
+	pos, err := parseInterleaved(fs, args)
+	if err != nil {
+		return usageError{err}
+	}
+	if len(pos) > 1 {
+		return usageError{fmt.Errorf("list: at most one VM, got %d", len(pos))}
+	}
+	var vm string
+	if len(pos) == 1 {
+		vm = pos[0]
+	}
+	cat, err := catalog.Open(ctx, cfg.DatabaseURL)
+	if err != nil {
+		return err
+	}
+	defer cat.Close()
+	backups, err := cat.List(ctx, catalog.ListFilter{VM: vm, Status: *status})
+	if err != nil {
+		return err
+	}
+	entries := make([]listEntry, 0, len(backups))
+	for _, b := range backups {
+		le := listEntry{BackupID: b.ID, VM: b.VMName, VMUUID: b.VMUUID, Profile: b.Profile, Status: b.Status,
+			StartedAt: b.StartedAt.UTC(), Error: b.Error, Disks: []listDisk{}}
+		if !b.FinishedAt.IsZero() {
+			f := b.FinishedAt.UTC()
+			le.FinishedAt = &f
+		}
+		for _, d := range b.Disks {
+			le.Disks = append(le.Disks, listDisk{Key: d.Key, Mode: d.Mode, Path: d.Path, SizeBytes: d.SizeBytes, ChangeID: d.ChangeID})
+		}
+		entries = append(entries, le)
+	}
+	if *asJSON {
+		return json.NewEncoder(e.stdout).Encode(entries)
+	}
+	tw := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "BACKUP\tVM\tSTATUS\tSTARTED\tDISKS")
+	for _, le := range entries {
+		disks := ""
+		for i, d := range le.Disks {
+			if i > 0 {
+				disks += ", "
+			}
+			disks += fmt.Sprintf("%d:%s %s", d.Key, d.Mode, humanBytes(d.SizeBytes))
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", le.BackupID, le.VM, le.Status, le.StartedAt.Format(time.RFC3339), disks)
+	}
+	return tw.Flush()
+}
+
+func humanBytes(n int64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := int64(unit), 0
+	for m := n / unit; m >= unit; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
+}

@@ -1,0 +1,119 @@
+// Command worker runs cbtflow's Temporal worker: it registers the backup
+// workflows and their activities with the real dependencies — vCenter
+// sessions, the PostgreSQL catalog, the repository of restore points, NBD
+// sources — and serves Prometheus metrics. Configuration comes from the
+// environment, with flags of the same meaning (see internal/config).
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"go.temporal.io/sdk/client"
+	sdktally "go.temporal.io/sdk/contrib/tally"
+	tlog "go.temporal.io/sdk/log"
+	"go.temporal.io/sdk/worker"
+
+	"github.com/cbtflow/cbtflow/activities"
+	"github.com/cbtflow/cbtflow/internal/catalog"
+	"github.com/cbtflow/cbtflow/internal/config"
+	"github.com/cbtflow/cbtflow/internal/metrics"
+	"github.com/cbtflow/cbtflow/internal/repository"
+	"github.com/cbtflow/cbtflow/internal/vsphere"
+	"github.com/cbtflow/cbtflow/workflows"
+)
+
+func main() {
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	if err := run(log, os.Args[1:]); err != nil {
+		log.Error("worker stopped", "error", err)
+		os.Exit(1)
+	}
+}
+
+func run(log *slog.Logger, args []string) error {
+	var cfg config.Config
+	fs := flag.NewFlagSet("worker", flag.ContinueOnError)
+	cfg.Register(fs)
+	parallel := fs.Int("max-transfers", 4, "disk transfers this worker runs at once")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+
+	repoRoot, err := cfg.AbsRepository()
+	if err != nil {
+		return err
+	}
+	repo, err := repository.Open(repoRoot)
+	if err != nil {
+		return err
+	}
+	profiles, err := vsphere.LoadProfiles(cfg.VCenters)
+	if err != nil {
+		return err
+	}
+	sessions := vsphere.NewSessions(profiles, log)
+	defer func() {
+		cctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		_ = sessions.Close(cctx)
+	}()
+
+	octx, cancel := context.WithTimeout(ctx, time.Minute)
+	cat, err := catalog.Open(octx, cfg.DatabaseURL)
+	cancel()
+	if err != nil {
+		return err
+	}
+	defer cat.Close()
+
+	opts := client.Options{
+		HostPort:  cfg.TemporalAddress,
+		Namespace: cfg.Namespace,
+		Logger:    tlog.NewStructuredLogger(log),
+	}
+	var ms *metrics.Server
+	if cfg.MetricsAddr != "" {
+		if ms, err = metrics.Start(cfg.MetricsAddr); err != nil {
+			return err
+		}
+		defer ms.Close(context.Background())
+		opts.MetricsHandler = sdktally.NewMetricsHandler(ms.Scope)
+		log.Info("serving metrics", "addr", "http://"+ms.Addr()+"/metrics")
+	}
+	c, err := client.DialContext(ctx, opts)
+	if err != nil {
+		return fmt.Errorf("connect to Temporal at %s: %w", cfg.TemporalAddress, err)
+	}
+	defer c.Close()
+
+	w := worker.New(c, workflows.TaskQueue, worker.Options{
+		MaxConcurrentActivityExecutionSize: 4 * *parallel,
+	})
+	workflows.Register(w)
+	w.RegisterActivity(&activities.VSphere{Sessions: sessions, Repo: repo})
+	w.RegisterActivity(&activities.Transfer{Sessions: sessions, Repo: repo, Signals: c})
+	w.RegisterActivity(&activities.Catalog{Catalog: cat, Repo: repo})
+
+	log.Info("worker starting", "temporal", cfg.TemporalAddress, "namespace", cfg.Namespace,
+		"task_queue", workflows.TaskQueue, "repository", repoRoot, "profiles", len(profiles))
+	if err := w.Start(); err != nil {
+		return err
+	}
+	<-ctx.Done()
+	log.Info("worker stopping")
+	w.Stop()
+	if errors.Is(ctx.Err(), context.Canceled) {
+		return nil
+	}
+	return ctx.Err()
+}

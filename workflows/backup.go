@@ -1,0 +1,567 @@
+package workflows
+
+import (
+	"errors"
+	"fmt"
+	"sort"
+	"strings"
+	"time"
+
+	enumspb "go.temporal.io/api/enums/v1"
+	"go.temporal.io/sdk/log"
+	"go.temporal.io/sdk/temporal"
+	"go.temporal.io/sdk/workflow"
+
+	"github.com/cbtflow/cbtflow/activities"
+)
+
+// ErrTypeAlreadyRunning is the type of the non-retryable error Backup
+// returns when a backup of the VM is running already; its details hold the
+// running workflow's ID.
+const ErrTypeAlreadyRunning = "BackupAlreadyRunning"
+
+// SignalTransferProgress carries a TransferProgressSignal from a running
+// transfer to its BackupVM, so the progress query can report bytes done.
+const SignalTransferProgress = "transfer-progress"
+
+// BackupInput is what operators, the Web UI and schedules start: a VM named
+// by name, inventory path or moref, e.g. {"vm": "DC0_H0_VM0"}.
+type BackupInput struct {
+	VM      string `json:"vm"`
+	Profile string `json:"profile,omitempty"` // vCenter profile; DefaultProfile when empty
+	Mode    string `json:"mode,omitempty"`    // auto (default), full or incremental
+	// Detach returns as soon as the VM's backup has started, instead of
+	// waiting for it to end.
+	Detach bool `json:"detach,omitempty"`
+}
+
+// BackupResult says which per-VM backup ran, and its result unless
+// detached.
+type BackupResult struct {
+	WorkflowID string          `json:"workflow_id"`
+	RunID      string          `json:"run_id"`
+	BackupID   string          `json:"backup_id"`
+	VM         string          `json:"vm"`
+	VMUUID     string          `json:"vm_uuid"`
+	Result     *BackupVMResult `json:"result,omitempty"`
+}
+
+// AlreadyRunningDetails are the details of an ErrTypeAlreadyRunning error.
+type AlreadyRunningDetails struct {
+	WorkflowID string `json:"workflow_id"`
+	VM         string `json:"vm"`
+	VMUUID     string `json:"vm_uuid"`
+}
+
+// BackupVMInput is the backup of one VM, named for good by its instance
+// UUID. It runs under BackupWorkflowID(Profile, VMUUID).
+type BackupVMInput struct {
+	Profile  string `json:"profile"`
+	VMUUID   string `json:"vm_uuid"`
+	VMName   string `json:"vm,omitempty"`
+	Mode     string `json:"mode,omitempty"`
+	BackupID string `json:"backup_id,omitempty"` // derived from the run when empty
+	// MaxParallelDisks bounds the disks transferred at once (default 2).
+	MaxParallelDisks int `json:"max_parallel_disks,omitempty"`
+	// MaxChainLength bounds a disk's chain in auto mode (default 30).
+	MaxChainLength int `json:"max_chain_length,omitempty"`
+}
+
+// BackupVMResult is a committed restore point.
+type BackupVMResult struct {
+	BackupID string       `json:"backup_id"`
+	VM       string       `json:"vm"`
+	VMUUID   string       `json:"vm_uuid"`
+	Disks    []DiskResult `json:"disks"`
+	Warnings []string     `json:"warnings,omitempty"`
+}
+
+// DiskResult is one disk of a restore point.
+type DiskResult struct {
+	Key          int32   `json:"key"`
+	Mode         string  `json:"mode"`
+	ChangedBytes int64   `json:"changed_bytes"`
+	WrittenBytes int64   `json:"written_bytes"`
+	SizeBytes    int64   `json:"size_bytes"`
+	Path         string  `json:"path"`
+	ChangeID     string  `json:"change_id"`
+	Seconds      float64 `json:"seconds"`
+	Note         string  `json:"note,omitempty"`
+}
+
+// Progress is the answer of the progress query.
+type Progress struct {
+	BackupID string         `json:"backup_id"`
+	Phase    string         `json:"phase"`
+	Snapshot string         `json:"snapshot,omitempty"`
+	Disks    []DiskProgress `json:"disks"`
+}
+
+// DiskProgress is one disk's progress.
+type DiskProgress struct {
+	Key   int32  `json:"key"`
+	Mode  string `json:"mode"`
+	Phase string `json:"phase"` // waiting, querying, transferring, done, failed
+	Done  int64  `json:"done"`
+	Total int64  `json:"total"`
+}
+
+// TransferProgressSignal is sent by TransferDisk while it copies.
+type TransferProgressSignal struct {
+	Key   int32 `json:"key"`
+	Done  int64 `json:"done"`
+	Total int64 `json:"total"`
+}
+
+// Activity stubs: workflows call activities through typed nil pointers.
+var (
+	vsphereActs  *activities.VSphere
+	transferActs *activities.Transfer
+	catalogActs  *activities.Catalog
+)
+
+// Backup resolves the VM and runs its backup under the VM's canonical
+// workflow ID. A second start while one runs starts nothing and fails with
+// ErrTypeAlreadyRunning, whatever the VM was called.
+func Backup(ctx workflow.Context, in BackupInput) (*BackupResult, error) {
+	if strings.TrimSpace(in.VM) == "" {
+		return nil, invalid("no VM given")
+	}
+	if in.Profile == "" {
+		in.Profile = DefaultProfile
+	}
+	if in.Mode == "" {
+		in.Mode = ModeAuto
+	}
+	if err := checkMode(in.Mode); err != nil {
+		return nil, err
+	}
+	var vm activities.ResolveVMResult
+	if err := workflow.ExecuteActivity(withShortActivity(ctx), vsphereActs.ResolveVM,
+		activities.ResolveVMInput{Profile: in.Profile, VM: in.VM}).Get(ctx, &vm); err != nil {
+		return nil, err
+	}
+	backupID := newBackupID(ctx)
+	wid := BackupWorkflowID(in.Profile, vm.VMUUID)
+	cctx := workflow.WithChildOptions(ctx, workflow.ChildWorkflowOptions{
+		WorkflowID:            wid,
+		TaskQueue:             TaskQueue,
+		ParentClosePolicy:     enumspb.PARENT_CLOSE_POLICY_ABANDON,
+		WorkflowIDReusePolicy: enumspb.WORKFLOW_ID_REUSE_POLICY_ALLOW_DUPLICATE,
+		WaitForCancellation:   true,
+		TypedSearchAttributes: temporal.NewSearchAttributes(
+			SearchVM.ValueSet(vm.VMName), SearchMode.ValueSet(in.Mode),
+			SearchVCenter.ValueSet(in.Profile), SearchBackupID.ValueSet(backupID)),
+	})
+	child := workflow.ExecuteChildWorkflow(cctx, BackupVM, BackupVMInput{
+		Profile: in.Profile, VMUUID: vm.VMUUID, VMName: vm.VMName, Mode: in.Mode, BackupID: backupID,
+	})
+	var exec workflow.Execution
+	if err := child.GetChildWorkflowExecution().Get(ctx, &exec); err != nil {
+		if temporal.IsWorkflowExecutionAlreadyStartedError(err) {
+			return nil, temporal.NewNonRetryableApplicationError(
+				fmt.Sprintf("a backup of VM %s (%s) is already running as workflow %s", vm.VMName, vm.VMUUID, wid),
+				ErrTypeAlreadyRunning, err, AlreadyRunningDetails{WorkflowID: wid, VM: vm.VMName, VMUUID: vm.VMUUID})
+		}
+		return nil, err
+	}
+	res := &BackupResult{WorkflowID: exec.ID, RunID: exec.RunID, BackupID: backupID, VM: vm.VMName, VMUUID: vm.VMUUID}
+	if in.Detach {
+		return res, nil
+	}
+	if err := child.Get(ctx, &res.Result); err != nil {
+		return nil, err
+	}
+	return res, nil
+}
+
+// BackupVM is the backup of one VM: snapshot, CBT query and transfer of
+// every disk, commit of the restore point, removal of the snapshot.
+func BackupVM(ctx workflow.Context, in BackupVMInput) (*BackupVMResult, error) {
+	r := &backupRun{in: in}
+	if err := r.setup(ctx); err != nil {
+		return nil, err
+	}
+	return r.run(ctx)
+}
+
+// backupRun is the state of one BackupVM.
+type backupRun struct {
+	in       BackupVMInput
+	progress Progress
+	vmRef    string
+	snapshot string
+	warnings []string
+	log      log.Logger
+}
+
+func (r *backupRun) setup(ctx workflow.Context) error {
+	if r.in.Profile == "" || r.in.VMUUID == "" {
+		return invalid("BackupVM needs a profile and a VM instance UUID (start Backup to name a VM any way)")
+	}
+	if r.in.Mode == "" {
+		r.in.Mode = ModeAuto
+	}
+	if err := checkMode(r.in.Mode); err != nil {
+		return err
+	}
+	if r.in.BackupID == "" {
+		r.in.BackupID = newBackupID(ctx)
+	}
+	if r.in.MaxParallelDisks <= 0 {
+		r.in.MaxParallelDisks = 2
+	}
+	r.progress = Progress{BackupID: r.in.BackupID, Phase: "starting"}
+	if err := workflow.SetQueryHandler(ctx, QueryProgress, func() (Progress, error) { return r.progress, nil }); err != nil {
+		return err
+	}
+	r.log = workflow.GetLogger(ctx)
+	return workflow.UpsertTypedSearchAttributes(ctx,
+		SearchVCenter.ValueSet(r.in.Profile), SearchMode.ValueSet(r.in.Mode), SearchBackupID.ValueSet(r.in.BackupID))
+}
+
+func (r *backupRun) run(ctx workflow.Context) (res *BackupVMResult, err error) {
+	in := r.in
+	r.listenProgress(ctx)
+
+	r.progress.Phase = "preparing"
+	var vm activities.PrepareVMResult
+	if err := workflow.ExecuteActivity(withShortActivity(ctx), vsphereActs.PrepareVM,
+		activities.PrepareVMInput{Profile: in.Profile, VMUUID: in.VMUUID}).Get(ctx, &vm); err != nil {
+		return nil, err
+	}
+	r.vmRef = vm.VMRef
+	if in.VMName == "" {
+		in.VMName = vm.VMName
+	}
+	_ = workflow.UpsertTypedSearchAttributes(ctx, SearchVM.ValueSet(vm.VMName))
+	if len(vm.Disks) == 0 {
+		return nil, temporal.NewNonRetryableApplicationError(
+			fmt.Sprintf("VM %s has no disks to back up", vm.VMName), activities.ErrTypeNoDisks, nil)
+	}
+
+	info := workflow.GetInfo(ctx)
+	var begun activities.BeginBackupResult
+	if err := workflow.ExecuteActivity(withCatalogActivity(ctx), catalogActs.BeginBackup, activities.BeginBackupInput{
+		BackupID: in.BackupID, Profile: in.Profile, VMUUID: in.VMUUID, VMName: vm.VMName, Mode: in.Mode,
+		WorkflowID: info.WorkflowExecution.ID, RunID: info.WorkflowExecution.RunID,
+	}).Get(ctx, &begun); err != nil {
+		return nil, err
+	}
+	// From here on the catalog has a running backup: whatever happens, it
+	// ends committed or failed, and its partial files go.
+	committed := false
+	defer func() {
+		if committed {
+			return
+		}
+		dctx, cancel := workflow.NewDisconnectedContext(ctx)
+		defer cancel()
+		reason := "canceled"
+		if err != nil {
+			reason = err.Error()
+		}
+		if ferr := workflow.ExecuteActivity(withCleanupActivity(dctx), catalogActs.FailBackup,
+			activities.FailBackupInput{BackupID: in.BackupID, Reason: reason}).Get(dctx, nil); ferr != nil {
+			r.log.Error("marking the backup failed", "backup", in.BackupID, "error", ferr)
+		}
+	}()
+
+	plans, err := planDisks(in.Mode, vm.Disks, begun.Previous, vm.CBTJustEnabled, in.MaxChainLength)
+	if err != nil {
+		return nil, temporal.NewNonRetryableApplicationError(err.Error(), activities.ErrTypeNoRestorePoint, nil)
+	}
+	for _, p := range plans {
+		r.progress.Disks = append(r.progress.Disks, DiskProgress{Key: p.Key, Mode: p.Mode, Phase: "waiting"})
+	}
+
+	r.progress.Phase = "snapshot"
+	var snap activities.CreateSnapshotResult
+	snapErr := workflow.ExecuteActivity(withSnapshotActivity(ctx), vsphereActs.CreateSnapshot, activities.CreateSnapshotInput{
+		Profile: in.Profile, VMRef: vm.VMRef, VMUUID: in.VMUUID, BackupID: in.BackupID,
+	}).Get(ctx, &snap)
+	// The snapshot may exist even when the activity failed (created, then
+	// the worker died): remove it by name then.
+	defer r.removeSnapshot(ctx, &snap)
+	if snapErr != nil {
+		return nil, snapErr
+	}
+	r.snapshot = snap.SnapshotRef
+	r.progress.Snapshot = snap.SnapshotRef
+	snapDisks := map[int32]activities.SnapshotDisk{}
+	for _, d := range snap.Disks {
+		snapDisks[d.Key] = d
+	}
+
+	r.progress.Phase = "transferring"
+	results := make([]DiskResult, len(plans))
+	commits := make([]activities.CommitDisk, len(plans))
+	// One failed disk fails the backup: the others are canceled rather
+	// than copied for nothing.
+	tctx, cancelDisks := workflow.WithCancel(ctx)
+	defer cancelDisks()
+	sem := workflow.NewSemaphore(tctx, int64(in.MaxParallelDisks))
+	var firstErr error
+	fail := func(err error) {
+		if firstErr == nil {
+			firstErr = err
+			cancelDisks()
+		}
+	}
+	wg := workflow.NewWaitGroup(ctx)
+	for i := range plans {
+		i := i
+		sd, ok := snapDisks[plans[i].Key]
+		if !ok {
+			return nil, temporal.NewNonRetryableApplicationError(
+				fmt.Sprintf("disk %d is not in snapshot %s", plans[i].Key, snap.SnapshotRef), activities.ErrTypeInvalidInput, nil)
+		}
+		wg.Add(1)
+		workflow.Go(tctx, func(gctx workflow.Context) {
+			defer wg.Done()
+			if err := sem.Acquire(gctx, 1); err != nil {
+				r.setDisk(plans[i].Key, "canceled", -1, -1)
+				return
+			}
+			defer sem.Release(1)
+			if gctx.Err() != nil {
+				r.setDisk(plans[i].Key, "canceled", -1, -1)
+				return
+			}
+			res, c, err := r.backupDisk(gctx, &plans[i], sd, snap.SnapshotRef)
+			if err != nil {
+				r.setDisk(plans[i].Key, "failed", -1, -1)
+				fail(fmt.Errorf("disk %d: %w", plans[i].Key, err))
+				return
+			}
+			results[i], commits[i] = res, c
+		})
+	}
+	wg.Wait(ctx)
+	if ctx.Err() != nil {
+		return nil, temporal.NewCanceledError()
+	}
+	if firstErr != nil {
+		return nil, firstErr
+	}
+
+	r.progress.Phase = "committing"
+	if err := workflow.ExecuteActivity(withCatalogActivity(ctx), catalogActs.CommitRestorePoint,
+		activities.CommitInput{BackupID: in.BackupID, Disks: commits}).Get(ctx, nil); err != nil {
+		return nil, err
+	}
+	committed = true
+	r.progress.Phase = "committed"
+	sort.Slice(results, func(a, b int) bool { return results[a].Key < results[b].Key })
+	return &BackupVMResult{BackupID: in.BackupID, VM: in.VMName, VMUUID: in.VMUUID, Disks: results, Warnings: r.warnings}, nil
+}
+
+// backupDisk queries the disk's changed areas and transfers them.
+func (r *backupRun) backupDisk(ctx workflow.Context, p *diskPlan, sd activities.SnapshotDisk, snapRef string) (DiskResult, activities.CommitDisk, error) {
+	in := r.in
+	query := func(changeID string) (activities.ChangedAreasResult, error) {
+		var areas activities.ChangedAreasResult
+		err := workflow.ExecuteActivity(withQueryActivity(ctx), vsphereActs.ChangedAreas, activities.ChangedAreasInput{
+			Profile: in.Profile, VMRef: r.vmRef, SnapshotRef: snapRef, BackupID: in.BackupID,
+			Key: p.Key, Capacity: p.Capacity, ChangeID: changeID,
+		}).Get(ctx, &areas)
+		return areas, err
+	}
+	r.setDisk(p.Key, "querying", 0, 0)
+	from := "*"
+	if p.Mode == ModeIncremental {
+		from = p.FromChangeID
+	}
+	areas, err := query(from)
+	if err != nil && p.Mode == ModeIncremental && isType(err, activities.ErrTypeCBTReset) {
+		// CBT was reset since the last backup: the stored change ID means
+		// nothing any more, so this disk starts a new chain.
+		warning := fmt.Sprintf("disk %d: changed block tracking was reset (%s); full backup of this disk", p.Key, rootMessage(err))
+		r.log.Warn(warning, "backup", in.BackupID)
+		r.warnings = append(r.warnings, warning)
+		*p = diskPlan{Key: p.Key, Capacity: p.Capacity, Mode: ModeFull, Reason: "changed block tracking was reset"}
+		r.setMode(p.Key, ModeFull)
+		areas, err = query("*")
+	}
+	if err != nil {
+		return DiskResult{}, activities.CommitDisk{}, err
+	}
+
+	r.setDisk(p.Key, "transferring", 0, areas.ChangedBytes)
+	var tr activities.TransferDiskResult
+	if err := workflow.ExecuteActivity(withTransferActivity(ctx), transferActs.TransferDisk, activities.TransferDiskInput{
+		Profile: in.Profile, VMRef: r.vmRef, VMUUID: in.VMUUID, SnapshotRef: snapRef, BackupID: in.BackupID,
+		Key: p.Key, Capacity: p.Capacity, FileName: sd.FileName, Mode: p.Mode, BackingPath: p.BackingPath,
+		ExtentsFile: areas.ExtentsFile, ChangedBytes: areas.ChangedBytes,
+	}).Get(ctx, &tr); err != nil {
+		return DiskResult{}, activities.CommitDisk{}, err
+	}
+	r.setDisk(p.Key, "done", areas.ChangedBytes, areas.ChangedBytes)
+	note := ""
+	if p.Mode == ModeFull && in.Mode != ModeFull {
+		note = p.Reason
+	}
+	res := DiskResult{Key: p.Key, Mode: p.Mode, ChangedBytes: areas.ChangedBytes, WrittenBytes: tr.WrittenBytes,
+		SizeBytes: tr.SizeBytes, Path: tr.Path, ChangeID: sd.ChangeID, Seconds: tr.Seconds, Note: note}
+	c := activities.CommitDisk{Key: p.Key, Capacity: p.Capacity, Mode: p.Mode, Path: tr.Path,
+		BackingBackupID: p.BackingBackupID, ChangeIDFrom: p.FromChangeID, ChangeID: sd.ChangeID,
+		ChangedBytes: areas.ChangedBytes, WrittenBytes: tr.WrittenBytes, SizeBytes: tr.SizeBytes, SHA256: tr.SHA256, Note: note}
+	return res, c, nil
+}
+
+// removeSnapshot runs on every exit path, in a disconnected context so a
+// canceled backup still cleans up. A failure is logged: the sweeper removes
+// what is left.
+func (r *backupRun) removeSnapshot(ctx workflow.Context, snap *activities.CreateSnapshotResult) {
+	if r.vmRef == "" {
+		return
+	}
+	dctx, cancel := workflow.NewDisconnectedContext(ctx)
+	defer cancel()
+	err := workflow.ExecuteActivity(withCleanupActivity(dctx), vsphereActs.RemoveSnapshot, activities.RemoveSnapshotInput{
+		Profile: r.in.Profile, VMRef: r.vmRef, SnapshotRef: snap.SnapshotRef,
+		SnapshotName: SnapshotName(r.in.BackupID),
+	}).Get(dctx, nil)
+	if err != nil {
+		r.log.Error("removing the snapshot failed; the sweeper will remove it", "backup", r.in.BackupID, "error", err)
+	}
+}
+
+// listenProgress applies the transfers' progress signals.
+func (r *backupRun) listenProgress(ctx workflow.Context) {
+	ch := workflow.GetSignalChannel(ctx, SignalTransferProgress)
+	workflow.Go(ctx, func(gctx workflow.Context) {
+		for {
+			var s TransferProgressSignal
+			if !ch.Receive(gctx, &s) {
+				return
+			}
+			for i := range r.progress.Disks {
+				if d := &r.progress.Disks[i]; d.Key == s.Key && d.Phase == "transferring" {
+					d.Done, d.Total = s.Done, s.Total
+				}
+			}
+		}
+	})
+}
+
+func (r *backupRun) setDisk(key int32, phase string, done, total int64) {
+	for i := range r.progress.Disks {
+		if d := &r.progress.Disks[i]; d.Key == key {
+			d.Phase = phase
+			if done >= 0 {
+				d.Done = done
+			}
+			if total >= 0 {
+				d.Total = total
+			}
+		}
+	}
+}
+
+func (r *backupRun) setMode(key int32, mode string) {
+	for i := range r.progress.Disks {
+		if r.progress.Disks[i].Key == key {
+			r.progress.Disks[i].Mode = mode
+		}
+	}
+}
+
+// SnapshotName is the name of a backup's snapshot; the sweeper removes
+// snapshots with this prefix that no running backup owns.
+func SnapshotName(backupID string) string { return activities.SnapshotPrefix + backupID }
+
+// newBackupID derives a backup ID from the workflow's start time and run
+// ID: deterministic on replay, sortable, and unique per run.
+func newBackupID(ctx workflow.Context) string {
+	info := workflow.GetInfo(ctx)
+	run := strings.ReplaceAll(info.WorkflowExecution.RunID, "-", "")
+	if len(run) > 8 {
+		run = run[:8]
+	}
+	return info.WorkflowStartTime.UTC().Format("20060102T150405Z") + "-" + run
+}
+
+func checkMode(mode string) error {
+	switch mode {
+	case ModeAuto, ModeFull, ModeIncremental:
+		return nil
+	}
+	return invalid(fmt.Sprintf("mode %q is not auto, full or incremental", mode))
+}
+
+func invalid(msg string) error {
+	return temporal.NewNonRetryableApplicationError(msg, activities.ErrTypeInvalidInput, nil)
+}
+
+// isType reports whether err carries an ApplicationError of type t.
+func isType(err error, t string) bool {
+	var app *temporal.ApplicationError
+	return errors.As(err, &app) && app.Type() == t
+}
+
+// rootMessage is the message of the innermost ApplicationError.
+func rootMessage(err error) string {
+	var app *temporal.ApplicationError
+	if errors.As(err, &app) {
+		return app.Message()
+	}
+	return err.Error()
+}
+
+// Activity options. Every activity has a total time limit
+// (ScheduleToClose), so retries are bounded; long ones heartbeat, so a dead
+// worker is noticed in seconds.
+func withShortActivity(ctx workflow.Context) workflow.Context {
+	return workflow.WithActivityOptions(ctx, workflow.ActivityOptions{
+		StartToCloseTimeout:    2 * time.Minute,
+		ScheduleToCloseTimeout: 10 * time.Minute,
+		RetryPolicy:            &temporal.RetryPolicy{InitialInterval: time.Second, MaximumInterval: 30 * time.Second},
+	})
+}
+
+func withCatalogActivity(ctx workflow.Context) workflow.Context {
+	return workflow.WithActivityOptions(ctx, workflow.ActivityOptions{
+		StartToCloseTimeout:    time.Minute,
+		ScheduleToCloseTimeout: 30 * time.Minute,
+		RetryPolicy:            &temporal.RetryPolicy{InitialInterval: time.Second, MaximumInterval: 30 * time.Second},
+	})
+}
+
+func withSnapshotActivity(ctx workflow.Context) workflow.Context {
+	return workflow.WithActivityOptions(ctx, workflow.ActivityOptions{
+		StartToCloseTimeout:    30 * time.Minute,
+		ScheduleToCloseTimeout: time.Hour,
+		HeartbeatTimeout:       time.Minute,
+		RetryPolicy:            &temporal.RetryPolicy{InitialInterval: 2 * time.Second, MaximumInterval: time.Minute},
+	})
+}
+
+func withQueryActivity(ctx workflow.Context) workflow.Context {
+	return workflow.WithActivityOptions(ctx, workflow.ActivityOptions{
+		StartToCloseTimeout:    30 * time.Minute,
+		ScheduleToCloseTimeout: 2 * time.Hour,
+		HeartbeatTimeout:       time.Minute,
+		RetryPolicy:            &temporal.RetryPolicy{InitialInterval: time.Second, MaximumInterval: 30 * time.Second},
+	})
+}
+
+func withTransferActivity(ctx workflow.Context) workflow.Context {
+	return workflow.WithActivityOptions(ctx, workflow.ActivityOptions{
+		StartToCloseTimeout:    24 * time.Hour,
+		ScheduleToCloseTimeout: 48 * time.Hour,
+		HeartbeatTimeout:       15 * time.Second,
+		WaitForCancellation:    true,
+		RetryPolicy: &temporal.RetryPolicy{InitialInterval: 2 * time.Second, MaximumInterval: time.Minute,
+			MaximumAttempts: 20},
+	})
+}
+
+func withCleanupActivity(ctx workflow.Context) workflow.Context {
+	return workflow.WithActivityOptions(ctx, workflow.ActivityOptions{
+		StartToCloseTimeout:    10 * time.Minute,
+		ScheduleToCloseTimeout: time.Hour,
+		HeartbeatTimeout:       time.Minute,
+		RetryPolicy:            &temporal.RetryPolicy{InitialInterval: time.Second, MaximumInterval: 30 * time.Second},
+	})
+}

@@ -1,0 +1,379 @@
+package workflows
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/mock"
+	"go.temporal.io/sdk/activity"
+	"go.temporal.io/sdk/temporal"
+	"go.temporal.io/sdk/testsuite"
+
+	"github.com/cbtflow/cbtflow/activities"
+)
+
+// fakeVM is the state the mocked activities act on: what a test then
+// asserts against.
+type fakeVM struct {
+	mu        sync.Mutex
+	previous  []activities.PreviousDisk
+	queries   []activities.ChangedAreasInput
+	transfers []activities.TransferDiskInput
+	commits   []activities.CommitInput
+	removed   []activities.RemoveSnapshotInput
+	failed    []activities.FailBackupInput
+}
+
+func newEnv(t *testing.T, f *fakeVM) *testsuite.TestWorkflowEnvironment {
+	var s testsuite.WorkflowTestSuite
+	env := s.NewTestWorkflowEnvironment()
+	env.RegisterWorkflow(BackupVM)
+	env.RegisterWorkflow(Backup)
+	env.RegisterActivity(&activities.VSphere{})
+	env.RegisterActivity(&activities.Transfer{})
+	env.RegisterActivity(&activities.Catalog{})
+
+	env.OnActivity(vsphereActs.ResolveVM, mock.Anything, mock.Anything).Return(
+		func(_ context.Context, in activities.ResolveVMInput) (*activities.ResolveVMResult, error) {
+			if in.VM != "vm0" && in.VM != "vm-62" {
+				return nil, temporal.NewNonRetryableApplicationError("VM "+in.VM+" not found", activities.ErrTypeVMNotFound, nil)
+			}
+			return &activities.ResolveVMResult{Profile: in.Profile, VMRef: "vm-62", VMUUID: "uuid-0", VMName: "vm0"}, nil
+		}).Maybe()
+	env.OnActivity(vsphereActs.PrepareVM, mock.Anything, mock.Anything).Return(&activities.PrepareVMResult{
+		VMRef: "vm-62", VMName: "vm0",
+		Disks: []activities.VMDisk{{Key: 204, Capacity: 1 << 30, FileName: "[ds] vm0/disk1.vmdk"}, {Key: 205, Capacity: 2 << 30, FileName: "[ds] vm0/disk2.vmdk"}},
+	}, nil).Maybe()
+	env.OnActivity(catalogActs.BeginBackup, mock.Anything, mock.Anything).Return(
+		func(_ context.Context, in activities.BeginBackupInput) (*activities.BeginBackupResult, error) {
+			return &activities.BeginBackupResult{Previous: f.previous}, nil
+		}).Maybe()
+	env.OnActivity(vsphereActs.CreateSnapshot, mock.Anything, mock.Anything).Return(
+		func(_ context.Context, in activities.CreateSnapshotInput) (*activities.CreateSnapshotResult, error) {
+			return &activities.CreateSnapshotResult{SnapshotRef: "snapshot-1", SnapshotName: "cbtflow-" + in.BackupID,
+				Disks: []activities.SnapshotDisk{
+					{Key: 204, Capacity: 1 << 30, FileName: "[ds] vm0/disk1.vmdk", ChangeID: "52 aa/2"},
+					{Key: 205, Capacity: 2 << 30, FileName: "[ds] vm0/disk2.vmdk", ChangeID: "52 bb/2"},
+				}}, nil
+		}).Maybe()
+	env.OnActivity(vsphereActs.RemoveSnapshot, mock.Anything, mock.Anything).Return(
+		func(_ context.Context, in activities.RemoveSnapshotInput) error {
+			f.mu.Lock()
+			defer f.mu.Unlock()
+			f.removed = append(f.removed, in)
+			return nil
+		}).Maybe()
+	env.OnActivity(catalogActs.CommitRestorePoint, mock.Anything, mock.Anything).Return(
+		func(_ context.Context, in activities.CommitInput) error {
+			f.mu.Lock()
+			defer f.mu.Unlock()
+			f.commits = append(f.commits, in)
+			return nil
+		}).Maybe()
+	env.OnActivity(catalogActs.FailBackup, mock.Anything, mock.Anything).Return(
+		func(_ context.Context, in activities.FailBackupInput) error {
+			f.mu.Lock()
+			defer f.mu.Unlock()
+			f.failed = append(f.failed, in)
+			return nil
+		}).Maybe()
+	return env
+}
+
+func (f *fakeVM) changedAreas(reset map[string]bool) func(context.Context, activities.ChangedAreasInput) (*activities.ChangedAreasResult, error) {
+	return func(_ context.Context, in activities.ChangedAreasInput) (*activities.ChangedAreasResult, error) {
+		f.mu.Lock()
+		f.queries = append(f.queries, in)
+		f.mu.Unlock()
+		if reset[in.ChangeID] {
+			return nil, temporal.NewNonRetryableApplicationError("change ID refused (InvalidArgument)", activities.ErrTypeCBTReset, nil)
+		}
+		changed := int64(1 << 20)
+		if in.ChangeID == "*" {
+			changed = 8 << 20
+		}
+		return &activities.ChangedAreasResult{ExtentsFile: "/repo/.staging/x/" + string(rune('0'+in.Key%10)), Extents: 3, ChangedBytes: changed}, nil
+	}
+}
+
+func (f *fakeVM) transferOK(_ context.Context, in activities.TransferDiskInput) (*activities.TransferDiskResult, error) {
+	f.mu.Lock()
+	f.transfers = append(f.transfers, in)
+	f.mu.Unlock()
+	return &activities.TransferDiskResult{Path: "/repo/" + in.BackupID + ".qcow2", WrittenBytes: in.ChangedBytes,
+		SizeBytes: in.ChangedBytes + 1<<16, SHA256: strings.Repeat("ab", 32)}, nil
+}
+
+func TestBackupVMFull(t *testing.T) {
+	f := &fakeVM{}
+	env := newEnv(t, f)
+	env.OnActivity(vsphereActs.ChangedAreas, mock.Anything, mock.Anything).Return(f.changedAreas(nil))
+	env.OnActivity(transferActs.TransferDisk, mock.Anything, mock.Anything).Return(f.transferOK)
+	env.ExecuteWorkflow(BackupVM, BackupVMInput{Profile: "lab", VMUUID: "uuid-0", BackupID: "b1"})
+	if err := env.GetWorkflowError(); err != nil {
+		t.Fatal(err)
+	}
+	var res BackupVMResult
+	if err := env.GetWorkflowResult(&res); err != nil {
+		t.Fatal(err)
+	}
+	if len(res.Disks) != 2 || res.Disks[0].Mode != ModeFull || res.Disks[1].Mode != ModeFull ||
+		res.Disks[0].ChangeID != "52 aa/2" || res.Disks[1].ChangeID != "52 bb/2" {
+		t.Errorf("result = %+v", res)
+	}
+	for _, q := range f.queries {
+		if q.ChangeID != "*" || q.SnapshotRef != "snapshot-1" {
+			t.Errorf("full backup queried %+v", q)
+		}
+	}
+	if len(f.commits) != 1 || len(f.commits[0].Disks) != 2 {
+		t.Fatalf("commits = %+v", f.commits)
+	}
+	for _, d := range f.commits[0].Disks {
+		if d.ChangeID == "" || d.ChangeIDFrom != "" || d.Mode != ModeFull || d.SHA256 == "" {
+			t.Errorf("committed disk %+v", d)
+		}
+	}
+	if len(f.removed) != 1 || f.removed[0].SnapshotRef != "snapshot-1" {
+		t.Errorf("snapshot removals = %+v", f.removed)
+	}
+	if len(f.failed) != 0 {
+		t.Errorf("a completed backup was marked failed: %+v", f.failed)
+	}
+}
+
+func TestBackupVMIncremental(t *testing.T) {
+	f := &fakeVM{previous: []activities.PreviousDisk{
+		{Key: 204, BackupID: "b0", Capacity: 1 << 30, ChangeID: "52 aa/1", Path: "/repo/204/b0.qcow2", ChainLength: 1},
+		{Key: 205, BackupID: "b0", Capacity: 2 << 30, ChangeID: "52 bb/1", Path: "/repo/205/b0.qcow2", ChainLength: 1},
+	}}
+	env := newEnv(t, f)
+	env.OnActivity(vsphereActs.ChangedAreas, mock.Anything, mock.Anything).Return(f.changedAreas(nil))
+	env.OnActivity(transferActs.TransferDisk, mock.Anything, mock.Anything).Return(f.transferOK)
+	env.ExecuteWorkflow(BackupVM, BackupVMInput{Profile: "lab", VMUUID: "uuid-0", BackupID: "b1"})
+	if err := env.GetWorkflowError(); err != nil {
+		t.Fatal(err)
+	}
+	for _, tr := range f.transfers {
+		if tr.Mode != ModeIncremental || !strings.HasSuffix(tr.BackingPath, "/b0.qcow2") {
+			t.Errorf("transfer %+v", tr)
+		}
+	}
+	want := map[int32]string{204: "52 aa/1", 205: "52 bb/1"}
+	for _, q := range f.queries {
+		if q.ChangeID != want[q.Key] {
+			t.Errorf("disk %d queried from %q, want %q", q.Key, q.ChangeID, want[q.Key])
+		}
+	}
+	for _, d := range f.commits[0].Disks {
+		if d.BackingBackupID != "b0" || d.ChangeIDFrom != want[d.Key] {
+			t.Errorf("committed %+v", d)
+		}
+	}
+}
+
+// An invalid change ID on the first query means CBT was reset: that disk
+// falls back to a full backup, the other stays incremental, and the result
+// says so.
+func TestBackupVMCBTResetFallsBackToFull(t *testing.T) {
+	f := &fakeVM{previous: []activities.PreviousDisk{
+		{Key: 204, BackupID: "b0", Capacity: 1 << 30, ChangeID: "52 aa/1", Path: "/repo/204/b0.qcow2", ChainLength: 1},
+		{Key: 205, BackupID: "b0", Capacity: 2 << 30, ChangeID: "52 bb/1", Path: "/repo/205/b0.qcow2", ChainLength: 1},
+	}}
+	env := newEnv(t, f)
+	env.OnActivity(vsphereActs.ChangedAreas, mock.Anything, mock.Anything).Return(f.changedAreas(map[string]bool{"52 aa/1": true}))
+	env.OnActivity(transferActs.TransferDisk, mock.Anything, mock.Anything).Return(f.transferOK)
+	env.ExecuteWorkflow(BackupVM, BackupVMInput{Profile: "lab", VMUUID: "uuid-0", BackupID: "b1"})
+	if err := env.GetWorkflowError(); err != nil {
+		t.Fatal(err)
+	}
+	var res BackupVMResult
+	_ = env.GetWorkflowResult(&res)
+	modes := map[int32]string{}
+	for _, d := range res.Disks {
+		modes[d.Key] = d.Mode
+	}
+	if modes[204] != ModeFull || modes[205] != ModeIncremental {
+		t.Errorf("modes = %v", modes)
+	}
+	if len(res.Warnings) != 1 || !strings.Contains(res.Warnings[0], "disk 204") || !strings.Contains(res.Warnings[0], "reset") {
+		t.Errorf("warnings = %q", res.Warnings)
+	}
+	var star bool
+	for _, q := range f.queries {
+		star = star || (q.Key == 204 && q.ChangeID == "*")
+	}
+	if !star {
+		t.Errorf("disk 204 was not queried with *: %+v", f.queries)
+	}
+	for _, tr := range f.transfers {
+		if tr.Key == 204 && (tr.Mode != ModeFull || tr.BackingPath != "") {
+			t.Errorf("disk 204 transfer %+v", tr)
+		}
+	}
+	for _, d := range f.commits[0].Disks {
+		if d.Key == 204 && (d.BackingBackupID != "" || d.ChangeIDFrom != "" || d.Note == "") {
+			t.Errorf("disk 204 committed as %+v", d)
+		}
+	}
+}
+
+func TestBackupVMTransferFailsForGood(t *testing.T) {
+	f := &fakeVM{}
+	env := newEnv(t, f)
+	env.OnActivity(vsphereActs.ChangedAreas, mock.Anything, mock.Anything).Return(f.changedAreas(nil))
+	env.OnActivity(transferActs.TransferDisk, mock.Anything, mock.Anything).Return(
+		func(ctx context.Context, in activities.TransferDiskInput) (*activities.TransferDiskResult, error) {
+			if in.Key == 205 {
+				return nil, temporal.NewNonRetryableApplicationError("no space left on device", activities.ErrTypeNoSpace, nil)
+			}
+			return f.transferOK(ctx, in)
+		})
+	env.ExecuteWorkflow(BackupVM, BackupVMInput{Profile: "lab", VMUUID: "uuid-0", BackupID: "b1"})
+	err := env.GetWorkflowError()
+	if err == nil || !strings.Contains(err.Error(), "no space") {
+		t.Fatalf("error = %v", err)
+	}
+	if len(f.commits) != 0 {
+		t.Errorf("committed after a failed transfer: %+v", f.commits)
+	}
+	if len(f.removed) != 1 {
+		t.Errorf("snapshot removals = %+v", f.removed)
+	}
+	if len(f.failed) != 1 || f.failed[0].BackupID != "b1" || !strings.Contains(f.failed[0].Reason, "no space") {
+		t.Errorf("fail calls = %+v", f.failed)
+	}
+}
+
+func TestBackupVMCanceledMidTransfer(t *testing.T) {
+	f := &fakeVM{}
+	env := newEnv(t, f)
+	env.OnActivity(vsphereActs.ChangedAreas, mock.Anything, mock.Anything).Return(f.changedAreas(nil))
+	started := make(chan struct{}, 2)
+	var once sync.Once
+	env.SetTestTimeout(30 * time.Second)
+	env.OnActivity(transferActs.TransferDisk, mock.Anything, mock.Anything).Return(
+		func(ctx context.Context, in activities.TransferDiskInput) (*activities.TransferDiskResult, error) {
+			started <- struct{}{}
+			// Cancel the workflow while this transfer runs.
+			once.Do(func() {
+				go func() {
+					time.Sleep(100 * time.Millisecond)
+					env.CancelWorkflow()
+				}()
+			})
+			for {
+				select {
+				case <-ctx.Done():
+					return nil, ctx.Err()
+				case <-time.After(200 * time.Millisecond):
+					activity.RecordHeartbeat(ctx)
+				case <-time.After(20 * time.Second):
+					return nil, errors.New("not canceled")
+				}
+			}
+		})
+	env.ExecuteWorkflow(BackupVM, BackupVMInput{Profile: "lab", VMUUID: "uuid-0", BackupID: "b1"})
+	err := env.GetWorkflowError()
+	var canceled *temporal.CanceledError
+	if !errors.As(err, &canceled) {
+		t.Fatalf("error = %v, want canceled", err)
+	}
+	if len(started) == 0 {
+		t.Error("no transfer started before the cancel")
+	}
+	if len(f.removed) != 1 {
+		t.Errorf("snapshot removals after cancel = %+v", f.removed)
+	}
+	if len(f.commits) != 0 || len(f.failed) != 1 {
+		t.Errorf("commits %+v, fails %+v", f.commits, f.failed)
+	}
+}
+
+func TestBackupVMIncrementalWithoutHistoryFails(t *testing.T) {
+	f := &fakeVM{}
+	env := newEnv(t, f)
+	env.ExecuteWorkflow(BackupVM, BackupVMInput{Profile: "lab", VMUUID: "uuid-0", BackupID: "b1", Mode: ModeIncremental})
+	err := env.GetWorkflowError()
+	if !isType(err, activities.ErrTypeNoRestorePoint) || !strings.Contains(err.Error(), "no previous restore point") {
+		t.Fatalf("error = %v", err)
+	}
+	if len(f.removed) != 0 || len(f.failed) != 1 {
+		t.Errorf("removed %+v failed %+v", f.removed, f.failed)
+	}
+}
+
+func TestBackupRejectsBadInput(t *testing.T) {
+	for _, in := range []BackupInput{{VM: ""}, {VM: "vm0", Mode: "sometimes"}} {
+		env := newEnv(t, &fakeVM{})
+		env.ExecuteWorkflow(Backup, in)
+		err := env.GetWorkflowError()
+		if !isType(err, activities.ErrTypeInvalidInput) {
+			t.Errorf("%+v: error = %v", in, err)
+		}
+	}
+	env := newEnv(t, &fakeVM{})
+	env.ExecuteWorkflow(Backup, BackupInput{VM: "nosuchvm"})
+	if err := env.GetWorkflowError(); !isType(err, activities.ErrTypeVMNotFound) || !strings.Contains(err.Error(), "nosuchvm") {
+		t.Errorf("unknown VM: %v", err)
+	}
+}
+
+func TestBackupStartsChildUnderVMWorkflowID(t *testing.T) {
+	f := &fakeVM{}
+	env := newEnv(t, f)
+	env.OnActivity(vsphereActs.ChangedAreas, mock.Anything, mock.Anything).Return(f.changedAreas(nil))
+	env.OnActivity(transferActs.TransferDisk, mock.Anything, mock.Anything).Return(f.transferOK)
+	env.ExecuteWorkflow(Backup, BackupInput{VM: "vm-62"})
+	if err := env.GetWorkflowError(); err != nil {
+		t.Fatal(err)
+	}
+	var res BackupResult
+	if err := env.GetWorkflowResult(&res); err != nil {
+		t.Fatal(err)
+	}
+	if res.WorkflowID != "backup/lab/uuid-0" || res.Result == nil || res.Result.BackupID != res.BackupID || len(res.Result.Disks) != 2 {
+		t.Errorf("result = %+v", res)
+	}
+}
+
+func TestPlanDisks(t *testing.T) {
+	disks := []activities.VMDisk{{Key: 1, Capacity: 100}, {Key: 2, Capacity: 200}, {Key: 3, Capacity: 300}}
+	prev := []activities.PreviousDisk{
+		{Key: 1, BackupID: "b0", Capacity: 100, ChangeID: "u/1", Path: "/r/1/b0.qcow2", ChainLength: 1},
+		{Key: 2, BackupID: "b0", Capacity: 150, ChangeID: "u/1", Path: "/r/2/b0.qcow2", ChainLength: 1},
+	}
+	plans, err := planDisks(ModeAuto, disks, prev, false, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if plans[0].Mode != ModeIncremental || plans[0].FromChangeID != "u/1" || plans[0].BackingPath != "/r/1/b0.qcow2" {
+		t.Errorf("disk 1: %+v", plans[0])
+	}
+	if plans[1].Mode != ModeFull || !strings.Contains(plans[1].Reason, "size changed") {
+		t.Errorf("grown disk 2: %+v", plans[1])
+	}
+	if plans[2].Mode != ModeFull || plans[2].Reason != "no previous restore point" {
+		t.Errorf("new disk 3: %+v", plans[2])
+	}
+	if plans, _ := planDisks(ModeFull, disks, prev, false, 0); plans[0].Mode != ModeFull {
+		t.Errorf("full mode: %+v", plans[0])
+	}
+	if plans, _ := planDisks(ModeAuto, disks, prev, true, 0); plans[0].Mode != ModeFull {
+		t.Errorf("CBT just enabled: %+v", plans[0])
+	}
+	long := []activities.PreviousDisk{{Key: 1, BackupID: "b9", Capacity: 100, ChangeID: "u/9", Path: "/r", ChainLength: 5}}
+	if plans, _ := planDisks(ModeAuto, disks[:1], long, false, 5); plans[0].Mode != ModeFull || !strings.Contains(plans[0].Reason, "chain") {
+		t.Errorf("long chain: %+v", plans[0])
+	}
+	if _, err := planDisks(ModeIncremental, disks, prev, false, 0); err == nil || !strings.Contains(err.Error(), "disk 2") {
+		t.Errorf("incremental with a grown disk: %v", err)
+	}
+	if plans, err := planDisks(ModeIncremental, disks[:1], prev, false, 0); err != nil || plans[0].Mode != ModeIncremental {
+		t.Errorf("incremental: %+v %v", plans, err)
+	}
+}
