@@ -22,6 +22,7 @@ import (
 	"errors"
 	"fmt"
 	"net/url"
+	"strings"
 
 	"github.com/cbtflow/cbtflow/internal/lab"
 	"github.com/cbtflow/cbtflow/internal/qemu"
@@ -188,7 +189,7 @@ func VDDKOptions(req Request) (qemu.NbdkitOptions, error) {
 	params = append(params,
 		"user="+p.User,
 		"password=+"+p.PasswordFile,
-		"thumbprint="+p.Thumbprint,
+		"thumbprint="+strings.ToUpper(p.Thumbprint),
 		"vm=moref="+req.VMRef,
 		"snapshot="+req.SnapshotRef,
 		"file="+req.Disk.FileName,

@@ -47,6 +47,7 @@ type CBTError struct {
 	Msg        string // the fault's message
 }
 
+// Error names the fault, whether it answered the first query, and its message.
 func (e *CBTError) Error() string {
 	when := "first query"
 	if !e.FirstQuery {
