@@ -9,7 +9,7 @@ TEST_TIMEOUT ?= 45m
 
 .DEFAULT_GOAL := help
 
-.PHONY: help deps build test lint bench
+.PHONY: help deps build test lint bench dev down clean demo
 
 help: ## list the targets
 	@grep -hE '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -18,7 +18,7 @@ deps: ## install system packages and tools, start PostgreSQL (idempotent)
 	@scripts/deps
 
 build: ## build the binaries into ./bin
-	$(GO) build -o bin/ ./starter
+	$(GO) build -o bin/ ./starter ./worker
 
 test: deps ## run every test (unit and integration, real components)
 	$(GO) test -count=1 -timeout $(TEST_TIMEOUT) ./...
@@ -27,6 +27,15 @@ lint: deps ## gofmt check, go vet, staticcheck
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
 	$(GOBIN)/staticcheck ./...
+
+dev: deps build ## start the local stack in the background (Temporal + Web UI, lab, worker)
+	@scripts/dev up
+
+down: ## stop what make dev started; keep the state
+	@scripts/dev down
+
+clean: ## make down, then wipe .cbtflow/ and the dev database
+	@scripts/dev clean
 
 bench: deps ## copier vs nbdcopy vs qemu-img convert (full copy, 4 GiB disk)
 	$(GO) run ./internal/bench

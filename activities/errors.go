@@ -7,6 +7,7 @@ import (
 
 	"go.temporal.io/sdk/temporal"
 
+	"github.com/cbtflow/cbtflow/internal/source"
 	"github.com/cbtflow/cbtflow/internal/vsphere"
 )
 
@@ -35,6 +36,12 @@ func permanentType(err error) string {
 		return ErrTypeVMNotFound
 	case errors.Is(err, vsphere.ErrLogin):
 		return ErrTypeLogin
+	case errors.Is(err, vsphere.ErrCertificate):
+		return ErrTypeCertificate
+	case errors.Is(err, vsphere.ErrAmbiguousVM):
+		return ErrTypeAmbiguousVM
+	case errors.Is(err, source.ErrBadRequest):
+		return ErrTypeInvalidInput
 	case errors.Is(err, syscall.ENOSPC), errors.Is(err, syscall.EDQUOT):
 		return ErrTypeNoSpace
 	case errors.Is(err, syscall.EROFS):

@@ -6,6 +6,8 @@ const (
 	ErrTypeVMNotFound      = "VMNotFound"
 	ErrTypeLogin           = "LoginFailed"
 	ErrTypeUnreachable     = "VCenterUnreachable"
+	ErrTypeCertificate     = "CertificateMismatch"
+	ErrTypeAmbiguousVM     = "AmbiguousVM"
 	ErrTypeNoDisks         = "NoDisks"
 	// ErrTypeCBTReset: the first query with a stored change ID was refused
 	// (InvalidArgument or FileFault): the disk needs a full backup.

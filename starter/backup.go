@@ -105,7 +105,11 @@ func backupCmd(ctx context.Context, e *env, args []string) error {
 		if errors.As(err, &app) && app.Type() == workflows.ErrTypeAlreadyRunning {
 			return alreadyRunning(ctx, c, vm, app)
 		}
-		return fmt.Errorf("backup of VM %s: %s", vm, failureMessage(err))
+		msg := failureMessage(err)
+		if *wait && *asJSON {
+			_ = printBackup(e, backupOutput{VM: vm, Status: "failed", Error: msg, Disks: []diskOutput{}}, true)
+		}
+		return exitError{code: 1, err: fmt.Errorf("backup of VM %s: %s", vm, msg)}
 	}
 	e.log.Info("backup started", "vm", started.VM, "backup", started.BackupID, "workflow", started.WorkflowID)
 	out := backupOutput{BackupID: started.BackupID, VM: started.VM, VMUUID: started.VMUUID, Workflow: started.WorkflowID, Status: "running", Disks: []diskOutput{}}
@@ -185,24 +189,12 @@ func dialTemporal(ctx context.Context, e *env, cfg *config.Config) (client.Clien
 }
 
 // failureMessage is the most useful message of a workflow error: the
-// innermost application error's, without the SDK's wrapping.
+// outermost application error's (an activity's own message), without the
+// SDK's wrapping.
 func failureMessage(err error) string {
 	var app *temporal.ApplicationError
 	if errors.As(err, &app) {
-		msg := app.Message()
-		// Unwrap further: activity errors wrap the real cause.
-		inner := errors.Unwrap(app)
-		for inner != nil {
-			var a2 *temporal.ApplicationError
-			if errors.As(inner, &a2) && a2 != app {
-				msg = a2.Message()
-				app = a2
-				inner = errors.Unwrap(a2)
-				continue
-			}
-			break
-		}
-		return msg
+		return app.Message()
 	}
 	return strings.TrimSpace(err.Error())
 }

@@ -472,12 +472,14 @@ func (r *backupRun) setMode(key int32, mode string) {
 func SnapshotName(backupID string) string { return activities.SnapshotPrefix + backupID }
 
 // newBackupID derives a backup ID from the workflow's start time and run
-// ID: deterministic on replay, sortable, and unique per run.
+// ID: deterministic on replay, sortable, and unique per run. Run IDs are
+// UUIDv7, whose leading digits are a timestamp: the random tail is what
+// tells two runs of the same second apart.
 func newBackupID(ctx workflow.Context) string {
 	info := workflow.GetInfo(ctx)
 	run := strings.ReplaceAll(info.WorkflowExecution.RunID, "-", "")
-	if len(run) > 8 {
-		run = run[:8]
+	if len(run) > 12 {
+		run = run[len(run)-12:]
 	}
 	return info.WorkflowStartTime.UTC().Format("20060102T150405Z") + "-" + run
 }
