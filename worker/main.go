@@ -103,6 +103,7 @@ func run(log *slog.Logger, args []string) error {
 	w.RegisterActivity(&activities.VSphere{Sessions: sessions, Repo: repo})
 	w.RegisterActivity(&activities.Transfer{Sessions: sessions, Repo: repo, Signals: c})
 	w.RegisterActivity(&activities.Catalog{Catalog: cat, Repo: repo})
+	w.RegisterActivity(&activities.Sweeper{Sessions: sessions, Catalog: cat, Workflows: c, Namespace: cfg.Namespace})
 
 	log.Info("worker starting", "temporal", cfg.TemporalAddress, "namespace", cfg.Namespace,
 		"task_queue", workflows.TaskQueue, "repository", repoRoot, "profiles", len(profiles))

@@ -57,4 +57,5 @@ type Registrar interface {
 func Register(r Registrar) {
 	r.RegisterWorkflow(Backup)
 	r.RegisterWorkflow(BackupVM)
+	r.RegisterWorkflow(Sweep)
 }

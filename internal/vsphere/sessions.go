@@ -89,14 +89,19 @@ func NewSessionsWithOptions(profiles map[string]Profile, log *slog.Logger, opts 
 func (s *Sessions) Profile(name string) (Profile, error) {
 	p, ok := s.profiles[name]
 	if !ok {
-		names := make([]string, 0, len(s.profiles))
-		for n := range s.profiles {
-			names = append(names, n)
-		}
-		slices.Sort(names)
-		return Profile{}, fmt.Errorf("vsphere: %w: %q (configured: %s)", ErrProfileNotFound, name, strings.Join(names, ", "))
+		return Profile{}, fmt.Errorf("vsphere: %w: %q (configured: %s)", ErrProfileNotFound, name, strings.Join(s.Names(), ", "))
 	}
 	return p, nil
+}
+
+// Names lists the configured profiles, sorted.
+func (s *Sessions) Names() []string {
+	names := make([]string, 0, len(s.profiles))
+	for n := range s.profiles {
+		names = append(names, n)
+	}
+	slices.Sort(names)
+	return names
 }
 
 // Client returns the logged-in client of a profile, logging in on first

@@ -1,0 +1,152 @@
+package activities
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	enumspb "go.temporal.io/api/enums/v1"
+	"go.temporal.io/api/serviceerror"
+	"go.temporal.io/api/workflowservice/v1"
+	"go.temporal.io/sdk/activity"
+	"go.temporal.io/sdk/client"
+
+	"github.com/cbtflow/cbtflow/internal/catalog"
+	"github.com/cbtflow/cbtflow/internal/repository"
+	"github.com/cbtflow/cbtflow/internal/vsphere"
+)
+
+// WorkflowLookup is the part of the Temporal client the sweeper uses to
+// tell whether a backup still runs; client.Client is one.
+type WorkflowLookup interface {
+	DescribeWorkflow(ctx context.Context, workflowID, runID string) (*client.WorkflowExecutionDescription, error)
+	ListWorkflow(ctx context.Context, req *workflowservice.ListWorkflowExecutionsRequest) (*workflowservice.ListWorkflowExecutionsResponse, error)
+}
+
+// Sweeper holds the activity that finds what dead backups left behind: a
+// terminated workflow runs no cleanup code, so its snapshot stays on the
+// VM and its catalog row stays "running".
+type Sweeper struct {
+	Sessions  *vsphere.Sessions
+	Catalog   *catalog.Catalog
+	Workflows WorkflowLookup
+	Namespace string
+}
+
+// FindOrphansInput bounds what counts as abandoned.
+type FindOrphansInput struct {
+	// MinAgeSeconds: snapshots and running backups younger than this are
+	// left alone, whatever their workflow's state.
+	MinAgeSeconds int64 `json:"min_age_seconds"`
+}
+
+// OrphanSnapshot is a cbtflow snapshot no running backup owns.
+type OrphanSnapshot struct {
+	Profile      string    `json:"profile"`
+	VMRef        string    `json:"vm_ref"`
+	VMName       string    `json:"vm_name"`
+	SnapshotRef  string    `json:"snapshot_ref"`
+	SnapshotName string    `json:"snapshot_name"`
+	BackupID     string    `json:"backup_id"`
+	Created      time.Time `json:"created"`
+}
+
+// FindOrphansResult lists what to clean up.
+type FindOrphansResult struct {
+	Snapshots []OrphanSnapshot `json:"snapshots,omitempty"`
+	// Backups are backups the catalog calls running whose workflow is
+	// not running.
+	Backups []string `json:"backups,omitempty"`
+}
+
+// FindOrphans lists cbtflow snapshots older than the minimum age whose
+// backup is not running, on every configured vCenter, and running catalog
+// backups whose workflow has ended.
+func (a *Sweeper) FindOrphans(ctx context.Context, in FindOrphansInput) (*FindOrphansResult, error) {
+	minAge := time.Duration(in.MinAgeSeconds) * time.Second
+	now := time.Now()
+	res := &FindOrphansResult{}
+	failed := map[string]bool{}
+	for _, profile := range a.Sessions.Names() {
+		c, err := a.Sessions.Client(ctx, profile)
+		if err != nil {
+			// One unreachable vCenter must not stop the sweep of the others.
+			activity.GetLogger(ctx).Warn("sweeper: vCenter unavailable", "vcenter", profile, "error", err)
+			continue
+		}
+		snaps, err := c.Snapshots(ctx, SnapshotPrefix)
+		if err != nil {
+			return nil, permanent(err)
+		}
+		for _, s := range snaps {
+			if now.Sub(s.Created) < minAge {
+				continue
+			}
+			id := strings.TrimPrefix(s.Name, SnapshotPrefix)
+			if repository.CheckComponent("backup ID", id) != nil {
+				continue // not a name cbtflow gives
+			}
+			running, err := a.backupRunning(ctx, id)
+			if err != nil {
+				return nil, err
+			}
+			if running {
+				continue
+			}
+			res.Snapshots = append(res.Snapshots, OrphanSnapshot{Profile: profile, VMRef: s.VMRef, VMName: s.VMName,
+				SnapshotRef: s.Ref, SnapshotName: s.Name, BackupID: id, Created: s.Created})
+			failed[id] = true
+		}
+	}
+	backups, err := a.Catalog.List(ctx, catalog.ListFilter{Status: catalog.StatusRunning})
+	if err != nil {
+		return nil, err
+	}
+	for _, b := range backups {
+		if failed[b.ID] || now.Sub(b.StartedAt) < minAge {
+			continue
+		}
+		running, err := a.backupRunning(ctx, b.ID)
+		if err != nil {
+			return nil, err
+		}
+		if !running {
+			res.Backups = append(res.Backups, b.ID)
+		}
+	}
+	return res, nil
+}
+
+// backupRunning asks Temporal whether the workflow of a backup runs: by
+// the workflow and run the catalog recorded, or else by the
+// CbtflowBackupID search attribute.
+func (a *Sweeper) backupRunning(ctx context.Context, backupID string) (bool, error) {
+	b, err := a.Catalog.Get(ctx, backupID)
+	switch {
+	case err == nil && b.WorkflowID != "":
+		if b.Status != catalog.StatusRunning {
+			return false, nil
+		}
+		d, err := a.Workflows.DescribeWorkflow(ctx, b.WorkflowID, b.RunID)
+		var nf *serviceerror.NotFound
+		if errors.As(err, &nf) {
+			return false, nil
+		}
+		if err != nil {
+			return false, fmt.Errorf("sweeper: describe workflow %s: %w", b.WorkflowID, err)
+		}
+		return d.Status == enumspb.WORKFLOW_EXECUTION_STATUS_RUNNING, nil
+	case err != nil && !errors.Is(err, catalog.ErrNotFound):
+		return false, err
+	}
+	resp, err := a.Workflows.ListWorkflow(ctx, &workflowservice.ListWorkflowExecutionsRequest{
+		Namespace: a.Namespace,
+		Query:     fmt.Sprintf(`CbtflowBackupID = %q AND ExecutionStatus = "Running"`, backupID),
+	})
+	if err != nil {
+		return false, fmt.Errorf("sweeper: list workflows of backup %s: %w", backupID, err)
+	}
+	return len(resp.GetExecutions()) > 0, nil
+}
