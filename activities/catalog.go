@@ -36,7 +36,19 @@ func (a *Catalog) BeginBackup(ctx context.Context, in BeginBackupInput) (*BeginB
 		return nil, err
 	}
 	res := &BeginBackupResult{}
+	current := map[int32]bool{}
+	for _, k := range in.DiskKeys {
+		current[k] = true
+	}
 	for _, l := range latest {
+		if in.DiskKeys != nil && !current[l.Key] {
+			if err := a.Catalog.CloseChain(ctx, in.Profile, in.VMUUID, l.Key, l.BackupID, "disk removed from the VM"); err != nil {
+				return nil, err
+			}
+			activity.GetLogger(ctx).Info("disk left the VM: chain closed", "vm", in.VMName, "disk", l.Key, "last_backup", l.BackupID)
+			res.ClosedChains = append(res.ClosedChains, l.Key)
+			continue
+		}
 		chain, err := a.Catalog.Chain(ctx, l.BackupID, l.Key)
 		if err != nil {
 			return nil, err

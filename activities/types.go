@@ -69,6 +69,9 @@ type BeginBackupInput struct {
 	Mode       string `json:"mode"`
 	WorkflowID string `json:"workflow_id"`
 	RunID      string `json:"run_id"`
+	// DiskKeys are the VM's disks now: the chain of a disk no longer among
+	// them is closed.
+	DiskKeys []int32 `json:"disk_keys,omitempty"`
 }
 
 // PreviousDisk is a disk's latest committed restore point.
@@ -84,6 +87,9 @@ type PreviousDisk struct {
 // BeginBackupResult lists the previous restore point of each disk.
 type BeginBackupResult struct {
 	Previous []PreviousDisk `json:"previous,omitempty"`
+	// ClosedChains are disks that left the VM since their last restore
+	// point; their chains are closed now.
+	ClosedChains []int32 `json:"closed_chains,omitempty"`
 }
 
 // CreateSnapshotInput asks for the backup's snapshot.

@@ -241,12 +241,19 @@ func (r *backupRun) run(ctx workflow.Context) (res *BackupVMResult, err error) {
 	}
 
 	info := workflow.GetInfo(ctx)
+	keys := make([]int32, 0, len(vm.Disks))
+	for _, d := range vm.Disks {
+		keys = append(keys, d.Key)
+	}
 	var begun activities.BeginBackupResult
 	if err := workflow.ExecuteActivity(withCatalogActivity(ctx), catalogActs.BeginBackup, activities.BeginBackupInput{
 		BackupID: in.BackupID, Profile: in.Profile, VMUUID: in.VMUUID, VMName: vm.VMName, Mode: in.Mode,
-		WorkflowID: info.WorkflowExecution.ID, RunID: info.WorkflowExecution.RunID,
+		WorkflowID: info.WorkflowExecution.ID, RunID: info.WorkflowExecution.RunID, DiskKeys: keys,
 	}).Get(ctx, &begun); err != nil {
 		return nil, err
+	}
+	for _, k := range begun.ClosedChains {
+		r.warnings = append(r.warnings, fmt.Sprintf("disk %d was removed from the VM: its chain is closed (its restore points stay restorable)", k))
 	}
 	// From here on the catalog has a running backup: whatever happens, it
 	// ends committed or failed, and its partial files go.

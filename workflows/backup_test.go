@@ -26,6 +26,8 @@ type fakeVM struct {
 	commits   []activities.CommitInput
 	removed   []activities.RemoveSnapshotInput
 	failed    []activities.FailBackupInput
+	begun     []activities.BeginBackupInput
+	closed    []int32
 }
 
 func newEnv(t *testing.T, f *fakeVM) *testsuite.TestWorkflowEnvironment {
@@ -50,7 +52,10 @@ func newEnv(t *testing.T, f *fakeVM) *testsuite.TestWorkflowEnvironment {
 	}, nil).Maybe()
 	env.OnActivity(catalogActs.BeginBackup, mock.Anything, mock.Anything).Return(
 		func(_ context.Context, in activities.BeginBackupInput) (*activities.BeginBackupResult, error) {
-			return &activities.BeginBackupResult{Previous: f.previous}, nil
+			f.mu.Lock()
+			f.begun = append(f.begun, in)
+			f.mu.Unlock()
+			return &activities.BeginBackupResult{Previous: f.previous, ClosedChains: f.closed}, nil
 		}).Maybe()
 	env.OnActivity(vsphereActs.CreateSnapshot, mock.Anything, mock.Anything).Return(
 		func(_ context.Context, in activities.CreateSnapshotInput) (*activities.CreateSnapshotResult, error) {
@@ -375,5 +380,24 @@ func TestPlanDisks(t *testing.T) {
 	}
 	if plans, err := planDisks(ModeIncremental, disks[:1], prev, false, 0); err != nil || plans[0].Mode != ModeIncremental {
 		t.Errorf("incremental: %+v %v", plans, err)
+	}
+}
+
+func TestBackupVMReportsClosedChains(t *testing.T) {
+	f := &fakeVM{closed: []int32{206}}
+	env := newEnv(t, f)
+	env.OnActivity(vsphereActs.ChangedAreas, mock.Anything, mock.Anything).Return(f.changedAreas(nil))
+	env.OnActivity(transferActs.TransferDisk, mock.Anything, mock.Anything).Return(f.transferOK)
+	env.ExecuteWorkflow(BackupVM, BackupVMInput{Profile: "lab", VMUUID: "uuid-0", BackupID: "b1"})
+	if err := env.GetWorkflowError(); err != nil {
+		t.Fatal(err)
+	}
+	if len(f.begun) != 1 || len(f.begun[0].DiskKeys) != 2 || f.begun[0].DiskKeys[0] != 204 || f.begun[0].DiskKeys[1] != 205 {
+		t.Errorf("BeginBackup got %+v", f.begun)
+	}
+	var res BackupVMResult
+	_ = env.GetWorkflowResult(&res)
+	if len(res.Warnings) != 1 || !strings.Contains(res.Warnings[0], "disk 206 was removed") {
+		t.Errorf("warnings = %q", res.Warnings)
 	}
 }

@@ -314,7 +314,9 @@ func (c *Catalog) Fail(ctx context.Context, backupID, reason string) error {
 // committed restore point, with the restore point's backup ID in
 // BackupID of the map value.
 func (c *Catalog) LatestDisks(ctx context.Context, profile, vmUUID string) (map[int32]LatestDisk, error) {
-	rows, err := c.pool.Query(ctx, `SELECT DISTINCT ON (d.disk_key) b.id, `+diskColumns+`
+	// The latest restore point of each disk, unless its chain was closed.
+	rows, err := c.pool.Query(ctx, `SELECT DISTINCT ON (d.disk_key) b.id, `+diskColumns+`,
+		EXISTS (SELECT 1 FROM closed_chains cc WHERE cc.vm_id = v.id AND cc.disk_key = d.disk_key AND cc.last_backup_id = b.id)
 		FROM backup_disks d JOIN backups b ON b.id = d.backup_id JOIN vms v ON v.id = b.vm_id
 		WHERE v.profile = $1 AND v.instance_uuid = $2 AND b.status = 'committed'
 		ORDER BY d.disk_key, b.finished_at DESC, b.id DESC`, profile, vmUUID)
@@ -325,12 +327,28 @@ func (c *Catalog) LatestDisks(ctx context.Context, profile, vmUUID string) (map[
 	out := map[int32]LatestDisk{}
 	for rows.Next() {
 		var l LatestDisk
-		if err := scanDisk(rows, &l.BackupID, &l.Disk); err != nil {
+		var closed bool
+		if err := scanDisk(rows, &l.BackupID, &l.Disk, &closed); err != nil {
 			return nil, fmt.Errorf("catalog: latest disks: %w", err)
 		}
-		out[l.Key] = l
+		if !closed {
+			out[l.Key] = l
+		}
 	}
 	return out, rows.Err()
+}
+
+// CloseChain closes the chain of a disk that left its VM: the chain ending
+// at lastBackupID is kept and restorable, but LatestDisks no longer offers
+// it, so a later disk with the same key starts a new chain. Idempotent.
+func (c *Catalog) CloseChain(ctx context.Context, profile, vmUUID string, key int32, lastBackupID, reason string) error {
+	_, err := c.pool.Exec(ctx, `INSERT INTO closed_chains (vm_id, disk_key, last_backup_id, reason)
+		SELECT v.id, $3, $4, $5 FROM vms v WHERE v.profile = $1 AND v.instance_uuid = $2
+		ON CONFLICT DO NOTHING`, profile, vmUUID, key, lastBackupID, reason)
+	if err != nil {
+		return fmt.Errorf("catalog: close chain of disk %d: %w", key, err)
+	}
+	return nil
 }
 
 // LatestDisk is a disk of a committed restore point with its backup ID.
@@ -342,13 +360,13 @@ type LatestDisk struct {
 const diskColumns = `d.disk_key, d.capacity, d.mode, d.path, coalesce(d.backing_backup_id, ''), d.change_id_from,
 	d.change_id, d.changed_bytes, d.written_bytes, d.size_bytes, d.sha256, d.note`
 
-func scanDisk(row pgx.Row, backupID *string, d *Disk) error {
+func scanDisk(row pgx.Row, backupID *string, d *Disk, extra ...any) error {
 	dst := []any{&d.Key, &d.Capacity, &d.Mode, &d.Path, &d.BackingBackupID, &d.ChangeIDFrom,
 		&d.ChangeID, &d.ChangedBytes, &d.WrittenBytes, &d.SizeBytes, &d.SHA256, &d.Note}
 	if backupID != nil {
 		dst = append([]any{backupID}, dst...)
 	}
-	return row.Scan(dst...)
+	return row.Scan(append(dst, extra...)...)
 }
 
 type querier interface {

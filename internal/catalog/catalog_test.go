@@ -177,3 +177,47 @@ func TestCommitValidates(t *testing.T) {
 		t.Error("begin without VM accepted")
 	}
 }
+
+func TestClosedChain(t *testing.T) {
+	c, _ := open(t)
+	ctx := context.Background()
+	vm := Backup{Profile: "lab", VMUUID: "u", VMName: "vm", Mode: "auto"}
+	b1 := vm
+	b1.ID = "b1"
+	if err := c.Begin(ctx, b1); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Commit(ctx, "b1", []Disk{disk(204, ModeFull, "u/1", ""), disk(205, ModeFull, "v/1", "")}); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.CloseChain(ctx, "lab", "u", 205, "b1", "disk removed"); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.CloseChain(ctx, "lab", "u", 205, "b1", "disk removed"); err != nil {
+		t.Fatalf("second close: %v", err)
+	}
+	latest, err := c.LatestDisks(ctx, "lab", "u")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := latest[205]; ok || latest[204].BackupID != "b1" {
+		t.Errorf("latest after closing 205 = %+v", latest)
+	}
+	// The closed chain still restores.
+	if chain, err := c.Chain(ctx, "b1", 205); err != nil || len(chain) != 1 {
+		t.Errorf("closed chain: %+v %v", chain, err)
+	}
+	// A new disk with the same key starts a new chain that counts again.
+	b2 := vm
+	b2.ID = "b2"
+	if err := c.Begin(ctx, b2); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Commit(ctx, "b2", []Disk{disk(204, ModeIncremental, "u/2", "b1"), disk(205, ModeFull, "w/1", "")}); err != nil {
+		t.Fatal(err)
+	}
+	latest, _ = c.LatestDisks(ctx, "lab", "u")
+	if latest[205].BackupID != "b2" || latest[205].ChangeID != "w/1" {
+		t.Errorf("latest after a new disk 205 = %+v", latest[205])
+	}
+}
