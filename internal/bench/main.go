@@ -401,6 +401,10 @@ func copyMain(args []string) error {
 	source := fs.String("source", "", "source NBD URI")
 	target := fs.String("target", "", "target NBD URI")
 	extentsFile := fs.String("extents", "", "JSON file of extents")
+	reqSize := fs.Int("request-size", 0, "bytes per request (0: the copier's default)")
+	inFlight := fs.Int("in-flight", 0, "requests in flight (0: the copier's default)")
+	srcConns := fs.Int("source-connections", 0, "source connections (0: the copier's default)")
+	verbose := fs.Bool("v", false, "print when the last data was written and when the final flush completed")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -417,6 +421,22 @@ func copyMain(args []string) error {
 	if err := json.Unmarshal(b, &extents); err != nil {
 		return err
 	}
-	_, err = copier.Copy(context.Background(), copier.Options{Source: *source, Target: *target, Extents: extents})
+	start := time.Now()
+	var written time.Duration
+	opts := copier.Options{Source: *source, Target: *target, Extents: extents,
+		RequestSize: *reqSize, InFlight: *inFlight, SourceConnections: *srcConns}
+	if *verbose {
+		opts.ProgressInterval = time.Millisecond
+		opts.Progress = func(p copier.Progress) {
+			if p.Done == p.Total && written == 0 {
+				written = time.Since(start)
+			}
+		}
+	}
+	res, err := copier.Copy(context.Background(), opts)
+	if err == nil && *verbose {
+		fmt.Fprintf(os.Stderr, "bench copy: data done after %.3fs, final flush done after %.3fs (%d flushes)\n",
+			written.Seconds(), res.Duration.Seconds(), res.Flushes)
+	}
 	return err
 }

@@ -16,14 +16,23 @@ type Extent struct {
 func (e Extent) End() int64 { return e.Offset + e.Length }
 
 // Defaults used where an Options field is left zero.
+//
+// Large data requests pay off on every hop: a qemu-nbd QCOW2 target spends
+// about a third less CPU per byte on 2 MiB writes than on 256 KiB ones
+// (fewer coroutines, thread-pool jobs and cluster lookups), nbdkit and the
+// copier fewer wake-ups. Measured on the bench disk (1 MiB+ extents), 2 MiB
+// × 8 beat 256 KiB × 16 by about a third and nbdcopy (256 KiB requests) by
+// 10–20%; deeper queues of small requests (256 KiB × 64) did not help.
+// Requests never span extents, so small CBT areas make small requests.
 const (
-	DefaultRequestSize      = 256 << 10 // bytes per read/write request (measured best with qemu-nbd)
-	DefaultInFlight         = 16        // requests in flight: 4 MiB of buffers
-	DefaultRetries          = 3         // extra attempts of a failed request
-	DefaultRetryBackoff     = 100 * time.Millisecond
-	DefaultFlushInterval    = 5 * time.Second
-	DefaultProgressInterval = 250 * time.Millisecond
-	DefaultSparseSize       = 64 << 10 // granularity of zero detection
+	DefaultRequestSize       = 2 << 20 // bytes per data request; see above
+	DefaultInFlight          = 8       // requests in flight: 16 MiB of buffers
+	DefaultSourceConnections = 2       // when the source allows multi-conn
+	DefaultRetries           = 3       // extra attempts of a failed request
+	DefaultRetryBackoff      = 100 * time.Millisecond
+	DefaultFlushInterval     = 5 * time.Second
+	DefaultProgressInterval  = 250 * time.Millisecond
+	DefaultSparseSize        = 64 << 10 // granularity of zero detection
 )
 
 // Options describe one copy. Source, Target and Extents are required; every
@@ -53,6 +62,11 @@ type Options struct {
 	// about RequestSize × InFlight, independent of the disk size.
 	RequestSize int
 	InFlight    int
+
+	// SourceConnections is how many connections read from the source when
+	// it advertises multi-conn (one image seen by every connection); a
+	// source without multi-conn gets one. Reads are spread over them.
+	SourceConnections int
 
 	// SparseSize is the granularity (bytes) at which data read from the
 	// source is checked for zeros: an all-zero block of this size is skipped

@@ -33,14 +33,34 @@ func Copy(ctx context.Context, opts Options) (*Result, error) {
 	if c.src, err = nbd.Connect(opts.Source); err != nil {
 		return nil, fmt.Errorf("copier: source: %w", err)
 	}
-	defer c.closeHandle(c.src)
+	c.srcs = []*nbd.Handle{c.src}
+	defer c.closeHandles()
+	// More source connections only where the server promises that they all
+	// see one image (multi-conn); reads are spread over them, so a server
+	// that sends one reply at a time per connection (nbdkit) keeps several
+	// replies going.
+	if opts.SourceConnections > 1 {
+		if ok, err := c.src.CanMultiConn(); err == nil && ok {
+			for len(c.srcs) < opts.SourceConnections {
+				h, err := nbd.Connect(opts.Source)
+				if err != nil {
+					return nil, fmt.Errorf("copier: source connection %d: %w", len(c.srcs)+1, err)
+				}
+				c.srcs = append(c.srcs, h)
+			}
+		}
+	}
 	if c.dst, err = nbd.Connect(opts.Target); err != nil {
 		return nil, fmt.Errorf("copier: target: %w", err)
 	}
-	defer c.closeHandle(c.dst)
 	if err := c.check(); err != nil {
 		return nil, err
 	}
+	// Hand a whole write request to the kernel at once: with the default
+	// ~200 KiB send buffer of a unix socket, a 2 MiB write goes out in ten
+	// pieces, each a poll wake-up waiting for the server to read. Best
+	// effort: the kernel caps the size, and TCP keeps its autotuning.
+	_, _ = c.dst.SetSendBuffer(targetSendBuffer)
 
 	wake, stopWake, err := wakeOnDone(ctx)
 	if err != nil {
@@ -67,6 +87,9 @@ func (o *Options) setDefaults() {
 	if o.InFlight <= 0 {
 		o.InFlight = DefaultInFlight
 	}
+	if o.SourceConnections <= 0 {
+		o.SourceConnections = DefaultSourceConnections
+	}
 	if o.SparseSize <= 0 {
 		o.SparseSize = DefaultSparseSize
 	}
@@ -89,6 +112,9 @@ func (o *Options) setDefaults() {
 func (o *Options) validate() error {
 	if o.Source == "" || o.Target == "" {
 		return errors.New("copier: source and target URIs are required")
+	}
+	if o.SourceConnections > maxSourceConnections {
+		return fmt.Errorf("copier: %d source connections, at most %d", o.SourceConnections, maxSourceConnections)
 	}
 	if o.RequestSize > 32<<20 {
 		return fmt.Errorf("copier: request size %d above the NBD limit of 32 MiB", o.RequestSize)
@@ -124,6 +150,7 @@ var opNames = [...]string{opRead: "pread", opWrite: "pwrite", opZero: "zero", op
 // errors.
 type op struct {
 	kind     opKind
+	conn     int      // source connection of a read
 	req      *request // nil for a flush
 	off, n   int64
 	bufOff   int
@@ -144,13 +171,15 @@ type copier struct {
 	opts     Options
 	start    time.Time
 	src, dst *nbd.Handle
+	srcs     []*nbd.Handle // src first; more when the source allows multi-conn
+	srcBusy  []int         // reads in flight per source connection
 	wakeFd   int
 
 	bufs    []*nbd.Buffer
 	free    []*request
 	plan    *planner
 	track   tracker
-	srcOps  map[nbd.Cookie]*op
+	srcOps  []map[nbd.Cookie]*op // per source connection
 	dstOps  map[nbd.Cookie]*op
 	retry   []*op
 	busy    int // requests not in free
@@ -167,12 +196,26 @@ type copier struct {
 	progressDirty bool
 }
 
-// closeHandle lets commands still in flight after an error finish (briefly)
-// so the server sees a clean disconnect, then closes the handle.
-func (c *copier) closeHandle(h *nbd.Handle) {
-	h.WaitIdle(closeGrace)
-	h.Close()
+// closeHandles lets commands still in flight after an error finish
+// (briefly, on every connection at once) so the servers see a clean
+// disconnect, then closes the handles.
+func (c *copier) closeHandles() {
+	hs := append([]*nbd.Handle(nil), c.srcs...)
+	if c.dst != nil {
+		hs = append(hs, c.dst)
+	}
+	nbd.WaitIdle(hs, closeGrace)
+	for _, h := range hs {
+		h.Close()
+	}
 }
+
+// maxSourceConnections keeps every connection in one poll (nbd.PollHandles
+// takes 8 handles).
+const maxSourceConnections = 7
+
+// targetSendBuffer is the send buffer asked for on a unix-socket target.
+const targetSendBuffer = 4 << 20
 
 // closeGrace bounds how long an aborted copy waits for its last replies.
 const closeGrace = 2 * time.Second
@@ -226,7 +269,10 @@ func (c *copier) check() error {
 		c.bufs = append(c.bufs, b)
 		c.free = append(c.free, &request{buf: b})
 	}
-	c.srcOps = make(map[nbd.Cookie]*op, o.InFlight)
+	for range c.srcs {
+		c.srcOps = append(c.srcOps, make(map[nbd.Cookie]*op, o.InFlight))
+	}
+	c.srcBusy = make([]int, len(c.srcs))
 	c.dstOps = make(map[nbd.Cookie]*op, 4*o.InFlight)
 	c.lastFlush = time.Now()
 	c.lastProgress = time.Now()
@@ -236,7 +282,7 @@ func (c *copier) check() error {
 // run is the event loop: plan and send requests while there is room, wait
 // on both sockets, and react to completions, until the final flush.
 func (c *copier) run(ctx context.Context) error {
-	hs := []*nbd.Handle{c.src, c.dst}
+	hs := append(append([]*nbd.Handle(nil), c.srcs...), c.dst)
 	done := make([]nbd.Completion, 64)
 	for {
 		if err := ctx.Err(); err != nil {
@@ -262,19 +308,27 @@ func (c *copier) run(ctx context.Context) error {
 		if err != nil {
 			var pe *nbd.PollError
 			if errors.As(err, &pe) && pe.Index >= 0 {
-				return fmt.Errorf("copier: %s connection failed: %w", [2]string{"source", "target"}[pe.Index], err)
+				side := "source"
+				if pe.Index == len(c.srcs) {
+					side = "target"
+				}
+				return fmt.Errorf("copier: %s connection failed: %w", side, err)
 			}
 			return fmt.Errorf("copier: %w", err)
 		}
 		if woken {
 			return fmt.Errorf("copier: %w", ctx.Err())
 		}
-		for {
-			n := c.src.AioDrain(done)
-			for _, d := range done[:n] {
-				if err := c.srcDone(d); err != nil {
-					return err
+		for more := true; more; {
+			more = false
+			for i, h := range c.srcs {
+				n := h.AioDrain(done)
+				for _, d := range done[:n] {
+					if err := c.srcDone(i, d); err != nil {
+						return err
+					}
 				}
+				more = more || n == len(done)
 			}
 			m := c.dst.AioDrain(done)
 			for _, d := range done[:m] {
@@ -282,12 +336,12 @@ func (c *copier) run(ctx context.Context) error {
 					return err
 				}
 			}
-			if n < len(done) && m < len(done) {
-				break
-			}
+			more = more || m == len(done)
 		}
-		if c.src.IsDead() {
-			return errors.New("copier: source connection died")
+		for _, h := range c.srcs {
+			if h.IsDead() {
+				return errors.New("copier: source connection died")
+			}
 		}
 		if c.dst.IsDead() {
 			return errors.New("copier: target connection died")
@@ -351,9 +405,17 @@ func (c *copier) send(o *op) error {
 	var err error
 	switch o.kind {
 	case opRead:
-		ck, err = c.src.AioPread(o.req.buf, 0, int(o.n), o.off)
+		// The connection with the fewest reads in flight.
+		o.conn = 0
+		for i, n := range c.srcBusy {
+			if n < c.srcBusy[o.conn] {
+				o.conn = i
+			}
+		}
+		ck, err = c.srcs[o.conn].AioPread(o.req.buf, 0, int(o.n), o.off)
 		if err == nil {
-			c.srcOps[ck] = o
+			c.srcOps[o.conn][ck] = o
+			c.srcBusy[o.conn]++
 		}
 		return c.sendErr(o, err)
 	case opWrite:
@@ -425,14 +487,15 @@ func (c *copier) sendRetries(now time.Time) error {
 
 // srcDone handles a finished read: it checks the data for zero blocks and
 // sends the writes (or zeroes) for it.
-func (c *copier) srcDone(d nbd.Completion) error {
-	o := c.srcOps[d.Cookie]
-	delete(c.srcOps, d.Cookie)
+func (c *copier) srcDone(conn int, d nbd.Completion) error {
+	o := c.srcOps[conn][d.Cookie]
+	delete(c.srcOps[conn], d.Cookie)
 	if o == nil {
 		return fmt.Errorf("copier: unknown source cookie %d", d.Cookie)
 	}
+	c.srcBusy[conn]--
 	if d.Err != nil {
-		return c.failed(o, d.Err, c.src)
+		return c.failed(o, d.Err, c.srcs[conn])
 	}
 	r := o.req
 	c.prog.Read += r.n

@@ -6,6 +6,7 @@
 
 #include <errno.h>
 #include <poll.h>
+#include <sys/socket.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -212,6 +213,29 @@ static int cbt_extent_cb(void *ud, const char *ctx, uint64_t off, uint32_t *entr
 static cbt_ret cbt_block_status(struct nbd_handle *h, uint64_t n, uint64_t off, cbt_extents *x) {
 	nbd_extent_callback cb = {.callback = cbt_extent_cb, .user_data = x};
 	return cbt_check(nbd_block_status(h, n, off, cb, 0));
+}
+
+// cbt_set_sndbuf raises the send buffer of a unix socket to n bytes (the
+// kernel caps it at net.core.wmem_max). TCP sockets are left alone: setting
+// SO_SNDBUF there would switch off the kernel's autotuning. r is 1 when the
+// buffer was changed, 0 when the socket is not a unix socket.
+static cbt_ret cbt_set_sndbuf(struct nbd_handle *h, int n) {
+	int fd = nbd_aio_get_fd(h);
+	if (fd == -1)
+		return cbt_fail();
+	struct sockaddr_storage ss;
+	socklen_t len = sizeof ss;
+	if (getsockname(fd, (struct sockaddr *)&ss, &len) == -1) {
+		cbt_ret x = {-1, errno, strdup(strerror(errno))};
+		return x;
+	}
+	if (ss.ss_family != AF_UNIX)
+		return cbt_ok(0);
+	if (setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &n, sizeof n) == -1) {
+		cbt_ret x = {-1, errno, strdup(strerror(errno))};
+		return x;
+	}
+	return cbt_ok(1);
 }
 
 static void cbt_close(struct nbd_handle *h) {

@@ -288,6 +288,19 @@ func (h *Handle) BlockStatus(off, n int64) ([]Extent, error) {
 	return out, nil
 }
 
+// SetSendBuffer raises the socket's send buffer to n bytes when the
+// connection is a unix socket, so one large write request is handed to the
+// kernel in one go instead of in pieces of the default ~200 KiB, each
+// waiting for the server to read. The kernel caps n at net.core.wmem_max.
+// TCP connections keep the kernel's autotuning; it reports false for them.
+func (h *Handle) SetSendBuffer(n int) (bool, error) {
+	r := C.cbt_set_sndbuf(h.h, C.int(n))
+	if r.r == -1 {
+		return false, mkerr(r, "setsockopt SO_SNDBUF", -1, 0)
+	}
+	return r.r == 1, nil
+}
+
 // Buffer is C memory for asynchronous calls: libnbd reads into and writes
 // from it after the call returns, which Go memory does not allow.
 type Buffer struct {
@@ -521,26 +534,43 @@ func PollHandles(hs []*Handle, wakeFd int, timeout time.Duration) (bool, error) 
 // clean disconnect with nothing in flight is kinder to servers than a reset
 // in the middle of replies (nbdkit 1.32 aborts on that).
 func (h *Handle) WaitIdle(timeout time.Duration) bool {
+	return WaitIdle([]*Handle{h}, timeout)
+}
+
+// WaitIdle is Handle.WaitIdle for several handles at once, with one
+// deadline for all (at most 8 handles). It reports whether every handle
+// became idle; a dead handle is given up on.
+func WaitIdle(hs []*Handle, timeout time.Duration) bool {
 	deadline := time.Now().Add(timeout)
 	out := make([]Completion, drainMax)
+	busy := make([]*Handle, 0, len(hs))
 	for {
-		for h.AioDrain(out) > 0 {
+		busy = busy[:0]
+		ok := true
+		for _, h := range hs {
+			for h.AioDrain(out) > 0 {
+			}
+			if h.IsDead() {
+				ok = false
+				continue
+			}
+			n, err := h.AioInFlight()
+			if err != nil {
+				ok = false
+				continue
+			}
+			if n > 0 {
+				busy = append(busy, h)
+			}
 		}
-		if h.IsDead() {
-			return false
-		}
-		n, err := h.AioInFlight()
-		if err != nil {
-			return false
-		}
-		if n == 0 {
-			return true
+		if len(busy) == 0 {
+			return ok
 		}
 		left := time.Until(deadline)
 		if left <= 0 {
 			return false
 		}
-		if _, err := PollHandles([]*Handle{h}, -1, left); err != nil {
+		if _, err := PollHandles(busy, -1, left); err != nil {
 			return false
 		}
 	}
