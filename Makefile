@@ -37,5 +37,8 @@ down: ## stop what make dev started; keep the state
 clean: ## make down, then wipe .cbtflow/ and the dev database
 	@scripts/dev clean
 
+demo: deps build ## the main job on the lab: fresh stack, full + incremental backup, restores verified byte for byte
+	$(GO) run ./internal/demo $(DEMO_FLAGS)
+
 bench: deps ## copier vs nbdcopy vs qemu-img convert (full copy, 4 GiB disk)
 	$(GO) run ./internal/bench
