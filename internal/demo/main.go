@@ -126,6 +126,7 @@ func run(ctx context.Context, out io.Writer, s *stack) (err error) {
 		}
 	}
 	rel := relTo(s.top, s.state)
+	work := filepath.Join(s.state, "demo")
 	say(out, "starting a fresh stack in %s (Temporal 127.0.0.1:%d, Web UI http://127.0.0.1:%d, lab vCenter 127.0.0.1:%d, database %s)",
 		rel, s.temporalPort, s.uiPort, s.labPort, s.db)
 	defer func() {
@@ -136,7 +137,10 @@ func run(ctx context.Context, out io.Writer, s *stack) (err error) {
 			err = errors.Join(err, derr)
 			return
 		}
-		say(out, "stack stopped; its logs, repository and disk images stay in %s until the next make demo", rel)
+		say(out, "stack stopped; its logs and repository stay in %s until the next make demo", rel)
+		if err != nil {
+			say(out, "the recorded and restored disk images are in %s", relTo(s.top, work))
+		}
 		if err == nil {
 			say(out, "to watch backups in the Temporal Web UI, start the dev stack and back up the same VM:\n"+
 				"  make dev\n"+
@@ -149,7 +153,6 @@ func run(ctx context.Context, out io.Writer, s *stack) (err error) {
 		return err
 	}
 	say(out, "stack up in %.1f s", time.Since(start).Seconds())
-	work := filepath.Join(s.state, "demo")
 	if err := os.MkdirAll(work, 0o700); err != nil {
 		return err
 	}
@@ -219,8 +222,14 @@ func run(ctx context.Context, out io.Writer, s *stack) (err error) {
 	if bad := check(rows); len(bad) > 0 {
 		return errors.New(strings.Join(bad, "\n"))
 	}
-	say(out, "every restore point of both disks equals the disk at backup time, byte for byte (files in %s)", relTo(s.top, work))
+	say(out, "every restore point of both disks equals the disk at backup time, byte for byte")
 	say(out, "every incremental QCOW2 is at most 1.5 × its changed bytes + 1 MiB")
+	// The recorded and restored images (10 GiB sparse files) are kept
+	// only when something failed, to look at; a checkout full of them
+	// would also weigh on tools that read every file (docker build).
+	if err := os.RemoveAll(work); err != nil {
+		return err
+	}
 	return nil
 }
 
