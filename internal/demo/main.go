@@ -76,7 +76,7 @@ var incrementalWrites = []write{
 
 func main() {
 	var (
-		state        = flag.String("state", filepath.Join(".cbtflow", "demo"), "state `folder` of the demo's stack (wiped at the start; logs stay there)")
+		state        = flag.String("state", ".cbtflow-demo", "state `folder` of the demo's stack (wiped at the start; logs stay there)")
 		db           = flag.String("db", "cbtflow_demo", "PostgreSQL `database` of the demo's catalog (dropped at the start)")
 		temporalPort = flag.Int("temporal-port", 17233, "`port` of the demo's Temporal server")
 		uiPort       = flag.Int("ui-port", 18233, "`port` of the demo's Temporal Web UI")
