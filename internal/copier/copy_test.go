@@ -468,3 +468,45 @@ func TestCancelStopsPromptly(t *testing.T) {
 	}
 	h.Close()
 }
+
+// TestSourceConnections checks that reads are spread over several source
+// connections only when the source advertises multi-conn.
+func TestSourceConnections(t *testing.T) {
+	testutil.CheckNoChildren(t)
+	dir := t.TempDir()
+	testutil.CheckNoSockets(t, dir)
+	src, _ := smallSource(t, dir)
+	for _, tc := range []struct {
+		name  string
+		args  []string
+		conns int
+	}{
+		{"multi-conn", nil, copier.DefaultSourceConnections},
+		{"no multi-conn", []string{"--filter=multi-conn", "multi-conn-mode=disable"}, 1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			img := filepath.Join(dir, "conns.qcow2")
+			run(t, dir, "qemu-img", "create", "-q", "-f", "qcow2", img, "256M")
+			logFile := filepath.Join(dir, "log.txt")
+			os.Remove(logFile)
+			s := serveSource(t, dir, src.path, append([]string{"--filter=log", "logfile=" + logFile}, tc.args...)...)
+			d := serveTarget(t, dir, img)
+			res, err := copier.Copy(context.Background(), copier.Options{Source: s.URI, Target: d.URI, Extents: src.extents})
+			if err != nil {
+				t.Fatal(err)
+			}
+			s.Stop()
+			d.Stop()
+			if err := compare(t, src.path, img); err != nil {
+				t.Fatal(err)
+			}
+			b, err := os.ReadFile(logFile)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if n := strings.Count(string(b), " Connect "); n != tc.conns {
+				t.Errorf("%d source connections; want %d (%+v)", n, tc.conns, *res)
+			}
+		})
+	}
+}
