@@ -1,0 +1,18 @@
+// Package stack starts a whole cbtflow stack on one machine for tests, and
+// for the chaos tests that kill and restart its parts: the Temporal dev
+// server (the real `temporal` CLI, on free ports, with its state in a db
+// file so it can be restarted), the lab vCenter (in-process), the vCenter
+// profiles file, the repository folder, and the worker as a real separate
+// process configured by environment variables, exactly as an operator runs
+// it. The catalog database is given by the caller (see CreateDatabase);
+// nothing here touches the dev stack's database, ports or state folder.
+//
+// Every child process is started with a parent-death signal from an OS
+// thread that never exits, so it dies with the process that started it,
+// and Close checks that no process of the stack (the worker's qemu-nbd and
+// nbdkit included) outlives it.
+//
+// It is test and demo support, not a deployment tool: production runs a
+// Temporal cluster and workers under a service manager. Package stacktest
+// wraps it for Go tests.
+package stack

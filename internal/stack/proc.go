@@ -1,0 +1,255 @@
+package stack
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// Pdeathsig fires when the OS thread that forked the child exits, not only
+// when the process does. The Go runtime retires a thread when a goroutine
+// that locked it ends, so children are forked from one goroutine that locks
+// its thread and never ends: their death signal then means "the process
+// died".
+var (
+	spawnOnce sync.Once
+	spawnReqs chan spawnReq
+)
+
+type spawnReq struct {
+	cmd  *exec.Cmd
+	done chan error
+}
+
+func spawn(cmd *exec.Cmd) error {
+	spawnOnce.Do(func() {
+		spawnReqs = make(chan spawnReq)
+		go func() {
+			runtime.LockOSThread() // never unlocked: this thread lives as long as the process
+			for r := range spawnReqs {
+				r.done <- r.cmd.Start()
+			}
+		}()
+	})
+	if cmd.SysProcAttr == nil {
+		cmd.SysProcAttr = &syscall.SysProcAttr{}
+	}
+	cmd.SysProcAttr.Pdeathsig = syscall.SIGKILL
+	done := make(chan error, 1)
+	spawnReqs <- spawnReq{cmd: cmd, done: done}
+	return <-done
+}
+
+// proc is a long-running child process whose output goes to a log file.
+type proc struct {
+	name string
+	cmd  *exec.Cmd
+	log  *os.File
+	done chan struct{}
+	err  error // set when done is closed
+}
+
+// startProc starts bin with args and env, appending its stdout and stderr
+// to logPath.
+func startProc(name, bin string, args, env []string, logPath string) (*proc, error) {
+	logf, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("stack: %s log: %w", name, err)
+	}
+	fmt.Fprintf(logf, "=== %s: starting %s at %s\n", name, filepath.Base(bin), time.Now().Format(time.RFC3339Nano))
+	cmd := exec.Command(bin, args...)
+	cmd.Env = env
+	cmd.Stdout, cmd.Stderr = logf, logf
+	if err := spawn(cmd); err != nil {
+		logf.Close()
+		return nil, fmt.Errorf("stack: start %s (%s): %w", name, bin, err)
+	}
+	p := &proc{name: name, cmd: cmd, log: logf, done: make(chan struct{})}
+	go func() {
+		p.err = cmd.Wait()
+		fmt.Fprintf(logf, "=== %s: exited (%v) at %s\n", name, p.err, time.Now().Format(time.RFC3339Nano))
+		logf.Close()
+		close(p.done)
+	}()
+	return p, nil
+}
+
+func (p *proc) pid() int { return p.cmd.Process.Pid }
+
+func (p *proc) exited() bool {
+	select {
+	case <-p.done:
+		return true
+	default:
+		return false
+	}
+}
+
+// stop sends sig, waits up to grace for the exit, then kills. It returns
+// an error only when the process could not be made to exit.
+func (p *proc) stop(sig syscall.Signal, grace time.Duration) error {
+	if p.exited() {
+		return nil
+	}
+	_ = p.cmd.Process.Signal(sig)
+	select {
+	case <-p.done:
+		return nil
+	case <-time.After(grace):
+	}
+	_ = p.cmd.Process.Kill()
+	select {
+	case <-p.done:
+		return nil
+	case <-time.After(30 * time.Second):
+		return fmt.Errorf("stack: %s (pid %d) does not exit after SIGKILL", p.name, p.pid())
+	}
+}
+
+// freePort returns a TCP port on 127.0.0.1 that was free a moment ago.
+func freePort() (int, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, fmt.Errorf("stack: free port: %w", err)
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port, nil
+}
+
+func portAnswers(addr string) bool {
+	c, err := net.DialTimeout("tcp", addr, time.Second)
+	if err != nil {
+		return false
+	}
+	c.Close()
+	return true
+}
+
+// Proc is a process found in /proc.
+type Proc struct {
+	Pid int
+	Cmd string // argv joined by spaces
+}
+
+// ProcsMentioning lists the live processes (zombies excluded) whose command
+// line contains any of the given strings, such as a stack's folders: the
+// worker's qemu-nbd and nbdkit name sockets and images below them. The
+// calling process is never listed.
+func ProcsMentioning(needles ...string) []Proc {
+	entries, err := os.ReadDir("/proc")
+	if err != nil {
+		return nil
+	}
+	self := os.Getpid()
+	var out []Proc
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid == self {
+			continue
+		}
+		raw, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		if err != nil || len(raw) == 0 {
+			continue
+		}
+		cmd := strings.TrimSpace(strings.ReplaceAll(string(raw), "\x00", " "))
+		hit := false
+		for _, n := range needles {
+			if n != "" && strings.Contains(cmd, n) {
+				hit = true
+			}
+		}
+		if !hit || zombie(pid) {
+			continue
+		}
+		out = append(out, Proc{Pid: pid, Cmd: cmd})
+	}
+	return out
+}
+
+func zombie(pid int) bool {
+	stat, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "stat"))
+	if err != nil {
+		return true
+	}
+	s := string(stat)
+	i := strings.LastIndexByte(s, ')')
+	if i < 0 {
+		return false
+	}
+	f := strings.Fields(s[i+1:])
+	return len(f) > 0 && (f[0] == "Z" || f[0] == "X")
+}
+
+// Descendants lists the live descendants of pid.
+func Descendants(pid int) []Proc {
+	entries, err := os.ReadDir("/proc")
+	if err != nil {
+		return nil
+	}
+	children := map[int][]int{}
+	for _, e := range entries {
+		p, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		stat, err := os.ReadFile(filepath.Join("/proc", e.Name(), "stat"))
+		if err != nil {
+			continue
+		}
+		s := string(stat)
+		i := strings.LastIndexByte(s, ')')
+		if i < 0 {
+			continue
+		}
+		f := strings.Fields(s[i+1:])
+		if len(f) < 2 || f[0] == "Z" || f[0] == "X" {
+			continue
+		}
+		pp, _ := strconv.Atoi(f[1])
+		children[pp] = append(children[pp], p)
+	}
+	var out []Proc
+	queue := []int{pid}
+	for len(queue) > 0 {
+		cur := queue[0]
+		queue = queue[1:]
+		for _, c := range children[cur] {
+			raw, _ := os.ReadFile(filepath.Join("/proc", strconv.Itoa(c), "cmdline"))
+			out = append(out, Proc{Pid: c, Cmd: strings.TrimSpace(strings.ReplaceAll(string(raw), "\x00", " "))})
+			queue = append(queue, c)
+		}
+	}
+	return out
+}
+
+// waitGone waits until no process mentions any of needles, and returns
+// those left after timeout.
+func waitGone(timeout time.Duration, needles ...string) []Proc {
+	deadline := time.Now().Add(timeout)
+	for {
+		left := ProcsMentioning(needles...)
+		if len(left) == 0 || time.Now().After(deadline) {
+			return left
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func describe(ps []Proc) string {
+	parts := make([]string, 0, len(ps))
+	for _, p := range ps {
+		parts = append(parts, fmt.Sprintf("pid %d: %s", p.Pid, p.Cmd))
+	}
+	return strings.Join(parts, "; ")
+}
+
+var errNotRunning = errors.New("not running")
