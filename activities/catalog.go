@@ -26,10 +26,15 @@ func (a *Catalog) BeginBackup(ctx context.Context, in BeginBackupInput) (*BeginB
 	if err := repository.CheckComponent("backup ID", in.BackupID); err != nil {
 		return nil, temporal.NewNonRetryableApplicationError(err.Error(), ErrTypeInvalidInput, err)
 	}
+	for what, v := range map[string]string{"vCenter profile": in.Profile, "VM instance UUID": in.VMUUID} {
+		if err := repository.CheckComponent(what, v); err != nil {
+			return nil, temporal.NewNonRetryableApplicationError(err.Error(), ErrTypeInvalidInput, err)
+		}
+	}
 	err := a.Catalog.Begin(ctx, catalog.Backup{ID: in.BackupID, Profile: in.Profile, VMUUID: in.VMUUID,
 		VMName: in.VMName, Mode: in.Mode, WorkflowID: in.WorkflowID, RunID: in.RunID})
 	if err != nil {
-		return nil, err
+		return nil, permanent(err)
 	}
 	latest, err := a.Catalog.LatestDisks(ctx, in.Profile, in.VMUUID)
 	if err != nil {
@@ -90,7 +95,7 @@ func (a *Catalog) CommitRestorePoint(ctx context.Context, in CommitInput) error 
 			ChangedBytes: d.ChangedBytes, WrittenBytes: d.WrittenBytes, SizeBytes: d.SizeBytes, SHA256: d.SHA256, Note: d.Note})
 	}
 	if err := a.Catalog.Commit(ctx, in.BackupID, disks); err != nil {
-		return err
+		return permanent(err)
 	}
 	activity.GetLogger(ctx).Info("restore point committed", "backup", in.BackupID, "disks", len(disks))
 	if dir, err := a.Repo.StagingDir(in.BackupID); err == nil {

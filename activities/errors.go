@@ -7,6 +7,7 @@ import (
 
 	"go.temporal.io/sdk/temporal"
 
+	"github.com/cbtflow/cbtflow/internal/catalog"
 	"github.com/cbtflow/cbtflow/internal/source"
 	"github.com/cbtflow/cbtflow/internal/vsphere"
 )
@@ -42,6 +43,12 @@ func permanentType(err error) string {
 		return ErrTypeAmbiguousVM
 	case errors.Is(err, source.ErrBadRequest):
 		return ErrTypeInvalidInput
+	case errors.Is(err, vsphere.ErrSnapshotNotFound):
+		return ErrTypeSnapshotGone
+	case errors.Is(err, catalog.ErrCommitted):
+		return ErrTypeCommitted
+	case errors.Is(err, catalog.ErrFailed):
+		return ErrTypeBackupFailed
 	case errors.Is(err, syscall.ENOSPC), errors.Is(err, syscall.EDQUOT):
 		return ErrTypeNoSpace
 	case errors.Is(err, syscall.EROFS):

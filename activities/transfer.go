@@ -139,7 +139,7 @@ func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*Tra
 		if ctx.Err() != nil {
 			return nil, ctx.Err()
 		}
-		return nil, permanent(fmt.Errorf("disk %d: %w", in.Key, err))
+		return nil, permanent(fmt.Errorf("disk %d into %s: %w", in.Key, path, err))
 	}
 	sig(in.ChangedBytes, in.ChangedBytes, true)
 	// A clean stop of qemu-nbd closes the image; the copy's final FLUSH

@@ -20,6 +20,7 @@ const (
 	ErrTypeInvalidInput   = "InvalidInput"
 	ErrTypeNoRestorePoint = "NoRestorePoint"
 	ErrTypeCommitted      = "AlreadyCommitted"
+	ErrTypeBackupFailed   = "BackupAlreadyFailed"
 	ErrTypeSnapshotGone   = "SnapshotGone"
 )
 

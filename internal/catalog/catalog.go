@@ -50,6 +50,9 @@ var ErrNotFound = errors.New("catalog: not found")
 // backup.
 var ErrCommitted = errors.New("catalog: backup is committed")
 
+// ErrFailed is returned when an operation would revive a failed backup.
+var ErrFailed = errors.New("catalog: backup has failed")
+
 // Catalog is the PostgreSQL catalog.
 type Catalog struct {
 	pool *pgxpool.Pool
@@ -197,8 +200,11 @@ func (c *Catalog) Begin(ctx context.Context, b Backup) error {
 			if err := tx.QueryRow(ctx, `SELECT status FROM backups WHERE id = $1`, b.ID).Scan(&status); err != nil {
 				return fmt.Errorf("catalog: begin %s: %w", b.ID, err)
 			}
-			if status != StatusRunning {
-				return fmt.Errorf("catalog: begin %s: backup already %s", b.ID, status)
+			switch status {
+			case StatusCommitted:
+				return fmt.Errorf("catalog: begin %s: %w", b.ID, ErrCommitted)
+			case StatusFailed:
+				return fmt.Errorf("catalog: begin %s: %w", b.ID, ErrFailed)
 			}
 		}
 		return nil
@@ -244,7 +250,7 @@ func (c *Catalog) Commit(ctx context.Context, backupID string, disks []Disk) err
 		case StatusCommitted:
 			return c.sameDisks(ctx, tx, backupID, disks)
 		case StatusFailed:
-			return fmt.Errorf("catalog: commit %s: backup was marked failed", backupID)
+			return fmt.Errorf("catalog: commit %s: %w", backupID, ErrFailed)
 		}
 		for _, d := range disks {
 			var backing *string
@@ -279,12 +285,12 @@ func (c *Catalog) sameDisks(ctx context.Context, tx pgx.Tx, backupID string, dis
 		byKey[d.Key] = d
 	}
 	if len(stored) != len(disks) {
-		return fmt.Errorf("catalog: commit %s: already committed with %d disks, not %d", backupID, len(stored), len(disks))
+		return fmt.Errorf("catalog: commit %s: %w with %d disks, not %d", backupID, ErrCommitted, len(stored), len(disks))
 	}
 	for _, d := range disks {
 		s, ok := byKey[d.Key]
 		if !ok || s.ChangeID != d.ChangeID || s.SHA256 != d.SHA256 || s.Path != d.Path {
-			return fmt.Errorf("catalog: commit %s: already committed with other data for disk %d", backupID, d.Key)
+			return fmt.Errorf("catalog: commit %s: %w with other data for disk %d", backupID, ErrCommitted, d.Key)
 		}
 	}
 	return nil
