@@ -18,6 +18,8 @@ import (
 type Catalog struct {
 	Catalog *catalog.Catalog
 	Repo    *repository.Repository
+	// Hooks pauses at step boundaries in fault tests; nil in production.
+	Hooks Pauser
 }
 
 // BeginBackup records a running backup and returns each disk's latest
@@ -78,6 +80,7 @@ func sortPrevious(p []PreviousDisk) {
 // transfer left it, with the size it reported: a change ID is never
 // recorded for data that is not there.
 func (a *Catalog) CommitRestorePoint(ctx context.Context, in CommitInput) error {
+	pause(a.Hooks, ctx, PauseBeforeCommit)
 	disks := make([]catalog.Disk, 0, len(in.Disks))
 	for _, d := range in.Disks {
 		fi, err := os.Stat(d.Path)
@@ -98,6 +101,7 @@ func (a *Catalog) CommitRestorePoint(ctx context.Context, in CommitInput) error 
 		return permanent(err)
 	}
 	activity.GetLogger(ctx).Info("restore point committed", "backup", in.BackupID, "disks", len(disks))
+	pause(a.Hooks, ctx, PauseAfterCommit)
 	if dir, err := a.Repo.StagingDir(in.BackupID); err == nil {
 		_ = os.RemoveAll(dir)
 	}

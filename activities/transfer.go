@@ -56,6 +56,8 @@ type Transfer struct {
 	SignalInterval time.Duration
 	// Sources opens a snapshot disk as NBD; source.New when nil.
 	Sources func(vsphere.Profile) (source.Opener, error)
+	// Hooks pauses at step boundaries in fault tests; nil in production.
+	Hooks Pauser
 }
 
 // TransferDisk copies a disk's changed areas from the snapshot into a new
@@ -130,9 +132,14 @@ func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*Tra
 	opts.Overlay = in.Mode == "incremental"
 	opts.ResumeFrom = resume.ResumePoint
 	sig := a.progressSignaler(ctx, in.Key)
+	halfway := false
 	opts.Progress = func(p copier.Progress) {
 		activity.RecordHeartbeat(ctx, TransferProgress{Path: path, ResumePoint: p.ResumePoint, Done: p.Done, Total: p.Total})
 		sig(p.Done, p.Total, false)
+		if !halfway && p.Total > 0 && p.Done*2 >= p.Total && p.Done < p.Total {
+			halfway = true
+			pause(a.Hooks, ctx, PauseMidTransfer)
+		}
 	}
 	res, err := copier.Copy(ctx, opts)
 	if err != nil {

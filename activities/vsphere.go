@@ -23,6 +23,8 @@ import (
 type VSphere struct {
 	Sessions *vsphere.Sessions
 	Repo     *repository.Repository
+	// Hooks pauses at step boundaries in fault tests; nil in production.
+	Hooks Pauser
 }
 
 func (a *VSphere) client(ctx context.Context, profile string) (*vsphere.Client, error) {
@@ -97,6 +99,7 @@ func (a *VSphere) CreateSnapshot(ctx context.Context, in CreateSnapshotInput) (*
 		res.Disks = append(res.Disks, SnapshotDisk{Key: d.Key, Capacity: d.Capacity, FileName: d.FileName, ChangeID: d.ChangeID})
 	}
 	activity.GetLogger(ctx).Info("snapshot taken", "vm", vm.Name, "backup", in.BackupID, "snapshot", snap.Ref)
+	pause(a.Hooks, ctx, PauseAfterSnapshot)
 	return res, nil
 }
 
@@ -158,6 +161,7 @@ func (a *VSphere) ChangedAreas(ctx context.Context, in ChangedAreasInput) (*Chan
 // RemoveSnapshot removes the backup's snapshot; a snapshot already gone is
 // no error.
 func (a *VSphere) RemoveSnapshot(ctx context.Context, in RemoveSnapshotInput) error {
+	pause(a.Hooks, ctx, PauseBeforeRemoveSnapshot)
 	c, err := a.client(ctx, in.Profile)
 	if err != nil {
 		return err

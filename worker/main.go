@@ -100,9 +100,15 @@ func run(log *slog.Logger, args []string) error {
 		MaxConcurrentActivityExecutionSize: 4 * *parallel,
 	})
 	workflows.Register(w)
-	w.RegisterActivity(&activities.VSphere{Sessions: sessions, Repo: repo})
-	w.RegisterActivity(&activities.Transfer{Sessions: sessions, Repo: repo, Signals: c})
-	w.RegisterActivity(&activities.Catalog{Catalog: cat, Repo: repo})
+	// Fault tests stop the worker at step boundaries; never set in production.
+	var hooks activities.Pauser
+	if dir := os.Getenv("CBTFLOW_TEST_PAUSE_DIR"); dir != "" {
+		hooks = activities.PauseDir(dir)
+		log.Warn("test pause hooks enabled", "dir", dir)
+	}
+	w.RegisterActivity(&activities.VSphere{Sessions: sessions, Repo: repo, Hooks: hooks})
+	w.RegisterActivity(&activities.Transfer{Sessions: sessions, Repo: repo, Signals: c, Hooks: hooks})
+	w.RegisterActivity(&activities.Catalog{Catalog: cat, Repo: repo, Hooks: hooks})
 	w.RegisterActivity(&activities.Sweeper{Sessions: sessions, Catalog: cat, Workflows: c, Namespace: cfg.Namespace})
 
 	log.Info("worker starting", "temporal", cfg.TemporalAddress, "namespace", cfg.Namespace,
