@@ -103,11 +103,11 @@ func backupCmd(ctx context.Context, e *env, args []string) error {
 	if err := run.Get(ctx, &started); err != nil {
 		var app *temporal.ApplicationError
 		if errors.As(err, &app) && app.Type() == workflows.ErrTypeAlreadyRunning {
-			return alreadyRunning(ctx, c, vm, app)
+			return alreadyRunning(ctx, e, c, vm, app, *asJSON)
 		}
 		msg := failureMessage(err)
-		if *wait && *asJSON {
-			_ = printBackup(e, backupOutput{VM: vm, Status: "failed", Error: msg, Disks: []diskOutput{}}, true)
+		if *asJSON {
+			_ = printBackup(e, backupOutput{VM: vm, Status: "failed", Error: msg, Workflow: run.GetID(), Disks: []diskOutput{}}, true)
 		}
 		return exitError{code: 1, err: fmt.Errorf("backup of VM %s: %s", vm, msg)}
 	}
@@ -143,17 +143,28 @@ func backupCmd(ctx context.Context, e *env, args []string) error {
 	return nil
 }
 
-// alreadyRunning names the running backup and exits with code 3.
-func alreadyRunning(ctx context.Context, c client.Client, vm string, app *temporal.ApplicationError) error {
+// alreadyRunning names the running backup and exits with code 3. With
+// --json, stdout carries the running backup as status "already_running".
+func alreadyRunning(ctx context.Context, e *env, c client.Client, vm string, app *temporal.ApplicationError, asJSON bool) error {
 	var d workflows.AlreadyRunningDetails
 	_ = app.Details(&d)
-	msg := fmt.Sprintf("a backup of VM %s is already running (workflow %s)", vm, d.WorkflowID)
+	name := vm
+	if d.VM != "" && d.VM != vm {
+		name = fmt.Sprintf("%s (%s)", d.VM, vm)
+	}
+	out := backupOutput{VM: d.VM, VMUUID: d.VMUUID, Workflow: d.WorkflowID, Status: "already_running", Disks: []diskOutput{}}
+	msg := fmt.Sprintf("a backup of VM %s is already running (workflow %s)", name, d.WorkflowID)
 	if d.WorkflowID != "" {
 		if desc, err := c.DescribeWorkflow(ctx, d.WorkflowID, ""); err == nil {
 			if id, ok := desc.TypedSearchAttributes.GetKeyword(workflows.SearchBackupID); ok && id != "" {
-				msg = fmt.Sprintf("a backup of VM %s is already running: backup %s (workflow %s)", vm, id, d.WorkflowID)
+				out.BackupID = id
+				msg = fmt.Sprintf("a backup of VM %s is already running: backup %s (workflow %s)", name, id, d.WorkflowID)
 			}
 		}
+	}
+	out.Error = msg
+	if asJSON {
+		_ = printBackup(e, out, true)
 	}
 	return exitError{code: exitAlreadyRunning, err: errors.New(msg)}
 }
