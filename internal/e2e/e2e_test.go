@@ -3,6 +3,7 @@ package e2e
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"flag"
 	"fmt"
 	"io"
@@ -472,6 +473,18 @@ func alreadyRunning(ctx context.Context, t *testing.T, s *stack.Stack) {
 		}
 		if r.ExitCode != 3 || !strings.Contains(r.Stderr, "already running") || !strings.Contains(r.Stderr, runningID) || !strings.Contains(r.Stderr, wid) {
 			t.Errorf("second backup as %q: want exit 3 naming backup %s (workflow %s), got %s", name, runningID, wid, r)
+		}
+		// --json: one object naming the running backup.
+		var out struct {
+			Status     string `json:"status"`
+			BackupID   string `json:"backup_id"`
+			WorkflowID string `json:"workflow_id"`
+		}
+		dec := json.NewDecoder(strings.NewReader(r.Stdout))
+		if err := dec.Decode(&out); err != nil || dec.More() {
+			t.Errorf("second backup as %q: stdout is not one JSON object: %q (%v)", name, r.Stdout, err)
+		} else if out.Status != "already_running" || out.BackupID != runningID || out.WorkflowID != wid {
+			t.Errorf("second backup as %q: JSON %+v, want status already_running, backup %s, workflow %s", name, out, runningID, wid)
 		}
 	}
 	resume()
