@@ -48,13 +48,28 @@ func (l *Lab) lockCtx() *simulator.Context {
 	return &simulator.Context{Map: l.model.Service.Context.Map}
 }
 
-// findVM resolves a VM by name or moref value.
+// findVM resolves a VM by moref value or by name, as given to CreateVM
+// ("web/01") or as stored ("web%2f01").
 func (l *Lab) findVM(name string) (*simulator.VirtualMachine, error) {
 	reg := l.model.Service.Context.Map
 	if vm, ok := reg.Get(types.ManagedObjectReference{Type: "VirtualMachine", Value: name}).(*simulator.VirtualMachine); ok {
 		return vm, nil
 	}
-	var found *simulator.VirtualMachine
+	found := l.vmsNamed(name)
+	switch len(found) {
+	case 0:
+		return nil, fmt.Errorf("lab: %w %q", ErrUnknownVM, name)
+	case 1:
+		return found[0], nil
+	}
+	return nil, fmt.Errorf("lab: %w: %q names more than one VM", ErrUnknownVM, name)
+}
+
+// vmsNamed returns the VMs whose stored name is name or its escaped form.
+func (l *Lab) vmsNamed(name string) []*simulator.VirtualMachine {
+	reg := l.model.Service.Context.Map
+	escaped := EscapeName(name)
+	var found []*simulator.VirtualMachine
 	for _, e := range reg.All("VirtualMachine") {
 		vm, ok := e.(*simulator.VirtualMachine)
 		if !ok {
@@ -62,17 +77,11 @@ func (l *Lab) findVM(name string) (*simulator.VirtualMachine, error) {
 		}
 		var n string
 		reg.WithLock(l.lockCtx(), vm, func() { n = vm.Name })
-		if n == name {
-			if found != nil {
-				return nil, fmt.Errorf("lab: %w: %q names more than one VM", ErrUnknownVM, name)
-			}
-			found = vm
+		if n == name || n == escaped {
+			found = append(found, vm)
 		}
 	}
-	if found == nil {
-		return nil, fmt.Errorf("lab: %w %q", ErrUnknownVM, name)
-	}
-	return found, nil
+	return found
 }
 
 // Disks lists the tracked disks of a VM (by name or moref value).
@@ -93,6 +102,24 @@ func (l *Lab) Disks(vmName string) ([]DiskInfo, error) {
 		}
 	})
 	return out, nil
+}
+
+// VM describes a VM (by name or moref value) and its tracked disks.
+func (l *Lab) VM(vmName string) (VMInfo, error) {
+	vm, err := l.findVM(vmName)
+	if err != nil {
+		return VMInfo{}, err
+	}
+	disks, err := l.Disks(vm.Self.Value)
+	if err != nil {
+		return VMInfo{}, err
+	}
+	if disks == nil {
+		disks = []DiskInfo{}
+	}
+	info := VMInfo{Ref: vm.Self.Value, Disks: disks}
+	l.model.Service.Context.Map.WithLock(l.lockCtx(), vm, func() { info.Name = vm.Name })
+	return info, nil
 }
 
 // Disk describes one tracked disk of a VM.
@@ -163,6 +190,14 @@ func (l *Lab) WriteDisk(vmName string, key int32, off int64, r io.Reader) (int64
 	}
 }
 
+// closedErr explains a nil f. Called with mu held.
+func (d *disk) closedErr() error {
+	if d.gone {
+		return fmt.Errorf("lab: %w: disk %d of %s was removed", ErrUnknownDisk, d.id.key, d.id.vm)
+	}
+	return errors.New("lab: closed")
+}
+
 func (d *disk) capacitySafe() int64 {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -173,7 +208,7 @@ func (d *disk) writeAt(p []byte, off int64) (int64, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if d.f == nil {
-		return 0, errors.New("lab: closed")
+		return 0, d.closedErr()
 	}
 	n := int64(len(p))
 	var tooLong error
@@ -198,6 +233,9 @@ func (l *Lab) PunchHole(vmName string, key int32, off, length int64) error {
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	if d.f == nil {
+		return d.closedErr()
+	}
 	if off < 0 || length < 0 || off+length > d.capacity {
 		return rangeErr(off, length, d.capacity)
 	}
@@ -239,7 +277,7 @@ func (d *disk) readRange(off, length int64, w io.Writer) (int64, error) {
 		d.mu.Lock()
 		var err error
 		if d.f == nil {
-			err = errors.New("lab: closed")
+			err = d.closedErr()
 		} else {
 			_, err = d.f.ReadAt(buf[:n], off+done)
 		}
@@ -265,7 +303,7 @@ func (l *Lab) DiskExtents(vmName string, key int32) ([]Extent, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if d.f == nil {
-		return nil, errors.New("lab: closed")
+		return nil, d.closedErr()
 	}
 	exts, err := dataExtents(d.f, d.capacity)
 	if err != nil {

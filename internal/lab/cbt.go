@@ -62,7 +62,15 @@ func (h *hooks) PutObject(ctx *simulator.Context, obj mo.Reference) {
 	}
 }
 
-func (h *hooks) UpdateObject(*simulator.Context, mo.Reference, []types.PropertyChange) {}
+// UpdateObject follows device changes of a VM (ReconfigVM, CreateVM,
+// Destroy) into the disk images. The registry passes the embedded
+// *mo.VirtualMachine, already changed; the VM is locked.
+func (h *hooks) UpdateObject(_ *simulator.Context, obj mo.Reference, changes []types.PropertyChange) {
+	if mvm, ok := obj.(*mo.VirtualMachine); ok {
+		defer h.lab.recoverHook("device change")
+		h.lab.onDevicesChanged(mvm, changes)
+	}
+}
 
 // RemoveObject runs before the registry forgets ref; for a snapshot, the
 // VM's snapshot tree is already updated.
@@ -134,9 +142,16 @@ func (w *cbtVM) QueryChangedDiskAreas(ctx *simulator.Context, req *types.QueryCh
 	return body
 }
 
-// ReconfigVMTask ends the change-ID series of every disk when CBT is
-// switched off; switching it on starts a new series at the next snapshot.
+// ReconfigVMTask applies the lab's rules to disk changes (checkReconfig:
+// no growth or removal with snapshots, capacities in whole KiB, no
+// shrinking), refusing with a failed task as vSphere does. It ends the
+// change-ID series of every disk when CBT is switched off; switching it on
+// starts a new series at the next snapshot.
 func (w *cbtVM) ReconfigVMTask(ctx *simulator.Context, req *types.ReconfigVM_Task) soap.HasFault {
+	if rf := w.lab.checkReconfig(w.VirtualMachine, &req.Spec); rf != nil {
+		w.lab.log.Info("reconfigure refused", "vm", w.Name, "err", rf.err)
+		return refusedReconfigTask(ctx, w.VirtualMachine, rf.fault)
+	}
 	if v := req.Spec.ChangeTrackingEnabled; v != nil && !*v {
 		w.lab.cbtOff(w.VirtualMachine)
 	}
@@ -215,7 +230,7 @@ func (l *Lab) disk(vmRef string, key int32, capacity int64) (*disk, error) {
 	d := l.disks[id]
 	if d == nil {
 		var err error
-		d, err = openDisk(id, filepath.Join(l.dir, "disks", fmt.Sprintf("%s-%d.raw", vmRef, key)), capacity)
+		d, err = openDisk(id, l.imagePath(vmRef, key), capacity)
 		if err != nil {
 			return nil, fmt.Errorf("lab: disk image of %s key %d: %w", vmRef, key, err)
 		}
@@ -408,13 +423,7 @@ func (l *Lab) onVMRemoved(ctx *simulator.Context, ref types.ManagedObjectReferen
 	}
 	l.mu.Unlock()
 	for _, d := range gone {
-		d.mu.Lock()
-		if d.f != nil {
-			d.f.Close()
-			d.f = nil
-		}
-		_ = os.Remove(d.path)
-		d.mu.Unlock()
+		d.close(true)
 	}
 	for _, r := range sessions {
 		if r.Get(ref) != nil {

@@ -14,6 +14,7 @@ import (
 	"net/url"
 	"os"
 	"strconv"
+	"strings"
 	"sync"
 
 	"github.com/vmware/govmomi/vim25/soap"
@@ -91,7 +92,12 @@ func (c *Client) endpoint(query url.Values, segments ...string) string {
 	raw := u.Path
 	for _, s := range segments {
 		p += "/" + s
-		raw += "/" + url.PathEscape(s)
+		switch s {
+		case ".", "..": // not path steps: VM names the simulator allows
+			raw += "/" + strings.Repeat("%2E", len(s))
+		default:
+			raw += "/" + url.PathEscape(s)
+		}
 	}
 	u.Path, u.RawPath = p, raw
 	u.RawQuery = query.Encode()
@@ -327,8 +333,74 @@ func (c *Client) SetCBT(ctx context.Context, vm string, enabled bool) error {
 	if err := c.init(); err != nil {
 		return err
 	}
-	b, _ := json.Marshal(CBTBody{Enabled: enabled})
-	return c.do(ctx, http.MethodPut, c.endpoint(nil, "vms", vm, "cbt"), bytes.NewReader(b), int64(len(b)), nil)
+	body, n := jsonBody(CBTBody{Enabled: enabled})
+	return c.do(ctx, http.MethodPut, c.endpoint(nil, "vms", vm, "cbt"), body, n, nil)
+}
+
+func jsonBody(v any) (io.Reader, int64) {
+	b, _ := json.Marshal(v)
+	return bytes.NewReader(b), int64(len(b))
+}
+
+// VM describes a VM (by name, as given or as stored, or moref value).
+func (c *Client) VM(ctx context.Context, vm string) (VMInfo, error) {
+	if err := c.init(); err != nil {
+		return VMInfo{}, err
+	}
+	var out VMInfo
+	return out, c.do(ctx, http.MethodGet, c.endpoint(nil, "vms", vm), nil, -1, &out)
+}
+
+// CreateVM creates a VM with one disk per capacity and returns its moref
+// value (see Lab.CreateVM).
+func (c *Client) CreateVM(ctx context.Context, name string, diskCapacities ...int64) (string, error) {
+	if err := c.init(); err != nil {
+		return "", err
+	}
+	if diskCapacities == nil {
+		diskCapacities = []int64{}
+	}
+	body, n := jsonBody(CreateVMBody{Name: name, Disks: diskCapacities})
+	var out VMInfo
+	err := c.do(ctx, http.MethodPost, c.endpoint(nil, "vms"), body, n, &out)
+	return out.Ref, err
+}
+
+// RemoveVM destroys a VM (see Lab.RemoveVM).
+func (c *Client) RemoveVM(ctx context.Context, vm string) error {
+	if err := c.init(); err != nil {
+		return err
+	}
+	return c.do(ctx, http.MethodDelete, c.endpoint(nil, "vms", vm), nil, -1, nil)
+}
+
+// AddDisk adds a thin disk to a VM and returns its device key (see
+// Lab.AddDisk).
+func (c *Client) AddDisk(ctx context.Context, vm string, capacity int64) (int32, error) {
+	if err := c.init(); err != nil {
+		return 0, err
+	}
+	body, n := jsonBody(CapacityBody{Capacity: capacity})
+	var out DiskInfo
+	err := c.do(ctx, http.MethodPost, c.endpoint(nil, "vms", vm, "disks"), body, n, &out)
+	return out.Key, err
+}
+
+// GrowDisk extends a VM's disk (see Lab.GrowDisk).
+func (c *Client) GrowDisk(ctx context.Context, vm string, key int32, capacity int64) error {
+	if err := c.init(); err != nil {
+		return err
+	}
+	body, n := jsonBody(CapacityBody{Capacity: capacity})
+	return c.do(ctx, http.MethodPut, c.endpoint(nil, "vms", vm, "disks", itoa(key), "capacity"), body, n, nil)
+}
+
+// RemoveDisk removes a disk from a VM (see Lab.RemoveDisk).
+func (c *Client) RemoveDisk(ctx context.Context, vm string, key int32) error {
+	if err := c.init(); err != nil {
+		return err
+	}
+	return c.do(ctx, http.MethodDelete, c.endpoint(nil, "vms", vm, "disks", itoa(key)), nil, -1, nil)
 }
 
 func itoa(k int32) string { return strconv.FormatInt(int64(k), 10) }

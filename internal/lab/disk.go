@@ -45,6 +45,7 @@ type disk struct {
 	seq      int    // names frozen images
 	base     string // backing file name before the first snapshot
 	deltas   int    // snapshots taken since the VM last had none
+	gone     bool   // removed from its VM: f is nil for good
 }
 
 // series is one change-ID series of a disk: it starts when CBT is enabled
@@ -95,10 +96,16 @@ func (d *disk) resize(capacity int64) error {
 		d.dirty = nil
 		d.written = true
 	}
+	old := d.capacity
 	d.capacity = capacity
 	words := (blocks(capacity) + 63) / 64
 	if int64(len(d.dirty)) < words {
 		d.dirty = append(d.dirty, make([]uint64, words-int64(len(d.dirty)))...)
+	}
+	if old > 0 && capacity > old {
+		// A grown disk: the new range counts as changed (a false positive
+		// CBT allows), so that an incremental backup sees it.
+		d.mark(old, capacity-old)
 	}
 	return nil
 }

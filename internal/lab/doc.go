@@ -11,6 +11,40 @@
 // returns. The frozen image of a snapshot's disk is what the worker's `lab`
 // disk source serves over NBD in place of VDDK.
 //
+// # Configuration changes
+//
+// The inventory can change under a test, through the Go API, the lab
+// endpoints or a plain vSphere client (ReconfigVM_Task, CreateVM_Task,
+// Destroy_Task), and the disk images follow:
+//
+//   - GrowDisk extends a disk, as ReconfigVM with a larger capacityInBytes
+//     (or capacityInKB) does. Refused while the VM has snapshots, as vSphere
+//     refuses it: ErrHasSnapshots in Go, a failed task with
+//     InvalidDeviceOperation for a vSphere client. Capacities are whole KiB
+//     (CapacityUnit), so that capacityInKB*1024 always equals
+//     capacityInBytes, and disks never shrink (ErrBadCapacity;
+//     InvalidDeviceSpec or InvalidDeviceOperation). The image grows sparsely
+//     and keeps its content. The change-ID series goes on: a change ID from
+//     before the growth still works on later snapshots, and the grown range
+//     (from the block holding the old end) is reported as changed besides
+//     what was written, a false positive CBT allows.
+//   - AddDisk adds a thin disk (the simulator names it after the VM:
+//     "[LocalDS_0] vm/vm.vmdk", "vm_1.vmdk", ...) with an empty image. Its
+//     change-ID series starts at the next snapshot; allowed with snapshots,
+//     which do not know the disk (InvalidArgument for its key).
+//   - RemoveDisk removes a disk and deletes its image; stricter than
+//     vSphere, it is refused while the VM has snapshots.
+//   - CreateVM creates a powered-on VM in /DC0/vm on host DC0_H0 with CBT on
+//     and any number of disks, zero included; RemoveVM destroys one.
+//
+// VM names are stored as vCenter stores them: "%", "/" and "\" become
+// "%25", "%2f" and "%5c" (EscapeName). "web/01" is the VM "web%2f01" with
+// folder "[LocalDS_0] web%2f01/", found by govmomi's finder as
+// /DC0/vm/web%2f01 (a raw "/" splits the path); "../../etc" is one folder
+// "..%2f..%2fetc" inside the datastore. The lab's API and endpoints take a
+// VM by moref value, by its stored name or by the name given to CreateVM
+// (the client escapes path segments, "." and ".." included).
+//
 // The lab is a test and demo fixture. It is not a vCenter, not a hypervisor
 // and not for production: it has one user, no permissions, keeps its
 // inventory in memory (a restart forgets VMs, snapshots and change IDs), and
@@ -28,8 +62,10 @@
 //
 // Close removes the frozen images and the simulator folders. When Dir was
 // given by the caller, Close keeps the live disk images and the certificate,
-// so a restarted lab on the same Dir sees the same disk content and shows the
-// same thumbprint, but a fresh change-ID series: change IDs of an earlier lab
-// are refused. When Dir is empty the lab works in a temporary directory and
+// so a restarted lab on the same Dir sees the same disk content of the
+// default inventory and shows the same thumbprint, but a fresh change-ID
+// series: change IDs of an earlier lab are refused. Disks and VMs added by
+// an earlier lab are gone with its in-memory inventory: Start deletes their
+// images. When Dir is empty the lab works in a temporary directory and
 // Close removes all of it.
 package lab

@@ -21,6 +21,10 @@ const (
 	codeUnknownSnapshot = "unknown_snapshot"
 	codeOutOfRange      = "out_of_range"
 	codeImage           = "image_unavailable"
+	codeHasSnapshots    = "has_snapshots"
+	codeBadCapacity     = "bad_capacity"
+	codeBadName         = "bad_name"
+	codeVMExists        = "vm_exists"
 	codeBadRequest      = "bad_request"
 	codeInternal        = "internal"
 )
@@ -35,6 +39,10 @@ var errorCodes = []struct {
 	{ErrUnknownSnapshot, codeUnknownSnapshot, http.StatusNotFound},
 	{ErrOutOfRange, codeOutOfRange, http.StatusBadRequest},
 	{ErrImage, codeImage, http.StatusConflict},
+	{ErrHasSnapshots, codeHasSnapshots, http.StatusConflict},
+	{ErrBadCapacity, codeBadCapacity, http.StatusBadRequest},
+	{ErrBadName, codeBadName, http.StatusBadRequest},
+	{ErrVMExists, codeVMExists, http.StatusConflict},
 }
 
 type errorBody struct {
@@ -52,10 +60,54 @@ type CBTBody struct {
 	Enabled bool `json:"enabled"`
 }
 
+// CreateVMBody asks for a new VM.
+type CreateVMBody struct {
+	Name  string  `json:"name"`
+	Disks []int64 `json:"disks"` // capacities in bytes, one disk each
+}
+
+// VMInfo describes a VM.
+type VMInfo struct {
+	Name  string     `json:"name"` // as stored: "/" escaped as "%2f" (see EscapeName)
+	Ref   string     `json:"ref"`
+	Disks []DiskInfo `json:"disks"`
+}
+
+// CapacityBody carries a disk capacity in bytes (AddDisk, GrowDisk).
+type CapacityBody struct {
+	Capacity int64 `json:"capacity"`
+}
+
+// endpoints serves the lab endpoints under /cbtflow-lab/v1 ({vm}: moref
+// value, stored name or name as created, path-escaped):
+//
+//	POST   /vms                           CreateVMBody -> 201 VMInfo
+//	GET    /vms/{vm}                      VMInfo
+//	DELETE /vms/{vm}                      RemoveVM -> 204
+//	GET    /vms/{vm}/disks                []DiskInfo
+//	POST   /vms/{vm}/disks                CapacityBody -> 201 DiskInfo (AddDisk)
+//	GET    /vms/{vm}/disks/{key}          DiskInfo
+//	DELETE /vms/{vm}/disks/{key}          RemoveDisk -> 204
+//	PUT    /vms/{vm}/disks/{key}/capacity CapacityBody -> DiskInfo (GrowDisk)
+//	GET    /vms/{vm}/disks/{key}/extents  []Extent
+//	GET    /vms/{vm}/disks/{key}/data     ?offset=&length= -> bytes
+//	PUT    /vms/{vm}/disks/{key}/data     ?offset= bytes -> WrittenBody
+//	POST   /vms/{vm}/disks/{key}/punch    ?offset=&length= -> 204
+//	PUT    /vms/{vm}/cbt                  CBTBody -> 204
+//	GET    /snapshots/{snapshot}/disks/{key}/image  ImageInfo
+//	GET    /changeids                     []Stamp
+//
+// Errors are {"error", "code"} with the codes of errorCodes.
 func (l *Lab) endpoints() http.Handler {
 	mux := http.NewServeMux()
 	const p = "/cbtflow-lab/v1"
+	mux.HandleFunc("POST "+p+"/vms", l.postVM)
+	mux.HandleFunc("GET "+p+"/vms/{vm}", l.getVM)
+	mux.HandleFunc("DELETE "+p+"/vms/{vm}", l.deleteVM)
 	mux.HandleFunc("GET "+p+"/vms/{vm}/disks", l.getDisks)
+	mux.HandleFunc("POST "+p+"/vms/{vm}/disks", l.postDisk)
+	mux.HandleFunc("DELETE "+p+"/vms/{vm}/disks/{key}", l.deleteDisk)
+	mux.HandleFunc("PUT "+p+"/vms/{vm}/disks/{key}/capacity", l.putCapacity)
 	mux.HandleFunc("GET "+p+"/vms/{vm}/disks/{key}", l.getDisk)
 	mux.HandleFunc("GET "+p+"/vms/{vm}/disks/{key}/extents", l.getExtents)
 	mux.HandleFunc("GET "+p+"/vms/{vm}/disks/{key}/data", l.getData)
@@ -128,6 +180,9 @@ func (l *Lab) getDisks(w http.ResponseWriter, r *http.Request) {
 	if err != nil {
 		l.fail(w, r, err)
 		return
+	}
+	if disks == nil {
+		disks = []DiskInfo{}
 	}
 	writeJSON(w, disks)
 }
@@ -275,4 +330,107 @@ func (l *Lab) getChangeIDs(w http.ResponseWriter, r *http.Request) {
 		stamps = []Stamp{}
 	}
 	writeJSON(w, stamps)
+}
+
+// decodeBody reads a small JSON request body into v.
+func decodeBody(w http.ResponseWriter, r *http.Request, v any) bool {
+	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<20)).Decode(v); err != nil {
+		badRequest(w, "body: %v", err)
+		return false
+	}
+	return true
+}
+
+func writeCreated(w http.ResponseWriter, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(http.StatusCreated)
+	_ = json.NewEncoder(w).Encode(v)
+}
+
+func (l *Lab) postVM(w http.ResponseWriter, r *http.Request) {
+	var body CreateVMBody
+	if !decodeBody(w, r, &body) {
+		return
+	}
+	ref, err := l.CreateVM(body.Name, body.Disks...)
+	if err != nil {
+		l.fail(w, r, err)
+		return
+	}
+	info, err := l.VM(ref)
+	if err != nil {
+		l.fail(w, r, err)
+		return
+	}
+	writeCreated(w, info)
+}
+
+func (l *Lab) getVM(w http.ResponseWriter, r *http.Request) {
+	info, err := l.VM(r.PathValue("vm"))
+	if err != nil {
+		l.fail(w, r, err)
+		return
+	}
+	writeJSON(w, info)
+}
+
+func (l *Lab) deleteVM(w http.ResponseWriter, r *http.Request) {
+	if err := l.RemoveVM(r.PathValue("vm")); err != nil {
+		l.fail(w, r, err)
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
+
+func (l *Lab) postDisk(w http.ResponseWriter, r *http.Request) {
+	var body CapacityBody
+	if !decodeBody(w, r, &body) {
+		return
+	}
+	vm := r.PathValue("vm")
+	key, err := l.AddDisk(vm, body.Capacity)
+	if err != nil {
+		l.fail(w, r, err)
+		return
+	}
+	d, err := l.Disk(vm, key)
+	if err != nil {
+		l.fail(w, r, err)
+		return
+	}
+	writeCreated(w, d)
+}
+
+func (l *Lab) putCapacity(w http.ResponseWriter, r *http.Request) {
+	key, ok := pathKey(w, r)
+	if !ok {
+		return
+	}
+	var body CapacityBody
+	if !decodeBody(w, r, &body) {
+		return
+	}
+	vm := r.PathValue("vm")
+	if err := l.GrowDisk(vm, key, body.Capacity); err != nil {
+		l.fail(w, r, err)
+		return
+	}
+	d, err := l.Disk(vm, key)
+	if err != nil {
+		l.fail(w, r, err)
+		return
+	}
+	writeJSON(w, d)
+}
+
+func (l *Lab) deleteDisk(w http.ResponseWriter, r *http.Request) {
+	key, ok := pathKey(w, r)
+	if !ok {
+		return
+	}
+	if err := l.RemoveDisk(r.PathValue("vm"), key); err != nil {
+		l.fail(w, r, err)
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
 }

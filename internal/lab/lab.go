@@ -17,6 +17,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 
 	"github.com/vmware/govmomi/simulator"
 	"github.com/vmware/govmomi/vim25/soap"
@@ -69,6 +70,9 @@ type Lab struct {
 	stamps   []Stamp
 	sessions map[*simulator.Registry]struct{} // session registries holding a cbtVM
 	closed   bool
+
+	ready atomic.Bool // the default inventory is set up: follow device changes
+	cfgMu sync.Mutex  // serialises the Go API's configuration changes
 
 	closeOnce sync.Once
 	closeErr  error
@@ -162,6 +166,10 @@ func Start(ctx context.Context, opts Options) (l *Lab, err error) {
 	l.sdkURL = &url.URL{Scheme: "https", Host: l.server.URL.Host, Path: l.server.URL.Path}
 
 	if err := l.setupInventory(ctx); err != nil {
+		return nil, err
+	}
+	l.ready.Store(true)
+	if err := l.removeStaleImages(); err != nil {
 		return nil, err
 	}
 	l.log.Info("lab started", "url", l.sdkURL.String(), "dir", l.dir, "thumbprint", l.thumb)
