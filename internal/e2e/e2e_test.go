@@ -461,6 +461,19 @@ func alreadyRunning(ctx context.Context, t *testing.T, s *stack.Stack) {
 		t.Fatal(err)
 	}
 	runningID, _ := desc.TypedSearchAttributes.GetKeyword(workflows.SearchBackupID)
+	// The progress query answers while the transfer is held.
+	qv, err := s.Client().QueryWorkflow(ctx, wid, "", workflows.QueryProgress)
+	if err != nil {
+		t.Fatalf("progress query: %v", err)
+	}
+	var prog workflows.Progress
+	if err := qv.Get(&prog); err != nil {
+		t.Fatal(err)
+	}
+	if prog.BackupID != runningID || prog.Phase != "transferring" || len(prog.Disks) != 1 ||
+		prog.Disks[0].Key != key || prog.Disks[0].Phase != "transferring" || prog.Disks[0].Total < 384*MiB {
+		t.Errorf("progress during the transfer: %+v", prog)
+	}
 	// The check for leftover snapshots sees the one of a running backup.
 	snaps, err := cbtflowSnapshots(ctx, l, moref)
 	if err != nil || len(snaps) != 1 || snaps[0] != activities.SnapshotPrefix+runningID {
