@@ -50,6 +50,7 @@ func main() {
 		runs    = flag.Int("runs", 5, "timed runs of each tool (at least 5)")
 		seed    = flag.Uint64("seed", 1, "seed of the generated disk")
 		verbose = flag.Bool("v", false, "log each run")
+		only    = flag.String("tools", "", "comma-separated subset of cbtflow,nbdcopy,qemu-img to run (default all)")
 	)
 	flag.Parse()
 	if *runs < 5 {
@@ -58,7 +59,7 @@ func main() {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	if err := run(ctx, *dir, *size, *data, *runs, *seed, *verbose); err != nil {
+	if err := run(ctx, *dir, *size, *data, *runs, *seed, *verbose, *only); err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
 	}
@@ -73,7 +74,7 @@ type tool struct {
 	rss   []int64 // peak RSS of the first command, KiB
 }
 
-func run(ctx context.Context, dir string, size, data int64, runs int, seed uint64, verbose bool) error {
+func run(ctx context.Context, dir string, size, data int64, runs int, seed uint64, verbose bool, only string) error {
 	if dir == "" {
 		d, err := os.MkdirTemp("", "cbtflow-bench-")
 		if err != nil {
@@ -123,7 +124,11 @@ func run(ctx context.Context, dir string, size, data int64, runs int, seed uint6
 	srcURI := source.URI()
 	tools := []*tool{
 		{name: "cbtflow", serve: true, argv: func(t string) [][]string {
-			return [][]string{{self, "copy", "--source", srcURI, "--target", t, "--extents", extentsFile}}
+			argv := []string{self, "copy", "--source", srcURI, "--target", t, "--extents", extentsFile}
+			if verbose {
+				argv = append(argv, "-v")
+			}
+			return [][]string{argv}
 		}},
 		{name: "nbdcopy", serve: true, argv: func(t string) [][]string {
 			return [][]string{{"nbdcopy", "--flush", srcURI, t}}
@@ -131,6 +136,13 @@ func run(ctx context.Context, dir string, size, data int64, runs int, seed uint6
 		{name: "qemu-img", argv: func(t string) [][]string {
 			return [][]string{qemuImgConvert(srcURI, t), {"sync"}}
 		}},
+	}
+	if only != "" {
+		want := strings.Split(only, ",")
+		tools = slices.DeleteFunc(tools, func(t *tool) bool { return !slices.Contains(want, t.name) })
+		if len(tools) == 0 {
+			return fmt.Errorf("--tools %q names no tool", only)
+		}
 	}
 	fmt.Println("commands (TARGET is a fresh QCOW2 of the disk's size, served by qemu-nbd where the tool needs NBD):")
 	for _, t := range tools {
@@ -149,14 +161,14 @@ func run(ctx context.Context, dir string, size, data int64, runs int, seed uint6
 		for j := range tools {
 			// Alternate the order so no tool always runs on a warmer machine.
 			t := tools[(i+j)%len(tools)]
-			d, rss, err := timeOne(ctx, dir, t, size, src, i == 0)
+			d, rss, cpu, err := timeOne(ctx, dir, t, size, src, i == 0)
 			if err != nil {
 				return fmt.Errorf("%s run %d: %w", t.name, i+1, err)
 			}
 			t.times = append(t.times, d)
 			t.rss = append(t.rss, rss)
 			if verbose {
-				fmt.Printf("run %d %-8s %.3fs peak RSS %d KiB\n", i+1, t.name, d.Seconds(), rss)
+				fmt.Printf("run %d %-8s %.3fs peak RSS %d KiB, CPU %.3fs\n", i+1, t.name, d.Seconds(), rss, cpu.Seconds())
 			}
 		}
 	}
@@ -171,8 +183,11 @@ func run(ctx context.Context, dir string, size, data int64, runs int, seed uint6
 		fmt.Printf("%-8s %7.3fs %7.3fs %7.3fs  %d KiB\n", t.name, m, s[0].Seconds(), s[len(s)-1].Seconds(), slices.Max(t.rss))
 	}
 	fmt.Printf("copier peak memory: %d KiB (max RSS of the copier process over %d runs)\n", slices.Max(tools[0].rss), runs)
-	fmt.Printf("full cbtflow/nbdcopy %.2f\n", med["cbtflow"]/med["nbdcopy"])
-	fmt.Printf("full cbtflow/qemu-img %.2f\n", med["cbtflow"]/med["qemu-img"])
+	for _, other := range []string{"nbdcopy", "qemu-img"} {
+		if med["cbtflow"] > 0 && med[other] > 0 {
+			fmt.Printf("full cbtflow/%s %.2f\n", other, med["cbtflow"]/med[other])
+		}
+	}
 	return nil
 }
 
@@ -183,7 +198,7 @@ func qemuImgConvert(srcURI, target string) []string {
 
 // timeOne makes a fresh target, runs the tool's commands and times them.
 // The first run of each tool is checked against the source.
-func timeOne(ctx context.Context, dir string, t *tool, size int64, src string, verify bool) (time.Duration, int64, error) {
+func timeOne(ctx context.Context, dir string, t *tool, size int64, src string, verify bool) (time.Duration, int64, time.Duration, error) {
 	img := filepath.Join(dir, "target-"+t.name+".qcow2")
 	_ = os.Remove(img)
 	defer os.Remove(img)
@@ -191,12 +206,12 @@ func timeOne(ctx context.Context, dir string, t *tool, size int64, src string, v
 	var exp *qemu.Export
 	if t.serve {
 		if err := qemu.Create(ctx, img, size); err != nil {
-			return 0, 0, err
+			return 0, 0, 0, err
 		}
 		var err error
 		exp, err = qemu.StartQemuNBD(ctx, qemu.QemuNBDOptions{Image: img, Format: "qcow2"})
 		if err != nil {
-			return 0, 0, err
+			return 0, 0, 0, err
 		}
 		defer exp.Close()
 		target = exp.URI()
@@ -204,36 +219,38 @@ func timeOne(ctx context.Context, dir string, t *tool, size int64, src string, v
 		target = img
 	}
 	var rss int64
+	var cpu time.Duration
 	start := time.Now()
 	for k, argv := range t.argv(target) {
 		cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
 		cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 		if err := cmd.Run(); err != nil {
-			return 0, 0, fmt.Errorf("%s: %w", strings.Join(argv, " "), err)
+			return 0, 0, 0, fmt.Errorf("%s: %w", strings.Join(argv, " "), err)
 		}
 		if k == 0 {
 			if ru, ok := cmd.ProcessState.SysUsage().(*syscall.Rusage); ok {
 				rss = ru.Maxrss
+				cpu = time.Duration(syscall.TimevalToNsec(ru.Utime) + syscall.TimevalToNsec(ru.Stime))
 			}
 		}
 	}
 	elapsed := time.Since(start)
 	if exp != nil {
 		if err := exp.Close(); err != nil {
-			return 0, 0, err
+			return 0, 0, 0, err
 		}
 	}
 	if verify {
 		diff, err := qemu.Compare(ctx, src, "raw", img, "qcow2")
 		if err != nil {
-			return 0, 0, err
+			return 0, 0, 0, err
 		}
 		if diff != "" {
-			return 0, 0, fmt.Errorf("copy differs from the source: %s", diff)
+			return 0, 0, 0, fmt.Errorf("copy differs from the source: %s", diff)
 		}
 		fmt.Printf("verified: %s's copy is identical to the source (qemu-img compare)\n", t.name)
 	}
-	return elapsed, rss, nil
+	return elapsed, rss, cpu, nil
 }
 
 // checkNoHoleReads copies once through an nbdkit source with the stats

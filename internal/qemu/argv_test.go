@@ -37,7 +37,11 @@ func TestArgv(t *testing.T) {
 		{"convert into existing", ConvertArgs(ConvertOptions{Source: "a.qcow2", SourceFormat: "qcow2", Target: "b.raw", TargetFormat: "raw", NoCreate: true}),
 			[]string{"convert", "-f", "qcow2", "-O", "raw", "-n", "a.qcow2", "b.raw"}},
 		{"qemu-nbd qcow2 read-write", QemuNBDOptions{Image: "/r/x.qcow2", Format: "qcow2"}.Args("/d/nbd.sock"),
-			[]string{"-t", "-k", "/d/nbd.sock", "-f", "qcow2", "-e", "4", "--discard=unmap", "/r/x.qcow2"}},
+			[]string{"-t", "-k", "/d/nbd.sock", "-f", "qcow2", "-e", "4", "--discard=unmap", "--cache=none", "/r/x.qcow2"}},
+		{"qemu-nbd qcow2 read-write writeback", QemuNBDOptions{Image: "/r/x.qcow2", Format: "qcow2", Cache: "writeback"}.Args("/d/nbd.sock"),
+			[]string{"-t", "-k", "/d/nbd.sock", "-f", "qcow2", "-e", "4", "--discard=unmap", "--cache=writeback", "/r/x.qcow2"}},
+		{"qemu-nbd raw read-only default cache", QemuNBDOptions{Image: "/r/x.raw", Format: "raw", ReadOnly: true}.Args("/d/nbd.sock"),
+			[]string{"-t", "-k", "/d/nbd.sock", "-f", "raw", "-e", "4", "-r", "/r/x.raw"}},
 		{"qemu-nbd raw read-only", QemuNBDOptions{Image: "/r/x.raw", Format: "raw", ReadOnly: true, Shared: 8, Cache: "none"}.Args("/d/nbd.sock"),
 			[]string{"-t", "-k", "/d/nbd.sock", "-f", "raw", "-e", "8", "-r", "--cache=none", "/r/x.raw"}},
 		{"nbdkit file", NbdkitFile("/img.raw", true).Args("/d/nbd.sock"),
@@ -122,5 +126,12 @@ func TestParseInfo(t *testing.T) {
 	}
 	if _, err := ParseInfo([]byte(`{`)); err == nil {
 		t.Error("bad JSON accepted")
+	}
+}
+
+func TestDirectIOProbe(t *testing.T) {
+	// A missing image is not a reason to fall back: qemu-nbd reports it.
+	if !directIO("/nonexistent/cbtflow/x.qcow2") {
+		t.Error("directIO of a missing file = false; want true")
 	}
 }
