@@ -9,7 +9,7 @@ TEST_TIMEOUT ?= 45m
 
 .DEFAULT_GOAL := help
 
-.PHONY: help deps build test lint bench dev down clean demo
+.PHONY: help deps build test lint bench dev down clean demo chaos
 
 help: ## list the targets
 	@grep -hE '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -42,3 +42,7 @@ demo: deps build ## the main job on the lab: fresh stack, full + incremental bac
 
 bench: deps ## copier vs nbdcopy vs qemu-img convert (full copy, 4 GiB disk)
 	$(GO) run ./internal/bench
+
+chaos: deps build ## fault harness: ≥20 backups under worker kills, Temporal restarts, DB cuts, EIO, full repository; prints a table
+	CBTFLOW_WORKER_BIN=$(CURDIR)/bin/worker CBTFLOW_STARTER_BIN=$(CURDIR)/bin/starter \
+		$(GO) test -v -count=1 -timeout 60m -run 'TestChaos$$' ./internal/chaos -args -full

@@ -11,7 +11,8 @@
 //   - "lab": nbdkit's file plugin serves the frozen image the lab
 //     (internal/lab) made of the snapshot's disk, found through the lab's
 //     own endpoint. It needs the worker and the lab to share a file system
-//     (demo, tests).
+//     (demo, tests). Fault tests put nbdkit filters in front of it (the
+//     profile's test-only LabSourceFilters, e.g. EIO on some reads).
 //
 // The package only starts and describes the NBD server; reading from it is
 // the copier's business, and finding the snapshot is internal/vsphere's.
@@ -110,13 +111,25 @@ func (labOpener) Open(ctx context.Context, req Request) (*qemu.Export, error) {
 		return nil, fmt.Errorf("source: %w: lab image of disk %d of snapshot %s has %d bytes, the snapshot's config says %d",
 			ErrBadRequest, req.Disk.Key, req.SnapshotRef, img.Capacity, req.Disk.Capacity)
 	}
-	opts := qemu.NbdkitFile(img.Path, true)
-	opts.Dir = req.Dir
-	e, err := qemu.StartNbdkit(ctx, opts)
+	e, err := qemu.StartNbdkit(ctx, LabOptions(img.Path, req))
 	if err != nil {
 		return nil, fmt.Errorf("source: serve lab image of disk %d of snapshot %s: %w", req.Disk.Key, req.SnapshotRef, err)
 	}
 	return e, nil
+}
+
+// LabOptions returns the nbdkit options that serve a lab snapshot image,
+// read-only, behind the profile's LabSourceFilters (fault tests only):
+//
+//	nbdkit --readonly [--filter=error ...] file file=IMAGE [error-pread-rate=5% ...]
+func LabOptions(image string, req Request) qemu.NbdkitOptions {
+	opts := qemu.NbdkitFile(image, true)
+	opts.Dir = req.Dir
+	for _, f := range req.Profile.LabSourceFilters {
+		opts.Filters = append(opts.Filters, f.Filter)
+		opts.Params = append(opts.Params, f.Params...)
+	}
+	return opts
 }
 
 // vddkOpener reads the snapshot's disk through nbdkit's vddk plugin.

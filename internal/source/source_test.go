@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"os"
@@ -120,6 +121,28 @@ func TestVDDKOptions(t *testing.T) {
 	}
 }
 
+func TestLabOptions(t *testing.T) {
+	req := Request{Dir: "/run/src", Profile: vsphere.Profile{Name: "lab", Source: vsphere.SourceLab}}
+	got := LabOptions("/lab/snap.img", req).Args("/run/src/nbd.sock")
+	want := []string{"--foreground", "--exit-with-parent", "--unix", "/run/src/nbd.sock", "--readonly", "file", "file=/lab/snap.img"}
+	if !slices.Equal(got, want) {
+		t.Errorf("without filters: %q\nwant %q", got, want)
+	}
+	req.Profile.LabSourceFilters = []vsphere.LabSourceFilter{
+		{Filter: "error", Params: []string{"error=EIO", "error-pread-rate=5%"}},
+		{Filter: "delay", Params: []string{"delay-read=10ms"}},
+	}
+	got = LabOptions("/lab/snap.img", req).Args("/run/src/nbd.sock")
+	want = []string{"--foreground", "--exit-with-parent", "--unix", "/run/src/nbd.sock", "--readonly",
+		"--filter=error", "--filter=delay", "file", "file=/lab/snap.img", "error=EIO", "error-pread-rate=5%", "delay-read=10ms"}
+	if !slices.Equal(got, want) {
+		t.Errorf("with filters: %q\nwant %q", got, want)
+	}
+	if o := LabOptions("/lab/snap.img", req); o.Dir != "/run/src" || !o.ReadOnly {
+		t.Errorf("options %+v: want Dir /run/src, read-only", o)
+	}
+}
+
 func TestLabOpener(t *testing.T) {
 	testutil.CheckNoChildren(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
@@ -222,6 +245,37 @@ func TestLabOpener(t *testing.T) {
 		if err := e.Close(); err != nil {
 			t.Fatalf("Close: %v", err)
 		}
+	}
+
+	// Test-only filters of the lab source: EIO on every read reaches the
+	// reader as EIO; on none of them (error-file absent), reads pass.
+	gate := filepath.Join(dir, "eio-on")
+	faulty := req
+	faulty.Profile.LabSourceFilters = []vsphere.LabSourceFilter{{Filter: "error",
+		Params: []string{"error=EIO", "error-pread-rate=100%", "error-pread-file=" + gate}}}
+	copyOnce := func(what string) error {
+		t.Helper()
+		e, err := o.Open(ctx, faulty)
+		if err != nil {
+			t.Fatalf("Open (%s): %v", what, err)
+		}
+		defer e.Close()
+		out := filepath.Join(dir, "faulty.raw")
+		_ = os.Remove(out)
+		b, err := exec.CommandContext(ctx, "nbdcopy", e.URI(), out).CombinedOutput()
+		if err != nil {
+			return fmt.Errorf("%w: %s", err, b)
+		}
+		return nil
+	}
+	if err := copyOnce("faults off"); err != nil {
+		t.Errorf("nbdcopy through the error filter with its error file absent: %v", err)
+	}
+	if err := os.WriteFile(gate, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := copyOnce("faults on"); err == nil || !strings.Contains(err.Error(), "Input/output error") {
+		t.Errorf("nbdcopy through the error filter at 100%% EIO: %v, want an Input/output error", err)
 	}
 
 	// The wrong disk key or an unknown snapshot: clear errors.

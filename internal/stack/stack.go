@@ -52,6 +52,14 @@ type Options struct {
 	LabMaxExtentsPerPage int
 	// NoWorker leaves the worker stopped after Start (StartWorker starts it).
 	NoWorker bool
+	// PausePoints enables the worker's test-only pause points
+	// (CBTFLOW_TEST_PAUSE_DIR, see activities.PauseDir) in STATE/pause;
+	// Pauses drives them.
+	PausePoints bool
+	// LabSourceFilters go into the lab profile (test-only nbdkit filters in
+	// front of the lab source, e.g. EIO on some reads; see
+	// vsphere.Profile.LabSourceFilters).
+	LabSourceFilters []vsphere.LabSourceFilter
 	// StartTimeout bounds each component's start; 2 minutes when zero.
 	StartTimeout time.Duration
 }
@@ -117,6 +125,11 @@ func Start(ctx context.Context, opts Options) (s *Stack, err error) {
 	if err := os.MkdirAll(s.repository, 0o700); err != nil {
 		return s, fmt.Errorf("stack: %w", err)
 	}
+	if opts.PausePoints {
+		if err := os.MkdirAll(s.Pauses().Dir, 0o700); err != nil {
+			return s, fmt.Errorf("stack: %w", err)
+		}
+	}
 	if s.grpcPort, err = freePort(); err != nil {
 		return s, err
 	}
@@ -164,7 +177,7 @@ func (s *Stack) startLab(ctx context.Context) error {
 	}
 	prof := map[string]map[string]vsphere.Profile{"profiles": {Profile: {
 		URL: s.lab.URL().String(), User: s.lab.User(), PasswordFile: pwFile,
-		Thumbprint: s.lab.Thumbprint(), Source: vsphere.SourceLab,
+		Thumbprint: s.lab.Thumbprint(), Source: vsphere.SourceLab, LabSourceFilters: s.opts.LabSourceFilters,
 	}}}
 	b, err := json.MarshalIndent(prof, "", "  ")
 	if err != nil {
@@ -402,7 +415,11 @@ func (s *Stack) StartWorker(ctx context.Context) error {
 		s.mu.Unlock()
 		return errors.New("stack: the worker is running already")
 	}
-	env := childEnv(append(s.Env(), "CBTFLOW_METRICS_ADDR="+s.metricsAddr, "TMPDIR="+s.tmpDir)...)
+	extra := append(s.Env(), "CBTFLOW_METRICS_ADDR="+s.metricsAddr, "TMPDIR="+s.tmpDir)
+	if s.opts.PausePoints {
+		extra = append(extra, "CBTFLOW_TEST_PAUSE_DIR="+s.Pauses().Dir)
+	}
+	env := childEnv(extra...)
 	p, err := startProc("worker", s.opts.Binaries.Worker, nil, env, s.WorkerLog())
 	if err != nil {
 		s.mu.Unlock()

@@ -5,6 +5,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"sync"
 	"testing"
@@ -38,7 +39,7 @@ func TestLoadProfiles(t *testing.T) {
 	prod := ps["prod"]
 	want := Profile{Name: "prod", URL: "https://vc.example.com/sdk", User: "backup@vsphere.local",
 		PasswordFile: filepath.Join(dir, "prod.pw"), Thumbprint: strings.ToUpper(tp), VDDKLibDir: "/opt/vddk", Transports: "nbdssl:nbd"}
-	if prod != want {
+	if !reflect.DeepEqual(prod, want) {
 		t.Errorf("prod = %+v\nwant %+v", prod, want)
 	}
 	if l := ps["lab"]; l.Name != "lab" || !l.Insecure || l.Source != SourceLab || l.PasswordFile != "/run/lab.pw" {
