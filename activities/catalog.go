@@ -130,9 +130,16 @@ func (a *Catalog) FailBackup(ctx context.Context, in FailBackupInput) error {
 		}
 		activity.GetLogger(ctx).Info("backup marked failed", "backup", in.BackupID, "partial_files_removed", removed)
 	}
+	// Only when the folder exists: on a read-only repository (the very
+	// fault that may have failed the backup, before any folder was made)
+	// RemoveAll of a missing folder fails with EROFS, and FailBackup would
+	// be retried for its whole time limit while the VM's workflow stays
+	// open.
 	if dir, err := a.Repo.StagingDir(in.BackupID); err == nil {
-		if err := os.RemoveAll(dir); err != nil {
-			return err
+		if _, err := os.Lstat(dir); err == nil {
+			if err := os.RemoveAll(dir); err != nil {
+				return err
+			}
 		}
 	}
 	return nil
