@@ -14,7 +14,9 @@ import (
 
 // permanent turns errors that no retry can fix into non-retryable
 // ApplicationErrors with a type constant; other errors pass unchanged and
-// are retried within the activity's time limit.
+// are retried within the activity's time limit — except an unreachable
+// vCenter, which stays retryable but gets its type (ErrTypeUnreachable),
+// so the failure that ends the retries says what it was.
 func permanent(err error) error {
 	if err == nil {
 		return nil
@@ -25,6 +27,9 @@ func permanent(err error) error {
 	}
 	if t := permanentType(err); t != "" {
 		return temporal.NewNonRetryableApplicationError(err.Error(), t, err)
+	}
+	if errors.Is(err, vsphere.ErrUnreachable) {
+		return temporal.NewApplicationErrorWithCause(err.Error(), ErrTypeUnreachable, err)
 	}
 	return err
 }

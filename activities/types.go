@@ -5,7 +5,7 @@ const (
 	ErrTypeProfileNotFound = "ProfileNotFound"
 	ErrTypeVMNotFound      = "VMNotFound"
 	ErrTypeLogin           = "LoginFailed"
-	ErrTypeUnreachable     = "VCenterUnreachable"
+	ErrTypeUnreachable     = "VCenterUnreachable" // retryable: a vCenter may come back
 	ErrTypeCertificate     = "CertificateMismatch"
 	ErrTypeAmbiguousVM     = "AmbiguousVM"
 	ErrTypeNoDisks         = "NoDisks"

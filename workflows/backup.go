@@ -521,13 +521,26 @@ func rootMessage(err error) string {
 // Activity options. Every activity has a total time limit
 // (ScheduleToClose), so retries are bounded; long ones heartbeat, so a dead
 // worker is noticed in seconds.
+//
+// The first contact with vCenter (ResolveVM, PrepareVM) comes before
+// anything exists to clean up, and an operator waits for its answer: it
+// gives up after FirstContactAttempts attempts, about 30 s (retries after
+// 1, 2, 4, 8 and 16 s), with the last attempt's error (an unreachable
+// vCenter: activities.ErrTypeUnreachable). The next run tries again.
+// Errors no retry can fix (unknown VM or profile, refused login) fail at
+// once.
 func withShortActivity(ctx workflow.Context) workflow.Context {
 	return workflow.WithActivityOptions(ctx, workflow.ActivityOptions{
 		StartToCloseTimeout:    2 * time.Minute,
 		ScheduleToCloseTimeout: 10 * time.Minute,
-		RetryPolicy:            &temporal.RetryPolicy{InitialInterval: time.Second, MaximumInterval: 30 * time.Second},
+		RetryPolicy: &temporal.RetryPolicy{InitialInterval: time.Second, MaximumInterval: 30 * time.Second,
+			MaximumAttempts: FirstContactAttempts},
 	})
 }
+
+// FirstContactAttempts bounds the attempts of a backup's first vCenter
+// calls (see withShortActivity).
+const FirstContactAttempts = 6
 
 func withCatalogActivity(ctx workflow.Context) workflow.Context {
 	return workflow.WithActivityOptions(ctx, workflow.ActivityOptions{
