@@ -76,7 +76,7 @@ func (c *Client) CreateSnapshot(ctx context.Context, vm *VM, name string) (*Snap
 	if err != nil {
 		return nil, fmt.Errorf("vsphere: create snapshot %q of %s (%s): %w", name, vm.Name, vm.Ref, vmNotFound(err))
 	}
-	res, err := task.WaitForResultEx(ctx)
+	res, err := task.WaitForResult(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("vsphere: create snapshot %q of %s (%s): %w", name, vm.Name, vm.Ref, vmNotFound(err))
 	}
@@ -138,7 +138,7 @@ func (c *Client) waitSnapshotTasks(ctx context.Context, vm *VM) error {
 			continue
 		}
 		c.log.Info("waiting for a running snapshot task", "vm", vm.Name, "vm_ref", vm.Ref, "task", t.Self.Value)
-		if _, err := object.NewTask(c.vim, t.Self).WaitForResultEx(ctx); err != nil {
+		if _, err := object.NewTask(c.vim, t.Self).WaitForResult(ctx); err != nil {
 			if ctx.Err() != nil {
 				return fmt.Errorf("vsphere: waiting for snapshot task %s of %s: %w", t.Self.Value, vm.Name, ctx.Err())
 			}
@@ -224,7 +224,7 @@ func (c *Client) RemoveSnapshot(ctx context.Context, vmRefValue, snapRef string)
 	res, err := methods.RemoveSnapshot_Task(ctx, c.vim, &types.RemoveSnapshot_Task{
 		This: ref, RemoveChildren: false, Consolidate: types.NewBool(true)})
 	if err == nil {
-		err = object.NewTask(c.vim, res.Returnval).WaitEx(ctx)
+		err = object.NewTask(c.vim, res.Returnval).Wait(ctx)
 	}
 	if err != nil {
 		if isFault(err, &types.ManagedObjectNotFound{}) || isFault(err, &types.NotFound{}) {

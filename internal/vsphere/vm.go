@@ -227,7 +227,7 @@ func (c *Client) EnableCBT(ctx context.Context, vm *VM) (changed bool, err error
 	}
 	task, err := object.NewVirtualMachine(c.vim, ref).Reconfigure(ctx, types.VirtualMachineConfigSpec{ChangeTrackingEnabled: types.NewBool(true)})
 	if err == nil {
-		err = task.WaitEx(ctx)
+		err = task.Wait(ctx)
 	}
 	if err != nil {
 		return false, fmt.Errorf("vsphere: enable CBT on %s (%s): %w", vm.Name, vm.Ref, err)
