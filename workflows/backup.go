@@ -278,6 +278,21 @@ func (r *backupRun) run(ctx workflow.Context) (res *BackupVMResult, err error) {
 	if err != nil {
 		return nil, temporal.NewNonRetryableApplicationError(err.Error(), activities.ErrTypeNoRestorePoint, nil)
 	}
+	if vm.CBTJustEnabled {
+		// CBT was off since the last backup (someone disabled it): the
+		// chains of the disks backed up before are broken, as by a reset.
+		had := map[int32]bool{}
+		for _, p := range begun.Previous {
+			had[p.Key] = true
+		}
+		for _, p := range plans {
+			if had[p.Key] {
+				warning := fmt.Sprintf("disk %d: changed block tracking was off and has been enabled again: the change IDs of its earlier restore points are void; full backup of this disk", p.Key)
+				r.log.Warn(warning, "backup", in.BackupID)
+				r.warnings = append(r.warnings, warning)
+			}
+		}
+	}
 	for _, p := range plans {
 		r.progress.Disks = append(r.progress.Disks, DiskProgress{Key: p.Key, Mode: p.Mode, Phase: "waiting"})
 	}

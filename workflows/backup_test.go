@@ -28,6 +28,8 @@ type fakeVM struct {
 	failed    []activities.FailBackupInput
 	begun     []activities.BeginBackupInput
 	closed    []int32
+	// cbtJustEnabled: PrepareVM found CBT off and enabled it.
+	cbtJustEnabled bool
 }
 
 func newEnv(t *testing.T, f *fakeVM) *testsuite.TestWorkflowEnvironment {
@@ -46,10 +48,13 @@ func newEnv(t *testing.T, f *fakeVM) *testsuite.TestWorkflowEnvironment {
 			}
 			return &activities.ResolveVMResult{Profile: in.Profile, VMRef: "vm-62", VMUUID: "uuid-0", VMName: "vm0"}, nil
 		}).Maybe()
-	env.OnActivity(vsphereActs.PrepareVM, mock.Anything, mock.Anything).Return(&activities.PrepareVMResult{
-		VMRef: "vm-62", VMName: "vm0",
-		Disks: []activities.VMDisk{{Key: 204, Capacity: 1 << 30, FileName: "[ds] vm0/disk1.vmdk"}, {Key: 205, Capacity: 2 << 30, FileName: "[ds] vm0/disk2.vmdk"}},
-	}, nil).Maybe()
+	env.OnActivity(vsphereActs.PrepareVM, mock.Anything, mock.Anything).Return(
+		func(context.Context, activities.PrepareVMInput) (*activities.PrepareVMResult, error) {
+			return &activities.PrepareVMResult{
+				VMRef: "vm-62", VMName: "vm0", CBTJustEnabled: f.cbtJustEnabled,
+				Disks: []activities.VMDisk{{Key: 204, Capacity: 1 << 30, FileName: "[ds] vm0/disk1.vmdk"}, {Key: 205, Capacity: 2 << 30, FileName: "[ds] vm0/disk2.vmdk"}},
+			}, nil
+		}).Maybe()
 	env.OnActivity(catalogActs.BeginBackup, mock.Anything, mock.Anything).Return(
 		func(_ context.Context, in activities.BeginBackupInput) (*activities.BeginBackupResult, error) {
 			f.mu.Lock()
@@ -399,5 +404,36 @@ func TestBackupVMReportsClosedChains(t *testing.T) {
 	_ = env.GetWorkflowResult(&res)
 	if len(res.Warnings) != 1 || !strings.Contains(res.Warnings[0], "disk 206 was removed") {
 		t.Errorf("warnings = %q", res.Warnings)
+	}
+}
+
+// CBT found off (and enabled by PrepareVM) breaks the chains like a reset:
+// every disk with a previous restore point is backed up in full, with a
+// warning naming it and a note; a disk without one gets no warning.
+func TestBackupVMCBTJustEnabledWarns(t *testing.T) {
+	f := &fakeVM{cbtJustEnabled: true, previous: []activities.PreviousDisk{
+		{Key: 204, BackupID: "b0", Capacity: 1 << 30, ChangeID: "52 aa/1", Path: "/repo/204/b0.qcow2", ChainLength: 1},
+	}}
+	env := newEnv(t, f)
+	env.OnActivity(vsphereActs.ChangedAreas, mock.Anything, mock.Anything).Return(f.changedAreas(nil))
+	env.OnActivity(transferActs.TransferDisk, mock.Anything, mock.Anything).Return(f.transferOK)
+	env.ExecuteWorkflow(BackupVM, BackupVMInput{Profile: "lab", VMUUID: "uuid-0", BackupID: "b1"})
+	if err := env.GetWorkflowError(); err != nil {
+		t.Fatal(err)
+	}
+	var res BackupVMResult
+	_ = env.GetWorkflowResult(&res)
+	for _, d := range res.Disks {
+		if d.Mode != ModeFull || d.Note == "" {
+			t.Errorf("disk %d: mode %s, note %q", d.Key, d.Mode, d.Note)
+		}
+	}
+	if len(res.Warnings) != 1 || !strings.Contains(res.Warnings[0], "disk 204") || !strings.Contains(res.Warnings[0], "enabled again") {
+		t.Errorf("warnings = %q", res.Warnings)
+	}
+	for _, q := range f.queries {
+		if q.ChangeID != "*" {
+			t.Errorf("disk %d queried from %q, want *", q.Key, q.ChangeID)
+		}
 	}
 }
