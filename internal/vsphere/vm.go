@@ -44,7 +44,8 @@ func vmRef(value string) types.ManagedObjectReference {
 }
 
 // FindVM resolves a VM by inventory path ("/DC0/vm/X", starts with "/"),
-// moref value ("vm-62") or name. A name must be unique in the vCenter
+// moref value ("vm-62") or name, as stored ("web%2f01") or as shown
+// ("web/01"; see escapeName). A name must be unique in the vCenter
 // (ErrAmbiguousVM otherwise). Unknown: an error wrapping ErrVMNotFound that
 // names ref.
 func (c *Client) FindVM(ctx context.Context, ref string) (*VM, error) {
@@ -75,6 +76,13 @@ func (c *Client) FindVM(ctx context.Context, ref string) (*VM, error) {
 	if err != nil {
 		return nil, err
 	}
+	if esc := escapeName(ref); len(refs) == 0 && esc != ref {
+		// A name as the vSphere Client shows it ("web/01"): vCenter stores
+		// it escaped ("web%2f01").
+		if refs, err = c.vmsNamed(ctx, esc); err != nil {
+			return nil, err
+		}
+	}
 	switch len(refs) {
 	case 0:
 		return nil, fmt.Errorf("vsphere: %w: no VM named %q (give a name, an inventory path /DC/vm/NAME or a moref vm-N)", ErrVMNotFound, ref)
@@ -87,6 +95,12 @@ func (c *Client) FindVM(ctx context.Context, ref string) (*VM, error) {
 	}
 	return nil, fmt.Errorf("vsphere: %w: %d VMs are named %q (%s): give the inventory path or the moref",
 		ErrAmbiguousVM, len(refs), ref, strings.Join(vals, ", "))
+}
+
+// escapeName returns a name as vCenter stores it: "%" as "%25", "/" as
+// "%2f" and "\" as "%5c".
+func escapeName(name string) string {
+	return strings.NewReplacer("%", "%25", "/", "%2f", `\`, "%5c").Replace(name)
 }
 
 // VMByUUID finds a VM by its instance UUID.

@@ -66,6 +66,24 @@ func TestFindVM(t *testing.T) {
 		}
 	}
 
+	// vCenter stores "/" in a name as "%2f": the name as shown finds the
+	// VM too.
+	webRef, err := f.lab.CreateVM(`web/01 50%\x`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range []string{`web/01 50%\x`, `web%2f01 50%25%5cx`} {
+		vm, err := c.FindVM(ctx, name)
+		if err != nil {
+			t.Errorf("FindVM(%q): %v", name, err)
+		} else if vm.Ref != webRef || vm.Name != `web%2f01 50%25%5cx` {
+			t.Errorf("FindVM(%q) = %+v, want %s named web%%2f01 50%%25%%5cx", name, vm, webRef)
+		}
+	}
+	if _, err := c.FindVM(ctx, "web/02"); !errors.Is(err, ErrVMNotFound) || !strings.Contains(err.Error(), `"web/02"`) {
+		t.Errorf("FindVM(web/02) = %v, want ErrVMNotFound naming it", err)
+	}
+
 	vm, err := c.VMByUUID(ctx, byName.UUID)
 	if err != nil {
 		t.Fatalf("VMByUUID: %v", err)
