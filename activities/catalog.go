@@ -126,7 +126,7 @@ func (a *Catalog) FailBackup(ctx context.Context, in FailBackupInput) error {
 		}
 		removed, err := a.removeImages(b.Profile, b.VMUUID, b.ID)
 		if err != nil {
-			return err
+			return leftBehind(ctx, in.BackupID, err)
 		}
 		activity.GetLogger(ctx).Info("backup marked failed", "backup", in.BackupID, "partial_files_removed", removed)
 	}
@@ -138,10 +138,25 @@ func (a *Catalog) FailBackup(ctx context.Context, in FailBackupInput) error {
 	if dir, err := a.Repo.StagingDir(in.BackupID); err == nil {
 		if _, err := os.Lstat(dir); err == nil {
 			if err := os.RemoveAll(dir); err != nil {
-				return err
+				return leftBehind(ctx, in.BackupID, err)
 			}
 		}
 	}
+	return nil
+}
+
+// leftBehind decides about partial files that cannot be removed. The
+// backup is marked failed already, which is what counts: its files are
+// never read. When the repository refuses for good (read-only, no
+// permission), retrying would keep the VM's workflow open for the
+// activity's whole time limit and refuse every later backup of the VM as
+// "already running", so the files are left, with a warning, for the
+// operator or a later sweep. Other errors are retried.
+func leftBehind(ctx context.Context, backupID string, err error) error {
+	if permanentType(err) == "" {
+		return err
+	}
+	activity.GetLogger(ctx).Warn("backup marked failed; its partial files cannot be removed now", "backup", backupID, "error", err)
 	return nil
 }
 

@@ -1,12 +1,14 @@
 package activities_test
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
 	"reflect"
+	"syscall"
 	"testing"
 	"time"
 
@@ -362,5 +364,51 @@ func TestFailBackup(t *testing.T) {
 	checkKept()
 	if _, err := c.cat.Get(ctx, "f9"); !errors.Is(err, catalog.ErrNotFound) {
 		t.Errorf("FailBackup created a backup that never began: %v", err)
+	}
+}
+
+// A repository that turned read-only after a backup made its files: the
+// backup is still marked failed and FailBackup returns, leaving the
+// partial files, instead of retrying for its whole time limit while the
+// VM's workflow stays open.
+func TestFailBackupOnReadOnlyRepository(t *testing.T) {
+	url := testutil.Database(t)
+	cat, err := catalog.Open(ctxT(t, time.Minute), url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(cat.Close)
+	root := mountTmpfs(t, "16m")
+	repo, err := repository.Open(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := &activities.Catalog{Catalog: cat, Repo: repo}
+	c := &catalogFixture{cat: cat, repo: repo, a: a, env: newActivityEnv(t, slog.New(slog.NewTextHandler(t.Output(), nil)), a)}
+	const id, uuid = "b-ro", "5011aaaa-0000-0000-0000-000000000001"
+	c.begin(t, id, uuid)
+	img, err := repo.PrepareImage(repository.Key{Profile: profileLab, VMUUID: uuid, DiskKey: 204, BackupID: id})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(img, []byte("partial"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	staging, _ := repo.StagingDir(id)
+	if err := os.MkdirAll(staging, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Mount("", root, "", syscall.MS_REMOUNT|syscall.MS_RDONLY, ""); err != nil {
+		t.Fatalf("remount read-only: %v", err)
+	}
+	if err := c.fail(t, id, "repository went read-only"); err != nil {
+		t.Fatalf("FailBackup on a read-only repository: %v", err)
+	}
+	b, err := cat.Get(context.Background(), id)
+	if err != nil || b.Status != catalog.StatusFailed {
+		t.Fatalf("backup after FailBackup: %+v %v", b, err)
+	}
+	if _, err := os.Stat(img); err != nil {
+		t.Errorf("the partial image should be left on a read-only repository: %v", err)
 	}
 }
