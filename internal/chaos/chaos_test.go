@@ -16,6 +16,7 @@ import (
 
 	"github.com/cbtflow/cbtflow/activities"
 	"github.com/cbtflow/cbtflow/internal/stack/stacktest"
+	"github.com/cbtflow/cbtflow/internal/testutil"
 )
 
 var (
@@ -39,6 +40,7 @@ const (
 // change ID, a restore point that does not restore, a snapshot or a
 // process left behind.
 func TestChaos(t *testing.T) {
+	testutil.CheckNoChildren(t)
 	if stale, err := UnmountStale(os.TempDir()); err != nil {
 		t.Fatal(err)
 	} else if len(stale) > 0 {
@@ -142,7 +144,7 @@ func reduced(t *testing.T, ctx context.Context) []*Tally {
 	eio := tallied(t, "source EIO on 5% of reads")
 	out := []*Tally{kill, db, eio}
 
-	r := e.backup(kill, "full", vm, 1, 192*MiB, e.killAt(kill, activities.PauseMidTransfer, "TransferDisk"), false, backupTimeout)
+	r := e.backup(kill, "full", vm, 1, 320*MiB, e.killAt(kill, activities.PauseMidTransfer, "TransferDisk"), false, backupTimeout)
 	e.check(kill, r)
 	r = e.backup(db, "incr-1", vm, 2, 32*MiB, e.cutDatabaseAt(activities.PauseBeforeCommit, "CommitRestorePoint", 3*time.Second), false, backupTimeout)
 	e.check(db, r)

@@ -148,9 +148,39 @@ func newEnv(t *testing.T, ctx context.Context, cfg envConfig) *env {
 			}
 		})
 	}
-	e.s = stacktest.New(t, opts)
-	e.l = e.s.Lab()
+	// stack.Start, not stacktest.New: groups of scenarios run side by
+	// side, so the check that no child process outlives a test is made
+	// once for all of them (TestChaos); Close checks this stack's own.
+	opts.Binaries = stacktest.Binaries(t)
+	sctx, cancel := context.WithTimeout(ctx, 5*time.Minute)
+	defer cancel()
+	s, err := stack.Start(sctx, opts)
+	if err != nil {
+		logTails(t, opts.Dir)
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := s.Close(); err != nil {
+			t.Error(err)
+		}
+		if t.Failed() {
+			logTails(t, s.Dir())
+		}
+	})
+	e.s, e.l = s, s.Lab()
 	return e
+}
+
+// logTails logs the last lines of the stack's logs.
+func logTails(t *testing.T, dir string) {
+	for _, name := range []string{"worker.log", "temporal.log", "lab.log"} {
+		b, err := os.ReadFile(filepath.Join(dir, name))
+		if err != nil || len(b) == 0 {
+			continue
+		}
+		lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
+		t.Logf("last lines of %s:\n%s", name, strings.Join(lines[max(0, len(lines)-30):], "\n"))
+	}
 }
 
 // proxyTarget returns the database URL rewritten for a loopback TCP proxy
