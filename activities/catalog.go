@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"time"
 
 	"go.temporal.io/sdk/activity"
 	"go.temporal.io/sdk/temporal"
@@ -111,6 +112,7 @@ func (a *Catalog) CommitRestorePoint(ctx context.Context, in CommitInput) error 
 // FailBackup marks a backup failed and deletes its partial images and
 // working files. A committed backup is never touched.
 func (a *Catalog) FailBackup(ctx context.Context, in FailBackupInput) error {
+	defer heartbeatEvery(ctx, 10*time.Second, nil)()
 	err := a.Catalog.Fail(ctx, in.BackupID, in.Reason)
 	switch {
 	case errors.Is(err, catalog.ErrCommitted):

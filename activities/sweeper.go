@@ -65,6 +65,7 @@ type FindOrphansResult struct {
 // backup is not running, on every configured vCenter, and running catalog
 // backups whose workflow has ended.
 func (a *Sweeper) FindOrphans(ctx context.Context, in FindOrphansInput) (*FindOrphansResult, error) {
+	defer heartbeatEvery(ctx, 10*time.Second, nil)()
 	minAge := time.Duration(in.MinAgeSeconds) * time.Second
 	now := time.Now()
 	res := &FindOrphansResult{}

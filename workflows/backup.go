@@ -546,7 +546,7 @@ func rootMessage(err error) string {
 // once.
 func withShortActivity(ctx workflow.Context) workflow.Context {
 	return workflow.WithActivityOptions(ctx, workflow.ActivityOptions{
-		StartToCloseTimeout:    2 * time.Minute,
+		StartToCloseTimeout:    time.Minute,
 		ScheduleToCloseTimeout: 10 * time.Minute,
 		RetryPolicy: &temporal.RetryPolicy{InitialInterval: time.Second, MaximumInterval: 30 * time.Second,
 			MaximumAttempts: FirstContactAttempts},
@@ -557,9 +557,12 @@ func withShortActivity(ctx workflow.Context) workflow.Context {
 // calls (see withShortActivity).
 const FirstContactAttempts = 6
 
+// Catalog steps are short transactions: a worker that dies in one is
+// replaced after StartToCloseTimeout; they are idempotent, so an attempt
+// that overlaps a slow one is harmless.
 func withCatalogActivity(ctx workflow.Context) workflow.Context {
 	return workflow.WithActivityOptions(ctx, workflow.ActivityOptions{
-		StartToCloseTimeout:    time.Minute,
+		StartToCloseTimeout:    20 * time.Second,
 		ScheduleToCloseTimeout: 30 * time.Minute,
 		RetryPolicy:            &temporal.RetryPolicy{InitialInterval: time.Second, MaximumInterval: 30 * time.Second},
 	})
@@ -569,7 +572,7 @@ func withSnapshotActivity(ctx workflow.Context) workflow.Context {
 	return workflow.WithActivityOptions(ctx, workflow.ActivityOptions{
 		StartToCloseTimeout:    30 * time.Minute,
 		ScheduleToCloseTimeout: time.Hour,
-		HeartbeatTimeout:       time.Minute,
+		HeartbeatTimeout:       30 * time.Second, // it heartbeats every 10 s
 		RetryPolicy:            &temporal.RetryPolicy{InitialInterval: 2 * time.Second, MaximumInterval: time.Minute},
 	})
 }
@@ -578,19 +581,23 @@ func withQueryActivity(ctx workflow.Context) workflow.Context {
 	return workflow.WithActivityOptions(ctx, workflow.ActivityOptions{
 		StartToCloseTimeout:    30 * time.Minute,
 		ScheduleToCloseTimeout: 2 * time.Hour,
-		HeartbeatTimeout:       time.Minute,
+		HeartbeatTimeout:       30 * time.Second, // it heartbeats every 10 s
 		RetryPolicy:            &temporal.RetryPolicy{InitialInterval: time.Second, MaximumInterval: 30 * time.Second},
 	})
 }
 
+// A transfer resumes from its last flushed resume point, so retries are
+// cheap; but the copier already retries each failed request, so an error
+// that outlives 8 attempts (a disk that cannot be read) is not going away,
+// and the snapshot should not stay on the VM for long: about 3 minutes.
 func withTransferActivity(ctx workflow.Context) workflow.Context {
 	return workflow.WithActivityOptions(ctx, workflow.ActivityOptions{
 		StartToCloseTimeout:    24 * time.Hour,
 		ScheduleToCloseTimeout: 48 * time.Hour,
 		HeartbeatTimeout:       15 * time.Second,
 		WaitForCancellation:    true,
-		RetryPolicy: &temporal.RetryPolicy{InitialInterval: 2 * time.Second, MaximumInterval: time.Minute,
-			MaximumAttempts: 20},
+		RetryPolicy: &temporal.RetryPolicy{InitialInterval: 2 * time.Second, MaximumInterval: 30 * time.Second,
+			MaximumAttempts: 8},
 	})
 }
 
@@ -598,7 +605,7 @@ func withCleanupActivity(ctx workflow.Context) workflow.Context {
 	return workflow.WithActivityOptions(ctx, workflow.ActivityOptions{
 		StartToCloseTimeout:    10 * time.Minute,
 		ScheduleToCloseTimeout: time.Hour,
-		HeartbeatTimeout:       time.Minute,
+		HeartbeatTimeout:       30 * time.Second, // the activities heartbeat every 10 s
 		RetryPolicy:            &temporal.RetryPolicy{InitialInterval: time.Second, MaximumInterval: 30 * time.Second},
 	})
 }
