@@ -81,12 +81,12 @@ type fixture struct {
 	baseRef  string
 	baseUUID string
 	keys     []int32
-	points   []backupJSON       // b1 (full), b2 (incremental)
-	caps     []map[int32]string // disk content at each point
-	list     []listJSON         // `list baseVM --json` after b2
-	sums     map[string]string  // image path → SHA-256 after b2
-	known    map[string]bool    // files the repository may hold
-	otherVMs map[string]string  // other VMs the cases used: name → moref
+	points   []stacktest.BackupJSON // b1 (full), b2 (incremental)
+	caps     []map[int32]string     // disk content at each point
+	list     []stacktest.ListJSON   // `list baseVM --json` after b2
+	sums     map[string]string      // image path → SHA-256 after b2
+	known    map[string]bool        // files the repository may hold
+	otherVMs map[string]string      // other VMs the cases used: name → moref
 }
 
 // TestBadInput runs every bad-input case and the secrets test on one
@@ -217,13 +217,13 @@ func (f *fixture) starterCtx(t *testing.T, ctx context.Context, args ...string) 
 }
 
 // backup runs `backup VM --wait --json [extra]` and decodes its output.
-func (f *fixture) backup(t *testing.T, vm string, extra ...string) (backupJSON, stack.StarterResult) {
+func (f *fixture) backup(t *testing.T, vm string, extra ...string) (stacktest.BackupJSON, stack.StarterResult) {
 	t.Helper()
 	// "--" ends the flags: a VM may be named "-rf".
 	args := append(append([]string{"backup", "--wait", "--json"}, extra...), "--", vm)
 	res := f.starter(t, args...)
-	var b backupJSON
-	if err := decodeOne(res.Stdout, &b); err != nil {
+	var b stacktest.BackupJSON
+	if err := stacktest.DecodeOne(res.Stdout, &b); err != nil {
 		t.Fatalf("backup %s: %v\n%s", vm, err, res)
 	}
 	return b, res
@@ -248,15 +248,15 @@ func (f *fixture) baseline(t *testing.T) {
 	a, b := f.keys[0], f.keys[1]
 
 	// b1: enough data on disk a that its transfer is caught half way.
-	write(t, f.l, ref, a, 0, pattern(1, 384*MiB))
-	write(t, f.l, ref, b, 60*MiB, pattern(2, 4*MiB))
+	stacktest.WriteDisk(t, f.l, ref, a, 0, stacktest.Pattern(1, 384*MiB))
+	stacktest.WriteDisk(t, f.l, ref, b, 60*MiB, stacktest.Pattern(2, 4*MiB))
 	f.captureAll(t)
 	gates := f.s.Pauses()
 	if err := gates.Arm(activities.PauseMidTransfer); err != nil {
 		t.Fatal(err)
 	}
 	type result struct {
-		b   backupJSON
+		b   stacktest.BackupJSON
 		res stack.StarterResult
 	}
 	done := make(chan result, 1)
@@ -265,9 +265,9 @@ func (f *fixture) baseline(t *testing.T) {
 		f.mu.Lock()
 		f.outputs = append(f.outputs, res)
 		f.mu.Unlock()
-		var out backupJSON
+		var out stacktest.BackupJSON
 		if err == nil {
-			err = decodeOne(res.Stdout, &out)
+			err = stacktest.DecodeOne(res.Stdout, &out)
 		}
 		if err != nil {
 			out.Status, out.Error = "starter", err.Error()
@@ -299,8 +299,8 @@ func (f *fixture) baseline(t *testing.T) {
 	f.points = append(f.points, r.b)
 
 	// b2: an incremental over it.
-	write(t, f.l, ref, a, 100*MiB, pattern(3, 8*MiB))
-	write(t, f.l, ref, b, 0, pattern(4, MiB))
+	stacktest.WriteDisk(t, f.l, ref, a, 100*MiB, stacktest.Pattern(3, 8*MiB))
+	stacktest.WriteDisk(t, f.l, ref, b, 0, stacktest.Pattern(4, MiB))
 	f.captureAll(t)
 	b2, res := f.backup(t, baseVM)
 	f.checkCompleted(t, b2, res, workflows.ModeIncremental)
@@ -402,7 +402,7 @@ func (f *fixture) captureAll(t *testing.T) {
 	caps := map[int32]string{}
 	for _, k := range f.keys {
 		caps[k] = filepath.Join(f.data, fmt.Sprintf("b%d-%d.raw", len(f.caps)+1, k))
-		capture(t, f.l, f.baseRef, k, caps[k])
+		stacktest.Capture(t, f.l, f.baseRef, k, caps[k])
 	}
 	f.caps = append(f.caps, caps)
 }
@@ -410,7 +410,7 @@ func (f *fixture) captureAll(t *testing.T) {
 // checkCompleted checks a backup that must have worked: every disk in the
 // wanted mode, its image at <repository>/lab/<instance uuid>/<key>/<backup
 // id>.qcow2 — the layout never uses the VM's name.
-func (f *fixture) checkCompleted(t *testing.T, b backupJSON, res stack.StarterResult, mode string) {
+func (f *fixture) checkCompleted(t *testing.T, b stacktest.BackupJSON, res stack.StarterResult, mode string) {
 	t.Helper()
 	if res.ExitCode != 0 || b.Status != "completed" {
 		t.Fatalf("backup: want completed with exit 0, got %s", res)
@@ -432,14 +432,14 @@ func (f *fixture) checkCompleted(t *testing.T, b backupJSON, res stack.StarterRe
 	}
 }
 
-func (f *fixture) listVM(t *testing.T, vm string) []listJSON {
+func (f *fixture) listVM(t *testing.T, vm string) []stacktest.ListJSON {
 	t.Helper()
 	res := f.starter(t, "list", vm, "--json")
 	if res.ExitCode != 0 {
 		t.Fatalf("list: %s", res)
 	}
-	var l []listJSON
-	if err := decodeOne(res.Stdout, &l); err != nil {
+	var l []stacktest.ListJSON
+	if err := stacktest.DecodeOne(res.Stdout, &l); err != nil {
 		t.Fatal(err)
 	}
 	return l
@@ -454,7 +454,7 @@ func (f *fixture) intact(t *testing.T) {
 	if f.list == nil {
 		return
 	}
-	var committed []listJSON
+	var committed []stacktest.ListJSON
 	for _, e := range f.listVM(t, f.baseUUID) {
 		if e.Status == "committed" {
 			committed = append(committed, e)
@@ -479,7 +479,7 @@ func (f *fixture) intact(t *testing.T) {
 	}
 	f.mu.Unlock()
 	for name, ref := range vms {
-		snaps, err := cbtflowSnapshots(f.ctx, f.l, ref)
+		snaps, err := stacktest.Snapshots(f.ctx, f.l, ref)
 		if err != nil {
 			t.Errorf("snapshots of %s: %v", name, err)
 		} else if len(snaps) > 0 {
@@ -497,7 +497,7 @@ func (f *fixture) intact(t *testing.T) {
 }
 
 // addKnown records the images of a backup that worked.
-func (f *fixture) addKnown(t *testing.T, b backupJSON) {
+func (f *fixture) addKnown(t *testing.T, b stacktest.BackupJSON) {
 	t.Helper()
 	for _, d := range b.Disks {
 		rel, err := filepath.Rel(f.s.Repository(), d.Path)
@@ -514,7 +514,7 @@ func (f *fixture) addKnown(t *testing.T, b backupJSON) {
 // non-retryable error of type errType, and the workflow failed.
 func (f *fixture) failedOnce(t *testing.T, workflowID, activity, errType string) activityRuns {
 	t.Helper()
-	r := summarize(history(f.ctx, t, f.s, workflowID, ""))
+	r := summarize(stacktest.History(f.ctx, t, f.s, workflowID, ""))
 	if r.status != enumspb.EVENT_TYPE_WORKFLOW_EXECUTION_FAILED {
 		t.Errorf("workflow %s ended with %v, want failed", workflowID, r.status)
 	}
@@ -546,7 +546,7 @@ func (f *fixture) failedOnce(t *testing.T, workflowID, activity, errType string)
 // non-retryable error of type errType, with no activity failing.
 func (f *fixture) workflowFailedWith(t *testing.T, workflowID, errType string) activityRuns {
 	t.Helper()
-	r := summarize(history(f.ctx, t, f.s, workflowID, ""))
+	r := summarize(stacktest.History(f.ctx, t, f.s, workflowID, ""))
 	if r.closed == nil {
 		t.Fatalf("workflow %s ended with %v, want failed", workflowID, r.status)
 	}
@@ -571,7 +571,7 @@ func (f *fixture) workflowFailedWith(t *testing.T, workflowID, errType string) a
 // startFailed checks a backup that failed before any per-VM backup
 // started: exit 1, the JSON and stderr name every string of want, and the
 // start workflow's activity ran once and failed non-retryably.
-func (f *fixture) startFailed(t *testing.T, vm string, args []string, activity, errType string, want ...string) backupJSON {
+func (f *fixture) startFailed(t *testing.T, vm string, args []string, activity, errType string, want ...string) stacktest.BackupJSON {
 	t.Helper()
 	b, res := f.backup(t, vm, args...)
 	if res.ExitCode != 1 || b.Status != "failed" {
@@ -640,7 +640,7 @@ func (f *fixture) startUnreachable(t *testing.T) func(*testing.T) {
 		r := <-done
 		if r.err != nil {
 			// Still retrying: say how, then stop it.
-			for _, ex := range listWorkflows(f.ctx, t, f.s, "WorkflowType = 'Backup' AND ExecutionStatus = 'Running'") {
+			for _, ex := range stacktest.ListWorkflows(f.ctx, t, f.s, "WorkflowType = 'Backup' AND ExecutionStatus = 'Running'") {
 				id := ex.GetExecution().GetWorkflowId()
 				if !strings.HasPrefix(id, "start-backup/"+profileDown+"/") {
 					continue
@@ -654,8 +654,8 @@ func (f *fixture) startUnreachable(t *testing.T) func(*testing.T) {
 			}
 			t.Fatalf("a backup through an unreachable vCenter had not failed after %s: %v", unreachableBound, r.err)
 		}
-		var b backupJSON
-		if err := decodeOne(r.res.Stdout, &b); err != nil {
+		var b stacktest.BackupJSON
+		if err := stacktest.DecodeOne(r.res.Stdout, &b); err != nil {
 			t.Fatal(err)
 		}
 		if r.res.ExitCode != 1 || b.Status != "failed" {
@@ -667,7 +667,7 @@ func (f *fixture) startUnreachable(t *testing.T) func(*testing.T) {
 				t.Errorf("error %q does not name %q", b.Error, w)
 			}
 		}
-		h := history(f.ctx, t, f.s, b.Workflow, "")
+		h := stacktest.History(f.ctx, t, f.s, b.Workflow, "")
 		r2 := summarize(h)
 		if r2.status != enumspb.EVENT_TYPE_WORKFLOW_EXECUTION_FAILED || r2.scheduled["ResolveVM"] != 1 || len(r2.scheduled) != 1 {
 			t.Errorf("start workflow %s: %v, activities %v: want failed after ResolveVM alone", b.Workflow, r2.status, r2.scheduled)
@@ -688,7 +688,7 @@ func (f *fixture) startUnreachable(t *testing.T) func(*testing.T) {
 }
 
 func (f *fixture) invalidMode(t *testing.T) {
-	before := len(listWorkflows(f.ctx, t, f.s, "WorkflowType = 'Backup'"))
+	before := len(stacktest.ListWorkflows(f.ctx, t, f.s, "WorkflowType = 'Backup'"))
 	res := f.starter(t, "backup", baseVM, "--mode", "sometimes", "--wait", "--json")
 	if res.ExitCode != 2 || !strings.Contains(res.Stderr, `"sometimes"`) || !strings.Contains(res.Stderr, "--mode") {
 		t.Errorf("--mode sometimes: want exit 2 and a message naming --mode \"sometimes\", got %s", res)
@@ -711,7 +711,7 @@ func (f *fixture) invalidMode(t *testing.T) {
 	}
 	// The CLI started nothing: only the API start is new.
 	time.Sleep(time.Second) // visibility is eventually consistent
-	if after := len(listWorkflows(f.ctx, t, f.s, "WorkflowType = 'Backup'")); after != before+1 {
+	if after := len(stacktest.ListWorkflows(f.ctx, t, f.s, "WorkflowType = 'Backup'")); after != before+1 {
 		t.Errorf("%d Backup workflows before, %d after: want only the API start's", before, after)
 	}
 }
@@ -748,7 +748,7 @@ func (f *fixture) incrementalFirst(t *testing.T) {
 	if err != nil || len(disks) != 1 {
 		t.Fatalf("%+v %v", disks, err)
 	}
-	write(t, f.l, ref, disks[0].Key, 0, pattern(5, MiB))
+	stacktest.WriteDisk(t, f.l, ref, disks[0].Key, 0, stacktest.Pattern(5, MiB))
 	b, res := f.backup(t, "fresh-incremental", "--mode", "incremental")
 	for _, w := range []string{fmt.Sprintf("disk %d", disks[0].Key), "incremental", "no previous restore point"} {
 		if !strings.Contains(b.Error, w) {
@@ -788,9 +788,9 @@ func (f *fixture) vmNames(t *testing.T) {
 				t.Fatalf("%+v %v", disks, err)
 			}
 			key := disks[0].Key
-			write(t, f.l, ref, key, MiB, pattern(uint64(10+i), 2*MiB))
+			stacktest.WriteDisk(t, f.l, ref, key, MiB, stacktest.Pattern(uint64(10+i), 2*MiB))
 			capPath := filepath.Join(f.data, fmt.Sprintf("name-%d.raw", i))
-			capture(t, f.l, ref, key, capPath)
+			stacktest.Capture(t, f.l, ref, key, capPath)
 
 			stored := lab.EscapeName(name)
 			if strings.HasPrefix(name, "-") {
@@ -830,7 +830,7 @@ func (f *fixture) vmNames(t *testing.T) {
 			if res := f.starter(t, "restore", b.BackupID, "--disk", strconv.Itoa(int(key)), "--to", out); res.ExitCode != 0 {
 				t.Fatalf("restore: %s", res)
 			}
-			if diff, err := sameContent(capPath, out); err != nil || diff != "" {
+			if diff, err := stacktest.SameContent(capPath, out); err != nil || diff != "" {
 				t.Errorf("restore of VM %q differs from the disk: %s %v", name, diff, err)
 			}
 			os.Remove(out)
@@ -954,9 +954,9 @@ func (f *fixture) diskPath(point int, key int32) string {
 func (f *fixture) restoreCorrupt(t *testing.T) {
 	for _, point := range []int{0, 1} { // the backing image, the top
 		p := f.diskPath(point, f.keys[0])
-		flipByte(t, p)
+		stacktest.FlipByte(t, p)
 		f.refusedRestore(t, p)
-		flipByte(t, p)
+		stacktest.FlipByte(t, p)
 	}
 }
 
@@ -985,7 +985,7 @@ func (f *fixture) restoresIdentical(t *testing.T) {
 				t.Errorf("restore %s disk %d: %s", p.BackupID, k, res)
 				continue
 			}
-			diff, err := sameContent(f.caps[i][k], out)
+			diff, err := stacktest.SameContent(f.caps[i][k], out)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -996,7 +996,7 @@ func (f *fixture) restoresIdentical(t *testing.T) {
 		}
 	}
 	// The comparison can fail: b1 and b2 differ.
-	if diff, err := sameContent(f.caps[0][f.keys[0]], f.caps[1][f.keys[0]]); err != nil || diff == "" {
+	if diff, err := stacktest.SameContent(f.caps[0][f.keys[0]], f.caps[1][f.keys[0]]); err != nil || diff == "" {
 		t.Errorf("the captures of b1 and b2 should differ (%v)", err)
 	}
 }
@@ -1019,22 +1019,22 @@ func (f *fixture) secretsNowhere(t *testing.T) {
 	// A control: the scan finds what is there (the base VM's UUID, in
 	// payloads).
 	control := false
-	all := listWorkflows(f.ctx, t, f.s, "")
+	all := stacktest.ListWorkflows(f.ctx, t, f.s, "")
 	types := map[string]int{}
 	for _, ex := range all {
 		types[ex.GetType().GetName()]++
 		id, run := ex.GetExecution().GetWorkflowId(), ex.GetExecution().GetRunId()
-		events := history(f.ctx, t, f.s, id, run)
+		events := stacktest.History(f.ctx, t, f.s, id, run)
 		js, err := temporalproto.CustomJSONMarshalOptions{}.Marshal(&historypb.History{Events: events})
 		if err != nil {
 			t.Fatal(err)
 		}
 		for _, ev := range events {
-			control = control || (protoContains(ev.ProtoReflect(), []byte(f.baseUUID)) && strings.Contains(string(js), f.baseUUID))
+			control = control || (stacktest.ProtoContains(ev.ProtoReflect(), []byte(f.baseUUID)) && strings.Contains(string(js), f.baseUUID))
 		}
 		for name, secret := range secrets {
 			for _, ev := range events {
-				if protoContains(ev.ProtoReflect(), []byte(secret)) {
+				if stacktest.ProtoContains(ev.ProtoReflect(), []byte(secret)) {
 					t.Errorf("event %d (%v) of workflow %s holds the %s", ev.GetEventId(), ev.GetEventType(), id, name)
 				}
 			}
@@ -1047,7 +1047,7 @@ func (f *fixture) secretsNowhere(t *testing.T) {
 			t.Fatal(err)
 		}
 		for name, secret := range secrets {
-			if protoContains(d.RawResponse.ProtoReflect(), []byte(secret)) {
+			if stacktest.ProtoContains(d.RawResponse.ProtoReflect(), []byte(secret)) {
 				t.Errorf("the description (search attributes, memo) of workflow %s holds the %s", id, name)
 			}
 		}

@@ -1,7 +1,6 @@
 package chaos
 
 import (
-	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -73,27 +72,12 @@ type env struct {
 type run struct {
 	label     string
 	vm        string
-	out       backupOut
+	out       stacktest.BackupJSON // what `starter backup --wait --json` printed
 	res       stack.StarterResult
 	completed bool
 	wantFail  bool
 	caps      map[int32]string // disk key → capture of the disk right before the backup
 	verified  bool
-}
-
-// backupOut is what `starter backup --wait --json` prints.
-type backupOut struct {
-	BackupID string `json:"backup_id"`
-	VM       string `json:"vm"`
-	Status   string `json:"status"`
-	Error    string `json:"error"`
-	Workflow string `json:"workflow_id"`
-	Disks    []struct {
-		Key      int32  `json:"key"`
-		Mode     string `json:"mode"`
-		Path     string `json:"path"`
-		ChangeID string `json:"change_id"`
-	} `json:"disks"`
 }
 
 // newEnv starts a stack for cfg: its own state folder, database (behind a
@@ -248,9 +232,7 @@ func (e *env) backup(tl *Tally, label, vm string, seed uint64, bytes int64, f *f
 	}
 	for _, d := range disks {
 		p := filepath.Join(e.data, fmt.Sprintf("%s-%s-%d.raw", label, vm, d.Key))
-		if err := capture(e.l, vm, d.Key, p); err != nil {
-			t.Fatal(err)
-		}
+		stacktest.Capture(t, e.l, vm, d.Key, p)
 		r.caps[d.Key] = p
 	}
 	if f != nil && f.arm != nil {
@@ -363,9 +345,9 @@ func (e *env) writeGuest(vm string, seed uint64, bytes int64) {
 		chunk := 4 * MiB
 		for n := int64(0); n < bytes; n += chunk {
 			off := rng.Int64N(span/MiB-4) * MiB
-			e.write(vm, d.Key, off, pattern(rng.Uint64(), int(chunk)))
+			e.write(vm, d.Key, off, stacktest.Pattern(rng.Uint64(), int(chunk)))
 		}
-		e.write(vm, d.Key, rng.Int64N(span-MiB)+17, pattern(rng.Uint64(), 5000))
+		e.write(vm, d.Key, rng.Int64N(span-MiB)+17, stacktest.Pattern(rng.Uint64(), 5000))
 		e.write(vm, d.Key, rng.Int64N(span/MiB-1)*MiB, make([]byte, MiB))
 		if err := e.l.PunchHole(vm, d.Key, rng.Int64N(span/MiB-1)*MiB, 512<<10); err != nil {
 			t.Fatal(err)
@@ -375,25 +357,17 @@ func (e *env) writeGuest(vm string, seed uint64, bytes int64) {
 
 func (e *env) write(vm string, key int32, off int64, b []byte) {
 	e.t.Helper()
-	if n, err := e.l.WriteDisk(vm, key, off, bytes.NewReader(b)); err != nil || n != int64(len(b)) {
-		e.t.Fatalf("lab write %s/%d at %d: %d bytes, %v", vm, key, off, n, err)
-	}
+	stacktest.WriteDisk(e.t, e.l, vm, key, off, b)
 }
 
-// pattern is n bytes of pseudo-random data without zero bytes.
-func pattern(seed uint64, n int) []byte {
-	r := rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15))
-	b := make([]byte, n)
-	for i := 0; i+8 <= n; i += 8 {
-		v := r.Uint64() | 0x0101010101010101
-		for j := 0; j < 8; j++ {
-			b[i+j] = byte(v >> (8 * j))
-		}
+// snapshots lists the cbtflow-* snapshots of a lab VM through the vSphere
+// API, as an operator would see them.
+func (e *env) snapshots(ctx context.Context, vmName string) ([]string, error) {
+	disks, err := e.l.Disks(vmName)
+	if err != nil || len(disks) == 0 {
+		return nil, fmt.Errorf("lab VM %s: %v", vmName, err)
 	}
-	for i := n - n%8; i < n; i++ {
-		b[i] = byte(r.UintN(255) + 1)
-	}
-	return b
+	return stacktest.Snapshots(ctx, e.l, disks[0].VMRef)
 }
 
 // attempts reads the history of the newest run of workflow wid and returns
@@ -570,7 +544,7 @@ func (e *env) verify(ctx context.Context, tl *Tally, r *run) {
 			e.problem(tl, "%s: restore of %s disk %d: %v %s", r.label, r.out.BackupID, key, err, res)
 			continue
 		}
-		diff, err := sameContent(want, out)
+		diff, err := stacktest.SameContent(want, out)
 		_ = os.Remove(out)
 		switch {
 		case err != nil:

@@ -18,10 +18,6 @@ import (
 	enumspb "go.temporal.io/api/enums/v1"
 	historypb "go.temporal.io/api/history/v1"
 	"go.temporal.io/api/temporalproto"
-	workflowpb "go.temporal.io/api/workflow/v1"
-	"go.temporal.io/api/workflowservice/v1"
-
-	"google.golang.org/protobuf/reflect/protoreflect"
 
 	"github.com/cbtflow/cbtflow/activities"
 	"github.com/cbtflow/cbtflow/internal/lab"
@@ -76,12 +72,12 @@ func TestEndToEnd(t *testing.T) {
 
 	// backup runs one backup of vm through the CLI, after capturing every
 	// disk's content, and checks what every backup must satisfy.
-	backup := func(name string, wantMode string) (backupJSON, map[int32]string) {
+	backup := func(name string, wantMode string) (stacktest.BackupJSON, map[int32]string) {
 		t.Helper()
 		caps := map[int32]string{}
 		for _, k := range keys {
 			caps[k] = filepath.Join(data, fmt.Sprintf("%s-%d.raw", name, k))
-			capture(t, l, vm, k, caps[k])
+			stacktest.Capture(t, l, vm, k, caps[k])
 		}
 		res, err := s.Starter(ctx, "backup", vm, "--wait", "--json")
 		if err != nil {
@@ -93,7 +89,7 @@ func TestEndToEnd(t *testing.T) {
 		}
 		stamps := l.ChangeIDLog()
 		for _, k := range keys {
-			d := b.disk(t, k)
+			d := b.Disk(t, k)
 			if d.Mode != wantMode {
 				t.Errorf("%s: disk %d mode %q, want %q", name, k, d.Mode, wantMode)
 			}
@@ -107,7 +103,7 @@ func TestEndToEnd(t *testing.T) {
 				t.Errorf("%s: disk %d: change ID %q, the lab stamped %v for snapshot %s%s", name, k, d.ChangeID, logged, activities.SnapshotPrefix, b.BackupID)
 			}
 		}
-		left, err := cbtflowSnapshots(ctx, l, vmRef)
+		left, err := stacktest.Snapshots(ctx, l, vmRef)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -118,13 +114,13 @@ func TestEndToEnd(t *testing.T) {
 	}
 
 	// 1. Full backup of guest data on both disks, including the very end.
-	write(t, l, vm, 204, 0, pattern(1, 4*MiB))
-	write(t, l, vm, 204, 5*GiB, pattern(2, MiB))
-	write(t, l, vm, 205, GiB, pattern(3, 2*MiB))
-	write(t, l, vm, 205, 10*GiB-1000, pattern(4, 1000))
+	stacktest.WriteDisk(t, l, vm, 204, 0, stacktest.Pattern(1, 4*MiB))
+	stacktest.WriteDisk(t, l, vm, 204, 5*GiB, stacktest.Pattern(2, MiB))
+	stacktest.WriteDisk(t, l, vm, 205, GiB, stacktest.Pattern(3, 2*MiB))
+	stacktest.WriteDisk(t, l, vm, 205, 10*GiB-1000, stacktest.Pattern(4, 1000))
 	b1, caps1 := backup("b1", workflows.ModeFull)
 	for _, k := range keys {
-		if d := b1.disk(t, k); d.ChangedBytes == 0 || d.WrittenBytes == 0 {
+		if d := b1.Disk(t, k); d.ChangedBytes == 0 || d.WrittenBytes == 0 {
 			t.Errorf("b1 disk %d: changed %d, written %d: want data", k, d.ChangedBytes, d.WrittenBytes)
 		}
 	}
@@ -133,17 +129,17 @@ func TestEndToEnd(t *testing.T) {
 	// 2. Guest writes: an earlier region overwritten with zeros, another
 	// discarded (a hole on the source), new and overwritten data, an
 	// unaligned write, on both disks.
-	write(t, l, vm, 204, MiB, make([]byte, MiB))
-	write(t, l, vm, 204, 3*GiB, pattern(5, 3*MiB))
-	write(t, l, vm, 204, 5*GiB+4096+17, pattern(6, 5000))
-	write(t, l, vm, 205, GiB+512<<10, pattern(7, 256<<10))
+	stacktest.WriteDisk(t, l, vm, 204, MiB, make([]byte, MiB))
+	stacktest.WriteDisk(t, l, vm, 204, 3*GiB, stacktest.Pattern(5, 3*MiB))
+	stacktest.WriteDisk(t, l, vm, 204, 5*GiB+4096+17, stacktest.Pattern(6, 5000))
+	stacktest.WriteDisk(t, l, vm, 205, GiB+512<<10, stacktest.Pattern(7, 256<<10))
 	if err := l.PunchHole(vm, 205, GiB+MiB, 512<<10); err != nil {
 		t.Fatal(err)
 	}
-	write(t, l, vm, 205, 7*GiB+12345, pattern(8, 100000))
+	stacktest.WriteDisk(t, l, vm, 205, 7*GiB+12345, stacktest.Pattern(8, 100000))
 	b2, caps2 := backup("b2", workflows.ModeIncremental)
 	for _, k := range keys {
-		if d := b2.disk(t, k); d.ChangedBytes == 0 || d.ChangedBytes >= b1.disk(t, k).ChangedBytes+8*MiB {
+		if d := b2.Disk(t, k); d.ChangedBytes == 0 || d.ChangedBytes >= b1.Disk(t, k).ChangedBytes+8*MiB {
 			t.Errorf("b2 disk %d: changed %d bytes: want the few areas written since b1", k, d.ChangedBytes)
 		}
 	}
@@ -152,7 +148,7 @@ func TestEndToEnd(t *testing.T) {
 	// 3. No guest writes: an empty incremental.
 	b3, caps3 := backup("b3", workflows.ModeIncremental)
 	for _, k := range keys {
-		if d := b3.disk(t, k); d.ChangedBytes != 0 || d.WrittenBytes != 0 {
+		if d := b3.Disk(t, k); d.ChangedBytes != 0 || d.WrittenBytes != 0 {
 			t.Errorf("b3 disk %d: changed %d, written %d bytes, want 0", k, d.ChangedBytes, d.WrittenBytes)
 		}
 	}
@@ -163,11 +159,11 @@ func TestEndToEnd(t *testing.T) {
 	if err != nil || res.ExitCode != 0 {
 		t.Fatalf("list: %v %s", err, res)
 	}
-	var list []listJSON
-	if err := decodeOne(res.Stdout, &list); err != nil {
+	var list []stacktest.ListJSON
+	if err := stacktest.DecodeOne(res.Stdout, &list); err != nil {
 		t.Fatal(err)
 	}
-	backups := []backupJSON{b1, b2, b3}
+	backups := []stacktest.BackupJSON{b1, b2, b3}
 	if len(list) != len(backups) {
 		t.Fatalf("list: %d entries, want %d:\n%s", len(list), len(backups), res.Stdout)
 	}
@@ -182,7 +178,7 @@ func TestEndToEnd(t *testing.T) {
 				t.Errorf("list: %s is %s with %d disks", e.BackupID, e.Status, len(e.Disks))
 			}
 			for _, d := range e.Disks {
-				if want := b.disk(t, d.Key); d.ChangeID != want.ChangeID || d.Path != want.Path || d.Mode != want.Mode {
+				if want := b.Disk(t, d.Key); d.ChangeID != want.ChangeID || d.Path != want.Path || d.Mode != want.Mode {
 					t.Errorf("list: %s disk %d: %s %s %s, the backup said %s %s %s", e.BackupID, d.Key, d.Mode, d.ChangeID, d.Path, want.Mode, want.ChangeID, want.Path)
 				}
 			}
@@ -201,7 +197,7 @@ func TestEndToEnd(t *testing.T) {
 			if err != nil || res.ExitCode != 0 {
 				t.Fatalf("restore %s disk %d: %v %s", b.BackupID, k, err, res)
 			}
-			diff, err := sameContent(caps[k], out)
+			diff, err := stacktest.SameContent(caps[k], out)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -212,15 +208,15 @@ func TestEndToEnd(t *testing.T) {
 		}
 	}
 	// The comparison itself can fail: b1 and b2 differ.
-	if diff, err := sameContent(caps1[204], caps2[204]); err != nil || diff == "" {
+	if diff, err := stacktest.SameContent(caps1[204], caps2[204]); err != nil || diff == "" {
 		t.Errorf("the captures of b1 and b2 should differ (%v)", err)
 	}
 	lap("6 restores compared")
 
 	// A chain whose middle image was altered after commit is refused, by
 	// file name; then the image is put back.
-	middle := b2.disk(t, 204).Path
-	flipByte(t, middle)
+	middle := b2.Disk(t, 204).Path
+	stacktest.FlipByte(t, middle)
 	res, err = s.Starter(ctx, "restore", b3.BackupID, "--disk", "204", "--to", filepath.Join(data, "damaged.raw"))
 	if err != nil {
 		t.Fatal(err)
@@ -231,7 +227,7 @@ func TestEndToEnd(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(data, "damaged.raw")); err == nil {
 		t.Error("a refused restore left its output file")
 	}
-	flipByte(t, middle)
+	stacktest.FlipByte(t, middle)
 	lap("damaged chain refused")
 
 	unknownVM(ctx, t, s)
@@ -262,64 +258,6 @@ func TestEndToEnd(t *testing.T) {
 	t.Logf("end to end in %s (the stack's close is checked next)", time.Since(began).Round(time.Second))
 }
 
-// protoContains reports whether any string or bytes field of m, at any
-// depth (payload data included, which JSON shows in base64), contains
-// needle.
-func protoContains(m protoreflect.Message, needle []byte) bool {
-	found := false
-	value := func(fd protoreflect.FieldDescriptor, v protoreflect.Value) bool {
-		switch fd.Kind() {
-		case protoreflect.StringKind:
-			return strings.Contains(v.String(), string(needle))
-		case protoreflect.BytesKind:
-			return bytes.Contains(v.Bytes(), needle)
-		case protoreflect.MessageKind, protoreflect.GroupKind:
-			return protoContains(v.Message(), needle)
-		}
-		return false
-	}
-	m.Range(func(fd protoreflect.FieldDescriptor, v protoreflect.Value) bool {
-		switch {
-		case fd.IsList():
-			l := v.List()
-			for i := 0; i < l.Len() && !found; i++ {
-				found = value(fd, l.Get(i))
-			}
-		case fd.IsMap():
-			v.Map().Range(func(k protoreflect.MapKey, mv protoreflect.Value) bool {
-				found = strings.Contains(k.String(), string(needle)) || value(fd.MapValue(), mv)
-				return !found
-			})
-		default:
-			found = value(fd, v)
-		}
-		return !found
-	})
-	return found
-}
-
-func flipByte(t *testing.T, path string) {
-	t.Helper()
-	f, err := os.OpenFile(path, os.O_RDWR, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	fi, err := f.Stat()
-	if err != nil {
-		t.Fatal(err)
-	}
-	b := make([]byte, 1)
-	off := fi.Size() / 2
-	if _, err := f.ReadAt(b, off); err != nil {
-		t.Fatal(err)
-	}
-	b[0] ^= 0xff
-	if _, err := f.WriteAt(b, off); err != nil {
-		t.Fatal(err)
-	}
-}
-
 // unknownVM: a backup of a VM that does not exist fails in seconds, names
 // the VM, and was not retried.
 func unknownVM(ctx context.Context, t *testing.T, s *stack.Stack) {
@@ -332,8 +270,8 @@ func unknownVM(ctx context.Context, t *testing.T, s *stack.Stack) {
 	if res.ExitCode == 0 || res.ExitCode == 3 || res.Duration > 30*time.Second {
 		t.Errorf("backup of an unknown VM: want a failure (exit 1) within 30 s, got %s", res)
 	}
-	var out backupJSON
-	if err := decodeOne(res.Stdout, &out); err != nil {
+	var out stacktest.BackupJSON
+	if err := stacktest.DecodeOne(res.Stdout, &out); err != nil {
 		t.Error(err)
 	} else if out.Status != "failed" || !strings.Contains(out.Error, name) {
 		t.Errorf("backup of an unknown VM: JSON %+v, want status failed and an error naming %s", out, name)
@@ -347,8 +285,8 @@ func unknownVM(ctx context.Context, t *testing.T, s *stack.Stack) {
 	var hist []*historypb.HistoryEvent
 	deadline := time.Now().Add(20 * time.Second)
 	for hist == nil && time.Now().Before(deadline) {
-		for _, ex := range listWorkflows(ctx, t, s, "WorkflowType = 'Backup' AND ExecutionStatus = 'Failed'") {
-			h := history(ctx, t, s, ex.GetExecution().GetWorkflowId(), ex.GetExecution().GetRunId())
+		for _, ex := range stacktest.ListWorkflows(ctx, t, s, "WorkflowType = 'Backup' AND ExecutionStatus = 'Failed'") {
+			h := stacktest.History(ctx, t, s, ex.GetExecution().GetWorkflowId(), ex.GetExecution().GetRunId())
 			if in := h[0].GetWorkflowExecutionStartedEventAttributes().GetInput(); in != nil && bytes.Contains(in.Payloads[0].GetData(), []byte(name)) {
 				hist = h
 			}
@@ -403,9 +341,9 @@ func alreadyRunning(ctx context.Context, t *testing.T, s *stack.Stack) {
 		t.Fatalf("lab VM %s: %v %v", other, d, err)
 	}
 	moref, key := d[0].VMRef, d[0].Key
-	chunk := pattern(9, 64*MiB)
+	chunk := stacktest.Pattern(9, 64*MiB)
 	for off := int64(0); off < 384*MiB; off += int64(len(chunk)) {
-		write(t, l, other, key, off, chunk)
+		stacktest.WriteDisk(t, l, other, key, off, chunk)
 	}
 
 	type result struct {
@@ -451,7 +389,7 @@ func alreadyRunning(ctx context.Context, t *testing.T, s *stack.Stack) {
 	}
 	defer resume()
 
-	running := listWorkflows(ctx, t, s, fmt.Sprintf("WorkflowType = 'BackupVM' AND ExecutionStatus = 'Running' AND CbtflowVM = '%s'", other))
+	running := stacktest.ListWorkflows(ctx, t, s, fmt.Sprintf("WorkflowType = 'BackupVM' AND ExecutionStatus = 'Running' AND CbtflowVM = '%s'", other))
 	if len(running) != 1 {
 		t.Fatalf("%d running BackupVM workflows for %s, want 1", len(running), other)
 	}
@@ -475,7 +413,7 @@ func alreadyRunning(ctx context.Context, t *testing.T, s *stack.Stack) {
 		t.Errorf("progress during the transfer: %+v", prog)
 	}
 	// The check for leftover snapshots sees the one of a running backup.
-	snaps, err := cbtflowSnapshots(ctx, l, moref)
+	snaps, err := stacktest.Snapshots(ctx, l, moref)
 	if err != nil || len(snaps) != 1 || snaps[0] != activities.SnapshotPrefix+runningID {
 		t.Errorf("snapshots of %s during its backup %s: %v (%v), want exactly its own", other, runningID, snaps, err)
 	}
@@ -507,7 +445,7 @@ func alreadyRunning(ctx context.Context, t *testing.T, s *stack.Stack) {
 		t.Fatal(r.err)
 	}
 	b := checkBackupContract(t, r.res, s.Repository())
-	if b.BackupID != runningID || b.disk(t, key).Mode != workflows.ModeFull || b.disk(t, key).ChangedBytes < 384*MiB {
+	if b.BackupID != runningID || b.Disk(t, key).Mode != workflows.ModeFull || b.Disk(t, key).ChangedBytes < 384*MiB {
 		t.Errorf("the first backup: %+v, want the full backup %s of 384 MiB", b, runningID)
 	}
 
@@ -516,67 +454,37 @@ func alreadyRunning(ctx context.Context, t *testing.T, s *stack.Stack) {
 	if err != nil || res.ExitCode != 0 {
 		t.Fatalf("list: %v %s", err, res)
 	}
-	var list []listJSON
-	if err := decodeOne(res.Stdout, &list); err != nil {
+	var list []stacktest.ListJSON
+	if err := stacktest.DecodeOne(res.Stdout, &list); err != nil {
 		t.Fatal(err)
 	}
 	if len(list) != 1 || list[0].BackupID != runningID {
 		t.Errorf("catalog of %s: %d backups, want only %s:\n%s", other, len(list), runningID, res.Stdout)
 	}
-	all := listWorkflows(ctx, t, s, fmt.Sprintf("WorkflowType = 'BackupVM' AND CbtflowVM = '%s'", other))
+	all := stacktest.ListWorkflows(ctx, t, s, fmt.Sprintf("WorkflowType = 'BackupVM' AND CbtflowVM = '%s'", other))
 	if len(all) != 1 {
 		t.Errorf("%d BackupVM workflows for %s, want 1", len(all), other)
 	}
 }
 
-func listWorkflows(ctx context.Context, t *testing.T, s *stack.Stack, query string) []*workflowpb.WorkflowExecutionInfo {
-	t.Helper()
-	var out []*workflowpb.WorkflowExecutionInfo
-	var token []byte
-	for {
-		resp, err := s.Client().ListWorkflow(ctx, &workflowservice.ListWorkflowExecutionsRequest{Namespace: stack.Namespace, Query: query, NextPageToken: token})
-		if err != nil {
-			t.Fatalf("list workflows %q: %v", query, err)
-		}
-		out = append(out, resp.GetExecutions()...)
-		if token = resp.GetNextPageToken(); len(token) == 0 {
-			return out
-		}
-	}
-}
-
-func history(ctx context.Context, t *testing.T, s *stack.Stack, id, run string) []*historypb.HistoryEvent {
-	t.Helper()
-	var events []*historypb.HistoryEvent
-	it := s.Client().GetWorkflowHistory(ctx, id, run, false, enumspb.HISTORY_EVENT_FILTER_TYPE_ALL_EVENT)
-	for it.HasNext() {
-		ev, err := it.Next()
-		if err != nil {
-			t.Fatalf("history of %s: %v", id, err)
-		}
-		events = append(events, ev)
-	}
-	return events
-}
-
 // recordHistories writes the histories of the full and incremental
 // BackupVM runs and of the Backup that started the incremental one into
 // workflows/testdata, for workflows/replay_test.go.
-func recordHistories(ctx context.Context, t *testing.T, s *stack.Stack, full, incr backupJSON) {
+func recordHistories(ctx context.Context, t *testing.T, s *stack.Stack, full, incr stacktest.BackupJSON) {
 	t.Helper()
 	dir := filepath.Join("..", "..", "workflows", "testdata")
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		t.Fatal(err)
 	}
 	save := func(file, id, run string) {
-		events := history(ctx, t, s, id, run)
+		events := stacktest.History(ctx, t, s, id, run)
 		b, err := temporalproto.CustomJSONMarshalOptions{Indent: "  "}.Marshal(&historypb.History{Events: events})
 		if err != nil {
 			t.Fatal(err)
 		}
 		secret := []byte(s.Lab().Password())
 		for _, ev := range events {
-			if protoContains(ev.ProtoReflect(), secret) {
+			if stacktest.ProtoContains(ev.ProtoReflect(), secret) {
 				t.Fatalf("event %d of the history of %s holds the lab password", ev.GetEventId(), id)
 			}
 		}
@@ -590,9 +498,9 @@ func recordHistories(ctx context.Context, t *testing.T, s *stack.Stack, full, in
 	}
 	for _, c := range []struct {
 		file string
-		b    backupJSON
+		b    stacktest.BackupJSON
 	}{{"backupvm_full.json", full}, {"backupvm_incremental.json", incr}} {
-		runs := listWorkflows(ctx, t, s, fmt.Sprintf("WorkflowType = 'BackupVM' AND CbtflowBackupID = '%s'", c.b.BackupID))
+		runs := stacktest.ListWorkflows(ctx, t, s, fmt.Sprintf("WorkflowType = 'BackupVM' AND CbtflowBackupID = '%s'", c.b.BackupID))
 		if len(runs) != 1 {
 			t.Fatalf("%d BackupVM runs for backup %s", len(runs), c.b.BackupID)
 		}

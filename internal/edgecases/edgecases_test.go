@@ -61,7 +61,7 @@ func createVM(t *testing.T, s *stack.Stack, name string, caps ...int64) string {
 	return ref
 }
 
-func wantWarning(t *testing.T, label string, b backupJSON, parts ...string) {
+func wantWarning(t *testing.T, label string, b stacktest.BackupJSON, parts ...string) {
 	t.Helper()
 	for _, w := range b.Warnings {
 		ok := true
@@ -75,7 +75,7 @@ func wantWarning(t *testing.T, label string, b backupJSON, parts ...string) {
 	t.Errorf("%s: no warning with %q among %q", label, parts, b.Warnings)
 }
 
-func wantNoWarnings(t *testing.T, label string, b backupJSON) {
+func wantNoWarnings(t *testing.T, label string, b stacktest.BackupJSON) {
 	t.Helper()
 	if len(b.Warnings) > 0 {
 		t.Errorf("%s: unexpected warnings %q", label, b.Warnings)
@@ -93,12 +93,12 @@ func cbtReset(ctx context.Context, t *testing.T, s *stack.Stack) {
 	keys := v.keys(t)
 	k1, k2 := keys[0], keys[1]
 
-	write(t, l, v.ref, k1, 0, pattern(11, 3*MiB))
-	write(t, l, v.ref, k2, 100*MiB, pattern(12, 2*MiB))
+	stacktest.WriteDisk(t, l, v.ref, k1, 0, stacktest.Pattern(11, 3*MiB))
+	stacktest.WriteDisk(t, l, v.ref, k2, 100*MiB, stacktest.Pattern(12, 2*MiB))
 	b1 := v.backup(t, "b1", all(keys, full))
 	wantNoWarnings(t, "b1", b1.b)
 
-	write(t, l, v.ref, k1, 50*MiB, pattern(13, MiB))
+	stacktest.WriteDisk(t, l, v.ref, k1, 50*MiB, stacktest.Pattern(13, MiB))
 	b2 := v.backup(t, "b2", all(keys, incr))
 	wantNoWarnings(t, "b2", b2.b)
 
@@ -106,28 +106,28 @@ func cbtReset(ctx context.Context, t *testing.T, s *stack.Stack) {
 		t.Fatal(err)
 	}
 	// Written while nothing tracks changes: only a full backup has it.
-	write(t, l, v.ref, k1, 200*MiB, pattern(14, MiB))
-	write(t, l, v.ref, k2, 10*MiB, pattern(15, 512*KiB))
+	stacktest.WriteDisk(t, l, v.ref, k1, 200*MiB, stacktest.Pattern(14, MiB))
+	stacktest.WriteDisk(t, l, v.ref, k2, 10*MiB, stacktest.Pattern(15, 512*KiB))
 	if err := l.SetCBT(v.ref, true); err != nil {
 		t.Fatal(err)
 	}
-	write(t, l, v.ref, k2, 30*MiB, pattern(16, 64*KiB))
+	stacktest.WriteDisk(t, l, v.ref, k2, 30*MiB, stacktest.Pattern(16, 64*KiB))
 	b3 := v.backup(t, "b3", all(keys, full))
 	for _, k := range keys {
-		d := b3.b.disk(t, k)
+		d := b3.b.Disk(t, k)
 		wantWarning(t, "b3", b3.b, "disk "+itoa(k), "reset")
 		if !strings.Contains(d.Note, "reset") {
 			t.Errorf("b3 disk %d: note %q, want one saying change tracking was reset", k, d.Note)
 		}
-		if d.ChangeID == b2.b.disk(t, k).ChangeID {
+		if d.ChangeID == b2.b.Disk(t, k).ChangeID {
 			t.Errorf("b3 disk %d: same change ID as b2", k)
 		}
 	}
 
-	write(t, l, v.ref, k1, 60*MiB, pattern(17, MiB))
+	stacktest.WriteDisk(t, l, v.ref, k1, 60*MiB, stacktest.Pattern(17, MiB))
 	b4 := v.backup(t, "b4", all(keys, incr))
 	wantNoWarnings(t, "b4", b4.b)
-	if d := b4.b.disk(t, k1); d.ChangedBytes == 0 || d.ChangedBytes > 2*MiB {
+	if d := b4.b.Disk(t, k1); d.ChangedBytes == 0 || d.ChangedBytes > 2*MiB {
 		t.Errorf("b4 disk %d: %d changed bytes, want the 1 MiB written since b3", k1, d.ChangedBytes)
 	}
 	v.checkCatalog(t)
@@ -144,25 +144,25 @@ func cbtOffAtBackup(ctx context.Context, t *testing.T, s *stack.Stack) {
 	keys := v.keys(t)
 	k := keys[0]
 
-	write(t, l, v.ref, k, 0, pattern(21, 2*MiB))
+	stacktest.WriteDisk(t, l, v.ref, k, 0, stacktest.Pattern(21, 2*MiB))
 	v.backup(t, "b1", all(keys, full))
-	write(t, l, v.ref, k, 64*MiB, pattern(22, MiB))
+	stacktest.WriteDisk(t, l, v.ref, k, 64*MiB, stacktest.Pattern(22, MiB))
 	v.backup(t, "b2", all(keys, incr))
 
 	if err := l.SetCBT(v.ref, false); err != nil {
 		t.Fatal(err)
 	}
-	write(t, l, v.ref, k, 128*MiB, pattern(23, MiB))
+	stacktest.WriteDisk(t, l, v.ref, k, 128*MiB, stacktest.Pattern(23, MiB))
 	b3 := v.backup(t, "b3", all(keys, full))
 	wantWarning(t, "b3", b3.b, "disk "+itoa(k), "change")
-	if d := b3.b.disk(t, k); !strings.Contains(d.Note, "enabled") {
+	if d := b3.b.Disk(t, k); !strings.Contains(d.Note, "enabled") {
 		t.Errorf("b3 disk %d: note %q, want one saying change tracking was enabled", k, d.Note)
 	}
 	if d, err := l.Disk(v.ref, k); err != nil || d.ChangeID == "" {
 		t.Errorf("after b3, disk %d has no change ID (%v): CBT was not enabled again", k, err)
 	}
 
-	write(t, l, v.ref, k, 200*MiB, pattern(24, MiB))
+	stacktest.WriteDisk(t, l, v.ref, k, 200*MiB, stacktest.Pattern(24, MiB))
 	b4 := v.backup(t, "b4", all(keys, incr))
 	wantNoWarnings(t, "b4", b4.b)
 	v.checkCatalog(t)
@@ -187,31 +187,31 @@ func grownDisk(ctx context.Context, t *testing.T, s *stack.Stack) {
 	}
 	newCap := oldCap + 2*GiB
 
-	write(t, l, v.ref, k1, 0, pattern(31, 2*MiB))
-	write(t, l, v.ref, k2, MiB, pattern(32, MiB))
-	write(t, l, v.ref, k2, oldCap-5000, pattern(33, 5000)) // the very end
+	stacktest.WriteDisk(t, l, v.ref, k1, 0, stacktest.Pattern(31, 2*MiB))
+	stacktest.WriteDisk(t, l, v.ref, k2, MiB, stacktest.Pattern(32, MiB))
+	stacktest.WriteDisk(t, l, v.ref, k2, oldCap-5000, stacktest.Pattern(33, 5000)) // the very end
 	v.backup(t, "b1", all(keys, full))
 
 	if err := l.GrowDisk(v.ref, k2, newCap); err != nil {
 		t.Fatal(err)
 	}
-	write(t, l, v.ref, k1, 4*MiB, pattern(34, MiB))
-	write(t, l, v.ref, k2, oldCap-4096, pattern(35, 64*KiB)) // across the old end
-	write(t, l, v.ref, k2, oldCap+GiB, pattern(36, MiB))
-	write(t, l, v.ref, k2, newCap-777, pattern(37, 777)) // the new end
+	stacktest.WriteDisk(t, l, v.ref, k1, 4*MiB, stacktest.Pattern(34, MiB))
+	stacktest.WriteDisk(t, l, v.ref, k2, oldCap-4096, stacktest.Pattern(35, 64*KiB)) // across the old end
+	stacktest.WriteDisk(t, l, v.ref, k2, oldCap+GiB, stacktest.Pattern(36, MiB))
+	stacktest.WriteDisk(t, l, v.ref, k2, newCap-777, stacktest.Pattern(37, 777)) // the new end
 	b2 := v.backup(t, "b2", map[int32]string{k1: incr, k2: full})
-	d := b2.b.disk(t, k2)
+	d := b2.b.Disk(t, k2)
 	if !strings.Contains(d.Note, "size changed") || !strings.Contains(d.Note, itoa64(newCap)) {
 		t.Errorf("b2 disk %d: note %q, want one saying the size changed to %d", k2, d.Note, newCap)
 	}
-	if n := b2.b.disk(t, k1).Note; n != "" {
+	if n := b2.b.Disk(t, k1).Note; n != "" {
 		t.Errorf("b2 disk %d: note %q on an incremental", k1, n)
 	}
 
-	write(t, l, v.ref, k2, oldCap+GiB+512*KiB, pattern(38, 128*KiB))
-	write(t, l, v.ref, k1, 8*MiB, pattern(39, MiB))
+	stacktest.WriteDisk(t, l, v.ref, k2, oldCap+GiB+512*KiB, stacktest.Pattern(38, 128*KiB))
+	stacktest.WriteDisk(t, l, v.ref, k1, 8*MiB, stacktest.Pattern(39, MiB))
 	b3 := v.backup(t, "b3", all(keys, incr))
-	if d := b3.b.disk(t, k2); d.ChangedBytes == 0 || d.ChangedBytes > 2*MiB {
+	if d := b3.b.Disk(t, k2); d.ChangedBytes == 0 || d.ChangedBytes > 2*MiB {
 		t.Errorf("b3 disk %d: %d changed bytes, want the 128 KiB written since b2", k2, d.ChangedBytes)
 	}
 
@@ -220,11 +220,11 @@ func grownDisk(ctx context.Context, t *testing.T, s *stack.Stack) {
 		tk   taken
 		size int64
 	}{{v.taken[0], oldCap}, {b2, newCap}, {b3, newCap}} {
-		if chain := imageChain(ctx, t, c.tk.b.disk(t, k2).Path); chain[0].VirtualSize != c.size {
+		if chain := imageChain(ctx, t, c.tk.b.Disk(t, k2).Path); chain[0].VirtualSize != c.size {
 			t.Errorf("%s disk %d: image of %d bytes, want %d", c.tk.label, k2, chain[0].VirtualSize, c.size)
 		}
 	}
-	if chain := imageChain(ctx, t, b2.b.disk(t, k2).Path); len(chain) != 1 {
+	if chain := imageChain(ctx, t, b2.b.Disk(t, k2).Path); len(chain) != 1 {
 		t.Errorf("b2 disk %d: the full image has a backing chain: %+v", k2, chain)
 	}
 	v.checkCatalog(t)
@@ -239,23 +239,23 @@ func addedDisk(ctx context.Context, t *testing.T, s *stack.Stack) {
 	v := newVM(ctx, t, s, "edge-add")
 	k1 := v.keys(t)[0]
 
-	write(t, l, v.ref, k1, 0, pattern(41, 2*MiB))
+	stacktest.WriteDisk(t, l, v.ref, k1, 0, stacktest.Pattern(41, 2*MiB))
 	v.backup(t, "b1", map[int32]string{k1: full})
 
 	k2, err := l.AddDisk(v.ref, 512*MiB)
 	if err != nil {
 		t.Fatal(err)
 	}
-	write(t, l, v.ref, k2, 0, pattern(42, MiB))
-	write(t, l, v.ref, k2, 512*MiB-100, pattern(43, 100))
-	write(t, l, v.ref, k1, 10*MiB, pattern(44, MiB))
+	stacktest.WriteDisk(t, l, v.ref, k2, 0, stacktest.Pattern(42, MiB))
+	stacktest.WriteDisk(t, l, v.ref, k2, 512*MiB-100, stacktest.Pattern(43, 100))
+	stacktest.WriteDisk(t, l, v.ref, k1, 10*MiB, stacktest.Pattern(44, MiB))
 	b2 := v.backup(t, "b2", map[int32]string{k1: incr, k2: full})
 	wantNoWarnings(t, "b2", b2.b)
-	if n := b2.b.disk(t, k2).Note; !strings.Contains(n, "no previous restore point") {
+	if n := b2.b.Disk(t, k2).Note; !strings.Contains(n, "no previous restore point") {
 		t.Errorf("b2 disk %d: note %q, want one saying there was no previous restore point", k2, n)
 	}
 
-	write(t, l, v.ref, k2, 100*MiB, pattern(45, MiB))
+	stacktest.WriteDisk(t, l, v.ref, k2, 100*MiB, stacktest.Pattern(45, MiB))
 	v.backup(t, "b3", map[int32]string{k1: incr, k2: incr})
 	v.checkCatalog(t)
 	v.restoreAll(t)
@@ -275,17 +275,17 @@ func removedDisk(ctx context.Context, t *testing.T, s *stack.Stack) {
 	stay := keys[:2]
 
 	for i, k := range keys {
-		write(t, l, v.ref, k, int64(i)*MiB, pattern(uint64(50+i), 2*MiB))
+		stacktest.WriteDisk(t, l, v.ref, k, int64(i)*MiB, stacktest.Pattern(uint64(50+i), 2*MiB))
 	}
 	b1 := v.backup(t, "b1", all(keys, full))
-	write(t, l, v.ref, gone, 20*MiB, pattern(54, MiB))
-	write(t, l, v.ref, stay[0], 20*MiB, pattern(55, MiB))
+	stacktest.WriteDisk(t, l, v.ref, gone, 20*MiB, stacktest.Pattern(54, MiB))
+	stacktest.WriteDisk(t, l, v.ref, stay[0], 20*MiB, stacktest.Pattern(55, MiB))
 	b2 := v.backup(t, "b2", all(keys, incr))
 
 	if err := l.RemoveDisk(v.ref, gone); err != nil {
 		t.Fatal(err)
 	}
-	write(t, l, v.ref, stay[1], 30*MiB, pattern(56, MiB))
+	stacktest.WriteDisk(t, l, v.ref, stay[1], 30*MiB, stacktest.Pattern(56, MiB))
 	b3 := v.backup(t, "b3", all(stay, incr))
 	wantWarning(t, "b3", b3.b, "disk "+itoa(gone), "removed")
 
@@ -314,11 +314,11 @@ func removedDisk(ctx context.Context, t *testing.T, s *stack.Stack) {
 	if again != gone {
 		t.Fatalf("the new disk got key %d, not the removed disk's %d: the lab no longer reuses keys", again, gone)
 	}
-	write(t, l, v.ref, again, 5*MiB, pattern(57, 3*MiB))
-	write(t, l, v.ref, stay[0], 40*MiB, pattern(58, MiB))
+	stacktest.WriteDisk(t, l, v.ref, again, 5*MiB, stacktest.Pattern(57, 3*MiB))
+	stacktest.WriteDisk(t, l, v.ref, stay[0], 40*MiB, stacktest.Pattern(58, MiB))
 	b4 := v.backup(t, "b4", map[int32]string{stay[0]: incr, stay[1]: incr, again: full})
 	wantNoWarnings(t, "b4", b4.b)
-	nd := b4.b.disk(t, again)
+	nd := b4.b.Disk(t, again)
 	if !strings.Contains(nd.Note, "no previous restore point") {
 		t.Errorf("b4 disk %d: note %q, want one saying there was no previous restore point", again, nd.Note)
 	}
@@ -326,10 +326,10 @@ func removedDisk(ctx context.Context, t *testing.T, s *stack.Stack) {
 		t.Errorf("b4 disk %d: the new disk's full image has a backing chain %v", again, chainFiles(chain))
 	}
 
-	write(t, l, v.ref, again, 100*MiB, pattern(59, MiB))
+	stacktest.WriteDisk(t, l, v.ref, again, 100*MiB, stacktest.Pattern(59, MiB))
 	b5 := v.backup(t, "b5", all(v.keys(t), incr))
-	chain := chainFiles(imageChain(ctx, t, b5.b.disk(t, again).Path))
-	if want := []string{filepath.Clean(b5.b.disk(t, again).Path), filepath.Clean(nd.Path)}; !slices.Equal(chain, want) {
+	chain := chainFiles(imageChain(ctx, t, b5.b.Disk(t, again).Path))
+	if want := []string{filepath.Clean(b5.b.Disk(t, again).Path), filepath.Clean(nd.Path)}; !slices.Equal(chain, want) {
 		t.Errorf("b5 disk %d: chain %v, want %v (the new chain only)", again, chain, want)
 	}
 	v.checkCatalog(t)
@@ -347,8 +347,8 @@ func replacedDisk(ctx context.Context, t *testing.T, s *stack.Stack) {
 	keys := v.keys(t)
 	k1, k2 := keys[0], keys[1]
 
-	write(t, l, v.ref, k1, 0, pattern(61, MiB))
-	write(t, l, v.ref, k2, 0, pattern(62, 8*MiB))
+	stacktest.WriteDisk(t, l, v.ref, k1, 0, stacktest.Pattern(61, MiB))
+	stacktest.WriteDisk(t, l, v.ref, k2, 0, stacktest.Pattern(62, 8*MiB))
 	v.backup(t, "b1", all(keys, full))
 
 	if err := l.RemoveDisk(v.ref, k2); err != nil {
@@ -363,15 +363,15 @@ func replacedDisk(ctx context.Context, t *testing.T, s *stack.Stack) {
 	}
 	// Less data than the old disk had: an overlay would show the old
 	// disk's data beyond it.
-	write(t, l, v.ref, k2, 0, pattern(63, MiB))
-	write(t, l, v.ref, k1, 2*MiB, pattern(64, MiB))
+	stacktest.WriteDisk(t, l, v.ref, k2, 0, stacktest.Pattern(63, MiB))
+	stacktest.WriteDisk(t, l, v.ref, k1, 2*MiB, stacktest.Pattern(64, MiB))
 	b2 := v.backup(t, "b2", map[int32]string{k1: incr, k2: full})
-	if chain := imageChain(ctx, t, b2.b.disk(t, k2).Path); len(chain) != 1 {
+	if chain := imageChain(ctx, t, b2.b.Disk(t, k2).Path); len(chain) != 1 {
 		t.Errorf("b2 disk %d: the new disk's image has a backing chain %v", k2, chainFiles(chain))
 	}
-	t.Logf("b2 warnings %q, disk %d note %q", b2.b.Warnings, k2, b2.b.disk(t, k2).Note)
+	t.Logf("b2 warnings %q, disk %d note %q", b2.b.Warnings, k2, b2.b.Disk(t, k2).Note)
 
-	write(t, l, v.ref, k2, 50*MiB, pattern(65, MiB))
+	stacktest.WriteDisk(t, l, v.ref, k2, 50*MiB, stacktest.Pattern(65, MiB))
 	v.backup(t, "b3", all(keys, incr))
 	v.checkCatalog(t)
 	v.restoreAll(t)

@@ -11,6 +11,7 @@ import (
 
 	"github.com/cbtflow/cbtflow/internal/lab"
 	"github.com/cbtflow/cbtflow/internal/stack"
+	"github.com/cbtflow/cbtflow/internal/stack/stacktest"
 )
 
 // vmUnder is one VM of a scenario: its backups, and for each the guest
@@ -28,7 +29,7 @@ type vmUnder struct {
 // taken is one backup and the captures of its disks.
 type taken struct {
 	label string
-	b     backupJSON
+	b     stacktest.BackupJSON
 	caps  map[int32]string // disk key -> capture of the guest data
 }
 
@@ -70,7 +71,7 @@ func (v *vmUnder) backup(t *testing.T, label string, want map[int32]string) take
 	caps := map[int32]string{}
 	for _, k := range keys {
 		caps[k] = filepath.Join(v.data, fmt.Sprintf("%s-%d.raw", label, k))
-		capture(t, v.l, v.ref, k, caps[k])
+		stacktest.Capture(t, v.l, v.ref, k, caps[k])
 	}
 	// A few seconds each here: a backup that takes minutes hangs.
 	bctx, cancel := context.WithTimeout(v.ctx, 2*time.Minute)
@@ -82,8 +83,8 @@ func (v *vmUnder) backup(t *testing.T, label string, want map[int32]string) take
 	if res.ExitCode != 0 {
 		t.Fatalf("%s: backup of %s failed: %s", label, v.name, res)
 	}
-	var b backupJSON
-	if err := decodeOne(res.Stdout, &b); err != nil {
+	var b stacktest.BackupJSON
+	if err := stacktest.DecodeOne(res.Stdout, &b); err != nil {
 		t.Fatal(err)
 	}
 	if b.Status != "completed" || b.BackupID == "" {
@@ -121,7 +122,7 @@ func (v *vmUnder) backup(t *testing.T, label string, want map[int32]string) take
 			t.Errorf("%s: disk %d (%s): image chain %v, want it to start with %v", label, d.Key, d.Mode, chain, want)
 		}
 	}
-	snaps, err := cbtflowSnapshots(v.ctx, v.l, v.ref)
+	snaps, err := stacktest.Snapshots(v.ctx, v.l, v.ref)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -173,7 +174,7 @@ func (v *vmUnder) restoreCompare(t *testing.T, tk taken, key int32) {
 		return
 	}
 	defer os.Remove(out)
-	diff, err := sameContent(tk.caps[key], out)
+	diff, err := stacktest.SameContent(tk.caps[key], out)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -185,20 +186,20 @@ func (v *vmUnder) restoreCompare(t *testing.T, tk taken, key int32) {
 // checkCatalog checks `starter list VM --json`: every backup taken is
 // there, committed, with the disks, modes, paths and change IDs the backup
 // reported, and every change ID is the one the lab stamped.
-func (v *vmUnder) checkCatalog(t *testing.T) []listJSON {
+func (v *vmUnder) checkCatalog(t *testing.T) []stacktest.ListJSON {
 	t.Helper()
 	res, err := v.s.Starter(v.ctx, "list", v.name, "--json")
 	if err != nil || res.ExitCode != 0 {
 		t.Fatalf("list %s: %v %s", v.name, err, res)
 	}
-	var list []listJSON
-	if err := decodeOne(res.Stdout, &list); err != nil {
+	var list []stacktest.ListJSON
+	if err := stacktest.DecodeOne(res.Stdout, &list); err != nil {
 		t.Fatal(err)
 	}
 	if len(list) != len(v.taken) {
 		t.Errorf("list %s: %d backups, want %d:\n%s", v.name, len(list), len(v.taken), res.Stdout)
 	}
-	byID := map[string]listJSON{}
+	byID := map[string]stacktest.ListJSON{}
 	for _, e := range list {
 		byID[e.BackupID] = e
 		for _, d := range e.Disks {
@@ -217,7 +218,7 @@ func (v *vmUnder) checkCatalog(t *testing.T) []listJSON {
 			t.Errorf("list: %s (%s) is %s with %d disks, want committed with %d", e.BackupID, tk.label, e.Status, len(e.Disks), len(tk.b.Disks))
 		}
 		for _, d := range e.Disks {
-			want := tk.b.disk(t, d.Key)
+			want := tk.b.Disk(t, d.Key)
 			if d.ChangeID != want.ChangeID || d.Path != want.Path || d.Mode != want.Mode {
 				t.Errorf("list: %s disk %d: %s %s %s, the backup said %s %s %s", e.BackupID, d.Key, d.Mode, d.ChangeID, d.Path, want.Mode, want.ChangeID, want.Path)
 			}

@@ -7,6 +7,13 @@
 // from TestMain so that the build folder is removed at the end:
 //
 //	func TestMain(m *testing.M) { stacktest.Main(m) }
+//
+// It also holds the helpers the tests that drive a whole stack share: lab
+// disk data (Pattern, WriteDisk, Capture, FlipByte), the sparse-aware
+// comparison of a restored disk with its capture (SameContent), the
+// starter's JSON output (DecodeOne, BackupJSON, ListJSON), Temporal's view
+// of the workflows (ListWorkflows, History, ProtoContains) and vSphere's
+// view of the snapshots (Snapshots).
 package stacktest
 
 import (

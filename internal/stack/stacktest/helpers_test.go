@@ -1,4 +1,4 @@
-package e2e
+package stacktest
 
 import (
 	"os"
@@ -10,9 +10,10 @@ import (
 	historypb "go.temporal.io/api/history/v1"
 )
 
-// TestSameContent checks the sparse-aware comparison the end-to-end test
-// relies on: a difference in data, in a hole of one file only, or in size
-// is found; equal content with different allocation is equal.
+// TestSameContent checks the sparse-aware comparison the end-to-end,
+// bad-input, edge-case and chaos tests rely on: a difference in data, in a
+// hole of one file only, or in size is found; equal content with
+// different allocation is equal.
 func TestSameContent(t *testing.T) {
 	dir := t.TempDir()
 	mk := func(name string, size int64, writes map[int64][]byte) string {
@@ -33,7 +34,7 @@ func TestSameContent(t *testing.T) {
 		return p
 	}
 	const size = 1 << 30
-	data := pattern(1, 1<<20)
+	data := Pattern(1, 1<<20)
 	base := mk("base", size, map[int64][]byte{0: data, 512 << 20: data})
 	for _, c := range []struct {
 		name   string
@@ -49,7 +50,7 @@ func TestSameContent(t *testing.T) {
 		{"size", map[int64][]byte{0: data, 512 << 20: data}, size + 512, "sizes differ"},
 	} {
 		other := mk(strings.ReplaceAll(c.name, " ", "-"), c.size, c.writes)
-		diff, err := sameContent(base, other)
+		diff, err := SameContent(base, other)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -66,10 +67,10 @@ func TestProtoContains(t *testing.T) {
 		WorkflowExecutionStartedEventAttributes: &historypb.WorkflowExecutionStartedEventAttributes{
 			Input: &commonpb.Payloads{Payloads: []*commonpb.Payload{{Data: []byte(`{"vm":"x","pw":"s3cret"}`)}}},
 		}}}
-	if !protoContains(ev.ProtoReflect(), []byte("s3cret")) {
+	if !ProtoContains(ev.ProtoReflect(), []byte("s3cret")) {
 		t.Error("a secret in a payload was not found")
 	}
-	if protoContains(ev.ProtoReflect(), []byte("other")) {
+	if ProtoContains(ev.ProtoReflect(), []byte("other")) {
 		t.Error("found a secret that is not there")
 	}
 }

@@ -1,0 +1,75 @@
+package stacktest
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"strings"
+	"testing"
+)
+
+// BackupJSON is the object `starter backup --wait --json` prints.
+type BackupJSON struct {
+	BackupID string     `json:"backup_id"`
+	VM       string     `json:"vm"`
+	VMUUID   string     `json:"vm_uuid"`
+	Status   string     `json:"status"`
+	Error    string     `json:"error"`
+	Workflow string     `json:"workflow_id"`
+	Disks    []DiskJSON `json:"disks"`
+	Warnings []string   `json:"warnings"`
+}
+
+// DiskJSON is one disk of a BackupJSON.
+type DiskJSON struct {
+	Key          int32  `json:"key"`
+	Mode         string `json:"mode"`
+	ChangedBytes int64  `json:"changed_bytes"`
+	WrittenBytes int64  `json:"written_bytes"`
+	SizeBytes    int64  `json:"size_bytes"`
+	Path         string `json:"path"`
+	ChangeID     string `json:"change_id"`
+	Note         string `json:"note"`
+}
+
+// Disk returns the result of disk key, failing t when there is none.
+func (b BackupJSON) Disk(t testing.TB, key int32) DiskJSON {
+	t.Helper()
+	for _, d := range b.Disks {
+		if d.Key == key {
+			return d
+		}
+	}
+	t.Fatalf("backup %s has no disk %d: %+v", b.BackupID, key, b.Disks)
+	return DiskJSON{}
+}
+
+// ListJSON is one entry of `starter list --json`.
+type ListJSON struct {
+	BackupID string `json:"backup_id"`
+	VM       string `json:"vm"`
+	VMUUID   string `json:"vm_uuid"`
+	Status   string `json:"status"`
+	Disks    []struct {
+		Key       int32  `json:"key"`
+		Mode      string `json:"mode"`
+		Path      string `json:"path"`
+		SizeBytes int64  `json:"size_bytes"`
+		ChangeID  string `json:"change_id"`
+	} `json:"disks"`
+}
+
+// DecodeOne decodes stdout into v; stdout must hold exactly one JSON
+// value.
+func DecodeOne(stdout string, v any) error {
+	dec := json.NewDecoder(strings.NewReader(stdout))
+	if err := dec.Decode(v); err != nil {
+		return fmt.Errorf("stdout is not one JSON value: %w\n%s", err, stdout)
+	}
+	var extra json.RawMessage
+	if err := dec.Decode(&extra); !errors.Is(err, io.EOF) {
+		return fmt.Errorf("stdout holds more than one JSON value:\n%s", stdout)
+	}
+	return nil
+}
