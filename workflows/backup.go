@@ -113,7 +113,7 @@ type TransferProgressSignal struct {
 	Total int64 `json:"total"`
 }
 
-// Activity stubs: workflows call activities through typed nil pointers.
+// Workflows call activities through these typed nil pointers.
 var (
 	vsphereActs  *activities.VSphere
 	transferActs *activities.Transfer

@@ -886,7 +886,7 @@ func (f *fixture) readOnlyRepository(t *testing.T) {
 // non-retryably naming the image; the other disk's image goes too.
 func (f *fixture) readOnlyDiskFolder(t *testing.T) {
 	if len(f.points) == 0 {
-		t.Skip("no baseline")
+		t.Fatal("no baseline restore point: the baseline backups failed earlier")
 	}
 	dir := filepath.Dir(f.points[0].Disks[0].Path)
 	t.Run("mounted", func(t *testing.T) {
