@@ -1,11 +1,13 @@
 package activities
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"time"
 
 	"go.temporal.io/sdk/activity"
@@ -26,11 +28,10 @@ type Catalog struct {
 // BeginBackup records a running backup and returns each disk's latest
 // committed restore point.
 func (a *Catalog) BeginBackup(ctx context.Context, in BeginBackupInput) (*BeginBackupResult, error) {
-	if err := repository.CheckComponent("backup ID", in.BackupID); err != nil {
-		return nil, temporal.NewNonRetryableApplicationError(err.Error(), ErrTypeInvalidInput, err)
-	}
-	for what, v := range map[string]string{"vCenter profile": in.Profile, "VM instance UUID": in.VMUUID} {
-		if err := repository.CheckComponent(what, v); err != nil {
+	// The names become repository paths: check them all, in a fixed order
+	// so the same bad input always gets the same message.
+	for _, c := range [][2]string{{"backup ID", in.BackupID}, {"vCenter profile", in.Profile}, {"VM instance UUID", in.VMUUID}} {
+		if err := repository.CheckComponent(c[0], c[1]); err != nil {
 			return nil, temporal.NewNonRetryableApplicationError(err.Error(), ErrTypeInvalidInput, err)
 		}
 	}
@@ -64,16 +65,8 @@ func (a *Catalog) BeginBackup(ctx context.Context, in BeginBackupInput) (*BeginB
 		res.Previous = append(res.Previous, PreviousDisk{Key: l.Key, BackupID: l.BackupID, Capacity: l.Capacity,
 			ChangeID: l.ChangeID, Path: l.Path, ChainLength: len(chain)})
 	}
-	sortPrevious(res.Previous)
+	slices.SortFunc(res.Previous, func(x, y PreviousDisk) int { return cmp.Compare(x.Key, y.Key) })
 	return res, nil
-}
-
-func sortPrevious(p []PreviousDisk) {
-	for i := 1; i < len(p); i++ {
-		for j := i; j > 0 && p[j].Key < p[j-1].Key; j-- {
-			p[j], p[j-1] = p[j-1], p[j]
-		}
-	}
 }
 
 // CommitRestorePoint records every disk's new change ID, path, size and
