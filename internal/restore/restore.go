@@ -15,7 +15,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"path/filepath"
 
 	"github.com/cbtflow/cbtflow/internal/catalog"
 	"github.com/cbtflow/cbtflow/internal/qemu"
@@ -29,8 +28,19 @@ var ErrDamaged = errors.New("restore point damaged")
 type Options struct {
 	BackupID string
 	DiskKey  int32
-	To       string // output file
-	Format   string // "raw" (default) or "qcow2"
+	// To is the output: a regular file (written to a temporary file in
+	// its folder and renamed when complete), or with Device a block
+	// device written in place. Anything else is refused before a byte is
+	// converted (see CheckTarget).
+	To     string
+	Format string // "raw" (default) or "qcow2"; a device takes raw only
+	// Force replaces an existing regular file at To (atomically, by
+	// rename); without it an existing file is refused.
+	Force bool
+	// Device writes the block device To in place: every byte up to the
+	// disk's size, zeros included. It must be at least as large as the
+	// disk and not in use; a failed restore leaves it partly written.
+	Device bool
 }
 
 // Result describes a finished restore.
@@ -89,23 +99,11 @@ func Disk(ctx context.Context, cat *catalog.Catalog, o Options) (*Result, error)
 	}
 	res.Bytes = info[0].VirtualSize
 
-	dir := filepath.Dir(o.To)
-	tmp, err := os.CreateTemp(dir, "."+filepath.Base(o.To)+".partial-*")
-	if err != nil {
-		return nil, fmt.Errorf("restore: %w", err)
-	}
-	tmpName := tmp.Name()
-	tmp.Close()
-	os.Remove(tmpName) // qemu-img creates it
-	defer os.Remove(tmpName)
-	if err := qemu.Convert(ctx, qemu.ConvertOptions{Source: chain[0].Path, SourceFormat: "qcow2", Target: tmpName, TargetFormat: o.Format}); err != nil {
-		return nil, fmt.Errorf("restore: %w", err)
-	}
-	if err := syncFile(tmpName); err != nil {
-		return nil, fmt.Errorf("restore: %w", err)
-	}
-	if err := os.Rename(tmpName, o.To); err != nil {
-		return nil, fmt.Errorf("restore: %w", err)
+	// The target is checked again here, right before the first byte is
+	// converted: the caller's check may be minutes old after a long
+	// verification.
+	if err := writeTarget(ctx, chain[0].Path, res.Bytes, o); err != nil {
+		return nil, err
 	}
 	return res, nil
 }
