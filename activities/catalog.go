@@ -8,12 +8,14 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"time"
 
 	"go.temporal.io/sdk/activity"
 	"go.temporal.io/sdk/temporal"
 
 	"github.com/cbtflow/cbtflow/internal/catalog"
+	"github.com/cbtflow/cbtflow/internal/integrity"
 	"github.com/cbtflow/cbtflow/internal/repository"
 )
 
@@ -42,7 +44,7 @@ func (a *Catalog) BeginBackup(ctx context.Context, in BeginBackupInput) (*BeginB
 	}
 	latest, err := a.Catalog.LatestDisks(ctx, in.Profile, in.VMUUID)
 	if err != nil {
-		return nil, err
+		return nil, permanent(err)
 	}
 	res := &BeginBackupResult{}
 	current := map[int32]bool{}
@@ -52,21 +54,106 @@ func (a *Catalog) BeginBackup(ctx context.Context, in BeginBackupInput) (*BeginB
 	for _, l := range latest {
 		if in.DiskKeys != nil && !current[l.Key] {
 			if err := a.Catalog.CloseChain(ctx, in.Profile, in.VMUUID, l.Key, l.BackupID, "disk removed from the VM"); err != nil {
-				return nil, err
+				return nil, permanent(err)
 			}
 			activity.GetLogger(ctx).Info("disk left the VM: chain closed", "vm", in.VMName, "disk", l.Key, "last_backup", l.BackupID)
 			res.ClosedChains = append(res.ClosedChains, l.Key)
 			continue
 		}
+		prev := PreviousDisk{Key: l.Key, BackupID: l.BackupID, Capacity: l.Capacity,
+			ChangeID: l.ChangeID, Path: a.Repo.Resolve(l.Path)}
 		chain, err := a.Catalog.Chain(ctx, l.BackupID, l.Key)
-		if err != nil {
-			return nil, err
+		prev.ChainLength = len(chain)
+		switch {
+		case errors.Is(err, catalog.ErrBrokenChain):
+			// The catalog itself does not link (a row deleted by hand):
+			// no retry mends that, and no overlay may build on it.
+			top := chain[len(chain)-1]
+			prev.Damaged = err.Error()
+			res.Warnings = append(res.Warnings, a.damaged(ctx, l.Key, top.BackupID, err.Error()))
+		case err != nil:
+			return nil, permanent(err)
+		case in.Mode == catalog.ModeFull:
+			// Nothing builds on the chain: no need to prove it.
+		default:
+			why, err := a.verifyChain(ctx, l.Key, chain)
+			if err != nil {
+				return nil, err
+			}
+			if why != "" {
+				prev.Damaged = why
+				res.Warnings = append(res.Warnings, why)
+			}
 		}
-		res.Previous = append(res.Previous, PreviousDisk{Key: l.Key, BackupID: l.BackupID, Capacity: l.Capacity,
-			ChangeID: l.ChangeID, Path: l.Path, ChainLength: len(chain)})
+		if prev.Damaged != "" {
+			activity.GetLogger(ctx).Warn("chain damaged: full backup of the disk", "vm", in.VMName, "disk", l.Key, "reason", prev.Damaged)
+		}
+		res.Previous = append(res.Previous, prev)
 	}
 	slices.SortFunc(res.Previous, func(x, y PreviousDisk) int { return cmp.Compare(x.Key, y.Key) })
 	return res, nil
+}
+
+// verifyChain proves a disk's chain (top first) unchanged since commit
+// before an overlay builds on it: cheaply, re-reading only images whose
+// file stamp changed (see internal/integrity). It returns why the chain is
+// damaged ("" when sound) after marking the damaged restore points in the
+// catalog. A missing disk folder is an error, not damage: it is what an
+// unmounted repository looks like, and marking every chain damaged then
+// would be wrong.
+func (a *Catalog) verifyChain(ctx context.Context, key int32, chain []catalog.ChainLink) (string, error) {
+	images := make([]integrity.Image, len(chain))
+	for i, link := range chain {
+		if link.Damaged != "" {
+			// Marked before: the chain stays damaged.
+			return fmt.Sprintf("disk %d: restore point %s is marked damaged (%s); full backup of this disk", key, link.BackupID, link.Damaged), nil
+		}
+		images[i] = integrity.Image{Path: a.Repo.Resolve(link.Path), Size: link.SizeBytes, SHA256: link.SHA256,
+			Stamp: integrity.Stamp(link.Stamp)}
+		if i > 0 {
+			images[i-1].Backing = images[i].Path
+		}
+	}
+	stop := heartbeatEvery(ctx, 10*time.Second, nil) // a changed stamp re-reads an image
+	sound, idx, err := integrity.CheckChain(ctx, images)
+	stop()
+	for _, s := range sound {
+		if s.Hashed {
+			// Proven by a full hash (e.g. a copied repository): record the
+			// new stamp so the next check is cheap again.
+			if err := a.Catalog.SetStamp(ctx, chain[s.Index].BackupID, key, catalog.FileStamp(s.Stamp)); err != nil {
+				return "", permanent(err)
+			}
+		}
+	}
+	var d *integrity.Damage
+	switch {
+	case errors.As(err, &d):
+		return a.damaged(ctx, key, chain[idx].BackupID, d.Error()), nil
+	case errors.Is(err, integrity.ErrFolderMissing):
+		return "", temporal.NewNonRetryableApplicationError(fmt.Sprintf(
+			"disk %d: %v: is the repository %s mounted? (a --full backup starts new chains if its restore points are gone for good)",
+			key, err, a.Repo.Root()), ErrTypeRepositoryUnavailable, err)
+	case err != nil:
+		return "", permanent(err)
+	}
+	return "", nil
+}
+
+// damaged marks a disk's restore point damaged, with every restore point
+// built on it, and returns the warning that says so.
+func (a *Catalog) damaged(ctx context.Context, key int32, backupID, reason string) string {
+	marked, err := a.Catalog.MarkDamaged(ctx, backupID, key, reason)
+	if err != nil {
+		// The backup goes on as a full one either way; the next one marks
+		// them.
+		activity.GetLogger(ctx).Error("marking restore points damaged", "backup", backupID, "disk", key, "error", err)
+	}
+	msg := fmt.Sprintf("disk %d: chain damaged: %s", key, reason)
+	if len(marked) > 0 {
+		msg += "; restore points marked damaged: " + strings.Join(marked, ", ")
+	}
+	return msg + "; full backup of this disk"
 }
 
 // CommitRestorePoint records every disk's new change ID, path, size and
@@ -77,19 +164,28 @@ func (a *Catalog) CommitRestorePoint(ctx context.Context, in CommitInput) error 
 	pause(a.Hooks, ctx, PauseBeforeCommit)
 	disks := make([]catalog.Disk, 0, len(in.Disks))
 	for _, d := range in.Disks {
-		fi, err := os.Stat(d.Path)
+		size, stamp, err := integrity.StampOf(d.Path)
 		if err != nil {
 			return temporal.NewNonRetryableApplicationError(
 				fmt.Sprintf("disk %d: image %s is missing: %v", d.Key, d.Path, err), ErrTypeInvalidInput, err)
 		}
-		if fi.Size() != d.SizeBytes {
+		if size != d.SizeBytes {
 			return temporal.NewNonRetryableApplicationError(
-				fmt.Sprintf("disk %d: image %s is %d bytes, the transfer reported %d", d.Key, d.Path, fi.Size(), d.SizeBytes),
+				fmt.Sprintf("disk %d: image %s is %d bytes, the transfer reported %d", d.Key, d.Path, size, d.SizeBytes),
 				ErrTypeInvalidInput, nil)
 		}
-		disks = append(disks, catalog.Disk{Key: d.Key, Capacity: d.Capacity, Mode: d.Mode, Path: d.Path,
+		// The catalog records paths relative to the repository root, so a
+		// moved or remounted repository keeps working.
+		rel, err := a.Repo.Rel(d.Path)
+		if err != nil {
+			return temporal.NewNonRetryableApplicationError(fmt.Sprintf("disk %d: %v", d.Key, err), ErrTypeInvalidInput, err)
+		}
+		// The stamp is taken after the transfer hashed the image, which
+		// nothing has written since: it stands for that SHA-256.
+		disks = append(disks, catalog.Disk{Key: d.Key, Capacity: d.Capacity, Mode: d.Mode, Path: rel,
 			BackingBackupID: d.BackingBackupID, ChangeIDFrom: d.ChangeIDFrom, ChangeID: d.ChangeID,
-			ChangedBytes: d.ChangedBytes, WrittenBytes: d.WrittenBytes, SizeBytes: d.SizeBytes, SHA256: d.SHA256, Note: d.Note})
+			ChangedBytes: d.ChangedBytes, WrittenBytes: d.WrittenBytes, SizeBytes: d.SizeBytes, SHA256: d.SHA256, Note: d.Note,
+			Stamp: catalog.FileStamp(stamp)})
 	}
 	if err := a.Catalog.Commit(ctx, in.BackupID, disks); err != nil {
 		return permanent(err)
@@ -103,23 +199,36 @@ func (a *Catalog) CommitRestorePoint(ctx context.Context, in CommitInput) error 
 }
 
 // FailBackup marks a backup failed and deletes its partial images and
-// working files. A committed backup is never touched.
+// working files. A committed backup is never touched. When the catalog is
+// gone for good (dropped, or without cbtflow's tables) nothing can refer
+// to the backup's images any more, and a staging folder proves its commit
+// never completed: the images go too.
 func (a *Catalog) FailBackup(ctx context.Context, in FailBackupInput) error {
 	defer heartbeatEvery(ctx, 10*time.Second, nil)()
 	err := a.Catalog.Fail(ctx, in.BackupID, in.Reason)
 	switch {
 	case errors.Is(err, catalog.ErrCommitted):
-		return nil
-	case errors.Is(err, catalog.ErrNotFound):
-		// Never begun: there can be no images, only working files.
-	case err != nil:
-		return err
-	default:
-		b, err := a.Catalog.Get(ctx, in.BackupID)
-		if err != nil {
-			return err
+		// Committed after all (an attempt the workflow did not hear back
+		// from): only a working folder may be left.
+	case errors.Is(err, catalog.ErrNotFound), catalog.Unusable(err):
+		// Never begun (no images), or begun in a catalog that is gone.
+		staging, serr := a.Repo.StagingDir(in.BackupID)
+		if serr != nil {
+			return permanent(serr)
 		}
-		removed, err := a.removeImages(b.Profile, b.VMUUID, b.ID)
+		if _, serr := os.Lstat(staging); serr != nil {
+			return nil
+		}
+		removed, rerr := a.removeImages(in.BackupID)
+		if rerr != nil {
+			return leftBehind(ctx, in.BackupID, rerr)
+		}
+		activity.GetLogger(ctx).Warn("backup unknown to the catalog; its partial files removed", "backup", in.BackupID,
+			"partial_files_removed", removed, "catalog_error", err)
+	case err != nil:
+		return permanent(err)
+	default:
+		removed, err := a.removeImages(in.BackupID)
 		if err != nil {
 			return leftBehind(ctx, in.BackupID, err)
 		}
@@ -155,13 +264,14 @@ func leftBehind(ctx context.Context, backupID string, err error) error {
 	return nil
 }
 
-// removeImages deletes the images of one uncommitted backup.
-func (a *Catalog) removeImages(profile, vmUUID, backupID string) (int, error) {
-	probe, err := a.Repo.DiskDir(repository.Key{Profile: profile, VMUUID: vmUUID, DiskKey: 0, BackupID: backupID})
-	if err != nil {
+// removeImages deletes the images of one uncommitted backup, wherever
+// they are in the repository (backup IDs are unique; the catalog may be
+// unable to say which VM the backup was of).
+func (a *Catalog) removeImages(backupID string) (int, error) {
+	if err := repository.CheckComponent("backup ID", backupID); err != nil {
 		return 0, err
 	}
-	matches, err := filepath.Glob(filepath.Join(filepath.Dir(probe), "*", backupID+".qcow2"))
+	matches, err := filepath.Glob(filepath.Join(a.Repo.Root(), "*", "*", "*", backupID+".qcow2"))
 	if err != nil {
 		return 0, err
 	}

@@ -26,7 +26,11 @@ func permanent(err error) error {
 		return err
 	}
 	if t := permanentType(err); t != "" {
-		return temporal.NewNonRetryableApplicationError(err.Error(), t, err)
+		msg := err.Error()
+		if t == ErrTypeCatalogUnusable {
+			msg = "the catalog database cannot serve cbtflow (dropped, or without cbtflow's tables; a worker restarted against a new database creates them): " + msg
+		}
+		return temporal.NewNonRetryableApplicationError(msg, t, err)
 	}
 	if errors.Is(err, vsphere.ErrUnreachable) {
 		return temporal.NewApplicationErrorWithCause(err.Error(), ErrTypeUnreachable, err)
@@ -54,6 +58,8 @@ func permanentType(err error) string {
 		return ErrTypeCommitted
 	case errors.Is(err, catalog.ErrFailed):
 		return ErrTypeBackupFailed
+	case catalog.Unusable(err):
+		return ErrTypeCatalogUnusable
 	case errors.Is(err, syscall.ENOSPC), errors.Is(err, syscall.EDQUOT):
 		return ErrTypeNoSpace
 	case errors.Is(err, syscall.EROFS):

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -31,6 +33,7 @@ type WorkflowLookup interface {
 type Sweeper struct {
 	Sessions  *vsphere.Sessions
 	Catalog   *catalog.Catalog
+	Repo      *repository.Repository
 	Workflows WorkflowLookup
 	Namespace string
 }
@@ -57,7 +60,9 @@ type OrphanSnapshot struct {
 type FindOrphansResult struct {
 	Snapshots []OrphanSnapshot `json:"snapshots,omitempty"`
 	// Backups are backups the catalog calls running whose workflow is
-	// not running.
+	// not running, and backups whose working folder is still in the
+	// repository although no workflow runs them (e.g. their catalog was
+	// dropped mid-backup): FailBackup removes what they left.
 	Backups []string `json:"backups,omitempty"`
 }
 
@@ -102,7 +107,7 @@ func (a *Sweeper) FindOrphans(ctx context.Context, in FindOrphansInput) (*FindOr
 		}
 	}
 	backups, err := a.Catalog.List(ctx, catalog.ListFilter{Status: catalog.StatusRunning})
-	if err != nil {
+	if err != nil && !catalog.Unusable(err) {
 		return nil, err
 	}
 	for _, b := range backups {
@@ -115,9 +120,60 @@ func (a *Sweeper) FindOrphans(ctx context.Context, in FindOrphansInput) (*FindOr
 		}
 		if !running {
 			res.Backups = append(res.Backups, b.ID)
+			failed[b.ID] = true
+		}
+	}
+	staged, err := a.stagedBackups(now, minAge)
+	if err != nil {
+		return nil, err
+	}
+	for _, id := range staged {
+		if failed[id] {
+			continue
+		}
+		running, err := a.backupRunning(ctx, id)
+		if err != nil && !catalog.Unusable(err) {
+			return nil, err
+		}
+		if err != nil {
+			// No catalog row can be read: ask Temporal alone.
+			if running, err = a.workflowRunning(ctx, id); err != nil {
+				return nil, err
+			}
+		}
+		if !running {
+			res.Backups = append(res.Backups, id)
 		}
 	}
 	return res, nil
+}
+
+// stagedBackups lists the backups whose working folder in the repository
+// is older than minAge. A backup's folder goes when it commits or fails:
+// one that stays belongs to a backup whose cleanup could not run.
+func (a *Sweeper) stagedBackups(now time.Time, minAge time.Duration) ([]string, error) {
+	if a.Repo == nil {
+		return nil, nil
+	}
+	dir := filepath.Join(a.Repo.Root(), ".staging")
+	entries, err := os.ReadDir(dir)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, permanent(err)
+	}
+	var ids []string
+	for _, e := range entries {
+		info, err := e.Info()
+		if err != nil || !e.IsDir() || repository.CheckComponent("backup ID", e.Name()) != nil {
+			continue
+		}
+		if now.Sub(info.ModTime()) >= minAge {
+			ids = append(ids, e.Name())
+		}
+	}
+	return ids, nil
 }
 
 // backupRunning asks Temporal whether the workflow of a backup runs: by
@@ -142,6 +198,12 @@ func (a *Sweeper) backupRunning(ctx context.Context, backupID string) (bool, err
 	case err != nil && !errors.Is(err, catalog.ErrNotFound):
 		return false, err
 	}
+	return a.workflowRunning(ctx, backupID)
+}
+
+// workflowRunning asks Temporal whether a workflow with the backup's
+// CbtflowBackupID search attribute runs.
+func (a *Sweeper) workflowRunning(ctx context.Context, backupID string) (bool, error) {
 	resp, err := a.Workflows.ListWorkflow(ctx, &workflowservice.ListWorkflowExecutionsRequest{
 		Namespace: a.Namespace,
 		Query:     fmt.Sprintf(`CbtflowBackupID = %q AND ExecutionStatus = "Running"`, backupID),

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"path/filepath"
 	"text/tabwriter"
 	"time"
 
@@ -24,6 +25,9 @@ type listEntry struct {
 	StartedAt  time.Time  `json:"started_at"`
 	FinishedAt *time.Time `json:"finished_at"`
 	Error      string     `json:"error,omitempty"`
+	// Restorable is false for a backup that is not committed, or one of
+	// whose disks is marked damaged.
+	Restorable bool       `json:"restorable"`
 	Disks      []listDisk `json:"disks"`
 }
 
@@ -33,6 +37,9 @@ type listDisk struct {
 	Path      string `json:"path"`
 	SizeBytes int64  `json:"size_bytes"`
 	ChangeID  string `json:"change_id"`
+	// Damaged says why the disk's image, or one its chain builds on, was
+	// found damaged; the restore point is then not restorable.
+	Damaged string `json:"damaged,omitempty"`
 }
 
 func listCmd(ctx context.Context, e *env, args []string) error {
@@ -56,6 +63,10 @@ func listCmd(ctx context.Context, e *env, args []string) error {
 	if len(pos) == 1 {
 		vm = pos[0]
 	}
+	repo, err := cfg.AbsRepository()
+	if err != nil {
+		return err
+	}
 	cat, err := catalog.Open(ctx, cfg.DatabaseURL)
 	if err != nil {
 		return err
@@ -73,8 +84,17 @@ func listCmd(ctx context.Context, e *env, args []string) error {
 			f := b.FinishedAt.UTC()
 			le.FinishedAt = &f
 		}
+		le.Restorable = b.Status == catalog.StatusCommitted
 		for _, d := range b.Disks {
-			le.Disks = append(le.Disks, listDisk{Key: d.Key, Mode: d.Mode, Path: d.Path, SizeBytes: d.SizeBytes, ChangeID: d.ChangeID})
+			path := d.Path
+			if !filepath.IsAbs(path) {
+				path = filepath.Join(repo, path)
+			}
+			le.Disks = append(le.Disks, listDisk{Key: d.Key, Mode: d.Mode, Path: path, SizeBytes: d.SizeBytes,
+				ChangeID: d.ChangeID, Damaged: d.Damaged})
+			if d.Damaged != "" {
+				le.Restorable = false
+			}
 		}
 		entries = append(entries, le)
 	}
@@ -85,15 +105,31 @@ func listCmd(ctx context.Context, e *env, args []string) error {
 	fmt.Fprintln(tw, "BACKUP\tVM\tSTATUS\tSTARTED\tDISKS")
 	for _, le := range entries {
 		disks := ""
+		status := le.Status
 		for i, d := range le.Disks {
 			if i > 0 {
 				disks += ", "
 			}
 			disks += fmt.Sprintf("%d:%s %s", d.Key, d.Mode, humanBytes(d.SizeBytes))
+			if d.Damaged != "" {
+				disks += " DAMAGED"
+				status = "damaged"
+			}
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", le.BackupID, le.VM, le.Status, le.StartedAt.Format(time.RFC3339), disks)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", le.BackupID, le.VM, status, le.StartedAt.Format(time.RFC3339), disks)
 	}
-	return tw.Flush()
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	// Why each damaged point is damaged: a table cell is too narrow.
+	for _, le := range entries {
+		for _, d := range le.Disks {
+			if d.Damaged != "" {
+				fmt.Fprintf(e.stdout, "%s disk %d is damaged, not restorable: %s\n", le.BackupID, d.Key, d.Damaged)
+			}
+		}
+	}
+	return nil
 }
 
 func humanBytes(n int64) string {

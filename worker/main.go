@@ -109,7 +109,7 @@ func run(log *slog.Logger, args []string) error {
 	w.RegisterActivity(&activities.VSphere{Sessions: sessions, Repo: repo, Hooks: hooks})
 	w.RegisterActivity(&activities.Transfer{Sessions: sessions, Repo: repo, Signals: c, Hooks: hooks})
 	w.RegisterActivity(&activities.Catalog{Catalog: cat, Repo: repo, Hooks: hooks})
-	w.RegisterActivity(&activities.Sweeper{Sessions: sessions, Catalog: cat, Workflows: c, Namespace: cfg.Namespace})
+	w.RegisterActivity(&activities.Sweeper{Sessions: sessions, Catalog: cat, Repo: repo, Workflows: c, Namespace: cfg.Namespace})
 
 	log.Info("worker starting", "temporal", cfg.TemporalAddress, "namespace", cfg.Namespace,
 		"task_queue", workflows.TaskQueue, "repository", repoRoot, "profiles", len(profiles))

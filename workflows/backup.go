@@ -246,12 +246,15 @@ func (r *backupRun) run(ctx workflow.Context) (res *BackupVMResult, err error) {
 		keys = append(keys, d.Key)
 	}
 	var begun activities.BeginBackupResult
-	if err := workflow.ExecuteActivity(withCatalogActivity(ctx), catalogActs.BeginBackup, activities.BeginBackupInput{
+	if err := workflow.ExecuteActivity(withBeginActivity(ctx), catalogActs.BeginBackup, activities.BeginBackupInput{
 		BackupID: in.BackupID, Profile: in.Profile, VMUUID: in.VMUUID, VMName: vm.VMName, Mode: in.Mode,
 		WorkflowID: info.WorkflowExecution.ID, RunID: info.WorkflowExecution.RunID, DiskKeys: keys,
 	}).Get(ctx, &begun); err != nil {
 		return nil, err
 	}
+	// Damaged chains were marked in the catalog; their disks get a full
+	// backup (planDisks), and the result says why.
+	r.warnings = append(r.warnings, begun.Warnings...)
 	for _, k := range begun.ClosedChains {
 		r.warnings = append(r.warnings, fmt.Sprintf("disk %d was removed from the VM: its chain is closed (its restore points stay restorable)", k))
 	}
@@ -553,17 +556,39 @@ func withShortActivity(ctx workflow.Context) workflow.Context {
 	})
 }
 
+// CatalogRetryLimit bounds the retries of a catalog step: a database
+// that is down longer fails the backup (its snapshot is removed, and the
+// failure path or the sweeper removes its partial images).
+const CatalogRetryLimit = 10 * time.Minute
+
 // FirstContactAttempts bounds the attempts of a backup's first vCenter
 // calls (see withShortActivity).
 const FirstContactAttempts = 6
 
 // Catalog steps are short transactions: a worker that dies in one is
 // replaced after StartToCloseTimeout; they are idempotent, so an attempt
-// that overlaps a slow one is harmless.
+// that overlaps a slow one is harmless. They retry only what can heal (a
+// database that is down or restarting), for CatalogRetryLimit; what
+// cannot (a database without cbtflow's tables, a chain that does not
+// link) fails at once.
 func withCatalogActivity(ctx workflow.Context) workflow.Context {
 	return workflow.WithActivityOptions(ctx, workflow.ActivityOptions{
 		StartToCloseTimeout:    20 * time.Second,
-		ScheduleToCloseTimeout: 30 * time.Minute,
+		ScheduleToCloseTimeout: CatalogRetryLimit,
+		RetryPolicy:            &temporal.RetryPolicy{InitialInterval: time.Second, MaximumInterval: 30 * time.Second},
+	})
+}
+
+// BeginBackup is a catalog step that also proves every chain unchanged
+// before an overlay builds on it: cheap (a stat and a header read per
+// image), except that an image whose file stamp changed (a copied
+// repository) is re-read in full. It heartbeats, so a dead worker is
+// noticed in 30 s however long a re-read takes.
+func withBeginActivity(ctx workflow.Context) workflow.Context {
+	return workflow.WithActivityOptions(ctx, workflow.ActivityOptions{
+		StartToCloseTimeout:    time.Hour,
+		ScheduleToCloseTimeout: time.Hour + CatalogRetryLimit,
+		HeartbeatTimeout:       30 * time.Second, // it heartbeats every 10 s
 		RetryPolicy:            &temporal.RetryPolicy{InitialInterval: time.Second, MaximumInterval: 30 * time.Second},
 	})
 }

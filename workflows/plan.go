@@ -41,6 +41,8 @@ func planDisks(mode string, disks []activities.VMDisk, previous []activities.Pre
 			p.Reason = "full backup requested"
 		case !ok:
 			p.Reason = "no previous restore point"
+		case last.Damaged != "":
+			p.Reason = "chain damaged: " + last.Damaged
 		case last.Capacity != d.Capacity:
 			p.Reason = fmt.Sprintf("disk size changed from %d to %d bytes", last.Capacity, d.Capacity)
 		case cbtJustEnabled:

@@ -53,6 +53,29 @@ var ErrCommitted = errors.New("catalog: backup is committed")
 // ErrFailed is returned when an operation would revive a failed backup.
 var ErrFailed = errors.New("catalog: backup has failed")
 
+// ErrBrokenChain is wrapped by Chain's error when a restore point's chain
+// does not link: a restore point it builds on has no row for the disk, or
+// is not committed. Retrying changes nothing.
+var ErrBrokenChain = errors.New("catalog: chain does not link")
+
+// Unusable reports whether err says the catalog database cannot serve
+// cbtflow and no retry will change that: the database does not exist, or
+// lacks cbtflow's tables or columns (dropped, or replaced by an older
+// copy). A database that is down or unreachable is not unusable: it heals.
+func Unusable(err error) bool {
+	var pg *pgconn.PgError
+	if !errors.As(err, &pg) {
+		return false
+	}
+	switch pg.Code {
+	case "3D000", // invalid_catalog_name: the database does not exist
+		"42P01", // undefined_table
+		"42703": // undefined_column
+		return true
+	}
+	return false
+}
+
 // Catalog is the PostgreSQL catalog.
 type Catalog struct {
 	pool *pgxpool.Pool
@@ -161,10 +184,12 @@ type Backup struct {
 
 // Disk is one disk of a restore point.
 type Disk struct {
-	Key             int32
-	Capacity        int64
-	Mode            string // full or incremental
-	Path            string // absolute path of the QCOW2
+	Key      int32
+	Capacity int64
+	Mode     string // full or incremental
+	// Path of the QCOW2 relative to the repository root (catalogs from
+	// before relative paths may still hold an absolute path).
+	Path            string
 	BackingBackupID string // the previous restore point (incremental), or ""
 	ChangeIDFrom    string // the change ID queried from ("" for a full)
 	ChangeID        string // the disk's change ID in this backup's snapshot
@@ -173,6 +198,21 @@ type Disk struct {
 	SizeBytes       int64  // the QCOW2's size at commit
 	SHA256          string // hex SHA-256 of the QCOW2 at commit
 	Note            string // e.g. why a disk fell back to a full backup
+	// Stamp is the image file's identity when its SHA-256 was last proven:
+	// while it is unchanged, so is the file, and no re-read is needed.
+	Stamp FileStamp
+	// Damaged says why the image, or one it builds on, was found damaged;
+	// "" when sound. A damaged restore point is not restorable.
+	Damaged string
+}
+
+// FileStamp identifies a file's content cheaply: any write changes mtime
+// and ctime, a replaced file has another inode, and ctime cannot be set
+// back by hand. Zero means unknown (catalogs from before stamps).
+type FileStamp struct {
+	Inode   int64
+	MtimeNs int64
+	CtimeNs int64
 }
 
 // Begin records a running backup. It is idempotent: a second call with the
@@ -258,10 +298,12 @@ func (c *Catalog) Commit(ctx context.Context, backupID string, disks []Disk) err
 				backing = &d.BackingBackupID
 			}
 			_, err := tx.Exec(ctx, `INSERT INTO backup_disks (backup_id, disk_key, capacity, mode, path,
-				backing_backup_id, change_id_from, change_id, changed_bytes, written_bytes, size_bytes, sha256, note)
-				VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)`,
+				backing_backup_id, change_id_from, change_id, changed_bytes, written_bytes, size_bytes, sha256, note,
+				file_inode, file_mtime_ns, file_ctime_ns)
+				VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)`,
 				backupID, d.Key, d.Capacity, d.Mode, d.Path, backing, d.ChangeIDFrom, d.ChangeID,
-				d.ChangedBytes, d.WrittenBytes, d.SizeBytes, d.SHA256, d.Note)
+				d.ChangedBytes, d.WrittenBytes, d.SizeBytes, d.SHA256, d.Note,
+				d.Stamp.Inode, d.Stamp.MtimeNs, d.Stamp.CtimeNs)
 			if err != nil {
 				return fmt.Errorf("catalog: commit %s disk %d: %w", backupID, d.Key, err)
 			}
@@ -364,11 +406,13 @@ type LatestDisk struct {
 }
 
 const diskColumns = `d.disk_key, d.capacity, d.mode, d.path, coalesce(d.backing_backup_id, ''), d.change_id_from,
-	d.change_id, d.changed_bytes, d.written_bytes, d.size_bytes, d.sha256, d.note`
+	d.change_id, d.changed_bytes, d.written_bytes, d.size_bytes, d.sha256, d.note,
+	d.file_inode, d.file_mtime_ns, d.file_ctime_ns, d.damaged`
 
 func scanDisk(row pgx.Row, backupID *string, d *Disk, extra ...any) error {
 	dst := []any{&d.Key, &d.Capacity, &d.Mode, &d.Path, &d.BackingBackupID, &d.ChangeIDFrom,
-		&d.ChangeID, &d.ChangedBytes, &d.WrittenBytes, &d.SizeBytes, &d.SHA256, &d.Note}
+		&d.ChangeID, &d.ChangedBytes, &d.WrittenBytes, &d.SizeBytes, &d.SHA256, &d.Note,
+		&d.Stamp.Inode, &d.Stamp.MtimeNs, &d.Stamp.CtimeNs, &d.Damaged}
 	if backupID != nil {
 		dst = append([]any{backupID}, dst...)
 	}
@@ -472,31 +516,43 @@ type ChainLink struct {
 }
 
 // Chain returns the chain of one disk of a committed restore point, from
-// that restore point down to its full image.
+// that restore point down to its full image. When the chain does not link
+// (a restore point it builds on is not committed, or has no row for the
+// disk), the error wraps ErrBrokenChain and the links read so far are
+// returned with it: the last of them builds on the missing one.
 func (c *Catalog) Chain(ctx context.Context, backupID string, key int32) ([]ChainLink, error) {
 	var out []ChainLink
 	seen := map[string]bool{}
 	for id := backupID; id != ""; {
 		if seen[id] {
-			return nil, fmt.Errorf("catalog: chain of %s disk %d loops at %s", backupID, key, id)
+			return out, fmt.Errorf("catalog: chain of %s disk %d loops at %s: %w", backupID, key, id, ErrBrokenChain)
 		}
 		seen[id] = true
 		var status string
 		var link ChainLink
 		err := c.pool.QueryRow(ctx, `SELECT b.status FROM backups b WHERE b.id = $1`, id).Scan(&status)
 		if errors.Is(err, pgx.ErrNoRows) {
-			return nil, fmt.Errorf("catalog: backup %s: %w", id, ErrNotFound)
+			if len(out) == 0 {
+				return nil, fmt.Errorf("catalog: backup %s: %w", id, ErrNotFound)
+			}
+			return out, fmt.Errorf("catalog: backup %s, which %s builds on, does not exist: %w", id, out[len(out)-1].BackupID, ErrBrokenChain)
 		}
 		if err != nil {
 			return nil, fmt.Errorf("catalog: chain: %w", err)
 		}
 		if status != StatusCommitted {
-			return nil, fmt.Errorf("catalog: backup %s is %s, not a restore point", id, status)
+			if len(out) == 0 {
+				return nil, fmt.Errorf("catalog: backup %s is %s, not a restore point", id, status)
+			}
+			return out, fmt.Errorf("catalog: backup %s, which %s builds on, is %s, not a restore point: %w", id, out[len(out)-1].BackupID, status, ErrBrokenChain)
 		}
 		err = scanDisk(c.pool.QueryRow(ctx, `SELECT `+diskColumns+` FROM backup_disks d
 			WHERE d.backup_id = $1 AND d.disk_key = $2`, id, key), nil, &link.Disk)
 		if errors.Is(err, pgx.ErrNoRows) {
-			return nil, fmt.Errorf("catalog: backup %s has no disk %d: %w", id, key, ErrNotFound)
+			if len(out) == 0 {
+				return nil, fmt.Errorf("catalog: backup %s has no disk %d: %w", id, key, ErrNotFound)
+			}
+			return out, fmt.Errorf("catalog: restore point %s, which %s builds on, has no row for disk %d: %w", id, out[len(out)-1].BackupID, key, ErrBrokenChain)
 		}
 		if err != nil {
 			return nil, fmt.Errorf("catalog: chain: %w", err)
@@ -506,4 +562,59 @@ func (c *Catalog) Chain(ctx context.Context, backupID string, key int32) ([]Chai
 		id = link.BackingBackupID
 	}
 	return out, nil
+}
+
+// SetStamp records the file stamp of an image whose SHA-256 was just
+// proven again (e.g. after the repository was copied elsewhere).
+func (c *Catalog) SetStamp(ctx context.Context, backupID string, key int32, st FileStamp) error {
+	_, err := c.pool.Exec(ctx, `UPDATE backup_disks SET file_inode = $3, file_mtime_ns = $4, file_ctime_ns = $5
+		WHERE backup_id = $1 AND disk_key = $2`, backupID, key, st.Inode, st.MtimeNs, st.CtimeNs)
+	if err != nil {
+		return fmt.Errorf("catalog: stamp of %s disk %d: %w", backupID, key, err)
+	}
+	return nil
+}
+
+// MarkDamaged marks one disk of a restore point damaged, and every restore
+// point of that disk built on it (directly or through others) as
+// unrestorable for that reason, in one transaction. A point already marked
+// keeps its first reason. It returns the backup IDs it marked, oldest
+// first.
+func (c *Catalog) MarkDamaged(ctx context.Context, backupID string, key int32, reason string) ([]string, error) {
+	var marked []string
+	err := pgx.BeginFunc(ctx, c.pool, func(tx pgx.Tx) error {
+		rows, err := tx.Query(ctx, `WITH RECURSIVE dep(backup_id, depth) AS (
+				SELECT $1::text, 0
+				UNION
+				SELECT d.backup_id, dep.depth + 1 FROM backup_disks d JOIN dep ON d.backing_backup_id = dep.backup_id
+				WHERE d.disk_key = $2 AND dep.depth < 10000
+			)
+			SELECT backup_id FROM dep ORDER BY depth`, backupID, key)
+		if err != nil {
+			return err
+		}
+		ids, err := pgx.CollectRows(rows, pgx.RowTo[string])
+		if err != nil {
+			return err
+		}
+		for i, id := range ids {
+			why := reason
+			if i > 0 {
+				why = fmt.Sprintf("builds on damaged restore point %s: %s", backupID, reason)
+			}
+			tag, err := tx.Exec(ctx, `UPDATE backup_disks SET damaged = $3, damaged_at = now()
+				WHERE backup_id = $1 AND disk_key = $2 AND damaged = ''`, id, key, why)
+			if err != nil {
+				return err
+			}
+			if tag.RowsAffected() > 0 {
+				marked = append(marked, id)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("catalog: mark %s disk %d damaged: %w", backupID, key, err)
+	}
+	return marked, nil
 }

@@ -8,6 +8,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
+
 	"github.com/cbtflow/cbtflow/internal/testutil"
 )
 
@@ -219,5 +221,169 @@ func TestClosedChain(t *testing.T) {
 	latest, _ = c.LatestDisks(ctx, "lab", "u")
 	if latest[205].BackupID != "b2" || latest[205].ChangeID != "w/1" {
 		t.Errorf("latest after a new disk 205 = %+v", latest[205])
+	}
+}
+
+// chainOfThree commits b1 (full) <- b2 <- b3 for disk 204 of one VM.
+func chainOfThree(t *testing.T, c *Catalog) {
+	t.Helper()
+	ctx := context.Background()
+	prev := ""
+	for i, id := range []string{"b1", "b2", "b3"} {
+		if err := c.Begin(ctx, Backup{ID: id, Profile: "lab", VMUUID: "uuid-1", VMName: "vm", Mode: "auto"}); err != nil {
+			t.Fatal(err)
+		}
+		mode := ModeIncremental
+		if i == 0 {
+			mode = ModeFull
+		}
+		d := disk(204, mode, "u/"+id, prev)
+		d.Path = "lab/uuid-1/204/" + id + ".qcow2"
+		d.Stamp = FileStamp{Inode: int64(i + 1), MtimeNs: 10, CtimeNs: 20}
+		if err := c.Commit(ctx, id, []Disk{d}); err != nil {
+			t.Fatal(err)
+		}
+		prev = id
+	}
+}
+
+func TestDamagedMarksDependents(t *testing.T) {
+	c, _ := open(t)
+	ctx := context.Background()
+	chainOfThree(t, c)
+	chain, err := c.Chain(ctx, "b3", 204)
+	if err != nil || len(chain) != 3 || chain[2].Stamp.Inode != 1 || chain[0].Damaged != "" {
+		t.Fatalf("chain %+v %v", chain, err)
+	}
+	marked, err := c.MarkDamaged(ctx, "b2", 204, "image x: truncated")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Join(marked, ",") != "b2,b3" {
+		t.Fatalf("marked %v, want b2 and the point built on it, b3", marked)
+	}
+	chain, err = c.Chain(ctx, "b3", 204)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if chain[0].Damaged != "builds on damaged restore point b2: image x: truncated" || chain[1].Damaged != "image x: truncated" || chain[2].Damaged != "" {
+		t.Errorf("damaged: %q %q %q", chain[0].Damaged, chain[1].Damaged, chain[2].Damaged)
+	}
+	// Marking again keeps the first reason and marks nothing new.
+	if marked, err := c.MarkDamaged(ctx, "b3", 204, "other"); err != nil || len(marked) != 0 {
+		t.Errorf("second mark: %v %v", marked, err)
+	}
+	// List shows it (nothing is dropped).
+	list, err := c.List(ctx, ListFilter{VM: "vm"})
+	if err != nil || len(list) != 3 {
+		t.Fatalf("list: %d %v", len(list), err)
+	}
+	if err := c.SetStamp(ctx, "b1", 204, FileStamp{Inode: 9, MtimeNs: 8, CtimeNs: 7}); err != nil {
+		t.Fatal(err)
+	}
+	b1, err := c.Get(ctx, "b1")
+	if err != nil || b1.Disks[0].Stamp != (FileStamp{Inode: 9, MtimeNs: 8, CtimeNs: 7}) {
+		t.Errorf("stamp after SetStamp: %+v %v", b1, err)
+	}
+}
+
+func TestBrokenChain(t *testing.T) {
+	c, url := open(t)
+	ctx := context.Background()
+	chainOfThree(t, c)
+	conn, err := pgx.Connect(ctx, url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	// A disk row of the middle restore point deleted by hand.
+	if _, err := conn.Exec(ctx, `DELETE FROM backup_disks WHERE backup_id = 'b2'`); err != nil {
+		t.Fatal(err)
+	}
+	chain, err := c.Chain(ctx, "b3", 204)
+	if !errors.Is(err, ErrBrokenChain) || len(chain) != 1 || chain[0].BackupID != "b3" {
+		t.Fatalf("chain %+v, %v: want b3 and ErrBrokenChain", chain, err)
+	}
+	if !strings.Contains(err.Error(), "b2") {
+		t.Errorf("the error names the missing restore point: %v", err)
+	}
+	// The first link itself missing is not found, not broken.
+	if _, err := c.Chain(ctx, "b2", 204); !errors.Is(err, ErrNotFound) {
+		t.Errorf("chain of b2: %v", err)
+	}
+}
+
+func TestMigrationMakesPathsRelative(t *testing.T) {
+	url := testutil.Database(t)
+	ctx := context.Background()
+	conn, err := pgx.Connect(ctx, url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	// A catalog as the first two migrations left it, with absolute paths.
+	if _, err := conn.Exec(ctx, `CREATE TABLE schema_migrations (version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())`); err != nil {
+		t.Fatal(err)
+	}
+	for _, v := range []string{"001_init", "002_closed_chains"} {
+		sql, err := migrations.ReadFile("migrations/" + v + ".sql")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := conn.Exec(ctx, string(sql)); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := conn.Exec(ctx, `INSERT INTO schema_migrations (version) VALUES ($1)`, v); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := conn.Exec(ctx, `INSERT INTO vms (profile, instance_uuid, name) VALUES ('lab', 'u-1', 'vm');
+		INSERT INTO backups (id, vm_id, status, mode) VALUES ('b1', 1, 'committed', 'auto'), ('b2', 1, 'committed', 'auto');
+		INSERT INTO backup_disks (backup_id, disk_key, capacity, mode, path, change_id, size_bytes, sha256)
+		VALUES ('b1', 204, 1, 'full', '/srv/repo/lab/u-1/204/b1.qcow2', 'c', 1, 's'),
+		       ('b2', 204, 1, 'full', '/somewhere/else/b2.qcow2', 'c', 1, 's')`); err != nil {
+		t.Fatal(err)
+	}
+	c, err := Open(ctx, url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	b1, err := c.Get(ctx, "b1")
+	if err != nil || b1.Disks[0].Path != "lab/u-1/204/b1.qcow2" {
+		t.Errorf("b1 path after migration: %+v %v", b1, err)
+	}
+	// A path outside the layout stays as it was (resolved as absolute).
+	b2, err := c.Get(ctx, "b2")
+	if err != nil || b2.Disks[0].Path != "/somewhere/else/b2.qcow2" {
+		t.Errorf("b2 path after migration: %+v %v", b2, err)
+	}
+}
+
+func TestUnusable(t *testing.T) {
+	c, url := open(t)
+	ctx := context.Background()
+	conn, err := pgx.Connect(ctx, url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	if _, err := conn.Exec(ctx, `DROP TABLE closed_chains, backup_disks, backups, vms CASCADE`); err != nil {
+		t.Fatal(err)
+	}
+	_, err = c.LatestDisks(ctx, "lab", "u")
+	if err == nil || !Unusable(err) {
+		t.Fatalf("catalog without tables: %v, want Unusable", err)
+	}
+	// A database that does not exist is unusable too.
+	u := strings.Replace(url, "cbtflow_test_", "cbtflow_test_gone_", 1)
+	_, err = Open(ctx, u)
+	if err == nil || !Unusable(err) {
+		t.Fatalf("missing database: %v, want Unusable", err)
+	}
+	// A server that does not answer is not: it heals.
+	_, err = Open(ctx, "postgres://127.0.0.1:1/x?connect_timeout=2")
+	if err == nil || Unusable(err) {
+		t.Fatalf("unreachable server: %v, want a retryable error", err)
 	}
 }

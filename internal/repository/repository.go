@@ -124,3 +124,23 @@ func (r *Repository) Contains(path string) bool {
 	rel, err := filepath.Rel(r.root, filepath.Clean(path))
 	return err == nil && rel != ".." && !strings.HasPrefix(rel, "../") && !filepath.IsAbs(rel)
 }
+
+// Rel is the path of a file inside the repository relative to its root,
+// as the catalog records it: a moved or remounted repository keeps
+// working.
+func (r *Repository) Rel(path string) (string, error) {
+	if !r.Contains(path) {
+		return "", fmt.Errorf("repository: %s is outside the repository %s", path, r.root)
+	}
+	return filepath.Rel(r.root, filepath.Clean(path))
+}
+
+// Resolve turns a path the catalog recorded into an absolute one: a
+// relative path is taken from the root; an absolute one (catalogs from
+// before relative paths) is kept as it is.
+func (r *Repository) Resolve(path string) string {
+	if filepath.IsAbs(path) {
+		return filepath.Clean(path)
+	}
+	return filepath.Join(r.root, path)
+}

@@ -61,3 +61,33 @@ func TestUnsafeNames(t *testing.T) {
 		t.Error("unsafe staging name accepted")
 	}
 }
+
+func TestRelResolve(t *testing.T) {
+	root := t.TempDir()
+	r, err := Open(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	abs := filepath.Join(root, "lab", "u", "204", "b1.qcow2")
+	rel, err := r.Rel(abs)
+	if err != nil || rel != filepath.Join("lab", "u", "204", "b1.qcow2") {
+		t.Fatalf("Rel(%s) = %q, %v", abs, rel, err)
+	}
+	if got := r.Resolve(rel); got != abs {
+		t.Errorf("Resolve(%q) = %s, want %s", rel, got, abs)
+	}
+	if got := r.Resolve("/elsewhere/b1.qcow2"); got != "/elsewhere/b1.qcow2" {
+		t.Errorf("an absolute path is kept: got %s", got)
+	}
+	if _, err := r.Rel("/elsewhere/b1.qcow2"); err == nil || !strings.Contains(err.Error(), "outside") {
+		t.Errorf("Rel of a path outside: %v", err)
+	}
+	// A moved repository resolves the same relative path under its new root.
+	moved, err := Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := moved.Resolve(rel); got != filepath.Join(moved.Root(), rel) {
+		t.Errorf("moved: %s", got)
+	}
+}
