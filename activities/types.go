@@ -22,6 +22,12 @@ const (
 	ErrTypeCommitted      = "AlreadyCommitted"
 	ErrTypeBackupFailed   = "BackupAlreadyFailed"
 	ErrTypeSnapshotGone   = "SnapshotGone"
+	// ErrTypeCatalogUnusable: the catalog database does not exist or lacks
+	// cbtflow's tables. A database that is down is retried instead.
+	ErrTypeCatalogUnusable = "CatalogUnusable"
+	// ErrTypeRepositoryUnavailable: a disk's folder of restore points is
+	// missing (an unmounted or misconfigured repository).
+	ErrTypeRepositoryUnavailable = "RepositoryUnavailable"
 )
 
 // ResolveVMInput names a VM: by name, inventory path or moref.
@@ -83,6 +89,9 @@ type PreviousDisk struct {
 	ChangeID    string `json:"change_id"`
 	Path        string `json:"path"`
 	ChainLength int    `json:"chain_length"` // images in its chain, itself included
+	// Damaged says why the chain cannot be built on ("" when it was
+	// verified): the disk then gets a full backup.
+	Damaged string `json:"damaged,omitempty"`
 }
 
 // BeginBackupResult lists the previous restore point of each disk.
@@ -91,6 +100,8 @@ type BeginBackupResult struct {
 	// ClosedChains are disks that left the VM since their last restore
 	// point; their chains are closed now.
 	ClosedChains []int32 `json:"closed_chains,omitempty"`
+	// Warnings name damaged chains found, and the restore points marked.
+	Warnings []string `json:"warnings,omitempty"`
 }
 
 // CreateSnapshotInput asks for the backup's snapshot.

@@ -15,6 +15,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 
 	"github.com/cbtflow/cbtflow/internal/catalog"
 	"github.com/cbtflow/cbtflow/internal/qemu"
@@ -28,6 +29,9 @@ var ErrDamaged = errors.New("restore point damaged")
 type Options struct {
 	BackupID string
 	DiskKey  int32
+	// Repository is the root the catalog's relative image paths are taken
+	// from (CBTFLOW_REPOSITORY).
+	Repository string
 	// To is the output: a regular file (written to a temporary file in
 	// its folder and renamed when complete), or with Device a block
 	// device written in place. Anything else is refused before a byte is
@@ -75,26 +79,43 @@ func Disk(ctx context.Context, cat *catalog.Catalog, o Options) (*Result, error)
 		if errors.Is(err, catalog.ErrNotFound) {
 			return nil, fmt.Errorf("restore: backup %s has no disk %d", o.BackupID, o.DiskKey)
 		}
+		if errors.Is(err, catalog.ErrBrokenChain) {
+			return nil, fmt.Errorf("restore: %w: %v", ErrDamaged, err)
+		}
+		return nil, err
+	}
+	// A point marked damaged (by a backup's chain check) is never offered.
+	for _, link := range chain {
+		if link.Damaged != "" {
+			what := "restore point " + o.BackupID
+			if link.BackupID != o.BackupID {
+				what += " builds on restore point " + link.BackupID + ", which"
+			}
+			return nil, fmt.Errorf("restore: %w: %s disk %d is marked damaged: %s", ErrDamaged, what, o.DiskKey, link.Damaged)
+		}
+	}
+	paths, err := resolve(o.Repository, chain)
+	if err != nil {
 		return nil, err
 	}
 	res := &Result{}
-	for _, link := range chain {
-		if err := Verify(ctx, link.Path, link.SizeBytes, link.SHA256); err != nil {
+	for i, link := range chain {
+		if err := Verify(ctx, paths[i], link.SizeBytes, link.SHA256); err != nil {
 			return nil, err
 		}
-		res.Chain = append(res.Chain, link.Path)
+		res.Chain = append(res.Chain, paths[i])
 	}
 	// The chain qemu will read must be the chain the catalog recorded.
-	info, err := qemu.Info(ctx, chain[0].Path)
+	info, err := qemu.Info(ctx, paths[0])
 	if err != nil {
 		return nil, err
 	}
 	if len(info) != len(chain) {
-		return nil, fmt.Errorf("restore: %w: %s has a chain of %d images on disk, the catalog recorded %d", ErrDamaged, chain[0].Path, len(info), len(chain))
+		return nil, fmt.Errorf("restore: %w: %s has a chain of %d images on disk, the catalog recorded %d", ErrDamaged, paths[0], len(info), len(chain))
 	}
 	for i := range info {
-		if !sameFile(info[i].Filename, chain[i].Path) {
-			return nil, fmt.Errorf("restore: %w: image %d of the chain is %s on disk, the catalog recorded %s", ErrDamaged, i, info[i].Filename, chain[i].Path)
+		if !sameFile(info[i].Filename, paths[i]) {
+			return nil, fmt.Errorf("restore: %w: image %d of the chain is %s on disk, the catalog recorded %s", ErrDamaged, i, info[i].Filename, paths[i])
 		}
 	}
 	res.Bytes = info[0].VirtualSize
@@ -102,10 +123,27 @@ func Disk(ctx context.Context, cat *catalog.Catalog, o Options) (*Result, error)
 	// The target is checked again here, right before the first byte is
 	// converted: the caller's check may be minutes old after a long
 	// verification.
-	if err := writeTarget(ctx, chain[0].Path, res.Bytes, o); err != nil {
+	if err := writeTarget(ctx, paths[0], res.Bytes, o); err != nil {
 		return nil, err
 	}
 	return res, nil
+}
+
+// resolve turns the chain's recorded paths into absolute ones: relative
+// paths are taken from the repository root.
+func resolve(root string, chain []catalog.ChainLink) ([]string, error) {
+	paths := make([]string, len(chain))
+	for i, link := range chain {
+		switch {
+		case filepath.IsAbs(link.Path):
+			paths[i] = filepath.Clean(link.Path)
+		case root == "":
+			return nil, fmt.Errorf("restore: the catalog records %s relative to the repository, and no repository was given", link.Path)
+		default:
+			paths[i] = filepath.Join(root, link.Path)
+		}
+	}
+	return paths, nil
 }
 
 // Verify checks that the file at path has the size and SHA-256 recorded
