@@ -320,7 +320,7 @@ func (l *Lab) SnapshotImage(snapshot string, key int32) (ImageInfo, error) {
 	rec := l.snaps[snapshot]
 	l.mu.Unlock()
 	if rec == nil {
-		return ImageInfo{}, fmt.Errorf("lab: %w %q", ErrUnknownSnapshot, snapshot)
+		return ImageInfo{}, fmt.Errorf("lab: %w %q: %s", ErrUnknownSnapshot, snapshot, l.goneReason(snapshot))
 	}
 	sd := rec.disks[key]
 	if sd == nil {

@@ -5,6 +5,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime/debug"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -78,6 +79,7 @@ func (h *hooks) RemoveObject(ctx *simulator.Context, ref types.ManagedObjectRefe
 	switch ref.Type {
 	case "VirtualMachineSnapshot":
 		defer h.lab.recoverHook("snapshot remove")
+		h.lab.forgetSnapshot(ctx, ref, h.lab.goneInfo(ctx, ref))
 		h.lab.onSnapshotRemoved(ctx, ref)
 	case "VirtualMachine":
 		defer h.lab.recoverHook("vm remove")
@@ -105,7 +107,14 @@ type cbtVM struct {
 // handler puts a cbtVM into the caller's session registry for every call on
 // a VM: Service.call prefers the session's object over the handler result.
 func (l *Lab) handler(ctx *simulator.Context, m *simulator.Method) (mo.Reference, types.BaseMethodFault) {
-	if m.This.Type != "VirtualMachine" || ctx.Session == nil || ctx.Session.Registry == nil {
+	if ctx.Session == nil || ctx.Session.Registry == nil {
+		return nil, nil
+	}
+	switch m.This.Type {
+	case "VirtualMachine":
+	case "VirtualMachineSnapshot":
+		return l.snapshotHandler(ctx, m)
+	default:
 		return nil, nil
 	}
 	sreg := ctx.Session.Registry
@@ -406,9 +415,54 @@ func (l *Lab) releaseSnapshots(vmRef string, match func(*snapRec) bool) {
 	}
 }
 
+// goneInfo describes a snapshot about to leave the registry.
+func (l *Lab) goneInfo(ctx *simulator.Context, ref types.ManagedObjectReference) goneSnapshot {
+	l.mu.Lock()
+	rec := l.snaps[ref.Value]
+	l.mu.Unlock()
+	if rec != nil {
+		return goneSnapshot{vmRef: rec.vmRef, vmName: rec.vmName, name: rec.name}
+	}
+	var g goneSnapshot
+	if snap, ok := ctx.Map.Get(ref).(*simulator.VirtualMachineSnapshot); ok {
+		g.vmRef = snap.Vm.Value
+	}
+	return g
+}
+
 // onVMRemoved drops a destroyed VM's disks, snapshots and session wrappers.
+// vSphere deletes a VM's snapshots with it; the simulator leaves them in
+// its registry, where every later call on them (RemoveSnapshot_Task
+// first) dereferences the missing VM and panics. They leave the registry
+// here, so that calls on them fail with ManagedObjectNotFound, as on
+// vCenter. Called inside the Destroy task, with the VM locked.
 func (l *Lab) onVMRemoved(ctx *simulator.Context, ref types.ManagedObjectReference) {
+	var snaps []SnapshotInfo
+	vmName := ref.Value
+	if vm, ok := ctx.Map.Get(ref).(*simulator.VirtualMachine); ok {
+		snaps = snapshotRefsOf(vm)
+		vmName = vm.Name
+	}
+	l.mu.Lock()
+	for _, r := range l.snaps {
+		if r.vmRef == ref.Value && !slices.ContainsFunc(snaps, func(s SnapshotInfo) bool { return s.Ref == r.ref }) {
+			snaps = append(snaps, SnapshotInfo{Ref: r.ref, Name: r.name})
+		}
+	}
+	for _, s := range snaps {
+		l.gone[s.Ref] = goneSnapshot{vmRef: ref.Value, vmName: vmName, name: s.Name, withVM: true}
+	}
+	l.mu.Unlock()
 	l.releaseSnapshots(ref.Value, func(*snapRec) bool { return true })
+	for _, s := range snaps {
+		sref := types.ManagedObjectReference{Type: "VirtualMachineSnapshot", Value: s.Ref}
+		if ctx.Map.Get(sref) != nil {
+			ctx.Map.Remove(ctx, sref)
+		}
+	}
+	if len(snaps) > 0 {
+		l.log.Info("snapshots removed with their VM", "vm", vmName, "vm_ref", ref.Value, "snapshots", len(snaps))
+	}
 	var gone []*disk
 	l.mu.Lock()
 	for id, d := range l.disks {

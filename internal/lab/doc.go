@@ -35,7 +35,15 @@
 //   - RemoveDisk removes a disk and deletes its image; stricter than
 //     vSphere, it is refused while the VM has snapshots.
 //   - CreateVM creates a powered-on VM in /DC0/vm on host DC0_H0 with CBT on
-//     and any number of disks, zero included; RemoveVM destroys one.
+//     and any number of disks, zero included; RemoveVM destroys one, with
+//     its snapshots, also while a backup holds one of them: every later
+//     call on those snapshots (QueryChangedDiskAreas, RemoveSnapshot_Task,
+//     property reads) fails with ManagedObjectNotFound, as on vCenter, and
+//     the frozen-image endpoint says the snapshot went with its VM.
+//   - RenameSnapshot (the vSphere method, which the stock simulator lacks,
+//     or the Go API) renames a snapshot and keeps its moref: to a backup
+//     that remembers the moref, the moref now names another snapshot, as
+//     after a vCenter restart that reissued it.
 //
 // VM names are stored as vCenter stores them: "%", "/" and "\" become
 // "%25", "%2f" and "%5c" (EscapeName). "web/01" is the VM "web%2f01" with

@@ -65,8 +65,9 @@ type Lab struct {
 
 	mu       sync.Mutex
 	disks    map[diskID]*disk
-	snaps    map[string]*snapRec // by snapshot moref value
-	pending  map[string]string   // VM moref value -> name of the snapshot being created
+	snaps    map[string]*snapRec     // by snapshot moref value
+	gone     map[string]goneSnapshot // removed snapshots, by moref value: why a moref names nothing now
+	pending  map[string]string       // VM moref value -> name of the snapshot being created
 	stamps   []Stamp
 	sessions map[*simulator.Registry]struct{} // session registries holding a cbtVM
 	closed   bool
@@ -100,6 +101,7 @@ func Start(ctx context.Context, opts Options) (l *Lab, err error) {
 		password: opts.Password,
 		disks:    map[diskID]*disk{},
 		snaps:    map[string]*snapRec{},
+		gone:     map[string]goneSnapshot{},
 		pending:  map[string]string{},
 		sessions: map[*simulator.Registry]struct{}{},
 	}
