@@ -28,6 +28,10 @@ const (
 	// ErrTypeRepositoryUnavailable: a disk's folder of restore points is
 	// missing (an unmounted or misconfigured repository).
 	ErrTypeRepositoryUnavailable = "RepositoryUnavailable"
+	// ErrTypeSnapshotIdentity: the backup's snapshot moref names another
+	// snapshot now (renamed, or reissued after a vCenter restart): nothing
+	// is read from, committed for or removed under that moref.
+	ErrTypeSnapshotIdentity = "SnapshotIdentity"
 )
 
 // ResolveVMInput names a VM: by name, inventory path or moref.
