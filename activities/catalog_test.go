@@ -30,6 +30,7 @@ const (
 // catalogFixture is a fresh PostgreSQL database with the catalog's schema,
 // a repository in a temporary folder, and the Catalog activities.
 type catalogFixture struct {
+	url  string
 	cat  *catalog.Catalog
 	repo *repository.Repository
 	a    *activities.Catalog
@@ -50,7 +51,7 @@ func newCatalogFixture(t *testing.T) *catalogFixture {
 	}
 	a := &activities.Catalog{Catalog: cat, Repo: repo}
 	logger := slog.New(slog.NewTextHandler(t.Output(), nil))
-	return &catalogFixture{cat: cat, repo: repo, a: a, env: newActivityEnv(t, logger, a)}
+	return &catalogFixture{url: url, cat: cat, repo: repo, a: a, env: newActivityEnv(t, logger, a)}
 }
 
 func (c *catalogFixture) begin(t *testing.T, id, vmUUID string) *activities.BeginBackupResult {
@@ -218,7 +219,12 @@ func TestCommitRestorePoint(t *testing.T) {
 		}
 		for j, want := range []activities.CommitDisk{d1, d2} {
 			got := b.Disks[j]
-			if got.Key != want.Key || got.Path != want.Path || got.ChangeID != want.ChangeID || got.SizeBytes != want.SizeBytes ||
+			// Paths are recorded relative to the repository root, with
+			// the file's stamp.
+			if rel, _ := c.repo.Rel(want.Path); got.Path != rel || got.Stamp == (catalog.FileStamp{}) {
+				t.Errorf("disk %d recorded at %q with stamp %+v, want %q and a stamp", j, got.Path, got.Stamp, rel)
+			}
+			if got.Key != want.Key || got.ChangeID != want.ChangeID || got.SizeBytes != want.SizeBytes ||
 				got.SHA256 != want.SHA256 || got.Mode != want.Mode || got.Capacity != want.Capacity {
 				t.Errorf("disk %d recorded as %+v, committed %+v", j, got, want)
 			}
