@@ -19,10 +19,30 @@ func restoreCmd(ctx context.Context, e *env, args []string) error {
 	var cfg config.Config
 	cfg.Register(fs)
 	disk := fs.String("disk", "", "device `key` of the disk (e.g. 204)")
-	to := fs.String("to", "", "output `file`")
-	format := fs.String("format", "raw", "raw (sparse) or qcow2")
+	to := fs.String("to", "", "output `file`: a regular file, refused if it exists unless --force")
+	toDevice := fs.String("to-device", "", "output block `device`, written in place (raw)")
+	force := fs.Bool("force", false, "replace an existing --to file (atomically, when the restore is complete)")
+	format := fs.String("format", "raw", "raw (sparse) or qcow2; --to-device takes raw only")
 	fs.Usage = func() {
-		fmt.Fprintln(fs.Output(), "usage: starter restore BACKUP_ID --disk KEY --to FILE [--format raw|qcow2]\n\nEvery image of the chain is checked against the size and SHA-256 recorded\nat commit first; the output appears only when complete.\n\nflags:")
+		fmt.Fprintln(fs.Output(), `usage: starter restore BACKUP_ID --disk KEY --to FILE [--force] [--format raw|qcow2]
+       starter restore BACKUP_ID --disk KEY --to-device DEVICE
+
+Every image of the chain is checked against the size and SHA-256 recorded
+at commit first.
+
+--to writes a regular file: it appears only when complete (a temporary
+file in the same folder, synced, then renamed). An existing file is
+refused unless --force.
+
+--to-device writes a block device in place: every byte up to the disk's
+size, zeros included, then flushes it. The device must be at least as
+large as the disk and not in use (mounted, LVM, md); a failed restore
+leaves it partly written.
+
+A directory, a FIFO, a socket, a character device (e.g. /dev/null) or a
+missing folder is refused before anything is read.
+
+flags:`)
 		fs.PrintDefaults()
 	}
 	pos, err := parseInterleaved(fs, args)
@@ -36,21 +56,40 @@ func restoreCmd(ctx context.Context, e *env, args []string) error {
 	if err != nil {
 		return usageError{fmt.Errorf("restore: --disk %q is not a device key", *disk)}
 	}
-	if *to == "" {
-		return usageError{fmt.Errorf("restore: --to is required")}
+	if (*to == "") == (*toDevice == "") {
+		return usageError{fmt.Errorf("restore: give exactly one of --to FILE and --to-device DEVICE")}
 	}
 	if *format != "raw" && *format != "qcow2" {
 		return usageError{fmt.Errorf("restore: --format %q is not raw or qcow2", *format)}
+	}
+	opts := restore.Options{BackupID: pos[0], DiskKey: int32(key), To: *to, Format: *format, Force: *force}
+	if *toDevice != "" {
+		if *format != "raw" {
+			return usageError{fmt.Errorf("restore: --to-device writes raw, not --format %s", *format)}
+		}
+		if *force {
+			return usageError{fmt.Errorf("restore: --force is for --to: a device is always written in place")}
+		}
+		opts.To, opts.Device = *toDevice, true
+	}
+	// Refuse a wrong target before the chain is read and hashed, which
+	// takes minutes on big disks; restore.Disk checks it again.
+	if _, err := restore.CheckTarget(opts); err != nil {
+		return err
+	}
+	// The catalog records image paths relative to the repository.
+	if opts.Repository, err = cfg.AbsRepository(); err != nil {
+		return err
 	}
 	cat, err := catalog.Open(ctx, cfg.DatabaseURL)
 	if err != nil {
 		return err
 	}
 	defer cat.Close()
-	res, err := restore.Disk(ctx, cat, restore.Options{BackupID: pos[0], DiskKey: int32(key), To: *to, Format: *format})
+	res, err := restore.Disk(ctx, cat, opts)
 	if err != nil {
 		return err
 	}
-	e.log.Info("restored", "backup", pos[0], "disk", key, "to", *to, "format", *format, "chain", len(res.Chain), "bytes", res.Bytes)
+	e.log.Info("restored", "backup", pos[0], "disk", key, "to", opts.To, "device", opts.Device, "format", *format, "chain", len(res.Chain), "bytes", res.Bytes)
 	return nil
 }
