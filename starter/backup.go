@@ -7,8 +7,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net/url"
 	"strings"
+	"time"
 
+	"go.temporal.io/api/serviceerror"
 	"go.temporal.io/sdk/client"
 	tlog "go.temporal.io/sdk/log"
 	"go.temporal.io/sdk/temporal"
@@ -20,7 +23,17 @@ import (
 // Exit codes of `starter backup` besides 0 and 1.
 const (
 	exitAlreadyRunning = 3
+	// exitDetached: the starter was interrupted (SIGINT, SIGTERM) while
+	// the backup goes on in Temporal. The starter never cancels a backup
+	// on its way out: Ctrl-C of a waiting terminal must not throw away a
+	// transfer of hours, so cancelling is a deliberate, separate step.
+	exitDetached = 4
 )
+
+// startGrace bounds how long an interrupted starter still waits for the
+// start workflow to name the backup it started, so that it can print the
+// backup's ID (a start takes well under a second).
+const startGrace = 10 * time.Second
 
 func init() {
 	commands["backup"] = command{
@@ -63,7 +76,7 @@ func backupCmd(ctx context.Context, e *env, args []string) error {
 	wait := fs.Bool("wait", false, "wait for the backup to end; exit 0 only when it completed")
 	asJSON := fs.Bool("json", false, "print the result as one JSON object")
 	fs.Usage = func() {
-		fmt.Fprintln(fs.Output(), "usage: starter backup VM [flags]\n\nVM is a name, an inventory path (/DC0/vm/NAME) or a moref (vm-62).\nExit codes: 0 started (or completed with --wait), 1 failed, 2 bad usage,\n3 a backup of this VM is already running.\n\nflags:")
+		fmt.Fprintln(fs.Output(), "usage: starter backup VM [flags]\n\nVM is a name, an inventory path (/DC0/vm/NAME) or a moref (vm-62).\nExit codes: 0 started (or completed with --wait), 1 failed, 2 bad usage,\n3 a backup of this VM is already running, 4 interrupted (Ctrl-C, SIGTERM)\nwhile the backup goes on in the background: the starter never cancels it;\nit prints the backup ID and how to follow or cancel it (with --json, the\nbackup as status \"running\").\n\nflags:")
 		fs.PrintDefaults()
 	}
 	pos, err := parseInterleaved(fs, args)
@@ -92,18 +105,42 @@ func backupCmd(ctx context.Context, e *env, args []string) error {
 	}
 	defer c.Close()
 
+	startID := "start-backup/" + *profile + "/" + randomID()
 	run, err := c.ExecuteWorkflow(ctx, client.StartWorkflowOptions{
-		ID:        "start-backup/" + *profile + "/" + randomID(),
+		ID:        startID,
 		TaskQueue: workflows.TaskQueue,
 	}, workflows.Backup, workflows.BackupInput{VM: vm, Profile: *profile, Mode: *mode, Detach: true})
-	if err != nil {
+	if err != nil && ctx.Err() == nil {
 		return fmt.Errorf("backup: start: %w", err)
 	}
+	if err != nil {
+		// Interrupted during the start request, which may have reached
+		// Temporal all the same: the start workflow's ID is ours, so ask.
+		run = c.GetWorkflow(context.WithoutCancel(ctx), startID, "")
+	}
+	// octx is for what the starter still asks Temporal after an interrupt:
+	// the start goes on in Temporal regardless, and a short wait learns
+	// which backup it started, so the operator gets its ID.
+	octx := ctx
 	var started workflows.BackupResult
-	if err := run.Get(ctx, &started); err != nil {
+	err = run.Get(ctx, &started)
+	if err != nil && ctx.Err() != nil {
+		var cancel context.CancelFunc
+		octx, cancel = context.WithTimeout(context.WithoutCancel(ctx), startGrace)
+		defer cancel()
+		err = run.Get(octx, &started)
+		var nf *serviceerror.NotFound
+		switch {
+		case errors.As(err, &nf):
+			return exitError{code: 1, err: fmt.Errorf("backup of VM %s: interrupted before it was started: nothing was started", vm)}
+		case err != nil && octx.Err() != nil:
+			return detached(e, &cfg, backupOutput{VM: vm, Workflow: startID, Disks: []diskOutput{}}, *asJSON)
+		}
+	}
+	if err != nil {
 		var app *temporal.ApplicationError
 		if errors.As(err, &app) && app.Type() == workflows.ErrTypeAlreadyRunning {
-			return alreadyRunning(ctx, e, c, vm, app, *asJSON)
+			return alreadyRunning(octx, e, c, vm, app, *asJSON)
 		}
 		msg := failureMessage(err)
 		if *asJSON {
@@ -113,12 +150,19 @@ func backupCmd(ctx context.Context, e *env, args []string) error {
 	}
 	e.log.Info("backup started", "vm", started.VM, "backup", started.BackupID, "workflow", started.WorkflowID)
 	out := backupOutput{BackupID: started.BackupID, VM: started.VM, VMUUID: started.VMUUID, Workflow: started.WorkflowID, Status: "running", Disks: []diskOutput{}}
+	if ctx.Err() != nil {
+		return detached(e, &cfg, out, *asJSON)
+	}
 	if !*wait {
 		return printBackup(e, out, *asJSON)
 	}
 
 	var res workflows.BackupVMResult
 	err = c.GetWorkflow(ctx, started.WorkflowID, started.RunID).Get(ctx, &res)
+	if err != nil && ctx.Err() != nil {
+		// Waiting only watches the workflow: the backup goes on.
+		return detached(e, &cfg, out, *asJSON)
+	}
 	switch {
 	case err == nil:
 		out.Status = "completed"
@@ -167,6 +211,50 @@ func alreadyRunning(ctx context.Context, e *env, c client.Client, vm string, app
 		_ = printBackup(e, out, true)
 	}
 	return exitError{code: exitAlreadyRunning, err: errors.New(msg)}
+}
+
+// detached reports a backup that goes on after the starter was
+// interrupted: stdout carries it as status "running" (as `backup` without
+// --wait prints it), stderr says how to follow and how to cancel it. Exit
+// code 4. Without a backup ID (interrupted before the start workflow named
+// it), out.Workflow is the start workflow's ID.
+func detached(e *env, cfg *config.Config, out backupOutput, asJSON bool) error {
+	out.Status = "running"
+	if err := printBackup(e, out, asJSON); err != nil {
+		return err
+	}
+	tctl := func(verb string) string {
+		return "temporal workflow " + verb + " --address " + shellQuote(cfg.TemporalAddress) +
+			" --namespace " + shellQuote(cfg.Namespace) + " --workflow-id " + shellQuote(out.Workflow)
+	}
+	var b strings.Builder
+	if out.BackupID == "" {
+		fmt.Fprintf(&b, "interrupted while backup of VM %s was being started: it may go on in the background (start workflow %s); the starter did not cancel it.\n", out.VM, out.Workflow)
+	} else {
+		fmt.Fprintf(&b, "interrupted: backup %s of VM %s goes on in the background (workflow %s); the starter did not cancel it.\n", out.BackupID, out.VM, out.Workflow)
+	}
+	fmt.Fprintf(&b, "  follow it: starter list %s\n", shellQuote(out.VM))
+	fmt.Fprintf(&b, "             the Temporal Web UI (make dev: http://127.0.0.1:8233), /namespaces/%s/workflows/%s\n",
+		url.PathEscape(cfg.Namespace), url.PathEscape(out.Workflow))
+	fmt.Fprintf(&b, "             %s\n", tctl("describe"))
+	fmt.Fprintf(&b, "  cancel it: %s", tctl("cancel"))
+	return exitError{code: exitDetached, err: errors.New(b.String())}
+}
+
+// shellQuote quotes s for a POSIX shell unless it is plain, so the
+// printed commands can be pasted.
+func shellQuote(s string) string {
+	plain := s != ""
+	for _, r := range s {
+		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || strings.ContainsRune("-_./:=@%+,", r)) {
+			plain = false
+			break
+		}
+	}
+	if plain {
+		return s
+	}
+	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
 }
 
 func printBackup(e *env, out backupOutput, asJSON bool) error {

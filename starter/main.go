@@ -40,6 +40,13 @@ var commands = map[string]command{}
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	// The first signal cancels ctx and lets the command say what goes on
+	// (a backup keeps running in Temporal); a second one ends the starter
+	// at once, as the default handling does.
+	go func() {
+		<-ctx.Done()
+		stop()
+	}()
 	e := &env{
 		stdout: os.Stdout,
 		stderr: os.Stderr,
