@@ -5,7 +5,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"os/exec"
+	"sync"
 	"time"
 )
 
@@ -24,25 +26,95 @@ func (r StarterResult) String() string {
 // returns its output and exit code. The error is only for a starter that
 // could not run or was stopped by ctx, not for a non-zero exit.
 func (s *Stack) Starter(ctx context.Context, args ...string) (StarterResult, error) {
-	cmd := exec.CommandContext(ctx, s.opts.Binaries.Starter, args...)
-	cmd.Env = childEnv(append(s.Env(), "TMPDIR="+s.tmpDir)...)
-	var stdout, stderr bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	start := time.Now()
-	if err := spawn(cmd); err != nil {
-		return StarterResult{}, fmt.Errorf("stack: run starter: %w", err)
+	r, err := s.StartStarter(args...)
+	if err != nil {
+		return StarterResult{}, err
 	}
-	err := cmd.Wait()
-	res := StarterResult{Stdout: stdout.String(), Stderr: stderr.String(), Duration: time.Since(start), ExitCode: cmd.ProcessState.ExitCode()}
+	return r.Wait(ctx)
+}
+
+// RunningStarter is a starter CLI started by StartStarter and not yet
+// waited for.
+type RunningStarter struct {
+	cmd            *exec.Cmd
+	args           []string
+	stdout, stderr lockedBuffer
+	start          time.Time
+}
+
+// lockedBuffer is written by exec's copying goroutine while a test reads
+// it (RunningStarter.Stderr).
+type lockedBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *lockedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *lockedBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+// StartStarter starts the starter CLI with args against this stack and
+// returns at once, for tests that act on it while it runs (signal a
+// waiting backup). Call Wait to collect it.
+func (s *Stack) StartStarter(args ...string) (*RunningStarter, error) {
+	r := &RunningStarter{args: args}
+	r.cmd = exec.Command(s.opts.Binaries.Starter, args...)
+	r.cmd.Env = childEnv(append(s.Env(), "TMPDIR="+s.tmpDir)...)
+	r.cmd.Stdout, r.cmd.Stderr = &r.stdout, &r.stderr
+	r.start = time.Now()
+	if err := spawn(r.cmd); err != nil {
+		return nil, fmt.Errorf("stack: run starter: %w", err)
+	}
+	return r, nil
+}
+
+// PID is the starter's process ID.
+func (r *RunningStarter) PID() int { return r.cmd.Process.Pid }
+
+// Stderr is what the starter wrote to stderr so far (its log), e.g. to
+// wait until it logged that a backup started.
+func (r *RunningStarter) Stderr() string { return r.stderr.String() }
+
+// Signal sends sig to the starter.
+func (r *RunningStarter) Signal(sig os.Signal) error {
+	if err := r.cmd.Process.Signal(sig); err != nil {
+		return fmt.Errorf("stack: signal starter %v: %w", r.args, err)
+	}
+	return nil
+}
+
+// Wait waits for the starter to exit and returns its output and exit
+// code; when ctx ends first, it kills the starter. The error is only for
+// a starter that could not be waited for, was killed (by ctx or a signal
+// it did not handle), not for a non-zero exit.
+func (r *RunningStarter) Wait(ctx context.Context) (StarterResult, error) {
+	done := make(chan error, 1)
+	go func() { done <- r.cmd.Wait() }()
+	var err error
+	select {
+	case err = <-done:
+	case <-ctx.Done():
+		_ = r.cmd.Process.Kill()
+		err = <-done
+	}
+	res := StarterResult{Stdout: r.stdout.String(), Stderr: r.stderr.String(), Duration: time.Since(r.start), ExitCode: r.cmd.ProcessState.ExitCode()}
 	if ctx.Err() != nil {
-		return res, fmt.Errorf("stack: starter %v: %w", args, ctx.Err())
+		return res, fmt.Errorf("stack: starter %v: %w", r.args, ctx.Err())
 	}
 	var exit *exec.ExitError
 	if err != nil && !errors.As(err, &exit) {
-		return res, fmt.Errorf("stack: starter %v: %w", args, err)
+		return res, fmt.Errorf("stack: starter %v: %w", r.args, err)
 	}
 	if res.ExitCode < 0 {
-		return res, fmt.Errorf("stack: starter %v: %s", args, cmd.ProcessState)
+		return res, fmt.Errorf("stack: starter %v: %s", r.args, r.cmd.ProcessState)
 	}
 	return res, nil
 }
