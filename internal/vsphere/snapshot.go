@@ -208,7 +208,9 @@ func walkSnapshots(ts []types.VirtualMachineSnapshotTree, fn func(types.VirtualM
 
 // RemoveSnapshot removes one snapshot of a VM (not its children) and
 // consolidates. A snapshot that is already gone is not an error, so the
-// call can be repeated. A snapshot of another VM is refused.
+// call can be repeated. A snapshot of another VM is refused. It trusts the
+// moref: a backup removes its own snapshot with RemoveOwnSnapshot, which
+// checks that the moref still names it.
 func (c *Client) RemoveSnapshot(ctx context.Context, vmRefValue, snapRef string) error {
 	ref := snapshotRef(snapRef)
 	var ms mo.VirtualMachineSnapshot
