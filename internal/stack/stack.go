@@ -486,6 +486,26 @@ func (s *Stack) waitWorker(ctx context.Context, p *proc) error {
 	}
 }
 
+// MoveRepository stops the worker, moves the repository folder to dir (a
+// path that must not exist yet) and starts the worker on it: what an
+// operator does when a repository moves to another disk or mount point.
+// Nothing else may use the stack meanwhile.
+func (s *Stack) MoveRepository(ctx context.Context, dir string) error {
+	if err := s.StopWorker(30 * time.Second); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	err := os.Rename(s.repository, dir)
+	if err == nil {
+		s.repository = dir
+	}
+	s.mu.Unlock()
+	if err != nil {
+		return fmt.Errorf("stack: move repository: %w", err)
+	}
+	return s.StartWorker(ctx)
+}
+
 // WorkerPID is the pid of the running worker, 0 when none runs.
 func (s *Stack) WorkerPID() int {
 	s.mu.Lock()

@@ -47,16 +47,18 @@ func (b BackupJSON) Disk(t testing.TB, key int32) DiskJSON {
 
 // ListJSON is one entry of `starter list --json`.
 type ListJSON struct {
-	BackupID string `json:"backup_id"`
-	VM       string `json:"vm"`
-	VMUUID   string `json:"vm_uuid"`
-	Status   string `json:"status"`
-	Disks    []struct {
+	BackupID   string `json:"backup_id"`
+	VM         string `json:"vm"`
+	VMUUID     string `json:"vm_uuid"`
+	Status     string `json:"status"`
+	Restorable bool   `json:"restorable"`
+	Disks      []struct {
 		Key       int32  `json:"key"`
 		Mode      string `json:"mode"`
 		Path      string `json:"path"`
 		SizeBytes int64  `json:"size_bytes"`
 		ChangeID  string `json:"change_id"`
+		Damaged   string `json:"damaged"`
 	} `json:"disks"`
 }
 
