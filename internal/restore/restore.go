@@ -3,8 +3,11 @@
 // a byte it checks every image of the chain against the size and SHA-256
 // recorded at commit, and that the chain on disk is the chain the catalog
 // recorded, so a damaged or swapped file is refused by name instead of
-// returning wrong data. The output appears only when complete: it is
-// written to a temporary file in the same folder and renamed.
+// returning wrong data. A file appears only when complete: it is
+// written to a temporary file in the same folder and renamed. A block
+// device (Options.Device) is written in place. Any other target (a
+// directory, a FIFO, a character device …) is refused before a byte is
+// converted (target.go).
 package restore
 
 import (
