@@ -73,7 +73,7 @@ func backupCmd(ctx context.Context, e *env, args []string) error {
 	profile := fs.String("profile", config.Env("CBTFLOW_PROFILE", workflows.DefaultProfile), "vCenter `profile` (CBTFLOW_PROFILE)")
 	mode := fs.String("mode", workflows.ModeAuto, "auto, full or incremental")
 	full := fs.Bool("full", false, "same as --mode full")
-	wait := fs.Bool("wait", false, "wait for the backup to end; exit 0 only when it completed")
+	wait := fs.Bool("wait", false, "wait for the backup to end; exit 0 only when it completed (Ctrl-C stops the waiting, not the backup: exit 4)")
 	asJSON := fs.Bool("json", false, "print the result as one JSON object")
 	fs.Usage = func() {
 		fmt.Fprintln(fs.Output(), "usage: starter backup VM [flags]\n\nVM is a name, an inventory path (/DC0/vm/NAME) or a moref (vm-62).\nExit codes: 0 started (or completed with --wait), 1 failed, 2 bad usage,\n3 a backup of this VM is already running, 4 interrupted (Ctrl-C, SIGTERM)\nwhile the backup goes on in the background: the starter never cancels it;\nit prints the backup ID and how to follow or cancel it (with --json, the\nbackup as status \"running\").\n\nflags:")

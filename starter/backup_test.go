@@ -2,7 +2,9 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"errors"
+	"flag"
 	"io"
 	"log/slog"
 	"os/exec"
@@ -57,5 +59,20 @@ func TestDetachedWithoutBackupID(t *testing.T) {
 	}
 	if got, want := stdout.String(), `{"backup_id":"","vm":"my vm","vm_uuid":"","status":"running","workflow_id":"start-backup/lab/abc","disks":[]}`+"\n"; got != want {
 		t.Errorf("stdout %s, want %s", got, want)
+	}
+}
+
+// `starter backup -h` documents exit code 4.
+func TestBackupHelpNamesExitCode4(t *testing.T) {
+	var stderr bytes.Buffer
+	e := &env{stdout: io.Discard, stderr: &stderr, log: slog.New(slog.DiscardHandler), getenv: func(string) string { return "" }}
+	err := backupCmd(context.Background(), e, []string{"-h"})
+	if !errors.Is(err, flag.ErrHelp) {
+		t.Fatalf("backup -h: %v, want flag.ErrHelp", err)
+	}
+	for _, want := range []string{"4 interrupted (Ctrl-C, SIGTERM)\nwhile the backup goes on in the background: the starter never cancels it", "Ctrl-C stops the waiting, not the backup: exit 4"} {
+		if !strings.Contains(stderr.String(), want) {
+			t.Errorf("backup -h lacks %q:\n%s", want, stderr.String())
+		}
 	}
 }

@@ -7,7 +7,7 @@
 // written to a temporary file in the same folder and renamed. A block
 // device (Options.Device) is written in place. Any other target (a
 // directory, a FIFO, a character device …) is refused before a byte is
-// converted (target.go).
+// converted (see CheckTarget).
 package restore
 
 import (
