@@ -119,6 +119,17 @@ func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*Tra
 	if err != nil {
 		return nil, permanent(err)
 	}
+	vc, err := a.Sessions.Client(ctx, in.Profile)
+	if err != nil {
+		return nil, permanent(err)
+	}
+	snapName := SnapshotPrefix + in.BackupID
+	what := fmt.Sprintf("disk %d of VM %s (%s)", in.Key, in.VMRef, in.VMUUID)
+	// Read only from this backup's own snapshot: a moref alone proves
+	// nothing after a vCenter restart.
+	if err := vc.CheckSnapshot(ctx, in.VMRef, in.SnapshotRef, snapName); err != nil {
+		return nil, snapshotErr(what, err)
+	}
 	src, err := opener.Open(ctx, source.Request{Profile: profile, VMRef: in.VMRef, SnapshotRef: in.SnapshotRef,
 		Disk: vsphere.Disk{Key: in.Key, Capacity: in.Capacity, FileName: in.FileName}, Dir: base + "-s"})
 	if err != nil {
@@ -168,6 +179,12 @@ func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*Tra
 	})
 	if err != nil {
 		return nil, permanent(err)
+	}
+	// The copy read what the moref named when it began; if the snapshot
+	// vanished or the moref names another snapshot now, nothing proves
+	// the data and the change ID are this backup's: it must not commit.
+	if err := vc.CheckSnapshot(ctx, in.VMRef, in.SnapshotRef, snapName); err != nil {
+		return nil, snapshotErr(what+", after the copy", err)
 	}
 	log.Info("disk transferred", "disk", in.Key, "backup", in.BackupID, "mode", in.Mode,
 		"written", res.Written, "zeroed", res.Zeroed, "skipped", res.Skipped, "retried", res.Retried, "size", size)

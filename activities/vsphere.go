@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"time"
 
 	"go.temporal.io/sdk/activity"
@@ -115,6 +116,11 @@ func (a *VSphere) ChangedAreas(ctx context.Context, in ChangedAreasInput) (*Chan
 	if err != nil {
 		return nil, temporal.NewNonRetryableApplicationError(err.Error(), ErrTypeInvalidInput, err)
 	}
+	// A moref alone proves nothing after a vCenter restart: the change
+	// IDs and areas must be those of this backup's snapshot.
+	if err := c.CheckSnapshot(ctx, in.VMRef, in.SnapshotRef, SnapshotPrefix+in.BackupID); err != nil {
+		return nil, snapshotErr(fmt.Sprintf("disk %d", in.Key), err)
+	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, permanent(err)
 	}
@@ -158,32 +164,53 @@ func (a *VSphere) ChangedAreas(ctx context.Context, in ChangedAreasInput) (*Chan
 	return &ChangedAreasResult{ExtentsFile: file, Extents: len(extents), ChangedBytes: changed}, nil
 }
 
-// RemoveSnapshot removes the backup's snapshot; a snapshot already gone is
-// no error.
+// RemoveSnapshot removes the backup's snapshot, and never another: by
+// moref only while the moref still names SnapshotName on the VM; else the
+// snapshot named SnapshotName, if any (see vsphere.RemoveOwnSnapshot). A
+// snapshot already gone, or gone with its VM, is no error.
 func (a *VSphere) RemoveSnapshot(ctx context.Context, in RemoveSnapshotInput) error {
 	pause(a.Hooks, ctx, PauseBeforeRemoveSnapshot)
+	if !strings.HasPrefix(in.SnapshotName, SnapshotPrefix) || in.SnapshotName == SnapshotPrefix {
+		return temporal.NewNonRetryableApplicationError(
+			fmt.Sprintf("refusing to remove snapshot %q (%s): cbtflow removes only its own %s<backup id> snapshots", in.SnapshotName, in.SnapshotRef, SnapshotPrefix),
+			ErrTypeInvalidInput, nil)
+	}
 	c, err := a.client(ctx, in.Profile)
 	if err != nil {
 		return err
 	}
-	ref := in.SnapshotRef
-	if ref == "" {
-		snap, err := c.FindSnapshot(ctx, in.VMRef, in.SnapshotName)
-		if err != nil {
-			return permanent(err)
-		}
-		if snap == nil {
-			return nil
-		}
-		ref = snap.Ref
-	}
 	stop := heartbeatEvery(ctx, 10*time.Second, nil)
 	defer stop()
-	if err := c.RemoveSnapshot(ctx, in.VMRef, ref); err != nil {
+	removed, err := c.RemoveOwnSnapshot(ctx, in.VMRef, in.SnapshotRef, in.SnapshotName)
+	if err != nil {
 		return permanent(err)
 	}
-	activity.GetLogger(ctx).Info("snapshot removed", "snapshot", ref)
+	log := activity.GetLogger(ctx)
+	switch {
+	case removed == "":
+		log.Info("no snapshot to remove", "snapshot", in.SnapshotRef, "snapshot_name", in.SnapshotName)
+	case removed != in.SnapshotRef && in.SnapshotRef != "":
+		log.Warn("snapshot removed by name: its moref names another snapshot now", "snapshot", removed,
+			"snapshot_name", in.SnapshotName, "moref_given", in.SnapshotRef)
+	default:
+		log.Info("snapshot removed", "snapshot", removed, "snapshot_name", in.SnapshotName)
+	}
 	return nil
+}
+
+// snapshotErr turns a failed identity check of the backup's snapshot into
+// the activity's error; what names the disk. A moref that names another
+// snapshot is permanent (ErrTypeSnapshotIdentity), and so is a snapshot
+// that vanished, alone or with its VM (ErrTypeSnapshotGone); anything else
+// (an unreachable vCenter) goes through permanent.
+func snapshotErr(what string, err error) error {
+	switch {
+	case errors.Is(err, vsphere.ErrSnapshotIdentity):
+		return temporal.NewNonRetryableApplicationError(what+": "+err.Error(), ErrTypeSnapshotIdentity, err)
+	case errors.Is(err, vsphere.ErrSnapshotNotFound):
+		return temporal.NewNonRetryableApplicationError(what+": "+err.Error(), ErrTypeSnapshotGone, err)
+	}
+	return permanent(err)
 }
 
 // writeExtents writes extents as a JSON array, atomically.
