@@ -78,8 +78,7 @@ func (c *Client) CheckSnapshot(ctx context.Context, vmRefValue, snapRef, name st
 	var mvm mo.VirtualMachine
 	if err := pc.RetrieveOne(ctx, vmRef(vmRefValue), []string{"name", "snapshot"}, &mvm); err != nil {
 		if isFault(err, &types.ManagedObjectNotFound{}) {
-			return fmt.Errorf("vsphere: %w: VM %s no longer exists (ManagedObjectNotFound), and with it went its %w %q (%s)",
-				ErrVMNotFound, vmRefValue, ErrSnapshotNotFound, name, snapRef)
+			return &vmGoneError{vmRef: vmRefValue, snapRef: snapRef, name: name}
 		}
 		return fmt.Errorf("vsphere: check snapshot %q (%s) of VM %s: %w", name, snapRef, vmRefValue, err)
 	}
@@ -122,6 +121,19 @@ func (c *Client) CheckSnapshot(ctx context.Context, vmRefValue, snapRef, name st
 		return ie
 	}
 	return fmt.Errorf("vsphere: %w: snapshot %q (%s) of VM %q (%s) is gone", ErrSnapshotNotFound, name, snapRef, mvm.Name, vmRefValue)
+}
+
+// vmGoneError: the VM of a snapshot no longer exists, and its snapshots
+// went with it. It matches ErrVMNotFound and ErrSnapshotNotFound.
+type vmGoneError struct{ vmRef, snapRef, name string }
+
+func (e *vmGoneError) Error() string {
+	return fmt.Sprintf("vsphere: VM %s no longer exists (ManagedObjectNotFound: removed from the inventory), and its snapshot %q (%s) went with it",
+		e.vmRef, e.name, e.snapRef)
+}
+
+func (e *vmGoneError) Is(target error) bool {
+	return target == ErrVMNotFound || target == ErrSnapshotNotFound
 }
 
 // snapshotName reads the name of snapshot snapRef from the tree of VM vm,
