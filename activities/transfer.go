@@ -127,9 +127,13 @@ func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*Tra
 	what := fmt.Sprintf("disk %d of VM %s (%s)", in.Key, in.VMRef, in.VMUUID)
 	// Read only from this backup's own snapshot: a moref alone proves
 	// nothing after a vCenter restart.
-	if err := vc.CheckSnapshot(ctx, in.VMRef, in.SnapshotRef, snapName); err != nil {
+	vmName, err := vc.CheckSnapshot(ctx, in.VMRef, in.SnapshotRef, snapName)
+	if err != nil {
 		return nil, snapshotErr(what, err)
 	}
+	// Named now, while the VM exists: the check after the copy may find it
+	// gone.
+	what = fmt.Sprintf("disk %d of VM %q (%s, %s)", in.Key, vmName, in.VMRef, in.VMUUID)
 	src, err := opener.Open(ctx, source.Request{Profile: profile, VMRef: in.VMRef, SnapshotRef: in.SnapshotRef,
 		Disk: vsphere.Disk{Key: in.Key, Capacity: in.Capacity, FileName: in.FileName}, Dir: base + "-s"})
 	if err != nil {
@@ -183,7 +187,7 @@ func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*Tra
 	// The copy read what the moref named when it began; if the snapshot
 	// vanished or the moref names another snapshot now, nothing proves
 	// the data and the change ID are this backup's: it must not commit.
-	if err := vc.CheckSnapshot(ctx, in.VMRef, in.SnapshotRef, snapName); err != nil {
+	if _, err := vc.CheckSnapshot(ctx, in.VMRef, in.SnapshotRef, snapName); err != nil {
 		return nil, snapshotErr(what+", after the copy", err)
 	}
 	log.Info("disk transferred", "disk", in.Key, "backup", in.BackupID, "mode", in.Mode,

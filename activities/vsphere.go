@@ -118,7 +118,7 @@ func (a *VSphere) ChangedAreas(ctx context.Context, in ChangedAreasInput) (*Chan
 	}
 	// A moref alone proves nothing after a vCenter restart: the change
 	// IDs and areas must be those of this backup's snapshot.
-	if err := c.CheckSnapshot(ctx, in.VMRef, in.SnapshotRef, SnapshotPrefix+in.BackupID); err != nil {
+	if _, err := c.CheckSnapshot(ctx, in.VMRef, in.SnapshotRef, SnapshotPrefix+in.BackupID); err != nil {
 		return nil, snapshotErr(fmt.Sprintf("disk %d", in.Key), err)
 	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {

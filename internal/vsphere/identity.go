@@ -64,23 +64,24 @@ func (e *SnapshotIdentityError) Is(target error) bool { return target == ErrSnap
 // id>") before every operation on it, since a moref alone proves nothing
 // after a vCenter restart.
 //
-// It returns nil when it does; a *SnapshotIdentityError (ErrSnapshotIdentity)
+// It returns the VM's name, for messages, and nil when it does; a
+// *SnapshotIdentityError (ErrSnapshotIdentity)
 // when the moref names another snapshot, one of another VM, or nothing
 // while a snapshot of that name is elsewhere on the VM; an error wrapping
 // ErrSnapshotNotFound when neither the moref nor the name is on the VM;
 // and one wrapping both ErrVMNotFound and ErrSnapshotNotFound when the VM
 // itself is gone (its snapshots went with it).
-func (c *Client) CheckSnapshot(ctx context.Context, vmRefValue, snapRef, name string) error {
+func (c *Client) CheckSnapshot(ctx context.Context, vmRefValue, snapRef, name string) (vmName string, err error) {
 	if vmRefValue == "" || snapRef == "" || name == "" {
-		return fmt.Errorf("vsphere: check snapshot: VM %q, moref %q and name %q must all be given", vmRefValue, snapRef, name)
+		return "", fmt.Errorf("vsphere: check snapshot: VM %q, moref %q and name %q must all be given", vmRefValue, snapRef, name)
 	}
 	pc := property.DefaultCollector(c.vim)
 	var mvm mo.VirtualMachine
 	if err := pc.RetrieveOne(ctx, vmRef(vmRefValue), []string{"name", "snapshot"}, &mvm); err != nil {
 		if isFault(err, &types.ManagedObjectNotFound{}) {
-			return &vmGoneError{vmRef: vmRefValue, snapRef: snapRef, name: name}
+			return "", &vmGoneError{vmRef: vmRefValue, snapRef: snapRef, name: name}
 		}
-		return fmt.Errorf("vsphere: check snapshot %q (%s) of VM %s: %w", name, snapRef, vmRefValue, err)
+		return "", fmt.Errorf("vsphere: check snapshot %q (%s) of VM %s: %w", name, snapRef, vmRefValue, err)
 	}
 	var at, named *types.VirtualMachineSnapshotTree
 	if mvm.Snapshot != nil {
@@ -94,7 +95,7 @@ func (c *Client) CheckSnapshot(ctx context.Context, vmRefValue, snapRef, name st
 		})
 	}
 	if at != nil && at.Name == name {
-		return nil
+		return mvm.Name, nil
 	}
 	ie := &SnapshotIdentityError{VMRef: vmRefValue, VMName: mvm.Name, Ref: snapRef, Want: name}
 	if named != nil {
@@ -102,25 +103,25 @@ func (c *Client) CheckSnapshot(ctx context.Context, vmRefValue, snapRef, name st
 	}
 	if at != nil {
 		ie.Got = at.Name
-		return ie
+		return mvm.Name, ie
 	}
 	// Not in the VM's tree: a snapshot of another VM, or nothing.
 	var ms mo.VirtualMachineSnapshot
-	err := pc.RetrieveOne(ctx, snapshotRef(snapRef), []string{"vm"}, &ms)
+	err = pc.RetrieveOne(ctx, snapshotRef(snapRef), []string{"vm"}, &ms)
 	switch {
 	case err == nil && ms.Vm.Value != vmRefValue:
 		ie.GotVMRef = ms.Vm.Value
 		ie.Got = c.snapshotName(ctx, ms.Vm, snapRef)
-		return ie
+		return mvm.Name, ie
 	case err == nil, !isFault(err, &types.ManagedObjectNotFound{}):
 		if err == nil { // in no tree, yet there: a removal in progress
 			err = fmt.Errorf("not in the snapshot tree of %s", vmRefValue)
 		}
-		return fmt.Errorf("vsphere: check snapshot %q (%s) of VM %q (%s): %w", name, snapRef, mvm.Name, vmRefValue, err)
+		return mvm.Name, fmt.Errorf("vsphere: check snapshot %q (%s) of VM %q (%s): %w", name, snapRef, mvm.Name, vmRefValue, err)
 	case named != nil:
-		return ie
+		return mvm.Name, ie
 	}
-	return fmt.Errorf("vsphere: %w: snapshot %q (%s) of VM %q (%s) is gone", ErrSnapshotNotFound, name, snapRef, mvm.Name, vmRefValue)
+	return mvm.Name, fmt.Errorf("vsphere: %w: snapshot %q (%s) of VM %q (%s) is gone", ErrSnapshotNotFound, name, snapRef, mvm.Name, vmRefValue)
 }
 
 // vmGoneError: the VM of a snapshot no longer exists, and its snapshots
@@ -166,7 +167,7 @@ func (c *Client) RemoveOwnSnapshot(ctx context.Context, vmRefValue, snapRef, nam
 		return "", fmt.Errorf("vsphere: remove snapshot %s of %s: no snapshot name to check it against", snapRef, vmRefValue)
 	}
 	if snapRef != "" {
-		err := c.CheckSnapshot(ctx, vmRefValue, snapRef, name)
+		_, err := c.CheckSnapshot(ctx, vmRefValue, snapRef, name)
 		switch {
 		case err == nil:
 			return snapRef, c.RemoveSnapshot(ctx, vmRefValue, snapRef)
@@ -191,7 +192,7 @@ func (c *Client) RemoveOwnSnapshot(ctx context.Context, vmRefValue, snapRef, nam
 		return "", nil
 	}
 	// Checked again by moref, right before the removal.
-	if err := c.CheckSnapshot(ctx, vmRefValue, s.Ref, name); err != nil {
+	if _, err := c.CheckSnapshot(ctx, vmRefValue, s.Ref, name); err != nil {
 		if errors.Is(err, ErrVMNotFound) || (errors.Is(err, ErrSnapshotNotFound) && !errors.Is(err, ErrSnapshotIdentity)) {
 			return "", nil
 		}

@@ -27,6 +27,9 @@ func wantIdentity(t *testing.T, what string, err error, names ...string) *Snapsh
 	return ie
 }
 
+// check drops CheckSnapshot's VM name.
+func check(_ string, err error) error { return err }
+
 func snapshotNames(t *testing.T, l *lab.Lab, vm string) []string {
 	t.Helper()
 	snaps, err := l.Snapshots(vm)
@@ -59,22 +62,22 @@ func TestCheckSnapshot(t *testing.T) {
 	}
 
 	// The moref names our snapshot.
-	if err := c.CheckSnapshot(ctx, vm1.Ref, s.Ref, ours); err != nil {
-		t.Fatalf("CheckSnapshot of our own snapshot: %v", err)
+	if name, err := c.CheckSnapshot(ctx, vm1.Ref, s.Ref, ours); err != nil || name != vm1.Name {
+		t.Fatalf("CheckSnapshot of our own snapshot = %q, %v, want the VM's name %q", name, err, vm1.Name)
 	}
 	// The right moref and name, the wrong VM: a snapshot of another VM.
-	ie := wantIdentity(t, "other VM", c.CheckSnapshot(ctx, vm2.Ref, s.Ref, ours), s.Ref, ours, vm1.Ref, vm2.Ref)
+	ie := wantIdentity(t, "other VM", check(c.CheckSnapshot(ctx, vm2.Ref, s.Ref, ours)), s.Ref, ours, vm1.Ref, vm2.Ref)
 	if ie.GotVMRef != vm1.Ref || ie.Got != ours {
 		t.Errorf("other VM: %+v", ie)
 	}
 	// Another name expected at the moref (another backup's).
-	wantIdentity(t, "other backup", c.CheckSnapshot(ctx, vm1.Ref, s.Ref, "cbtflow-0002"), s.Ref, ours, "cbtflow-0002")
+	wantIdentity(t, "other backup", check(c.CheckSnapshot(ctx, vm1.Ref, s.Ref, "cbtflow-0002")), s.Ref, ours, "cbtflow-0002")
 
 	// Renamed: the moref names the administrator's snapshot now.
 	if err := f.lab.RenameSnapshot(vm1.Ref, s.Ref, "admin-before-upgrade"); err != nil {
 		t.Fatal(err)
 	}
-	err = c.CheckSnapshot(ctx, vm1.Ref, s.Ref, ours)
+	err = check(c.CheckSnapshot(ctx, vm1.Ref, s.Ref, ours))
 	t.Logf("renamed: %v", err)
 	ie = wantIdentity(t, "renamed", err, s.Ref, ours, "admin-before-upgrade")
 	if ie.Got != "admin-before-upgrade" || ie.WantRef != "" {
@@ -85,13 +88,13 @@ func TestCheckSnapshot(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	err = c.CheckSnapshot(ctx, vm1.Ref, s.Ref, ours)
+	err = check(c.CheckSnapshot(ctx, vm1.Ref, s.Ref, ours))
 	t.Logf("reissued: %v", err)
 	ie = wantIdentity(t, "reissued", err, s.Ref, s2.Ref, ours, "admin-before-upgrade")
 	if ie.WantRef != s2.Ref {
 		t.Errorf("reissued: %+v, want our snapshot at %s", ie, s2.Ref)
 	}
-	if err := c.CheckSnapshot(ctx, vm1.Ref, s2.Ref, ours); err != nil {
+	if _, err := c.CheckSnapshot(ctx, vm1.Ref, s2.Ref, ours); err != nil {
 		t.Errorf("CheckSnapshot at the new moref: %v", err)
 	}
 
@@ -99,7 +102,7 @@ func TestCheckSnapshot(t *testing.T) {
 	if err := c.RemoveSnapshot(ctx, vm1.Ref, s2.Ref); err != nil {
 		t.Fatal(err)
 	}
-	err = c.CheckSnapshot(ctx, vm1.Ref, s2.Ref, ours)
+	err = check(c.CheckSnapshot(ctx, vm1.Ref, s2.Ref, ours))
 	if !errors.Is(err, ErrSnapshotNotFound) || errors.Is(err, ErrSnapshotIdentity) || errors.Is(err, ErrVMNotFound) ||
 		!strings.Contains(err.Error(), s2.Ref) || !strings.Contains(err.Error(), ours) {
 		t.Errorf("removed snapshot: %v, want %v naming %s and %s", err, ErrSnapshotNotFound, s2.Ref, ours)
@@ -121,12 +124,12 @@ func TestCheckSnapshot(t *testing.T) {
 	if err := f.lab.RemoveVM(ref); err != nil {
 		t.Fatal(err)
 	}
-	err = c.CheckSnapshot(ctx, ref, ds.Ref, ours)
+	err = check(c.CheckSnapshot(ctx, ref, ds.Ref, ours))
 	if !errors.Is(err, ErrVMNotFound) || !errors.Is(err, ErrSnapshotNotFound) || errors.Is(err, ErrSnapshotIdentity) ||
 		!strings.Contains(err.Error(), ref) || !strings.Contains(err.Error(), ds.Ref) {
 		t.Errorf("snapshot of a removed VM: %v, want %v and %v naming %s and %s", err, ErrVMNotFound, ErrSnapshotNotFound, ref, ds.Ref)
 	}
-	if err := c.CheckSnapshot(ctx, vm1.Ref, "", ours); err == nil {
+	if _, err := c.CheckSnapshot(ctx, vm1.Ref, "", ours); err == nil {
 		t.Error("CheckSnapshot without a moref: no error")
 	}
 }
