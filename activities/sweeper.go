@@ -132,14 +132,8 @@ func (a *Sweeper) FindOrphans(ctx context.Context, in FindOrphansInput) (*FindOr
 			continue
 		}
 		running, err := a.backupRunning(ctx, id)
-		if err != nil && !catalog.Unusable(err) {
-			return nil, err
-		}
 		if err != nil {
-			// No catalog row can be read: ask Temporal alone.
-			if running, err = a.workflowRunning(ctx, id); err != nil {
-				return nil, err
-			}
+			return nil, err
 		}
 		if !running {
 			res.Backups = append(res.Backups, id)
@@ -195,9 +189,10 @@ func (a *Sweeper) backupRunning(ctx context.Context, backupID string) (bool, err
 			return false, fmt.Errorf("sweeper: describe workflow %s: %w", b.WorkflowID, err)
 		}
 		return d.Status == enumspb.WORKFLOW_EXECUTION_STATUS_RUNNING, nil
-	case err != nil && !errors.Is(err, catalog.ErrNotFound):
+	case err != nil && !errors.Is(err, catalog.ErrNotFound) && !catalog.Unusable(err):
 		return false, err
 	}
+	// Unknown to the catalog, or no catalog to ask: Temporal knows.
 	return a.workflowRunning(ctx, backupID)
 }
 
