@@ -40,7 +40,7 @@ clean: ## make down, then wipe .cbtflow/ and the dev database
 demo: deps build ## the main job on the lab: fresh stack, full + incremental backup, restores verified byte for byte
 	$(GO) run ./internal/demo $(DEMO_FLAGS)
 
-bench: deps ## copier vs nbdcopy vs qemu-img convert (full copy, 4 GiB disk)
+bench: deps ## copier vs nbdcopy vs qemu-img convert (full copy, 4 GiB disk); cost of the chain check before an incremental
 	$(GO) run ./internal/bench
 
 chaos: deps build ## fault harness: ≥20 backups under worker kills, Temporal restarts, DB cuts, EIO, full repository; prints a table
