@@ -194,6 +194,12 @@ func (c *Client) Vim() *vim25.Client { return c.vim }
 // Profile returns the client's profile.
 func (c *Client) Profile() Profile { return c.profile }
 
+// InstanceUUID is the vCenter's own identity (ServiceContent.About.InstanceUuid),
+// the same whatever profile, user or URL reached it: what tells that two
+// profiles name one vCenter. It is empty when the server has none (a
+// standalone ESXi host).
+func (c *Client) InstanceUUID() string { return c.vim.ServiceContent.About.InstanceUuid }
+
 // connect opens the SOAP connection, logs in and starts the keep-alive.
 func connect(ctx context.Context, p Profile, log *slog.Logger, opts SessionOptions) (*Client, error) {
 	if err := p.Validate(); err != nil {
