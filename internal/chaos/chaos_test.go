@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"regexp"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -22,6 +24,7 @@ import (
 var (
 	full   = flag.Bool("full", false, "run every scenario (make chaos); without it, the reduced form that make test runs")
 	report = flag.String("report", "", "also write the results table to this file")
+	only   = flag.String("group", "", "with -full: run only the groups whose name matches this regular expression (to work on one)")
 )
 
 func TestMain(m *testing.M) { stacktest.Main(m) }
@@ -63,7 +66,18 @@ func TestChaos(t *testing.T) {
 			{"database-cut", false, databaseCut},
 			{"source-eio", false, sourceEIO},
 			{"repository-full", false, repositoryFull},
+			{"snapshot-moref", false, snapshotMoref},
 			{"source-eio-persistent", true, persistentEIO},
+		}
+	}
+	if *only != "" {
+		re, err := regexp.Compile(*only)
+		if err != nil {
+			t.Fatalf("-group: %v", err)
+		}
+		groups = slices.DeleteFunc(groups, func(g group) bool { return !re.MatchString(g.name) })
+		if len(groups) == 0 {
+			t.Fatalf("-group %q matches no group", *only)
 		}
 	}
 	results := make([][]*Tally, len(groups))
@@ -115,7 +129,7 @@ func TestChaos(t *testing.T) {
 			t.Errorf("scenario %q broke a promise (see the table)", tl.Scenario)
 		}
 	}
-	if *full && runs < 20 {
+	if *full && *only == "" && runs < 20 {
 		t.Errorf("%d backups ran, want at least 20", runs)
 	}
 }

@@ -480,7 +480,7 @@ func (e *env) check(tl *Tally, runs ...*run) {
 		}
 		for _, d := range r.out.Disks {
 			for _, cd := range b.Disks {
-				if cd.Key == d.Key && (cd.ChangeID != d.ChangeID || cd.Path != d.Path) {
+				if cd.Key == d.Key && (cd.ChangeID != d.ChangeID || e.repoPath(cd.Path) != d.Path) {
 					e.problem(tl, "%s: backup %s disk %d: the workflow reported %s %s, the catalog holds %s %s", r.label, id, d.Key, d.ChangeID, d.Path, cd.ChangeID, cd.Path)
 				}
 			}
@@ -502,7 +502,7 @@ func (e *env) check(tl *Tally, runs ...*run) {
 			e.problem(tl, "backup %s is committed, but no backup the harness ran completed as it", b.ID)
 		}
 		for _, d := range b.Disks {
-			if err := checkImage(d.Path, d.SizeBytes, d.SHA256); err != nil {
+			if err := checkImage(e.repoPath(d.Path), d.SizeBytes, d.SHA256); err != nil {
 				e.problem(tl, "backup %s disk %d: %v", b.ID, d.Key, err)
 			}
 		}
@@ -529,6 +529,16 @@ func (e *env) check(tl *Tally, runs ...*run) {
 		}
 	}
 	e.settleProcesses(tl, "after the scenario")
+}
+
+// repoPath is a catalog path as a file path: the catalog records images
+// relative to the repository's root (so that a moved repository keeps
+// working), the workflow reports them absolute.
+func (e *env) repoPath(p string) string {
+	if filepath.IsAbs(p) {
+		return p
+	}
+	return filepath.Join(e.s.Repository(), p)
 }
 
 // verify restores every disk of r's restore point and compares it with the
