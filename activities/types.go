@@ -46,6 +46,11 @@ type ResolveVMResult struct {
 	VMRef   string `json:"vm_ref"`
 	VMUUID  string `json:"vm_uuid"`
 	VMName  string `json:"vm_name"`
+	// VCenterUUID is the instance UUID of the vCenter the profile reaches
+	// (the same under every profile of that vCenter); empty when the
+	// server has none (a standalone ESXi host), and in results recorded
+	// before it existed.
+	VCenterUUID string `json:"vcenter_uuid,omitempty"`
 }
 
 // PrepareVMInput asks for a VM's disks, by instance UUID.

@@ -33,7 +33,8 @@ func (a *VSphere) client(ctx context.Context, profile string) (*vsphere.Client, 
 	return c, permanent(err)
 }
 
-// ResolveVM finds a VM by name, inventory path or moref.
+// ResolveVM finds a VM by name, inventory path or moref, and says which
+// vCenter holds it (by instance UUID, whatever the profile's name).
 func (a *VSphere) ResolveVM(ctx context.Context, in ResolveVMInput) (*ResolveVMResult, error) {
 	if in.VM == "" {
 		return nil, temporal.NewNonRetryableApplicationError("no VM given", ErrTypeInvalidInput, nil)
@@ -46,7 +47,7 @@ func (a *VSphere) ResolveVM(ctx context.Context, in ResolveVMInput) (*ResolveVMR
 	if err != nil {
 		return nil, permanent(err)
 	}
-	return &ResolveVMResult{Profile: in.Profile, VMRef: vm.Ref, VMUUID: vm.UUID, VMName: vm.Name}, nil
+	return &ResolveVMResult{Profile: in.Profile, VMRef: vm.Ref, VMUUID: vm.UUID, VMName: vm.Name, VCenterUUID: c.InstanceUUID()}, nil
 }
 
 // PrepareVM reads the VM's disks and enables CBT when it is off.

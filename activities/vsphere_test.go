@@ -37,6 +37,14 @@ func TestResolveVM(t *testing.T) {
 	if byName.Profile != profileLab || byName.VMName != lab.SecondDiskVM || byName.VMRef != labDisks[0].VMRef || byName.VMUUID == "" {
 		t.Fatalf("ResolveVM(%s) = %+v, want the lab's VM %s", lab.SecondDiskVM, byName, labDisks[0].VMRef)
 	}
+	// The vCenter by its own identity, which names the per-VM workflow.
+	c, err := f.sessions.Client(ctxT(t, time.Minute), profileLab)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if byName.VCenterUUID == "" || byName.VCenterUUID != c.InstanceUUID() {
+		t.Errorf("ResolveVM(%s).VCenterUUID = %q, want the lab's instance UUID %q", lab.SecondDiskVM, byName.VCenterUUID, c.InstanceUUID())
+	}
 	for _, name := range []string{"/DC0/vm/" + lab.SecondDiskVM, byName.VMRef} {
 		got, err := resolve(name)
 		if err != nil {
