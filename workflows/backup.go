@@ -54,7 +54,9 @@ type AlreadyRunningDetails struct {
 }
 
 // BackupVMInput is the backup of one VM, named for good by its instance
-// UUID. It runs under BackupWorkflowID(Profile, VMUUID).
+// UUID. Backup runs it under BackupWorkflowID(vCenter instance UUID,
+// VMUUID); Profile says how the worker reaches that vCenter, and under
+// which profile its restore points are kept.
 type BackupVMInput struct {
 	Profile  string `json:"profile"`
 	VMUUID   string `json:"vm_uuid"`
@@ -120,9 +122,18 @@ var (
 	catalogActs  *activities.Catalog
 )
 
+// The change of Backup's commands that made the per-VM workflow ID
+// BackupWorkflowID(vCenter instance UUID, VM instance UUID) instead of
+// ProfileBackupWorkflowID(profile, VM instance UUID) (workflow.GetVersion).
+const (
+	changeVCenterWorkflowID  = "vcenter-workflow-id"
+	versionVCenterWorkflowID = 1
+)
+
 // Backup resolves the VM and runs its backup under the VM's canonical
 // workflow ID. A second start while one runs starts nothing and fails with
-// ErrTypeAlreadyRunning, whatever the VM was called.
+// ErrTypeAlreadyRunning, whatever the VM was called and whatever profile
+// of its vCenter named it.
 func Backup(ctx workflow.Context, in BackupInput) (*BackupResult, error) {
 	if strings.TrimSpace(in.VM) == "" {
 		return nil, invalid("no VM given")
@@ -142,7 +153,14 @@ func Backup(ctx workflow.Context, in BackupInput) (*BackupResult, error) {
 		return nil, err
 	}
 	backupID := newBackupID(ctx)
-	wid := BackupWorkflowID(in.Profile, vm.VMUUID)
+	// Runs recorded before the child's ID named the vCenter by its
+	// instance UUID started it under the profile's name: on replay they
+	// must start the same child.
+	wid := ProfileBackupWorkflowID(in.Profile, vm.VMUUID)
+	if workflow.GetVersion(ctx, changeVCenterWorkflowID, workflow.DefaultVersion, versionVCenterWorkflowID) >= versionVCenterWorkflowID &&
+		vm.VCenterUUID != "" {
+		wid = BackupWorkflowID(vm.VCenterUUID, vm.VMUUID)
+	}
 	cctx := workflow.WithChildOptions(ctx, workflow.ChildWorkflowOptions{
 		WorkflowID:            wid,
 		TaskQueue:             TaskQueue,

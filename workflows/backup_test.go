@@ -12,6 +12,7 @@ import (
 	"go.temporal.io/sdk/activity"
 	"go.temporal.io/sdk/temporal"
 	"go.temporal.io/sdk/testsuite"
+	"go.temporal.io/sdk/workflow"
 
 	"github.com/cbtflow/cbtflow/activities"
 )
@@ -30,6 +31,9 @@ type fakeVM struct {
 	closed    []int32
 	// cbtJustEnabled: PrepareVM found CBT off and enabled it.
 	cbtJustEnabled bool
+	// vcenterUUID is the instance UUID ResolveVM reports for every
+	// profile (all name one vCenter); none when empty.
+	vcenterUUID string
 }
 
 func newEnv(t *testing.T, f *fakeVM) *testsuite.TestWorkflowEnvironment {
@@ -46,7 +50,7 @@ func newEnv(t *testing.T, f *fakeVM) *testsuite.TestWorkflowEnvironment {
 			if in.VM != "vm0" && in.VM != "vm-62" {
 				return nil, temporal.NewNonRetryableApplicationError("VM "+in.VM+" not found", activities.ErrTypeVMNotFound, nil)
 			}
-			return &activities.ResolveVMResult{Profile: in.Profile, VMRef: "vm-62", VMUUID: "uuid-0", VMName: "vm0"}, nil
+			return &activities.ResolveVMResult{Profile: in.Profile, VMRef: "vm-62", VMUUID: "uuid-0", VMName: "vm0", VCenterUUID: f.vcenterUUID}, nil
 		}).Maybe()
 	env.OnActivity(vsphereActs.PrepareVM, mock.Anything, mock.Anything).Return(
 		func(context.Context, activities.PrepareVMInput) (*activities.PrepareVMResult, error) {
@@ -333,21 +337,61 @@ func TestBackupRejectsBadInput(t *testing.T) {
 	}
 }
 
+// The per-VM workflow ID names the vCenter by its instance UUID, so every
+// profile of one vCenter starts the VM's backup under the same ID (and
+// Temporal refuses the second while one runs), while the backup itself
+// keeps the profile it was asked under. Without an instance UUID (a
+// standalone ESXi host) and on replay of a run recorded before the change
+// (GetVersion answers DefaultVersion), the ID names the profile.
 func TestBackupStartsChildUnderVMWorkflowID(t *testing.T) {
-	f := &fakeVM{}
-	env := newEnv(t, f)
-	env.OnActivity(vsphereActs.ChangedAreas, mock.Anything, mock.Anything).Return(f.changedAreas(nil))
-	env.OnActivity(transferActs.TransferDisk, mock.Anything, mock.Anything).Return(f.transferOK)
-	env.ExecuteWorkflow(Backup, BackupInput{VM: "vm-62"})
-	if err := env.GetWorkflowError(); err != nil {
-		t.Fatal(err)
-	}
-	var res BackupResult
-	if err := env.GetWorkflowResult(&res); err != nil {
-		t.Fatal(err)
-	}
-	if res.WorkflowID != "backup/lab/uuid-0" || res.Result == nil || res.Result.BackupID != res.BackupID || len(res.Result.Disks) != 2 {
-		t.Errorf("result = %+v", res)
+	const vc = "4b1d6a2e-52c0-4b8e-9d0c-3f5e2a1b7c90"
+	for _, c := range []struct {
+		name        string
+		vcenterUUID string
+		profile     string
+		old         bool // replaying a run recorded before the change
+		want        string
+	}{
+		{"profile lab", vc, "", false, "backup/" + vc + "/uuid-0"},
+		{"profile alias of the same vCenter", vc, "alias", false, "backup/" + vc + "/uuid-0"},
+		{"no instance UUID", "", "esx1", false, "backup/esx1/uuid-0"},
+		{"recorded before the change", vc, "alias", true, "backup/alias/uuid-0"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			f := &fakeVM{vcenterUUID: c.vcenterUUID}
+			env := newEnv(t, f)
+			env.OnActivity(vsphereActs.ChangedAreas, mock.Anything, mock.Anything).Return(f.changedAreas(nil))
+			env.OnActivity(transferActs.TransferDisk, mock.Anything, mock.Anything).Return(f.transferOK)
+			if c.old {
+				env.OnGetVersion(changeVCenterWorkflowID, workflow.DefaultVersion, versionVCenterWorkflowID).Return(workflow.DefaultVersion)
+			}
+			env.ExecuteWorkflow(Backup, BackupInput{VM: "vm-62", Profile: c.profile})
+			if err := env.GetWorkflowError(); err != nil {
+				t.Fatal(err)
+			}
+			var res BackupResult
+			if err := env.GetWorkflowResult(&res); err != nil {
+				t.Fatal(err)
+			}
+			if res.WorkflowID != c.want || res.Result == nil || res.Result.BackupID != res.BackupID || len(res.Result.Disks) != 2 {
+				t.Errorf("result = %+v, want workflow %s", res, c.want)
+			}
+			// The child ran under that ID, and for the profile it was
+			// asked under: its catalog row and repository paths are the
+			// profile's.
+			profile := c.profile
+			if profile == "" {
+				profile = DefaultProfile
+			}
+			if len(f.begun) != 1 || f.begun[0].WorkflowID != c.want || f.begun[0].Profile != profile {
+				t.Errorf("BeginBackup got %+v, want workflow %s, profile %s", f.begun, c.want, profile)
+			}
+			for _, tr := range f.transfers {
+				if tr.Profile != profile {
+					t.Errorf("transfer of disk %d under profile %q, want %q", tr.Key, tr.Profile, profile)
+				}
+			}
+		})
 	}
 }
 

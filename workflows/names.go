@@ -4,8 +4,9 @@
 //
 // Backup is what operators, the Web UI and schedules start with a VM named
 // any way ({"vm": "DC0_H0_VM0"}); it resolves the VM and runs BackupVM as a
-// child under the VM's canonical workflow ID, so one VM never has two
-// backups at once.
+// child under the VM's canonical workflow ID (BackupWorkflowID: the
+// vCenter's and the VM's instance UUIDs, not the profile's name), so one VM
+// never has two backups at once.
 package workflows
 
 import (
@@ -43,8 +44,21 @@ var (
 var SearchAttributeNames = []string{"CbtflowVM", "CbtflowMode", "CbtflowVCenter", "CbtflowBackupID"}
 
 // BackupWorkflowID is the workflow ID of the backup of one VM: one per VM,
-// whatever names it.
-func BackupWorkflowID(profile, vmUUID string) string {
+// whatever names it and under whatever profile, because it is made of
+// identities vCenter keeps: the vCenter's instance UUID
+// (activities.ResolveVMResult.VCenterUUID) and the VM's. Two profiles of
+// one vCenter (two users, two URLs) thus share it, and Temporal refuses a
+// second backup of the VM while one runs under either.
+func BackupWorkflowID(vcenterUUID, vmUUID string) string {
+	return "backup/" + vcenterUUID + "/" + vmUUID
+}
+
+// ProfileBackupWorkflowID is the per-VM workflow ID before the vCenter's
+// identity was known, backup/<profile>/<vm uuid>: one per VM and profile.
+// Backup runs recorded before that change keep it on replay, and it is
+// still the ID when the server reports no instance UUID (a standalone ESXi
+// host), where the profile is the best name of the server there is.
+func ProfileBackupWorkflowID(profile, vmUUID string) string {
 	return "backup/" + profile + "/" + vmUUID
 }
 
