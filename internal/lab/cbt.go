@@ -449,6 +449,7 @@ func (l *Lab) onVMRemoved(ctx *simulator.Context, ref types.ManagedObjectReferen
 			snaps = append(snaps, SnapshotInfo{Ref: r.ref, Name: r.name})
 		}
 	}
+	l.trimGone()
 	for _, s := range snaps {
 		l.gone[s.Ref] = goneSnapshot{vmRef: ref.Value, vmName: vmName, name: s.Name, withVM: true}
 	}

@@ -74,6 +74,19 @@ func (l *Lab) snapshotHandler(ctx *simulator.Context, m *simulator.Method) (mo.R
 	return w, nil
 }
 
+// maxGone bounds what a long-running lab remembers of removed snapshots.
+const maxGone = 10000
+
+// trimGone forgets every removed snapshot once there are maxGone of them:
+// the simulator never reuses a moref, so a forgotten one only loses its
+// explanation ("no snapshot X" instead of "removed with its VM"). Called
+// with l.mu held.
+func (l *Lab) trimGone() {
+	if len(l.gone) >= maxGone {
+		clear(l.gone)
+	}
+}
+
 func (l *Lab) isGone(ref string) bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -86,6 +99,7 @@ func (l *Lab) isGone(ref string) bool {
 // (the global registry forgets it right after the hooks).
 func (l *Lab) forgetSnapshot(ctx *simulator.Context, ref types.ManagedObjectReference, g goneSnapshot) {
 	l.mu.Lock()
+	l.trimGone()
 	if old, ok := l.gone[ref.Value]; !ok || !old.withVM {
 		l.gone[ref.Value] = g
 	}
