@@ -60,6 +60,12 @@ func TestRemovedVMSnapshots(t *testing.T) {
 		t.Fatal(err)
 	}
 
+	// A call on the snapshot puts the lab's wrapper of it into this
+	// session: the removal must take it out of there too.
+	if _, err := methods.RenameSnapshot(ctx, c, &types.RenameSnapshot{This: snap, Description: "held by a backup"}); err != nil {
+		t.Fatal(err)
+	}
+
 	if err := labClient(t, l).RemoveVM(ctx, "doomed"); err != nil {
 		t.Fatalf("remove the VM through the lab endpoint: %v", err)
 	}
@@ -222,11 +228,13 @@ func TestRenameSnapshot(t *testing.T) {
 	}
 
 	removeSnapshot(t, c, snap)
-	_, err = methods.RenameSnapshot(ctx, c, &types.RenameSnapshot{This: snap, Name: "ghost"})
-	wantFault(t, "renaming a removed snapshot", err, &types.ManagedObjectNotFound{})
+	// Read first: a call on the snapshot would drop a stale wrapper from
+	// the session by itself.
 	var ms mo.VirtualMachineSnapshot
 	err = property.DefaultCollector(c).RetrieveOne(ctx, snap, []string{"config.hardware.device"}, &ms)
 	wantFault(t, "reading a removed snapshot through the session that removed it", err, &types.ManagedObjectNotFound{})
+	_, err = methods.RenameSnapshot(ctx, c, &types.RenameSnapshot{This: snap, Name: "ghost"})
+	wantFault(t, "renaming a removed snapshot", err, &types.ManagedObjectNotFound{})
 	if got, _ := l.Snapshots(vm1); len(got) != 0 {
 		t.Errorf("snapshots after the removal: %+v", got)
 	}
