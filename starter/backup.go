@@ -202,7 +202,13 @@ func alreadyRunning(ctx context.Context, e *env, c client.Client, vm string, app
 		if desc, err := c.DescribeWorkflow(ctx, d.WorkflowID, ""); err == nil {
 			if id, ok := desc.TypedSearchAttributes.GetKeyword(workflows.SearchBackupID); ok && id != "" {
 				out.BackupID = id
-				msg = fmt.Sprintf("a backup of VM %s is already running: backup %s (workflow %s)", name, id, d.WorkflowID)
+				// The running backup may have been started under another
+				// profile of the same vCenter: say which.
+				under := ""
+				if p, ok := desc.TypedSearchAttributes.GetKeyword(workflows.SearchVCenter); ok && p != "" {
+					under = " under profile " + p
+				}
+				msg = fmt.Sprintf("a backup of VM %s is already running: backup %s%s (workflow %s)", name, id, under, d.WorkflowID)
 			}
 		}
 	}

@@ -60,6 +60,10 @@ type Options struct {
 	// front of the lab source, e.g. EIO on some reads; see
 	// vsphere.Profile.LabSourceFilters).
 	LabSourceFilters []vsphere.LabSourceFilter
+	// LabAliases are more profile names for the lab: the lab profile again
+	// under each name (same URL, user, password file), as when one vCenter
+	// is configured twice (two users, two URLs).
+	LabAliases []string
 	// StartTimeout bounds each component's start; 2 minutes when zero.
 	StartTimeout time.Duration
 }
@@ -175,10 +179,17 @@ func (s *Stack) startLab(ctx context.Context) error {
 	if err := os.WriteFile(pwFile, []byte(s.lab.Password()+"\n"), 0o600); err != nil {
 		return fmt.Errorf("stack: %w", err)
 	}
-	prof := map[string]map[string]vsphere.Profile{"profiles": {Profile: {
+	labp := vsphere.Profile{
 		URL: s.lab.URL().String(), User: s.lab.User(), PasswordFile: pwFile,
 		Thumbprint: s.lab.Thumbprint(), Source: vsphere.SourceLab, LabSourceFilters: s.opts.LabSourceFilters,
-	}}}
+	}
+	prof := map[string]map[string]vsphere.Profile{"profiles": {Profile: labp}}
+	for _, name := range s.opts.LabAliases {
+		if _, dup := prof["profiles"][name]; dup {
+			return fmt.Errorf("stack: lab alias %q is taken", name)
+		}
+		prof["profiles"][name] = labp
+	}
 	b, err := json.MarshalIndent(prof, "", "  ")
 	if err != nil {
 		return err
@@ -220,7 +231,8 @@ func (s *Stack) MetricsURL() string { return "http://" + s.metricsAddr + "/metri
 // Repository is the folder of restore points.
 func (s *Stack) Repository() string { return s.repository }
 
-// VCentersFile is the vCenter profiles file (one profile, Profile).
+// VCentersFile is the vCenter profiles file: Profile, and the same lab
+// under each of Options.LabAliases.
 func (s *Stack) VCentersFile() string { return s.vcenters }
 
 // DatabaseURL is the catalog database.
