@@ -67,6 +67,7 @@ func TestChaos(t *testing.T) {
 			{"source-eio", false, sourceEIO},
 			{"repository-full", false, repositoryFull},
 			{"snapshot-moref", false, snapshotMoref},
+			{"chain-damage", false, chainDamage},
 			{"source-eio-persistent", true, persistentEIO},
 		}
 	}

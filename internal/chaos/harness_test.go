@@ -66,6 +66,10 @@ type env struct {
 	// newest is each VM's newest completed run: its captures are kept to
 	// verify the chain again after a failure.
 	newest map[string]*run
+	// damaged holds "backup/disk" of the restore points the harness
+	// damaged on purpose (or that build on one): the catalog must mark
+	// exactly these damaged, and their images are not checked as whole.
+	damaged map[string]bool
 }
 
 // run is one backup.
@@ -100,7 +104,7 @@ func newEnv(t *testing.T, ctx context.Context, cfg envConfig) *env {
 			t.Error(err)
 		}
 	})
-	e := &env{t: t, ctx: ctx, cfg: cfg, root: root, data: filepath.Join(root, "data"), newest: map[string]*run{}}
+	e := &env{t: t, ctx: ctx, cfg: cfg, root: root, data: filepath.Join(root, "data"), newest: map[string]*run{}, damaged: map[string]bool{}}
 	if err := os.MkdirAll(e.data, 0o700); err != nil {
 		t.Fatal(err)
 	}
@@ -502,6 +506,15 @@ func (e *env) check(tl *Tally, runs ...*run) {
 			e.problem(tl, "backup %s is committed, but no backup the harness ran completed as it", b.ID)
 		}
 		for _, d := range b.Disks {
+			key := fmt.Sprintf("%s/%d", b.ID, d.Key)
+			if d.Damaged != "" || e.damaged[key] {
+				if d.Damaged == "" {
+					e.problem(tl, "backup %s disk %d was damaged by the harness, but the catalog does not say so", b.ID, d.Key)
+				} else if !e.damaged[key] {
+					e.problem(tl, "backup %s disk %d is marked damaged (%s), but the harness did not damage it", b.ID, d.Key, d.Damaged)
+				}
+				continue
+			}
 			if err := checkImage(e.repoPath(d.Path), d.SizeBytes, d.SHA256); err != nil {
 				e.problem(tl, "backup %s disk %d: %v", b.ID, d.Key, err)
 			}
