@@ -6,5 +6,6 @@
 //
 // `go test ./internal/e2e -run TestEndToEnd -update` also rewrites the
 // recorded workflow histories in workflows/testdata that
-// workflows/replay_test.go replays.
+// workflows/replay_test.go replays, except backup.json: a Backup recorded
+// before the per-VM workflow ID named the vCenter, kept as it is.
 package e2e

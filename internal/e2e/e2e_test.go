@@ -469,7 +469,10 @@ func alreadyRunning(ctx context.Context, t *testing.T, s *stack.Stack) {
 
 // recordHistories writes the histories of the full and incremental
 // BackupVM runs and of the Backup that started the incremental one into
-// workflows/testdata, for workflows/replay_test.go.
+// workflows/testdata, for workflows/replay_test.go. The Backup history
+// goes to backup_vcenter_id.json: backup.json holds a run recorded before
+// the per-VM workflow ID named the vCenter (workflow.GetVersion), and is
+// kept as it is so that such runs stay replayable.
 func recordHistories(ctx context.Context, t *testing.T, s *stack.Stack, full, incr stacktest.BackupJSON) {
 	t.Helper()
 	dir := filepath.Join("..", "..", "workflows", "testdata")
@@ -515,7 +518,7 @@ func recordHistories(ctx context.Context, t *testing.T, s *stack.Stack, full, in
 			if parent == nil {
 				t.Fatalf("BackupVM %s has no parent Backup workflow", ex.GetWorkflowId())
 			}
-			save("backup.json", parent.GetWorkflowId(), parent.GetRunId())
+			save("backup_vcenter_id.json", parent.GetWorkflowId(), parent.GetRunId())
 		}
 	}
 }
