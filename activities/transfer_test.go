@@ -2,6 +2,7 @@ package activities_test
 
 import (
 	"context"
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
@@ -11,6 +12,7 @@ import (
 	"time"
 
 	"go.temporal.io/sdk/interceptor"
+	"go.temporal.io/sdk/temporal"
 	"go.temporal.io/sdk/testsuite"
 	"go.temporal.io/sdk/worker"
 
@@ -504,7 +506,10 @@ func TestTransferDiskSnapshotGone(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), b.snap.SnapshotRef) {
 		t.Fatalf("TransferDisk from a removed snapshot: %v, want an error naming %s", err, b.snap.SnapshotRef)
 	}
-	// No retry brings the snapshot back; today the error is retryable
-	// (see the report: errors.go does not map vsphere.ErrSnapshotNotFound).
-	logRetryable(t, "TransferDisk from a removed snapshot", err)
+	// No retry brings the snapshot back: the identity check before the
+	// source is opened fails it at once.
+	var app *temporal.ApplicationError
+	if !errors.As(err, &app) || app.Type() != activities.ErrTypeSnapshotGone || !app.NonRetryable() {
+		t.Errorf("TransferDisk from a removed snapshot: %v, want a non-retryable %s", err, activities.ErrTypeSnapshotGone)
+	}
 }
