@@ -148,11 +148,11 @@ func TestInterruptedWaitLeavesTheBackupRunning(t *testing.T) {
 		}
 
 		// The starter is gone; the backup is still held, and running.
-		desc, err := s.Client().DescribeWorkflowExecution(ctx, workflowID, "")
+		desc, err := s.Client().DescribeWorkflow(ctx, workflowID, "")
 		if err != nil {
 			t.Fatal(err)
 		}
-		if st := desc.WorkflowExecutionInfo.Status; st != enumspb.WORKFLOW_EXECUTION_STATUS_RUNNING {
+		if st := desc.Status; st != enumspb.WORKFLOW_EXECUTION_STATUS_RUNNING {
 			t.Fatalf("%s: after the starter exited, workflow %s is %s, want running", c.name, workflowID, st)
 		}
 		if !gates.Reached(c.point) {
