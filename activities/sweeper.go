@@ -75,6 +75,9 @@ func (a *Sweeper) FindOrphans(ctx context.Context, in FindOrphansInput) (*FindOr
 	now := time.Now()
 	res := &FindOrphansResult{}
 	failed := map[string]bool{}
+	// Two profiles of one vCenter list the same snapshots: each is an
+	// orphan once, by the vCenter's identity and its moref.
+	listed := map[string]bool{}
 	for _, profile := range a.Sessions.Names() {
 		c, err := a.Sessions.Client(ctx, profile)
 		if err != nil {
@@ -86,10 +89,15 @@ func (a *Sweeper) FindOrphans(ctx context.Context, in FindOrphansInput) (*FindOr
 		if err != nil {
 			return nil, permanent(err)
 		}
+		vcenter := c.InstanceUUID()
+		if vcenter == "" {
+			vcenter = "profile:" + profile // no identity of its own: the profile is all there is
+		}
 		for _, s := range snaps {
-			if now.Sub(s.Created) < minAge {
+			if now.Sub(s.Created) < minAge || listed[vcenter+"/"+s.Ref] {
 				continue
 			}
+			listed[vcenter+"/"+s.Ref] = true
 			id := strings.TrimPrefix(s.Name, SnapshotPrefix)
 			if repository.CheckComponent("backup ID", id) != nil {
 				continue // not a name cbtflow gives
