@@ -64,26 +64,29 @@ func (a *Catalog) BeginBackup(ctx context.Context, in BeginBackupInput) (*BeginB
 			ChangeID: l.ChangeID, Path: a.Repo.Resolve(l.Path)}
 		chain, err := a.Catalog.Chain(ctx, l.BackupID, l.Key)
 		prev.ChainLength = len(chain)
+		var broken *catalog.BrokenChainError
+		var damage *chainDamage
 		switch {
-		case errors.Is(err, catalog.ErrBrokenChain):
+		case errors.As(err, &broken):
 			// The catalog itself does not link (a row deleted by hand):
 			// no retry mends that, and no overlay may build on it.
-			top := chain[len(chain)-1]
-			prev.Damaged = err.Error()
-			res.Warnings = append(res.Warnings, a.damaged(ctx, l.Key, top.BackupID, err.Error()))
+			damage = &chainDamage{backupID: chain[len(chain)-1].BackupID, reason: broken.Reason}
 		case err != nil:
 			return nil, permanent(err)
 		case in.Mode == catalog.ModeFull:
 			// Nothing builds on the chain: no need to prove it.
 		default:
-			why, err := a.verifyChain(ctx, l.Key, chain)
+			if damage, err = a.verifyChain(ctx, l.Key, chain); err != nil {
+				return nil, err
+			}
+		}
+		if damage != nil {
+			warning, err := a.markDamaged(ctx, l.Key, damage)
 			if err != nil {
 				return nil, err
 			}
-			if why != "" {
-				prev.Damaged = why
-				res.Warnings = append(res.Warnings, why)
-			}
+			prev.Damaged = damage.reason
+			res.Warnings = append(res.Warnings, warning)
 		}
 		if prev.Damaged != "" {
 			activity.GetLogger(ctx).Warn("chain damaged: full backup of the disk", "vm", in.VMName, "disk", l.Key, "reason", prev.Damaged)
@@ -94,19 +97,27 @@ func (a *Catalog) BeginBackup(ctx context.Context, in BeginBackupInput) (*BeginB
 	return res, nil
 }
 
+// chainDamage is what made a chain unusable: the lowest restore point
+// found damaged (all above it build on it) and why.
+type chainDamage struct {
+	backupID string
+	reason   string
+	marked   bool // already marked in the catalog
+}
+
 // verifyChain proves a disk's chain (top first) unchanged since commit
 // before an overlay builds on it: cheaply, re-reading only images whose
-// file stamp changed (see internal/integrity). It returns why the chain is
-// damaged ("" when sound) after marking the damaged restore points in the
-// catalog. A missing disk folder is an error, not damage: it is what an
-// unmounted repository looks like, and marking every chain damaged then
-// would be wrong.
-func (a *Catalog) verifyChain(ctx context.Context, key int32, chain []catalog.ChainLink) (string, error) {
+// file stamp changed (see internal/integrity), and recording each stamp
+// proven by a re-read at once, so a retried attempt does not read that
+// image again. It returns the damage found, nil when the chain is sound. A
+// missing disk folder is an error, not damage: it is what an unmounted
+// repository looks like, and marking every chain damaged then would be
+// wrong.
+func (a *Catalog) verifyChain(ctx context.Context, key int32, chain []catalog.ChainLink) (*chainDamage, error) {
 	images := make([]integrity.Image, len(chain))
 	for i, link := range chain {
 		if link.Damaged != "" {
-			// Marked before: the chain stays damaged.
-			return fmt.Sprintf("disk %d: restore point %s is marked damaged (%s); full backup of this disk", key, link.BackupID, link.Damaged), nil
+			return &chainDamage{backupID: link.BackupID, reason: fmt.Sprintf("restore point %s is marked damaged: %s", link.BackupID, link.Damaged), marked: true}, nil
 		}
 		images[i] = integrity.Image{Path: a.Repo.Resolve(link.Path), Size: link.SizeBytes, SHA256: link.SHA256,
 			Stamp: integrity.Stamp(link.Stamp)}
@@ -114,46 +125,46 @@ func (a *Catalog) verifyChain(ctx context.Context, key int32, chain []catalog.Ch
 			images[i-1].Backing = images[i].Path
 		}
 	}
-	stop := heartbeatEvery(ctx, 10*time.Second, nil) // a changed stamp re-reads an image
-	sound, idx, err := integrity.CheckChain(ctx, images)
-	stop()
-	for _, s := range sound {
-		if s.Hashed {
-			// Proven by a full hash (e.g. a copied repository): record the
-			// new stamp so the next check is cheap again.
-			if err := a.Catalog.SetStamp(ctx, chain[s.Index].BackupID, key, catalog.FileStamp(s.Stamp)); err != nil {
-				return "", permanent(err)
-			}
+	beat := func() { activity.RecordHeartbeat(ctx) }
+	idx, err := integrity.CheckChain(ctx, images, beat, func(i int, out integrity.Outcome) error {
+		if !out.Hashed {
+			return nil
 		}
-	}
+		// Proven by a full re-read (e.g. a copied repository): record the
+		// new stamp so the next check is cheap again.
+		return a.Catalog.SetStamp(ctx, chain[i].BackupID, key, catalog.FileStamp(out.Stamp))
+	})
 	var d *integrity.Damage
 	switch {
 	case errors.As(err, &d):
-		return a.damaged(ctx, key, chain[idx].BackupID, d.Error()), nil
+		return &chainDamage{backupID: chain[idx].BackupID, reason: d.Error()}, nil
 	case errors.Is(err, integrity.ErrFolderMissing):
-		return "", temporal.NewNonRetryableApplicationError(fmt.Sprintf(
+		return nil, temporal.NewNonRetryableApplicationError(fmt.Sprintf(
 			"disk %d: %v: is the repository %s mounted? (a --full backup starts new chains if its restore points are gone for good)",
 			key, err, a.Repo.Root()), ErrTypeRepositoryUnavailable, err)
 	case err != nil:
-		return "", permanent(err)
+		return nil, permanent(err)
 	}
-	return "", nil
+	return nil, nil
 }
 
-// damaged marks a disk's restore point damaged, with every restore point
-// built on it, and returns the warning that says so.
-func (a *Catalog) damaged(ctx context.Context, key int32, backupID, reason string) string {
-	marked, err := a.Catalog.MarkDamaged(ctx, backupID, key, reason)
-	if err != nil {
-		// The backup goes on as a full one either way; the next one marks
-		// them.
-		activity.GetLogger(ctx).Error("marking restore points damaged", "backup", backupID, "disk", key, "error", err)
+// markDamaged marks the damaged restore point of a disk, with every one
+// built on it, and returns the warning that says so. A failure is
+// returned (and retried): a mark that is not written would never be
+// written, since the full backup that follows hides the chain.
+func (a *Catalog) markDamaged(ctx context.Context, key int32, d *chainDamage) (string, error) {
+	var marked []string
+	if !d.marked {
+		var err error
+		if marked, err = a.Catalog.MarkDamaged(ctx, d.backupID, key, d.reason); err != nil {
+			return "", permanent(err)
+		}
 	}
-	msg := fmt.Sprintf("disk %d: chain damaged: %s", key, reason)
+	msg := fmt.Sprintf("disk %d: chain damaged: %s", key, d.reason)
 	if len(marked) > 0 {
 		msg += "; restore points marked damaged: " + strings.Join(marked, ", ")
 	}
-	return msg + "; full backup of this disk"
+	return msg + "; full backup of this disk", nil
 }
 
 // CommitRestorePoint records every disk's new change ID, path, size and
@@ -180,12 +191,29 @@ func (a *Catalog) CommitRestorePoint(ctx context.Context, in CommitInput) error 
 		if err != nil {
 			return temporal.NewNonRetryableApplicationError(fmt.Sprintf("disk %d: %v", d.Key, err), ErrTypeInvalidInput, err)
 		}
-		// The stamp is taken after the transfer hashed the image, which
-		// nothing has written since: it stands for that SHA-256.
+		// The stamp stands for the SHA-256 only if it is the one the
+		// transfer saw while hashing: anything that wrote the image since
+		// (a stray attempt) would otherwise pass every later chain check.
+		if d.Stamp != nil && catalog.FileStamp(*d.Stamp) != catalog.FileStamp(stamp) {
+			return temporal.NewNonRetryableApplicationError(
+				fmt.Sprintf("disk %d: image %s was written after the transfer hashed it (stamp %+v, now %+v)", d.Key, d.Path, *d.Stamp, stamp),
+				ErrTypeInvalidInput, nil)
+		}
 		disks = append(disks, catalog.Disk{Key: d.Key, Capacity: d.Capacity, Mode: d.Mode, Path: rel,
 			BackingBackupID: d.BackingBackupID, ChangeIDFrom: d.ChangeIDFrom, ChangeID: d.ChangeID,
 			ChangedBytes: d.ChangedBytes, WrittenBytes: d.WrittenBytes, SizeBytes: d.SizeBytes, SHA256: d.SHA256, Note: d.Note,
 			Stamp: catalog.FileStamp(stamp)})
+	}
+	// A catalog that cannot serve (dropped, its tables gone) fails here,
+	// before anything says a commit may have happened.
+	if err := a.Catalog.Check(ctx); err != nil {
+		return permanent(err)
+	}
+	// From here on the commit may happen without this attempt hearing of
+	// it: the marker tells the failure path and the sweeper not to delete
+	// the images on a catalog's silence.
+	if err := a.markCommitting(in.BackupID); err != nil {
+		return permanent(err)
 	}
 	if err := a.Catalog.Commit(ctx, in.BackupID, disks); err != nil {
 		return permanent(err)
@@ -198,11 +226,45 @@ func (a *Catalog) CommitRestorePoint(ctx context.Context, in CommitInput) error 
 	return nil
 }
 
+// committingMarker, in a backup's staging folder, says that a commit of
+// the backup may have reached the catalog.
+const committingMarker = "committing"
+
+// markCommitting writes the committing marker durably.
+func (a *Catalog) markCommitting(backupID string) error {
+	dir, err := a.Repo.StagingDir(backupID)
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
+	f, err := os.OpenFile(filepath.Join(dir, committingMarker), os.O_CREATE|os.O_WRONLY, 0o600)
+	if err != nil {
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}
+
 // FailBackup marks a backup failed and deletes its partial images and
-// working files. A committed backup is never touched. When the catalog is
-// gone for good (dropped, or without cbtflow's tables) nothing can refer
-// to the backup's images any more, and a staging folder proves its commit
-// never completed: the images go too.
+// working files. A committed backup is never touched. When the catalog
+// cannot say (it does not know the backup, or cannot serve at all), the
+// images go only if no commit of the backup was ever attempted (no
+// committing marker): a commit that may have reached a catalog that is
+// only away for now must not lose its images. Those are kept, with a
+// warning, and a later sweep asks the catalog again.
 func (a *Catalog) FailBackup(ctx context.Context, in FailBackupInput) error {
 	defer heartbeatEvery(ctx, 10*time.Second, nil)()
 	err := a.Catalog.Fail(ctx, in.BackupID, in.Reason)
@@ -217,6 +279,11 @@ func (a *Catalog) FailBackup(ctx context.Context, in FailBackupInput) error {
 			return permanent(serr)
 		}
 		if _, serr := os.Lstat(staging); serr != nil {
+			return nil
+		}
+		if _, serr := os.Lstat(filepath.Join(staging, committingMarker)); serr == nil {
+			activity.GetLogger(ctx).Warn("the catalog cannot say whether this backup was committed, and a commit was attempted: its images are kept until it can",
+				"backup", in.BackupID, "catalog_error", err)
 			return nil
 		}
 		removed, rerr := a.removeImages(in.BackupID)

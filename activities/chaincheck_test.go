@@ -91,6 +91,10 @@ func TestBeginBackupFindsDamagedChains(t *testing.T) {
 			if len(r.Previous) != 1 || r.Previous[0].BackupID != "b3" || !strings.Contains(r.Previous[0].Damaged, tc.reason) {
 				t.Fatalf("previous %+v: want b3 with damage naming %q", r.Previous, tc.reason)
 			}
+			// The reason alone: the plan and the warning add their words.
+			if d := r.Previous[0].Damaged; strings.HasPrefix(d, "disk ") || strings.Contains(d, "full backup") || strings.Contains(d, "catalog: ") {
+				t.Errorf("damage reason %q is not a bare reason", d)
+			}
 			if len(r.Warnings) != 1 || !strings.Contains(r.Warnings[0], "full backup of this disk") || !strings.Contains(r.Warnings[0], "b3") {
 				t.Errorf("warnings %q: want one naming the damage, the points marked and the full backup", r.Warnings)
 			}
@@ -187,5 +191,60 @@ func TestCatalogWithoutTablesFailsAtOnce(t *testing.T) {
 	}
 	if _, err := os.Stat(staging); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("staging folder left: %v", err)
+	}
+}
+
+// A commit may have reached the catalog without the workflow hearing of it
+// (the worker died right after): when the catalog then cannot say, the
+// failure path keeps the images.
+func TestFailBackupKeepsImagesOfAPossiblyCommittedBackup(t *testing.T) {
+	c := newCatalogFixture(t)
+	c.begin(t, "b1", catVMUUID)
+	d := c.image(t, "b1", 2000, nil)
+	staging, err := c.repo.StagingDir("b1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.MkdirAll(staging, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(staging, "committing"), nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	conn, err := pgx.Connect(context.Background(), c.url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(context.Background())
+	// The catalog restored from a dump taken before the backup: it does
+	// not know it.
+	if _, err := conn.Exec(context.Background(), `DELETE FROM backups WHERE id = 'b1'`); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.fail(t, "b1", "the workflow did not hear back from its commit"); err != nil {
+		t.Fatalf("FailBackup: %v", err)
+	}
+	if _, err := os.Stat(d.Path); err != nil {
+		t.Errorf("the image of a backup that may be committed was removed: %v", err)
+	}
+	if _, err := os.Stat(staging); err != nil {
+		t.Errorf("the staging folder went, so no sweep would ask the catalog again: %v", err)
+	}
+}
+
+func TestCommitRefusesAnImageWrittenAfterItsHash(t *testing.T) {
+	c := newCatalogFixture(t)
+	c.begin(t, "b1", catVMUUID)
+	d := c.image(t, "b1", 2000, nil)
+	st := activities.FileStamp{Inode: 1, MtimeNs: 2, CtimeNs: 3} // not the file's
+	d.Stamp = &st
+	err := c.commit(t, "b1", d)
+	var app *temporal.ApplicationError
+	if !errors.As(err, &app) || !app.NonRetryable() || !strings.Contains(err.Error(), "written after the transfer hashed it") {
+		t.Fatalf("commit of an image whose stamp changed since its hash: %v, want a non-retryable refusal", err)
+	}
+	b, err := c.cat.Get(context.Background(), "b1")
+	if err != nil || b.Status != "running" {
+		t.Errorf("after the refusal the backup is %+v (%v), want running, uncommitted", b, err)
 	}
 }

@@ -2,11 +2,8 @@ package activities
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -17,6 +14,7 @@ import (
 	"go.temporal.io/sdk/temporal"
 
 	"github.com/cbtflow/cbtflow/internal/copier"
+	"github.com/cbtflow/cbtflow/internal/integrity"
 	"github.com/cbtflow/cbtflow/internal/qemu"
 	"github.com/cbtflow/cbtflow/internal/repository"
 	"github.com/cbtflow/cbtflow/internal/source"
@@ -178,11 +176,20 @@ func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*Tra
 	if !check.Clean() {
 		return nil, fmt.Errorf("disk %d: %s fails qemu-img check: %d corruptions, %d errors", in.Key, path, check.Corruptions, check.CheckErrors)
 	}
-	size, sum, err := hashFile(ctx, path, func() {
+	// The stamp before and after the hash proves that what was hashed is
+	// the file as it stays: the commit records this stamp with the hash.
+	_, before, err := integrity.StampOf(path)
+	if err != nil {
+		return nil, permanent(err)
+	}
+	size, sum, err := integrity.Hash(ctx, path, func() {
 		activity.RecordHeartbeat(ctx, TransferProgress{Path: path, ResumePoint: res.ResumePoint, Done: in.ChangedBytes, Total: in.ChangedBytes})
 	})
 	if err != nil {
 		return nil, permanent(err)
+	}
+	if _, after, err := integrity.StampOf(path); err != nil || after != before {
+		return nil, fmt.Errorf("disk %d: %s changed while it was hashed (%v)", in.Key, path, err)
 	}
 	// The copy read what the moref named when it began; if the snapshot
 	// vanished or the moref names another snapshot now, nothing proves
@@ -193,7 +200,7 @@ func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*Tra
 	log.Info("disk transferred", "disk", in.Key, "backup", in.BackupID, "mode", in.Mode,
 		"written", res.Written, "zeroed", res.Zeroed, "skipped", res.Skipped, "retried", res.Retried, "size", size)
 	return &TransferDiskResult{Path: path, ReadBytes: res.Read, WrittenBytes: res.Written + res.Zeroed,
-		SizeBytes: size, SHA256: sum, Seconds: time.Since(start).Seconds()}, nil
+		SizeBytes: size, SHA256: sum, Seconds: time.Since(start).Seconds(), Stamp: (*FileStamp)(&before)}, nil
 }
 
 func (a *Transfer) createImage(ctx context.Context, in TransferDiskInput, path string) error {
@@ -253,37 +260,4 @@ func (a *Transfer) progressSignaler(ctx context.Context, key int32) func(done, t
 		_ = a.Signals.SignalWorkflow(sctx, info.WorkflowExecution.ID, info.WorkflowExecution.RunID,
 			SignalTransferProgress, ProgressSignal{Key: key, Done: done, Total: total})
 	}
-}
-
-// hashFile returns the size and hex SHA-256 of a file, calling beat every
-// few seconds.
-func hashFile(ctx context.Context, path string, beat func()) (int64, string, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return 0, "", err
-	}
-	defer f.Close()
-	h := sha256.New()
-	buf := make([]byte, 1<<20)
-	var n int64
-	last := time.Now()
-	for {
-		if err := ctx.Err(); err != nil {
-			return 0, "", err
-		}
-		k, err := f.Read(buf)
-		h.Write(buf[:k])
-		n += int64(k)
-		if err == io.EOF {
-			break
-		}
-		if err != nil {
-			return 0, "", err
-		}
-		if time.Since(last) > 2*time.Second {
-			beat()
-			last = time.Now()
-		}
-	}
-	return n, hex.EncodeToString(h.Sum(nil)), nil
 }

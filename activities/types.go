@@ -183,6 +183,17 @@ type TransferDiskResult struct {
 	SizeBytes    int64   `json:"size_bytes"`    // the QCOW2 file's size
 	SHA256       string  `json:"sha256"`
 	Seconds      float64 `json:"seconds"`
+	// Stamp is the image file's identity while SHA256 was computed: the
+	// commit records it only if the file still has it.
+	Stamp *FileStamp `json:"stamp,omitempty"`
+}
+
+// FileStamp identifies a file's content cheaply (inode, mtime and ctime
+// in nanoseconds): any write changes it.
+type FileStamp struct {
+	Inode   int64 `json:"inode"`
+	MtimeNs int64 `json:"mtime_ns"`
+	CtimeNs int64 `json:"ctime_ns"`
 }
 
 // TransferProgress is the heartbeat detail of TransferDisk: the resume
@@ -208,6 +219,9 @@ type CommitDisk struct {
 	SizeBytes       int64  `json:"size_bytes"`
 	SHA256          string `json:"sha256"`
 	Note            string `json:"note,omitempty"`
+	// Stamp is the transfer's (TransferDiskResult.Stamp); nil in
+	// workflows started before it existed.
+	Stamp *FileStamp `json:"stamp,omitempty"`
 }
 
 // CommitInput makes a backup a restore point.

@@ -4,12 +4,12 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"path/filepath"
 	"text/tabwriter"
 	"time"
 
 	"github.com/cbtflow/cbtflow/internal/catalog"
 	"github.com/cbtflow/cbtflow/internal/config"
+	"github.com/cbtflow/cbtflow/internal/repository"
 )
 
 func init() {
@@ -86,11 +86,7 @@ func listCmd(ctx context.Context, e *env, args []string) error {
 		}
 		le.Restorable = b.Status == catalog.StatusCommitted
 		for _, d := range b.Disks {
-			path := d.Path
-			if !filepath.IsAbs(path) {
-				path = filepath.Join(repo, path)
-			}
-			le.Disks = append(le.Disks, listDisk{Key: d.Key, Mode: d.Mode, Path: path, SizeBytes: d.SizeBytes,
+			le.Disks = append(le.Disks, listDisk{Key: d.Key, Mode: d.Mode, Path: repository.ResolveUnder(repo, d.Path), SizeBytes: d.SizeBytes,
 				ChangeID: d.ChangeID, Damaged: d.Damaged})
 			if d.Damaged != "" {
 				le.Restorable = false

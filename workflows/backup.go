@@ -448,7 +448,7 @@ func (r *backupRun) backupDisk(ctx workflow.Context, p *diskPlan, sd activities.
 		SizeBytes: tr.SizeBytes, Path: tr.Path, ChangeID: sd.ChangeID, Seconds: tr.Seconds, Note: note}
 	c := activities.CommitDisk{Key: p.Key, Capacity: p.Capacity, Mode: p.Mode, Path: tr.Path,
 		BackingBackupID: p.BackingBackupID, ChangeIDFrom: p.FromChangeID, ChangeID: sd.ChangeID,
-		ChangedBytes: areas.ChangedBytes, WrittenBytes: tr.WrittenBytes, SizeBytes: tr.SizeBytes, SHA256: tr.SHA256, Note: note}
+		ChangedBytes: areas.ChangedBytes, WrittenBytes: tr.WrittenBytes, SizeBytes: tr.SizeBytes, SHA256: tr.SHA256, Note: note, Stamp: tr.Stamp}
 	return res, c, nil
 }
 

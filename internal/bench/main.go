@@ -222,7 +222,7 @@ func chainCheck(ctx context.Context, dir, src string, runs int, copySeconds floa
 		if err != nil {
 			return err
 		}
-		sum, err := integrity.HashFile(ctx, path)
+		_, sum, err := integrity.Hash(ctx, path, nil)
 		if err != nil {
 			return err
 		}
@@ -233,7 +233,7 @@ func chainCheck(ctx context.Context, dir, src string, runs int, copySeconds floa
 		var times []time.Duration
 		for i := 0; i < runs; i++ {
 			start := time.Now()
-			if _, idx, err := integrity.CheckChain(ctx, chain); err != nil || idx != -1 {
+			if idx, err := integrity.CheckChain(ctx, chain, nil, nil); err != nil || idx != -1 {
 				return 0, fmt.Errorf("chain check: %v (image %d)", err, idx)
 			}
 			times = append(times, time.Since(start))

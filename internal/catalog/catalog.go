@@ -18,6 +18,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -53,10 +54,28 @@ var ErrCommitted = errors.New("catalog: backup is committed")
 // ErrFailed is returned when an operation would revive a failed backup.
 var ErrFailed = errors.New("catalog: backup has failed")
 
-// ErrBrokenChain is wrapped by Chain's error when a restore point's chain
-// does not link: a restore point it builds on has no row for the disk, or
-// is not committed. Retrying changes nothing.
+// ErrBrokenChain is matched (errors.Is) by Chain's *BrokenChainError
+// when a restore point's chain does not link. Retrying changes nothing.
 var ErrBrokenChain = errors.New("catalog: chain does not link")
+
+// BrokenChainError says why a chain does not link: a restore point it
+// builds on does not exist, is not committed, has no row for the disk, or
+// the links loop.
+type BrokenChainError struct {
+	Reason string // a sentence, e.g. "restore point B, which C builds on, has no row for disk 204"
+}
+
+func (e *BrokenChainError) Error() string        { return "catalog: " + e.Reason }
+func (e *BrokenChainError) Is(target error) bool { return target == ErrBrokenChain }
+
+// Check proves the database holds cbtflow's catalog, cheaply: an error
+// for which Unusable is true means it does not (dropped, or its tables).
+func (c *Catalog) Check(ctx context.Context) error {
+	if _, err := c.pool.Exec(ctx, `SELECT 1 FROM backups, backup_disks WHERE false`); err != nil {
+		return fmt.Errorf("catalog: %w", err)
+	}
+	return nil
+}
 
 // Unusable reports whether err says the catalog database cannot serve
 // cbtflow and no retry will change that: the database does not exist, or
@@ -525,7 +544,7 @@ func (c *Catalog) Chain(ctx context.Context, backupID string, key int32) ([]Chai
 	seen := map[string]bool{}
 	for id := backupID; id != ""; {
 		if seen[id] {
-			return out, fmt.Errorf("catalog: chain of %s disk %d loops at %s: %w", backupID, key, id, ErrBrokenChain)
+			return out, &BrokenChainError{fmt.Sprintf("the chain of restore point %s disk %d loops at %s", backupID, key, id)}
 		}
 		seen[id] = true
 		var status string
@@ -535,7 +554,7 @@ func (c *Catalog) Chain(ctx context.Context, backupID string, key int32) ([]Chai
 			if len(out) == 0 {
 				return nil, fmt.Errorf("catalog: backup %s: %w", id, ErrNotFound)
 			}
-			return out, fmt.Errorf("catalog: backup %s, which %s builds on, does not exist: %w", id, out[len(out)-1].BackupID, ErrBrokenChain)
+			return out, &BrokenChainError{fmt.Sprintf("restore point %s, which %s builds on, does not exist", id, out[len(out)-1].BackupID)}
 		}
 		if err != nil {
 			return nil, fmt.Errorf("catalog: chain: %w", err)
@@ -544,7 +563,7 @@ func (c *Catalog) Chain(ctx context.Context, backupID string, key int32) ([]Chai
 			if len(out) == 0 {
 				return nil, fmt.Errorf("catalog: backup %s is %s, not a restore point", id, status)
 			}
-			return out, fmt.Errorf("catalog: backup %s, which %s builds on, is %s, not a restore point: %w", id, out[len(out)-1].BackupID, status, ErrBrokenChain)
+			return out, &BrokenChainError{fmt.Sprintf("backup %s, which %s builds on, is %s, not a restore point", id, out[len(out)-1].BackupID, status)}
 		}
 		err = scanDisk(c.pool.QueryRow(ctx, `SELECT `+diskColumns+` FROM backup_disks d
 			WHERE d.backup_id = $1 AND d.disk_key = $2`, id, key), nil, &link.Disk)
@@ -552,7 +571,7 @@ func (c *Catalog) Chain(ctx context.Context, backupID string, key int32) ([]Chai
 			if len(out) == 0 {
 				return nil, fmt.Errorf("catalog: backup %s has no disk %d: %w", id, key, ErrNotFound)
 			}
-			return out, fmt.Errorf("catalog: restore point %s, which %s builds on, has no row for disk %d: %w", id, out[len(out)-1].BackupID, key, ErrBrokenChain)
+			return out, &BrokenChainError{fmt.Sprintf("restore point %s, which %s builds on, has no row for disk %d", id, out[len(out)-1].BackupID, key)}
 		}
 		if err != nil {
 			return nil, fmt.Errorf("catalog: chain: %w", err)
@@ -581,40 +600,37 @@ func (c *Catalog) SetStamp(ctx context.Context, backupID string, key int32, st F
 // keeps its first reason. It returns the backup IDs it marked, oldest
 // first.
 func (c *Catalog) MarkDamaged(ctx context.Context, backupID string, key int32, reason string) ([]string, error) {
-	var marked []string
-	err := pgx.BeginFunc(ctx, c.pool, func(tx pgx.Tx) error {
-		rows, err := tx.Query(ctx, `WITH RECURSIVE dep(backup_id, depth) AS (
-				SELECT $1::text, 0
-				UNION
-				SELECT d.backup_id, dep.depth + 1 FROM backup_disks d JOIN dep ON d.backing_backup_id = dep.backup_id
-				WHERE d.disk_key = $2 AND dep.depth < 10000
-			)
-			SELECT backup_id FROM dep ORDER BY depth`, backupID, key)
-		if err != nil {
-			return err
-		}
-		ids, err := pgx.CollectRows(rows, pgx.RowTo[string])
-		if err != nil {
-			return err
-		}
-		for i, id := range ids {
-			why := reason
-			if i > 0 {
-				why = fmt.Sprintf("builds on damaged restore point %s: %s", backupID, reason)
-			}
-			tag, err := tx.Exec(ctx, `UPDATE backup_disks SET damaged = $3, damaged_at = now()
-				WHERE backup_id = $1 AND disk_key = $2 AND damaged = ''`, id, key, why)
-			if err != nil {
-				return err
-			}
-			if tag.RowsAffected() > 0 {
-				marked = append(marked, id)
-			}
-		}
-		return nil
+	// UNION (not UNION ALL) on the ID alone ends a loop of backing links.
+	rows, err := c.pool.Query(ctx, `WITH RECURSIVE dep(backup_id) AS (
+			SELECT $1::text
+			UNION
+			SELECT d.backup_id FROM backup_disks d JOIN dep ON d.backing_backup_id = dep.backup_id
+			WHERE d.disk_key = $2
+		)
+		UPDATE backup_disks d SET damaged = CASE WHEN d.backup_id = $1 THEN $3
+				ELSE 'builds on damaged restore point ' || $1 || ': ' || $3 END,
+			damaged_at = now()
+		FROM dep JOIN backups b ON b.id = dep.backup_id
+		WHERE d.backup_id = dep.backup_id AND d.disk_key = $2 AND d.damaged = ''
+		RETURNING d.backup_id, b.started_at`, backupID, key, reason)
+	if err != nil {
+		return nil, fmt.Errorf("catalog: mark %s disk %d damaged: %w", backupID, key, err)
+	}
+	type marked struct {
+		id      string
+		started time.Time
+	}
+	ms, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (marked, error) {
+		var m marked
+		return m, r.Scan(&m.id, &m.started)
 	})
 	if err != nil {
 		return nil, fmt.Errorf("catalog: mark %s disk %d damaged: %w", backupID, key, err)
 	}
-	return marked, nil
+	slices.SortFunc(ms, func(a, b marked) int { return a.started.Compare(b.started) })
+	ids := make([]string, len(ms))
+	for i, m := range ms {
+		ids[i] = m.id
+	}
+	return ids, nil
 }

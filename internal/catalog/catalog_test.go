@@ -304,8 +304,9 @@ func TestBrokenChain(t *testing.T) {
 	if !errors.Is(err, ErrBrokenChain) || len(chain) != 1 || chain[0].BackupID != "b3" {
 		t.Fatalf("chain %+v, %v: want b3 and ErrBrokenChain", chain, err)
 	}
-	if !strings.Contains(err.Error(), "b2") {
-		t.Errorf("the error names the missing restore point: %v", err)
+	var broken *BrokenChainError
+	if !errors.As(err, &broken) || broken.Reason != "restore point b2, which b3 builds on, has no row for disk 204" {
+		t.Errorf("the error says what does not link in a sentence: %v", err)
 	}
 	// The first link itself missing is not found, not broken.
 	if _, err := c.Chain(ctx, "b2", 204); !errors.Is(err, ErrNotFound) {
@@ -363,6 +364,9 @@ func TestMigrationMakesPathsRelative(t *testing.T) {
 func TestUnusable(t *testing.T) {
 	c, url := open(t)
 	ctx := context.Background()
+	if err := c.Check(ctx); err != nil {
+		t.Fatalf("Check of a sound catalog: %v", err)
+	}
 	conn, err := pgx.Connect(ctx, url)
 	if err != nil {
 		t.Fatal(err)
@@ -374,6 +378,9 @@ func TestUnusable(t *testing.T) {
 	_, err = c.LatestDisks(ctx, "lab", "u")
 	if err == nil || !Unusable(err) {
 		t.Fatalf("catalog without tables: %v, want Unusable", err)
+	}
+	if err := c.Check(ctx); err == nil || !Unusable(err) {
+		t.Fatalf("Check of a catalog without tables: %v, want Unusable", err)
 	}
 	// A database that does not exist is unusable too.
 	u := strings.Replace(url, "cbtflow_test_", "cbtflow_test_gone_", 1)

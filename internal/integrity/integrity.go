@@ -26,6 +26,7 @@ import (
 	"os"
 	"path/filepath"
 	"syscall"
+	"time"
 )
 
 // Stamp identifies a file's content cheaply (see the package comment).
@@ -89,8 +90,9 @@ type Outcome struct {
 
 // Check proves one image unchanged since it was recorded. A *Damage error
 // names what differs; other errors (I/O, a canceled ctx) say nothing
-// about the image.
-func Check(ctx context.Context, im Image) (Outcome, error) {
+// about the image. beat, when set, is called every few seconds while the
+// image is re-read.
+func Check(ctx context.Context, im Image, beat func()) (Outcome, error) {
 	fi, err := os.Stat(im.Path)
 	if errors.Is(err, os.ErrNotExist) {
 		if _, derr := os.Stat(filepath.Dir(im.Path)); errors.Is(derr, os.ErrNotExist) {
@@ -114,7 +116,7 @@ func Check(ctx context.Context, im Image) (Outcome, error) {
 	if st.known() && st == im.Stamp {
 		return Outcome{Stamp: st}, nil
 	}
-	sum, err := HashFile(ctx, im.Path)
+	_, sum, err := Hash(ctx, im.Path, beat)
 	if err != nil {
 		return Outcome{}, err
 	}
@@ -192,59 +194,70 @@ func BackingFile(path string) (string, error) {
 	}
 	name := make([]byte, n)
 	if _, err := f.ReadAt(name, int64(off)); err != nil {
-		return "", &Damage{path, fmt.Sprintf("backing file name unreadable: %v", err)}
+		if errors.Is(err, io.EOF) {
+			return "", &Damage{path, "its backing file name lies past the end of the file"}
+		}
+		return "", err // an I/O error says nothing about the image
 	}
 	return string(name), nil
 }
 
-// HashFile returns the hex SHA-256 of a file, stopping when ctx ends.
-func HashFile(ctx context.Context, path string) (string, error) {
+// Hash returns the size and hex SHA-256 of a file, stopping when ctx
+// ends; beat, when set, is called every few seconds (an activity's
+// heartbeat).
+func Hash(ctx context.Context, path string, beat func()) (int64, string, error) {
 	f, err := os.Open(path)
 	if err != nil {
-		return "", err
+		return 0, "", err
 	}
 	defer f.Close()
 	h := sha256.New()
 	buf := make([]byte, 1<<20)
+	var n int64
+	last := time.Now()
 	for {
 		if err := ctx.Err(); err != nil {
-			return "", err
+			return 0, "", err
 		}
 		k, err := f.Read(buf)
 		h.Write(buf[:k])
+		n += int64(k)
 		if err == io.EOF {
 			break
 		}
 		if err != nil {
-			return "", err
+			return 0, "", err
+		}
+		if beat != nil && time.Since(last) > 2*time.Second {
+			beat()
+			last = time.Now()
 		}
 	}
-	return hex.EncodeToString(h.Sum(nil)), nil
-}
-
-// Checked is one sound image of a chain, with what Check found.
-type Checked struct {
-	Index int
-	Outcome
+	return n, hex.EncodeToString(h.Sum(nil)), nil
 }
 
 // CheckChain checks a chain (given top first) from its full image up and
 // stops at the lowest damaged image: the *Damage error names it, and index
-// is its position; every image above it builds on it. The sound images
-// checked before it are returned (their stamps may need recording). A
-// non-Damage error leaves index -1.
-func CheckChain(ctx context.Context, chain []Image) (sound []Checked, index int, err error) {
+// is its position; every image above it builds on it. sound, when set, is
+// called for each image proven sound before the next is checked, so that
+// a stamp proven by a long re-read is recorded at once (and a retry does
+// not read it again); its error ends the check. A non-Damage error leaves
+// index -1.
+func CheckChain(ctx context.Context, chain []Image, beat func(), sound func(i int, out Outcome) error) (index int, err error) {
 	for i := len(chain) - 1; i >= 0; i-- {
-		im := chain[i]
-		out, err := Check(ctx, im)
+		out, err := Check(ctx, chain[i], beat)
 		if err != nil {
 			var d *Damage
 			if errors.As(err, &d) {
-				return sound, i, err
+				return i, err
 			}
-			return sound, -1, err
+			return -1, err
 		}
-		sound = append(sound, Checked{Index: i, Outcome: out})
+		if sound != nil {
+			if err := sound(i, out); err != nil {
+				return -1, err
+			}
+		}
 	}
-	return sound, -1, nil
+	return -1, nil
 }

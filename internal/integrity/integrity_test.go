@@ -35,7 +35,7 @@ func record(t *testing.T, path, backing string) Image {
 	if err != nil {
 		t.Fatal(err)
 	}
-	sum, err := HashFile(context.Background(), path)
+	_, sum, err := Hash(context.Background(), path, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -55,14 +55,16 @@ func wantDamage(t *testing.T, err error, path, reason string) {
 
 func TestUnchangedImagesAreNotReread(t *testing.T) {
 	_, full, top := chainOf(t)
-	sound, idx, err := CheckChain(context.Background(), []Image{top, full})
-	if err != nil || idx != -1 || len(sound) != 2 {
-		t.Fatalf("sound chain: %v %d %v", sound, idx, err)
-	}
-	for _, s := range sound {
-		if s.Hashed {
-			t.Errorf("image %d was re-read although its stamp is unchanged", s.Index)
+	var order []int
+	idx, err := CheckChain(context.Background(), []Image{top, full}, nil, func(i int, out Outcome) error {
+		order = append(order, i)
+		if out.Hashed {
+			t.Errorf("image %d was re-read although its stamp is unchanged", i)
 		}
+		return nil
+	})
+	if err != nil || idx != -1 || len(order) != 2 || order[0] != 1 {
+		t.Fatalf("sound chain: checked %v (want the full image first), %d %v", order, idx, err)
 	}
 }
 
@@ -76,19 +78,24 @@ func TestChangedStampRehashes(t *testing.T) {
 	}
 	im := full
 	im.Path = moved
-	out, err := Check(context.Background(), im)
+	out, err := Check(context.Background(), im, nil)
 	if err != nil || !out.Hashed || out.Stamp == full.Stamp {
 		t.Fatalf("copied image: %+v %v", out, err)
 	}
 	// With the new stamp recorded, the next check reads nothing.
 	im.Stamp = out.Stamp
-	if out, err := Check(context.Background(), im); err != nil || out.Hashed {
+	if out, err := Check(context.Background(), im, nil); err != nil || out.Hashed {
 		t.Fatalf("after recording the new stamp: %+v %v", out, err)
 	}
 	// An unknown stamp (a catalog from before stamps) hashes.
 	im.Stamp = Stamp{}
-	if out, err := Check(context.Background(), im); err != nil || !out.Hashed {
+	if out, err := Check(context.Background(), im, nil); err != nil || !out.Hashed {
 		t.Fatalf("unknown stamp: %+v %v", out, err)
+	}
+	// A sound callback's error ends the check.
+	stop := errors.New("stop")
+	if _, err := CheckChain(context.Background(), []Image{im}, nil, func(int, Outcome) error { return stop }); !errors.Is(err, stop) {
+		t.Errorf("CheckChain with a failing callback: %v", err)
 	}
 }
 
@@ -99,7 +106,7 @@ func TestDamage(t *testing.T) {
 		if err := os.Truncate(full.Path, full.Size/2); err != nil {
 			t.Fatal(err)
 		}
-		_, idx, err := CheckChain(ctx, []Image{top, full})
+		idx, err := CheckChain(ctx, []Image{top, full}, nil, nil)
 		wantDamage(t, err, full.Path, "bytes, ")
 		if idx != 1 {
 			t.Errorf("index %d, want 1 (the full image)", idx)
@@ -119,13 +126,13 @@ func TestDamage(t *testing.T) {
 		if err := os.Chtimes(full.Path, mt, mt); err != nil {
 			t.Fatal(err)
 		}
-		_, err = Check(ctx, full)
+		_, err = Check(ctx, full, nil)
 		wantDamage(t, err, full.Path, "SHA-256")
 	})
 	t.Run("missing", func(t *testing.T) {
 		_, full, top := chainOf(t)
 		os.Remove(full.Path)
-		_, idx, err := CheckChain(ctx, []Image{top, full})
+		idx, err := CheckChain(ctx, []Image{top, full}, nil, nil)
 		wantDamage(t, err, full.Path, "missing")
 		if idx != 1 {
 			t.Errorf("index %d", idx)
@@ -136,7 +143,7 @@ func TestDamage(t *testing.T) {
 		if err := os.RemoveAll(dir); err != nil {
 			t.Fatal(err)
 		}
-		_, err := Check(ctx, full)
+		_, err := Check(ctx, full, nil)
 		var d *Damage
 		if !errors.Is(err, ErrFolderMissing) || errors.As(err, &d) {
 			t.Fatalf("got %v, want ErrFolderMissing", err)
@@ -151,7 +158,7 @@ func TestDamage(t *testing.T) {
 		if out, err := exec.Command("qemu-img", "rebase", "-u", "-b", "other.qcow2", "-F", "qcow2", top.Path).CombinedOutput(); err != nil {
 			t.Fatalf("rebase: %v %s", err, out)
 		}
-		_, idx, err := CheckChain(ctx, []Image{top, full})
+		idx, err := CheckChain(ctx, []Image{top, full}, nil, nil)
 		wantDamage(t, err, top.Path, `backing file "other.qcow2"`)
 		if idx != 0 {
 			t.Errorf("index %d", idx)
@@ -161,7 +168,7 @@ func TestDamage(t *testing.T) {
 		_, full, top := chainOf(t)
 		im := top
 		im.Backing = ""
-		_, err := Check(ctx, im)
+		_, err := Check(ctx, im, nil)
 		wantDamage(t, err, top.Path, "recorded a full image")
 		_ = full
 	})
@@ -170,7 +177,7 @@ func TestDamage(t *testing.T) {
 		if err := os.WriteFile(full.Path, make([]byte, full.Size), 0o600); err != nil {
 			t.Fatal(err)
 		}
-		_, err := Check(ctx, full)
+		_, err := Check(ctx, full, nil)
 		wantDamage(t, err, full.Path, "not a QCOW2")
 	})
 	t.Run("a directory in its place", func(t *testing.T) {
@@ -179,7 +186,7 @@ func TestDamage(t *testing.T) {
 		if err := os.Mkdir(full.Path, 0o700); err != nil {
 			t.Fatal(err)
 		}
-		_, err := Check(ctx, full)
+		_, err := Check(ctx, full, nil)
 		wantDamage(t, err, full.Path, "not a regular file")
 	})
 }

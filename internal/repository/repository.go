@@ -138,9 +138,13 @@ func (r *Repository) Rel(path string) (string, error) {
 // Resolve turns a path the catalog recorded into an absolute one: a
 // relative path is taken from the root; an absolute one (catalogs from
 // before relative paths) is kept as it is.
-func (r *Repository) Resolve(path string) string {
+func (r *Repository) Resolve(path string) string { return ResolveUnder(r.root, path) }
+
+// ResolveUnder is Resolve for a repository root that need not be opened
+// (the CLI reading the catalog).
+func ResolveUnder(root, path string) string {
 	if filepath.IsAbs(path) {
 		return filepath.Clean(path)
 	}
-	return filepath.Join(r.root, path)
+	return filepath.Join(root, path)
 }

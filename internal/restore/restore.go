@@ -12,16 +12,15 @@ package restore
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 
 	"github.com/cbtflow/cbtflow/internal/catalog"
+	"github.com/cbtflow/cbtflow/internal/integrity"
 	"github.com/cbtflow/cbtflow/internal/qemu"
+	"github.com/cbtflow/cbtflow/internal/repository"
 )
 
 // ErrDamaged is wrapped by errors about a chain image that does not match
@@ -137,14 +136,10 @@ func Disk(ctx context.Context, cat *catalog.Catalog, o Options) (*Result, error)
 func resolve(root string, chain []catalog.ChainLink) ([]string, error) {
 	paths := make([]string, len(chain))
 	for i, link := range chain {
-		switch {
-		case filepath.IsAbs(link.Path):
-			paths[i] = filepath.Clean(link.Path)
-		case root == "":
+		if root == "" && !filepath.IsAbs(link.Path) {
 			return nil, fmt.Errorf("restore: the catalog records %s relative to the repository, and no repository was given", link.Path)
-		default:
-			paths[i] = filepath.Join(root, link.Path)
 		}
+		paths[i] = repository.ResolveUnder(root, link.Path)
 	}
 	return paths, nil
 }
@@ -164,11 +159,11 @@ func Verify(ctx context.Context, path string, size int64, sum string) error {
 	if fi.Size() != size {
 		return fmt.Errorf("restore: %w: %s is %d bytes, %d were recorded at commit", ErrDamaged, path, fi.Size(), size)
 	}
-	h := sha256.New()
-	if _, err := io.Copy(h, &ctxReader{ctx: ctx, r: f}); err != nil {
+	_, got, err := integrity.Hash(ctx, path, nil)
+	if err != nil {
 		return err
 	}
-	if got := hex.EncodeToString(h.Sum(nil)); got != sum {
+	if got != sum {
 		return fmt.Errorf("restore: %w: %s has SHA-256 %s, %s was recorded at commit", ErrDamaged, path, got, sum)
 	}
 	return nil
@@ -190,16 +185,4 @@ func syncFile(path string) error {
 		return err
 	}
 	return f.Close()
-}
-
-type ctxReader struct {
-	ctx context.Context
-	r   io.Reader
-}
-
-func (c *ctxReader) Read(p []byte) (int, error) {
-	if err := c.ctx.Err(); err != nil {
-		return 0, err
-	}
-	return c.r.Read(p)
 }
