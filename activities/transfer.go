@@ -145,6 +145,12 @@ func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*Tra
 	opts.Overlay = in.Mode == "incremental"
 	opts.ResumeFrom = resume.ResumePoint
 	sig := a.progressSignaler(ctx, in.Key)
+	if a.Hooks != nil && opts.ProgressInterval == 0 {
+		// Fault tests hold a transfer at about half its bytes: a fast
+		// copy of a few hundred MiB must report progress often enough to
+		// be seen there, not only at its start and end.
+		opts.ProgressInterval = 10 * time.Millisecond
+	}
 	halfway := false
 	opts.Progress = func(p copier.Progress) {
 		activity.RecordHeartbeat(ctx, TransferProgress{Path: path, ResumePoint: p.ResumePoint, Done: p.Done, Total: p.Total})
