@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
 	"slices"
@@ -51,7 +52,10 @@ func (a *Catalog) BeginBackup(ctx context.Context, in BeginBackupInput) (*BeginB
 	for _, k := range in.DiskKeys {
 		current[k] = true
 	}
-	for _, l := range latest {
+	// In disk key order: the catalog answers with a map, and the closed
+	// chains, the warnings and the log must not change order between runs.
+	for _, key := range slices.Sorted(maps.Keys(latest)) {
+		l := latest[key]
 		if in.DiskKeys != nil && !current[l.Key] {
 			if err := a.Catalog.CloseChain(ctx, in.Profile, in.VMUUID, l.Key, l.BackupID, "disk removed from the VM"); err != nil {
 				return nil, permanent(err)
