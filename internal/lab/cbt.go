@@ -491,8 +491,20 @@ func invalidArgument(prop, format string, args ...any) *soap.Fault {
 	return simulator.Fault(fmt.Sprintf(format, args...), &types.InvalidArgument{InvalidProperty: prop})
 }
 
+// systemError is how the lab reports its own failures (a disk it could not
+// freeze, an image it cannot read), as vCenter reports an internal error.
+// Never FileFault or InvalidArgument: vCenter answers those for a change ID
+// it refuses, and a client rightly reads them as a CBT reset and starts a
+// new chain, which would turn a lab failure into a full backup.
+func systemError(format string, args ...any) *soap.Fault {
+	msg := fmt.Sprintf(format, args...)
+	return simulator.Fault(msg, &types.SystemError{Reason: msg})
+}
+
 // queryChangedAreas implements QueryChangedDiskAreas for one snapshot's
-// disk. Called with the VM locked.
+// disk. The request is checked in full (faults a vCenter gives for a bad
+// argument or a refused change ID) before the lab's own state can fail it.
+// Called with the VM locked.
 func (l *Lab) queryChangedAreas(vm *simulator.VirtualMachine, req *types.QueryChangedDiskAreas) (*types.DiskChangeInfo, *soap.Fault) {
 	if req.Snapshot == nil {
 		return nil, invalidArgument("snapshot", "the lab answers QueryChangedDiskAreas only for a snapshot")
@@ -511,35 +523,40 @@ func (l *Lab) queryChangedAreas(vm *simulator.VirtualMachine, req *types.QueryCh
 		return nil, invalidArgument("startOffset", "start offset %d is outside the disk (capacity %d)", req.StartOffset, sd.capacity)
 	}
 	if sd.series == nil {
+		// What vCenter answers for a snapshot taken with CBT off.
 		return nil, simulator.Fault("change tracking was not enabled for the disk when the snapshot was taken",
 			&types.FileFault{File: sd.fileName})
 	}
+	gen := 0
+	if req.ChangeId != "*" {
+		id, g, ok := parseChangeID(req.ChangeId)
+		switch {
+		case !ok:
+			return nil, invalidArgument("changeId", "malformed change ID %q", req.ChangeId)
+		case id != sd.series.uuid:
+			return nil, invalidArgument("changeId", "change ID %q is not of this disk's change tracking (reset, other disk or other vCenter)", req.ChangeId)
+		case g > sd.gen:
+			return nil, invalidArgument("changeId", "change ID %q is newer than snapshot %s", req.ChangeId, rec.ref)
+		}
+		gen = g
+	}
 	if sd.img == nil {
-		return nil, simulator.Fault(fmt.Sprintf("snapshot disk image unavailable: %v", sd.err), &types.FileFault{File: sd.fileName})
+		return nil, systemError("lab: disk %d of snapshot %s was not frozen: %v", req.DeviceKey, rec.ref, sd.err)
 	}
 
 	var areas []Extent
 	if req.ChangeId == "*" {
 		f, err := os.Open(sd.img.path)
 		if err != nil {
-			return nil, simulator.Fault(err.Error(), &types.FileFault{File: sd.fileName})
+			return nil, systemError("lab: frozen image of disk %d of snapshot %s: %v", req.DeviceKey, rec.ref, err)
 		}
 		exts, err := dataExtents(f, sd.capacity)
 		f.Close()
 		if err != nil {
-			return nil, simulator.Fault(err.Error(), &types.FileFault{File: sd.fileName})
+			return nil, systemError("lab: allocated areas of disk %d of snapshot %s: %v", req.DeviceKey, rec.ref, err)
 		}
 		areas = alignExtents(exts, sd.capacity)
 	} else {
-		id, gen, ok := parseChangeID(req.ChangeId)
-		switch {
-		case !ok:
-			return nil, invalidArgument("changeId", "malformed change ID %q", req.ChangeId)
-		case id != sd.series.uuid:
-			return nil, invalidArgument("changeId", "change ID %q is not of this disk's change tracking (reset, other disk or other vCenter)", req.ChangeId)
-		case gen > sd.gen:
-			return nil, invalidArgument("changeId", "change ID %q is newer than snapshot %s", req.ChangeId, rec.ref)
-		}
 		sd.d.mu.Lock()
 		areas = unionExtents(sd.series.changes[gen:sd.gen]...)
 		sd.d.mu.Unlock()

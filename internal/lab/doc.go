@@ -11,6 +11,14 @@
 // returns. The frozen image of a snapshot's disk is what the worker's `lab`
 // disk source serves over NBD in place of VDDK.
 //
+// QueryChangedDiskAreas keeps vCenter's faults apart as vCenter does:
+// InvalidArgument for a bad argument or a refused change ID (malformed,
+// foreign, newer than the snapshot, of a series CBT ended), FileFault for a
+// snapshot taken with CBT off, NotFound for a snapshot that is gone, and
+// SystemError for the lab's own failures (a disk it could not freeze, a
+// frozen image it cannot read). A client reads the first two as a CBT reset
+// and starts a new chain; a SystemError is a failure, never a reset.
+//
 // # Configuration changes
 //
 // The inventory can change under a test, through the Go API, the lab
