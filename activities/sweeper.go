@@ -64,6 +64,10 @@ type FindOrphansResult struct {
 	// repository although no workflow runs them (e.g. their catalog was
 	// dropped mid-backup): FailBackup removes what they left.
 	Backups []string `json:"backups,omitempty"`
+	// Errors name each vCenter profile that could not be swept (not
+	// reachable, login refused, its snapshots not listed) and why. The
+	// others were swept all the same; the next sweep tries again.
+	Errors []string `json:"errors,omitempty"`
 }
 
 // FindOrphans lists cbtflow snapshots older than the minimum age whose
@@ -78,16 +82,26 @@ func (a *Sweeper) FindOrphans(ctx context.Context, in FindOrphansInput) (*FindOr
 	// Two profiles of one vCenter list the same snapshots: each is an
 	// orphan once, by the vCenter's identity and its moref.
 	listed := map[string]bool{}
+	// One vCenter that cannot be swept must not stop the sweep of the
+	// others: its failure is logged, named in the result, and the next
+	// sweep tries again. Only this activity's own end stops the loop.
+	skip := func(profile string, err error) {
+		activity.GetLogger(ctx).Warn("sweeper: vCenter not swept", "vcenter", profile, "error", err)
+		res.Errors = append(res.Errors, fmt.Sprintf("vCenter profile %q not swept: %v", profile, err))
+	}
 	for _, profile := range a.Sessions.Names() {
+		if err := ctx.Err(); err != nil {
+			return nil, err
+		}
 		c, err := a.Sessions.Client(ctx, profile)
 		if err != nil {
-			// One unreachable vCenter must not stop the sweep of the others.
-			activity.GetLogger(ctx).Warn("sweeper: vCenter unavailable", "vcenter", profile, "error", err)
+			skip(profile, err)
 			continue
 		}
 		snaps, err := c.Snapshots(ctx, SnapshotPrefix)
 		if err != nil {
-			return nil, permanent(err)
+			skip(profile, err)
+			continue
 		}
 		vcenter := c.InstanceUUID()
 		if vcenter == "" {

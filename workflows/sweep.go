@@ -28,7 +28,9 @@ type SweepInput struct {
 type SweepResult struct {
 	SnapshotsRemoved []string `json:"snapshots_removed,omitempty"` // snapshot names
 	BackupsFailed    []string `json:"backups_failed,omitempty"`
-	Errors           []string `json:"errors,omitempty"`
+	// Errors: what could not be swept (a vCenter, a snapshot, a backup),
+	// and why; the next sweep tries again.
+	Errors []string `json:"errors,omitempty"`
 }
 
 var sweeperActs *activities.Sweeper
@@ -51,7 +53,10 @@ func Sweep(ctx workflow.Context, in SweepInput) (*SweepResult, error) {
 		activities.FindOrphansInput{MinAgeSeconds: minAge}).Get(ctx, &orphans); err != nil {
 		return nil, err
 	}
-	res := &SweepResult{}
+	// vCenters the sweeper could not list were skipped, not the sweep:
+	// say which (absent from results recorded before they were reported,
+	// so no command changes and no version is needed).
+	res := &SweepResult{Errors: orphans.Errors}
 	for _, s := range orphans.Snapshots {
 		err := workflow.ExecuteActivity(withCleanupActivity(ctx), vsphereActs.RemoveSnapshot, activities.RemoveSnapshotInput{
 			Profile: s.Profile, VMRef: s.VMRef, SnapshotRef: s.SnapshotRef, SnapshotName: s.SnapshotName,

@@ -68,3 +68,35 @@ func TestSweepRemovesOrphans(t *testing.T) {
 		t.Errorf("result %+v", res)
 	}
 }
+
+// A vCenter the sweeper could not list is named in the sweep's result,
+// and the snapshots found on the others are still removed.
+func TestSweepReportsVCentersNotSwept(t *testing.T) {
+	var s testsuite.WorkflowTestSuite
+	env := s.NewTestWorkflowEnvironment()
+	env.RegisterWorkflow(Sweep)
+	env.RegisterActivity(&activities.Sweeper{})
+	env.RegisterActivity(&activities.VSphere{})
+	env.RegisterActivity(&activities.Catalog{})
+	const notSwept = `vCenter profile "vc2" not swept: vCenter unreachable`
+	env.OnActivity(sweeperActs.FindOrphans, mock.Anything, mock.Anything).Return(&activities.FindOrphansResult{
+		Snapshots: []activities.OrphanSnapshot{{Profile: "vc1", VMRef: "vm-1", SnapshotRef: "snapshot-1", SnapshotName: "cbtflow-b1", BackupID: "b1"}},
+		Errors:    []string{notSwept},
+	}, nil)
+	env.OnActivity(vsphereActs.RemoveSnapshot, mock.Anything, mock.Anything).Return(nil)
+	env.OnActivity(catalogActs.FailBackup, mock.Anything, mock.Anything).Return(nil)
+	env.ExecuteWorkflow(Sweep, SweepInput{})
+	if err := env.GetWorkflowError(); err != nil {
+		t.Fatal(err)
+	}
+	var res SweepResult
+	if err := env.GetWorkflowResult(&res); err != nil {
+		t.Fatal(err)
+	}
+	if len(res.Errors) != 1 || res.Errors[0] != notSwept {
+		t.Errorf("errors %q, want [%q]", res.Errors, notSwept)
+	}
+	if len(res.SnapshotsRemoved) != 1 || len(res.BackupsFailed) != 1 {
+		t.Errorf("result %+v, want snapshot-1 removed and b1 failed", res)
+	}
+}
