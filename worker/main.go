@@ -96,20 +96,13 @@ func run(log *slog.Logger, args []string) error {
 	}
 	defer c.Close()
 
-	w := worker.New(c, workflows.TaskQueue, worker.Options{
-		MaxConcurrentActivityExecutionSize: 4 * *parallel,
-	})
-	workflows.Register(w)
 	// Fault tests stop the worker at step boundaries; never set in production.
 	var hooks activities.Pauser
 	if dir := os.Getenv("CBTFLOW_TEST_PAUSE_DIR"); dir != "" {
 		hooks = activities.PauseDir(dir)
 		log.Warn("test pause hooks enabled", "dir", dir)
 	}
-	w.RegisterActivity(&activities.VSphere{Sessions: sessions, Repo: repo, Hooks: hooks})
-	w.RegisterActivity(&activities.Transfer{Sessions: sessions, Repo: repo, Signals: c, Hooks: hooks})
-	w.RegisterActivity(&activities.Catalog{Catalog: cat, Repo: repo, Hooks: hooks})
-	w.RegisterActivity(&activities.Sweeper{Sessions: sessions, Catalog: cat, Repo: repo, Workflows: c, Namespace: cfg.Namespace})
+	w := newWorker(c, deps{sessions: sessions, repo: repo, catalog: cat, namespace: cfg.Namespace, hooks: hooks}, *parallel)
 
 	log.Info("worker starting", "temporal", cfg.TemporalAddress, "namespace", cfg.Namespace,
 		"task_queue", workflows.TaskQueue, "repository", repoRoot, "profiles", len(profiles))
@@ -123,4 +116,28 @@ func run(log *slog.Logger, args []string) error {
 		return nil
 	}
 	return ctx.Err()
+}
+
+// deps are what the activities need, built by run from the configuration.
+type deps struct {
+	sessions  *vsphere.Sessions
+	repo      *repository.Repository
+	catalog   *catalog.Catalog
+	namespace string
+	hooks     activities.Pauser
+}
+
+// newWorker returns the worker of cbtflow's task queue with every workflow
+// and activity registered; tests build theirs here too, so what they
+// check is what the worker runs.
+func newWorker(c client.Client, d deps, maxTransfers int) worker.Worker {
+	w := worker.New(c, workflows.TaskQueue, worker.Options{
+		MaxConcurrentActivityExecutionSize: 4 * maxTransfers,
+	})
+	workflows.Register(w)
+	w.RegisterActivity(&activities.VSphere{Sessions: d.sessions, Repo: d.repo, Hooks: d.hooks})
+	w.RegisterActivity(&activities.Transfer{Sessions: d.sessions, Repo: d.repo, Signals: c, Hooks: d.hooks})
+	w.RegisterActivity(&activities.Catalog{Catalog: d.catalog, Repo: d.repo, Hooks: d.hooks})
+	w.RegisterActivity(&activities.Sweeper{Sessions: d.sessions, Catalog: d.catalog, Repo: d.repo, Workflows: c, Namespace: d.namespace})
+	return w
 }
