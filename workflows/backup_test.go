@@ -3,8 +3,10 @@ package workflows
 import (
 	"context"
 	"errors"
+	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -236,6 +238,51 @@ func TestBackupVMCBTResetFallsBackToFull(t *testing.T) {
 	}
 }
 
+// A query that fails for another reason than a refused change ID (here the
+// SystemError of a vCenter that failed internally, ErrTypeCBTQuery) fails
+// the backup: the disk does not fall back to a full backup, which only a
+// CBT reset justifies, and the stored change ID stays the one to resume from.
+func TestBackupVMCBTQueryFailureFailsBackup(t *testing.T) {
+	f := &fakeVM{previous: []activities.PreviousDisk{
+		{Key: 204, BackupID: "b0", Capacity: 1 << 30, ChangeID: "52 aa/1", Path: "/repo/204/b0.qcow2", ChainLength: 1},
+		{Key: 205, BackupID: "b0", Capacity: 2 << 30, ChangeID: "52 bb/1", Path: "/repo/205/b0.qcow2", ChainLength: 1},
+	}}
+	env := newEnv(t, f)
+	ok := f.changedAreas(nil)
+	env.OnActivity(vsphereActs.ChangedAreas, mock.Anything, mock.Anything).Return(
+		func(ctx context.Context, in activities.ChangedAreasInput) (*activities.ChangedAreasResult, error) {
+			if in.Key == 204 {
+				f.mu.Lock()
+				f.queries = append(f.queries, in)
+				f.mu.Unlock()
+				return nil, temporal.NewNonRetryableApplicationError("disk 204: changed areas since "+in.ChangeID+
+					": SystemError: lab: disk 204 of snapshot snapshot-1 was not frozen", activities.ErrTypeCBTQuery, nil)
+			}
+			return ok(ctx, in)
+		})
+	env.OnActivity(transferActs.TransferDisk, mock.Anything, mock.Anything).Return(f.transferOK)
+	env.ExecuteWorkflow(BackupVM, BackupVMInput{Profile: "lab", VMUUID: "uuid-0", BackupID: "b1"})
+	err := env.GetWorkflowError()
+	// The workflow wraps the disk's error ("disk 204: ..."): the
+	// activity's type is in the chain, not at its head.
+	if err == nil || !strings.Contains(err.Error(), "type: "+activities.ErrTypeCBTQuery) || !strings.Contains(err.Error(), "SystemError") {
+		t.Fatalf("error = %v, want the disk's failed query", err)
+	}
+	for _, q := range f.queries {
+		if q.Key == 204 && q.ChangeID != "52 aa/1" {
+			t.Errorf("disk 204 queried from %q after a failed query: a full backup of it began", q.ChangeID)
+		}
+	}
+	for _, tr := range f.transfers {
+		if tr.Key == 204 {
+			t.Errorf("disk 204 transferred after its query failed: %+v", tr)
+		}
+	}
+	if len(f.commits) != 0 || len(f.removed) != 1 || len(f.failed) != 1 {
+		t.Errorf("commits %+v, snapshot removals %+v, fails %+v", f.commits, f.removed, f.failed)
+	}
+}
+
 func TestBackupVMTransferFailsForGood(t *testing.T) {
 	f := &fakeVM{}
 	env := newEnv(t, f)
@@ -263,31 +310,42 @@ func TestBackupVMTransferFailsForGood(t *testing.T) {
 	}
 }
 
+// A cancel while the disks transfer: the transfers see their context
+// canceled, the snapshot is removed and the backup is marked failed,
+// nothing is committed.
 func TestBackupVMCanceledMidTransfer(t *testing.T) {
 	f := &fakeVM{}
 	env := newEnv(t, f)
 	env.OnActivity(vsphereActs.ChangedAreas, mock.Anything, mock.Anything).Return(f.changedAreas(nil))
-	started := make(chan struct{}, 2)
+	var started atomic.Int32
 	var once sync.Once
-	env.SetTestTimeout(30 * time.Second)
+	// notCanceled bounds the wait for the cancel: well under the test
+	// environment's timeout, so that a cancel that never arrives fails
+	// the test with a message instead of a panic.
+	const notCanceled = 10 * time.Second
+	env.SetTestTimeout(3 * notCanceled)
 	env.OnActivity(transferActs.TransferDisk, mock.Anything, mock.Anything).Return(
 		func(ctx context.Context, in activities.TransferDiskInput) (*activities.TransferDiskResult, error) {
-			started <- struct{}{}
-			// Cancel the workflow while this transfer runs.
-			once.Do(func() {
-				go func() {
-					time.Sleep(100 * time.Millisecond)
-					env.CancelWorkflow()
-				}()
-			})
+			started.Add(1)
+			// Cancel the workflow once a transfer runs: a callback of the
+			// test environment, registered now, so it can only fire while
+			// this transfer blocks below (the environment's clock does not
+			// skip ahead while an activity runs).
+			once.Do(func() { env.RegisterDelayedCallback(env.CancelWorkflow, 100*time.Millisecond) })
+			deadline := time.NewTimer(notCanceled)
+			defer deadline.Stop()
+			beat := time.NewTicker(200 * time.Millisecond)
+			defer beat.Stop()
 			for {
 				select {
 				case <-ctx.Done():
 					return nil, ctx.Err()
-				case <-time.After(200 * time.Millisecond):
+				case <-beat.C:
 					activity.RecordHeartbeat(ctx)
-				case <-time.After(20 * time.Second):
-					return nil, errors.New("not canceled")
+				case <-deadline.C:
+					// Non-retryable: a retry would only wait again.
+					return nil, temporal.NewNonRetryableApplicationError("transfer of disk "+strconv.Itoa(int(in.Key))+
+						" not canceled within "+notCanceled.String(), "NotCanceled", nil)
 				}
 			}
 		})
@@ -297,7 +355,7 @@ func TestBackupVMCanceledMidTransfer(t *testing.T) {
 	if !errors.As(err, &canceled) {
 		t.Fatalf("error = %v, want canceled", err)
 	}
-	if len(started) == 0 {
+	if started.Load() == 0 {
 		t.Error("no transfer started before the cancel")
 	}
 	if len(f.removed) != 1 {
