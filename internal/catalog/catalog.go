@@ -131,9 +131,6 @@ func redact(err error) error {
 // Close closes the connections.
 func (c *Catalog) Close() { c.pool.Close() }
 
-// Ping checks that the database answers.
-func (c *Catalog) Ping(ctx context.Context) error { return c.pool.Ping(ctx) }
-
 // migrationLock is the advisory lock key that serializes migrations of
 // concurrently starting workers.
 const migrationLock = 0x63627466 // "cbtf"
@@ -185,6 +182,12 @@ func (c *Catalog) migrate(ctx context.Context) error {
 }
 
 // Backup is one backup of a VM; a committed backup is a restore point.
+//
+// The backups table's snapshot column (migration 001) is neither written
+// nor read: a backup's snapshot is named cbtflow-<backup id>, so the sweeper
+// finds what a dead backup left on vCenter itself, also when the catalog
+// is lost. The column stays so that a worker of an older release, during
+// an upgrade, still finds it.
 type Backup struct {
 	ID         string
 	Profile    string // vCenter profile
@@ -194,7 +197,6 @@ type Backup struct {
 	Mode       string // requested mode: auto, full or incremental
 	WorkflowID string
 	RunID      string
-	Snapshot   string // snapshot moref, while the backup runs
 	Error      string
 	StartedAt  time.Time
 	FinishedAt time.Time // zero while running
@@ -248,9 +250,9 @@ func (c *Catalog) Begin(ctx context.Context, b Backup) error {
 		if err != nil {
 			return fmt.Errorf("catalog: begin %s: %w", b.ID, err)
 		}
-		tag, err := tx.Exec(ctx, `INSERT INTO backups (id, vm_id, status, mode, workflow_id, run_id, snapshot)
-			VALUES ($1, $2, 'running', $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING`,
-			b.ID, vmID, b.Mode, b.WorkflowID, b.RunID, b.Snapshot)
+		tag, err := tx.Exec(ctx, `INSERT INTO backups (id, vm_id, status, mode, workflow_id, run_id)
+			VALUES ($1, $2, 'running', $3, $4, $5) ON CONFLICT (id) DO NOTHING`,
+			b.ID, vmID, b.Mode, b.WorkflowID, b.RunID)
 		if err != nil {
 			return fmt.Errorf("catalog: begin %s: %w", b.ID, err)
 		}
@@ -268,16 +270,6 @@ func (c *Catalog) Begin(ctx context.Context, b Backup) error {
 		}
 		return nil
 	})
-}
-
-// SetSnapshot records the snapshot of a running backup, so a sweeper can
-// find it when the workflow dies without cleaning up.
-func (c *Catalog) SetSnapshot(ctx context.Context, backupID, snapshot string) error {
-	_, err := c.pool.Exec(ctx, `UPDATE backups SET snapshot = $2 WHERE id = $1 AND status = 'running'`, backupID, snapshot)
-	if err != nil {
-		return fmt.Errorf("catalog: set snapshot of %s: %w", backupID, err)
-	}
-	return nil
 }
 
 // Commit makes a running backup a restore point: it records every disk
@@ -460,12 +452,12 @@ func loadDisks(ctx context.Context, q querier, backupID string) ([]Disk, error) 
 }
 
 const backupColumns = `b.id, v.profile, v.instance_uuid, v.name, b.status, b.mode, b.workflow_id, b.run_id,
-	b.snapshot, b.error, b.started_at, b.finished_at`
+	b.error, b.started_at, b.finished_at`
 
 func scanBackup(row pgx.Row, b *Backup) error {
 	var finished *time.Time
 	if err := row.Scan(&b.ID, &b.Profile, &b.VMUUID, &b.VMName, &b.Status, &b.Mode, &b.WorkflowID, &b.RunID,
-		&b.Snapshot, &b.Error, &b.StartedAt, &finished); err != nil {
+		&b.Error, &b.StartedAt, &finished); err != nil {
 		return err
 	}
 	if finished != nil {
