@@ -12,7 +12,10 @@ const (
 	// ErrTypeCBTReset: the first query with a stored change ID was refused
 	// (InvalidArgument or FileFault): the disk needs a full backup.
 	ErrTypeCBTReset = "CBTReset"
-	// ErrTypeCBTQuery: a CBT query failed later in the paging.
+	// ErrTypeCBTQuery: a CBT query failed and no reset explains it: a
+	// fault later in the paging, a fault on "*", or any other fault (e.g.
+	// the SystemError of a vCenter that failed internally). The backup
+	// fails; it does not fall back to a full backup.
 	ErrTypeCBTQuery       = "CBTQueryFailed"
 	ErrTypeNoSpace        = "NoSpace"
 	ErrTypeReadOnly       = "ReadOnlyRepository"
