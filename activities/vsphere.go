@@ -39,6 +39,9 @@ func (a *VSphere) ResolveVM(ctx context.Context, in ResolveVMInput) (*ResolveVMR
 	if in.VM == "" {
 		return nil, temporal.NewNonRetryableApplicationError("no VM given", ErrTypeInvalidInput, nil)
 	}
+	// The connect and the inventory search may take seconds: heartbeats
+	// tell that from a dead worker (the workflow's HeartbeatTimeout).
+	defer heartbeatEvery(ctx, 10*time.Second, nil)()
 	c, err := a.client(ctx, in.Profile)
 	if err != nil {
 		return nil, err
@@ -52,6 +55,9 @@ func (a *VSphere) ResolveVM(ctx context.Context, in ResolveVMInput) (*ResolveVMR
 
 // PrepareVM reads the VM's disks and enables CBT when it is off.
 func (a *VSphere) PrepareVM(ctx context.Context, in PrepareVMInput) (*PrepareVMResult, error) {
+	// Enabling CBT is a reconfigure task that may take a while: heartbeats
+	// tell that from a dead worker.
+	defer heartbeatEvery(ctx, 10*time.Second, nil)()
 	c, err := a.client(ctx, in.Profile)
 	if err != nil {
 		return nil, err

@@ -564,11 +564,16 @@ func rootMessage(err error) string {
 // 1, 2, 4, 8 and 16 s), with the last attempt's error (an unreachable
 // vCenter: activities.ErrTypeUnreachable). The next run tries again.
 // Errors no retry can fix (unknown VM or profile, refused login) fail at
-// once.
+// once. Each attempt's connect is bounded by the vsphere package
+// (DefaultDialTimeout, DefaultConnectTimeout), so a vCenter that does not
+// answer ends the same way: in about a minute when nothing answers the
+// connection, about two when a server takes it and never replies. They
+// heartbeat, so a dead worker is noticed within 30 s here too.
 func withShortActivity(ctx workflow.Context) workflow.Context {
 	return workflow.WithActivityOptions(ctx, workflow.ActivityOptions{
 		StartToCloseTimeout:    time.Minute,
 		ScheduleToCloseTimeout: 10 * time.Minute,
+		HeartbeatTimeout:       30 * time.Second, // they heartbeat every 10 s
 		RetryPolicy: &temporal.RetryPolicy{InitialInterval: time.Second, MaximumInterval: 30 * time.Second,
 			MaximumAttempts: FirstContactAttempts},
 	})

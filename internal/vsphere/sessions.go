@@ -28,14 +28,37 @@ import (
 // sessions idle for 30 minutes by default.
 const DefaultKeepAlive = 5 * time.Minute
 
+// Bounds of a connect, so that a vCenter that does not answer fails as
+// ErrUnreachable within seconds rather than after the minutes a
+// black-holed address takes (TCP's own retries, a handshake nobody
+// answers). The first contact of a backup retries a connect 6 times, so
+// these set how long an operator waits for VCenterUnreachable: about a
+// minute at most (6 × 5 s plus about 30 s of backoff) when nothing
+// answers, about 30 s when the connection is refused.
+const (
+	// DefaultDialTimeout bounds the TCP connect and the TLS handshake,
+	// which take milliseconds on any network a vCenter is managed over.
+	DefaultDialTimeout = 5 * time.Second
+	// DefaultConnectTimeout bounds the whole connect: dial, handshake,
+	// the service content and the login, which a busy vCenter may take a
+	// few seconds to answer.
+	DefaultConnectTimeout = 15 * time.Second
+)
+
 // SessionOptions tune Sessions. The zero value gives the defaults.
 type SessionOptions struct {
 	// KeepAlive is the interval of the keep-alive call that also notices a
 	// session vCenter dropped and logs in again before the next real call
 	// needs it; DefaultKeepAlive when zero.
 	KeepAlive time.Duration
-	// DialTimeout bounds the TCP connect and TLS handshake; 30s when zero.
+	// DialTimeout bounds the TCP connect and TLS handshake;
+	// DefaultDialTimeout when zero.
 	DialTimeout time.Duration
+	// ConnectTimeout bounds a connect from the dial to the end of the
+	// login; DefaultConnectTimeout when zero. Calls after the connect are
+	// bounded by their callers' contexts only: some (a snapshot task)
+	// legitimately take long.
+	ConnectTimeout time.Duration
 }
 
 // Sessions keeps one logged-in session per vCenter profile, created on
@@ -74,7 +97,10 @@ func NewSessionsWithOptions(profiles map[string]Profile, log *slog.Logger, opts 
 		opts.KeepAlive = DefaultKeepAlive
 	}
 	if opts.DialTimeout <= 0 {
-		opts.DialTimeout = 30 * time.Second
+		opts.DialTimeout = DefaultDialTimeout
+	}
+	if opts.ConnectTimeout <= 0 {
+		opts.ConnectTimeout = DefaultConnectTimeout
 	}
 	ps := make(map[string]Profile, len(profiles))
 	for name, p := range profiles {
@@ -219,18 +245,29 @@ func connect(ctx context.Context, p Profile, log *slog.Logger, opts SessionOptio
 	tr.DialTLSContext = d.DialContext
 	tr.TLSHandshakeTimeout = opts.DialTimeout
 
-	vc, err := vim25.NewClient(ctx, sc)
+	// The connect has a deadline of its own, so that a server that takes
+	// the connection and never answers is unreachable, not a hang until
+	// the caller gives up; ctx still tells the caller's own end from it.
+	cctx, cancel := context.WithTimeout(ctx, opts.ConnectTimeout)
+	defer cancel()
+	noAnswer := func(err error) error {
+		if ctx.Err() == nil && cctx.Err() != nil {
+			return fmt.Errorf("vsphere: profile %q: %w: %s: no answer within %s", p.Name, ErrUnreachable, p.URL, opts.ConnectTimeout)
+		}
+		return err
+	}
+	vc, err := vim25.NewClient(cctx, sc)
 	if err != nil {
 		sc.CloseIdleConnections()
-		return nil, connError(ctx, p, err)
+		return nil, noAnswer(connError(ctx, p, err))
 	}
 	c := &Client{profile: p, log: log.With("vcenter", p.Name), vim: vc, sc: sc,
 		stop: make(chan struct{}), done: make(chan struct{})}
 	c.auth = &reauth{sc: sc, sm: *vc.ServiceContent.SessionManager, profile: p, log: c.log}
 	vc.RoundTripper = c.auth
-	if err := c.auth.login(ctx, "connect"); err != nil {
+	if err := c.auth.login(cctx, "connect"); err != nil {
 		sc.CloseIdleConnections()
-		return nil, err
+		return nil, noAnswer(err)
 	}
 	go c.keepAlive(opts.KeepAlive)
 	return c, nil
