@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"sync"
 	"time"
@@ -56,6 +57,89 @@ type Transfer struct {
 	Sources func(vsphere.Profile) (source.Opener, error)
 	// Hooks pauses at step boundaries in fault tests; nil in production.
 	Hooks Pauser
+	// Slots bounds the transfers that copy at once (the worker's
+	// --max-transfers); nil: no bound.
+	Slots *TransferSlots
+}
+
+// TransferSlots bounds how many TransferDisk calls of one worker process
+// copy at the same time. Temporal can only bound all of a worker's
+// activities together, and a transfer may not be refused once its task is
+// taken, so a transfer beyond the bound waits for a slot inside the
+// activity, first come first served, before it opens anything. While it
+// waits it heartbeats, so that its HeartbeatTimeout does not end it and a
+// cancel request reaches it (the server answers cancels in heartbeat
+// responses); its context ending stops the wait at once.
+type TransferSlots struct {
+	mu      sync.Mutex
+	free    int
+	waiters []chan struct{} // oldest first; closed when handed a slot
+}
+
+// NewTransferSlots returns n slots (at least 1).
+func NewTransferSlots(n int) *TransferSlots {
+	return &TransferSlots{free: max(n, 1)}
+}
+
+// acquire takes a slot, calling beat every interval while it waits. The
+// returned release gives it back; it must be called once.
+func (s *TransferSlots) acquire(ctx context.Context, interval time.Duration, beat func()) (release func(), err error) {
+	if s == nil {
+		return func() {}, nil
+	}
+	s.mu.Lock()
+	if s.free > 0 && len(s.waiters) == 0 {
+		s.free--
+		s.mu.Unlock()
+		return s.release, nil
+	}
+	turn := make(chan struct{})
+	s.waiters = append(s.waiters, turn)
+	s.mu.Unlock()
+
+	tick := time.NewTicker(interval)
+	defer tick.Stop()
+	for {
+		beat()
+		select {
+		case <-turn:
+			return s.release, nil
+		case <-ctx.Done():
+			s.mu.Lock()
+			if i := slices.Index(s.waiters, turn); i >= 0 {
+				s.waiters = slices.Delete(s.waiters, i, i+1)
+				s.mu.Unlock()
+				return nil, ctx.Err()
+			}
+			s.mu.Unlock()
+			// Handed a slot as the context ended: pass it on.
+			s.release()
+			return nil, ctx.Err()
+		case <-tick.C:
+		}
+	}
+}
+
+func (s *TransferSlots) release() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if len(s.waiters) > 0 {
+		close(s.waiters[0])
+		s.waiters = s.waiters[1:]
+		return
+	}
+	s.free++
+}
+
+// waitBeat is how often a transfer waiting for a slot heartbeats: well
+// within its HeartbeatTimeout (the SDK sends at most one heartbeat per
+// 0.8 × HeartbeatTimeout anyway), and every 10 s without one, so that a
+// cancel still reaches it.
+func waitBeat(ctx context.Context) time.Duration {
+	if hb := activity.GetInfo(ctx).HeartbeatTimeout; hb > 0 {
+		return min(max(hb/4, 50*time.Millisecond), 10*time.Second)
+	}
+	return 10 * time.Second
 }
 
 // TransferDisk copies a disk's changed areas from the snapshot into a new
@@ -89,6 +173,21 @@ func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*Tra
 			resume = TransferProgress{}
 		}
 	}
+	// Nothing is opened or written before the slot is ours. The wait
+	// heartbeats the resume point it was given, so a retry that waits
+	// keeps it.
+	waited := false
+	release, err := a.Slots.acquire(ctx, waitBeat(ctx), func() {
+		if !waited {
+			waited = true
+			log.Info("waiting for a transfer slot", "disk", in.Key, "backup", in.BackupID)
+		}
+		activity.RecordHeartbeat(ctx, resume)
+	})
+	if err != nil {
+		return nil, err
+	}
+	defer release()
 	if _, err := os.Stat(path); err != nil {
 		resume = TransferProgress{}
 	}

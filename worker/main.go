@@ -42,9 +42,12 @@ func run(log *slog.Logger, args []string) error {
 	var cfg config.Config
 	fs := flag.NewFlagSet("worker", flag.ContinueOnError)
 	cfg.Register(fs)
-	parallel := fs.Int("max-transfers", 4, "disk transfers this worker runs at once")
+	parallel := fs.Int("max-transfers", 4, "disk transfers (TransferDisk) this worker process copies at once; more wait, heartbeating, for a free slot; other activities are not limited by it")
 	if err := fs.Parse(args); err != nil {
 		return err
+	}
+	if *parallel < 1 {
+		return fmt.Errorf("--max-transfers %d: at least 1", *parallel)
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
@@ -131,12 +134,16 @@ type deps struct {
 // and activity registered; tests build theirs here too, so what they
 // check is what the worker runs.
 func newWorker(c client.Client, d deps, maxTransfers int) worker.Worker {
-	w := worker.New(c, workflows.TaskQueue, worker.Options{
-		MaxConcurrentActivityExecutionSize: 4 * maxTransfers,
-	})
+	// Temporal bounds only all of a worker's activities together, so the
+	// transfers are bounded by their own slots, and the worker's limit
+	// stays the SDK's default (1000): a transfer waiting for a slot holds
+	// an activity slot, and snapshot, catalog and cleanup steps must still
+	// find one. Each backup transfers at most two disks at a time.
+	w := worker.New(c, workflows.TaskQueue, worker.Options{})
 	workflows.Register(w)
 	w.RegisterActivity(&activities.VSphere{Sessions: d.sessions, Repo: d.repo, Hooks: d.hooks})
-	w.RegisterActivity(&activities.Transfer{Sessions: d.sessions, Repo: d.repo, Signals: c, Hooks: d.hooks})
+	w.RegisterActivity(&activities.Transfer{Sessions: d.sessions, Repo: d.repo, Signals: c, Hooks: d.hooks,
+		Slots: activities.NewTransferSlots(maxTransfers)})
 	w.RegisterActivity(&activities.Catalog{Catalog: d.catalog, Repo: d.repo, Hooks: d.hooks})
 	w.RegisterActivity(&activities.Sweeper{Sessions: d.sessions, Catalog: d.catalog, Repo: d.repo, Workflows: c, Namespace: d.namespace})
 	return w
