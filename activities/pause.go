@@ -14,6 +14,7 @@ import (
 const (
 	PauseAfterSnapshot        = "after-snapshot" // snapshot taken, activity not yet completed
 	PauseMidTransfer          = "mid-transfer"   // about half of a disk's bytes copied
+	PauseBeforeCheck          = "before-check"   // a disk's image copied and closed, qemu-img check not yet run
 	PauseBeforeCommit         = "before-commit"  // every transfer done, nothing committed
 	PauseAfterCommit          = "after-commit"   // committed, activity not yet completed
 	PauseBeforeRemoveSnapshot = "before-remove-snapshot"

@@ -274,6 +274,7 @@ func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*Tra
 	}
 	_ = src.Close()
 
+	pause(a.Hooks, ctx, PauseBeforeCheck)
 	check, err := qemu.Check(ctx, path)
 	if err != nil {
 		return nil, permanent(err)
