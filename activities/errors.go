@@ -40,7 +40,7 @@ func permanent(err error) error {
 
 func permanentType(err error) string {
 	switch {
-	case errors.Is(err, vsphere.ErrProfileNotFound):
+	case errors.Is(err, vsphere.ErrProfileNotFound), errors.Is(err, vsphere.ErrNoDefaultProfile):
 		return ErrTypeProfileNotFound
 	case errors.Is(err, vsphere.ErrVMNotFound):
 		return ErrTypeVMNotFound

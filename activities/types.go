@@ -39,12 +39,17 @@ const (
 
 // ResolveVMInput names a VM: by name, inventory path or moref.
 type ResolveVMInput struct {
+	// Profile is the vCenter profile; empty: the worker's default
+	// (CBTFLOW_PROFILE, or the only profile configured).
 	Profile string `json:"profile"`
 	VM      string `json:"vm"`
 }
 
 // ResolveVMResult identifies the VM for good.
 type ResolveVMResult struct {
+	// Profile is the profile the VM was found under: the input's, or the
+	// worker's default when the input named none. The backup uses it from
+	// then on.
 	Profile string `json:"profile"`
 	VMRef   string `json:"vm_ref"`
 	VMUUID  string `json:"vm_uuid"`

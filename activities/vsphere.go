@@ -34,15 +34,25 @@ func (a *VSphere) client(ctx context.Context, profile string) (*vsphere.Client, 
 }
 
 // ResolveVM finds a VM by name, inventory path or moref, and says which
-// vCenter holds it (by instance UUID, whatever the profile's name).
+// vCenter holds it (by instance UUID, whatever the profile's name). With
+// no profile given it uses the worker's default (vsphere.Sessions.
+// DefaultProfile: configuration a workflow cannot read) and returns it,
+// so that the backup keeps it from then on.
 func (a *VSphere) ResolveVM(ctx context.Context, in ResolveVMInput) (*ResolveVMResult, error) {
 	if in.VM == "" {
 		return nil, temporal.NewNonRetryableApplicationError("no VM given", ErrTypeInvalidInput, nil)
 	}
+	profile := in.Profile
+	if profile == "" {
+		var err error
+		if profile, err = a.Sessions.DefaultProfile(); err != nil {
+			return nil, permanent(err)
+		}
+	}
 	// The connect and the inventory search may take seconds: heartbeats
 	// tell that from a dead worker (the workflow's HeartbeatTimeout).
 	defer heartbeatEvery(ctx, 10*time.Second, nil)()
-	c, err := a.client(ctx, in.Profile)
+	c, err := a.client(ctx, profile)
 	if err != nil {
 		return nil, err
 	}
@@ -50,7 +60,7 @@ func (a *VSphere) ResolveVM(ctx context.Context, in ResolveVMInput) (*ResolveVMR
 	if err != nil {
 		return nil, permanent(err)
 	}
-	return &ResolveVMResult{Profile: in.Profile, VMRef: vm.Ref, VMUUID: vm.UUID, VMName: vm.Name, VCenterUUID: c.InstanceUUID()}, nil
+	return &ResolveVMResult{Profile: profile, VMRef: vm.Ref, VMUUID: vm.UUID, VMName: vm.Name, VCenterUUID: c.InstanceUUID()}, nil
 }
 
 // PrepareVM reads the VM's disks and enables CBT when it is off.

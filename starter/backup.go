@@ -70,7 +70,7 @@ func backupCmd(ctx context.Context, e *env, args []string) error {
 	fs := newFlags(e, "backup")
 	var cfg config.Config
 	cfg.Register(fs)
-	profile := fs.String("profile", config.Env("CBTFLOW_PROFILE", workflows.DefaultProfile), "vCenter `profile` (CBTFLOW_PROFILE)")
+	profile := fs.String("profile", config.Env("CBTFLOW_PROFILE", ""), profileUsage)
 	mode := fs.String("mode", workflows.ModeAuto, "auto, full or incremental")
 	full := fs.Bool("full", false, "same as --mode full")
 	wait := fs.Bool("wait", false, "wait for the backup to end; exit 0 only when it completed (Ctrl-C stops the waiting, not the backup: exit 4)")
@@ -105,7 +105,10 @@ func backupCmd(ctx context.Context, e *env, args []string) error {
 	}
 	defer c.Close()
 
-	startID := "start-backup/" + *profile + "/" + randomID()
+	startID := "start-backup/" + randomID()
+	if *profile != "" {
+		startID = "start-backup/" + *profile + "/" + randomID()
+	}
 	run, err := c.ExecuteWorkflow(ctx, client.StartWorkflowOptions{
 		ID:        startID,
 		TaskQueue: workflows.TaskQueue,

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -33,9 +34,13 @@ func init() {
 	}
 }
 
+// profileUsage is the help of every --profile flag.
+const profileUsage = "vCenter `profile` (CBTFLOW_PROFILE); empty: the worker's default (its CBTFLOW_PROFILE, or its only profile)"
+
 // backupScheduleID is the schedule ID of a VM's backups. Temporal IDs take
 // any string; the VM is named as the operator named it, resolved at each
-// run by the Backup workflow.
+// run by the Backup workflow. Without a profile (the worker's default at
+// each run) the ID is backup-/VM: profile names never start with '/'.
 func backupScheduleID(profile, vm string) string {
 	return backupSchedulePrefix + profile + "/" + vm
 }
@@ -44,7 +49,7 @@ func scheduleAdd(ctx context.Context, e *env, args []string) error {
 	fs := newFlags(e, "schedule add")
 	var cfg config.Config
 	cfg.Register(fs)
-	profile := fs.String("profile", config.Env("CBTFLOW_PROFILE", workflows.DefaultProfile), "vCenter `profile` (CBTFLOW_PROFILE)")
+	profile := fs.String("profile", config.Env("CBTFLOW_PROFILE", ""), profileUsage)
 	every := fs.Duration("every", 24*time.Hour, "interval between backups")
 	offset := fs.Duration("offset", 0, "offset of the runs within the interval (e.g. 2h with --every 24h: 02:00 UTC)")
 	mode := fs.String("mode", workflows.ModeAuto, "auto or full")
@@ -79,7 +84,7 @@ func scheduleAdd(ctx context.Context, e *env, args []string) error {
 		// A backup still running when the next is due: skip the new one.
 		// One VM never has two backups at once anyway (its workflow ID).
 		Overlap: enumspb.SCHEDULE_OVERLAP_POLICY_SKIP,
-		Note:    fmt.Sprintf("cbtflow: back up VM %s (profile %s) every %s", pos[0], *profile, *every),
+		Note:    fmt.Sprintf("cbtflow: back up VM %s (profile %s) every %s", pos[0], cmp.Or(*profile, "the worker's default"), *every),
 	})
 	if err != nil {
 		return fmt.Errorf("schedule add: %s: %w", id, err)
@@ -142,7 +147,7 @@ func scheduleList(ctx context.Context, e *env, args []string) error {
 		if !en.Next.IsZero() {
 			next = en.Next.Format(time.RFC3339)
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%v\t%s\n", en.ID, en.VM, en.Profile, en.Paused, next)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%v\t%s\n", en.ID, en.VM, cmp.Or(en.Profile, "(default)"), en.Paused, next)
 	}
 	return tw.Flush()
 }
@@ -151,7 +156,7 @@ func scheduleDelete(ctx context.Context, e *env, args []string) error {
 	fs := newFlags(e, "schedule delete")
 	var cfg config.Config
 	cfg.Register(fs)
-	profile := fs.String("profile", config.Env("CBTFLOW_PROFILE", workflows.DefaultProfile), "vCenter `profile` (CBTFLOW_PROFILE)")
+	profile := fs.String("profile", config.Env("CBTFLOW_PROFILE", ""), profileUsage)
 	pos, err := parseInterleaved(fs, args)
 	if err != nil {
 		return usageError{err}

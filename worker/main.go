@@ -43,6 +43,8 @@ func run(log *slog.Logger, args []string) error {
 	fs := flag.NewFlagSet("worker", flag.ContinueOnError)
 	cfg.Register(fs)
 	parallel := fs.Int("max-transfers", 4, "disk transfers (TransferDisk) this worker process copies at once; more wait, heartbeating, for a free slot; other activities are not limited by it")
+	defaultProfile := fs.String("profile", config.Env("CBTFLOW_PROFILE", ""),
+		"vCenter `profile` of a backup that names none (CBTFLOW_PROFILE); empty: the only profile of the profiles file")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -64,12 +66,22 @@ func run(log *slog.Logger, args []string) error {
 	if err != nil {
 		return err
 	}
-	sessions := vsphere.NewSessions(profiles, log)
+	sessions := vsphere.NewSessionsWithOptions(profiles, log, vsphere.SessionOptions{DefaultProfile: *defaultProfile})
 	defer func() {
 		cctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
 		_ = sessions.Close(cctx)
 	}()
+	// A default that names no configured profile is a mistake to report
+	// now. Several profiles and no default is a valid set-up: then every
+	// backup names its profile, and one that does not fails at once.
+	def, err := sessions.DefaultProfile()
+	switch {
+	case err != nil && *defaultProfile != "":
+		return err
+	case err != nil:
+		log.Warn("no default vCenter profile: a backup must name its profile", "reason", err)
+	}
 
 	octx, cancel := context.WithTimeout(ctx, time.Minute)
 	cat, err := catalog.Open(octx, cfg.DatabaseURL)
@@ -108,7 +120,7 @@ func run(log *slog.Logger, args []string) error {
 	w := newWorker(c, deps{sessions: sessions, repo: repo, catalog: cat, namespace: cfg.Namespace, hooks: hooks}, *parallel)
 
 	log.Info("worker starting", "temporal", cfg.TemporalAddress, "namespace", cfg.Namespace,
-		"task_queue", workflows.TaskQueue, "repository", repoRoot, "profiles", len(profiles))
+		"task_queue", workflows.TaskQueue, "repository", repoRoot, "profiles", len(profiles), "default_profile", def)
 	if err := w.Start(); err != nil {
 		return err
 	}

@@ -27,9 +27,11 @@ const SignalTransferProgress = "transfer-progress"
 // BackupInput is what operators, the Web UI and schedules start: a VM named
 // by name, inventory path or moref, e.g. {"vm": "DC0_H0_VM0"}.
 type BackupInput struct {
-	VM      string `json:"vm"`
-	Profile string `json:"profile,omitempty"` // vCenter profile; DefaultProfile when empty
-	Mode    string `json:"mode,omitempty"`    // auto (default), full or incremental
+	VM string `json:"vm"`
+	// Profile is the vCenter profile; when empty, the worker's default
+	// (its CBTFLOW_PROFILE, or its only profile), which ResolveVM picks.
+	Profile string `json:"profile,omitempty"`
+	Mode    string `json:"mode,omitempty"` // auto (default), full or incremental
 	// Detach returns as soon as the VM's backup has started, instead of
 	// waiting for it to end.
 	Detach bool `json:"detach,omitempty"`
@@ -38,12 +40,15 @@ type BackupInput struct {
 // BackupResult says which per-VM backup ran, and its result unless
 // detached.
 type BackupResult struct {
-	WorkflowID string          `json:"workflow_id"`
-	RunID      string          `json:"run_id"`
-	BackupID   string          `json:"backup_id"`
-	VM         string          `json:"vm"`
-	VMUUID     string          `json:"vm_uuid"`
-	Result     *BackupVMResult `json:"result,omitempty"`
+	WorkflowID string `json:"workflow_id"`
+	RunID      string `json:"run_id"`
+	BackupID   string `json:"backup_id"`
+	VM         string `json:"vm"`
+	VMUUID     string `json:"vm_uuid"`
+	// Profile is the vCenter profile the backup runs under: the input's,
+	// or the worker's default.
+	Profile string          `json:"profile,omitempty"`
+	Result  *BackupVMResult `json:"result,omitempty"`
 }
 
 // AlreadyRunningDetails are the details of an ErrTypeAlreadyRunning error.
@@ -138,19 +143,23 @@ func Backup(ctx workflow.Context, in BackupInput) (*BackupResult, error) {
 	if strings.TrimSpace(in.VM) == "" {
 		return nil, invalid("no VM given")
 	}
-	if in.Profile == "" {
-		in.Profile = DefaultProfile
-	}
 	if in.Mode == "" {
 		in.Mode = ModeAuto
 	}
 	if err := checkMode(in.Mode); err != nil {
 		return nil, err
 	}
+	// A profile left empty is the worker's to choose: configuration, which
+	// a workflow cannot read. ResolveVM picks it and says which, and the
+	// backup keeps that one. (Runs recorded before asked ResolveVM with a
+	// profile always, and got it back: they replay the same.)
 	var vm activities.ResolveVMResult
 	if err := workflow.ExecuteActivity(withShortActivity(ctx), vsphereActs.ResolveVM,
 		activities.ResolveVMInput{Profile: in.Profile, VM: in.VM}).Get(ctx, &vm); err != nil {
 		return nil, err
+	}
+	if vm.Profile != "" {
+		in.Profile = vm.Profile
 	}
 	backupID := newBackupID(ctx)
 	// Runs recorded before the child's ID named the vCenter by its
@@ -183,7 +192,7 @@ func Backup(ctx workflow.Context, in BackupInput) (*BackupResult, error) {
 		}
 		return nil, err
 	}
-	res := &BackupResult{WorkflowID: exec.ID, RunID: exec.RunID, BackupID: backupID, VM: vm.VMName, VMUUID: vm.VMUUID}
+	res := &BackupResult{WorkflowID: exec.ID, RunID: exec.RunID, BackupID: backupID, VM: vm.VMName, VMUUID: vm.VMUUID, Profile: in.Profile}
 	if in.Detach {
 		return res, nil
 	}

@@ -38,6 +38,10 @@ type fakeVM struct {
 	vcenterUUID string
 }
 
+// workerDefaultProfile is the profile the fake ResolveVM uses when the
+// input names none, as a worker uses its configured default.
+const workerDefaultProfile = "lab"
+
 func newEnv(t *testing.T, f *fakeVM) *testsuite.TestWorkflowEnvironment {
 	var s testsuite.WorkflowTestSuite
 	env := s.NewTestWorkflowEnvironment()
@@ -52,7 +56,11 @@ func newEnv(t *testing.T, f *fakeVM) *testsuite.TestWorkflowEnvironment {
 			if in.VM != "vm0" && in.VM != "vm-62" {
 				return nil, temporal.NewNonRetryableApplicationError("VM "+in.VM+" not found", activities.ErrTypeVMNotFound, nil)
 			}
-			return &activities.ResolveVMResult{Profile: in.Profile, VMRef: "vm-62", VMUUID: "uuid-0", VMName: "vm0", VCenterUUID: f.vcenterUUID}, nil
+			profile := in.Profile
+			if profile == "" {
+				profile = workerDefaultProfile
+			}
+			return &activities.ResolveVMResult{Profile: profile, VMRef: "vm-62", VMUUID: "uuid-0", VMName: "vm0", VCenterUUID: f.vcenterUUID}, nil
 		}).Maybe()
 	env.OnActivity(vsphereActs.PrepareVM, mock.Anything, mock.Anything).Return(
 		func(context.Context, activities.PrepareVMInput) (*activities.PrepareVMResult, error) {
@@ -439,7 +447,7 @@ func TestBackupStartsChildUnderVMWorkflowID(t *testing.T) {
 			// profile's.
 			profile := c.profile
 			if profile == "" {
-				profile = DefaultProfile
+				profile = workerDefaultProfile
 			}
 			if len(f.begun) != 1 || f.begun[0].WorkflowID != c.want || f.begun[0].Profile != profile {
 				t.Errorf("BeginBackup got %+v, want workflow %s, profile %s", f.begun, c.want, profile)

@@ -19,9 +19,6 @@ const TaskQueue = "cbtflow"
 // QueryProgress is the query that returns a BackupVM's Progress.
 const QueryProgress = "progress"
 
-// DefaultProfile is the vCenter profile used when an input names none.
-const DefaultProfile = "lab"
-
 // Backup modes an operator can ask for.
 const (
 	ModeAuto        = "auto"

@@ -13,6 +13,9 @@ import (
 var (
 	// ErrProfileNotFound: no vCenter profile of that name is configured.
 	ErrProfileNotFound = errors.New("vCenter profile not found")
+	// ErrNoDefaultProfile: a call named no profile, none is configured as
+	// the default, and there is more than one to choose from.
+	ErrNoDefaultProfile = errors.New("no default vCenter profile")
 	// ErrVMNotFound: no VM matches the name, path, moref or UUID.
 	ErrVMNotFound = errors.New("VM not found")
 	// ErrAmbiguousVM: a VM name matches more than one VM; use the

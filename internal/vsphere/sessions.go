@@ -59,6 +59,11 @@ type SessionOptions struct {
 	// bounded by their callers' contexts only: some (a snapshot task)
 	// legitimately take long.
 	ConnectTimeout time.Duration
+	// DefaultProfile names the profile used when a caller names none (the
+	// worker's CBTFLOW_PROFILE). When empty, the only configured profile
+	// is the default, and with several there is none (see
+	// Sessions.DefaultProfile).
+	DefaultProfile string
 }
 
 // Sessions keeps one logged-in session per vCenter profile, created on
@@ -118,6 +123,27 @@ func (s *Sessions) Profile(name string) (Profile, error) {
 		return Profile{}, fmt.Errorf("vsphere: %w: %q (configured: %s)", ErrProfileNotFound, name, strings.Join(s.Names(), ", "))
 	}
 	return p, nil
+}
+
+// DefaultProfile is the profile to use when a caller names none: the one
+// SessionOptions.DefaultProfile names, which must be configured (else an
+// error wrapping ErrProfileNotFound), or else the only profile configured.
+// With several and none named the default, the error wraps
+// ErrNoDefaultProfile and lists them: picking one would back up under a
+// profile nobody chose.
+func (s *Sessions) DefaultProfile() (string, error) {
+	if name := s.opts.DefaultProfile; name != "" {
+		if _, err := s.Profile(name); err != nil {
+			return "", fmt.Errorf("%w (the default profile, CBTFLOW_PROFILE)", err)
+		}
+		return name, nil
+	}
+	names := s.Names()
+	if len(names) == 1 {
+		return names[0], nil
+	}
+	return "", fmt.Errorf("vsphere: %w: no profile named and %d configured (%s): name one, or set the worker's CBTFLOW_PROFILE",
+		ErrNoDefaultProfile, len(names), strings.Join(names, ", "))
 }
 
 // Names lists the configured profiles, sorted.
