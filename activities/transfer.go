@@ -191,7 +191,8 @@ func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*Tra
 	if _, err := os.Stat(path); err != nil {
 		resume = TransferProgress{}
 	}
-	if resume.Path == "" {
+	resumed := resume.Path != ""
+	if !resumed {
 		if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
 			return nil, permanent(err)
 		}
@@ -280,7 +281,7 @@ func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*Tra
 		return nil, permanent(err)
 	}
 	if !check.Clean() {
-		return nil, fmt.Errorf("disk %d: %s fails qemu-img check: %d corruptions, %d errors", in.Key, path, check.Corruptions, check.CheckErrors)
+		return nil, checkFailed(in, path, resumed, check)
 	}
 	// The stamp before and after the hash proves that what was hashed is
 	// the file as it stays: the commit records this stamp with the hash.
@@ -307,6 +308,29 @@ func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*Tra
 		"written", res.Written, "zeroed", res.Zeroed, "skipped", res.Skipped, "retried", res.Retried, "size", size)
 	return &TransferDiskResult{Path: path, ReadBytes: res.Read, WrittenBytes: res.Written + res.Zeroed,
 		SizeBytes: size, SHA256: sum, Seconds: time.Since(start).Seconds(), Stamp: (*FileStamp)(&before)}, nil
+}
+
+// checkFailed is the error of a transfer whose image fails qemu-img check.
+// An image resumed from an earlier attempt is suspect as a whole (that
+// attempt may have died in the middle of a metadata update, and the resume
+// point says nothing of the metadata): it is removed, so the retry copies
+// every area into a new image. An image this attempt made from scratch
+// says that copying is not the cure: retrying into it 8 times fails 8
+// times, each a full copy while the snapshot stays on the VM, so the
+// transfer fails non-retryably, naming the image, for an operator to look
+// at the repository's storage.
+func checkFailed(in TransferDiskInput, path string, resumed bool, check *qemu.CheckResult) error {
+	msg := fmt.Sprintf("disk %d: image %s fails qemu-img check (%d corruptions, %d check errors)", in.Key, path, check.Corruptions, check.CheckErrors)
+	if !resumed {
+		return temporal.NewNonRetryableApplicationError(msg+" after a copy from scratch: the repository's storage (or qemu) damaged it, and a new copy would not fare better",
+			ErrTypeImageCorrupt, nil)
+	}
+	if err := os.Remove(path); err != nil {
+		return temporal.NewNonRetryableApplicationError(msg+fmt.Sprintf("; it was resumed, but it cannot be removed to start afresh: %v", err),
+			ErrTypeImageCorrupt, err)
+	}
+	return temporal.NewApplicationError(msg+" after it was resumed from an earlier attempt: removed, the next attempt copies it afresh",
+		ErrTypeImageCorrupt)
 }
 
 func (a *Transfer) createImage(ctx context.Context, in TransferDiskInput, path string) error {

@@ -35,6 +35,12 @@ const (
 	// snapshot now (renamed, or reissued after a vCenter restart): nothing
 	// is read from, committed for or removed under that moref.
 	ErrTypeSnapshotIdentity = "SnapshotIdentity"
+	// ErrTypeImageCorrupt: a disk's image fails qemu-img check after the
+	// copy. Non-retryable when the attempt copied it from scratch (the
+	// repository's storage, or qemu, damaged it: a new copy would not fare
+	// better); retryable when it was resumed from an earlier attempt, whose
+	// partial image is then removed, so the retry starts afresh.
+	ErrTypeImageCorrupt = "ImageCorrupt"
 )
 
 // ResolveVMInput names a VM: by name, inventory path or moref.
