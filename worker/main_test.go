@@ -411,3 +411,15 @@ func TestMaxTransfers(t *testing.T) {
 	t.Logf("at most %d transfers held mid-copy at once, %d qemu-nbd targets; first transfer done after %v, canceled one after %v, probe after %v",
 		hooks.peak(), maxTargets, firstDone.Sub(res.Started), canceled.Done.Sub(res.Started), res.ProbeDone.Sub(res.Started))
 }
+
+// TestMaxTransfersAtLeastOne: a worker that could copy nothing refuses to
+// start, before it connects anywhere.
+func TestMaxTransfersAtLeastOne(t *testing.T) {
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	for _, v := range []string{"0", "-2"} {
+		err := run(log, []string{"--max-transfers", v})
+		if err == nil || !strings.Contains(err.Error(), "--max-transfers "+v) {
+			t.Errorf("worker --max-transfers %s: %v, want a refusal naming the flag", v, err)
+		}
+	}
+}
