@@ -99,18 +99,46 @@ type DiskResult struct {
 // Progress is the answer of the progress query.
 type Progress struct {
 	BackupID string         `json:"backup_id"`
-	Phase    string         `json:"phase"`
+	Phase    Phase          `json:"phase"`
 	Snapshot string         `json:"snapshot,omitempty"`
 	Disks    []DiskProgress `json:"disks"`
 }
 
+// Phase is where a BackupVM stands, in the order it goes through them.
+// A backup that fails or is canceled stays in the phase it was in; its
+// outcome is the workflow's.
+type Phase string
+
+// The phases of a BackupVM.
+const (
+	PhaseStarting     Phase = "starting"     // inputs checked, nothing asked yet
+	PhasePreparing    Phase = "preparing"    // PrepareVM and BeginBackup: disks, CBT, catalog, chain check
+	PhaseSnapshot     Phase = "snapshot"     // CreateSnapshot
+	PhaseTransferring Phase = "transferring" // per disk: ChangedAreas, TransferDisk (see DiskPhase)
+	PhaseCommitting   Phase = "committing"   // CommitRestorePoint
+	PhaseCommitted    Phase = "committed"    // a restore point; the snapshot's removal follows
+)
+
+// DiskPhase is where one disk of a BackupVM stands.
+type DiskPhase string
+
+// The phases of a disk.
+const (
+	DiskWaiting      DiskPhase = "waiting"      // planned; waits for the snapshot or a free transfer
+	DiskQuerying     DiskPhase = "querying"     // ChangedAreas
+	DiskTransferring DiskPhase = "transferring" // TransferDisk; Done and Total are bytes
+	DiskDone         DiskPhase = "done"         // its image is durable, awaiting the commit
+	DiskFailed       DiskPhase = "failed"       // its step failed: the backup fails
+	DiskCanceled     DiskPhase = "canceled"     // not copied: the backup was canceled or another disk failed
+)
+
 // DiskProgress is one disk's progress.
 type DiskProgress struct {
-	Key   int32  `json:"key"`
-	Mode  string `json:"mode"`
-	Phase string `json:"phase"` // waiting, querying, transferring, done, failed
-	Done  int64  `json:"done"`
-	Total int64  `json:"total"`
+	Key   int32     `json:"key"`
+	Mode  string    `json:"mode"`
+	Phase DiskPhase `json:"phase"`
+	Done  int64     `json:"done"`
+	Total int64     `json:"total"`
 }
 
 // TransferProgressSignal is sent by TransferDisk while it copies.
@@ -238,7 +266,7 @@ func (r *backupRun) setup(ctx workflow.Context) error {
 	if r.in.MaxParallelDisks <= 0 {
 		r.in.MaxParallelDisks = 2
 	}
-	r.progress = Progress{BackupID: r.in.BackupID, Phase: "starting"}
+	r.progress = Progress{BackupID: r.in.BackupID, Phase: PhaseStarting}
 	if err := workflow.SetQueryHandler(ctx, QueryProgress, func() (Progress, error) { return r.progress, nil }); err != nil {
 		return err
 	}
@@ -247,26 +275,73 @@ func (r *backupRun) setup(ctx workflow.Context) error {
 		SearchVCenter.ValueSet(r.in.Profile), SearchMode.ValueSet(r.in.Mode), SearchBackupID.ValueSet(r.in.BackupID))
 }
 
+// run is the pipeline of one backup, step by step; every step is an
+// activity (or a few), and cleanup runs on every way out.
 func (r *backupRun) run(ctx workflow.Context) (res *BackupVMResult, err error) {
-	in := r.in
 	r.listenProgress(ctx)
-
-	r.progress.Phase = "preparing"
-	var vm activities.PrepareVMResult
-	if err := workflow.ExecuteActivity(withShortActivity(ctx), vsphereActs.PrepareVM,
-		activities.PrepareVMInput{Profile: in.Profile, VMUUID: in.VMUUID}).Get(ctx, &vm); err != nil {
+	vm, err := r.prepare(ctx)
+	if err != nil {
 		return nil, err
 	}
+	begun, err := r.begin(ctx, vm)
+	if err != nil {
+		return nil, err
+	}
+	// From here on the catalog has a running backup: whatever happens, it
+	// ends committed or failed, and its partial files go.
+	committed := false
+	defer func() {
+		if !committed {
+			r.failBackup(ctx, err)
+		}
+	}()
+	plans, err := r.plan(vm, begun)
+	if err != nil {
+		return nil, err
+	}
+	snap, err := r.takeSnapshot(ctx, vm)
+	// The snapshot may exist even when the activity failed (created, then
+	// the worker died): it is removed by name then.
+	defer r.removeSnapshot(ctx, &snap)
+	if err != nil {
+		return nil, err
+	}
+	results, commits, err := r.transferDisks(ctx, plans, snap)
+	if err != nil {
+		return nil, err
+	}
+	if err := r.commit(ctx, commits); err != nil {
+		return nil, err
+	}
+	committed = true
+	sort.Slice(results, func(a, b int) bool { return results[a].Key < results[b].Key })
+	return &BackupVMResult{BackupID: r.in.BackupID, VM: r.in.VMName, VMUUID: r.in.VMUUID, Disks: results, Warnings: r.warnings}, nil
+}
+
+// prepare reads the VM's disks (and switches CBT on when it is off).
+func (r *backupRun) prepare(ctx workflow.Context) (activities.PrepareVMResult, error) {
+	r.progress.Phase = PhasePreparing
+	var vm activities.PrepareVMResult
+	if err := workflow.ExecuteActivity(withShortActivity(ctx), vsphereActs.PrepareVM,
+		activities.PrepareVMInput{Profile: r.in.Profile, VMUUID: r.in.VMUUID}).Get(ctx, &vm); err != nil {
+		return vm, err
+	}
 	r.vmRef = vm.VMRef
-	if in.VMName == "" {
-		in.VMName = vm.VMName
+	if r.in.VMName == "" {
+		r.in.VMName = vm.VMName
 	}
 	_ = workflow.UpsertTypedSearchAttributes(ctx, SearchVM.ValueSet(vm.VMName))
 	if len(vm.Disks) == 0 {
-		return nil, temporal.NewNonRetryableApplicationError(
+		return vm, temporal.NewNonRetryableApplicationError(
 			fmt.Sprintf("VM %s has no disks to back up", vm.VMName), activities.ErrTypeNoDisks, nil)
 	}
+	return vm, nil
+}
 
+// begin records the running backup in the catalog and learns each disk's
+// previous restore point, its chain proven (or found damaged).
+func (r *backupRun) begin(ctx workflow.Context, vm activities.PrepareVMResult) (activities.BeginBackupResult, error) {
+	in := r.in
 	info := workflow.GetInfo(ctx)
 	keys := make([]int32, 0, len(vm.Disks))
 	for _, d := range vm.Disks {
@@ -277,7 +352,7 @@ func (r *backupRun) run(ctx workflow.Context) (res *BackupVMResult, err error) {
 		BackupID: in.BackupID, Profile: in.Profile, VMUUID: in.VMUUID, VMName: vm.VMName, Mode: in.Mode,
 		WorkflowID: info.WorkflowExecution.ID, RunID: info.WorkflowExecution.RunID, DiskKeys: keys,
 	}).Get(ctx, &begun); err != nil {
-		return nil, err
+		return begun, err
 	}
 	// Damaged chains were marked in the catalog; their disks get a full
 	// backup (planDisks), and the result says why.
@@ -285,26 +360,27 @@ func (r *backupRun) run(ctx workflow.Context) (res *BackupVMResult, err error) {
 	for _, k := range begun.ClosedChains {
 		r.warnings = append(r.warnings, fmt.Sprintf("disk %d was removed from the VM: its chain is closed (its restore points stay restorable)", k))
 	}
-	// From here on the catalog has a running backup: whatever happens, it
-	// ends committed or failed, and its partial files go.
-	committed := false
-	defer func() {
-		if committed {
-			return
-		}
-		dctx, cancel := workflow.NewDisconnectedContext(ctx)
-		defer cancel()
-		reason := "canceled"
-		if err != nil {
-			reason = err.Error()
-		}
-		if ferr := workflow.ExecuteActivity(withCleanupActivity(dctx), catalogActs.FailBackup,
-			activities.FailBackupInput{BackupID: in.BackupID, Reason: reason}).Get(dctx, nil); ferr != nil {
-			r.log.Error("marking the backup failed", "backup", in.BackupID, "error", ferr)
-		}
-	}()
+	return begun, nil
+}
 
-	plans, err := planDisks(in.Mode, vm.Disks, begun.Previous, vm.CBTJustEnabled, in.MaxChainLength)
+// failBackup marks the backup failed and removes its partial files, in a
+// disconnected context so a canceled backup still cleans up.
+func (r *backupRun) failBackup(ctx workflow.Context, cause error) {
+	dctx, cancel := workflow.NewDisconnectedContext(ctx)
+	defer cancel()
+	reason := "canceled"
+	if cause != nil {
+		reason = cause.Error()
+	}
+	if err := workflow.ExecuteActivity(withCleanupActivity(dctx), catalogActs.FailBackup,
+		activities.FailBackupInput{BackupID: r.in.BackupID, Reason: reason}).Get(dctx, nil); err != nil {
+		r.log.Error("marking the backup failed", "backup", r.in.BackupID, "error", err)
+	}
+}
+
+// plan decides full or incremental per disk (pure: no activity).
+func (r *backupRun) plan(vm activities.PrepareVMResult, begun activities.BeginBackupResult) ([]diskPlan, error) {
+	plans, err := planDisks(r.in.Mode, vm.Disks, begun.Previous, vm.CBTJustEnabled, r.in.MaxChainLength)
 	if err != nil {
 		return nil, temporal.NewNonRetryableApplicationError(err.Error(), activities.ErrTypeNoRestorePoint, nil)
 	}
@@ -318,41 +394,46 @@ func (r *backupRun) run(ctx workflow.Context) (res *BackupVMResult, err error) {
 		for _, p := range plans {
 			if had[p.Key] {
 				warning := fmt.Sprintf("disk %d: changed block tracking was off and has been enabled again: the change IDs of its earlier restore points are void; full backup of this disk", p.Key)
-				r.log.Warn(warning, "backup", in.BackupID)
+				r.log.Warn(warning, "backup", r.in.BackupID)
 				r.warnings = append(r.warnings, warning)
 			}
 		}
 	}
 	for _, p := range plans {
-		r.progress.Disks = append(r.progress.Disks, DiskProgress{Key: p.Key, Mode: p.Mode, Phase: "waiting"})
+		r.progress.Disks = append(r.progress.Disks, DiskProgress{Key: p.Key, Mode: p.Mode, Phase: DiskWaiting})
 	}
+	return plans, nil
+}
 
-	r.progress.Phase = "snapshot"
+// takeSnapshot takes the backup's snapshot; its config holds each disk's
+// change ID for the next backup.
+func (r *backupRun) takeSnapshot(ctx workflow.Context, vm activities.PrepareVMResult) (activities.CreateSnapshotResult, error) {
+	r.progress.Phase = PhaseSnapshot
 	var snap activities.CreateSnapshotResult
-	snapErr := workflow.ExecuteActivity(withSnapshotActivity(ctx), vsphereActs.CreateSnapshot, activities.CreateSnapshotInput{
-		Profile: in.Profile, VMRef: vm.VMRef, VMUUID: in.VMUUID, BackupID: in.BackupID,
+	err := workflow.ExecuteActivity(withSnapshotActivity(ctx), vsphereActs.CreateSnapshot, activities.CreateSnapshotInput{
+		Profile: r.in.Profile, VMRef: vm.VMRef, VMUUID: r.in.VMUUID, BackupID: r.in.BackupID,
 	}).Get(ctx, &snap)
-	// The snapshot may exist even when the activity failed (created, then
-	// the worker died): remove it by name then.
-	defer r.removeSnapshot(ctx, &snap)
-	if snapErr != nil {
-		return nil, snapErr
+	if err == nil {
+		r.snapshot = snap.SnapshotRef
+		r.progress.Snapshot = snap.SnapshotRef
 	}
-	r.snapshot = snap.SnapshotRef
-	r.progress.Snapshot = snap.SnapshotRef
+	return snap, err
+}
+
+// transferDisks backs up every planned disk, MaxParallelDisks at a time.
+// One failed disk fails the backup: the others are canceled rather than
+// copied for nothing.
+func (r *backupRun) transferDisks(ctx workflow.Context, plans []diskPlan, snap activities.CreateSnapshotResult) ([]DiskResult, []activities.CommitDisk, error) {
+	r.progress.Phase = PhaseTransferring
 	snapDisks := map[int32]activities.SnapshotDisk{}
 	for _, d := range snap.Disks {
 		snapDisks[d.Key] = d
 	}
-
-	r.progress.Phase = "transferring"
 	results := make([]DiskResult, len(plans))
 	commits := make([]activities.CommitDisk, len(plans))
-	// One failed disk fails the backup: the others are canceled rather
-	// than copied for nothing.
 	tctx, cancelDisks := workflow.WithCancel(ctx)
 	defer cancelDisks()
-	sem := workflow.NewSemaphore(tctx, int64(in.MaxParallelDisks))
+	sem := workflow.NewSemaphore(tctx, int64(r.in.MaxParallelDisks))
 	var firstErr error
 	fail := func(err error) {
 		if firstErr == nil {
@@ -362,27 +443,26 @@ func (r *backupRun) run(ctx workflow.Context) (res *BackupVMResult, err error) {
 	}
 	wg := workflow.NewWaitGroup(ctx)
 	for i := range plans {
-		i := i
 		sd, ok := snapDisks[plans[i].Key]
 		if !ok {
-			return nil, temporal.NewNonRetryableApplicationError(
+			return nil, nil, temporal.NewNonRetryableApplicationError(
 				fmt.Sprintf("disk %d is not in snapshot %s", plans[i].Key, snap.SnapshotRef), activities.ErrTypeInvalidInput, nil)
 		}
 		wg.Add(1)
 		workflow.Go(tctx, func(gctx workflow.Context) {
 			defer wg.Done()
 			if err := sem.Acquire(gctx, 1); err != nil {
-				r.setDisk(plans[i].Key, "canceled", -1, -1)
+				r.setDisk(plans[i].Key, DiskCanceled, -1, -1)
 				return
 			}
 			defer sem.Release(1)
 			if gctx.Err() != nil {
-				r.setDisk(plans[i].Key, "canceled", -1, -1)
+				r.setDisk(plans[i].Key, DiskCanceled, -1, -1)
 				return
 			}
 			res, c, err := r.backupDisk(gctx, &plans[i], sd, snap.SnapshotRef)
 			if err != nil {
-				r.setDisk(plans[i].Key, "failed", -1, -1)
+				r.setDisk(plans[i].Key, DiskFailed, -1, -1)
 				fail(fmt.Errorf("disk %d: %w", plans[i].Key, err))
 				return
 			}
@@ -391,21 +471,24 @@ func (r *backupRun) run(ctx workflow.Context) (res *BackupVMResult, err error) {
 	}
 	wg.Wait(ctx)
 	if ctx.Err() != nil {
-		return nil, temporal.NewCanceledError()
+		return nil, nil, temporal.NewCanceledError()
 	}
 	if firstErr != nil {
-		return nil, firstErr
+		return nil, nil, firstErr
 	}
+	return results, commits, nil
+}
 
-	r.progress.Phase = "committing"
+// commit records the restore point: every disk's image and new change ID
+// in one transaction.
+func (r *backupRun) commit(ctx workflow.Context, commits []activities.CommitDisk) error {
+	r.progress.Phase = PhaseCommitting
 	if err := workflow.ExecuteActivity(withCatalogActivity(ctx), catalogActs.CommitRestorePoint,
-		activities.CommitInput{BackupID: in.BackupID, Disks: commits}).Get(ctx, nil); err != nil {
-		return nil, err
+		activities.CommitInput{BackupID: r.in.BackupID, Disks: commits}).Get(ctx, nil); err != nil {
+		return err
 	}
-	committed = true
-	r.progress.Phase = "committed"
-	sort.Slice(results, func(a, b int) bool { return results[a].Key < results[b].Key })
-	return &BackupVMResult{BackupID: in.BackupID, VM: in.VMName, VMUUID: in.VMUUID, Disks: results, Warnings: r.warnings}, nil
+	r.progress.Phase = PhaseCommitted
+	return nil
 }
 
 // backupDisk queries the disk's changed areas and transfers them.
@@ -419,7 +502,7 @@ func (r *backupRun) backupDisk(ctx workflow.Context, p *diskPlan, sd activities.
 		}).Get(ctx, &areas)
 		return areas, err
 	}
-	r.setDisk(p.Key, "querying", 0, 0)
+	r.setDisk(p.Key, DiskQuerying, 0, 0)
 	from := "*"
 	if p.Mode == ModeIncremental {
 		from = p.FromChangeID
@@ -439,7 +522,7 @@ func (r *backupRun) backupDisk(ctx workflow.Context, p *diskPlan, sd activities.
 		return DiskResult{}, activities.CommitDisk{}, err
 	}
 
-	r.setDisk(p.Key, "transferring", 0, areas.ChangedBytes)
+	r.setDisk(p.Key, DiskTransferring, 0, areas.ChangedBytes)
 	var tr activities.TransferDiskResult
 	if err := workflow.ExecuteActivity(withTransferActivity(ctx), transferActs.TransferDisk, activities.TransferDiskInput{
 		Profile: in.Profile, VMRef: r.vmRef, VMUUID: in.VMUUID, SnapshotRef: snapRef, BackupID: in.BackupID,
@@ -448,7 +531,7 @@ func (r *backupRun) backupDisk(ctx workflow.Context, p *diskPlan, sd activities.
 	}).Get(ctx, &tr); err != nil {
 		return DiskResult{}, activities.CommitDisk{}, err
 	}
-	r.setDisk(p.Key, "done", areas.ChangedBytes, areas.ChangedBytes)
+	r.setDisk(p.Key, DiskDone, areas.ChangedBytes, areas.ChangedBytes)
 	note := ""
 	if p.Mode == ModeFull && in.Mode != ModeFull {
 		note = p.Reason
@@ -489,7 +572,7 @@ func (r *backupRun) listenProgress(ctx workflow.Context) {
 				return
 			}
 			for i := range r.progress.Disks {
-				if d := &r.progress.Disks[i]; d.Key == s.Key && d.Phase == "transferring" {
+				if d := &r.progress.Disks[i]; d.Key == s.Key && d.Phase == DiskTransferring {
 					d.Done, d.Total = s.Done, s.Total
 				}
 			}
@@ -497,7 +580,7 @@ func (r *backupRun) listenProgress(ctx workflow.Context) {
 	})
 }
 
-func (r *backupRun) setDisk(key int32, phase string, done, total int64) {
+func (r *backupRun) setDisk(key int32, phase DiskPhase, done, total int64) {
 	for i := range r.progress.Disks {
 		if d := &r.progress.Disks[i]; d.Key == key {
 			d.Phase = phase
