@@ -6,6 +6,9 @@ GO ?= go
 GOBIN := $(shell $(GO) env GOPATH)/bin
 # Integration tests start servers and copy GiBs: give them time.
 TEST_TIMEOUT ?= 45m
+# The build tag of the test-only fault points (internal/faultpoint): tests
+# and the fault harness build with it, make build never does.
+FAULTPOINTS := cbtflow_faultpoints
 
 .DEFAULT_GOAL := help
 
@@ -17,16 +20,18 @@ help: ## list the targets
 deps: ## install system packages and tools, start PostgreSQL (idempotent)
 	@scripts/deps
 
-build: ## build the binaries into ./bin
+build: ## build the release binaries into ./bin (no fault points)
 	$(GO) build -o bin/ ./starter ./worker
 
-test: deps ## run every test (unit and integration, real components)
-	$(GO) test -count=1 -timeout $(TEST_TIMEOUT) ./...
+test: deps ## run every test (unit and integration, real components), built with the fault points
+	$(GO) test -tags $(FAULTPOINTS) -count=1 -timeout $(TEST_TIMEOUT) ./...
 
-lint: deps ## gofmt check, go vet, staticcheck
+lint: deps ## gofmt check, go vet, staticcheck: of the release build and of the build with the fault points
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
+	$(GO) vet -tags $(FAULTPOINTS) ./...
 	$(GOBIN)/staticcheck ./...
+	$(GOBIN)/staticcheck -tags $(FAULTPOINTS) ./...
 
 dev: deps build ## start the local stack in the background (Temporal + Web UI, lab, worker)
 	@scripts/dev up
@@ -43,6 +48,7 @@ demo: deps build ## the main job on the lab: fresh stack, full + incremental bac
 bench: deps ## copier vs nbdcopy vs qemu-img convert (full copy, 4 GiB disk); cost of the chain check before an incremental
 	$(GO) run ./internal/bench
 
-chaos: deps build ## fault harness: ≥20 backups under worker kills, Temporal restarts, DB cuts, EIO, full repository; prints a table
-	CBTFLOW_WORKER_BIN=$(CURDIR)/bin/worker CBTFLOW_STARTER_BIN=$(CURDIR)/bin/starter \
-		$(GO) test -v -count=1 -timeout 60m -run 'TestChaos$$' ./internal/chaos -args -full
+chaos: deps ## fault harness, on its own build with the fault points (bin/faultpoints/): ≥20 backups under worker kills, Temporal restarts, DB cuts, EIO, full repository; prints a table
+	$(GO) build -tags $(FAULTPOINTS) -o bin/faultpoints/ ./starter ./worker
+	CBTFLOW_WORKER_BIN=$(CURDIR)/bin/faultpoints/worker CBTFLOW_STARTER_BIN=$(CURDIR)/bin/faultpoints/starter \
+		$(GO) test -tags $(FAULTPOINTS) -v -count=1 -timeout 60m -run 'TestChaos$$' ./internal/chaos -args -full

@@ -16,6 +16,7 @@ import (
 	"go.temporal.io/sdk/temporal"
 
 	"github.com/cbtflow/cbtflow/internal/catalog"
+	"github.com/cbtflow/cbtflow/internal/faultpoint"
 	"github.com/cbtflow/cbtflow/internal/integrity"
 	"github.com/cbtflow/cbtflow/internal/repository"
 )
@@ -24,8 +25,6 @@ import (
 type Catalog struct {
 	Catalog *catalog.Catalog
 	Repo    *repository.Repository
-	// Hooks pauses at step boundaries in fault tests; nil in production.
-	Hooks Pauser
 }
 
 // BeginBackup records a running backup and returns each disk's latest
@@ -176,7 +175,7 @@ func (a *Catalog) markDamaged(ctx context.Context, key int32, d *chainDamage) (s
 // transfer left it, with the size it reported: a change ID is never
 // recorded for data that is not there.
 func (a *Catalog) CommitRestorePoint(ctx context.Context, in CommitInput) error {
-	pause(a.Hooks, ctx, PauseBeforeCommit)
+	faultpoint.Hold(ctx, faultpoint.BeforeCommit)
 	disks := make([]catalog.Disk, 0, len(in.Disks))
 	for _, d := range in.Disks {
 		size, stamp, err := integrity.StampOf(d.Path)
@@ -223,7 +222,7 @@ func (a *Catalog) CommitRestorePoint(ctx context.Context, in CommitInput) error 
 		return permanent(err)
 	}
 	activity.GetLogger(ctx).Info("restore point committed", "backup", in.BackupID, "disks", len(disks))
-	pause(a.Hooks, ctx, PauseAfterCommit)
+	faultpoint.Hold(ctx, faultpoint.AfterCommit)
 	if dir, err := a.Repo.StagingDir(in.BackupID); err == nil {
 		_ = os.RemoveAll(dir)
 	}

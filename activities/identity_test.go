@@ -1,14 +1,9 @@
 package activities_test
 
 import (
-	"context"
-	"slices"
-	"sync"
 	"testing"
-	"time"
 
 	"github.com/cbtflow/cbtflow/activities"
-	"github.com/cbtflow/cbtflow/internal/copier"
 	"github.com/cbtflow/cbtflow/internal/lab"
 	"github.com/cbtflow/cbtflow/internal/testutil"
 )
@@ -89,71 +84,5 @@ func TestSnapshotIdentityMismatch(t *testing.T) {
 	wantAppError(t, err, activities.ErrTypeInvalidInput, adminName)
 	if names := f.labSnapshotNames(t, vm.ref); len(names) != 1 {
 		t.Fatalf("after a refused RemoveSnapshot: snapshots %v", names)
-	}
-}
-
-// pauseFunc is an activities.Pauser.
-type pauseFunc func(ctx context.Context, point string)
-
-func (p pauseFunc) Pause(ctx context.Context, point string) { p(ctx, point) }
-
-// The snapshot is renamed, or vanishes, while its disk is copied: the copy
-// itself reads on (the source was opened before), but TransferDisk checks
-// again before it returns, and fails non-retryably: nothing is reported
-// for a commit.
-func TestTransferDiskSnapshotChangesDuringCopy(t *testing.T) {
-	testutil.CheckNoChildren(t)
-	f := newFixture(t, lab.Options{})
-	testutil.CheckNoSockets(t, f.runDir)
-	f.tr.Copy = copier.Options{FlushBytes: 2 << 20, FlushInterval: 50 * time.Millisecond, ProgressInterval: time.Millisecond, InFlight: 4}
-	env := f.newEnv(t)
-	vm := f.prepareVM(t, env)
-	key := vm.disks[1].Key
-	var ws []write
-	for i := range 8 {
-		ws = append(ws, write{off: int64(i) * (256 << 20), n: 4 << 20, seed: byte(20 + i)})
-	}
-	f.apply(t, key, ws...)
-
-	for _, tc := range []struct {
-		id, typ string
-		act     func(b backup) error
-		names   []string
-	}{
-		{"mid-rename", activities.ErrTypeSnapshotIdentity,
-			func(b backup) error { return f.lab.RenameSnapshot(vm.ref, b.snap.SnapshotRef, adminName) },
-			[]string{adminName, "after the copy"}},
-		{"mid-remove", activities.ErrTypeSnapshotGone,
-			func(b backup) error {
-				c, err := f.sessions.Client(context.Background(), profileLab)
-				if err != nil {
-					return err
-				}
-				return c.RemoveSnapshot(context.Background(), vm.ref, b.snap.SnapshotRef)
-			},
-			[]string{"gone", "after the copy"}},
-	} {
-		t.Run(tc.id, func(t *testing.T) {
-			b := f.takeBackup(t, env, vm, tc.id, "*")
-			var once sync.Once
-			var actErr error
-			reached := false
-			f.tr.Hooks = pauseFunc(func(_ context.Context, point string) {
-				if point == activities.PauseMidTransfer {
-					once.Do(func() { reached = true; actErr = tc.act(b) })
-				}
-			})
-			defer func() { f.tr.Hooks = nil }()
-			_, err := execute[activities.TransferDiskResult](t, env, f.tr.TransferDisk, b.input(""))
-			if !reached || actErr != nil {
-				t.Fatalf("the snapshot was not changed mid-copy (reached %v): %v", reached, actErr)
-			}
-			wantAppError(t, err, tc.typ, append(tc.names, activities.SnapshotPrefix+tc.id, b.snap.SnapshotRef)...)
-			if tc.typ == activities.ErrTypeSnapshotIdentity {
-				if names := f.labSnapshotNames(t, vm.ref); !slices.Contains(names, adminName) {
-					t.Errorf("the renamed snapshot is gone: %v", names)
-				}
-			}
-		})
 	}
 }

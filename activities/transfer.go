@@ -15,6 +15,7 @@ import (
 	"go.temporal.io/sdk/temporal"
 
 	"github.com/cbtflow/cbtflow/internal/copier"
+	"github.com/cbtflow/cbtflow/internal/faultpoint"
 	"github.com/cbtflow/cbtflow/internal/integrity"
 	"github.com/cbtflow/cbtflow/internal/qemu"
 	"github.com/cbtflow/cbtflow/internal/repository"
@@ -55,8 +56,6 @@ type Transfer struct {
 	SignalInterval time.Duration
 	// Sources opens a snapshot disk as NBD; source.New when nil.
 	Sources func(vsphere.Profile) (source.Opener, error)
-	// Hooks pauses at step boundaries in fault tests; nil in production.
-	Hooks Pauser
 	// Slots bounds the transfers that copy at once (the worker's
 	// --max-transfers); nil: no bound.
 	Slots *TransferSlots
@@ -245,7 +244,7 @@ func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*Tra
 	opts.Overlay = in.Mode == "incremental"
 	opts.ResumeFrom = resume.ResumePoint
 	sig := a.progressSignaler(ctx, in.Key)
-	if a.Hooks != nil && opts.ProgressInterval == 0 {
+	if faultpoint.Active(ctx) && opts.ProgressInterval == 0 {
 		// Fault tests hold a transfer at about half its bytes: a fast
 		// copy of a few hundred MiB must report progress often enough to
 		// be seen there, not only at its start and end.
@@ -255,9 +254,9 @@ func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*Tra
 	opts.Progress = func(p copier.Progress) {
 		activity.RecordHeartbeat(ctx, TransferProgress{Path: path, ResumePoint: p.ResumePoint, Done: p.Done, Total: p.Total})
 		sig(p.Done, p.Total, false)
-		if !halfway && p.Total > 0 && p.Done*2 >= p.Total && p.Done < p.Total {
+		if faultpoint.Enabled && !halfway && p.Total > 0 && p.Done*2 >= p.Total && p.Done < p.Total {
 			halfway = true
-			pause(a.Hooks, ctx, PauseMidTransfer)
+			faultpoint.Hold(ctx, faultpoint.MidTransfer)
 		}
 	}
 	res, err := copier.Copy(ctx, opts)
@@ -275,7 +274,7 @@ func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*Tra
 	}
 	_ = src.Close()
 
-	pause(a.Hooks, ctx, PauseBeforeCheck)
+	faultpoint.Hold(ctx, faultpoint.BeforeCheck)
 	check, err := qemu.Check(ctx, path)
 	if err != nil {
 		return nil, permanent(err)

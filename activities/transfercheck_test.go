@@ -1,3 +1,5 @@
+//go:build cbtflow_faultpoints
+
 package activities_test
 
 import (
@@ -16,13 +18,14 @@ import (
 
 	"github.com/cbtflow/cbtflow/activities"
 	"github.com/cbtflow/cbtflow/internal/copier"
+	"github.com/cbtflow/cbtflow/internal/faultpoint"
 	"github.com/cbtflow/cbtflow/internal/lab"
 	"github.com/cbtflow/cbtflow/internal/qemu"
 	"github.com/cbtflow/cbtflow/internal/repository"
 	"github.com/cbtflow/cbtflow/internal/testutil"
 )
 
-// corruptBeforeCheck is a Pauser that damages a transfer's image where
+// corruptBeforeCheck is a faultpoint.Holder that damages a transfer's image where
 // the transfer is about to run qemu-img check: the image is closed, and
 // its first refcount block is zeroed, so every cluster in use has a
 // refcount of 0 (a corruption each).
@@ -34,8 +37,8 @@ type corruptBeforeCheck struct {
 	times int
 }
 
-func (c *corruptBeforeCheck) Pause(ctx context.Context, point string) {
-	if point != activities.PauseBeforeCheck {
+func (c *corruptBeforeCheck) Hold(ctx context.Context, p faultpoint.Point) {
+	if p != faultpoint.BeforeCheck {
 		return
 	}
 	c.mu.Lock()
@@ -102,8 +105,8 @@ func TestTransferDiskCheckFails(t *testing.T) {
 	f.apply(t, key, ws...)
 	// Flush often, so that an interrupted attempt leaves a resume point.
 	copyOpts := copier.Options{FlushBytes: 2 << 20, FlushInterval: 50 * time.Millisecond, ProgressInterval: time.Millisecond, InFlight: 4}
-	transfer := func(hooks activities.Pauser) *activities.Transfer {
-		return &activities.Transfer{Sessions: f.sessions, Repo: f.repo, RuntimeDir: f.runDir, Copy: copyOpts, Hooks: hooks}
+	transfer := func() *activities.Transfer {
+		return &activities.Transfer{Sessions: f.sessions, Repo: f.repo, RuntimeDir: f.runDir, Copy: copyOpts}
 	}
 	imagePath := func(b backup) string {
 		p, err := f.repo.ImagePath(repository.Key{Profile: profileLab, VMUUID: vm.uuid, DiskKey: key, BackupID: b.id})
@@ -117,8 +120,10 @@ func TestTransferDiskCheckFails(t *testing.T) {
 		b := f.takeBackup(t, env, vm, "check1", "*")
 		path := imagePath(b)
 		hooks := &corruptBeforeCheck{t: t, path: path}
-		tr := transfer(hooks)
-		_, err := execute[activities.TransferDiskResult](t, newActivityEnv(t, f.log, tr), tr.TransferDisk, b.input(""))
+		tr := transfer()
+		held := newActivityEnv(t, f.log, tr)
+		holdAt(held, hooks)
+		_, err := execute[activities.TransferDiskResult](t, held, tr.TransferDisk, b.input(""))
 		if hooks.count() != 1 {
 			t.Fatalf("the image was damaged %d times before its check, want 1 (error: %v)", hooks.count(), err)
 		}
@@ -140,7 +145,7 @@ func TestTransferDiskCheckFails(t *testing.T) {
 		ic := &cancelOnProgress{stop: func(p activities.TransferProgress) bool {
 			return p.ResumePoint > 0 && p.Done >= total/3
 		}}
-		tr1 := transfer(nil)
+		tr1 := transfer()
 		env1 := newActivityEnv(t, f.log, tr1)
 		env1.SetWorkerOptions(worker.Options{Interceptors: []interceptor.WorkerInterceptor{ic}})
 		_, err := execute[activities.TransferDiskResult](t, env1, tr1.TransferDisk, b.input(""))
@@ -151,8 +156,9 @@ func TestTransferDiskCheckFails(t *testing.T) {
 
 		// Attempt 2 resumes, and its image fails the check.
 		hooks := &corruptBeforeCheck{t: t, path: path}
-		tr2 := transfer(hooks)
+		tr2 := transfer()
 		env2 := newActivityEnv(t, f.log, tr2)
+		holdAt(env2, hooks)
 		env2.SetHeartbeatDetails(last)
 		_, err = execute[activities.TransferDiskResult](t, env2, tr2.TransferDisk, b.input(""))
 		if hooks.count() != 1 {
@@ -168,7 +174,7 @@ func TestTransferDiskCheckFails(t *testing.T) {
 		}
 
 		// Attempt 3 gets the same details, and starts afresh.
-		tr3 := transfer(nil)
+		tr3 := transfer()
 		env3 := newActivityEnv(t, f.log, tr3)
 		env3.SetHeartbeatDetails(last)
 		res, err := execute[activities.TransferDiskResult](t, env3, tr3.TransferDisk, b.input(""))

@@ -16,6 +16,7 @@ import (
 	"go.temporal.io/sdk/temporal"
 
 	"github.com/cbtflow/cbtflow/internal/copier"
+	"github.com/cbtflow/cbtflow/internal/faultpoint"
 	"github.com/cbtflow/cbtflow/internal/repository"
 	"github.com/cbtflow/cbtflow/internal/vsphere"
 )
@@ -24,8 +25,6 @@ import (
 type VSphere struct {
 	Sessions *vsphere.Sessions
 	Repo     *repository.Repository
-	// Hooks pauses at step boundaries in fault tests; nil in production.
-	Hooks Pauser
 }
 
 func (a *VSphere) client(ctx context.Context, profile string) (*vsphere.Client, error) {
@@ -117,7 +116,7 @@ func (a *VSphere) CreateSnapshot(ctx context.Context, in CreateSnapshotInput) (*
 		res.Disks = append(res.Disks, SnapshotDisk{Key: d.Key, Capacity: d.Capacity, FileName: d.FileName, ChangeID: d.ChangeID})
 	}
 	activity.GetLogger(ctx).Info("snapshot taken", "vm", vm.Name, "backup", in.BackupID, "snapshot", snap.Ref)
-	pause(a.Hooks, ctx, PauseAfterSnapshot)
+	faultpoint.Hold(ctx, faultpoint.AfterSnapshot)
 	return res, nil
 }
 
@@ -186,7 +185,7 @@ func (a *VSphere) ChangedAreas(ctx context.Context, in ChangedAreasInput) (*Chan
 // snapshot named SnapshotName, if any (see vsphere.RemoveOwnSnapshot). A
 // snapshot already gone, or gone with its VM, is no error.
 func (a *VSphere) RemoveSnapshot(ctx context.Context, in RemoveSnapshotInput) error {
-	pause(a.Hooks, ctx, PauseBeforeRemoveSnapshot)
+	faultpoint.Hold(ctx, faultpoint.BeforeRemoveSnapshot)
 	if !strings.HasPrefix(in.SnapshotName, SnapshotPrefix) || in.SnapshotName == SnapshotPrefix {
 		return temporal.NewNonRetryableApplicationError(
 			fmt.Sprintf("refusing to remove snapshot %q (%s): cbtflow removes only its own %s<backup id> snapshots", in.SnapshotName, in.SnapshotRef, SnapshotPrefix),

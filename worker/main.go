@@ -24,6 +24,7 @@ import (
 	"github.com/cbtflow/cbtflow/activities"
 	"github.com/cbtflow/cbtflow/internal/catalog"
 	"github.com/cbtflow/cbtflow/internal/config"
+	"github.com/cbtflow/cbtflow/internal/faultpoint"
 	"github.com/cbtflow/cbtflow/internal/metrics"
 	"github.com/cbtflow/cbtflow/internal/repository"
 	"github.com/cbtflow/cbtflow/internal/vsphere"
@@ -111,13 +112,14 @@ func run(log *slog.Logger, args []string) error {
 	}
 	defer c.Close()
 
-	// Fault tests stop the worker at step boundaries; never set in production.
-	var hooks activities.Pauser
-	if dir := os.Getenv("CBTFLOW_TEST_PAUSE_DIR"); dir != "" {
-		hooks = activities.PauseDir(dir)
-		log.Warn("test pause hooks enabled", "dir", dir)
+	// Fault tests hold activities at step boundaries; only a worker built
+	// with -tags cbtflow_faultpoints has fault points, and a release build
+	// neither reads their variable nor keeps this branch.
+	actx, faultDir := faultpoint.FromEnv(context.Background())
+	if faultDir != "" {
+		log.Warn("fault points enabled", "dir", faultDir)
 	}
-	w := newWorker(c, deps{sessions: sessions, repo: repo, catalog: cat, namespace: cfg.Namespace, hooks: hooks}, *parallel)
+	w := newWorker(c, deps{sessions: sessions, repo: repo, catalog: cat, namespace: cfg.Namespace, activityContext: actx}, *parallel)
 
 	log.Info("worker starting", "temporal", cfg.TemporalAddress, "namespace", cfg.Namespace,
 		"task_queue", workflows.TaskQueue, "repository", repoRoot, "profiles", len(profiles), "default_profile", def)
@@ -139,7 +141,10 @@ type deps struct {
 	repo      *repository.Repository
 	catalog   *catalog.Catalog
 	namespace string
-	hooks     activities.Pauser
+	// activityContext is what every activity's context derives from
+	// (nil: context.Background); fault tests put their faultpoint.Holder
+	// in it.
+	activityContext context.Context
 }
 
 // newWorker returns the worker of cbtflow's task queue with every workflow
@@ -151,12 +156,12 @@ func newWorker(c client.Client, d deps, maxTransfers int) worker.Worker {
 	// stays the SDK's default (1000): a transfer waiting for a slot holds
 	// an activity slot, and snapshot, catalog and cleanup steps must still
 	// find one. Each backup transfers at most two disks at a time.
-	w := worker.New(c, workflows.TaskQueue, worker.Options{})
+	w := worker.New(c, workflows.TaskQueue, worker.Options{BackgroundActivityContext: d.activityContext})
 	workflows.Register(w)
-	w.RegisterActivity(&activities.VSphere{Sessions: d.sessions, Repo: d.repo, Hooks: d.hooks})
-	w.RegisterActivity(&activities.Transfer{Sessions: d.sessions, Repo: d.repo, Signals: c, Hooks: d.hooks,
+	w.RegisterActivity(&activities.VSphere{Sessions: d.sessions, Repo: d.repo})
+	w.RegisterActivity(&activities.Transfer{Sessions: d.sessions, Repo: d.repo, Signals: c,
 		Slots: activities.NewTransferSlots(maxTransfers)})
-	w.RegisterActivity(&activities.Catalog{Catalog: d.catalog, Repo: d.repo, Hooks: d.hooks})
+	w.RegisterActivity(&activities.Catalog{Catalog: d.catalog, Repo: d.repo})
 	w.RegisterActivity(&activities.Sweeper{Sessions: d.sessions, Catalog: d.catalog, Repo: d.repo, Workflows: c, Namespace: d.namespace})
 	return w
 }

@@ -11,7 +11,7 @@
 // stays in the repository. The secrets test runs backups with the lab's
 // password and looks for it in every workflow history, the logs, the CLI's
 // output and the argv and environment of the worker's children while a
-// transfer is held at the mid-transfer pause point.
+// transfer is held at the mid-transfer fault point.
 //
 // The package has test files only; make test runs it.
 package badinput
@@ -41,6 +41,7 @@ import (
 	"go.temporal.io/sdk/temporal"
 
 	"github.com/cbtflow/cbtflow/activities"
+	"github.com/cbtflow/cbtflow/internal/faultpoint"
 	"github.com/cbtflow/cbtflow/internal/lab"
 	"github.com/cbtflow/cbtflow/internal/stack"
 	"github.com/cbtflow/cbtflow/internal/stack/stacktest"
@@ -93,7 +94,7 @@ type fixture struct {
 // stack.
 func TestBadInput(t *testing.T) {
 	began := time.Now()
-	s := stacktest.New(t, stack.Options{NoWorker: true, PausePoints: true})
+	s := stacktest.New(t, stack.Options{NoWorker: true, FaultPoints: true})
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
 	f := &fixture{s: s, l: s.Lab(), ctx: ctx, data: t.TempDir(), otherVMs: map[string]string{}}
@@ -230,7 +231,7 @@ func (f *fixture) backup(t *testing.T, vm string, extra ...string) (stacktest.Ba
 }
 
 // baseline makes baseVM with two disks and two committed restore points;
-// the first backup is held at the mid-transfer pause point to look at the
+// the first backup is held at the mid-transfer fault point to look at the
 // worker's children.
 func (f *fixture) baseline(t *testing.T) {
 	ref, err := f.l.CreateVM(baseVM, GiB, 64*MiB)
@@ -251,8 +252,8 @@ func (f *fixture) baseline(t *testing.T) {
 	stacktest.WriteDisk(t, f.l, ref, a, 0, stacktest.Pattern(1, 384*MiB))
 	stacktest.WriteDisk(t, f.l, ref, b, 60*MiB, stacktest.Pattern(2, 4*MiB))
 	f.captureAll(t)
-	gates := f.s.Pauses()
-	if err := gates.Arm(activities.PauseMidTransfer); err != nil {
+	gates := f.s.FaultPoints()
+	if err := gates.Arm(faultpoint.MidTransfer); err != nil {
 		t.Fatal(err)
 	}
 	type result struct {
@@ -278,20 +279,20 @@ func (f *fixture) baseline(t *testing.T) {
 	// timeout: look quickly.
 	wctx, wcancel := context.WithTimeout(f.ctx, 2*time.Minute)
 	reached := make(chan error, 1)
-	go func() { _, err := gates.Wait(wctx, activities.PauseMidTransfer); reached <- err }()
+	go func() { _, err := gates.Wait(wctx, faultpoint.MidTransfer); reached <- err }()
 	select {
 	case err := <-reached:
 		if err != nil {
-			t.Errorf("the full backup did not reach the %s pause point: %v", activities.PauseMidTransfer, err)
+			t.Errorf("the full backup did not reach the %s fault point: %v", faultpoint.MidTransfer, err)
 		} else {
 			f.duringTransfer(t)
 		}
 	case r := <-done:
-		t.Errorf("the full backup ended before reaching the %s pause point (too fast to be caught?): %s", activities.PauseMidTransfer, r.res)
+		t.Errorf("the full backup ended before reaching the %s fault point (too fast to be caught?): %s", faultpoint.MidTransfer, r.res)
 		done <- r
 	}
 	wcancel()
-	if err := gates.Release(activities.PauseMidTransfer); err != nil {
+	if err := gates.Release(faultpoint.MidTransfer); err != nil {
 		t.Fatal(err)
 	}
 	r := <-done

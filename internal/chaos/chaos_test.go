@@ -17,6 +17,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/cbtflow/cbtflow/activities"
+	"github.com/cbtflow/cbtflow/internal/faultpoint"
 	"github.com/cbtflow/cbtflow/internal/stack/stacktest"
 	"github.com/cbtflow/cbtflow/internal/testutil"
 )
@@ -159,9 +160,9 @@ func reduced(t *testing.T, ctx context.Context) []*Tally {
 	eio := tallied(t, "source EIO on 5% of reads")
 	out := []*Tally{kill, db, eio}
 
-	r := e.backup(kill, "full", vm, 1, 320*MiB, e.killAt(kill, activities.PauseMidTransfer, "TransferDisk"), false, backupTimeout)
+	r := e.backup(kill, "full", vm, 1, 320*MiB, e.killAt(kill, faultpoint.MidTransfer, "TransferDisk"), false, backupTimeout)
 	e.check(kill, r)
-	r = e.backup(db, "incr-1", vm, 2, 32*MiB, e.cutDatabaseAt(activities.PauseBeforeCommit, "CommitRestorePoint", 3*time.Second), false, backupTimeout)
+	r = e.backup(db, "incr-1", vm, 2, 32*MiB, e.cutDatabaseAt(faultpoint.BeforeCommit, "CommitRestorePoint", 3*time.Second), false, backupTimeout)
 	e.check(db, r)
 	r = e.backup(eio, "incr-2", vm, 3, 256*MiB, e.eio(), false, backupTimeout)
 	e.checkRetriedReads(eio, r)
@@ -177,14 +178,14 @@ func killWorker(t *testing.T, ctx context.Context) []*Tally {
 		point, activity, vm string
 		bytes               int64
 	}{
-		{activities.PauseMidTransfer, "TransferDisk", vms[0], 256 * MiB},
-		{activities.PauseAfterSnapshot, "CreateSnapshot", vms[1], 32 * MiB},
-		{activities.PauseBeforeCommit, "CommitRestorePoint", vms[2], 32 * MiB},
-		{activities.PauseAfterCommit, "CommitRestorePoint", vms[3], 32 * MiB},
-		{activities.PauseBeforeRemoveSnapshot, "RemoveSnapshot", vms[0], 32 * MiB},
-		{activities.PauseMidTransfer, "TransferDisk", vms[1], 256 * MiB},
-		{activities.PauseBeforeCommit, "CommitRestorePoint", vms[0], 32 * MiB},
-		{activities.PauseAfterCommit, "CommitRestorePoint", vms[2], 32 * MiB},
+		{faultpoint.MidTransfer, "TransferDisk", vms[0], 256 * MiB},
+		{faultpoint.AfterSnapshot, "CreateSnapshot", vms[1], 32 * MiB},
+		{faultpoint.BeforeCommit, "CommitRestorePoint", vms[2], 32 * MiB},
+		{faultpoint.AfterCommit, "CommitRestorePoint", vms[3], 32 * MiB},
+		{faultpoint.BeforeRemoveSnapshot, "RemoveSnapshot", vms[0], 32 * MiB},
+		{faultpoint.MidTransfer, "TransferDisk", vms[1], 256 * MiB},
+		{faultpoint.BeforeCommit, "CommitRestorePoint", vms[0], 32 * MiB},
+		{faultpoint.AfterCommit, "CommitRestorePoint", vms[2], 32 * MiB},
 	}
 	byPoint := map[string]*Tally{}
 	var out []*Tally
@@ -207,11 +208,11 @@ func killWorker(t *testing.T, ctx context.Context) []*Tally {
 func temporalRestart(t *testing.T, ctx context.Context) []*Tally {
 	e := newEnv(t, ctx, envConfig{name: "temporal"})
 	tl := tallied(t, "Temporal server restart")
-	r := e.backup(tl, "temporal-1", vms[0], 200, 256*MiB, e.restartTemporalAt(activities.PauseMidTransfer, false, true), false, backupTimeout)
+	r := e.backup(tl, "temporal-1", vms[0], 200, 256*MiB, e.restartTemporalAt(faultpoint.MidTransfer, false, true), false, backupTimeout)
 	e.check(tl, r)
-	r = e.backup(tl, "temporal-2", vms[0], 201, 32*MiB, e.restartTemporalAt(activities.PauseBeforeCommit, true, false), false, backupTimeout)
+	r = e.backup(tl, "temporal-2", vms[0], 201, 32*MiB, e.restartTemporalAt(faultpoint.BeforeCommit, true, false), false, backupTimeout)
 	e.check(tl, r)
-	r = e.backup(tl, "temporal-3", vms[2], 202, 256*MiB, e.restartTemporalAt(activities.PauseMidTransfer, true, true), false, backupTimeout)
+	r = e.backup(tl, "temporal-3", vms[2], 202, 256*MiB, e.restartTemporalAt(faultpoint.MidTransfer, true, true), false, backupTimeout)
 	e.check(tl, r)
 	return []*Tally{tl}
 }
@@ -223,9 +224,9 @@ func databaseCut(t *testing.T, ctx context.Context) []*Tally {
 	tl := tallied(t, "database cut (start, commit)")
 	r := e.backup(tl, "db-1", vms[1], 300, 64*MiB, e.cutDatabaseAtStart(5*time.Second), false, backupTimeout)
 	e.check(tl, r)
-	r = e.backup(tl, "db-2", vms[1], 301, 32*MiB, e.cutDatabaseAt(activities.PauseBeforeCommit, "CommitRestorePoint", 5*time.Second), false, backupTimeout)
+	r = e.backup(tl, "db-2", vms[1], 301, 32*MiB, e.cutDatabaseAt(faultpoint.BeforeCommit, "CommitRestorePoint", 5*time.Second), false, backupTimeout)
 	e.check(tl, r)
-	r = e.backup(tl, "db-3", vms[0], 302, 32*MiB, e.cutDatabaseAt(activities.PauseBeforeCommit, "CommitRestorePoint", 20*time.Second), false, backupTimeout)
+	r = e.backup(tl, "db-3", vms[0], 302, 32*MiB, e.cutDatabaseAt(faultpoint.BeforeCommit, "CommitRestorePoint", 20*time.Second), false, backupTimeout)
 	e.check(tl, r)
 	return []*Tally{tl}
 }

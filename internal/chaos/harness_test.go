@@ -85,7 +85,7 @@ type run struct {
 }
 
 // newEnv starts a stack for cfg: its own state folder, database (behind a
-// cuttable proxy), pause points, and the optional EIO filter and tmpfs
+// cuttable proxy), fault points, and the optional EIO filter and tmpfs
 // repository. Everything is stopped, unmounted and removed when t ends.
 func newEnv(t *testing.T, ctx context.Context, cfg envConfig) *env {
 	t.Helper()
@@ -119,7 +119,7 @@ func newEnv(t *testing.T, ctx context.Context, cfg envConfig) *env {
 	t.Cleanup(func() { _ = e.proxy.Close() })
 	proxyURL.Host = e.proxy.Addr()
 
-	opts := stack.Options{Dir: filepath.Join(root, "state"), DatabaseURL: proxyURL.String(), PausePoints: true}
+	opts := stack.Options{Dir: filepath.Join(root, "state"), DatabaseURL: proxyURL.String(), FaultPoints: true}
 	if cfg.eioRate != "" {
 		e.eioGate = filepath.Join(root, "eio-on")
 		opts.LabSourceFilters = []vsphere.LabSourceFilter{{Filter: "error",
@@ -677,7 +677,7 @@ func checkImage(path string, size int64, sum string) error {
 // checks that its qemu-nbd and nbdkit died with it, and starts a new
 // worker; the activity's retry must finish the backup.
 func (e *env) killAt(tl *Tally, point, activity string) *fault {
-	g := e.s.Pauses()
+	g := e.s.FaultPoints()
 	return &fault{
 		name:    "worker SIGKILL at " + point,
 		retried: activity,
@@ -689,7 +689,7 @@ func (e *env) killAt(tl *Tally, point, activity string) *fault {
 				return err
 			}
 			if pid != e.s.WorkerPID() {
-				return fmt.Errorf("pause point %s reached by pid %d, the worker is %d", point, pid, e.s.WorkerPID())
+				return fmt.Errorf("fault point %s reached by pid %d, the worker is %d", point, pid, e.s.WorkerPID())
 			}
 			if err := e.s.KillWorker(); err != nil {
 				return err
@@ -708,7 +708,7 @@ func (e *env) killAt(tl *Tally, point, activity string) *fault {
 // then start) while an activity stands at point, releasing it first when
 // running is set so that the activity works on while the server is away.
 func (e *env) restartTemporalAt(point string, kill, running bool) *fault {
-	g := e.s.Pauses()
+	g := e.s.FaultPoints()
 	how := "graceful restart"
 	if kill {
 		how = "SIGKILL and start"
@@ -740,7 +740,7 @@ func (e *env) restartTemporalAt(point string, kill, running bool) *fault {
 // before-commit, lets the commit go on, and gives the database back after
 // outage.
 func (e *env) cutDatabaseAt(point, activity string, outage time.Duration) *fault {
-	g := e.s.Pauses()
+	g := e.s.FaultPoints()
 	return &fault{
 		name:    fmt.Sprintf("database cut %s at %s", outage, point),
 		retried: activity,

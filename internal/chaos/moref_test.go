@@ -9,6 +9,7 @@ import (
 	"testing"
 
 	"github.com/cbtflow/cbtflow/activities"
+	"github.com/cbtflow/cbtflow/internal/faultpoint"
 	"github.com/cbtflow/cbtflow/internal/lab"
 	"github.com/cbtflow/cbtflow/internal/vsphere"
 )
@@ -35,8 +36,8 @@ func snapshotMoref(t *testing.T, ctx context.Context) []*Tally {
 		point, activity string
 		bytes           int64
 	}{
-		{activities.PauseAfterSnapshot, "ChangedAreas", 32 * MiB},
-		{activities.PauseMidTransfer, "TransferDisk", 256 * MiB},
+		{faultpoint.AfterSnapshot, "ChangedAreas", 32 * MiB},
+		{faultpoint.MidTransfer, "TransferDisk", 256 * MiB},
 	} {
 		f, renamed := e.renameSnapshotAt(step.point, vm)
 		r = e.backup(tl, fmt.Sprintf("moref-%d", 2+2*i), vm, uint64(701+2*i), step.bytes, f, true, backupTimeout)
@@ -62,7 +63,7 @@ func snapshotMoref(t *testing.T, ctx context.Context) []*Tally {
 // the backup stands at point, then lets it go on. renamed returns the
 // moref renamed, once the backup ended.
 func (e *env) renameSnapshotAt(point, vm string) (f *fault, renamed func() string) {
-	g := e.s.Pauses()
+	g := e.s.FaultPoints()
 	var mu sync.Mutex
 	var ref string
 	return &fault{

@@ -11,7 +11,7 @@ import (
 
 	enumspb "go.temporal.io/api/enums/v1"
 
-	"github.com/cbtflow/cbtflow/activities"
+	"github.com/cbtflow/cbtflow/internal/faultpoint"
 	"github.com/cbtflow/cbtflow/internal/stack"
 	"github.com/cbtflow/cbtflow/internal/stack/stacktest"
 )
@@ -20,10 +20,10 @@ import (
 // backup runs: the starter exits 4 at once and says that the backup goes
 // on in the background, with its backup ID and workflow ID and how to
 // follow and cancel it (with --json: the backup as status "running"); the
-// backup, held at a pause point meanwhile, then goes on and commits, and
+// backup, held at a fault point meanwhile, then goes on and commits, and
 // nothing ever asked Temporal to cancel it.
 func TestInterruptedWaitLeavesTheBackupRunning(t *testing.T) {
-	s := stacktest.New(t, stack.Options{PausePoints: true})
+	s := stacktest.New(t, stack.Options{FaultPoints: true})
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
 	const vm = "DC0_H0_VM1"
@@ -39,7 +39,7 @@ func TestInterruptedWaitLeavesTheBackupRunning(t *testing.T) {
 	for off := int64(0); off < 320<<20; off += int64(len(chunk)) {
 		stacktest.WriteDisk(t, l, vm, key, off, chunk)
 	}
-	gates := s.Pauses()
+	gates := s.FaultPoints()
 
 	for i, c := range []struct {
 		name  string
@@ -47,8 +47,8 @@ func TestInterruptedWaitLeavesTheBackupRunning(t *testing.T) {
 		sig   syscall.Signal
 		json  bool
 	}{
-		{"SIGINT mid-transfer", activities.PauseMidTransfer, syscall.SIGINT, false},
-		{"SIGTERM after the snapshot, --json", activities.PauseAfterSnapshot, syscall.SIGTERM, true},
+		{"SIGINT mid-transfer", faultpoint.MidTransfer, syscall.SIGINT, false},
+		{"SIGTERM after the snapshot, --json", faultpoint.AfterSnapshot, syscall.SIGTERM, true},
 	} {
 		t.Logf("%s", c.name)
 		if err := gates.Arm(c.point); err != nil {

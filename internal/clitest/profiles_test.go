@@ -14,6 +14,7 @@ import (
 	"github.com/vmware/govmomi/vim25/soap"
 
 	"github.com/cbtflow/cbtflow/activities"
+	"github.com/cbtflow/cbtflow/internal/faultpoint"
 	"github.com/cbtflow/cbtflow/internal/stack"
 	"github.com/cbtflow/cbtflow/internal/stack/stacktest"
 	"github.com/cbtflow/cbtflow/workflows"
@@ -28,7 +29,7 @@ import (
 // under the same workflow ID, as the first of lab's own chain.
 func TestOneBackupPerVMAcrossProfiles(t *testing.T) {
 	const alias = "lab-alias"
-	s := stacktest.New(t, stack.Options{PausePoints: true, LabAliases: []string{alias}})
+	s := stacktest.New(t, stack.Options{FaultPoints: true, LabAliases: []string{alias}})
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
 	const vm = "DC0_H0_VM1"
@@ -94,18 +95,18 @@ func TestOneBackupPerVMAcrossProfiles(t *testing.T) {
 	}
 	defer stopWatching()
 
-	gates := s.Pauses()
-	if err := gates.Arm(activities.PauseMidTransfer); err != nil {
+	gates := s.FaultPoints()
+	if err := gates.Arm(faultpoint.MidTransfer); err != nil {
 		t.Fatal(err)
 	}
 	// Released on every way out, so the stack can stop.
-	t.Cleanup(func() { _ = gates.Release(activities.PauseMidTransfer) })
+	t.Cleanup(func() { _ = gates.Release(faultpoint.MidTransfer) })
 	held, err := s.StartStarter("backup", vm, "--profile", alias, "--wait", "--json")
 	if err != nil {
 		t.Fatal(err)
 	}
 	hctx, hcancel := context.WithTimeout(ctx, 3*time.Minute)
-	_, err = gates.Wait(hctx, activities.PauseMidTransfer)
+	_, err = gates.Wait(hctx, faultpoint.MidTransfer)
 	hcancel()
 	if err != nil {
 		_ = held.Signal(os.Kill)
@@ -170,12 +171,12 @@ func TestOneBackupPerVMAcrossProfiles(t *testing.T) {
 	if snaps, err := stacktest.Snapshots(ctx, l, vmRef); err != nil || len(snaps) != 1 || snaps[0] != activities.SnapshotPrefix+runningID {
 		t.Errorf("snapshots of %s while %s is held: %v (%v), want only its own", vm, runningID, snaps, err)
 	}
-	if !gates.Reached(activities.PauseMidTransfer) {
+	if !gates.Reached(faultpoint.MidTransfer) {
 		t.Errorf("backup %s is no longer held mid-transfer", runningID)
 	}
 
 	// Released, the held backup commits.
-	if err := gates.Release(activities.PauseMidTransfer); err != nil {
+	if err := gates.Release(faultpoint.MidTransfer); err != nil {
 		t.Fatal(err)
 	}
 	hr, err := held.Wait(ctx)

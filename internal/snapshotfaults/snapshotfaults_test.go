@@ -14,6 +14,7 @@ import (
 	enumspb "go.temporal.io/api/enums/v1"
 
 	"github.com/cbtflow/cbtflow/activities"
+	"github.com/cbtflow/cbtflow/internal/faultpoint"
 	"github.com/cbtflow/cbtflow/internal/lab"
 	"github.com/cbtflow/cbtflow/internal/stack"
 	"github.com/cbtflow/cbtflow/internal/stack/stacktest"
@@ -36,7 +37,7 @@ const adminName = "admin-before-upgrade"
 // nbdkit is left, no image of the failed backup stays in the repository,
 // and its catalog row is failed.
 func TestVMRemovedMidTransfer(t *testing.T) {
-	s := stacktest.New(t, stack.Options{PausePoints: true})
+	s := stacktest.New(t, stack.Options{FaultPoints: true})
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
 	l := s.Lab()
@@ -58,8 +59,8 @@ func TestVMRemovedMidTransfer(t *testing.T) {
 		}
 	}
 
-	gates := s.Pauses()
-	if err := gates.Arm(activities.PauseMidTransfer); err != nil {
+	gates := s.FaultPoints()
+	if err := gates.Arm(faultpoint.MidTransfer); err != nil {
 		t.Fatal(err)
 	}
 	run, err := s.StartStarter("backup", doomed, "--wait", "--json")
@@ -67,10 +68,10 @@ func TestVMRemovedMidTransfer(t *testing.T) {
 		t.Fatal(err)
 	}
 	wctx, wcancel := context.WithTimeout(ctx, 3*time.Minute)
-	_, err = gates.Wait(wctx, activities.PauseMidTransfer)
+	_, err = gates.Wait(wctx, faultpoint.MidTransfer)
 	wcancel()
 	if err != nil {
-		_ = gates.Release(activities.PauseMidTransfer)
+		_ = gates.Release(faultpoint.MidTransfer)
 		t.Fatal(err)
 	}
 
@@ -78,11 +79,11 @@ func TestVMRemovedMidTransfer(t *testing.T) {
 	lc := &lab.Client{BaseURL: l.URL().String(), Thumbprint: l.Thumbprint()}
 	defer lc.CloseIdleConnections()
 	if err := lc.RemoveVM(ctx, doomed); err != nil {
-		_ = gates.Release(activities.PauseMidTransfer)
+		_ = gates.Release(faultpoint.MidTransfer)
 		t.Fatalf("remove the VM during the backup: %v", err)
 	}
 	released := time.Now()
-	if err := gates.Release(activities.PauseMidTransfer); err != nil {
+	if err := gates.Release(faultpoint.MidTransfer); err != nil {
 		t.Fatal(err)
 	}
 	bctx, bcancel := context.WithTimeout(ctx, failBound+time.Minute)
@@ -136,7 +137,7 @@ func TestVMRemovedMidTransfer(t *testing.T) {
 // the administrator's snapshot is still there; no image, no process is
 // left; the next backup of the VM succeeds.
 func TestSnapshotMorefNamesAnotherSnapshot(t *testing.T) {
-	s := stacktest.New(t, stack.Options{PausePoints: true})
+	s := stacktest.New(t, stack.Options{FaultPoints: true})
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
 	l := s.Lab()
@@ -155,8 +156,8 @@ func TestSnapshotMorefNamesAnotherSnapshot(t *testing.T) {
 	baseID := base.Disk(t, key).ChangeID
 
 	stacktest.WriteDisk(t, l, vm, key, 64<<20, stacktest.Pattern(2, 8<<20))
-	gates := s.Pauses()
-	if err := gates.Arm(activities.PauseAfterSnapshot); err != nil {
+	gates := s.FaultPoints()
+	if err := gates.Arm(faultpoint.AfterSnapshot); err != nil {
 		t.Fatal(err)
 	}
 	run, err := s.StartStarter("backup", vm, "--wait", "--json")
@@ -164,24 +165,24 @@ func TestSnapshotMorefNamesAnotherSnapshot(t *testing.T) {
 		t.Fatal(err)
 	}
 	wctx, wcancel := context.WithTimeout(ctx, 3*time.Minute)
-	_, err = gates.Wait(wctx, activities.PauseAfterSnapshot)
+	_, err = gates.Wait(wctx, faultpoint.AfterSnapshot)
 	wcancel()
 	if err != nil {
-		_ = gates.Release(activities.PauseAfterSnapshot)
+		_ = gates.Release(faultpoint.AfterSnapshot)
 		t.Fatal(err)
 	}
 	snaps, err := l.Snapshots(vm)
 	if err != nil || len(snaps) != 1 || !strings.HasPrefix(snaps[0].Name, activities.SnapshotPrefix) {
-		_ = gates.Release(activities.PauseAfterSnapshot)
+		_ = gates.Release(faultpoint.AfterSnapshot)
 		t.Fatalf("snapshots while the backup is held: %+v %v, want its own only", snaps, err)
 	}
 	ours := snaps[0]
 	if err := l.RenameSnapshot(vm, ours.Ref, adminName); err != nil {
-		_ = gates.Release(activities.PauseAfterSnapshot)
+		_ = gates.Release(faultpoint.AfterSnapshot)
 		t.Fatal(err)
 	}
 	released := time.Now()
-	if err := gates.Release(activities.PauseAfterSnapshot); err != nil {
+	if err := gates.Release(faultpoint.AfterSnapshot); err != nil {
 		t.Fatal(err)
 	}
 	bctx, bcancel := context.WithTimeout(ctx, failBound+time.Minute)

@@ -8,6 +8,8 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+
+	"github.com/cbtflow/cbtflow/internal/faultpoint"
 )
 
 // Environment variables that name prebuilt programs.
@@ -81,8 +83,11 @@ func goTool() (string, error) {
 
 // BuildBinaries finds the Temporal CLI and provides the worker and the
 // starter: $CBTFLOW_WORKER_BIN and $CBTFLOW_STARTER_BIN when set, else
-// built with `go build` into dir from the module that contains the
-// current directory (tests run in their package's folder).
+// built with `go build -tags faultpoint.Tag` into dir from the module
+// that contains the current directory (tests run in their package's
+// folder). The tag gives the worker its fault points (Options.FaultPoints);
+// release builds (make build) never have them. A prebuilt worker needs the
+// tag only for a stack with fault points (make chaos builds one so).
 func BuildBinaries(ctx context.Context, dir string) (Binaries, error) {
 	var b Binaries
 	var err error
@@ -113,7 +118,7 @@ func BuildBinaries(ctx context.Context, dir string) (Binaries, error) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return b, fmt.Errorf("stack: %w", err)
 	}
-	cmd := exec.CommandContext(ctx, goBin, append([]string{"build", "-o", dir + string(filepath.Separator)}, pkgs...)...)
+	cmd := exec.CommandContext(ctx, goBin, append([]string{"build", "-tags", faultpoint.Tag, "-o", dir + string(filepath.Separator)}, pkgs...)...)
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return b, fmt.Errorf("stack: go build %s: %w\n%s", strings.Join(pkgs, " "), err, out)
 	}

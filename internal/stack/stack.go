@@ -21,6 +21,7 @@ import (
 	"go.temporal.io/sdk/client"
 	tlog "go.temporal.io/sdk/log"
 
+	"github.com/cbtflow/cbtflow/internal/faultpoint"
 	"github.com/cbtflow/cbtflow/internal/lab"
 	"github.com/cbtflow/cbtflow/internal/vsphere"
 	"github.com/cbtflow/cbtflow/workflows"
@@ -52,10 +53,11 @@ type Options struct {
 	LabMaxExtentsPerPage int
 	// NoWorker leaves the worker stopped after Start (StartWorker starts it).
 	NoWorker bool
-	// PausePoints enables the worker's test-only pause points
-	// (CBTFLOW_TEST_PAUSE_DIR, see activities.PauseDir) in STATE/pause;
-	// Pauses drives them.
-	PausePoints bool
+	// FaultPoints gives the worker fault points (internal/faultpoint) in
+	// the folder STATE/faultpoints, which FaultPoints drives. The worker
+	// must be built with the tag faultpoint.Tag, as BuildBinaries builds
+	// it; Start refuses one built without.
+	FaultPoints bool
 	// LabSourceFilters go into the lab profile (test-only nbdkit filters in
 	// front of the lab source, e.g. EIO on some reads; see
 	// vsphere.Profile.LabSourceFilters).
@@ -129,8 +131,11 @@ func Start(ctx context.Context, opts Options) (s *Stack, err error) {
 	if err := os.MkdirAll(s.repository, 0o700); err != nil {
 		return s, fmt.Errorf("stack: %w", err)
 	}
-	if opts.PausePoints {
-		if err := os.MkdirAll(s.Pauses().Dir, 0o700); err != nil {
+	if opts.FaultPoints {
+		if err := checkFaultPoints(opts.Binaries.Worker); err != nil {
+			return s, err
+		}
+		if err := os.MkdirAll(s.FaultPoints().Dir, 0o700); err != nil {
 			return s, fmt.Errorf("stack: %w", err)
 		}
 	}
@@ -428,8 +433,8 @@ func (s *Stack) StartWorker(ctx context.Context) error {
 		return errors.New("stack: the worker is running already")
 	}
 	extra := append(s.Env(), "CBTFLOW_METRICS_ADDR="+s.metricsAddr, "TMPDIR="+s.tmpDir)
-	if s.opts.PausePoints {
-		extra = append(extra, "CBTFLOW_TEST_PAUSE_DIR="+s.Pauses().Dir)
+	if s.opts.FaultPoints {
+		extra = append(extra, faultpoint.EnvDir+"="+s.FaultPoints().Dir)
 	}
 	env := childEnv(extra...)
 	p, err := startProc("worker", s.opts.Binaries.Worker, nil, env, s.WorkerLog())

@@ -12,6 +12,7 @@ import (
 	"go.temporal.io/sdk/temporal"
 
 	"github.com/cbtflow/cbtflow/activities"
+	"github.com/cbtflow/cbtflow/internal/faultpoint"
 	"github.com/cbtflow/cbtflow/internal/stack"
 	"github.com/cbtflow/cbtflow/internal/stack/stacktest"
 	"github.com/cbtflow/cbtflow/internal/testutil"
@@ -26,13 +27,13 @@ import (
 // snapshot; the sweeper removes what the terminated one left. Nothing
 // retries for long, and no partial image stays in the repository.
 func TestCatalogDroppedMidBackup(t *testing.T) {
-	s := stacktest.New(t, stack.Options{PausePoints: true})
+	s := stacktest.New(t, stack.Options{FaultPoints: true})
 	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
 	defer cancel()
 	const vmCommit, vmKilled = "DC0_H0_VM0", "DC0_C0_RP0_VM0"
 	l := s.Lab()
 	// Enough data that a copy outlasts the copier's progress interval, so
-	// the mid-transfer pause point is reached.
+	// the mid-transfer fault point is reached.
 	for i, name := range []string{vmCommit, vmKilled} {
 		disks, err := l.Disks(name)
 		if err != nil || len(disks) == 0 {
@@ -42,7 +43,7 @@ func TestCatalogDroppedMidBackup(t *testing.T) {
 			stacktest.WriteDisk(t, l, name, disks[0].Key, off, stacktest.Pattern(uint64(50+i)+uint64(off), 32<<20))
 		}
 	}
-	gates := s.Pauses()
+	gates := s.FaultPoints()
 	start := func(name, point string) (backupID, workflowID string) {
 		t.Helper()
 		if err := gates.Arm(point); err != nil {
@@ -63,8 +64,8 @@ func TestCatalogDroppedMidBackup(t *testing.T) {
 		}
 		return started.BackupID, started.WorkflowID
 	}
-	idCommit, widCommit := start(vmCommit, activities.PauseBeforeCommit)
-	idKilled, widKilled := start(vmKilled, activities.PauseMidTransfer)
+	idCommit, widCommit := start(vmCommit, faultpoint.BeforeCommit)
+	idKilled, widKilled := start(vmKilled, faultpoint.MidTransfer)
 	if len(partialFiles(t, s.Repository(), idCommit)) == 0 || len(partialFiles(t, s.Repository(), idKilled)) == 0 {
 		t.Fatalf("the held backups have no images yet")
 	}
@@ -75,7 +76,7 @@ func TestCatalogDroppedMidBackup(t *testing.T) {
 		t.Fatal(err)
 	}
 	dropDatabase(ctx, t, s.DatabaseURL())
-	if err := gates.Release(activities.PauseMidTransfer); err != nil {
+	if err := gates.Release(faultpoint.MidTransfer); err != nil {
 		t.Fatal(err)
 	}
 	waitFor(ctx, t, "the terminated transfer to stop its NBD servers", func() bool {
@@ -89,7 +90,7 @@ func TestCatalogDroppedMidBackup(t *testing.T) {
 
 	// The held commit fails at once, naming the catalog; its cleanup runs.
 	released := time.Now()
-	if err := gates.Release(activities.PauseBeforeCommit); err != nil {
+	if err := gates.Release(faultpoint.BeforeCommit); err != nil {
 		t.Fatal(err)
 	}
 	err := s.Client().GetWorkflow(ctx, widCommit, "").Get(ctx, nil)

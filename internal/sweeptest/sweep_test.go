@@ -15,6 +15,7 @@ import (
 	"go.temporal.io/sdk/client"
 
 	"github.com/cbtflow/cbtflow/activities"
+	"github.com/cbtflow/cbtflow/internal/faultpoint"
 	"github.com/cbtflow/cbtflow/internal/stack"
 	"github.com/cbtflow/cbtflow/internal/stack/stacktest"
 	"github.com/cbtflow/cbtflow/internal/vsphere"
@@ -29,7 +30,7 @@ const vm = "DC0_H0_VM1"
 // snapshot and no partial file, and marks the backup failed; the set-up
 // creates the sweeper's schedule; a sweep respects the minimum age.
 func TestSweeperCleansUpATerminatedBackup(t *testing.T) {
-	s := stacktest.New(t, stack.Options{PausePoints: true})
+	s := stacktest.New(t, stack.Options{FaultPoints: true})
 	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
 	defer cancel()
 
@@ -61,8 +62,8 @@ func TestSweeperCleansUpATerminatedBackup(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	gates := s.Pauses()
-	if err := gates.Arm(activities.PauseMidTransfer); err != nil {
+	gates := s.FaultPoints()
+	if err := gates.Arm(faultpoint.MidTransfer); err != nil {
 		t.Fatal(err)
 	}
 	r := starter(ctx, t, s, "backup", vm, "--json")
@@ -74,7 +75,7 @@ func TestSweeperCleansUpATerminatedBackup(t *testing.T) {
 		t.Fatalf("starting the backup: %s", r)
 	}
 	wctx, wcancel := context.WithTimeout(ctx, 3*time.Minute)
-	if _, err := gates.Wait(wctx, activities.PauseMidTransfer); err != nil {
+	if _, err := gates.Wait(wctx, faultpoint.MidTransfer); err != nil {
 		wcancel()
 		t.Fatal(err)
 	}
@@ -85,7 +86,7 @@ func TestSweeperCleansUpATerminatedBackup(t *testing.T) {
 	// Let the held transfer go on: its next heartbeat learns that the
 	// workflow is gone and it stops. Wait until its servers are gone, so
 	// nothing writes into the repository while the sweeper cleans it.
-	if err := gates.Release(activities.PauseMidTransfer); err != nil {
+	if err := gates.Release(faultpoint.MidTransfer); err != nil {
 		t.Fatal(err)
 	}
 	waitFor(ctx, t, "the terminated transfer to stop its NBD servers", func() bool {
