@@ -11,6 +11,7 @@ import (
 	"strings"
 
 	"github.com/cbtflow/cbtflow/internal/lab"
+	"github.com/cbtflow/cbtflow/internal/lab/labapi"
 )
 
 func init() {
@@ -142,8 +143,8 @@ func (t *labTarget) check() error {
 	return nil
 }
 
-func (t *labTarget) client() *lab.Client {
-	return &lab.Client{BaseURL: t.url, Thumbprint: t.thumbprint}
+func (t *labTarget) client() *labapi.Client {
+	return &labapi.Client{BaseURL: t.url, Thumbprint: t.thumbprint}
 }
 
 func labWrite(ctx context.Context, e *env, args []string) error {

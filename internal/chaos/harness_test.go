@@ -24,10 +24,10 @@ import (
 	"github.com/cbtflow/cbtflow/activities"
 	"github.com/cbtflow/cbtflow/internal/catalog"
 	"github.com/cbtflow/cbtflow/internal/lab"
+	"github.com/cbtflow/cbtflow/internal/lab/labapi"
 	"github.com/cbtflow/cbtflow/internal/stack"
 	"github.com/cbtflow/cbtflow/internal/stack/stacktest"
 	"github.com/cbtflow/cbtflow/internal/testutil"
-	"github.com/cbtflow/cbtflow/internal/vsphere"
 )
 
 const (
@@ -122,7 +122,7 @@ func newEnv(t *testing.T, ctx context.Context, cfg envConfig) *env {
 	opts := stack.Options{Dir: filepath.Join(root, "state"), DatabaseURL: proxyURL.String(), FaultPoints: true}
 	if cfg.eioRate != "" {
 		e.eioGate = filepath.Join(root, "eio-on")
-		opts.LabSourceFilters = []vsphere.LabSourceFilter{{Filter: "error",
+		opts.LabSourceFilters = []labapi.Filter{{Filter: "error",
 			Params: []string{"error=EIO", "error-pread-rate=" + cfg.eioRate, "error-pread-file=" + e.eioGate}}}
 	}
 	if cfg.repoSize > 0 {

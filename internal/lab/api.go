@@ -9,40 +9,39 @@ import (
 
 	"github.com/vmware/govmomi/simulator"
 	"github.com/vmware/govmomi/vim25/types"
+
+	"github.com/cbtflow/cbtflow/internal/lab/labapi"
 )
 
-// Errors of the Go API and the lab endpoints; test with errors.Is.
+// Errors of the Go API and the lab endpoints (defined with the endpoints'
+// contract in labapi, so that a client matches them without linking the
+// simulator); test with errors.Is.
 var (
-	ErrUnknownVM       = errors.New("unknown VM")
-	ErrUnknownDisk     = errors.New("unknown disk")
-	ErrUnknownSnapshot = errors.New("unknown snapshot")
-	ErrOutOfRange      = errors.New("outside the disk")
-	ErrImage           = errors.New("snapshot image unavailable")
+	ErrUnknownVM       = labapi.ErrUnknownVM
+	ErrUnknownDisk     = labapi.ErrUnknownDisk
+	ErrUnknownSnapshot = labapi.ErrUnknownSnapshot
+	ErrOutOfRange      = labapi.ErrOutOfRange
+	ErrImage           = labapi.ErrImage
 )
 
 // chunkSize is the unit of guest I/O: each chunk of a write is atomic with
 // respect to a snapshot, as a guest's write request is.
 const chunkSize = 1 << 20
 
-// DiskInfo describes a tracked disk of a VM.
-type DiskInfo struct {
-	VM       string `json:"vm"`
-	VMRef    string `json:"vmRef"`
-	Key      int32  `json:"key"`
-	Capacity int64  `json:"capacity"`
-	FileName string `json:"fileName"` // backing file in the live config
-	ChangeID string `json:"changeId"` // in the live config; empty until a snapshot with CBT on
-}
-
-// ImageInfo locates the frozen image of a snapshot's disk.
-type ImageInfo struct {
-	Path     string `json:"path"`
-	Capacity int64  `json:"capacity"`
-	ChangeID string `json:"changeId"` // empty when CBT was off
-	VM       string `json:"vm"`
-	Snapshot string `json:"snapshot"`
-	Key      int32  `json:"key"`
-}
+// The Go API answers with the endpoints' types, so that a test reads the
+// same values in process and over HTTP.
+type (
+	// DiskInfo describes a tracked disk of a VM.
+	DiskInfo = labapi.DiskInfo
+	// ImageInfo locates the frozen image of a snapshot's disk.
+	ImageInfo = labapi.ImageInfo
+	// VMInfo describes a VM.
+	VMInfo = labapi.VMInfo
+	// Extent is a byte range of a disk.
+	Extent = labapi.Extent
+	// Stamp is one change ID the lab gave a disk when a snapshot was taken.
+	Stamp = labapi.Stamp
+)
 
 func (l *Lab) lockCtx() *simulator.Context {
 	return &simulator.Context{Map: l.model.Service.Context.Map}
@@ -314,10 +313,12 @@ func (l *Lab) DiskExtents(vmName string, key int32) ([]Extent, error) {
 
 // SnapshotImage locates the frozen image of disk key in a snapshot (moref
 // value, e.g. "snapshot-123"). The file is read-only by convention and
-// exists until the snapshot is removed or the lab closes.
+// exists until the snapshot is removed or the lab closes. Its Filters are
+// the lab's source filters (Options.SourceFilters, SetSourceFilters).
 func (l *Lab) SnapshotImage(snapshot string, key int32) (ImageInfo, error) {
 	l.mu.Lock()
 	rec := l.snaps[snapshot]
+	filters := slices.Clone(l.filters)
 	l.mu.Unlock()
 	if rec == nil {
 		return ImageInfo{}, fmt.Errorf("lab: %w %q: %s", ErrUnknownSnapshot, snapshot, l.goneReason(snapshot))
@@ -329,7 +330,21 @@ func (l *Lab) SnapshotImage(snapshot string, key int32) (ImageInfo, error) {
 	if sd.img == nil {
 		return ImageInfo{}, fmt.Errorf("lab: %w: snapshot %q disk %d: %v", ErrImage, snapshot, key, sd.err)
 	}
-	return ImageInfo{Path: sd.img.path, Capacity: sd.capacity, ChangeID: sd.changeID, VM: rec.vmName, Snapshot: rec.ref, Key: key}, nil
+	return ImageInfo{Path: sd.img.path, Capacity: sd.capacity, ChangeID: sd.changeID, VM: rec.vmName, Snapshot: rec.ref, Key: key,
+		Filters: filters}, nil
+}
+
+// SetSourceFilters replaces Options.SourceFilters: the nbdkit filters
+// SnapshotImage names from now on (nil: none). A reader that already
+// opened an image keeps the filters it was given.
+func (l *Lab) SetSourceFilters(fs []labapi.Filter) error {
+	if err := labapi.CheckFilters(fs); err != nil {
+		return fmt.Errorf("lab: source filters: %w", err)
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.filters = slices.Clone(fs)
+	return nil
 }
 
 // ChangeIDLog returns every change ID the lab stamped, oldest first.

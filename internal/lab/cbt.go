@@ -19,17 +19,6 @@ import (
 	"github.com/vmware/govmomi/vim25/types"
 )
 
-// Stamp is one change ID the lab gave a disk when a snapshot was taken.
-type Stamp struct {
-	Time         time.Time `json:"time"`
-	VM           string    `json:"vm"`    // VM name
-	VMRef        string    `json:"vmRef"` // VM moref value, e.g. vm-62
-	Snapshot     string    `json:"snapshot"`
-	SnapshotName string    `json:"snapshotName"`
-	DiskKey      int32     `json:"diskKey"`
-	ChangeID     string    `json:"changeId"`
-}
-
 // snapRec is what the lab knows of one snapshot.
 type snapRec struct {
 	ref, vmRef, vmName, name string

@@ -13,15 +13,6 @@ import (
 	"github.com/google/uuid"
 )
 
-// Extent is a byte range of a disk.
-type Extent struct {
-	Offset int64 `json:"offset"`
-	Length int64 `json:"length"`
-}
-
-// End returns the offset just past the extent.
-func (e Extent) End() int64 { return e.Offset + e.Length }
-
 type diskID struct {
 	vm  string // VM moref value
 	key int32
@@ -142,7 +133,7 @@ func (d *disk) takeDirty() []Extent {
 		if n := len(out); n > 0 && out[n-1].End() == start {
 			out[n-1].Length = end - out[n-1].Offset
 		} else {
-			out = append(out, Extent{start, end - start})
+			out = append(out, Extent{Offset: start, Length: end - start})
 		}
 	}
 	clear(d.dirty)
@@ -215,7 +206,7 @@ func dataExtents(f *os.File, size int64) ([]Extent, error) {
 			return nil, err
 		}
 		hole = min(hole, size)
-		out = append(out, Extent{data, hole - data})
+		out = append(out, Extent{Offset: data, Length: hole - data})
 		off = hole
 	}
 	return out, nil
@@ -271,7 +262,7 @@ func alignExtents(exts []Extent, capacity int64) []Extent {
 			out[n-1].Length = max(out[n-1].End(), end) - out[n-1].Offset
 			continue
 		}
-		out = append(out, Extent{start, end - start})
+		out = append(out, Extent{Offset: start, Length: end - start})
 	}
 	return out
 }

@@ -2,11 +2,12 @@ package lab
 
 import (
 	"encoding/json"
-	"errors"
 	"fmt"
 	"net"
 	"net/http"
 	"strconv"
+
+	"github.com/cbtflow/cbtflow/internal/lab/labapi"
 )
 
 // endpointPrefix is where the lab endpoints live on the lab's HTTPS server,
@@ -14,72 +15,8 @@ import (
 // loopback clients.
 const endpointPrefix = "/cbtflow-lab/"
 
-// Error codes of the lab endpoints ({"error": "...", "code": "..."}).
-const (
-	codeUnknownVM       = "unknown_vm"
-	codeUnknownDisk     = "unknown_disk"
-	codeUnknownSnapshot = "unknown_snapshot"
-	codeOutOfRange      = "out_of_range"
-	codeImage           = "image_unavailable"
-	codeHasSnapshots    = "has_snapshots"
-	codeBadCapacity     = "bad_capacity"
-	codeBadName         = "bad_name"
-	codeVMExists        = "vm_exists"
-	codeBadRequest      = "bad_request"
-	codeInternal        = "internal"
-)
-
-var errorCodes = []struct {
-	err    error
-	code   string
-	status int
-}{
-	{ErrUnknownVM, codeUnknownVM, http.StatusNotFound},
-	{ErrUnknownDisk, codeUnknownDisk, http.StatusNotFound},
-	{ErrUnknownSnapshot, codeUnknownSnapshot, http.StatusNotFound},
-	{ErrOutOfRange, codeOutOfRange, http.StatusBadRequest},
-	{ErrImage, codeImage, http.StatusConflict},
-	{ErrHasSnapshots, codeHasSnapshots, http.StatusConflict},
-	{ErrBadCapacity, codeBadCapacity, http.StatusBadRequest},
-	{ErrBadName, codeBadName, http.StatusBadRequest},
-	{ErrVMExists, codeVMExists, http.StatusConflict},
-}
-
-type errorBody struct {
-	Error string `json:"error"`
-	Code  string `json:"code"`
-}
-
-// WrittenBody is the answer of a disk write.
-type WrittenBody struct {
-	Written int64 `json:"written"`
-}
-
-// CBTBody switches change tracking of a VM.
-type CBTBody struct {
-	Enabled bool `json:"enabled"`
-}
-
-// CreateVMBody asks for a new VM.
-type CreateVMBody struct {
-	Name  string  `json:"name"`
-	Disks []int64 `json:"disks"` // capacities in bytes, one disk each
-}
-
-// VMInfo describes a VM.
-type VMInfo struct {
-	Name  string     `json:"name"` // as stored: "/" escaped as "%2f" (see EscapeName)
-	Ref   string     `json:"ref"`
-	Disks []DiskInfo `json:"disks"`
-}
-
-// CapacityBody carries a disk capacity in bytes (AddDisk, GrowDisk).
-type CapacityBody struct {
-	Capacity int64 `json:"capacity"`
-}
-
-// endpoints serves the lab endpoints under /cbtflow-lab/v1 ({vm}: moref
-// value, stored name or name as created, path-escaped):
+// endpoints serves the lab endpoints under labapi.Prefix, with labapi's
+// types ({vm}: moref value, stored name or name as created, path-escaped):
 //
 //	POST   /vms                           CreateVMBody -> 201 VMInfo
 //	GET    /vms/{vm}                      VMInfo
@@ -97,10 +34,10 @@ type CapacityBody struct {
 //	GET    /snapshots/{snapshot}/disks/{key}/image  ImageInfo
 //	GET    /changeids                     []Stamp
 //
-// Errors are {"error", "code"} with the codes of errorCodes.
+// Errors are labapi.ErrorBody with the codes of labapi.Classify.
 func (l *Lab) endpoints() http.Handler {
 	mux := http.NewServeMux()
-	const p = "/cbtflow-lab/v1"
+	const p = labapi.Prefix
 	mux.HandleFunc("POST "+p+"/vms", l.postVM)
 	mux.HandleFunc("GET "+p+"/vms/{vm}", l.getVM)
 	mux.HandleFunc("DELETE "+p+"/vms/{vm}", l.deleteVM)
@@ -119,7 +56,7 @@ func (l *Lab) endpoints() http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		host, _, err := net.SplitHostPort(r.RemoteAddr)
 		if ip := net.ParseIP(host); err != nil || ip == nil || !ip.IsLoopback() {
-			writeError(w, http.StatusForbidden, codeBadRequest, "lab endpoints answer loopback clients only")
+			writeError(w, http.StatusForbidden, labapi.CodeBadRequest, "lab endpoints answer loopback clients only")
 			return
 		}
 		mux.ServeHTTP(w, r)
@@ -134,22 +71,19 @@ func writeJSON(w http.ResponseWriter, v any) {
 func writeError(w http.ResponseWriter, status int, code, msg string) {
 	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(status)
-	_ = json.NewEncoder(w).Encode(errorBody{Error: msg, Code: code})
+	_ = json.NewEncoder(w).Encode(labapi.ErrorBody{Error: msg, Code: code})
 }
 
 func (l *Lab) fail(w http.ResponseWriter, r *http.Request, err error) {
-	for _, c := range errorCodes {
-		if errors.Is(err, c.err) {
-			writeError(w, c.status, c.code, err.Error())
-			return
-		}
+	code, status := labapi.Classify(err)
+	if code == labapi.CodeInternal {
+		l.log.Warn("lab endpoint failed", "method", r.Method, "path", r.URL.Path, "err", err)
 	}
-	l.log.Warn("lab endpoint failed", "method", r.Method, "path", r.URL.Path, "err", err)
-	writeError(w, http.StatusInternalServerError, codeInternal, err.Error())
+	writeError(w, status, code, err.Error())
 }
 
 func badRequest(w http.ResponseWriter, format string, args ...any) {
-	writeError(w, http.StatusBadRequest, codeBadRequest, fmt.Sprintf(format, args...))
+	writeError(w, http.StatusBadRequest, labapi.CodeBadRequest, fmt.Sprintf(format, args...))
 }
 
 func pathKey(w http.ResponseWriter, r *http.Request) (int32, bool) {
@@ -275,7 +209,7 @@ func (l *Lab) putData(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	l.log.Debug("disk written", "vm", vm, "disk", key, "offset", off, "bytes", n)
-	writeJSON(w, WrittenBody{Written: n})
+	writeJSON(w, labapi.WrittenBody{Written: n})
 }
 
 func (l *Lab) postPunch(w http.ResponseWriter, r *http.Request) {
@@ -299,7 +233,7 @@ func (l *Lab) postPunch(w http.ResponseWriter, r *http.Request) {
 }
 
 func (l *Lab) putCBT(w http.ResponseWriter, r *http.Request) {
-	var body CBTBody
+	var body labapi.CBTBody
 	if err := json.NewDecoder(r.Body).Decode(&body); err != nil {
 		badRequest(w, "body: %v", err)
 		return
@@ -348,7 +282,7 @@ func writeCreated(w http.ResponseWriter, v any) {
 }
 
 func (l *Lab) postVM(w http.ResponseWriter, r *http.Request) {
-	var body CreateVMBody
+	var body labapi.CreateVMBody
 	if !decodeBody(w, r, &body) {
 		return
 	}
@@ -383,7 +317,7 @@ func (l *Lab) deleteVM(w http.ResponseWriter, r *http.Request) {
 }
 
 func (l *Lab) postDisk(w http.ResponseWriter, r *http.Request) {
-	var body CapacityBody
+	var body labapi.CapacityBody
 	if !decodeBody(w, r, &body) {
 		return
 	}
@@ -406,7 +340,7 @@ func (l *Lab) putCapacity(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	var body CapacityBody
+	var body labapi.CapacityBody
 	if !decodeBody(w, r, &body) {
 		return
 	}

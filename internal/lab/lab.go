@@ -15,6 +15,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -22,6 +23,8 @@ import (
 	"github.com/vmware/govmomi/simulator"
 	"github.com/vmware/govmomi/vim25/soap"
 	"github.com/vmware/govmomi/vim25/types"
+
+	"github.com/cbtflow/cbtflow/internal/lab/labapi"
 )
 
 // DefaultUser is the login of a lab started without Options.User.
@@ -46,6 +49,12 @@ type Options struct {
 	// MaxExtentsPerPage, when positive, caps the extents in one answer of
 	// QueryChangedDiskAreas, forcing callers to page. Zero means no cap.
 	MaxExtentsPerPage int
+	// SourceFilters are nbdkit filters (labapi.FaultFilters only) that the
+	// frozen-image endpoint tells a reader to put in front of every
+	// snapshot image, e.g. EIO on some reads: fault tests set them here,
+	// in the lab they run, because cbtflow's configuration has no fault
+	// settings. SetSourceFilters changes them later.
+	SourceFilters []labapi.Filter
 	// Logger receives the lab's logs; slog.Default() when nil.
 	Logger *slog.Logger
 }
@@ -69,6 +78,7 @@ type Lab struct {
 	gone     map[string]goneSnapshot // removed snapshots, by moref value: why a moref names nothing now
 	pending  map[string]string       // VM moref value -> name of the snapshot being created
 	stamps   []Stamp
+	filters  []labapi.Filter                  // Options.SourceFilters, then SetSourceFilters
 	sessions map[*simulator.Registry]struct{} // session registries holding a cbtVM
 	closed   bool
 
@@ -95,6 +105,9 @@ func Start(ctx context.Context, opts Options) (l *Lab, err error) {
 	if err := checkLoopback(opts.Listen); err != nil {
 		return nil, err
 	}
+	if err := labapi.CheckFilters(opts.SourceFilters); err != nil {
+		return nil, fmt.Errorf("lab: source filters: %w", err)
+	}
 	l = &Lab{
 		opts:     opts,
 		log:      opts.Logger,
@@ -104,6 +117,7 @@ func Start(ctx context.Context, opts Options) (l *Lab, err error) {
 		gone:     map[string]goneSnapshot{},
 		pending:  map[string]string{},
 		sessions: map[*simulator.Registry]struct{}{},
+		filters:  slices.Clone(opts.SourceFilters),
 	}
 	if l.password == "" {
 		if l.password, err = RandomPassword(); err != nil {

@@ -27,6 +27,7 @@ import (
 	"github.com/vmware/govmomi/vim25/types"
 
 	"github.com/cbtflow/cbtflow/internal/lab"
+	"github.com/cbtflow/cbtflow/internal/lab/labapi"
 )
 
 const (
@@ -613,7 +614,7 @@ func TestChangeIDLog(t *testing.T) {
 		seen[s.ChangeID] = true
 	}
 	// The endpoint serves the same log.
-	lc := &lab.Client{BaseURL: l.URL().String(), Thumbprint: l.Thumbprint()}
+	lc := &labapi.Client{BaseURL: l.URL().String(), Thumbprint: l.Thumbprint()}
 	defer lc.CloseIdleConnections()
 	remote, err := lc.ChangeIDLog(context.Background())
 	if err != nil {
@@ -762,7 +763,7 @@ func TestWriteReadAndErrors(t *testing.T) {
 	}
 
 	// The same errors through the endpoints.
-	lc := &lab.Client{BaseURL: l.URL().String()}
+	lc := &labapi.Client{BaseURL: l.URL().String()}
 	defer lc.CloseIdleConnections()
 	ctx := context.Background()
 	if _, err := lc.WriteDisk(ctx, "nope", diskKey, 0, strings.NewReader("x"), 1); !errors.Is(err, lab.ErrUnknownVM) {
@@ -777,7 +778,7 @@ func TestWriteReadAndErrors(t *testing.T) {
 	if _, err := lc.SnapshotImage(ctx, "snapshot-424242", diskKey); !errors.Is(err, lab.ErrUnknownSnapshot) {
 		t.Errorf("client unknown snapshot: %v", err)
 	}
-	bad := &lab.Client{BaseURL: l.URL().String(), Thumbprint: "00:11"}
+	bad := &labapi.Client{BaseURL: l.URL().String(), Thumbprint: "00:11"}
 	defer bad.CloseIdleConnections()
 	if _, err := bad.Disks(ctx, vm1); err == nil {
 		t.Error("client accepted a certificate with another thumbprint")
@@ -909,7 +910,7 @@ func TestCloseStopsGoroutines(t *testing.T) {
 	c := mustConnect(t, l)
 	vm := findVM(t, c, vm1)
 	snapshot(t, vm, "s")
-	lc := &lab.Client{BaseURL: l.URL().String()}
+	lc := &labapi.Client{BaseURL: l.URL().String()}
 	if _, err := lc.Disks(context.Background(), vm1); err != nil {
 		t.Fatal(err)
 	}
@@ -931,4 +932,48 @@ func TestCloseStopsGoroutines(t *testing.T) {
 		}
 	}
 	t.Errorf("goroutines left after Close:\n%s", stacks)
+}
+
+// TestSourceFilters: the frozen-image endpoint names the lab's source
+// filters, from Options.SourceFilters and then SetSourceFilters, so that a
+// fault test configures the lab, never cbtflow's profiles; filters beyond
+// the fault filters are refused at Start and by SetSourceFilters.
+func TestSourceFilters(t *testing.T) {
+	t.Parallel()
+	eio := []labapi.Filter{{Filter: "error", Params: []string{"error=EIO", "error-pread-rate=5%"}}}
+	l := startLab(t, lab.Options{SourceFilters: eio})
+	c := mustConnect(t, l)
+	vm := findVM(t, c, vm1)
+	s1 := snapshot(t, vm, "s1")
+	lc := &labapi.Client{BaseURL: l.URL().String(), Thumbprint: l.Thumbprint()}
+	defer lc.CloseIdleConnections()
+	ctx := context.Background()
+	img, err := lc.SnapshotImage(ctx, s1.Value, diskKey)
+	if err != nil || !reflect.DeepEqual(img.Filters, eio) {
+		t.Fatalf("image %+v, %v: want the filters %+v", img, err, eio)
+	}
+	delay := []labapi.Filter{{Filter: "delay", Params: []string{"delay-read=10ms"}}}
+	if err := l.SetSourceFilters(delay); err != nil {
+		t.Fatal(err)
+	}
+	if img, err = lc.SnapshotImage(ctx, s1.Value, diskKey); err != nil || !reflect.DeepEqual(img.Filters, delay) {
+		t.Errorf("after SetSourceFilters: %+v, %v: want %+v", img.Filters, err, delay)
+	}
+	if err := l.SetSourceFilters(nil); err != nil {
+		t.Fatal(err)
+	}
+	if img, err = lc.SnapshotImage(ctx, s1.Value, diskKey); err != nil || img.Filters != nil {
+		t.Errorf("after SetSourceFilters(nil): %+v, %v: want none", img.Filters, err)
+	}
+
+	bad := []labapi.Filter{{Filter: "log", Params: []string{"logfile=/tmp/x"}}}
+	if err := l.SetSourceFilters(bad); err == nil || !strings.Contains(err.Error(), `"log"`) {
+		t.Errorf("SetSourceFilters(log) = %v, want a refusal naming it", err)
+	}
+	sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	if l2, err := lab.Start(sctx, lab.Options{SourceFilters: bad}); err == nil {
+		_ = l2.Close()
+		t.Error("Start with the log filter succeeded")
+	}
 }

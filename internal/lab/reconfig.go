@@ -21,15 +21,17 @@ import (
 	"github.com/vmware/govmomi/vim25/mo"
 	"github.com/vmware/govmomi/vim25/soap"
 	"github.com/vmware/govmomi/vim25/types"
+
+	"github.com/cbtflow/cbtflow/internal/lab/labapi"
 )
 
 // Errors of the configuration changes (GrowDisk, AddDisk, RemoveDisk,
 // CreateVM); test with errors.Is.
 var (
-	ErrHasSnapshots = errors.New("VM has snapshots")
-	ErrBadCapacity  = errors.New("bad disk capacity")
-	ErrBadName      = errors.New("bad VM name")
-	ErrVMExists     = errors.New("VM name taken")
+	ErrHasSnapshots = labapi.ErrHasSnapshots
+	ErrBadCapacity  = labapi.ErrBadCapacity
+	ErrBadName      = labapi.ErrBadName
+	ErrVMExists     = labapi.ErrVMExists
 )
 
 // MaxDiskCapacity is the largest capacity the lab gives a disk: vSphere's

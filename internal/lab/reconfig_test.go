@@ -18,11 +18,12 @@ import (
 	"github.com/vmware/govmomi/vim25/types"
 
 	"github.com/cbtflow/cbtflow/internal/lab"
+	"github.com/cbtflow/cbtflow/internal/lab/labapi"
 )
 
-func labClient(t *testing.T, l *lab.Lab) *lab.Client {
+func labClient(t *testing.T, l *lab.Lab) *labapi.Client {
 	t.Helper()
-	lc := &lab.Client{BaseURL: l.URL().String(), Thumbprint: l.Thumbprint()}
+	lc := &labapi.Client{BaseURL: l.URL().String(), Thumbprint: l.Thumbprint()}
 	t.Cleanup(lc.CloseIdleConnections)
 	return lc
 }

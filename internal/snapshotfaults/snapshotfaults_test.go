@@ -16,6 +16,7 @@ import (
 	"github.com/cbtflow/cbtflow/activities"
 	"github.com/cbtflow/cbtflow/internal/faultpoint"
 	"github.com/cbtflow/cbtflow/internal/lab"
+	"github.com/cbtflow/cbtflow/internal/lab/labapi"
 	"github.com/cbtflow/cbtflow/internal/stack"
 	"github.com/cbtflow/cbtflow/internal/stack/stacktest"
 )
@@ -76,7 +77,7 @@ func TestVMRemovedMidTransfer(t *testing.T) {
 	}
 
 	// Remove the VM through the lab's endpoint, as `starter lab` does.
-	lc := &lab.Client{BaseURL: l.URL().String(), Thumbprint: l.Thumbprint()}
+	lc := &labapi.Client{BaseURL: l.URL().String(), Thumbprint: l.Thumbprint()}
 	defer lc.CloseIdleConnections()
 	if err := lc.RemoveVM(ctx, doomed); err != nil {
 		_ = gates.Release(faultpoint.MidTransfer)

@@ -10,9 +10,11 @@
 //     line.
 //   - "lab": nbdkit's file plugin serves the frozen image the lab
 //     (internal/lab) made of the snapshot's disk, found through the lab's
-//     own endpoint. It needs the worker and the lab to share a file system
-//     (demo, tests). Fault tests put nbdkit filters in front of it (the
-//     profile's test-only LabSourceFilters, e.g. EIO on some reads).
+//     own endpoint (internal/lab/labapi, which does not link the
+//     simulator). It needs the worker and the lab to share a file system
+//     (demo, tests). The endpoint also names the nbdkit filters to put in
+//     front of the image: a lab started for fault tests asks for EIO on
+//     some reads; cbtflow's own configuration has no such setting.
 //
 // The package only starts and describes the NBD server; reading from it is
 // the copier's business, and finding the snapshot is internal/vsphere's.
@@ -25,7 +27,7 @@ import (
 	"net/url"
 	"strings"
 
-	"github.com/cbtflow/cbtflow/internal/lab"
+	"github.com/cbtflow/cbtflow/internal/lab/labapi"
 	"github.com/cbtflow/cbtflow/internal/qemu"
 	"github.com/cbtflow/cbtflow/internal/vsphere"
 )
@@ -98,11 +100,11 @@ func (labOpener) Open(ctx context.Context, req Request) (*qemu.Export, error) {
 	if err := req.check(); err != nil {
 		return nil, err
 	}
-	lc := &lab.Client{BaseURL: req.Profile.URL, Thumbprint: req.Profile.Thumbprint}
+	lc := &labapi.Client{BaseURL: req.Profile.URL, Thumbprint: req.Profile.Thumbprint}
 	defer lc.CloseIdleConnections()
 	img, err := lc.SnapshotImage(ctx, req.SnapshotRef, req.Disk.Key)
 	if err != nil {
-		if errors.Is(err, lab.ErrUnknownSnapshot) || errors.Is(err, lab.ErrUnknownDisk) {
+		if errors.Is(err, labapi.ErrUnknownSnapshot) || errors.Is(err, labapi.ErrUnknownDisk) {
 			return nil, fmt.Errorf("source: lab image of disk %d of snapshot %s: %w: %w", req.Disk.Key, req.SnapshotRef, vsphere.ErrSnapshotNotFound, err)
 		}
 		return nil, fmt.Errorf("source: lab image of disk %d of snapshot %s: %w", req.Disk.Key, req.SnapshotRef, err)
@@ -111,7 +113,11 @@ func (labOpener) Open(ctx context.Context, req Request) (*qemu.Export, error) {
 		return nil, fmt.Errorf("source: %w: lab image of disk %d of snapshot %s has %d bytes, the snapshot's config says %d",
 			ErrBadRequest, req.Disk.Key, req.SnapshotRef, img.Capacity, req.Disk.Capacity)
 	}
-	e, err := qemu.StartNbdkit(ctx, LabOptions(img.Path, req))
+	opts, err := LabOptions(img, req.Dir)
+	if err != nil {
+		return nil, fmt.Errorf("source: lab image of disk %d of snapshot %s: %w", req.Disk.Key, req.SnapshotRef, err)
+	}
+	e, err := qemu.StartNbdkit(ctx, opts)
 	if err != nil {
 		return nil, fmt.Errorf("source: serve lab image of disk %d of snapshot %s: %w", req.Disk.Key, req.SnapshotRef, err)
 	}
@@ -119,17 +125,25 @@ func (labOpener) Open(ctx context.Context, req Request) (*qemu.Export, error) {
 }
 
 // LabOptions returns the nbdkit options that serve a lab snapshot image,
-// read-only, behind the profile's LabSourceFilters (fault tests only):
+// read-only, behind the filters the lab named for it (fault tests only),
+// with its socket and pid file in dir:
 //
 //	nbdkit --readonly [--filter=error ...] file file=IMAGE [error-pread-rate=5% ...]
-func LabOptions(image string, req Request) qemu.NbdkitOptions {
-	opts := qemu.NbdkitFile(image, true)
-	opts.Dir = req.Dir
-	for _, f := range req.Profile.LabSourceFilters {
+//
+// Filters outside labapi.FaultFilters are refused (ErrBadRequest): the
+// lab is trusted only to inject faults, never to make the worker run
+// another nbdkit filter.
+func LabOptions(img labapi.ImageInfo, dir string) (qemu.NbdkitOptions, error) {
+	if err := labapi.CheckFilters(img.Filters); err != nil {
+		return qemu.NbdkitOptions{}, fmt.Errorf("%w: %w", ErrBadRequest, err)
+	}
+	opts := qemu.NbdkitFile(img.Path, true)
+	opts.Dir = dir
+	for _, f := range img.Filters {
 		opts.Filters = append(opts.Filters, f.Filter)
 		opts.Params = append(opts.Params, f.Params...)
 	}
-	return opts
+	return opts, nil
 }
 
 // vddkOpener reads the snapshot's disk through nbdkit's vddk plugin.

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/cbtflow/cbtflow/internal/lab"
+	"github.com/cbtflow/cbtflow/internal/lab/labapi"
 	"github.com/cbtflow/cbtflow/internal/testutil"
 	"github.com/cbtflow/cbtflow/internal/vsphere"
 )
@@ -122,24 +123,44 @@ func TestVDDKOptions(t *testing.T) {
 }
 
 func TestLabOptions(t *testing.T) {
-	req := Request{Dir: "/run/src", Profile: vsphere.Profile{Name: "lab", Source: vsphere.SourceLab}}
-	got := LabOptions("/lab/snap.img", req).Args("/run/src/nbd.sock")
+	img := labapi.ImageInfo{Path: "/lab/snap.img", Capacity: 1 << 30}
+	o, err := LabOptions(img, "/run/src")
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := o.Args("/run/src/nbd.sock")
 	want := []string{"--foreground", "--exit-with-parent", "--unix", "/run/src/nbd.sock", "--readonly", "file", "file=/lab/snap.img"}
 	if !slices.Equal(got, want) {
 		t.Errorf("without filters: %q\nwant %q", got, want)
 	}
-	req.Profile.LabSourceFilters = []vsphere.LabSourceFilter{
+	if o.Dir != "/run/src" || !o.ReadOnly {
+		t.Errorf("options %+v: want Dir /run/src, read-only", o)
+	}
+	img.Filters = []labapi.Filter{
 		{Filter: "error", Params: []string{"error=EIO", "error-pread-rate=5%"}},
 		{Filter: "delay", Params: []string{"delay-read=10ms"}},
 	}
-	got = LabOptions("/lab/snap.img", req).Args("/run/src/nbd.sock")
+	if o, err = LabOptions(img, "/run/src"); err != nil {
+		t.Fatal(err)
+	}
+	got = o.Args("/run/src/nbd.sock")
 	want = []string{"--foreground", "--exit-with-parent", "--unix", "/run/src/nbd.sock", "--readonly",
 		"--filter=error", "--filter=delay", "file", "file=/lab/snap.img", "error=EIO", "error-pread-rate=5%", "delay-read=10ms"}
 	if !slices.Equal(got, want) {
 		t.Errorf("with filters: %q\nwant %q", got, want)
 	}
-	if o := LabOptions("/lab/snap.img", req); o.Dir != "/run/src" || !o.ReadOnly {
-		t.Errorf("options %+v: want Dir /run/src, read-only", o)
+
+	// The lab may only inject faults: any other filter, or a parameter of
+	// another filter, is refused before nbdkit runs.
+	for _, fs := range [][]labapi.Filter{
+		{{Filter: "log", Params: []string{"logfile=/etc/passwd"}}},
+		{{Filter: "error", Params: []string{"delay-read=1s"}}},
+		{{Filter: "error", Params: []string{"error=EIO --run=sh"}}},
+	} {
+		img.Filters = fs
+		if o, err := LabOptions(img, "/run/src"); !errors.Is(err, ErrBadRequest) {
+			t.Errorf("LabOptions with filters %+v = %q, %v; want ErrBadRequest", fs, o.Args("s"), err)
+		}
 	}
 }
 
@@ -247,15 +268,17 @@ func TestLabOpener(t *testing.T) {
 		}
 	}
 
-	// Test-only filters of the lab source: EIO on every read reaches the
-	// reader as EIO; on none of them (error-file absent), reads pass.
+	// The lab's source filters, named by its endpoint: EIO on every read
+	// reaches the reader as EIO; on none of them (error-file absent),
+	// reads pass.
 	gate := filepath.Join(dir, "eio-on")
-	faulty := req
-	faulty.Profile.LabSourceFilters = []vsphere.LabSourceFilter{{Filter: "error",
-		Params: []string{"error=EIO", "error-pread-rate=100%", "error-pread-file=" + gate}}}
+	if err := l.SetSourceFilters([]labapi.Filter{{Filter: "error",
+		Params: []string{"error=EIO", "error-pread-rate=100%", "error-pread-file=" + gate}}}); err != nil {
+		t.Fatal(err)
+	}
 	copyOnce := func(what string) error {
 		t.Helper()
-		e, err := o.Open(ctx, faulty)
+		e, err := o.Open(ctx, req)
 		if err != nil {
 			t.Fatalf("Open (%s): %v", what, err)
 		}

@@ -23,6 +23,7 @@ import (
 
 	"github.com/cbtflow/cbtflow/internal/faultpoint"
 	"github.com/cbtflow/cbtflow/internal/lab"
+	"github.com/cbtflow/cbtflow/internal/lab/labapi"
 	"github.com/cbtflow/cbtflow/internal/vsphere"
 	"github.com/cbtflow/cbtflow/workflows"
 )
@@ -58,10 +59,11 @@ type Options struct {
 	// must be built with the tag faultpoint.Tag, as BuildBinaries builds
 	// it; Start refuses one built without.
 	FaultPoints bool
-	// LabSourceFilters go into the lab profile (test-only nbdkit filters in
-	// front of the lab source, e.g. EIO on some reads; see
-	// vsphere.Profile.LabSourceFilters).
-	LabSourceFilters []vsphere.LabSourceFilter
+	// LabSourceFilters are the lab's source filters (nbdkit filters the
+	// worker's lab source puts in front of every snapshot image, e.g. EIO
+	// on some reads; lab.Options.SourceFilters). They are the lab's, not
+	// the profile's: production profiles have no fault settings.
+	LabSourceFilters []labapi.Filter
 	// LabAliases are more profile names for the lab: the lab profile again
 	// under each name (same URL, user, password file), as when one vCenter
 	// is configured twice (two users, two URLs).
@@ -175,6 +177,7 @@ func (s *Stack) startLab(ctx context.Context) error {
 	s.lab, err = lab.Start(ctx, lab.Options{
 		Dir:               filepath.Join(s.dir, "lab"),
 		MaxExtentsPerPage: s.opts.LabMaxExtentsPerPage,
+		SourceFilters:     s.opts.LabSourceFilters,
 		Logger:            slog.New(slog.NewTextHandler(s.labLog, nil)),
 	})
 	if err != nil {
@@ -186,7 +189,7 @@ func (s *Stack) startLab(ctx context.Context) error {
 	}
 	labp := vsphere.Profile{
 		URL: s.lab.URL().String(), User: s.lab.User(), PasswordFile: pwFile,
-		Thumbprint: s.lab.Thumbprint(), Source: vsphere.SourceLab, LabSourceFilters: s.opts.LabSourceFilters,
+		Thumbprint: s.lab.Thumbprint(), Source: vsphere.SourceLab,
 	}
 	prof := map[string]map[string]vsphere.Profile{"profiles": {Profile: labp}}
 	for _, name := range s.opts.LabAliases {

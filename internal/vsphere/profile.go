@@ -35,27 +35,7 @@ type Profile struct {
 	Source     string `json:"source,omitempty"` // SourceVDDK (default) or SourceLab
 	VDDKLibDir string `json:"vddk_libdir,omitempty"`
 	Transports string `json:"vddk_transports,omitempty"` // e.g. "nbdssl:nbd"
-	// LabSourceFilters is for fault tests only: nbdkit filters put in
-	// front of the lab's frozen snapshot image when the lab source serves
-	// it, e.g. the error filter to inject EIO on a few percent of reads.
-	// Refused unless Source is SourceLab; production profiles never set it.
-	LabSourceFilters []LabSourceFilter `json:"lab_source_filters,omitempty"`
 }
-
-// LabSourceFilter is one nbdkit filter of Profile.LabSourceFilters: a
-// filter of labFilters and its KEY=VALUE parameters, whose keys belong to
-// that filter (its name, or its name and a dash), e.g. {"filter": "error",
-// "params": ["error=EIO", "error-pread-rate=5%"]}.
-type LabSourceFilter struct {
-	Filter string   `json:"filter"`
-	Params []string `json:"params,omitempty"`
-}
-
-// labFilters are the nbdkit filters a lab source may put in front of its
-// image: they inject faults or latency and touch nothing else.
-var labFilters = []string{"error", "delay"}
-
-var filterParamRE = regexp.MustCompile(`^[a-z][a-z0-9-]*=[^\s\x00]+$`)
 
 // profilesFile is the layout of a CBTFLOW_VCENTERS file.
 type profilesFile struct {
@@ -152,21 +132,6 @@ func (p Profile) Validate() error {
 	case "", SourceVDDK, SourceLab:
 	default:
 		bad("source", "%q is not %q or %q", p.Source, SourceVDDK, SourceLab)
-	}
-	if len(p.LabSourceFilters) > 0 && p.Source != SourceLab {
-		bad("lab_source_filters", "only for source %q (fault tests), not %q", SourceLab, p.Source)
-	}
-	for i, f := range p.LabSourceFilters {
-		if !slices.Contains(labFilters, f.Filter) {
-			bad("lab_source_filters", "filter %d: %q is not one of %v", i, f.Filter, labFilters)
-			continue
-		}
-		for _, kv := range f.Params {
-			key, _, _ := strings.Cut(kv, "=")
-			if !filterParamRE.MatchString(kv) || (key != f.Filter && !strings.HasPrefix(key, f.Filter+"-")) {
-				bad("lab_source_filters", "filter %d (%s): parameter %q is not KEY=VALUE with a key of that filter", i, f.Filter, kv)
-			}
-		}
 	}
 	return errors.Join(errs...)
 }

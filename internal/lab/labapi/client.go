@@ -1,4 +1,4 @@
-package lab
+package labapi
 
 import (
 	"bytes"
@@ -20,13 +20,13 @@ import (
 	"github.com/vmware/govmomi/vim25/soap"
 )
 
-// Client talks to a lab's endpoints over HTTP, for the CLI and the worker's
-// lab disk source. The zero value is not usable: set BaseURL.
+// Client talks to a lab's endpoints over HTTP, for the CLI, the tests and
+// the worker's lab disk source. The zero value is not usable: set BaseURL.
 type Client struct {
 	// BaseURL is any URL of the lab server, typically the SDK URL that
 	// `starter lab serve` prints; only its scheme and host are used.
 	BaseURL string
-	// Thumbprint pins the lab's certificate (SHA-1, as Lab.Thumbprint).
+	// Thumbprint pins the lab's certificate (SHA-1, as lab.Lab.Thumbprint).
 	// Without it the certificate is not verified, which Client allows for
 	// loopback hosts only.
 	Thumbprint string
@@ -47,7 +47,7 @@ func (c *Client) init() error {
 			c.err = fmt.Errorf("lab: bad lab URL %q (want the https://HOST:PORT/sdk URL printed by `starter lab serve`)", c.BaseURL)
 			return
 		}
-		c.base = &url.URL{Scheme: u.Scheme, Host: u.Host, Path: "/cbtflow-lab/v1"}
+		c.base = &url.URL{Scheme: u.Scheme, Host: u.Host, Path: Prefix}
 		if c.HTTPClient != nil {
 			c.hc = c.HTTPClient
 			return
@@ -141,16 +141,14 @@ func (c *Client) send(ctx context.Context, method, u string, body io.Reader, siz
 		return resp, nil
 	}
 	defer resp.Body.Close()
-	var eb errorBody
+	var eb ErrorBody
 	b, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
 	if json.Unmarshal(b, &eb) != nil || eb.Error == "" {
 		return nil, fmt.Errorf("lab: %s %s: %s: %s", method, u, resp.Status, bytes.TrimSpace(b))
 	}
-	for _, ec := range errorCodes {
-		if ec.code == eb.Code {
-			// The message already names the sentinel; keep it matchable.
-			return nil, &remoteError{msg: eb.Error, sentinel: ec.err}
-		}
+	if s := sentinel(eb.Code); s != nil {
+		// The message already names the sentinel; keep it matchable.
+		return nil, &remoteError{msg: eb.Error, sentinel: s}
 	}
 	return nil, errors.New(eb.Error)
 }
@@ -261,6 +259,11 @@ func (c *Client) ReadDisk(ctx context.Context, vm string, key int32, f *os.File)
 	return info, nil
 }
 
+// holeBlock is the unit in which ReadDisk looks for zeros to leave as
+// holes: the lab's change-tracking block (lab.BlockSize), so a copy is as
+// sparse as the lab's own image.
+const holeBlock = 64 << 10
+
 // sparseWriter writes a stream into f from off on, leaving all-zero
 // blocks as holes.
 type sparseWriter struct {
@@ -273,12 +276,12 @@ func (s *sparseWriter) Write(p []byte) (int, error) {
 	n := len(p)
 	for len(p) > 0 {
 		if s.buf == nil {
-			s.buf = make([]byte, 0, BlockSize)
+			s.buf = make([]byte, 0, holeBlock)
 		}
-		k := min(len(p), BlockSize-len(s.buf))
+		k := min(len(p), holeBlock-len(s.buf))
 		s.buf = append(s.buf, p[:k]...)
 		p = p[k:]
-		if len(s.buf) == BlockSize {
+		if len(s.buf) == holeBlock {
 			if err := s.flush(); err != nil {
 				return 0, err
 			}
@@ -352,7 +355,7 @@ func (c *Client) VM(ctx context.Context, vm string) (VMInfo, error) {
 }
 
 // CreateVM creates a VM with one disk per capacity and returns its moref
-// value (see Lab.CreateVM).
+// value (see lab.Lab.CreateVM).
 func (c *Client) CreateVM(ctx context.Context, name string, diskCapacities ...int64) (string, error) {
 	if err := c.init(); err != nil {
 		return "", err
@@ -366,7 +369,7 @@ func (c *Client) CreateVM(ctx context.Context, name string, diskCapacities ...in
 	return out.Ref, err
 }
 
-// RemoveVM destroys a VM (see Lab.RemoveVM).
+// RemoveVM destroys a VM (see lab.Lab.RemoveVM).
 func (c *Client) RemoveVM(ctx context.Context, vm string) error {
 	if err := c.init(); err != nil {
 		return err
@@ -375,7 +378,7 @@ func (c *Client) RemoveVM(ctx context.Context, vm string) error {
 }
 
 // AddDisk adds a thin disk to a VM and returns its device key (see
-// Lab.AddDisk).
+// lab.Lab.AddDisk).
 func (c *Client) AddDisk(ctx context.Context, vm string, capacity int64) (int32, error) {
 	if err := c.init(); err != nil {
 		return 0, err
@@ -386,7 +389,7 @@ func (c *Client) AddDisk(ctx context.Context, vm string, capacity int64) (int32,
 	return out.Key, err
 }
 
-// GrowDisk extends a VM's disk (see Lab.GrowDisk).
+// GrowDisk extends a VM's disk (see lab.Lab.GrowDisk).
 func (c *Client) GrowDisk(ctx context.Context, vm string, key int32, capacity int64) error {
 	if err := c.init(); err != nil {
 		return err
@@ -395,7 +398,7 @@ func (c *Client) GrowDisk(ctx context.Context, vm string, key int32, capacity in
 	return c.do(ctx, http.MethodPut, c.endpoint(nil, "vms", vm, "disks", itoa(key), "capacity"), body, n, nil)
 }
 
-// RemoveDisk removes a disk from a VM (see Lab.RemoveDisk).
+// RemoveDisk removes a disk from a VM (see lab.Lab.RemoveDisk).
 func (c *Client) RemoveDisk(ctx context.Context, vm string, key int32) error {
 	if err := c.init(); err != nil {
 		return err
