@@ -9,7 +9,10 @@
 // VM config, and QueryChangedDiskAreas answers with the areas really written
 // since an earlier change ID, at 64 KiB granularity, with the faults vSphere
 // returns. The frozen image of a snapshot's disk is what the worker's `lab`
-// disk source serves over NBD in place of VDDK.
+// disk source serves over NBD in place of VDDK; the worker finds it through
+// the endpoints' client in labapi, which keeps the simulator out of the
+// worker, and puts in front of it the nbdkit filters the lab names
+// (Options.SourceFilters: fault tests inject EIO there).
 //
 // QueryChangedDiskAreas keeps vCenter's faults apart as vCenter does:
 // InvalidArgument for a bad argument or a refused change ID (malformed,
