@@ -28,9 +28,8 @@ type Signaler interface {
 	SignalWorkflow(ctx context.Context, workflowID, runID, signalName string, arg any) error
 }
 
-// ProgressSignal is what TransferDisk signals to its workflow. It has the
-// shape of workflows.TransferProgressSignal (activities may not import
-// workflows).
+// ProgressSignal is what TransferDisk signals to its workflow
+// (workflows.TransferProgressSignal is this type).
 type ProgressSignal struct {
 	Key   int32 `json:"key"`
 	Done  int64 `json:"done"`
@@ -152,7 +151,7 @@ func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*Tra
 	if err != nil {
 		return nil, permanent(err)
 	}
-	if in.Mode != "full" && in.Mode != "incremental" {
+	if in.Mode != ModeFull && in.Mode != ModeIncremental {
 		return nil, temporal.NewNonRetryableApplicationError(fmt.Sprintf("disk %d: mode %q", in.Key, in.Mode), ErrTypeInvalidInput, nil)
 	}
 	path, err := a.Repo.PrepareImage(repository.Key{Profile: in.Profile, VMUUID: in.VMUUID, DiskKey: in.Key, BackupID: in.BackupID})
@@ -241,7 +240,7 @@ func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*Tra
 	opts := a.Copy
 	opts.Source, opts.Target = src.URI(), target.URI()
 	opts.Extents = extents
-	opts.Overlay = in.Mode == "incremental"
+	opts.Overlay = in.Mode == ModeIncremental
 	opts.ResumeFrom = resume.ResumePoint
 	sig := a.progressSignaler(ctx, in.Key)
 	if faultpoint.Active(ctx) && opts.ProgressInterval == 0 {
@@ -333,7 +332,7 @@ func checkFailed(in TransferDiskInput, path string, resumed bool, check *qemu.Ch
 }
 
 func (a *Transfer) createImage(ctx context.Context, in TransferDiskInput, path string) error {
-	if in.Mode == "full" {
+	if in.Mode == ModeFull {
 		return permanent(qemu.Create(ctx, path, in.Capacity))
 	}
 	if in.BackingPath == "" {

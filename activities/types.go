@@ -1,5 +1,7 @@
 package activities
 
+import "github.com/cbtflow/cbtflow/internal/catalog"
+
 // Types of non-retryable ApplicationErrors returned by the activities.
 const (
 	ErrTypeProfileNotFound = "ProfileNotFound"
@@ -41,6 +43,12 @@ const (
 	// better); retryable when it was resumed from an earlier attempt, whose
 	// partial image is then removed, so the retry starts afresh.
 	ErrTypeImageCorrupt = "ImageCorrupt"
+)
+
+// The modes of one disk's backup, as the catalog records them.
+const (
+	ModeFull        = catalog.ModeFull
+	ModeIncremental = catalog.ModeIncremental
 )
 
 // ResolveVMInput names a VM: by name, inventory path or moref.

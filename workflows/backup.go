@@ -22,7 +22,8 @@ const ErrTypeAlreadyRunning = "BackupAlreadyRunning"
 
 // SignalTransferProgress carries a TransferProgressSignal from a running
 // transfer to its BackupVM, so the progress query can report bytes done.
-const SignalTransferProgress = "transfer-progress"
+// The contract is defined once, by the activity that sends it.
+const SignalTransferProgress = activities.SignalTransferProgress
 
 // BackupInput is what operators, the Web UI and schedules start: a VM named
 // by name, inventory path or moref, e.g. {"vm": "DC0_H0_VM0"}.
@@ -142,11 +143,7 @@ type DiskProgress struct {
 }
 
 // TransferProgressSignal is sent by TransferDisk while it copies.
-type TransferProgressSignal struct {
-	Key   int32 `json:"key"`
-	Done  int64 `json:"done"`
-	Total int64 `json:"total"`
-}
+type TransferProgressSignal = activities.ProgressSignal
 
 // Workflows call activities through these typed nil pointers.
 var (

@@ -11,6 +11,8 @@ package workflows
 
 import (
 	"go.temporal.io/sdk/temporal"
+
+	"github.com/cbtflow/cbtflow/activities"
 )
 
 // TaskQueue is the task queue of cbtflow's workers.
@@ -19,11 +21,12 @@ const TaskQueue = "cbtflow"
 // QueryProgress is the query that returns a BackupVM's Progress.
 const QueryProgress = "progress"
 
-// Backup modes an operator can ask for.
+// Backup modes an operator can ask for. Full and incremental are also the
+// modes of each disk, defined once by the catalog that records them.
 const (
 	ModeAuto        = "auto"
-	ModeFull        = "full"
-	ModeIncremental = "incremental"
+	ModeFull        = activities.ModeFull
+	ModeIncremental = activities.ModeIncremental
 )
 
 // Search attributes (keyword) set by the backup workflows, for filtering in
