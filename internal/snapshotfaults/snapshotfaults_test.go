@@ -3,9 +3,6 @@ package snapshotfaults
 import (
 	"context"
 	"encoding/json"
-	"io/fs"
-	"os"
-	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -122,7 +119,7 @@ func TestVMRemovedMidTransfer(t *testing.T) {
 	}
 
 	noNBDProcesses(t, s)
-	if files := imagesOf(t, s.Repository(), out.BackupID); len(files) > 0 {
+	if files := stacktest.FilesOf(t, s.Repository(), out.BackupID); len(files) > 0 {
 		t.Errorf("the failed backup left files in the repository: %v", files)
 	}
 	if e := catalogEntry(ctx, t, s, doomed, out.BackupID); e.Status != "failed" || !strings.Contains(e.Error, ref) {
@@ -241,7 +238,7 @@ func TestSnapshotMorefNamesAnotherSnapshot(t *testing.T) {
 			}
 		}
 	}
-	if files := imagesOf(t, s.Repository(), out.BackupID); len(files) > 0 {
+	if files := stacktest.FilesOf(t, s.Repository(), out.BackupID); len(files) > 0 {
 		t.Errorf("the failed backup left files in the repository: %v", files)
 	}
 	noNBDProcesses(t, s)
@@ -312,25 +309,6 @@ func catalogEntry(ctx context.Context, t *testing.T, s *stack.Stack, vm, backupI
 	}
 	t.Fatalf("no catalog entry of backup %s of %s", backupID, vm)
 	return listEntry{}
-}
-
-// imagesOf lists the files under root that belong to a backup.
-func imagesOf(t *testing.T, root, backupID string) []string {
-	t.Helper()
-	var out []string
-	err := filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		if strings.Contains(p, backupID) {
-			out = append(out, p)
-		}
-		return nil
-	})
-	if err != nil && !os.IsNotExist(err) {
-		t.Fatal(err)
-	}
-	return out
 }
 
 // noNBDProcesses fails t when a qemu-nbd or nbdkit of the worker is still

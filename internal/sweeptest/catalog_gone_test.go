@@ -66,7 +66,7 @@ func TestCatalogDroppedMidBackup(t *testing.T) {
 	}
 	idCommit, widCommit := start(vmCommit, faultpoint.BeforeCommit)
 	idKilled, widKilled := start(vmKilled, faultpoint.MidTransfer)
-	if len(partialFiles(t, s.Repository(), idCommit)) == 0 || len(partialFiles(t, s.Repository(), idKilled)) == 0 {
+	if len(stacktest.FilesOf(t, s.Repository(), idCommit)) == 0 || len(stacktest.FilesOf(t, s.Repository(), idKilled)) == 0 {
 		t.Fatalf("the held backups have no images yet")
 	}
 
@@ -103,7 +103,7 @@ func TestCatalogDroppedMidBackup(t *testing.T) {
 		t.Errorf("the backup took %s to fail after its commit began, want under a minute", took)
 	}
 	t.Logf("commit into a dropped catalog failed after %s", took.Round(time.Millisecond))
-	if files := partialFiles(t, s.Repository(), idCommit); len(files) != 0 {
+	if files := stacktest.FilesOf(t, s.Repository(), idCommit); len(files) != 0 {
 		t.Errorf("the failed backup left files in the repository: %v", files)
 	}
 	for _, sn := range snapshots(ctx, t, s) {
@@ -130,7 +130,7 @@ func TestCatalogDroppedMidBackup(t *testing.T) {
 
 	// The sweeper removes what the terminated backup left: its snapshot
 	// and its partial image (its working folder proves it uncommitted).
-	if files := partialFiles(t, s.Repository(), idKilled); len(files) == 0 {
+	if files := stacktest.FilesOf(t, s.Repository(), idKilled); len(files) == 0 {
 		t.Fatalf("before the sweep: the terminated backup left nothing to sweep")
 	}
 	r = starter(ctx, t, s, "sweep", "--min-age", "0")
@@ -138,7 +138,7 @@ func TestCatalogDroppedMidBackup(t *testing.T) {
 	if r.ExitCode != 0 || json.Unmarshal([]byte(r.Stdout), &res) != nil {
 		t.Fatalf("starter sweep --min-age 0: %s", r)
 	}
-	if files := partialFiles(t, s.Repository(), idKilled); len(files) != 0 {
+	if files := stacktest.FilesOf(t, s.Repository(), idKilled); len(files) != 0 {
 		t.Errorf("after the sweep: files of the terminated backup remain: %v (sweep %+v)", files, res)
 	}
 	if got := snapshots(ctx, t, s); len(got) != 0 {

@@ -4,10 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
-	"io/fs"
 	"log/slog"
-	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -102,7 +99,7 @@ func TestSweeperCleansUpATerminatedBackup(t *testing.T) {
 	if got := snapshots(ctx, t, s); len(got) != 1 || got[0] != snapName {
 		t.Fatalf("before the sweep: snapshots %v, want the terminated backup's %s", got, snapName)
 	}
-	if files := partialFiles(t, s.Repository(), started.BackupID); len(files) == 0 {
+	if files := stacktest.FilesOf(t, s.Repository(), started.BackupID); len(files) == 0 {
 		t.Fatalf("before the sweep: no partial file of %s in the repository", started.BackupID)
 	}
 	if st := status(ctx, t, s, started.BackupID); st != "running" {
@@ -131,7 +128,7 @@ func TestSweeperCleansUpATerminatedBackup(t *testing.T) {
 	if got := snapshots(ctx, t, s); len(got) != 0 {
 		t.Errorf("after the sweep: snapshots %v remain", got)
 	}
-	if files := partialFiles(t, s.Repository(), started.BackupID); len(files) != 0 {
+	if files := stacktest.FilesOf(t, s.Repository(), started.BackupID); len(files) != 0 {
 		t.Errorf("after the sweep: partial files remain: %v", files)
 	}
 	if st := status(ctx, t, s, started.BackupID); st != "failed" {
@@ -185,25 +182,6 @@ func snapshots(ctx context.Context, t *testing.T, s *stack.Stack) []string {
 		names = append(names, sn.Name)
 	}
 	return names
-}
-
-// partialFiles lists the files below root that belong to a backup.
-func partialFiles(t *testing.T, root, backupID string) []string {
-	t.Helper()
-	var out []string
-	err := filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		if strings.Contains(p, backupID) {
-			out = append(out, p)
-		}
-		return nil
-	})
-	if err != nil && !os.IsNotExist(err) {
-		t.Fatal(err)
-	}
-	return out
 }
 
 func status(ctx context.Context, t *testing.T, s *stack.Stack, backupID string) string {
