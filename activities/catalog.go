@@ -270,17 +270,17 @@ func (a *Catalog) markCommitting(backupID string) error {
 // warning, and a later sweep asks the catalog again.
 func (a *Catalog) FailBackup(ctx context.Context, in FailBackupInput) error {
 	defer heartbeatEvery(ctx, 10*time.Second, nil)()
-	err := a.Catalog.Fail(ctx, in.BackupID, in.Reason)
+	staging, err := a.Repo.StagingDir(in.BackupID)
+	if err != nil {
+		return permanent(err)
+	}
+	err = a.Catalog.Fail(ctx, in.BackupID, in.Reason)
 	switch {
 	case errors.Is(err, catalog.ErrCommitted):
 		// Committed after all (an attempt the workflow did not hear back
 		// from): only a working folder may be left.
 	case errors.Is(err, catalog.ErrNotFound), catalog.Unusable(err):
 		// Never begun (no images), or begun in a catalog that is gone.
-		staging, serr := a.Repo.StagingDir(in.BackupID)
-		if serr != nil {
-			return permanent(serr)
-		}
 		if _, serr := os.Lstat(staging); serr != nil {
 			return nil
 		}
@@ -309,11 +309,9 @@ func (a *Catalog) FailBackup(ctx context.Context, in FailBackupInput) error {
 	// RemoveAll of a missing folder fails with EROFS, and FailBackup would
 	// be retried for its whole time limit while the VM's workflow stays
 	// open.
-	if dir, err := a.Repo.StagingDir(in.BackupID); err == nil {
-		if _, err := os.Lstat(dir); err == nil {
-			if err := os.RemoveAll(dir); err != nil {
-				return leftBehind(ctx, in.BackupID, err)
-			}
+	if _, err := os.Lstat(staging); err == nil {
+		if err := os.RemoveAll(staging); err != nil {
+			return leftBehind(ctx, in.BackupID, err)
 		}
 	}
 	return nil
