@@ -43,12 +43,12 @@ clean: ## make down, then wipe .cbtflow/ and the dev database
 	@scripts/dev clean
 
 demo: deps build ## the main job on the lab: fresh stack, full + incremental backup, restores verified byte for byte
-	$(GO) run ./internal/demo $(DEMO_FLAGS)
+	$(GO) run ./cmd/demo $(DEMO_FLAGS)
 
 bench: deps ## copier vs nbdcopy vs qemu-img convert (full copy, 4 GiB disk); cost of the chain check before an incremental
-	$(GO) run ./internal/bench
+	$(GO) run ./cmd/bench
 
 chaos: deps ## fault harness, on its own build with the fault points (bin/faultpoints/): ≥20 backups under worker kills, Temporal restarts, DB cuts, EIO, full repository; prints a table
 	$(GO) build -tags $(FAULTPOINTS) -o bin/faultpoints/ ./starter ./worker
 	CBTFLOW_WORKER_BIN=$(CURDIR)/bin/faultpoints/worker CBTFLOW_STARTER_BIN=$(CURDIR)/bin/faultpoints/starter \
-		$(GO) test -tags $(FAULTPOINTS) -v -count=1 -timeout 60m -run 'TestChaos$$' ./internal/chaos -args -full
+		$(GO) test -tags $(FAULTPOINTS) -v -count=1 -timeout 60m -run 'TestChaos$$' ./test/chaos -args -full

@@ -5,8 +5,8 @@ import (
 	"testing"
 
 	"github.com/cbtflow/cbtflow/activities"
-	"github.com/cbtflow/cbtflow/internal/lab"
 	"github.com/cbtflow/cbtflow/internal/vsphere"
+	"github.com/cbtflow/cbtflow/lab"
 )
 
 // A backup that names no profile ({"vm": ...} from the Web UI) gets the

@@ -4,8 +4,8 @@ import (
 	"testing"
 
 	"github.com/cbtflow/cbtflow/activities"
-	"github.com/cbtflow/cbtflow/internal/lab"
-	"github.com/cbtflow/cbtflow/internal/testutil"
+	"github.com/cbtflow/cbtflow/lab"
+	"github.com/cbtflow/cbtflow/testkit/testutil"
 )
 
 // adminName is what an administrator calls the snapshot a backup's moref

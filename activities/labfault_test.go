@@ -6,7 +6,7 @@ import (
 	"testing"
 
 	"github.com/cbtflow/cbtflow/activities"
-	"github.com/cbtflow/cbtflow/internal/lab"
+	"github.com/cbtflow/cbtflow/lab"
 )
 
 // A vCenter that fails internally (SystemError from QueryChangedDiskAreas;

@@ -15,8 +15,8 @@ import (
 	"github.com/cbtflow/cbtflow/activities"
 	"github.com/cbtflow/cbtflow/internal/copier"
 	"github.com/cbtflow/cbtflow/internal/faultpoint"
-	"github.com/cbtflow/cbtflow/internal/lab"
-	"github.com/cbtflow/cbtflow/internal/testutil"
+	"github.com/cbtflow/cbtflow/lab"
+	"github.com/cbtflow/cbtflow/testkit/testutil"
 )
 
 // holdAt makes the activities env runs hold at fault points as h decides:

@@ -14,9 +14,9 @@ import (
 
 	"github.com/cbtflow/cbtflow/activities"
 	"github.com/cbtflow/cbtflow/internal/catalog"
-	"github.com/cbtflow/cbtflow/internal/lab"
-	"github.com/cbtflow/cbtflow/internal/testutil"
 	"github.com/cbtflow/cbtflow/internal/vsphere"
+	"github.com/cbtflow/cbtflow/lab"
+	"github.com/cbtflow/cbtflow/testkit/testutil"
 )
 
 // noWorkflows is a Temporal that runs nothing: every backup is abandoned.

@@ -19,10 +19,10 @@ import (
 	"github.com/cbtflow/cbtflow/activities"
 	"github.com/cbtflow/cbtflow/internal/copier"
 	"github.com/cbtflow/cbtflow/internal/faultpoint"
-	"github.com/cbtflow/cbtflow/internal/lab"
 	"github.com/cbtflow/cbtflow/internal/qemu"
 	"github.com/cbtflow/cbtflow/internal/repository"
-	"github.com/cbtflow/cbtflow/internal/testutil"
+	"github.com/cbtflow/cbtflow/lab"
+	"github.com/cbtflow/cbtflow/testkit/testutil"
 )
 
 // corruptBeforeCheck is a faultpoint.Holder that damages a transfer's image where

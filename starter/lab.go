@@ -10,8 +10,8 @@ import (
 	"path/filepath"
 	"strings"
 
-	"github.com/cbtflow/cbtflow/internal/lab"
-	"github.com/cbtflow/cbtflow/internal/lab/labapi"
+	"github.com/cbtflow/cbtflow/lab"
+	"github.com/cbtflow/cbtflow/lab/labapi"
 )
 
 func init() {

@@ -25,11 +25,11 @@ import (
 
 	"github.com/cbtflow/cbtflow/activities"
 	"github.com/cbtflow/cbtflow/internal/faultpoint"
-	"github.com/cbtflow/cbtflow/internal/lab"
 	"github.com/cbtflow/cbtflow/internal/repository"
-	"github.com/cbtflow/cbtflow/internal/stack"
-	"github.com/cbtflow/cbtflow/internal/testutil"
 	"github.com/cbtflow/cbtflow/internal/vsphere"
+	"github.com/cbtflow/cbtflow/lab"
+	"github.com/cbtflow/cbtflow/testkit/stack"
+	"github.com/cbtflow/cbtflow/testkit/testutil"
 	"github.com/cbtflow/cbtflow/workflows"
 )
 

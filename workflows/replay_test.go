@@ -16,7 +16,7 @@ import (
 )
 
 // TestReplayRecordedHistories replays histories of completed runs recorded
-// by the end-to-end test (go test ./internal/e2e -run TestEndToEnd
+// by the end-to-end test (go test ./test/e2e -run TestEndToEnd
 // -update): a change to the workflows that would not replay them — a
 // different sequence of commands without workflow.GetVersion — fails here
 // before it breaks running backups.

@@ -17,8 +17,8 @@ import (
 
 	"github.com/cbtflow/cbtflow/internal/copier"
 	"github.com/cbtflow/cbtflow/internal/nbd"
-	"github.com/cbtflow/cbtflow/internal/nbd/nbdtest"
-	"github.com/cbtflow/cbtflow/internal/testutil"
+	"github.com/cbtflow/cbtflow/testkit/nbdtest"
+	"github.com/cbtflow/cbtflow/testkit/testutil"
 )
 
 const MiB = 1 << 20

@@ -4,7 +4,7 @@
 //
 // It is a test facility, and release binaries do not contain it: the
 // worker-side Hold only holds in a build with the tag cbtflow_faultpoints
-// (which the test harness sets, see internal/stack.BuildBinaries); in any
+// (which the test harness sets, see testkit/stack.BuildBinaries); in any
 // other build Hold is an empty function the compiler removes, together
 // with every point name and the CBTFLOW_TEST_PAUSE_DIR variable.
 //

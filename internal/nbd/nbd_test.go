@@ -11,8 +11,8 @@ import (
 	"time"
 
 	"github.com/cbtflow/cbtflow/internal/nbd"
-	"github.com/cbtflow/cbtflow/internal/nbd/nbdtest"
-	"github.com/cbtflow/cbtflow/internal/testutil"
+	"github.com/cbtflow/cbtflow/testkit/nbdtest"
+	"github.com/cbtflow/cbtflow/testkit/testutil"
 )
 
 func connect(t *testing.T, uri string) *nbd.Handle {

@@ -11,7 +11,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/cbtflow/cbtflow/internal/testutil"
+	"github.com/cbtflow/cbtflow/testkit/testutil"
 )
 
 const mib = 1 << 20

@@ -16,7 +16,7 @@ import (
 
 	"github.com/cbtflow/cbtflow/internal/catalog"
 	"github.com/cbtflow/cbtflow/internal/qemu"
-	"github.com/cbtflow/cbtflow/internal/testutil"
+	"github.com/cbtflow/cbtflow/testkit/testutil"
 )
 
 const mib = 1 << 20

@@ -16,7 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/cbtflow/cbtflow/internal/qemu"
-	"github.com/cbtflow/cbtflow/internal/testutil"
+	"github.com/cbtflow/cbtflow/testkit/testutil"
 )
 
 // nodes makes one path of every kind a restore target can be in dir.

@@ -9,8 +9,8 @@
 //     the password reaches nbdkit as password=+FILE, never on its command
 //     line.
 //   - "lab": nbdkit's file plugin serves the frozen image the lab
-//     (internal/lab) made of the snapshot's disk, found through the lab's
-//     own endpoint (internal/lab/labapi, which does not link the
+//     (lab) made of the snapshot's disk, found through the lab's
+//     own endpoint (lab/labapi, which does not link the
 //     simulator). It needs the worker and the lab to share a file system
 //     (demo, tests). The endpoint also names the nbdkit filters to put in
 //     front of the image: a lab started for fault tests asks for EIO on
@@ -27,9 +27,9 @@ import (
 	"net/url"
 	"strings"
 
-	"github.com/cbtflow/cbtflow/internal/lab/labapi"
 	"github.com/cbtflow/cbtflow/internal/qemu"
 	"github.com/cbtflow/cbtflow/internal/vsphere"
+	"github.com/cbtflow/cbtflow/lab/labapi"
 )
 
 // Request names the snapshot disk to open.

@@ -15,10 +15,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/cbtflow/cbtflow/internal/lab"
-	"github.com/cbtflow/cbtflow/internal/lab/labapi"
-	"github.com/cbtflow/cbtflow/internal/testutil"
 	"github.com/cbtflow/cbtflow/internal/vsphere"
+	"github.com/cbtflow/cbtflow/lab"
+	"github.com/cbtflow/cbtflow/lab/labapi"
+	"github.com/cbtflow/cbtflow/testkit/testutil"
 )
 
 func TestNew(t *testing.T) {

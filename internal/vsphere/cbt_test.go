@@ -8,7 +8,7 @@ import (
 	"slices"
 	"testing"
 
-	"github.com/cbtflow/cbtflow/internal/lab"
+	"github.com/cbtflow/cbtflow/lab"
 )
 
 type area struct{ Off, Len int64 }

@@ -7,7 +7,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/cbtflow/cbtflow/internal/lab"
+	"github.com/cbtflow/cbtflow/lab"
 )
 
 // TestConcurrentTasksOneSession: the worker shares one session per

@@ -5,7 +5,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/cbtflow/cbtflow/internal/lab"
+	"github.com/cbtflow/cbtflow/lab"
 )
 
 // wantIdentity checks that err is a *SnapshotIdentityError whose message

@@ -8,7 +8,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/cbtflow/cbtflow/internal/lab"
+	"github.com/cbtflow/cbtflow/lab"
 )
 
 var uuidRE = regexp.MustCompile(`^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$`)

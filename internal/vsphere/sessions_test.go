@@ -11,7 +11,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/cbtflow/cbtflow/internal/lab"
+	"github.com/cbtflow/cbtflow/lab"
 	"github.com/vmware/govmomi/session"
 )
 

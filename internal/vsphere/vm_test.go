@@ -7,7 +7,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/cbtflow/cbtflow/internal/lab"
+	"github.com/cbtflow/cbtflow/lab"
 	"github.com/vmware/govmomi/object"
 	"github.com/vmware/govmomi/simulator"
 	"github.com/vmware/govmomi/vim25/types"

@@ -1,3 +1,0 @@
-// Package scheduletest tests backups on Temporal schedules (starter
-// schedule add/list/delete) against a whole stack. Test files only.
-package scheduletest

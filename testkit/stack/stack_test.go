@@ -1,0 +1,112 @@
+package stack_test
+
+import (
+	"context"
+	"net/http"
+	"os"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	enumspb "go.temporal.io/api/enums/v1"
+	"go.temporal.io/sdk/client"
+
+	"github.com/cbtflow/cbtflow/testkit/stack"
+	"github.com/cbtflow/cbtflow/testkit/stacktest"
+)
+
+func TestMain(m *testing.M) { stacktest.Main(m) }
+
+func TestTemporalBinaryMissing(t *testing.T) {
+	t.Setenv(stack.EnvTemporalBin, "/nonexistent/temporal")
+	_, err := stack.TemporalBinary(context.Background())
+	if err == nil || !strings.Contains(err.Error(), stack.EnvTemporalBin) {
+		t.Fatalf("want an error naming %s, got %v", stack.EnvTemporalBin, err)
+	}
+}
+
+// TestStackLifecycle starts a stack, kills and restarts the worker,
+// restarts Temporal on the same db file, and (through stacktest) checks
+// that Close leaves no process behind.
+func TestStackLifecycle(t *testing.T) {
+	s := stacktest.New(t, stack.Options{})
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+
+	env := strings.Join(s.Env(), "\n")
+	for _, want := range []string{"TEMPORAL_ADDRESS=" + s.TemporalAddress(), "CBTFLOW_DATABASE_URL=", "CBTFLOW_VCENTERS=" + s.VCentersFile()} {
+		if !strings.Contains(env, want) {
+			t.Errorf("Env lacks %q:\n%s", want, env)
+		}
+	}
+	if strings.Contains(env, s.Lab().Password()) {
+		t.Error("Env holds the lab password")
+	}
+	b, err := os.ReadFile(s.VCentersFile())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(string(b), s.Lab().Password()) {
+		t.Error("the profiles file holds the password itself")
+	}
+
+	// A workflow nobody serves stays running: it must survive a restart of
+	// the server.
+	run, err := s.Client().ExecuteWorkflow(ctx, client.StartWorkflowOptions{ID: "stack-test", TaskQueue: "stack-test-nobody"}, "NoSuchWorkflow")
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	pid := s.WorkerPID()
+	if pid == 0 {
+		t.Fatal("no worker running")
+	}
+	step := time.Now()
+	lap := func(what string) { t.Logf("%s: %s", what, time.Since(step).Round(time.Millisecond)); step = time.Now() }
+	if err := s.KillWorker(); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Kill(pid, 0); err == nil {
+		t.Fatalf("worker %d still alive after KillWorker", pid)
+	}
+	if err := s.StartWorker(ctx); err != nil {
+		t.Fatal(err)
+	}
+	lap("worker killed and restarted")
+	if s.WorkerPID() == pid || s.WorkerPID() == 0 {
+		t.Fatalf("worker pid %d after restart (was %d)", s.WorkerPID(), pid)
+	}
+
+	if err := s.RestartTemporal(ctx); err != nil {
+		t.Fatal(err)
+	}
+	lap("Temporal restarted")
+	desc, err := s.Client().DescribeWorkflow(ctx, "stack-test", run.GetRunID())
+	if err != nil {
+		t.Fatalf("workflow lost across a Temporal restart: %v", err)
+	}
+	if st := desc.RawResponse.GetWorkflowExecutionInfo().GetStatus(); st != enumspb.WORKFLOW_EXECUTION_STATUS_RUNNING {
+		t.Fatalf("workflow status %v after restart", st)
+	}
+	if err := s.Client().TerminateWorkflow(ctx, "stack-test", run.GetRunID(), "test over"); err != nil {
+		t.Fatal(err)
+	}
+
+	// The worker reconnects by itself and still serves metrics.
+	resp, err := http.Get(s.MetricsURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("metrics: %s", resp.Status)
+	}
+	res, err := s.Starter(ctx, "list", "--json")
+	if err != nil || res.ExitCode != 0 || strings.TrimSpace(res.Stdout) != "[]" {
+		t.Fatalf("starter list on a fresh stack: %v\n%s", err, res)
+	}
+	if left := s.Leftovers(); len(left) > 0 {
+		t.Fatalf("leftover processes: %v", left)
+	}
+}
