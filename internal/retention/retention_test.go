@@ -1,0 +1,141 @@
+package retention
+
+import (
+	"errors"
+	"math/rand"
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+)
+
+func at(s string) time.Time {
+	t, err := time.Parse("2006-01-02 15:04", s)
+	if err != nil {
+		panic(err)
+	}
+	return t
+}
+
+// kept runs Select and returns "ID:reason,reason" for kept points, newest
+// first.
+func kept(points []Point, p Policy, loc *time.Location) []string {
+	var out []string
+	for _, d := range Select(points, p, loc) {
+		if d.Keep {
+			out = append(out, d.ID+":"+strings.Join(d.Reasons, ","))
+		}
+	}
+	return out
+}
+
+func TestSelect(t *testing.T) {
+	// A year of irregular backups: several a day, gaps of days, weeks and
+	// months, a year boundary inside an ISO week (2026-12-31 and
+	// 2027-01-01 are both in 2026-W53).
+	history := []Point{
+		{"a", at("2025-03-10 01:00")},
+		{"b", at("2025-11-02 01:00")},
+		{"c", at("2026-06-15 01:00")},
+		{"d", at("2026-06-30 23:00")},
+		{"e", at("2026-12-28 01:00")}, // Monday of 2026-W53
+		{"f", at("2026-12-31 01:00")},
+		{"g", at("2026-12-31 13:00")},
+		{"h", at("2027-01-01 09:00")},
+		{"i", at("2027-01-04 08:00")}, // Monday of 2027-W01
+		{"j", at("2027-01-04 20:00")},
+		{"k", at("2027-01-06 10:00")},
+	}
+	for _, c := range []struct {
+		name   string
+		policy Policy
+		want   []string
+	}{
+		{"keep-last 2", Policy{KeepLast: 2}, []string{"k:last 1", "j:last 2"}},
+		{"keep-last more than there are", Policy{KeepLast: 50}, []string{
+			"k:last 1", "j:last 2", "i:last 3", "h:last 4", "g:last 5", "f:last 6",
+			"e:last 7", "d:last 8", "c:last 9", "b:last 10", "a:last 11"}},
+		// The newest point of each of the 4 most recent days that have
+		// points: days without backups do not count.
+		{"keep-daily 4", Policy{KeepDaily: 4}, []string{
+			"k:daily 2027-01-06", "j:daily 2027-01-04", "h:daily 2027-01-01", "g:daily 2026-12-31"}},
+		{"keep-weekly 3 across the year boundary", Policy{KeepWeekly: 3}, []string{
+			"k:weekly 2027-W01", "h:weekly 2026-W53", "d:weekly 2026-W27"}},
+		{"keep-monthly 3", Policy{KeepMonthly: 3}, []string{
+			"k:monthly 2027-01", "g:monthly 2026-12", "d:monthly 2026-06"}},
+		{"keep-yearly 5", Policy{KeepYearly: 5}, []string{
+			"k:yearly 2027", "g:yearly 2026", "b:yearly 2025"}},
+		// Rules are independent: the newest point is kept by all of them,
+		// and counts for each.
+		{"GFS", Policy{KeepLast: 1, KeepDaily: 2, KeepWeekly: 2, KeepMonthly: 2, KeepYearly: 2}, []string{
+			"k:last 1,daily 2027-01-06,weekly 2027-W01,monthly 2027-01,yearly 2027",
+			"j:daily 2027-01-04",
+			"h:weekly 2026-W53",
+			"g:monthly 2026-12,yearly 2026"}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			if err := c.policy.Validate(); err != nil {
+				t.Fatal(err)
+			}
+			got := kept(history, c.policy, time.UTC)
+			if !reflect.DeepEqual(got, c.want) {
+				t.Errorf("kept\n%q\nwant\n%q", got, c.want)
+			}
+			// The answer never depends on the input's order.
+			shuffled := append([]Point(nil), history...)
+			rand.New(rand.NewSource(1)).Shuffle(len(shuffled), func(i, j int) { shuffled[i], shuffled[j] = shuffled[j], shuffled[i] })
+			if again := kept(shuffled, c.policy, time.UTC); !reflect.DeepEqual(again, got) {
+				t.Errorf("shuffled input keeps %q, sorted %q", again, got)
+			}
+			// Every point has a decision, newest first.
+			ds := Select(history, c.policy, time.UTC)
+			if len(ds) != len(history) || ds[0].ID != "k" || ds[len(ds)-1].ID != "a" {
+				t.Errorf("decisions %+v", ds)
+			}
+		})
+	}
+}
+
+func TestSelectSameTime(t *testing.T) {
+	// Two points at the same instant: the higher ID is the newer, so the
+	// answer is stable.
+	ts := at("2026-12-03 10:00")
+	got := kept([]Point{{"x1", ts}, {"x2", ts}}, Policy{KeepDaily: 1}, time.UTC)
+	if !reflect.DeepEqual(got, []string{"x2:daily 2026-12-03"}) {
+		t.Errorf("kept %q", got)
+	}
+}
+
+func TestSelectTimeZone(t *testing.T) {
+	// 23:30 UTC on the 2nd is the 3rd in UTC+2: the two points share a day
+	// there, not in UTC.
+	pts := []Point{{"p1", at("2026-12-02 23:30")}, {"p2", at("2026-12-03 08:00")}}
+	if got := kept(pts, Policy{KeepDaily: 5}, time.UTC); len(got) != 2 {
+		t.Errorf("UTC: kept %q, want both", got)
+	}
+	east := time.FixedZone("UTC+2", 2*3600)
+	if got := kept(pts, Policy{KeepDaily: 5}, east); !reflect.DeepEqual(got, []string{"p2:daily 2026-12-03"}) {
+		t.Errorf("UTC+2: kept %q, want only p2", got)
+	}
+}
+
+func TestValidate(t *testing.T) {
+	if err := (Policy{}).Validate(); !errors.Is(err, ErrNoRule) {
+		t.Errorf("empty policy: %v, want ErrNoRule", err)
+	}
+	if err := (Policy{MaxChain: 5}).Validate(); !errors.Is(err, ErrNoRule) {
+		t.Errorf("max-chain only: %v, want ErrNoRule", err)
+	}
+	if err := (Policy{KeepLast: 1, KeepDaily: -1}).Validate(); err == nil || !strings.Contains(err.Error(), "--keep-daily -1") {
+		t.Errorf("negative keep-daily: %v, want an error naming it", err)
+	}
+	if err := (Policy{KeepYearly: 3}).Validate(); err != nil {
+		t.Errorf("keep-yearly 3: %v", err)
+	}
+	if got := (Policy{KeepLast: 2, KeepMonthly: 6}).String(); got != "keep-last 2, keep-monthly 6, max-chain 30" {
+		t.Errorf("String() = %q", got)
+	}
+	if got := (Policy{KeepLast: 2, MaxChain: 7}).Chain(); got != 7 {
+		t.Errorf("Chain() = %d", got)
+	}
+}
