@@ -24,7 +24,7 @@ import (
 // profile removed from its start input, as the Web UI's {"vm": ...}
 // would have started it.
 func TestReplayBackupStartedWithoutProfile(t *testing.T) {
-	f, err := os.Open(filepath.Join("testdata", "backup_vcenter_id.json"))
+	f, err := os.Open(filepath.Join("testdata", "backup_v2.json"))
 	if err != nil {
 		t.Fatal(err)
 	}

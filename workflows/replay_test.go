@@ -5,52 +5,92 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
+	"strconv"
 	"testing"
+	"time"
 
 	enumspb "go.temporal.io/api/enums/v1"
 	"go.temporal.io/sdk/client"
 	tlog "go.temporal.io/sdk/log"
 	"go.temporal.io/sdk/worker"
+	"go.temporal.io/sdk/workflow"
 
+	"github.com/cbtflow/cbtflow/activities"
 	"github.com/cbtflow/cbtflow/workflows"
 )
 
-// TestReplayRecordedHistories replays histories of completed runs recorded
-// by the end-to-end test (go test ./test/e2e -run TestEndToEnd
-// -update): a change to the workflows that would not replay them — a
+// recordedCases are the cases of the recorded histories in testdata, each
+// in files <case>_v<N>.json, one per version of the case's commands. Every
+// case must have at least one file.
+var recordedCases = []string{
+	"backup",               // a Backup (ResolveVM, the BackupVM child)
+	"backupvm_full",        // a full BackupVM of a VM with two disks
+	"backupvm_incremental", // an incremental one
+	"backupvm_cbt_reset",   // an incremental whose stored change IDs were refused: full with a warning
+	"backupvm_failed",      // a BackupVM that failed (its snapshot moref named another snapshot)
+	"backupvm_canceled",    // a BackupVM canceled in the middle of a transfer
+	"sweep",                // a Sweep that removed a terminated backup's snapshot and failed its backup
+}
+
+// recordCommand records the histories (new versions only; see
+// test/histories).
+const recordCommand = "go test -tags cbtflow_faultpoints ./test/histories -update"
+
+var versioned = regexp.MustCompile(`^(.+)_v([1-9][0-9]*)\.json$`)
+
+// TestReplayRecordedHistories replays every history recorded in testdata
+// (by test/histories: go test -tags cbtflow_faultpoints ./test/histories
+// -update) on the current workflows, registered as the worker registers
+// them: a change to a workflow that would not replay one of them — a
 // different sequence of commands without workflow.GetVersion — fails here
-// before it breaks running backups.
+// before it breaks running backups. Files are never overwritten: a case
+// gains a file <case>_v<N+1>.json when its commands change, and the old
+// versions must keep replaying as long as a run of them can exist.
 //
-// backup.json is a Backup recorded before the per-VM workflow ID named
+// backup_v1.json is a Backup recorded before the per-VM workflow ID named
 // the vCenter by its instance UUID (its child runs as
-// backup/<profile>/<vm uuid>); backup_vcenter_id.json one recorded after
-// (backup/<vcenter uuid>/<vm uuid>). Both must replay; -update rewrites
-// only the second.
+// backup/<profile>/<vm uuid>); backup_v2.json one recorded after
+// (backup/<vcenter uuid>/<vm uuid>, behind GetVersion
+// "vcenter-workflow-id").
 func TestReplayRecordedHistories(t *testing.T) {
 	files, err := filepath.Glob(filepath.Join("testdata", "*.json"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(files) < 4 {
-		t.Fatalf("want the recorded histories of BackupVM (full, incremental) and Backup (before and after the vCenter workflow ID) in testdata, found %v", files)
+	versions := map[string][]int{}
+	for _, f := range files {
+		m := versioned.FindStringSubmatch(filepath.Base(f))
+		if m == nil || !slices.Contains(recordedCases, m[1]) {
+			t.Errorf("%s: not a recorded history <case>_v<N>.json of a known case %v", f, recordedCases)
+			continue
+		}
+		n, _ := strconv.Atoi(m[2])
+		versions[m[1]] = append(versions[m[1]], n)
 	}
+	for _, c := range recordedCases {
+		if len(versions[c]) == 0 {
+			t.Errorf("no recorded history of case %q in testdata (want %s_v1.json): record it with %s", c, c, recordCommand)
+		}
+	}
+
 	logger := tlog.NewStructuredLogger(slog.New(slog.DiscardHandler))
 	for _, f := range files {
 		t.Run(filepath.Base(f), func(t *testing.T) {
 			r := worker.NewWorkflowReplayer()
-			r.RegisterWorkflow(workflows.Backup)
-			r.RegisterWorkflow(workflows.BackupVM)
+			workflows.Register(r)
 			if err := r.ReplayWorkflowHistoryFromJSONFile(logger, f); err != nil {
 				t.Fatalf("%s no longer replays: %v", f, err)
 			}
 		})
 	}
 
-	// The two Backup histories are the two versions of the child's ID.
+	// The first two Backup histories are the two versions of the child's
+	// ID.
 	uuid := `[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}`
 	for file, want := range map[string]*regexp.Regexp{
-		"backup.json":            regexp.MustCompile(`^backup/lab/` + uuid + `$`),
-		"backup_vcenter_id.json": regexp.MustCompile(`^backup/` + uuid + `/` + uuid + `$`),
+		"backup_v1.json": regexp.MustCompile(`^backup/lab/` + uuid + `$`),
+		"backup_v2.json": regexp.MustCompile(`^backup/` + uuid + `/` + uuid + `$`),
 	} {
 		fh, err := os.Open(filepath.Join("testdata", file))
 		if err != nil {
@@ -69,6 +109,34 @@ func TestReplayRecordedHistories(t *testing.T) {
 		}
 		if len(children) != 1 || !want.MatchString(children[0]) {
 			t.Errorf("%s starts children %v, want one matching %s", file, children, want)
+		}
+	}
+}
+
+// The replay above can fail: a Sweep that no longer removes the
+// snapshots it finds (one activity fewer, no GetVersion) does not replay
+// the recorded sweep.
+func TestReplayFailsOnChangedCommands(t *testing.T) {
+	files, err := filepath.Glob(filepath.Join("testdata", "sweep_v*.json"))
+	if err != nil || len(files) == 0 {
+		t.Fatalf("no recorded sweep (%v): record it with %s", err, recordCommand)
+	}
+	changed := func(ctx workflow.Context, in workflows.SweepInput) (*workflows.SweepResult, error) {
+		ctx = workflow.WithActivityOptions(ctx, workflow.ActivityOptions{StartToCloseTimeout: time.Minute})
+		var orphans activities.FindOrphansResult
+		if err := workflow.ExecuteActivity(ctx, "FindOrphans", activities.FindOrphansInput{}).Get(ctx, &orphans); err != nil {
+			return nil, err
+		}
+		return &workflows.SweepResult{}, nil
+	}
+	for _, f := range files {
+		r := worker.NewWorkflowReplayer()
+		r.RegisterWorkflowWithOptions(changed, workflow.RegisterOptions{Name: "Sweep"})
+		err := r.ReplayWorkflowHistoryFromJSONFile(tlog.NewStructuredLogger(slog.New(slog.DiscardHandler)), f)
+		if err == nil {
+			t.Errorf("%s replays on a Sweep with one activity fewer", f)
+		} else {
+			t.Logf("%s on a changed Sweep: %v", filepath.Base(f), err)
 		}
 	}
 }

@@ -4,8 +4,6 @@
 // through the real starter CLI and compares restored disks byte for byte
 // with the guest data at each backup. It has no code outside its tests.
 //
-// `go test ./test/e2e -run TestEndToEnd -update` also rewrites the
-// recorded workflow histories in workflows/testdata that
-// workflows/replay_test.go replays, except backup.json: a Backup recorded
-// before the per-VM workflow ID named the vCenter, kept as it is.
+// The workflow histories that workflows/replay_test.go replays are
+// recorded by test/histories, not here.
 package e2e

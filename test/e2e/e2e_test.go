@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
-	"flag"
 	"fmt"
 	"io"
 	"net/http"
@@ -17,7 +16,6 @@ import (
 
 	enumspb "go.temporal.io/api/enums/v1"
 	historypb "go.temporal.io/api/history/v1"
-	"go.temporal.io/api/temporalproto"
 
 	"github.com/cbtflow/cbtflow/activities"
 	"github.com/cbtflow/cbtflow/lab"
@@ -25,8 +23,6 @@ import (
 	"github.com/cbtflow/cbtflow/testkit/stacktest"
 	"github.com/cbtflow/cbtflow/workflows"
 )
-
-var update = flag.Bool("update", false, "rewrite the workflow histories in workflows/testdata")
 
 func TestMain(m *testing.M) { stacktest.Main(m) }
 
@@ -252,9 +248,6 @@ func TestEndToEnd(t *testing.T) {
 	if left := s.Leftovers(); len(left) > 0 {
 		t.Errorf("processes of the stack still running after the backups: %v", left)
 	}
-	if *update && !t.Failed() {
-		recordHistories(ctx, t, s, b1, b2)
-	}
 	t.Logf("end to end in %s (the stack's close is checked next)", time.Since(began).Round(time.Second))
 }
 
@@ -464,61 +457,5 @@ func alreadyRunning(ctx context.Context, t *testing.T, s *stack.Stack) {
 	all := stacktest.ListWorkflows(ctx, t, s, fmt.Sprintf("WorkflowType = 'BackupVM' AND CbtflowVM = '%s'", other))
 	if len(all) != 1 {
 		t.Errorf("%d BackupVM workflows for %s, want 1", len(all), other)
-	}
-}
-
-// recordHistories writes the histories of the full and incremental
-// BackupVM runs and of the Backup that started the incremental one into
-// workflows/testdata, for workflows/replay_test.go. The Backup history
-// goes to backup_vcenter_id.json: backup.json holds a run recorded before
-// the per-VM workflow ID named the vCenter (workflow.GetVersion), and is
-// kept as it is so that such runs stay replayable.
-func recordHistories(ctx context.Context, t *testing.T, s *stack.Stack, full, incr stacktest.BackupJSON) {
-	t.Helper()
-	dir := filepath.Join("..", "..", "workflows", "testdata")
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	save := func(file, id, run string) {
-		events := stacktest.History(ctx, t, s, id, run)
-		b, err := temporalproto.CustomJSONMarshalOptions{Indent: "  "}.Marshal(&historypb.History{Events: events})
-		if err != nil {
-			t.Fatal(err)
-		}
-		secret := []byte(s.Lab().Password())
-		for _, ev := range events {
-			if stacktest.ProtoContains(ev.ProtoReflect(), secret) {
-				t.Fatalf("event %d of the history of %s holds the lab password", ev.GetEventId(), id)
-			}
-		}
-		if bytes.Contains(b, secret) {
-			t.Fatalf("the history of %s holds the lab password", id)
-		}
-		if err := os.WriteFile(filepath.Join(dir, file), append(b, '\n'), 0o644); err != nil {
-			t.Fatal(err)
-		}
-		t.Logf("wrote %s (%d events)", filepath.Join(dir, file), len(events))
-	}
-	for _, c := range []struct {
-		file string
-		b    stacktest.BackupJSON
-	}{{"backupvm_full.json", full}, {"backupvm_incremental.json", incr}} {
-		runs := stacktest.ListWorkflows(ctx, t, s, fmt.Sprintf("WorkflowType = 'BackupVM' AND CbtflowBackupID = '%s'", c.b.BackupID))
-		if len(runs) != 1 {
-			t.Fatalf("%d BackupVM runs for backup %s", len(runs), c.b.BackupID)
-		}
-		ex := runs[0].GetExecution()
-		save(c.file, ex.GetWorkflowId(), ex.GetRunId())
-		if c.b.BackupID == incr.BackupID {
-			desc, err := s.Client().DescribeWorkflow(ctx, ex.GetWorkflowId(), ex.GetRunId())
-			if err != nil {
-				t.Fatal(err)
-			}
-			parent := desc.RawResponse.GetWorkflowExecutionInfo().GetParentExecution()
-			if parent == nil {
-				t.Fatalf("BackupVM %s has no parent Backup workflow", ex.GetWorkflowId())
-			}
-			save("backup_vcenter_id.json", parent.GetWorkflowId(), parent.GetRunId())
-		}
 	}
 }
