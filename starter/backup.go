@@ -42,30 +42,6 @@ func init() {
 	}
 }
 
-// backupOutput is the JSON object `backup --wait --json` prints.
-type backupOutput struct {
-	BackupID string       `json:"backup_id"`
-	VM       string       `json:"vm"`
-	VMUUID   string       `json:"vm_uuid"`
-	Status   string       `json:"status"`
-	Error    string       `json:"error,omitempty"`
-	Workflow string       `json:"workflow_id"`
-	Disks    []diskOutput `json:"disks"`
-	Warnings []string     `json:"warnings,omitempty"`
-}
-
-type diskOutput struct {
-	Key          int32   `json:"key"`
-	Mode         string  `json:"mode"`
-	ChangedBytes int64   `json:"changed_bytes"`
-	WrittenBytes int64   `json:"written_bytes"`
-	SizeBytes    int64   `json:"size_bytes"`
-	Path         string  `json:"path"`
-	ChangeID     string  `json:"change_id"`
-	Seconds      float64 `json:"seconds"`
-	Note         string  `json:"note,omitempty"`
-}
-
 func backupCmd(ctx context.Context, e *env, args []string) error {
 	fs := newFlags(e, "backup")
 	var cfg config.Config
@@ -137,7 +113,7 @@ func backupCmd(ctx context.Context, e *env, args []string) error {
 		case errors.As(err, &nf):
 			return exitError{code: 1, err: fmt.Errorf("backup of VM %s: interrupted before it was started: nothing was started", vm)}
 		case err != nil && octx.Err() != nil:
-			return detached(e, &cfg, backupOutput{VM: vm, Workflow: startID, Disks: []diskOutput{}}, *asJSON)
+			return detached(e, &cfg, workflows.BackupReport{VM: vm, WorkflowID: startID, Disks: []workflows.DiskResult{}}, *asJSON)
 		}
 	}
 	if err != nil {
@@ -147,12 +123,12 @@ func backupCmd(ctx context.Context, e *env, args []string) error {
 		}
 		msg := failureMessage(err)
 		if *asJSON {
-			_ = printBackup(e, backupOutput{VM: vm, Status: "failed", Error: msg, Workflow: run.GetID(), Disks: []diskOutput{}}, true)
+			_ = printBackup(e, workflows.BackupReport{VM: vm, Status: workflows.ReportFailed, Error: msg, WorkflowID: run.GetID(), Disks: []workflows.DiskResult{}}, true)
 		}
 		return exitError{code: 1, err: fmt.Errorf("backup of VM %s: %s", vm, msg)}
 	}
 	e.log.Info("backup started", "vm", started.VM, "backup", started.BackupID, "workflow", started.WorkflowID)
-	out := backupOutput{BackupID: started.BackupID, VM: started.VM, VMUUID: started.VMUUID, Workflow: started.WorkflowID, Status: "running", Disks: []diskOutput{}}
+	out := workflows.BackupReport{BackupID: started.BackupID, VM: started.VM, VMUUID: started.VMUUID, WorkflowID: started.WorkflowID, Status: workflows.ReportRunning, Disks: []workflows.DiskResult{}}
 	if ctx.Err() != nil {
 		return detached(e, &cfg, out, *asJSON)
 	}
@@ -168,23 +144,20 @@ func backupCmd(ctx context.Context, e *env, args []string) error {
 	}
 	switch {
 	case err == nil:
-		out.Status = "completed"
+		out.Status = workflows.ReportCompleted
 		out.Warnings = res.Warnings
-		for _, d := range res.Disks {
-			out.Disks = append(out.Disks, diskOutput{Key: d.Key, Mode: d.Mode, ChangedBytes: d.ChangedBytes,
-				WrittenBytes: d.WrittenBytes, SizeBytes: d.SizeBytes, Path: d.Path, ChangeID: d.ChangeID, Seconds: d.Seconds, Note: d.Note})
-		}
+		out.Disks = append(out.Disks, res.Disks...)
 	case isCanceled(err):
-		out.Status, out.Error = "canceled", failureMessage(err)
+		out.Status, out.Error = workflows.ReportCanceled, failureMessage(err)
 	case isTerminated(err):
-		out.Status, out.Error = "terminated", failureMessage(err)
+		out.Status, out.Error = workflows.ReportTerminated, failureMessage(err)
 	default:
-		out.Status, out.Error = "failed", failureMessage(err)
+		out.Status, out.Error = workflows.ReportFailed, failureMessage(err)
 	}
 	if perr := printBackup(e, out, *asJSON); perr != nil {
 		return perr
 	}
-	if out.Status != "completed" {
+	if out.Status != workflows.ReportCompleted {
 		return exitError{code: 1, err: fmt.Errorf("backup %s of VM %s %s: %s", out.BackupID, out.VM, out.Status, out.Error), quiet: *asJSON}
 	}
 	return nil
@@ -199,7 +172,7 @@ func alreadyRunning(ctx context.Context, e *env, c client.Client, vm string, app
 	if d.VM != "" && d.VM != vm {
 		name = fmt.Sprintf("%s (%s)", d.VM, vm)
 	}
-	out := backupOutput{VM: d.VM, VMUUID: d.VMUUID, Workflow: d.WorkflowID, Status: "already_running", Disks: []diskOutput{}}
+	out := workflows.BackupReport{VM: d.VM, VMUUID: d.VMUUID, WorkflowID: d.WorkflowID, Status: workflows.ReportAlreadyRunning, Disks: []workflows.DiskResult{}}
 	msg := fmt.Sprintf("a backup of VM %s is already running (workflow %s)", name, d.WorkflowID)
 	if d.WorkflowID != "" {
 		if desc, err := c.DescribeWorkflow(ctx, d.WorkflowID, ""); err == nil {
@@ -226,25 +199,25 @@ func alreadyRunning(ctx context.Context, e *env, c client.Client, vm string, app
 // interrupted: stdout carries it as status "running" (as `backup` without
 // --wait prints it), stderr says how to follow and how to cancel it. Exit
 // code 4. Without a backup ID (interrupted before the start workflow named
-// it), out.Workflow is the start workflow's ID.
-func detached(e *env, cfg *config.Config, out backupOutput, asJSON bool) error {
-	out.Status = "running"
+// it), out.WorkflowID is the start workflow's ID.
+func detached(e *env, cfg *config.Config, out workflows.BackupReport, asJSON bool) error {
+	out.Status = workflows.ReportRunning
 	if err := printBackup(e, out, asJSON); err != nil {
 		return err
 	}
 	tctl := func(verb string) string {
 		return "temporal workflow " + verb + " --address " + shellQuote(cfg.TemporalAddress) +
-			" --namespace " + shellQuote(cfg.Namespace) + " --workflow-id " + shellQuote(out.Workflow)
+			" --namespace " + shellQuote(cfg.Namespace) + " --workflow-id " + shellQuote(out.WorkflowID)
 	}
 	var b strings.Builder
 	if out.BackupID == "" {
-		fmt.Fprintf(&b, "interrupted while backup of VM %s was being started: it may go on in the background (start workflow %s); the starter did not cancel it.\n", out.VM, out.Workflow)
+		fmt.Fprintf(&b, "interrupted while backup of VM %s was being started: it may go on in the background (start workflow %s); the starter did not cancel it.\n", out.VM, out.WorkflowID)
 	} else {
-		fmt.Fprintf(&b, "interrupted: backup %s of VM %s goes on in the background (workflow %s); the starter did not cancel it.\n", out.BackupID, out.VM, out.Workflow)
+		fmt.Fprintf(&b, "interrupted: backup %s of VM %s goes on in the background (workflow %s); the starter did not cancel it.\n", out.BackupID, out.VM, out.WorkflowID)
 	}
 	fmt.Fprintf(&b, "  follow it: starter list %s\n", shellQuote(out.VM))
 	fmt.Fprintf(&b, "             the Temporal Web UI (make dev: http://127.0.0.1:8233), /namespaces/%s/workflows/%s\n",
-		url.PathEscape(cfg.Namespace), url.PathEscape(out.Workflow))
+		url.PathEscape(cfg.Namespace), url.PathEscape(out.WorkflowID))
 	fmt.Fprintf(&b, "             %s\n", tctl("describe"))
 	fmt.Fprintf(&b, "  cancel it: %s", tctl("cancel"))
 	return exitError{code: exitDetached, err: errors.New(b.String())}
@@ -266,7 +239,9 @@ func shellQuote(s string) string {
 	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
 }
 
-func printBackup(e *env, out backupOutput, asJSON bool) error {
+// printBackup prints the report: with --json as one JSON object (the
+// contract is workflows.BackupReport), else as lines for a person.
+func printBackup(e *env, out workflows.BackupReport, asJSON bool) error {
 	if asJSON {
 		enc := json.NewEncoder(e.stdout)
 		return enc.Encode(out)

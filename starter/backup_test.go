@@ -3,15 +3,21 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"io"
 	"log/slog"
+	"maps"
+	"os"
 	"os/exec"
+	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
 	"github.com/cbtflow/cbtflow/internal/config"
+	"github.com/cbtflow/cbtflow/workflows"
 )
 
 // The commands the starter prints after an interrupt are pasted into a
@@ -42,7 +48,7 @@ func TestDetachedWithoutBackupID(t *testing.T) {
 	var stdout bytes.Buffer
 	e := &env{stdout: &stdout, stderr: io.Discard, log: slog.New(slog.DiscardHandler)}
 	cfg := &config.Config{TemporalAddress: "10.0.0.1:7233", Namespace: "backups"}
-	err := detached(e, cfg, backupOutput{VM: "my vm", Workflow: "start-backup/lab/abc", Disks: []diskOutput{}}, true)
+	err := detached(e, cfg, workflows.BackupReport{VM: "my vm", WorkflowID: "start-backup/lab/abc", Disks: []workflows.DiskResult{}}, true)
 	var exit exitError
 	if !errors.As(err, &exit) || exit.code != 4 || exit.quiet {
 		t.Fatalf("detached = %#v, want an exitError with code 4 that main prints", err)
@@ -73,6 +79,90 @@ func TestBackupHelpNamesExitCode4(t *testing.T) {
 	for _, want := range []string{"4 interrupted (Ctrl-C, SIGTERM)\nwhile the backup goes on in the background: the starter never cancels it", "Ctrl-C stops the waiting, not the backup: exit 4"} {
 		if !strings.Contains(stderr.String(), want) {
 			t.Errorf("backup -h lacks %q:\n%s", want, stderr.String())
+		}
+	}
+}
+
+// The keys of `starter backup --json`, the contract scripts, the harnesses
+// and the demo read: the object's and each disk's, always present or
+// (omitempty) only when set.
+var (
+	backupKeys         = []string{"backup_id", "disks", "status", "vm", "vm_uuid", "workflow_id"}
+	backupOptionalKeys = []string{"error", "warnings"}
+	diskKeys           = []string{"change_id", "changed_bytes", "key", "mode", "path", "seconds", "size_bytes", "written_bytes"}
+	diskOptionalKeys   = []string{"note"}
+	backupStatuses     = []string{workflows.ReportRunning, workflows.ReportCompleted, workflows.ReportFailed,
+		workflows.ReportCanceled, workflows.ReportTerminated, workflows.ReportAlreadyRunning}
+)
+
+// The JSON the starter prints has exactly the contract's keys: a report
+// with every field set has them all, an empty one only those without
+// omitempty (and "disks" as [], never null). A field added to, renamed in
+// or dropped from workflows.BackupReport or workflows.DiskResult fails
+// here, and the README must say it.
+func TestBackupJSONContract(t *testing.T) {
+	full := workflows.BackupReport{
+		BackupID: "b1", VM: "vm", VMUUID: "u1", Status: workflows.ReportFailed, Error: "boom",
+		WorkflowID: "backup/v/u1", Warnings: []string{"w"},
+		Disks: []workflows.DiskResult{{Key: 2000, Mode: workflows.ModeFull, ChangedBytes: 1, WrittenBytes: 1,
+			SizeBytes: 1, Path: "/r/x.qcow2", ChangeID: "c", Seconds: 1, Note: "n"}},
+	}
+	empty := workflows.BackupReport{Disks: []workflows.DiskResult{{}}}
+	for _, c := range []struct {
+		name       string
+		r          workflows.BackupReport
+		top, disks []string
+	}{
+		{"every field set", full, slices.Concat(backupKeys, backupOptionalKeys), slices.Concat(diskKeys, diskOptionalKeys)},
+		{"no field set", empty, backupKeys, diskKeys},
+	} {
+		var stdout bytes.Buffer
+		e := &env{stdout: &stdout, stderr: io.Discard, log: slog.New(slog.DiscardHandler)}
+		if err := printBackup(e, c.r, true); err != nil {
+			t.Fatal(err)
+		}
+		var top map[string]json.RawMessage
+		if err := json.Unmarshal(stdout.Bytes(), &top); err != nil {
+			t.Fatalf("%s: %v: %s", c.name, err, stdout.String())
+		}
+		var disks []map[string]json.RawMessage
+		if err := json.Unmarshal(top["disks"], &disks); err != nil || len(disks) != 1 {
+			t.Fatalf("%s: disks %s: %v", c.name, top["disks"], err)
+		}
+		if got, want := slices.Sorted(maps.Keys(top)), slices.Sorted(slices.Values(c.top)); !slices.Equal(got, want) {
+			t.Errorf("%s: keys %q, want %q", c.name, got, want)
+		}
+		if got, want := slices.Sorted(maps.Keys(disks[0])), slices.Sorted(slices.Values(c.disks)); !slices.Equal(got, want) {
+			t.Errorf("%s: disk keys %q, want %q", c.name, got, want)
+		}
+	}
+
+	var stdout bytes.Buffer
+	e := &env{stdout: &stdout, stderr: io.Discard, log: slog.New(slog.DiscardHandler)}
+	if err := printBackup(e, workflows.BackupReport{Disks: []workflows.DiskResult{}}, true); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(stdout.String(), `"disks":[]`) {
+		t.Errorf("a report without disks prints %s, want \"disks\":[]", stdout.String())
+	}
+
+	// The README's row of `starter backup` names every key and status.
+	readme, err := os.ReadFile(filepath.Join("..", "README.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	row := ""
+	for line := range strings.Lines(string(readme)) {
+		if strings.HasPrefix(line, "| `starter backup VM") {
+			row = line
+		}
+	}
+	if row == "" {
+		t.Fatal("README.md has no row for `starter backup VM`")
+	}
+	for _, k := range slices.Concat(backupKeys, backupOptionalKeys, diskKeys, diskOptionalKeys, backupStatuses) {
+		if !strings.Contains(row, "`"+k+"`") {
+			t.Errorf("README.md's row of `starter backup` does not name `%s`", k)
 		}
 	}
 }

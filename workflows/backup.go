@@ -97,6 +97,49 @@ type DiskResult struct {
 	Note         string  `json:"note,omitempty"`
 }
 
+// BackupReport is the object `starter backup --json` prints: the one
+// definition of that contract, which the starter builds (from the
+// BackupResult of the start and the BackupVMResult of the run) and the
+// harnesses and the demo decode. It is not a workflow's input or result,
+// so it can grow without touching recorded histories; its keys and their
+// omitempty-ness are the CLI's contract and stay as they are.
+type BackupReport struct {
+	BackupID string `json:"backup_id"`
+	VM       string `json:"vm"`
+	VMUUID   string `json:"vm_uuid"`
+	// Status is one of the Report* statuses.
+	Status string `json:"status"`
+	// Error says why a backup is not completed (or which backup runs
+	// already).
+	Error string `json:"error,omitempty"`
+	// WorkflowID is the BackupVM's workflow ID; before a start workflow
+	// named its backup, the start workflow's.
+	WorkflowID string `json:"workflow_id"`
+	// Disks are the restore point's, once completed; never null.
+	Disks    []DiskResult `json:"disks"`
+	Warnings []string     `json:"warnings,omitempty"`
+}
+
+// The statuses of a BackupReport.
+const (
+	ReportRunning        = "running"         // started (without --wait, or the starter was interrupted)
+	ReportCompleted      = "completed"       // a restore point
+	ReportFailed         = "failed"          // the start or the backup failed
+	ReportCanceled       = "canceled"        // the backup was canceled
+	ReportTerminated     = "terminated"      // the backup's workflow was terminated
+	ReportAlreadyRunning = "already_running" // refused: a backup of the VM runs already
+)
+
+// FindDisk returns the report's disk key.
+func (r BackupReport) FindDisk(key int32) (DiskResult, bool) {
+	for _, d := range r.Disks {
+		if d.Key == key {
+			return d, true
+		}
+	}
+	return DiskResult{}, false
+}
+
 // Progress is the answer of the progress query.
 type Progress struct {
 	BackupID string         `json:"backup_id"`

@@ -29,6 +29,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/cbtflow/cbtflow/workflows"
 )
 
 const (
@@ -187,7 +189,7 @@ func run(ctx context.Context, out io.Writer, s *stack) (err error) {
 			say(out, "  warning: %s", w)
 		}
 		for _, d := range disks {
-			rd, ok := res.disk(d)
+			rd, ok := res.FindDisk(d)
 			if !ok {
 				return fmt.Errorf("backup %s has no disk %d", res.BackupID, d)
 			}
@@ -285,50 +287,19 @@ func (zeroReader) Read(p []byte) (int, error) {
 	return len(p), nil
 }
 
-// backupResult is the part of `starter backup --wait --json` the demo
-// reads.
-type backupResult struct {
-	BackupID string       `json:"backup_id"`
-	Status   string       `json:"status"`
-	Error    string       `json:"error"`
-	Warnings []string     `json:"warnings"`
-	Disks    []backupDisk `json:"disks"`
-}
-
-// backupDisk is one disk of a backupResult.
-type backupDisk struct {
-	Key          int32   `json:"key"`
-	Mode         string  `json:"mode"`
-	ChangedBytes int64   `json:"changed_bytes"`
-	WrittenBytes int64   `json:"written_bytes"`
-	SizeBytes    int64   `json:"size_bytes"` // the QCOW2 file's size
-	Path         string  `json:"path"`
-	Seconds      float64 `json:"seconds"`
-	Note         string  `json:"note"`
-}
-
-func (r *backupResult) disk(key int32) (backupDisk, bool) {
-	for _, d := range r.Disks {
-		if d.Key == key {
-			return d, true
-		}
-	}
-	return backupDisk{}, false
-}
-
 // backup runs `starter backup demoVM --wait --json` and checks that it
 // completed.
-func backup(ctx context.Context, s *stack, args ...string) (*backupResult, error) {
+func backup(ctx context.Context, s *stack, args ...string) (*workflows.BackupReport, error) {
 	argv := append([]string{"backup", demoVM, "--wait", "--json"}, args...)
 	stdout, err := s.starter(ctx, argv...)
-	var res backupResult
+	var res workflows.BackupReport
 	if jerr := json.Unmarshal(stdout, &res); jerr != nil {
 		if err != nil {
 			return nil, err
 		}
 		return nil, fmt.Errorf("bin/starter %s: output is not JSON: %w: %q", strings.Join(argv, " "), jerr, stdout)
 	}
-	if err != nil || res.Status != "completed" {
+	if err != nil || res.Status != workflows.ReportCompleted {
 		return nil, fmt.Errorf("backup of %s %s: %s (%v)", demoVM, res.Status, res.Error, err)
 	}
 	return &res, nil

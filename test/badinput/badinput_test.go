@@ -586,10 +586,10 @@ func (f *fixture) startFailed(t *testing.T, vm string, args []string, activity, 
 			t.Errorf("stderr does not name %q:\n%s", w, res.Stderr)
 		}
 	}
-	if !strings.HasPrefix(b.Workflow, "start-backup/") {
-		t.Fatalf("workflow ID %q: want the start workflow's", b.Workflow)
+	if !strings.HasPrefix(b.WorkflowID, "start-backup/") {
+		t.Fatalf("workflow ID %q: want the start workflow's", b.WorkflowID)
 	}
-	r := f.failedOnce(t, b.Workflow, activity, errType)
+	r := f.failedOnce(t, b.WorkflowID, activity, errType)
 	if n := len(r.scheduled); n != 1 {
 		t.Errorf("activities scheduled: %v, want only %s", r.scheduled, activity)
 	}
@@ -668,10 +668,10 @@ func (f *fixture) startUnreachable(t *testing.T) func(*testing.T) {
 				t.Errorf("error %q does not name %q", b.Error, w)
 			}
 		}
-		h := stacktest.History(f.ctx, t, f.s, b.Workflow, "")
+		h := stacktest.History(f.ctx, t, f.s, b.WorkflowID, "")
 		r2 := summarize(h)
 		if r2.status != enumspb.EVENT_TYPE_WORKFLOW_EXECUTION_FAILED || r2.scheduled["ResolveVM"] != 1 || len(r2.scheduled) != 1 {
-			t.Errorf("start workflow %s: %v, activities %v: want failed after ResolveVM alone", b.Workflow, r2.status, r2.scheduled)
+			t.Errorf("start workflow %s: %v, activities %v: want failed after ResolveVM alone", b.WorkflowID, r2.status, r2.scheduled)
 		}
 		fails := r2.failures["ResolveVM"]
 		if len(fails) != 1 {
@@ -737,7 +737,7 @@ func (f *fixture) noDisks(t *testing.T) {
 	if res.ExitCode != 1 || b.Status != "failed" || !strings.Contains(b.Error, "nodisks") || !strings.Contains(b.Error, "no disks") {
 		t.Errorf("backup of a VM without disks: want exit 1 and an error naming the VM and its lack of disks, got %s", res)
 	}
-	r := f.workflowFailedWith(t, b.Workflow, activities.ErrTypeNoDisks)
+	r := f.workflowFailedWith(t, b.WorkflowID, activities.ErrTypeNoDisks)
 	if r.scheduled["PrepareVM"] != 1 || r.scheduled["CreateSnapshot"] != 0 || r.scheduled["BeginBackup"] != 0 {
 		t.Errorf("activities %v: want PrepareVM once, no snapshot, nothing in the catalog", r.scheduled)
 	}
@@ -762,7 +762,7 @@ func (f *fixture) incrementalFirst(t *testing.T) {
 	if res.ExitCode != 1 || b.Status != "failed" {
 		t.Errorf("want exit 1 and status failed, got %s", res)
 	}
-	r := f.workflowFailedWith(t, b.Workflow, activities.ErrTypeNoRestorePoint)
+	r := f.workflowFailedWith(t, b.WorkflowID, activities.ErrTypeNoRestorePoint)
 	if r.scheduled["CreateSnapshot"] != 0 || r.scheduled["TransferDisk"] != 0 || r.scheduled["FailBackup"] != 1 {
 		t.Errorf("activities %v: want no snapshot, no transfer, the backup marked failed", r.scheduled)
 	}
@@ -879,7 +879,7 @@ func (f *fixture) readOnlyRepository(t *testing.T) {
 		if !strings.Contains(b.Error, f.s.Repository()) || !strings.Contains(strings.ToLower(b.Error), "read-only") {
 			t.Errorf("error %q does not name the read-only repository %s", b.Error, f.s.Repository())
 		}
-		f.failedOnce(t, b.Workflow, "ChangedAreas", activities.ErrTypeReadOnly)
+		f.failedOnce(t, b.WorkflowID, "ChangedAreas", activities.ErrTypeReadOnly)
 	})
 }
 
@@ -899,7 +899,7 @@ func (f *fixture) readOnlyDiskFolder(t *testing.T) {
 		if !strings.Contains(b.Error, dir+"/") || !strings.Contains(strings.ToLower(b.Error), "read-only") {
 			t.Errorf("error %q does not name the read-only folder %s", b.Error, dir)
 		}
-		f.failedOnce(t, b.Workflow, "TransferDisk", activities.ErrTypeReadOnly)
+		f.failedOnce(t, b.WorkflowID, "TransferDisk", activities.ErrTypeReadOnly)
 	})
 }
 

@@ -257,7 +257,7 @@ func persistentEIO(t *testing.T, ctx context.Context) []*Tally {
 	if !strings.Contains(r.out.Error, "Input/output error") {
 		e.problem(tl, "%s: failure %q does not name the read error", r.label, r.out.Error)
 	}
-	if n, _, err := e.attempts(r.out.Workflow, "TransferDisk"); err != nil || n < 2 {
+	if n, _, err := e.attempts(r.out.WorkflowID, "TransferDisk"); err != nil || n < 2 {
 		e.problem(tl, "%s: TransferDisk ran %d attempts (%v), want retries before giving up", r.label, n, err)
 	} else {
 		t.Logf("%s: TransferDisk gave up after %d attempts", r.label, n)
@@ -295,7 +295,7 @@ func repositoryFull(t *testing.T, ctx context.Context) []*Tally {
 	}
 	f.Close()
 	r = e.backup(tl, "enospc-2", vm, 601, 96*MiB, nil, true, backupTimeout)
-	n, typ, err := e.attempts(r.out.Workflow, "TransferDisk")
+	n, typ, err := e.attempts(r.out.WorkflowID, "TransferDisk")
 	if err != nil || n != 1 || typ != activities.ErrTypeNoSpace {
 		e.problem(tl, "%s: TransferDisk ran %d attempts and failed with type %q (%v), want one attempt failing %s", r.label, n, typ, err, activities.ErrTypeNoSpace)
 	}

@@ -302,8 +302,8 @@ func (e *env) backup(tl *Tally, label, vm string, seed uint64, bytes int64, f *f
 	default:
 		e.problem(tl, "%s: backup %s %s: %s", name, r.out.BackupID, r.out.Status, r.out.Error)
 	}
-	if f != nil && f.retried != "" && r.out.Workflow != "" {
-		n, _, err := e.attempts(r.out.Workflow, f.retried)
+	if f != nil && f.retried != "" && r.out.WorkflowID != "" {
+		n, _, err := e.attempts(r.out.WorkflowID, f.retried)
 		if err != nil {
 			e.problem(tl, "%s: history: %v", name, err)
 		} else if n < 2 {

@@ -41,7 +41,7 @@ func snapshotMoref(t *testing.T, ctx context.Context) []*Tally {
 	} {
 		f, renamed := e.renameSnapshotAt(step.point, vm)
 		r = e.backup(tl, fmt.Sprintf("moref-%d", 2+2*i), vm, uint64(701+2*i), step.bytes, f, true, backupTimeout)
-		if n, typ, err := e.attempts(r.out.Workflow, step.activity); err != nil || n != 1 || typ != activities.ErrTypeSnapshotIdentity {
+		if n, typ, err := e.attempts(r.out.WorkflowID, step.activity); err != nil || n != 1 || typ != activities.ErrTypeSnapshotIdentity {
 			e.problem(tl, "%s: %s ran %d attempt(s) and failed with type %q (%v), want one attempt failing %s",
 				r.label, step.activity, n, typ, err, activities.ErrTypeSnapshotIdentity)
 		}

@@ -161,7 +161,7 @@ func TestOneBackupPerVMAcrossProfiles(t *testing.T) {
 	var out stacktest.BackupJSON
 	if err := stacktest.DecodeOne(r.Stdout, &out); err != nil {
 		t.Error(err)
-	} else if r.ExitCode != 3 || out.Status != "already_running" || out.BackupID != runningID || out.Workflow != wid || out.VMUUID != vmUUID {
+	} else if r.ExitCode != 3 || out.Status != "already_running" || out.BackupID != runningID || out.WorkflowID != wid || out.VMUUID != vmUUID {
 		t.Errorf("backup under %s --json: %+v (exit %d), want status already_running, backup %s, workflow %s", stack.Profile, out, r.ExitCode, runningID, wid)
 	}
 	// Nothing of the refused starts reached vSphere or the catalog.
@@ -198,8 +198,8 @@ func TestOneBackupPerVMAcrossProfiles(t *testing.T) {
 	if err := stacktest.DecodeOne(r.Stdout, &second); err != nil || r.ExitCode != 0 || second.Status != "completed" {
 		t.Fatalf("backup under %s after the release: %+v %v\n%s", stack.Profile, second, err, r)
 	}
-	if second.Workflow != wid {
-		t.Errorf("backup under %s ran as workflow %s, want %s", stack.Profile, second.Workflow, wid)
+	if second.WorkflowID != wid {
+		t.Errorf("backup under %s ran as workflow %s, want %s", stack.Profile, second.WorkflowID, wid)
 	}
 	if d := second.Disk(t, key); d.Mode != workflows.ModeFull || !strings.Contains(d.Note, "no previous restore point") || !strings.Contains(d.Path, "/"+stack.Profile+"/"+vmUUID+"/") {
 		t.Errorf("backup under %s: disk %+v, want the full of a chain of its own, in %s's folder", stack.Profile, d, stack.Profile)

@@ -211,7 +211,7 @@ func TestSnapshotMorefNamesAnotherSnapshot(t *testing.T) {
 		}
 	}
 	// Non-retryable: one attempt, typed.
-	attempts, typ, nonRetryable := lastFailure(ctx, t, s, out.Workflow, "ChangedAreas")
+	attempts, typ, nonRetryable := lastFailure(ctx, t, s, out.WorkflowID, "ChangedAreas")
 	if attempts != 1 || typ != activities.ErrTypeSnapshotIdentity || !nonRetryable {
 		t.Errorf("ChangedAreas: %d attempt(s), failure type %q (non-retryable %v); want 1 attempt failing %s, non-retryable",
 			attempts, typ, nonRetryable, activities.ErrTypeSnapshotIdentity)

@@ -7,42 +7,27 @@ import (
 	"io"
 	"strings"
 	"testing"
+
+	"github.com/cbtflow/cbtflow/workflows"
 )
 
-// BackupJSON is the object `starter backup --wait --json` prints.
+// BackupJSON is the object `starter backup --json` prints: the
+// contract's one definition, workflows.BackupReport, with a test's Disk.
 type BackupJSON struct {
-	BackupID string     `json:"backup_id"`
-	VM       string     `json:"vm"`
-	VMUUID   string     `json:"vm_uuid"`
-	Status   string     `json:"status"`
-	Error    string     `json:"error"`
-	Workflow string     `json:"workflow_id"`
-	Disks    []DiskJSON `json:"disks"`
-	Warnings []string   `json:"warnings"`
+	workflows.BackupReport
 }
 
 // DiskJSON is one disk of a BackupJSON.
-type DiskJSON struct {
-	Key          int32  `json:"key"`
-	Mode         string `json:"mode"`
-	ChangedBytes int64  `json:"changed_bytes"`
-	WrittenBytes int64  `json:"written_bytes"`
-	SizeBytes    int64  `json:"size_bytes"`
-	Path         string `json:"path"`
-	ChangeID     string `json:"change_id"`
-	Note         string `json:"note"`
-}
+type DiskJSON = workflows.DiskResult
 
 // Disk returns the result of disk key, failing t when there is none.
 func (b BackupJSON) Disk(t testing.TB, key int32) DiskJSON {
 	t.Helper()
-	for _, d := range b.Disks {
-		if d.Key == key {
-			return d
-		}
+	d, ok := b.FindDisk(key)
+	if !ok {
+		t.Fatalf("backup %s has no disk %d: %+v", b.BackupID, key, b.Disks)
 	}
-	t.Fatalf("backup %s has no disk %d: %+v", b.BackupID, key, b.Disks)
-	return DiskJSON{}
+	return d
 }
 
 // ListJSON is one entry of `starter list --json`.
