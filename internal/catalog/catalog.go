@@ -6,7 +6,9 @@
 // A restore point counts only once committed: Commit records every disk of
 // a backup and its new change IDs in one transaction, and the next backup
 // of a disk reads the latest committed restore point only. A committed
-// backup is never modified again.
+// backup's data never changes: only a prune (Prune) removes restore points
+// a retention policy no longer keeps, and replaces a kept point's image by
+// a merged one that shows the same disk.
 //
 // Schema migrations are embedded and applied idempotently by Open. The
 // package knows nothing of Temporal or vSphere.
@@ -524,6 +526,10 @@ func (c *Catalog) List(ctx context.Context, f ListFilter) ([]Backup, error) {
 type ChainLink struct {
 	BackupID string
 	Disk
+	// Pending is set while a prune's merge of this image is not settled:
+	// the file at Path is then either the image Disk describes or this
+	// new one, and both are sound (see BeginMerges).
+	Pending *MergedImage
 }
 
 // Chain returns the chain of one disk of a committed restore point, from
@@ -569,6 +575,14 @@ func (c *Catalog) Chain(ctx context.Context, backupID string, key int32) ([]Chai
 			return nil, fmt.Errorf("catalog: chain: %w", err)
 		}
 		link.BackupID = id
+		p, err := pendingOf(ctx, c.pool.QueryRow(ctx, `SELECT `+pendingColumns+` FROM pending_merges p
+			WHERE p.backup_id = $1 AND p.disk_key = $2`, id, key))
+		if err != nil {
+			return nil, err
+		}
+		if p != nil {
+			link.Pending = &p.MergedImage
+		}
 		out = append(out, link)
 		id = link.BackingBackupID
 	}

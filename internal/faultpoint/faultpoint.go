@@ -42,6 +42,14 @@ const (
 	BeforeRemoveSnapshot Point = "before-remove-snapshot" // RemoveSnapshot: about to remove the snapshot
 )
 
+// The fault points of a prune, in the order it reaches them.
+const (
+	BeforeMerge       Point = "before-merge"        // MergeImage: nothing written yet
+	AfterMerge        Point = "after-merge"         // MergeImage: the merged image written, synced and verified beside the kept one
+	BeforePruneCommit Point = "before-prune-commit" // ApplyPrune: merges pending and renamed, catalog not yet changed
+	AfterPruneCommit  Point = "after-prune-commit"  // ApplyPrune: catalog changed, removed points' files not yet deleted
+)
+
 // EnvDir names the worker's environment variable with the folder of its
 // fault points. A worker built without the tag never reads it.
 const EnvDir = "CBTFLOW_TEST_PAUSE_DIR"

@@ -96,6 +96,9 @@ func Disk(ctx context.Context, cat *catalog.Catalog, o Options) (*Result, error)
 			return nil, fmt.Errorf("restore: %w: %s disk %d is marked damaged: %s", ErrDamaged, what, o.DiskKey, link.Damaged)
 		}
 	}
+	if chain, err = settledView(ctx, cat, o, chain); err != nil {
+		return nil, err
+	}
 	paths, err := resolve(o.Repository, chain)
 	if err != nil {
 		return nil, err
@@ -185,4 +188,37 @@ func syncFile(path string) error {
 		return err
 	}
 	return f.Close()
+}
+
+// settledView follows a prune's unsettled merge the way the file on disk
+// does. While a merge is pending (see catalog.BeginMerges), the file at a
+// kept point's image path is either the old image, which builds on the
+// chain as recorded, or the merged one, which shows the same disk over
+// its new backing: the chain to verify and read is the one of the file
+// that is there. Only images with a pending merge are read here.
+func settledView(ctx context.Context, cat *catalog.Catalog, o Options, chain []catalog.ChainLink) ([]catalog.ChainLink, error) {
+	for i := 0; i < len(chain); i++ {
+		p := chain[i].Pending
+		if p == nil {
+			continue
+		}
+		path := repository.ResolveUnder(o.Repository, chain[i].Path)
+		if Verify(ctx, path, chain[i].SizeBytes, chain[i].SHA256) == nil {
+			continue // still the old image
+		}
+		if err := Verify(ctx, path, p.SizeBytes, p.SHA256); err != nil {
+			return nil, err // neither: damaged, named by Verify
+		}
+		link := chain[i]
+		link.SizeBytes, link.SHA256, link.BackingBackupID, link.Pending = p.SizeBytes, p.SHA256, p.Backing, nil
+		rest := []catalog.ChainLink(nil)
+		if p.Backing != "" {
+			var err error
+			if rest, err = cat.Chain(ctx, p.Backing, o.DiskKey); err != nil {
+				return nil, fmt.Errorf("restore: the merged image of %s: %w", link.BackupID, err)
+			}
+		}
+		chain = append(append(chain[:i:i], link), rest...)
+	}
+	return chain, nil
 }
