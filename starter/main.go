@@ -119,7 +119,7 @@ func printCommands(w io.Writer, prefix string, cmds map[string]command) {
 	sort.Strings(names)
 	fmt.Fprintf(w, "usage: %s COMMAND [flags]\n\ncommands:\n", prefix)
 	for _, n := range names {
-		fmt.Fprintf(w, "  %-8s %s\n", n, cmds[n].summary)
+		fmt.Fprintf(w, "  %-9s %s\n", n, cmds[n].summary)
 	}
 }
 
