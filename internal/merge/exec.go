@@ -1,0 +1,110 @@
+package merge
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"runtime"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/cbtflow/cbtflow/internal/qemu"
+)
+
+// Pdeathsig fires when the OS thread that forked the child exits, not only
+// when the process does, and the Go runtime retires a thread when a
+// goroutine that locked it ends. So every child is forked from one
+// goroutine that locks its thread and never ends: the death signal then
+// means "the worker died", and a qemu-img writing Temp never outlives it.
+var (
+	spawnOnce sync.Once
+	spawnReqs chan spawnReq
+)
+
+type spawnReq struct {
+	cmd  *exec.Cmd
+	done chan error
+}
+
+func spawn(cmd *exec.Cmd) error {
+	spawnOnce.Do(func() {
+		spawnReqs = make(chan spawnReq)
+		go func() {
+			runtime.LockOSThread() // never unlocked: this thread lives as long as the process
+			for r := range spawnReqs {
+				r.done <- r.cmd.Start()
+			}
+		}()
+	})
+	if cmd.SysProcAttr == nil {
+		cmd.SysProcAttr = &syscall.SysProcAttr{}
+	}
+	cmd.SysProcAttr.Pdeathsig = syscall.SIGKILL
+	done := make(chan error, 1)
+	spawnReqs <- spawnReq{cmd: cmd, done: done}
+	return <-done
+}
+
+// started, when set (by tests), is called with the step's name while its
+// qemu-img runs.
+var started func(step string)
+
+// runImg runs qemu-img with args; the child is killed (SIGKILL) when ctx
+// ends and when the worker dies. okExit lists exit codes other than 0 that
+// still count as success (their output is returned with the code).
+func runImg(ctx context.Context, step string, args []string, okExit ...int) ([]byte, int, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, 0, fmt.Errorf("merge: %s: %w", step, err)
+	}
+	cmd := exec.CommandContext(ctx, qemu.QemuImg, args...)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	cmd.Env = childEnv(os.Environ())
+	cmd.WaitDelay = 10 * time.Second
+	if err := spawn(cmd); err != nil {
+		return nil, 0, fmt.Errorf("merge: %s: start qemu-img: %w", step, err)
+	}
+	if started != nil {
+		started(step)
+	}
+	err := cmd.Wait()
+	if ctx.Err() != nil {
+		return nil, 0, fmt.Errorf("merge: %s: qemu-img killed: %w", step, ctx.Err())
+	}
+	if err != nil {
+		var exit *exec.ExitError
+		if errors.As(err, &exit) {
+			for _, c := range okExit {
+				if exit.ExitCode() == c {
+					return stdout.Bytes(), c, nil
+				}
+			}
+		}
+		msg := strings.TrimSpace(stderr.String())
+		if msg == "" {
+			msg = strings.TrimSpace(stdout.String())
+		}
+		return nil, 0, fmt.Errorf("merge: %s: qemu-img %s: %w: %s", step, strings.Join(args, " "), err, msg)
+	}
+	return stdout.Bytes(), 0, nil
+}
+
+// childEnv drops variables that may hold secrets: qemu-img never needs
+// them, and a child's environment is readable by its user.
+func childEnv(env []string) []string {
+	out := make([]string, 0, len(env))
+	for _, kv := range env {
+		name, _, _ := strings.Cut(kv, "=")
+		up := strings.ToUpper(name)
+		if strings.Contains(up, "PASSWORD") || strings.Contains(up, "SECRET") || strings.Contains(up, "TOKEN") {
+			continue
+		}
+		out = append(out, kv)
+	}
+	return out
+}
