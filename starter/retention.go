@@ -60,6 +60,8 @@ func (t *retentionTarget) check(cmd string, pos []string) error {
 		return fmt.Errorf("%s: give a VM (name or instance UUID) or --default for all VMs", cmd)
 	case *t.def && *t.profile != "":
 		return fmt.Errorf("%s: --profile selects a VM; the default policy has none", cmd)
+	case len(pos) == 1 && pos[0] == "":
+		return fmt.Errorf("%s: the VM is empty: give its name or instance UUID", cmd)
 	}
 	return nil
 }
@@ -318,7 +320,9 @@ flags:
 	}
 	var name string
 	if len(pos) == 1 {
-		name = pos[0]
+		if name = pos[0]; name == "" {
+			return usageError{errors.New("retention show: the VM is empty: give its name or instance UUID, or none for every VM")}
+		}
 	}
 	cat, err := openCatalog(ctx, &cfg)
 	if err != nil {

@@ -238,6 +238,10 @@ func TestRetentionErrors(t *testing.T) {
 		{[]string{"set", "--default", "--profile", "lab", "--keep-last", "1"}, true, []string{"--profile selects a VM; the default policy has none"}},
 		{[]string{"set", "u-1", "--keep-last", "two"}, true, []string{`invalid value "two" for flag -keep-last`}},
 		{[]string{"show", "u-1", "u-2"}, true, []string{"retention show: at most one VM, got 2"}},
+		// "" would match every VM, as in catalog.FindVMs.
+		{[]string{"set", "", "--keep-last", "1"}, true, []string{"retention set: the VM is empty"}},
+		{[]string{"clear", ""}, true, []string{"retention clear: the VM is empty"}},
+		{[]string{"show", ""}, true, []string{"retention show: the VM is empty"}},
 		{[]string{"prune"}, false, []string{`unknown command "starter retention prune"`}},
 	} {
 		stdout, err := retentionRun(t, url, c.args...)
