@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/cbtflow/cbtflow/internal/integrity"
+	"github.com/cbtflow/cbtflow/internal/qemu"
 	"github.com/cbtflow/cbtflow/testkit/testutil"
 )
 
@@ -330,6 +331,10 @@ func TestMethodChoice(t *testing.T) {
 			t.Fatal(err)
 		}
 		t.Logf("bytes %v, Top allocated %d", p.Bytes, p.TopAllocated)
+		if p.Clone {
+			// A clone shares Top's dead clusters for free.
+			t.Skip("Top's filesystem clones files: rebase's copy of Top costs nothing")
+		}
 		if p.Method != MethodConvert || p.Bytes[MethodConvert]*4 > p.Bytes[MethodRebase] {
 			t.Fatalf("plan %s %v; want convert, by far", p.Method, p.Bytes)
 		}
@@ -615,4 +620,122 @@ func TestHeartbeat(t *testing.T) {
 	stop()
 	stop2 := heartbeat(nil)
 	stop2()
+}
+
+// TestKilledRun kills a worker (a child test process) with SIGKILL while
+// its qemu-img rebase runs: the qemu-img dies with it (Pdeathsig), the
+// inputs are unchanged, and the next Run replaces the Temp it left.
+func TestKilledRun(t *testing.T) {
+	if os.Getenv("CBTFLOW_MERGE_HELPER") != "" {
+		return // the helper runs in TestKilledRunHelper
+	}
+	testutil.CheckNoChildren(t)
+	ctx := ctxT(t)
+	dir := t.TempDir()
+	imgs := fiveChain(t, dir)
+	before := states(t, imgs...)
+	j := Job{Top: imgs[3], Removed: []string{imgs[2], imgs[1]}, Base: imgs[0], Temp: filepath.Join(dir, "merge.tmp")}
+
+	// The helper's qemu-img hangs in rebase, as a long one would.
+	fake := filepath.Join(t.TempDir(), "qemu-img")
+	real, err := exec.LookPath("qemu-img")
+	if err != nil {
+		t.Fatal(err)
+	}
+	script := "#!/bin/sh\nif [ \"$1\" = rebase ]; then exec sleep 600; fi\nexec " + real + " \"$@\"\n"
+	if err := os.WriteFile(fake, []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(os.Args[0], "-test.run=^TestKilledRunHelper$", "-test.count=1")
+	cmd.Env = append(os.Environ(), "CBTFLOW_MERGE_HELPER=1", "CBTFLOW_MERGE_QEMU_IMG="+fake,
+		"CBTFLOW_MERGE_JOB="+strings.Join([]string{j.Top, j.Removed[0], j.Removed[1], j.Base, j.Temp}, "\n"))
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 4096)
+	var got []byte
+	for !bytes.Contains(got, []byte("\n")) {
+		n, err := out.Read(buf)
+		if err != nil {
+			cmd.Process.Kill()
+			cmd.Wait()
+			t.Fatalf("helper: %v (output %q)", err, got)
+		}
+		got = append(got, buf[:n]...)
+	}
+	line := strings.TrimSpace(string(got))
+	var pid int
+	if _, err := fmt.Sscanf(line, "rebase running as %d", &pid); err != nil {
+		cmd.Process.Kill()
+		cmd.Wait()
+		t.Fatalf("helper said %q", line)
+	}
+	if err := cmd.Process.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	cmd.Wait()
+	deadline := time.Now().Add(20 * time.Second)
+	for alive(pid) {
+		if time.Now().After(deadline) {
+			t.Fatalf("qemu-img (pid %d) outlived its killed worker", pid)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if _, err := os.Stat(j.Temp); err != nil {
+		t.Fatalf("the killed run left no Temp (%v); this test wants one to replace", err)
+	}
+	checkUnchanged(t, before)
+
+	p, err := Estimate(ctx, j)
+	if err != nil {
+		t.Fatal(err)
+	}
+	res, err := Run(ctx, j, p, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkMerged(t, ctx, j, res)
+	checkUnchanged(t, before)
+}
+
+// alive reports whether pid is a live, non-zombie process.
+func alive(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return false
+	}
+	i := bytes.LastIndexByte(b, ')')
+	f := strings.Fields(string(b[i+1:]))
+	return len(f) > 0 && f[0] != "Z"
+}
+
+func TestKilledRunHelper(t *testing.T) {
+	if os.Getenv("CBTFLOW_MERGE_HELPER") == "" {
+		t.Skip("runs as TestKilledRun's worker")
+	}
+	f := strings.Split(os.Getenv("CBTFLOW_MERGE_JOB"), "\n")
+	j := Job{Top: f[0], Removed: f[1:3], Base: f[3], Temp: f[4]}
+	p, err := Estimate(context.Background(), j)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.Method = MethodRebase
+	started = func(step string) {
+		if step != "rebase" {
+			return
+		}
+		for _, c := range testutil.Children(os.Getpid()) {
+			fmt.Printf("rebase running as %d\n", c.Pid)
+			break
+		}
+		os.Stdout.Sync()
+	}
+	qemu.QemuImg = os.Getenv("CBTFLOW_MERGE_QEMU_IMG")
+	_, err = Run(context.Background(), j, p, nil)
+	t.Fatalf("Run returned (%v); it should have been killed", err)
 }
