@@ -52,26 +52,37 @@
 //     well: more bytes than rebase, whatever the sizes, unless the
 //     filesystem clones.
 //
-// The Plan picks the fewest bytes (convert on a tie). Over a Base only
-// rebase applies. With Base "", both write about the same: Top's data plus
-// the removed images' data that Top does not shadow. So convert wins when
+// The Plan picks the fewest bytes (convert on a tie), and Run refuses a
+// method whose bytes exceed the free space. Over a Base only rebase
+// applies. With Base "", both write about the same: Top's data plus the
+// removed images' data that Top does not shadow. So convert wins when
 // Top's file holds space its view no longer uses (clusters zeroed without
-// unmapping, leaks), and rebase when the filesystem clones (the copy of Top
-// is then free) — and otherwise by the few clusters of metadata in which
-// qemu-img measure exceeds the allocation. Measured in this package's tests
-// (64 MiB disks, ext4, 2 busy cores; estimate / bytes allocated in Temp /
-// time to write Temp):
+// unmapping, leaks), and rebase when the filesystem clones (the copy of
+// Top is then free) — and otherwise by the cluster in which qemu-img
+// measure exceeds the allocation. Measured in this package's tests (64 MiB
+// disks, 2 busy cores; estimate / bytes allocated in Temp / time to write
+// Temp):
+//
+// On ext4 (no clones):
 //
 //   - remove the full under a 6.3 MiB Top (12 MiB of removed data): rebase
 //     19140608 / 19140608 / 40 ms (6557696 copied), convert 19202048 /
-//     19140608 / 55 ms: rebase chosen.
+//     19140608 / 55 ms: rebase chosen, by 60 KiB.
 //   - remove the full and two more under a 2.8 MiB Top: rebase 21237760 /
 //     21237760 / 53 ms, convert 21299200 / 21237760 / 91 ms: rebase.
-//   - a Top with 16 MiB zeroed but still allocated over a 1 MiB full:
-//     convert 2424832 / 2363392 / 43 ms, rebase 19140608 / 19140608 / 47
-//     ms (18092032 copied): convert.
+//   - a Top with 16 MiB zeroed but still allocated, over a 1 MiB full:
+//     convert 2424832 / 2363392 / 43 ms, rebase 19140608 / 19140608 /
+//     47 ms (18092032 copied): convert, by 8x.
 //   - remove one middle image: rebase 10293248 / 10293248 / 34 ms; three
-//     consecutive ones: rebase 16060416 / 15536128 / 32 ms.
+//     consecutive ones: rebase 16060416 / 15536128 / 32 ms (the estimate
+//     counts zeros over zeros of Base).
 //
-// Verifying (compare, check, SHA-256) took 30–50 ms per merge.
+// On XFS with reflinks (a loop device):
+//
+//   - a 32 MiB Top over a 1 MiB removed full: rebase 1048576 (nothing
+//     copied, 35 ms), convert 34930688: rebase, by 33x.
+//   - remove the full under the 6.3 MiB Top above: rebase 12582912,
+//     convert 19202048: rebase.
+//
+// Verifying (compare, check, SHA-256) took 30–70 ms per merge.
 package merge

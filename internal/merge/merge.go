@@ -8,11 +8,13 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
 	"github.com/cbtflow/cbtflow/internal/integrity"
 	"github.com/cbtflow/cbtflow/internal/qemu"
+	"golang.org/x/sys/unix"
 )
 
 // The methods Estimate measures and Run applies.
@@ -66,6 +68,10 @@ type Plan struct {
 	ViewData int64
 	// VirtualSize is the disk's size.
 	VirtualSize int64
+	// Free is the bytes available to an unprivileged writer in Top's
+	// folder when Estimate ran; Run refuses a method whose Bytes exceed
+	// what is free then.
+	Free int64
 }
 
 // Result describes the merged image at Temp, durable and verified.
@@ -141,6 +147,9 @@ func Estimate(ctx context.Context, j Job) (Plan, error) {
 		return Plan{}, fmt.Errorf("merge: Top %s: %w", j.Top, err)
 	}
 	p.Clone = canClone(j.Top)
+	if p.Free, err = free(filepath.Dir(j.Top)); err != nil {
+		return Plan{}, fmt.Errorf("merge: %w", err)
+	}
 	rebase := p.RemovedData
 	if !p.Clone {
 		rebase += p.TopAllocated
@@ -186,6 +195,18 @@ func Run(ctx context.Context, j Job, p Plan, beat func()) (res Result, err error
 		}
 	default:
 		return Result{}, fmt.Errorf("merge: unknown method %q (want %q or %q)", p.Method, MethodRebase, MethodConvert)
+	}
+	if n, ok := p.Bytes[p.Method]; ok {
+		avail, err := free(filepath.Dir(j.Top))
+		if err != nil {
+			return Result{}, fmt.Errorf("merge: %w", err)
+		}
+		if st, err := os.Stat(j.Temp); err == nil {
+			avail += st.Size() // the stale Temp is removed first
+		}
+		if n > avail {
+			return Result{}, fmt.Errorf("merge: %s has %d bytes free; method %s needs about %d", filepath.Dir(j.Top), avail, p.Method, n)
+		}
 	}
 	stop := heartbeat(beat)
 	defer stop()
@@ -377,7 +398,7 @@ func measure(ctx context.Context, top string) (int64, error) {
 
 func trim(b []byte) string {
 	const n = 400
-	s := string(b)
+	s := strings.TrimSpace(string(b))
 	if len(s) > n {
 		s = s[:n] + "…"
 	}
@@ -564,6 +585,16 @@ func checkTemp(j Job) error {
 		}
 	}
 	return nil
+}
+
+// free returns the bytes available to an unprivileged writer in dir's
+// filesystem.
+func free(dir string) (int64, error) {
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err != nil {
+		return 0, fmt.Errorf("statfs %s: %w", dir, err)
+	}
+	return int64(st.Bavail) * int64(st.Bsize), nil
 }
 
 // removeTemp removes a Temp left by an earlier run, durably.

@@ -577,6 +577,11 @@ func TestBadInput(t *testing.T) {
 		if _, err := Run(ctx, j, p, nil); err == nil || !strings.Contains(err.Error(), "plan was made for Top "+imgs[3]) {
 			t.Errorf("err=%v", err)
 		}
+		small := p
+		small.Bytes = map[string]int64{MethodRebase: 1 << 60}
+		if _, err := Run(ctx, ok, small, nil); err == nil || !strings.Contains(err.Error(), "bytes free; method rebase needs about 1152921504606846976") {
+			t.Errorf("a merge bigger than the free space: err=%v", err)
+		}
 		p.Method = "commit"
 		if _, err := Run(ctx, ok, p, nil); err == nil || !strings.Contains(err.Error(), `unknown method "commit"`) {
 			t.Errorf("err=%v", err)
@@ -738,4 +743,41 @@ func TestKilledRunHelper(t *testing.T) {
 	qemu.QemuImg = os.Getenv("CBTFLOW_MERGE_QEMU_IMG")
 	_, err = Run(context.Background(), j, p, nil)
 	t.Fatalf("Run returned (%v); it should have been killed", err)
+}
+
+// TestVerifyCatchesLoss runs a rebase that only rewrites the header (what
+// an unsafe rebase, or a qemu-img bug, would do): the removed image's data
+// is lost, and Run must refuse the result by comparing, and remove it.
+func TestVerifyCatchesLoss(t *testing.T) {
+	testutil.CheckNoChildren(t)
+	ctx := ctxT(t)
+	dir := t.TempDir()
+	imgs := fiveChain(t, dir)
+	before := states(t, imgs...)
+	real, err := exec.LookPath("qemu-img")
+	if err != nil {
+		t.Fatal(err)
+	}
+	fake := filepath.Join(t.TempDir(), "qemu-img")
+	script := "#!/bin/sh\nif [ \"$1\" = rebase ]; then shift; exec " + real + " rebase -u \"$@\"; fi\nexec " + real + " \"$@\"\n"
+	if err := os.WriteFile(fake, []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	old := qemu.QemuImg
+	qemu.QemuImg = fake
+	t.Cleanup(func() { qemu.QemuImg = old })
+	j := Job{Top: imgs[2], Removed: imgs[1:2], Base: imgs[0], Temp: filepath.Join(dir, "merge.tmp")}
+	p, err := Estimate(ctx, j)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = Run(ctx, j, p, nil)
+	if err == nil || !strings.Contains(err.Error(), "differs from Top") {
+		t.Fatalf("a merge that lost data: err=%v", err)
+	}
+	t.Log(err)
+	if _, err := os.Lstat(j.Temp); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the refused result was left at Temp: %v", err)
+	}
+	checkUnchanged(t, before)
 }
