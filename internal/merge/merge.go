@@ -292,6 +292,24 @@ func verify(ctx context.Context, j Job, backing string) error {
 	if name != backing {
 		return fmt.Errorf("merge: merged image %s has backing file %q, want %q", j.Temp, name, backing)
 	}
+	// qemu-img compare takes images of different sizes as equal when the
+	// longer one only adds zeros: the sizes are compared here.
+	var infos [2]qemu.ImageInfo
+	for i, img := range []string{j.Temp, j.Top} {
+		out, _, err := runImg(ctx, "info", []string{"info", "--output=json", "-f", "qcow2", img})
+		if err != nil {
+			return err
+		}
+		if err := json.Unmarshal(out, &infos[i]); err != nil {
+			return fmt.Errorf("merge: parse qemu-img info of %s: %w", img, err)
+		}
+	}
+	if infos[0].VirtualSize != infos[1].VirtualSize {
+		return fmt.Errorf("merge: merged image %s is %d bytes, Top %s is %d bytes", j.Temp, infos[0].VirtualSize, j.Top, infos[1].VirtualSize)
+	}
+	if backing != "" && infos[0].BackingFilenameFormat != "qcow2" {
+		return fmt.Errorf("merge: merged image %s names its backing file's format %q, want qcow2", j.Temp, infos[0].BackingFilenameFormat)
+	}
 	out, code, err := runImg(ctx, "compare", []string{"compare", "-f", "qcow2", "-F", "qcow2", j.Temp, j.Top}, 1)
 	if err != nil {
 		return err
