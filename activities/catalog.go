@@ -42,11 +42,21 @@ func (a *Catalog) BeginBackup(ctx context.Context, in BeginBackupInput) (*BeginB
 	if err != nil {
 		return nil, permanent(err)
 	}
+	// A prune of this VM that was interrupted may have left a merge
+	// pending: settle it before reading the chains (the backup holds the
+	// VM's lock, so no prune runs now).
+	if err := settlePending(ctx, a.Catalog, a.Repo, in.Profile, in.VMUUID); err != nil {
+		return nil, err
+	}
 	latest, err := a.Catalog.LatestDisks(ctx, in.Profile, in.VMUUID)
 	if err != nil {
 		return nil, permanent(err)
 	}
-	res := &BeginBackupResult{}
+	policy, _, err := a.Catalog.EffectivePolicy(ctx, in.Profile, in.VMUUID)
+	if err != nil {
+		return nil, permanent(err)
+	}
+	res := &BeginBackupResult{MaxChain: policy.Chain()}
 	current := map[int32]bool{}
 	for _, k := range in.DiskKeys {
 		current[k] = true

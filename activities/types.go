@@ -1,6 +1,13 @@
 package activities
 
-import "github.com/cbtflow/cbtflow/internal/catalog"
+import (
+	"github.com/cbtflow/cbtflow/internal/catalog"
+	"github.com/cbtflow/cbtflow/internal/retention"
+)
+
+// DefaultMaxChain is the chain bound of a VM whose retention policy sets
+// none (or that has no policy): the retention package's.
+const DefaultMaxChain = retention.DefaultMaxChain
 
 // Types of non-retryable ApplicationErrors returned by the activities.
 const (
@@ -133,6 +140,9 @@ type BeginBackupResult struct {
 	ClosedChains []int32 `json:"closed_chains,omitempty"`
 	// Warnings name damaged chains found, and the restore points marked.
 	Warnings []string `json:"warnings,omitempty"`
+	// MaxChain is the VM's retention policy's chain bound (max-chain):
+	// a disk whose chain holds that many images gets a full backup.
+	MaxChain int `json:"max_chain,omitempty"`
 }
 
 // CreateSnapshotInput asks for the backup's snapshot.

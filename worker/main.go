@@ -162,6 +162,7 @@ func newWorker(c client.Client, d deps, maxTransfers int) worker.Worker {
 	w.RegisterActivity(&activities.Transfer{Sessions: d.sessions, Repo: d.repo, Signals: c,
 		Slots: activities.NewTransferSlots(maxTransfers)})
 	w.RegisterActivity(&activities.Catalog{Catalog: d.catalog, Repo: d.repo})
+	w.RegisterActivity(&activities.Pruner{Catalog: d.catalog, Repo: d.repo})
 	w.RegisterActivity(&activities.Sweeper{Sessions: d.sessions, Catalog: d.catalog, Repo: d.repo, Workflows: c, Namespace: d.namespace})
 	return w
 }

@@ -71,7 +71,8 @@ type BackupVMInput struct {
 	BackupID string `json:"backup_id,omitempty"` // derived from the run when empty
 	// MaxParallelDisks bounds the disks transferred at once (default 2).
 	MaxParallelDisks int `json:"max_parallel_disks,omitempty"`
-	// MaxChainLength bounds a disk's chain in auto mode (default 30).
+	// MaxChainLength bounds a disk's chain in auto mode; 0: the VM's
+	// retention policy's max-chain, else 30.
 	MaxChainLength int `json:"max_chain_length,omitempty"`
 }
 
@@ -420,7 +421,13 @@ func (r *backupRun) failBackup(ctx workflow.Context, cause error) {
 
 // plan decides full or incremental per disk (pure: no activity).
 func (r *backupRun) plan(vm activities.PrepareVMResult, begun activities.BeginBackupResult) ([]diskPlan, error) {
-	plans, err := planDisks(r.in.Mode, vm.Disks, begun.Previous, vm.CBTJustEnabled, r.in.MaxChainLength)
+	// The input's bound wins; else the VM's retention policy's (max-chain),
+	// which BeginBackup reads; else the default.
+	maxChain := r.in.MaxChainLength
+	if maxChain <= 0 {
+		maxChain = begun.MaxChain
+	}
+	plans, err := planDisks(r.in.Mode, vm.Disks, begun.Previous, vm.CBTJustEnabled, maxChain)
 	if err != nil {
 		return nil, temporal.NewNonRetryableApplicationError(err.Error(), activities.ErrTypeNoRestorePoint, nil)
 	}

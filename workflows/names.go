@@ -72,4 +72,6 @@ func Register(r Registrar) {
 	r.RegisterWorkflow(Backup)
 	r.RegisterWorkflow(BackupVM)
 	r.RegisterWorkflow(Sweep)
+	r.RegisterWorkflow(Prune)
+	r.RegisterWorkflow(PruneVM)
 }

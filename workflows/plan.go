@@ -8,7 +8,7 @@ import (
 
 // DefaultMaxChainLength bounds a disk's chain: past it, the next backup of
 // the disk is full, so a restore never reads through an endless chain.
-const DefaultMaxChainLength = 30
+const DefaultMaxChainLength = activities.DefaultMaxChain
 
 // diskPlan is what the backup does with one disk.
 type diskPlan struct {

@@ -1,0 +1,580 @@
+package activities
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"time"
+
+	"go.temporal.io/sdk/activity"
+	"go.temporal.io/sdk/temporal"
+
+	"github.com/cbtflow/cbtflow/internal/catalog"
+	"github.com/cbtflow/cbtflow/internal/faultpoint"
+	"github.com/cbtflow/cbtflow/internal/integrity"
+	"github.com/cbtflow/cbtflow/internal/merge"
+	"github.com/cbtflow/cbtflow/internal/repository"
+	"github.com/cbtflow/cbtflow/internal/retention"
+)
+
+// Pruner holds the activities of retention: plan what a policy removes,
+// merge the removed images that kept restore points build on, and apply
+// the result to the repository and the catalog crash-safely.
+type Pruner struct {
+	Catalog *catalog.Catalog
+	Repo    *repository.Repository
+	// Location is the time zone of the calendar rules (days, weeks,
+	// months, years); nil means the worker's local time zone.
+	Location *time.Location
+}
+
+// PlanPruneInput selects the VMs to plan for: one VM (a name or instance
+// UUID, with Profile to tell apart VMs of the same name), or all.
+type PlanPruneInput struct {
+	VM      string `json:"vm,omitempty"`
+	Profile string `json:"profile,omitempty"`
+}
+
+// PlanPruneResult is the plan of every VM selected.
+type PlanPruneResult struct {
+	VMs []VMPrunePlan `json:"vms"`
+}
+
+// VMPrunePlan is what a prune does to one VM's restore points.
+type VMPrunePlan struct {
+	Profile string `json:"profile"`
+	VMUUID  string `json:"vm_uuid"`
+	VMName  string `json:"vm"`
+	// LockID is the VM's per-VM workflow ID (its latest backup's): the
+	// prune runs under it, so no backup of the VM runs meanwhile.
+	LockID string `json:"lock_id"`
+	// Policy in words, and where it comes from: "vm", "default" or
+	// "none" (no policy: everything is kept).
+	Policy       string         `json:"policy"`
+	PolicySource string         `json:"policy_source"`
+	Kept         []KeptPoint    `json:"kept"`
+	Removed      []RemovedPoint `json:"removed"`
+	Merges       []MergeStep    `json:"merges,omitempty"`
+	// BytesToFree: the removed images' sizes (the merged images' growth
+	// is known only once they are written).
+	BytesToFree int64 `json:"bytes_to_free"`
+}
+
+// KeptPoint is a restore point the policy keeps, and the rules that keep it.
+type KeptPoint struct {
+	BackupID string    `json:"backup_id"`
+	Time     time.Time `json:"time"`
+	Rules    []string  `json:"rules"`
+}
+
+// RemovedPoint is a restore point the policy does not keep, and why.
+type RemovedPoint struct {
+	BackupID string    `json:"backup_id"`
+	Time     time.Time `json:"time"`
+	Reason   string    `json:"reason"`
+}
+
+// MergeStep rewrites one disk image of a kept restore point so that it no
+// longer builds on removed ones: Removed (nearest first) are merged into
+// it, and the new image builds on Base ("" = it becomes a full image).
+type MergeStep struct {
+	BackupID string   `json:"backup_id"`
+	Key      int32    `json:"disk_key"`
+	Removed  []string `json:"removed"`
+	Base     string   `json:"base"`
+	// Method and Bytes: how internal/merge will do it and what it moves.
+	Method string `json:"method,omitempty"`
+	Bytes  int64  `json:"bytes,omitempty"`
+}
+
+func (p *Pruner) location() *time.Location {
+	if p.Location != nil {
+		return p.Location
+	}
+	return time.Local
+}
+
+// PlanPrune plans the prune of every VM selected that has restore points.
+// It changes nothing; a VM's prune plans again under the VM's lock.
+func (p *Pruner) PlanPrune(ctx context.Context, in PlanPruneInput) (*PlanPruneResult, error) {
+	points, err := p.Catalog.List(ctx, catalog.ListFilter{VM: in.VM, Profile: in.Profile, Status: catalog.StatusCommitted})
+	if err != nil {
+		return nil, permanent(err)
+	}
+	if in.VM != "" && len(points) == 0 {
+		err := fmt.Errorf("prune: VM %q has no restore points in the catalog", in.VM)
+		return nil, temporal.NewNonRetryableApplicationError(err.Error(), ErrTypeNoRestorePoint, err)
+	}
+	type vmKey struct{ profile, uuid string }
+	byVM := map[vmKey][]catalog.Backup{}
+	var order []vmKey
+	for _, b := range points {
+		k := vmKey{b.Profile, b.VMUUID}
+		if _, ok := byVM[k]; !ok {
+			order = append(order, k)
+		}
+		byVM[k] = append(byVM[k], b)
+	}
+	if in.VM != "" && len(order) > 1 {
+		var names []string
+		for _, k := range order {
+			names = append(names, fmt.Sprintf("%s (profile %s)", k.uuid, k.profile))
+		}
+		err := fmt.Errorf("prune: %q names %d VMs: %s; give the instance UUID or --profile", in.VM, len(order), strings.Join(names, ", "))
+		return nil, temporal.NewNonRetryableApplicationError(err.Error(), ErrTypeAmbiguousVM, err)
+	}
+	res := &PlanPruneResult{}
+	for _, k := range order {
+		plan, err := p.planVM(ctx, byVM[k])
+		if err != nil {
+			return nil, err
+		}
+		res.VMs = append(res.VMs, *plan)
+	}
+	slices.SortFunc(res.VMs, func(a, b VMPrunePlan) int {
+		return strings.Compare(a.VMName+"\x00"+a.Profile+a.VMUUID, b.VMName+"\x00"+b.Profile+b.VMUUID)
+	})
+	return res, nil
+}
+
+// PruneVMInput names the VM whose prune runs.
+type PruneVMInput struct {
+	PruneID string `json:"prune_id"`
+	Profile string `json:"profile"`
+	VMUUID  string `json:"vm_uuid"`
+}
+
+// PlanVM settles what an interrupted prune left (see SettlePending) and
+// plans the VM's prune again, now that no backup of it can run.
+func (p *Pruner) PlanVM(ctx context.Context, in PruneVMInput) (*VMPrunePlan, error) {
+	if err := settlePending(ctx, p.Catalog, p.Repo, in.Profile, in.VMUUID); err != nil {
+		return nil, err
+	}
+	if err := p.removeStaleTemps(ctx, in); err != nil {
+		return nil, err
+	}
+	points, err := p.Catalog.List(ctx, catalog.ListFilter{VM: in.VMUUID, Profile: in.Profile, Status: catalog.StatusCommitted})
+	if err != nil {
+		return nil, permanent(err)
+	}
+	if len(points) == 0 {
+		return &VMPrunePlan{Profile: in.Profile, VMUUID: in.VMUUID}, nil
+	}
+	plan, err := p.planVM(ctx, points)
+	if err != nil {
+		return nil, err
+	}
+	for i := range plan.Merges {
+		job, err := p.job(in.PruneID, points, plan.Merges[i])
+		if err != nil {
+			return nil, err
+		}
+		est, err := merge.Estimate(ctx, job)
+		if err != nil {
+			return nil, err
+		}
+		plan.Merges[i].Method, plan.Merges[i].Bytes = est.Method, est.Bytes[est.Method]
+	}
+	return plan, nil
+}
+
+// planVM applies the VM's policy to its restore points (newest first, all
+// of one VM) and works out the merges each disk needs.
+func (p *Pruner) planVM(ctx context.Context, points []catalog.Backup) (*VMPrunePlan, error) {
+	b0 := points[0]
+	plan := &VMPrunePlan{Profile: b0.Profile, VMUUID: b0.VMUUID, VMName: b0.VMName, LockID: b0.WorkflowID}
+	policy, source, err := p.Catalog.EffectivePolicy(ctx, b0.Profile, b0.VMUUID)
+	if err != nil {
+		return nil, permanent(err)
+	}
+	plan.PolicySource = string(source)
+	if source == catalog.PolicyNone {
+		plan.Policy = "none: every restore point is kept"
+		for _, b := range points {
+			plan.Kept = append(plan.Kept, KeptPoint{BackupID: b.ID, Time: b.StartedAt, Rules: []string{"no policy"}})
+		}
+		return plan, nil
+	}
+	plan.Policy = policy.String()
+	// The rules count restore points that restore: a damaged one is
+	// removed (it cannot be kept usefully), and named as such.
+	var sound []retention.Point
+	damaged := map[string]string{}
+	for _, b := range points {
+		if why := damagedReason(b); why != "" {
+			damaged[b.ID] = why
+			continue
+		}
+		sound = append(sound, retention.Point{ID: b.ID, Time: b.StartedAt})
+	}
+	keep := map[string]bool{}
+	for _, d := range retention.Select(sound, policy, p.location()) {
+		if d.Keep {
+			keep[d.ID] = true
+			plan.Kept = append(plan.Kept, KeptPoint{BackupID: d.ID, Time: d.Time, Rules: d.Reasons})
+		}
+	}
+	diskOf := map[string]map[int32]catalog.Disk{}
+	for _, b := range points {
+		diskOf[b.ID] = map[int32]catalog.Disk{}
+		for _, d := range b.Disks {
+			diskOf[b.ID][d.Key] = d
+		}
+		if keep[b.ID] {
+			continue
+		}
+		reason := "not kept by the policy (" + plan.Policy + ")"
+		if why := damaged[b.ID]; why != "" {
+			reason = "damaged: " + why
+		}
+		plan.Removed = append(plan.Removed, RemovedPoint{BackupID: b.ID, Time: b.StartedAt, Reason: reason})
+		for _, d := range b.Disks {
+			plan.BytesToFree += d.SizeBytes
+		}
+	}
+	// A kept image that builds on removed ones gets their data merged in.
+	for _, b := range points {
+		if !keep[b.ID] {
+			continue
+		}
+		for _, d := range b.Disks {
+			step := MergeStep{BackupID: b.ID, Key: d.Key}
+			for base := d.BackingBackupID; base != ""; {
+				if keep[base] {
+					step.Base = base
+					break
+				}
+				row, ok := diskOf[base][d.Key]
+				if !ok {
+					err := fmt.Errorf("prune: restore point %s disk %d builds on %s, which has no such disk in the catalog", b.ID, d.Key, base)
+					return nil, temporal.NewNonRetryableApplicationError(err.Error(), ErrTypeInvalidInput, err)
+				}
+				step.Removed = append(step.Removed, base)
+				base = row.BackingBackupID
+			}
+			if len(step.Removed) > 0 {
+				plan.Merges = append(plan.Merges, step)
+			}
+		}
+	}
+	return plan, nil
+}
+
+func damagedReason(b catalog.Backup) string {
+	for _, d := range b.Disks {
+		if d.Damaged != "" {
+			return fmt.Sprintf("disk %d: %s", d.Key, d.Damaged)
+		}
+	}
+	return ""
+}
+
+// tempSuffix marks a prune's new image beside the one it replaces.
+const tempSuffix = ".merging"
+
+// job turns a merge step into internal/merge's terms.
+func (p *Pruner) job(pruneID string, points []catalog.Backup, s MergeStep) (merge.Job, error) {
+	pathOf := func(id string) (string, error) {
+		for _, b := range points {
+			if b.ID != id {
+				continue
+			}
+			for _, d := range b.Disks {
+				if d.Key == s.Key {
+					return p.Repo.Resolve(d.Path), nil
+				}
+			}
+		}
+		return "", fmt.Errorf("prune: restore point %s has no disk %d", id, s.Key)
+	}
+	top, err := pathOf(s.BackupID)
+	if err != nil {
+		return merge.Job{}, err
+	}
+	j := merge.Job{Top: top, Temp: filepath.Join(filepath.Dir(top), "."+filepath.Base(top)+"."+pruneID+tempSuffix)}
+	for _, id := range s.Removed {
+		path, err := pathOf(id)
+		if err != nil {
+			return merge.Job{}, err
+		}
+		j.Removed = append(j.Removed, path)
+	}
+	if s.Base != "" {
+		if j.Base, err = pathOf(s.Base); err != nil {
+			return merge.Job{}, err
+		}
+	}
+	return j, nil
+}
+
+// MergeImageInput is one merge of a VM's prune.
+type MergeImageInput struct {
+	PruneID string    `json:"prune_id"`
+	Profile string    `json:"profile"`
+	VMUUID  string    `json:"vm_uuid"`
+	Step    MergeStep `json:"step"`
+}
+
+// MergedImage is a merged image written, durable and verified beside the
+// image it replaces.
+type MergedImage struct {
+	BackupID  string `json:"backup_id"`
+	Key       int32  `json:"disk_key"`
+	Base      string `json:"base"`
+	TempPath  string `json:"temp_path"` // relative to the repository root
+	SizeBytes int64  `json:"size_bytes"`
+	SHA256    string `json:"sha256"`
+	Inode     int64  `json:"inode"`
+	MtimeNs   int64  `json:"mtime_ns"`
+	CtimeNs   int64  `json:"ctime_ns"`
+	Method    string `json:"method"`
+	OldSize   int64  `json:"old_size_bytes"`
+}
+
+// MergeImage writes the merged image of one step beside the kept image
+// (which it never modifies): flushed, synced, compared with the kept
+// point's disk and hashed. A retry starts it afresh.
+func (p *Pruner) MergeImage(ctx context.Context, in MergeImageInput) (*MergedImage, error) {
+	points, err := p.Catalog.List(ctx, catalog.ListFilter{VM: in.VMUUID, Profile: in.Profile, Status: catalog.StatusCommitted})
+	if err != nil {
+		return nil, permanent(err)
+	}
+	job, err := p.job(in.PruneID, points, in.Step)
+	if err != nil {
+		return nil, temporal.NewNonRetryableApplicationError(err.Error(), ErrTypeInvalidInput, err)
+	}
+	faultpoint.Hold(ctx, faultpoint.BeforeMerge)
+	est, err := merge.Estimate(ctx, job)
+	if err != nil {
+		return nil, err
+	}
+	beat := func() { activity.RecordHeartbeat(ctx) }
+	res, err := merge.Run(ctx, job, est, beat)
+	if err != nil {
+		return nil, err
+	}
+	faultpoint.Hold(ctx, faultpoint.AfterMerge)
+	rel, err := p.Repo.Rel(job.Temp)
+	if err != nil {
+		return nil, err
+	}
+	fi, err := os.Stat(job.Top)
+	if err != nil {
+		return nil, err
+	}
+	return &MergedImage{BackupID: in.Step.BackupID, Key: in.Step.Key, Base: in.Step.Base, TempPath: rel,
+		SizeBytes: res.Size, SHA256: res.SHA256, Inode: res.Stamp.Inode, MtimeNs: res.Stamp.MtimeNs,
+		CtimeNs: res.Stamp.CtimeNs, Method: est.Method, OldSize: fi.Size()}, nil
+}
+
+// ApplyPruneInput is the end of a VM's prune: the merged images to put in
+// place and the restore points to remove.
+type ApplyPruneInput struct {
+	PruneID string        `json:"prune_id"`
+	Profile string        `json:"profile"`
+	VMUUID  string        `json:"vm_uuid"`
+	Remove  []string      `json:"remove"`
+	Merged  []MergedImage `json:"merged"`
+}
+
+// ApplyPruneResult says what the prune freed.
+type ApplyPruneResult struct {
+	BytesFreed int64 `json:"bytes_freed"`
+}
+
+// ApplyPrune puts the merged images in place and removes the restore
+// points, in an order that leaves every restore point the catalog shows
+// restorable at every instant:
+//
+//  1. the new images are recorded as pending merges (one transaction);
+//  2. each is renamed over the image it replaces (atomic: the file at the
+//     path shows the same disk before and after) and the folder synced;
+//  3. one transaction records the new images and deletes the removed
+//     points' rows;
+//  4. the removed points' files are deleted.
+//
+// A retry after a crash at any step goes on from where it stopped.
+func (p *Pruner) ApplyPrune(ctx context.Context, in ApplyPruneInput) (*ApplyPruneResult, error) {
+	points, err := p.Catalog.List(ctx, catalog.ListFilter{VM: in.VMUUID, Profile: in.Profile, Status: catalog.StatusCommitted})
+	if err != nil {
+		return nil, permanent(err)
+	}
+	files := map[string][]string{} // backup ID → absolute image paths
+	sizes := map[string]int64{}
+	for _, b := range points {
+		for _, d := range b.Disks {
+			files[b.ID] = append(files[b.ID], p.Repo.Resolve(d.Path))
+			sizes[b.ID] += d.SizeBytes
+		}
+	}
+	var freed int64
+	var merged []catalog.MergedImage
+	for _, m := range in.Merged {
+		merged = append(merged, catalog.MergedImage{BackupID: m.BackupID, Key: m.Key, Backing: m.Base,
+			SizeBytes: m.SizeBytes, SHA256: m.SHA256, TempPath: m.TempPath,
+			Stamp: catalog.FileStamp{Inode: m.Inode, MtimeNs: m.MtimeNs, CtimeNs: m.CtimeNs}})
+		freed += m.OldSize - m.SizeBytes
+	}
+	var removeFiles []string
+	for _, id := range in.Remove {
+		freed += sizes[id]
+		removeFiles = append(removeFiles, files[id]...)
+	}
+	// Points already gone: an earlier attempt committed; only files remain.
+	committed := true
+	for _, id := range in.Remove {
+		if _, ok := files[id]; ok {
+			committed = false
+		}
+	}
+	if !committed || len(in.Remove) == 0 {
+		if len(merged) > 0 {
+			if err := p.Catalog.BeginMerges(ctx, in.PruneID, merged); err != nil {
+				return nil, permanent(err)
+			}
+		}
+		for i, m := range in.Merged {
+			path, err := p.putInPlace(ctx, points, m)
+			if err != nil {
+				return nil, err
+			}
+			// The rename changed the file's ctime: record the stamp it has
+			// now (same inode and mtime: the hash still proves it).
+			ino, st, err := integrity.StampOf(path)
+			if err != nil {
+				return nil, err
+			}
+			if ino == m.Inode {
+				merged[i].Stamp = catalog.FileStamp(st)
+			}
+		}
+		faultpoint.Hold(ctx, faultpoint.BeforePruneCommit)
+		err := p.Catalog.Prune(ctx, catalog.PruneRecord{ID: in.PruneID, Profile: in.Profile, VMUUID: in.VMUUID,
+			Removed: in.Remove, BytesFreed: freed}, merged)
+		if err != nil {
+			return nil, permanent(err)
+		}
+	}
+	faultpoint.Hold(ctx, faultpoint.AfterPruneCommit)
+	dirs := map[string]bool{}
+	for _, f := range removeFiles {
+		if err := os.Remove(f); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return nil, fmt.Errorf("prune: removing %s: %w", f, err)
+		}
+		dirs[filepath.Dir(f)] = true
+	}
+	for d := range dirs {
+		if err := syncDir(d); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return nil, err
+		}
+	}
+	activity.GetLogger(ctx).Info("prune applied", "vm", in.VMUUID, "removed", len(in.Remove), "merged", len(in.Merged), "bytes_freed", freed)
+	return &ApplyPruneResult{BytesFreed: freed}, nil
+}
+
+// putInPlace renames a merged image over the image it replaces, unless an
+// earlier attempt did.
+func (p *Pruner) putInPlace(ctx context.Context, points []catalog.Backup, m MergedImage) (string, error) {
+	var path string
+	for _, b := range points {
+		if b.ID == m.BackupID {
+			for _, d := range b.Disks {
+				if d.Key == m.Key {
+					path = p.Repo.Resolve(d.Path)
+				}
+			}
+		}
+	}
+	if path == "" {
+		return "", fmt.Errorf("prune: restore point %s disk %d is not in the catalog", m.BackupID, m.Key)
+	}
+	temp := p.Repo.Resolve(m.TempPath)
+	if _, err := os.Stat(temp); errors.Is(err, os.ErrNotExist) {
+		// Renamed already? The file at the path is then the new one: the
+		// rename keeps its inode.
+		if ino, _, err := integrity.StampOf(path); err == nil && ino == m.Inode {
+			return path, nil
+		}
+		err := fmt.Errorf("prune: the merged image %s is gone and %s is not it", temp, path)
+		return "", temporal.NewNonRetryableApplicationError(err.Error(), ErrTypeImageCorrupt, err)
+	}
+	if err := os.Rename(temp, path); err != nil {
+		return "", fmt.Errorf("prune: %w", err)
+	}
+	return path, syncDir(filepath.Dir(path))
+}
+
+// removeStaleTemps deletes merged images that an interrupted prune of
+// this VM left and that no pending merge names (settlePending ran first).
+func (p *Pruner) removeStaleTemps(ctx context.Context, in PruneVMInput) error {
+	dir := filepath.Join(p.Repo.Root(), in.Profile, in.VMUUID)
+	return filepath.WalkDir(dir, func(path string, d os.DirEntry, err error) error {
+		if errors.Is(err, os.ErrNotExist) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		if !d.IsDir() && strings.HasPrefix(d.Name(), ".") && strings.HasSuffix(d.Name(), tempSuffix) {
+			activity.GetLogger(ctx).Info("prune: removing an interrupted prune's image", "path", path)
+			return os.Remove(path)
+		}
+		return nil
+	})
+}
+
+// settlePending settles the merges an interrupted prune of the VM left
+// pending: the file at each image's path is the new image (the catalog
+// records it) or still the old one (the pending row and the new file
+// go). It runs under the VM's lock only (a prune or a backup of the VM),
+// never beside the prune that wrote the rows.
+func settlePending(ctx context.Context, cat *catalog.Catalog, repo *repository.Repository, profile, vmUUID string) error {
+	pending, err := cat.PendingMerges(ctx, profile, vmUUID)
+	if err != nil {
+		return permanent(err)
+	}
+	for _, pm := range pending {
+		b, err := cat.Get(ctx, pm.BackupID)
+		if err != nil {
+			return permanent(err)
+		}
+		var path string
+		for _, d := range b.Disks {
+			if d.Key == pm.Key {
+				path = repo.Resolve(d.Path)
+			}
+		}
+		applied := false
+		if fi, err := os.Stat(path); err == nil && fi.Size() == pm.SizeBytes {
+			_, sum, err := integrity.Hash(ctx, path, func() { activity.RecordHeartbeat(ctx) })
+			if err != nil {
+				return err
+			}
+			applied = sum == pm.SHA256
+		}
+		if err := cat.SettleMerge(ctx, pm.BackupID, pm.Key, applied); err != nil {
+			return permanent(err)
+		}
+		if !applied {
+			if err := os.Remove(repo.Resolve(pm.TempPath)); err != nil && !errors.Is(err, os.ErrNotExist) {
+				return err
+			}
+		}
+		activity.GetLogger(ctx).Info("settled an interrupted prune's merge", "backup", pm.BackupID, "disk", pm.Key, "prune", pm.PruneID, "applied", applied)
+	}
+	return nil
+}
+
+// syncDir makes a folder's entries (a rename, a removal) durable.
+func syncDir(dir string) error {
+	f, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	return f.Sync()
+}

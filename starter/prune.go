@@ -1,0 +1,112 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strings"
+	"text/tabwriter"
+
+	"go.temporal.io/sdk/client"
+
+	"github.com/cbtflow/cbtflow/internal/config"
+	"github.com/cbtflow/cbtflow/workflows"
+)
+
+func init() {
+	commands["prune"] = command{summary: "remove the restore points the retention policies no longer keep (merging what kept points need)", run: pruneCmd}
+}
+
+func pruneCmd(ctx context.Context, e *env, args []string) error {
+	fs := newFlags(e, "prune")
+	var cfg config.Config
+	cfg.Register(fs)
+	profile := fs.String("profile", "", "the vCenter profile of the VM, to tell apart VMs of the same name")
+	dry := fs.Bool("dry-run", false, "list what would be removed and why; remove nothing (waits for the plan)")
+	wait := fs.Bool("wait", false, "wait for the prune to end and print what it did")
+	asJSON := fs.Bool("json", false, "print the result as one JSON object")
+	fs.Usage = func() {
+		fmt.Fprintln(fs.Output(), "usage: starter prune [VM] [flags]\n\nApplies the retention policies (see starter retention): the restore points a\nVM's policy does not keep are removed; data that kept points build on is\nmerged into them first, so every kept point restores as it was backed up.\nWithout VM, every VM with restore points. A VM without a policy keeps\neverything. A prune of a VM never runs beside a backup of it.\n\nflags:")
+		fs.PrintDefaults()
+	}
+	pos, err := parseInterleaved(fs, args)
+	if err != nil {
+		return usageError{err}
+	}
+	if len(pos) > 1 {
+		return usageError{fmt.Errorf("prune: at most one VM, got %d", len(pos))}
+	}
+	in := workflows.PruneInput{Profile: *profile, DryRun: *dry}
+	if len(pos) == 1 {
+		in.VM = pos[0]
+	}
+	c, err := dialTemporal(ctx, e, &cfg)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	id := "cbtflow-prune-" + randomID()
+	run, err := c.ExecuteWorkflow(ctx, client.StartWorkflowOptions{ID: id, TaskQueue: workflows.TaskQueue}, workflows.Prune, in)
+	if err != nil {
+		return fmt.Errorf("prune: start: %w", err)
+	}
+	if !*wait && !*dry {
+		if *asJSON {
+			return json.NewEncoder(e.stdout).Encode(map[string]string{"workflow_id": id, "run_id": run.GetRunID(), "status": "running"})
+		}
+		fmt.Fprintf(e.stdout, "prune started: workflow %s\n", id)
+		return nil
+	}
+	var res workflows.PruneResult
+	if err := run.Get(ctx, &res); err != nil {
+		return fmt.Errorf("prune: %s", failureMessage(err))
+	}
+	if *asJSON {
+		if err := json.NewEncoder(e.stdout).Encode(res); err != nil {
+			return err
+		}
+	} else {
+		printPrune(e, res)
+	}
+	if len(res.Errors) > 0 {
+		return exitError{code: 1, err: errors.New("prune: " + strings.Join(res.Errors, "; ")), quiet: *asJSON}
+	}
+	return nil
+}
+
+func printPrune(e *env, res workflows.PruneResult) {
+	tw := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
+	for _, vm := range res.VMs {
+		fmt.Fprintf(tw, "%s (%s): policy %s\n", vm.VMName, vm.VMUUID, vm.Policy)
+		for _, k := range vm.Kept {
+			fmt.Fprintf(tw, "  keep\t%s\t%s\t%s\n", k.BackupID, k.Time.Local().Format("2006-01-02 15:04"), strings.Join(k.Rules, ", "))
+		}
+		verb := "removed"
+		if res.DryRun {
+			verb = "remove"
+		}
+		for _, r := range vm.Removed {
+			fmt.Fprintf(tw, "  %s\t%s\t%s\t%s\n", verb, r.BackupID, r.Time.Local().Format("2006-01-02 15:04"), r.Reason)
+		}
+		for _, m := range vm.Merged {
+			into := "a full image"
+			if m.Base != "" {
+				into = "an image on " + m.Base
+			}
+			fmt.Fprintf(tw, "  merged\t%s\tdisk %d\tinto %s (%s, %s)\n", m.BackupID, m.Key, into, m.Method, humanBytes(m.SizeBytes))
+		}
+		if res.DryRun {
+			fmt.Fprintf(tw, "  would free about %s\n", humanBytes(vm.BytesToFree))
+		} else if len(vm.Removed) > 0 {
+			fmt.Fprintf(tw, "  freed %s\n", humanBytes(vm.BytesFreed))
+		}
+	}
+	tw.Flush()
+	if !res.DryRun {
+		fmt.Fprintf(e.stdout, "prune: %s freed\n", humanBytes(res.BytesFreed))
+	}
+	for _, msg := range res.Errors {
+		fmt.Fprintf(e.stderr, "prune: %s\n", msg)
+	}
+}
