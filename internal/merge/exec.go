@@ -50,9 +50,9 @@ func spawn(cmd *exec.Cmd) error {
 	return <-done
 }
 
-// started, when set (by tests), is called with the step's name while its
-// qemu-img runs.
-var started func(step string)
+// started, when set (by tests), is called with the step's name and the
+// pid of its qemu-img once that is started.
+var started func(step string, pid int)
 
 // runImg runs qemu-img with args; the child is killed (SIGKILL) when ctx
 // ends and when the worker dies. okExit lists exit codes other than 0 that
@@ -70,7 +70,7 @@ func runImg(ctx context.Context, step string, args []string, okExit ...int) ([]b
 		return nil, 0, fmt.Errorf("merge: %s: start qemu-img: %w", step, err)
 	}
 	if started != nil {
-		started(step)
+		started(step, cmd.Process.Pid)
 	}
 	err := cmd.Wait()
 	if ctx.Err() != nil {

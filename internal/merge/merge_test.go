@@ -480,10 +480,10 @@ func TestCancel(t *testing.T) {
 				p.Method = tc.step
 			}
 			ctx, cancel := context.WithCancel(ctxT(t))
-			var pids []int
-			started = func(step string) {
+			pid := 0
+			started = func(step string, p int) {
 				if step == tc.step {
-					pids = append(pids, childPids()...)
+					pid = p
 					cancel()
 				}
 			}
@@ -492,8 +492,11 @@ func TestCancel(t *testing.T) {
 			if !errors.Is(err, context.Canceled) {
 				t.Fatalf("Run canceled during %s: err=%v", tc.step, err)
 			}
-			if len(pids) == 0 {
-				t.Errorf("no qemu-img was running during %s", tc.step)
+			if pid == 0 {
+				t.Fatalf("Run never started qemu-img %s", tc.step)
+			}
+			if alive(pid) {
+				t.Errorf("qemu-img %s (pid %d) still runs after Run returned", tc.step, pid)
 			}
 			if _, err := os.Lstat(j.Temp); !errors.Is(err, os.ErrNotExist) {
 				t.Errorf("Temp left after a canceled run: %v", err)
@@ -508,14 +511,6 @@ func TestCancel(t *testing.T) {
 		})
 	}
 	checkUnchanged(t, before)
-}
-
-func childPids() []int {
-	var pids []int
-	for _, p := range testutil.Children(os.Getpid()) {
-		pids = append(pids, p.Pid)
-	}
-	return pids
 }
 
 func TestBadInput(t *testing.T) {
@@ -730,15 +725,11 @@ func TestKilledRunHelper(t *testing.T) {
 		t.Fatal(err)
 	}
 	p.Method = MethodRebase
-	started = func(step string) {
-		if step != "rebase" {
-			return
+	started = func(step string, pid int) {
+		if step == "rebase" {
+			fmt.Printf("rebase running as %d\n", pid)
+			os.Stdout.Sync()
 		}
-		for _, c := range testutil.Children(os.Getpid()) {
-			fmt.Printf("rebase running as %d\n", c.Pid)
-			break
-		}
-		os.Stdout.Sync()
 	}
 	qemu.QemuImg = os.Getenv("CBTFLOW_MERGE_QEMU_IMG")
 	_, err = Run(context.Background(), j, p, nil)
