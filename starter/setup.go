@@ -15,7 +15,7 @@ import (
 )
 
 func init() {
-	commands["setup"] = command{summary: "create or update the schedules cbtflow needs (the snapshot sweeper)", run: setupCmd}
+	commands["setup"] = command{summary: "create or update the schedules cbtflow needs (the snapshot sweeper, the daily prune)", run: setupCmd}
 	commands["sweep"] = command{summary: "remove abandoned cbtflow snapshots and partial backups now", run: sweepCmd}
 }
 
@@ -25,40 +25,63 @@ func setupCmd(ctx context.Context, e *env, args []string) error {
 	cfg.Register(fs)
 	every := fs.Duration("sweep-every", 15*time.Minute, "how often the sweeper runs")
 	minAge := fs.Duration("sweep-min-age", workflows.DefaultSweepMinAge, "how old an abandoned snapshot must be before the sweeper removes it")
+	pruneEvery := fs.Duration("prune-every", 24*time.Hour, "how often the retention policies are applied (starter prune)")
 	if err := parse(fs, args); err != nil {
 		return usageError{err}
 	}
-	if *every <= 0 || *minAge <= 0 {
-		return usageError{errors.New("setup: --sweep-every and --sweep-min-age must be positive")}
+	if *every <= 0 || *minAge <= 0 || *pruneEvery <= 0 {
+		return usageError{errors.New("setup: --sweep-every, --sweep-min-age and --prune-every must be positive")}
 	}
 	c, err := dialTemporal(ctx, e, &cfg)
 	if err != nil {
 		return err
 	}
 	defer c.Close()
-	action := &client.ScheduleWorkflowAction{
-		ID:        "cbtflow-sweep",
-		Workflow:  workflows.Sweep,
-		Args:      []any{workflows.SweepInput{MinAgeSeconds: int64(minAge.Seconds())}},
-		TaskQueue: workflows.TaskQueue,
-	}
-	spec := client.ScheduleSpec{Intervals: []client.ScheduleIntervalSpec{{Every: *every}}}
 	sc := c.ScheduleClient()
-	_, err = sc.Create(ctx, client.ScheduleOptions{
-		ID:      workflows.SweeperScheduleID,
+	err = ensureSchedule(ctx, e, sc, workflows.SweeperScheduleID,
+		client.ScheduleSpec{Intervals: []client.ScheduleIntervalSpec{{Every: *every}}},
+		&client.ScheduleWorkflowAction{
+			ID:        "cbtflow-sweep",
+			Workflow:  workflows.Sweep,
+			Args:      []any{workflows.SweepInput{MinAgeSeconds: int64(minAge.Seconds())}},
+			TaskQueue: workflows.TaskQueue,
+		},
+		"removes cbtflow snapshots and partial backups that no running backup owns",
+		"every", every.String(), "min_age", minAge.String())
+	if err != nil {
+		return err
+	}
+	return ensureSchedule(ctx, e, sc, workflows.PruneScheduleID,
+		client.ScheduleSpec{Intervals: []client.ScheduleIntervalSpec{{Every: *pruneEvery}}},
+		&client.ScheduleWorkflowAction{
+			ID:        "cbtflow-prune",
+			Workflow:  workflows.Prune,
+			Args:      []any{workflows.PruneInput{}},
+			TaskQueue: workflows.TaskQueue,
+		},
+		"applies the retention policies (starter retention) to every VM's restore points",
+		"every", pruneEvery.String())
+}
+
+// ensureSchedule creates the schedule id, or brings an existing one up to
+// date: set-up is idempotent. A run still going when the next is due is
+// not doubled (overlap: skip).
+func ensureSchedule(ctx context.Context, e *env, sc client.ScheduleClient, id string, spec client.ScheduleSpec,
+	action *client.ScheduleWorkflowAction, note string, logArgs ...any) error {
+	_, err := sc.Create(ctx, client.ScheduleOptions{
+		ID:      id,
 		Spec:    spec,
 		Action:  action,
 		Overlap: enumspb.SCHEDULE_OVERLAP_POLICY_SKIP,
-		Note:    "removes cbtflow snapshots and partial backups that no running backup owns",
+		Note:    note,
 	})
 	if err == nil {
-		e.log.Info("schedule created", "schedule", workflows.SweeperScheduleID, "every", every.String(), "min_age", minAge.String())
+		e.log.Info("schedule created", append([]any{"schedule", id}, logArgs...)...)
 		return nil
 	}
-	// An existing schedule is brought up to date: set-up is idempotent.
-	h := sc.GetHandle(ctx, workflows.SweeperScheduleID)
+	h := sc.GetHandle(ctx, id)
 	if _, derr := h.Describe(ctx); derr != nil {
-		return fmt.Errorf("setup: create schedule %s: %w", workflows.SweeperScheduleID, err)
+		return fmt.Errorf("setup: create schedule %s: %w", id, err)
 	}
 	err = h.Update(ctx, client.ScheduleUpdateOptions{DoUpdate: func(in client.ScheduleUpdateInput) (*client.ScheduleUpdate, error) {
 		s := in.Description.Schedule
@@ -71,9 +94,9 @@ func setupCmd(ctx context.Context, e *env, args []string) error {
 		return &client.ScheduleUpdate{Schedule: &s}, nil
 	}})
 	if err != nil {
-		return fmt.Errorf("setup: update schedule %s: %w", workflows.SweeperScheduleID, err)
+		return fmt.Errorf("setup: update schedule %s: %w", id, err)
 	}
-	e.log.Info("schedule updated", "schedule", workflows.SweeperScheduleID, "every", every.String(), "min_age", minAge.String())
+	e.log.Info("schedule updated", append([]any{"schedule", id}, logArgs...)...)
 	return nil
 }
 

@@ -45,6 +45,17 @@ func TestSweeperCleansUpATerminatedBackup(t *testing.T) {
 	if a, ok := desc.Schedule.Action.(*client.ScheduleWorkflowAction); !ok || a.Workflow != "Sweep" || a.TaskQueue != workflows.TaskQueue {
 		t.Errorf("schedule action = %#v, want the Sweep workflow on %s", desc.Schedule.Action, workflows.TaskQueue)
 	}
+	// And the daily prune (issue 9).
+	pdesc, err := s.Client().ScheduleClient().GetHandle(ctx, workflows.PruneScheduleID).Describe(ctx)
+	if err != nil {
+		t.Fatalf("the set-up created no schedule %s: %v", workflows.PruneScheduleID, err)
+	}
+	if a, ok := pdesc.Schedule.Action.(*client.ScheduleWorkflowAction); !ok || a.Workflow != "Prune" || a.TaskQueue != workflows.TaskQueue {
+		t.Errorf("prune schedule action = %#v, want the Prune workflow on %s", pdesc.Schedule.Action, workflows.TaskQueue)
+	}
+	if iv := pdesc.Schedule.Spec.Intervals; len(iv) != 1 || iv[0].Every != 24*time.Hour {
+		t.Errorf("prune schedule intervals = %+v, want every 24h", iv)
+	}
 
 	// A backup held mid-transfer, then terminated: no cleanup code runs.
 	l := s.Lab()
