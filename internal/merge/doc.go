@@ -41,7 +41,8 @@
 //     into a new standalone image. Bytes = qemu-img measure's "required".
 //     It cannot merge onto a Base: with -B, qemu-img convert copies only
 //     the areas allocated in the source's top layer, so the removed
-//     layers would be lost.
+//     layers would be lost (checked with qemu-img 7.2: the result of
+//     convert -B differs from Top where a removed middle image wrote).
 //   - commit is not offered: qemu-img commit writes Top's data into its
 //     backing file, an image that a kept restore point (or Base) still
 //     reads, and rewrites headers to drop the intermediates, so a crash

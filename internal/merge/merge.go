@@ -61,16 +61,17 @@ type Plan struct {
 	// rebase's copy of Top shares its extents and writes no data.
 	Clone bool
 	// RemovedData is the bytes of Top's view that the removed images
-	// hold (data and zero areas not shadowed by Top): what rebase writes
-	// into the copy, at most.
+	// hold and Top does not shadow: their data, and over a Base their
+	// zero areas too (over no base these read as zeros anyway). It is
+	// what rebase writes into the copy, at most.
 	RemovedData int64
 	// ViewData is the bytes of data (not zeros) in Top's whole view.
 	ViewData int64
 	// VirtualSize is the disk's size.
 	VirtualSize int64
 	// Free is the bytes available to an unprivileged writer in Top's
-	// folder when Estimate ran; Run refuses a method whose Bytes exceed
-	// what is free then.
+	// folder when Estimate ran. Run measures again and refuses a method
+	// whose Bytes exceed what is free (plus a stale Temp's size).
 	Free int64
 }
 
