@@ -99,7 +99,7 @@ func run(log *slog.Logger, args []string) error {
 	}
 	var ms *metrics.Server
 	if cfg.MetricsAddr != "" {
-		if ms, err = metrics.Start(cfg.MetricsAddr); err != nil {
+		if ms, err = startMetrics(cfg.MetricsAddr, cat, repoRoot, log); err != nil {
 			return err
 		}
 		defer ms.Close(context.Background())

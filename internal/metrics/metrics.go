@@ -1,5 +1,7 @@
 // Package metrics builds the tally scope that cbtflow's worker reports to,
-// shared with the Temporal SDK, and serves it to Prometheus on /metrics.
+// shared with the Temporal SDK, and serves it to Prometheus on /metrics,
+// with the collectors registered on the server (Register) on the same
+// endpoint.
 package metrics
 
 import (
@@ -10,22 +12,29 @@ import (
 	"net/http"
 	"time"
 
+	prom "github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/uber-go/tally/v4"
 	"github.com/uber-go/tally/v4/prometheus"
 )
 
 // Server is a running /metrics endpoint with its scope.
 type Server struct {
-	Scope  tally.Scope
-	closer interface{ Close() error }
-	srv    *http.Server
-	ln     net.Listener
+	Scope    tally.Scope
+	registry *prom.Registry
+	closer   interface{ Close() error }
+	srv      *http.Server
+	ln       net.Listener
 }
 
 // Start serves a Prometheus endpoint on addr (host:port; port 0 picks one)
-// and returns the scope to report to.
+// and returns the scope to report to. The endpoint serves a registry of
+// its own (not the process-wide default): the scope's metrics, the Go
+// runtime's and the process's, and what Register adds.
 func Start(addr string) (*Server, error) {
-	reporter := prometheus.NewReporter(prometheus.Options{})
+	registry := prom.NewRegistry()
+	registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	reporter := prometheus.NewReporter(prometheus.Options{Registerer: registry})
 	scope, closer := tally.NewRootScope(tally.ScopeOptions{
 		Prefix:          "cbtflow",
 		CachedReporter:  reporter,
@@ -39,7 +48,7 @@ func Start(addr string) (*Server, error) {
 	}
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", reporter.HTTPHandler())
-	s := &Server{Scope: scope, closer: closer, ln: ln, srv: &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}}
+	s := &Server{Scope: scope, registry: registry, closer: closer, ln: ln, srv: &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}}
 	go func() {
 		if err := s.srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			_ = err // the worker keeps running without metrics
@@ -47,6 +56,10 @@ func Start(addr string) (*Server, error) {
 	}()
 	return s, nil
 }
+
+// Register adds a collector to what the endpoint serves, beside the
+// scope's metrics; its metric names must not clash with theirs.
+func (s *Server) Register(c prom.Collector) error { return s.registry.Register(c) }
 
 // Addr is the address the endpoint listens on.
 func (s *Server) Addr() string { return s.ln.Addr().String() }
