@@ -77,6 +77,14 @@ func (a *Catalog) BeginBackup(ctx context.Context, in BeginBackupInput) (*BeginB
 			ChangeID: l.ChangeID, Path: a.Repo.Resolve(l.Path)}
 		chain, err := a.Catalog.Chain(ctx, l.BackupID, l.Key)
 		prev.ChainLength = len(chain)
+		// The space check estimates the next incremental by the largest
+		// of the chain's incrementals.
+		for _, link := range chain {
+			if link.Mode == catalog.ModeIncremental {
+				prev.RecentIncrementals++
+				prev.RecentChangedBytes = max(prev.RecentChangedBytes, link.ChangedBytes)
+			}
+		}
 		var broken *catalog.BrokenChainError
 		var damage *chainDamage
 		switch {

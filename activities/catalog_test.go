@@ -142,6 +142,12 @@ func TestBeginBackup(t *testing.T) {
 	}
 	r = c.begin(t, "b4", catVMUUID)
 	want = []activities.PreviousDisk{previous("b2", b2a, 2), previous("b2", b2b, 1)}
+	// The space check's estimate of disk 2000's next incremental: the
+	// most its chain's one incremental changed.
+	want[0].RecentChangedBytes, want[0].RecentIncrementals = b2a.ChangedBytes, 1
+	if b2a.ChangedBytes <= 0 {
+		t.Fatalf("the fixture's incremental changed %d bytes", b2a.ChangedBytes)
+	}
 	if !reflect.DeepEqual(r.Previous, want) {
 		t.Fatalf("previous after an incremental and a failed backup:\n got %+v\nwant %+v", r.Previous, want)
 	}
@@ -151,6 +157,7 @@ func TestBeginBackup(t *testing.T) {
 	}
 	r = c.begin(t, "b5", catVMUUID)
 	want = []activities.PreviousDisk{previous("b4", b4a, 3), previous("b2", b2b, 1)}
+	want[0].RecentChangedBytes, want[0].RecentIncrementals = max(b2a.ChangedBytes, b4a.ChangedBytes), 2
 	if !reflect.DeepEqual(r.Previous, want) {
 		t.Fatalf("previous after a backup of one disk:\n got %+v\nwant %+v", r.Previous, want)
 	}

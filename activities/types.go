@@ -50,6 +50,11 @@ const (
 	// better); retryable when it was resumed from an earlier attempt, whose
 	// partial image is then removed, so the retry starts afresh.
 	ErrTypeImageCorrupt = "ImageCorrupt"
+	// ErrTypeRepositoryFull: the repository has less free space than the
+	// backup needs (CheckSpace): it fails before the snapshot, or after
+	// the CBT query when the exact changed bytes do not fit, before any
+	// image is written.
+	ErrTypeRepositoryFull = "RepositoryFull"
 )
 
 // The modes of one disk's backup, as the catalog records them.
@@ -94,6 +99,13 @@ type VMDisk struct {
 	Label    string `json:"label,omitempty"`
 	Capacity int64  `json:"capacity"`
 	FileName string `json:"file_name"`
+	// AllocatedBytes is what the disk's files hold on the datastore (its
+	// extents' sizes in the VM's file layout, at most Capacity): what a
+	// full backup of it writes, about. When the layout does not know the
+	// disk, it is Capacity and AllocatedUnknown is set. Zero in results
+	// recorded before it existed.
+	AllocatedBytes   int64 `json:"allocated_bytes,omitempty"`
+	AllocatedUnknown bool  `json:"allocated_unknown,omitempty"`
 }
 
 // PrepareVMResult describes the VM and whether CBT had to be enabled (then
@@ -130,6 +142,13 @@ type PreviousDisk struct {
 	// Damaged says why the chain cannot be built on ("" when it was
 	// verified): the disk then gets a full backup.
 	Damaged string `json:"damaged,omitempty"`
+	// RecentChangedBytes is the largest changed bytes of the incrementals
+	// in the disk's chain (its recent incrementals, at most max-chain of
+	// them); RecentIncrementals how many there are (0: none yet, the
+	// chain is a full alone). The space check before the snapshot
+	// estimates an incremental's size from it.
+	RecentChangedBytes int64 `json:"recent_changed_bytes,omitempty"`
+	RecentIncrementals int   `json:"recent_incrementals,omitempty"`
 }
 
 // BeginBackupResult lists the previous restore point of each disk.
@@ -273,6 +292,44 @@ type RemoveSnapshotInput struct {
 	VMRef        string `json:"vm_ref"`
 	SnapshotRef  string `json:"snapshot_ref,omitempty"`
 	SnapshotName string `json:"snapshot_name"`
+}
+
+// The bases of a SpaceDisk's bytes: how a disk's need was learned.
+const (
+	SpaceAllocated = "allocated" // a full: the disk's allocated bytes (PrepareVM)
+	SpaceCapacity  = "capacity"  // a full whose allocation is unknown: its capacity
+	SpaceEstimated = "estimated" // an incremental before its CBT query: the most its recent incrementals changed
+	SpaceChanged   = "changed"   // after the CBT query: the exact changed (or, for a full, allocated) bytes
+)
+
+// SpaceDisk is what one disk's backup will write into the repository.
+type SpaceDisk struct {
+	Key   int32  `json:"key"`
+	Mode  string `json:"mode"` // full or incremental
+	Bytes int64  `json:"bytes"`
+	Basis string `json:"basis"` // one of the Space* bases
+	// Incrementals is how many recent incrementals an estimate is drawn
+	// from (Basis SpaceEstimated).
+	Incrementals int `json:"incrementals,omitempty"`
+}
+
+// CheckSpaceInput asks whether the repository has room for a backup:
+// every disk's bytes plus the margin (SpaceMargin).
+type CheckSpaceInput struct {
+	BackupID string      `json:"backup_id"`
+	VMName   string      `json:"vm"`
+	Disks    []SpaceDisk `json:"disks"`
+	// AfterQuery: the bytes are CBT's exact answer (the check after the
+	// snapshot); otherwise the check before it.
+	AfterQuery bool `json:"after_query,omitempty"`
+}
+
+// CheckSpaceResult is the repository's room and the backup's need.
+type CheckSpaceResult struct {
+	Repository  string `json:"repository"`
+	FreeBytes   int64  `json:"free_bytes"`
+	NeededBytes int64  `json:"needed_bytes"` // the disks' bytes
+	MarginBytes int64  `json:"margin_bytes"`
 }
 
 // FailBackupInput marks a backup failed and deletes its partial files.

@@ -62,7 +62,8 @@ func (a *VSphere) ResolveVM(ctx context.Context, in ResolveVMInput) (*ResolveVMR
 	return &ResolveVMResult{Profile: profile, VMRef: vm.Ref, VMUUID: vm.UUID, VMName: vm.Name, VCenterUUID: c.InstanceUUID()}, nil
 }
 
-// PrepareVM reads the VM's disks and enables CBT when it is off.
+// PrepareVM reads the VM's disks, with what each holds on its datastore
+// (AllocatedBytes), and enables CBT when it is off.
 func (a *VSphere) PrepareVM(ctx context.Context, in PrepareVMInput) (*PrepareVMResult, error) {
 	// Enabling CBT is a reconfigure task that may take a while: heartbeats
 	// tell that from a dead worker.
@@ -86,8 +87,20 @@ func (a *VSphere) PrepareVM(ctx context.Context, in PrepareVMInput) (*PrepareVMR
 			activity.GetLogger(ctx).Info("enabled changed block tracking", "vm", vm.Name)
 		}
 	}
+	// What each disk holds (its extents in the VM's file layout): the
+	// space check's need for a full backup of it. A disk the layout does
+	// not know counts with its capacity.
+	allocated, err := c.AllocatedBytes(ctx, vm)
+	if err != nil {
+		return nil, permanent(err)
+	}
 	for _, d := range vm.Disks {
-		res.Disks = append(res.Disks, VMDisk{Key: d.Key, Label: d.Label, Capacity: d.Capacity, FileName: d.FileName})
+		n, known := allocated[d.Key]
+		if !known {
+			n = d.Capacity
+		}
+		res.Disks = append(res.Disks, VMDisk{Key: d.Key, Label: d.Label, Capacity: d.Capacity, FileName: d.FileName,
+			AllocatedBytes: n, AllocatedUnknown: !known})
 	}
 	return res, nil
 }

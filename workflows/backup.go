@@ -169,7 +169,7 @@ type DiskPhase string
 
 // The phases of a disk.
 const (
-	DiskWaiting      DiskPhase = "waiting"      // planned; waits for the snapshot or a free transfer
+	DiskWaiting      DiskPhase = "waiting"      // planned, or queried: waits for the snapshot, the space check or a free transfer
 	DiskQuerying     DiskPhase = "querying"     // ChangedAreas
 	DiskTransferring DiskPhase = "transferring" // TransferDisk; Done and Total are bytes
 	DiskDone         DiskPhase = "done"         // its image is durable, awaiting the commit
@@ -202,6 +202,15 @@ var (
 const (
 	changeVCenterWorkflowID  = "vcenter-workflow-id"
 	versionVCenterWorkflowID = 1
+)
+
+// The change of BackupVM's commands that added the repository space check
+// (workflow.GetVersion): CheckSpace before the snapshot, and, once every
+// disk's CBT query has run (all of them now before the first transfer),
+// again with the exact changed bytes.
+const (
+	changeSpaceCheck  = "space-check"
+	versionSpaceCheck = 1
 )
 
 // Backup resolves the VM and runs its backup under the VM's canonical
@@ -340,6 +349,14 @@ func (r *backupRun) run(ctx workflow.Context) (res *BackupVMResult, err error) {
 	if err != nil {
 		return nil, err
 	}
+	// Runs recorded before the space check neither checked nor queried
+	// every disk before the first transfer: on replay they must not.
+	spaceCheck := workflow.GetVersion(ctx, changeSpaceCheck, workflow.DefaultVersion, versionSpaceCheck) >= versionSpaceCheck
+	if spaceCheck {
+		if err := r.checkSpace(ctx, spaceBefore(vm, begun, plans), false); err != nil {
+			return nil, err
+		}
+	}
 	snap, err := r.takeSnapshot(ctx, vm)
 	// The snapshot may exist even when the activity failed (created, then
 	// the worker died): it is removed by name then.
@@ -347,7 +364,7 @@ func (r *backupRun) run(ctx workflow.Context) (res *BackupVMResult, err error) {
 	if err != nil {
 		return nil, err
 	}
-	results, commits, err := r.transferDisks(ctx, plans, snap)
+	results, commits, err := r.transferDisks(ctx, plans, snap, spaceCheck)
 	if err != nil {
 		return nil, err
 	}
@@ -452,6 +469,49 @@ func (r *backupRun) plan(vm activities.PrepareVMResult, begun activities.BeginBa
 	return plans, nil
 }
 
+// spaceBefore is what each planned disk will write, as known before the
+// snapshot: a full disk its allocated bytes (PrepareVM; its capacity when
+// the VM's file layout does not know it); an incremental the most any of
+// the recent incrementals in its chain changed (BeginBackup), 0 when it
+// has none yet. Only CBT's answer, after the snapshot, is exact: the
+// check runs again then.
+func spaceBefore(vm activities.PrepareVMResult, begun activities.BeginBackupResult, plans []diskPlan) []activities.SpaceDisk {
+	disks := map[int32]activities.VMDisk{}
+	for _, d := range vm.Disks {
+		disks[d.Key] = d
+	}
+	prev := map[int32]activities.PreviousDisk{}
+	for _, p := range begun.Previous {
+		prev[p.Key] = p
+	}
+	out := make([]activities.SpaceDisk, 0, len(plans))
+	for _, p := range plans {
+		sd := activities.SpaceDisk{Key: p.Key, Mode: p.Mode}
+		switch d := disks[p.Key]; {
+		case p.Mode == ModeIncremental:
+			sd.Bytes, sd.Basis, sd.Incrementals = prev[p.Key].RecentChangedBytes, activities.SpaceEstimated, prev[p.Key].RecentIncrementals
+		case d.AllocatedUnknown:
+			sd.Bytes, sd.Basis = d.AllocatedBytes, activities.SpaceCapacity
+		default:
+			sd.Bytes, sd.Basis = d.AllocatedBytes, activities.SpaceAllocated
+		}
+		out = append(out, sd)
+	}
+	return out
+}
+
+// checkSpace fails the backup with activities.ErrTypeRepositoryFull when
+// the repository's free space is less than what disks will write plus the
+// margin (activities.CheckSpace). Before the snapshot (afterQuery false)
+// nothing is on the VM yet; after the queries, the snapshot is removed by
+// the way out of every failure, and no image was written.
+func (r *backupRun) checkSpace(ctx workflow.Context, disks []activities.SpaceDisk, afterQuery bool) error {
+	var res activities.CheckSpaceResult
+	return workflow.ExecuteActivity(withSpaceActivity(ctx), transferActs.CheckSpace, activities.CheckSpaceInput{
+		BackupID: r.in.BackupID, VMName: r.in.VMName, Disks: disks, AfterQuery: afterQuery,
+	}).Get(ctx, &res)
+}
+
 // takeSnapshot takes the backup's snapshot; its config holds each disk's
 // change ID for the next backup.
 func (r *backupRun) takeSnapshot(ctx workflow.Context, vm activities.PrepareVMResult) (activities.CreateSnapshotResult, error) {
@@ -469,8 +529,12 @@ func (r *backupRun) takeSnapshot(ctx workflow.Context, vm activities.PrepareVMRe
 
 // transferDisks backs up every planned disk, MaxParallelDisks at a time.
 // One failed disk fails the backup: the others are canceled rather than
-// copied for nothing.
-func (r *backupRun) transferDisks(ctx workflow.Context, plans []diskPlan, snap activities.CreateSnapshotResult) ([]DiskResult, []activities.CommitDisk, error) {
+// copied for nothing. With checkSpace, every disk's changed areas are
+// queried first, then the repository's space is checked against their
+// exact changed bytes, and only then are the disks copied; without it
+// (runs recorded before the space check), each disk is queried and copied
+// in one go.
+func (r *backupRun) transferDisks(ctx workflow.Context, plans []diskPlan, snap activities.CreateSnapshotResult, checkSpace bool) ([]DiskResult, []activities.CommitDisk, error) {
 	r.progress.Phase = PhaseTransferring
 	snapDisks := map[int32]activities.SnapshotDisk{}
 	for _, d := range snap.Disks {
@@ -478,6 +542,52 @@ func (r *backupRun) transferDisks(ctx workflow.Context, plans []diskPlan, snap a
 	}
 	results := make([]DiskResult, len(plans))
 	commits := make([]activities.CommitDisk, len(plans))
+	if !checkSpace {
+		err := r.eachDisk(ctx, plans, snapDisks, snap.SnapshotRef, func(gctx workflow.Context, i int, sd activities.SnapshotDisk) error {
+			res, c, err := r.backupDisk(gctx, &plans[i], sd, snap.SnapshotRef)
+			results[i], commits[i] = res, c
+			return err
+		})
+		if err != nil {
+			return nil, nil, err
+		}
+		return results, commits, nil
+	}
+	areas := make([]activities.ChangedAreasResult, len(plans))
+	err := r.eachDisk(ctx, plans, snapDisks, snap.SnapshotRef, func(gctx workflow.Context, i int, _ activities.SnapshotDisk) error {
+		a, err := r.queryDisk(gctx, &plans[i], snap.SnapshotRef)
+		if err == nil {
+			areas[i] = a
+			r.setDisk(plans[i].Key, DiskWaiting, 0, a.ChangedBytes)
+		}
+		return err
+	})
+	if err != nil {
+		return nil, nil, err
+	}
+	exact := make([]activities.SpaceDisk, len(plans))
+	for i, p := range plans {
+		exact[i] = activities.SpaceDisk{Key: p.Key, Mode: p.Mode, Bytes: areas[i].ChangedBytes, Basis: activities.SpaceChanged}
+	}
+	if err := r.checkSpace(ctx, exact, true); err != nil {
+		return nil, nil, err
+	}
+	err = r.eachDisk(ctx, plans, snapDisks, snap.SnapshotRef, func(gctx workflow.Context, i int, sd activities.SnapshotDisk) error {
+		res, c, err := r.copyDisk(gctx, &plans[i], sd, snap.SnapshotRef, areas[i])
+		results[i], commits[i] = res, c
+		return err
+	})
+	if err != nil {
+		return nil, nil, err
+	}
+	return results, commits, nil
+}
+
+// eachDisk runs fn for every planned disk with its disk of the snapshot,
+// MaxParallelDisks at a time. The first failure cancels the others and is
+// returned, the disk named.
+func (r *backupRun) eachDisk(ctx workflow.Context, plans []diskPlan, snapDisks map[int32]activities.SnapshotDisk, snapRef string,
+	fn func(gctx workflow.Context, i int, sd activities.SnapshotDisk) error) error {
 	tctx, cancelDisks := workflow.WithCancel(ctx)
 	defer cancelDisks()
 	sem := workflow.NewSemaphore(tctx, int64(r.in.MaxParallelDisks))
@@ -492,8 +602,8 @@ func (r *backupRun) transferDisks(ctx workflow.Context, plans []diskPlan, snap a
 	for i := range plans {
 		sd, ok := snapDisks[plans[i].Key]
 		if !ok {
-			return nil, nil, temporal.NewNonRetryableApplicationError(
-				fmt.Sprintf("disk %d is not in snapshot %s", plans[i].Key, snap.SnapshotRef), activities.ErrTypeInvalidInput, nil)
+			return temporal.NewNonRetryableApplicationError(
+				fmt.Sprintf("disk %d is not in snapshot %s", plans[i].Key, snapRef), activities.ErrTypeInvalidInput, nil)
 		}
 		wg.Add(1)
 		workflow.Go(tctx, func(gctx workflow.Context) {
@@ -507,23 +617,17 @@ func (r *backupRun) transferDisks(ctx workflow.Context, plans []diskPlan, snap a
 				r.setDisk(plans[i].Key, DiskCanceled, -1, -1)
 				return
 			}
-			res, c, err := r.backupDisk(gctx, &plans[i], sd, snap.SnapshotRef)
-			if err != nil {
+			if err := fn(gctx, i, sd); err != nil {
 				r.setDisk(plans[i].Key, DiskFailed, -1, -1)
 				fail(fmt.Errorf("disk %d: %w", plans[i].Key, err))
-				return
 			}
-			results[i], commits[i] = res, c
 		})
 	}
 	wg.Wait(ctx)
 	if ctx.Err() != nil {
-		return nil, nil, temporal.NewCanceledError()
+		return temporal.NewCanceledError()
 	}
-	if firstErr != nil {
-		return nil, nil, firstErr
-	}
-	return results, commits, nil
+	return firstErr
 }
 
 // commit records the restore point: every disk's image and new change ID
@@ -540,6 +644,17 @@ func (r *backupRun) commit(ctx workflow.Context, commits []activities.CommitDisk
 
 // backupDisk queries the disk's changed areas and transfers them.
 func (r *backupRun) backupDisk(ctx workflow.Context, p *diskPlan, sd activities.SnapshotDisk, snapRef string) (DiskResult, activities.CommitDisk, error) {
+	areas, err := r.queryDisk(ctx, p, snapRef)
+	if err != nil {
+		return DiskResult{}, activities.CommitDisk{}, err
+	}
+	return r.copyDisk(ctx, p, sd, snapRef, areas)
+}
+
+// queryDisk asks CBT for the disk's changed areas since its previous
+// restore point (all its allocated areas for a full). A refused change ID
+// is a CBT reset: the disk becomes a full backup (p changes).
+func (r *backupRun) queryDisk(ctx workflow.Context, p *diskPlan, snapRef string) (activities.ChangedAreasResult, error) {
 	in := r.in
 	query := func(changeID string) (activities.ChangedAreasResult, error) {
 		var areas activities.ChangedAreasResult
@@ -565,10 +680,12 @@ func (r *backupRun) backupDisk(ctx workflow.Context, p *diskPlan, sd activities.
 		r.setMode(p.Key, ModeFull)
 		areas, err = query("*")
 	}
-	if err != nil {
-		return DiskResult{}, activities.CommitDisk{}, err
-	}
+	return areas, err
+}
 
+// copyDisk transfers the disk's changed areas (queryDisk) into its image.
+func (r *backupRun) copyDisk(ctx workflow.Context, p *diskPlan, sd activities.SnapshotDisk, snapRef string, areas activities.ChangedAreasResult) (DiskResult, activities.CommitDisk, error) {
+	in := r.in
 	r.setDisk(p.Key, DiskTransferring, 0, areas.ChangedBytes)
 	var tr activities.TransferDiskResult
 	if err := workflow.ExecuteActivity(withTransferActivity(ctx), transferActs.TransferDisk, activities.TransferDiskInput{
@@ -751,6 +868,17 @@ func withBeginActivity(ctx workflow.Context) workflow.Context {
 		StartToCloseTimeout:    time.Hour,
 		ScheduleToCloseTimeout: time.Hour + CatalogRetryLimit,
 		HeartbeatTimeout:       30 * time.Second, // it heartbeats every 10 s
+		RetryPolicy:            &temporal.RetryPolicy{InitialInterval: time.Second, MaximumInterval: 30 * time.Second},
+	})
+}
+
+// The space check is a statfs: short; it retries only what can heal (a
+// repository mount that is back), for CatalogRetryLimit. Too little room
+// fails at once (activities.ErrTypeRepositoryFull).
+func withSpaceActivity(ctx workflow.Context) workflow.Context {
+	return workflow.WithActivityOptions(ctx, workflow.ActivityOptions{
+		StartToCloseTimeout:    time.Minute,
+		ScheduleToCloseTimeout: CatalogRetryLimit,
 		RetryPolicy:            &temporal.RetryPolicy{InitialInterval: time.Second, MaximumInterval: 30 * time.Second},
 	})
 }

@@ -31,6 +31,14 @@ type fakeVM struct {
 	failed    []activities.FailBackupInput
 	begun     []activities.BeginBackupInput
 	closed    []int32
+	// spaceChecks are CheckSpace's inputs; snapshots counts CreateSnapshot
+	// calls; calls names the activities in the order they ran.
+	spaceChecks []activities.CheckSpaceInput
+	snapshots   int
+	calls       []string
+	// spaceFull fails CheckSpace with RepositoryFull: before the snapshot
+	// ("before"), or after the CBT queries ("after").
+	spaceFull string
 	// cbtJustEnabled: PrepareVM found CBT off and enabled it.
 	cbtJustEnabled bool
 	// vcenterUUID is the instance UUID ResolveVM reports for every
@@ -66,7 +74,8 @@ func newEnv(t *testing.T, f *fakeVM) *testsuite.TestWorkflowEnvironment {
 		func(context.Context, activities.PrepareVMInput) (*activities.PrepareVMResult, error) {
 			return &activities.PrepareVMResult{
 				VMRef: "vm-62", VMName: "vm0", CBTJustEnabled: f.cbtJustEnabled,
-				Disks: []activities.VMDisk{{Key: 204, Capacity: 1 << 30, FileName: "[ds] vm0/disk1.vmdk"}, {Key: 205, Capacity: 2 << 30, FileName: "[ds] vm0/disk2.vmdk"}},
+				Disks: []activities.VMDisk{{Key: 204, Capacity: 1 << 30, FileName: "[ds] vm0/disk1.vmdk", AllocatedBytes: 300 << 20},
+					{Key: 205, Capacity: 2 << 30, FileName: "[ds] vm0/disk2.vmdk", AllocatedBytes: 2 << 30, AllocatedUnknown: true}},
 			}, nil
 		}).Maybe()
 	env.OnActivity(catalogActs.BeginBackup, mock.Anything, mock.Anything).Return(
@@ -76,8 +85,24 @@ func newEnv(t *testing.T, f *fakeVM) *testsuite.TestWorkflowEnvironment {
 			f.mu.Unlock()
 			return &activities.BeginBackupResult{Previous: f.previous, ClosedChains: f.closed}, nil
 		}).Maybe()
+	env.OnActivity(transferActs.CheckSpace, mock.Anything, mock.Anything).Return(
+		func(_ context.Context, in activities.CheckSpaceInput) (*activities.CheckSpaceResult, error) {
+			f.mu.Lock()
+			defer f.mu.Unlock()
+			f.spaceChecks = append(f.spaceChecks, in)
+			f.calls = append(f.calls, "CheckSpace")
+			if (f.spaceFull == "before" && !in.AfterQuery) || (f.spaceFull == "after" && in.AfterQuery) {
+				return nil, temporal.NewNonRetryableApplicationError("repository /repo has 10 MiB free; the backup of VM vm0 needs more",
+					activities.ErrTypeRepositoryFull, nil)
+			}
+			return &activities.CheckSpaceResult{Repository: "/repo", FreeBytes: 1 << 40}, nil
+		}).Maybe()
 	env.OnActivity(vsphereActs.CreateSnapshot, mock.Anything, mock.Anything).Return(
 		func(_ context.Context, in activities.CreateSnapshotInput) (*activities.CreateSnapshotResult, error) {
+			f.mu.Lock()
+			f.snapshots++
+			f.calls = append(f.calls, "CreateSnapshot")
+			f.mu.Unlock()
 			return &activities.CreateSnapshotResult{SnapshotRef: "snapshot-1", SnapshotName: "cbtflow-" + in.BackupID,
 				Disks: []activities.SnapshotDisk{
 					{Key: 204, Capacity: 1 << 30, FileName: "[ds] vm0/disk1.vmdk", ChangeID: "52 aa/2"},
@@ -112,6 +137,7 @@ func (f *fakeVM) changedAreas(reset map[string]bool) func(context.Context, activ
 	return func(_ context.Context, in activities.ChangedAreasInput) (*activities.ChangedAreasResult, error) {
 		f.mu.Lock()
 		f.queries = append(f.queries, in)
+		f.calls = append(f.calls, "ChangedAreas")
 		f.mu.Unlock()
 		if reset[in.ChangeID] {
 			return nil, temporal.NewNonRetryableApplicationError("change ID refused (InvalidArgument)", activities.ErrTypeCBTReset, nil)
@@ -127,6 +153,7 @@ func (f *fakeVM) changedAreas(reset map[string]bool) func(context.Context, activ
 func (f *fakeVM) transferOK(_ context.Context, in activities.TransferDiskInput) (*activities.TransferDiskResult, error) {
 	f.mu.Lock()
 	f.transfers = append(f.transfers, in)
+	f.calls = append(f.calls, "TransferDisk")
 	f.mu.Unlock()
 	return &activities.TransferDiskResult{Path: "/repo/" + in.BackupID + ".qcow2", WrittenBytes: in.ChangedBytes,
 		SizeBytes: in.ChangedBytes + 1<<16, SHA256: strings.Repeat("ab", 32)}, nil
