@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -420,16 +421,22 @@ func (p *Pruner) ApplyPrune(ctx context.Context, in ApplyPruneInput) (*ApplyPrun
 		freed += m.OldSize - m.SizeBytes
 	}
 	var removeFiles []string
-	for _, id := range in.Remove {
-		freed += sizes[id]
-		removeFiles = append(removeFiles, files[id]...)
-	}
-	// Points already gone: an earlier attempt committed; only files remain.
 	committed := true
 	for _, id := range in.Remove {
 		if _, ok := files[id]; ok {
 			committed = false
+			freed += sizes[id]
+			removeFiles = append(removeFiles, files[id]...)
+			continue
 		}
+		// Gone from the catalog: an earlier attempt committed, and only
+		// files may remain, where the repository puts a point's images.
+		left, size, err := p.imagesLeft(in.Profile, in.VMUUID, id)
+		if err != nil {
+			return nil, err
+		}
+		freed += size
+		removeFiles = append(removeFiles, left...)
 	}
 	if !committed || len(in.Remove) == 0 {
 		if len(merged) > 0 {
@@ -444,11 +451,11 @@ func (p *Pruner) ApplyPrune(ctx context.Context, in ApplyPruneInput) (*ApplyPrun
 			}
 			// The rename changed the file's ctime: record the stamp it has
 			// now (same inode and mtime: the hash still proves it).
-			ino, st, err := integrity.StampOf(path)
+			_, st, err := integrity.StampOf(path)
 			if err != nil {
 				return nil, err
 			}
-			if ino == m.Inode {
+			if st.Inode == m.Inode {
 				merged[i].Stamp = catalog.FileStamp(st)
 			}
 		}
@@ -476,6 +483,38 @@ func (p *Pruner) ApplyPrune(ctx context.Context, in ApplyPruneInput) (*ApplyPrun
 	return &ApplyPruneResult{BytesFreed: freed}, nil
 }
 
+// imagesLeft returns the images of a restore point that the catalog no
+// longer records (an earlier attempt of the prune removed its rows) and
+// their bytes: those at the repository's image path of the point in each
+// disk folder of the VM.
+func (p *Pruner) imagesLeft(profile, vmUUID, backupID string) ([]string, int64, error) {
+	dir := filepath.Join(p.Repo.Root(), profile, vmUUID)
+	entries, err := os.ReadDir(dir)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, 0, nil
+	}
+	if err != nil {
+		return nil, 0, fmt.Errorf("prune: %w", err)
+	}
+	var paths []string
+	var size int64
+	for _, e := range entries {
+		key, err := strconv.ParseInt(e.Name(), 10, 32)
+		if !e.IsDir() || err != nil {
+			continue
+		}
+		path, err := p.Repo.ImagePath(repository.Key{Profile: profile, VMUUID: vmUUID, DiskKey: int32(key), BackupID: backupID})
+		if err != nil {
+			return nil, 0, temporal.NewNonRetryableApplicationError(err.Error(), ErrTypeInvalidInput, err)
+		}
+		if fi, err := os.Stat(path); err == nil {
+			paths = append(paths, path)
+			size += fi.Size()
+		}
+	}
+	return paths, size, nil
+}
+
 // putInPlace renames a merged image over the image it replaces, unless an
 // earlier attempt did.
 func (p *Pruner) putInPlace(ctx context.Context, points []catalog.Backup, m MergedImage) (string, error) {
@@ -496,7 +535,7 @@ func (p *Pruner) putInPlace(ctx context.Context, points []catalog.Backup, m Merg
 	if _, err := os.Stat(temp); errors.Is(err, os.ErrNotExist) {
 		// Renamed already? The file at the path is then the new one: the
 		// rename keeps its inode.
-		if ino, _, err := integrity.StampOf(path); err == nil && ino == m.Inode {
+		if _, st, err := integrity.StampOf(path); err == nil && st.Inode == m.Inode {
 			return path, nil
 		}
 		err := fmt.Errorf("prune: the merged image %s is gone and %s is not it", temp, path)
