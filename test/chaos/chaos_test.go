@@ -69,6 +69,7 @@ func TestChaos(t *testing.T) {
 			{"repository-full", false, repositoryFull},
 			{"snapshot-moref", false, snapshotMoref},
 			{"chain-damage", false, chainDamage},
+			{"prune", false, pruneFaults},
 			{"source-eio-persistent", true, persistentEIO},
 		}
 	}

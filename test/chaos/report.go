@@ -28,6 +28,12 @@ type Tally struct {
 	// other than the worker and Temporal) alive after the scenario, or
 	// after a killed worker.
 	LeftoverProcesses int
+	// LostKeptPoints (prunes): a restore point the retention policy keeps
+	// that is gone from the catalog after the prune.
+	LostKeptPoints int
+	// LeftoverTempImages (prunes): merged images (.merging) left in the
+	// repository after the prune.
+	LeftoverTempImages int
 	// Problems are every other failed check, in words.
 	Problems []string
 }
@@ -35,13 +41,14 @@ type Tally struct {
 // OK reports whether the scenario kept every promise.
 func (t *Tally) OK() bool {
 	return t.Runs > 0 && t.Completed+t.ExpectedFailures == t.Runs && t.Verified == t.Committed && t.Committed > 0 &&
-		t.LostChangeIDs == 0 && t.LeftoverSnapshots == 0 && t.LeftoverProcesses == 0 && len(t.Problems) == 0
+		t.LostChangeIDs == 0 && t.LeftoverSnapshots == 0 && t.LeftoverProcesses == 0 &&
+		t.LostKeptPoints == 0 && t.LeftoverTempImages == 0 && len(t.Problems) == 0
 }
 
 // WriteTable writes the results table, one row per scenario and a total.
 func WriteTable(w io.Writer, tallies []*Tally) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "scenario\truns\tcompleted\texpected failures\trestore points verified\tlost change IDs\tleftover snapshots\tleftover processes\tresult\t")
+	fmt.Fprintln(tw, "scenario\truns\tcompleted\texpected failures\trestore points verified\tlost change IDs\tlost kept points\tleftover snapshots\tleftover temp images\tleftover processes\tresult\t")
 	var sum Tally
 	allOK := true
 	for _, t := range tallies {
@@ -50,8 +57,8 @@ func WriteTable(w io.Writer, tallies []*Tally) error {
 			result = "FAIL"
 			allOK = false
 		}
-		fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%d/%d\t%d\t%d\t%d\t%s\t\n", t.Scenario, t.Runs, t.Completed, t.ExpectedFailures,
-			t.Verified, t.Committed, t.LostChangeIDs, t.LeftoverSnapshots, t.LeftoverProcesses, result)
+		fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%d/%d\t%d\t%d\t%d\t%d\t%d\t%s\t\n", t.Scenario, t.Runs, t.Completed, t.ExpectedFailures,
+			t.Verified, t.Committed, t.LostChangeIDs, t.LostKeptPoints, t.LeftoverSnapshots, t.LeftoverTempImages, t.LeftoverProcesses, result)
 		sum.Runs += t.Runs
 		sum.Completed += t.Completed
 		sum.ExpectedFailures += t.ExpectedFailures
@@ -60,13 +67,15 @@ func WriteTable(w io.Writer, tallies []*Tally) error {
 		sum.LostChangeIDs += t.LostChangeIDs
 		sum.LeftoverSnapshots += t.LeftoverSnapshots
 		sum.LeftoverProcesses += t.LeftoverProcesses
+		sum.LostKeptPoints += t.LostKeptPoints
+		sum.LeftoverTempImages += t.LeftoverTempImages
 	}
 	result := "ok"
 	if !allOK || len(tallies) == 0 {
 		result = "FAIL"
 	}
-	fmt.Fprintf(tw, "total\t%d\t%d\t%d\t%d/%d\t%d\t%d\t%d\t%s\t\n", sum.Runs, sum.Completed, sum.ExpectedFailures,
-		sum.Verified, sum.Committed, sum.LostChangeIDs, sum.LeftoverSnapshots, sum.LeftoverProcesses, result)
+	fmt.Fprintf(tw, "total\t%d\t%d\t%d\t%d/%d\t%d\t%d\t%d\t%d\t%d\t%s\t\n", sum.Runs, sum.Completed, sum.ExpectedFailures,
+		sum.Verified, sum.Committed, sum.LostChangeIDs, sum.LostKeptPoints, sum.LeftoverSnapshots, sum.LeftoverTempImages, sum.LeftoverProcesses, result)
 	if err := tw.Flush(); err != nil {
 		return err
 	}
