@@ -139,3 +139,85 @@ func TestValidate(t *testing.T) {
 		t.Errorf("Chain() = %d", got)
 	}
 }
+
+// TestSelectResticDocExamples runs the examples of restic's documentation
+// of `restic forget` ("Removing snapshots according to a policy",
+// doc/060_forget.rst in github.com/restic/restic) through Select.
+func TestSelectResticDocExamples(t *testing.T) {
+	t.Run("one backup every Sunday for 12 weeks, keep-daily 4", func(t *testing.T) {
+		// The documentation's snapshot list, IDs and times as printed;
+		// `restic forget --keep-daily 4 --dry-run` keeps the last four
+		// Sundays and removes the other eight.
+		sundays := []Point{
+			{"0a1f9759", at("2019-09-01 11:00")},
+			{"46cfe4d5", at("2019-09-08 11:00")},
+			{"f6b1f037", at("2019-09-15 11:00")},
+			{"eb430a5d", at("2019-09-22 11:00")},
+			{"8cf1cb9a", at("2019-09-29 11:00")},
+			{"5d33b116", at("2019-10-06 11:00")},
+			{"b9553125", at("2019-10-13 11:00")},
+			{"e1a7b58b", at("2019-10-20 11:00")},
+			{"8f8018c0", at("2019-10-27 11:00")},
+			{"59403279", at("2019-11-03 11:00")},
+			{"dfee9fb4", at("2019-11-10 11:00")},
+			{"e1ae2f40", at("2019-11-17 11:00")},
+		}
+		got := kept(sundays, Policy{KeepDaily: 4}, time.UTC)
+		want := []string{
+			"e1ae2f40:daily 2019-11-17", "dfee9fb4:daily 2019-11-10",
+			"59403279:daily 2019-11-03", "8f8018c0:daily 2019-10-27"}
+		if !reflect.DeepEqual(got, want) {
+			t.Errorf("kept\n%q\nwant\n%q", got, want)
+		}
+	})
+	t.Run("one backup every day for 100 years, keep-daily 7 weekly 5 monthly 12 yearly 75", func(t *testing.T) {
+		// "suppose you make one backup every day for 100 years. Then
+		// forget --keep-daily 7 --keep-weekly 5 --keep-monthly 12
+		// --keep-yearly 75 would keep the most recent 7 daily snapshots
+		// and 4 last-day-of-the-week ones (since the 7 dailies already
+		// include 1 weekly). Additionally, 12 or 11 last-day-of-the-month
+		// snapshots will be kept (depending on whether one of them ends
+		// up being the same as a daily or weekly). And finally 75 or 74
+		// last-day-of-the-year snapshots are kept". The last backup here
+		// is Sunday 2023-12-31, the last day of its week, month and year:
+		// 7 + 4 + 11 + 74 points.
+		var days []Point
+		for d := time.Date(1924, 1, 1, 12, 0, 0, 0, time.UTC); d.Year() < 2024; d = d.AddDate(0, 0, 1) {
+			days = append(days, Point{d.Format("2006-01-02"), d})
+		}
+		p := Policy{KeepDaily: 7, KeepWeekly: 5, KeepMonthly: 12, KeepYearly: 75}
+		perRule := map[string][]string{}
+		var keptIDs []string
+		for _, d := range Select(days, p, time.UTC) {
+			if !d.Keep {
+				continue
+			}
+			keptIDs = append(keptIDs, d.ID)
+			for _, r := range d.Reasons {
+				rule, _, _ := strings.Cut(r, " ")
+				perRule[rule] = append(perRule[rule], d.ID)
+			}
+		}
+		if len(keptIDs) != 7+4+11+74 {
+			t.Errorf("kept %d points, want %d", len(keptIDs), 7+4+11+74)
+		}
+		for rule, n := range map[string]int{"daily": 7, "weekly": 5, "monthly": 12, "yearly": 75} {
+			if len(perRule[rule]) != n {
+				t.Errorf("%s keeps %d points, want %d", rule, len(perRule[rule]), n)
+			}
+		}
+		check := func(rule string, want []string) {
+			t.Helper()
+			if got := perRule[rule]; !reflect.DeepEqual(got, want) {
+				t.Errorf("%s keeps %q, want %q", rule, got, want)
+			}
+		}
+		check("daily", []string{"2023-12-31", "2023-12-30", "2023-12-29", "2023-12-28", "2023-12-27", "2023-12-26", "2023-12-25"})
+		check("weekly", []string{"2023-12-31", "2023-12-24", "2023-12-17", "2023-12-10", "2023-12-03"})
+		check("monthly", []string{"2023-12-31", "2023-11-30", "2023-10-31", "2023-09-30", "2023-08-31", "2023-07-31",
+			"2023-06-30", "2023-05-31", "2023-04-30", "2023-03-31", "2023-02-28", "2023-01-31"})
+		if y := perRule["yearly"]; len(y) == 75 && (y[0] != "2023-12-31" || y[74] != "1949-12-31") {
+			t.Errorf("yearly keeps %s … %s, want 2023-12-31 … 1949-12-31", y[0], y[74])
+		}
+	})
+}
