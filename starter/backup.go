@@ -176,7 +176,10 @@ func alreadyRunning(ctx context.Context, e *env, c client.Client, vm string, app
 	msg := fmt.Sprintf("a backup of VM %s is already running (workflow %s)", name, d.WorkflowID)
 	if d.WorkflowID != "" {
 		if desc, err := c.DescribeWorkflow(ctx, d.WorkflowID, ""); err == nil {
-			if id, ok := desc.TypedSearchAttributes.GetKeyword(workflows.SearchBackupID); ok && id != "" {
+			if desc.WorkflowType.Name == "PruneVM" {
+				// The VM's lock is held by a prune of its restore points.
+				msg = fmt.Sprintf("a prune of VM %s's restore points is running (workflow %s): no backup of the VM starts until it ends; try again then", name, d.WorkflowID)
+			} else if id, ok := desc.TypedSearchAttributes.GetKeyword(workflows.SearchBackupID); ok && id != "" {
 				out.BackupID = id
 				// The running backup may have been started under another
 				// profile of the same vCenter: say which.
