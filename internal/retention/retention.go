@@ -11,7 +11,9 @@
 // Every rule looks at all the points on its own: a point kept by any rule
 // is kept, and a point kept by one rule still counts for the others (a
 // single backup can be the last one, its day's, its week's, its month's
-// and its year's). Days, weeks, months and years are calendar periods in
+// and its year's). As in restic since 0.17, a calendar rule that finds
+// fewer periods than its count also keeps the oldest point ("oldest
+// daily", ...). Days, weeks, months and years are calendar periods in
 // the location the caller gives (the worker's local time zone).
 //
 // The package is pure: no clock, no I/O. What to do with the points that
@@ -161,6 +163,18 @@ func Select(points []Point, p Policy, loc *time.Location) []Decision {
 			d.Reasons = append(d.Reasons, r.name+" "+per)
 		}
 		out = append(out, d)
+	}
+	// As restic does since 0.17: a calendar rule that found fewer periods
+	// than it may keep also keeps the oldest point, so that a young
+	// repository's history is not cut short ("oldest yearly": keep-yearly
+	// 5 with two years of backups keeps the very first one too).
+	if n := len(out); n > 0 {
+		for _, r := range rules[1:] {
+			if r.left > 0 && r.used {
+				out[n-1].Keep = true
+				out[n-1].Reasons = append(out[n-1].Reasons, "oldest "+r.name)
+			}
+		}
 	}
 	return out
 }

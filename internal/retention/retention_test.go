@@ -63,8 +63,10 @@ func TestSelect(t *testing.T) {
 			"k:weekly 2027-W01", "h:weekly 2026-W53", "d:weekly 2026-W27"}},
 		{"keep-monthly 3", Policy{KeepMonthly: 3}, []string{
 			"k:monthly 2027-01", "g:monthly 2026-12", "d:monthly 2026-06"}},
+		// Three years for five yearly slots: the oldest point is kept too
+		// (restic since 0.17).
 		{"keep-yearly 5", Policy{KeepYearly: 5}, []string{
-			"k:yearly 2027", "g:yearly 2026", "b:yearly 2025"}},
+			"k:yearly 2027", "g:yearly 2026", "b:yearly 2025", "a:oldest yearly"}},
 		// Rules are independent: the newest point is kept by all of them,
 		// and counts for each.
 		{"GFS", Policy{KeepLast: 1, KeepDaily: 2, KeepWeekly: 2, KeepMonthly: 2, KeepYearly: 2}, []string{
@@ -107,15 +109,31 @@ func TestSelectSameTime(t *testing.T) {
 }
 
 func TestSelectTimeZone(t *testing.T) {
-	// 23:30 UTC on the 2nd is the 3rd in UTC+2: the two points share a day
-	// there, not in UTC.
-	pts := []Point{{"p1", at("2026-12-02 23:30")}, {"p2", at("2026-12-03 08:00")}}
-	if got := kept(pts, Policy{KeepDaily: 5}, time.UTC); len(got) != 2 {
-		t.Errorf("UTC: kept %q, want both", got)
+	// 23:30 UTC on the 2nd is the 3rd in UTC+2: with two daily slots, UTC
+	// keeps the 3rd's and the 2nd's points, UTC+2 the 3rd's (p2, which
+	// shadows p1 there) and the 30th's.
+	pts := []Point{{"p0", at("2026-11-30 12:00")}, {"p1", at("2026-12-02 23:30")}, {"p2", at("2026-12-03 08:00")}}
+	if got := kept(pts, Policy{KeepDaily: 2}, time.UTC); !reflect.DeepEqual(got, []string{"p2:daily 2026-12-03", "p1:daily 2026-12-02"}) {
+		t.Errorf("UTC: kept %q", got)
 	}
 	east := time.FixedZone("UTC+2", 2*3600)
-	if got := kept(pts, Policy{KeepDaily: 5}, east); !reflect.DeepEqual(got, []string{"p2:daily 2026-12-03"}) {
-		t.Errorf("UTC+2: kept %q, want only p2", got)
+	if got := kept(pts, Policy{KeepDaily: 2}, east); !reflect.DeepEqual(got, []string{"p2:daily 2026-12-03", "p0:daily 2026-11-30"}) {
+		t.Errorf("UTC+2: kept %q", got)
+	}
+}
+
+func TestSelectKeepsOldestWhenRulesHaveRoom(t *testing.T) {
+	// keep-daily 5 over two days, keep-last alone never: restic keeps the
+	// oldest point when a calendar rule has slots left.
+	pts := []Point{{"a", at("2026-12-01 10:00")}, {"b", at("2026-12-01 12:00")}, {"c", at("2026-12-02 12:00")}}
+	if got := kept(pts, Policy{KeepDaily: 5}, time.UTC); !reflect.DeepEqual(got, []string{"c:daily 2026-12-02", "b:daily 2026-12-01", "a:oldest daily"}) {
+		t.Errorf("keep-daily 5: kept %q", got)
+	}
+	if got := kept(pts, Policy{KeepLast: 5}, time.UTC); !reflect.DeepEqual(got, []string{"c:last 1", "b:last 2", "a:last 3"}) {
+		t.Errorf("keep-last 5: kept %q", got)
+	}
+	if got := kept(pts, Policy{KeepLast: 1, KeepDaily: 1}, time.UTC); !reflect.DeepEqual(got, []string{"c:last 1,daily 2026-12-02"}) {
+		t.Errorf("keep-last 1, keep-daily 1: kept %q", got)
 	}
 }
 
