@@ -31,6 +31,8 @@ var recordedCases = []string{
 	"backupvm_failed",      // a BackupVM that failed (its snapshot moref named another snapshot)
 	"backupvm_canceled",    // a BackupVM canceled in the middle of a transfer
 	"sweep",                // a Sweep that removed a terminated backup's snapshot and failed its backup
+	"prune",                // a Prune of one VM (PlanPrune, the PruneVM child)
+	"prunevm",              // a PruneVM that merged two removed points into the kept one and removed them
 }
 
 // recordCommand records the histories (new versions only; see

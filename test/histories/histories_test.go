@@ -57,9 +57,10 @@ func TestHistories(t *testing.T) {
 	h.failed()
 	h.canceled()
 	h.sweep()
+	h.prune()
 
-	if len(h.recorded) != 7 {
-		t.Fatalf("%d histories recorded, want 7", len(h.recorded))
+	if len(h.recorded) != 9 {
+		t.Fatalf("%d histories recorded, want 9", len(h.recorded))
 	}
 	// A history is saved only when every scenario went as it should.
 	scenariosOK := !t.Failed()
@@ -605,4 +606,55 @@ func (h *harness) sweep() {
 		t.Errorf("sweep: history ends %s with activities %q, want completed after FindOrphans, RemoveSnapshot, FailBackup", lastEvent(events), sch)
 	}
 	h.keep("sweep", events)
+}
+
+// prune: three backups of a VM, keep-last 1, a prune that merges the two
+// older points into the newest and removes them: a Prune and its PruneVM.
+func (h *harness) prune() {
+	t := h.t
+	const vm = "hist-pruned"
+	ref, keys := h.createVM(vm, 64*MiB)
+	var last string
+	for i := 1; i <= 3; i++ {
+		stacktest.WriteDisk(t, h.l, ref, keys[0], int64(i)*4*MiB, stacktest.Pattern(uint64(40+i), MiB))
+		b := h.backup(vm)
+		if b.Status != "completed" {
+			t.Fatalf("backup %d of %s: %+v", i, vm, b)
+		}
+		last = b.BackupID
+	}
+	if res, err := h.s.Starter(h.ctx, "retention", "set", vm, "--keep-last", "1"); err != nil || res.ExitCode != 0 {
+		t.Fatalf("retention set: %v %s", err, res)
+	}
+	res, err := h.s.Starter(h.ctx, "prune", vm, "--wait", "--json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out workflows.PruneResult
+	if res.ExitCode != 0 || stacktest.DecodeOne(res.Stdout, &out) != nil {
+		t.Fatalf("starter prune %s --wait --json: %s", vm, res)
+	}
+	if len(out.VMs) != 1 || len(out.VMs[0].Removed) != 2 || len(out.VMs[0].Merged) != 1 || len(out.VMs[0].Kept) != 1 || out.VMs[0].Kept[0].BackupID != last {
+		t.Fatalf("prune result %+v, want %s kept, two points removed, one image merged", out, last)
+	}
+	runs := stacktest.ListWorkflows(h.ctx, t, h.s, "WorkflowType = 'Prune'")
+	if len(runs) != 1 {
+		t.Fatalf("%d Prune workflows, want 1", len(runs))
+	}
+	ex := runs[0].GetExecution()
+	events := stacktest.History(h.ctx, t, h.s, ex.GetWorkflowId(), ex.GetRunId())
+	if lastEvent(events) != enumspb.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED || !slices.Equal(scheduled(events), []string{"PlanPrune"}) {
+		t.Errorf("prune: history ends %s with activities %q, want completed after PlanPrune (and a PruneVM child)", lastEvent(events), scheduled(events))
+	}
+	h.keep("prune", events)
+	runs = stacktest.ListWorkflows(h.ctx, t, h.s, "WorkflowType = 'PruneVM'")
+	if len(runs) != 1 {
+		t.Fatalf("%d PruneVM workflows, want 1", len(runs))
+	}
+	ex = runs[0].GetExecution()
+	events = stacktest.History(h.ctx, t, h.s, ex.GetWorkflowId(), ex.GetRunId())
+	if lastEvent(events) != enumspb.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED || !slices.Equal(scheduled(events), []string{"PlanVM", "MergeImage", "ApplyPrune"}) {
+		t.Errorf("prunevm: history ends %s with activities %q, want completed after PlanVM, MergeImage, ApplyPrune", lastEvent(events), scheduled(events))
+	}
+	h.keep("prunevm", events)
 }
