@@ -160,6 +160,7 @@ func run(ctx context.Context, out io.Writer, s *stack) (err error) {
 	}
 
 	var rows []row
+	var ids []string
 	for i, phase := range []struct {
 		name   string
 		writes []write
@@ -185,6 +186,7 @@ func run(ctx context.Context, out io.Writer, s *stack) (err error) {
 			return err
 		}
 		say(out, "backup %s (%s) of %s completed: %s", n, phase.name, demoVM, res.BackupID)
+		ids = append(ids, res.BackupID)
 		for _, w := range res.Warnings {
 			say(out, "  warning: %s", w)
 		}
@@ -226,12 +228,59 @@ func run(ctx context.Context, out io.Writer, s *stack) (err error) {
 	}
 	say(out, "every restore point of both disks equals the disk at backup time, byte for byte")
 	say(out, "every incremental QCOW2 is at most 1.5 × its changed bytes + 1 MiB")
+	if err := pruneToLast(ctx, out, s, work, ids); err != nil {
+		return err
+	}
 	// The recorded and restored images (10 GiB sparse files) are kept
 	// only when something failed, to look at; a checkout full of them
 	// would also weigh on tools that read every file (docker build).
 	if err := os.RemoveAll(work); err != nil {
 		return err
 	}
+	return nil
+}
+
+// pruneToLast sets the retention policy keep-last 1 on the demo VM and
+// prunes: the first backup goes, its data merged into the second's images
+// (now full images), which must still restore as the disks were then.
+func pruneToLast(ctx context.Context, out io.Writer, s *stack, work string, ids []string) error {
+	if _, err := s.starter(ctx, "retention", "set", demoVM, "--keep-last", "1"); err != nil {
+		return err
+	}
+	stdout, err := s.starter(ctx, "prune", demoVM, "--wait", "--json")
+	if err != nil {
+		return err
+	}
+	var pr workflows.PruneResult
+	if err := json.Unmarshal(stdout, &pr); err != nil {
+		return fmt.Errorf("bin/starter prune: output is not JSON: %w: %q", err, stdout)
+	}
+	last := ids[len(ids)-1]
+	if len(pr.VMs) != 1 || len(pr.VMs[0].Kept) != 1 || pr.VMs[0].Kept[0].BackupID != last || len(pr.VMs[0].Removed) != len(ids)-1 {
+		return fmt.Errorf("prune kept/removed the wrong restore points: %s", stdout)
+	}
+	vm := pr.VMs[0]
+	var methods []string
+	for _, m := range vm.Merged {
+		methods = append(methods, fmt.Sprintf("disk %d by %s", m.Key, m.Method))
+	}
+	say(out, "prune (retention keep-last 1): removed %d restore point(s) %s; kept %s (%s), its images merged into full images (%s); %s freed",
+		len(vm.Removed), vm.Removed[0].BackupID, last, strings.Join(vm.Kept[0].Rules, ", "), strings.Join(methods, ", "), size(pr.BytesFreed))
+	n := strconv.Itoa(len(ids))
+	for _, d := range disks {
+		restored := filepath.Join(work, fmt.Sprintf("disk%d.pruned%s.raw", d, n))
+		if _, err := s.starter(ctx, "restore", last, "--disk", strconv.Itoa(int(d)), "--to", restored); err != nil {
+			return err
+		}
+		cmp, err := compareSparse(filepath.Join(work, fmt.Sprintf("disk%d.backup%s.raw", d, n)), restored)
+		if err != nil {
+			return err
+		}
+		if !cmp.Equal {
+			return fmt.Errorf("after the prune, restore point %s disk %d differs from the disk at backup time (first difference at byte %d)", last, d, cmp.FirstDiff)
+		}
+	}
+	say(out, "after the prune, restore point %s still restores both disks byte for byte", last)
 	return nil
 }
 
