@@ -50,6 +50,10 @@ const (
 	AfterPruneCommit  Point = "after-prune-commit"  // ApplyPrune: catalog changed, removed points' files not yet deleted
 )
 
+// All are every fault point, a backup's then a prune's.
+var All = []Point{AfterSnapshot, MidTransfer, BeforeCheck, BeforeCommit, AfterCommit, BeforeRemoveSnapshot,
+	BeforeMerge, AfterMerge, BeforePruneCommit, AfterPruneCommit}
+
 // EnvDir names the worker's environment variable with the folder of its
 // fault points. A worker built without the tag never reads it.
 const EnvDir = "CBTFLOW_TEST_PAUSE_DIR"
