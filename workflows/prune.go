@@ -57,7 +57,14 @@ func Prune(ctx workflow.Context, in PruneInput) (*PruneResult, error) {
 	}
 	res := &PruneResult{DryRun: in.DryRun}
 	for i, vm := range plan.VMs {
-		if in.DryRun || len(vm.Removed) == 0 || vm.LockID == "" {
+		if in.DryRun || len(vm.Removed) == 0 {
+			res.VMs = append(res.VMs, PruneVMResult{VMPrunePlan: vm})
+			continue
+		}
+		if vm.LockID == "" {
+			// A catalog from before backups recorded their workflow ID:
+			// without the VM's lock, a prune could meet a backup.
+			res.Errors = append(res.Errors, fmt.Sprintf("VM %s (%s): its latest backup has no workflow ID in the catalog, so the prune cannot hold the VM's lock; back the VM up once, then prune", vm.VMName, vm.VMUUID))
 			res.VMs = append(res.VMs, PruneVMResult{VMPrunePlan: vm})
 			continue
 		}
