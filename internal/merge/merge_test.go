@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -17,6 +18,7 @@ import (
 	"github.com/cbtflow/cbtflow/internal/integrity"
 	"github.com/cbtflow/cbtflow/internal/qemu"
 	"github.com/cbtflow/cbtflow/testkit/testutil"
+	"golang.org/x/sys/unix"
 )
 
 const mib = 1 << 20
@@ -330,12 +332,15 @@ func TestMethodChoice(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		t.Logf("bytes %v, Top allocated %d", p.Bytes, p.TopAllocated)
+		t.Logf("bytes %v, Top allocated %d, clone %v", p.Bytes, p.TopAllocated, p.Clone)
 		if p.Clone {
-			// A clone shares Top's dead clusters for free.
-			t.Skip("Top's filesystem clones files: rebase's copy of Top costs nothing")
-		}
-		if p.Method != MethodConvert || p.Bytes[MethodConvert]*4 > p.Bytes[MethodRebase] {
+			// Top's filesystem clones files: the clone shares Top's dead
+			// clusters for free, so rebase writes only the removed
+			// image's 1 MiB, fewer bytes than convert's view of Top.
+			if p.Method != MethodRebase || p.Bytes[MethodRebase] >= p.Bytes[MethodConvert] {
+				t.Fatalf("plan %s %v on a filesystem that clones; want rebase, below convert", p.Method, p.Bytes)
+			}
+		} else if p.Method != MethodConvert || p.Bytes[MethodConvert]*4 > p.Bytes[MethodRebase] {
 			t.Fatalf("plan %s %v; want convert, by far", p.Method, p.Bytes)
 		}
 		for _, m := range []string{MethodConvert, MethodRebase} {
@@ -353,19 +358,14 @@ func TestMethodChoice(t *testing.T) {
 			if m == MethodRebase && res.Allocated < 16*mib {
 				t.Errorf("rebase's result allocates %d bytes; the copy of Top should carry its 16 MiB of dead clusters", res.Allocated)
 			}
+			if m == MethodRebase && p.Clone && res.Copied != 0 {
+				t.Errorf("the copy of Top moved %d bytes; a clone moves none", res.Copied)
+			}
 		}
 	})
 
 	t.Run("rebase: a big Top over a small removed full, on a filesystem that clones", func(t *testing.T) {
-		dir := os.Getenv("CBTFLOW_REFLINK_DIR")
-		if dir == "" {
-			t.Skip("CBTFLOW_REFLINK_DIR (a folder on a filesystem with reflinks, e.g. XFS or btrfs) is not set")
-		}
-		dir, err := os.MkdirTemp(dir, "merge-")
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { os.RemoveAll(dir) })
+		dir := reflinkDir(t)
 		imgs := chain(t, dir,
 			[]string{"write -P 0x11 0 1M"},
 			[]string{"write -P 0x22 8M 32M"},
@@ -418,6 +418,116 @@ func TestMethodChoice(t *testing.T) {
 			t.Errorf("convert onto a Base: err=%v", err)
 		}
 	})
+}
+
+// reflinkDir returns a folder, removed when t ends, on a filesystem that
+// clones files: in CBTFLOW_REFLINK_DIR when set (e.g. on XFS or btrfs),
+// else on an XFS with reflinks made for the test in a 512 MiB sparse file
+// of t.TempDir(), loop-mounted (root only) and unmounted and detached
+// when t ends, whether it passed or not.
+func reflinkDir(t *testing.T) string {
+	t.Helper()
+	if over := os.Getenv("CBTFLOW_REFLINK_DIR"); over != "" {
+		dir, err := os.MkdirTemp(over, "merge-")
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { os.RemoveAll(dir) })
+		return dir
+	}
+	if os.Geteuid() != 0 {
+		t.Fatal("mounting an XFS with reflinks needs root (CI runs as root; run make test as root), or set CBTFLOW_REFLINK_DIR to a folder on a filesystem with reflinks (XFS, btrfs)")
+	}
+	mkfs, err := exec.LookPath("mkfs.xfs")
+	if err != nil {
+		t.Fatal("mkfs.xfs is missing: run make deps (package xfsprogs)")
+	}
+	unmountStaleReflink(t)
+	base := t.TempDir()
+	img := filepath.Join(base, "xfs.img")
+	mnt := filepath.Join(base, fmt.Sprintf("%s%d", reflinkMountPrefix, os.Getpid()))
+	if err := os.Mkdir(mnt, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Create(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = f.Truncate(512 * mib)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Registered before the mount (and after t.TempDir's removal, so it
+	// runs first): whatever step fails, nothing stays mounted or attached.
+	t.Cleanup(func() {
+		if err := unmountReflink(mnt, img); err != nil {
+			t.Error(err)
+		}
+	})
+	run(t, mkfs, "-q", "-m", "reflink=1", img)
+	run(t, "mount", "-o", "loop", img, mnt)
+	return mnt
+}
+
+// reflinkMountPrefix starts the name of reflinkDir's mount point, followed
+// by the pid of the test process that mounted it.
+const reflinkMountPrefix = "merge-reflink-"
+
+// unmountReflink unmounts mnt when mounted (lazily when busy) and detaches
+// every loop device still attached to img.
+func unmountReflink(mnt, img string) error {
+	var errs []error
+	err := unix.Unmount(mnt, 0)
+	if errors.Is(err, unix.EBUSY) {
+		err = unix.Unmount(mnt, unix.MNT_DETACH)
+	}
+	if err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) { // EINVAL: not mounted
+		errs = append(errs, fmt.Errorf("unmount %s: %w", mnt, err))
+	}
+	out, err := exec.Command("losetup", "--noheadings", "--output", "NAME", "--associated", img).CombinedOutput()
+	if err != nil {
+		errs = append(errs, fmt.Errorf("losetup --associated %s: %v: %s", img, err, out))
+	}
+	for _, dev := range strings.Fields(string(out)) {
+		if out, err := exec.Command("losetup", "--detach", dev).CombinedOutput(); err != nil {
+			errs = append(errs, fmt.Errorf("losetup --detach %s: %v: %s", dev, err, out))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// unmountStaleReflink unmounts and detaches what reflinkDir mounted in a
+// test process that no longer runs (killed, or timed out, before its
+// cleanup).
+func unmountStaleReflink(t *testing.T) {
+	t.Helper()
+	b, err := os.ReadFile("/proc/self/mounts")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 3 || f[2] != "xfs" {
+			continue
+		}
+		mnt := f[1]
+		pid, err := strconv.Atoi(strings.TrimPrefix(filepath.Base(mnt), reflinkMountPrefix))
+		if !strings.HasPrefix(filepath.Base(mnt), reflinkMountPrefix) || err != nil || pid <= 0 {
+			continue
+		}
+		if err := unix.Kill(pid, 0); err == nil || errors.Is(err, unix.EPERM) {
+			continue // its test process still runs
+		}
+		t.Logf("unmounting %s, left by test process %d", mnt, pid)
+		if err := unmountReflink(mnt, filepath.Join(filepath.Dir(mnt), "xfs.img")); err != nil {
+			t.Error(err)
+			continue
+		}
+		os.RemoveAll(filepath.Dir(mnt))
+	}
 }
 
 // TestStaleTemp: a Temp left by a killed run (a partial copy of Top, or
@@ -626,9 +736,6 @@ func TestHeartbeat(t *testing.T) {
 // its qemu-img rebase runs: the qemu-img dies with it (Pdeathsig), the
 // inputs are unchanged, and the next Run replaces the Temp it left.
 func TestKilledRun(t *testing.T) {
-	if os.Getenv("CBTFLOW_MERGE_HELPER") != "" {
-		return // the helper runs in TestKilledRunHelper
-	}
 	testutil.CheckNoChildren(t)
 	ctx := ctxT(t)
 	dir := t.TempDir()
@@ -646,7 +753,7 @@ func TestKilledRun(t *testing.T) {
 	if err := os.WriteFile(fake, []byte(script), 0o755); err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command(os.Args[0], "-test.run=^TestKilledRunHelper$", "-test.count=1")
+	cmd := exec.Command(os.Args[0]) // TestMain runs killedRunHelper
 	cmd.Env = append(os.Environ(), "CBTFLOW_MERGE_HELPER=1", "CBTFLOW_MERGE_QEMU_IMG="+fake,
 		"CBTFLOW_MERGE_JOB="+strings.Join([]string{j.Top, j.Removed[0], j.Removed[1], j.Base, j.Temp}, "\n"))
 	out, err := cmd.StdoutPipe()
@@ -714,15 +821,32 @@ func alive(pid int) bool {
 	return len(f) > 0 && f[0] != "Z"
 }
 
-func TestKilledRunHelper(t *testing.T) {
-	if os.Getenv("CBTFLOW_MERGE_HELPER") == "" {
-		t.Skip("runs as TestKilledRun's worker")
+// TestMain runs the package's tests, or, in the worker that TestKilledRun
+// starts (CBTFLOW_MERGE_HELPER set), killedRunHelper alone.
+func TestMain(m *testing.M) {
+	if os.Getenv("CBTFLOW_MERGE_HELPER") != "" {
+		killedRunHelper()
+		os.Exit(1)
 	}
+	os.Exit(m.Run())
+}
+
+// killedRunHelper is TestKilledRun's worker: it runs the rebase of the job
+// in CBTFLOW_MERGE_JOB with the qemu-img of CBTFLOW_MERGE_QEMU_IMG (one
+// that hangs in rebase), says "rebase running as PID" on stdout once
+// qemu-img rebase started, and waits to be killed. It returns only when
+// something went wrong, said on stderr.
+func killedRunHelper() {
 	f := strings.Split(os.Getenv("CBTFLOW_MERGE_JOB"), "\n")
+	if len(f) != 5 {
+		fmt.Fprintf(os.Stderr, "killed-run helper: CBTFLOW_MERGE_JOB holds %d lines, want 5\n", len(f))
+		return
+	}
 	j := Job{Top: f[0], Removed: f[1:3], Base: f[3], Temp: f[4]}
 	p, err := Estimate(context.Background(), j)
 	if err != nil {
-		t.Fatal(err)
+		fmt.Fprintf(os.Stderr, "killed-run helper: %v\n", err)
+		return
 	}
 	p.Method = MethodRebase
 	started = func(step string, pid int) {
@@ -733,7 +857,7 @@ func TestKilledRunHelper(t *testing.T) {
 	}
 	qemu.QemuImg = os.Getenv("CBTFLOW_MERGE_QEMU_IMG")
 	_, err = Run(context.Background(), j, p, nil)
-	t.Fatalf("Run returned (%v); it should have been killed", err)
+	fmt.Fprintf(os.Stderr, "killed-run helper: Run returned (%v); it should have been killed\n", err)
 }
 
 // TestVerifyCatchesLoss runs a rebase that only rewrites the header (what
