@@ -1,0 +1,52 @@
+package main
+
+import (
+	"bytes"
+	"io"
+	"log/slog"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/cbtflow/cbtflow/activities"
+	"github.com/cbtflow/cbtflow/workflows"
+)
+
+func TestPrintPrune(t *testing.T) {
+	at := time.Date(2026, 12, 3, 10, 0, 0, 0, time.UTC)
+	vm := activities.VMPrunePlan{VMName: "web", VMUUID: "u-1", Policy: "keep-last 1, max-chain 30",
+		Kept:    []activities.KeptPoint{{BackupID: "b3", Time: at, Rules: []string{"last 1"}}},
+		Removed: []activities.RemovedPoint{{BackupID: "b2", Time: at.Add(-time.Hour), Reason: "not kept by the policy (keep-last 1, max-chain 30)"}},
+		BytesToFree: 3 << 20}
+	for _, c := range []struct {
+		name string
+		res  workflows.PruneResult
+		want []string
+		not  []string
+	}{
+		{"dry run", workflows.PruneResult{DryRun: true, VMs: []workflows.PruneVMResult{{VMPrunePlan: vm}}},
+			[]string{"web (u-1): policy keep-last 1, max-chain 30", "keep", "b3", "last 1", "remove", "b2", "not kept by the policy", "would free about 3.0 MiB"},
+			[]string{"removed", "freed 0"}},
+		{"prune", workflows.PruneResult{BytesFreed: 5 << 20, VMs: []workflows.PruneVMResult{{VMPrunePlan: vm, BytesFreed: 5 << 20,
+			Merged: []activities.MergedImage{{BackupID: "b3", Key: 204, Method: "rebase", SizeBytes: 9 << 20}}}}},
+			[]string{"removed", "b2", "merged", "disk 204", "into a full image (rebase, 9.0 MiB)", "freed 5.0 MiB", "prune: 5.0 MiB freed"},
+			[]string{"would free"}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			var stdout bytes.Buffer
+			e := &env{stdout: &stdout, stderr: io.Discard, log: slog.New(slog.DiscardHandler)}
+			printPrune(e, c.res)
+			out := stdout.String()
+			for _, w := range c.want {
+				if !strings.Contains(out, w) {
+					t.Errorf("output lacks %q:\n%s", w, out)
+				}
+			}
+			for _, n := range c.not {
+				if strings.Contains(out, n) {
+					t.Errorf("output has %q:\n%s", n, out)
+				}
+			}
+		})
+	}
+}
