@@ -15,8 +15,8 @@ import (
 func TestPrintPrune(t *testing.T) {
 	at := time.Date(2026, 12, 3, 10, 0, 0, 0, time.UTC)
 	vm := activities.VMPrunePlan{VMName: "web", VMUUID: "u-1", Policy: "keep-last 1, max-chain 30",
-		Kept:    []activities.KeptPoint{{BackupID: "b3", Time: at, Rules: []string{"last 1"}}},
-		Removed: []activities.RemovedPoint{{BackupID: "b2", Time: at.Add(-time.Hour), Reason: "not kept by the policy (keep-last 1, max-chain 30)"}},
+		Kept:        []activities.KeptPoint{{BackupID: "b3", Time: at, Rules: []string{"last 1"}}},
+		Removed:     []activities.RemovedPoint{{BackupID: "b2", Time: at.Add(-time.Hour), Reason: "not kept by the policy (keep-last 1, max-chain 30)"}},
 		BytesToFree: 3 << 20}
 	for _, c := range []struct {
 		name string
