@@ -344,7 +344,10 @@ func (p *Pruner) MergeImage(ctx context.Context, in MergeImageInput) (*MergedIma
 	if err != nil {
 		return nil, permanent(err)
 	}
-	job, err := p.job(in.PruneID, points, in.Step)
+	// Each attempt writes its own file: an earlier attempt that is still
+	// running somewhere (a worker cut off from Temporal) and removes its
+	// file when it gives up never removes this one's.
+	job, err := p.job(fmt.Sprintf("%s-a%d", in.PruneID, activity.GetInfo(ctx).Attempt), points, in.Step)
 	if err != nil {
 		return nil, temporal.NewNonRetryableApplicationError(err.Error(), ErrTypeInvalidInput, err)
 	}
@@ -478,6 +481,11 @@ func (p *Pruner) ApplyPrune(ctx context.Context, in ApplyPruneInput) (*ApplyPrun
 		if err := syncDir(d); err != nil && !errors.Is(err, os.ErrNotExist) {
 			return nil, err
 		}
+	}
+	// What failed attempts of MergeImage left (each attempt has its own
+	// file): the prune is recorded, no merge of this VM is pending.
+	if err := p.removeStaleTemps(ctx, PruneVMInput{PruneID: in.PruneID, Profile: in.Profile, VMUUID: in.VMUUID}); err != nil {
+		return nil, err
 	}
 	activity.GetLogger(ctx).Info("prune applied", "vm", in.VMUUID, "removed", len(in.Remove), "merged", len(in.Merged), "bytes_freed", freed)
 	return &ApplyPruneResult{BytesFreed: freed}, nil
