@@ -270,10 +270,13 @@ func persistentEIO(t *testing.T, ctx context.Context) []*Tally {
 	return []*Tally{tl}
 }
 
-// repositoryFull puts the repository on a small tmpfs and fills it during
-// an incremental transfer: the backup fails at once (no retry), its
-// partial image goes, the chain stays restorable, and once space is freed
-// the next backup succeeds.
+// repositoryFull puts the repository on a small tmpfs. A backup that
+// cannot fit fails before its snapshot (CheckSpace: RepositoryFull, no
+// snapshot, nothing written); a repository that fills up during a
+// transfer anyway (another writer took the space after the check) fails
+// the transfer at once (NoSpace, no retry), its partial image goes, the
+// chain stays restorable, and once space is freed the next backup
+// succeeds.
 func repositoryFull(t *testing.T, ctx context.Context) []*Tally {
 	e := newEnv(t, ctx, envConfig{name: "enospc", repoSize: 256 * MiB})
 	tl := tallied(t, "repository full (ENOSPC)")
@@ -282,20 +285,39 @@ func repositoryFull(t *testing.T, ctx context.Context) []*Tally {
 	e.check(tl, r)
 
 	filler := filepath.Join(e.s.Repository(), "filler")
-	var st unix.Statfs_t
-	if err := unix.Statfs(e.s.Repository(), &st); err != nil {
-		t.Fatal(err)
-	}
-	free := int64(st.Bavail) * st.Bsize
-	f, err := os.Create(filler)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := unix.Fallocate(int(f.Fd()), 0, 0, free-24*MiB); err != nil {
-		t.Fatal(err)
-	}
-	f.Close()
+	// Too little space before the backup: refused before the snapshot.
+	e.fill(filler, 24*MiB)
 	r = e.backup(tl, "enospc-2", vm, 601, 96*MiB, nil, true, backupTimeout)
+	if n, typ, err := e.attempts(r.out.WorkflowID, "CheckSpace"); err != nil || n != 1 || typ != activities.ErrTypeRepositoryFull {
+		e.problem(tl, "%s: CheckSpace ran %d attempts and failed with type %q (%v), want one attempt failing %s", r.label, n, typ, err, activities.ErrTypeRepositoryFull)
+	}
+	if n, _, err := e.attempts(r.out.WorkflowID, "CreateSnapshot"); err != nil || n != 0 {
+		e.problem(tl, "%s: CreateSnapshot ran %d attempts (%v), want none: the space check comes first", r.label, n, err)
+	}
+	e.check(tl, r)
+	if err := os.Remove(filler); err != nil {
+		t.Fatal(err)
+	}
+
+	// The space taken by another writer in the middle of the transfer.
+	g := e.s.FaultPoints()
+	fillMid := &fault{
+		name: "repository filled mid-transfer",
+		arm:  func() error { return g.Arm(faultpoint.MidTransfer) },
+		act: func(ictx context.Context) error {
+			defer func() { _ = g.Release(faultpoint.MidTransfer) }()
+			if _, err := g.Wait(ictx, faultpoint.MidTransfer); err != nil {
+				return err
+			}
+			e.fill(filler, 24*MiB)
+			return g.Release(faultpoint.MidTransfer)
+		},
+		settle: func() { _ = g.Release(faultpoint.MidTransfer) },
+	}
+	// No new guest data: enospc-2's 96 MiB, never backed up, are what
+	// this incremental copies (enough to pass the check, and to hit the
+	// full repository half way).
+	r = e.backup(tl, "enospc-3", vm, 602, 0, fillMid, true, backupTimeout)
 	n, typ, err := e.attempts(r.out.WorkflowID, "TransferDisk")
 	if err != nil || n != 1 || typ != activities.ErrTypeNoSpace {
 		e.problem(tl, "%s: TransferDisk ran %d attempts and failed with type %q (%v), want one attempt failing %s", r.label, n, typ, err, activities.ErrTypeNoSpace)
@@ -306,9 +328,31 @@ func repositoryFull(t *testing.T, ctx context.Context) []*Tally {
 	if err := os.Remove(filler); err != nil {
 		t.Fatal(err)
 	}
-	r = e.backup(tl, "enospc-3", vm, 602, 96*MiB, nil, false, backupTimeout)
+	r = e.backup(tl, "enospc-4", vm, 603, 0, nil, false, backupTimeout)
 	e.check(tl, r)
 	return []*Tally{tl}
+}
+
+// fill takes all but leave bytes of the repository's free space with one
+// file at path.
+func (e *env) fill(path string, leave int64) {
+	t := e.t
+	var st unix.Statfs_t
+	if err := unix.Statfs(e.s.Repository(), &st); err != nil {
+		t.Fatal(err)
+	}
+	free := int64(st.Bavail) * st.Bsize
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if free <= leave {
+		t.Fatalf("the repository has %d bytes free, fewer than the %d to leave", free, leave)
+	}
+	if err := unix.Fallocate(int(f.Fd()), 0, 0, free-leave); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // checkRetriedReads checks that the EIO filter really failed reads of r
