@@ -149,13 +149,45 @@ type PruneVMInput struct {
 	VMUUID  string `json:"vm_uuid"`
 }
 
-// PlanVM settles what an interrupted prune left (see SettlePending) and
-// plans the VM's prune again, now that no backup of it can run.
+// checkPruneInput refuses names that are not safe repository path
+// components: they become folders the prune walks and removes files in.
+func checkPruneInput(pruneID, profile, vmUUID string) error {
+	for _, c := range [][2]string{{"prune ID", pruneID}, {"vCenter profile", profile}, {"VM instance UUID", vmUUID}} {
+		if err := repository.CheckComponent(c[0], c[1]); err != nil {
+			return temporal.NewNonRetryableApplicationError(err.Error(), ErrTypeInvalidInput, err)
+		}
+	}
+	return nil
+}
+
+// PlanVM settles what an interrupted prune left (see settlePending),
+// removes the files an earlier prune recorded as removed but could not
+// delete, and plans the VM's prune again, now that no backup of it can
+// run under the VM's workflow ID. A backup of the VM that the catalog
+// shows running (under another form of the ID, from before an upgrade)
+// makes it wait: it fails, and the next prune tries again.
 func (p *Pruner) PlanVM(ctx context.Context, in PruneVMInput) (*VMPrunePlan, error) {
+	if err := checkPruneInput(in.PruneID, in.Profile, in.VMUUID); err != nil {
+		return nil, err
+	}
+	defer heartbeatEvery(ctx, 10*time.Second, nil)()
+	running, err := p.Catalog.List(ctx, catalog.ListFilter{VM: in.VMUUID, Profile: in.Profile, Status: catalog.StatusRunning})
+	if err != nil {
+		return nil, permanent(err)
+	}
+	for _, b := range running {
+		if b.WorkflowID != activity.GetInfo(ctx).WorkflowExecution.ID {
+			err := fmt.Errorf("prune: backup %s of VM %s is running (workflow %s): the prune leaves the VM alone until it ends", b.ID, b.VMName, b.WorkflowID)
+			return nil, temporal.NewNonRetryableApplicationError(err.Error(), ErrTypeBackupRunning, err)
+		}
+	}
 	if err := settlePending(ctx, p.Catalog, p.Repo, in.Profile, in.VMUUID); err != nil {
 		return nil, err
 	}
 	if err := p.removeStaleTemps(ctx, in); err != nil {
+		return nil, err
+	}
+	if err := p.removeLeftovers(ctx, in); err != nil {
 		return nil, err
 	}
 	points, err := p.Catalog.List(ctx, catalog.ListFilter{VM: in.VMUUID, Profile: in.Profile, Status: catalog.StatusCommitted})
@@ -340,26 +372,60 @@ type MergedImage struct {
 // (which it never modifies): flushed, synced, compared with the kept
 // point's disk and hashed. A retry starts it afresh.
 func (p *Pruner) MergeImage(ctx context.Context, in MergeImageInput) (*MergedImage, error) {
+	if err := checkPruneInput(in.PruneID, in.Profile, in.VMUUID); err != nil {
+		return nil, err
+	}
+	defer heartbeatEvery(ctx, 10*time.Second, nil)()
 	points, err := p.Catalog.List(ctx, catalog.ListFilter{VM: in.VMUUID, Profile: in.Profile, Status: catalog.StatusCommitted})
 	if err != nil {
 		return nil, permanent(err)
 	}
 	// Each attempt writes its own file: an earlier attempt that is still
 	// running somewhere (a worker cut off from Temporal) and removes its
-	// file when it gives up never removes this one's.
-	job, err := p.job(fmt.Sprintf("%s-a%d", in.PruneID, activity.GetInfo(ctx).Attempt), points, in.Step)
+	// file when it gives up never removes this one's. Files of earlier
+	// attempts of this step go first: they would take the space.
+	attempt := activity.GetInfo(ctx).Attempt
+	job, err := p.job(fmt.Sprintf("%s-a%d", in.PruneID, attempt), points, in.Step)
 	if err != nil {
 		return nil, temporal.NewNonRetryableApplicationError(err.Error(), ErrTypeInvalidInput, err)
+	}
+	for a := int32(1); a < attempt; a++ {
+		old, err := p.job(fmt.Sprintf("%s-a%d", in.PruneID, a), points, in.Step)
+		if err == nil {
+			if err := os.Remove(old.Temp); err != nil && !errors.Is(err, os.ErrNotExist) {
+				return nil, fmt.Errorf("prune: %w", err)
+			}
+		}
+	}
+	// The images merged must be the ones committed: a merge of a damaged
+	// image would bake the damage into a kept restore point (qemu-img
+	// compare compares with the same damaged view) and delete the
+	// evidence. Cheap while the file stamps are unchanged.
+	chain, err := p.Catalog.Chain(ctx, in.Step.BackupID, in.Step.Key)
+	if err != nil {
+		return nil, permanent(err)
+	}
+	cat := &Catalog{Catalog: p.Catalog, Repo: p.Repo}
+	damage, err := cat.verifyChain(ctx, in.Step.Key, chain)
+	if err != nil {
+		return nil, err
+	}
+	if damage != nil {
+		warning, err := cat.markDamaged(ctx, in.Step.Key, damage)
+		if err != nil {
+			return nil, err
+		}
+		err = fmt.Errorf("prune: not merged: %s", warning)
+		return nil, temporal.NewNonRetryableApplicationError(err.Error(), ErrTypeImageCorrupt, err)
 	}
 	faultpoint.Hold(ctx, faultpoint.BeforeMerge)
 	est, err := merge.Estimate(ctx, job)
 	if err != nil {
-		return nil, err
+		return nil, mergeError(err)
 	}
-	beat := func() { activity.RecordHeartbeat(ctx) }
-	res, err := merge.Run(ctx, job, est, beat)
+	res, err := merge.Run(ctx, job, est, func() { activity.RecordHeartbeat(ctx) })
 	if err != nil {
-		return nil, err
+		return nil, mergeError(err)
 	}
 	faultpoint.Hold(ctx, faultpoint.AfterMerge)
 	rel, err := p.Repo.Rel(job.Temp)
@@ -373,6 +439,19 @@ func (p *Pruner) MergeImage(ctx context.Context, in MergeImageInput) (*MergedIma
 	return &MergedImage{BackupID: in.Step.BackupID, Key: in.Step.Key, Base: in.Step.Base, TempPath: rel,
 		SizeBytes: res.Size, SHA256: res.SHA256, Inode: res.Stamp.Inode, MtimeNs: res.Stamp.MtimeNs,
 		CtimeNs: res.Stamp.CtimeNs, Method: est.Method, OldSize: fi.Size()}, nil
+}
+
+// mergeError types what no retry of a merge changes: too little space
+// (the VM's lock would be held for nothing), and a merged image that does
+// not show the kept point's disk.
+func mergeError(err error) error {
+	switch {
+	case errors.Is(err, merge.ErrNoSpace):
+		return temporal.NewNonRetryableApplicationError(err.Error(), ErrTypeRepositoryFull, err)
+	case errors.Is(err, merge.ErrVerify):
+		return temporal.NewNonRetryableApplicationError(err.Error(), ErrTypeImageCorrupt, err)
+	}
+	return permanent(err)
 }
 
 // ApplyPruneInput is the end of a VM's prune: the merged images to put in
@@ -403,6 +482,10 @@ type ApplyPruneResult struct {
 //
 // A retry after a crash at any step goes on from where it stopped.
 func (p *Pruner) ApplyPrune(ctx context.Context, in ApplyPruneInput) (*ApplyPruneResult, error) {
+	if err := checkPruneInput(in.PruneID, in.Profile, in.VMUUID); err != nil {
+		return nil, err
+	}
+	defer heartbeatEvery(ctx, 10*time.Second, nil)()
 	points, err := p.Catalog.List(ctx, catalog.ListFilter{VM: in.VMUUID, Profile: in.Profile, Status: catalog.StatusCommitted})
 	if err != nil {
 		return nil, permanent(err)
@@ -463,11 +546,13 @@ func (p *Pruner) ApplyPrune(ctx context.Context, in ApplyPruneInput) (*ApplyPrun
 			}
 		}
 		faultpoint.Hold(ctx, faultpoint.BeforePruneCommit)
-		err := p.Catalog.Prune(ctx, catalog.PruneRecord{ID: in.PruneID, Profile: in.Profile, VMUUID: in.VMUUID,
-			Removed: in.Remove, BytesFreed: freed}, merged)
-		if err != nil {
-			return nil, permanent(err)
-		}
+	}
+	// Recorded once; a retry after the commit gets the bytes the first
+	// attempt counted (the files it still finds are among them).
+	freed, err = p.Catalog.Prune(ctx, catalog.PruneRecord{ID: in.PruneID, Profile: in.Profile, VMUUID: in.VMUUID,
+		Removed: in.Remove, BytesFreed: freed}, merged)
+	if err != nil {
+		return nil, permanent(err)
 	}
 	faultpoint.Hold(ctx, faultpoint.AfterPruneCommit)
 	dirs := map[string]bool{}
@@ -558,6 +643,14 @@ func (p *Pruner) putInPlace(ctx context.Context, points []catalog.Backup, m Merg
 // removeStaleTemps deletes merged images that an interrupted prune of
 // this VM left and that no pending merge names (settlePending ran first).
 func (p *Pruner) removeStaleTemps(ctx context.Context, in PruneVMInput) error {
+	pending, err := p.Catalog.PendingMerges(ctx, in.Profile, in.VMUUID)
+	if err != nil {
+		return permanent(err)
+	}
+	keep := map[string]bool{}
+	for _, pm := range pending {
+		keep[p.Repo.Resolve(pm.TempPath)] = true
+	}
 	dir := filepath.Join(p.Repo.Root(), in.Profile, in.VMUUID)
 	return filepath.WalkDir(dir, func(path string, d os.DirEntry, err error) error {
 		if errors.Is(err, os.ErrNotExist) {
@@ -566,7 +659,7 @@ func (p *Pruner) removeStaleTemps(ctx context.Context, in PruneVMInput) error {
 		if err != nil {
 			return err
 		}
-		if !d.IsDir() && strings.HasPrefix(d.Name(), ".") && strings.HasSuffix(d.Name(), tempSuffix) {
+		if !d.IsDir() && strings.HasPrefix(d.Name(), ".") && strings.HasSuffix(d.Name(), tempSuffix) && !keep[path] {
 			activity.GetLogger(ctx).Info("prune: removing an interrupted prune's image", "path", path)
 			return os.Remove(path)
 		}
@@ -574,11 +667,39 @@ func (p *Pruner) removeStaleTemps(ctx context.Context, in PruneVMInput) error {
 	})
 }
 
+// removeLeftovers deletes the images of restore points that earlier
+// prunes of the VM removed from the catalog but could not delete (a
+// PruneVM that ended between its catalog transaction and the deletions).
+func (p *Pruner) removeLeftovers(ctx context.Context, in PruneVMInput) error {
+	ids, err := p.Catalog.PrunedPoints(ctx, in.Profile, in.VMUUID)
+	if err != nil {
+		return permanent(err)
+	}
+	for _, id := range ids {
+		left, _, err := p.imagesLeft(in.Profile, in.VMUUID, id)
+		if err != nil {
+			return err
+		}
+		for _, f := range left {
+			activity.GetLogger(ctx).Info("prune: removing an image an earlier prune removed from the catalog", "path", f)
+			if err := os.Remove(f); err != nil && !errors.Is(err, os.ErrNotExist) {
+				return fmt.Errorf("prune: %w", err)
+			}
+		}
+	}
+	return nil
+}
+
 // settlePending settles the merges an interrupted prune of the VM left
-// pending: the file at each image's path is the new image (the catalog
-// records it) or still the old one (the pending row and the new file
-// go). It runs under the VM's lock only (a prune or a backup of the VM),
-// never beside the prune that wrote the rows.
+// pending, on proof only: when the file at the image's path is the new
+// image (same size and SHA-256), the catalog records it; when it is the
+// old one, the pending row and the new file go. A file that cannot be
+// read (an unmounted repository, an I/O error) is an error, retried: a
+// guess here could make the catalog describe the wrong file. A file that
+// is neither is left as it is, with its pending row and the new file:
+// the chain check then finds the image damaged, and the new file stays
+// for the operator. It runs under the VM's lock only (a prune or a backup
+// of the VM), never beside the prune that wrote the rows.
 func settlePending(ctx context.Context, cat *catalog.Catalog, repo *repository.Repository, profile, vmUUID string) error {
 	pending, err := cat.PendingMerges(ctx, profile, vmUUID)
 	if err != nil {
@@ -589,19 +710,36 @@ func settlePending(ctx context.Context, cat *catalog.Catalog, repo *repository.R
 		if err != nil {
 			return permanent(err)
 		}
-		var path string
-		for _, d := range b.Disks {
-			if d.Key == pm.Key {
-				path = repo.Resolve(d.Path)
+		var old *catalog.Disk
+		for i := range b.Disks {
+			if b.Disks[i].Key == pm.Key {
+				old = &b.Disks[i]
 			}
 		}
-		applied := false
-		if fi, err := os.Stat(path); err == nil && fi.Size() == pm.SizeBytes {
-			_, sum, err := integrity.Hash(ctx, path, func() { activity.RecordHeartbeat(ctx) })
-			if err != nil {
-				return err
+		if old == nil {
+			return fmt.Errorf("prune: restore point %s has no disk %d", pm.BackupID, pm.Key)
+		}
+		path := repo.Resolve(old.Path)
+		fi, err := os.Stat(path)
+		if err != nil {
+			return fmt.Errorf("prune: settling the interrupted merge of %s disk %d: %w (is the repository mounted?)", pm.BackupID, pm.Key, err)
+		}
+		var sum string
+		if fi.Size() == pm.SizeBytes || fi.Size() == old.SizeBytes {
+			if _, sum, err = integrity.Hash(ctx, path, func() { activity.RecordHeartbeat(ctx) }); err != nil {
+				return fmt.Errorf("prune: settling the interrupted merge of %s disk %d: %w", pm.BackupID, pm.Key, err)
 			}
-			applied = sum == pm.SHA256
+		}
+		var applied bool
+		switch {
+		case fi.Size() == pm.SizeBytes && sum == pm.SHA256:
+			applied = true
+		case fi.Size() == old.SizeBytes && sum == old.SHA256:
+			applied = false
+		default:
+			activity.GetLogger(ctx).Warn("an interrupted prune's merge: the image is neither the old one nor the merged one; left for the chain check",
+				"backup", pm.BackupID, "disk", pm.Key, "path", path, "merged_image", repo.Resolve(pm.TempPath))
+			continue
 		}
 		if err := cat.SettleMerge(ctx, pm.BackupID, pm.Key, applied); err != nil {
 			return permanent(err)

@@ -50,6 +50,10 @@ const (
 	// better); retryable when it was resumed from an earlier attempt, whose
 	// partial image is then removed, so the retry starts afresh.
 	ErrTypeImageCorrupt = "ImageCorrupt"
+	// ErrTypeBackupRunning: a prune found a backup of its VM running (one
+	// started under another form of the per-VM workflow ID): it leaves
+	// the VM alone; the next prune tries again.
+	ErrTypeBackupRunning = "BackupRunning"
 	// ErrTypeRepositoryFull: the repository has less free space than the
 	// backup needs (CheckSpace): it fails before the snapshot, or after
 	// the CBT query when the exact changed bytes do not fit, before any

@@ -184,12 +184,15 @@ type PruneRecord struct {
 // rows are deleted, a closed chain that ended at a removed point now ends
 // at its nearest kept point, and the prune is recorded. A removed point
 // that a remaining disk image still builds on fails the transaction
-// (nothing changes). Idempotent: a prune already recorded returns nil.
-func (c *Catalog) Prune(ctx context.Context, p PruneRecord, merged []MergedImage) error {
+// (nothing changes). It returns the bytes freed as recorded. Idempotent:
+// a prune already recorded changes nothing, and its record's bytes are
+// returned.
+func (c *Catalog) Prune(ctx context.Context, p PruneRecord, merged []MergedImage) (int64, error) {
 	if p.ID == "" || p.Profile == "" || p.VMUUID == "" {
-		return errors.New("catalog: prune: ID, profile and VM UUID are required")
+		return 0, errors.New("catalog: prune: ID, profile and VM UUID are required")
 	}
-	return pgx.BeginFunc(ctx, c.pool, func(tx pgx.Tx) error {
+	freed := p.BytesFreed
+	err := pgx.BeginFunc(ctx, c.pool, func(tx pgx.Tx) error {
 		var vmID int64
 		err := tx.QueryRow(ctx, `SELECT id FROM vms WHERE profile = $1 AND instance_uuid = $2`, p.Profile, p.VMUUID).Scan(&vmID)
 		if errors.Is(err, pgx.ErrNoRows) {
@@ -198,13 +201,14 @@ func (c *Catalog) Prune(ctx context.Context, p PruneRecord, merged []MergedImage
 		if err != nil {
 			return fmt.Errorf("catalog: prune %s: %w", p.ID, err)
 		}
-		var done bool
-		if err := tx.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM prunes WHERE id = $1)`, p.ID).Scan(&done); err != nil {
+		err = tx.QueryRow(ctx, `SELECT bytes_freed FROM prunes WHERE id = $1`, p.ID).Scan(&freed)
+		if err == nil {
+			return nil // recorded by an earlier attempt
+		}
+		if !errors.Is(err, pgx.ErrNoRows) {
 			return fmt.Errorf("catalog: prune %s: %w", p.ID, err)
 		}
-		if done {
-			return nil
-		}
+		freed = p.BytesFreed
 		for _, m := range merged {
 			if slices.Contains(p.Removed, m.BackupID) {
 				return fmt.Errorf("catalog: prune %s: restore point %s is both removed and merged", p.ID, m.BackupID)
@@ -253,6 +257,25 @@ func (c *Catalog) Prune(ctx context.Context, p PruneRecord, merged []MergedImage
 		}
 		return nil
 	})
+	if err != nil {
+		return 0, err
+	}
+	return freed, nil
+}
+
+// PrunedPoints returns the restore points of a VM that its prunes removed
+// from the catalog, oldest prune first.
+func (c *Catalog) PrunedPoints(ctx context.Context, profile, vmUUID string) ([]string, error) {
+	rows, err := c.pool.Query(ctx, `SELECT r FROM prunes p JOIN vms v ON v.id = p.vm_id, unnest(p.removed) AS r
+		WHERE v.profile = $1 AND v.instance_uuid = $2 ORDER BY p.finished_at, r`, profile, vmUUID)
+	if err != nil {
+		return nil, fmt.Errorf("catalog: pruned points: %w", err)
+	}
+	ids, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil {
+		return nil, fmt.Errorf("catalog: pruned points: %w", err)
+	}
+	return ids, nil
 }
 
 // moveClosedChains makes each closed chain that ends at the removed point

@@ -78,7 +78,7 @@ func TestPruneMergesAndRemoves(t *testing.T) {
 
 	// Removing b2 while b3 still builds on it (no merged image given)
 	// fails and changes nothing.
-	err = c.Prune(ctx, PruneRecord{ID: "bad", Profile: "lab", VMUUID: "uuid-p", Removed: []string{"b1", "b2"}}, nil)
+	_, err = c.Prune(ctx, PruneRecord{ID: "bad", Profile: "lab", VMUUID: "uuid-p", Removed: []string{"b1", "b2"}}, nil)
 	if err == nil {
 		t.Fatal("a prune that removes a point a kept image builds on succeeded")
 	}
@@ -87,11 +87,17 @@ func TestPruneMergesAndRemoves(t *testing.T) {
 	}
 
 	rec := PruneRecord{ID: "p1", Profile: "lab", VMUUID: "uuid-p", Removed: []string{"b1", "b2"}, BytesFreed: 4096}
-	if err := c.Prune(ctx, rec, []MergedImage{m}); err != nil {
-		t.Fatal(err)
+	if freed, err := c.Prune(ctx, rec, []MergedImage{m}); err != nil || freed != 4096 {
+		t.Fatalf("prune: %d bytes freed, %v", freed, err)
 	}
-	if err := c.Prune(ctx, rec, []MergedImage{m}); err != nil {
-		t.Fatalf("repeated prune: %v", err)
+	// A retry reports what the first attempt recorded, whatever it counts.
+	again := rec
+	again.BytesFreed = -1
+	if freed, err := c.Prune(ctx, again, []MergedImage{m}); err != nil || freed != 4096 {
+		t.Fatalf("repeated prune: %d bytes freed, %v; want the recorded 4096", freed, err)
+	}
+	if ids, err := c.PrunedPoints(ctx, "lab", "uuid-p"); err != nil || !slices.Equal(ids, []string{"b1", "b2"}) {
+		t.Errorf("PrunedPoints = %v, %v; want b1 b2", ids, err)
 	}
 	if got := chainIDs(t, c, "b4"); !slices.Equal(got, []string{"b4", "b3"}) {
 		t.Errorf("chain after the prune: %v, want b4 b3", got)
@@ -128,7 +134,7 @@ func TestPruneMovesClosedChain(t *testing.T) {
 	ctx := context.Background()
 	fourPoints(t, c)
 	// b4 (the closed chain's last point) goes: the chain now ends at b3.
-	if err := c.Prune(ctx, PruneRecord{ID: "p", Profile: "lab", VMUUID: "uuid-p", Removed: []string{"b4"}}, nil); err != nil {
+	if _, err := c.Prune(ctx, PruneRecord{ID: "p", Profile: "lab", VMUUID: "uuid-p", Removed: []string{"b4"}}, nil); err != nil {
 		t.Fatal(err)
 	}
 	latest, err := c.LatestDisks(ctx, "lab", "uuid-p")

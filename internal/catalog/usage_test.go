@@ -105,11 +105,11 @@ func TestUsageAndPruneTotals(t *testing.T) {
 		{BackupID: "a2", Key: 204, SizeBytes: 1010, SHA256: strings.Repeat("c", 64), TempPath: "t1"},
 		{BackupID: "a2", Key: 205, SizeBytes: 202, SHA256: strings.Repeat("c", 64), TempPath: "t2"},
 	}
-	if err := c.Prune(ctx, PruneRecord{ID: "p1", Profile: "lab", VMUUID: "uuid-a", Removed: []string{"a1"}, BytesFreed: 22}, merged); err != nil {
+	if _, err := c.Prune(ctx, PruneRecord{ID: "p1", Profile: "lab", VMUUID: "uuid-a", Removed: []string{"a1"}, BytesFreed: 22}, merged); err != nil {
 		t.Fatal(err)
 	}
 	// A prune that removed nothing is counted too.
-	if err := c.Prune(ctx, PruneRecord{ID: "p2", Profile: "other", VMUUID: "uuid-a"}, nil); err != nil {
+	if _, err := c.Prune(ctx, PruneRecord{ID: "p2", Profile: "other", VMUUID: "uuid-a"}, nil); err != nil {
 		t.Fatal(err)
 	}
 	check("after the prune", []VMUsage{

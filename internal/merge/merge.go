@@ -42,6 +42,15 @@ type Job struct {
 	Temp    string
 }
 
+// ErrNoSpace is wrapped when Run refuses a method whose bytes exceed the
+// space free in Top's folder.
+var ErrNoSpace = errors.New("not enough space")
+
+// ErrVerify is wrapped when the merged image does not show Top's disk
+// (qemu-img compare, virtual size, backing file or format) or fails
+// qemu-img check.
+var ErrVerify = errors.New("the merged image failed verification")
+
 // Plan is what Estimate measured and the method it chose.
 type Plan struct {
 	// Top and Base repeat the job's, so Run can refuse a plan made for
@@ -206,7 +215,7 @@ func Run(ctx context.Context, j Job, p Plan, beat func()) (res Result, err error
 			avail += st.Size() // the stale Temp is removed first
 		}
 		if n > avail {
-			return Result{}, fmt.Errorf("merge: %s has %d bytes free; method %s needs about %d", filepath.Dir(j.Top), avail, p.Method, n)
+			return Result{}, fmt.Errorf("merge: %w: %s has %d bytes free; method %s needs about %d", ErrNoSpace, filepath.Dir(j.Top), avail, p.Method, n)
 		}
 	}
 	stop := heartbeat(beat)
@@ -291,7 +300,7 @@ func verify(ctx context.Context, j Job, backing string) error {
 		return fmt.Errorf("merge: merged image: %w", err)
 	}
 	if name != backing {
-		return fmt.Errorf("merge: merged image %s has backing file %q, want %q", j.Temp, name, backing)
+		return fmt.Errorf("merge: %w: merged image %s has backing file %q, want %q", ErrVerify, j.Temp, name, backing)
 	}
 	// qemu-img compare takes images of different sizes as equal when the
 	// longer one only adds zeros: the sizes are compared here.
@@ -306,17 +315,17 @@ func verify(ctx context.Context, j Job, backing string) error {
 		}
 	}
 	if infos[0].VirtualSize != infos[1].VirtualSize {
-		return fmt.Errorf("merge: merged image %s is %d bytes, Top %s is %d bytes", j.Temp, infos[0].VirtualSize, j.Top, infos[1].VirtualSize)
+		return fmt.Errorf("merge: %w: merged image %s is %d bytes, Top %s is %d bytes", ErrVerify, j.Temp, infos[0].VirtualSize, j.Top, infos[1].VirtualSize)
 	}
 	if backing != "" && infos[0].BackingFilenameFormat != "qcow2" {
-		return fmt.Errorf("merge: merged image %s names its backing file's format %q, want qcow2", j.Temp, infos[0].BackingFilenameFormat)
+		return fmt.Errorf("merge: %w: merged image %s names its backing file's format %q, want qcow2", ErrVerify, j.Temp, infos[0].BackingFilenameFormat)
 	}
 	out, code, err := runImg(ctx, "compare", []string{"compare", "-f", "qcow2", "-F", "qcow2", j.Temp, j.Top}, 1)
 	if err != nil {
 		return err
 	}
 	if code == 1 {
-		return fmt.Errorf("merge: merged image %s differs from Top %s: %s", j.Temp, j.Top, trim(out))
+		return fmt.Errorf("merge: %w: merged image %s differs from Top %s: %s", ErrVerify, j.Temp, j.Top, trim(out))
 	}
 	out, _, err = runImg(ctx, "check", qemu.CheckArgs(j.Temp), 2, 3)
 	if err != nil {
@@ -327,7 +336,7 @@ func verify(ctx context.Context, j Job, backing string) error {
 		return fmt.Errorf("merge: parse qemu-img check of %s: %w", j.Temp, err)
 	}
 	if !cr.Clean() {
-		return fmt.Errorf("merge: merged image %s fails qemu-img check: %d corruptions, %d errors", j.Temp, cr.Corruptions, cr.CheckErrors)
+		return fmt.Errorf("merge: %w: merged image %s fails qemu-img check: %d corruptions, %d errors", ErrVerify, j.Temp, cr.Corruptions, cr.CheckErrors)
 	}
 	return nil
 }

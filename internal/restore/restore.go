@@ -55,8 +55,42 @@ type Result struct {
 	Bytes int64    // virtual size of the disk
 }
 
-// Disk restores one disk of a restore point.
+// Disk restores one disk of a restore point. A restore takes no lock: a
+// prune of the VM may replace an image of the chain or remove a point
+// while the restore verifies it. Such a change shows as damage; when the
+// catalog's chain changed meanwhile, the restore starts again once, on the
+// chain as it is now.
 func Disk(ctx context.Context, cat *catalog.Catalog, o Options) (*Result, error) {
+	before, _ := cat.Chain(ctx, o.BackupID, o.DiskKey)
+	res, err := disk(ctx, cat, o)
+	if !errors.Is(err, ErrDamaged) || before == nil {
+		return res, err
+	}
+	now, cerr := cat.Chain(ctx, o.BackupID, o.DiskKey)
+	if errors.Is(cerr, catalog.ErrNotFound) {
+		return nil, fmt.Errorf("restore: restore point %s was removed (by a prune) while it was being restored", o.BackupID)
+	}
+	if cerr != nil || sameChain(before, now) {
+		return res, err
+	}
+	return disk(ctx, cat, o)
+}
+
+// sameChain reports whether two reads of a chain recorded the same images.
+func sameChain(a, b []catalog.ChainLink) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if a[i].BackupID != b[i].BackupID || a[i].SHA256 != b[i].SHA256 || a[i].SizeBytes != b[i].SizeBytes ||
+			(a[i].Pending == nil) != (b[i].Pending == nil) {
+			return false
+		}
+	}
+	return true
+}
+
+func disk(ctx context.Context, cat *catalog.Catalog, o Options) (*Result, error) {
 	if o.Format == "" {
 		o.Format = "raw"
 	}
