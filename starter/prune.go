@@ -82,12 +82,17 @@ func printPrune(e *env, res workflows.PruneResult) {
 		for _, k := range vm.Kept {
 			fmt.Fprintf(tw, "  keep\t%s\t%s\t%s\n", k.BackupID, k.Time.Local().Format("2006-01-02 15:04"), strings.Join(k.Rules, ", "))
 		}
+		// Removed lists only points removed (or, dry, to be removed); a
+		// skipped or failed VM's plan is in PlannedRemoved.
 		verb := "removed"
 		if res.DryRun {
 			verb = "remove"
 		}
 		for _, r := range vm.Removed {
 			fmt.Fprintf(tw, "  %s\t%s\t%s\t%s\n", verb, r.BackupID, r.Time.Local().Format("2006-01-02 15:04"), r.Reason)
+		}
+		for _, r := range vm.PlannedRemoved {
+			fmt.Fprintf(tw, "  planned\t%s\t%s\t%s\n", r.BackupID, r.Time.Local().Format("2006-01-02 15:04"), r.Reason)
 		}
 		for _, m := range vm.Merged {
 			into := "a full image"
@@ -96,9 +101,16 @@ func printPrune(e *env, res workflows.PruneResult) {
 			}
 			fmt.Fprintf(tw, "  merged\t%s\tdisk %d\tinto %s (%s, %s)\n", m.BackupID, m.Key, into, m.Method, humanBytes(m.SizeBytes))
 		}
-		if res.DryRun {
+		switch {
+		case vm.Status == workflows.PruneStatusSkipped:
+			fmt.Fprintf(tw, "  skipped: %s\n", vm.Error)
+		case vm.Status == workflows.PruneStatusFailed:
+			fmt.Fprintf(tw, "  failed: %s\n", vm.Error)
+		case len(vm.Removed) == 0:
+			fmt.Fprintf(tw, "  nothing to remove\n")
+		case res.DryRun:
 			fmt.Fprintf(tw, "  would free about %s\n", humanBytes(vm.BytesToFree))
-		} else if len(vm.Removed) > 0 {
+		default:
 			fmt.Fprintf(tw, "  freed %s\n", humanBytes(vm.BytesFreed))
 		}
 	}

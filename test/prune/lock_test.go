@@ -109,6 +109,12 @@ func TestPruneAndBackupExcludeEachOther(t *testing.T) {
 	if res.ExitCode != 1 || len(during.Errors) != 1 || !strings.Contains(during.Errors[0], "is running") || during.BytesFreed != 0 {
 		t.Errorf("prune during a backup: exit %d, result %+v; want exit 1 and an error naming the running workflow", res.ExitCode, during)
 	}
+	// The VM is reported skipped, its planned removals apart: "removed"
+	// lists only points removed.
+	if len(during.VMs) != 1 || during.VMs[0].Status != workflows.PruneStatusSkipped || len(during.VMs[0].Removed) != 0 ||
+		len(during.VMs[0].PlannedRemoved) == 0 || !strings.Contains(during.VMs[0].Error, "is running") {
+		t.Errorf("prune during a backup: VMs %+v; want one VM skipped, nothing in removed, its plan in planned_removed", during.VMs)
+	}
 	if err := gates.Release(faultpoint.MidTransfer); err != nil {
 		t.Fatal(err)
 	}

@@ -146,7 +146,7 @@ func TestKeepLastTwo(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := []string{points[3].id, points[2].id, points[1].id, points[0].id}
-	if len(dry.VMs) != 1 || !slices.Equal(removedIDs(dry.VMs[0]), want) || !dry.DryRun {
+	if len(dry.VMs) != 1 || !slices.Equal(removedIDs(dry.VMs[0]), want) || !dry.DryRun || dry.VMs[0].Status != workflows.PruneStatusDryRun {
 		t.Fatalf("dry run: %+v, want %v removed", dry, want)
 	}
 	if _, after := vmFiles(t, root); after != before {
@@ -161,7 +161,7 @@ func TestKeepLastTwo(t *testing.T) {
 	if err := stacktest.DecodeOne(res.Stdout, &pr); err != nil {
 		t.Fatal(err)
 	}
-	if len(pr.VMs) != 1 || !slices.Equal(removedIDs(pr.VMs[0]), want) || pr.BytesFreed <= 0 {
+	if len(pr.VMs) != 1 || !slices.Equal(removedIDs(pr.VMs[0]), want) || pr.BytesFreed <= 0 || pr.VMs[0].Status != workflows.PruneStatusPruned {
 		t.Fatalf("prune: %+v, want %v removed and bytes freed", pr, want)
 	}
 	kept := pr.VMs[0].Kept
