@@ -88,7 +88,7 @@ func repoDB(t *testing.T) (string, []string) {
 	if err := cat.SetPolicy(ctx, catalog.VMRef{Profile: "lab", UUID: "u-0"}, retention.Policy{KeepLast: 3}); err != nil {
 		t.Fatal(err)
 	}
-	if err := cat.Prune(ctx, catalog.PruneRecord{ID: "p1", Profile: "lab", VMUUID: "u-0", BytesFreed: 3 << 20}, nil); err != nil {
+	if _, err := cat.Prune(ctx, catalog.PruneRecord{ID: "p1", Profile: "lab", VMUUID: "u-0", BytesFreed: 3 << 20}, nil); err != nil {
 		t.Fatal(err)
 	}
 	return url, images

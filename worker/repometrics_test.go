@@ -59,10 +59,10 @@ func metricsCatalog(t *testing.T) *catalog.Catalog {
 	if err := cat.Fail(ctx, "c1", "boom"); err != nil {
 		t.Fatal(err)
 	}
-	if err := cat.Prune(ctx, catalog.PruneRecord{ID: "p1", Profile: "lab", VMUUID: "u-a", BytesFreed: 4096}, nil); err != nil {
+	if _, err := cat.Prune(ctx, catalog.PruneRecord{ID: "p1", Profile: "lab", VMUUID: "u-a", BytesFreed: 4096}, nil); err != nil {
 		t.Fatal(err)
 	}
-	if err := cat.Prune(ctx, catalog.PruneRecord{ID: "p2", Profile: "lab", VMUUID: "u-b"}, nil); err != nil {
+	if _, err := cat.Prune(ctx, catalog.PruneRecord{ID: "p2", Profile: "lab", VMUUID: "u-b"}, nil); err != nil {
 		t.Fatal(err)
 	}
 	return cat
@@ -155,7 +155,7 @@ func TestRepositoryMetrics(t *testing.T) {
 
 	// A second scrape within the reading's age is served the same reading,
 	// and a new reading sees a new prune.
-	if err := cat.Prune(context.Background(), catalog.PruneRecord{ID: "p3", Profile: "lab", VMUUID: "u-b", BytesFreed: 10}, nil); err != nil {
+	if _, err := cat.Prune(context.Background(), catalog.PruneRecord{ID: "p3", Profile: "lab", VMUUID: "u-b", BytesFreed: 10}, nil); err != nil {
 		t.Fatal(err)
 	}
 	if v := scrape(t, url)["cbtflow_prune_bytes_freed_total"]; v != 4096 {
