@@ -25,6 +25,9 @@ import (
 type Catalog struct {
 	Catalog *catalog.Catalog
 	Repo    *repository.Repository
+	// Metrics receives each committed backup's duration and changed
+	// bytes; nil: none.
+	Metrics Metrics
 }
 
 // BeginBackup records a running backup and returns each disk's latest
@@ -230,6 +233,13 @@ func (a *Catalog) CommitRestorePoint(ctx context.Context, in CommitInput) error 
 	if err := a.Catalog.Check(ctx); err != nil {
 		return permanent(err)
 	}
+	// A commit repeated after an attempt that committed unheard is not
+	// reported to the metrics twice.
+	fresh := false
+	if a.Metrics != nil {
+		b, err := a.Catalog.Get(ctx, in.BackupID)
+		fresh = err == nil && b.Status != catalog.StatusCommitted
+	}
 	// From here on the commit may happen without this attempt hearing of
 	// it: the marker tells the failure path and the sweeper not to delete
 	// the images on a catalog's silence.
@@ -240,6 +250,9 @@ func (a *Catalog) CommitRestorePoint(ctx context.Context, in CommitInput) error 
 		return permanent(err)
 	}
 	activity.GetLogger(ctx).Info("restore point committed", "backup", in.BackupID, "disks", len(disks))
+	if fresh {
+		a.reportCommit(ctx, in)
+	}
 	faultpoint.Hold(ctx, faultpoint.AfterCommit)
 	if dir, err := a.Repo.StagingDir(in.BackupID); err == nil {
 		_ = os.RemoveAll(dir)
@@ -250,6 +263,20 @@ func (a *Catalog) CommitRestorePoint(ctx context.Context, in CommitInput) error 
 // committingMarker, in a backup's staging folder, says that a commit of
 // the backup may have reached the catalog.
 const committingMarker = "committing"
+
+// reportCommit reports a backup just committed: its duration, from its
+// start to its commit by the catalog's clock, and its changed bytes.
+func (a *Catalog) reportCommit(ctx context.Context, in CommitInput) {
+	b, err := a.Catalog.Get(ctx, in.BackupID)
+	if err != nil || b.FinishedAt.IsZero() {
+		return
+	}
+	var changed int64
+	for _, d := range in.Disks {
+		changed += d.ChangedBytes
+	}
+	a.Metrics.BackupCommitted(b.FinishedAt.Sub(b.StartedAt), changed)
+}
 
 // markCommitting writes the committing marker durably.
 func (a *Catalog) markCommitting(backupID string) error {

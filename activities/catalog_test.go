@@ -184,6 +184,8 @@ func TestBeginBackup(t *testing.T) {
 
 func TestCommitRestorePoint(t *testing.T) {
 	c := newCatalogFixture(t)
+	m := &recordedMetrics{}
+	c.a.Metrics = m
 	ctx := ctxT(t, time.Minute)
 	c.begin(t, "c1", catVMUUID)
 	d1, d2 := c.image(t, "c1", 2000, nil), c.image(t, "c1", 2001, nil)
@@ -239,6 +241,12 @@ func TestCommitRestorePoint(t *testing.T) {
 	}
 	if _, err := os.Stat(staging); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("the staging folder outlives the commit: %v", err)
+	}
+	// The commit is reported once, with both disks' changed bytes, the
+	// refused and the repeated ones not at all.
+	if len(m.commits) != 1 || m.commits[0].changed != d1.ChangedBytes+d2.ChangedBytes ||
+		m.commits[0].took < 0 || m.commits[0].took > time.Minute {
+		t.Errorf("commits reported: %+v, want one of %d changed bytes", m.commits, d1.ChangedBytes+d2.ChangedBytes)
 	}
 
 	// A committed restore point is never changed.

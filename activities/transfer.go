@@ -58,6 +58,9 @@ type Transfer struct {
 	// Slots bounds the transfers that copy at once (the worker's
 	// --max-transfers); nil: no bound.
 	Slots *TransferSlots
+	// Metrics receives each successful transfer's bytes and duration;
+	// nil: none.
+	Metrics Metrics
 }
 
 // TransferSlots bounds how many TransferDisk calls of one worker process
@@ -304,8 +307,10 @@ func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*Tra
 	}
 	log.Info("disk transferred", "disk", in.Key, "backup", in.BackupID, "mode", in.Mode,
 		"written", res.Written, "zeroed", res.Zeroed, "skipped", res.Skipped, "retried", res.Retried, "size", size)
+	took := time.Since(start)
+	metricsOr(a.Metrics).DiskTransferred(in.Mode, res.Read, res.Written, res.Zeroed, took)
 	return &TransferDiskResult{Path: path, ReadBytes: res.Read, WrittenBytes: res.Written + res.Zeroed,
-		SizeBytes: size, SHA256: sum, Seconds: time.Since(start).Seconds(), Stamp: (*FileStamp)(&before)}, nil
+		SizeBytes: size, SHA256: sum, Seconds: took.Seconds(), Stamp: (*FileStamp)(&before)}, nil
 }
 
 // checkFailed is the error of a transfer whose image fails qemu-img check.

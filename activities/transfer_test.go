@@ -107,6 +107,8 @@ func (f *fixture) checkResult(t *testing.T, b backup, res *activities.TransferDi
 func TestTransferDiskFullThenIncremental(t *testing.T) {
 	testutil.CheckNoChildren(t)
 	f := newFixture(t, lab.Options{})
+	m := &recordedMetrics{}
+	f.tr.Metrics = m
 	testutil.CheckNoSockets(t, f.runDir)
 	env := f.newEnv(t)
 	vm := f.prepareVM(t, env)
@@ -194,6 +196,22 @@ func TestTransferDiskFullThenIncremental(t *testing.T) {
 	bad.Mode = "differential"
 	_, err = execute[activities.TransferDiskResult](t, env, f.tr.TransferDisk, bad)
 	wantAppError(t, err, activities.ErrTypeInvalidInput, "differential")
+
+	// Each successful transfer reported its bytes and duration by mode;
+	// the refused ones nothing.
+	if len(m.transfers) != 2 {
+		t.Fatalf("transfers reported: %+v, want the full and the incremental", m.transfers)
+	}
+	for i, want := range []struct {
+		mode string
+		res  *activities.TransferDiskResult
+	}{{activities.ModeFull, res}, {activities.ModeIncremental, ires}} {
+		got := m.transfers[i]
+		if got.mode != want.mode || got.read != want.res.ReadBytes || got.written+got.zeroed != want.res.WrittenBytes ||
+			got.written <= 0 || got.took <= 0 || got.took.Seconds() > want.res.Seconds+1 {
+			t.Errorf("transfer %d reported as %+v; its result: %+v", i, got, *want.res)
+		}
+	}
 }
 
 // cancelOnProgress is a worker interceptor that sees every heartbeat of

@@ -25,6 +25,8 @@ import (
 type VSphere struct {
 	Sessions *vsphere.Sessions
 	Repo     *repository.Repository
+	// Metrics receives the age of each snapshot removed; nil: none.
+	Metrics Metrics
 }
 
 func (a *VSphere) client(ctx context.Context, profile string) (*vsphere.Client, error) {
@@ -223,6 +225,11 @@ func (a *VSphere) RemoveSnapshot(ctx context.Context, in RemoveSnapshotInput) er
 			"snapshot_name", in.SnapshotName, "moref_given", in.SnapshotRef)
 	default:
 		log.Info("snapshot removed", "snapshot", removed, "snapshot_name", in.SnapshotName)
+	}
+	// The snapshot is taken right after its backup begins: its age is
+	// counted from the backup ID's timestamp.
+	if began, ok := BackupStart(strings.TrimPrefix(in.SnapshotName, SnapshotPrefix)); ok && removed != "" {
+		metricsOr(a.Metrics).SnapshotRemoved(time.Since(began))
 	}
 	return nil
 }

@@ -430,6 +430,8 @@ func runRemove(t *testing.T, env *testsuite.TestActivityEnvironment, f *fixture,
 
 func TestRemoveSnapshot(t *testing.T) {
 	f := newFixture(t, lab.Options{})
+	m := &recordedMetrics{}
+	f.vs.Metrics = m
 	env := f.newEnv(t)
 	vm := f.prepareVM(t, env)
 	key := vm.disks[0].Key
@@ -481,4 +483,19 @@ func TestRemoveSnapshot(t *testing.T) {
 
 	err := runRemove(t, env, f, activities.RemoveSnapshotInput{Profile: "no-such-profile", VMRef: vm.ref, SnapshotName: "cbtflow-x"})
 	wantAppError(t, err, activities.ErrTypeProfileNotFound)
+
+	// The age of a removed snapshot is reported, counted from its backup
+	// ID's timestamp; IDs without one (those above) report none.
+	if len(m.snapshots) != 0 {
+		t.Errorf("snapshot ages reported for IDs without a timestamp: %v", m.snapshots)
+	}
+	aged := create(time.Now().UTC().Add(-time.Hour).Format("20060102T150405Z") + "-age")
+	if err := runRemove(t, env, f, activities.RemoveSnapshotInput{Profile: profileLab, VMRef: vm.ref,
+		SnapshotRef: aged.SnapshotRef, SnapshotName: aged.SnapshotName}); err != nil {
+		t.Fatal(err)
+	}
+	gone(aged)
+	if len(m.snapshots) != 1 || m.snapshots[0] < time.Hour-time.Second || m.snapshots[0] > time.Hour+5*time.Minute {
+		t.Errorf("snapshot ages reported: %v, want one of about an hour", m.snapshots)
+	}
 }

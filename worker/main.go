@@ -18,6 +18,7 @@ import (
 
 	"go.temporal.io/sdk/client"
 	sdktally "go.temporal.io/sdk/contrib/tally"
+	"go.temporal.io/sdk/interceptor"
 	tlog "go.temporal.io/sdk/log"
 	"go.temporal.io/sdk/worker"
 
@@ -98,12 +99,14 @@ func run(log *slog.Logger, args []string) error {
 		Logger:    tlog.NewStructuredLogger(log),
 	}
 	var ms *metrics.Server
+	var bm activities.Metrics
 	if cfg.MetricsAddr != "" {
 		if ms, err = startMetrics(cfg.MetricsAddr, cat, repoRoot, log); err != nil {
 			return err
 		}
 		defer ms.Close(context.Background())
 		opts.MetricsHandler = sdktally.NewMetricsHandler(ms.Scope)
+		bm = ms.Backup
 		log.Info("serving metrics", "addr", "http://"+ms.Addr()+"/metrics")
 	}
 	c, err := client.DialContext(ctx, opts)
@@ -119,7 +122,7 @@ func run(log *slog.Logger, args []string) error {
 	if faultDir != "" {
 		log.Warn("fault points enabled", "dir", faultDir)
 	}
-	w := newWorker(c, deps{sessions: sessions, repo: repo, catalog: cat, namespace: cfg.Namespace, activityContext: actx}, *parallel)
+	w := newWorker(c, deps{sessions: sessions, repo: repo, catalog: cat, namespace: cfg.Namespace, activityContext: actx, metrics: bm}, *parallel)
 
 	log.Info("worker starting", "temporal", cfg.TemporalAddress, "namespace", cfg.Namespace,
 		"task_queue", workflows.TaskQueue, "repository", repoRoot, "profiles", len(profiles), "default_profile", def)
@@ -145,6 +148,9 @@ type deps struct {
 	// (nil: context.Background); fault tests put their faultpoint.Holder
 	// in it.
 	activityContext context.Context
+	// metrics receives what the activities measure of backups, and
+	// every failed activity attempt (nil: none).
+	metrics activities.Metrics
 }
 
 // newWorker returns the worker of cbtflow's task queue with every workflow
@@ -156,12 +162,16 @@ func newWorker(c client.Client, d deps, maxTransfers int) worker.Worker {
 	// stays the SDK's default (1000): a transfer waiting for a slot holds
 	// an activity slot, and snapshot, catalog and cleanup steps must still
 	// find one. Each backup transfers at most two disks at a time.
-	w := worker.New(c, workflows.TaskQueue, worker.Options{BackgroundActivityContext: d.activityContext})
+	opts := worker.Options{BackgroundActivityContext: d.activityContext}
+	if d.metrics != nil {
+		opts.Interceptors = []interceptor.WorkerInterceptor{activities.FailureInterceptor(d.metrics)}
+	}
+	w := worker.New(c, workflows.TaskQueue, opts)
 	workflows.Register(w)
-	w.RegisterActivity(&activities.VSphere{Sessions: d.sessions, Repo: d.repo})
+	w.RegisterActivity(&activities.VSphere{Sessions: d.sessions, Repo: d.repo, Metrics: d.metrics})
 	w.RegisterActivity(&activities.Transfer{Sessions: d.sessions, Repo: d.repo, Signals: c,
-		Slots: activities.NewTransferSlots(maxTransfers)})
-	w.RegisterActivity(&activities.Catalog{Catalog: d.catalog, Repo: d.repo})
+		Slots: activities.NewTransferSlots(maxTransfers), Metrics: d.metrics})
+	w.RegisterActivity(&activities.Catalog{Catalog: d.catalog, Repo: d.repo, Metrics: d.metrics})
 	w.RegisterActivity(&activities.Pruner{Catalog: d.catalog, Repo: d.repo})
 	w.RegisterActivity(&activities.Sweeper{Sessions: d.sessions, Catalog: d.catalog, Repo: d.repo, Workflows: c, Namespace: d.namespace})
 	return w

@@ -42,6 +42,11 @@ var (
 		"Committed restore points of a VM in the catalog, damaged ones included. VMs beyond the first "+
 			fmt.Sprint(maxVMSeries)+" (by name, profile, UUID) are summed in the series whose labels are all \""+otherVMs+"\".",
 		[]string{"vm", "vm_uuid", "profile"}, nil)
+	descNewest = prom.NewDesc("cbtflow_newest_restore_point_timestamp_seconds",
+		"Start time (unix seconds) of a VM's newest committed restore point in the catalog; VMs without one have no series "+
+			"(alert on time() minus this for a VM without a backup for a day). VMs beyond the first "+
+			fmt.Sprint(maxVMSeries)+" have one series whose labels are all \""+otherVMs+"\", holding the oldest of their newest points.",
+		[]string{"vm", "vm_uuid", "profile"}, nil)
 	descUsed = prom.NewDesc("cbtflow_repository_used_bytes",
 		"Bytes the restore points' images take in the repository, by the sizes the catalog records.", nil, nil)
 	descFree = prom.NewDesc("cbtflow_repository_free_bytes",
@@ -100,7 +105,7 @@ func newRepoCollector(cat *catalog.Catalog, root string, log *slog.Logger) *repo
 
 // Describe implements prometheus.Collector.
 func (c *repoCollector) Describe(ch chan<- *prom.Desc) {
-	for _, d := range []*prom.Desc{descPruneBytesFreed, descPrunes, descRestorePoints, descUsed, descFree, descSize, descCatalogUp} {
+	for _, d := range []*prom.Desc{descPruneBytesFreed, descPrunes, descRestorePoints, descNewest, descUsed, descFree, descSize, descCatalogUp} {
 		ch <- d
 	}
 }
@@ -115,16 +120,26 @@ func (c *repoCollector) Collect(ch chan<- prom.Metric) {
 		ch <- prom.MustNewConstMetric(descPrunes, prom.CounterValue, float64(r.prunes))
 		ch <- prom.MustNewConstMetric(descPruneBytesFreed, prom.CounterValue, float64(r.freed))
 		var used, others int64
+		var othersNewest time.Time // the oldest of the others' newest points
 		for i, u := range r.usage {
 			used += u.Bytes
 			if i < c.maxVMs {
 				ch <- prom.MustNewConstMetric(descRestorePoints, prom.GaugeValue, float64(u.RestorePoints), u.Name, u.UUID, u.Profile)
-			} else {
-				others += u.RestorePoints
+				if !u.Newest.IsZero() {
+					ch <- prom.MustNewConstMetric(descNewest, prom.GaugeValue, unixSeconds(u.Newest), u.Name, u.UUID, u.Profile)
+				}
+				continue
+			}
+			others += u.RestorePoints
+			if !u.Newest.IsZero() && (othersNewest.IsZero() || u.Newest.Before(othersNewest)) {
+				othersNewest = u.Newest
 			}
 		}
 		if len(r.usage) > c.maxVMs {
 			ch <- prom.MustNewConstMetric(descRestorePoints, prom.GaugeValue, float64(others), otherVMs, otherVMs, otherVMs)
+			if !othersNewest.IsZero() {
+				ch <- prom.MustNewConstMetric(descNewest, prom.GaugeValue, unixSeconds(othersNewest), otherVMs, otherVMs, otherVMs)
+			}
 		}
 		ch <- prom.MustNewConstMetric(descUsed, prom.GaugeValue, float64(used))
 	}
@@ -133,6 +148,9 @@ func (c *repoCollector) Collect(ch chan<- prom.Metric) {
 		ch <- prom.MustNewConstMetric(descSize, prom.GaugeValue, float64(r.space.Size))
 	}
 }
+
+// unixSeconds is t in seconds since the epoch, to the millisecond.
+func unixSeconds(t time.Time) float64 { return float64(t.UnixMilli()) / 1000 }
 
 // reading returns the last reading when it is fresh, else reads anew.
 func (c *repoCollector) reading() repoReading {

@@ -102,6 +102,28 @@ func scrape(t *testing.T, url string) map[string]float64 {
 	return out
 }
 
+// helpTexts GETs a /metrics URL and returns its help texts by metric.
+func helpTexts(t *testing.T, url string) map[string]string {
+	t.Helper()
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[string]string{}
+	for _, line := range strings.Split(string(body), "\n") {
+		if rest, ok := strings.CutPrefix(line, "# HELP "); ok {
+			name, text, _ := strings.Cut(rest, " ")
+			out[name] = text
+		}
+	}
+	return out
+}
+
 func TestRepositoryMetrics(t *testing.T) {
 	cat := metricsCatalog(t)
 	root := t.TempDir()
@@ -151,6 +173,29 @@ func TestRepositoryMetrics(t *testing.T) {
 	}
 	if _, ok := got["go_goroutines"]; !ok {
 		t.Error("the Go runtime's metrics are gone from /metrics")
+	}
+	// Each VM with a committed point has its newest point's time; a VM
+	// without one has no series.
+	for _, vm := range []string{`profile="lab",vm="vm-a",vm_uuid="u-a"`, `profile="lab",vm="vm-b",vm_uuid="u-b"`} {
+		v, ok := got["cbtflow_newest_restore_point_timestamp_seconds{"+vm+"}"]
+		if age := time.Since(time.UnixMilli(int64(v * 1000))); !ok || age < -time.Minute || age > time.Hour {
+			t.Errorf("cbtflow_newest_restore_point_timestamp_seconds{%s} = %v (present %v), want within the last hour", vm, v, ok)
+		}
+	}
+	if v, ok := got[`cbtflow_newest_restore_point_timestamp_seconds{profile="lab",vm="vm-c",vm_uuid="u-c"}`]; ok {
+		t.Errorf("vm-c has no restore point, yet a newest point at %v", v)
+	}
+	// The backups' metrics are served with help texts of their own.
+	ms.Backup.DiskTransferred("full", 3, 2, 1, time.Second)
+	help := helpTexts(t, url)
+	for _, name := range []string{"cbtflow_transfer_written_bytes_total", "cbtflow_transfer_duration_seconds",
+		"cbtflow_newest_restore_point_timestamp_seconds", "cbtflow_restore_points"} {
+		if h := help[name]; h == "" || strings.Contains(h, name) {
+			t.Errorf("help text of %s: %q", name, h)
+		}
+	}
+	if v := scrape(t, url)[`cbtflow_transfer_written_bytes_total{mode="full"}`]; v != 2 {
+		t.Errorf("cbtflow_transfer_written_bytes_total{mode=\"full\"} = %v, want 2", v)
 	}
 
 	// A second scrape within the reading's age is served the same reading,
@@ -214,6 +259,10 @@ func TestRestorePointsSeriesBounded(t *testing.T) {
 	if len(series) != 2 || got[`cbtflow_restore_points{profile="lab",vm="vm-a",vm_uuid="u-a"}`] != 3 ||
 		got[`cbtflow_restore_points{profile="_other",vm="_other",vm_uuid="_other"}`] != 1 {
 		t.Errorf("restore point series with a bound of 1: %v", got)
+	}
+	if got[`cbtflow_newest_restore_point_timestamp_seconds{profile="lab",vm="vm-a",vm_uuid="u-a"}`] <= 0 ||
+		got[`cbtflow_newest_restore_point_timestamp_seconds{profile="_other",vm="_other",vm_uuid="_other"}`] <= 0 {
+		t.Errorf("newest restore point series with a bound of 1: %v", got)
 	}
 	if got["cbtflow_repository_used_bytes"] != 1301 {
 		t.Errorf("used bytes %v, want every VM's: 1301", got["cbtflow_repository_used_bytes"])

@@ -20,7 +20,10 @@ import (
 
 // Server is a running /metrics endpoint with its scope.
 type Server struct {
-	Scope    tally.Scope
+	Scope tally.Scope
+	// Backup is cbtflow's own metrics of backups, served on the endpoint
+	// with their help texts.
+	Backup   *Backup
 	registry *prom.Registry
 	closer   interface{ Close() error }
 	srv      *http.Server
@@ -30,10 +33,12 @@ type Server struct {
 // Start serves a Prometheus endpoint on addr (host:port; port 0 picks one)
 // and returns the scope to report to. The endpoint serves a registry of
 // its own (not the process-wide default): the scope's metrics, the Go
-// runtime's and the process's, and what Register adds.
+// runtime's and the process's, the backups' (Backup), and what Register
+// adds.
 func Start(addr string) (*Server, error) {
 	registry := prom.NewRegistry()
-	registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	backup := NewBackup()
+	registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), backup)
 	reporter := prometheus.NewReporter(prometheus.Options{Registerer: registry})
 	scope, closer := tally.NewRootScope(tally.ScopeOptions{
 		Prefix:          "cbtflow",
@@ -48,7 +53,7 @@ func Start(addr string) (*Server, error) {
 	}
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", reporter.HTTPHandler())
-	s := &Server{Scope: scope, registry: registry, closer: closer, ln: ln, srv: &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}}
+	s := &Server{Scope: scope, Backup: backup, registry: registry, closer: closer, ln: ln, srv: &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}}
 	go func() {
 		if err := s.srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			_ = err // the worker keeps running without metrics

@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -244,11 +245,119 @@ func TestEndToEnd(t *testing.T) {
 			t.Errorf("metrics at %s lack %s", s.MetricsURL(), want)
 		}
 	}
+	ownMetrics(t, s.MetricsURL())
 
 	if left := s.Leftovers(); len(left) > 0 {
 		t.Errorf("processes of the stack still running after the backups: %v", left)
 	}
 	t.Logf("end to end in %s (the stack's close is checked next)", time.Since(began).Round(time.Second))
+}
+
+// ownMetrics checks cbtflow's own metrics in a scrape taken after the
+// backups above (a full, an incremental, an empty incremental; an unknown
+// VM failing in ResolveVM): each with a help text, with sensible values.
+// The catalog's metrics are read at most every 10 s: a reading from
+// before the backups may still be served, so it scrapes until the VM's
+// newest restore point shows, for at most 30 s.
+func ownMetrics(t *testing.T, url string) {
+	t.Helper()
+	var samples map[string]float64
+	var help map[string]string
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(time.Second) {
+		samples, help = scrapeMetrics(t, url)
+		if _, ok := help["cbtflow_newest_restore_point_timestamp_seconds"]; ok || time.Now().After(deadline) {
+			break
+		}
+	}
+	ownMetricsIn(t, samples, help)
+}
+
+// scrapeMetrics GETs a /metrics URL and returns its samples by series (as
+// the text format writes them) and its help texts by metric.
+func scrapeMetrics(t *testing.T, url string) (map[string]float64, map[string]string) {
+	t.Helper()
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, err := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	samples := map[string]float64{}
+	help := map[string]string{}
+	for _, line := range strings.Split(string(body), "\n") {
+		if rest, ok := strings.CutPrefix(line, "# HELP "); ok {
+			name, text, _ := strings.Cut(rest, " ")
+			help[name] = text
+			continue
+		}
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		i := strings.LastIndexByte(line, ' ')
+		v, err := strconv.ParseFloat(line[i+1:], 64)
+		if err != nil {
+			t.Errorf("metrics: sample %q: %v", line, err)
+			continue
+		}
+		samples[line[:i]] = v
+	}
+	return samples, help
+}
+
+func ownMetricsIn(t *testing.T, samples map[string]float64, help map[string]string) {
+	t.Helper()
+	for _, name := range []string{"cbtflow_transfer_read_bytes_total", "cbtflow_transfer_written_bytes_total",
+		"cbtflow_transfer_zeroed_bytes_total", "cbtflow_transfer_duration_seconds", "cbtflow_backup_duration_seconds",
+		"cbtflow_backup_changed_bytes", "cbtflow_snapshot_age_seconds", "cbtflow_activity_failures_total",
+		"cbtflow_newest_restore_point_timestamp_seconds"} {
+		if h := help[name]; len(h) < 20 || strings.Contains(h, name) {
+			t.Errorf("metrics: %s has help text %q", name, h)
+		}
+	}
+	atLeast := func(series string, want float64) {
+		t.Helper()
+		if v, ok := samples[series]; !ok || v < want {
+			t.Errorf("metrics: %s = %v (present %v), want at least %v", series, v, ok, want)
+		}
+	}
+	t.Logf("metrics: written full %v, incremental %v; backups %v in %v s; snapshots removed %v",
+		samples[`cbtflow_transfer_written_bytes_total{mode="full"}`], samples[`cbtflow_transfer_written_bytes_total{mode="incremental"}`],
+		samples["cbtflow_backup_duration_seconds_count"], samples["cbtflow_backup_duration_seconds_sum"], samples["cbtflow_snapshot_age_seconds_count"])
+	atLeast(`cbtflow_transfer_written_bytes_total{mode="full"}`, 1)
+	atLeast(`cbtflow_transfer_read_bytes_total{mode="full"}`, 1)
+	atLeast(`cbtflow_transfer_written_bytes_total{mode="incremental"}`, 1)
+	atLeast(`cbtflow_transfer_duration_seconds_count{mode="full"}`, float64(len(keys)))
+	atLeast(`cbtflow_transfer_duration_seconds_count{mode="incremental"}`, float64(len(keys)))
+	atLeast("cbtflow_backup_duration_seconds_count", 3)
+	atLeast("cbtflow_backup_duration_seconds_sum", 0.001)
+	atLeast("cbtflow_backup_changed_bytes_count", 3)
+	atLeast("cbtflow_backup_changed_bytes_sum", 1)
+	atLeast("cbtflow_snapshot_age_seconds_count", 3)
+	failed := false
+	for series, v := range samples {
+		if strings.HasPrefix(series, `cbtflow_activity_failures_total{activity="ResolveVM",`) &&
+			strings.Contains(series, `type="`+activities.ErrTypeVMNotFound+`"`) && v >= 1 {
+			failed = true
+		}
+	}
+	if !failed {
+		t.Errorf("metrics: no cbtflow_activity_failures_total of ResolveVM with type %s (the unknown VM)", activities.ErrTypeVMNotFound)
+	}
+	newest := false
+	for series, v := range samples {
+		if strings.HasPrefix(series, "cbtflow_newest_restore_point_timestamp_seconds{") && strings.Contains(series, `vm="`+vm+`"`) {
+			newest = true
+			if age := time.Since(time.UnixMilli(int64(v * 1000))); age < -time.Minute || age > time.Hour {
+				t.Errorf("metrics: %s = %v: %s ago, want within the last hour", series, v, age.Round(time.Second))
+			}
+		}
+	}
+	if !newest {
+		t.Errorf("metrics: no cbtflow_newest_restore_point_timestamp_seconds of VM %s", vm)
+	}
 }
 
 // unknownVM: a backup of a VM that does not exist fails in seconds, names
