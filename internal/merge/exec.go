@@ -7,48 +7,12 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
-	"runtime"
 	"strings"
-	"sync"
-	"syscall"
 	"time"
 
+	"github.com/cbtflow/cbtflow/internal/child"
 	"github.com/cbtflow/cbtflow/internal/qemu"
 )
-
-// Pdeathsig fires when the OS thread that forked the child exits, not only
-// when the process does, and the Go runtime retires a thread when a
-// goroutine that locked it ends. So every child is forked from one
-// goroutine that locks its thread and never ends: the death signal then
-// means "the worker died", and a qemu-img writing Temp never outlives it.
-var (
-	spawnOnce sync.Once
-	spawnReqs chan spawnReq
-)
-
-type spawnReq struct {
-	cmd  *exec.Cmd
-	done chan error
-}
-
-func spawn(cmd *exec.Cmd) error {
-	spawnOnce.Do(func() {
-		spawnReqs = make(chan spawnReq)
-		go func() {
-			runtime.LockOSThread() // never unlocked: this thread lives as long as the process
-			for r := range spawnReqs {
-				r.done <- r.cmd.Start()
-			}
-		}()
-	})
-	if cmd.SysProcAttr == nil {
-		cmd.SysProcAttr = &syscall.SysProcAttr{}
-	}
-	cmd.SysProcAttr.Pdeathsig = syscall.SIGKILL
-	done := make(chan error, 1)
-	spawnReqs <- spawnReq{cmd: cmd, done: done}
-	return <-done
-}
 
 // started, when set (by tests), is called with the step's name and the
 // pid of its qemu-img once that is started.
@@ -66,7 +30,7 @@ func runImg(ctx context.Context, step string, args []string, okExit ...int) ([]b
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	cmd.Env = childEnv(os.Environ())
 	cmd.WaitDelay = 10 * time.Second
-	if err := spawn(cmd); err != nil {
+	if err := child.Start(cmd); err != nil {
 		return nil, 0, fmt.Errorf("merge: %s: start qemu-img: %w", step, err)
 	}
 	if started != nil {

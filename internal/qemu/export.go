@@ -15,6 +15,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/cbtflow/cbtflow/internal/child"
 )
 
 // Names of the files an export keeps in its directory.
@@ -149,10 +151,8 @@ func start(ctx context.Context, s spec) (*Export, error) {
 	e.cmd.Stdout = e.stderr
 	e.cmd.Env = childEnv(os.Environ())
 	// The server must not outlive a worker killed with SIGKILL: it would keep
-	// the image's write lock. Pdeathsig follows the forking OS thread, which
-	// the Go runtime keeps alive unless a locked goroutine exits.
-	e.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := e.cmd.Start(); err != nil {
+	// the image's write lock (see internal/child).
+	if err := child.Start(e.cmd); err != nil {
 		cleanupDir()
 		return nil, fmt.Errorf("qemu: start %s: %w", s.program, err)
 	}

@@ -7,47 +7,13 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"time"
+
+	"github.com/cbtflow/cbtflow/internal/child"
 )
-
-// Pdeathsig fires when the OS thread that forked the child exits, not only
-// when the process does. The Go runtime retires a thread when a goroutine
-// that locked it ends, so children are forked from one goroutine that locks
-// its thread and never ends: their death signal then means "the process
-// died".
-var (
-	spawnOnce sync.Once
-	spawnReqs chan spawnReq
-)
-
-type spawnReq struct {
-	cmd  *exec.Cmd
-	done chan error
-}
-
-func spawn(cmd *exec.Cmd) error {
-	spawnOnce.Do(func() {
-		spawnReqs = make(chan spawnReq)
-		go func() {
-			runtime.LockOSThread() // never unlocked: this thread lives as long as the process
-			for r := range spawnReqs {
-				r.done <- r.cmd.Start()
-			}
-		}()
-	})
-	if cmd.SysProcAttr == nil {
-		cmd.SysProcAttr = &syscall.SysProcAttr{}
-	}
-	cmd.SysProcAttr.Pdeathsig = syscall.SIGKILL
-	done := make(chan error, 1)
-	spawnReqs <- spawnReq{cmd: cmd, done: done}
-	return <-done
-}
 
 // proc is a long-running child process whose output goes to a log file.
 type proc struct {
@@ -69,7 +35,7 @@ func startProc(name, bin string, args, env []string, logPath string) (*proc, err
 	cmd := exec.Command(bin, args...)
 	cmd.Env = env
 	cmd.Stdout, cmd.Stderr = logf, logf
-	if err := spawn(cmd); err != nil {
+	if err := child.Start(cmd); err != nil {
 		logf.Close()
 		return nil, fmt.Errorf("stack: start %s (%s): %w", name, bin, err)
 	}

@@ -9,6 +9,8 @@ import (
 	"os/exec"
 	"sync"
 	"time"
+
+	"github.com/cbtflow/cbtflow/internal/child"
 )
 
 // StarterResult is what one run of the starter CLI did.
@@ -70,7 +72,7 @@ func (s *Stack) StartStarter(args ...string) (*RunningStarter, error) {
 	r.cmd.Env = childEnv(append(s.Env(), "TMPDIR="+s.tmpDir)...)
 	r.cmd.Stdout, r.cmd.Stderr = &r.stdout, &r.stderr
 	r.start = time.Now()
-	if err := spawn(r.cmd); err != nil {
+	if err := child.Start(r.cmd); err != nil {
 		return nil, fmt.Errorf("stack: run starter: %w", err)
 	}
 	return r, nil
