@@ -175,6 +175,11 @@ func TestInterruptedWaitLeavesTheBackupRunning(t *testing.T) {
 		if status != "committed" {
 			t.Fatalf("%s: backup %s ended %q after the interrupt, want committed", c.name, id, status)
 		}
+		// The snapshot goes after the commit: wait for the workflow's end
+		// before looking for it.
+		if err := s.Client().GetWorkflow(ctx, workflowID, "").Get(ctx, nil); err != nil {
+			t.Fatalf("%s: workflow %s: %v", c.name, workflowID, err)
+		}
 		for _, ev := range stacktest.History(ctx, t, s, workflowID, "") {
 			if ev.GetEventType() == enumspb.EVENT_TYPE_WORKFLOW_EXECUTION_CANCEL_REQUESTED {
 				t.Errorf("%s: workflow %s was asked to cancel (event %d)", c.name, workflowID, ev.GetEventId())
