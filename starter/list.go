@@ -59,6 +59,11 @@ func listCmd(ctx context.Context, e *env, args []string) error {
 	if len(pos) > 1 {
 		return usageError{fmt.Errorf("list: at most one VM, got %d", len(pos))}
 	}
+	switch *status {
+	case "", catalog.StatusRunning, catalog.StatusCommitted, catalog.StatusFailed:
+	default:
+		return usageError{fmt.Errorf("list: --status %q is not a status: give running, committed or failed", *status)}
+	}
 	var vm string
 	if len(pos) == 1 {
 		vm = pos[0]
