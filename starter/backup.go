@@ -257,7 +257,11 @@ func printBackup(e *env, out workflows.BackupReport, asJSON bool) error {
 		fmt.Fprintf(e.stdout, "warning: %s\n", w)
 	}
 	for _, d := range out.Disks {
-		fmt.Fprintf(e.stdout, "  disk %d %-11s changed %d written %d  %s  change ID %s\n", d.Key, d.Mode, d.ChangedBytes, d.WrittenBytes, d.Path, d.ChangeID)
+		fmt.Fprintf(e.stdout, "  disk %d %-11s changed %s, written %s, QCOW2 %s, %.1f s  %s  change ID %s\n", d.Key, d.Mode,
+			humanBytes(d.ChangedBytes), humanBytes(d.WrittenBytes), humanBytes(d.SizeBytes), d.Seconds, d.Path, d.ChangeID)
+		if d.Note != "" {
+			fmt.Fprintf(e.stdout, "    note: %s\n", d.Note)
+		}
 	}
 	return nil
 }

@@ -166,3 +166,25 @@ func TestBackupJSONContract(t *testing.T) {
 		}
 	}
 }
+
+// TestPrintBackupHumanUnits: the human summary of a backup shows sizes in
+// human units, like list, and a disk's note (issue 10).
+func TestPrintBackupHumanUnits(t *testing.T) {
+	var stdout bytes.Buffer
+	e := &env{stdout: &stdout, stderr: io.Discard, log: slog.New(slog.DiscardHandler)}
+	rep := workflows.BackupReport{BackupID: "b1", VM: "web", VMUUID: "u-1", Status: workflows.ReportCompleted,
+		Disks: []workflows.DiskResult{{Key: 204, Mode: "full", ChangedBytes: 9 << 20, WrittenBytes: 3 << 30, SizeBytes: 1536 << 10,
+			Seconds: 1.25, Path: "/r/x.qcow2", ChangeID: "c/1", Note: "chain has 3 images (limit 3)"}}}
+	if err := printBackup(e, rep, false); err != nil {
+		t.Fatal(err)
+	}
+	out := stdout.String()
+	for _, want := range []string{"changed 9.0 MiB", "written 3.0 GiB", "QCOW2 1.5 MiB", "1.2 s", "note: chain has 3 images (limit 3)"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("output lacks %q:\n%s", want, out)
+		}
+	}
+	if strings.Contains(out, "9437184") {
+		t.Errorf("output has a raw byte count:\n%s", out)
+	}
+}
