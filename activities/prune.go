@@ -190,9 +190,9 @@ func (p *Pruner) PlanVM(ctx context.Context, in PruneVMInput) (*VMPrunePlan, err
 	if err := p.removeLeftovers(ctx, in); err != nil {
 		return nil, err
 	}
-	points, err := p.Catalog.List(ctx, catalog.ListFilter{VM: in.VMUUID, Profile: in.Profile, Status: catalog.StatusCommitted})
+	points, err := p.committedPoints(ctx, in.Profile, in.VMUUID)
 	if err != nil {
-		return nil, permanent(err)
+		return nil, err
 	}
 	if len(points) == 0 {
 		return &VMPrunePlan{Profile: in.Profile, VMUUID: in.VMUUID}, nil
@@ -309,21 +309,34 @@ func damagedReason(b catalog.Backup) string {
 // tempSuffix marks a prune's new image beside the one it replaces.
 const tempSuffix = ".merging"
 
-// job turns a merge step into internal/merge's terms.
-func (p *Pruner) job(pruneID string, points []catalog.Backup, s MergeStep) (merge.Job, error) {
-	pathOf := func(id string) (string, error) {
-		for _, b := range points {
-			if b.ID != id {
-				continue
-			}
-			for _, d := range b.Disks {
-				if d.Key == s.Key {
-					return p.Repo.Resolve(d.Path), nil
-				}
+// imagePath is the absolute path of disk key's image of restore point id
+// among points.
+func (p *Pruner) imagePath(points []catalog.Backup, id string, key int32) (string, error) {
+	for _, b := range points {
+		if b.ID != id {
+			continue
+		}
+		for _, d := range b.Disks {
+			if d.Key == key {
+				return p.Repo.Resolve(d.Path), nil
 			}
 		}
-		return "", fmt.Errorf("prune: restore point %s has no disk %d", id, s.Key)
 	}
+	return "", fmt.Errorf("prune: restore point %s has no disk %d in the catalog", id, key)
+}
+
+// committedPoints returns the VM's restore points, newest first.
+func (p *Pruner) committedPoints(ctx context.Context, profile, vmUUID string) ([]catalog.Backup, error) {
+	points, err := p.Catalog.List(ctx, catalog.ListFilter{VM: vmUUID, Profile: profile, Status: catalog.StatusCommitted})
+	if err != nil {
+		return nil, permanent(err)
+	}
+	return points, nil
+}
+
+// job turns a merge step into internal/merge's terms.
+func (p *Pruner) job(pruneID string, points []catalog.Backup, s MergeStep) (merge.Job, error) {
+	pathOf := func(id string) (string, error) { return p.imagePath(points, id, s.Key) }
 	top, err := pathOf(s.BackupID)
 	if err != nil {
 		return merge.Job{}, err
@@ -376,9 +389,9 @@ func (p *Pruner) MergeImage(ctx context.Context, in MergeImageInput) (*MergedIma
 		return nil, err
 	}
 	defer heartbeatEvery(ctx, 10*time.Second, nil)()
-	points, err := p.Catalog.List(ctx, catalog.ListFilter{VM: in.VMUUID, Profile: in.Profile, Status: catalog.StatusCommitted})
+	points, err := p.committedPoints(ctx, in.Profile, in.VMUUID)
 	if err != nil {
-		return nil, permanent(err)
+		return nil, err
 	}
 	// Each attempt writes its own file: an earlier attempt that is still
 	// running somewhere (a worker cut off from Temporal) and removes its
@@ -486,9 +499,9 @@ func (p *Pruner) ApplyPrune(ctx context.Context, in ApplyPruneInput) (*ApplyPrun
 		return nil, err
 	}
 	defer heartbeatEvery(ctx, 10*time.Second, nil)()
-	points, err := p.Catalog.List(ctx, catalog.ListFilter{VM: in.VMUUID, Profile: in.Profile, Status: catalog.StatusCommitted})
+	points, err := p.committedPoints(ctx, in.Profile, in.VMUUID)
 	if err != nil {
-		return nil, permanent(err)
+		return nil, err
 	}
 	files := map[string][]string{} // backup ID → absolute image paths
 	sizes := map[string]int64{}
@@ -611,18 +624,9 @@ func (p *Pruner) imagesLeft(profile, vmUUID, backupID string) ([]string, int64, 
 // putInPlace renames a merged image over the image it replaces, unless an
 // earlier attempt did.
 func (p *Pruner) putInPlace(ctx context.Context, points []catalog.Backup, m MergedImage) (string, error) {
-	var path string
-	for _, b := range points {
-		if b.ID == m.BackupID {
-			for _, d := range b.Disks {
-				if d.Key == m.Key {
-					path = p.Repo.Resolve(d.Path)
-				}
-			}
-		}
-	}
-	if path == "" {
-		return "", fmt.Errorf("prune: restore point %s disk %d is not in the catalog", m.BackupID, m.Key)
+	path, err := p.imagePath(points, m.BackupID, m.Key)
+	if err != nil {
+		return "", err
 	}
 	temp := p.Repo.Resolve(m.TempPath)
 	if _, err := os.Stat(temp); errors.Is(err, os.ErrNotExist) {
