@@ -36,6 +36,16 @@ type BackupInput struct {
 	// Detach returns as soon as the VM's backup has started, instead of
 	// waiting for it to end.
 	Detach bool `json:"detach,omitempty"`
+	// FullEvery makes every N-th backup of a disk in auto mode a full one
+	// (its chain is at most N images): schedules' --full-every. 0: the
+	// VM's retention policy's max-chain, else DefaultMaxChainLength.
+	FullEvery int `json:"full_every,omitempty"`
+	// SkipIfRunning ends the workflow successfully, with Skipped set and
+	// nothing started, when a backup of the VM runs already (however it
+	// was started): what a schedule's run does, so that a skipped run is
+	// not a failure. Without it, that start fails with
+	// ErrTypeAlreadyRunning.
+	SkipIfRunning bool `json:"skip_if_running,omitempty"`
 }
 
 // BackupResult says which per-VM backup ran, and its result unless
@@ -50,6 +60,9 @@ type BackupResult struct {
 	// or the worker's default.
 	Profile string          `json:"profile,omitempty"`
 	Result  *BackupVMResult `json:"result,omitempty"`
+	// Skipped says why nothing was started (SkipIfRunning): WorkflowID is
+	// then the running backup's.
+	Skipped string `json:"skipped,omitempty"`
 }
 
 // AlreadyRunningDetails are the details of an ErrTypeAlreadyRunning error.
@@ -260,10 +273,16 @@ func Backup(ctx workflow.Context, in BackupInput) (*BackupResult, error) {
 	})
 	child := workflow.ExecuteChildWorkflow(cctx, BackupVM, BackupVMInput{
 		Profile: in.Profile, VMUUID: vm.VMUUID, VMName: vm.VMName, Mode: in.Mode, BackupID: backupID,
+		MaxChainLength: in.FullEvery,
 	})
 	var exec workflow.Execution
 	if err := child.GetChildWorkflowExecution().Get(ctx, &exec); err != nil {
 		if temporal.IsWorkflowExecutionAlreadyStartedError(err) {
+			if in.SkipIfRunning {
+				msg := fmt.Sprintf("a backup of VM %s (%s) is already running as workflow %s: nothing started", vm.VMName, vm.VMUUID, wid)
+				workflow.GetLogger(ctx).Info(msg)
+				return &BackupResult{WorkflowID: wid, VM: vm.VMName, VMUUID: vm.VMUUID, Profile: in.Profile, Skipped: msg}, nil
+			}
 			return nil, temporal.NewNonRetryableApplicationError(
 				fmt.Sprintf("a backup of VM %s (%s) is already running as workflow %s", vm.VMName, vm.VMUUID, wid),
 				ErrTypeAlreadyRunning, err, AlreadyRunningDetails{WorkflowID: wid, VM: vm.VMName, VMUUID: vm.VMUUID})
