@@ -18,7 +18,6 @@ import (
 
 	"go.temporal.io/sdk/client"
 	sdktally "go.temporal.io/sdk/contrib/tally"
-	"go.temporal.io/sdk/interceptor"
 	tlog "go.temporal.io/sdk/log"
 	"go.temporal.io/sdk/worker"
 
@@ -136,43 +135,4 @@ func run(log *slog.Logger, args []string) error {
 		return nil
 	}
 	return ctx.Err()
-}
-
-// deps are what the activities need, built by run from the configuration.
-type deps struct {
-	sessions  *vsphere.Sessions
-	repo      *repository.Repository
-	catalog   *catalog.Catalog
-	namespace string
-	// activityContext is what every activity's context derives from
-	// (nil: context.Background); fault tests put their faultpoint.Holder
-	// in it.
-	activityContext context.Context
-	// metrics receives what the activities measure of backups, and
-	// every failed activity attempt (nil: none).
-	metrics activities.Metrics
-}
-
-// newWorker returns the worker of cbtflow's task queue with every workflow
-// and activity registered; tests build theirs here too, so what they
-// check is what the worker runs.
-func newWorker(c client.Client, d deps, maxTransfers int) worker.Worker {
-	// Temporal bounds only all of a worker's activities together, so the
-	// transfers are bounded by their own slots, and the worker's limit
-	// stays the SDK's default (1000): a transfer waiting for a slot holds
-	// an activity slot, and snapshot, catalog and cleanup steps must still
-	// find one. Each backup transfers at most two disks at a time.
-	opts := worker.Options{BackgroundActivityContext: d.activityContext}
-	if d.metrics != nil {
-		opts.Interceptors = []interceptor.WorkerInterceptor{activities.FailureInterceptor(d.metrics)}
-	}
-	w := worker.New(c, workflows.TaskQueue, opts)
-	workflows.Register(w)
-	w.RegisterActivity(&activities.VSphere{Sessions: d.sessions, Repo: d.repo, Metrics: d.metrics})
-	w.RegisterActivity(&activities.Transfer{Sessions: d.sessions, Repo: d.repo, Signals: c,
-		Slots: activities.NewTransferSlots(maxTransfers), Metrics: d.metrics})
-	w.RegisterActivity(&activities.Catalog{Catalog: d.catalog, Repo: d.repo, Metrics: d.metrics})
-	w.RegisterActivity(&activities.Pruner{Catalog: d.catalog, Repo: d.repo})
-	w.RegisterActivity(&activities.Sweeper{Sessions: d.sessions, Catalog: d.catalog, Repo: d.repo, Workflows: c, Namespace: d.namespace})
-	return w
 }
