@@ -298,7 +298,7 @@ func (s *Stack) StartTemporal(ctx context.Context) error {
 	args := []string{"server", "start-dev", "--ip", "127.0.0.1", "--port", strconv.Itoa(s.grpcPort),
 		"--db-filename", filepath.Join(s.dir, "temporal.db"), "--log-level", "warn"}
 	if s.uiPort != 0 {
-		args = append(args, "--ui-port", strconv.Itoa(s.uiPort), "--ui-disable-news-fetch")
+		args = append(args, "--ui-port", strconv.Itoa(s.uiPort))
 	} else {
 		args = append(args, "--headless")
 	}
