@@ -3,6 +3,11 @@
 // sessions, the PostgreSQL catalog, the repository of restore points, NBD
 // sources — and serves Prometheus metrics. Configuration comes from the
 // environment, with flags of the same meaning (see internal/config).
+//
+// Run `worker --help` for the flags and `worker --version` for the
+// build. Logs go to stderr; stdout carries only help and the version.
+// Exit codes: 0 (stopped by SIGINT or SIGTERM), 1 (failed), 2 (bad
+// command line).
 package main
 
 import (
@@ -10,12 +15,21 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"log/slog"
+	"net/url"
 	"os"
 	"os/signal"
+	"regexp"
+	"runtime"
+	"runtime/debug"
+	"slices"
+	"strings"
 	"syscall"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/spf13/cobra"
 	"go.temporal.io/sdk/client"
 	sdktally "go.temporal.io/sdk/contrib/tally"
 	tlog "go.temporal.io/sdk/log"
@@ -30,27 +44,209 @@ import (
 	"github.com/cbtflow/cbtflow/workflows"
 )
 
+// version is the worker's release version, set at build time with
+// -ldflags "-X main.version=v1.2.3"; the commit comes from the build info.
+var version = "dev"
+
 func main() {
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
-	if err := run(log, os.Args[1:]); err != nil {
-		log.Error("worker stopped", "error", err)
-		os.Exit(1)
-	}
+	os.Exit(execute(log, os.Stdout, os.Stderr, os.Args[1:]))
 }
 
+// execute runs the worker's command line and returns its exit code: 0
+// when it ran (or printed help or its version) and stopped on a signal,
+// 2 for a bad command line (printed on stderr, with where to find help),
+// 1 when the worker failed (logged).
+func execute(log *slog.Logger, stdout, stderr io.Writer, args []string) int {
+	cmd := newRootCmd(log)
+	if args == nil {
+		args = []string{} // nil would make cobra read os.Args
+	}
+	cmd.SetArgs(args)
+	cmd.SetOut(stdout)
+	cmd.SetErr(stderr)
+	err := cmd.Execute()
+	var usage usageError
+	switch {
+	case err == nil:
+		return 0
+	case errors.As(err, &usage):
+		fmt.Fprintln(stderr, "worker:", usage.err)
+		fmt.Fprintln(stderr, "Run 'worker --help' for usage.")
+		return 2
+	}
+	log.Error("worker stopped", "error", err)
+	return 1
+}
+
+// run runs the worker with the command line args, as main does, and
+// returns its error.
 func run(log *slog.Logger, args []string) error {
-	var cfg config.Config
-	fs := flag.NewFlagSet("worker", flag.ContinueOnError)
-	cfg.Register(fs)
-	parallel := fs.Int("max-transfers", 4, "disk transfers (TransferDisk) this worker process copies at once; more wait, heartbeating, for a free slot; other activities are not limited by it")
-	defaultProfile := fs.String("profile", config.Env("CBTFLOW_PROFILE", ""),
+	cmd := newRootCmd(log)
+	if args == nil {
+		args = []string{}
+	}
+	cmd.SetArgs(args)
+	return cmd.Execute()
+}
+
+// usageError is a bad command line: exit 2.
+type usageError struct{ err error }
+
+func (u usageError) Error() string { return u.err.Error() }
+func (u usageError) Unwrap() error { return u.err }
+
+// options are the worker's settings from the command line and the
+// environment.
+type options struct {
+	cfg            config.Config
+	maxTransfers   int
+	defaultProfile string
+}
+
+// newRootCmd is the worker's command: no subcommands, the settings of
+// internal/config (environment variables with flags of the same meaning,
+// registered on a Go flag set and bridged to cobra's) and the worker's own
+// flags.
+func newRootCmd(log *slog.Logger) *cobra.Command {
+	var o options
+	cmd := &cobra.Command{
+		Use:   "worker [flags]",
+		Short: "run cbtflow's Temporal worker: backups of vSphere VMs into QCOW2",
+		Long: fmt.Sprintf(`worker runs cbtflow's Temporal worker: it polls the task queue %q for
+the backup, prune and sweep workflows and their activities, with vCenter
+sessions, the PostgreSQL catalog and the repository of restore points,
+and serves Prometheus metrics on /metrics (--metrics-addr).
+
+Every setting is an environment variable or the flag of the same meaning
+(the flag wins); the defaults point at the make dev stack. A database
+password belongs in a pgpass file (passfile= in the URL, or PGPASSFILE),
+never in the URL; vCenter passwords are files the profiles name.
+
+Logs go to stderr. It runs until SIGINT or SIGTERM (exit 0). Exit codes:
+1 failure, 2 bad usage.`, workflows.TaskQueue),
+		Version:       versionString(),
+		SilenceErrors: true,
+		SilenceUsage:  true,
+		Args: func(cmd *cobra.Command, args []string) error {
+			if len(args) > 0 {
+				return usageError{fmt.Errorf("unexpected argument %q: the worker takes flags only", args[0])}
+			}
+			return nil
+		},
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if o.maxTransfers < 1 {
+				return usageError{fmt.Errorf("--max-transfers %d: at least 1", o.maxTransfers)}
+			}
+			return serve(log, o)
+		},
+	}
+	cmd.SetVersionTemplate("{{.Name}} {{.Version}}\n")
+	cmd.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
+
+	gfs := flag.NewFlagSet("worker", flag.ContinueOnError)
+	o.cfg.Register(gfs)
+	gfs.IntVar(&o.maxTransfers, "max-transfers", 4, "disk transfers (TransferDisk) this worker process copies at once; more wait, heartbeating, for a free slot; other activities are not limited by it")
+	gfs.StringVar(&o.defaultProfile, "profile", config.Env("CBTFLOW_PROFILE", ""),
 		"vCenter `profile` of a backup that names none (CBTFLOW_PROFILE); empty: the only profile of the profiles file")
-	if err := fs.Parse(args); err != nil {
-		return err
+	cmd.Flags().AddGoFlagSet(gfs)
+	cmd.CompletionOptions.DisableDefaultCmd = true
+	// The help shows each flag's default, taken from the environment: a
+	// password in CBTFLOW_DATABASE_URL must not show.
+	if f := cmd.Flags().Lookup("database-url"); f != nil {
+		f.DefValue = redactDatabaseURL(f.DefValue)
 	}
-	if *parallel < 1 {
-		return fmt.Errorf("--max-transfers %d: at least 1", *parallel)
+	return cmd
+}
+
+// versionString is what --version prints after the name: the version,
+// the commit it was built from (and whether the tree had changes), and
+// the Go version and platform.
+func versionString() string {
+	v, commit, modified := version, "unknown", false
+	if bi, ok := debug.ReadBuildInfo(); ok {
+		if v == "dev" && bi.Main.Version != "" && bi.Main.Version != "(devel)" {
+			v = bi.Main.Version
+		}
+		for _, s := range bi.Settings {
+			switch s.Key {
+			case "vcs.revision":
+				commit = s.Value
+			case "vcs.modified":
+				modified = s.Value == "true"
+			}
+		}
 	}
+	if len(commit) > 12 {
+		commit = commit[:12]
+	}
+	if modified {
+		commit += ", modified"
+	}
+	return fmt.Sprintf("%s (commit %s) %s %s/%s", v, commit, runtime.Version(), runtime.GOOS, runtime.GOARCH)
+}
+
+// dsnPasswordRE finds the password of a keyword/value connection string
+// (password=secret, password='a secret').
+var dsnPasswordRE = regexp.MustCompile(`(?i)(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)`)
+
+// redactDatabaseURL is the database URL (or keyword/value string) with
+// any password replaced by xxxxx; a URL too malformed to parse shows only
+// its scheme.
+func redactDatabaseURL(s string) string {
+	scheme, _, isURL := strings.Cut(s, "://")
+	if !isURL {
+		return dsnPasswordRE.ReplaceAllString(s, "${1}xxxxx")
+	}
+	u, err := url.Parse(s)
+	if err != nil {
+		return scheme + "://(malformed URL)"
+	}
+	q := u.Query()
+	if q.Has("password") {
+		q.Set("password", "xxxxx")
+		u.RawQuery = q.Encode()
+	}
+	return u.Redacted()
+}
+
+// databaseAttrs describes the catalog's database for the log: host, port,
+// database and user as the driver reads them (never the password).
+func databaseAttrs(dbURL string) slog.Attr {
+	pc, err := pgconn.ParseConfig(dbURL)
+	if err != nil {
+		// The parse error may quote the URL: not logged here (the
+		// catalog reports it, redacted).
+		return slog.String("database", "(malformed connection string)")
+	}
+	return slog.Group("database", "host", pc.Host, "port", pc.Port, "name", pc.Database, "user", pc.User)
+}
+
+// profilesAttr lists the vCenter profiles for the log: each name and its
+// vCenter's host (the URL's host only: never a user or a password).
+func profilesAttr(profiles map[string]vsphere.Profile) slog.Attr {
+	names := make([]string, 0, len(profiles))
+	for n := range profiles {
+		names = append(names, n)
+	}
+	slices.Sort(names)
+	var b strings.Builder
+	for i, n := range names {
+		host := "?"
+		if u, err := url.Parse(profiles[n].URL); err == nil && u.Host != "" {
+			host = u.Host
+		}
+		if i > 0 {
+			b.WriteString(", ")
+		}
+		fmt.Fprintf(&b, "%s=%s", n, host)
+	}
+	return slog.String("profiles", b.String())
+}
+
+// serve runs the worker until SIGINT or SIGTERM.
+func serve(log *slog.Logger, o options) error {
+	cfg := o.cfg
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 
@@ -66,7 +262,15 @@ func run(log *slog.Logger, args []string) error {
 	if err != nil {
 		return err
 	}
-	sessions := vsphere.NewSessionsWithOptions(profiles, log, vsphere.SessionOptions{DefaultProfile: *defaultProfile})
+	metricsAddr := cfg.MetricsAddr
+	if metricsAddr == "" {
+		metricsAddr = "off"
+	}
+	log.Info("worker starting", "version", versionString(),
+		slog.Group("temporal", "address", cfg.TemporalAddress, "namespace", cfg.Namespace, "task_queue", workflows.TaskQueue),
+		databaseAttrs(cfg.DatabaseURL), "repository", repoRoot, "vcenters", cfg.VCenters, profilesAttr(profiles),
+		"metrics", metricsAddr, "max_transfers", o.maxTransfers)
+	sessions := vsphere.NewSessionsWithOptions(profiles, log, vsphere.SessionOptions{DefaultProfile: o.defaultProfile})
 	defer func() {
 		cctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
@@ -77,7 +281,7 @@ func run(log *slog.Logger, args []string) error {
 	// backup names its profile, and one that does not fails at once.
 	def, err := sessions.DefaultProfile()
 	switch {
-	case err != nil && *defaultProfile != "":
+	case err != nil && o.defaultProfile != "":
 		return err
 	case err != nil:
 		log.Warn("no default vCenter profile: a backup must name its profile", "reason", err)
@@ -120,13 +324,13 @@ func run(log *slog.Logger, args []string) error {
 	if faultDir != "" {
 		log.Warn("fault points enabled", "dir", faultDir)
 	}
-	w := newWorker(c, deps{sessions: sessions, repo: repo, catalog: cat, namespace: cfg.Namespace, activityContext: actx, metrics: bm}, *parallel)
+	w := newWorker(c, deps{sessions: sessions, repo: repo, catalog: cat, namespace: cfg.Namespace, activityContext: actx, metrics: bm}, o.maxTransfers)
 
-	log.Info("worker starting", "temporal", cfg.TemporalAddress, "namespace", cfg.Namespace,
-		"task_queue", workflows.TaskQueue, "repository", repoRoot, "profiles", len(profiles), "default_profile", def)
 	if err := w.Start(); err != nil {
 		return err
 	}
+	log.Info("worker started", "temporal", cfg.TemporalAddress, "namespace", cfg.Namespace,
+		"task_queue", workflows.TaskQueue, "default_profile", def)
 	<-ctx.Done()
 	log.Info("worker stopping")
 	w.Stop()
