@@ -11,6 +11,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/spf13/cobra"
 	"go.temporal.io/api/serviceerror"
 	"go.temporal.io/sdk/client"
 	tlog "go.temporal.io/sdk/log"
@@ -35,35 +36,48 @@ const (
 // backup's ID (a start takes well under a second).
 const startGrace = 10 * time.Second
 
-func init() {
-	commands["backup"] = command{
-		summary: "back up a VM (by name, inventory path or moref)",
-		run:     backupCmd,
+func newBackupCmd(e *env) *cobra.Command {
+	var cfg config.Config
+	var o backupOptions
+	cmd := &cobra.Command{
+		Use:   "backup VM",
+		Short: "back up a VM (by name, inventory path or moref)",
+		Long: `Back up a VM named by name, inventory path (/DC0/vm/NAME) or moref (vm-62).
+
+Without --wait it returns once the backup started; with --wait it exits 0
+only when the backup completed.
+
+Exit codes: 0 started (or completed with --wait), 1 failed, 2 bad usage,
+3 a backup of this VM is already running, 4 interrupted (Ctrl-C, SIGTERM)
+while the backup goes on in the background: the starter never cancels it;
+it prints the backup ID and how to follow or cancel it (with --json, the
+backup as status "running").`,
+		Args: exactArgs(1, "exactly one VM"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			o.vm = args[0]
+			return backupRun(cmd.Context(), e, &cfg, o)
+		},
 	}
+	addConfigFlags(cmd, &cfg, useTemporal)
+	fs := cmd.Flags()
+	o.profile = profileFlag(fs)
+	fs.StringVar(&o.mode, "mode", workflows.ModeAuto, "auto, full or incremental")
+	fs.BoolVar(&o.full, "full", false, "same as --mode full")
+	fs.BoolVar(&o.wait, "wait", false, "wait for the backup to end; exit 0 only when it completed (Ctrl-C stops the waiting, not the backup: exit 4)")
+	fs.BoolVar(&o.json, "json", false, "print the result as one JSON object")
+	return cmd
 }
 
-func backupCmd(ctx context.Context, e *env, args []string) error {
-	fs := newFlags(e, "backup")
-	var cfg config.Config
-	cfg.Register(fs)
-	profile := fs.String("profile", config.Env("CBTFLOW_PROFILE", ""), profileUsage)
-	mode := fs.String("mode", workflows.ModeAuto, "auto, full or incremental")
-	full := fs.Bool("full", false, "same as --mode full")
-	wait := fs.Bool("wait", false, "wait for the backup to end; exit 0 only when it completed (Ctrl-C stops the waiting, not the backup: exit 4)")
-	asJSON := fs.Bool("json", false, "print the result as one JSON object")
-	fs.Usage = func() {
-		fmt.Fprintln(fs.Output(), "usage: starter backup VM [flags]\n\nVM is a name, an inventory path (/DC0/vm/NAME) or a moref (vm-62).\nExit codes: 0 started (or completed with --wait), 1 failed, 2 bad usage,\n3 a backup of this VM is already running, 4 interrupted (Ctrl-C, SIGTERM)\nwhile the backup goes on in the background: the starter never cancels it;\nit prints the backup ID and how to follow or cancel it (with --json, the\nbackup as status \"running\").\n\nflags:")
-		fs.PrintDefaults()
-	}
-	pos, err := parseInterleaved(fs, args)
-	if err != nil {
-		return usageError{err}
-	}
-	if len(pos) != 1 {
-		return usageError{errors.New("backup: give exactly one VM")}
-	}
-	vm := pos[0]
-	if *full {
+type backupOptions struct {
+	vm               string
+	profile          *string
+	mode             string
+	full, wait, json bool
+}
+
+func backupRun(ctx context.Context, e *env, cfg *config.Config, o backupOptions) error {
+	vm, profile, mode, wait, asJSON := o.vm, o.profile, &o.mode, &o.wait, &o.json
+	if o.full {
 		if *mode != workflows.ModeAuto && *mode != workflows.ModeFull {
 			return usageError{fmt.Errorf("backup: --full contradicts --mode %s", *mode)}
 		}
@@ -75,7 +89,7 @@ func backupCmd(ctx context.Context, e *env, args []string) error {
 		return usageError{fmt.Errorf("backup: invalid --mode %q: use auto, full or incremental", *mode)}
 	}
 
-	c, err := dialTemporal(ctx, e, &cfg)
+	c, err := dialTemporal(ctx, e, cfg)
 	if err != nil {
 		return err
 	}
@@ -113,7 +127,7 @@ func backupCmd(ctx context.Context, e *env, args []string) error {
 		case errors.As(err, &nf):
 			return exitError{code: 1, err: fmt.Errorf("backup of VM %s: interrupted before it was started: nothing was started", vm)}
 		case err != nil && octx.Err() != nil:
-			return detached(e, &cfg, workflows.BackupReport{VM: vm, WorkflowID: startID, Disks: []workflows.DiskResult{}}, *asJSON)
+			return detached(e, cfg, workflows.BackupReport{VM: vm, WorkflowID: startID, Disks: []workflows.DiskResult{}}, *asJSON)
 		}
 	}
 	if err != nil {
@@ -130,7 +144,7 @@ func backupCmd(ctx context.Context, e *env, args []string) error {
 	e.log.Info("backup started", "vm", started.VM, "backup", started.BackupID, "workflow", started.WorkflowID)
 	out := workflows.BackupReport{BackupID: started.BackupID, VM: started.VM, VMUUID: started.VMUUID, WorkflowID: started.WorkflowID, Status: workflows.ReportRunning, Disks: []workflows.DiskResult{}}
 	if ctx.Err() != nil {
-		return detached(e, &cfg, out, *asJSON)
+		return detached(e, cfg, out, *asJSON)
 	}
 	if !*wait {
 		return printBackup(e, out, *asJSON)
@@ -140,7 +154,7 @@ func backupCmd(ctx context.Context, e *env, args []string) error {
 	err = c.GetWorkflow(ctx, started.WorkflowID, started.RunID).Get(ctx, &res)
 	if err != nil && ctx.Err() != nil {
 		// Waiting only watches the workflow: the backup goes on.
-		return detached(e, &cfg, out, *asJSON)
+		return detached(e, cfg, out, *asJSON)
 	}
 	switch {
 	case err == nil:
@@ -257,8 +271,8 @@ func printBackup(e *env, out workflows.BackupReport, asJSON bool) error {
 		fmt.Fprintf(e.stdout, "warning: %s\n", w)
 	}
 	for _, d := range out.Disks {
-		fmt.Fprintf(e.stdout, "  disk %d %-11s changed %s, written %s, QCOW2 %s, %.1f s  %s  change ID %s\n", d.Key, d.Mode,
-			humanBytes(d.ChangedBytes), humanBytes(d.WrittenBytes), humanBytes(d.SizeBytes), d.Seconds, d.Path, d.ChangeID)
+		fmt.Fprintf(e.stdout, "  disk %d %-11s changed %s, written %s, QCOW2 %s, %s  %s  change ID %s\n", d.Key, d.Mode,
+			humanBytes(d.ChangedBytes), humanBytes(d.WrittenBytes), humanBytes(d.SizeBytes), humanSeconds(d.Seconds), d.Path, d.ChangeID)
 		if d.Note != "" {
 			fmt.Fprintf(e.stdout, "    note: %s\n", d.Note)
 		}

@@ -2,10 +2,8 @@ package main
 
 import (
 	"bytes"
-	"context"
 	"encoding/json"
 	"errors"
-	"flag"
 	"io"
 	"log/slog"
 	"maps"
@@ -70,15 +68,13 @@ func TestDetachedWithoutBackupID(t *testing.T) {
 
 // `starter backup -h` documents exit code 4.
 func TestBackupHelpNamesExitCode4(t *testing.T) {
-	var stderr bytes.Buffer
-	e := &env{stdout: io.Discard, stderr: &stderr, log: slog.New(slog.DiscardHandler), getenv: func(string) string { return "" }}
-	err := backupCmd(context.Background(), e, []string{"-h"})
-	if !errors.Is(err, flag.ErrHelp) {
-		t.Fatalf("backup -h: %v, want flag.ErrHelp", err)
+	r := runIn(t, "backup", "-h")
+	if r.code != 0 {
+		t.Fatalf("backup -h: exit %d, want 0\n%s", r.code, r.stderr)
 	}
 	for _, want := range []string{"4 interrupted (Ctrl-C, SIGTERM)\nwhile the backup goes on in the background: the starter never cancels it", "Ctrl-C stops the waiting, not the backup: exit 4"} {
-		if !strings.Contains(stderr.String(), want) {
-			t.Errorf("backup -h lacks %q:\n%s", want, stderr.String())
+		if !strings.Contains(r.stdout, want) {
+			t.Errorf("backup -h lacks %q:\n%s", want, r.stdout)
 		}
 	}
 }
@@ -179,7 +175,7 @@ func TestPrintBackupHumanUnits(t *testing.T) {
 		t.Fatal(err)
 	}
 	out := stdout.String()
-	for _, want := range []string{"changed 9.0 MiB", "written 3.0 GiB", "QCOW2 1.5 MiB", "1.2 s", "note: chain has 3 images (limit 3)"} {
+	for _, want := range []string{"changed 9.0 MiB", "written 3.0 GiB", "QCOW2 1.5 MiB", "1.2s", "note: chain has 3 images (limit 3)"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("output lacks %q:\n%s", want, out)
 		}

@@ -4,27 +4,25 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"flag"
 	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
 
+	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
+
 	"github.com/cbtflow/cbtflow/lab"
 	"github.com/cbtflow/cbtflow/lab/labapi"
 )
 
-func init() {
-	commands["lab"] = command{
-		summary: "run the lab vCenter (simulated, with CBT) and write or read its disks",
-		run: func(ctx context.Context, e *env, args []string) error {
-			return dispatch(ctx, e, "starter lab", map[string]command{
-				"serve": {"run the lab vCenter in the foreground; prints {\"url\",\"thumbprint\"} on stdout", labServe},
-				"write": {"write a file's bytes into a lab VM's disk", labWrite},
-				"read":  {"copy a lab VM's disk into a sparse raw file", labRead},
-			}, args)
-		},
+func newLabCmd(e *env) *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "lab",
+		Short: "run the lab vCenter (simulated, with CBT) and write or read its disks",
 	}
+	cmd.AddCommand(newLabServeCmd(e), newLabWriteCmd(e), newLabReadCmd(e))
+	return cmd
 }
 
 // serveInfo is the one line `lab serve` prints on stdout.
@@ -37,21 +35,34 @@ type serveInfo struct {
 // dir.
 const passwordFileName = "password"
 
-func labServe(ctx context.Context, e *env, args []string) error {
-	fs := newFlags(e, "lab serve")
-	listen := fs.String("listen", "127.0.0.1:0", "loopback `address` to listen on (port 0 picks a free port)")
-	dir := fs.String("dir", "", "`directory` for disk images, certificate and generated password (default: a temporary directory removed on exit)")
-	user := fs.String("user", lab.DefaultUser, "login `user`")
-	passwordFile := fs.String("password-file", "", "`file` holding the login password (default: DIR/password, generated when missing)")
-	maxExtents := fs.Int("max-extents", 0, "at most `N` extents per QueryChangedDiskAreas answer (0: no limit)")
-	fs.Usage = func() {
-		fmt.Fprintln(fs.Output(), "usage: starter lab serve [flags]\n\nRuns the lab vCenter until SIGINT or SIGTERM. Prints one JSON line on stdout\nonce it accepts connections: {\"url\": SDK URL, \"thumbprint\": SHA-1 of its certificate}.\n\nflags:")
-		fs.PrintDefaults()
+func newLabServeCmd(e *env) *cobra.Command {
+	var o labServeOptions
+	cmd := &cobra.Command{
+		Use:   "serve",
+		Short: "run the lab vCenter in the foreground; prints {\"url\",\"thumbprint\"} on stdout",
+		Long: `Run the lab vCenter until SIGINT or SIGTERM. Prints one JSON line on stdout
+once it accepts connections: {"url": SDK URL, "thumbprint": SHA-1 of its certificate}.`,
+		Args: exactArgs(0, "no arguments"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return labServe(cmd.Context(), e, o)
+		},
 	}
-	if err := parse(fs, args); err != nil {
-		return err
-	}
+	fs := cmd.Flags()
+	fs.StringVar(&o.listen, "listen", "127.0.0.1:0", "loopback `address` to listen on (port 0 picks a free port)")
+	fs.StringVar(&o.dir, "dir", "", "`directory` for disk images, certificate and generated password (default: a temporary directory removed on exit)")
+	fs.StringVar(&o.user, "user", lab.DefaultUser, "login `user`")
+	fs.StringVar(&o.passwordFile, "password-file", "", "`file` holding the login password (default: DIR/password, generated when missing)")
+	fs.IntVar(&o.maxExtents, "max-extents", 0, "at most `N` extents per QueryChangedDiskAreas answer (0: no limit)")
+	return cmd
+}
 
+type labServeOptions struct {
+	listen, dir, user, passwordFile string
+	maxExtents                      int
+}
+
+func labServe(ctx context.Context, e *env, o labServeOptions) error {
+	listen, dir, user, passwordFile, maxExtents := &o.listen, &o.dir, &o.user, &o.passwordFile, &o.maxExtents
 	labDir := *dir
 	if labDir == "" {
 		tmp, err := os.MkdirTemp("", "cbtflow-lab-")
@@ -124,7 +135,7 @@ type labTarget struct {
 	disk                int
 }
 
-func (t *labTarget) register(fs *flag.FlagSet, e *env) {
+func (t *labTarget) register(fs *pflag.FlagSet, e *env) {
 	fs.StringVar(&t.url, "lab", e.getenv("CBTFLOW_LAB_URL"), "the lab's `URL` as printed by `starter lab serve` (env CBTFLOW_LAB_URL)")
 	fs.StringVar(&t.thumbprint, "thumbprint", e.getenv("CBTFLOW_LAB_THUMBPRINT"), "pin the lab's certificate `thumbprint` (env CBTFLOW_LAB_THUMBPRINT; optional on loopback)")
 	fs.StringVar(&t.vm, "vm", "", "VM `name`")
@@ -134,11 +145,11 @@ func (t *labTarget) register(fs *flag.FlagSet, e *env) {
 func (t *labTarget) check() error {
 	switch {
 	case t.url == "":
-		return errors.New("no lab URL: give --lab or set CBTFLOW_LAB_URL")
+		return usageError{errors.New("no lab URL: give --lab or set CBTFLOW_LAB_URL")}
 	case t.vm == "":
-		return errors.New("no VM: give --vm")
+		return usageError{errors.New("no VM: give --vm")}
 	case t.disk <= 0:
-		return errors.New("no disk: give --disk KEY (a device key such as 204)")
+		return usageError{errors.New("no disk: give --disk KEY (a device key such as 204)")}
 	}
 	return nil
 }
@@ -147,20 +158,31 @@ func (t *labTarget) client() *labapi.Client {
 	return &labapi.Client{BaseURL: t.url, Thumbprint: t.thumbprint}
 }
 
-func labWrite(ctx context.Context, e *env, args []string) error {
-	fs := newFlags(e, "lab write")
+func newLabWriteCmd(e *env) *cobra.Command {
 	var t labTarget
-	t.register(fs, e)
-	offset := fs.Int64("offset", 0, "byte `offset` in the disk")
-	from := fs.String("from", "", "`file` whose bytes are written")
-	if err := parse(fs, args); err != nil {
-		return err
+	var offset int64
+	var from string
+	cmd := &cobra.Command{
+		Use:   "write --vm NAME --disk KEY --from FILE [--offset N]",
+		Short: "write a file's bytes into a lab VM's disk",
+		Args:  exactArgs(0, "no arguments"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return labWrite(cmd.Context(), e, t, offset, from)
+		},
 	}
+	t.register(cmd.Flags(), e)
+	cmd.Flags().Int64Var(&offset, "offset", 0, "byte `offset` in the disk")
+	cmd.Flags().StringVar(&from, "from", "", "`file` whose bytes are written")
+	return cmd
+}
+
+func labWrite(ctx context.Context, e *env, t labTarget, off int64, fromFile string) error {
+	offset, from := &off, &fromFile
 	if err := t.check(); err != nil {
 		return err
 	}
 	if *from == "" {
-		return errors.New("no input: give --from FILE")
+		return usageError{errors.New("no input: give --from FILE")}
 	}
 	f, err := os.Open(*from)
 	if err != nil {
@@ -181,19 +203,29 @@ func labWrite(ctx context.Context, e *env, args []string) error {
 	return nil
 }
 
-func labRead(ctx context.Context, e *env, args []string) error {
-	fs := newFlags(e, "lab read")
+func newLabReadCmd(e *env) *cobra.Command {
 	var t labTarget
-	t.register(fs, e)
-	to := fs.String("to", "", "output `file`: a sparse raw image of the disk's capacity")
-	if err := parse(fs, args); err != nil {
-		return err
+	var to string
+	cmd := &cobra.Command{
+		Use:   "read --vm NAME --disk KEY --to FILE",
+		Short: "copy a lab VM's disk into a sparse raw file",
+		Args:  exactArgs(0, "no arguments"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return labRead(cmd.Context(), e, t, to)
+		},
 	}
+	t.register(cmd.Flags(), e)
+	cmd.Flags().StringVar(&to, "to", "", "output `file`: a sparse raw image of the disk's capacity")
+	return cmd
+}
+
+func labRead(ctx context.Context, e *env, t labTarget, toFile string) error {
+	to := &toFile
 	if err := t.check(); err != nil {
 		return err
 	}
 	if *to == "" {
-		return errors.New("no output: give --to FILE")
+		return usageError{errors.New("no output: give --to FILE")}
 	}
 	c := t.client()
 	defer c.CloseIdleConnections()

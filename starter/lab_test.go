@@ -199,7 +199,7 @@ func TestLabServeWriteRead(t *testing.T) {
 		{[]string{"lab", "write", "--lab", info.URL, "--vm", vm, "--disk", key, "--offset", strconv.FormatInt(capacity, 10), "--from", in}, "beyond the capacity"},
 		{[]string{"lab", "read", "--lab", info.URL, "--vm", "NoSuchVM", "--disk", key, "--to", out}, `unknown VM "NoSuchVM"`},
 		{[]string{"lab", "write", "--vm", vm, "--disk", key, "--from", in}, "CBTFLOW_LAB_URL"},
-		{[]string{"lab", "nope"}, `unknown command "starter lab nope"`},
+		{[]string{"lab", "nope"}, `unknown command "nope" for "starter lab"`},
 	} {
 		stderr, err := runStarter(t, bin, tc.args...)
 		var ee *exec.ExitError

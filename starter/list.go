@@ -7,13 +7,34 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/spf13/cobra"
+
 	"github.com/cbtflow/cbtflow/internal/catalog"
 	"github.com/cbtflow/cbtflow/internal/config"
 	"github.com/cbtflow/cbtflow/internal/repository"
 )
 
-func init() {
-	commands["list"] = command{summary: "list restore points, newest first", run: listCmd}
+func newListCmd(e *env) *cobra.Command {
+	var cfg config.Config
+	var asJSON bool
+	var status string
+	cmd := &cobra.Command{
+		Use:   "list [VM]",
+		Short: "list restore points, newest first",
+		Long: `List the backups of the catalog (of one VM: a VM name or instance UUID),
+newest first. A restore point with a damaged disk shows the status damaged
+and, below the table, why; in JSON it stays committed with "restorable":
+false and the disk's "damaged" reason. Image paths are shown under the
+repository (CBTFLOW_REPOSITORY).`,
+		Args: maxArgs(1, "one VM"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return listRun(cmd.Context(), e, &cfg, args, status, asJSON)
+		},
+	}
+	addConfigFlags(cmd, &cfg, useCatalog|useRepository)
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print one JSON array")
+	cmd.Flags().StringVar(&status, "status", "", "only backups with this `status` (running, committed, failed)")
+	return cmd
 }
 
 type listEntry struct {
@@ -42,27 +63,11 @@ type listDisk struct {
 	Damaged string `json:"damaged,omitempty"`
 }
 
-func listCmd(ctx context.Context, e *env, args []string) error {
-	fs := newFlags(e, "list")
-	var cfg config.Config
-	cfg.Register(fs)
-	asJSON := fs.Bool("json", false, "print one JSON array")
-	status := fs.String("status", "", "only backups with this status (running, committed, failed)")
-	fs.Usage = func() {
-		fmt.Fprintln(fs.Output(), "usage: starter list [VM] [flags]\n\nVM is a VM name or instance UUID.\n\nflags:")
-		fs.PrintDefaults()
-	}
-	pos, err := parseInterleaved(fs, args)
-	if err != nil {
-		return usageError{err}
-	}
-	if len(pos) > 1 {
-		return usageError{fmt.Errorf("list: at most one VM, got %d", len(pos))}
-	}
-	switch *status {
+func listRun(ctx context.Context, e *env, cfg *config.Config, pos []string, status string, asJSON bool) error {
+	switch status {
 	case "", catalog.StatusRunning, catalog.StatusCommitted, catalog.StatusFailed:
 	default:
-		return usageError{fmt.Errorf("list: --status %q is not a status: give running, committed or failed", *status)}
+		return usageError{fmt.Errorf("list: --status %q is not a status: give running, committed or failed", status)}
 	}
 	var vm string
 	if len(pos) == 1 {
@@ -77,7 +82,7 @@ func listCmd(ctx context.Context, e *env, args []string) error {
 		return err
 	}
 	defer cat.Close()
-	backups, err := cat.List(ctx, catalog.ListFilter{VM: vm, Status: *status})
+	backups, err := cat.List(ctx, catalog.ListFilter{VM: vm, Status: status})
 	if err != nil {
 		return err
 	}
@@ -99,7 +104,7 @@ func listCmd(ctx context.Context, e *env, args []string) error {
 		}
 		entries = append(entries, le)
 	}
-	if *asJSON {
+	if asJSON {
 		return json.NewEncoder(e.stdout).Encode(entries)
 	}
 	tw := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
@@ -131,17 +136,4 @@ func listCmd(ctx context.Context, e *env, args []string) error {
 		}
 	}
 	return nil
-}
-
-func humanBytes(n int64) string {
-	const unit = 1024
-	if n < unit {
-		return fmt.Sprintf("%d B", n)
-	}
-	div, exp := int64(unit), 0
-	for m := n / unit; m >= unit; m /= unit {
-		div *= unit
-		exp++
-	}
-	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
 }

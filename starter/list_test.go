@@ -1,10 +1,6 @@
 package main
 
 import (
-	"context"
-	"errors"
-	"io"
-	"log/slog"
 	"strings"
 	"testing"
 )
@@ -13,10 +9,8 @@ import (
 // the valid statuses, not an empty listing (issue 10); it is refused
 // before any database is opened.
 func TestListRejectsUnknownStatus(t *testing.T) {
-	e := &env{stdout: io.Discard, stderr: io.Discard, log: slog.New(slog.DiscardHandler), getenv: func(string) string { return "" }}
-	err := commands["list"].run(context.Background(), e, []string{"--status", "comitted", "--database-url", "postgres://127.0.0.1:1/none"})
-	var usage usageError
-	if !errors.As(err, &usage) || !strings.Contains(err.Error(), `"comitted"`) || !strings.Contains(err.Error(), "running, committed or failed") {
-		t.Fatalf("list --status comitted: %v, want a usage error naming it and the valid statuses", err)
+	r := runIn(t, "list", "--status", "comitted", "--database-url", "postgres://127.0.0.1:1/none")
+	if r.code != 2 || !strings.Contains(r.stderr, `"comitted"`) || !strings.Contains(r.stderr, "running, committed or failed") {
+		t.Fatalf("list --status comitted: exit %d, stderr %s; want exit 2 and a message naming it and the valid statuses", r.code, r.stderr)
 	}
 }

@@ -1,23 +1,34 @@
 // Command starter is the CLI operators use to drive cbtflow: backups,
-// restores, schedules, and the lab vCenter for demos and tests.
+// restores, schedules, retention, and the lab vCenter for demos and tests.
 //
-//	starter lab serve|write|read ...
+// Run `starter --help` or `starter COMMAND --help` for the commands and
+// their flags. Logs go to stderr; stdout carries only a command's result
+// (and help, when asked for).
 //
-// Run `starter help` or `starter COMMAND -h` for the flags. Logs go to
-// stderr; stdout carries only a command's result.
+// The command tree is built by newRootCmd: each command has a constructor
+// (newBackupCmd, newScheduleCmd, ...) in the file of its group, and
+// newRootCmd adds them. To add a command, write its constructor in a file
+// of its own and add one AddCommand line to newRootCmd. Exit codes and
+// error messages need nothing more: a RunE error is a failure (exit 1)
+// unless it is a usageError (2) or an exitError (its code); a bad command
+// line cobra finds (unknown command or flag, bad flag value, wrong
+// arguments) exits 2.
 package main
 
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"log/slog"
 	"os"
 	"os/signal"
-	"sort"
+	"runtime"
+	"runtime/debug"
+	"strings"
 	"syscall"
+
+	"github.com/spf13/cobra"
 )
 
 // env is what every command gets: where to print and log, and the
@@ -29,14 +40,9 @@ type env struct {
 	getenv func(string) string
 }
 
-// command is one subcommand (or group of subcommands).
-type command struct {
-	summary string
-	run     func(ctx context.Context, e *env, args []string) error
-}
-
-// commands is filled by the files of the command groups.
-var commands = map[string]command{}
+// version is the starter's release version, set at build time with
+// -ldflags "-X main.version=v1.2.3"; the commit comes from the build info.
+var version = "dev"
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
@@ -53,90 +59,264 @@ func main() {
 		log:    slog.New(slog.NewTextHandler(os.Stderr, nil)),
 		getenv: os.Getenv,
 	}
-	err := run(ctx, e, os.Args[1:])
+	code := execute(ctx, e, os.Args[1:])
 	stop()
+	os.Exit(code)
+}
+
+// newRootCmd builds the command tree. Add a command here, one line each,
+// with its constructor in a file of its own (e.g. root.AddCommand(
+// newStatusCmd(e)) with newStatusCmd in status.go).
+func newRootCmd(e *env) *cobra.Command {
+	root := &cobra.Command{
+		Use:   "starter",
+		Short: "drive cbtflow: back up vSphere VMs into QCOW2 through Temporal",
+		Long: `starter drives cbtflow: it starts backups and prunes in Temporal, lists and
+restores restore points from the catalog, and manages schedules and
+retention policies.
+
+Every command reads its settings from the environment (TEMPORAL_ADDRESS,
+TEMPORAL_NAMESPACE, CBTFLOW_DATABASE_URL, CBTFLOW_REPOSITORY,
+CBTFLOW_PROFILE) or from a flag of the same meaning; the defaults point at
+the make dev stack. Logs go to stderr, results to stdout.
+
+Exit codes: 0 success, 1 failure, 2 bad usage; backup adds 3 (a backup of
+the VM is already running) and 4 (interrupted while the backup goes on).`,
+		Version:       versionString(),
+		Args:          cobra.ArbitraryArgs,
+		RunE:          groupRun,
+		SilenceErrors: true,
+		SilenceUsage:  true,
+	}
+	root.SetVersionTemplate("{{.Name}} {{.Version}}\n")
+	// A command that groups others shows only "starter schedule [command]"
+	// in its usage, not a line of its own.
+	root.SetUsageTemplate(strings.Replace(root.UsageTemplate(), "{{if .Runnable}}", "{{if and .Runnable (not .HasAvailableSubCommands)}}", 1))
+	root.SetFlagErrorFunc(flagError)
+	root.SetOut(e.stdout)
+	root.SetErr(e.stderr)
+
+	root.AddCommand(newBackupCmd(e))
+	root.AddCommand(newListCmd(e))
+	root.AddCommand(newRestoreCmd(e))
+	root.AddCommand(newScheduleCmd(e))
+	root.AddCommand(newRetentionCmd(e))
+	root.AddCommand(newPruneCmd(e))
+	root.AddCommand(newRepoCmd(e))
+	root.AddCommand(newSetupCmd(e))
+	root.AddCommand(newSweepCmd(e))
+	root.AddCommand(newLabCmd(e))
+	// Commands added by other files go above this line.
+
+	// help and completion (bash, zsh, fish, powershell) are cobra's.
+	root.InitDefaultHelpCmd()
+	root.InitDefaultCompletionCmd()
+	finishTree(root)
+	return root
+}
+
+// execute runs the command line args and returns the exit code, having
+// printed the error (if any) as "starter: ..." on e.stderr.
+func execute(ctx context.Context, e *env, args []string) int {
+	cmd, err := runCommand(ctx, e, args)
+	return report(e, cmd, err)
+}
+
+// runCommand runs args through the command tree and returns the command
+// that ran (or failed to parse) and its error.
+func runCommand(ctx context.Context, e *env, args []string) (*cobra.Command, error) {
+	root := newRootCmd(e)
+	if args == nil {
+		args = []string{} // nil would make cobra read os.Args
+	}
+	root.SetArgs(args)
+	return root.ExecuteContextC(ctx)
+}
+
+// report prints err and returns the exit code it calls for.
+func report(e *env, cmd *cobra.Command, err error) int {
+	if err == nil {
+		return 0
+	}
+	code := exitCode(err)
 	var exit exitError
+	if errors.As(err, &exit) && exit.quiet {
+		return code
+	}
+	var ran ranError
+	if errors.As(err, &ran) {
+		err = ran.err
+	}
+	fmt.Fprintln(e.stderr, "starter:", err)
+	if code == 2 && cmd != nil {
+		fmt.Fprintf(e.stderr, "Run '%s --help' for usage.\n", cmd.CommandPath())
+	}
+	return code
+}
+
+// exitCode is the exit code of err: a command's own error says it (a
+// usageError 2, an exitError its code, anything else 1); an error cobra
+// found before running a command is a bad command line (2).
+func exitCode(err error) int {
+	if err == nil {
+		return 0
+	}
+	var ran ranError
+	if !errors.As(err, &ran) {
+		return 2
+	}
 	var usage usageError
+	var exit exitError
 	switch {
-	case err == nil:
-	case errors.Is(err, flag.ErrHelp), errors.Is(err, errUsage):
-		os.Exit(2)
-	case errors.As(err, &usage):
-		fmt.Fprintln(os.Stderr, "starter:", usage.err)
-		os.Exit(2)
-	case errors.As(err, &exit):
-		if !exit.quiet {
-			fmt.Fprintln(os.Stderr, "starter:", exit.err)
+	case errors.As(ran.err, &usage):
+		return 2
+	case errors.As(ran.err, &exit):
+		return exit.code
+	}
+	return 1
+}
+
+// ranError marks an error a command's RunE returned, to tell it from the
+// command-line errors cobra finds itself.
+type ranError struct{ err error }
+
+func (r ranError) Error() string { return r.err.Error() }
+func (r ranError) Unwrap() error { return r.err }
+
+// finishTree makes every command of the tree behave alike: its RunE's
+// errors are marked as the command's own (exitCode), a configuration flag
+// it ignores is named on stderr (addConfigFlags), and a group (a
+// command with subcommands and no action of its own) refuses a missing
+// or unknown subcommand as a usage error instead of printing help.
+func finishTree(c *cobra.Command) {
+	c.SilenceErrors, c.SilenceUsage = true, true
+	if c.HasSubCommands() && c.Run == nil && c.RunE == nil {
+		c.Args = cobra.ArbitraryArgs
+		c.RunE = groupRun
+	}
+	if run := c.RunE; run != nil {
+		c.RunE = func(cmd *cobra.Command, args []string) error {
+			warnIgnoredFlags(cmd)
+			if err := run(cmd, args); err != nil {
+				return ranError{err}
+			}
+			return nil
 		}
-		os.Exit(exit.code)
-	default:
-		fmt.Fprintln(os.Stderr, "starter:", err)
-		os.Exit(1)
+	}
+	for _, sub := range c.Commands() {
+		finishTree(sub)
 	}
 }
 
-// errUsage reports a command line without a command; the usage was printed.
-var errUsage = errors.New("usage")
+// groupRun is the action of a command that only groups others (and of
+// the root): without a subcommand it prints its usage on stderr (exit 2);
+// "help" prints its help; anything else is an unknown command.
+func groupRun(cmd *cobra.Command, args []string) error {
+	switch {
+	case len(args) == 0:
+		fmt.Fprint(cmd.ErrOrStderr(), cmd.UsageString())
+		return usageError{fmt.Errorf("%sno command given: give one of the commands above", prefix(cmd))}
+	case args[0] == "help":
+		return cmd.Help()
+	}
+	return unknownCommand(cmd, args[0])
+}
 
-func run(ctx context.Context, e *env, args []string) error {
-	if len(args) == 0 || args[0] == "help" || args[0] == "-h" || args[0] == "--help" {
-		printCommands(e.stderr, "starter", commands)
-		if len(args) == 0 {
-			return errUsage
+func unknownCommand(cmd *cobra.Command, name string) error {
+	msg := fmt.Sprintf("unknown command %q for %q", name, cmd.CommandPath())
+	if cmd.SuggestionsMinimumDistance <= 0 {
+		cmd.SuggestionsMinimumDistance = 2
+	}
+	if s := cmd.SuggestionsFor(name); len(s) > 0 {
+		msg += "; did you mean " + strings.Join(s, " or ") + "?"
+	}
+	return usageError{errors.New(msg)}
+}
+
+// flagError makes a flag cobra could not parse a usage error. On a group,
+// a word before the bad flag is the real mistake: "starter bakup --wait"
+// is an unknown command, not an unknown flag of starter.
+func flagError(cmd *cobra.Command, err error) error {
+	if cmd.HasSubCommands() {
+		if a := cmd.Flags().Args(); len(a) > 0 {
+			return unknownCommand(cmd, a[0])
+		}
+	}
+	return usageError{fmt.Errorf("%s%w", prefix(cmd), err)}
+}
+
+// exactArgs accepts exactly n positional arguments; else the usage error
+// says what to give.
+func exactArgs(n int, what string) cobra.PositionalArgs {
+	return func(cmd *cobra.Command, args []string) error {
+		if len(args) != n {
+			return usageError{fmt.Errorf("%sgive %s, got %s", prefix(cmd), what, argCount(args))}
 		}
 		return nil
 	}
-	c, ok := commands[args[0]]
-	if !ok {
-		printCommands(e.stderr, "starter", commands)
-		return fmt.Errorf("unknown command %q", args[0])
-	}
-	return c.run(ctx, e, args[1:])
 }
 
-// dispatch runs the subcommand named by args[0] among subs.
-func dispatch(ctx context.Context, e *env, prefix string, subs map[string]command, args []string) error {
-	if len(args) == 0 || args[0] == "help" || args[0] == "-h" || args[0] == "--help" {
-		printCommands(e.stderr, prefix, subs)
-		if len(args) == 0 {
-			return errUsage
+// maxArgs accepts at most n positional arguments.
+func maxArgs(n int, what string) cobra.PositionalArgs {
+	return func(cmd *cobra.Command, args []string) error {
+		if len(args) > n {
+			return usageError{fmt.Errorf("%sat most %s, got %s", prefix(cmd), what, argCount(args))}
 		}
 		return nil
 	}
-	c, ok := subs[args[0]]
-	if !ok {
-		printCommands(e.stderr, prefix, subs)
-		return fmt.Errorf("unknown command %q", prefix+" "+args[0])
-	}
-	return c.run(ctx, e, args[1:])
 }
 
-func printCommands(w io.Writer, prefix string, cmds map[string]command) {
-	names := make([]string, 0, len(cmds))
-	for n := range cmds {
-		names = append(names, n)
+// prefix is "backup: " or "schedule add: " for messages of a command
+// (main prints them after "starter: "), and nothing for the root.
+func prefix(cmd *cobra.Command) string {
+	if !cmd.HasParent() {
+		return ""
 	}
-	sort.Strings(names)
-	fmt.Fprintf(w, "usage: %s COMMAND [flags]\n\ncommands:\n", prefix)
-	for _, n := range names {
-		fmt.Fprintf(w, "  %-9s %s\n", n, cmds[n].summary)
-	}
+	_, p, _ := strings.Cut(cmd.CommandPath(), " ")
+	return p + ": "
 }
 
-// newFlags returns a flag set that reports errors instead of exiting.
-func newFlags(e *env, name string) *flag.FlagSet {
-	fs := flag.NewFlagSet(name, flag.ContinueOnError)
-	fs.SetOutput(e.stderr)
-	return fs
+func argCount(args []string) string {
+	switch len(args) {
+	case 0:
+		return "none"
+	case 1:
+		return fmt.Sprintf("1 (%q)", args[0])
+	}
+	return fmt.Sprintf("%d (%s)", len(args), strings.Join(quoteAll(args), " "))
 }
 
-// parse parses args and refuses positional arguments.
-func parse(fs *flag.FlagSet, args []string) error {
-	if err := fs.Parse(args); err != nil {
-		return err
+func quoteAll(s []string) []string {
+	q := make([]string, len(s))
+	for i, v := range s {
+		q[i] = fmt.Sprintf("%q", v)
 	}
-	if fs.NArg() > 0 {
-		return fmt.Errorf("%s: unexpected argument %q", fs.Name(), fs.Arg(0))
+	return q
+}
+
+// versionString is what --version prints after the name: the version,
+// the commit it was built from (and whether the tree had changes), and
+// the Go version and platform.
+func versionString() string {
+	v, commit, modified := version, "unknown", false
+	if bi, ok := debug.ReadBuildInfo(); ok {
+		if v == "dev" && bi.Main.Version != "" && bi.Main.Version != "(devel)" {
+			v = bi.Main.Version
+		}
+		for _, s := range bi.Settings {
+			switch s.Key {
+			case "vcs.revision":
+				commit = s.Value
+			case "vcs.modified":
+				modified = s.Value == "true"
+			}
+		}
 	}
-	return nil
+	if len(commit) > 12 {
+		commit = commit[:12]
+	}
+	if modified {
+		commit += ", modified"
+	}
+	return fmt.Sprintf("%s (commit %s) %s %s/%s", v, commit, runtime.Version(), runtime.GOOS, runtime.GOARCH)
 }

@@ -8,40 +8,50 @@ import (
 	"strings"
 	"text/tabwriter"
 
+	"github.com/spf13/cobra"
 	"go.temporal.io/sdk/client"
 
 	"github.com/cbtflow/cbtflow/internal/config"
 	"github.com/cbtflow/cbtflow/workflows"
 )
 
-func init() {
-	commands["prune"] = command{summary: "remove the restore points the retention policies no longer keep (merging what kept points need)", run: pruneCmd}
+func newPruneCmd(e *env) *cobra.Command {
+	var cfg config.Config
+	var o pruneOptions
+	cmd := &cobra.Command{
+		Use:   "prune [VM]",
+		Short: "remove the restore points the retention policies no longer keep (merging what kept points need)",
+		Long: `Apply the retention policies (see starter retention): the restore points a
+VM's policy does not keep are removed; data that kept points build on is
+merged into them first, so every kept point restores as it was backed up.
+Without VM, every VM with restore points. A VM without a policy keeps
+everything. A prune of a VM never runs beside a backup of it.`,
+		Args: maxArgs(1, "one VM"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return pruneRun(cmd.Context(), e, &cfg, args, o)
+		},
+	}
+	addConfigFlags(cmd, &cfg, useTemporal)
+	fs := cmd.Flags()
+	fs.StringVar(&o.profile, "profile", "", "the vCenter `profile` of the VM, to tell apart VMs of the same name")
+	fs.BoolVar(&o.dry, "dry-run", false, "list what would be removed and why; remove nothing (waits for the plan)")
+	fs.BoolVar(&o.wait, "wait", false, "wait for the prune to end and print what it did")
+	fs.BoolVar(&o.json, "json", false, "print the result as one JSON object")
+	return cmd
 }
 
-func pruneCmd(ctx context.Context, e *env, args []string) error {
-	fs := newFlags(e, "prune")
-	var cfg config.Config
-	cfg.Register(fs)
-	profile := fs.String("profile", "", "the vCenter profile of the VM, to tell apart VMs of the same name")
-	dry := fs.Bool("dry-run", false, "list what would be removed and why; remove nothing (waits for the plan)")
-	wait := fs.Bool("wait", false, "wait for the prune to end and print what it did")
-	asJSON := fs.Bool("json", false, "print the result as one JSON object")
-	fs.Usage = func() {
-		fmt.Fprintln(fs.Output(), "usage: starter prune [VM] [flags]\n\nApplies the retention policies (see starter retention): the restore points a\nVM's policy does not keep are removed; data that kept points build on is\nmerged into them first, so every kept point restores as it was backed up.\nWithout VM, every VM with restore points. A VM without a policy keeps\neverything. A prune of a VM never runs beside a backup of it.\n\nflags:")
-		fs.PrintDefaults()
-	}
-	pos, err := parseInterleaved(fs, args)
-	if err != nil {
-		return usageError{err}
-	}
-	if len(pos) > 1 {
-		return usageError{fmt.Errorf("prune: at most one VM, got %d", len(pos))}
-	}
+type pruneOptions struct {
+	profile         string
+	dry, wait, json bool
+}
+
+func pruneRun(ctx context.Context, e *env, cfg *config.Config, pos []string, o pruneOptions) error {
+	profile, dry, wait, asJSON := &o.profile, &o.dry, &o.wait, &o.json
 	in := workflows.PruneInput{Profile: *profile, DryRun: *dry}
 	if len(pos) == 1 {
 		in.VM = pos[0]
 	}
-	c, err := dialTemporal(ctx, e, &cfg)
+	c, err := dialTemporal(ctx, e, cfg)
 	if err != nil {
 		return err
 	}

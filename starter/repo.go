@@ -8,14 +8,12 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/spf13/cobra"
+
 	"github.com/cbtflow/cbtflow/internal/catalog"
 	"github.com/cbtflow/cbtflow/internal/config"
 	"github.com/cbtflow/cbtflow/internal/repository"
 )
-
-func init() {
-	commands["repo"] = command{summary: "restore points, bytes used and free space of the repository", run: repoCmd}
-}
 
 // The JSON of `starter repo`, a contract the README documents.
 type repoOutput struct {
@@ -68,9 +66,7 @@ type repoPrunesOutput struct {
 	BytesFreed int64 `json:"bytes_freed"`
 }
 
-const repoUsage = `usage: starter repo [--json]
-
-Per VM of the catalog and in total: the restore points (and how many are
+const repoUsage = `Per VM of the catalog and in total: the restore points (and how many are
 damaged), the oldest and newest, the bytes their images take (the sizes
 the catalog records: at commit, or as a prune's merge rewrote them), and
 where the VM's retention policy comes from (vm, default or none); then the
@@ -87,22 +83,26 @@ not reachable)}, "vms": [{"vm", "vm_uuid", "profile", "restore_points",
 "damaged_points", "oldest", "newest" (null without restore points),
 "used_bytes", "retention_source"}], "total": {"vms", "restore_points",
 "damaged_points", "oldest", "newest", "used_bytes"}, "prunes": {"count",
-"bytes_freed"}}.
+"bytes_freed"}}.`
 
-flags:`
-
-func repoCmd(ctx context.Context, e *env, args []string) error {
-	fs := newFlags(e, "repo")
+func newRepoCmd(e *env) *cobra.Command {
 	var cfg config.Config
-	cfg.Register(fs)
-	asJSON := fs.Bool("json", false, "print one JSON object")
-	fs.Usage = func() {
-		fmt.Fprintln(fs.Output(), repoUsage)
-		fs.PrintDefaults()
+	var asJSON bool
+	cmd := &cobra.Command{
+		Use:   "repo",
+		Short: "restore points, bytes used and free space of the repository",
+		Long:  repoUsage,
+		Args:  exactArgs(0, "no arguments"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return repoRun(cmd.Context(), e, &cfg, asJSON)
+		},
 	}
-	if err := parse(fs, args); err != nil {
-		return usageError{err}
-	}
+	addConfigFlags(cmd, &cfg, useCatalog|useRepository)
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print one JSON object")
+	return cmd
+}
+
+func repoRun(ctx context.Context, e *env, cfg *config.Config, asJSON bool) error {
 	root, err := cfg.AbsRepository()
 	if err != nil {
 		return err
@@ -145,7 +145,7 @@ func repoCmd(ctx context.Context, e *env, args []string) error {
 	}
 	out.Repository = repoSpace(root, usage)
 
-	if *asJSON {
+	if asJSON {
 		return json.NewEncoder(e.stdout).Encode(out)
 	}
 	tw := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)

@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"log/slog"
 	"maps"
 	"os"
 	"path/filepath"
@@ -94,14 +93,12 @@ func repoDB(t *testing.T) (string, []string) {
 	return url, images
 }
 
-// repoRun runs `starter repo ARGS --database-url URL --repository ROOT` in
-// process and returns its stdout and error.
-func repoRun(t *testing.T, url, root string, args ...string) (string, error) {
+// repoCmdRun runs `starter repo ARGS --database-url URL --repository
+// ROOT` in process and returns its stdout and error.
+func repoCmdRun(t *testing.T, url, root string, args ...string) (string, error) {
 	t.Helper()
-	var stdout, stderr bytes.Buffer
-	e := &env{stdout: &stdout, stderr: &stderr, log: slog.New(slog.DiscardHandler), getenv: func(string) string { return "" }}
-	err := commands["repo"].run(context.Background(), e, append(args, "--database-url", url, "--repository", root))
-	return stdout.String(), err
+	r := runIn(t, append([]string{"repo"}, append(args, "--database-url", url, "--repository", root)...)...)
+	return r.stdout, r.err
 }
 
 // The keys of `starter repo --json`, a contract the README documents.
@@ -116,7 +113,7 @@ var (
 func TestRepoHuman(t *testing.T) {
 	url, images := repoDB(t)
 	root := filepath.Join(t.TempDir(), "not-mounted")
-	out, err := repoRun(t, url, root)
+	out, err := repoCmdRun(t, url, root)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -142,7 +139,7 @@ prunes: 1 so far, 3.0 MiB freed
 	if err := os.WriteFile(img, []byte("qcow2"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	out, err = repoRun(t, url, root)
+	out, err = repoCmdRun(t, url, root)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -220,7 +217,7 @@ func TestRepoJSON(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	s, err := repoRun(t, url, root, "--json")
+	s, err := repoCmdRun(t, url, root, "--json")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -322,7 +319,7 @@ func TestRepoJSON(t *testing.T) {
 
 func mustRepo(t *testing.T, url, root string, args ...string) string {
 	t.Helper()
-	out, err := repoRun(t, url, root, args...)
+	out, err := repoCmdRun(t, url, root, args...)
 	if err != nil {
 		t.Fatalf("repo %s: %v", strings.Join(args, " "), err)
 	}
@@ -330,9 +327,8 @@ func mustRepo(t *testing.T, url, root string, args ...string) string {
 }
 
 func TestRepoUsage(t *testing.T) {
-	_, err := repoRun(t, "postgres:///unused", t.TempDir(), "extra")
-	var usage usageError
-	if !errors.As(err, &usage) || !strings.Contains(err.Error(), `unexpected argument "extra"`) {
+	_, err := repoCmdRun(t, "postgres:///unused", t.TempDir(), "extra")
+	if exitCode(err) != 2 || !strings.Contains(err.Error(), `repo: give no arguments, got 1 ("extra")`) {
 		t.Errorf("repo extra: %v, want a usage error", err)
 	}
 }

@@ -5,27 +5,20 @@ import (
 	"fmt"
 	"strconv"
 
+	"github.com/spf13/cobra"
+
 	"github.com/cbtflow/cbtflow/internal/catalog"
 	"github.com/cbtflow/cbtflow/internal/config"
 	"github.com/cbtflow/cbtflow/internal/restore"
 )
 
-func init() {
-	commands["restore"] = command{summary: "write a disk as it was at a restore point", run: restoreCmd}
-}
-
-func restoreCmd(ctx context.Context, e *env, args []string) error {
-	fs := newFlags(e, "restore")
+func newRestoreCmd(e *env) *cobra.Command {
 	var cfg config.Config
-	cfg.Register(fs)
-	disk := fs.String("disk", "", "device `key` of the disk (e.g. 204)")
-	to := fs.String("to", "", "output `file`: a regular file, refused if it exists unless --force")
-	toDevice := fs.String("to-device", "", "output block `device`, written in place (raw)")
-	force := fs.Bool("force", false, "replace an existing --to file (atomically, when the restore is complete)")
-	format := fs.String("format", "raw", "raw (sparse) or qcow2; --to-device takes raw only")
-	fs.Usage = func() {
-		fmt.Fprintln(fs.Output(), `usage: starter restore BACKUP_ID --disk KEY --to FILE [--force] [--format raw|qcow2]
-       starter restore BACKUP_ID --disk KEY --to-device DEVICE
+	var o restoreOptions
+	cmd := &cobra.Command{
+		Use:   "restore BACKUP_ID --disk KEY (--to FILE [--force] [--format raw|qcow2] | --to-device DEVICE)",
+		Short: "write a disk as it was at a restore point",
+		Long: `Write a disk as it was at a restore point into a file or a block device.
 
 Every image of the chain is checked against the size and SHA-256 recorded
 at commit first.
@@ -40,18 +33,33 @@ large as the disk and not in use (mounted, LVM, md); a failed restore
 leaves it partly written.
 
 A directory, a FIFO, a socket, a character device (e.g. /dev/null) or a
-missing folder is refused before anything is read.
+missing folder is refused before anything is read.`,
+		Example: `  starter restore 20261203T141029Z-1e3e829ce7ae --disk 204 --to disk204.raw
+  starter restore 20261203T141029Z-1e3e829ce7ae --disk 204 --to disk204.qcow2 --format qcow2
+  starter restore 20261203T141029Z-1e3e829ce7ae --disk 204 --to-device /dev/sdx`,
+		Args: exactArgs(1, "exactly one backup ID"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return restoreRun(cmd.Context(), e, &cfg, args[0], o)
+		},
+	}
+	addConfigFlags(cmd, &cfg, useCatalog|useRepository)
+	fs := cmd.Flags()
+	fs.StringVar(&o.disk, "disk", "", "device `key` of the disk (e.g. 204)")
+	fs.StringVar(&o.to, "to", "", "output `file`: a regular file, refused if it exists unless --force")
+	fs.StringVar(&o.toDevice, "to-device", "", "output block `device`, written in place (raw)")
+	fs.BoolVar(&o.force, "force", false, "replace an existing --to file (atomically, when the restore is complete)")
+	fs.StringVar(&o.format, "format", "raw", "raw (sparse) or qcow2; --to-device takes raw only")
+	return cmd
+}
 
-flags:`)
-		fs.PrintDefaults()
-	}
-	pos, err := parseInterleaved(fs, args)
-	if err != nil {
-		return usageError{err}
-	}
-	if len(pos) != 1 {
-		return usageError{fmt.Errorf("restore: give exactly one backup ID")}
-	}
+type restoreOptions struct {
+	disk, to, toDevice, format string
+	force                      bool
+}
+
+func restoreRun(ctx context.Context, e *env, cfg *config.Config, backupID string, o restoreOptions) error {
+	disk, to, toDevice, force, format := &o.disk, &o.to, &o.toDevice, &o.force, &o.format
+	pos := []string{backupID}
 	key, err := strconv.ParseInt(*disk, 10, 32)
 	if err != nil {
 		return usageError{fmt.Errorf("restore: --disk %q is not a device key", *disk)}

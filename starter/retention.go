@@ -4,27 +4,26 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"flag"
 	"fmt"
 	"strings"
 	"text/tabwriter"
+
+	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 
 	"github.com/cbtflow/cbtflow/internal/catalog"
 	"github.com/cbtflow/cbtflow/internal/config"
 	"github.com/cbtflow/cbtflow/internal/retention"
 )
 
-func init() {
-	commands["retention"] = command{
-		summary: "retention policies of restore points (set, show, clear)",
-		run: func(ctx context.Context, e *env, args []string) error {
-			return dispatch(ctx, e, "starter retention", map[string]command{
-				"set":   {"set a VM's policy or the default: set (VM | --default) --keep-last N ...", retentionSet},
-				"show":  {"show the policies and what each VM keeps: show [VM] [--json]", retentionShow},
-				"clear": {"remove a VM's policy or the default: clear (VM | --default)", retentionClear},
-			}, args)
-		},
+func newRetentionCmd(e *env) *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "retention",
+		Short: "retention policies of restore points (set, show, clear)",
+		Long:  "Retention policies of restore points: which restore points of a VM a prune keeps.\n\n" + retentionRules,
 	}
+	cmd.AddCommand(newRetentionSetCmd(e), newRetentionShowCmd(e), newRetentionClearCmd(e))
+	return cmd
 }
 
 const retentionRules = `The rules are restic's: keep-last N keeps the N newest restore points;
@@ -44,7 +43,7 @@ type retentionTarget struct {
 	profile *string
 }
 
-func (t *retentionTarget) register(fs *flag.FlagSet, verb string) {
+func (t *retentionTarget) register(fs *pflag.FlagSet, verb string) {
 	t.def = fs.Bool("default", false, verb+" the default policy of all VMs without their own, instead of a VM's")
 	t.profile = fs.String("profile", "", profileLookupUsage)
 }
@@ -137,45 +136,45 @@ func openCatalog(ctx context.Context, cfg *config.Config) (*catalog.Catalog, err
 	return catalog.Open(ctx, cfg.DatabaseURL)
 }
 
-func retentionSet(ctx context.Context, e *env, args []string) error {
-	fs := newFlags(e, "retention set")
+func newRetentionSetCmd(e *env) *cobra.Command {
 	var cfg config.Config
-	cfg.Register(fs)
 	var p retention.Policy
+	var target retentionTarget
+	cmd := &cobra.Command{
+		Use:   "set (VM | --default) [--keep-last N] [--keep-daily D] [--keep-weekly W] [--keep-monthly M] [--keep-yearly Y] [--max-chain N]",
+		Short: "set a VM's policy or the default",
+		Long: `Store the retention policy of a VM of the catalog (a name or instance
+UUID), or with --default the policy of every VM without its own. It
+replaces the policy there was: a rule not given is off. At least one keep
+rule must be greater than 0.
+
+` + retentionRules,
+		Example: `  starter retention set --default --keep-daily 7 --keep-weekly 4 --keep-monthly 12
+  starter retention set DC0_H0_VM0 --keep-last 2`,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return retentionSet(cmd.Context(), e, &cfg, args, p, target)
+		},
+	}
+	addConfigFlags(cmd, &cfg, useCatalog)
+	fs := cmd.Flags()
 	fs.IntVar(&p.KeepLast, "keep-last", 0, "keep the `N` newest restore points")
 	fs.IntVar(&p.KeepDaily, "keep-daily", 0, "keep the newest restore point of each of the last `D` days that have one")
 	fs.IntVar(&p.KeepWeekly, "keep-weekly", 0, "keep the newest restore point of each of the last `W` ISO weeks that have one")
 	fs.IntVar(&p.KeepMonthly, "keep-monthly", 0, "keep the newest restore point of each of the last `M` months that have one")
 	fs.IntVar(&p.KeepYearly, "keep-yearly", 0, "keep the newest restore point of each of the last `Y` years that have one")
 	fs.IntVar(&p.MaxChain, "max-chain", 0, fmt.Sprintf("when a disk's chain holds `N` images, its next backup is a full one (0 means %d)", retention.DefaultMaxChain))
-	var target retentionTarget
 	target.register(fs, "set")
-	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), `usage: starter retention set (VM | --default) [--keep-last N] [--keep-daily D]
-       [--keep-weekly W] [--keep-monthly M] [--keep-yearly Y] [--max-chain N]
+	return cmd
+}
 
-Stores the retention policy of a VM of the catalog (a name or instance
-UUID), or with --default the policy of every VM without its own. It
-replaces the policy there was: a rule not given is off. At least one keep
-rule must be greater than 0.
-
-%s
-
-flags:
-`, retentionRules)
-		fs.PrintDefaults()
-	}
-	pos, err := parseInterleaved(fs, args)
-	if err != nil {
-		return usageError{err}
-	}
+func retentionSet(ctx context.Context, e *env, cfg *config.Config, pos []string, p retention.Policy, target retentionTarget) error {
 	if err := target.check("retention set", pos); err != nil {
 		return usageError{err}
 	}
 	if err := p.Validate(); err != nil {
 		return usageError{fmt.Errorf("retention set: %w", err)}
 	}
-	cat, err := openCatalog(ctx, &cfg)
+	cat, err := openCatalog(ctx, cfg)
 	if err != nil {
 		return err
 	}
@@ -191,31 +190,30 @@ flags:
 	return nil
 }
 
-func retentionClear(ctx context.Context, e *env, args []string) error {
-	fs := newFlags(e, "retention clear")
+func newRetentionClearCmd(e *env) *cobra.Command {
 	var cfg config.Config
-	cfg.Register(fs)
 	var target retentionTarget
-	target.register(fs, "remove")
-	fs.Usage = func() {
-		fmt.Fprintln(fs.Output(), `usage: starter retention clear (VM | --default)
-
-Removes the retention policy of a VM of the catalog (a name or instance
+	cmd := &cobra.Command{
+		Use:   "clear (VM | --default)",
+		Short: "remove a VM's policy or the default",
+		Long: `Remove the retention policy of a VM of the catalog (a name or instance
 UUID): the VM then follows the default, or keeps everything when there is
-none. With --default, removes the default: every VM without a policy of its
-own then keeps everything.
+none. With --default, remove the default: every VM without a policy of its
+own then keeps everything.`,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return retentionClear(cmd.Context(), e, &cfg, args, target)
+		},
+	}
+	addConfigFlags(cmd, &cfg, useCatalog)
+	target.register(cmd.Flags(), "remove")
+	return cmd
+}
 
-flags:`)
-		fs.PrintDefaults()
-	}
-	pos, err := parseInterleaved(fs, args)
-	if err != nil {
-		return usageError{err}
-	}
+func retentionClear(ctx context.Context, e *env, cfg *config.Config, pos []string, target retentionTarget) error {
 	if err := target.check("retention clear", pos); err != nil {
 		return usageError{err}
 	}
-	cat, err := openCatalog(ctx, &cfg)
+	cat, err := openCatalog(ctx, cfg)
 	if err != nil {
 		return err
 	}
@@ -288,16 +286,14 @@ func policyJSON(p retention.Policy) *policyOutput {
 		KeepMonthly: p.KeepMonthly, KeepYearly: p.KeepYearly, MaxChain: p.Chain()}
 }
 
-func retentionShow(ctx context.Context, e *env, args []string) error {
-	fs := newFlags(e, "retention show")
+func newRetentionShowCmd(e *env) *cobra.Command {
 	var cfg config.Config
-	cfg.Register(fs)
-	asJSON := fs.Bool("json", false, "print one JSON object")
-	profile := fs.String("profile", "", "only the VMs backed up under this vCenter `profile`")
-	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), `usage: starter retention show [VM] [--profile P] [--json]
-
-Without VM: the default policy and every VM of the catalog with the policy
+	var asJSON bool
+	var profile string
+	cmd := &cobra.Command{
+		Use:   "show [VM]",
+		Short: "show the policies and what each VM keeps",
+		Long: fmt.Sprintf(`Without VM: the default policy and every VM of the catalog with the policy
 that applies to it. With VM (a name or instance UUID): that VM's policy and
 where it comes from: its own, the default, or none (it keeps everything).
 
@@ -305,26 +301,26 @@ where it comes from: its own, the default, or none (it keeps everything).
 "vm_uuid", "profile", "source": "vm"|"default"|"none", "policy": POLICY or
 null}]}, a POLICY being {"keep_last", "keep_daily", "keep_weekly",
 "keep_monthly", "keep_yearly", "max_chain"} (max_chain as it applies,
-%d when not set; a VM whose source is "none" has that bound too).
+%d when not set; a VM whose source is "none" has that bound too).`, retention.DefaultMaxChain),
+		Args: maxArgs(1, "one VM"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return retentionShow(cmd.Context(), e, &cfg, args, profile, asJSON)
+		},
+	}
+	addConfigFlags(cmd, &cfg, useCatalog)
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print one JSON object")
+	cmd.Flags().StringVar(&profile, "profile", "", "only the VMs backed up under this vCenter `profile`")
+	return cmd
+}
 
-flags:
-`, retention.DefaultMaxChain)
-		fs.PrintDefaults()
-	}
-	pos, err := parseInterleaved(fs, args)
-	if err != nil {
-		return usageError{err}
-	}
-	if len(pos) > 1 {
-		return usageError{fmt.Errorf("retention show: at most one VM, got %d", len(pos))}
-	}
+func retentionShow(ctx context.Context, e *env, cfg *config.Config, pos []string, profile string, asJSON bool) error {
 	var name string
 	if len(pos) == 1 {
 		if name = pos[0]; name == "" {
 			return usageError{errors.New("retention show: the VM is empty: give its name or instance UUID, or none for every VM")}
 		}
 	}
-	cat, err := openCatalog(ctx, &cfg)
+	cat, err := openCatalog(ctx, cfg)
 	if err != nil {
 		return err
 	}
@@ -337,12 +333,12 @@ flags:
 	if len(policies) > 0 && policies[0].VM.IsDefault() {
 		out.Default = policyJSON(policies[0].Policy)
 	}
-	vms, err := cat.FindVMs(ctx, name, *profile)
+	vms, err := cat.FindVMs(ctx, name, profile)
 	if err != nil {
 		return err
 	}
 	if name != "" && len(vms) == 0 {
-		return fmt.Errorf("retention show: %s", notInCatalog(name, *profile))
+		return fmt.Errorf("retention show: %s", notInCatalog(name, profile))
 	}
 	type shown struct {
 		vm  catalog.VM
@@ -362,7 +358,7 @@ flags:
 		}
 		out.VMs = append(out.VMs, vo)
 	}
-	if *asJSON {
+	if asJSON {
 		return json.NewEncoder(e.stdout).Encode(out)
 	}
 	if name != "" {

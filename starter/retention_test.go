@@ -5,9 +5,6 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"flag"
-	"io"
-	"log/slog"
 	"maps"
 	"os/exec"
 	"slices"
@@ -43,10 +40,8 @@ func retentionDB(t *testing.T, vms ...[3]string) string {
 // process and returns its stdout and error.
 func retentionRun(t *testing.T, url string, args ...string) (string, error) {
 	t.Helper()
-	var stdout, stderr bytes.Buffer
-	e := &env{stdout: &stdout, stderr: &stderr, log: slog.New(slog.DiscardHandler), getenv: func(string) string { return "" }}
-	err := commands["retention"].run(context.Background(), e, append(args, "--database-url", url))
-	return stdout.String(), err
+	r := runIn(t, append([]string{"retention"}, append(args, "--database-url", url)...)...)
+	return r.stdout, r.err
 }
 
 // mustRun runs a retention command that must succeed and returns its
@@ -236,13 +231,13 @@ func TestRetentionErrors(t *testing.T) {
 		{[]string{"clear"}, true, []string{"retention clear: give a VM (name or instance UUID) or --default for all VMs"}},
 		{[]string{"set", "u-1", "u-2", "--keep-last", "1"}, true, []string{"retention set: give one VM or --default, not 2 arguments"}},
 		{[]string{"set", "--default", "--profile", "lab", "--keep-last", "1"}, true, []string{"--profile selects a VM; the default policy has none"}},
-		{[]string{"set", "u-1", "--keep-last", "two"}, true, []string{`invalid value "two" for flag -keep-last`}},
+		{[]string{"set", "u-1", "--keep-last", "two"}, true, []string{`invalid argument "two" for "--keep-last" flag`}},
 		{[]string{"show", "u-1", "u-2"}, true, []string{"retention show: at most one VM, got 2"}},
 		// "" would match every VM, as in catalog.FindVMs.
 		{[]string{"set", "", "--keep-last", "1"}, true, []string{"retention set: the VM is empty"}},
 		{[]string{"clear", ""}, true, []string{"retention clear: the VM is empty"}},
 		{[]string{"show", ""}, true, []string{"retention show: the VM is empty"}},
-		{[]string{"prune"}, false, []string{`unknown command "starter retention prune"`}},
+		{[]string{"prune"}, true, []string{`unknown command "prune" for "starter retention"`}},
 	} {
 		stdout, err := retentionRun(t, url, c.args...)
 		name := strings.Join(c.args, " ")
@@ -253,8 +248,7 @@ func TestRetentionErrors(t *testing.T) {
 		if stdout != "" {
 			t.Errorf("retention %s: stdout %q, want nothing", name, stdout)
 		}
-		var usage usageError
-		if errors.As(err, &usage) != c.usage {
+		if (exitCode(err) == 2) != c.usage {
 			t.Errorf("retention %s: %v is a usage error (exit 2): %v, want %v", name, err, !c.usage, c.usage)
 		}
 		for _, w := range c.want {
@@ -269,8 +263,8 @@ func TestRetentionErrors(t *testing.T) {
 	}
 }
 
-// The binary's exit codes: 0, 1 for a failure, 2 for a usage error and
-// for -h, as every command's.
+// The binary's exit codes: 0 (help included), 1 for a failure, 2 for a
+// usage error, as every command's.
 func TestRetentionExitCodes(t *testing.T) {
 	url := retentionDB(t, [3]string{"lab", "u-1", "web"})
 	bin := buildStarter(t)
@@ -283,10 +277,7 @@ func TestRetentionExitCodes(t *testing.T) {
 		{[]string{"retention", "show", "web"}, 0, ""},
 		{[]string{"retention", "set", "nosuch", "--keep-last", "1"}, 1, `starter: retention set: VM "nosuch" has no restore points in the catalog`},
 		{[]string{"retention", "set", "web"}, 2, "starter: retention set: a retention policy must keep something"},
-		{[]string{"retention", "set", "-h"}, 2, "usage: starter retention set (VM | --default)"},
-		{[]string{"retention", "show", "-h"}, 2, `--json prints one object: {"default": POLICY or null, "vms": [{"vm",`},
-		{[]string{"retention", "help"}, 0, "usage: starter retention COMMAND"},
-		{[]string{"retention"}, 2, "usage: starter retention COMMAND"},
+		{[]string{"retention"}, 2, "Usage:\n  starter retention [command]"},
 	} {
 		cmd := exec.Command(bin, append(c.args, "--database-url", url)...)
 		if len(c.args) == 1 || c.args[len(c.args)-1] == "help" {
@@ -308,17 +299,30 @@ func TestRetentionExitCodes(t *testing.T) {
 	}
 }
 
-// -h of each subcommand explains the rules and the flags.
+// -h of each subcommand explains the rules and the flags, on stdout.
 func TestRetentionHelp(t *testing.T) {
-	for _, sub := range []string{"set", "show", "clear"} {
-		var stderr bytes.Buffer
-		e := &env{stdout: io.Discard, stderr: &stderr, log: slog.New(slog.DiscardHandler), getenv: func(string) string { return "" }}
-		err := commands["retention"].run(context.Background(), e, []string{sub, "-h"})
-		if !errors.Is(err, flag.ErrHelp) {
-			t.Fatalf("retention %s -h: %v, want flag.ErrHelp", sub, err)
+	for _, c := range [][]string{{"retention", "set", "-h"}, {"retention", "show", "--help"}, {"retention", "clear", "-h"}, {"retention", "help"}, {"help", "retention"}} {
+		r := runIn(t, c...)
+		if r.code != 0 || r.stderr != "" {
+			t.Fatalf("%v: exit %d, stderr %s", c, r.code, r.stderr)
 		}
-		if !strings.Contains(stderr.String(), "usage: starter retention "+sub) {
-			t.Errorf("retention %s -h:\n%s", sub, stderr.String())
+		want := "starter " + strings.Join(c[:len(c)-1], " ")
+		switch {
+		case c[0] == "help" || c[len(c)-1] == "help":
+			want = "starter retention [command]"
+		case c[len(c)-1] == "--help":
+			want += ` [VM] [flags]`
 		}
+		if !strings.Contains(r.stdout, "Usage:\n  "+want) {
+			t.Errorf("%v: stdout lacks %q:\n%s", c, want, r.stdout)
+		}
+	}
+	r := runIn(t, "retention", "show", "-h")
+	if !strings.Contains(r.stdout, `--json prints one object: {"default": POLICY or null, "vms": [{"vm",`) {
+		t.Errorf("retention show -h does not describe the JSON:\n%s", r.stdout)
+	}
+	r = runIn(t, "retention", "set", "-h")
+	if !strings.Contains(r.stdout, "starter retention set (VM | --default)") || !strings.Contains(r.stdout, "keep-daily, -weekly, -monthly and -yearly") {
+		t.Errorf("retention set -h does not explain the rules:\n%s", r.stdout)
 	}
 }

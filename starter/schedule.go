@@ -4,12 +4,12 @@ import (
 	"cmp"
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"strings"
 	"text/tabwriter"
 	"time"
 
+	"github.com/spf13/cobra"
 	enumspb "go.temporal.io/api/enums/v1"
 	"go.temporal.io/sdk/client"
 
@@ -21,21 +21,14 @@ import (
 // prefix so `schedule list` tells them from cbtflow's own (the sweeper).
 const backupSchedulePrefix = "backup-"
 
-func init() {
-	commands["schedule"] = command{
-		summary: "manage Temporal schedules of VM backups (add, list, delete)",
-		run: func(ctx context.Context, e *env, args []string) error {
-			return dispatch(ctx, e, "starter schedule", map[string]command{
-				"add":    {"back up a VM on a schedule: schedule add VM --every 24h [--mode auto|full]", scheduleAdd},
-				"list":   {"list the backup schedules", scheduleList},
-				"delete": {"delete a VM's backup schedule: schedule delete VM", scheduleDelete},
-			}, args)
-		},
+func newScheduleCmd(e *env) *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "schedule",
+		Short: "manage Temporal schedules of VM backups (add, list, delete)",
 	}
+	cmd.AddCommand(newScheduleAddCmd(e), newScheduleListCmd(e), newScheduleDeleteCmd(e))
+	return cmd
 }
-
-// profileUsage is the help of every --profile flag.
-const profileUsage = "vCenter `profile` (CBTFLOW_PROFILE); empty: the worker's default (its CBTFLOW_PROFILE, or its only profile)"
 
 // backupScheduleID is the schedule ID of a VM's backups. Temporal IDs take
 // any string; the VM is named as the operator named it, resolved at each
@@ -45,51 +38,60 @@ func backupScheduleID(profile, vm string) string {
 	return backupSchedulePrefix + profile + "/" + vm
 }
 
-func scheduleAdd(ctx context.Context, e *env, args []string) error {
-	fs := newFlags(e, "schedule add")
+func newScheduleAddCmd(e *env) *cobra.Command {
 	var cfg config.Config
-	cfg.Register(fs)
-	profile := fs.String("profile", config.Env("CBTFLOW_PROFILE", ""), profileUsage)
-	every := fs.Duration("every", 24*time.Hour, "interval between backups")
-	offset := fs.Duration("offset", 0, "offset of the runs within the interval (e.g. 2h with --every 24h: 02:00 UTC)")
-	mode := fs.String("mode", workflows.ModeAuto, "auto or full")
-	pos, err := parseInterleaved(fs, args)
-	if err != nil {
-		return usageError{err}
+	var profile *string
+	var every, offset time.Duration
+	var mode string
+	cmd := &cobra.Command{
+		Use:   "add VM",
+		Short: "back up a VM on a schedule",
+		Args:  exactArgs(1, "exactly one VM"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return scheduleAdd(cmd.Context(), e, &cfg, args[0], *profile, every, offset, mode)
+		},
 	}
-	if len(pos) != 1 {
-		return usageError{errors.New("schedule add: give exactly one VM")}
+	addConfigFlags(cmd, &cfg, useTemporal)
+	fs := cmd.Flags()
+	profile = profileFlag(fs)
+	fs.DurationVar(&every, "every", 24*time.Hour, "interval between backups")
+	fs.DurationVar(&offset, "offset", 0, "offset of the runs within the interval (e.g. 2h with --every 24h: 02:00 UTC)")
+	fs.StringVar(&mode, "mode", workflows.ModeAuto, "auto or full")
+	return cmd
+}
+
+func scheduleAdd(ctx context.Context, e *env, cfg *config.Config, vm, profile string, every, offset time.Duration, mode string) error {
+	pos := []string{vm}
+	if every < time.Minute {
+		return usageError{fmt.Errorf("schedule add: --every %s is shorter than a minute", every)}
 	}
-	if *every < time.Minute {
-		return usageError{fmt.Errorf("schedule add: --every %s is shorter than a minute", *every)}
+	if mode != workflows.ModeAuto && mode != workflows.ModeFull {
+		return usageError{fmt.Errorf("schedule add: --mode %q: a schedule backs up in auto or full mode", mode)}
 	}
-	if *mode != workflows.ModeAuto && *mode != workflows.ModeFull {
-		return usageError{fmt.Errorf("schedule add: --mode %q: a schedule backs up in auto or full mode", *mode)}
-	}
-	c, err := dialTemporal(ctx, e, &cfg)
+	c, err := dialTemporal(ctx, e, cfg)
 	if err != nil {
 		return err
 	}
 	defer c.Close()
-	id := backupScheduleID(*profile, pos[0])
+	id := backupScheduleID(profile, pos[0])
 	_, err = c.ScheduleClient().Create(ctx, client.ScheduleOptions{
 		ID:   id,
-		Spec: client.ScheduleSpec{Intervals: []client.ScheduleIntervalSpec{{Every: *every, Offset: *offset}}},
+		Spec: client.ScheduleSpec{Intervals: []client.ScheduleIntervalSpec{{Every: every, Offset: offset}}},
 		Action: &client.ScheduleWorkflowAction{
 			ID:        "scheduled-" + id,
 			Workflow:  workflows.Backup,
-			Args:      []any{workflows.BackupInput{VM: pos[0], Profile: *profile, Mode: *mode}},
+			Args:      []any{workflows.BackupInput{VM: pos[0], Profile: profile, Mode: mode}},
 			TaskQueue: workflows.TaskQueue,
 		},
 		// A backup still running when the next is due: skip the new one.
 		// One VM never has two backups at once anyway (its workflow ID).
 		Overlap: enumspb.SCHEDULE_OVERLAP_POLICY_SKIP,
-		Note:    fmt.Sprintf("cbtflow: back up VM %s (profile %s) every %s", pos[0], cmp.Or(*profile, "the worker's default"), *every),
+		Note:    fmt.Sprintf("cbtflow: back up VM %s (profile %s) every %s", pos[0], cmp.Or(profile, "the worker's default"), humanDuration(every)),
 	})
 	if err != nil {
 		return fmt.Errorf("schedule add: %s: %w", id, err)
 	}
-	e.log.Info("schedule created", "schedule", id, "every", every.String())
+	e.log.Info("schedule created", "schedule", id, "every", humanDuration(every))
 	fmt.Fprintln(e.stdout, id)
 	return nil
 }
@@ -103,15 +105,24 @@ type scheduleEntry struct {
 	Note    string    `json:"note,omitempty"`
 }
 
-func scheduleList(ctx context.Context, e *env, args []string) error {
-	fs := newFlags(e, "schedule list")
+func newScheduleListCmd(e *env) *cobra.Command {
 	var cfg config.Config
-	cfg.Register(fs)
-	asJSON := fs.Bool("json", false, "print one JSON array")
-	if err := parse(fs, args); err != nil {
-		return usageError{err}
+	var asJSON bool
+	cmd := &cobra.Command{
+		Use:   "list",
+		Short: "list the backup schedules",
+		Args:  exactArgs(0, "no arguments"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return scheduleList(cmd.Context(), e, &cfg, asJSON)
+		},
 	}
-	c, err := dialTemporal(ctx, e, &cfg)
+	addConfigFlags(cmd, &cfg, useTemporal)
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print one JSON array")
+	return cmd
+}
+
+func scheduleList(ctx context.Context, e *env, cfg *config.Config, asJSON bool) error {
+	c, err := dialTemporal(ctx, e, cfg)
 	if err != nil {
 		return err
 	}
@@ -137,7 +148,7 @@ func scheduleList(ctx context.Context, e *env, args []string) error {
 		}
 		entries = append(entries, en)
 	}
-	if *asJSON {
+	if asJSON {
 		return json.NewEncoder(e.stdout).Encode(entries)
 	}
 	tw := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
@@ -152,24 +163,29 @@ func scheduleList(ctx context.Context, e *env, args []string) error {
 	return tw.Flush()
 }
 
-func scheduleDelete(ctx context.Context, e *env, args []string) error {
-	fs := newFlags(e, "schedule delete")
+func newScheduleDeleteCmd(e *env) *cobra.Command {
 	var cfg config.Config
-	cfg.Register(fs)
-	profile := fs.String("profile", config.Env("CBTFLOW_PROFILE", ""), profileUsage)
-	pos, err := parseInterleaved(fs, args)
-	if err != nil {
-		return usageError{err}
+	var profile *string
+	cmd := &cobra.Command{
+		Use:   "delete VM",
+		Short: "delete a VM's backup schedule",
+		Args:  exactArgs(1, "exactly one VM"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return scheduleDelete(cmd.Context(), e, &cfg, args[0], *profile)
+		},
 	}
-	if len(pos) != 1 {
-		return usageError{errors.New("schedule delete: give exactly one VM")}
-	}
-	c, err := dialTemporal(ctx, e, &cfg)
+	addConfigFlags(cmd, &cfg, useTemporal)
+	profile = profileFlag(cmd.Flags())
+	return cmd
+}
+
+func scheduleDelete(ctx context.Context, e *env, cfg *config.Config, vm, profile string) error {
+	c, err := dialTemporal(ctx, e, cfg)
 	if err != nil {
 		return err
 	}
 	defer c.Close()
-	id := backupScheduleID(*profile, pos[0])
+	id := backupScheduleID(profile, vm)
 	if err := c.ScheduleClient().GetHandle(ctx, id).Delete(ctx); err != nil {
 		return fmt.Errorf("schedule delete: %s: %w", id, err)
 	}

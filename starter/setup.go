@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/spf13/cobra"
 	enumspb "go.temporal.io/api/enums/v1"
 	"go.temporal.io/sdk/client"
 
@@ -14,32 +15,58 @@ import (
 	"github.com/cbtflow/cbtflow/workflows"
 )
 
-func init() {
-	commands["setup"] = command{summary: "create or update the schedules cbtflow needs (the snapshot sweeper, the daily prune)", run: setupCmd}
-	commands["sweep"] = command{summary: "remove abandoned cbtflow snapshots and partial backups now", run: sweepCmd}
+func newSetupCmd(e *env) *cobra.Command {
+	var cfg config.Config
+	var every, minAge, pruneEvery time.Duration
+	cmd := &cobra.Command{
+		Use:   "setup",
+		Short: "create or update the schedules cbtflow needs (the snapshot sweeper, the daily prune)",
+		Long: `Create or update the schedules cbtflow needs: the snapshot sweeper
+(cbtflow-sweeper) and the daily prune (cbtflow-prune). Idempotent.`,
+		Args: exactArgs(0, "no arguments"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return setupRun(cmd.Context(), e, &cfg, every, minAge, pruneEvery)
+		},
+	}
+	addConfigFlags(cmd, &cfg, useTemporal)
+	fs := cmd.Flags()
+	fs.DurationVar(&every, "sweep-every", 15*time.Minute, "how often the sweeper runs")
+	fs.DurationVar(&minAge, "sweep-min-age", workflows.DefaultSweepMinAge, "how old an abandoned snapshot must be before the sweeper removes it")
+	fs.DurationVar(&pruneEvery, "prune-every", 24*time.Hour, "how often the retention policies are applied (starter prune)")
+	return cmd
 }
 
-func setupCmd(ctx context.Context, e *env, args []string) error {
-	fs := newFlags(e, "setup")
+func newSweepCmd(e *env) *cobra.Command {
 	var cfg config.Config
-	cfg.Register(fs)
-	every := fs.Duration("sweep-every", 15*time.Minute, "how often the sweeper runs")
-	minAge := fs.Duration("sweep-min-age", workflows.DefaultSweepMinAge, "how old an abandoned snapshot must be before the sweeper removes it")
-	pruneEvery := fs.Duration("prune-every", 24*time.Hour, "how often the retention policies are applied (starter prune)")
-	if err := parse(fs, args); err != nil {
-		return usageError{err}
+	var minAge time.Duration
+	cmd := &cobra.Command{
+		Use:   "sweep",
+		Short: "remove abandoned cbtflow snapshots and partial backups now",
+		Long: `Sweep now: remove abandoned cbtflow-* snapshots and partial backups that
+no running backup owns. Prints the Sweep workflow's result as one JSON
+object; exits 1 when a vCenter could not be swept.`,
+		Args: exactArgs(0, "no arguments"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return sweepRun(cmd.Context(), e, &cfg, minAge)
+		},
 	}
-	if *every <= 0 || *minAge <= 0 || *pruneEvery <= 0 {
+	addConfigFlags(cmd, &cfg, useTemporal)
+	cmd.Flags().DurationVar(&minAge, "min-age", workflows.DefaultSweepMinAge, "leave snapshots and backups younger than this alone (0: none)")
+	return cmd
+}
+
+func setupRun(ctx context.Context, e *env, cfg *config.Config, every, minAge, pruneEvery time.Duration) error {
+	if every <= 0 || minAge <= 0 || pruneEvery <= 0 {
 		return usageError{errors.New("setup: --sweep-every, --sweep-min-age and --prune-every must be positive")}
 	}
-	c, err := dialTemporal(ctx, e, &cfg)
+	c, err := dialTemporal(ctx, e, cfg)
 	if err != nil {
 		return err
 	}
 	defer c.Close()
 	sc := c.ScheduleClient()
 	err = ensureSchedule(ctx, e, sc, workflows.SweeperScheduleID,
-		client.ScheduleSpec{Intervals: []client.ScheduleIntervalSpec{{Every: *every}}},
+		client.ScheduleSpec{Intervals: []client.ScheduleIntervalSpec{{Every: every}}},
 		&client.ScheduleWorkflowAction{
 			ID:        "cbtflow-sweep",
 			Workflow:  workflows.Sweep,
@@ -47,12 +74,12 @@ func setupCmd(ctx context.Context, e *env, args []string) error {
 			TaskQueue: workflows.TaskQueue,
 		},
 		"removes cbtflow snapshots and partial backups that no running backup owns",
-		"every", every.String(), "min_age", minAge.String())
+		"every", humanDuration(every), "min_age", humanDuration(minAge))
 	if err != nil {
 		return err
 	}
 	return ensureSchedule(ctx, e, sc, workflows.PruneScheduleID,
-		client.ScheduleSpec{Intervals: []client.ScheduleIntervalSpec{{Every: *pruneEvery}}},
+		client.ScheduleSpec{Intervals: []client.ScheduleIntervalSpec{{Every: pruneEvery}}},
 		&client.ScheduleWorkflowAction{
 			ID:        "cbtflow-prune",
 			Workflow:  workflows.Prune,
@@ -60,7 +87,7 @@ func setupCmd(ctx context.Context, e *env, args []string) error {
 			TaskQueue: workflows.TaskQueue,
 		},
 		"applies the retention policies (starter retention) to every VM's restore points",
-		"every", pruneEvery.String())
+		"every", humanDuration(pruneEvery))
 }
 
 // ensureSchedule creates the schedule id, or brings an existing one up to
@@ -100,21 +127,14 @@ func ensureSchedule(ctx context.Context, e *env, sc client.ScheduleClient, id st
 	return nil
 }
 
-func sweepCmd(ctx context.Context, e *env, args []string) error {
-	fs := newFlags(e, "sweep")
-	var cfg config.Config
-	cfg.Register(fs)
-	minAge := fs.Duration("min-age", workflows.DefaultSweepMinAge, "leave snapshots and backups younger than this alone (0: none)")
-	if err := parse(fs, args); err != nil {
-		return usageError{err}
-	}
-	c, err := dialTemporal(ctx, e, &cfg)
+func sweepRun(ctx context.Context, e *env, cfg *config.Config, minAge time.Duration) error {
+	c, err := dialTemporal(ctx, e, cfg)
 	if err != nil {
 		return err
 	}
 	defer c.Close()
 	in := workflows.SweepInput{MinAgeSeconds: int64(minAge.Seconds())}
-	if *minAge <= 0 {
+	if minAge <= 0 {
 		in.MinAgeSeconds = -1
 	}
 	run, err := c.ExecuteWorkflow(ctx, client.StartWorkflowOptions{ID: "cbtflow-sweep-" + randomID(), TaskQueue: workflows.TaskQueue}, workflows.Sweep, in)
