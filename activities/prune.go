@@ -730,7 +730,7 @@ func settlePending(ctx context.Context, cat *catalog.Catalog, repo *repository.R
 		}
 		var sum string
 		if fi.Size() == pm.SizeBytes || fi.Size() == old.SizeBytes {
-			if _, sum, err = integrity.Hash(ctx, path, func() { activity.RecordHeartbeat(ctx) }); err != nil {
+			if _, sum, err = integrity.Hash(ctx, path, func(int64) { activity.RecordHeartbeat(ctx) }); err != nil {
 				return fmt.Errorf("prune: settling the interrupted merge of %s disk %d: %w", pm.BackupID, pm.Key, err)
 			}
 		}

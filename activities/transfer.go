@@ -23,22 +23,6 @@ import (
 	"github.com/cbtflow/cbtflow/internal/vsphere"
 )
 
-// Signaler sends a signal to a running workflow; client.Client is one.
-type Signaler interface {
-	SignalWorkflow(ctx context.Context, workflowID, runID, signalName string, arg any) error
-}
-
-// ProgressSignal is what TransferDisk signals to its workflow
-// (workflows.TransferProgressSignal is this type).
-type ProgressSignal struct {
-	Key   int32 `json:"key"`
-	Done  int64 `json:"done"`
-	Total int64 `json:"total"`
-}
-
-// SignalTransferProgress is the signal name of ProgressSignal.
-const SignalTransferProgress = "transfer-progress"
-
 // Transfer holds the activity that moves a disk's data.
 type Transfer struct {
 	Sessions *vsphere.Sessions
@@ -49,10 +33,6 @@ type Transfer struct {
 	// Copy is the template of the copier's options (request size, requests
 	// in flight, flush interval); the activity fills in the rest.
 	Copy copier.Options
-	// Signals, when set, reports progress to the workflow every
-	// SignalInterval (default 10s), for its progress query.
-	Signals        Signaler
-	SignalInterval time.Duration
 	// Sources opens a snapshot disk as NBD; source.New when nil.
 	Sources func(vsphere.Profile) (source.Opener, error)
 	// Slots bounds the transfers that copy at once (the worker's
@@ -183,7 +163,8 @@ func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*Tra
 			waited = true
 			log.Info("waiting for a transfer slot", "disk", in.Key, "backup", in.BackupID)
 		}
-		activity.RecordHeartbeat(ctx, resume)
+		activity.RecordHeartbeat(ctx, TransferProgress{Path: resume.Path, ResumePoint: resume.ResumePoint,
+			Key: in.Key, Stage: TransferStageWaiting, Total: in.ChangedBytes})
 	})
 	if err != nil {
 		return nil, err
@@ -245,7 +226,6 @@ func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*Tra
 	opts.Extents = extents
 	opts.Overlay = in.Mode == ModeIncremental
 	opts.ResumeFrom = resume.ResumePoint
-	sig := a.progressSignaler(ctx, in.Key)
 	if faultpoint.Active(ctx) && opts.ProgressInterval == 0 {
 		// Fault tests hold a transfer at about half its bytes: a fast
 		// copy of a few hundred MiB must report progress often enough to
@@ -253,9 +233,10 @@ func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*Tra
 		opts.ProgressInterval = 10 * time.Millisecond
 	}
 	halfway := false
+	copyRate := newRateMeter()
 	opts.Progress = func(p copier.Progress) {
-		activity.RecordHeartbeat(ctx, TransferProgress{Path: path, ResumePoint: p.ResumePoint, Done: p.Done, Total: p.Total})
-		sig(p.Done, p.Total, false)
+		activity.RecordHeartbeat(ctx, TransferProgress{Path: path, ResumePoint: p.ResumePoint, Done: p.Done, Total: p.Total,
+			Key: in.Key, Stage: TransferStageCopying, Rate: copyRate.observe(time.Now(), p.Done)})
 		if faultpoint.Enabled && !halfway && p.Total > 0 && p.Done*2 >= p.Total && p.Done < p.Total {
 			halfway = true
 			faultpoint.Hold(ctx, faultpoint.MidTransfer)
@@ -268,7 +249,6 @@ func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*Tra
 		}
 		return nil, permanent(fmt.Errorf("disk %d into %s: %w", in.Key, path, err))
 	}
-	sig(in.ChangedBytes, in.ChangedBytes, true)
 	// A clean stop of qemu-nbd closes the image; the copy's final FLUSH
 	// already made the data durable.
 	if err := target.Close(); err != nil {
@@ -276,6 +256,14 @@ func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*Tra
 	}
 	_ = src.Close()
 
+	// Verifying: the image's check and its SHA-256 (a read of the whole
+	// image), reported as their own stage.
+	verifying := TransferProgress{Path: path, ResumePoint: res.ResumePoint, Done: in.ChangedBytes, Total: in.ChangedBytes,
+		Key: in.Key, Stage: TransferStageVerifying}
+	if fi, err := os.Stat(path); err == nil {
+		verifying.VerifyTotal = fi.Size()
+	}
+	activity.RecordHeartbeat(ctx, verifying)
 	faultpoint.Hold(ctx, faultpoint.BeforeCheck)
 	check, err := qemu.Check(ctx, path)
 	if err != nil {
@@ -290,8 +278,10 @@ func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*Tra
 	if err != nil {
 		return nil, permanent(err)
 	}
-	size, sum, err := integrity.Hash(ctx, path, func() {
-		activity.RecordHeartbeat(ctx, TransferProgress{Path: path, ResumePoint: res.ResumePoint, Done: in.ChangedBytes, Total: in.ChangedBytes})
+	hashRate := newRateMeter()
+	size, sum, err := integrity.Hash(ctx, path, func(n int64) {
+		verifying.Verified, verifying.Rate = n, hashRate.observe(time.Now(), n)
+		activity.RecordHeartbeat(ctx, verifying)
 	})
 	if err != nil {
 		return nil, permanent(err)
@@ -365,32 +355,4 @@ func (a *Transfer) runtimeDir() (string, error) {
 		return "", err
 	}
 	return dir, os.Chmod(dir, 0o700)
-}
-
-// progressSignaler returns a function that signals progress to the
-// workflow at most every SignalInterval (and always when final).
-func (a *Transfer) progressSignaler(ctx context.Context, key int32) func(done, total int64, final bool) {
-	if a.Signals == nil {
-		return func(int64, int64, bool) {}
-	}
-	every := a.SignalInterval
-	if every <= 0 {
-		every = 10 * time.Second
-	}
-	info := activity.GetInfo(ctx)
-	var mu sync.Mutex
-	var last time.Time
-	return func(done, total int64, final bool) {
-		mu.Lock()
-		defer mu.Unlock()
-		if !final && time.Since(last) < every {
-			return
-		}
-		last = time.Now()
-		sctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		defer cancel()
-		// Progress is informative: a failed signal must not fail the copy.
-		_ = a.Signals.SignalWorkflow(sctx, info.WorkflowExecution.ID, info.WorkflowExecution.RunID,
-			SignalTransferProgress, ProgressSignal{Key: key, Done: done, Total: total})
-	}
 }

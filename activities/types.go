@@ -252,13 +252,34 @@ type FileStamp struct {
 }
 
 // TransferProgress is the heartbeat detail of TransferDisk: the resume
-// point advances only after a FLUSH of the target.
+// point of a retry (it advances only after a FLUSH of the target), and
+// what the workflow's progress query reports of a running transfer (the
+// server keeps the latest details of a pending activity, so progress
+// costs no workflow history).
 type TransferProgress struct {
 	Path        string `json:"path"`
 	ResumePoint int64  `json:"resume_point"`
-	Done        int64  `json:"done"`
-	Total       int64  `json:"total"`
+	// Done and Total are the bytes copied and to copy.
+	Done  int64 `json:"done"`
+	Total int64 `json:"total"`
+	// Key is the disk's; Stage one of the TransferStage* values.
+	Key   int32  `json:"key,omitempty"`
+	Stage string `json:"stage,omitempty"`
+	// Rate is the copy's (or the verification's) recent speed, bytes per
+	// second; 0 while unknown.
+	Rate float64 `json:"rate,omitempty"`
+	// Verified and VerifyTotal are the bytes of the image read back (its
+	// SHA-256) and its size, in StageVerifying.
+	Verified    int64 `json:"verified,omitempty"`
+	VerifyTotal int64 `json:"verify_total,omitempty"`
 }
+
+// The stages of a transfer, in its heartbeat details.
+const (
+	TransferStageWaiting   = "waiting"   // for a transfer slot of the worker
+	TransferStageCopying   = "copying"   // the changed areas, from the snapshot into the image
+	TransferStageVerifying = "verifying" // qemu-img check and SHA-256 of the image
+)
 
 // CommitDisk is one disk of a restore point to commit.
 type CommitDisk struct {

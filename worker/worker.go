@@ -1,7 +1,10 @@
 package main
 
 import (
+	"cmp"
 	"context"
+	"log/slog"
+	"time"
 
 	"go.temporal.io/sdk/client"
 	"go.temporal.io/sdk/interceptor"
@@ -27,6 +30,8 @@ type deps struct {
 	// metrics receives what the activities measure of backups, and
 	// every failed activity attempt (nil: none).
 	metrics activities.Metrics
+	// log is the worker's (nil: slog's default).
+	log *slog.Logger
 }
 
 // newWorker returns the worker of cbtflow's task queue with every workflow
@@ -38,14 +43,22 @@ func newWorker(c client.Client, d deps, maxTransfers int) worker.Worker {
 	// stays the SDK's default (1000): a transfer waiting for a slot holds
 	// an activity slot, and snapshot, catalog and cleanup steps must still
 	// find one. Each backup transfers at most two disks at a time.
-	opts := worker.Options{BackgroundActivityContext: d.activityContext}
+	opts := worker.Options{
+		BackgroundActivityContext: d.activityContext,
+		// A running transfer's progress is its latest heartbeat, which the
+		// server keeps (liveProgress): sent every second, the progress
+		// query and the starter's bars stay current. (The SDK's default
+		// sends one at most every 0.8 × HeartbeatTimeout.)
+		MaxHeartbeatThrottleInterval: time.Second,
+		Interceptors:                 []interceptor.WorkerInterceptor{newLiveProgress(c, cmp.Or(d.log, slog.Default()))},
+	}
 	if d.metrics != nil {
-		opts.Interceptors = []interceptor.WorkerInterceptor{activities.FailureInterceptor(d.metrics)}
+		opts.Interceptors = append(opts.Interceptors, activities.FailureInterceptor(d.metrics))
 	}
 	w := worker.New(c, workflows.TaskQueue, opts)
 	workflows.Register(w)
 	w.RegisterActivity(&activities.VSphere{Sessions: d.sessions, Repo: d.repo, Metrics: d.metrics})
-	w.RegisterActivity(&activities.Transfer{Sessions: d.sessions, Repo: d.repo, Signals: c,
+	w.RegisterActivity(&activities.Transfer{Sessions: d.sessions, Repo: d.repo,
 		Slots: activities.NewTransferSlots(maxTransfers), Metrics: d.metrics})
 	w.RegisterActivity(&activities.Catalog{Catalog: d.catalog, Repo: d.repo, Metrics: d.metrics})
 	w.RegisterActivity(&activities.Pruner{Catalog: d.catalog, Repo: d.repo})

@@ -20,11 +20,6 @@ import (
 // running workflow's ID.
 const ErrTypeAlreadyRunning = "BackupAlreadyRunning"
 
-// SignalTransferProgress carries a TransferProgressSignal from a running
-// transfer to its BackupVM, so the progress query can report bytes done.
-// The contract is defined once, by the activity that sends it.
-const SignalTransferProgress = activities.SignalTransferProgress
-
 // BackupInput is what operators, the Web UI and schedules start: a VM named
 // by name, inventory path or moref, e.g. {"vm": "DC0_H0_VM0"}.
 type BackupInput struct {
@@ -154,28 +149,52 @@ func (r BackupReport) FindDisk(key int32) (DiskResult, bool) {
 	return DiskResult{}, false
 }
 
-// Progress is the answer of the progress query.
+// Progress is the answer of the progress query, of a BackupVM and of a
+// Backup (which answers its BackupVM's progress once that one runs).
+//
+// The workflow knows the phases and each disk's bytes to copy; a running
+// transfer's bytes done, rate and ETA are in its heartbeat details, which
+// the server keeps for a pending activity: the worker adds them to the
+// answer (Live), so progress costs no workflow history however large the
+// disk.
 type Progress struct {
-	BackupID string         `json:"backup_id"`
-	Phase    Phase          `json:"phase"`
-	Snapshot string         `json:"snapshot,omitempty"`
-	Disks    []DiskProgress `json:"disks"`
+	BackupID string `json:"backup_id"`
+	VM       string `json:"vm,omitempty"`
+	Phase    Phase  `json:"phase"`
+	// PhaseSince is when the phase began (workflow time).
+	PhaseSince time.Time `json:"phase_since,omitzero"`
+	Snapshot   string    `json:"snapshot,omitempty"`
+	// WorkflowID is, in a Backup's answer, the BackupVM that runs the
+	// backup.
+	WorkflowID string         `json:"workflow_id,omitempty"`
+	Disks      []DiskProgress `json:"disks"`
+	// Live says the running transfers' heartbeats are in Disks.
+	Live bool `json:"live,omitempty"`
+	// Skipped says why a Backup started nothing (SkipIfRunning).
+	Skipped string `json:"skipped,omitempty"`
 }
 
-// Phase is where a BackupVM stands, in the order it goes through them.
+// Phase is where a backup stands, in the order it goes through them.
 // A backup that fails or is canceled stays in the phase it was in; its
 // outcome is the workflow's.
 type Phase string
 
-// The phases of a BackupVM.
+// The phases of a backup.
 const (
-	PhaseStarting     Phase = "starting"     // inputs checked, nothing asked yet
-	PhasePreparing    Phase = "preparing"    // PrepareVM and BeginBackup: disks, CBT, catalog, chain check
-	PhaseSnapshot     Phase = "snapshot"     // CreateSnapshot
-	PhaseTransferring Phase = "transferring" // per disk: ChangedAreas, TransferDisk (see DiskPhase)
-	PhaseCommitting   Phase = "committing"   // CommitRestorePoint
-	PhaseCommitted    Phase = "committed"    // a restore point; the snapshot's removal follows
+	PhaseResolving        Phase = "resolving"         // Backup: ResolveVM, then the start of its BackupVM
+	PhaseStarting         Phase = "starting"          // inputs checked, nothing asked yet
+	PhasePreparing        Phase = "preparing"         // PrepareVM and BeginBackup: disks, CBT, catalog, chain check
+	PhaseSnapshot         Phase = "snapshot"          // CreateSnapshot
+	PhaseTransferring     Phase = "transferring"      // per disk: ChangedAreas, TransferDisk (see DiskPhase)
+	PhaseCommitting       Phase = "committing"        // CommitRestorePoint
+	PhaseCommitted        Phase = "committed"         // a restore point; the snapshot's removal follows
+	PhaseRemovingSnapshot Phase = "removing-snapshot" // RemoveSnapshot, after the commit
+	PhaseCompleted        Phase = "completed"         // committed and the snapshot removed
+	PhaseSkipped          Phase = "skipped"           // Backup: a backup of the VM runs already (SkipIfRunning)
 )
+
+// Final reports whether nothing more happens in phase p.
+func (p Phase) Final() bool { return p == PhaseCompleted || p == PhaseSkipped }
 
 // DiskPhase is where one disk of a BackupVM stands.
 type DiskPhase string
@@ -183,8 +202,9 @@ type DiskPhase string
 // The phases of a disk.
 const (
 	DiskWaiting      DiskPhase = "waiting"      // planned, or queried: waits for the snapshot, the space check or a free transfer
-	DiskQuerying     DiskPhase = "querying"     // ChangedAreas
+	DiskQuerying     DiskPhase = "querying"     // ChangedAreas: CBT's changed areas
 	DiskTransferring DiskPhase = "transferring" // TransferDisk; Done and Total are bytes
+	DiskVerifying    DiskPhase = "verifying"    // TransferDisk checks its image and reads it back (Verified of VerifyTotal)
 	DiskDone         DiskPhase = "done"         // its image is durable, awaiting the commit
 	DiskFailed       DiskPhase = "failed"       // its step failed: the backup fails
 	DiskCanceled     DiskPhase = "canceled"     // not copied: the backup was canceled or another disk failed
@@ -195,12 +215,57 @@ type DiskProgress struct {
 	Key   int32     `json:"key"`
 	Mode  string    `json:"mode"`
 	Phase DiskPhase `json:"phase"`
-	Done  int64     `json:"done"`
-	Total int64     `json:"total"`
+	// Done and Total are the bytes copied and to copy (CBT's changed
+	// bytes, known once the disk is queried); Percent is Done of Total.
+	Done    int64   `json:"done"`
+	Total   int64   `json:"total"`
+	Percent float64 `json:"percent"`
+	// Rate is the current speed in bytes per second and ETASeconds the
+	// time left at that speed, of the copy (or, verifying, of the read
+	// back); 0 when unknown.
+	Rate       float64 `json:"rate,omitempty"`
+	ETASeconds float64 `json:"eta_seconds,omitempty"`
+	// Verified of VerifyTotal bytes of the image are read back.
+	Verified    int64 `json:"verified,omitempty"`
+	VerifyTotal int64 `json:"verify_total,omitempty"`
 }
 
-// TransferProgressSignal is sent by TransferDisk while it copies.
-type TransferProgressSignal = activities.ProgressSignal
+// ApplyTransfers adds what the running transfers' heartbeats say (their
+// latest details, activities.TransferProgress) to the disks they copy.
+func (p *Progress) ApplyTransfers(beats []activities.TransferProgress) {
+	for _, b := range beats {
+		for i := range p.Disks {
+			d := &p.Disks[i]
+			if d.Key != b.Key || (d.Phase != DiskTransferring && d.Phase != DiskVerifying) {
+				continue
+			}
+			p.Live = true
+			if b.Total > 0 {
+				d.Done, d.Total = b.Done, b.Total
+			}
+			d.Rate, d.ETASeconds = b.Rate, 0
+			left := d.Total - d.Done
+			if b.Stage == activities.TransferStageVerifying {
+				d.Phase = DiskVerifying
+				d.Verified, d.VerifyTotal = b.Verified, b.VerifyTotal
+				left = b.VerifyTotal - b.Verified
+			}
+			if b.Rate > 0 && left > 0 {
+				d.ETASeconds = float64(left) / b.Rate
+			}
+			d.Percent = percent(d.Done, d.Total)
+		}
+	}
+}
+
+// percent is done of total, in percent; a disk with nothing to copy is
+// done when it is.
+func percent(done, total int64) float64 {
+	if total <= 0 {
+		return 0
+	}
+	return min(100, float64(done)*100/float64(total))
+}
 
 // Workflows call activities through these typed nil pointers.
 var (
@@ -226,6 +291,25 @@ const (
 	versionSpaceCheck = 1
 )
 
+// The change of BackupVM's commands that made CbtflowMode the mode that
+// ran (full when any disk's backup is full), upserted once planned and
+// again when a CBT reset made a disk full; before, it kept the mode asked
+// for (auto).
+const (
+	changeModeThatRan  = "mode-that-ran"
+	versionModeThatRan = 1
+)
+
+// The change of Backup's commands that set its own search attributes:
+// CbtflowVM as given at once (so a Backup that cannot resolve its VM is
+// found by it), then the VM's name, vCenter profile and backup ID once
+// resolved, and CbtflowMode, the mode that ran, once its BackupVM ended.
+// Before, only its BackupVM had them.
+const (
+	changeBackupSearchAttributes  = "backup-search-attributes"
+	versionBackupSearchAttributes = 1
+)
+
 // Backup resolves the VM and runs its backup under the VM's canonical
 // workflow ID. A second start while one runs starts nothing and fails with
 // ErrTypeAlreadyRunning, whatever the VM was called and whatever profile
@@ -240,6 +324,18 @@ func Backup(ctx workflow.Context, in BackupInput) (*BackupResult, error) {
 	if err := checkMode(in.Mode); err != nil {
 		return nil, err
 	}
+	// Its progress: its own until its BackupVM runs, then that one's
+	// (the worker answers it, WorkflowID), then its result's.
+	prog := Progress{VM: in.VM, Phase: PhaseResolving, PhaseSince: workflow.Now(ctx), Disks: []DiskProgress{}}
+	if err := workflow.SetQueryHandler(ctx, QueryProgress, func() (Progress, error) { return prog.answer(), nil }); err != nil {
+		return nil, err
+	}
+	// Runs recorded before Backup set search attributes of its own must
+	// not upsert them on replay.
+	ownAttrs := workflow.GetVersion(ctx, changeBackupSearchAttributes, workflow.DefaultVersion, versionBackupSearchAttributes) >= versionBackupSearchAttributes
+	if ownAttrs {
+		_ = workflow.UpsertTypedSearchAttributes(ctx, SearchVM.ValueSet(in.VM))
+	}
 	// A profile left empty is the worker's to choose: configuration, which
 	// a workflow cannot read. ResolveVM picks it and says which, and the
 	// backup keeps that one. (Runs recorded before asked ResolveVM with a
@@ -253,6 +349,11 @@ func Backup(ctx workflow.Context, in BackupInput) (*BackupResult, error) {
 		in.Profile = vm.Profile
 	}
 	backupID := newBackupID(ctx)
+	prog.VM, prog.BackupID = vm.VMName, backupID
+	if ownAttrs {
+		_ = workflow.UpsertTypedSearchAttributes(ctx, SearchVM.ValueSet(vm.VMName),
+			SearchVCenter.ValueSet(in.Profile), SearchBackupID.ValueSet(backupID))
+	}
 	// Runs recorded before the child's ID named the vCenter by its
 	// instance UUID started it under the profile's name: on replay they
 	// must start the same child.
@@ -281,6 +382,7 @@ func Backup(ctx workflow.Context, in BackupInput) (*BackupResult, error) {
 			if in.SkipIfRunning {
 				msg := fmt.Sprintf("a backup of VM %s (%s) is already running as workflow %s: nothing started", vm.VMName, vm.VMUUID, wid)
 				workflow.GetLogger(ctx).Info(msg)
+				prog.Phase, prog.PhaseSince, prog.Skipped, prog.WorkflowID = PhaseSkipped, workflow.Now(ctx), msg, wid
 				return &BackupResult{WorkflowID: wid, VM: vm.VMName, VMUUID: vm.VMUUID, Profile: in.Profile, Skipped: msg}, nil
 			}
 			return nil, temporal.NewNonRetryableApplicationError(
@@ -289,6 +391,7 @@ func Backup(ctx workflow.Context, in BackupInput) (*BackupResult, error) {
 		}
 		return nil, err
 	}
+	prog.Phase, prog.PhaseSince, prog.WorkflowID = PhaseStarting, workflow.Now(ctx), exec.ID
 	res := &BackupResult{WorkflowID: exec.ID, RunID: exec.RunID, BackupID: backupID, VM: vm.VMName, VMUUID: vm.VMUUID, Profile: in.Profile}
 	if in.Detach {
 		return res, nil
@@ -296,7 +399,30 @@ func Backup(ctx workflow.Context, in BackupInput) (*BackupResult, error) {
 	if err := child.Get(ctx, &res.Result); err != nil {
 		return nil, err
 	}
+	prog = res.Result.progress(exec.ID, workflow.Now(ctx))
+	if ownAttrs {
+		_ = workflow.UpsertTypedSearchAttributes(ctx, SearchMode.ValueSet(res.Result.ModeThatRan()))
+	}
 	return res, nil
+}
+
+// ModeThatRan is full when any disk's backup was full, else incremental.
+func (r *BackupVMResult) ModeThatRan() string {
+	for _, d := range r.Disks {
+		if d.Mode == ModeFull {
+			return ModeFull
+		}
+	}
+	return ModeIncremental
+}
+
+// progress is a completed backup's Progress.
+func (r *BackupVMResult) progress(workflowID string, at time.Time) Progress {
+	p := Progress{BackupID: r.BackupID, VM: r.VM, Phase: PhaseCompleted, PhaseSince: at, WorkflowID: workflowID, Disks: []DiskProgress{}}
+	for _, d := range r.Disks {
+		p.Disks = append(p.Disks, DiskProgress{Key: d.Key, Mode: d.Mode, Phase: DiskDone, Done: d.ChangedBytes, Total: d.ChangedBytes})
+	}
+	return p
 }
 
 // BackupVM is the backup of one VM: snapshot, CBT query and transfer of
@@ -317,6 +443,8 @@ type backupRun struct {
 	snapshot string
 	warnings []string
 	log      log.Logger
+	// modeShown is the mode CbtflowMode holds, once upsertMode set it.
+	modeShown string
 }
 
 func (r *backupRun) setup(ctx workflow.Context) error {
@@ -335,8 +463,8 @@ func (r *backupRun) setup(ctx workflow.Context) error {
 	if r.in.MaxParallelDisks <= 0 {
 		r.in.MaxParallelDisks = 2
 	}
-	r.progress = Progress{BackupID: r.in.BackupID, Phase: PhaseStarting}
-	if err := workflow.SetQueryHandler(ctx, QueryProgress, func() (Progress, error) { return r.progress, nil }); err != nil {
+	r.progress = Progress{BackupID: r.in.BackupID, VM: r.in.VMName, Phase: PhaseStarting, PhaseSince: workflow.Now(ctx)}
+	if err := workflow.SetQueryHandler(ctx, QueryProgress, func() (Progress, error) { return r.progress.answer(), nil }); err != nil {
 		return err
 	}
 	r.log = workflow.GetLogger(ctx)
@@ -347,7 +475,6 @@ func (r *backupRun) setup(ctx workflow.Context) error {
 // run is the pipeline of one backup, step by step; every step is an
 // activity (or a few), and cleanup runs on every way out.
 func (r *backupRun) run(ctx workflow.Context) (res *BackupVMResult, err error) {
-	r.listenProgress(ctx)
 	vm, err := r.prepare(ctx)
 	if err != nil {
 		return nil, err
@@ -371,6 +498,12 @@ func (r *backupRun) run(ctx workflow.Context) (res *BackupVMResult, err error) {
 	// Runs recorded before the space check neither checked nor queried
 	// every disk before the first transfer: on replay they must not.
 	spaceCheck := workflow.GetVersion(ctx, changeSpaceCheck, workflow.DefaultVersion, versionSpaceCheck) >= versionSpaceCheck
+	// Runs recorded before CbtflowMode said the mode that ran kept the
+	// mode asked for: on replay they must not upsert it.
+	modeThatRan := workflow.GetVersion(ctx, changeModeThatRan, workflow.DefaultVersion, versionModeThatRan) >= versionModeThatRan
+	if modeThatRan {
+		r.upsertMode(ctx, plans)
+	}
 	if spaceCheck {
 		if err := r.checkSpace(ctx, spaceBefore(vm, begun, plans), false); err != nil {
 			return nil, err
@@ -387,6 +520,9 @@ func (r *backupRun) run(ctx workflow.Context) (res *BackupVMResult, err error) {
 	if err != nil {
 		return nil, err
 	}
+	if modeThatRan {
+		r.upsertMode(ctx, plans)
+	}
 	if err := r.commit(ctx, commits); err != nil {
 		return nil, err
 	}
@@ -397,7 +533,7 @@ func (r *backupRun) run(ctx workflow.Context) (res *BackupVMResult, err error) {
 
 // prepare reads the VM's disks (and switches CBT on when it is off).
 func (r *backupRun) prepare(ctx workflow.Context) (activities.PrepareVMResult, error) {
-	r.progress.Phase = PhasePreparing
+	r.setPhase(ctx, PhasePreparing)
 	var vm activities.PrepareVMResult
 	if err := workflow.ExecuteActivity(withShortActivity(ctx), vsphereActs.PrepareVM,
 		activities.PrepareVMInput{Profile: r.in.Profile, VMUUID: r.in.VMUUID}).Get(ctx, &vm); err != nil {
@@ -407,6 +543,7 @@ func (r *backupRun) prepare(ctx workflow.Context) (activities.PrepareVMResult, e
 	if r.in.VMName == "" {
 		r.in.VMName = vm.VMName
 	}
+	r.progress.VM = vm.VMName
 	_ = workflow.UpsertTypedSearchAttributes(ctx, SearchVM.ValueSet(vm.VMName))
 	if len(vm.Disks) == 0 {
 		return vm, temporal.NewNonRetryableApplicationError(
@@ -534,7 +671,7 @@ func (r *backupRun) checkSpace(ctx workflow.Context, disks []activities.SpaceDis
 // takeSnapshot takes the backup's snapshot; its config holds each disk's
 // change ID for the next backup.
 func (r *backupRun) takeSnapshot(ctx workflow.Context, vm activities.PrepareVMResult) (activities.CreateSnapshotResult, error) {
-	r.progress.Phase = PhaseSnapshot
+	r.setPhase(ctx, PhaseSnapshot)
 	var snap activities.CreateSnapshotResult
 	err := workflow.ExecuteActivity(withSnapshotActivity(ctx), vsphereActs.CreateSnapshot, activities.CreateSnapshotInput{
 		Profile: r.in.Profile, VMRef: vm.VMRef, VMUUID: r.in.VMUUID, BackupID: r.in.BackupID,
@@ -554,7 +691,7 @@ func (r *backupRun) takeSnapshot(ctx workflow.Context, vm activities.PrepareVMRe
 // (runs recorded before the space check), each disk is queried and copied
 // in one go.
 func (r *backupRun) transferDisks(ctx workflow.Context, plans []diskPlan, snap activities.CreateSnapshotResult, checkSpace bool) ([]DiskResult, []activities.CommitDisk, error) {
-	r.progress.Phase = PhaseTransferring
+	r.setPhase(ctx, PhaseTransferring)
 	snapDisks := map[int32]activities.SnapshotDisk{}
 	for _, d := range snap.Disks {
 		snapDisks[d.Key] = d
@@ -652,12 +789,12 @@ func (r *backupRun) eachDisk(ctx workflow.Context, plans []diskPlan, snapDisks m
 // commit records the restore point: every disk's image and new change ID
 // in one transaction.
 func (r *backupRun) commit(ctx workflow.Context, commits []activities.CommitDisk) error {
-	r.progress.Phase = PhaseCommitting
+	r.setPhase(ctx, PhaseCommitting)
 	if err := workflow.ExecuteActivity(withCatalogActivity(ctx), catalogActs.CommitRestorePoint,
 		activities.CommitInput{BackupID: r.in.BackupID, Disks: commits}).Get(ctx, nil); err != nil {
 		return err
 	}
-	r.progress.Phase = PhaseCommitted
+	r.setPhase(ctx, PhaseCommitted)
 	return nil
 }
 
@@ -736,31 +873,20 @@ func (r *backupRun) removeSnapshot(ctx workflow.Context, snap *activities.Create
 	}
 	dctx, cancel := workflow.NewDisconnectedContext(ctx)
 	defer cancel()
+	committed := r.progress.Phase == PhaseCommitted
+	if committed {
+		r.setPhase(ctx, PhaseRemovingSnapshot)
+	}
 	err := workflow.ExecuteActivity(withCleanupActivity(dctx), vsphereActs.RemoveSnapshot, activities.RemoveSnapshotInput{
 		Profile: r.in.Profile, VMRef: r.vmRef, SnapshotRef: snap.SnapshotRef,
 		SnapshotName: SnapshotName(r.in.BackupID),
 	}).Get(dctx, nil)
+	if committed {
+		r.setPhase(ctx, PhaseCompleted)
+	}
 	if err != nil {
 		r.log.Error("removing the snapshot failed; the sweeper will remove it", "backup", r.in.BackupID, "error", err)
 	}
-}
-
-// listenProgress applies the transfers' progress signals.
-func (r *backupRun) listenProgress(ctx workflow.Context) {
-	ch := workflow.GetSignalChannel(ctx, SignalTransferProgress)
-	workflow.Go(ctx, func(gctx workflow.Context) {
-		for {
-			var s TransferProgressSignal
-			if !ch.Receive(gctx, &s) {
-				return
-			}
-			for i := range r.progress.Disks {
-				if d := &r.progress.Disks[i]; d.Key == s.Key && d.Phase == DiskTransferring {
-					d.Done, d.Total = s.Done, s.Total
-				}
-			}
-		}
-	})
 }
 
 func (r *backupRun) setDisk(key int32, phase DiskPhase, done, total int64) {
@@ -775,6 +901,40 @@ func (r *backupRun) setDisk(key int32, phase DiskPhase, done, total int64) {
 			}
 		}
 	}
+}
+
+func (r *backupRun) setPhase(ctx workflow.Context, phase Phase) {
+	r.progress.Phase, r.progress.PhaseSince = phase, workflow.Now(ctx)
+}
+
+// answer is the progress query's answer: a copy, its percents filled in.
+func (p Progress) answer() Progress {
+	p.Disks = append([]DiskProgress(nil), p.Disks...)
+	for i := range p.Disks {
+		d := &p.Disks[i]
+		d.Percent = percent(d.Done, d.Total)
+		if d.Phase == DiskDone {
+			d.Percent = 100
+		}
+	}
+	return p
+}
+
+// upsertMode sets CbtflowMode to the mode the backup runs (full when any
+// disk's is), once the plan says it and again when a disk turned full
+// (a CBT reset).
+func (r *backupRun) upsertMode(ctx workflow.Context, plans []diskPlan) {
+	mode := ModeIncremental
+	for _, p := range plans {
+		if p.Mode == ModeFull {
+			mode = ModeFull
+		}
+	}
+	if mode == r.modeShown {
+		return
+	}
+	r.modeShown = mode
+	_ = workflow.UpsertTypedSearchAttributes(ctx, SearchMode.ValueSet(mode))
 }
 
 func (r *backupRun) setMode(key int32, mode string) {

@@ -116,7 +116,11 @@ func Check(ctx context.Context, im Image, beat func()) (Outcome, error) {
 	if st.known() && st == im.Stamp {
 		return Outcome{Stamp: st}, nil
 	}
-	_, sum, err := Hash(ctx, im.Path, beat)
+	var hashBeat func(int64)
+	if beat != nil {
+		hashBeat = func(int64) { beat() }
+	}
+	_, sum, err := Hash(ctx, im.Path, hashBeat)
 	if err != nil {
 		return Outcome{}, err
 	}
@@ -203,9 +207,9 @@ func BackingFile(path string) (string, error) {
 }
 
 // Hash returns the size and hex SHA-256 of a file, stopping when ctx
-// ends; beat, when set, is called every few seconds (an activity's
-// heartbeat).
-func Hash(ctx context.Context, path string, beat func()) (int64, string, error) {
+// ends; beat, when set, is called about every second with the bytes read
+// so far (an activity's heartbeat, and its progress).
+func Hash(ctx context.Context, path string, beat func(done int64)) (int64, string, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return 0, "", err
@@ -228,8 +232,8 @@ func Hash(ctx context.Context, path string, beat func()) (int64, string, error) 
 		if err != nil {
 			return 0, "", err
 		}
-		if beat != nil && time.Since(last) > 2*time.Second {
-			beat()
+		if beat != nil && time.Since(last) >= time.Second {
+			beat(n)
 			last = time.Now()
 		}
 	}

@@ -1,0 +1,306 @@
+package progress
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	enumspb "go.temporal.io/api/enums/v1"
+	"go.temporal.io/sdk/client"
+
+	"github.com/cbtflow/cbtflow/internal/faultpoint"
+	"github.com/cbtflow/cbtflow/testkit/stack"
+	"github.com/cbtflow/cbtflow/testkit/stacktest"
+	"github.com/cbtflow/cbtflow/workflows"
+)
+
+func TestMain(m *testing.M) { stacktest.Main(m) }
+
+const (
+	vm  = "DC0_H0_VM0"
+	MiB = 1 << 20
+	GiB = 1 << 30
+)
+
+// writeData fills [off, off+n) of the VM's disk with pattern data, in
+// chunks that keep the test's memory small.
+func writeData(t *testing.T, s *stack.Stack, key int32, off, n int64, seed uint64) {
+	t.Helper()
+	const chunk = 64 * MiB
+	for done := int64(0); done < n; done += chunk {
+		stacktest.WriteDisk(t, s.Lab(), vm, key, off+done, stacktest.Pattern(seed+uint64(done/chunk), int(min(chunk, n-done))))
+	}
+}
+
+// backup runs `starter backup VM --wait --json` with extra flags and
+// returns its report, failing t unless it completed.
+func backup(ctx context.Context, t *testing.T, s *stack.Stack, extra ...string) stacktest.BackupJSON {
+	t.Helper()
+	r, err := s.Starter(ctx, append([]string{"backup", vm, "--wait", "--json"}, extra...)...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var b stacktest.BackupJSON
+	if err := stacktest.DecodeOne(r.Stdout, &b); err != nil || r.ExitCode != 0 || b.Status != workflows.ReportCompleted {
+		t.Fatalf("backup %v: %v\n%s", extra, err, r)
+	}
+	return b
+}
+
+// query returns the progress query's answer of workflow id.
+func query(ctx context.Context, t *testing.T, s *stack.Stack, id string) workflows.Progress {
+	t.Helper()
+	v, err := s.Client().QueryWorkflow(ctx, id, "", workflows.QueryProgress)
+	if err != nil {
+		t.Fatalf("progress query of %s: %v", id, err)
+	}
+	var p workflows.Progress
+	if err := v.Get(&p); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// until polls the progress of workflow id until ok says it is what the
+// test waits for, failing t after a minute with the last answer.
+func until(ctx context.Context, t *testing.T, s *stack.Stack, id, what string, ok func(workflows.Progress) bool) workflows.Progress {
+	t.Helper()
+	deadline := time.Now().Add(time.Minute)
+	for {
+		p := query(ctx, t, s, id)
+		if ok(p) {
+			return p
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("progress of %s: never %s; last answer %+v", id, what, p)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// running returns the IDs of the running BackupVM workflow of the VM
+// (found by CbtflowVM) and of the Backup that started it (found by the
+// backup's CbtflowBackupID; the starter's Backup ends once its BackupVM
+// started).
+func running(ctx context.Context, t *testing.T, s *stack.Stack) (backupWID, backupVMWID string) {
+	t.Helper()
+	deadline := time.Now().Add(time.Minute)
+	for time.Now().Before(deadline) {
+		for _, w := range stacktest.ListWorkflows(ctx, t, s, fmt.Sprintf("WorkflowType = 'BackupVM' AND ExecutionStatus = 'Running' AND CbtflowVM = '%s'", vm)) {
+			backupVMWID = w.GetExecution().GetWorkflowId()
+			desc, err := s.Client().DescribeWorkflow(ctx, backupVMWID, "")
+			if err != nil {
+				t.Fatal(err)
+			}
+			id, _ := desc.TypedSearchAttributes.GetKeyword(workflows.SearchBackupID)
+			for _, b := range stacktest.ListWorkflows(ctx, t, s, fmt.Sprintf("WorkflowType = 'Backup' AND CbtflowBackupID = '%s' AND CbtflowVM = '%s'", id, vm)) {
+				backupWID = b.GetExecution().GetWorkflowId()
+			}
+		}
+		if backupWID != "" && backupVMWID != "" {
+			return backupWID, backupVMWID
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	t.Fatalf("no running BackupVM of %s and its Backup found by their search attributes (Backup %q, BackupVM %q)", vm, backupWID, backupVMWID)
+	return "", ""
+}
+
+// The progress query of a running backup follows it through its phases:
+// the snapshot, the copy (bytes done of bytes to copy, rate, ETA: the
+// transfer's heartbeats, added by the worker), the verification of the
+// image. The Backup workflow answers its BackupVM's progress, and both
+// carry the search attributes, CbtflowMode the mode that ran. A backup's
+// history holds as many events for a 4 GiB disk as for a 1 GiB one:
+// progress costs no history.
+func TestProgressAndHistorySize(t *testing.T) {
+	s := stacktest.New(t, stack.Options{FaultPoints: true})
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
+	defer cancel()
+	disks, err := s.Lab().Disks(vm)
+	if err != nil || len(disks) == 0 {
+		t.Fatalf("lab VM %s: disks %+v (%v)", vm, disks, err)
+	}
+	// The data is on the first disk; the others stay empty.
+	key := disks[0].Key
+	writeData(t, s, key, 0, GiB, 1)
+
+	// A full backup of 1 GiB, held at three points to look at it.
+	gates := s.FaultPoints()
+	for _, p := range []faultpoint.Point{faultpoint.AfterSnapshot, faultpoint.MidTransfer, faultpoint.BeforeCheck} {
+		if err := gates.Arm(p); err != nil {
+			t.Fatal(err)
+		}
+	}
+	defer func() {
+		for _, p := range []faultpoint.Point{faultpoint.AfterSnapshot, faultpoint.MidTransfer, faultpoint.BeforeCheck} {
+			_ = gates.Release(p)
+		}
+	}()
+	st, err := s.StartStarter("backup", vm, "--mode", "full", "--wait", "--json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	hold := func(p faultpoint.Point) {
+		t.Helper()
+		wctx, wcancel := context.WithTimeout(ctx, 2*time.Minute)
+		defer wcancel()
+		if _, err := gates.Wait(wctx, p); err != nil {
+			t.Fatalf("the backup never reached %s: %v\n%s", p, err, st.Stderr())
+		}
+	}
+	hold(faultpoint.AfterSnapshot)
+	parent, child := running(ctx, t, s)
+	p := query(ctx, t, s, child)
+	if p.Phase != workflows.PhaseSnapshot || p.PhaseSince.IsZero() || p.VM != vm || len(p.Disks) != len(disks) || disk(p, key).Phase != workflows.DiskWaiting {
+		t.Errorf("progress during the snapshot: %+v", p)
+	}
+	if pp := query(ctx, t, s, parent); pp.Phase != workflows.PhaseSnapshot || pp.WorkflowID != child || pp.BackupID != p.BackupID {
+		t.Errorf("the Backup's progress during the snapshot: %+v, want its BackupVM's (%s)", pp, child)
+	}
+	if err := gates.Release(faultpoint.AfterSnapshot); err != nil {
+		t.Fatal(err)
+	}
+
+	hold(faultpoint.MidTransfer)
+	p = until(ctx, t, s, child, "live with bytes done, a rate and an ETA", func(p workflows.Progress) bool {
+		d := disk(p, key)
+		return p.Live && d.Phase == workflows.DiskTransferring && d.Done > 0 && d.Rate > 0
+	})
+	if d := disk(p, key); p.Phase != workflows.PhaseTransferring || d.Total < GiB || d.Done >= d.Total ||
+		d.Percent <= 0 || d.Percent >= 100 || d.ETASeconds <= 0 || d.Mode != workflows.ModeFull {
+		t.Errorf("progress mid-transfer: %+v", p)
+	}
+	if pp := query(ctx, t, s, parent); !pp.Live || disk(pp, key).Done != disk(p, key).Done {
+		t.Errorf("the Backup's progress mid-transfer: %+v, want its BackupVM's %+v", pp, p)
+	}
+	if err := gates.Release(faultpoint.MidTransfer); err != nil {
+		t.Fatal(err)
+	}
+
+	hold(faultpoint.BeforeCheck)
+	p = until(ctx, t, s, child, "verifying", func(p workflows.Progress) bool {
+		return p.Live && disk(p, key).Phase == workflows.DiskVerifying
+	})
+	if d := disk(p, key); d.Done != d.Total || d.Percent != 100 || d.VerifyTotal <= 0 {
+		t.Errorf("progress while the image is verified: %+v", p)
+	}
+	if err := gates.Release(faultpoint.BeforeCheck); err != nil {
+		t.Fatal(err)
+	}
+	r, err := st.Wait(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var small stacktest.BackupJSON
+	if err := stacktest.DecodeOne(r.Stdout, &small); err != nil || small.Status != workflows.ReportCompleted {
+		t.Fatalf("the held backup: %v\n%s", err, r)
+	}
+	done := query(ctx, t, s, child)
+	if done.Phase != workflows.PhaseCompleted || disk(done, key).Phase != workflows.DiskDone || disk(done, key).Percent != 100 {
+		t.Errorf("progress of the completed BackupVM: %+v", done)
+	}
+	if pp := query(ctx, t, s, parent); pp.Phase != workflows.PhaseCompleted || pp.BackupID != small.BackupID || len(pp.Disks) != len(disks) {
+		t.Errorf("progress of the completed Backup: %+v", pp)
+	}
+	checkAttributes(ctx, t, s, small.BackupID, workflows.ModeFull)
+
+	// The same VM with 4 GiB: a full backup's history is as long.
+	writeData(t, s, key, GiB, 3*GiB, 100)
+	big := backup(ctx, t, s, "--mode", "full")
+	if d := big.Disk(t, key); d.ChangedBytes < 4*GiB {
+		t.Fatalf("the second backup copied %d bytes, want 4 GiB", d.ChangedBytes)
+	}
+	smallEvents := eventTypes(ctx, t, s, small.WorkflowID, small.BackupID)
+	bigEvents := eventTypes(ctx, t, s, big.WorkflowID, big.BackupID)
+	t.Logf("history of the backup of 1 GiB: %d events; of 4 GiB: %d events", len(smallEvents), len(bigEvents))
+	if len(smallEvents) != len(bigEvents) {
+		t.Errorf("the history grows with the disk: %d events for 1 GiB, %d for 4 GiB\n1 GiB: %s\n4 GiB: %s",
+			len(smallEvents), len(bigEvents), strings.Join(smallEvents, " "), strings.Join(bigEvents, " "))
+	}
+	for _, e := range bigEvents {
+		if strings.Contains(e, "Signaled") {
+			t.Errorf("the backup's history has a signal: %s", strings.Join(bigEvents, " "))
+			break
+		}
+	}
+
+	// An incremental, started as the Web UI and schedules start one (a
+	// Backup that waits for its BackupVM, mode auto): CbtflowMode of
+	// both says incremental, the mode that ran, not auto.
+	stacktest.WriteDisk(t, s.Lab(), vm, key, 2*GiB, stacktest.Pattern(999, MiB))
+	run, err := s.Client().ExecuteWorkflow(ctx, client.StartWorkflowOptions{ID: "progress-test-incremental", TaskQueue: workflows.TaskQueue},
+		"Backup", workflows.BackupInput{VM: vm})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var inc workflows.BackupResult
+	if err := run.Get(ctx, &inc); err != nil || inc.Result == nil {
+		t.Fatalf("the Backup of %s: %+v, %v", vm, inc, err)
+	}
+	checkAttributes(ctx, t, s, inc.BackupID, workflows.ModeIncremental)
+	if got := stacktest.ListWorkflows(ctx, t, s, fmt.Sprintf("WorkflowType = 'Backup' AND CbtflowBackupID = '%s' AND CbtflowMode = 'incremental'", inc.BackupID)); len(got) != 1 {
+		t.Errorf("the waiting Backup %s by CbtflowMode = 'incremental': %d found, want 1", inc.BackupID, len(got))
+	}
+
+	// A Backup that cannot resolve its VM is found by the VM as given.
+	r, err = s.Starter(ctx, "backup", "NOPE_VM", "--wait", "--json")
+	if err != nil || r.ExitCode == 0 {
+		t.Fatalf("backup of an unknown VM: %v %s", err, r)
+	}
+	if got := stacktest.ListWorkflows(ctx, t, s, "WorkflowType = 'Backup' AND CbtflowVM = 'NOPE_VM'"); len(got) != 1 ||
+		got[0].GetStatus() != enumspb.WORKFLOW_EXECUTION_STATUS_FAILED {
+		t.Errorf("the failed Backup of NOPE_VM by CbtflowVM: %v", got)
+	}
+}
+
+// disk is p's disk key (a zero DiskProgress when p has none).
+func disk(p workflows.Progress, key int32) workflows.DiskProgress {
+	for _, d := range p.Disks {
+		if d.Key == key {
+			return d
+		}
+	}
+	return workflows.DiskProgress{}
+}
+
+// checkAttributes checks the search attributes of both workflows of a
+// backup: CbtflowVM, CbtflowBackupID, CbtflowVCenter, and on the BackupVM
+// CbtflowMode, the mode that ran.
+func checkAttributes(ctx context.Context, t *testing.T, s *stack.Stack, backupID, mode string) {
+	t.Helper()
+	q := fmt.Sprintf("CbtflowBackupID = '%s' AND CbtflowVM = '%s' AND CbtflowVCenter = '%s'", backupID, vm, stack.Profile)
+	// Visibility is eventually consistent.
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		types := map[string]bool{}
+		for _, w := range stacktest.ListWorkflows(ctx, t, s, q) {
+			types[w.GetType().GetName()] = true
+		}
+		vms := stacktest.ListWorkflows(ctx, t, s, q+fmt.Sprintf(" AND WorkflowType = 'BackupVM' AND CbtflowMode = '%s'", mode))
+		if types["Backup"] && types["BackupVM"] && len(vms) == 1 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Errorf("workflows matching %s: %v, want Backup and BackupVM; BackupVM with CbtflowMode %s: %d", q, types, mode, len(vms))
+			return
+		}
+		time.Sleep(300 * time.Millisecond)
+	}
+}
+
+// eventTypes is the list of event types of the BackupVM run of backupID.
+func eventTypes(ctx context.Context, t *testing.T, s *stack.Stack, wid, backupID string) []string {
+	t.Helper()
+	runs := stacktest.ListWorkflows(ctx, t, s, fmt.Sprintf("WorkflowType = 'BackupVM' AND CbtflowBackupID = '%s'", backupID))
+	if len(runs) != 1 {
+		t.Fatalf("BackupVM runs of backup %s: %d, want 1", backupID, len(runs))
+	}
+	var out []string
+	for _, ev := range stacktest.History(ctx, t, s, wid, runs[0].GetExecution().GetRunId()) {
+		out = append(out, strings.TrimPrefix(ev.GetEventType().String(), "EVENT_TYPE_"))
+	}
+	return out
+}

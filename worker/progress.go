@@ -1,0 +1,114 @@
+package main
+
+import (
+	"context"
+	"log/slog"
+	"time"
+
+	"go.temporal.io/sdk/client"
+	"go.temporal.io/sdk/converter"
+	"go.temporal.io/sdk/interceptor"
+	"go.temporal.io/sdk/workflow"
+
+	"github.com/cbtflow/cbtflow/activities"
+	"github.com/cbtflow/cbtflow/workflows"
+)
+
+// progressTimeout bounds what the worker asks the server to answer one
+// progress query: a query must answer even when the server is slow.
+const progressTimeout = 3 * time.Second
+
+// transferActivity is TransferDisk's activity type (its method name).
+const transferActivity = "TransferDisk"
+
+// liveProgress completes the answers of the workflows' progress query
+// with what only the server knows: the latest heartbeat details of the
+// running transfers (bytes done, rate, stage), which the server keeps
+// for a pending activity. Workflow code cannot read them (it does no
+// I/O), and progress sent as signals would grow the workflow's history
+// with the size of the disk; this costs one DescribeWorkflowExecution
+// per query. A Backup's answer names its BackupVM once that one runs:
+// its progress is that one's.
+type liveProgress struct {
+	interceptor.WorkerInterceptorBase
+	c   client.Client
+	log *slog.Logger
+}
+
+func newLiveProgress(c client.Client, log *slog.Logger) *liveProgress {
+	return &liveProgress{c: c, log: log}
+}
+
+func (l *liveProgress) InterceptWorkflow(ctx workflow.Context, next interceptor.WorkflowInboundInterceptor) interceptor.WorkflowInboundInterceptor {
+	return &liveProgressInbound{WorkflowInboundInterceptorBase: interceptor.WorkflowInboundInterceptorBase{Next: next}, l: l}
+}
+
+type liveProgressInbound struct {
+	interceptor.WorkflowInboundInterceptorBase
+	l *liveProgress
+}
+
+func (i *liveProgressInbound) HandleQuery(ctx workflow.Context, in *interceptor.HandleQueryInput) (any, error) {
+	res, err := i.Next.HandleQuery(ctx, in)
+	if err != nil || in.QueryType != workflows.QueryProgress {
+		return res, err
+	}
+	p, ok := res.(workflows.Progress)
+	if !ok {
+		return res, nil
+	}
+	exec := workflow.GetInfo(ctx).WorkflowExecution
+	qctx, cancel := context.WithTimeout(context.Background(), progressTimeout)
+	defer cancel()
+	return i.l.complete(qctx, exec.ID, exec.RunID, p), nil
+}
+
+// complete returns p with the live figures added; p as it is when the
+// server does not answer (progress is informative: the query still
+// answers what the workflow knows).
+func (l *liveProgress) complete(ctx context.Context, workflowID, runID string, p workflows.Progress) workflows.Progress {
+	if p.Phase.Final() {
+		return p
+	}
+	if p.WorkflowID != "" && p.WorkflowID != workflowID {
+		// A Backup whose BackupVM runs: that one's progress (which its
+		// own worker completes).
+		v, err := l.c.QueryWorkflow(ctx, p.WorkflowID, "", workflows.QueryProgress)
+		if err != nil {
+			l.log.Debug("progress: query of the backup's workflow failed", "workflow", p.WorkflowID, "error", err)
+			return p
+		}
+		var child workflows.Progress
+		if err := v.Get(&child); err != nil {
+			return p
+		}
+		child.WorkflowID = p.WorkflowID
+		return child
+	}
+	transferring := false
+	for _, d := range p.Disks {
+		transferring = transferring || d.Phase == workflows.DiskTransferring || d.Phase == workflows.DiskVerifying
+	}
+	if !transferring {
+		return p
+	}
+	desc, err := l.c.DescribeWorkflowExecution(ctx, workflowID, runID)
+	if err != nil {
+		l.log.Debug("progress: describe failed", "workflow", workflowID, "error", err)
+		return p
+	}
+	dc := converter.GetDefaultDataConverter()
+	var beats []activities.TransferProgress
+	for _, a := range desc.GetPendingActivities() {
+		if a.GetActivityType().GetName() != transferActivity || a.GetHeartbeatDetails() == nil {
+			continue
+		}
+		var tp activities.TransferProgress
+		if err := dc.FromPayloads(a.GetHeartbeatDetails(), &tp); err != nil || tp.Key == 0 && tp.Stage == "" {
+			continue
+		}
+		beats = append(beats, tp)
+	}
+	p.ApplyTransfers(beats)
+	return p
+}
