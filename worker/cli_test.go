@@ -79,7 +79,7 @@ func runWorker(t *testing.T, bin, dir string, env []string, args ...string) cliR
 }
 
 func testWorkerHelp(t *testing.T, bin string) {
-	for _, arg := range []string{"--help", "-h"} {
+	for _, arg := range []string{"--help", "-h", "-help"} {
 		r := runWorker(t, bin, "", []string{"CBTFLOW_DATABASE_URL=postgres://cbtflow:s3cr3t-pw@db.example.com:5432/cbtflow"}, arg)
 		if r.code != 0 {
 			t.Errorf("worker %s: exit %d, want 0; stderr: %s", arg, r.code, r.stderr)
@@ -119,6 +119,10 @@ func testWorkerUsageErrors(t *testing.T, bin string) {
 		{[]string{"--no-such-flag"}, "unknown flag: --no-such-flag"},
 		{[]string{"--max-transfers", "many"}, "--max-transfers"},
 		{[]string{"--max-transfers", "0"}, "--max-transfers 0: at least 1"},
+		// One dash, as the flag package took them before cobra.
+		{[]string{"-max-transfers=0"}, "--max-transfers 0: at least 1"},
+		{[]string{"-max-transfers", "0"}, "--max-transfers 0: at least 1"},
+		{[]string{"-no-such-flag"}, "unknown shorthand flag"},
 		{[]string{"serve"}, `unexpected argument "serve"`},
 		{[]string{"--metrics-addr"}, "flag needs an argument"},
 	} {

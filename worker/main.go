@@ -59,10 +59,7 @@ func main() {
 // 1 when the worker failed (logged).
 func execute(log *slog.Logger, stdout, stderr io.Writer, args []string) int {
 	cmd := newRootCmd(log)
-	if args == nil {
-		args = []string{} // nil would make cobra read os.Args
-	}
-	cmd.SetArgs(args)
+	cmd.SetArgs(goStyleFlags(cmd, args))
 	cmd.SetOut(stdout)
 	cmd.SetErr(stderr)
 	err := cmd.Execute()
@@ -83,11 +80,31 @@ func execute(log *slog.Logger, stdout, stderr io.Writer, args []string) int {
 // returns its error.
 func run(log *slog.Logger, args []string) error {
 	cmd := newRootCmd(log)
-	if args == nil {
-		args = []string{}
-	}
-	cmd.SetArgs(args)
+	cmd.SetArgs(goStyleFlags(cmd, args))
 	return cmd.Execute()
+}
+
+// goStyleFlags returns args with the worker's long flags written with one
+// dash, as the flag package accepted them before the worker used cobra
+// (-metrics-addr X, -help), given their two: a unit file of an older
+// release keeps working. Never nil (nil would make cobra read os.Args).
+func goStyleFlags(cmd *cobra.Command, args []string) []string {
+	cmd.InitDefaultHelpFlag()
+	cmd.InitDefaultVersionFlag()
+	out := make([]string, 0, len(args))
+	for i, a := range args {
+		if a == "--" {
+			return append(out, args[i:]...)
+		}
+		if len(a) > 2 && a[0] == '-' && a[1] != '-' {
+			name, _, _ := strings.Cut(a[1:], "=")
+			if len(name) > 1 && cmd.Flags().Lookup(name) != nil {
+				a = "-" + a
+			}
+		}
+		out = append(out, a)
+	}
+	return out
 }
 
 // usageError is a bad command line: exit 2.
