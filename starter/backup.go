@@ -150,12 +150,25 @@ func backupRun(ctx context.Context, e *env, cfg *config.Config, o backupOptions)
 		return printBackup(e, out, *asJSON)
 	}
 
+	// On a terminal, progress bars while it runs (follow); the summary
+	// follows either way.
 	var res workflows.BackupVMResult
-	err = c.GetWorkflow(ctx, started.WorkflowID, started.RunID).Get(ctx, &res)
+	if !*asJSON && isTerminal(e.stdout) {
+		res, err = follow(ctx, c, e.stdout, started.WorkflowID, started.RunID, true)
+	} else {
+		err = c.GetWorkflow(ctx, started.WorkflowID, started.RunID).Get(ctx, &res)
+	}
 	if err != nil && ctx.Err() != nil {
 		// Waiting only watches the workflow: the backup goes on.
 		return detached(e, cfg, out, *asJSON)
 	}
+	return finish(e, out, res, err, *asJSON)
+}
+
+// finish completes the report of a backup that ended (err: its
+// workflow's), prints it and returns the command's outcome: nil when
+// completed, else exit 1 (quiet with --json, whose stdout says it).
+func finish(e *env, out workflows.BackupReport, res workflows.BackupVMResult, err error, asJSON bool) error {
 	switch {
 	case err == nil:
 		out.Status = workflows.ReportCompleted
@@ -168,11 +181,11 @@ func backupRun(ctx context.Context, e *env, cfg *config.Config, o backupOptions)
 	default:
 		out.Status, out.Error = workflows.ReportFailed, failureMessage(err)
 	}
-	if perr := printBackup(e, out, *asJSON); perr != nil {
+	if perr := printBackup(e, out, asJSON); perr != nil {
 		return perr
 	}
 	if out.Status != workflows.ReportCompleted {
-		return exitError{code: 1, err: fmt.Errorf("backup %s of VM %s %s: %s", out.BackupID, out.VM, out.Status, out.Error), quiet: *asJSON}
+		return exitError{code: 1, err: fmt.Errorf("backup %s of VM %s %s: %s", out.BackupID, out.VM, out.Status, out.Error), quiet: asJSON}
 	}
 	return nil
 }

@@ -106,6 +106,9 @@ the VM is already running) and 4 (interrupted while the backup goes on).`,
 	root.AddCommand(newSetupCmd(e))
 	root.AddCommand(newSweepCmd(e))
 	root.AddCommand(newLabCmd(e))
+	root.AddCommand(newStatusCmd(e))
+	root.AddCommand(newWatchCmd(e))
+	root.AddCommand(newCancelCmd(e))
 	// Commands added by other files go above this line.
 
 	// help and completion (bash, zsh, fish, powershell) are cobra's.
