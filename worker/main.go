@@ -341,7 +341,7 @@ func serve(log *slog.Logger, o options) error {
 	if faultDir != "" {
 		log.Warn("fault points enabled", "dir", faultDir)
 	}
-	w := newWorker(c, deps{sessions: sessions, repo: repo, catalog: cat, namespace: cfg.Namespace, activityContext: actx, metrics: bm}, o.maxTransfers)
+	w := newWorker(c, deps{sessions: sessions, repo: repo, catalog: cat, namespace: cfg.Namespace, activityContext: actx, metrics: bm, log: log}, o.maxTransfers)
 
 	if err := w.Start(); err != nil {
 		return err

@@ -5,6 +5,8 @@ import (
 	"log/slog"
 	"time"
 
+	commonpb "go.temporal.io/api/common/v1"
+	"go.temporal.io/api/workflowservice/v1"
 	"go.temporal.io/sdk/client"
 	"go.temporal.io/sdk/converter"
 	"go.temporal.io/sdk/interceptor"
@@ -57,16 +59,16 @@ func (i *liveProgressInbound) HandleQuery(ctx workflow.Context, in *interceptor.
 	if !ok {
 		return res, nil
 	}
-	exec := workflow.GetInfo(ctx).WorkflowExecution
+	info := workflow.GetInfo(ctx)
 	qctx, cancel := context.WithTimeout(context.Background(), progressTimeout)
 	defer cancel()
-	return i.l.complete(qctx, exec.ID, exec.RunID, p), nil
+	return i.l.complete(qctx, info.Namespace, info.WorkflowExecution.ID, info.WorkflowExecution.RunID, p), nil
 }
 
 // complete returns p with the live figures added; p as it is when the
 // server does not answer (progress is informative: the query still
 // answers what the workflow knows).
-func (l *liveProgress) complete(ctx context.Context, workflowID, runID string, p workflows.Progress) workflows.Progress {
+func (l *liveProgress) complete(ctx context.Context, namespace, workflowID, runID string, p workflows.Progress) workflows.Progress {
 	if p.Phase.Final() {
 		return p
 	}
@@ -92,7 +94,8 @@ func (l *liveProgress) complete(ctx context.Context, workflowID, runID string, p
 	if !transferring {
 		return p
 	}
-	desc, err := l.c.DescribeWorkflowExecution(ctx, workflowID, runID)
+	desc, err := l.c.WorkflowService().DescribeWorkflowExecution(ctx, &workflowservice.DescribeWorkflowExecutionRequest{
+		Namespace: namespace, Execution: &commonpb.WorkflowExecution{WorkflowId: workflowID, RunId: runID}})
 	if err != nil {
 		l.log.Debug("progress: describe failed", "workflow", workflowID, "error", err)
 		return p
