@@ -132,3 +132,31 @@ func TestScheduleJSONInREADME(t *testing.T) {
 		}
 	}
 }
+
+// Where the vCenter is out of reach (no readable profiles file), schedule
+// add takes a VM the catalog knows from a backup, and refuses any other
+// before it asks Temporal for anything.
+func TestScheduleAddChecksTheCatalogWithoutVCenter(t *testing.T) {
+	url := retentionDB(t, [3]string{"lab", "u-1", "web"})
+	noFile := filepath.Join(t.TempDir(), "vcenters.json")
+	add := func(vm string, extra ...string) inProcess {
+		return runIn(t, append([]string{"schedule", "add", vm, "--vcenters", noFile, "--database-url", url,
+			"--temporal-address", "127.0.0.1:1", "--profile", "lab"}, extra...)...)
+	}
+	r := add("nosuch")
+	if r.code != 1 || !strings.Contains(r.stderr, `schedule add: VM "nosuch" is unknown: the vCenter is out of reach from here (no readable vCenter profiles file `+noFile+")") ||
+		!strings.Contains(r.stderr, "nothing created") || strings.Contains(r.stderr, "Temporal") {
+		t.Errorf("schedule add nosuch: exit %d, stderr %s", r.code, r.stderr)
+	}
+	// Known: the check passes, and the starter goes on to Temporal (here
+	// none).
+	for _, vm := range []string{"web", "u-1"} {
+		if r := add(vm); r.code != 1 || !strings.Contains(r.stderr, "connect to Temporal at 127.0.0.1:1") {
+			t.Errorf("schedule add %s: exit %d, stderr %s", vm, r.code, r.stderr)
+		}
+	}
+	// --no-check does not look.
+	if r := add("nosuch", "--no-check"); r.code != 1 || !strings.Contains(r.stderr, "connect to Temporal at 127.0.0.1:1") {
+		t.Errorf("schedule add nosuch --no-check: exit %d, stderr %s", r.code, r.stderr)
+	}
+}
