@@ -244,3 +244,26 @@ func TestBinaryExitCodesAndVersion(t *testing.T) {
 		}
 	}
 }
+
+// The help shows the defaults taken from the environment, but never a
+// database password.
+func TestRedactDatabaseURL(t *testing.T) {
+	for in, want := range map[string]string{
+		"postgres:///cbtflow?host=/var/run/postgresql":       "postgres:///cbtflow?host=/var/run/postgresql",
+		"postgres://u:secret@db:5432/cbtflow":                "postgres://u:xxxxx@db:5432/cbtflow",
+		"postgres://u@db/cbtflow?password=secret&sslmode=on": "postgres://u@db/cbtflow?password=xxxxx&sslmode=on",
+		"host=db user=u password='a secret' dbname=c":        "host=db user=u password=xxxxx dbname=c",
+	} {
+		if got := redactDatabaseURL(in); got != want {
+			t.Errorf("redactDatabaseURL(%q) = %q, want %q", in, got, want)
+		}
+	}
+	t.Setenv("CBTFLOW_DATABASE_URL", "postgres://u:secret@db/cbtflow")
+	r := runIn(t, "list", "--help")
+	if strings.Contains(r.stdout, "secret") || !strings.Contains(r.stdout, "postgres://u:xxxxx@db/cbtflow") {
+		t.Errorf("list --help:\n%s", r.stdout)
+	}
+	if r := runIn(t, "setup", "--help"); !strings.Contains(r.stdout, "(default 15m)") || strings.Contains(r.stdout, "15m0s") {
+		t.Errorf("setup --help shows durations so:\n%s", r.stdout)
+	}
+}

@@ -188,11 +188,13 @@ func (r ranError) Unwrap() error { return r.err }
 
 // finishTree makes every command of the tree behave alike: its RunE's
 // errors are marked as the command's own (exitCode), a configuration flag
-// it ignores is named on stderr (addConfigFlags), and a group (a
+// it ignores is named on stderr (addConfigFlags), durations show in human
+// units in its help, and a group (a
 // command with subcommands and no action of its own) refuses a missing
 // or unknown subcommand as a usage error instead of printing help.
 func finishTree(c *cobra.Command) {
 	c.SilenceErrors, c.SilenceUsage = true, true
+	humanDefaults(c.Flags())
 	if c.HasSubCommands() && c.Run == nil && c.RunE == nil {
 		c.Args = cobra.ArbitraryArgs
 		c.RunE = groupRun

@@ -66,7 +66,7 @@ func (f *specFlags) register(cmd *cobra.Command, add bool) {
 	}
 	fs.DurationVar(&f.every, "every", 24*time.Hour, every)
 	fs.DurationVar(&f.offset, "offset", 0, "offset of the runs within the --every interval, from the Unix epoch (e.g. 2h with --every 24h: 02:00 UTC)")
-	fs.StringVar(&f.cron, "cron", "", "run at the times of a cron `expression` (UTC), e.g. \"30 2 * * *\" or \"0 3 * * mon-fri\", instead of --every")
+	fs.StringVar(&f.cron, "cron", "", "run at the times of a cron `expression` (UTC), e.g. \"30 2 * * *\" or \"0 3 * * 1-5\" (Monday to Friday), instead of --every")
 	fs.StringVar(&f.mode, "mode", workflows.ModeAuto, "auto or full")
 	fullEvery := "every `N`-th backup of each disk is a full one (N >= 1; default: the retention policy's max-chain)"
 	if !add {
@@ -189,7 +189,7 @@ file are readable from here; else the catalog must know the VM from an
 earlier backup. An unknown VM creates nothing (exit 1). --no-check skips
 the check.`,
 		Example: `  starter schedule add DC0_H0_VM0 --every 24h --offset 2h
-  starter schedule add DC0_H0_VM0 --cron "30 1 * * mon-fri" --full-every 7`,
+  starter schedule add DC0_H0_VM0 --cron "30 1 * * 1-5" --full-every 7`,
 		Args: exactArgs(1, "exactly one VM"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if err := f.check(cmd, true); err != nil {
