@@ -155,6 +155,18 @@ func TestScheduleAddChecksTheCatalogWithoutVCenter(t *testing.T) {
 			t.Errorf("schedule add %s: exit %d, stderr %s", vm, r.code, r.stderr)
 		}
 	}
+	// A profiles file without the profile is no answer either.
+	other := filepath.Join(t.TempDir(), "vcenters.json")
+	if err := os.WriteFile(other, []byte(`{"profiles": {"other": {"url": "https://127.0.0.1:1/sdk", "user": "u", "password_file": "pw", "insecure": true, "source": "lab"}}}`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	r = add("nosuch", "--vcenters", other)
+	if r.code != 1 || !strings.Contains(r.stderr, `VM "nosuch" is unknown: the vCenter is out of reach from here (vsphere: vCenter profile not found: "lab"`) {
+		t.Errorf("schedule add nosuch with a profiles file without lab: exit %d, stderr %s", r.code, r.stderr)
+	}
+	if r := add("web", "--vcenters", other); r.code != 1 || !strings.Contains(r.stderr, "connect to Temporal at 127.0.0.1:1") {
+		t.Errorf("schedule add web with a profiles file without lab: exit %d, stderr %s", r.code, r.stderr)
+	}
 	// --no-check does not look.
 	if r := add("nosuch", "--no-check"); r.code != 1 || !strings.Contains(r.stderr, "connect to Temporal at 127.0.0.1:1") {
 		t.Errorf("schedule add nosuch --no-check: exit %d, stderr %s", r.code, r.stderr)

@@ -61,8 +61,8 @@ func underProfile(p string) string {
 
 // resolveInVCenter looks vm up in the vCenter of profile. found false
 // with a nil error: the vCenter cannot be asked from here, and why says
-// why; an error: the vCenter answered that there is no such VM (or the
-// profile does not exist).
+// why; an error: the vCenter answered that there is no such VM, or that
+// the name matches several.
 func resolveInVCenter(ctx context.Context, e *env, cfg *config.Config, vm, profile string) (found bool, why string, err error) {
 	profiles, err := vsphere.LoadProfiles(cfg.VCenters)
 	if errors.Is(err, fs.ErrNotExist) || errors.Is(err, fs.ErrPermission) {
@@ -73,14 +73,16 @@ func resolveInVCenter(ctx context.Context, e *env, cfg *config.Config, vm, profi
 	}
 	s := vsphere.NewSessionsWithOptions(profiles, e.log.With("component", "vsphere"), vsphere.SessionOptions{DefaultProfile: config.Env("CBTFLOW_PROFILE", "")})
 	defer s.Close(context.WithoutCancel(ctx))
+	// The profiles file here may not be the worker's (nor its default
+	// profile): a profile it lacks is no answer.
 	name := profile
 	if name == "" {
 		if name, err = s.DefaultProfile(); err != nil {
-			return false, "", err
+			return false, err.Error(), nil
 		}
 	}
 	if _, err := s.Profile(name); err != nil {
-		return false, "", err
+		return false, err.Error(), nil
 	}
 	ctx, cancel := context.WithTimeout(ctx, vmCheckTimeout)
 	defer cancel()
