@@ -267,3 +267,30 @@ func TestRedactDatabaseURL(t *testing.T) {
 		t.Errorf("setup --help shows durations so:\n%s", r.stdout)
 	}
 }
+
+// Long flags with one dash, as the flag package took them before the
+// starter used cobra, still work.
+func TestGoStyleFlags(t *testing.T) {
+	if r := runIn(t, "backup", "-help"); r.code != 0 || !strings.Contains(r.stdout, "Usage:\n  starter backup VM") {
+		t.Errorf("backup -help: exit %d\n%s%s", r.code, r.stdout, r.stderr)
+	}
+	if r := runIn(t, "list", "-status", "nope", "-json"); r.code != 2 || !strings.Contains(r.stderr, `list: --status "nope" is not a status`) {
+		t.Errorf("list -status nope: exit %d\n%s", r.code, r.stderr)
+	}
+	if r := runIn(t, "schedule", "add", "VM", "-every=30s"); r.code != 2 || !strings.Contains(r.stderr, "--every 30s is shorter than a minute") {
+		t.Errorf("schedule add VM -every=30s: exit %d\n%s", r.code, r.stderr)
+	}
+	if r := runIn(t, "-version"); r.code != 0 || !strings.HasPrefix(r.stdout, "starter dev") {
+		t.Errorf("-version: exit %d\n%s%s", r.code, r.stdout, r.stderr)
+	}
+	// Not a flag of the command: left alone (and refused); a negative
+	// number stays a value.
+	if r := runIn(t, "backup", "VM", "-wiat"); r.code != 2 || !strings.Contains(r.stderr, "unknown shorthand flag: 'w' in -wiat") {
+		t.Errorf("backup VM -wiat: exit %d\n%s", r.code, r.stderr)
+	}
+	if got := goStyleFlags(newRootCmd(&env{stdout: &bytes.Buffer{}, stderr: &bytes.Buffer{}, log: slog.New(slog.DiscardHandler), getenv: func(string) string { return "" }}),
+		[]string{"retention", "set", "web", "-keep-daily", "-1", "-profile", "lab", "--", "-json"}); strings.Join(got, " ") !=
+		"retention set web --keep-daily -1 --profile lab -- -json" {
+		t.Errorf("goStyleFlags: %q", got)
+	}
+}

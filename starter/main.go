@@ -129,11 +129,43 @@ func execute(ctx context.Context, e *env, args []string) int {
 // that ran (or failed to parse) and its error.
 func runCommand(ctx context.Context, e *env, args []string) (*cobra.Command, error) {
 	root := newRootCmd(e)
-	if args == nil {
-		args = []string{} // nil would make cobra read os.Args
-	}
-	root.SetArgs(args)
+	root.SetArgs(goStyleFlags(root, args))
 	return root.ExecuteContextC(ctx)
+}
+
+// goStyleFlags returns args with long flags written with one dash, as
+// the flag package took them before the starter used cobra (-wait,
+// -status committed, -help), given their two, so that scripts of older
+// releases keep working. A word is a flag of the command named so far
+// (the root, then each subcommand word). Never nil (nil would make cobra
+// read os.Args).
+func goStyleFlags(root *cobra.Command, args []string) []string {
+	out := make([]string, 0, len(args))
+	cmd := root
+	root.InitDefaultVersionFlag()
+	cmd.InitDefaultHelpFlag()
+	for i, a := range args {
+		if a == "--" {
+			return append(out, args[i:]...)
+		}
+		switch {
+		case len(a) > 2 && a[0] == '-' && a[1] != '-':
+			name, _, _ := strings.Cut(a[1:], "=")
+			if len(name) > 1 && cmd.Flags().Lookup(name) != nil {
+				a = "-" + a
+			}
+		case a != "" && a[0] != '-':
+			for _, sub := range cmd.Commands() {
+				if sub.Name() == a || sub.HasAlias(a) {
+					cmd = sub
+					cmd.InitDefaultHelpFlag()
+					break
+				}
+			}
+		}
+		out = append(out, a)
+	}
+	return out
 }
 
 // report prints err and returns the exit code it calls for.
