@@ -276,7 +276,10 @@ func (v *barView) show(p workflows.Progress) {
 		bar, ok := v.disks[d.Key]
 		if !ok {
 			key := d.Key
-			bar = v.p.New(max(d.Total, 1), mpb.BarStyle().Lbound("[").Rbound("]"),
+			// Total 0 at construction: mpb completes a bar on its own only
+			// when current reaches its construction total; this one is
+			// completed by show (done) or end.
+			bar = v.p.New(0, mpb.BarStyle().Lbound("[").Rbound("]"),
 				mpb.PrependDecorators(decor.Any(func(decor.Statistics) string {
 					return fmt.Sprintf("  disk %d %-11s", key, v.disk(key).Mode)
 				})),
@@ -292,7 +295,6 @@ func (v *barView) show(p workflows.Progress) {
 		bar.SetCurrent(d.Done)
 		if d.Phase == workflows.DiskDone {
 			bar.SetTotal(max(d.Total, 1), true)
-			bar.SetCurrent(max(d.Total, 1))
 		}
 	}
 }

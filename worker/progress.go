@@ -16,9 +16,9 @@ import (
 	"github.com/cbtflow/cbtflow/workflows"
 )
 
-// progressTimeout bounds what the worker asks the server to answer one
-// progress query: a query must answer even when the server is slow.
-const progressTimeout = 3 * time.Second
+// progressTimeout bounds the describe of one progress query: a query must
+// answer even when the server is slow, well within the client's deadline.
+const progressTimeout = 5 * time.Second
 
 // transferActivity is TransferDisk's activity type (its method name).
 const transferActivity = "TransferDisk"
@@ -29,8 +29,10 @@ const transferActivity = "TransferDisk"
 // for a pending activity. Workflow code cannot read them (it does no
 // I/O), and progress sent as signals would grow the workflow's history
 // with the size of the disk; this costs one DescribeWorkflowExecution
-// per query. A Backup's answer names its BackupVM once that one runs:
-// its progress is that one's.
+// per query. (A Backup's answer names its BackupVM, whose query clients
+// ask next: a query that queried another workflow would hold a workflow
+// task of this worker while it waits for another, and could wait for
+// itself.)
 type liveProgress struct {
 	interceptor.WorkerInterceptorBase
 	c   client.Client
@@ -72,21 +74,6 @@ func (l *liveProgress) complete(ctx context.Context, namespace, workflowID, runI
 	if p.Phase.Final() {
 		return p
 	}
-	if p.WorkflowID != "" && p.WorkflowID != workflowID {
-		// A Backup whose BackupVM runs: that one's progress (which its
-		// own worker completes).
-		v, err := l.c.QueryWorkflow(ctx, p.WorkflowID, "", workflows.QueryProgress)
-		if err != nil {
-			l.log.Debug("progress: query of the backup's workflow failed", "workflow", p.WorkflowID, "error", err)
-			return p
-		}
-		var child workflows.Progress
-		if err := v.Get(&child); err != nil {
-			return p
-		}
-		child.WorkflowID = p.WorkflowID
-		return child
-	}
 	transferring := false
 	for _, d := range p.Disks {
 		transferring = transferring || d.Phase == workflows.DiskTransferring || d.Phase == workflows.DiskVerifying
@@ -97,7 +84,7 @@ func (l *liveProgress) complete(ctx context.Context, namespace, workflowID, runI
 	desc, err := l.c.WorkflowService().DescribeWorkflowExecution(ctx, &workflowservice.DescribeWorkflowExecutionRequest{
 		Namespace: namespace, Execution: &commonpb.WorkflowExecution{WorkflowId: workflowID, RunId: runID}})
 	if err != nil {
-		l.log.Debug("progress: describe failed", "workflow", workflowID, "error", err)
+		l.log.Warn("progress: describe failed; answering without the transfers' figures", "workflow", workflowID, "error", err)
 		return p
 	}
 	dc := converter.GetDefaultDataConverter()

@@ -13,6 +13,7 @@ import (
 	"go.temporal.io/sdk/workflow"
 
 	"github.com/cbtflow/cbtflow/activities"
+	"github.com/cbtflow/cbtflow/internal/units"
 )
 
 // ErrTypeAlreadyRunning is the type of the non-retryable error Backup
@@ -104,6 +105,12 @@ type DiskResult struct {
 	ChangeID     string  `json:"change_id"`
 	Seconds      float64 `json:"seconds"`
 	Note         string  `json:"note,omitempty"`
+	// The sizes and the time again in human units (1.5 GiB, 4.2s), for
+	// the Web UI's result view; the numbers above are the contract.
+	Changed  string `json:"changed,omitempty"`
+	Written  string `json:"written,omitempty"`
+	Size     string `json:"size,omitempty"`
+	Duration string `json:"duration,omitempty"`
 }
 
 // BackupReport is the object `starter backup --json` prints: the one
@@ -150,7 +157,9 @@ func (r BackupReport) FindDisk(key int32) (DiskResult, bool) {
 }
 
 // Progress is the answer of the progress query, of a BackupVM and of a
-// Backup (which answers its BackupVM's progress once that one runs).
+// Backup (which names its BackupVM once that one runs: WorkflowID, whose
+// progress query follows the backup; and, once it waited for it, its
+// result).
 //
 // The workflow knows the phases and each disk's bytes to copy; a running
 // transfer's bytes done, rate and ETA are in its heartbeat details, which
@@ -182,6 +191,7 @@ type Phase string
 // The phases of a backup.
 const (
 	PhaseResolving        Phase = "resolving"         // Backup: ResolveVM, then the start of its BackupVM
+	PhaseStarted          Phase = "started"           // Backup: its BackupVM (WorkflowID) runs the backup and answers its progress
 	PhaseStarting         Phase = "starting"          // inputs checked, nothing asked yet
 	PhasePreparing        Phase = "preparing"         // PrepareVM and BeginBackup: disks, CBT, catalog, chain check
 	PhaseSnapshot         Phase = "snapshot"          // CreateSnapshot
@@ -324,8 +334,8 @@ func Backup(ctx workflow.Context, in BackupInput) (*BackupResult, error) {
 	if err := checkMode(in.Mode); err != nil {
 		return nil, err
 	}
-	// Its progress: its own until its BackupVM runs, then that one's
-	// (the worker answers it, WorkflowID), then its result's.
+	// Its progress: its own until its BackupVM runs, then the name of
+	// that one (whose query follows the backup), then its result's.
 	prog := Progress{VM: in.VM, Phase: PhaseResolving, PhaseSince: workflow.Now(ctx), Disks: []DiskProgress{}}
 	if err := workflow.SetQueryHandler(ctx, QueryProgress, func() (Progress, error) { return prog.answer(), nil }); err != nil {
 		return nil, err
@@ -391,7 +401,7 @@ func Backup(ctx workflow.Context, in BackupInput) (*BackupResult, error) {
 		}
 		return nil, err
 	}
-	prog.Phase, prog.PhaseSince, prog.WorkflowID = PhaseStarting, workflow.Now(ctx), exec.ID
+	prog.Phase, prog.PhaseSince, prog.WorkflowID = PhaseStarted, workflow.Now(ctx), exec.ID
 	res := &BackupResult{WorkflowID: exec.ID, RunID: exec.RunID, BackupID: backupID, VM: vm.VMName, VMUUID: vm.VMUUID, Profile: in.Profile}
 	if in.Detach {
 		return res, nil
@@ -857,7 +867,8 @@ func (r *backupRun) copyDisk(ctx workflow.Context, p *diskPlan, sd activities.Sn
 		note = p.Reason
 	}
 	res := DiskResult{Key: p.Key, Mode: p.Mode, ChangedBytes: areas.ChangedBytes, WrittenBytes: tr.WrittenBytes,
-		SizeBytes: tr.SizeBytes, Path: tr.Path, ChangeID: sd.ChangeID, Seconds: tr.Seconds, Note: note}
+		SizeBytes: tr.SizeBytes, Path: tr.Path, ChangeID: sd.ChangeID, Seconds: tr.Seconds, Note: note,
+		Changed: units.Bytes(areas.ChangedBytes), Written: units.Bytes(tr.WrittenBytes), Size: units.Bytes(tr.SizeBytes), Duration: units.Seconds(tr.Seconds)}
 	c := activities.CommitDisk{Key: p.Key, Capacity: p.Capacity, Mode: p.Mode, Path: tr.Path,
 		BackingBackupID: p.BackingBackupID, ChangeIDFrom: p.FromChangeID, ChangeID: sd.ChangeID,
 		ChangedBytes: areas.ChangedBytes, WrittenBytes: tr.WrittenBytes, SizeBytes: tr.SizeBytes, SHA256: tr.SHA256, Note: note, Stamp: tr.Stamp}

@@ -3,6 +3,9 @@ package progress
 import (
 	"context"
 	"fmt"
+	"regexp"
+	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -13,6 +16,7 @@ import (
 	"github.com/cbtflow/cbtflow/internal/faultpoint"
 	"github.com/cbtflow/cbtflow/testkit/stack"
 	"github.com/cbtflow/cbtflow/testkit/stacktest"
+	"github.com/cbtflow/cbtflow/testkit/testutil"
 	"github.com/cbtflow/cbtflow/workflows"
 )
 
@@ -32,21 +36,6 @@ func writeData(t *testing.T, s *stack.Stack, key int32, off, n int64, seed uint6
 	for done := int64(0); done < n; done += chunk {
 		stacktest.WriteDisk(t, s.Lab(), vm, key, off+done, stacktest.Pattern(seed+uint64(done/chunk), int(min(chunk, n-done))))
 	}
-}
-
-// backup runs `starter backup VM --wait --json` with extra flags and
-// returns its report, failing t unless it completed.
-func backup(ctx context.Context, t *testing.T, s *stack.Stack, extra ...string) stacktest.BackupJSON {
-	t.Helper()
-	r, err := s.Starter(ctx, append([]string{"backup", vm, "--wait", "--json"}, extra...)...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var b stacktest.BackupJSON
-	if err := stacktest.DecodeOne(r.Stdout, &b); err != nil || r.ExitCode != 0 || b.Status != workflows.ReportCompleted {
-		t.Fatalf("backup %v: %v\n%s", extra, err, r)
-	}
-	return b
 }
 
 // query returns the progress query's answer of workflow id.
@@ -157,8 +146,10 @@ func TestProgressAndHistorySize(t *testing.T) {
 	if p.Phase != workflows.PhaseSnapshot || p.PhaseSince.IsZero() || p.VM != vm || len(p.Disks) != len(disks) || disk(p, key).Phase != workflows.DiskWaiting {
 		t.Errorf("progress during the snapshot: %+v", p)
 	}
-	if pp := query(ctx, t, s, parent); pp.Phase != workflows.PhaseSnapshot || pp.WorkflowID != child || pp.BackupID != p.BackupID {
-		t.Errorf("the Backup's progress during the snapshot: %+v, want its BackupVM's (%s)", pp, child)
+	// The starter's Backup ended once its BackupVM started: its answer
+	// names that one.
+	if pp := query(ctx, t, s, parent); pp.Phase != workflows.PhaseStarted || pp.WorkflowID != child || pp.BackupID != p.BackupID || pp.VM != vm {
+		t.Errorf("the Backup's progress during the snapshot: %+v, want phase started and its BackupVM %s", pp, child)
 	}
 	if err := gates.Release(faultpoint.AfterSnapshot); err != nil {
 		t.Fatal(err)
@@ -172,9 +163,6 @@ func TestProgressAndHistorySize(t *testing.T) {
 	if d := disk(p, key); p.Phase != workflows.PhaseTransferring || d.Total < GiB || d.Done >= d.Total ||
 		d.Percent <= 0 || d.Percent >= 100 || d.ETASeconds <= 0 || d.Mode != workflows.ModeFull {
 		t.Errorf("progress mid-transfer: %+v", p)
-	}
-	if pp := query(ctx, t, s, parent); !pp.Live || disk(pp, key).Done != disk(p, key).Done {
-		t.Errorf("the Backup's progress mid-transfer: %+v, want its BackupVM's %+v", pp, p)
 	}
 	if err := gates.Release(faultpoint.MidTransfer); err != nil {
 		t.Fatal(err)
@@ -198,23 +186,22 @@ func TestProgressAndHistorySize(t *testing.T) {
 	if err := stacktest.DecodeOne(r.Stdout, &small); err != nil || small.Status != workflows.ReportCompleted {
 		t.Fatalf("the held backup: %v\n%s", err, r)
 	}
+	// Sizes in bytes and in human units (the Web UI shows the result).
+	if d := small.Disk(t, key); d.ChangedBytes != GiB || d.Changed != "1.0 GiB" || d.Size == "" || d.Written == "" || d.Duration == "" {
+		t.Errorf("the result's disk %d: %+v, want its sizes in bytes and human units", key, d)
+	}
 	done := query(ctx, t, s, child)
 	if done.Phase != workflows.PhaseCompleted || disk(done, key).Phase != workflows.DiskDone || disk(done, key).Percent != 100 {
 		t.Errorf("progress of the completed BackupVM: %+v", done)
 	}
-	if pp := query(ctx, t, s, parent); pp.Phase != workflows.PhaseCompleted || pp.BackupID != small.BackupID || len(pp.Disks) != len(disks) {
-		t.Errorf("progress of the completed Backup: %+v", pp)
-	}
 	checkAttributes(ctx, t, s, small.BackupID, workflows.ModeFull)
 
-	// The same VM with 4 GiB: a full backup's history is as long.
+	// The same VM with 4 GiB, backed up in a terminal: progress bars that
+	// advance, then the summary. A full backup's history is as long.
 	writeData(t, s, key, GiB, 3*GiB, 100)
-	big := backup(ctx, t, s, "--mode", "full")
-	if d := big.Disk(t, key); d.ChangedBytes < 4*GiB {
-		t.Fatalf("the second backup copied %d bytes, want 4 GiB", d.ChangedBytes)
-	}
+	bigID, bigWID := backupInTerminal(ctx, t, s, key)
 	smallEvents := eventTypes(ctx, t, s, small.WorkflowID, small.BackupID)
-	bigEvents := eventTypes(ctx, t, s, big.WorkflowID, big.BackupID)
+	bigEvents := eventTypes(ctx, t, s, bigWID, bigID)
 	t.Logf("history of the backup of 1 GiB: %d events; of 4 GiB: %d events", len(smallEvents), len(bigEvents))
 	if len(smallEvents) != len(bigEvents) {
 		t.Errorf("the history grows with the disk: %d events for 1 GiB, %d for 4 GiB\n1 GiB: %s\n4 GiB: %s",
@@ -241,6 +228,11 @@ func TestProgressAndHistorySize(t *testing.T) {
 		t.Fatalf("the Backup of %s: %+v, %v", vm, inc, err)
 	}
 	checkAttributes(ctx, t, s, inc.BackupID, workflows.ModeIncremental)
+	// A Backup that waited for its BackupVM answers the result's progress.
+	if pp := query(ctx, t, s, run.GetID()); pp.Phase != workflows.PhaseCompleted || pp.BackupID != inc.BackupID ||
+		pp.WorkflowID != inc.WorkflowID || disk(pp, key).Phase != workflows.DiskDone || disk(pp, key).Percent != 100 {
+		t.Errorf("progress of the completed Backup: %+v", pp)
+	}
 	if got := stacktest.ListWorkflows(ctx, t, s, fmt.Sprintf("WorkflowType = 'Backup' AND CbtflowBackupID = '%s' AND CbtflowMode = 'incremental'", inc.BackupID)); len(got) != 1 {
 		t.Errorf("the waiting Backup %s by CbtflowMode = 'incremental': %d found, want 1", inc.BackupID, len(got))
 	}
@@ -254,6 +246,75 @@ func TestProgressAndHistorySize(t *testing.T) {
 		got[0].GetStatus() != enumspb.WORKFLOW_EXECUTION_STATUS_FAILED {
 		t.Errorf("the failed Backup of NOPE_VM by CbtflowVM: %v", got)
 	}
+}
+
+// backupInTerminal runs `starter backup VM --mode full --wait` with its
+// stdout on a pseudo-terminal and checks what it shows: the phase, a bar
+// for the disk that advances (several different percents, rising), then
+// the summary. It returns the backup's ID and BackupVM workflow ID.
+func backupInTerminal(ctx context.Context, t *testing.T, s *stack.Stack, key int32) (backupID, workflowID string) {
+	t.Helper()
+	tty, err := testutil.OpenPTY(40, 160)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tty.Close()
+	st, err := s.StartStarterOn(tty.Slave, "backup", vm, "--mode", "full", "--wait")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tty.CloseSlave()
+	r, err := st.Wait(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tty.Drain()
+	out := tty.Output()
+	if r.ExitCode != 0 {
+		t.Fatalf("backup in a terminal: %s\nterminal:\n%s", r, out)
+	}
+	// Every frame redraws the disk's line: the copy's percents, in order
+	// (the bar's text is "1.2 GiB of 4.0 GiB (30%), …" while it copies,
+	// "verifying …" after).
+	var percents, fills []int
+	diskLine := regexp.MustCompile(fmt.Sprintf(`disk %d full\s*\[([^\]\n\r]*)\] +[\d.]+ [KMGT]?i?B of [^(\n\r]*\((\d+)%%\)`, key))
+	for _, m := range diskLine.FindAllStringSubmatch(out, -1) {
+		n, _ := strconv.Atoi(m[2])
+		if len(percents) == 0 || percents[len(percents)-1] != n {
+			percents = append(percents, n)
+		}
+		if f := strings.Count(m[1], "="); len(fills) == 0 || fills[len(fills)-1] != f {
+			fills = append(fills, f)
+		}
+	}
+	if !slices.IsSorted(percents) || len(percents) < 3 || percents[len(percents)-1] < 50 {
+		t.Errorf("the disk's bar in the terminal showed percents %v: want at least 3 different ones, rising\n%q", percents, tail(out, 4000))
+	}
+	if !slices.IsSorted(fills) || len(fills) < 3 {
+		t.Errorf("the disk's bar filled %v characters: want it to grow at least 3 times\n%q", fills, tail(out, 4000))
+	}
+	for _, want := range []string{"transferring", "/s", "ETA", "GiB", "verifying", "done, 4.0 GiB"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("the terminal never showed %q\n%q", want, tail(out, 4000))
+		}
+	}
+	m := regexp.MustCompile(`backup (\S+) of VM ` + vm + ` \(\S+\): completed`).FindStringSubmatch(out)
+	if m == nil {
+		t.Fatalf("no summary of a completed backup in the terminal:\n%q", tail(out, 4000))
+	}
+	runs := stacktest.ListWorkflows(ctx, t, s, fmt.Sprintf("WorkflowType = 'BackupVM' AND CbtflowBackupID = '%s'", m[1]))
+	if len(runs) != 1 {
+		t.Fatalf("BackupVM of backup %s: %d found", m[1], len(runs))
+	}
+	t.Logf("the disk's bar showed %d different percents: %v; its fill: %v", len(percents), percents, fills)
+	return m[1], runs[0].GetExecution().GetWorkflowId()
+}
+
+func tail(s string, n int) string {
+	if len(s) > n {
+		return s[len(s)-n:]
+	}
+	return s
 }
 
 // disk is p's disk key (a zero DiskProgress when p has none).

@@ -67,10 +67,26 @@ func (b *lockedBuffer) String() string {
 // returns at once, for tests that act on it while it runs (signal a
 // waiting backup). Call Wait to collect it.
 func (s *Stack) StartStarter(args ...string) (*RunningStarter, error) {
+	return s.startStarter(nil, args)
+}
+
+// StartStarterOn is StartStarter with the starter's stdout on tty (the
+// slave of a pseudo-terminal, for what the starter shows only on a
+// terminal).
+func (s *Stack) StartStarterOn(tty *os.File, args ...string) (*RunningStarter, error) {
+	return s.startStarter(tty, args)
+}
+
+func (s *Stack) startStarter(tty *os.File, args []string) (*RunningStarter, error) {
 	r := &RunningStarter{args: args}
 	r.cmd = exec.Command(s.opts.Binaries.Starter, args...)
-	r.cmd.Env = childEnv(append(s.Env(), "TMPDIR="+s.tmpDir)...)
+	env := append(s.Env(), "TMPDIR="+s.tmpDir)
 	r.cmd.Stdout, r.cmd.Stderr = &r.stdout, &r.stderr
+	if tty != nil {
+		r.cmd.Stdout = tty
+		env = append(env, "TERM=xterm")
+	}
+	r.cmd.Env = childEnv(env...)
 	r.start = time.Now()
 	if err := child.Start(r.cmd); err != nil {
 		return nil, fmt.Errorf("stack: run starter: %w", err)
@@ -84,6 +100,9 @@ func (r *RunningStarter) PID() int { return r.cmd.Process.Pid }
 // Stderr is what the starter wrote to stderr so far (its log), e.g. to
 // wait until it logged that a backup started.
 func (r *RunningStarter) Stderr() string { return r.stderr.String() }
+
+// Stdout is what the starter wrote to stdout so far (not on a terminal).
+func (r *RunningStarter) Stdout() string { return r.stdout.String() }
 
 // Signal sends sig to the starter.
 func (r *RunningStarter) Signal(sig os.Signal) error {
