@@ -182,12 +182,10 @@ func newScheduleAddCmd(e *env) *cobra.Command {
 		Long: `Back up a VM on a schedule: every --every (24h by default), at --offset
 within the interval, or at the times of a --cron expression (UTC).
 
-The VM must exist: it is looked up the way a backup resolves it (name,
-inventory path or moref, under --profile or the default profile) in the
-vCenter when the vCenter profiles file (CBTFLOW_VCENTERS) and its password
-file are readable from here; else the catalog must know the VM from an
-earlier backup. An unknown VM creates nothing (exit 1). --no-check skips
-the check.`,
+The VM must exist: the worker looks it up the way a backup resolves it
+(name, inventory path or moref, under --profile or the worker's default
+profile; the LookupVM workflow), so the starter needs no vCenter access.
+An unknown VM creates nothing (exit 1). --no-check skips the check.`,
 		Example: `  starter schedule add DC0_H0_VM0 --every 24h --offset 2h
   starter schedule add DC0_H0_VM0 --cron "30 1 * * 1-5" --full-every 7`,
 		Args: exactArgs(1, "exactly one VM"),
@@ -198,12 +196,7 @@ the check.`,
 			return scheduleAdd(cmd, e, &cfg, args[0], *profile, f, noCheck)
 		},
 	}
-	addConfigFlags(cmd, &cfg, useTemporal|useCatalog)
-	// The profiles file is read to check the VM.
-	if fl := cmd.Flags().Lookup("vcenters"); fl != nil {
-		fl.Hidden = false
-		delete(fl.Annotations, ignoredFlag)
-	}
+	addConfigFlags(cmd, &cfg, useTemporal)
 	profile = profileFlag(cmd.Flags())
 	f.register(cmd, true)
 	cmd.Flags().BoolVar(&noCheck, "no-check", false, "create the schedule without checking that the VM exists")
@@ -212,16 +205,16 @@ the check.`,
 
 func scheduleAdd(cmd *cobra.Command, e *env, cfg *config.Config, vm, profile string, f specFlags, noCheck bool) error {
 	ctx := cmd.Context()
-	if !noCheck {
-		if err := checkVMExists(ctx, e, cfg, vm, profile); err != nil {
-			return fmt.Errorf("schedule add: %w: nothing created", err)
-		}
-	}
 	c, err := dialTemporal(ctx, e, cfg)
 	if err != nil {
 		return err
 	}
 	defer c.Close()
+	if !noCheck {
+		if err := checkVMExists(ctx, e, c, vm, profile); err != nil {
+			return fmt.Errorf("schedule add: %w: nothing created", err)
+		}
+	}
 	id := backupScheduleID(profile, vm)
 	in := workflows.BackupInput{VM: vm, Profile: profile, Mode: f.mode, FullEvery: f.fullEvery}
 	useCron := cmd.Flags().Changed("cron")

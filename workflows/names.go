@@ -74,4 +74,5 @@ func Register(r Registrar) {
 	r.RegisterWorkflow(Sweep)
 	r.RegisterWorkflow(Prune)
 	r.RegisterWorkflow(PruneVM)
+	r.RegisterWorkflow(LookupVM)
 }
