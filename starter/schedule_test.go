@@ -132,4 +132,3 @@ func TestScheduleJSONInREADME(t *testing.T) {
 		}
 	}
 }
-
