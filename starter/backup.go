@@ -19,6 +19,8 @@ import (
 
 	"github.com/cbtflow/cbtflow/internal/config"
 	"github.com/cbtflow/cbtflow/workflows"
+
+	"github.com/cbtflow/cbtflow/internal/units"
 )
 
 // Exit codes of `starter backup` besides 0 and 1.
@@ -285,7 +287,7 @@ func printBackup(e *env, out workflows.BackupReport, asJSON bool) error {
 	}
 	for _, d := range out.Disks {
 		fmt.Fprintf(e.stdout, "  disk %d %-11s changed %s, written %s, QCOW2 %s, %s  %s  change ID %s\n", d.Key, d.Mode,
-			humanBytes(d.ChangedBytes), humanBytes(d.WrittenBytes), humanBytes(d.SizeBytes), humanSeconds(d.Seconds), d.Path, d.ChangeID)
+			units.Bytes(d.ChangedBytes), units.Bytes(d.WrittenBytes), units.Bytes(d.SizeBytes), units.Seconds(d.Seconds), d.Path, d.ChangeID)
 		if d.Note != "" {
 			fmt.Fprintf(e.stdout, "    note: %s\n", d.Note)
 		}

@@ -10,7 +10,6 @@ import (
 	"runtime"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/spf13/cobra"
 )
@@ -186,20 +185,6 @@ func TestListingsHaveJSON(t *testing.T) {
 		r := runIn(t, append(c, "--help")...)
 		if !strings.Contains(r.stdout, "--json") {
 			t.Errorf("%v has no --json", c)
-		}
-	}
-}
-
-func TestHumanDuration(t *testing.T) {
-	for d, want := range map[string]string{
-		"0s": "0s", "250ms": "250ms", "4.2s": "4.2s", "30s": "30s", "90s": "1m30s", "24h": "24h", "26h": "26h", "1h30m": "1h30m", "-2h": "-2h", "15m": "15m",
-	} {
-		pd, err := time.ParseDuration(d)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if got := humanDuration(pd); got != want {
-			t.Errorf("humanDuration(%s) = %s, want %s", d, got, want)
 		}
 	}
 }

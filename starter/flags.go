@@ -12,6 +12,8 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/cbtflow/cbtflow/internal/config"
+
+	"github.com/cbtflow/cbtflow/internal/units"
 )
 
 // settings selects the configuration settings (internal/config) a command
@@ -95,7 +97,7 @@ func humanDefaults(fs *pflag.FlagSet) {
 			return
 		}
 		if d, err := time.ParseDuration(f.DefValue); err == nil {
-			f.DefValue = humanDuration(d)
+			f.DefValue = units.Duration(d)
 		}
 	})
 }

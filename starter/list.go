@@ -12,6 +12,8 @@ import (
 	"github.com/cbtflow/cbtflow/internal/catalog"
 	"github.com/cbtflow/cbtflow/internal/config"
 	"github.com/cbtflow/cbtflow/internal/repository"
+
+	"github.com/cbtflow/cbtflow/internal/units"
 )
 
 func newListCmd(e *env) *cobra.Command {
@@ -116,7 +118,7 @@ func listRun(ctx context.Context, e *env, cfg *config.Config, pos []string, stat
 			if i > 0 {
 				disks += ", "
 			}
-			disks += fmt.Sprintf("%d:%s %s", d.Key, d.Mode, humanBytes(d.SizeBytes))
+			disks += fmt.Sprintf("%d:%s %s", d.Key, d.Mode, units.Bytes(d.SizeBytes))
 			if d.Damaged != "" {
 				disks += " DAMAGED"
 				status = "damaged"

@@ -17,6 +17,8 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/cbtflow/cbtflow/workflows"
+
+	"github.com/cbtflow/cbtflow/internal/units"
 )
 
 // pollInterval is how often a watching starter asks for the progress: the
@@ -147,22 +149,22 @@ func diskFigures(d workflows.DiskProgress) string {
 	case workflows.DiskVerifying:
 		s := "verifying"
 		if d.VerifyTotal > 0 {
-			s += fmt.Sprintf(" %s of %s (%.0f%%)", humanBytes(d.Verified), humanBytes(d.VerifyTotal), float64(d.Verified)*100/float64(d.VerifyTotal))
+			s += fmt.Sprintf(" %s of %s (%.0f%%)", units.Bytes(d.Verified), units.Bytes(d.VerifyTotal), float64(d.Verified)*100/float64(d.VerifyTotal))
 		}
 		return s + rateETA(d)
 	case workflows.DiskDone, workflows.DiskFailed, workflows.DiskCanceled:
-		return fmt.Sprintf("%s, %s", d.Phase, humanBytes(d.Total))
+		return fmt.Sprintf("%s, %s", d.Phase, units.Bytes(d.Total))
 	}
-	return fmt.Sprintf("%s of %s (%.0f%%)", humanBytes(d.Done), humanBytes(d.Total), d.Percent) + rateETA(d)
+	return fmt.Sprintf("%s of %s (%.0f%%)", units.Bytes(d.Done), units.Bytes(d.Total), d.Percent) + rateETA(d)
 }
 
 func rateETA(d workflows.DiskProgress) string {
 	s := ""
 	if d.Rate > 0 {
-		s += fmt.Sprintf(", %s/s", humanBytes(int64(d.Rate)))
+		s += fmt.Sprintf(", %s/s", units.Bytes(int64(d.Rate)))
 	}
 	if d.ETASeconds > 0 {
-		s += ", ETA " + humanSeconds(d.ETASeconds)
+		s += ", ETA " + units.Seconds(d.ETASeconds)
 	}
 	return s
 }
@@ -263,7 +265,7 @@ func newBarView(ctx context.Context, w io.Writer) *barView {
 		if v.last.BackupID == "" {
 			return "starting the backup…"
 		}
-		return fmt.Sprintf("backup %s of VM %s: %s (%s)", v.last.BackupID, v.last.VM, phaseText(v.last), humanDuration(time.Since(v.start).Round(time.Second)))
+		return fmt.Sprintf("backup %s of VM %s: %s (%s)", v.last.BackupID, v.last.VM, phaseText(v.last), units.Duration(time.Since(v.start).Round(time.Second)))
 	})))
 	return v
 }

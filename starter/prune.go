@@ -13,6 +13,8 @@ import (
 
 	"github.com/cbtflow/cbtflow/internal/config"
 	"github.com/cbtflow/cbtflow/workflows"
+
+	"github.com/cbtflow/cbtflow/internal/units"
 )
 
 func newPruneCmd(e *env) *cobra.Command {
@@ -109,7 +111,7 @@ func printPrune(e *env, res workflows.PruneResult) {
 			if m.Base != "" {
 				into = "an image on " + m.Base
 			}
-			fmt.Fprintf(tw, "  merged\t%s\tdisk %d\tinto %s (%s, %s)\n", m.BackupID, m.Key, into, m.Method, humanBytes(m.SizeBytes))
+			fmt.Fprintf(tw, "  merged\t%s\tdisk %d\tinto %s (%s, %s)\n", m.BackupID, m.Key, into, m.Method, units.Bytes(m.SizeBytes))
 		}
 		switch {
 		case vm.Status == workflows.PruneStatusSkipped:
@@ -119,14 +121,14 @@ func printPrune(e *env, res workflows.PruneResult) {
 		case len(vm.Removed) == 0:
 			fmt.Fprintf(tw, "  nothing to remove\n")
 		case res.DryRun:
-			fmt.Fprintf(tw, "  would free about %s\n", humanBytes(vm.BytesToFree))
+			fmt.Fprintf(tw, "  would free about %s\n", units.Bytes(vm.BytesToFree))
 		default:
-			fmt.Fprintf(tw, "  freed %s\n", humanBytes(vm.BytesFreed))
+			fmt.Fprintf(tw, "  freed %s\n", units.Bytes(vm.BytesFreed))
 		}
 	}
 	tw.Flush()
 	if !res.DryRun {
-		fmt.Fprintf(e.stdout, "prune: %s freed\n", humanBytes(res.BytesFreed))
+		fmt.Fprintf(e.stdout, "prune: %s freed\n", units.Bytes(res.BytesFreed))
 	}
 	for _, msg := range res.Errors {
 		fmt.Fprintf(e.stderr, "prune: %s\n", msg)

@@ -13,6 +13,8 @@ import (
 	"github.com/cbtflow/cbtflow/internal/catalog"
 	"github.com/cbtflow/cbtflow/internal/config"
 	"github.com/cbtflow/cbtflow/internal/repository"
+
+	"github.com/cbtflow/cbtflow/internal/units"
 )
 
 // The JSON of `starter repo`, a contract the README documents.
@@ -152,21 +154,21 @@ func repoRun(ctx context.Context, e *env, cfg *config.Config, asJSON bool) error
 	fmt.Fprintln(tw, "VM\tPROFILE\tUUID\tPOINTS\tDAMAGED\tOLDEST\tNEWEST\tUSED\tRETENTION")
 	for _, v := range out.VMs {
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d\t%s\t%s\t%s\t%s\n", v.VM, v.Profile, v.VMUUID, v.RestorePoints, v.DamagedPoints,
-			timeCell(v.Oldest), timeCell(v.Newest), humanBytes(v.UsedBytes), v.RetentionSource)
+			timeCell(v.Oldest), timeCell(v.Newest), units.Bytes(v.UsedBytes), v.RetentionSource)
 	}
 	t := out.Total
 	fmt.Fprintf(tw, "TOTAL\t\t%s\t%d\t%d\t%s\t%s\t%s\n", vmCount(t.VMs), t.RestorePoints, t.DamagedPoints,
-		timeCell(t.Oldest), timeCell(t.Newest), humanBytes(t.UsedBytes))
+		timeCell(t.Oldest), timeCell(t.Newest), units.Bytes(t.UsedBytes))
 	if err := tw.Flush(); err != nil {
 		return err
 	}
 	r := out.Repository
 	if r.Reachable {
-		fmt.Fprintf(e.stdout, "repository %s: %s free of %s\n", r.Path, humanBytes(*r.FreeBytes), humanBytes(*r.SizeBytes))
+		fmt.Fprintf(e.stdout, "repository %s: %s free of %s\n", r.Path, units.Bytes(*r.FreeBytes), units.Bytes(*r.SizeBytes))
 	} else {
 		fmt.Fprintf(e.stdout, "repository %s: free space unknown: not reachable from here: %s\n", r.Path, r.Reason)
 	}
-	fmt.Fprintf(e.stdout, "prunes: %d so far, %s freed\n", out.Prunes.Count, humanBytes(out.Prunes.BytesFreed))
+	fmt.Fprintf(e.stdout, "prunes: %d so far, %s freed\n", out.Prunes.Count, units.Bytes(out.Prunes.BytesFreed))
 	return nil
 }
 

@@ -6,6 +6,8 @@ import (
 	"strings"
 
 	"go.temporal.io/sdk/client"
+
+	"github.com/cbtflow/cbtflow/internal/units"
 )
 
 // specText says when a schedule runs, as a person reads it: "every 24h
@@ -18,9 +20,9 @@ func specText(sp *client.ScheduleSpec) string {
 	}
 	var parts []string
 	for _, iv := range sp.Intervals {
-		s := "every " + humanDuration(iv.Every)
+		s := "every " + units.Duration(iv.Every)
 		if iv.Offset > 0 {
-			s += " at +" + humanDuration(iv.Offset)
+			s += " at +" + units.Duration(iv.Offset)
 		}
 		parts = append(parts, s)
 	}

@@ -20,6 +20,8 @@ import (
 
 	"github.com/cbtflow/cbtflow/internal/config"
 	"github.com/cbtflow/cbtflow/workflows"
+
+	"github.com/cbtflow/cbtflow/internal/units"
 )
 
 // Backup schedules are named after the VM as given; their IDs carry this
@@ -86,10 +88,10 @@ func (f *specFlags) check(cmd *cobra.Command, add bool) error {
 		return usageError{fmt.Errorf("%s--offset is for --every; a --cron expression says the times itself", name)}
 	}
 	if (add || changed("every")) && !changed("cron") && f.every < time.Minute {
-		return usageError{fmt.Errorf("%s--every %s is shorter than a minute", name, humanDuration(f.every))}
+		return usageError{fmt.Errorf("%s--every %s is shorter than a minute", name, units.Duration(f.every))}
 	}
 	if f.offset < 0 || (changed("offset") && changed("every") && f.offset >= f.every) || (add && f.offset >= f.every && !changed("cron")) {
-		return usageError{fmt.Errorf("%s--offset %s: must be at least 0 and less than --every %s", name, humanDuration(f.offset), humanDuration(f.every))}
+		return usageError{fmt.Errorf("%s--offset %s: must be at least 0 and less than --every %s", name, units.Duration(f.offset), units.Duration(f.every))}
 	}
 	if changed("cron") {
 		if err := checkCron(f.cron); err != nil {
@@ -300,7 +302,7 @@ func scheduleUpdate(cmd *cobra.Command, e *env, cfg *config.Config, vm, profile 
 				f.offset = s.Spec.Intervals[0].Offset // keep the runs' offset
 			}
 			if f.offset >= f.every {
-				return nil, usageError{fmt.Errorf("schedule update: --offset %s: must be less than --every %s", humanDuration(f.offset), humanDuration(f.every))}
+				return nil, usageError{fmt.Errorf("schedule update: --offset %s: must be less than --every %s", units.Duration(f.offset), units.Duration(f.every))}
 			}
 			sp := f.spec(false)
 			s.Spec = &sp
@@ -309,7 +311,7 @@ func scheduleUpdate(cmd *cobra.Command, e *env, cfg *config.Config, vm, profile 
 				return nil, usageError{fmt.Errorf("schedule update: --offset moves the runs of an --every schedule; %s runs %s: give --every too", id, specText(s.Spec))}
 			}
 			if f.offset >= s.Spec.Intervals[0].Every {
-				return nil, usageError{fmt.Errorf("schedule update: --offset %s: must be less than the interval, %s", humanDuration(f.offset), humanDuration(s.Spec.Intervals[0].Every))}
+				return nil, usageError{fmt.Errorf("schedule update: --offset %s: must be less than the interval, %s", units.Duration(f.offset), units.Duration(s.Spec.Intervals[0].Every))}
 			}
 			s.Spec.Intervals[0].Offset = f.offset
 		}

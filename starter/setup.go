@@ -13,6 +13,8 @@ import (
 
 	"github.com/cbtflow/cbtflow/internal/config"
 	"github.com/cbtflow/cbtflow/workflows"
+
+	"github.com/cbtflow/cbtflow/internal/units"
 )
 
 func newSetupCmd(e *env) *cobra.Command {
@@ -74,7 +76,7 @@ func setupRun(ctx context.Context, e *env, cfg *config.Config, every, minAge, pr
 			TaskQueue: workflows.TaskQueue,
 		},
 		"removes cbtflow snapshots and partial backups that no running backup owns",
-		"every", humanDuration(every), "min_age", humanDuration(minAge))
+		"every", units.Duration(every), "min_age", units.Duration(minAge))
 	if err != nil {
 		return err
 	}
@@ -87,7 +89,7 @@ func setupRun(ctx context.Context, e *env, cfg *config.Config, every, minAge, pr
 			TaskQueue: workflows.TaskQueue,
 		},
 		"applies the retention policies (starter retention) to every VM's restore points",
-		"every", humanDuration(pruneEvery))
+		"every", units.Duration(pruneEvery))
 }
 
 // ensureSchedule creates the schedule id, or brings an existing one up to

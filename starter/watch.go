@@ -14,6 +14,8 @@ import (
 
 	"github.com/cbtflow/cbtflow/internal/config"
 	"github.com/cbtflow/cbtflow/workflows"
+
+	"github.com/cbtflow/cbtflow/internal/units"
 )
 
 // findGrace is how long watch and cancel look for a backup: one started
@@ -227,7 +229,7 @@ func statusRun(ctx context.Context, e *env, cfg *config.Config, vm string, asJSO
 			phase = "unknown (" + en.Error + ")"
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", en.BackupID, en.VM, phase,
-			humanDuration(time.Since(en.StartedAt).Round(time.Second)), overall(en.Progress))
+			units.Duration(time.Since(en.StartedAt).Round(time.Second)), overall(en.Progress))
 		for _, d := range en.Progress.Disks {
 			fmt.Fprintf(tw, "  disk %d\t%s\t%s\t\t%s\n", d.Key, d.Mode, d.Phase, diskFigures(d))
 		}
@@ -244,5 +246,5 @@ func overall(p workflows.Progress) string {
 	if total == 0 {
 		return "-"
 	}
-	return fmt.Sprintf("%s of %s (%.0f%%)", humanBytes(done), humanBytes(total), float64(done)*100/float64(total))
+	return fmt.Sprintf("%s of %s (%.0f%%)", units.Bytes(done), units.Bytes(total), float64(done)*100/float64(total))
 }

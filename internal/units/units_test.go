@@ -21,7 +21,8 @@ func TestDuration(t *testing.T) {
 		d    time.Duration
 		want string
 	}{{250 * time.Millisecond, "250ms"}, {4200 * time.Millisecond, "4.2s"}, {30 * time.Second, "30s"},
-		{12*time.Minute + 30*time.Second, "12m30s"}, {24 * time.Hour, "24h"}, {90 * time.Minute, "1h30m"}, {-time.Second, "-1s"}} {
+		{12*time.Minute + 30*time.Second, "12m30s"}, {24 * time.Hour, "24h"}, {90 * time.Minute, "1h30m"}, {-time.Second, "-1s"},
+		{0, "0s"}, {90 * time.Second, "1m30s"}, {26 * time.Hour, "26h"}, {15 * time.Minute, "15m"}, {-2 * time.Hour, "-2h"}} {
 		if got := Duration(c.d); got != c.want {
 			t.Errorf("Duration(%v) = %q, want %q", c.d, got, c.want)
 		}
