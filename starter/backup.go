@@ -247,11 +247,16 @@ func detached(e *env, cfg *config.Config, out workflows.BackupReport, asJSON boo
 	} else {
 		fmt.Fprintf(&b, "interrupted: backup %s of VM %s goes on in the background (workflow %s); the starter did not cancel it.\n", out.BackupID, out.VM, out.WorkflowID)
 	}
-	fmt.Fprintf(&b, "  follow it: starter list %s\n", shellQuote(out.VM))
+	name := out.BackupID
+	if name == "" {
+		name = out.VM
+	}
+	fmt.Fprintf(&b, "  follow it: starter watch %s\n", shellQuote(name))
+	fmt.Fprintf(&b, "             starter status %s\n", shellQuote(out.VM))
 	fmt.Fprintf(&b, "             the Temporal Web UI (make dev: http://127.0.0.1:8233), /namespaces/%s/workflows/%s\n",
 		url.PathEscape(cfg.Namespace), url.PathEscape(out.WorkflowID))
 	fmt.Fprintf(&b, "             %s\n", tctl("describe"))
-	fmt.Fprintf(&b, "  cancel it: %s", tctl("cancel"))
+	fmt.Fprintf(&b, "  cancel it: starter cancel %s", shellQuote(name))
 	return exitError{code: exitDetached, err: errors.New(b.String())}
 }
 

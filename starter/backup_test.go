@@ -53,9 +53,11 @@ func TestDetachedWithoutBackupID(t *testing.T) {
 	}
 	for _, want := range []string{
 		"interrupted while backup of VM my vm was being started: it may go on in the background (start workflow start-backup/lab/abc)",
-		"follow it: starter list 'my vm'",
+		"follow it: starter watch 'my vm'",
+		"starter status 'my vm'",
 		"/namespaces/backups/workflows/start-backup%2Flab%2Fabc",
-		"cancel it: temporal workflow cancel --address 10.0.0.1:7233 --namespace backups --workflow-id start-backup/lab/abc",
+		"temporal workflow describe --address 10.0.0.1:7233 --namespace backups --workflow-id start-backup/lab/abc",
+		"cancel it: starter cancel 'my vm'",
 	} {
 		if !strings.Contains(err.Error(), want) {
 			t.Errorf("message lacks %q:\n%s", want, err)

@@ -115,10 +115,11 @@ func TestInterruptedWaitLeavesTheBackupRunning(t *testing.T) {
 		for _, want := range []string{
 			"interrupted: backup " + id + " of VM " + vm + " goes on in the background (workflow " + workflowID + ")",
 			"the starter did not cancel it",
-			"starter list " + vm,
+			"follow it: starter watch " + id,
+			"starter status " + vm,
 			"/namespaces/default/workflows/" + url.PathEscape(workflowID),
 			"temporal workflow describe --address " + s.TemporalAddress() + " --namespace default --workflow-id " + workflowID,
-			"cancel it: temporal workflow cancel --address " + s.TemporalAddress() + " --namespace default --workflow-id " + workflowID,
+			"cancel it: starter cancel " + id,
 		} {
 			if !strings.Contains(r.Stderr, want) {
 				t.Errorf("%s: stderr lacks %q:\n%s", c.name, want, r.Stderr)
