@@ -81,11 +81,11 @@ type browser struct {
 	log *os.File // chromium's output and chromedp's errors
 }
 
-// newBrowser starts chromium headless and stops it when t ends (the browser
-// process and its children are killed and waited for on every way out).
-func newBrowser(t testing.TB, dir string) *browser {
+// newBrowser starts chromium (exe) headless and stops it when t ends (the
+// browser process and its children are killed and waited for on every way
+// out).
+func newBrowser(t testing.TB, exe, dir string) *browser {
 	t.Helper()
-	exe := chromiumPath(t)
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		t.Fatal(err)
 	}

@@ -80,6 +80,7 @@ type row map[string]string
 // in phase completed (committed, its snapshot removed). Every step leaves a screenshot in STATE/webui (and in
 // the test's artifacts: go test -artifacts -outputdir DIR keeps them).
 func TestWebUIBackup(t *testing.T) {
+	exe := chromiumPath(t) // first: without a browser, fail before starting anything
 	s := stacktest.New(t, stack.Options{WebUI: true})
 	ui := "http://" + s.UIAddr()
 	shots := filepath.Join(s.Dir(), "webui")
@@ -89,7 +90,7 @@ func TestWebUIBackup(t *testing.T) {
 	lap := func(what string) { t.Logf("%-34s %6.1fs", what, time.Since(began).Seconds()) }
 
 	waitHTTP(t, ui+"/", 2*time.Minute)
-	b := newBrowser(t, shots)
+	b := newBrowser(t, exe, shots)
 	t.Cleanup(func() { keepArtifacts(t, shots) })
 	lap("stack, Web UI and chromium up")
 
