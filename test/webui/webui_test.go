@@ -77,8 +77,9 @@ type row map[string]string
 // task queue cbtflow, input {"vm": ...}) completes; the workflow list
 // filtered by CbtflowVM shows it and hides another VM's backup; the BackupVM
 // workflow's progress query, run in its Queries tab, answers its backup ID
-// in phase completed (committed, its snapshot removed). Every step leaves a screenshot in STATE/webui (and in
-// the test's artifacts: go test -artifacts -outputdir DIR keeps them).
+// in phase completed (committed, its snapshot removed). Every step leaves a
+// screenshot in STATE/webui (and in the test's artifacts: go test
+// -artifacts -outputdir DIR keeps them).
 func TestWebUIBackup(t *testing.T) {
 	exe := chromiumPath(t) // first: without a browser, fail before starting anything
 	s := stacktest.New(t, stack.Options{WebUI: true})
