@@ -199,7 +199,7 @@ const (
 	PhaseCommitting       Phase = "committing"        // CommitRestorePoint
 	PhaseCommitted        Phase = "committed"         // a restore point; the snapshot's removal follows
 	PhaseRemovingSnapshot Phase = "removing-snapshot" // RemoveSnapshot, after the commit
-	PhaseCompleted        Phase = "completed"         // committed and the snapshot removed
+	PhaseCompleted        Phase = "completed"         // committed, and the snapshot's removal ran (a failed one is logged; the sweeper removes it)
 	PhaseSkipped          Phase = "skipped"           // Backup: a backup of the VM runs already (SkipIfRunning)
 )
 
@@ -310,6 +310,17 @@ const (
 	versionModeThatRan = 1
 )
 
+// The change of BackupVM's commands that made the snapshot and the commit
+// run to their end when the backup is canceled, in a disconnected
+// context: before, a cancel requested the cancel of a CreateSnapshot that
+// vCenter went on with (the removal by name could come before the
+// snapshot existed), and of a CommitRestorePoint that committed all the
+// same (the backup ended canceled with its restore point committed).
+const (
+	changeUncancelableSteps  = "uncancelable-snapshot-and-commit"
+	versionUncancelableSteps = 1
+)
+
 // The change of Backup's commands that set its own search attributes:
 // CbtflowVM as given at once (so a Backup that cannot resolve its VM is
 // found by it), then the VM's name, vCenter profile and backup ID once
@@ -390,7 +401,7 @@ func Backup(ctx workflow.Context, in BackupInput) (*BackupResult, error) {
 	if err := child.GetChildWorkflowExecution().Get(ctx, &exec); err != nil {
 		if temporal.IsWorkflowExecutionAlreadyStartedError(err) {
 			if in.SkipIfRunning {
-				msg := fmt.Sprintf("a backup of VM %s (%s) is already running as workflow %s: nothing started", vm.VMName, vm.VMUUID, wid)
+				msg := fmt.Sprintf("a backup or a prune of VM %s (%s) is running as workflow %s: nothing started", vm.VMName, vm.VMUUID, wid)
 				workflow.GetLogger(ctx).Info(msg)
 				prog.Phase, prog.PhaseSince, prog.Skipped, prog.WorkflowID = PhaseSkipped, workflow.Now(ctx), msg, wid
 				return &BackupResult{WorkflowID: wid, VM: vm.VMName, VMUUID: vm.VMUUID, Profile: in.Profile, Skipped: msg}, nil
@@ -455,6 +466,9 @@ type backupRun struct {
 	log      log.Logger
 	// modeShown is the mode CbtflowMode holds, once upsertMode set it.
 	modeShown string
+	// uncancelable: the snapshot and the commit run to their end when the
+	// backup is canceled (see changeUncancelableSteps).
+	uncancelable bool
 }
 
 func (r *backupRun) setup(ctx workflow.Context) error {
@@ -473,7 +487,7 @@ func (r *backupRun) setup(ctx workflow.Context) error {
 	if r.in.MaxParallelDisks <= 0 {
 		r.in.MaxParallelDisks = 2
 	}
-	r.progress = Progress{BackupID: r.in.BackupID, VM: r.in.VMName, Phase: PhaseStarting, PhaseSince: workflow.Now(ctx)}
+	r.progress = Progress{BackupID: r.in.BackupID, VM: r.in.VMName, Phase: PhaseStarting, PhaseSince: workflow.Now(ctx), Disks: []DiskProgress{}}
 	if err := workflow.SetQueryHandler(ctx, QueryProgress, func() (Progress, error) { return r.progress.answer(), nil }); err != nil {
 		return err
 	}
@@ -514,6 +528,9 @@ func (r *backupRun) run(ctx workflow.Context) (res *BackupVMResult, err error) {
 	if modeThatRan {
 		r.upsertMode(ctx, plans)
 	}
+	// Runs recorded before the snapshot and the commit ran to their end
+	// when canceled asked them to stop there: on replay they must.
+	r.uncancelable = workflow.GetVersion(ctx, changeUncancelableSteps, workflow.DefaultVersion, versionUncancelableSteps) >= versionUncancelableSteps
 	if spaceCheck {
 		if err := r.checkSpace(ctx, spaceBefore(vm, begun, plans), false); err != nil {
 			return nil, err
@@ -683,12 +700,23 @@ func (r *backupRun) checkSpace(ctx workflow.Context, disks []activities.SpaceDis
 func (r *backupRun) takeSnapshot(ctx workflow.Context, vm activities.PrepareVMResult) (activities.CreateSnapshotResult, error) {
 	r.setPhase(ctx, PhaseSnapshot)
 	var snap activities.CreateSnapshotResult
-	err := workflow.ExecuteActivity(withSnapshotActivity(ctx), vsphereActs.CreateSnapshot, activities.CreateSnapshotInput{
+	actx := ctx
+	if r.uncancelable {
+		dctx, cancel := workflow.NewDisconnectedContext(ctx)
+		defer cancel()
+		actx = dctx
+	}
+	err := workflow.ExecuteActivity(withSnapshotActivity(actx), vsphereActs.CreateSnapshot, activities.CreateSnapshotInput{
 		Profile: r.in.Profile, VMRef: vm.VMRef, VMUUID: r.in.VMUUID, BackupID: r.in.BackupID,
-	}).Get(ctx, &snap)
+	}).Get(actx, &snap)
 	if err == nil {
 		r.snapshot = snap.SnapshotRef
 		r.progress.Snapshot = snap.SnapshotRef
+		if ctx.Err() != nil {
+			// Canceled while vCenter took it: it exists now, and the way
+			// out removes it by its moref.
+			return snap, temporal.NewCanceledError()
+		}
 	}
 	return snap, err
 }
@@ -800,8 +828,17 @@ func (r *backupRun) eachDisk(ctx workflow.Context, plans []diskPlan, snapDisks m
 // in one transaction.
 func (r *backupRun) commit(ctx workflow.Context, commits []activities.CommitDisk) error {
 	r.setPhase(ctx, PhaseCommitting)
-	if err := workflow.ExecuteActivity(withCatalogActivity(ctx), catalogActs.CommitRestorePoint,
-		activities.CommitInput{BackupID: r.in.BackupID, Disks: commits}).Get(ctx, nil); err != nil {
+	actx := ctx
+	if r.uncancelable {
+		// A cancel does not interrupt a commit that began: the backup then
+		// ends committed (and says so), never canceled with a restore
+		// point the catalog holds all the same.
+		dctx, cancel := workflow.NewDisconnectedContext(ctx)
+		defer cancel()
+		actx = dctx
+	}
+	if err := workflow.ExecuteActivity(withCatalogActivity(actx), catalogActs.CommitRestorePoint,
+		activities.CommitInput{BackupID: r.in.BackupID, Disks: commits}).Get(actx, nil); err != nil {
 		return err
 	}
 	r.setPhase(ctx, PhaseCommitted)

@@ -44,6 +44,9 @@ type fakeVM struct {
 	// vcenterUUID is the instance UUID ResolveVM reports for every
 	// profile (all name one vCenter); none when empty.
 	vcenterUUID string
+	// during, when set, runs inside CreateSnapshot and CommitRestorePoint
+	// (named), e.g. to cancel the workflow while that step runs.
+	during func(ctx context.Context, step string)
 }
 
 // workerDefaultProfile is the profile the fake ResolveVM uses when the
@@ -98,7 +101,10 @@ func newEnv(t *testing.T, f *fakeVM) *testsuite.TestWorkflowEnvironment {
 			return &activities.CheckSpaceResult{Repository: "/repo", FreeBytes: 1 << 40}, nil
 		}).Maybe()
 	env.OnActivity(vsphereActs.CreateSnapshot, mock.Anything, mock.Anything).Return(
-		func(_ context.Context, in activities.CreateSnapshotInput) (*activities.CreateSnapshotResult, error) {
+		func(ctx context.Context, in activities.CreateSnapshotInput) (*activities.CreateSnapshotResult, error) {
+			if f.during != nil {
+				f.during(ctx, "CreateSnapshot")
+			}
 			f.mu.Lock()
 			f.snapshots++
 			f.calls = append(f.calls, "CreateSnapshot")
@@ -117,7 +123,10 @@ func newEnv(t *testing.T, f *fakeVM) *testsuite.TestWorkflowEnvironment {
 			return nil
 		}).Maybe()
 	env.OnActivity(catalogActs.CommitRestorePoint, mock.Anything, mock.Anything).Return(
-		func(_ context.Context, in activities.CommitInput) error {
+		func(ctx context.Context, in activities.CommitInput) error {
+			if f.during != nil {
+				f.during(ctx, "CommitRestorePoint")
+			}
 			f.mu.Lock()
 			defer f.mu.Unlock()
 			f.commits = append(f.commits, in)
@@ -398,6 +407,55 @@ func TestBackupVMCanceledMidTransfer(t *testing.T) {
 	}
 	if len(f.commits) != 0 || len(f.failed) != 1 {
 		t.Errorf("commits %+v, fails %+v", f.commits, f.failed)
+	}
+}
+
+// A cancel that arrives while the snapshot is taken or the restore point
+// committed does not interrupt that step: canceled during the snapshot,
+// the backup removes the snapshot it took (by its moref) and copies
+// nothing; canceled during the commit, the backup ends committed, as the
+// catalog then says, never canceled with a committed restore point.
+func TestBackupVMCancelDuringSnapshotOrCommit(t *testing.T) {
+	for _, step := range []string{"CreateSnapshot", "CommitRestorePoint"} {
+		t.Run(step, func(t *testing.T) {
+			f := &fakeVM{}
+			env := newEnv(t, f)
+			env.OnActivity(vsphereActs.ChangedAreas, mock.Anything, mock.Anything).Return(f.changedAreas(nil)).Maybe()
+			env.OnActivity(transferActs.TransferDisk, mock.Anything, mock.Anything).Return(f.transferOK).Maybe()
+			f.during = func(ctx context.Context, s string) {
+				if s != step {
+					return
+				}
+				// Cancel now, and hold the step a moment (a heartbeat
+				// would deliver the cancel to an activity that listens).
+				env.RegisterDelayedCallback(env.CancelWorkflow, 0)
+				select {
+				case <-ctx.Done():
+				case <-time.After(500 * time.Millisecond):
+				}
+			}
+			env.ExecuteWorkflow(BackupVM, BackupVMInput{Profile: "lab", VMUUID: "uuid-0", BackupID: "b1"})
+			err := env.GetWorkflowError()
+			switch step {
+			case "CreateSnapshot":
+				var canceled *temporal.CanceledError
+				if !errors.As(err, &canceled) {
+					t.Fatalf("canceled during the snapshot: error %v, want canceled", err)
+				}
+				if len(f.removed) != 1 || f.removed[0].SnapshotRef != "snapshot-1" || len(f.transfers) != 0 || len(f.commits) != 0 || len(f.failed) != 1 {
+					t.Errorf("canceled during the snapshot: removed %+v, transfers %d, commits %d, failed %d; want the snapshot removed by moref, nothing copied or committed",
+						f.removed, len(f.transfers), len(f.commits), len(f.failed))
+				}
+			case "CommitRestorePoint":
+				var res BackupVMResult
+				if err != nil || env.GetWorkflowResult(&res) != nil || len(res.Disks) != 2 {
+					t.Fatalf("canceled during the commit: error %v, result %+v; want the committed restore point", err, res)
+				}
+				if len(f.commits) != 1 || len(f.failed) != 0 || len(f.removed) != 1 {
+					t.Errorf("canceled during the commit: commits %d, failed %d, removed %d", len(f.commits), len(f.failed), len(f.removed))
+				}
+			}
+		})
 	}
 }
 
