@@ -164,7 +164,7 @@ func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*Tra
 			log.Info("waiting for a transfer slot", "disk", in.Key, "backup", in.BackupID)
 		}
 		activity.RecordHeartbeat(ctx, TransferProgress{Path: resume.Path, ResumePoint: resume.ResumePoint,
-			Key: in.Key, Stage: TransferStageWaiting, Total: in.ChangedBytes})
+			Key: in.Key, Stage: TransferStageWaiting, Done: resume.Done, Total: in.ChangedBytes})
 	})
 	if err != nil {
 		return nil, err

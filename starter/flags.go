@@ -3,9 +3,6 @@ package main
 import (
 	"flag"
 	"fmt"
-	"net/url"
-	"regexp"
-	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -56,37 +53,13 @@ func addConfigFlags(cmd *cobra.Command, cfg *config.Config, use settings) {
 		if f.Name == "database-url" {
 			// The help shows the default, from the environment: a
 			// password in CBTFLOW_DATABASE_URL must not show.
-			fs.Lookup(f.Name).DefValue = redactDatabaseURL(f.DefValue)
+			fs.Lookup(f.Name).DefValue = config.RedactDatabaseURL(f.DefValue)
 		}
 		if !used[f.Name] {
 			_ = fs.MarkHidden(f.Name)
 			_ = fs.SetAnnotation(f.Name, ignoredFlag, []string{"true"})
 		}
 	})
-}
-
-// dsnPasswordRE finds the password of a keyword/value connection string
-// (password=secret, password='a secret').
-var dsnPasswordRE = regexp.MustCompile(`(?i)(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)`)
-
-// redactDatabaseURL is the database URL (or keyword/value string) with
-// any password replaced by xxxxx; a URL too malformed to parse shows only
-// its scheme.
-func redactDatabaseURL(s string) string {
-	scheme, _, isURL := strings.Cut(s, "://")
-	if !isURL {
-		return dsnPasswordRE.ReplaceAllString(s, "${1}xxxxx")
-	}
-	u, err := url.Parse(s)
-	if err != nil {
-		return scheme + "://(malformed URL)"
-	}
-	q := u.Query()
-	if q.Has("password") {
-		q.Set("password", "xxxxx")
-		u.RawQuery = q.Encode()
-	}
-	return u.Redacted()
 }
 
 // humanDefaults shows the defaults of duration flags in human units (24h,

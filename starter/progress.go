@@ -185,9 +185,11 @@ func follow(ctx context.Context, c client.Client, w io.Writer, wid, runID string
 	}
 	tick := time.NewTicker(pollInterval)
 	defer tick.Stop()
+	var last workflows.Progress
 	for {
 		if p, err := queryProgress(ctx, c, wid, runID); err == nil {
-			v.show(p)
+			last = steady(last, p)
+			v.show(last)
 		}
 		select {
 		case err := <-done:
@@ -199,6 +201,28 @@ func follow(ctx context.Context, c client.Client, w io.Writer, wid, runID string
 		case <-tick.C:
 		}
 	}
+}
+
+// steady is p, except that a disk being copied keeps the figures of prev
+// when p knows fewer bytes done: an answer without the transfers' figures
+// (the worker's describe failed or was slow) knows only the phase, and a
+// bar must not jump back to zero.
+func steady(prev, p workflows.Progress) workflows.Progress {
+	old := map[int32]workflows.DiskProgress{}
+	for _, d := range prev.Disks {
+		old[d.Key] = d
+	}
+	p.Disks = append([]workflows.DiskProgress(nil), p.Disks...)
+	for i, d := range p.Disks {
+		o, ok := old[d.Key]
+		moving := d.Phase == workflows.DiskTransferring || d.Phase == workflows.DiskVerifying
+		if ok && moving && o.Phase == d.Phase || ok && moving && o.Phase == workflows.DiskVerifying {
+			if o.Done > d.Done || o.Verified > d.Verified {
+				p.Disks[i] = o
+			}
+		}
+	}
+	return p
 }
 
 // resultProgress is the progress of a completed backup.

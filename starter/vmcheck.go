@@ -13,9 +13,9 @@ import (
 	"github.com/cbtflow/cbtflow/workflows"
 )
 
-// vmCheckTimeout bounds the look-up of a VM: the worker's ResolveVM gives
-// up on an unreachable vCenter after about 30 s.
-const vmCheckTimeout = 2 * time.Minute
+// vmCheckTimeout bounds the wait for the look-up of a VM: the workflow
+// gives up after workflows.LookupTimeout; longer means no worker took it.
+const vmCheckTimeout = workflows.LookupTimeout + 30*time.Second
 
 // checkVMExists makes sure vm names a VM before a schedule backs it up.
 // The worker resolves it (the LookupVM workflow: ResolveVM, as a backup
@@ -33,6 +33,10 @@ func checkVMExists(ctx context.Context, e *env, c client.Client, vm, profile str
 	}
 	var res activities.ResolveVMResult
 	err = run.Get(lctx, &res)
+	if lctx.Err() != nil {
+		// Given up (or interrupted): the look-up must not linger.
+		_ = c.TerminateWorkflow(context.WithoutCancel(ctx), id, run.GetRunID(), "the starter stopped waiting")
+	}
 	var app *temporal.ApplicationError
 	switch {
 	case err == nil:
@@ -41,7 +45,6 @@ func checkVMExists(ctx context.Context, e *env, c client.Client, vm, profile str
 	case errors.As(err, &app) && app.Type() == activities.ErrTypeVMNotFound:
 		return fmt.Errorf("VM %q not found%s: %s", vm, underProfile(profile), app.Message())
 	case lctx.Err() != nil && ctx.Err() == nil:
-		_ = c.TerminateWorkflow(context.WithoutCancel(ctx), id, run.GetRunID(), "the starter stopped waiting")
 		return fmt.Errorf("cannot check VM %q: no worker answered within %s (is one running on task queue %s?); give --no-check to create the schedule unchecked",
 			vm, vmCheckTimeout, workflows.TaskQueue)
 	default:

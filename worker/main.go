@@ -20,7 +20,6 @@ import (
 	"net/url"
 	"os"
 	"os/signal"
-	"regexp"
 	"runtime"
 	"runtime/debug"
 	"slices"
@@ -171,7 +170,7 @@ Logs go to stderr. It runs until SIGINT or SIGTERM (exit 0). Exit codes:
 	// The help shows each flag's default, taken from the environment: a
 	// password in CBTFLOW_DATABASE_URL must not show.
 	if f := cmd.Flags().Lookup("database-url"); f != nil {
-		f.DefValue = redactDatabaseURL(f.DefValue)
+		f.DefValue = config.RedactDatabaseURL(f.DefValue)
 	}
 	return cmd
 }
@@ -201,30 +200,6 @@ func versionString() string {
 		commit += ", modified"
 	}
 	return fmt.Sprintf("%s (commit %s) %s %s/%s", v, commit, runtime.Version(), runtime.GOOS, runtime.GOARCH)
-}
-
-// dsnPasswordRE finds the password of a keyword/value connection string
-// (password=secret, password='a secret').
-var dsnPasswordRE = regexp.MustCompile(`(?i)(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)`)
-
-// redactDatabaseURL is the database URL (or keyword/value string) with
-// any password replaced by xxxxx; a URL too malformed to parse shows only
-// its scheme.
-func redactDatabaseURL(s string) string {
-	scheme, _, isURL := strings.Cut(s, "://")
-	if !isURL {
-		return dsnPasswordRE.ReplaceAllString(s, "${1}xxxxx")
-	}
-	u, err := url.Parse(s)
-	if err != nil {
-		return scheme + "://(malformed URL)"
-	}
-	q := u.Query()
-	if q.Has("password") {
-		q.Set("password", "xxxxx")
-		u.RawQuery = q.Encode()
-	}
-	return u.Redacted()
 }
 
 // databaseAttrs describes the catalog's database for the log: host, port,

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"log/slog"
+	"sync"
 	"time"
 
 	commonpb "go.temporal.io/api/common/v1"
@@ -16,9 +17,20 @@ import (
 	"github.com/cbtflow/cbtflow/workflows"
 )
 
-// progressTimeout bounds the describe of one progress query: a query must
-// answer even when the server is slow, well within the client's deadline.
-const progressTimeout = 5 * time.Second
+// progressTimeout bounds the describe of one progress query. Queries run
+// while the worker holds the workflow (those that come with a workflow
+// task are answered before it completes): a slow server must not make
+// them, or the task, wait.
+const progressTimeout = time.Second
+
+// describeMaxAge is how long a describe serves the queries of one run:
+// the heartbeats it reads are sent every second anyway, and several
+// watchers of one backup cost the server one describe per second.
+const describeMaxAge = time.Second
+
+// warnEvery bounds the warnings of failed describes (a server that is
+// down would otherwise log one per query).
+const warnEvery = time.Minute
 
 // transferActivity is TransferDisk's activity type (its method name).
 const transferActivity = "TransferDisk"
@@ -37,10 +49,20 @@ type liveProgress struct {
 	interceptor.WorkerInterceptorBase
 	c   client.Client
 	log *slog.Logger
+
+	mu       sync.Mutex
+	beats    map[string]describedBeats // by run ID
+	lastWarn time.Time
+}
+
+// describedBeats are the transfers' heartbeats a describe found, and when.
+type describedBeats struct {
+	at    time.Time
+	beats []activities.TransferProgress
 }
 
 func newLiveProgress(c client.Client, log *slog.Logger) *liveProgress {
-	return &liveProgress{c: c, log: log}
+	return &liveProgress{c: c, log: log, beats: map[string]describedBeats{}}
 }
 
 func (l *liveProgress) InterceptWorkflow(ctx workflow.Context, next interceptor.WorkflowInboundInterceptor) interceptor.WorkflowInboundInterceptor {
@@ -81,11 +103,34 @@ func (l *liveProgress) complete(ctx context.Context, namespace, workflowID, runI
 	if !transferring {
 		return p
 	}
+	beats, err := l.transfers(ctx, namespace, workflowID, runID)
+	if err != nil {
+		l.warn("progress: describe failed; answering without the transfers' figures", "workflow", workflowID, "error", err)
+		return p
+	}
+	p.ApplyTransfers(beats)
+	return p
+}
+
+// transfers returns the latest heartbeats of the run's pending
+// transfers, from a describe at most describeMaxAge old.
+func (l *liveProgress) transfers(ctx context.Context, namespace, workflowID, runID string) ([]activities.TransferProgress, error) {
+	now := time.Now()
+	l.mu.Lock()
+	if d, ok := l.beats[runID]; ok && now.Sub(d.at) < describeMaxAge {
+		l.mu.Unlock()
+		return d.beats, nil
+	}
+	for id, d := range l.beats {
+		if now.Sub(d.at) > time.Minute {
+			delete(l.beats, id)
+		}
+	}
+	l.mu.Unlock()
 	desc, err := l.c.WorkflowService().DescribeWorkflowExecution(ctx, &workflowservice.DescribeWorkflowExecutionRequest{
 		Namespace: namespace, Execution: &commonpb.WorkflowExecution{WorkflowId: workflowID, RunId: runID}})
 	if err != nil {
-		l.log.Warn("progress: describe failed; answering without the transfers' figures", "workflow", workflowID, "error", err)
-		return p
+		return nil, err
 	}
 	dc := converter.GetDefaultDataConverter()
 	var beats []activities.TransferProgress
@@ -99,6 +144,21 @@ func (l *liveProgress) complete(ctx context.Context, namespace, workflowID, runI
 		}
 		beats = append(beats, tp)
 	}
-	p.ApplyTransfers(beats)
-	return p
+	l.mu.Lock()
+	l.beats[runID] = describedBeats{at: now, beats: beats}
+	l.mu.Unlock()
+	return beats, nil
+}
+
+// warn logs at most one warning per warnEvery.
+func (l *liveProgress) warn(msg string, args ...any) {
+	l.mu.Lock()
+	due := time.Since(l.lastWarn) >= warnEvery
+	if due {
+		l.lastWarn = time.Now()
+	}
+	l.mu.Unlock()
+	if due {
+		l.log.Warn(msg, args...)
+	}
 }

@@ -9,6 +9,8 @@ import (
 	"testing"
 	"time"
 
+	enumspb "go.temporal.io/api/enums/v1"
+
 	"github.com/cbtflow/cbtflow/internal/faultpoint"
 	"github.com/cbtflow/cbtflow/testkit/stack"
 	"github.com/cbtflow/cbtflow/testkit/stacktest"
@@ -112,9 +114,15 @@ func TestStatusWatchCancel(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// The held transfer sees the cancel at its next heartbeat; releasing
-	// the gate lets it go on to see it at once.
-	time.Sleep(2 * time.Second)
+	// Once the cancel is requested (in the backup's history), release the
+	// held transfer: it sees the cancel at its next heartbeat.
+	deadline = time.Now().Add(time.Minute)
+	for !cancelRequested(ctx, t, s, second.WorkflowID) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the cancel never reached backup %s: cancel's stderr %q", second.BackupID, cancelRun.Stderr())
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
 	if err := gates.Release(faultpoint.MidTransfer); err != nil {
 		t.Fatal(err)
 	}
@@ -170,4 +178,16 @@ func TestStatusWatchCancel(t *testing.T) {
 	if diff, err := stacktest.SameContent(want, got); err != nil || diff != "" {
 		t.Errorf("the restore of the backup after the cancel differs from the disk: %s %v", diff, err)
 	}
+}
+
+// cancelRequested reports whether workflow id's history holds a cancel
+// request.
+func cancelRequested(ctx context.Context, t *testing.T, s *stack.Stack, id string) bool {
+	t.Helper()
+	for _, ev := range stacktest.History(ctx, t, s, id, "") {
+		if ev.GetEventType() == enumspb.EVENT_TYPE_WORKFLOW_EXECUTION_CANCEL_REQUESTED {
+			return true
+		}
+	}
+	return false
 }

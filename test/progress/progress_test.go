@@ -202,10 +202,15 @@ func TestProgressAndHistorySize(t *testing.T) {
 	bigID, bigWID := backupInTerminal(ctx, t, s, key)
 	smallEvents := eventTypes(ctx, t, s, small.WorkflowID, small.BackupID)
 	bigEvents := eventTypes(ctx, t, s, bigWID, bigID)
-	t.Logf("history of the backup of 1 GiB: %d events; of 4 GiB: %d events", len(smallEvents), len(bigEvents))
-	if len(smallEvents) != len(bigEvents) {
-		t.Errorf("the history grows with the disk: %d events for 1 GiB, %d for 4 GiB\n1 GiB: %s\n4 GiB: %s",
-			len(smallEvents), len(bigEvents), strings.Join(smallEvents, " "), strings.Join(bigEvents, " "))
+	// Workflow tasks are as many as the activities' completions that
+	// arrive apart, which depends on timing: the events of the backup's
+	// own steps must be the same.
+	smallSteps, bigSteps := withoutWorkflowTasks(smallEvents), withoutWorkflowTasks(bigEvents)
+	t.Logf("history of the backup of 1 GiB: %d events (%d without workflow tasks); of 4 GiB: %d events (%d)",
+		len(smallEvents), len(smallSteps), len(bigEvents), len(bigSteps))
+	if len(smallSteps) != len(bigSteps) {
+		t.Errorf("the history grows with the disk: %d events (workflow tasks aside) for 1 GiB, %d for 4 GiB\n1 GiB: %s\n4 GiB: %s",
+			len(smallSteps), len(bigSteps), strings.Join(smallEvents, " "), strings.Join(bigEvents, " "))
 	}
 	for _, e := range bigEvents {
 		if strings.Contains(e, "Signaled") {
@@ -362,6 +367,17 @@ func eventTypes(ctx context.Context, t *testing.T, s *stack.Stack, wid, backupID
 	var out []string
 	for _, ev := range stacktest.History(ctx, t, s, wid, runs[0].GetExecution().GetRunId()) {
 		out = append(out, strings.TrimPrefix(ev.GetEventType().String(), "EVENT_TYPE_"))
+	}
+	return out
+}
+
+// withoutWorkflowTasks drops the WORKFLOW_TASK_* events.
+func withoutWorkflowTasks(events []string) []string {
+	var out []string
+	for _, e := range events {
+		if !strings.HasPrefix(e, "WORKFLOW_TASK_") {
+			out = append(out, e)
+		}
 	}
 	return out
 }
