@@ -24,7 +24,9 @@ import (
 // in files <case>_v<N>.json, one per version of the case's commands. Every
 // case must have at least one file.
 var recordedCases = []string{
-	"backup",               // a Backup (ResolveVM, the BackupVM child)
+	"backup",               // a Backup (ResolveVM, the BackupVM child), detached as the starter starts it
+	"backup_waiting",       // a Backup that waits for its BackupVM's result (the Web UI's, a schedule's)
+	"backup_skipped",       // a Backup with skip_if_running while a backup of its VM runs: nothing started
 	"backupvm_full",        // a full BackupVM of a VM with two disks
 	"backupvm_incremental", // an incremental one
 	"backupvm_cbt_reset",   // an incremental whose stored change IDs were refused: full with a warning

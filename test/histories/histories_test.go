@@ -14,6 +14,7 @@ import (
 
 	enumspb "go.temporal.io/api/enums/v1"
 	historypb "go.temporal.io/api/history/v1"
+	"go.temporal.io/sdk/client"
 	"go.temporal.io/sdk/temporal"
 
 	"github.com/cbtflow/cbtflow/activities"
@@ -59,8 +60,8 @@ func TestHistories(t *testing.T) {
 	h.sweep()
 	h.prune()
 
-	if len(h.recorded) != 9 {
-		t.Fatalf("%d histories recorded, want 9", len(h.recorded))
+	if len(h.recorded) != 11 {
+		t.Fatalf("%d histories recorded, want 11", len(h.recorded))
 	}
 	// A history is saved only when every scenario went as it should.
 	scenariosOK := !t.Failed()
@@ -380,6 +381,7 @@ func (h *harness) backups() {
 		t.Errorf("the Backup of the incremental: history ends %s", lastEvent(pevents))
 	}
 	h.keep("backup", pevents)
+	h.waiting(vm)
 
 	// CBT switched off and on again: the stored change IDs are refused,
 	// each disk is backed up full with a warning.
@@ -526,6 +528,7 @@ func (h *harness) canceled() {
 	ref, keys := h.createVM(vm, 128*MiB)
 	backupID, wid := h.holdTransfer(vm, ref, keys[0])
 	gates := h.s.FaultPoints()
+	h.skipped(vm, wid)
 	err := h.s.Client().CancelWorkflow(h.ctx, wid, "")
 	if rerr := gates.Release(faultpoint.MidTransfer); rerr != nil {
 		t.Fatal(rerr)
@@ -555,6 +558,46 @@ func (h *harness) canceled() {
 	}
 	h.noLeftovers("canceled backup", vm, ref, backupID)
 	h.keep("backupvm_canceled", events)
+}
+
+// skipped: a Backup as a schedule starts it (skip_if_running) while the
+// VM's backup wid runs: it starts nothing and completes, saying so.
+func (h *harness) skipped(vm, wid string) {
+	t := h.t
+	run, err := h.s.Client().ExecuteWorkflow(h.ctx, client.StartWorkflowOptions{ID: "hist-skipped", TaskQueue: workflows.TaskQueue},
+		workflows.Backup, workflows.BackupInput{VM: vm, SkipIfRunning: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var res workflows.BackupResult
+	if err := run.Get(h.ctx, &res); err != nil || res.Skipped == "" || res.WorkflowID != wid || res.Result != nil {
+		t.Fatalf("a skip_if_running Backup while %s runs: %+v, %v; want skipped, naming it", wid, res, err)
+	}
+	events := stacktest.History(h.ctx, t, h.s, run.GetID(), run.GetRunID())
+	if lastEvent(events) != enumspb.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED {
+		t.Errorf("the skipped Backup: history ends %s", lastEvent(events))
+	}
+	h.keep("backup_skipped", events)
+}
+
+// waiting: a Backup that waits for its BackupVM (as the Web UI starts
+// one), an incremental of the two-disk VM.
+func (h *harness) waiting(vm string) {
+	t := h.t
+	run, err := h.s.Client().ExecuteWorkflow(h.ctx, client.StartWorkflowOptions{ID: "hist-waiting", TaskQueue: workflows.TaskQueue},
+		workflows.Backup, workflows.BackupInput{VM: vm})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var res workflows.BackupResult
+	if err := run.Get(h.ctx, &res); err != nil || res.Result == nil || len(res.Result.Disks) != 2 {
+		t.Fatalf("a Backup waiting for its BackupVM: %+v, %v", res, err)
+	}
+	events := stacktest.History(h.ctx, t, h.s, run.GetID(), run.GetRunID())
+	if lastEvent(events) != enumspb.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED {
+		t.Errorf("the waiting Backup: history ends %s", lastEvent(events))
+	}
+	h.keep("backup_waiting", events)
 }
 
 // sweep: a backup terminated while its transfer is held leaves its
