@@ -2,9 +2,11 @@
 // workflows/replay_test.go replays, on a whole stack (package stack: the
 // Temporal dev server, the lab vCenter, a worker process built with the
 // fault points, a fresh database): a full, an incremental and a CBT-reset
-// BackupVM, the Backup that started the incremental, a BackupVM that
-// failed, one canceled in the middle of a transfer, and a Sweep that
-// cleaned up after a terminated backup.
+// BackupVM, the Backup that started the incremental, a Backup that waited
+// for its BackupVM, one that found the VM's backup running
+// (skip_if_running), a BackupVM that failed, one canceled in the middle
+// of a transfer, a Sweep that cleaned up after a terminated backup, and a
+// Prune with its PruneVM.
 //
 // Every run (make test) drives the scenarios, checks each one's outcome,
 // checks that no history holds the lab's password, and replays each
