@@ -205,7 +205,7 @@ func TestScheduleControl(t *testing.T) {
 	}
 	h.ok("schedule", "trigger", vm)
 	d = h.waitRuns(vm, 1)
-	if d.LastRun.Outcome != "skipped" || !strings.Contains(d.LastRun.Detail, "already running") {
+	if d.LastRun.Outcome != "skipped" || !strings.Contains(d.LastRun.Detail, "is running as workflow") || !strings.Contains(d.LastRun.Detail, "nothing started") {
 		t.Errorf("the run triggered during a backup: %+v, want skipped", d.LastRun)
 	}
 	if err := gates.Release(faultpoint.AfterSnapshot); err != nil {
