@@ -32,8 +32,12 @@ const describeMaxAge = time.Second
 // down would otherwise log one per query).
 const warnEvery = time.Minute
 
-// transferActivity is TransferDisk's activity type (its method name).
-const transferActivity = "TransferDisk"
+// transferActivity is TransferDisk's activity type (its method name),
+// restoreActivity RestoreDisk's.
+const (
+	transferActivity = "TransferDisk"
+	restoreActivity  = "RestoreDisk"
+)
 
 // liveProgress completes the answers of the workflows' progress query
 // with what only the server knows: the latest heartbeat details of the
@@ -44,7 +48,8 @@ const transferActivity = "TransferDisk"
 // per query. (A Backup's answer names its BackupVM, whose query clients
 // ask next: a query that queried another workflow would hold a workflow
 // task of this worker while it waits for another, and could wait for
-// itself.)
+// itself.) A Restore's answer gets its running RestoreDisk's heartbeat
+// the same way.
 type liveProgress struct {
 	interceptor.WorkerInterceptorBase
 	c   client.Client
@@ -55,10 +60,12 @@ type liveProgress struct {
 	lastWarn time.Time
 }
 
-// describedBeats are the transfers' heartbeats a describe found, and when.
+// describedBeats are the transfers' heartbeats a describe found (and a
+// restore's), and when.
 type describedBeats struct {
-	at    time.Time
-	beats []activities.TransferProgress
+	at      time.Time
+	beats   []activities.TransferProgress
+	restore *activities.RestoreProgress
 }
 
 func newLiveProgress(c client.Client, log *slog.Logger) *liveProgress {
@@ -79,14 +86,35 @@ func (i *liveProgressInbound) HandleQuery(ctx workflow.Context, in *interceptor.
 	if err != nil || in.QueryType != workflows.QueryProgress {
 		return res, err
 	}
-	p, ok := res.(workflows.Progress)
-	if !ok {
-		return res, nil
-	}
 	info := workflow.GetInfo(ctx)
-	qctx, cancel := context.WithTimeout(context.Background(), progressTimeout)
-	defer cancel()
-	return i.l.complete(qctx, info.Namespace, info.WorkflowExecution.ID, info.WorkflowExecution.RunID, p), nil
+	switch p := res.(type) {
+	case workflows.Progress:
+		qctx, cancel := context.WithTimeout(context.Background(), progressTimeout)
+		defer cancel()
+		return i.l.complete(qctx, info.Namespace, info.WorkflowExecution.ID, info.WorkflowExecution.RunID, p), nil
+	case workflows.RestoreProgress:
+		qctx, cancel := context.WithTimeout(context.Background(), progressTimeout)
+		defer cancel()
+		return i.l.completeRestore(qctx, info.Namespace, info.WorkflowExecution.ID, info.WorkflowExecution.RunID, p), nil
+	}
+	return res, nil
+}
+
+// completeRestore returns a Restore's p with its RestoreDisk's latest
+// heartbeat added; p as it is when the server does not answer.
+func (l *liveProgress) completeRestore(ctx context.Context, namespace, workflowID, runID string, p workflows.RestoreProgress) workflows.RestoreProgress {
+	if !p.Running() {
+		return p
+	}
+	d, err := l.describe(ctx, namespace, workflowID, runID)
+	if err != nil {
+		l.warn("progress: describe failed; answering without the restore's figures", "workflow", workflowID, "error", err)
+		return p
+	}
+	if d.restore != nil {
+		p.ApplyRestore(*d.restore)
+	}
+	return p
 }
 
 // complete returns p with the live figures added; p as it is when the
@@ -103,23 +131,24 @@ func (l *liveProgress) complete(ctx context.Context, namespace, workflowID, runI
 	if !transferring {
 		return p
 	}
-	beats, err := l.transfers(ctx, namespace, workflowID, runID)
+	d, err := l.describe(ctx, namespace, workflowID, runID)
 	if err != nil {
 		l.warn("progress: describe failed; answering without the transfers' figures", "workflow", workflowID, "error", err)
 		return p
 	}
-	p.ApplyTransfers(beats)
+	p.ApplyTransfers(d.beats)
 	return p
 }
 
-// transfers returns the latest heartbeats of the run's pending
-// transfers, from a describe at most describeMaxAge old.
-func (l *liveProgress) transfers(ctx context.Context, namespace, workflowID, runID string) ([]activities.TransferProgress, error) {
+// describe returns the latest heartbeats of the run's pending transfers
+// (and of its pending restore), from a describe at most describeMaxAge
+// old.
+func (l *liveProgress) describe(ctx context.Context, namespace, workflowID, runID string) (describedBeats, error) {
 	now := time.Now()
 	l.mu.Lock()
 	if d, ok := l.beats[runID]; ok && now.Sub(d.at) < describeMaxAge {
 		l.mu.Unlock()
-		return d.beats, nil
+		return d, nil
 	}
 	for id, d := range l.beats {
 		if now.Sub(d.at) > time.Minute {
@@ -130,24 +159,33 @@ func (l *liveProgress) transfers(ctx context.Context, namespace, workflowID, run
 	desc, err := l.c.WorkflowService().DescribeWorkflowExecution(ctx, &workflowservice.DescribeWorkflowExecutionRequest{
 		Namespace: namespace, Execution: &commonpb.WorkflowExecution{WorkflowId: workflowID, RunId: runID}})
 	if err != nil {
-		return nil, err
+		return describedBeats{}, err
 	}
 	dc := converter.GetDefaultDataConverter()
-	var beats []activities.TransferProgress
+	d := describedBeats{at: now}
 	for _, a := range desc.GetPendingActivities() {
-		if a.GetActivityType().GetName() != transferActivity || a.GetHeartbeatDetails() == nil {
+		if a.GetHeartbeatDetails() == nil {
 			continue
 		}
-		var tp activities.TransferProgress
-		if err := dc.FromPayloads(a.GetHeartbeatDetails(), &tp); err != nil || tp.Key == 0 && tp.Stage == "" {
-			continue
+		switch a.GetActivityType().GetName() {
+		case transferActivity:
+			var tp activities.TransferProgress
+			if err := dc.FromPayloads(a.GetHeartbeatDetails(), &tp); err != nil || tp.Key == 0 && tp.Stage == "" {
+				continue
+			}
+			d.beats = append(d.beats, tp)
+		case restoreActivity:
+			var rp activities.RestoreProgress
+			if err := dc.FromPayloads(a.GetHeartbeatDetails(), &rp); err != nil || rp.Stage == "" {
+				continue
+			}
+			d.restore = &rp
 		}
-		beats = append(beats, tp)
 	}
 	l.mu.Lock()
-	l.beats[runID] = describedBeats{at: now, beats: beats}
+	l.beats[runID] = d
 	l.mu.Unlock()
-	return beats, nil
+	return d, nil
 }
 
 // warn logs at most one warning per warnEvery.

@@ -75,4 +75,5 @@ func Register(r Registrar) {
 	r.RegisterWorkflow(Prune)
 	r.RegisterWorkflow(PruneVM)
 	r.RegisterWorkflow(LookupVM)
+	r.RegisterWorkflow(Restore)
 }

@@ -50,9 +50,14 @@ const (
 	AfterPruneCommit  Point = "after-prune-commit"  // ApplyPrune: catalog changed, removed points' files not yet deleted
 )
 
-// All are every fault point, a backup's then a prune's.
+// The fault points of a restore.
+const (
+	MidRestore Point = "mid-restore" // RestoreDisk: about half of the disk written, into its temporary file
+)
+
+// All are every fault point, a backup's, a prune's, then a restore's.
 var All = []Point{AfterSnapshot, MidTransfer, BeforeCheck, BeforeCommit, AfterCommit, BeforeRemoveSnapshot,
-	BeforeMerge, AfterMerge, BeforePruneCommit, AfterPruneCommit}
+	BeforeMerge, AfterMerge, BeforePruneCommit, AfterPruneCommit, MidRestore}
 
 // EnvDir names the worker's environment variable with the folder of its
 // fault points. A worker built without the tag never reads it.

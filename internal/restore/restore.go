@@ -47,6 +47,12 @@ type Options struct {
 	// disk's size, zeros included. It must be at least as large as the
 	// disk and not in use; a failed restore leaves it partly written.
 	Device bool
+	// Progress, when set, is told where the restore stands: the chain's
+	// verification (StageVerifying), then the writing (StageWriting). It
+	// is called on the restore's goroutine, so a call that blocks holds
+	// the restore (qemu-img may finish its writes meanwhile; the target
+	// appears only after the call returns).
+	Progress func(Progress)
 }
 
 // Result describes a finished restore.
@@ -68,7 +74,7 @@ func Disk(ctx context.Context, cat *catalog.Catalog, o Options) (*Result, error)
 	}
 	now, cerr := cat.Chain(ctx, o.BackupID, o.DiskKey)
 	if errors.Is(cerr, catalog.ErrNotFound) {
-		return nil, fmt.Errorf("restore: restore point %s was removed (by a prune) while it was being restored", o.BackupID)
+		return nil, notFound("restore: restore point %s was removed (by a prune) while it was being restored", o.BackupID)
 	}
 	if cerr != nil || sameChain(before, now) {
 		return res, err
@@ -95,25 +101,25 @@ func disk(ctx context.Context, cat *catalog.Catalog, o Options) (*Result, error)
 		o.Format = "raw"
 	}
 	if o.Format != "raw" && o.Format != "qcow2" {
-		return nil, fmt.Errorf("restore: format %q is not raw or qcow2", o.Format)
+		return nil, refused("restore: format %q is not raw or qcow2", o.Format)
 	}
 	if o.To == "" {
-		return nil, errors.New("restore: no output file given")
+		return nil, refused("restore: no output file given")
 	}
 	b, err := cat.Get(ctx, o.BackupID)
 	if errors.Is(err, catalog.ErrNotFound) {
-		return nil, fmt.Errorf("restore: backup %s does not exist", o.BackupID)
+		return nil, notFound("restore: backup %s does not exist", o.BackupID)
 	}
 	if err != nil {
 		return nil, err
 	}
 	if b.Status != catalog.StatusCommitted {
-		return nil, fmt.Errorf("restore: backup %s is %s, not a restore point", o.BackupID, b.Status)
+		return nil, notFound("restore: backup %s is %s, not a restore point", o.BackupID, b.Status)
 	}
 	chain, err := cat.Chain(ctx, o.BackupID, o.DiskKey)
 	if err != nil {
 		if errors.Is(err, catalog.ErrNotFound) {
-			return nil, fmt.Errorf("restore: backup %s has no disk %d", o.BackupID, o.DiskKey)
+			return nil, notFound("restore: backup %s has no disk %d", o.BackupID, o.DiskKey)
 		}
 		if errors.Is(err, catalog.ErrBrokenChain) {
 			return nil, fmt.Errorf("restore: %w: %v", ErrDamaged, err)
@@ -138,10 +144,20 @@ func disk(ctx context.Context, cat *catalog.Catalog, o Options) (*Result, error)
 		return nil, err
 	}
 	res := &Result{}
+	var total, done int64
+	for _, link := range chain {
+		total += link.SizeBytes
+	}
+	o.report(StageVerifying, 0, total)
 	for i, link := range chain {
-		if err := Verify(ctx, paths[i], link.SizeBytes, link.SHA256); err != nil {
+		base := done
+		if err := verify(ctx, paths[i], link.SizeBytes, link.SHA256, func(n int64) {
+			o.report(StageVerifying, base+n, total)
+		}); err != nil {
 			return nil, err
 		}
+		done += link.SizeBytes
+		o.report(StageVerifying, done, total)
 		res.Chain = append(res.Chain, paths[i])
 	}
 	// The chain qemu will read must be the chain the catalog recorded.
@@ -184,6 +200,12 @@ func resolve(root string, chain []catalog.ChainLink) ([]string, error) {
 // Verify checks that the file at path has the size and SHA-256 recorded
 // at commit. The error names the file.
 func Verify(ctx context.Context, path string, size int64, sum string) error {
+	return verify(ctx, path, size, sum, nil)
+}
+
+// verify is Verify, calling beat (when set) about every second with the
+// bytes of the file read so far.
+func verify(ctx context.Context, path string, size int64, sum string, beat func(int64)) error {
 	f, err := os.Open(path)
 	if err != nil {
 		return fmt.Errorf("restore: %w: %s: %v", ErrDamaged, path, err)
@@ -196,7 +218,7 @@ func Verify(ctx context.Context, path string, size int64, sum string) error {
 	if fi.Size() != size {
 		return fmt.Errorf("restore: %w: %s is %d bytes, %d were recorded at commit", ErrDamaged, path, fi.Size(), size)
 	}
-	_, got, err := integrity.Hash(ctx, path, nil)
+	_, got, err := integrity.Hash(ctx, path, beat)
 	if err != nil {
 		return err
 	}

@@ -159,3 +159,89 @@ func mustStat(t *testing.T, p string) int64 {
 	}
 	return st.Blocks * 512
 }
+
+// Options.Progress is told the chain's verification, then the writing,
+// each from 0 up to its total and never back; a restore that is canceled
+// while Progress holds it leaves no file.
+func TestRestoreProgress(t *testing.T) {
+	testutil.CheckNoChildren(t)
+	ctx := context.Background()
+	cat, err := catalog.Open(ctx, testutil.Database(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cat.Close()
+	dir := t.TempDir()
+	img := filepath.Join(dir, "b1.qcow2")
+	if err := qemu.Create(ctx, img, 64*mib); err != nil {
+		t.Fatal(err)
+	}
+	for off := int64(0); off < 64*mib; off += 8 * mib {
+		writeVia(t, img, byte(off/mib+1), off, 2*mib)
+	}
+	if err := cat.Begin(ctx, catalog.Backup{ID: "p1", Profile: "lab", VMUUID: "u", VMName: "vm", Mode: "auto"}); err != nil {
+		t.Fatal(err)
+	}
+	size, h := sum(t, img)
+	if err := cat.Commit(ctx, "p1", []catalog.Disk{{Key: 204, Capacity: 64 * mib, Mode: catalog.ModeFull, Path: img, ChangeID: "x/1", SizeBytes: size, SHA256: h}}); err != nil {
+		t.Fatal(err)
+	}
+	var seen []Progress
+	out := filepath.Join(dir, "restored.raw")
+	if _, err := Disk(ctx, cat, Options{BackupID: "p1", DiskKey: 204, To: out, Progress: func(p Progress) { seen = append(seen, p) }}); err != nil {
+		t.Fatal(err)
+	}
+	if diff, err := qemu.Compare(ctx, out, "raw", img, "qcow2"); err != nil || diff != "" {
+		t.Errorf("restore with progress differs: %q %v", diff, err)
+	}
+	stage, last, mid := StageVerifying, int64(-1), false
+	for _, p := range seen {
+		if p.Stage != stage {
+			if stage != StageVerifying || p.Stage != StageWriting || last != size {
+				t.Fatalf("progress %+v after stage %s at %d: want verifying up to %d, then writing", p, stage, last, size)
+			}
+			stage, last = p.Stage, -1
+		}
+		want := size
+		if stage == StageWriting {
+			want = 64 * mib
+		}
+		if p.Total != want || p.Done < last || p.Done > p.Total {
+			t.Errorf("progress %+v after %d: want Total %d and Done growing", p, last, want)
+		}
+		mid = mid || stage == StageWriting && p.Done > 0 && p.Done < p.Total
+		last = p.Done
+	}
+	if stage != StageWriting || last != 64*mib || !mid {
+		t.Errorf("progress ends at %s %d (some midway: %v), want writing at %d with figures midway: %+v", stage, last, mid, 64*mib, seen)
+	}
+
+	// Canceled while Progress holds it midway: no file, no temporary file.
+	cctx, cancel := context.WithCancel(ctx)
+	held := filepath.Join(dir, "held.raw")
+	_, err = Disk(cctx, cat, Options{BackupID: "p1", DiskKey: 204, To: held, Progress: func(p Progress) {
+		if p.Stage == StageWriting && p.Done > 0 && p.Done < p.Total {
+			cancel()
+		}
+	}})
+	cancel()
+	if !errors.Is(err, context.Canceled) {
+		t.Errorf("canceled restore: %v, want context.Canceled", err)
+	}
+	if left, _ := filepath.Glob(filepath.Join(dir, "*held*")); len(left) != 0 {
+		t.Errorf("a canceled restore left %v", left)
+	}
+}
+
+func TestParsePercent(t *testing.T) {
+	for in, want := range map[string]float64{"    (0.00/100%)": 0, "(42.50/100%)": 42.5, "    (100.00/100%)": 100} {
+		if got, ok := parsePercent(in); !ok || got != want {
+			t.Errorf("parsePercent(%q) = %v %v, want %v", in, got, ok, want)
+		}
+	}
+	for _, in := range []string{"", "qemu-img: error", "(x/100%)", "(142/100%)"} {
+		if _, ok := parsePercent(in); ok {
+			t.Errorf("parsePercent(%q) ok", in)
+		}
+	}
+}

@@ -108,7 +108,7 @@ func isDir(path string) bool {
 // the path and what it is.
 func CheckTarget(o Options) (Target, error) {
 	if o.To == "" {
-		return Target{}, errors.New("restore: no output file given")
+		return Target{}, refused("restore: no output file given")
 	}
 	t, err := ClassifyTarget(o.To)
 	if err != nil {
@@ -127,28 +127,28 @@ func CheckTarget(o Options) (Target, error) {
 		case KindBlockDevice:
 			return t, nil
 		case KindMissing, KindNoFolder:
-			return t, fmt.Errorf("restore: device %s does not exist", o.To)
+			return t, refused("restore: device %s does not exist", o.To)
 		case KindRegular:
-			return t, fmt.Errorf("restore: %s is %s, not a block device (write a file with --to)", o.To, what)
+			return t, refused("restore: %s is %s, not a block device (write a file with --to)", o.To, what)
 		}
-		return t, fmt.Errorf("restore: %s is %s, not a block device", o.To, what)
+		return t, refused("restore: %s is %s, not a block device", o.To, what)
 	}
 	switch t.Kind {
 	case KindMissing:
 		return t, nil
 	case KindNoFolder:
-		return t, fmt.Errorf("restore: cannot write %s: its folder %s does not exist or is not a folder", o.To, filepath.Dir(o.To))
+		return t, refused("restore: cannot write %s: its folder %s does not exist or is not a folder", o.To, filepath.Dir(o.To))
 	case KindRegular:
 		if o.Force {
 			return t, nil
 		}
-		return t, fmt.Errorf("restore: %s exists (%s of %d bytes); give --force to replace it", o.To, what, t.Size)
+		return t, refused("restore: %s exists (%s of %d bytes); give --force to replace it", o.To, what, t.Size)
 	case KindBlockDevice:
-		return t, fmt.Errorf("restore: %s is %s: write a block device in place with --to-device, not --to", o.To, what)
+		return t, refused("restore: %s is %s: write a block device in place with --to-device, not --to", o.To, what)
 	case KindDirectory:
-		return t, fmt.Errorf("restore: %s is %s: give the path of a file to write, e.g. %s", o.To, what, filepath.Join(o.To, "disk.raw"))
+		return t, refused("restore: %s is %s: give the path of a file to write, e.g. %s", o.To, what, filepath.Join(o.To, "disk.raw"))
 	}
-	return t, fmt.Errorf("restore: %s is %s, not a regular file: refused", o.To, what)
+	return t, refused("restore: %s is %s, not a regular file: refused", o.To, what)
 }
 
 func article(s string) string {
@@ -170,7 +170,7 @@ func writeTarget(ctx context.Context, top string, size int64, o Options) error {
 	if o.Device {
 		return writeDevice(ctx, top, size, t, o)
 	}
-	return writeFile(ctx, top, t, o)
+	return writeFile(ctx, top, size, t, o)
 }
 
 // convertOptions is the qemu-img convert of the chain at top into target.
@@ -186,7 +186,7 @@ func convertOptions(top, target, format string, device bool) qemu.ConvertOptions
 // folder, synced, then renamed over the target, so the target appears (or
 // is replaced) only when complete. Without Force the rename refuses a
 // target that appeared meanwhile.
-func writeFile(ctx context.Context, top string, t Target, o Options) error {
+func writeFile(ctx context.Context, top string, size int64, t Target, o Options) error {
 	dst := t.Resolved // a link's file is replaced, the link stays
 	dir := filepath.Dir(dst)
 	tmp, err := os.CreateTemp(dir, "."+filepath.Base(dst)+".partial-*")
@@ -197,7 +197,7 @@ func writeFile(ctx context.Context, top string, t Target, o Options) error {
 	tmp.Close()
 	os.Remove(tmpName) // qemu-img creates it
 	defer os.Remove(tmpName)
-	if err := qemu.Convert(ctx, convertOptions(top, tmpName, o.Format, false)); err != nil {
+	if err := convert(ctx, convertOptions(top, tmpName, o.Format, false), size, o); err != nil {
 		return fmt.Errorf("restore: %w", err)
 	}
 	if err := syncFile(tmpName); err != nil {
@@ -209,7 +209,7 @@ func writeFile(ctx context.Context, top string, t Target, o Options) error {
 		err = renameNoReplace(tmpName, dst)
 	}
 	if errors.Is(err, fs.ErrExist) {
-		return fmt.Errorf("restore: %s appeared while the disk was restored; give --force to replace it", o.To)
+		return refused("restore: %s appeared while the disk was restored; give --force to replace it", o.To)
 	}
 	if err != nil {
 		return fmt.Errorf("restore: %w", err)
@@ -246,16 +246,16 @@ func renameNoReplace(old, new string) error {
 // failed restore leaves the device partly written.
 func writeDevice(ctx context.Context, top string, size int64, t Target, o Options) error {
 	if o.Format != "raw" {
-		return fmt.Errorf("restore: a block device is written raw, not %s", o.Format)
+		return refused("restore: a block device is written raw, not %s", o.Format)
 	}
 	devSize, err := deviceSize(t.Resolved)
 	if err != nil {
 		return fmt.Errorf("restore: %s: %w", o.To, err)
 	}
 	if devSize < size {
-		return fmt.Errorf("restore: block device %s holds %d bytes, the disk is %d bytes", o.To, devSize, size)
+		return refused("restore: block device %s holds %d bytes, the disk is %d bytes", o.To, devSize, size)
 	}
-	if err := qemu.Convert(ctx, convertOptions(top, t.Resolved, "raw", true)); err != nil {
+	if err := convert(ctx, convertOptions(top, t.Resolved, "raw", true), size, o); err != nil {
 		return fmt.Errorf("restore: %w", err)
 	}
 	// qemu-img may leave its writes in the page cache; fsync of the device
