@@ -16,6 +16,7 @@ import (
 	"go.temporal.io/sdk/temporal"
 
 	"github.com/cbtflow/cbtflow/internal/catalog"
+	"github.com/cbtflow/cbtflow/internal/digest"
 	"github.com/cbtflow/cbtflow/internal/faultpoint"
 	"github.com/cbtflow/cbtflow/internal/integrity"
 	"github.com/cbtflow/cbtflow/internal/repository"
@@ -223,10 +224,14 @@ func (a *Catalog) CommitRestorePoint(ctx context.Context, in CommitInput) error 
 				fmt.Sprintf("disk %d: image %s was written after the transfer hashed it (stamp %+v, now %+v)", d.Key, d.Path, *d.Stamp, stamp),
 				ErrTypeInvalidInput, nil)
 		}
+		dsize, dsum, err := commitDigest(ctx, d)
+		if err != nil {
+			return err
+		}
 		disks = append(disks, catalog.Disk{Key: d.Key, Capacity: d.Capacity, Mode: d.Mode, Path: rel,
 			BackingBackupID: d.BackingBackupID, ChangeIDFrom: d.ChangeIDFrom, ChangeID: d.ChangeID,
 			ChangedBytes: d.ChangedBytes, WrittenBytes: d.WrittenBytes, SizeBytes: d.SizeBytes, SHA256: d.SHA256, Note: d.Note,
-			Stamp: catalog.FileStamp(stamp)})
+			Stamp: catalog.FileStamp(stamp), DigestSHA256: dsum, DigestSize: dsize})
 	}
 	// A catalog that cannot serve (dropped, its tables gone) fails here,
 	// before anything says a commit may have happened.
@@ -360,6 +365,40 @@ func (a *Catalog) FailBackup(ctx context.Context, in FailBackupInput) error {
 		}
 	}
 	return nil
+}
+
+// commitDigest returns the size and SHA-256 of the digest file to record
+// with a disk's image. When the transfer reported them, the file must
+// still have them. Otherwise (a workflow that does not pass them on) the
+// complete digest file of this image found beside it is recorded, and an
+// image without one is recorded without (0, "").
+func commitDigest(ctx context.Context, d CommitDisk) (int64, string, error) {
+	path := digest.PathOf(d.Path)
+	if d.DigestSHA256 != "" {
+		size, sum, err := digest.HashFile(path)
+		if err != nil {
+			return 0, "", temporal.NewNonRetryableApplicationError(
+				fmt.Sprintf("disk %d: digest file %s is unreadable: %v", d.Key, path, err), ErrTypeInvalidInput, err)
+		}
+		if size != d.DigestSize || sum != d.DigestSHA256 {
+			return 0, "", temporal.NewNonRetryableApplicationError(
+				fmt.Sprintf("disk %d: digest file %s has %d bytes and SHA-256 %s, the transfer wrote %d bytes with SHA-256 %s",
+					d.Key, path, size, sum, d.DigestSize, d.DigestSHA256), ErrTypeInvalidInput, nil)
+		}
+		return size, sum, nil
+	}
+	f, err := digest.Read(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return 0, "", nil
+	}
+	if err == nil && f.Complete && f.Header.Image == filepath.Base(d.Path) {
+		return f.Size, f.SHA256, nil
+	}
+	if err == nil {
+		err = fmt.Errorf("incomplete, or not this image's (it names %s)", f.Header.Image)
+	}
+	activity.GetLogger(ctx).Warn("digest file not recorded", "disk", d.Key, "path", path, "error", err)
+	return 0, "", nil
 }
 
 // leftBehind decides about partial files that cannot be removed. The

@@ -15,6 +15,7 @@ import (
 	"go.temporal.io/sdk/temporal"
 
 	"github.com/cbtflow/cbtflow/internal/copier"
+	"github.com/cbtflow/cbtflow/internal/digest"
 	"github.com/cbtflow/cbtflow/internal/faultpoint"
 	"github.com/cbtflow/cbtflow/internal/integrity"
 	"github.com/cbtflow/cbtflow/internal/qemu"
@@ -41,6 +42,13 @@ type Transfer struct {
 	// Metrics receives each successful transfer's bytes and duration;
 	// nil: none.
 	Metrics Metrics
+	// Digests makes every transfer write the image's digest file beside
+	// it (<image>.digests, internal/digest: the SHA-256 of every block
+	// written, the ranges zeroed), which the commit records and a
+	// verification (internal/verify) checks the point against. Off by
+	// default while the paths that remove images (FailBackup, prunes, the
+	// sweeper) do not yet remove digest files with them.
+	Digests bool
 }
 
 // TransferSlots bounds how many TransferDisk calls of one worker process
@@ -173,6 +181,19 @@ func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*Tra
 	if _, err := os.Stat(path); err != nil {
 		resume = TransferProgress{}
 	}
+	// The digest file beside the image records every block the copy
+	// writes (internal/digest). A resumed copy keeps its records below the
+	// resume point; a file that lacks them (an attempt of a worker before
+	// digests, a lost file) means the copy starts afresh.
+	digestPath := digest.PathOf(path)
+	digestHead := digest.Header{Image: filepath.Base(path), Capacity: in.Capacity, Overlay: in.Mode == ModeIncremental}
+	var digests *digest.Writer
+	if resume.Path != "" && a.Digests {
+		if digests, err = digest.Resume(digestPath, digestHead, resume.ResumePoint); err != nil {
+			log.Warn("copying afresh: the digest file cannot be resumed", "disk", in.Key, "backup", in.BackupID, "error", err)
+			resume = TransferProgress{}
+		}
+	}
 	resumed := resume.Path != ""
 	if !resumed {
 		if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
@@ -181,8 +202,17 @@ func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*Tra
 		if err := a.createImage(ctx, in, path); err != nil {
 			return nil, err
 		}
+		if a.Digests {
+			if digests, err = digest.Create(digestPath, digestHead); err != nil {
+				return nil, permanent(err)
+			}
+		}
 	} else {
 		log.Info("resuming transfer", "disk", in.Key, "backup", in.BackupID, "resume_point", resume.ResumePoint)
+	}
+
+	if digests != nil {
+		defer digests.Close()
 	}
 
 	runDir, err := a.runtimeDir()
@@ -226,6 +256,9 @@ func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*Tra
 	opts.Extents = extents
 	opts.Overlay = in.Mode == ModeIncremental
 	opts.ResumeFrom = resume.ResumePoint
+	if digests != nil {
+		opts.Digests = digests
+	}
 	if faultpoint.Active(ctx) && opts.ProgressInterval == 0 {
 		// Fault tests hold a transfer at about half its bytes: a fast
 		// copy of a few hundred MiB must report progress often enough to
@@ -248,6 +281,15 @@ func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*Tra
 			return nil, ctx.Err()
 		}
 		return nil, permanent(fmt.Errorf("disk %d into %s: %w", in.Key, path, err))
+	}
+	// Every record is written and synced, with the folder, before the
+	// image is checked: the result names a durable file.
+	var digestSize int64
+	var digestSum string
+	if digests != nil {
+		if digestSize, digestSum, err = digests.Finish(); err != nil {
+			return nil, permanent(fmt.Errorf("disk %d: %w", in.Key, err))
+		}
 	}
 	// A clean stop of qemu-nbd closes the image; the copy's final FLUSH
 	// already made the data durable.
@@ -300,7 +342,8 @@ func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*Tra
 	took := time.Since(start)
 	metricsOr(a.Metrics).DiskTransferred(in.Mode, res.Read, res.Written, res.Zeroed, took)
 	return &TransferDiskResult{Path: path, ReadBytes: res.Read, WrittenBytes: res.Written + res.Zeroed,
-		SizeBytes: size, SHA256: sum, Seconds: took.Seconds(), Stamp: (*FileStamp)(&before)}, nil
+		SizeBytes: size, SHA256: sum, Seconds: took.Seconds(), Stamp: (*FileStamp)(&before),
+		DigestSHA256: digestSum, DigestSize: digestSize}, nil
 }
 
 // checkFailed is the error of a transfer whose image fails qemu-img check.

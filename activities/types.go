@@ -241,6 +241,12 @@ type TransferDiskResult struct {
 	// Stamp is the image file's identity while SHA256 was computed: the
 	// commit records it only if the file still has it.
 	Stamp *FileStamp `json:"stamp,omitempty"`
+	// DigestSHA256 and DigestSize are the hex SHA-256 and size of the
+	// image's digest file (Path + ".digests", package internal/digest),
+	// written and synced before the result; empty from workers before
+	// digests.
+	DigestSHA256 string `json:"digest_sha256,omitempty"`
+	DigestSize   int64  `json:"digest_size,omitempty"`
 }
 
 // FileStamp identifies a file's content cheaply (inode, mtime and ctime
@@ -298,6 +304,13 @@ type CommitDisk struct {
 	// Stamp is the transfer's (TransferDiskResult.Stamp); nil in
 	// workflows started before it existed.
 	Stamp *FileStamp `json:"stamp,omitempty"`
+	// DigestSHA256 and DigestSize are the transfer's
+	// (TransferDiskResult.DigestSHA256, DigestSize): the commit records
+	// the digest file beside the image only if it still has them. Empty
+	// in workflows that do not pass them: the commit then records the
+	// digest file it finds complete beside the image, if any.
+	DigestSHA256 string `json:"digest_sha256,omitempty"`
+	DigestSize   int64  `json:"digest_size,omitempty"`
 }
 
 // CommitInput makes a backup a restore point.

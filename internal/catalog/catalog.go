@@ -1,7 +1,8 @@
 // Package catalog keeps cbtflow's record of restore points in PostgreSQL
 // (pgx/v5): the VMs, every backup with its status, and per disk the QCOW2
 // path, the change ID it was queried from and the new change ID, the bytes
-// changed and written, and the image's size and SHA-256.
+// changed and written, the image's size and SHA-256, and those of its
+// digest file (internal/digest; none for images made before digests).
 //
 // A restore point counts only once committed: Commit records every disk of
 // a backup and its new change IDs in one transaction, and the next backup
@@ -227,6 +228,15 @@ type Disk struct {
 	// Damaged says why the image, or one it builds on, was found damaged;
 	// "" when sound. A damaged restore point is not restorable.
 	Damaged string
+	// DigestSHA256 and DigestSize are the hex SHA-256 and size of the
+	// image's digest file (<image>.digests, package internal/digest) at
+	// commit; "" and 0 for an image without one (made before digests
+	// existed: NULL in the table).
+	DigestSHA256 string
+	DigestSize   int64
+	// DigestPartial says a prune merged removed points' data into the
+	// image: its digest file describes only what its own backup wrote.
+	DigestPartial bool
 }
 
 // FileStamp identifies a file's content cheaply: any write changes mtime
@@ -289,6 +299,9 @@ func (c *Catalog) Commit(ctx context.Context, backupID string, disks []Disk) err
 		if d.Mode != ModeFull && d.Mode != ModeIncremental {
 			return fmt.Errorf("catalog: commit %s: disk %d has mode %q", backupID, d.Key, d.Mode)
 		}
+		if (d.DigestSHA256 == "") != (d.DigestSize == 0) {
+			return fmt.Errorf("catalog: commit %s: disk %d has a digest file's SHA-256 without its size, or the reverse", backupID, d.Key)
+		}
 	}
 	return pgx.BeginFunc(ctx, c.pool, func(tx pgx.Tx) error {
 		var status string
@@ -312,11 +325,12 @@ func (c *Catalog) Commit(ctx context.Context, backupID string, disks []Disk) err
 			}
 			_, err := tx.Exec(ctx, `INSERT INTO backup_disks (backup_id, disk_key, capacity, mode, path,
 				backing_backup_id, change_id_from, change_id, changed_bytes, written_bytes, size_bytes, sha256, note,
-				file_inode, file_mtime_ns, file_ctime_ns)
-				VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)`,
+				file_inode, file_mtime_ns, file_ctime_ns, digest_sha256, digest_size)
+				VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,
+					NULLIF($17, ''), NULLIF($18::bigint, 0))`,
 				backupID, d.Key, d.Capacity, d.Mode, d.Path, backing, d.ChangeIDFrom, d.ChangeID,
 				d.ChangedBytes, d.WrittenBytes, d.SizeBytes, d.SHA256, d.Note,
-				d.Stamp.Inode, d.Stamp.MtimeNs, d.Stamp.CtimeNs)
+				d.Stamp.Inode, d.Stamp.MtimeNs, d.Stamp.CtimeNs, d.DigestSHA256, d.DigestSize)
 			if err != nil {
 				return fmt.Errorf("catalog: commit %s disk %d: %w", backupID, d.Key, err)
 			}
@@ -420,12 +434,13 @@ type LatestDisk struct {
 
 const diskColumns = `d.disk_key, d.capacity, d.mode, d.path, coalesce(d.backing_backup_id, ''), d.change_id_from,
 	d.change_id, d.changed_bytes, d.written_bytes, d.size_bytes, d.sha256, d.note,
-	d.file_inode, d.file_mtime_ns, d.file_ctime_ns, d.damaged`
+	d.file_inode, d.file_mtime_ns, d.file_ctime_ns, d.damaged, coalesce(d.digest_sha256, ''), coalesce(d.digest_size, 0),
+	d.digest_partial`
 
 func scanDisk(row pgx.Row, backupID *string, d *Disk, extra ...any) error {
 	dst := []any{&d.Key, &d.Capacity, &d.Mode, &d.Path, &d.BackingBackupID, &d.ChangeIDFrom,
 		&d.ChangeID, &d.ChangedBytes, &d.WrittenBytes, &d.SizeBytes, &d.SHA256, &d.Note,
-		&d.Stamp.Inode, &d.Stamp.MtimeNs, &d.Stamp.CtimeNs, &d.Damaged}
+		&d.Stamp.Inode, &d.Stamp.MtimeNs, &d.Stamp.CtimeNs, &d.Damaged, &d.DigestSHA256, &d.DigestSize, &d.DigestPartial}
 	if backupID != nil {
 		dst = append([]any{backupID}, dst...)
 	}

@@ -155,7 +155,7 @@ func applyMerged(ctx context.Context, tx pgx.Tx, m MergedImage, pruneID string) 
 		note += ": now builds on " + m.Backing
 	}
 	tag, err := tx.Exec(ctx, `UPDATE backup_disks SET backing_backup_id = $3, size_bytes = $4, sha256 = $5,
-			file_inode = $6, file_mtime_ns = $7, file_ctime_ns = $8,
+			file_inode = $6, file_mtime_ns = $7, file_ctime_ns = $8, digest_partial = true,
 			note = CASE WHEN note = '' THEN $9 ELSE note || '; ' || $9 END
 		WHERE backup_id = $1 AND disk_key = $2`,
 		m.BackupID, m.Key, backing, m.SizeBytes, m.SHA256, m.Stamp.Inode, m.Stamp.MtimeNs, m.Stamp.CtimeNs, note)

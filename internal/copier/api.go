@@ -2,6 +2,8 @@ package copier
 
 import (
 	"time"
+
+	"github.com/cbtflow/cbtflow/internal/digest"
 )
 
 // Extent is a byte range of the disk that must be copied, as CBT
@@ -90,6 +92,18 @@ type Options struct {
 	FlushInterval time.Duration
 	FlushBytes    int64
 
+	// Digests, when set, is given a record of every range of the extents
+	// this call copies (package digest): the SHA-256 of each range of data
+	// read from the source, cut at digest.BlockSize boundaries of the disk,
+	// and a zero record for each range the target reads as zeros (a hole
+	// in the source's block status, or data read as all zero, whether
+	// written as NBD zeroes or skipped). The data is hashed from the
+	// request's buffer after its writes are sent, while the target works.
+	// Before the resume point advances past a record, Commit is called
+	// with the new resume point, and its error ends the copy: records
+	// below a reported resume point are as durable as the data.
+	Digests DigestSink
+
 	// Progress, when set, is called from the copying goroutine at most every
 	// ProgressInterval, whenever the resume point advances and once at the
 	// end. It must return quickly: the pipeline waits for it.
@@ -127,4 +141,14 @@ type Result struct {
 	// succeeded.
 	ResumePoint int64
 	Duration    time.Duration
+}
+
+// DigestSink receives the copy's digest records (digest.Writer is one).
+// Its methods are called from the copying goroutine and must not keep it
+// long: Commit syncs a small file every FlushInterval or so.
+type DigestSink interface {
+	// Add takes a record; records arrive in completion order.
+	Add(digest.Record)
+	// Commit makes every record ending at or below resumePoint durable.
+	Commit(resumePoint int64) error
 }

@@ -8,6 +8,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/cbtflow/cbtflow/internal/digest"
 	"github.com/cbtflow/cbtflow/internal/nbd"
 )
 
@@ -182,7 +183,8 @@ type copier struct {
 	srcOps  []map[nbd.Cookie]*op // per source connection
 	dstOps  map[nbd.Cookie]*op
 	retry   []*op
-	busy    int // requests not in free
+	runs    []run // the zero runs of the read being handled (digests)
+	busy    int   // requests not in free
 	lastEnd int64
 
 	flushOp       *op // the flush in flight
@@ -374,6 +376,9 @@ func (c *copier) fill() error {
 		if !ok {
 			return nil
 		}
+		if ch.zero && c.opts.Digests != nil {
+			c.opts.Digests.Add(digest.Zero(ch.off, ch.n))
+		}
 		if ch.zero && !c.opts.Overlay {
 			// A fresh image reads as zeros already.
 			c.prog.Skipped += ch.n
@@ -500,7 +505,12 @@ func (c *copier) srcDone(conn int, d nbd.Completion) error {
 	r := o.req
 	c.prog.Read += r.n
 	var err error
-	zeroRuns(r.buf.Bytes()[:r.n], r.off, c.opts.SparseSize, func(start, n int, zero bool) {
+	data := r.buf.Bytes()[:r.n]
+	c.runs = c.runs[:0]
+	zeroRuns(data, r.off, c.opts.SparseSize, func(start, n int, zero bool) {
+		if c.opts.Digests != nil {
+			c.runs = append(c.runs, run{start: start, n: n, zero: zero})
+		}
 		if err != nil {
 			return
 		}
@@ -518,10 +528,42 @@ func (c *copier) srcDone(conn int, d nbd.Completion) error {
 	if err != nil {
 		return err
 	}
+	if c.opts.Digests != nil {
+		// The writes are on their way (libnbd hands them to the socket
+		// when sent): hashing now overlaps the target's work. The buffer
+		// is not reused before the request finishes, which is later.
+		digestRuns(c.opts.Digests, data, r.off, c.runs)
+	}
 	if r.pending == 0 {
 		c.finish(r)
 	}
 	return nil
+}
+
+// run is a zero or data run of a request's buffer, as zeroRuns found it.
+type run struct {
+	start, n int
+	zero     bool
+}
+
+// digestRuns gives sink the records of data, read from the disk at off:
+// one per piece between digest.BlockSize boundaries, a zero record when
+// one zero run holds the whole piece, the piece's SHA-256 otherwise.
+func digestRuns(sink DigestSink, data []byte, off int64, runs []run) {
+	ri := 0
+	for start := 0; start < len(data); {
+		n := digest.BlockSize - int((off+int64(start))%digest.BlockSize)
+		n = min(n, len(data)-start)
+		for ri < len(runs) && runs[ri].start+runs[ri].n <= start {
+			ri++
+		}
+		if ri < len(runs) && runs[ri].zero && runs[ri].start+runs[ri].n >= start+n {
+			sink.Add(digest.Zero(off+int64(start), int64(n)))
+		} else {
+			sink.Add(digest.Data(off+int64(start), data[start:start+n]))
+		}
+		start += n
+	}
 }
 
 // dstDone handles a finished write, zero or flush.
@@ -539,6 +581,13 @@ func (c *copier) dstDone(d nbd.Completion) error {
 		c.flushOp = nil
 		c.flushes++
 		if c.flushMark > c.prog.ResumePoint {
+			// The digests of what the flush made durable are made durable
+			// before the resume point that covers them is reported.
+			if c.opts.Digests != nil {
+				if err := c.opts.Digests.Commit(c.flushMark); err != nil {
+					return fmt.Errorf("copier: digests: %w", err)
+				}
+			}
 			c.prog.ResumePoint = c.flushMark
 			c.progressDirty = true
 			c.report()

@@ -13,7 +13,10 @@
 // through. Failed requests are retried; a persistent failure names the
 // operation and offset. Progress carries a resume point that advances only
 // after a FLUSH of the target, because qemu-nbd acknowledges writes before
-// they are durable.
+// they are durable. With Options.Digests it records what it writes: the
+// SHA-256 of every piece of data (at most 1 MiB, aligned) and the ranges
+// that read as zeros, hashed from the buffers it already holds, committed
+// with each resume point (package digest).
 //
 // It is not a scheduler of disks, nor does it start NBD servers: the caller
 // serves the source and the target and hands over their URIs.
