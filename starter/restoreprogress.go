@@ -45,7 +45,7 @@ func followRestore(ctx context.Context, c client.Client, w io.Writer, wid, runID
 		cancel()
 		select {
 		case err := <-done:
-			v.end(err == nil, res.Bytes)
+			v.end(err == nil, res)
 			return res, err
 		case <-tick.C:
 		}
@@ -186,17 +186,18 @@ func (v *restoreBarView) show(p workflows.RestoreProgress) {
 	}
 }
 
-// end completes the bars (the writing's with the disk's size, bytes) or,
-// when the restore did not complete, leaves them where they stood.
-func (v *restoreBarView) end(completed bool, bytes int64) {
+// end completes the bars (the writing's with the disk's size) with the
+// completed restore's result or, when the restore did not complete,
+// leaves them where they stood.
+func (v *restoreBarView) end(completed bool, res workflows.RestoreResult) {
 	if completed {
 		v.mu.Lock()
-		if st := v.stages[workflows.RestoreWriting]; bytes > 0 {
-			st.done, st.total = bytes, bytes
+		if st := v.stages[workflows.RestoreWriting]; res.Bytes > 0 {
+			st.done, st.total = res.Bytes, res.Bytes
 		}
 		v.mu.Unlock()
-		v.show(workflows.RestoreProgress{BackupID: v.last.BackupID, VM: v.last.VM, DiskKey: v.last.DiskKey, To: v.last.To,
-			Phase: workflows.RestoreCompleted})
+		v.show(workflows.RestoreProgress{BackupID: res.BackupID, VM: res.VM, DiskKey: res.DiskKey, To: res.To,
+			Format: res.Format, Phase: workflows.RestoreCompleted})
 	}
 	bars := []*mpb.Bar{v.head}
 	for _, s := range restoreStages {

@@ -37,8 +37,14 @@ func TestRestoreBarView(t *testing.T) {
 	if st := stage(workflows.RestoreWriting); st.done != 4<<20 || st.finished {
 		t.Errorf("writing: %+v, want 4 MiB done", st)
 	}
-	v.end(true, 8<<20)
+	v.end(true, workflows.RestoreResult{BackupID: "b1", VM: "vm1", DiskKey: 204, To: "/r/disk.raw", Bytes: 8 << 20})
 	if st := stage(workflows.RestoreWriting); !st.finished || st.done != 8<<20 {
 		t.Errorf("writing at the end: %+v, want finished at 8 MiB", st)
+	}
+	v.mu.Lock()
+	last := v.last
+	v.mu.Unlock()
+	if last.VM != "vm1" || last.Phase != workflows.RestoreCompleted {
+		t.Errorf("the headline at the end: %+v, want the result's VM, completed", last)
 	}
 }
