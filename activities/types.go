@@ -243,8 +243,8 @@ type TransferDiskResult struct {
 	Stamp *FileStamp `json:"stamp,omitempty"`
 	// DigestSHA256 and DigestSize are the hex SHA-256 and size of the
 	// image's digest file (Path + ".digests", package internal/digest),
-	// written and synced before the result; empty from workers before
-	// digests.
+	// written and synced before the result; empty when the transfer
+	// wrote none (Transfer.Digests off, or a worker before digests).
 	DigestSHA256 string `json:"digest_sha256,omitempty"`
 	DigestSize   int64  `json:"digest_size,omitempty"`
 }

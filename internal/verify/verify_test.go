@@ -305,3 +305,37 @@ func equalSpans(a, b []span) bool {
 	}
 	return true
 }
+
+// A prune merged removed points into the middle image: its own records
+// are checked, those below it are not (what was merged in is not
+// recorded).
+func TestPartialDigest(t *testing.T) {
+	testutil.CheckNoChildren(t)
+	chain := makeChain(t)
+	chain[1].DigestPartial = true
+	res := verifyChain(t, chain)
+	if !res.OK() || res.CheckedRecords != 4 || res.SkippedRecords != 4 {
+		t.Fatalf("%v: checked %d, skipped %d records; want b2's 3 and b3's 1 checked, b1's 4 skipped", res.Err(), res.CheckedRecords, res.SkippedRecords)
+	}
+}
+
+// Another image's digest file, recorded as this one's, is caught by the
+// name in its header.
+func TestDigestFileOfAnotherImage(t *testing.T) {
+	testutil.CheckNoChildren(t)
+	chain := makeChain(t)
+	b, err := os.ReadFile(digest.PathOf(chain[0].Path))
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := digest.PathOf(chain[1].Path)
+	if err := os.WriteFile(path, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	size, sum, err := digest.HashFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	chain[1].DigestSHA256, chain[1].DigestSize = sum, size
+	wantProblem(t, verifyChain(t, chain), path, -1, "the one of image b1.qcow2")
+}
