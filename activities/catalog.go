@@ -416,21 +416,26 @@ func leftBehind(ctx context.Context, backupID string, err error) error {
 	return nil
 }
 
-// removeImages deletes the images of one uncommitted backup, wherever
-// they are in the repository (backup IDs are unique; the catalog may be
-// unable to say which VM the backup was of).
+// removeImages deletes the images of one uncommitted backup, and their
+// digest files, wherever they are in the repository (backup IDs are
+// unique; the catalog may be unable to say which VM the backup was of).
+// It returns how many images it removed.
 func (a *Catalog) removeImages(backupID string) (int, error) {
 	if err := repository.CheckComponent("backup ID", backupID); err != nil {
 		return 0, err
 	}
-	matches, err := filepath.Glob(filepath.Join(a.Repo.Root(), "*", "*", "*", backupID+".qcow2"))
+	images, err := filepath.Glob(filepath.Join(a.Repo.Root(), "*", "*", "*", backupID+".qcow2"))
 	if err != nil {
 		return 0, err
 	}
-	for _, m := range matches {
+	digests, err := filepath.Glob(filepath.Join(a.Repo.Root(), "*", "*", "*", backupID+".qcow2"+digest.Suffix))
+	if err != nil {
+		return 0, err
+	}
+	for _, m := range append(images, digests...) {
 		if err := os.Remove(m); err != nil && !errors.Is(err, os.ErrNotExist) {
 			return 0, err
 		}
 	}
-	return len(matches), nil
+	return len(images), nil
 }

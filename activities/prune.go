@@ -15,6 +15,7 @@ import (
 	"go.temporal.io/sdk/temporal"
 
 	"github.com/cbtflow/cbtflow/internal/catalog"
+	"github.com/cbtflow/cbtflow/internal/digest"
 	"github.com/cbtflow/cbtflow/internal/faultpoint"
 	"github.com/cbtflow/cbtflow/internal/integrity"
 	"github.com/cbtflow/cbtflow/internal/merge"
@@ -503,12 +504,13 @@ func (p *Pruner) ApplyPrune(ctx context.Context, in ApplyPruneInput) (*ApplyPrun
 	if err != nil {
 		return nil, err
 	}
-	files := map[string][]string{} // backup ID → absolute image paths
+	files := map[string][]string{} // backup ID → absolute paths of its images and their digest files
 	sizes := map[string]int64{}
 	for _, b := range points {
 		for _, d := range b.Disks {
-			files[b.ID] = append(files[b.ID], p.Repo.Resolve(d.Path))
-			sizes[b.ID] += d.SizeBytes
+			path := p.Repo.Resolve(d.Path)
+			files[b.ID] = append(files[b.ID], path, path+digest.Suffix)
+			sizes[b.ID] += d.SizeBytes + d.DigestSize
 		}
 	}
 	var freed int64
@@ -589,10 +591,10 @@ func (p *Pruner) ApplyPrune(ctx context.Context, in ApplyPruneInput) (*ApplyPrun
 	return &ApplyPruneResult{BytesFreed: freed}, nil
 }
 
-// imagesLeft returns the images of a restore point that the catalog no
-// longer records (an earlier attempt of the prune removed its rows) and
-// their bytes: those at the repository's image path of the point in each
-// disk folder of the VM.
+// imagesLeft returns the images (and their digest files) of a restore
+// point that the catalog no longer records (an earlier attempt of the
+// prune removed its rows) and their bytes: those at the repository's
+// image path of the point in each disk folder of the VM.
 func (p *Pruner) imagesLeft(profile, vmUUID, backupID string) ([]string, int64, error) {
 	dir := filepath.Join(p.Repo.Root(), profile, vmUUID)
 	entries, err := os.ReadDir(dir)
@@ -613,9 +615,13 @@ func (p *Pruner) imagesLeft(profile, vmUUID, backupID string) ([]string, int64, 
 		if err != nil {
 			return nil, 0, temporal.NewNonRetryableApplicationError(err.Error(), ErrTypeInvalidInput, err)
 		}
-		if fi, err := os.Stat(path); err == nil {
-			paths = append(paths, path)
-			size += fi.Size()
+		// The image and its digest file (internal/digest), each on its
+		// own: an interrupted removal may have left either.
+		for _, f := range []string{path, path + digest.Suffix} {
+			if fi, err := os.Stat(f); err == nil {
+				paths = append(paths, f)
+				size += fi.Size()
+			}
 		}
 	}
 	return paths, size, nil

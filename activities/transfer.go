@@ -45,9 +45,9 @@ type Transfer struct {
 	// Digests makes every transfer write the image's digest file beside
 	// it (<image>.digests, internal/digest: the SHA-256 of every block
 	// written, the ranges zeroed), which the commit records and a
-	// verification (internal/verify) checks the point against. Off by
-	// default while the paths that remove images (FailBackup, prunes, the
-	// sweeper) do not yet remove digest files with them.
+	// verification (internal/verify) checks the point against. The
+	// worker sets it; the paths that remove images (FailBackup, prunes)
+	// remove their digest files with them.
 	Digests bool
 }
 

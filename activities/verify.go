@@ -121,3 +121,81 @@ func (a *Catalog) VerifyPoint(ctx context.Context, in VerifyPointInput) (*Verify
 	}
 	return res, nil
 }
+
+// PlanVerifyInput says which restore points a Verify checks: one by its
+// BackupID, the newest committed one of VM (a name or instance UUID,
+// under Profile when set), or with All the newest of every VM.
+type PlanVerifyInput struct {
+	BackupID string `json:"backup_id,omitempty"`
+	VM       string `json:"vm,omitempty"`
+	Profile  string `json:"profile,omitempty"`
+	All      bool   `json:"all,omitempty"`
+}
+
+// VerifyTarget is one restore point to verify, with its disks.
+type VerifyTarget struct {
+	BackupID string  `json:"backup_id"`
+	VM       string  `json:"vm"`
+	VMUUID   string  `json:"vm_uuid"`
+	Profile  string  `json:"profile"`
+	Keys     []int32 `json:"keys"`
+}
+
+// PlanVerifyResult lists the points to verify, in the catalog's order.
+type PlanVerifyResult struct {
+	Targets []VerifyTarget `json:"targets"`
+}
+
+// PlanVerify finds the restore points a verification checks. A point
+// that is not committed, or a VM without one, is an input error.
+func (a *Catalog) PlanVerify(ctx context.Context, in PlanVerifyInput) (*PlanVerifyResult, error) {
+	n := 0
+	for _, set := range []bool{in.BackupID != "", in.VM != "", in.All} {
+		if set {
+			n++
+		}
+	}
+	if n != 1 {
+		return nil, temporal.NewNonRetryableApplicationError("verify: give exactly one of a backup ID, a VM or all", ErrTypeInvalidInput, nil)
+	}
+	target := func(b catalog.Backup) VerifyTarget {
+		t := VerifyTarget{BackupID: b.ID, VM: b.VMName, VMUUID: b.VMUUID, Profile: b.Profile, Keys: []int32{}}
+		for _, d := range b.Disks {
+			t.Keys = append(t.Keys, d.Key)
+		}
+		return t
+	}
+	res := &PlanVerifyResult{Targets: []VerifyTarget{}}
+	if in.BackupID != "" {
+		b, err := a.Catalog.Get(ctx, in.BackupID)
+		switch {
+		case errors.Is(err, catalog.ErrNotFound):
+			return nil, temporal.NewNonRetryableApplicationError(fmt.Sprintf("verify: no restore point %s", in.BackupID), ErrTypeInvalidInput, err)
+		case err != nil:
+			return nil, permanent(err)
+		case b.Status != catalog.StatusCommitted:
+			return nil, temporal.NewNonRetryableApplicationError(fmt.Sprintf("verify: backup %s is %s, not a restore point", in.BackupID, b.Status), ErrTypeInvalidInput, nil)
+		}
+		res.Targets = append(res.Targets, target(*b))
+		return res, nil
+	}
+	points, err := a.Catalog.List(ctx, catalog.ListFilter{VM: in.VM, Profile: in.Profile, Status: catalog.StatusCommitted})
+	if err != nil {
+		return nil, permanent(err)
+	}
+	seen := map[string]bool{}
+	for _, b := range points { // newest first: the first of each VM
+		vm := b.Profile + "/" + b.VMUUID
+		if !seen[vm] {
+			seen[vm] = true
+			res.Targets = append(res.Targets, target(b))
+		}
+	}
+	if in.VM != "" && len(res.Targets) == 0 {
+		return nil, temporal.NewNonRetryableApplicationError(fmt.Sprintf("verify: VM %s has no restore point", in.VM), ErrTypeInvalidInput, nil)
+	}
+	if in.VM != "" && len(res.Targets) > 1 {
+		return nil, temporal.NewNonRetryableApplicationError(fmt.Sprintf("verify: %q names %d VMs (profiles or names shared): give its instance UUID or --profile", in.VM, len(res.Targets)), ErrTypeInvalidInput, nil)
+	}
+	return res, nil
+}

@@ -58,7 +58,7 @@ func newWorker(c client.Client, d deps, maxTransfers int) worker.Worker {
 	w := worker.New(c, workflows.TaskQueue, opts)
 	workflows.Register(w)
 	w.RegisterActivity(&activities.VSphere{Sessions: d.sessions, Repo: d.repo, Metrics: d.metrics})
-	w.RegisterActivity(&activities.Transfer{Sessions: d.sessions, Repo: d.repo,
+	w.RegisterActivity(&activities.Transfer{Sessions: d.sessions, Repo: d.repo, Digests: true,
 		Slots: activities.NewTransferSlots(maxTransfers), Metrics: d.metrics})
 	w.RegisterActivity(&activities.Catalog{Catalog: d.catalog, Repo: d.repo, Metrics: d.metrics})
 	w.RegisterActivity(&activities.Pruner{Catalog: d.catalog, Repo: d.repo})

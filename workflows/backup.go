@@ -908,7 +908,8 @@ func (r *backupRun) copyDisk(ctx workflow.Context, p *diskPlan, sd activities.Sn
 		Changed: units.Bytes(areas.ChangedBytes), Written: units.Bytes(tr.WrittenBytes), Size: units.Bytes(tr.SizeBytes), Duration: units.Seconds(tr.Seconds)}
 	c := activities.CommitDisk{Key: p.Key, Capacity: p.Capacity, Mode: p.Mode, Path: tr.Path,
 		BackingBackupID: p.BackingBackupID, ChangeIDFrom: p.FromChangeID, ChangeID: sd.ChangeID,
-		ChangedBytes: areas.ChangedBytes, WrittenBytes: tr.WrittenBytes, SizeBytes: tr.SizeBytes, SHA256: tr.SHA256, Note: note, Stamp: tr.Stamp}
+		ChangedBytes: areas.ChangedBytes, WrittenBytes: tr.WrittenBytes, SizeBytes: tr.SizeBytes, SHA256: tr.SHA256, Note: note, Stamp: tr.Stamp,
+		DigestSHA256: tr.DigestSHA256, DigestSize: tr.DigestSize}
 	return res, c, nil
 }
 

@@ -75,5 +75,6 @@ func Register(r Registrar) {
 	r.RegisterWorkflow(Prune)
 	r.RegisterWorkflow(PruneVM)
 	r.RegisterWorkflow(LookupVM)
+	r.RegisterWorkflow(Verify)
 	r.RegisterWorkflow(Restore)
 }

@@ -11,6 +11,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/cbtflow/cbtflow/internal/digest"
 	"github.com/cbtflow/cbtflow/testkit/stack"
 	"github.com/cbtflow/cbtflow/testkit/stacktest"
 )
@@ -233,7 +234,9 @@ func noOrphanImages(t *testing.T, s *stack.Stack, v *vmUnder) {
 	want := map[string]bool{}
 	for _, tk := range v.taken {
 		for _, d := range tk.b.Disks {
+			// The image and its digest file (internal/digest).
 			want[filepath.Clean(d.Path)] = true
+			want[filepath.Clean(d.Path)+digest.Suffix] = true
 		}
 	}
 	uuid := v.taken[0].b.VMUUID
