@@ -67,6 +67,9 @@ func (a *Catalog) VerifyPoint(ctx context.Context, in VerifyPointInput) (*Verify
 			ErrTypeInvalidInput, err)
 	case errors.As(err, &broken):
 		res.Problems = []VerifyProblem{{BackupID: in.BackupID, Offset: -1, Reason: broken.Reason}}
+		if err := a.record(ctx, res); err != nil {
+			return nil, err
+		}
 		return res, nil
 	case err != nil:
 		return nil, permanent(err)
@@ -112,6 +115,9 @@ func (a *Catalog) VerifyPoint(ctx context.Context, in VerifyPointInput) (*Verify
 	}
 	for _, u := range r.Undigested {
 		res.Undigested = append(res.Undigested, owner[u])
+	}
+	if err := a.record(ctx, res); err != nil {
+		return nil, err
 	}
 	log := activity.GetLogger(ctx)
 	if res.OK {
@@ -198,4 +204,28 @@ func (a *Catalog) PlanVerify(ctx context.Context, in PlanVerifyInput) (*PlanVeri
 		return nil, temporal.NewNonRetryableApplicationError(fmt.Sprintf("verify: %q names %d VMs (profiles or names shared): give its instance UUID or --profile", in.VM, len(res.Targets)), ErrTypeInvalidInput, nil)
 	}
 	return res, nil
+}
+
+// record keeps the outcome of a disk's verification in the catalog
+// (starter list, the metrics), its first problem in words.
+func (a *Catalog) record(ctx context.Context, res *VerifyPointResult) error {
+	problem := ""
+	if len(res.Problems) > 0 {
+		p := res.Problems[0]
+		problem = p.File
+		if problem == "" {
+			problem = p.Image
+		}
+		if p.Offset >= 0 {
+			problem += fmt.Sprintf(" at offset %d", p.Offset)
+		}
+		if problem != "" {
+			problem += ": "
+		}
+		problem += p.Reason
+	}
+	if err := a.Catalog.RecordVerification(ctx, res.BackupID, res.Key, res.OK, problem); err != nil {
+		return permanent(err)
+	}
+	return nil
 }

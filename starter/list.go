@@ -52,6 +52,15 @@ type listEntry struct {
 	// whose disks is marked damaged.
 	Restorable bool       `json:"restorable"`
 	Disks      []listDisk `json:"disks"`
+	// Verified is the newest verification (starter verify, the weekly
+	// schedule); absent when the point was never verified.
+	Verified *listVerified `json:"verified,omitempty"`
+}
+
+type listVerified struct {
+	At      time.Time `json:"at"`
+	OK      bool      `json:"ok"`
+	Problem string    `json:"problem,omitempty"`
 }
 
 type listDisk struct {
@@ -88,6 +97,10 @@ func listRun(ctx context.Context, e *env, cfg *config.Config, pos []string, stat
 	if err != nil {
 		return err
 	}
+	verified, err := cat.Verifications(ctx)
+	if err != nil {
+		return err
+	}
 	entries := make([]listEntry, 0, len(backups))
 	for _, b := range backups {
 		le := listEntry{BackupID: b.ID, VM: b.VMName, VMUUID: b.VMUUID, Profile: b.Profile, Status: b.Status,
@@ -97,6 +110,9 @@ func listRun(ctx context.Context, e *env, cfg *config.Config, pos []string, stat
 			le.FinishedAt = &f
 		}
 		le.Restorable = b.Status == catalog.StatusCommitted
+		if v, ok := verified[b.ID]; ok {
+			le.Verified = &listVerified{At: v.At.UTC(), OK: v.OK, Problem: v.Problem}
+		}
 		for _, d := range b.Disks {
 			le.Disks = append(le.Disks, listDisk{Key: d.Key, Mode: d.Mode, Path: repository.ResolveUnder(repo, d.Path), SizeBytes: d.SizeBytes,
 				ChangeID: d.ChangeID, Damaged: d.Damaged})
@@ -110,7 +126,7 @@ func listRun(ctx context.Context, e *env, cfg *config.Config, pos []string, stat
 		return json.NewEncoder(e.stdout).Encode(entries)
 	}
 	tw := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "BACKUP\tVM\tSTATUS\tSTARTED\tDISKS")
+	fmt.Fprintln(tw, "BACKUP\tVM\tSTATUS\tSTARTED\tVERIFIED\tDISKS")
 	for _, le := range entries {
 		disks := ""
 		status := le.Status
@@ -124,7 +140,14 @@ func listRun(ctx context.Context, e *env, cfg *config.Config, pos []string, stat
 				status = "damaged"
 			}
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", le.BackupID, le.VM, status, le.StartedAt.Format(time.RFC3339), disks)
+		verified := "-"
+		if v := le.Verified; v != nil {
+			verified = v.At.Format(time.RFC3339) + " ok"
+			if !v.OK {
+				verified = v.At.Format(time.RFC3339) + " DAMAGED"
+			}
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", le.BackupID, le.VM, status, le.StartedAt.Format(time.RFC3339), verified, disks)
 	}
 	if err := tw.Flush(); err != nil {
 		return err
@@ -135,6 +158,9 @@ func listRun(ctx context.Context, e *env, cfg *config.Config, pos []string, stat
 			if d.Damaged != "" {
 				fmt.Fprintf(e.stdout, "%s disk %d is damaged, not restorable: %s\n", le.BackupID, d.Key, d.Damaged)
 			}
+		}
+		if v := le.Verified; v != nil && !v.OK {
+			fmt.Fprintf(e.stdout, "%s failed its verification of %s: %s\n", le.BackupID, v.At.Format(time.RFC3339), v.Problem)
 		}
 	}
 	return nil

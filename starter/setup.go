@@ -19,15 +19,17 @@ import (
 
 func newSetupCmd(e *env) *cobra.Command {
 	var cfg config.Config
-	var every, minAge, pruneEvery time.Duration
+	var every, minAge, pruneEvery, verifyEvery time.Duration
 	cmd := &cobra.Command{
 		Use:   "setup",
-		Short: "create or update the schedules cbtflow needs (the snapshot sweeper, the daily prune)",
+		Short: "create or update the schedules cbtflow needs (the snapshot sweeper, the daily prune, the weekly verification)",
 		Long: `Create or update the schedules cbtflow needs: the snapshot sweeper
-(cbtflow-sweeper) and the daily prune (cbtflow-prune). Idempotent.`,
+(cbtflow-sweeper), the daily prune (cbtflow-prune) and the weekly
+verification of every VM's newest restore point (cbtflow-verify).
+Idempotent.`,
 		Args: exactArgs(0, "no arguments"),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return setupRun(cmd.Context(), e, &cfg, every, minAge, pruneEvery)
+			return setupRun(cmd.Context(), e, &cfg, every, minAge, pruneEvery, verifyEvery)
 		},
 	}
 	addConfigFlags(cmd, &cfg, useTemporal)
@@ -35,6 +37,7 @@ func newSetupCmd(e *env) *cobra.Command {
 	fs.DurationVar(&every, "sweep-every", 15*time.Minute, "how often the sweeper runs")
 	fs.DurationVar(&minAge, "sweep-min-age", workflows.DefaultSweepMinAge, "how old an abandoned snapshot must be before the sweeper removes it")
 	fs.DurationVar(&pruneEvery, "prune-every", 24*time.Hour, "how often the retention policies are applied (starter prune)")
+	fs.DurationVar(&verifyEvery, "verify-every", 7*24*time.Hour, "how often the newest restore point of every VM is verified (starter verify --all)")
 	return cmd
 }
 
@@ -57,9 +60,9 @@ object; exits 1 when a vCenter could not be swept.`,
 	return cmd
 }
 
-func setupRun(ctx context.Context, e *env, cfg *config.Config, every, minAge, pruneEvery time.Duration) error {
-	if every <= 0 || minAge <= 0 || pruneEvery <= 0 {
-		return usageError{errors.New("setup: --sweep-every, --sweep-min-age and --prune-every must be positive")}
+func setupRun(ctx context.Context, e *env, cfg *config.Config, every, minAge, pruneEvery, verifyEvery time.Duration) error {
+	if every <= 0 || minAge <= 0 || pruneEvery <= 0 || verifyEvery <= 0 {
+		return usageError{errors.New("setup: --sweep-every, --sweep-min-age, --prune-every and --verify-every must be positive")}
 	}
 	c, err := dialTemporal(ctx, e, cfg)
 	if err != nil {
@@ -80,7 +83,7 @@ func setupRun(ctx context.Context, e *env, cfg *config.Config, every, minAge, pr
 	if err != nil {
 		return err
 	}
-	return ensureSchedule(ctx, e, sc, workflows.PruneScheduleID,
+	err = ensureSchedule(ctx, e, sc, workflows.PruneScheduleID,
 		client.ScheduleSpec{Intervals: []client.ScheduleIntervalSpec{{Every: pruneEvery}}},
 		&client.ScheduleWorkflowAction{
 			ID:        "cbtflow-prune",
@@ -90,6 +93,19 @@ func setupRun(ctx context.Context, e *env, cfg *config.Config, every, minAge, pr
 		},
 		"applies the retention policies (starter retention) to every VM's restore points",
 		"every", units.Duration(pruneEvery))
+	if err != nil {
+		return err
+	}
+	return ensureSchedule(ctx, e, sc, workflows.VerifyScheduleID,
+		client.ScheduleSpec{Intervals: []client.ScheduleIntervalSpec{{Every: verifyEvery}}},
+		&client.ScheduleWorkflowAction{
+			ID:        "cbtflow-verify",
+			Workflow:  workflows.Verify,
+			Args:      []any{workflows.VerifyInput{All: true}},
+			TaskQueue: workflows.TaskQueue,
+		},
+		"verifies the newest restore point of every VM against the block digests recorded at backup time (starter verify --all)",
+		"every", units.Duration(verifyEvery))
 }
 
 // ensureSchedule creates the schedule id, or brings an existing one up to

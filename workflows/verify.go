@@ -9,6 +9,10 @@ import (
 	"github.com/cbtflow/cbtflow/activities"
 )
 
+// VerifyScheduleID is the schedule `starter setup` creates: a Verify of
+// every VM's newest restore point, weekly by default.
+const VerifyScheduleID = "cbtflow-verify"
+
 // VerifyInput says what a Verify checks (activities.PlanVerifyInput): a
 // restore point by its backup ID, the newest of a VM, or the newest of
 // every VM.

@@ -56,6 +56,17 @@ func TestSweeperCleansUpATerminatedBackup(t *testing.T) {
 	if iv := pdesc.Schedule.Spec.Intervals; len(iv) != 1 || iv[0].Every != 24*time.Hour {
 		t.Errorf("prune schedule intervals = %+v, want every 24h", iv)
 	}
+	// And the weekly verification (issue 11).
+	vdesc, err := s.Client().ScheduleClient().GetHandle(ctx, workflows.VerifyScheduleID).Describe(ctx)
+	if err != nil {
+		t.Fatalf("the set-up created no schedule %s: %v", workflows.VerifyScheduleID, err)
+	}
+	if a, ok := vdesc.Schedule.Action.(*client.ScheduleWorkflowAction); !ok || a.Workflow != "Verify" || a.TaskQueue != workflows.TaskQueue {
+		t.Errorf("verify schedule action = %#v, want the Verify workflow on %s", vdesc.Schedule.Action, workflows.TaskQueue)
+	}
+	if iv := vdesc.Schedule.Spec.Intervals; len(iv) != 1 || iv[0].Every != 7*24*time.Hour {
+		t.Errorf("verify schedule intervals = %+v, want every 168h", iv)
+	}
 
 	// A backup held mid-transfer, then terminated: no cleanup code runs.
 	l := s.Lab()

@@ -80,6 +80,23 @@ func TestVerify(t *testing.T) {
 		t.Errorf("verify NOPE_VM: %s", r)
 	}
 
+	// starter list shows each point's newest verification.
+	var list []struct {
+		BackupID string `json:"backup_id"`
+		Verified *struct {
+			At time.Time `json:"at"`
+			OK bool      `json:"ok"`
+		} `json:"verified"`
+	}
+	if r := run("list", vm, "--json"); r.ExitCode != 0 || json.Unmarshal([]byte(r.Stdout), &list) != nil || len(list) != 2 {
+		t.Fatalf("list: %s", r)
+	}
+	for _, e := range list {
+		if e.Verified == nil || !e.Verified.OK || e.Verified.At.IsZero() {
+			t.Errorf("list: %s verified %+v, want ok with a time", e.BackupID, e.Verified)
+		}
+	}
+
 	// The full image's digest file gone: the incremental's verification
 	// names it.
 	gone := full.Disk(t, 204).Path + digest.Suffix
@@ -89,5 +106,9 @@ func TestVerify(t *testing.T) {
 	r := run("verify", incr.BackupID)
 	if r.ExitCode != 1 || !strings.Contains(r.Stdout, "DAMAGED") || !strings.Contains(r.Stdout, filepath.Base(gone)) {
 		t.Errorf("verify %s with the digest file of its full image gone: want exit 1 naming %s, got %s", incr.BackupID, filepath.Base(gone), r)
+	}
+	if r := run("list", vm); r.ExitCode != 0 || !strings.Contains(r.Stdout, "DAMAGED") ||
+		!strings.Contains(r.Stdout, incr.BackupID+" failed its verification") || !strings.Contains(r.Stdout, filepath.Base(gone)) {
+		t.Errorf("list after the failed verification: %s", r)
 	}
 }
