@@ -23,11 +23,10 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
-	"runtime"
-	"runtime/debug"
 	"strings"
 	"syscall"
 
+	"github.com/cbtflow/cbtflow/internal/config"
 	"github.com/spf13/cobra"
 )
 
@@ -82,7 +81,7 @@ the make dev stack. Logs go to stderr, results to stdout.
 
 Exit codes: 0 success, 1 failure, 2 bad usage; backup adds 3 (a backup of
 the VM is already running) and 4 (interrupted while the backup goes on).`,
-		Version:       versionString(),
+		Version:       config.VersionString(version),
 		Args:          cobra.ArbitraryArgs,
 		RunE:          groupRun,
 		SilenceErrors: true,
@@ -330,31 +329,4 @@ func quoteAll(s []string) []string {
 		q[i] = fmt.Sprintf("%q", v)
 	}
 	return q
-}
-
-// versionString is what --version prints after the name: the version,
-// the commit it was built from (and whether the tree had changes), and
-// the Go version and platform.
-func versionString() string {
-	v, commit, modified := version, "unknown", false
-	if bi, ok := debug.ReadBuildInfo(); ok {
-		if v == "dev" && bi.Main.Version != "" && bi.Main.Version != "(devel)" {
-			v = bi.Main.Version
-		}
-		for _, s := range bi.Settings {
-			switch s.Key {
-			case "vcs.revision":
-				commit = s.Value
-			case "vcs.modified":
-				modified = s.Value == "true"
-			}
-		}
-	}
-	if len(commit) > 12 {
-		commit = commit[:12]
-	}
-	if modified {
-		commit += ", modified"
-	}
-	return fmt.Sprintf("%s (commit %s) %s %s/%s", v, commit, runtime.Version(), runtime.GOOS, runtime.GOARCH)
 }

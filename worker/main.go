@@ -20,8 +20,6 @@ import (
 	"net/url"
 	"os"
 	"os/signal"
-	"runtime"
-	"runtime/debug"
 	"slices"
 	"strings"
 	"syscall"
@@ -141,7 +139,7 @@ never in the URL; vCenter passwords are files the profiles name.
 
 Logs go to stderr. It runs until SIGINT or SIGTERM (exit 0). Exit codes:
 1 failure, 2 bad usage.`, workflows.TaskQueue),
-		Version:       versionString(),
+		Version:       config.VersionString(version),
 		SilenceErrors: true,
 		SilenceUsage:  true,
 		Args: func(cmd *cobra.Command, args []string) error {
@@ -173,33 +171,6 @@ Logs go to stderr. It runs until SIGINT or SIGTERM (exit 0). Exit codes:
 		f.DefValue = config.RedactDatabaseURL(f.DefValue)
 	}
 	return cmd
-}
-
-// versionString is what --version prints after the name: the version,
-// the commit it was built from (and whether the tree had changes), and
-// the Go version and platform.
-func versionString() string {
-	v, commit, modified := version, "unknown", false
-	if bi, ok := debug.ReadBuildInfo(); ok {
-		if v == "dev" && bi.Main.Version != "" && bi.Main.Version != "(devel)" {
-			v = bi.Main.Version
-		}
-		for _, s := range bi.Settings {
-			switch s.Key {
-			case "vcs.revision":
-				commit = s.Value
-			case "vcs.modified":
-				modified = s.Value == "true"
-			}
-		}
-	}
-	if len(commit) > 12 {
-		commit = commit[:12]
-	}
-	if modified {
-		commit += ", modified"
-	}
-	return fmt.Sprintf("%s (commit %s) %s %s/%s", v, commit, runtime.Version(), runtime.GOOS, runtime.GOARCH)
 }
 
 // databaseAttrs describes the catalog's database for the log: host, port,
@@ -258,7 +229,7 @@ func serve(log *slog.Logger, o options) error {
 	if metricsAddr == "" {
 		metricsAddr = "off"
 	}
-	log.Info("worker starting", "version", versionString(),
+	log.Info("worker starting", "version", config.VersionString(version),
 		slog.Group("temporal", "address", cfg.TemporalAddress, "namespace", cfg.Namespace, "task_queue", workflows.TaskQueue),
 		databaseAttrs(cfg.DatabaseURL), "repository", repoRoot, "vcenters", cfg.VCenters, profilesAttr(profiles),
 		"metrics", metricsAddr, "max_transfers", o.maxTransfers)
