@@ -47,6 +47,17 @@ var (
 			"(alert on time() minus this for a VM without a backup for a day). VMs beyond the first "+
 			fmt.Sprint(maxVMSeries)+" have one series whose labels are all \""+otherVMs+"\", holding the oldest of their newest points.",
 		[]string{"vm", "vm_uuid", "profile"}, nil)
+	descVerified = prom.NewDesc("cbtflow_newest_verification_timestamp_seconds",
+		"Time (unix seconds) of a VM's newest verification (starter verify, the weekly cbtflow-verify schedule): "+
+			"of the restore point verified last; VMs never verified have no series (alert on time() minus this for "+
+			"a VM not verified for a week). VMs beyond the first "+fmt.Sprint(maxVMSeries)+" have one series whose labels are all \""+
+			otherVMs+"\", holding the oldest of their newest verifications.",
+		[]string{"vm", "vm_uuid", "profile"}, nil)
+	descVerifiedOK = prom.NewDesc("cbtflow_verification_ok",
+		"1 when a VM's newest verification found its restore point sound, 0 when it found it damaged (starter list names the problem). "+
+			"VMs never verified have no series; the \""+otherVMs+"\" series is 0 when any of the VMs beyond the first "+
+			fmt.Sprint(maxVMSeries)+" is.",
+		[]string{"vm", "vm_uuid", "profile"}, nil)
 	descUsed = prom.NewDesc("cbtflow_repository_used_bytes",
 		"Bytes the restore points' images take in the repository, by the sizes the catalog records.", nil, nil)
 	descFree = prom.NewDesc("cbtflow_repository_free_bytes",
@@ -88,6 +99,7 @@ type repoCollector struct {
 
 type repoReading struct {
 	usage         []catalog.VMUsage
+	verified      []catalog.VMVerification
 	prunes, freed int64
 	catalogErr    error
 	space         repository.Space
@@ -105,7 +117,7 @@ func newRepoCollector(cat *catalog.Catalog, root string, log *slog.Logger) *repo
 
 // Describe implements prometheus.Collector.
 func (c *repoCollector) Describe(ch chan<- *prom.Desc) {
-	for _, d := range []*prom.Desc{descPruneBytesFreed, descPrunes, descRestorePoints, descNewest, descUsed, descFree, descSize, descCatalogUp} {
+	for _, d := range []*prom.Desc{descPruneBytesFreed, descPrunes, descRestorePoints, descNewest, descVerified, descVerifiedOK, descUsed, descFree, descSize, descCatalogUp} {
 		ch <- d
 	}
 }
@@ -142,11 +154,49 @@ func (c *repoCollector) Collect(ch chan<- prom.Metric) {
 			}
 		}
 		ch <- prom.MustNewConstMetric(descUsed, prom.GaugeValue, float64(used))
+		c.collectVerified(ch, r)
 	}
 	if r.spaceErr == nil {
 		ch <- prom.MustNewConstMetric(descFree, prom.GaugeValue, float64(r.space.Free))
 		ch <- prom.MustNewConstMetric(descSize, prom.GaugeValue, float64(r.space.Size))
 	}
+}
+
+// collectVerified sends every verified VM's newest verification: the VMs
+// among the first maxVMs of the usage (the series of
+// cbtflow_restore_points) have their own series, the others share one.
+func (c *repoCollector) collectVerified(ch chan<- prom.Metric, r repoReading) {
+	own := map[catalog.VMRef]bool{}
+	for i, u := range r.usage {
+		if i >= c.maxVMs {
+			break
+		}
+		own[u.VMRef] = true
+	}
+	var othersAt time.Time // the oldest of the others' newest verifications
+	othersOK, others := true, false
+	for _, v := range r.verified {
+		if own[v.VMRef] {
+			ch <- prom.MustNewConstMetric(descVerified, prom.GaugeValue, unixSeconds(v.At), v.Name, v.UUID, v.Profile)
+			ch <- prom.MustNewConstMetric(descVerifiedOK, prom.GaugeValue, boolValue(v.OK), v.Name, v.UUID, v.Profile)
+			continue
+		}
+		if !others || v.At.Before(othersAt) {
+			othersAt = v.At
+		}
+		others, othersOK = true, othersOK && v.OK
+	}
+	if others {
+		ch <- prom.MustNewConstMetric(descVerified, prom.GaugeValue, unixSeconds(othersAt), otherVMs, otherVMs, otherVMs)
+		ch <- prom.MustNewConstMetric(descVerifiedOK, prom.GaugeValue, boolValue(othersOK), otherVMs, otherVMs, otherVMs)
+	}
+}
+
+func boolValue(b bool) float64 {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 // unixSeconds is t in seconds since the epoch, to the millisecond.
@@ -165,6 +215,9 @@ func (c *repoCollector) reading() repoReading {
 	r.usage, r.catalogErr = c.cat.Usage(ctx)
 	if r.catalogErr == nil {
 		r.prunes, r.freed, r.catalogErr = c.cat.PruneTotals(ctx)
+	}
+	if r.catalogErr == nil {
+		r.verified, r.catalogErr = c.cat.NewestVerifications(ctx)
 	}
 	r.space, r.spaceErr = c.space()
 	c.logChange(0, "catalog", r.catalogErr)

@@ -22,6 +22,8 @@ import (
 // metricsCatalog returns a catalog holding known rows: vm-a has three
 // restore points (1000+200, 30, 7 bytes), vm-b one (64 bytes), vm-c only
 // a failed backup; a prune of vm-a freed 4096 bytes and one of vm-b none.
+// vm-a's a2 was verified sound, then a3 damaged; vm-b's b1 sound; vm-c
+// was never verified.
 func metricsCatalog(t *testing.T) *catalog.Catalog {
 	t.Helper()
 	ctx := context.Background()
@@ -58,6 +60,15 @@ func metricsCatalog(t *testing.T) *catalog.Catalog {
 	}
 	if err := cat.Fail(ctx, "c1", "boom"); err != nil {
 		t.Fatal(err)
+	}
+	for _, v := range []struct {
+		id      string
+		ok      bool
+		problem string
+	}{{"a2", true, ""}, {"a3", false, "a3.qcow2: truncated"}, {"b1", true, ""}} {
+		if err := cat.RecordVerification(ctx, v.id, 204, v.ok, v.problem); err != nil {
+			t.Fatal(err)
+		}
 	}
 	if _, err := cat.Prune(ctx, catalog.PruneRecord{ID: "p1", Profile: "lab", VMUUID: "u-a", BytesFreed: 4096}, nil); err != nil {
 		t.Fatal(err)
@@ -154,12 +165,14 @@ func TestRepositoryMetrics(t *testing.T) {
 		"cbtflow_sdk_probe":               1,
 		"cbtflow_prune_bytes_freed_total": 4096,
 		"cbtflow_prunes_total":            2,
-		`cbtflow_restore_points{profile="lab",vm="vm-a",vm_uuid="u-a"}`: 3,
-		`cbtflow_restore_points{profile="lab",vm="vm-b",vm_uuid="u-b"}`: 1,
-		`cbtflow_restore_points{profile="lab",vm="vm-c",vm_uuid="u-c"}`: 0,
-		"cbtflow_repository_used_bytes":                                 1000 + 200 + 30 + 7 + 64,
-		"cbtflow_repository_size_bytes":                                 float64(sp.Size),
-		"cbtflow_catalog_up":                                            1,
+		`cbtflow_restore_points{profile="lab",vm="vm-a",vm_uuid="u-a"}`:  3,
+		`cbtflow_restore_points{profile="lab",vm="vm-b",vm_uuid="u-b"}`:  1,
+		`cbtflow_restore_points{profile="lab",vm="vm-c",vm_uuid="u-c"}`:  0,
+		"cbtflow_repository_used_bytes":                                  1000 + 200 + 30 + 7 + 64,
+		"cbtflow_repository_size_bytes":                                  float64(sp.Size),
+		"cbtflow_catalog_up":                                             1,
+		`cbtflow_verification_ok{profile="lab",vm="vm-a",vm_uuid="u-a"}`: 0,
+		`cbtflow_verification_ok{profile="lab",vm="vm-b",vm_uuid="u-b"}`: 1,
 	} {
 		if v, ok := got[series]; !ok || v != want {
 			t.Errorf("%s = %v (present %v), want %v", series, v, ok, want)
@@ -185,11 +198,25 @@ func TestRepositoryMetrics(t *testing.T) {
 	if v, ok := got[`cbtflow_newest_restore_point_timestamp_seconds{profile="lab",vm="vm-c",vm_uuid="u-c"}`]; ok {
 		t.Errorf("vm-c has no restore point, yet a newest point at %v", v)
 	}
+	// Each verified VM has its newest verification's time and outcome; a
+	// VM never verified has neither.
+	for _, vm := range []string{`profile="lab",vm="vm-a",vm_uuid="u-a"`, `profile="lab",vm="vm-b",vm_uuid="u-b"`} {
+		v, ok := got["cbtflow_newest_verification_timestamp_seconds{"+vm+"}"]
+		if age := time.Since(time.UnixMilli(int64(v * 1000))); !ok || age < -time.Minute || age > time.Hour {
+			t.Errorf("cbtflow_newest_verification_timestamp_seconds{%s} = %v (present %v), want within the last hour", vm, v, ok)
+		}
+	}
+	for _, name := range []string{"cbtflow_newest_verification_timestamp_seconds", "cbtflow_verification_ok"} {
+		if v, ok := got[name+`{profile="lab",vm="vm-c",vm_uuid="u-c"}`]; ok {
+			t.Errorf("vm-c was never verified, yet %s is %v", name, v)
+		}
+	}
 	// The backups' metrics are served with help texts of their own.
 	ms.Backup.DiskTransferred("full", 3, 2, 1, time.Second)
 	help := helpTexts(t, url)
 	for _, name := range []string{"cbtflow_transfer_written_bytes_total", "cbtflow_transfer_duration_seconds",
-		"cbtflow_newest_restore_point_timestamp_seconds", "cbtflow_restore_points"} {
+		"cbtflow_newest_restore_point_timestamp_seconds", "cbtflow_restore_points",
+		"cbtflow_newest_verification_timestamp_seconds", "cbtflow_verification_ok"} {
 		if h := help[name]; h == "" || strings.Contains(h, name) {
 			t.Errorf("help text of %s: %q", name, h)
 		}
@@ -264,6 +291,13 @@ func TestRestorePointsSeriesBounded(t *testing.T) {
 		got[`cbtflow_newest_restore_point_timestamp_seconds{profile="_other",vm="_other",vm_uuid="_other"}`] <= 0 {
 		t.Errorf("newest restore point series with a bound of 1: %v", got)
 	}
+	if v, ok := got[`cbtflow_verification_ok{profile="lab",vm="vm-a",vm_uuid="u-a"}`]; !ok || v != 0 {
+		t.Errorf("vm-a's verification with a bound of 1: %v (present %v), want 0", v, ok)
+	}
+	if got[`cbtflow_verification_ok{profile="_other",vm="_other",vm_uuid="_other"}`] != 1 ||
+		got[`cbtflow_newest_verification_timestamp_seconds{profile="_other",vm="_other",vm_uuid="_other"}`] <= 0 {
+		t.Errorf("the others' verification with a bound of 1 (vm-b's, sound): %v", got)
+	}
 	if got["cbtflow_repository_used_bytes"] != 1301 {
 		t.Errorf("used bytes %v, want every VM's: 1301", got["cbtflow_repository_used_bytes"])
 	}
@@ -284,7 +318,7 @@ func TestRepositoryMetricsCatalogDown(t *testing.T) {
 	if got["cbtflow_catalog_up"] != 0 {
 		t.Errorf("cbtflow_catalog_up = %v, want 0", got["cbtflow_catalog_up"])
 	}
-	for _, gone := range []string{"cbtflow_prune_bytes_freed_total", "cbtflow_repository_used_bytes"} {
+	for _, gone := range []string{"cbtflow_prune_bytes_freed_total", "cbtflow_repository_used_bytes", "cbtflow_verification_ok"} {
 		if _, ok := got[gone]; ok {
 			t.Errorf("%s is served from a catalog that cannot be read", gone)
 		}

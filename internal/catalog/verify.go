@@ -50,3 +50,47 @@ func (c *Catalog) Verifications(ctx context.Context) (map[string]Verification, e
 	}
 	return out, rows.Err()
 }
+
+// VMVerification is a VM's newest verification: that of the restore
+// point verified last, as Verifications sums up each point's.
+type VMVerification struct {
+	VM
+	BackupID string
+	Verification
+}
+
+// NewestVerifications returns the newest verification of every VM with a
+// verified restore point (the worker's metrics), sorted by name, profile
+// and UUID as Usage sorts. It is the newest by time, not the newest
+// point's: a point verified after a newer one decides.
+func (c *Catalog) NewestVerifications(ctx context.Context) ([]VMVerification, error) {
+	rows, err := c.pool.Query(ctx, `WITH newest AS (
+			SELECT DISTINCT ON (backup_id, disk_key) backup_id, disk_key, verified_at, ok, problem
+			FROM verifications ORDER BY backup_id, disk_key, verified_at DESC
+		), points AS (
+			SELECT backup_id, max(verified_at) AS at, bool_and(ok) AS ok,
+				coalesce((array_agg(problem ORDER BY disk_key) FILTER (WHERE NOT ok))[1], '') AS problem
+			FROM newest GROUP BY backup_id
+		)
+		SELECT profile, instance_uuid, name, backup_id, at, ok, problem FROM (
+			SELECT DISTINCT ON (v.id) v.profile, v.instance_uuid, v.name, p.backup_id, p.at, p.ok, p.problem
+			FROM points p JOIN backups b ON b.id = p.backup_id JOIN vms v ON v.id = b.vm_id
+			ORDER BY v.id, p.at DESC, p.backup_id DESC) vm
+		ORDER BY name, profile, instance_uuid`)
+	if err != nil {
+		return nil, fmt.Errorf("catalog: newest verifications: %w", err)
+	}
+	defer rows.Close()
+	var out []VMVerification
+	for rows.Next() {
+		var v VMVerification
+		if err := rows.Scan(&v.Profile, &v.UUID, &v.Name, &v.BackupID, &v.At, &v.OK, &v.Problem); err != nil {
+			return nil, fmt.Errorf("catalog: newest verifications: %w", err)
+		}
+		out = append(out, v)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("catalog: newest verifications: %w", err)
+	}
+	return out, nil
+}

@@ -43,3 +43,44 @@ func TestVerifications(t *testing.T) {
 		t.Error("a verification of an unknown restore point was recorded")
 	}
 }
+
+// A VM's newest verification is that of the point verified last; a VM
+// without one is not listed.
+func TestNewestVerifications(t *testing.T) {
+	c, _ := open(t)
+	ctx := context.Background()
+	for _, b := range []Backup{
+		{ID: "a1", Profile: "lab", VMUUID: "uuid-a", VMName: "vm-a", Mode: "auto"},
+		{ID: "a2", Profile: "lab", VMUUID: "uuid-a", VMName: "vm-a", Mode: "auto"},
+		{ID: "b1", Profile: "lab", VMUUID: "uuid-b", VMName: "vm-b", Mode: "auto"},
+	} {
+		if err := c.Begin(ctx, b); err != nil {
+			t.Fatal(err)
+		}
+		if err := c.Commit(ctx, b.ID, []Disk{disk(204, ModeFull, "c/"+b.ID, "")}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if vs, err := c.NewestVerifications(ctx); err != nil || len(vs) != 0 {
+		t.Fatalf("before any: %+v %v", vs, err)
+	}
+	verify := func(id string, ok bool, problem string) {
+		t.Helper()
+		if err := c.RecordVerification(ctx, id, 204, ok, problem); err != nil {
+			t.Fatal(err)
+		}
+	}
+	verify("a1", true, "")
+	verify("a2", false, "a2.qcow2: truncated")
+	vs, err := c.NewestVerifications(ctx)
+	if err != nil || len(vs) != 1 || vs[0].Name != "vm-a" || vs[0].UUID != "uuid-a" || vs[0].Profile != "lab" ||
+		vs[0].BackupID != "a2" || vs[0].OK || vs[0].Problem != "a2.qcow2: truncated" || vs[0].At.IsZero() {
+		t.Fatalf("after a sound a1 and a damaged a2: %+v %v", vs, err)
+	}
+	verify("a1", true, "")
+	verify("b1", true, "")
+	vs, err = c.NewestVerifications(ctx)
+	if err != nil || len(vs) != 2 || vs[0].BackupID != "a1" || !vs[0].OK || vs[1].Name != "vm-b" || vs[1].BackupID != "b1" || !vs[1].OK {
+		t.Fatalf("after a1 verified again, and b1: %+v %v", vs, err)
+	}
+}
