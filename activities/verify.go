@@ -4,11 +4,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
+	"time"
 
 	"go.temporal.io/sdk/activity"
 	"go.temporal.io/sdk/temporal"
 
 	"github.com/cbtflow/cbtflow/internal/catalog"
+	"github.com/cbtflow/cbtflow/internal/faultpoint"
 	"github.com/cbtflow/cbtflow/internal/verify"
 )
 
@@ -92,9 +95,7 @@ func (a *Catalog) VerifyPoint(ctx context.Context, in VerifyPointInput) (*Verify
 		chain[len(links)-1-i] = im
 		owner[path] = link.BackupID
 	}
-	r, err := verify.Chain(ctx, chain, verify.Options{Progress: func(phase string, done, total int64) {
-		activity.RecordHeartbeat(ctx, phase, done, total)
-	}})
+	r, err := a.checkPointChain(ctx, chain)
 	if err != nil {
 		if ctx.Err() != nil {
 			return nil, ctx.Err()
@@ -126,6 +127,82 @@ func (a *Catalog) VerifyPoint(ctx context.Context, in VerifyPointInput) (*Verify
 		log.Warn("restore point verification failed", "backup", in.BackupID, "disk", in.Key, "problem", r.First().String())
 	}
 	return res, nil
+}
+
+// VerifyProgress is VerifyPoint's heartbeat detail: the stage and its
+// bytes, which the worker adds to the Verify's progress query.
+type VerifyProgress struct {
+	// Stage is VerifyStageChecking while the chain's images are checked
+	// (qemu-img check, SHA-256: Total is the image being hashed), then
+	// VerifyStageReading while the blocks are re-read (Done of Total bytes).
+	Stage string  `json:"stage"`
+	Done  int64   `json:"done"`
+	Total int64   `json:"total"`
+	Rate  float64 `json:"rate,omitempty"` // bytes per second, recently
+}
+
+// The stages of a VerifyPoint, in its heartbeat details.
+const (
+	VerifyStageChecking = "checking"
+	VerifyStageReading  = "reading"
+)
+
+// verifyBeat is how often VerifyPoint heartbeats whatever it is doing
+// (qemu-img check of a big image, a hold at a fault point): a dead worker
+// is noticed within the heartbeat timeout, and a cancel reaches it.
+const verifyBeat = time.Second
+
+// checkPointChain runs verify.Chain, heartbeating its progress every second
+// and, in a fault test, holding at MidVerify half way through the blocks.
+func (a *Catalog) checkPointChain(ctx context.Context, chain []verify.Image) (*verify.Result, error) {
+	var mu sync.Mutex
+	latest := VerifyProgress{Stage: VerifyStageChecking}
+	beat := func() {
+		mu.Lock()
+		p := latest
+		mu.Unlock()
+		activity.RecordHeartbeat(ctx, p)
+	}
+	stop := make(chan struct{})
+	defer close(stop)
+	go func() {
+		tick := time.NewTicker(verifyBeat)
+		defer tick.Stop()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-ctx.Done():
+				return
+			case <-tick.C:
+				beat()
+			}
+		}
+	}()
+	beat()
+	o := verify.Options{}
+	if faultpoint.Active(ctx) {
+		// Fault tests hold a verification at about half its blocks: a
+		// small point is read in a moment, so report often enough to be
+		// seen there.
+		o.ProgressEvery = 10 * time.Millisecond
+	}
+	meter, halfway := newRateMeter(), false
+	o.Progress = func(phase string, done, total int64) {
+		p := VerifyProgress{Stage: VerifyStageChecking, Done: done, Total: total}
+		if phase == "reading" {
+			p.Stage, p.Rate = VerifyStageReading, meter.observe(time.Now(), done)
+		}
+		mu.Lock()
+		latest = p
+		mu.Unlock()
+		if faultpoint.Enabled && !halfway && p.Stage == VerifyStageReading && total > 0 && done*2 >= total && done < total {
+			halfway = true
+			beat()
+			faultpoint.Hold(ctx, faultpoint.MidVerify)
+		}
+	}
+	return verify.Chain(ctx, chain, o)
 }
 
 // PlanVerifyInput says which restore points a Verify checks: one by its

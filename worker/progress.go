@@ -37,6 +37,7 @@ const warnEvery = time.Minute
 const (
 	transferActivity = "TransferDisk"
 	restoreActivity  = "RestoreDisk"
+	verifyActivity   = "VerifyPoint"
 )
 
 // liveProgress completes the answers of the workflows' progress query
@@ -49,7 +50,7 @@ const (
 // ask next: a query that queried another workflow would hold a workflow
 // task of this worker while it waits for another, and could wait for
 // itself.) A Restore's answer gets its running RestoreDisk's heartbeat
-// the same way.
+// the same way, and a Verify's its running VerifyPoint's.
 type liveProgress struct {
 	interceptor.WorkerInterceptorBase
 	c   client.Client
@@ -66,6 +67,7 @@ type describedBeats struct {
 	at      time.Time
 	beats   []activities.TransferProgress
 	restore *activities.RestoreProgress
+	verify  *activities.VerifyProgress
 }
 
 func newLiveProgress(c client.Client, log *slog.Logger) *liveProgress {
@@ -96,6 +98,10 @@ func (i *liveProgressInbound) HandleQuery(ctx workflow.Context, in *interceptor.
 		qctx, cancel := context.WithTimeout(context.Background(), progressTimeout)
 		defer cancel()
 		return i.l.completeRestore(qctx, info.Namespace, info.WorkflowExecution.ID, info.WorkflowExecution.RunID, p), nil
+	case workflows.VerifyProgress:
+		qctx, cancel := context.WithTimeout(context.Background(), progressTimeout)
+		defer cancel()
+		return i.l.completeVerify(qctx, info.Namespace, info.WorkflowExecution.ID, info.WorkflowExecution.RunID, p), nil
 	}
 	return res, nil
 }
@@ -113,6 +119,24 @@ func (l *liveProgress) completeRestore(ctx context.Context, namespace, workflowI
 	}
 	if d.restore != nil {
 		p.ApplyRestore(*d.restore)
+	}
+	return p
+}
+
+// completeVerify returns a Verify's p with its running VerifyPoint's
+// latest heartbeat added (stage, bytes, rate); p as it is when the
+// server does not answer.
+func (l *liveProgress) completeVerify(ctx context.Context, namespace, workflowID, runID string, p workflows.VerifyProgress) workflows.VerifyProgress {
+	if !p.Running() {
+		return p
+	}
+	d, err := l.describe(ctx, namespace, workflowID, runID)
+	if err != nil {
+		l.warn("progress: describe failed; answering without the verification's figures", "workflow", workflowID, "error", err)
+		return p
+	}
+	if d.verify != nil {
+		p.ApplyVerify(*d.verify)
 	}
 	return p
 }
@@ -180,6 +204,12 @@ func (l *liveProgress) describe(ctx context.Context, namespace, workflowID, runI
 				continue
 			}
 			d.restore = &rp
+		case verifyActivity:
+			var vp activities.VerifyProgress
+			if err := dc.FromPayloads(a.GetHeartbeatDetails(), &vp); err != nil || vp.Stage == "" {
+				continue
+			}
+			d.verify = &vp
 		}
 	}
 	l.mu.Lock()

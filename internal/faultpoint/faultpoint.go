@@ -55,9 +55,15 @@ const (
 	MidRestore Point = "mid-restore" // RestoreDisk: about half of the disk written, into its temporary file
 )
 
-// All are every fault point, a backup's, a prune's, then a restore's.
+// The fault points of a verification.
+const (
+	MidVerify Point = "mid-verify" // VerifyPoint: about half of the point's blocks re-read and compared with their digests
+)
+
+// All are every fault point, a backup's, a prune's, a restore's, then a
+// verification's.
 var All = []Point{AfterSnapshot, MidTransfer, BeforeCheck, BeforeCommit, AfterCommit, BeforeRemoveSnapshot,
-	BeforeMerge, AfterMerge, BeforePruneCommit, AfterPruneCommit, MidRestore}
+	BeforeMerge, AfterMerge, BeforePruneCommit, AfterPruneCommit, MidRestore, MidVerify}
 
 // EnvDir names the worker's environment variable with the folder of its
 // fault points. A worker built without the tag never reads it.
