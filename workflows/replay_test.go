@@ -35,6 +35,9 @@ var recordedCases = []string{
 	"sweep",                // a Sweep that removed a terminated backup's snapshot and failed its backup
 	"prune",                // a Prune of one VM (PlanPrune, the PruneVM child)
 	"prunevm",              // a PruneVM that merged two removed points into the kept one and removed them
+	"restore",              // a Restore of one disk into a file where the worker runs
+	"verify",               // a Verify of a restore point's two disks, both sound
+	"verify_failed",        // a Verify of a restore point the catalog does not have: PlanVerify fails
 }
 
 // recordCommand records the histories (new versions only; see

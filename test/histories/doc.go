@@ -5,8 +5,9 @@
 // BackupVM, the Backup that started the incremental, a Backup that waited
 // for its BackupVM, one that found the VM's backup running
 // (skip_if_running), a BackupVM that failed, one canceled in the middle
-// of a transfer, a Sweep that cleaned up after a terminated backup, and a
-// Prune with its PruneVM.
+// of a transfer, a Sweep that cleaned up after a terminated backup, a
+// Prune with its PruneVM, a Restore of a disk, a Verify of a point's two
+// disks, and a Verify of an unknown point that failed.
 //
 // Every run (make test) drives the scenarios, checks each one's outcome,
 // checks that no history holds the lab's password, and replays each

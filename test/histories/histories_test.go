@@ -6,6 +6,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -55,13 +56,14 @@ func TestHistories(t *testing.T) {
 	h := &harness{t: t, s: s, l: s.Lab(), ctx: ctx}
 
 	h.backups()
+	h.restoreAndVerify()
 	h.failed()
 	h.canceled()
 	h.sweep()
 	h.prune()
 
-	if len(h.recorded) != 11 {
-		t.Fatalf("%d histories recorded, want 11", len(h.recorded))
+	if len(h.recorded) != 14 {
+		t.Fatalf("%d histories recorded, want 14", len(h.recorded))
 	}
 	// A history is saved only when every scenario went as it should.
 	scenariosOK := !t.Failed()
@@ -114,6 +116,9 @@ type harness struct {
 	l        *lab.Lab
 	ctx      context.Context
 	recorded []recorded
+	// newest is the newest backup of the two-disk VM (backups), which
+	// restoreAndVerify restores and verifies.
+	newest stacktest.BackupJSON
 }
 
 func (h *harness) keep(name string, events []*historypb.HistoryEvent) {
@@ -422,6 +427,77 @@ func (h *harness) backups() {
 		}
 	}
 	h.keep("backupvm_cbt_reset", events)
+	h.newest = reset
+}
+
+// closedRun returns the workflow and run ID of the one closed workflow
+// the visibility query finds (30 s for visibility to catch up).
+func (h *harness) closedRun(what, query string) (wid, run string) {
+	h.t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		runs := stacktest.ListWorkflows(h.ctx, h.t, h.s, query)
+		if len(runs) == 1 && runs[0].GetStatus() != enumspb.WORKFLOW_EXECUTION_STATUS_RUNNING {
+			return runs[0].GetExecution().GetWorkflowId(), runs[0].GetExecution().GetRunId()
+		}
+		if time.Now().After(deadline) {
+			h.t.Fatalf("%s: %d workflows match %s, want one closed", what, len(runs), query)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// restoreAndVerify: a Restore of a disk of the two-disk VM's newest
+// point (`starter restore --to`, in the worker), a Verify of that point
+// (`starter verify`: both disks sound), and a Verify of a restore point
+// the catalog does not have, which fails at once in PlanVerify.
+func (h *harness) restoreAndVerify() {
+	t := h.t
+	b := h.newest
+	if b.BackupID == "" || len(b.Disks) != 2 {
+		t.Fatalf("no two-disk backup to restore and verify: %+v", b)
+	}
+	key := b.Disks[0].Key
+	to := filepath.Join(t.TempDir(), "restored.raw")
+	res, err := h.s.Starter(h.ctx, "restore", b.BackupID, "--disk", fmt.Sprint(key), "--to", to)
+	if err != nil || res.ExitCode != 0 {
+		t.Fatalf("starter restore %s --disk %d: %v %s", b.BackupID, key, err, res)
+	}
+	if fi, err := os.Stat(to); err != nil || fi.Size() != 256*MiB {
+		t.Errorf("the restored disk: %v, size %v; want 256 MiB", err, fi)
+	}
+	wid, run := h.closedRun("restore", "WorkflowType = 'Restore'")
+	events := stacktest.History(h.ctx, t, h.s, wid, run)
+	if lastEvent(events) != enumspb.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED || !slices.Equal(scheduled(events), []string{"FindRestorePoint", "RestoreDisk"}) {
+		t.Errorf("restore: history ends %s with activities %q, want completed after FindRestorePoint, RestoreDisk", lastEvent(events), scheduled(events))
+	}
+	h.keep("restore", events)
+
+	if res, err := h.s.Starter(h.ctx, "verify", b.BackupID); err != nil || res.ExitCode != 0 || strings.Count(res.Stdout, ": verified") != 2 {
+		t.Fatalf("starter verify %s: %v %s", b.BackupID, err, res)
+	}
+	wid, run = h.closedRun("verify", "WorkflowType = 'Verify'")
+	events = stacktest.History(h.ctx, t, h.s, wid, run)
+	if lastEvent(events) != enumspb.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED || !slices.Equal(scheduled(events), []string{"PlanVerify", "VerifyPoint", "VerifyPoint"}) {
+		t.Errorf("verify: history ends %s with activities %q, want completed after PlanVerify and a VerifyPoint per disk", lastEvent(events), scheduled(events))
+	}
+	h.keep("verify", events)
+
+	const unknown = "20250101T000000Z-000000000000"
+	vrun, err := h.s.Client().ExecuteWorkflow(h.ctx, client.StartWorkflowOptions{ID: "hist-verify-failed", TaskQueue: workflows.TaskQueue},
+		workflows.Verify, workflows.VerifyInput{BackupID: unknown})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var app *temporal.ApplicationError
+	if err := vrun.Get(h.ctx, nil); !errors.As(err, &app) || app.Type() != activities.ErrTypeInvalidInput || !strings.Contains(err.Error(), unknown) {
+		t.Errorf("a Verify of an unknown restore point ended with %v, want %s naming it", err, activities.ErrTypeInvalidInput)
+	}
+	events = stacktest.History(h.ctx, t, h.s, vrun.GetID(), vrun.GetRunID())
+	if lastEvent(events) != enumspb.EVENT_TYPE_WORKFLOW_EXECUTION_FAILED || !slices.Equal(scheduled(events), []string{"PlanVerify"}) {
+		t.Errorf("failed verify: history ends %s with activities %q, want failed after PlanVerify", lastEvent(events), scheduled(events))
+	}
+	h.keep("verify_failed", events)
 }
 
 // failed: the backup's snapshot moref names an administrator's snapshot
