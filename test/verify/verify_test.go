@@ -6,8 +6,12 @@ package verify
 import (
 	"context"
 	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -97,6 +101,9 @@ func TestVerify(t *testing.T) {
 		}
 	}
 
+	// The worker's metrics: the VM's newest verification, sound.
+	soundAt := waitVerificationMetric(t, s.MetricsURL(), vm, 1, 0)
+
 	// The full image's digest file gone: the incremental's verification
 	// names it.
 	gone := full.Disk(t, 204).Path + digest.Suffix
@@ -110,5 +117,59 @@ func TestVerify(t *testing.T) {
 	if r := run("list", vm); r.ExitCode != 0 || !strings.Contains(r.Stdout, "DAMAGED") ||
 		!strings.Contains(r.Stdout, incr.BackupID+" failed its verification") || !strings.Contains(r.Stdout, filepath.Base(gone)) {
 		t.Errorf("list after the failed verification: %s", r)
+	}
+	// The metrics follow: the newest verification, damaged, and later.
+	if at := waitVerificationMetric(t, s.MetricsURL(), vm, 0, soundAt); at < soundAt {
+		t.Errorf("the damaged verification's time %v is before the sound one's %v", at, soundAt)
+	}
+}
+
+// waitVerificationMetric scrapes the worker's metrics until the VM's
+// cbtflow_verification_ok is want and its newest verification's time is
+// at least after (the catalog's metrics are read at most every 10 s: a
+// scrape may serve an older reading), for at most a minute, and returns
+// that time (unix seconds).
+func waitVerificationMetric(t *testing.T, url, vmName string, want, after float64) float64 {
+	t.Helper()
+	label := fmt.Sprintf("vm=%q", vmName)
+	var last string
+	for deadline := time.Now().Add(time.Minute); ; time.Sleep(time.Second) {
+		resp, err := http.Get(url)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, err := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		ok, at, help := -1.0, -1.0, 0
+		for _, line := range strings.Split(string(body), "\n") {
+			if strings.HasPrefix(line, "# HELP cbtflow_verification_ok ") || strings.HasPrefix(line, "# HELP cbtflow_newest_verification_timestamp_seconds ") {
+				help++
+			}
+			if !strings.Contains(line, label) {
+				continue
+			}
+			i := strings.LastIndexByte(line, ' ')
+			v, err := strconv.ParseFloat(line[i+1:], 64)
+			switch {
+			case err != nil:
+			case strings.HasPrefix(line, "cbtflow_verification_ok{"):
+				ok = v
+			case strings.HasPrefix(line, "cbtflow_newest_verification_timestamp_seconds{"):
+				at = v
+			}
+		}
+		last = fmt.Sprintf("cbtflow_verification_ok %v, cbtflow_newest_verification_timestamp_seconds %v, %d help texts", ok, at, help)
+		if ok == want && at >= after && at > 0 && help == 2 {
+			if age := time.Since(time.UnixMilli(int64(at * 1000))); age < -time.Minute || age > time.Hour {
+				t.Errorf("%s's newest verification is %s old, want within the hour", vmName, age)
+			}
+			return at
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the worker's metrics of %s never showed verification_ok %v after %v: last %s", vmName, want, after, last)
+		}
 	}
 }
