@@ -116,6 +116,17 @@ func (a *Catalog) BeginBackup(ctx context.Context, in BeginBackupInput) (*BeginB
 		if prev.Damaged != "" {
 			activity.GetLogger(ctx).Warn("chain damaged: full backup of the disk", "vm", in.VMName, "disk", l.Key, "reason", prev.Damaged)
 		}
+		// A restore into the VM wrote its disks behind CBT's back (and
+		// maybe only partly, when it failed): no change ID of the chain
+		// describes the disk any more.
+		restored, err := a.Catalog.RestoredSince(ctx, in.VMUUID, l.BackupID)
+		if err != nil {
+			return nil, permanent(err)
+		}
+		if restored != nil {
+			prev.RestoredSince = fmt.Sprintf("the VM was restored from backup %s at %s; its CBT history no longer matches the chain",
+				restored.BackupID, restored.StartedAt.UTC().Format(time.RFC3339))
+		}
 		res.Previous = append(res.Previous, prev)
 	}
 	slices.SortFunc(res.Previous, func(x, y PreviousDisk) int { return cmp.Compare(x.Key, y.Key) })

@@ -112,6 +112,12 @@ func (a *Sweeper) FindOrphans(ctx context.Context, in FindOrphansInput) (*FindOr
 				continue
 			}
 			listed[vcenter+"/"+s.Ref] = true
+			if strings.HasPrefix(s.Name, RestoreSnapshotPrefix) {
+				// A restore into a VM keeps its snapshot when it fails,
+				// for the operator to revert to: only the operator
+				// removes it.
+				continue
+			}
 			id := strings.TrimPrefix(s.Name, SnapshotPrefix)
 			if repository.CheckComponent("backup ID", id) != nil {
 				continue // not a name cbtflow gives

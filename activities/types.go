@@ -153,6 +153,10 @@ type PreviousDisk struct {
 	// estimates an incremental's size from it.
 	RecentChangedBytes int64 `json:"recent_changed_bytes,omitempty"`
 	RecentIncrementals int   `json:"recent_incrementals,omitempty"`
+	// RestoredSince says why the disk's CBT history no longer matches its
+	// chain: a restore into the VM began after this restore point (""
+	// when none did). The disk then gets a full backup.
+	RestoredSince string `json:"restored_since,omitempty"`
 }
 
 // BeginBackupResult lists the previous restore point of each disk.

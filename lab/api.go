@@ -1,13 +1,16 @@
 package lab
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
 	"slices"
 	"syscall"
 
+	"github.com/vmware/govmomi/object"
 	"github.com/vmware/govmomi/simulator"
+	"github.com/vmware/govmomi/vim25"
 	"github.com/vmware/govmomi/vim25/types"
 
 	"github.com/cbtflow/cbtflow/lab/labapi"
@@ -22,6 +25,7 @@ var (
 	ErrUnknownSnapshot = labapi.ErrUnknownSnapshot
 	ErrOutOfRange      = labapi.ErrOutOfRange
 	ErrImage           = labapi.ErrImage
+	ErrPoweredOn       = labapi.ErrPoweredOn
 )
 
 // chunkSize is the unit of guest I/O: each chunk of a write is atomic with
@@ -332,6 +336,80 @@ func (l *Lab) SnapshotImage(snapshot string, key int32) (ImageInfo, error) {
 	}
 	return ImageInfo{Path: sd.img.path, Capacity: sd.capacity, ChangeID: sd.changeID, VM: rec.vmName, Snapshot: rec.ref, Key: key,
 		Filters: filters}, nil
+}
+
+// LiveImage locates the live image of a VM's disk for a writer outside
+// the lab: the write-mode twin of SnapshotImage, as VDDK opens a VM's
+// disk without a snapshot to write into it (a restore). It is refused
+// with ErrPoweredOn unless the VM is powered off (runtime.powerState), as
+// vSphere refuses to open a running VM's disk for writing.
+//
+// Writes through the image bypass the lab, so its change tracking cannot
+// see them: the disk's change-ID series ends here (the next snapshot
+// starts a new one, and every earlier change ID is refused from then on,
+// as after a CBT reset), and the next snapshot copies the image afresh.
+// Nothing the lab answers later can then miss what such a writer wrote.
+func (l *Lab) LiveImage(vmName string, key int32) (ImageInfo, error) {
+	vm, err := l.findVM(vmName)
+	if err != nil {
+		return ImageInfo{}, err
+	}
+	var state types.VirtualMachinePowerState
+	var name string
+	l.model.Service.Context.Map.WithLock(l.lockCtx(), vm, func() { state, name = vm.Runtime.PowerState, vm.Name })
+	if state != types.VirtualMachinePowerStatePoweredOff {
+		return ImageInfo{}, fmt.Errorf("lab: %w: VM %q (%s) is %s; its disks are written only while it is powered off",
+			ErrPoweredOn, name, vm.Self.Value, state)
+	}
+	info, err := l.Disk(vm.Self.Value, key)
+	if err != nil {
+		return ImageInfo{}, err
+	}
+	d, err := l.disk(info.VMRef, key, info.Capacity)
+	if err != nil {
+		return ImageInfo{}, err
+	}
+	d.mu.Lock()
+	ended := d.series != nil
+	d.series = nil
+	d.written = true
+	d.mu.Unlock()
+	l.log.Info("live disk image opened for writing", "vm", name, "disk", key, "change_series_ended", ended)
+	return ImageInfo{Path: d.path, Capacity: info.Capacity, VM: name, Key: key}, nil
+}
+
+// SetPower powers a VM (by name or moref value) on or off through the
+// vSphere API (PowerOnVM_Task, PowerOffVM_Task), as an operator would;
+// a VM already in that state is left as it is.
+func (l *Lab) SetPower(vmName string, on bool) error {
+	vm, err := l.findVM(vmName)
+	if err != nil {
+		return err
+	}
+	return l.session(func(ctx context.Context, c *vim25.Client) error {
+		ovm := object.NewVirtualMachine(c, vm.Self)
+		state, err := ovm.PowerState(ctx)
+		if err != nil {
+			return fmt.Errorf("lab: power state of %s: %w", vmName, err)
+		}
+		var task *object.Task
+		switch {
+		case on && state != types.VirtualMachinePowerStatePoweredOn:
+			task, err = ovm.PowerOn(ctx)
+		case !on && state != types.VirtualMachinePowerStatePoweredOff:
+			task, err = ovm.PowerOff(ctx)
+		default:
+			return nil
+		}
+		if err == nil {
+			err = task.Wait(ctx)
+		}
+		if err != nil {
+			return fmt.Errorf("lab: power %s %s: %w", map[bool]string{true: "on", false: "off"}[on], vmName, err)
+		}
+		l.log.Info("VM powered", "vm", vmName, "on", on)
+		return nil
+	})
 }
 
 // SetSourceFilters replaces Options.SourceFilters: the nbdkit filters

@@ -31,6 +31,8 @@ const endpointPrefix = "/cbtflow-lab/"
 //	PUT    /vms/{vm}/disks/{key}/data     ?offset= bytes -> WrittenBody
 //	POST   /vms/{vm}/disks/{key}/punch    ?offset=&length= -> 204
 //	PUT    /vms/{vm}/cbt                  CBTBody -> 204
+//	PUT    /vms/{vm}/power                PowerBody -> 204
+//	POST   /vms/{vm}/disks/{key}/live-image  ImageInfo (refused unless powered off)
 //	GET    /snapshots/{snapshot}/disks/{key}/image  ImageInfo
 //	GET    /changeids                     []Stamp
 //
@@ -51,6 +53,8 @@ func (l *Lab) endpoints() http.Handler {
 	mux.HandleFunc("PUT "+p+"/vms/{vm}/disks/{key}/data", l.putData)
 	mux.HandleFunc("POST "+p+"/vms/{vm}/disks/{key}/punch", l.postPunch)
 	mux.HandleFunc("PUT "+p+"/vms/{vm}/cbt", l.putCBT)
+	mux.HandleFunc("PUT "+p+"/vms/{vm}/power", l.putPower)
+	mux.HandleFunc("POST "+p+"/vms/{vm}/disks/{key}/live-image", l.postLiveImage)
 	mux.HandleFunc("GET "+p+"/snapshots/{snapshot}/disks/{key}/image", l.getImage)
 	mux.HandleFunc("GET "+p+"/changeids", l.getChangeIDs)
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -243,6 +247,33 @@ func (l *Lab) putCBT(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	w.WriteHeader(http.StatusNoContent)
+}
+
+func (l *Lab) putPower(w http.ResponseWriter, r *http.Request) {
+	var body labapi.PowerBody
+	if !decodeBody(w, r, &body) {
+		return
+	}
+	if err := l.SetPower(r.PathValue("vm"), body.On); err != nil {
+		l.fail(w, r, err)
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
+
+// postLiveImage is a POST: it ends the disk's change-ID series (see
+// LiveImage), which a GET must not do.
+func (l *Lab) postLiveImage(w http.ResponseWriter, r *http.Request) {
+	key, ok := pathKey(w, r)
+	if !ok {
+		return
+	}
+	img, err := l.LiveImage(r.PathValue("vm"), key)
+	if err != nil {
+		l.fail(w, r, err)
+		return
+	}
+	writeJSON(w, img)
 }
 
 func (l *Lab) getImage(w http.ResponseWriter, r *http.Request) {

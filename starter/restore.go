@@ -25,7 +25,7 @@ func newRestoreCmd(e *env) *cobra.Command {
 	var cfg config.Config
 	var o restoreOptions
 	cmd := &cobra.Command{
-		Use:   "restore BACKUP_ID --disk KEY (--to FILE [--force] [--format raw|qcow2] [--local] | --to-device DEVICE)",
+		Use:   "restore BACKUP_ID (--disk KEY (--to FILE [--force] [--format raw|qcow2] [--local] | --to-device DEVICE) | --to-vm VM [--disk KEY] [--profile P] [--json] [--wait])",
 		Short: "write a disk as it was at a restore point",
 		Long: `Write a disk as it was at a restore point into a file or a block device.
 
@@ -51,11 +51,24 @@ leaves it partly written. It always runs in the starter's process
 (--local), on the machine that holds the repository.
 
 A directory, a FIFO, a socket, a character device (e.g. /dev/null) or a
-missing folder is refused before anything is read.`,
+missing folder is refused before anything is read.
+
+--to-vm writes the restore point's disks (or the one --disk names) back
+into a VM over NBD, through the same disk source backups read from (the
+vddk plugin in write mode; in the lab, the VM's disk images). The VM must
+be powered off and have disks of the point's keys and sizes. A snapshot
+(cbtflow-restore-<id>) is taken first and removed when the restore
+completes; a failed restore keeps it and names it, so that the VM can be
+reverted to it. Only the areas that differ from the point are written
+when the VM's change tracking can say which; otherwise the whole disk.
+The next backup of the VM is full. It is the RestoreVM workflow; --json
+prints its result, --wait=false returns once it started. --new-vm is not
+supported yet.`,
 		Example: `  starter restore 20261203T141029Z-1e3e829ce7ae --disk 204 --to /srv/restores/disk204.raw
   starter restore 20261203T141029Z-1e3e829ce7ae --disk 204 --to /srv/restores/disk204.qcow2 --format qcow2
   starter restore 20261203T141029Z-1e3e829ce7ae --disk 204 --to disk204.raw --local
-  starter restore 20261203T141029Z-1e3e829ce7ae --disk 204 --to-device /dev/sdx`,
+  starter restore 20261203T141029Z-1e3e829ce7ae --disk 204 --to-device /dev/sdx
+  starter restore 20261203T141029Z-1e3e829ce7ae --to-vm DC0_H0_VM0 --json`,
 		Args: exactArgs(1, "exactly one backup ID"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return restoreRun(cmd.Context(), e, &cfg, args[0], o)
@@ -69,15 +82,26 @@ missing folder is refused before anything is read.`,
 	fs.BoolVar(&o.force, "force", false, "replace an existing --to file (atomically, when the restore is complete)")
 	fs.StringVar(&o.format, "format", "raw", "raw (sparse) or qcow2; --to-device takes raw only")
 	fs.BoolVar(&o.local, "local", false, "restore in this process from the catalog and the repository folder (--database-url, --repository), not through the worker")
+	fs.StringVar(&o.toVM, "to-vm", "", "write the disks back into this powered-off `VM` (name, inventory path or moref)")
+	fs.StringVar(&o.newVM, "new-vm", "", "create a VM of this `name` and restore into it (not supported yet)")
+	fs.StringVar(&o.profile, "profile", "", "--to-vm: the vCenter `profile` to reach the VM through (default: the restore point's)")
+	fs.BoolVar(&o.asJSON, "json", false, "--to-vm: print the result as JSON")
+	fs.BoolVar(&o.wait, "wait", true, "--to-vm: wait for the restore to end")
 	return cmd
 }
 
 type restoreOptions struct {
 	disk, to, toDevice, format string
 	force, local               bool
+	// --to-vm (restorevm.go)
+	toVM, newVM, profile string
+	asJSON, wait         bool
 }
 
 func restoreRun(ctx context.Context, e *env, cfg *config.Config, backupID string, o restoreOptions) error {
+	if o.toVM != "" || o.newVM != "" {
+		return restoreVMRun(ctx, e, cfg, backupID, o)
+	}
 	disk, to, toDevice, force, format := &o.disk, &o.to, &o.toDevice, &o.force, &o.format
 	pos := []string{backupID}
 	key, err := strconv.ParseInt(*disk, 10, 32)

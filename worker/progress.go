@@ -94,6 +94,10 @@ func (i *liveProgressInbound) HandleQuery(ctx workflow.Context, in *interceptor.
 		qctx, cancel := context.WithTimeout(context.Background(), progressTimeout)
 		defer cancel()
 		return i.l.complete(qctx, info.Namespace, info.WorkflowExecution.ID, info.WorkflowExecution.RunID, p), nil
+	case workflows.RestoreVMProgress:
+		qctx, cancel := context.WithTimeout(context.Background(), progressTimeout)
+		defer cancel()
+		return i.l.completeRestoreVM(qctx, info.Namespace, info.WorkflowExecution.ID, info.WorkflowExecution.RunID, p), nil
 	case workflows.RestoreProgress:
 		qctx, cancel := context.WithTimeout(context.Background(), progressTimeout)
 		defer cancel()

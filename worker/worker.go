@@ -63,6 +63,7 @@ func newWorker(c client.Client, d deps, maxTransfers int) worker.Worker {
 	w.RegisterActivity(&activities.Catalog{Catalog: d.catalog, Repo: d.repo, Metrics: d.metrics})
 	w.RegisterActivity(&activities.Pruner{Catalog: d.catalog, Repo: d.repo})
 	w.RegisterActivity(&activities.Restorer{Catalog: d.catalog, Repo: d.repo})
+	w.RegisterActivity(&activities.VMRestorer{Sessions: d.sessions, Catalog: d.catalog, Repo: d.repo})
 	w.RegisterActivity(&activities.Sweeper{Sessions: d.sessions, Catalog: d.catalog, Repo: d.repo, Workflows: c, Namespace: d.namespace})
 	return w
 }

@@ -77,4 +77,5 @@ func Register(r Registrar) {
 	r.RegisterWorkflow(LookupVM)
 	r.RegisterWorkflow(Verify)
 	r.RegisterWorkflow(Restore)
+	r.RegisterWorkflow(RestoreVM)
 }

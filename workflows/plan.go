@@ -43,6 +43,8 @@ func planDisks(mode string, disks []activities.VMDisk, previous []activities.Pre
 			p.Reason = "no previous restore point"
 		case last.Damaged != "":
 			p.Reason = "chain damaged: " + last.Damaged
+		case last.RestoredSince != "":
+			p.Reason = last.RestoredSince
 		case last.Capacity != d.Capacity:
 			p.Reason = fmt.Sprintf("disk size changed from %d to %d bytes", last.Capacity, d.Capacity)
 		case cbtJustEnabled:

@@ -52,7 +52,8 @@ const (
 
 // The fault points of a restore.
 const (
-	MidRestore Point = "mid-restore" // RestoreDisk: about half of the disk written, into its temporary file
+	MidRestore   Point = "mid-restore"    // RestoreDisk: about half of the disk written, into its temporary file
+	MidVMRestore Point = "mid-vm-restore" // WriteVMDisk: about half of the disk written into the VM's disk
 )
 
 // The fault points of a verification.
@@ -63,7 +64,7 @@ const (
 // All are every fault point, a backup's, a prune's, a restore's, then a
 // verification's.
 var All = []Point{AfterSnapshot, MidTransfer, BeforeCheck, BeforeCommit, AfterCommit, BeforeRemoveSnapshot,
-	BeforeMerge, AfterMerge, BeforePruneCommit, AfterPruneCommit, MidRestore, MidVerify}
+	BeforeMerge, AfterMerge, BeforePruneCommit, AfterPruneCommit, MidRestore, MidVMRestore, MidVerify}
 
 // EnvDir names the worker's environment variable with the folder of its
 // fault points. A worker built without the tag never reads it.

@@ -106,6 +106,44 @@ func disk(ctx context.Context, cat *catalog.Catalog, o Options) (*Result, error)
 	if o.To == "" {
 		return nil, refused("restore: no output file given")
 	}
+	res, err := verifiedChain(ctx, cat, o)
+	if err != nil {
+		return nil, err
+	}
+	// The target is checked again here, right before the first byte is
+	// converted: the caller's check may be minutes old after a long
+	// verification.
+	if err := writeTarget(ctx, res.Chain[0], res.Bytes, o); err != nil {
+		return nil, err
+	}
+	return res, nil
+}
+
+// VerifyChain checks a restore point's chain as Disk does before it
+// writes (every image against the catalog's size and SHA-256, the chain
+// on disk against the chain recorded, a pending merge followed), for a
+// caller that reads the point itself: Result.Chain[0] is the top image
+// to serve. o.To, o.Format, o.Force and o.Device are not used. As in
+// Disk, a chain a prune changed meanwhile is verified once more.
+func VerifyChain(ctx context.Context, cat *catalog.Catalog, o Options) (*Result, error) {
+	before, _ := cat.Chain(ctx, o.BackupID, o.DiskKey)
+	res, err := verifiedChain(ctx, cat, o)
+	if !errors.Is(err, ErrDamaged) || before == nil {
+		return res, err
+	}
+	now, cerr := cat.Chain(ctx, o.BackupID, o.DiskKey)
+	if errors.Is(cerr, catalog.ErrNotFound) {
+		return nil, notFound("restore: restore point %s was removed (by a prune) while it was being restored", o.BackupID)
+	}
+	if cerr != nil || sameChain(before, now) {
+		return res, err
+	}
+	return verifiedChain(ctx, cat, o)
+}
+
+// verifiedChain looks the point up, verifies its chain and returns it
+// (top first) with the disk's virtual size.
+func verifiedChain(ctx context.Context, cat *catalog.Catalog, o Options) (*Result, error) {
 	b, err := cat.Get(ctx, o.BackupID)
 	if errors.Is(err, catalog.ErrNotFound) {
 		return nil, notFound("restore: backup %s does not exist", o.BackupID)
@@ -174,13 +212,6 @@ func disk(ctx context.Context, cat *catalog.Catalog, o Options) (*Result, error)
 		}
 	}
 	res.Bytes = info[0].VirtualSize
-
-	// The target is checked again here, right before the first byte is
-	// converted: the caller's check may be minutes old after a long
-	// verification.
-	if err := writeTarget(ctx, paths[0], res.Bytes, o); err != nil {
-		return nil, err
-	}
 	return res, nil
 }
 

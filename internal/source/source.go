@@ -236,3 +236,144 @@ func VDDKOptions(req Request) (qemu.NbdkitOptions, error) {
 		Dir:      req.Dir,
 	}, nil
 }
+
+// WriteRequest names a VM's disk to open for writing (a restore into the
+// VM): its live disk, as the VM's current config describes it, not a
+// snapshot's.
+type WriteRequest struct {
+	Profile vsphere.Profile
+	VMRef   string       // VM moref value, e.g. "vm-62"
+	Disk    vsphere.Disk // from the VM's current config: FileName is the disk it writes now (a snapshot's delta when it has one)
+	// Dir is a private (0700) directory for the server's socket and pid
+	// file, as in Request.
+	Dir string
+}
+
+// WriteOpener opens a VM's disk as a writable NBD export. The VM must be
+// powered off; the caller closes the export after a FLUSH.
+//
+// Errors: ErrBadRequest as for Opener; ErrPoweredOn (wrapped) when the
+// VM is not powered off. Any other error may be transient.
+type WriteOpener interface {
+	OpenWrite(ctx context.Context, req WriteRequest) (*qemu.Export, error)
+}
+
+// ErrPoweredOn marks a VM whose disks may not be written because it is
+// not powered off.
+var ErrPoweredOn = errors.New("VM is not powered off")
+
+// NewWriter returns the write opener for the profile's source, as New
+// does for reading.
+func NewWriter(p vsphere.Profile) (WriteOpener, error) {
+	switch p.Source {
+	case "", vsphere.SourceVDDK:
+		return vddkOpener{}, nil
+	case vsphere.SourceLab:
+		return labOpener{}, nil
+	}
+	return nil, fmt.Errorf("source: profile %q: unknown source %q (want %q or %q)", p.Name, p.Source, vsphere.SourceVDDK, vsphere.SourceLab)
+}
+
+func (r WriteRequest) check() error {
+	var missing []string
+	if r.VMRef == "" {
+		missing = append(missing, "VM moref")
+	}
+	if r.Disk.FileName == "" {
+		missing = append(missing, "disk file name")
+	}
+	if r.Disk.Capacity <= 0 {
+		missing = append(missing, "disk capacity")
+	}
+	if len(missing) > 0 {
+		return fmt.Errorf("source: %w: disk %d of %q for writing: missing %v", ErrBadRequest, r.Disk.Key, r.VMRef, missing)
+	}
+	return nil
+}
+
+// OpenWrite serves the live image of the VM's disk read-write with
+// nbdkit's file plugin: the lab's equivalent of the vddk plugin's write
+// mode. The lab refuses unless the VM is powered off, and ends the
+// disk's change-ID series, since it cannot see what is written here.
+func (labOpener) OpenWrite(ctx context.Context, req WriteRequest) (*qemu.Export, error) {
+	if err := req.check(); err != nil {
+		return nil, err
+	}
+	lc := &labapi.Client{BaseURL: req.Profile.URL, Thumbprint: req.Profile.Thumbprint}
+	defer lc.CloseIdleConnections()
+	img, err := lc.LiveImage(ctx, req.VMRef, req.Disk.Key)
+	if err != nil {
+		if errors.Is(err, labapi.ErrPoweredOn) {
+			return nil, fmt.Errorf("source: disk %d of %s: %w: %w", req.Disk.Key, req.VMRef, ErrPoweredOn, err)
+		}
+		if errors.Is(err, labapi.ErrUnknownVM) || errors.Is(err, labapi.ErrUnknownDisk) {
+			return nil, fmt.Errorf("source: %w: live image of disk %d of %s: %w", ErrBadRequest, req.Disk.Key, req.VMRef, err)
+		}
+		return nil, fmt.Errorf("source: live image of disk %d of %s: %w", req.Disk.Key, req.VMRef, err)
+	}
+	if img.Capacity != req.Disk.Capacity {
+		return nil, fmt.Errorf("source: %w: live image of disk %d of %s has %d bytes, the VM's config says %d",
+			ErrBadRequest, req.Disk.Key, req.VMRef, img.Capacity, req.Disk.Capacity)
+	}
+	opts := qemu.NbdkitFile(img.Path, false)
+	opts.Dir = req.Dir
+	e, err := qemu.StartNbdkit(ctx, opts)
+	if err != nil {
+		return nil, fmt.Errorf("source: serve the live image of disk %d of %s: %w", req.Disk.Key, req.VMRef, err)
+	}
+	return e, nil
+}
+
+// OpenWrite serves the VM's disk read-write through nbdkit's vddk
+// plugin (VDDKWriteOptions). VDDK itself refuses to open the disk of a
+// running VM for writing; the restore checks the power state first.
+func (vddkOpener) OpenWrite(ctx context.Context, req WriteRequest) (*qemu.Export, error) {
+	opts, err := VDDKWriteOptions(req)
+	if err != nil {
+		return nil, err
+	}
+	e, err := qemu.StartNbdkit(ctx, opts)
+	if err != nil {
+		return nil, fmt.Errorf("source: vddk write export of disk %d (%s) of %s: %w", req.Disk.Key, req.Disk.FileName, req.VMRef, err)
+	}
+	return e, nil
+}
+
+// VDDKWriteOptions returns the nbdkit options that serve a VM's disk
+// with the vddk plugin for writing (a restore):
+//
+//	nbdkit --filter=retry vddk
+//	  server=HOST [port=PORT] user=USER password=+FILE thumbprint=TP
+//	  vm=moref=VM file=[ds] vm/disk-000001.vmdk
+//	  [libdir=DIR] [transports=nbdssl:nbd] retries=3 retry-delay=1
+//
+// It is VDDKOptions without --readonly and without snapshot=: VDDK then
+// opens the disk the VM runs on, the delta of the restore's snapshot, so
+// reverting to that snapshot undoes the writes. The retry filter reopens
+// a dropped NFC connection and repeats the request, which is safe for the
+// restore's writes (the same data at the same offset); cacheextents is
+// left out: nothing reads the target's allocation. The password is read
+// from the profile's password file, never put on argv.
+func VDDKWriteOptions(req WriteRequest) (qemu.NbdkitOptions, error) {
+	if err := req.check(); err != nil {
+		return qemu.NbdkitOptions{}, err
+	}
+	// The read options' checks and parameters, with a snapshot moref
+	// that is then left out.
+	ro, err := VDDKOptions(Request{Profile: req.Profile, VMRef: req.VMRef, SnapshotRef: "-", Disk: req.Disk, Dir: req.Dir})
+	if err != nil {
+		return qemu.NbdkitOptions{}, err
+	}
+	params := make([]string, 0, len(ro.Params))
+	for _, p := range ro.Params {
+		if !strings.HasPrefix(p, "snapshot=") {
+			params = append(params, p)
+		}
+	}
+	return qemu.NbdkitOptions{
+		Plugin:  "vddk",
+		Filters: []string{"retry"},
+		Params:  params,
+		Dir:     req.Dir,
+	}, nil
+}

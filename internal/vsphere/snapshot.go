@@ -58,6 +58,13 @@ func createSnapshotTask(info types.TaskInfo) bool {
 // Disks, with their change IDs and backing files, come from the snapshot's
 // config.
 func (c *Client) CreateSnapshot(ctx context.Context, vm *VM, name string) (*Snapshot, error) {
+	return c.CreateSnapshotDescribed(ctx, vm, name, "cbtflow backup (removed when the backup ends)")
+}
+
+// CreateSnapshotDescribed is CreateSnapshot with the description the
+// snapshot shows in vSphere's snapshot manager (a restore's says that
+// reverting to it undoes the restore).
+func (c *Client) CreateSnapshotDescribed(ctx context.Context, vm *VM, name, description string) (*Snapshot, error) {
 	if name == "" {
 		return nil, fmt.Errorf("vsphere: create snapshot of %s: empty snapshot name", vm.Name)
 	}
@@ -72,7 +79,7 @@ func (c *Client) CreateSnapshot(ctx context.Context, vm *VM, name string) (*Snap
 		return s, err
 	}
 	const memory, quiesce = false, false // crash-consistent
-	task, err := object.NewVirtualMachine(c.vim, ref).CreateSnapshot(ctx, name, "cbtflow backup (removed when the backup ends)", memory, quiesce)
+	task, err := object.NewVirtualMachine(c.vim, ref).CreateSnapshot(ctx, name, description, memory, quiesce)
 	if err != nil {
 		return nil, fmt.Errorf("vsphere: create snapshot %q of %s (%s): %w", name, vm.Name, vm.Ref, vmNotFound(err))
 	}

@@ -27,6 +27,7 @@ var (
 	ErrBadCapacity     = errors.New("bad disk capacity")
 	ErrBadName         = errors.New("bad VM name")
 	ErrVMExists        = errors.New("VM name taken")
+	ErrPoweredOn       = errors.New("VM is not powered off")
 )
 
 // Error codes of ErrorBody that no sentinel has: a request the lab cannot
@@ -52,6 +53,7 @@ var errorCodes = []struct {
 	{ErrBadCapacity, "bad_capacity", http.StatusBadRequest},
 	{ErrBadName, "bad_name", http.StatusBadRequest},
 	{ErrVMExists, "vm_exists", http.StatusConflict},
+	{ErrPoweredOn, "powered_on", http.StatusConflict},
 }
 
 // Classify returns the code and HTTP status the lab answers err with:
@@ -141,6 +143,11 @@ type WrittenBody struct {
 // CBTBody switches change tracking of a VM.
 type CBTBody struct {
 	Enabled bool `json:"enabled"`
+}
+
+// PowerBody switches a VM on or off.
+type PowerBody struct {
+	On bool `json:"on"`
 }
 
 // CreateVMBody asks for a new VM.

@@ -322,6 +322,26 @@ func (c *Client) SnapshotImage(ctx context.Context, snapshot string, key int32) 
 	return out, c.do(ctx, http.MethodGet, c.endpoint(nil, "snapshots", snapshot, "disks", itoa(key), "image"), nil, -1, &out)
 }
 
+// LiveImage locates the live image of a VM's disk for writing into it
+// (a restore): refused with ErrPoweredOn unless the VM is powered off.
+// It ends the disk's change-ID series (see lab.Lab.LiveImage).
+func (c *Client) LiveImage(ctx context.Context, vm string, key int32) (ImageInfo, error) {
+	if err := c.init(); err != nil {
+		return ImageInfo{}, err
+	}
+	var out ImageInfo
+	return out, c.do(ctx, http.MethodPost, c.endpoint(nil, "vms", vm, "disks", itoa(key), "live-image"), nil, -1, &out)
+}
+
+// SetPower powers a VM on or off.
+func (c *Client) SetPower(ctx context.Context, vm string, on bool) error {
+	if err := c.init(); err != nil {
+		return err
+	}
+	body, size := jsonBody(PowerBody{On: on})
+	return c.do(ctx, http.MethodPut, c.endpoint(nil, "vms", vm, "power"), body, size, nil)
+}
+
 // ChangeIDLog returns every change ID the lab stamped.
 func (c *Client) ChangeIDLog(ctx context.Context) ([]Stamp, error) {
 	if err := c.init(); err != nil {

@@ -1,0 +1,120 @@
+package catalog
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// Outcomes of a restore into a VM.
+const (
+	RestoreRunning   = "running"
+	RestoreCompleted = "completed"
+	RestoreFailed    = "failed"
+)
+
+// VMRestore is one restore of a restore point into a VM (migration 009).
+// It is recorded before the restore writes anything, because a VM
+// written by a restore no longer has the change-tracking history its
+// chain was built on: the next backup of it must be full, also when the
+// restore failed halfway.
+type VMRestore struct {
+	ID         string // the restore's ID (also in its snapshot's name)
+	Profile    string // vCenter profile the restore wrote through
+	VMUUID     string // instance UUID of the VM written
+	VMName     string
+	BackupID   string // the restore point written into the VM
+	WorkflowID string
+	Snapshot   string // the snapshot taken before the first write, "name (moref)"
+	StartedAt  time.Time
+	FinishedAt time.Time // zero while running
+	Outcome    string    // running, completed or failed
+	Error      string
+}
+
+// BeginVMRestore records a restore into a VM as running. It is
+// idempotent: a second call with the same ID changes nothing.
+func (c *Catalog) BeginVMRestore(ctx context.Context, r VMRestore) error {
+	_, err := c.pool.Exec(ctx, `INSERT INTO vm_restores (id, profile, vm_uuid, vm_name, backup_id, workflow_id)
+		VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING`,
+		r.ID, r.Profile, r.VMUUID, r.VMName, r.BackupID, r.WorkflowID)
+	if err != nil {
+		return fmt.Errorf("catalog: record the restore %s into VM %s: %w", r.ID, r.VMName, err)
+	}
+	return nil
+}
+
+// SetVMRestoreSnapshot records the snapshot a restore took before its
+// first write ("name (moref)"), so that the operator finds it in the
+// catalog too.
+func (c *Catalog) SetVMRestoreSnapshot(ctx context.Context, id, snapshot string) error {
+	if _, err := c.pool.Exec(ctx, `UPDATE vm_restores SET snapshot = $2 WHERE id = $1`, id, snapshot); err != nil {
+		return fmt.Errorf("catalog: record the snapshot of restore %s: %w", id, err)
+	}
+	return nil
+}
+
+// FinishVMRestore records a restore's outcome (RestoreCompleted or
+// RestoreFailed, with the error). Idempotent; an unknown ID is
+// ErrNotFound.
+func (c *Catalog) FinishVMRestore(ctx context.Context, id, outcome, reason string) error {
+	if outcome != RestoreCompleted && outcome != RestoreFailed {
+		return fmt.Errorf("catalog: finish restore %s: outcome %q is not %s or %s", id, outcome, RestoreCompleted, RestoreFailed)
+	}
+	tag, err := c.pool.Exec(ctx, `UPDATE vm_restores SET outcome = $2, error = $3, finished_at = coalesce(finished_at, now())
+		WHERE id = $1`, id, outcome, reason)
+	if err != nil {
+		return fmt.Errorf("catalog: finish restore %s: %w", id, err)
+	}
+	if tag.RowsAffected() == 0 {
+		return fmt.Errorf("catalog: finish restore %s: %w", id, ErrNotFound)
+	}
+	return nil
+}
+
+// GetVMRestore returns one restore into a VM; ErrNotFound when unknown.
+func (c *Catalog) GetVMRestore(ctx context.Context, id string) (*VMRestore, error) {
+	row := c.pool.QueryRow(ctx, `SELECT `+vmRestoreColumns+` FROM vm_restores WHERE id = $1`, id)
+	r, err := scanVMRestore(row)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return nil, fmt.Errorf("catalog: restore %s: %w", id, ErrNotFound)
+	}
+	return r, err
+}
+
+// RestoredSince returns the newest restore into the VM (by instance
+// UUID, under any profile: its disks are the same) that began after
+// restore point backupID began, whatever its outcome; nil when none did.
+// A backup whose previous restore point is older than such a restore
+// must be full: the VM's change tracking no longer matches the chain.
+func (c *Catalog) RestoredSince(ctx context.Context, vmUUID, backupID string) (*VMRestore, error) {
+	row := c.pool.QueryRow(ctx, `SELECT `+vmRestoreColumns+` FROM vm_restores
+		WHERE vm_uuid = $1 AND started_at > (SELECT started_at FROM backups WHERE id = $2)
+		ORDER BY started_at DESC LIMIT 1`, vmUUID, backupID)
+	r, err := scanVMRestore(row)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return nil, nil
+	}
+	return r, err
+}
+
+const vmRestoreColumns = `id, profile, vm_uuid, vm_name, backup_id, workflow_id, snapshot, started_at, finished_at, outcome, error`
+
+func scanVMRestore(row pgx.Row) (*VMRestore, error) {
+	var r VMRestore
+	var finished *time.Time
+	if err := row.Scan(&r.ID, &r.Profile, &r.VMUUID, &r.VMName, &r.BackupID, &r.WorkflowID, &r.Snapshot,
+		&r.StartedAt, &finished, &r.Outcome, &r.Error); err != nil {
+		if errors.Is(err, pgx.ErrNoRows) {
+			return nil, err
+		}
+		return nil, fmt.Errorf("catalog: restores into VMs: %w", err)
+	}
+	if finished != nil {
+		r.FinishedAt = *finished
+	}
+	return &r, nil
+}

@@ -1,0 +1,279 @@
+// Package restorevm tests restores into a VM (`starter restore BACKUP_ID
+// --to-vm VM`, the RestoreVM workflow) on a whole stack: a powered-on VM
+// refused by name; a restore into the powered-off lab VM that writes only
+// the areas that differ, after which `starter lab read` equals the disk
+// at backup time, no snapshot is left, and the next backup is full and
+// says why; a restore whose CBT continuity is broken writes the whole
+// disk; a canceled restore keeps its snapshot, names it, and the sweeper
+// leaves it alone.
+package restorevm
+
+import (
+	"context"
+	"encoding/json"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/cbtflow/cbtflow/activities"
+	"github.com/cbtflow/cbtflow/internal/faultpoint"
+	"github.com/cbtflow/cbtflow/lab"
+	"github.com/cbtflow/cbtflow/testkit/stack"
+	"github.com/cbtflow/cbtflow/testkit/stacktest"
+	"github.com/cbtflow/cbtflow/workflows"
+)
+
+func TestMain(m *testing.M) { stacktest.Main(m) }
+
+const vm = lab.SecondDiskVM // two disks
+
+// report is what `starter restore --to-vm --json` prints.
+type report = workflows.RestoreVMReport
+
+type fixture struct {
+	t    *testing.T
+	ctx  context.Context
+	s    *stack.Stack
+	l    *lab.Lab
+	ref  string
+	keys []int32
+	cap  int64
+	dir  string
+}
+
+func (f *fixture) backup(args ...string) stacktest.BackupJSON {
+	f.t.Helper()
+	r, err := f.s.Starter(f.ctx, append([]string{"backup", vm, "--wait", "--json"}, args...)...)
+	if err != nil || r.ExitCode != 0 {
+		f.t.Fatalf("backup %v: %v %s", args, err, r)
+	}
+	var b stacktest.BackupJSON
+	if err := stacktest.DecodeOne(r.Stdout, &b); err != nil {
+		f.t.Fatal(err)
+	}
+	return b
+}
+
+// capture records every disk's content now, as files named by tag.
+func (f *fixture) capture(tag string) map[int32]string {
+	f.t.Helper()
+	out := map[int32]string{}
+	for _, k := range f.keys {
+		p := filepath.Join(f.dir, tag+"-"+strconv.Itoa(int(k))+".raw")
+		stacktest.Capture(f.t, f.l, vm, k, p)
+		out[k] = p
+	}
+	return out
+}
+
+// sameAs reads every disk with `starter lab read` and compares it with
+// the capture.
+func (f *fixture) sameAs(what string, want map[int32]string) {
+	f.t.Helper()
+	for _, k := range f.keys {
+		got := filepath.Join(f.dir, "read-"+strconv.Itoa(int(k))+".raw")
+		r, err := f.s.Starter(f.ctx, "lab", "read", "--vm", vm, "--disk", strconv.Itoa(int(k)), "--to", got)
+		if err != nil || r.ExitCode != 0 {
+			f.t.Fatalf("lab read disk %d: %v %s", k, err, r)
+		}
+		if diff, err := stacktest.SameContent(got, want[k]); err != nil || diff != "" {
+			f.t.Errorf("%s: disk %d differs from the disk at backup time: %s %v", what, k, diff, err)
+		}
+	}
+}
+
+func (f *fixture) restore(backupID string, args ...string) (report, stack.StarterResult) {
+	f.t.Helper()
+	r, err := f.s.Starter(f.ctx, append([]string{"restore", backupID, "--to-vm", vm, "--json"}, args...)...)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	var rep report
+	if err := stacktest.DecodeOne(r.Stdout, &rep); err != nil {
+		f.t.Fatalf("restore %s: %v\n%s", backupID, err, r)
+	}
+	return rep, r
+}
+
+func (f *fixture) snapshots() []string {
+	f.t.Helper()
+	names, err := stacktest.Snapshots(f.ctx, f.l, f.ref)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	return names
+}
+
+func (f *fixture) write(seed uint64, off int64, n int) {
+	f.t.Helper()
+	for i, k := range f.keys {
+		stacktest.WriteDisk(f.t, f.l, vm, k, off, stacktest.Pattern(seed+uint64(i)*100, n))
+	}
+}
+
+func TestRestoreIntoVM(t *testing.T) {
+	s := stacktest.New(t, stack.Options{FaultPoints: true})
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
+	defer cancel()
+	l := s.Lab()
+	info, err := l.VM(vm)
+	if err != nil || len(info.Disks) != 2 {
+		t.Fatalf("lab VM %s: %+v %v", vm, info, err)
+	}
+	f := &fixture{t: t, ctx: ctx, s: s, l: l, ref: info.Ref, cap: info.Disks[0].Capacity, dir: t.TempDir()}
+	for _, d := range info.Disks {
+		f.keys = append(f.keys, d.Key)
+	}
+
+	// A full backup and an incremental, then more data: the disks differ
+	// from the first point in a few MiB only.
+	for i := range int64(8) {
+		f.write(uint64(i+1), i*(f.cap/8), 2<<20)
+	}
+	b1 := f.backup("--full")
+	at1 := f.capture("b1")
+	f.write(20, 3<<20, 1<<20)
+	f.write(21, f.cap/2+(5<<20), 1<<20)
+	b2 := f.backup()
+	if b2.Disk(t, f.keys[0]).Mode != workflows.ModeIncremental {
+		t.Fatalf("the second backup is %s, want incremental", b2.Disk(t, f.keys[0]).Mode)
+	}
+	at2 := f.capture("b2")
+	f.write(30, f.cap/8+(1<<20), 3<<20) // over b1's data
+	f.write(31, f.cap-(4<<20), 1<<20)   // where b1 had none
+
+	// 1. A powered-on VM is refused by name, before anything is done.
+	rep, r := f.restore(b1.BackupID)
+	if r.ExitCode != 1 || rep.Status != "failed" || !strings.Contains(rep.Error, "is poweredOn: power it off before restoring into it") ||
+		!strings.Contains(rep.Error, vm) {
+		t.Errorf("restore into the powered-on VM: %+v\n%s", rep, r)
+	}
+	if snaps := f.snapshots(); len(snaps) != 0 {
+		t.Errorf("a refused restore left snapshots %v", snaps)
+	}
+
+	// 2. Powered off, the restore writes only what differs.
+	if err := l.SetPower(vm, false); err != nil {
+		t.Fatal(err)
+	}
+	rep, r = f.restore(b1.BackupID)
+	if r.ExitCode != 0 || rep.Status != "completed" || len(rep.Disks) != 2 {
+		t.Fatalf("restore into the powered-off VM: %+v\n%s", rep, r)
+	}
+	for _, d := range rep.Disks {
+		// b2 changed 2 MiB and the writes since 4 MiB (at 64 KiB
+		// granularity): a few MiB, against a 10 GiB disk.
+		if d.Mode != activities.RestoreDiffering || d.DifferingBytes < 4<<20 || d.DifferingBytes > 16<<20 ||
+			d.WrittenBytes+d.ZeroedBytes != d.DifferingBytes || d.WrittenBytes == 0 || d.ZeroedBytes == 0 {
+			t.Errorf("disk %d: %+v, want differing areas of a few MiB, written and zeroed", d.Key, d)
+		}
+	}
+	if !strings.HasPrefix(rep.Snapshot, activities.RestoreSnapshotPrefix) || rep.SnapshotRef == "" {
+		t.Errorf("the restore's snapshot: %q (%s)", rep.Snapshot, rep.SnapshotRef)
+	}
+	f.sameAs("after the restore of the first backup", at1)
+	if snaps := f.snapshots(); len(snaps) != 0 {
+		t.Errorf("a completed restore left snapshots %v", snaps)
+	}
+
+	// 3. The next backup is full, and says why.
+	b3 := f.backup()
+	for _, k := range f.keys {
+		d := b3.Disk(t, k)
+		if d.Mode != workflows.ModeFull || !strings.Contains(d.Note, "the VM was restored from backup "+b1.BackupID) ||
+			!strings.Contains(d.Note, "its CBT history no longer matches the chain") {
+			t.Errorf("the backup after the restore, disk %d: %s, note %q; want full, naming the restore", k, d.Mode, d.Note)
+		}
+	}
+
+	// 4. The restore ended the disks' change-ID series: b2's change IDs
+	// are refused, and the whole disk is written.
+	rep, r = f.restore(b2.BackupID, "--disk", strconv.Itoa(int(f.keys[1])))
+	if r.ExitCode != 0 || len(rep.Disks) != 1 {
+		t.Fatalf("restore of the second backup: %+v\n%s", rep, r)
+	}
+	if d := rep.Disks[0]; d.Key != f.keys[1] || d.Mode != activities.RestoreWholeDisk || !strings.Contains(d.Why, "CBT cannot say") ||
+		d.DifferingBytes != f.cap || d.WrittenBytes > 64<<20 {
+		t.Errorf("restore without CBT continuity: %+v, want the whole disk, mostly zeroed", d)
+	}
+	r, err = s.Starter(ctx, "lab", "read", "--vm", vm, "--disk", strconv.Itoa(int(f.keys[1])), "--to", filepath.Join(f.dir, "b2-read.raw"))
+	if err != nil || r.ExitCode != 0 {
+		t.Fatalf("lab read: %v %s", err, r)
+	}
+	if diff, err := stacktest.SameContent(filepath.Join(f.dir, "b2-read.raw"), at2[f.keys[1]]); err != nil || diff != "" {
+		t.Errorf("after the whole-disk restore of the second backup: %s %v", diff, err)
+	}
+
+	// 5. Canceled midway: the restore fails naming the snapshot it kept,
+	// and the sweeper leaves that snapshot alone.
+	gates := s.FaultPoints()
+	if err := gates.Arm(faultpoint.MidVMRestore); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = gates.Release(faultpoint.MidVMRestore) }()
+	run, err := s.StartStarter("restore", b1.BackupID, "--to-vm", vm, "--json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	wctx, wcancel := context.WithTimeout(ctx, 3*time.Minute)
+	if _, err := gates.Wait(wctx, faultpoint.MidVMRestore); err != nil {
+		wcancel()
+		t.Fatal(err)
+	}
+	wcancel()
+	found := stacktest.ListWorkflows(ctx, t, s, "WorkflowType = 'RestoreVM' AND ExecutionStatus = 'Running'")
+	deadline := time.Now().Add(30 * time.Second)
+	for len(found) != 1 && time.Now().Before(deadline) {
+		time.Sleep(500 * time.Millisecond)
+		found = stacktest.ListWorkflows(ctx, t, s, "WorkflowType = 'RestoreVM' AND ExecutionStatus = 'Running'")
+	}
+	if len(found) != 1 {
+		t.Fatalf("running RestoreVM workflows: %v", found)
+	}
+	wid := found[0].GetExecution().GetWorkflowId()
+	// The progress query answers the live figures of the held write.
+	var p workflows.RestoreVMProgress
+	deadline = time.Now().Add(30 * time.Second)
+	for {
+		v, err := s.Client().QueryWorkflow(ctx, wid, "", workflows.QueryProgress)
+		if err == nil {
+			err = v.Get(&p)
+		}
+		if err == nil && p.Live && p.Phase == workflows.RestoreVMWriting {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("progress of the held restore: %+v %v", p, err)
+		}
+		time.Sleep(300 * time.Millisecond)
+	}
+	if err := s.Client().CancelWorkflow(ctx, wid, ""); err != nil {
+		t.Fatal(err)
+	}
+	r, err = run.Wait(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rep = report{}
+	if err := json.Unmarshal([]byte(r.Stdout), &rep); err != nil {
+		t.Fatalf("%v\n%s", err, r)
+	}
+	snaps := f.snapshots()
+	if r.ExitCode != 1 || len(snaps) != 1 || !strings.HasPrefix(snaps[0], activities.RestoreSnapshotPrefix) ||
+		rep.Status != "failed" || !strings.Contains(rep.Error, "failed: canceled") ||
+		!strings.Contains(rep.Error, "the VM's snapshot \""+snaps[0]+"\"") || !strings.Contains(rep.Error, "revert the VM to it") {
+		t.Fatalf("the canceled restore: snapshots %v, %+v\n%s", snaps, rep, r)
+	}
+	if err := gates.Release(faultpoint.MidVMRestore); err != nil {
+		t.Fatal(err)
+	}
+	r, err = s.Starter(ctx, "sweep", "--min-age", "0")
+	if err != nil || r.ExitCode != 0 {
+		t.Fatalf("sweep: %v %s", err, r)
+	}
+	if after := f.snapshots(); len(after) != 1 || after[0] != snaps[0] {
+		t.Errorf("the sweeper touched the kept restore snapshot: before %v, after %v", snaps, after)
+	}
+}
