@@ -252,6 +252,9 @@ func (p *Pruner) planVM(ctx context.Context, points []catalog.Backup) (*VMPruneP
 			plan.Kept = append(plan.Kept, KeptPoint{BackupID: d.ID, Time: d.Time, Rules: d.Reasons})
 		}
 	}
+	if err := p.keepExported(ctx, points, keep, plan); err != nil {
+		return nil, err
+	}
 	diskOf := map[string]map[int32]catalog.Disk{}
 	for _, b := range points {
 		diskOf[b.ID] = map[int32]catalog.Disk{}
@@ -296,6 +299,48 @@ func (p *Pruner) planVM(ctx context.Context, points []catalog.Backup) (*VMPruneP
 		}
 	}
 	return plan, nil
+}
+
+// keepExported keeps every restore point a running export reads (the
+// exported point and the points its chain builds on), whatever the
+// policy says, with the rule "exported (ID)": qemu-nbd serves those
+// images as they are, so none of them may be removed or rewritten by a
+// merge; the prune goes on with every other point. ApplyPrune's catalog
+// transactions check again under the VM's lock, for an export that
+// starts after this plan.
+func (p *Pruner) keepExported(ctx context.Context, points []catalog.Backup, keep map[string]bool, plan *VMPrunePlan) error {
+	exported, err := p.Catalog.ExportedPoints(ctx, plan.Profile, plan.VMUUID)
+	if err != nil {
+		return permanent(err)
+	}
+	if len(exported) == 0 {
+		return nil
+	}
+	for _, b := range points {
+		leases := exported[b.ID]
+		if len(leases) == 0 {
+			continue
+		}
+		rule := "exported (" + strings.Join(leases, ", ") + ")"
+		if keep[b.ID] {
+			for i := range plan.Kept {
+				if plan.Kept[i].BackupID == b.ID {
+					plan.Kept[i].Rules = append(plan.Kept[i].Rules, rule)
+				}
+			}
+			continue
+		}
+		keep[b.ID] = true
+		plan.Kept = append(plan.Kept, KeptPoint{BackupID: b.ID, Time: b.StartedAt, Rules: []string{rule}})
+	}
+	// Newest first, as the policy's decisions.
+	slices.SortStableFunc(plan.Kept, func(a, b KeptPoint) int {
+		if c := b.Time.Compare(a.Time); c != 0 {
+			return c
+		}
+		return strings.Compare(b.BackupID, a.BackupID)
+	})
+	return nil
 }
 
 func damagedReason(b catalog.Backup) string {
@@ -455,6 +500,18 @@ func (p *Pruner) MergeImage(ctx context.Context, in MergeImageInput) (*MergedIma
 		CtimeNs: res.Stamp.CtimeNs, Method: est.Method, OldSize: fi.Size()}, nil
 }
 
+// exportedError types a catalog transaction refused because an export
+// that began after the plan reads a point the prune would remove or
+// rewrite: nothing changed, and retrying in the VM's lock would only
+// hold it while the export runs; the next prune plans around it.
+func exportedError(err error) error {
+	if errors.Is(err, catalog.ErrExported) {
+		msg := "prune: " + strings.TrimPrefix(err.Error(), "catalog: ") + "; the next prune keeps its chain and removes the rest"
+		return temporal.NewNonRetryableApplicationError(msg, ErrTypeExportRunning, err)
+	}
+	return permanent(err)
+}
+
 // mergeError types what no retry of a merge changes: too little space
 // (the VM's lock would be held for nothing), and a merged image that does
 // not show the kept point's disk.
@@ -542,7 +599,7 @@ func (p *Pruner) ApplyPrune(ctx context.Context, in ApplyPruneInput) (*ApplyPrun
 	if !committed || len(in.Remove) == 0 {
 		if len(merged) > 0 {
 			if err := p.Catalog.BeginMerges(ctx, in.PruneID, merged); err != nil {
-				return nil, permanent(err)
+				return nil, exportedError(err)
 			}
 		}
 		for i, m := range in.Merged {
@@ -567,7 +624,7 @@ func (p *Pruner) ApplyPrune(ctx context.Context, in ApplyPruneInput) (*ApplyPrun
 	freed, err = p.Catalog.Prune(ctx, catalog.PruneRecord{ID: in.PruneID, Profile: in.Profile, VMUUID: in.VMUUID,
 		Removed: in.Remove, BytesFreed: freed}, merged)
 	if err != nil {
-		return nil, permanent(err)
+		return nil, exportedError(err)
 	}
 	faultpoint.Hold(ctx, faultpoint.AfterPruneCommit)
 	dirs := map[string]bool{}

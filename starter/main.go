@@ -109,6 +109,7 @@ the VM is already running) and 4 (interrupted while the backup goes on).`,
 	root.AddCommand(newWatchCmd(e))
 	root.AddCommand(newCancelCmd(e))
 	root.AddCommand(newVerifyCmd(e))
+	root.AddCommand(newExportCmd(e))
 	// Commands added by other files go above this line.
 
 	// help and completion (bash, zsh, fish, powershell) are cobra's.

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	commonpb "go.temporal.io/api/common/v1"
+	enumspb "go.temporal.io/api/enums/v1"
 	"go.temporal.io/api/workflowservice/v1"
 	"go.temporal.io/sdk/client"
 	"go.temporal.io/sdk/converter"
@@ -38,6 +39,7 @@ const (
 	transferActivity = "TransferDisk"
 	restoreActivity  = "RestoreDisk"
 	verifyActivity   = "VerifyPoint"
+	exportActivity   = "ServeExport"
 )
 
 // liveProgress completes the answers of the workflows' progress query
@@ -68,6 +70,9 @@ type describedBeats struct {
 	beats   []activities.TransferProgress
 	restore *activities.RestoreProgress
 	verify  *activities.VerifyProgress
+	// export is a running ServeExport's heartbeat (nil while its
+	// attempt is not running: between retries the URI serves nothing).
+	export *activities.ExportProgress
 }
 
 func newLiveProgress(c client.Client, log *slog.Logger) *liveProgress {
@@ -106,6 +111,10 @@ func (i *liveProgressInbound) HandleQuery(ctx workflow.Context, in *interceptor.
 		qctx, cancel := context.WithTimeout(context.Background(), progressTimeout)
 		defer cancel()
 		return i.l.completeVerify(qctx, info.Namespace, info.WorkflowExecution.ID, info.WorkflowExecution.RunID, p), nil
+	case workflows.ExportProgress:
+		qctx, cancel := context.WithTimeout(context.Background(), progressTimeout)
+		defer cancel()
+		return i.l.completeExport(qctx, info.Namespace, info.WorkflowExecution.ID, info.WorkflowExecution.RunID, p), nil
 	}
 	return res, nil
 }
@@ -141,6 +150,23 @@ func (l *liveProgress) completeVerify(ctx context.Context, namespace, workflowID
 	}
 	if d.verify != nil {
 		p.ApplyVerify(*d.verify)
+	}
+	return p
+}
+
+// completeExport returns an Export's p with its ServeExport's latest
+// heartbeat added (the URI); p as it is when the server does not answer.
+func (l *liveProgress) completeExport(ctx context.Context, namespace, workflowID, runID string, p workflows.ExportProgress) workflows.ExportProgress {
+	if !p.Running() {
+		return p
+	}
+	d, err := l.describe(ctx, namespace, workflowID, runID)
+	if err != nil {
+		l.warn("progress: describe failed; answering without the export's URI", "workflow", workflowID, "error", err)
+		return p
+	}
+	if d.export != nil {
+		p.ApplyExport(*d.export)
 	}
 	return p
 }
@@ -214,6 +240,15 @@ func (l *liveProgress) describe(ctx context.Context, namespace, workflowID, runI
 				continue
 			}
 			d.verify = &vp
+		case exportActivity:
+			var ep activities.ExportProgress
+			if a.GetState() != enumspb.PENDING_ACTIVITY_STATE_STARTED {
+				continue // waiting for a retry: the last attempt's URI serves nothing
+			}
+			if err := dc.FromPayloads(a.GetHeartbeatDetails(), &ep); err != nil || ep.Stage == "" {
+				continue
+			}
+			d.export = &ep
 		}
 	}
 	l.mu.Lock()

@@ -78,4 +78,5 @@ func Register(r Registrar) {
 	r.RegisterWorkflow(Verify)
 	r.RegisterWorkflow(Restore)
 	r.RegisterWorkflow(RestoreVM)
+	r.RegisterWorkflow(Export)
 }

@@ -133,6 +133,13 @@ func Prune(ctx workflow.Context, in PruneInput) (*PruneResult, error) {
 			why := fmt.Sprintf("a backup or prune of it is running as workflow %s; the next prune tries again", vm.LockID)
 			res.Errors = append(res.Errors, fmt.Sprintf("VM %s (%s): %s", vm.VMName, vm.VMUUID, why))
 			res.VMs = append(res.VMs, notPruned(vm, PruneStatusSkipped, why))
+		case isType(err, activities.ErrTypeExportRunning):
+			// An export began on a point the plan removed or rewrote:
+			// nothing changed (the catalog refused); the next prune keeps
+			// its chain.
+			why := rootMessage(err)
+			res.Errors = append(res.Errors, fmt.Sprintf("VM %s (%s): %s", vm.VMName, vm.VMUUID, why))
+			res.VMs = append(res.VMs, notPruned(vm, PruneStatusSkipped, why))
 		case err != nil:
 			res.Errors = append(res.Errors, fmt.Sprintf("VM %s (%s): %v", vm.VMName, vm.VMUUID, err))
 			res.VMs = append(res.VMs, notPruned(vm, PruneStatusFailed, err.Error()))

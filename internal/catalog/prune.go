@@ -44,6 +44,26 @@ func (c *Catalog) BeginMerges(ctx context.Context, pruneID string, ms []MergedIm
 		return errors.New("catalog: begin merges: no prune ID")
 	}
 	return pgx.BeginFunc(ctx, c.pool, func(tx pgx.Tx) error {
+		// An image a live export serves is never rewritten: under the VM's
+		// lock, which an export's lease also takes, either the lease is
+		// seen here, or these pending merges are seen by the lease (which
+		// then waits).
+		if len(ms) > 0 {
+			profile, vmUUID, err := vmOf(ctx, tx, ms[0].BackupID)
+			if err != nil {
+				return fmt.Errorf("catalog: begin merges: %w", err)
+			}
+			if err := lockVM(ctx, tx, profile, vmUUID); err != nil {
+				return err
+			}
+			ids := make([]string, len(ms))
+			for i, m := range ms {
+				ids[i] = m.BackupID
+			}
+			if err := checkNotExported(ctx, tx, profile, vmUUID, ids); err != nil {
+				return fmt.Errorf("catalog: begin merges of prune %s: %w", pruneID, err)
+			}
+		}
 		for _, m := range ms {
 			if m.SHA256 == "" || m.TempPath == "" || m.SizeBytes <= 0 {
 				return fmt.Errorf("catalog: begin merges: restore point %s disk %d lacks size, SHA-256 or temporary path", m.BackupID, m.Key)
@@ -209,6 +229,18 @@ func (c *Catalog) Prune(ctx context.Context, p PruneRecord, merged []MergedImage
 			return fmt.Errorf("catalog: prune %s: %w", p.ID, err)
 		}
 		freed = p.BytesFreed
+		// No point a live export reads is removed or gets a merged image
+		// (see BeginMerges): checked under the VM's lock.
+		if err := lockVM(ctx, tx, p.Profile, p.VMUUID); err != nil {
+			return err
+		}
+		touched := append([]string{}, p.Removed...)
+		for _, m := range merged {
+			touched = append(touched, m.BackupID)
+		}
+		if err := checkNotExported(ctx, tx, p.Profile, p.VMUUID, touched); err != nil {
+			return fmt.Errorf("catalog: prune %s: %w", p.ID, err)
+		}
 		for _, m := range merged {
 			if slices.Contains(p.Removed, m.BackupID) {
 				return fmt.Errorf("catalog: prune %s: restore point %s is both removed and merged", p.ID, m.BackupID)

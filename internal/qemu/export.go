@@ -36,6 +36,7 @@ type Export struct {
 	dir     string
 	ownDir  bool // the directory was made by Start and is removed by Close
 	socket  string
+	tcp     string // host:port when the server listens on TCP (QemuNBDOptions.Listen)
 	pidFile string
 	stderr  *tailBuffer
 	done    chan struct{} // closed when the process has been reaped
@@ -45,8 +46,15 @@ type Export struct {
 	closeErr  error
 }
 
-// URI is the NBD URI of the export, for libnbd and qemu-img.
-func (e *Export) URI() string { return "nbd+unix:///?socket=" + e.socket }
+// URI is the NBD URI of the export, for libnbd and qemu-img: on its TCP
+// address (as given: a wildcard address is the caller's to name) or its
+// unix socket.
+func (e *Export) URI() string {
+	if e.tcp != "" {
+		return "nbd://" + e.tcp
+	}
+	return "nbd+unix:///?socket=" + e.socket
+}
 
 // Socket is the path of the export's unix socket.
 func (e *Export) Socket() string { return e.socket }
@@ -108,6 +116,7 @@ type spec struct {
 	args    func(socket string) []string
 	dir     string // empty: a fresh private directory under os.TempDir()
 	timeout time.Duration
+	tcp     string // host:port the server listens on instead of the socket
 }
 
 // start runs a server in the foreground and waits until its socket accepts
@@ -123,6 +132,7 @@ func start(ctx context.Context, s spec) (*Export, error) {
 		dir:     dir,
 		ownDir:  ownDir,
 		socket:  filepath.Join(dir, socketName),
+		tcp:     s.tcp,
 		pidFile: filepath.Join(dir, pidFileName),
 		stderr:  &tailBuffer{max: 8 << 10},
 		done:    make(chan struct{}),
@@ -184,7 +194,10 @@ func (e *Export) waitReady(ctx context.Context, timeout time.Duration) error {
 	tick := time.NewTicker(5 * time.Millisecond)
 	defer tick.Stop()
 	for {
-		if _, err := os.Stat(e.socket); err == nil && greets(e.socket) {
+		if e.tcp != "" && greets("tcp", e.tcp) {
+			return nil
+		}
+		if _, err := os.Stat(e.socket); e.tcp == "" && err == nil && greets("unix", e.socket) {
 			return nil
 		}
 		select {
@@ -199,11 +212,11 @@ func (e *Export) waitReady(ctx context.Context, timeout time.Duration) error {
 	}
 }
 
-// greets reports whether an NBD server on socket answers a connection
+// greets reports whether an NBD server at addr answers a connection
 // with its greeting. A listening socket alone is not enough: qemu-nbd
 // binds it before it opens the image, and may still fail.
-func greets(socket string) bool {
-	c, err := net.DialTimeout("unix", socket, time.Second)
+func greets(network, addr string) bool {
+	c, err := net.DialTimeout(network, addr, time.Second)
 	if err != nil {
 		return false
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"strconv"
 	"strings"
 	"syscall"
@@ -46,6 +47,10 @@ type QemuNBDOptions struct {
 	Dir string
 	// Timeout bounds the wait for readiness; default 30s.
 	Timeout time.Duration
+	// Listen, when set (host:port), serves over TCP on that address
+	// instead of the unix socket: an export for NBD clients elsewhere
+	// (instant access). The socket's directory still holds the pid file.
+	Listen string
 }
 
 // Args returns qemu-nbd's argv (without the program name) for a server on
@@ -58,6 +63,9 @@ func (o QemuNBDOptions) Args(socket string) []string {
 		shared = 4
 	}
 	args := []string{"-t", "-k", socket, "-f", o.Format, "-e", strconv.Itoa(shared)}
+	if host, port, err := net.SplitHostPort(o.Listen); err == nil {
+		args = []string{"-t", "-b", host, "-p", port, "-f", o.Format, "-e", strconv.Itoa(shared)}
+	}
 	if o.ReadOnly {
 		args = append(args, "-r")
 	} else {
@@ -99,7 +107,12 @@ func StartQemuNBD(ctx context.Context, o QemuNBDOptions) (*Export, error) {
 	if o.Cache == "" && !o.ReadOnly && !directIO(o.Image) {
 		o.Cache = "writeback"
 	}
-	return start(ctx, spec{program: QemuNBD, args: o.Args, dir: o.Dir, timeout: o.Timeout})
+	if o.Listen != "" {
+		if _, _, err := net.SplitHostPort(o.Listen); err != nil {
+			return nil, fmt.Errorf("qemu-nbd: listen address %q: %w", o.Listen, err)
+		}
+	}
+	return start(ctx, spec{program: QemuNBD, args: o.Args, dir: o.Dir, timeout: o.Timeout, tcp: o.Listen})
 }
 
 // directIO reports whether path can be opened with O_DIRECT (tmpfs before

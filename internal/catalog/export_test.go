@@ -1,0 +1,151 @@
+package catalog
+
+import (
+	"context"
+	"errors"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+)
+
+// leaseIDs are the live leases of the test's VM, sorted.
+func leaseIDs(t *testing.T, c *Catalog) []string {
+	t.Helper()
+	got, err := c.ExportedPoints(context.Background(), "lab", "uuid-p")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ids []string
+	for _, ls := range got {
+		for _, l := range ls {
+			if !slices.Contains(ids, l) {
+				ids = append(ids, l)
+			}
+		}
+	}
+	slices.Sort(ids)
+	return ids
+}
+
+// An export's lease covers its point and every point its chain builds
+// on; it is renewed, ended, and counts as gone once expired.
+func TestExportLease(t *testing.T) {
+	c, _ := open(t)
+	ctx := context.Background()
+	fourPoints(t, c)
+	l, err := c.TakeExport(ctx, ExportLease{ID: "export/b2/204", BackupID: "b2", DiskKey: 204, Address: "127.0.0.1:10809"}, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if l.Profile != "lab" || l.VMUUID != "uuid-p" || !l.ExpiresAt.After(time.Now()) {
+		t.Errorf("lease: %+v, want the VM filled in and an expiry ahead", l)
+	}
+	// Taken again (a retried export): one lease, its start kept.
+	l2, err := c.TakeExport(ctx, ExportLease{ID: "export/b2/204", BackupID: "b2", DiskKey: 204, Address: "127.0.0.1:10810"}, time.Minute)
+	if err != nil || !l2.StartedAt.Equal(l.StartedAt) {
+		t.Fatalf("lease taken again: %+v %v, want the first start %s", l2, err, l.StartedAt)
+	}
+	got, err := c.ExportedPoints(ctx, "lab", "uuid-p")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ids []string
+	for id := range got {
+		ids = append(ids, id)
+	}
+	slices.Sort(ids)
+	if !slices.Equal(ids, []string{"b1", "b2"}) || !slices.Equal(got["b1"], []string{"export/b2/204"}) {
+		t.Errorf("exported points: %v, want b1 and b2 read by export/b2/204", got)
+	}
+	if _, err := c.RenewExport(ctx, "export/b2/204", time.Minute); err != nil {
+		t.Errorf("renew: %v", err)
+	}
+	if err := c.EndExport(ctx, "export/b2/204"); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.EndExport(ctx, "export/b2/204"); err != nil {
+		t.Errorf("end again: %v", err)
+	}
+	if _, err := c.RenewExport(ctx, "export/b2/204", time.Minute); !errors.Is(err, ErrNotFound) {
+		t.Errorf("renew of an ended lease: %v, want ErrNotFound", err)
+	}
+	// An expired lease counts as gone, and is not renewed.
+	if _, err := c.TakeExport(ctx, ExportLease{ID: "export/b3/204", BackupID: "b3", DiskKey: 204}, time.Millisecond); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(20 * time.Millisecond)
+	if ids := leaseIDs(t, c); len(ids) != 0 {
+		t.Errorf("live leases after expiry: %v", ids)
+	}
+	if got, err := c.ExportedPoints(ctx, "lab", "uuid-p"); err != nil || len(got) != 0 {
+		t.Errorf("exported points after expiry: %v %v", got, err)
+	}
+	if _, err := c.RenewExport(ctx, "export/b3/204", time.Minute); !errors.Is(err, ErrNotFound) {
+		t.Errorf("renew of an expired lease: %v, want ErrNotFound", err)
+	}
+	// Unknown point and disk.
+	if _, err := c.TakeExport(ctx, ExportLease{ID: "x", BackupID: "nope", DiskKey: 204}, time.Minute); !errors.Is(err, ErrNotFound) {
+		t.Errorf("lease of an unknown point: %v, want ErrNotFound", err)
+	}
+	if _, err := c.TakeExport(ctx, ExportLease{ID: "x", BackupID: "b2", DiskKey: 999}, time.Minute); !errors.Is(err, ErrNotFound) {
+		t.Errorf("lease of an unknown disk: %v, want ErrNotFound", err)
+	}
+}
+
+// A prune's transactions never remove or rewrite a point a live export
+// reads, and an export waits while a prune's merge of its chain is
+// pending: both sides check under the VM's lock.
+func TestExportAndPrune(t *testing.T) {
+	c, _ := open(t)
+	ctx := context.Background()
+	fourPoints(t, c)
+	if _, err := c.TakeExport(ctx, ExportLease{ID: "export/b2/204", BackupID: "b2", DiskKey: 204}, time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	// Removing b1 (which b2 builds on) is refused, naming the export;
+	// nothing changed.
+	m := MergedImage{BackupID: "b3", Key: 204, Backing: "b1", SizeBytes: 8192, SHA256: strings.Repeat("b", 64), TempPath: "t"}
+	_, err := c.Prune(ctx, PruneRecord{ID: "p1", Profile: "lab", VMUUID: "uuid-p", Removed: []string{"b1"}}, nil)
+	if !errors.Is(err, ErrExported) || !strings.Contains(err.Error(), "restore point b1 is read by export export/b2/204") {
+		t.Errorf("prune removing an exported chain's point: %v, want ErrExported naming it", err)
+	}
+	// Merging into b2 (rewriting its image) is refused as well, before
+	// anything is pending.
+	mb2 := MergedImage{BackupID: "b2", Key: 204, SizeBytes: 8192, SHA256: strings.Repeat("c", 64), TempPath: "t2"}
+	if err := c.BeginMerges(ctx, "p1", []MergedImage{mb2}); !errors.Is(err, ErrExported) {
+		t.Errorf("merge into an exported point: %v, want ErrExported", err)
+	}
+	if p, err := c.PendingMerges(ctx, "lab", "uuid-p"); err != nil || len(p) != 0 {
+		t.Errorf("pending merges after the refusal: %+v %v", p, err)
+	}
+	// b4 is no part of the export's chain: removing it goes through.
+	if _, err := c.Prune(ctx, PruneRecord{ID: "p2", Profile: "lab", VMUUID: "uuid-p", Removed: []string{"b4"}}, nil); err != nil {
+		t.Errorf("prune of a point outside the export's chain: %v", err)
+	}
+	// A merge of b3 pending: an export of b3 waits, one of b2 does not.
+	if err := c.BeginMerges(ctx, "p3", []MergedImage{m}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.TakeExport(ctx, ExportLease{ID: "export/b3/204", BackupID: "b3", DiskKey: 204}, time.Minute); !errors.Is(err, ErrMergePending) {
+		t.Errorf("export of a point with a pending merge: %v, want ErrMergePending", err)
+	}
+	if _, err := c.TakeExport(ctx, ExportLease{ID: "export/b1/204", BackupID: "b1", DiskKey: 204}, time.Minute); err != nil {
+		t.Errorf("export of a point below the pending merge: %v", err)
+	}
+	if ids := leaseIDs(t, c); !slices.Equal(ids, []string{"export/b1/204", "export/b2/204"}) {
+		t.Errorf("leases: %v", ids)
+	}
+	// Once the exports end, the prune goes through.
+	for _, id := range []string{"export/b2/204", "export/b1/204"} {
+		if err := c.EndExport(ctx, id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := c.Prune(ctx, PruneRecord{ID: "p3", Profile: "lab", VMUUID: "uuid-p", Removed: []string{"b2"}}, []MergedImage{m}); err != nil {
+		t.Errorf("prune after the exports ended: %v", err)
+	}
+	if ids := chainIDs(t, c, "b3"); !slices.Equal(ids, []string{"b3", "b1"}) {
+		t.Errorf("chain of b3 after the prune: %v", ids)
+	}
+}
