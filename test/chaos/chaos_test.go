@@ -152,7 +152,8 @@ func tallied(t *testing.T, scenario string) *Tally {
 
 // reduced is the form make test runs: a worker killed mid-transfer, the
 // database cut during the commit, and a few percent of source reads
-// failing, on one VM (full, then two incrementals).
+// failing, on one VM (full, then two incrementals); then a third
+// incremental whose verification is interrupted by a worker kill.
 func reduced(t *testing.T, ctx context.Context) []*Tally {
 	e := newEnv(t, ctx, envConfig{name: "reduced", eioRate: "5%"})
 	const vm = "DC0_H0_VM1"
@@ -168,6 +169,11 @@ func reduced(t *testing.T, ctx context.Context) []*Tally {
 	r = e.backup(eio, "incr-2", vm, 3, 256*MiB, e.eio(), false, backupTimeout)
 	e.checkRetriedReads(eio, r)
 	e.check(eio, r)
+	vk := tallied(t, "worker SIGKILL during a verify")
+	out = append(out, vk)
+	r = e.backup(vk, "incr-3", vm, 4, 32*MiB, nil, false, backupTimeout)
+	e.check(vk, r)
+	e.verifyKilled(vk, vm)
 	return out
 }
 
@@ -200,7 +206,12 @@ func killWorker(t *testing.T, ctx context.Context) []*Tally {
 		r := e.backup(tl, fmt.Sprintf("kill-%d", i+1), s.vm, uint64(100+i), s.bytes, e.killAt(tl, s.point, s.activity), false, backupTimeout)
 		e.check(tl, r)
 	}
-	return out
+	// A verification of the two-disk VM's newest point, killed half way.
+	tl := tallied(t, "worker SIGKILL during a verify")
+	r := e.backup(tl, "kill-verify", vms[0], 120, 32*MiB, nil, false, backupTimeout)
+	e.check(tl, r)
+	e.verifyKilled(tl, vms[0])
+	return append(out, tl)
 }
 
 // temporalRestart restarts the Temporal server in the middle of backups:
