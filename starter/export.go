@@ -187,8 +187,8 @@ func waitServing(ctx context.Context, e *env, c client.Client, wid, runID string
 			noted = p.Note
 			e.log.Info("export waiting", "why", p.Note)
 		}
-		desc, derr := c.DescribeWorkflowExecution(ctx, wid, runID)
-		if derr == nil && desc.GetWorkflowExecutionInfo().GetStatus() != enumspb.WORKFLOW_EXECUTION_STATUS_RUNNING {
+		desc, derr := c.DescribeWorkflow(ctx, wid, runID)
+		if derr == nil && desc.RawResponse.GetWorkflowExecutionInfo().GetStatus() != enumspb.WORKFLOW_EXECUTION_STATUS_RUNNING {
 			werr := c.GetWorkflow(ctx, wid, runID).Get(ctx, nil)
 			if werr == nil {
 				werr = errors.New("ended before it served")
@@ -277,15 +277,15 @@ func exportStopRun(ctx context.Context, e *env, cfg *config.Config, arg, disk st
 		return err
 	}
 	defer c.Close()
-	desc, err := c.DescribeWorkflowExecution(ctx, wid, "")
+	desc, err := c.DescribeWorkflow(ctx, wid, "")
 	var nf *serviceerror.NotFound
-	if errors.As(err, &nf) || err == nil && desc.GetWorkflowExecutionInfo().GetStatus() != enumspb.WORKFLOW_EXECUTION_STATUS_RUNNING {
+	if errors.As(err, &nf) || err == nil && desc.RawResponse.GetWorkflowExecutionInfo().GetStatus() != enumspb.WORKFLOW_EXECUTION_STATUS_RUNNING {
 		return fmt.Errorf("export stop: no export %s is running", wid)
 	}
 	if err != nil {
 		return fmt.Errorf("export stop: %w", err)
 	}
-	runID := desc.GetWorkflowExecutionInfo().GetExecution().GetRunId()
+	runID := desc.RawResponse.GetWorkflowExecutionInfo().GetExecution().GetRunId()
 	if err := c.CancelWorkflow(ctx, wid, runID); err != nil {
 		return fmt.Errorf("export stop %s: %w", wid, err)
 	}

@@ -80,6 +80,12 @@ func verifyRun(ctx context.Context, e *env, cfg *config.Config, in workflows.Ver
 	if err != nil {
 		return exitError{code: 1, err: fmt.Errorf("verify: %s", failureMessage(err))}
 	}
+	return printVerify(e, res, asJSON)
+}
+
+// printVerify prints a Verify's result (as JSON, or a line per disk and
+// its problems) and says, by its exit code, whether every point is sound.
+func printVerify(e *env, res workflows.VerifyResult, asJSON bool) error {
 	if asJSON {
 		if err := json.NewEncoder(e.stdout).Encode(res); err != nil {
 			return err

@@ -40,14 +40,20 @@ func newWatchCmd(e *env) *cobra.Command {
 	var cfg config.Config
 	var asJSON bool
 	cmd := &cobra.Command{
-		Use:   "watch (BACKUP_ID | VM)",
-		Short: "follow a backup until it ends: progress bars per disk, then its summary",
+		Use:   "watch (BACKUP_ID | VM | WORKFLOW_ID)",
+		Short: "follow a backup (or a restore, a verification) until it ends: progress bars, then its summary",
 		Long: `Follow a backup, named by its backup ID or by its VM's name (the VM's
 running backup), until it ends: on a terminal a progress bar per disk
 (bytes done of bytes to copy, rate, ETA) under the backup's phase,
 otherwise one line per phase; then the backup's summary, as
 ` + "`starter backup --wait`" + ` prints it (with --json, only the summary, as one JSON
 object). A backup that ended already is summarized at once.
+
+A restore or a verification is followed the same way, named by its
+workflow ID (as ` + "`starter status`" + ` lists it), or a restore by its
+backup ID while it runs: the restore's bars (verifying, writing), then
+where the file was written (--json: the Restore's result); a
+verification's disks, then its result as ` + "`starter verify`" + ` prints it.
 
 Exit codes: 0 completed, 1 failed or canceled (or not found), 2 bad usage,
 4 interrupted (Ctrl-C): the backup goes on.`,
@@ -67,6 +73,11 @@ func watchRun(ctx context.Context, e *env, cfg *config.Config, arg string, asJSO
 		return err
 	}
 	defer c.Close()
+	if w, ok, err := findKind(ctx, c, cfg.Namespace, arg); err != nil {
+		return err
+	} else if ok {
+		return w.kind.watch(ctx, e, c, w, asJSON)
+	}
 	b, err := findWithGrace(ctx, c, cfg.Namespace, arg)
 	if err != nil {
 		return err
@@ -91,7 +102,7 @@ func newCancelCmd(e *env) *cobra.Command {
 	var cfg config.Config
 	var asJSON bool
 	cmd := &cobra.Command{
-		Use:   "cancel (BACKUP_ID | VM)",
+		Use:   "cancel (BACKUP_ID | VM | WORKFLOW_ID)",
 		Short: "cancel a running backup: its snapshot is removed, nothing is committed",
 		Long: `Cancel a running backup, named by its backup ID or by its VM's name, and
 wait until it has cleaned up: the transfers stop, the partial images are
@@ -99,6 +110,10 @@ removed, the snapshot is removed from the VM, and no restore point is
 committed (the VM's previous restore points and change IDs stay as they
 were, so its next backup is correct). A backup that committed before the
 cancel reached it stays committed: the exit code says so.
+
+A running restore (by its workflow ID, or its backup ID) or verification
+(by its workflow ID) is canceled the same way: a restore's temporary file
+is removed before it ends, and no file is written.
 
 Exit codes: 0 canceled, 1 not running or it ended otherwise, 2 bad usage,
 4 interrupted while waiting (the cancel was requested all the same).`,
@@ -118,6 +133,11 @@ func cancelRun(ctx context.Context, e *env, cfg *config.Config, arg string, asJS
 		return err
 	}
 	defer c.Close()
+	if w, ok, err := findKind(ctx, c, cfg.Namespace, arg); err != nil {
+		return err
+	} else if ok {
+		return cancelKind(ctx, e, c, w)
+	}
 	b, err := findWithGrace(ctx, c, cfg.Namespace, arg)
 	if err != nil {
 		return err
@@ -151,13 +171,19 @@ func cancelRun(ctx context.Context, e *env, cfg *config.Config, arg string, asJS
 	return exitError{code: 1, err: fmt.Errorf("backup %s of VM %s completed before the cancel reached it: its restore point is committed", b.BackupID, b.VM)}
 }
 
-// statusEntry is one running backup of `starter status --json`.
+// statusEntry is one running workflow of `starter status --json`: a
+// backup (Kind "backup", Progress), or one of workflowKinds (kinds.go).
 type statusEntry struct {
+	Kind       string             `json:"kind"`
 	WorkflowID string             `json:"workflow_id"`
 	BackupID   string             `json:"backup_id"`
 	VM         string             `json:"vm"`
 	StartedAt  time.Time          `json:"started_at"`
 	Progress   workflows.Progress `json:"progress"`
+	// Restore is a running restore's progress (Kind "restore").
+	Restore *workflows.RestoreProgress `json:"restore,omitempty"`
+	// Verify is a running verification's progress (Kind "verify").
+	Verify *workflows.VerifyProgress `json:"verify,omitempty"`
 	// Error says why the progress is unknown (the query failed).
 	Error string `json:"error,omitempty"`
 }
@@ -167,7 +193,7 @@ func newStatusCmd(e *env) *cobra.Command {
 	var asJSON bool
 	cmd := &cobra.Command{
 		Use:   "status [VM]",
-		Short: "list the running backups (of one VM) with their phase and progress",
+		Short: "list the running backups, restores and verifications (of one VM) with their phase and progress",
 		Args:  cobra.MaximumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			vm := ""
@@ -201,7 +227,7 @@ func statusRun(ctx context.Context, e *env, cfg *config.Config, vm string, asJSO
 	}
 	entries := []statusEntry{}
 	for _, b := range found {
-		en := statusEntry{WorkflowID: b.WorkflowID, BackupID: b.BackupID, VM: b.VM, StartedAt: b.Started.UTC()}
+		en := statusEntry{Kind: "backup", WorkflowID: b.WorkflowID, BackupID: b.BackupID, VM: b.VM, StartedAt: b.Started.UTC()}
 		qctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		en.Progress, err = queryProgress(qctx, c, b.WorkflowID, b.RunID)
 		cancel()
@@ -210,8 +236,17 @@ func statusRun(ctx context.Context, e *env, cfg *config.Config, vm string, asJSO
 		}
 		entries = append(entries, en)
 	}
+	// Restores and verifications (workflowKinds), listed and shown apart.
+	running, err := kindStatus(ctx, c, cfg.Namespace, vm)
+	if err != nil {
+		return err
+	}
 	if asJSON {
+		entries = append(entries, running...)
 		return json.NewEncoder(e.stdout).Encode(entries)
+	}
+	if err := printKindStatus(e.stdout, running); err != nil {
+		return err
 	}
 	if len(entries) == 0 {
 		if vm != "" {

@@ -3,6 +3,7 @@ package restore
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"os"
 	"os/exec"
@@ -281,8 +282,29 @@ func TestRestoreWorkflow(t *testing.T) {
 		p.VM != vm || p.DiskKey != key || p.To != held || p.Capacity != capacity {
 		t.Errorf("progress of the restore held midway: %+v, want bytes of %d done, under the total", p, capacity)
 	}
-	if err := s.Client().CancelWorkflow(ctx, wid, ""); err != nil {
+	// status lists it (as JSON and for a person), watch follows it and
+	// cancel (by its backup ID) ends it: all from the remote starter.
+	statusRestore(ctx, t, rs, wid, b.BackupID, held)
+	watch, watchOut, watchErr := rs.cmd("watch", wid)
+	if err := watch.Start(); err != nil {
 		t.Fatal(err)
+	}
+	deadline = time.Now().Add(time.Minute)
+	for !strings.Contains(watchOut.String(), "writing") {
+		if time.Now().After(deadline) {
+			t.Fatalf("watch %s never showed the restore writing: stdout %q, stderr %q", wid, watchOut, watchErr)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if cr := rs.run(ctx, t, "cancel", b.BackupID); cr.code != 0 || !strings.Contains(cr.stdout, wid) || !strings.Contains(cr.stdout, "canceled: no file was written") {
+		t.Errorf("cancel %s (its running restore): %s", b.BackupID, cr)
+	}
+	if wr := rs.wait(ctx, t, watch, watchOut, watchErr); wr.code != 1 || !strings.Contains(wr.stdout, "restore of backup "+b.BackupID+" of VM "+vm) ||
+		!strings.Contains(wr.stderr, "was canceled: no file was written") {
+		t.Errorf("watch of the canceled restore: want exit 1, its phases and why it ended; got %s", wr)
+	}
+	if cr := rs.run(ctx, t, "cancel", wid); cr.code != 1 || !strings.Contains(cr.stderr, "is not running") {
+		t.Errorf("cancel of a restore that ended: %s", cr)
 	}
 	res = rs.wait(ctx, t, c, stdout, stderr)
 	if want := "was canceled: no file was written"; res.code != 1 || !strings.Contains(res.stderr, want) {
@@ -340,5 +362,45 @@ func TestRestoreWorkflow(t *testing.T) {
 	}
 	if diff, err := stacktest.SameContent(onTTY, capture); err != nil || diff != "" {
 		t.Errorf("restore on a terminal differs from the disk at backup time: %s %v", diff, err)
+	}
+}
+
+// statusRestore checks that `starter status` lists the running restore
+// wid of backupID to path with its phase and live bytes, and that a
+// status of another VM does not.
+func statusRestore(ctx context.Context, t *testing.T, rs *remote, wid, backupID, path string) {
+	t.Helper()
+	var entries []struct {
+		Kind       string                     `json:"kind"`
+		WorkflowID string                     `json:"workflow_id"`
+		BackupID   string                     `json:"backup_id"`
+		VM         string                     `json:"vm"`
+		Restore    *workflows.RestoreProgress `json:"restore"`
+	}
+	var r result
+	for deadline := time.Now().Add(time.Minute); ; time.Sleep(300 * time.Millisecond) {
+		r = rs.run(ctx, t, "status", vm, "--json")
+		if r.code != 0 || json.Unmarshal([]byte(r.stdout), &entries) != nil {
+			t.Fatalf("status --json: %s", r)
+		}
+		if len(entries) == 1 && entries[0].Restore != nil && entries[0].Restore.Live && entries[0].Restore.Done > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("status --json never listed the held restore with its bytes: %s", r)
+		}
+	}
+	if en := entries[0]; en.Kind != "restore" || en.WorkflowID != wid || en.BackupID != backupID || en.VM != vm ||
+		en.Restore.Phase != workflows.RestoreWriting || en.Restore.To != path {
+		t.Errorf("status --json: %+v (restore %+v)", en, en.Restore)
+	}
+	r = rs.run(ctx, t, "status")
+	for _, want := range []string{"RESTORE", wid, backupID, path, "writing", " of ", "%)", "no backup is running"} {
+		if r.code != 0 || !strings.Contains(r.stdout, want) {
+			t.Errorf("status: want %q in %s", want, r)
+		}
+	}
+	if r = rs.run(ctx, t, "status", "DC0_H0_VM0"); r.code != 0 || strings.Contains(r.stdout, wid) {
+		t.Errorf("status of another VM lists the restore: %s", r)
 	}
 }
