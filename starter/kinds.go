@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"slices"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -25,6 +26,9 @@ type workflowKind struct {
 	name         string // what it is called: "restore", "verification"
 	kind         string // statusEntry.Kind
 	workflowType string
+	// byBackupID: watch and cancel also find its running workflow by the
+	// backup ID it works on (a restore's), not only by its workflow ID.
+	byBackupID bool
 	// progress queries a running workflow and puts its answer into en.
 	progress func(ctx context.Context, c client.Client, w kindRun, en *statusEntry) error
 	// header and row are its table in `starter status`.
@@ -47,7 +51,7 @@ type kindRun struct {
 // backups, in the order status shows them.
 var workflowKinds = []*workflowKind{
 	{
-		name: "restore", kind: "restore", workflowType: "Restore",
+		name: "restore", kind: "restore", workflowType: "Restore", byBackupID: true,
 		progress: func(ctx context.Context, c client.Client, w kindRun, en *statusEntry) error {
 			p, err := queryRestoreProgress(ctx, c, w.WorkflowID, w.RunID)
 			en.Restore = &p
@@ -196,8 +200,10 @@ func printKindStatus(w io.Writer, entries []statusEntry) error {
 
 // findKind finds the workflow of a kind that arg names for watch and
 // cancel: its workflow ID, else the one running workflow of the backup ID
-// (a restore of it). ok is false when arg names none (it may name a
-// backup); several running ones are an error naming them.
+// of a kind found so (byBackupID: a restore of it; not a verification,
+// whose backup ID names the backup to watch or cancel). ok is false when
+// arg names none (it may name a backup); several running ones are an
+// error naming them.
 func findKind(ctx context.Context, c client.Client, ns, arg string) (w kindRun, ok bool, err error) {
 	if strings.ContainsAny(arg, `'"\`) || strings.TrimSpace(arg) == "" {
 		return kindRun{}, false, nil // findBackup says what is wrong
@@ -207,6 +213,9 @@ func findKind(ctx context.Context, c client.Client, ns, arg string) (w kindRun, 
 		fmt.Sprintf("ExecutionStatus = 'Running' AND CbtflowBackupID = '%s'", arg),
 	} {
 		runs, err := listKinds(ctx, c, ns, cond)
+		if strings.HasPrefix(cond, "ExecutionStatus") {
+			runs = slices.DeleteFunc(runs, func(r kindRun) bool { return !r.kind.byBackupID })
+		}
 		switch {
 		case err != nil:
 			return kindRun{}, false, err
