@@ -303,3 +303,26 @@ func exportStopRun(ctx context.Context, e *env, cfg *config.Config, arg, disk st
 	}
 	return fmt.Errorf("export stop: %s ended: %v", wid, err)
 }
+
+// watchExport follows an export until it ends (a line whenever its phase
+// or URI changes; nothing with --json): exit 0 when it was stopped, 1
+// when it failed, 4 when interrupted (the export goes on).
+func watchExport(ctx context.Context, e *env, c client.Client, w kindRun, asJSON bool) error {
+	var err error
+	if asJSON || !w.Running {
+		err = c.GetWorkflow(ctx, w.WorkflowID, w.RunID).Get(ctx, nil)
+	} else {
+		err = followLines(ctx, c, e.stdout, w, nil, func(ctx context.Context) (string, error) {
+			p, err := queryExport(ctx, c, w.WorkflowID, w.RunID)
+			return fmt.Sprintf("export of backup %s disk %d: %s %s", p.BackupID, p.DiskKey, p.Phase, p.URI), err
+		})
+	}
+	switch {
+	case err != nil && ctx.Err() != nil:
+		return exitError{code: exitDetached, err: fmt.Errorf("stopped watching: export %s goes on", w.WorkflowID)}
+	case err == nil || isCanceled(err):
+		fmt.Fprintf(e.stdout, "export %s of backup %s stopped\n", w.WorkflowID, w.BackupID)
+		return nil
+	}
+	return exitError{code: 1, err: fmt.Errorf("export %s of backup %s failed: %s", w.WorkflowID, w.BackupID, failureMessage(err))}
+}

@@ -86,6 +86,25 @@ var workflowKinds = []*workflowKind{
 		watch:    watchVerify,
 		canceled: func(w kindRun) string { return fmt.Sprintf("verification %s canceled", w.WorkflowID) },
 	},
+	{
+		name: "export", kind: "export", workflowType: "Export",
+		progress: func(ctx context.Context, c client.Client, w kindRun, en *statusEntry) error {
+			p, err := queryExport(ctx, c, w.WorkflowID, w.RunID)
+			en.Export = &p
+			if p.VM != "" {
+				en.VM = p.VM
+			}
+			return err
+		},
+		header: "EXPORT\tWORKFLOW\tVM\tDISK\tPHASE\tRUNNING FOR\tURI",
+		row: func(en statusEntry) string {
+			p := en.Export
+			return fmt.Sprintf("%s\t%s\t%s\t%d\t%s\t%s\t%s", en.BackupID, en.WorkflowID, dash(en.VM), p.DiskKey, p.Phase,
+				units.Duration(time.Since(en.StartedAt).Round(time.Second)), dash(p.URI))
+		},
+		watch:    watchExport,
+		canceled: func(w kindRun) string { return fmt.Sprintf("export %s of backup %s stopped", w.WorkflowID, w.BackupID) },
+	},
 }
 
 func dash(s string) string {

@@ -184,6 +184,8 @@ type statusEntry struct {
 	Restore *workflows.RestoreProgress `json:"restore,omitempty"`
 	// Verify is a running verification's progress (Kind "verify").
 	Verify *workflows.VerifyProgress `json:"verify,omitempty"`
+	// Export is a running export's progress, its URI (Kind "export").
+	Export *workflows.ExportProgress `json:"export,omitempty"`
 	// Error says why the progress is unknown (the query failed).
 	Error string `json:"error,omitempty"`
 }
@@ -193,7 +195,7 @@ func newStatusCmd(e *env) *cobra.Command {
 	var asJSON bool
 	cmd := &cobra.Command{
 		Use:   "status [VM]",
-		Short: "list the running backups, restores and verifications (of one VM) with their phase and progress",
+		Short: "list the running backups, restores, verifications and exports (of one VM) with their phase and progress",
 		Args:  cobra.MaximumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			vm := ""

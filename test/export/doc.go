@@ -1,0 +1,11 @@
+// Package export tests instant access on a whole stack: `starter export
+// BACKUP_ID --disk KEY` serves a restore point of a three-image chain
+// (full + 2 incrementals) read-only over NBD, and nbdcopy and qemu-img
+// convert read from its URI the disk as it was at backup time, byte for
+// byte; `starter status` lists the export with its URI; a second export
+// of the disk is refused naming the first; Ctrl-C of the starter stops
+// it (qemu-nbd gone, the catalog's lease gone, the workflow canceled); a
+// prune with keep-last 1 while the oldest point is exported keeps that
+// point (rule "exported") and prunes the rest, and after `starter export
+// stop` the next prune removes it.
+package export
