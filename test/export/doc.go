@@ -5,6 +5,8 @@
 // byte; `starter status` lists the export with its URI; a second export
 // of the disk is refused naming the first; Ctrl-C of the starter stops
 // it (qemu-nbd gone, the catalog's lease gone, the workflow canceled); a
+// worker killed while it serves takes its qemu-nbd with it, and the
+// export comes back on the retry at the same URI, with its lease; a
 // prune with keep-last 1 while the oldest point is exported keeps that
 // point (rule "exported") and prunes the rest, and after `starter export
 // stop` the next prune removes it.

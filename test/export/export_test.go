@@ -128,6 +128,16 @@ func leases(ctx context.Context, t *testing.T, db *pgx.Conn) []string {
 	return ids
 }
 
+// answers reports whether something accepts connections at addr.
+func answers(addr string) bool {
+	c, err := net.DialTimeout("tcp", addr, 2*time.Second)
+	if err != nil {
+		return false
+	}
+	c.Close()
+	return true
+}
+
 func workflowStatus(ctx context.Context, t *testing.T, s *stack.Stack, wid string) enumspb.WorkflowExecutionStatus {
 	t.Helper()
 	d, err := s.Client().DescribeWorkflow(ctx, wid, "")
@@ -237,7 +247,51 @@ func TestExport(t *testing.T) {
 		t.Errorf("the export's workflow after Ctrl-C: %s, want canceled", st)
 	}
 
-	// 5. A prune with keep-last 1 while the oldest point is exported
+	// 5. A worker killed while it serves takes its qemu-nbd with it; the
+	// export comes back on the retry, on the same address, with its
+	// lease.
+	res, err = s.Starter(ctx, "export", third.id, "--disk", k, "--detach", "--json")
+	if err != nil || res.ExitCode != 0 {
+		t.Fatalf("export --detach: %v %s", err, res)
+	}
+	var dx exported
+	if err := json.Unmarshal([]byte(res.Stdout), &dx); err != nil {
+		t.Fatalf("export --detach --json: %v %q", err, res.Stdout)
+	}
+	if err := s.KillWorker(); err != nil {
+		t.Fatal(err)
+	}
+	if ps := stack.ProcsMentioning(dx.Images[0]); len(ps) != 0 {
+		t.Errorf("after the worker's SIGKILL, processes still serve %s: %v", dx.Images[0], ps)
+	}
+	if err := s.StartWorker(ctx); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(3 * time.Minute)
+	for {
+		v, err := s.Client().QueryWorkflow(ctx, wid, "", workflows.QueryProgress)
+		var p workflows.ExportProgress
+		if err == nil {
+			err = v.Get(&p)
+		}
+		if err == nil && p.Phase == workflows.ExportServing && p.URI == dx.URI && answers(dx.Address) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the export did not come back at %s after the worker's restart: %+v %v", dx.URI, p, err)
+		}
+		time.Sleep(time.Second)
+	}
+	sameAsCapture(ctx, t, "nbdcopy", dx.URI, filepath.Join(dir, "again.raw"), third.capture)
+	if got := leases(ctx, t, db); !slices.Equal(got, []string{wid}) {
+		t.Errorf("leases after the retry: %v, want [%s]", got, wid)
+	}
+	res, err = s.Starter(ctx, "export", "stop", wid)
+	if err != nil || res.ExitCode != 0 || !strings.Contains(res.Stdout, "export "+wid+" stopped") {
+		t.Errorf("export stop %s: %v %s", wid, err, res)
+	}
+
+	// 6. A prune with keep-last 1 while the oldest point is exported
 	// keeps it, and prunes the rest: the second point is merged into the
 	// third. The export still reads the first point's disk.
 	res, err = s.Starter(ctx, "export", first.id, "--disk", k, "--detach", "--json")
@@ -273,7 +327,7 @@ func TestExport(t *testing.T) {
 	}
 	_ = os.Remove(out)
 
-	// 6. export stop ends it; the next prune removes the first point.
+	// 7. export stop ends it; the next prune removes the first point.
 	res, err = s.Starter(ctx, "export", "stop", first.id, "--disk", k)
 	if err != nil || res.ExitCode != 0 || !strings.Contains(res.Stdout, "stopped") {
 		t.Errorf("export stop: %v %s", err, res)
@@ -290,7 +344,7 @@ func TestExport(t *testing.T) {
 		t.Errorf("prune after export stop: %+v, want %s removed", pr, first.id)
 	}
 
-	// 7. Usage errors and an unknown point.
+	// 8. Usage errors and an unknown point.
 	for _, c := range []struct {
 		args []string
 		code int
