@@ -70,6 +70,7 @@ func TestChaos(t *testing.T) {
 			{"snapshot-moref", false, snapshotMoref},
 			{"chain-damage", false, chainDamage},
 			{"prune", false, pruneFaults},
+			{"restore-vm", false, restoreVMKill},
 			{"source-eio-persistent", true, persistentEIO},
 		}
 	}
