@@ -9,5 +9,7 @@
 // export comes back on the retry at the same URI, with its lease; a
 // prune with keep-last 1 while the oldest point is exported keeps that
 // point (rule "exported") and prunes the rest, and after `starter export
-// stop` the next prune removes it.
+// stop` the next prune removes it; an export that starts after a prune
+// planned (held at BeforeMerge) to rewrite its chain makes the prune skip
+// the VM, naming the export, with nothing changed.
 package export
