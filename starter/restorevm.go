@@ -66,11 +66,13 @@ func restoreVMRun(ctx context.Context, e *env, cfg *config.Config, backupID stri
 			backupID, o.toVM, wid, shellQuote(wid))}
 	}
 	if err != nil {
-		out.Status = "failed"
+		out.Status, out.Error = "failed", failureMessage(err)
 		if isCanceled(err) {
-			out.Status = "canceled"
+			out.Status, out.Error = "canceled", workflows.RestoreVMCanceledMessage(err)
+			if out.Error == "" {
+				out.Error = fmt.Sprintf("the restore of backup %s into VM %s was canceled", backupID, o.toVM)
+			}
 		}
-		out.Error = failureMessage(err)
 		_ = printRestoreVM(e, out, o.asJSON)
 		return exitError{code: 1, err: errors.New(out.Error), quiet: o.asJSON}
 	}

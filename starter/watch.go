@@ -182,6 +182,9 @@ type statusEntry struct {
 	Progress   workflows.Progress `json:"progress"`
 	// Restore is a running restore's progress (Kind "restore").
 	Restore *workflows.RestoreProgress `json:"restore,omitempty"`
+	// RestoreVM is a running restore into a VM's progress (Kind
+	// "restore-vm").
+	RestoreVM *workflows.RestoreVMProgress `json:"restore_vm,omitempty"`
 	// Verify is a running verification's progress (Kind "verify").
 	Verify *workflows.VerifyProgress `json:"verify,omitempty"`
 	// Export is a running export's progress, its URI (Kind "export").

@@ -161,9 +161,10 @@ var vmRestoreActs *activities.VMRestorer
 //     can say so, else the whole disk), retried, each attempt idempotent;
 //  5. RemoveSnapshot removes the snapshot once every disk is written.
 //
-// On failure (or cancel) after the snapshot, the snapshot is kept, and
-// the error (ErrTypeRestoreVMFailed) names it, by name and moref, and
-// says to revert the VM to it; the sweeper never removes it. Search
+// On failure after the snapshot, the snapshot is kept, and the error
+// (ErrTypeRestoreVMFailed) names it, by name and moref, and says to
+// revert the VM to it; a canceled run ends canceled with that message in
+// its details (RestoreVMCanceledMessage); the sweeper never removes it. Search
 // attributes: CbtflowBackupID at once, CbtflowVM once the VM is found.
 func RestoreVM(ctx workflow.Context, in RestoreVMInput) (*RestoreVMResult, error) {
 	start := workflow.Now(ctx)
@@ -266,18 +267,32 @@ func RestoreVM(ctx workflow.Context, in RestoreVMInput) (*RestoreVMResult, error
 // keptSnapshot records a failed restore and returns its error, which
 // names the snapshot it keeps for the operator to revert to.
 func keptSnapshot(finish func(outcome, reason string), plan activities.PlanRestoreVMResult, snap activities.RestoreSnapshotResult, err error) error {
-	why, cause := causeMessage(err), err
+	why := causeMessage(err)
 	var canceled *temporal.CanceledError
 	if errors.As(err, &canceled) {
-		// Not wrapped: a workflow error that wraps a CanceledError ends
-		// the run canceled, and the operator would not see this message
-		// with the snapshot's name.
-		why, cause = "canceled", nil
+		why = "canceled"
 	}
 	finish("failed", why)
-	return temporal.NewNonRetryableApplicationError(fmt.Sprintf(
+	msg := fmt.Sprintf(
 		"restore of backup %s into VM %q failed: %s; the VM's snapshot %q (%s), taken before the first write, was kept: revert the VM to it to undo the partial restore, then remove it (or restore again)",
-		plan.BackupID, plan.VMName, why, snap.SnapshotName, snap.SnapshotRef), ErrTypeRestoreVMFailed, cause)
+		plan.BackupID, plan.VMName, why, snap.SnapshotName, snap.SnapshotRef)
+	if canceled != nil {
+		// The run ends canceled; its details carry the message with the
+		// snapshot's name (RestoreVMCanceledMessage).
+		return temporal.NewCanceledError(msg)
+	}
+	return temporal.NewNonRetryableApplicationError(msg, ErrTypeRestoreVMFailed, err)
+}
+
+// RestoreVMCanceledMessage is the message a canceled RestoreVM left in
+// its CanceledError's details (it names the snapshot kept), "" when none.
+func RestoreVMCanceledMessage(err error) string {
+	var c *temporal.CanceledError
+	var msg string
+	if errors.As(err, &c) && c.HasDetails() && c.Details(&msg) == nil {
+		return msg
+	}
+	return ""
 }
 
 // causeMessage is the message of the innermost application error in

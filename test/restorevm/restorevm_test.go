@@ -249,8 +249,15 @@ func TestRestoreIntoVM(t *testing.T) {
 		}
 		time.Sleep(300 * time.Millisecond)
 	}
-	if err := s.Client().CancelWorkflow(ctx, wid, ""); err != nil {
-		t.Fatal(err)
+	// starter status lists it, and starter cancel ends it.
+	r, err = s.Starter(ctx, "status", "--json")
+	if err != nil || r.ExitCode != 0 || !strings.Contains(r.Stdout, `"kind":"restore-vm"`) || !strings.Contains(r.Stdout, wid) ||
+		!strings.Contains(r.Stdout, `"restore_vm":{`) {
+		t.Errorf("starter status --json during the restore into the VM: %v %s", err, r)
+	}
+	r, err = s.Starter(ctx, "cancel", wid)
+	if err != nil || r.ExitCode != 0 || !strings.Contains(r.Stdout, "canceled") {
+		t.Errorf("starter cancel %s: %v %s", wid, err, r)
 	}
 	r, err = run.Wait(ctx)
 	if err != nil {
@@ -262,7 +269,7 @@ func TestRestoreIntoVM(t *testing.T) {
 	}
 	snaps := f.snapshots()
 	if r.ExitCode != 1 || len(snaps) != 1 || !strings.HasPrefix(snaps[0], activities.RestoreSnapshotPrefix) ||
-		rep.Status != "failed" || !strings.Contains(rep.Error, "failed: canceled") ||
+		rep.Status != "canceled" || !strings.Contains(rep.Error, "failed: canceled") ||
 		!strings.Contains(rep.Error, "the VM's snapshot \""+snaps[0]+"\"") || !strings.Contains(rep.Error, "revert the VM to it") {
 		t.Fatalf("the canceled restore: snapshots %v, %+v\n%s", snaps, rep, r)
 	}
