@@ -7,8 +7,11 @@ import (
 	"fmt"
 	"io"
 	"strconv"
+	"sync"
 	"time"
 
+	"github.com/vbauerster/mpb/v8"
+	"github.com/vbauerster/mpb/v8/decor"
 	"go.temporal.io/sdk/client"
 
 	"github.com/cbtflow/cbtflow/activities"
@@ -55,7 +58,7 @@ func restoreVMRun(ctx context.Context, e *env, cfg *config.Config, backupID stri
 	}
 	var res workflows.RestoreVMResult
 	if isTerminal(e.stdout) && !o.asJSON {
-		res, err = followRestoreVM(ctx, c, e.stderr, wid, run.GetRunID())
+		res, err = followRestoreVM(ctx, c, e.stdout, wid, run.GetRunID())
 	} else {
 		err = run.Get(ctx, &res)
 	}
@@ -116,40 +119,153 @@ func queryRestoreVMProgress(ctx context.Context, c client.Client, wid, runID str
 }
 
 // followRestoreVM waits for the RestoreVM wid and returns its result,
-// writing a line to w (a terminal) whenever the phase or a disk's stage
-// changes, and each disk's figures every few seconds.
+// drawing its progress on w (a terminal) meanwhile: a headline with the
+// phase and the snapshot, then a bar per disk (its stage, mode, bytes of
+// the areas to write, rate, ETA), as `restore --to` draws its bars.
 func followRestoreVM(ctx context.Context, c client.Client, w io.Writer, wid, runID string) (workflows.RestoreVMResult, error) {
 	var res workflows.RestoreVMResult
 	done := make(chan error, 1)
 	go func() { done <- c.GetWorkflow(ctx, wid, runID).Get(ctx, &res) }()
+	v := newRestoreVMBarView(ctx, w)
 	tick := time.NewTicker(pollInterval)
 	defer tick.Stop()
-	last, lastFigures := "", time.Time{}
 	for {
 		qctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 		if p, err := queryRestoreVMProgress(qctx, c, wid, runID); err == nil {
-			line := fmt.Sprintf("restore of backup %s into VM %s: %s", p.BackupID, p.VM, p.Phase)
-			if p.Snapshot != "" {
-				line += fmt.Sprintf(" (snapshot %s, %s)", p.Snapshot, p.SnapshotRef)
-			}
-			for _, d := range p.Disks {
-				line += fmt.Sprintf("\n  disk %d %s %s", d.Key, d.Phase, d.Mode)
-			}
-			if line != last || time.Since(lastFigures) > 3*time.Second {
-				fmt.Fprintln(w, line)
-				for _, d := range p.Disks {
-					if d.Phase == "verifying" || d.Phase == "writing" {
-						fmt.Fprintf(w, "  disk %d %s\n", d.Key, restoreFigures(d.Done, d.Total, d.Rate, d.ETASeconds))
-					}
-				}
-				last, lastFigures = line, time.Now()
-			}
+			v.show(p)
 		}
 		cancel()
 		select {
 		case err := <-done:
+			v.end(err == nil, res)
 			return res, err
 		case <-tick.C:
 		}
 	}
+}
+
+// restoreVMDisk is what a disk's bar shows: its latest figures.
+type restoreVMDisk struct {
+	workflows.RestoreVMDiskProgress
+	bar *mpb.Bar
+}
+
+// restoreVMBarView draws a restore into a VM: a headline, then a bar per
+// disk once the plan names them (mpb, redrawn in place). A bar never
+// goes back: an answer without the write's figures keeps the last ones.
+type restoreVMBarView struct {
+	p     *mpb.Progress
+	mu    sync.Mutex
+	last  workflows.RestoreVMProgress
+	disks map[int32]*restoreVMDisk
+	order []int32
+	head  *mpb.Bar
+	start time.Time
+}
+
+func newRestoreVMBarView(ctx context.Context, w io.Writer) *restoreVMBarView {
+	v := &restoreVMBarView{p: mpb.NewWithContext(ctx, mpb.WithOutput(w), mpb.WithWidth(100), mpb.WithRefreshRate(200*time.Millisecond)),
+		disks: map[int32]*restoreVMDisk{}, start: time.Now()}
+	v.head = v.p.New(1, mpb.NopStyle(), mpb.PrependDecorators(decor.Any(func(decor.Statistics) string {
+		v.mu.Lock()
+		defer v.mu.Unlock()
+		if v.last.BackupID == "" {
+			return "starting the restore into the VM…"
+		}
+		snap := ""
+		if v.last.Snapshot != "" {
+			snap = fmt.Sprintf(", snapshot %s (%s)", v.last.Snapshot, v.last.SnapshotRef)
+		}
+		return fmt.Sprintf("restore of backup %s into VM %s: %s%s (%s)", v.last.BackupID, v.last.VM, v.last.Phase, snap,
+			units.Duration(time.Since(v.start).Round(time.Second)))
+	})))
+	return v
+}
+
+func (v *restoreVMBarView) show(p workflows.RestoreVMProgress) {
+	v.mu.Lock()
+	v.last = p
+	for _, d := range p.Disks {
+		st := v.disks[d.Key]
+		if st == nil {
+			key := d.Key
+			st = &restoreVMDisk{RestoreVMDiskProgress: d}
+			st.bar = v.p.New(0, mpb.BarStyle().Lbound("[").Rbound("]"),
+				mpb.PrependDecorators(decor.Any(func(decor.Statistics) string { return fmt.Sprintf("  disk %-6d", key) })),
+				mpb.AppendDecorators(decor.Any(func(decor.Statistics) string {
+					v.mu.Lock()
+					defer v.mu.Unlock()
+					s := v.disks[key]
+					text := " " + s.Phase
+					if s.Mode != "" {
+						text += " (" + s.Mode + ")"
+					}
+					if f := restoreFigures(s.Done, s.Total, s.Rate, s.ETASeconds); f != "" {
+						text += ", " + f
+					}
+					return text
+				})))
+			v.disks[key], v.order = st, append(v.order, key)
+		}
+		stageChanged := d.Phase != st.Phase
+		if stageChanged || d.Done >= st.Done || d.Phase == "done" {
+			bar := st.bar
+			st.RestoreVMDiskProgress = d
+			st.bar = bar
+		}
+	}
+	type update struct {
+		bar         *mpb.Bar
+		done, total int64
+		finished    bool
+	}
+	var ups []update
+	for _, k := range v.order {
+		st := v.disks[k]
+		ups = append(ups, update{st.bar, st.Done, st.Total, st.Phase == "done"})
+	}
+	v.mu.Unlock()
+	for _, u := range ups {
+		if u.bar.Completed() {
+			continue
+		}
+		if u.total > 0 {
+			u.bar.SetTotal(u.total, false)
+		}
+		u.bar.SetCurrent(u.done)
+		if u.finished {
+			u.bar.SetTotal(max(u.total, 1), true)
+		}
+	}
+}
+
+// end completes the bars with the completed restore's result or, when
+// the restore did not complete, leaves them where they stood.
+func (v *restoreVMBarView) end(completed bool, res workflows.RestoreVMResult) {
+	if completed {
+		p := v.last
+		p.Phase, p.BackupID, p.VM, p.Snapshot, p.SnapshotRef = workflows.RestoreVMCompleted, res.BackupID, res.VM, res.Snapshot, res.SnapshotRef
+		p.Disks = nil
+		for _, d := range res.Disks {
+			p.Disks = append(p.Disks, workflows.RestoreVMDiskProgress{Key: d.Key, Phase: "done", Mode: d.Mode,
+				Done: d.DifferingBytes, Total: d.DifferingBytes, Percent: 100})
+		}
+		v.show(p)
+	}
+	bars := []*mpb.Bar{v.head}
+	v.mu.Lock()
+	for _, k := range v.order {
+		bars = append(bars, v.disks[k].bar)
+	}
+	v.mu.Unlock()
+	for _, b := range bars {
+		if !b.Completed() {
+			if completed {
+				b.SetTotal(-1, true)
+			} else {
+				b.Abort(false)
+			}
+		}
+	}
+	v.p.Wait()
 }

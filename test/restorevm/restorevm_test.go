@@ -22,6 +22,7 @@ import (
 	"github.com/cbtflow/cbtflow/lab"
 	"github.com/cbtflow/cbtflow/testkit/stack"
 	"github.com/cbtflow/cbtflow/testkit/stacktest"
+	"github.com/cbtflow/cbtflow/testkit/testutil"
 	"github.com/cbtflow/cbtflow/workflows"
 )
 
@@ -283,4 +284,30 @@ func TestRestoreIntoVM(t *testing.T) {
 	if after := f.snapshots(); len(after) != 1 || after[0] != snaps[0] {
 		t.Errorf("the sweeper touched the kept restore snapshot: before %v, after %v", snaps, after)
 	}
+
+	// 6. On a terminal: the headline and a bar per disk, done at the end,
+	// then the summary.
+	tty, err := testutil.OpenPTY(40, 220)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tty.Close()
+	run, err = s.StartStarterOn(tty.Slave, "restore", b1.BackupID, "--to-vm", vm)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tty.CloseSlave()
+	r, err = run.Wait(ctx)
+	tty.Drain()
+	screen := tty.Output()
+	if err != nil || r.ExitCode != 0 {
+		t.Fatalf("restore --to-vm on a terminal: %v %s\nterminal: %q", err, r, screen)
+	}
+	for _, want := range []string{"restore of backup " + b1.BackupID + " into VM " + vm, "disk " + strconv.Itoa(int(f.keys[0])),
+		"disk " + strconv.Itoa(int(f.keys[1])), " done (", ": completed", "the next backup of the VM is full"} {
+		if !strings.Contains(screen, want) {
+			t.Errorf("the terminal lacks %q: %q", want, screen)
+		}
+	}
+	f.sameAs("after the restore on a terminal", at1)
 }
