@@ -207,7 +207,55 @@ func TestRestoreIntoVM(t *testing.T) {
 		t.Errorf("after the whole-disk restore of the second backup: %s %v", diff, err)
 	}
 
-	// 5. Canceled midway: the restore fails naming the snapshot it kept,
+	// 5. Into another VM: its disk of the same key and size, the whole
+	// disk (CBT cannot say what differs on another VM). What cannot work
+	// is refused by name.
+	const other = "DC0_H0_VM1"
+	if err := l.SetPower(other, false); err != nil {
+		t.Fatal(err)
+	}
+	k0 := strconv.Itoa(int(f.keys[0]))
+	r, err = s.Starter(ctx, "restore", b1.BackupID, "--to-vm", other, "--disk", k0, "--json")
+	if err != nil || r.ExitCode != 0 {
+		t.Fatalf("restore into %s: %v %s", other, err, r)
+	}
+	rep = report{}
+	if err := stacktest.DecodeOne(r.Stdout, &rep); err != nil {
+		t.Fatal(err)
+	}
+	if len(rep.Disks) != 1 || rep.Disks[0].Mode != activities.RestoreWholeDisk || !strings.Contains(rep.Disks[0].Why, "is not the restore point's VM") {
+		t.Errorf("restore into another VM: %+v, want the whole disk, saying why", rep)
+	}
+	got := filepath.Join(f.dir, "other.raw")
+	if r, err := s.Starter(ctx, "lab", "read", "--vm", other, "--disk", k0, "--to", got); err != nil || r.ExitCode != 0 {
+		t.Fatalf("lab read %s: %v %s", other, err, r)
+	}
+	if diff, err := stacktest.SameContent(got, at1[f.keys[0]]); err != nil || diff != "" {
+		t.Errorf("%s's disk after the restore: %s %v", other, diff, err)
+	}
+	for _, c := range []struct {
+		args []string
+		code int
+		want string
+	}{
+		{[]string{"restore", "20990101T000000Z-000000000000", "--to-vm", vm}, 1, "backup 20990101T000000Z-000000000000 does not exist"},
+		{[]string{"restore", b1.BackupID, "--to-vm", "no-such-vm"}, 1, "no-such-vm"},
+		{[]string{"restore", b1.BackupID, "--to-vm", other}, 1, "VM \"" + other + "\" has no disk " + strconv.Itoa(int(f.keys[1])) + " (its disks: " + k0 + "); restore into a new VM"},
+		{[]string{"restore", b1.BackupID, "--to-vm", vm, "--disk", "999"}, 1, "has no disk 999"},
+		{[]string{"restore", b1.BackupID, "--to-vm", vm, "--new-vm", "copy"}, 1, "restoring into a new VM is not supported yet"},
+		{[]string{"restore", b1.BackupID, "--to-vm", vm, "--to", filepath.Join(f.dir, "x.raw")}, 2, "not with --to or --to-device"},
+		{[]string{"restore", b1.BackupID, "--to-vm", vm, "--disk", "x"}, 2, "--disk \"x\" is not a device key"},
+	} {
+		r, err := s.Starter(ctx, c.args...)
+		if err != nil || r.ExitCode != c.code || !strings.Contains(r.Stderr, c.want) {
+			t.Errorf("starter %v: want exit %d and %q, got %v %s", c.args, c.code, c.want, err, r)
+		}
+	}
+	if snaps := f.snapshots(); len(snaps) != 0 {
+		t.Errorf("refused restores left snapshots %v", snaps)
+	}
+
+	// 6. Canceled midway: the restore fails naming the snapshot it kept,
 	// and the sweeper leaves that snapshot alone.
 	gates := s.FaultPoints()
 	if err := gates.Arm(faultpoint.MidVMRestore); err != nil {
@@ -285,7 +333,7 @@ func TestRestoreIntoVM(t *testing.T) {
 		t.Errorf("the sweeper touched the kept restore snapshot: before %v, after %v", snaps, after)
 	}
 
-	// 6. On a terminal: the headline and a bar per disk, done at the end,
+	// 7. On a terminal: the headline and a bar per disk, done at the end,
 	// then the summary.
 	tty, err := testutil.OpenPTY(40, 220)
 	if err != nil {
