@@ -4,7 +4,8 @@
 // process) while it injects one fault at a time — the worker killed at
 // each step boundary, the Temporal server restarted, the database cut
 // during the commit, read errors on the source disk, a full repository, a
-// backup's snapshot moref made to name an administrator's snapshot —
+// backup's snapshot moref made to name an administrator's snapshot, a
+// restore into a VM whose worker is killed half way (group restore-vm) —
 // and checks after every scenario what cbtflow promises: every backup ends
 // within a bounded time; every committed change ID is the one the lab
 // stamped on that backup's snapshot and no completed backup lacks its
