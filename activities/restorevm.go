@@ -80,11 +80,17 @@ type PlanRestoreVMInput struct {
 	// DiskKey restricts the restore to one disk; 0: every disk of the
 	// point.
 	DiskKey int32 `json:"disk_key,omitempty"`
+	// ByOrder matches the point's disks with the VM's in order (of their
+	// keys), not by key: a VM CreateRestoreVM made gives its disks keys
+	// of its own.
+	ByOrder bool `json:"by_order,omitempty"`
 }
 
 // RestoreVMDisk is one disk to write.
 type RestoreVMDisk struct {
-	Key      int32 `json:"key"`
+	Key int32 `json:"key"` // the restore point's
+	// VMKey is the VM's disk written; 0: Key.
+	VMKey    int32 `json:"vm_key,omitempty"`
 	Capacity int64 `json:"capacity"`
 	// ChangeID is the point's change ID of the disk (its snapshot's):
 	// CBT since it, on the restore's snapshot, says where the VM's disk
@@ -169,6 +175,23 @@ type VMRestoreProgress struct {
 	ResumePoint int64   `json:"resume_point,omitempty"`
 }
 
+// CreateRestoreVMInput asks for a new VM to restore a point into.
+type CreateRestoreVMInput struct {
+	RestoreID string `json:"restore_id"`
+	BackupID  string `json:"backup_id"`
+	Profile   string `json:"profile,omitempty"` // empty: the point's
+	// Beside is the VM whose folder, resource pool, host and datastore
+	// the new VM gets (name, inventory path or moref).
+	Beside string `json:"beside"`
+	Name   string `json:"name"`
+}
+
+// CreateRestoreVMResult is the VM made.
+type CreateRestoreVMResult struct {
+	VMRef  string `json:"vm_ref"`
+	VMName string `json:"vm_name"`
+}
+
 // FinishVMRestoreInput records a restore's outcome.
 type FinishVMRestoreInput struct {
 	RestoreID string `json:"restore_id"`
@@ -239,6 +262,16 @@ func (a *VMRestorer) PlanRestoreVM(ctx context.Context, in PlanRestoreVMInput) (
 		vmDisks[d.Key] = d
 		keys = append(keys, strconv.Itoa(int(d.Key)))
 	}
+	if in.ByOrder {
+		if len(vm.Disks) != len(b.Disks) {
+			return nil, refusedRestore(fmt.Sprintf("restore: VM %q has %d disks, restore point %s has %d", vm.Name, len(vm.Disks), b.ID, len(b.Disks)))
+		}
+		vmDisks = map[int32]vsphere.Disk{}
+		ordered := slices.SortedFunc(slices.Values(vm.Disks), func(x, y vsphere.Disk) int { return int(x.Key) - int(y.Key) })
+		for i, d := range b.Disks { // sorted by key
+			vmDisks[d.Key] = ordered[i]
+		}
+	}
 	found := false
 	for _, d := range b.Disks {
 		if in.DiskKey != 0 && d.Key != in.DiskKey {
@@ -259,6 +292,9 @@ func (a *VMRestorer) PlanRestoreVM(ctx context.Context, in PlanRestoreVMInput) (
 				d.Key, vm.Name, vd.Capacity, b.ID, d.Capacity))
 		}
 		rd := RestoreVMDisk{Key: d.Key, Capacity: d.Capacity, ChangeID: d.ChangeID}
+		if vd.Key != d.Key {
+			rd.VMKey = vd.Key
+		}
 		switch {
 		case vm.UUID != b.VMUUID:
 			rd.Why = fmt.Sprintf("VM %q is not the restore point's VM %q: CBT cannot say what differs", vm.Name, b.VMName)
@@ -320,6 +356,56 @@ func (a *VMRestorer) CreateRestoreSnapshot(ctx context.Context, in RestoreSnapsh
 	}
 	activity.GetLogger(ctx).Info("restore snapshot taken", "vm", vm.Name, "restore", in.RestoreID, "snapshot", snap.Ref)
 	return &RestoreSnapshotResult{SnapshotRef: snap.Ref, SnapshotName: snap.Name}, nil
+}
+
+// CreateRestoreVM creates a powered-off VM beside another (its folder,
+// resource pool, host and datastore) with thin disks of the restore
+// point's capacities, in the order of their keys, for a restore into a
+// new VM. Idempotent: the VM an earlier attempt made (its notes name this
+// restore) is found and returned. A name another VM has is refused
+// (RestoreRefused).
+func (a *VMRestorer) CreateRestoreVM(ctx context.Context, in CreateRestoreVMInput) (*CreateRestoreVMResult, error) {
+	defer heartbeatEvery(ctx, 10*time.Second, nil)()
+	b, err := a.Catalog.Get(ctx, in.BackupID)
+	if errors.Is(err, catalog.ErrNotFound) {
+		return nil, temporal.NewNonRetryableApplicationError(fmt.Sprintf("restore: backup %s does not exist", in.BackupID), ErrTypeNoRestorePoint, nil)
+	}
+	if err != nil {
+		return nil, permanent(err)
+	}
+	if b.Status != catalog.StatusCommitted {
+		return nil, temporal.NewNonRetryableApplicationError(fmt.Sprintf("restore: backup %s is %s, not a restore point", in.BackupID, b.Status), ErrTypeNoRestorePoint, nil)
+	}
+	profile := cmpOr(in.Profile, b.Profile)
+	c, err := a.Sessions.Client(ctx, profile)
+	if err != nil {
+		return nil, permanent(err)
+	}
+	beside, err := c.FindVM(ctx, in.Beside)
+	if err != nil {
+		return nil, permanent(err)
+	}
+	var capacities []int64
+	for _, d := range b.Disks {
+		capacities = append(capacities, d.Capacity)
+	}
+	vm, err := c.CreateVMBeside(ctx, beside.Ref, in.Name, capacities,
+		fmt.Sprintf("cbtflow restore %s of backup %s (VM %s)", in.RestoreID, b.ID, b.VMName))
+	if errors.Is(err, vsphere.ErrVMNameTaken) {
+		return nil, refusedRestore(fmt.Sprintf("restore: --new-vm %q: %v: choose another name", in.Name, err))
+	}
+	if err != nil {
+		return nil, permanent(err)
+	}
+	activity.GetLogger(ctx).Info("VM created for the restore", "vm", vm.Name, "vm_ref", vm.Ref, "beside", beside.Name, "restore", in.RestoreID)
+	return &CreateRestoreVMResult{VMRef: vm.Ref, VMName: vm.Name}, nil
+}
+
+func cmpOr(a, b string) string {
+	if a != "" {
+		return a
+	}
+	return b
 }
 
 // FinishVMRestore records the restore's outcome in the catalog.
@@ -437,9 +523,13 @@ func (a *VMRestorer) WriteVMDisk(ctx context.Context, in WriteVMDiskInput) (*Wri
 	if state != vsphere.PoweredOff {
 		return nil, poweredOn(vm.Name, vm.Ref, state)
 	}
-	i := slices.IndexFunc(vm.Disks, func(d vsphere.Disk) bool { return d.Key == key })
+	vmKey := key
+	if in.Disk.VMKey != 0 {
+		vmKey = in.Disk.VMKey
+	}
+	i := slices.IndexFunc(vm.Disks, func(d vsphere.Disk) bool { return d.Key == vmKey })
 	if i < 0 || vm.Disks[i].Capacity != in.Disk.Capacity {
-		return nil, refusedRestore(fmt.Sprintf("restore: VM %q no longer has disk %d of %d bytes", vm.Name, key, in.Disk.Capacity))
+		return nil, refusedRestore(fmt.Sprintf("restore: VM %q no longer has disk %d of %d bytes", vm.Name, vmKey, in.Disk.Capacity))
 	}
 	live := vm.Disks[i] // the disk the VM writes now: the delta of the restore's snapshot
 
@@ -449,7 +539,7 @@ func (a *VMRestorer) WriteVMDisk(ctx context.Context, in WriteVMDiskInput) (*Wri
 	if in.Disk.Differential {
 		var areas []copier.Extent
 		var n int64
-		err := vc.QueryChangedAreas(ctx, in.VMRef, in.SnapshotRef, key, in.Disk.Capacity, in.Disk.ChangeID, func(off, l int64) error {
+		err := vc.QueryChangedAreas(ctx, in.VMRef, in.SnapshotRef, vmKey, in.Disk.Capacity, in.Disk.ChangeID, func(off, l int64) error {
 			n += l
 			if k := len(areas) - 1; k >= 0 && areas[k].End() == off {
 				areas[k].Length += l
@@ -498,7 +588,7 @@ func (a *VMRestorer) WriteVMDisk(ctx context.Context, in WriteVMDiskInput) (*Wri
 			return nil, permanent(err)
 		}
 		dst, err := wr.OpenWrite(ctx, source.WriteRequest{Profile: profile, VMRef: vm.Ref,
-			Disk: vsphere.Disk{Key: key, Capacity: live.Capacity, FileName: live.FileName}, Dir: base + "-w"})
+			Disk: vsphere.Disk{Key: vmKey, Capacity: live.Capacity, FileName: live.FileName}, Dir: base + "-w"})
 		if errors.Is(err, source.ErrPoweredOn) {
 			return nil, poweredOn(vm.Name, vm.Ref, "not powered off")
 		}

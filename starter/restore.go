@@ -62,13 +62,16 @@ completes; a failed restore keeps it and names it, so that the VM can be
 reverted to it. Only the areas that differ from the point are written
 when the VM's change tracking can say which; otherwise the whole disk.
 The next backup of the VM is full. It is the RestoreVM workflow; --json
-prints its result, --wait=false returns once it started. --new-vm is not
-supported yet.`,
+prints its result, --wait=false returns once it started. With --new-vm
+NAME it creates a powered-off VM of that name beside VM (its folder,
+resource pool, host and datastore) with disks of the point's sizes, and
+writes the whole of every disk into it.`,
 		Example: `  starter restore 20261203T141029Z-1e3e829ce7ae --disk 204 --to /srv/restores/disk204.raw
   starter restore 20261203T141029Z-1e3e829ce7ae --disk 204 --to /srv/restores/disk204.qcow2 --format qcow2
   starter restore 20261203T141029Z-1e3e829ce7ae --disk 204 --to disk204.raw --local
   starter restore 20261203T141029Z-1e3e829ce7ae --disk 204 --to-device /dev/sdx
-  starter restore 20261203T141029Z-1e3e829ce7ae --to-vm DC0_H0_VM0 --json`,
+  starter restore 20261203T141029Z-1e3e829ce7ae --to-vm DC0_H0_VM0 --json
+  starter restore 20261203T141029Z-1e3e829ce7ae --to-vm DC0_H0_VM0 --new-vm DC0_H0_VM0-restored`,
 		Args: exactArgs(1, "exactly one backup ID"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return restoreRun(cmd.Context(), e, &cfg, args[0], o)
@@ -83,7 +86,7 @@ supported yet.`,
 	fs.StringVar(&o.format, "format", "raw", "raw (sparse) or qcow2; --to-device takes raw only")
 	fs.BoolVar(&o.local, "local", false, "restore in this process from the catalog and the repository folder (--database-url, --repository), not through the worker")
 	fs.StringVar(&o.toVM, "to-vm", "", "write the disks back into this powered-off `VM` (name, inventory path or moref)")
-	fs.StringVar(&o.newVM, "new-vm", "", "create a VM of this `name` and restore into it (not supported yet)")
+	fs.StringVar(&o.newVM, "new-vm", "", "create a powered-off VM of this `name` beside the --to-vm VM and restore every disk into it")
 	fs.StringVar(&o.profile, "profile", "", "--to-vm: the vCenter `profile` to reach the VM through (default: the restore point's)")
 	fs.BoolVar(&o.asJSON, "json", false, "--to-vm: print the result as JSON")
 	fs.BoolVar(&o.wait, "wait", true, "--to-vm: wait for the restore to end")

@@ -32,7 +32,9 @@ func restoreVMRun(ctx context.Context, e *env, cfg *config.Config, backupID stri
 	case o.local || o.force:
 		return usageError{errors.New("restore: --local and --force are for --to FILE, not --to-vm")}
 	case o.newVM != "" && o.toVM == "":
-		return usageError{errors.New("restore: --new-vm NAME needs --to-vm VM, the VM whose place the new one takes")}
+		return usageError{errors.New("restore: --new-vm NAME needs --to-vm VM, the VM beside which the new one is made")}
+	case o.newVM != "" && o.disk != "":
+		return usageError{errors.New("restore: --new-vm restores every disk of the point: not with --disk")}
 	}
 	if o.disk != "" {
 		key, err := strconv.ParseInt(o.disk, 10, 32)

@@ -25,8 +25,9 @@ type RestoreVMInput struct {
 	// DiskKey restricts the restore to one disk; 0: every disk of the
 	// point.
 	DiskKey int32 `json:"disk_key,omitempty"`
-	// NewVM would create a powered-off VM of that name beside the source
-	// and restore into it: not supported yet, refused by name.
+	// NewVM creates a powered-off VM of that name beside VM (its folder,
+	// resource pool, host and datastore), with disks of the point's
+	// sizes, and restores the whole of every disk into it.
 	NewVM string `json:"new_vm,omitempty"`
 }
 
@@ -148,7 +149,8 @@ func (p *RestoreVMProgress) ApplyVMRestore(b activities.VMRestoreProgress) {
 // vmRestoreActs is how RestoreVM calls its activities.
 var vmRestoreActs *activities.VMRestorer
 
-// RestoreVM writes a restore point's disks back into a powered-off VM:
+// RestoreVM writes a restore point's disks back into a powered-off VM
+// (with NewVM, first CreateRestoreVM makes one beside VM):
 //
 //  1. PlanRestoreVM finds the point and the VM, refuses a VM that is not
 //     powered off (VMPoweredOn: power it off first), a VM being backed
@@ -179,17 +181,26 @@ func RestoreVM(ctx workflow.Context, in RestoreVMInput) (*RestoreVMResult, error
 		return nil, invalid("restore: no backup ID given")
 	case strings.TrimSpace(in.VM) == "":
 		return nil, invalid("restore: no VM to restore into given")
-	case in.NewVM != "":
-		return nil, temporal.NewNonRetryableApplicationError(fmt.Sprintf(
-			"restore: --new-vm %q: restoring into a new VM is not supported yet; create a powered-off VM with disks of the restore point's sizes and restore into it with --to-vm", in.NewVM),
+	case in.NewVM != "" && in.DiskKey != 0:
+		return nil, temporal.NewNonRetryableApplicationError("restore: --new-vm restores every disk of the point: not with --disk",
 			activities.ErrTypeRestoreRefused, nil)
 	}
 	_ = workflow.UpsertTypedSearchAttributes(ctx, SearchBackupID.ValueSet(in.BackupID))
 	phase := func(p RestoreVMPhase) { prog.Phase, prog.PhaseSince = p, workflow.Now(ctx) }
 
+	target, byOrder := in.VM, false
+	if in.NewVM != "" {
+		var made activities.CreateRestoreVMResult
+		if err := workflow.ExecuteActivity(withSnapshotActivity(ctx), vmRestoreActs.CreateRestoreVM, activities.CreateRestoreVMInput{
+			RestoreID: restoreID, BackupID: in.BackupID, Profile: in.Profile, Beside: in.VM, Name: in.NewVM}).Get(ctx, &made); err != nil {
+			return nil, err
+		}
+		// Its disks have keys of their own: the point's are matched in order.
+		target, byOrder = made.VMRef, true
+	}
 	var plan activities.PlanRestoreVMResult
 	if err := workflow.ExecuteActivity(withShortActivity(ctx), vmRestoreActs.PlanRestoreVM, activities.PlanRestoreVMInput{
-		BackupID: in.BackupID, VM: in.VM, Profile: in.Profile, DiskKey: in.DiskKey}).Get(ctx, &plan); err != nil {
+		BackupID: in.BackupID, VM: target, Profile: in.Profile, DiskKey: in.DiskKey, ByOrder: byOrder}).Get(ctx, &plan); err != nil {
 		return nil, err
 	}
 	prog.VM = plan.VMName

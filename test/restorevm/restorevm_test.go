@@ -242,7 +242,8 @@ func TestRestoreIntoVM(t *testing.T) {
 		{[]string{"restore", b1.BackupID, "--to-vm", "no-such-vm"}, 1, "no-such-vm"},
 		{[]string{"restore", b1.BackupID, "--to-vm", other}, 1, "VM \"" + other + "\" has no disk " + strconv.Itoa(int(f.keys[1])) + " (its disks: " + k0 + "); restore into a new VM"},
 		{[]string{"restore", b1.BackupID, "--to-vm", vm, "--disk", "999"}, 1, "has no disk 999"},
-		{[]string{"restore", b1.BackupID, "--to-vm", vm, "--new-vm", "copy"}, 1, "restoring into a new VM is not supported yet"},
+		{[]string{"restore", b1.BackupID, "--to-vm", vm, "--new-vm", other}, 1, "--new-vm \"" + other + "\": vsphere: VM name taken"},
+		{[]string{"restore", b1.BackupID, "--to-vm", vm, "--new-vm", "x", "--disk", k0}, 2, "not with --disk"},
 		{[]string{"restore", b1.BackupID, "--to-vm", vm, "--to", filepath.Join(f.dir, "x.raw")}, 2, "not with --to or --to-device"},
 		{[]string{"restore", b1.BackupID, "--to-vm", vm, "--disk", "x"}, 2, "--disk \"x\" is not a device key"},
 	} {
@@ -255,7 +256,38 @@ func TestRestoreIntoVM(t *testing.T) {
 		t.Errorf("refused restores left snapshots %v", snaps)
 	}
 
-	// 6. Canceled midway: the restore fails naming the snapshot it kept,
+	// 6. Into a new VM beside the source: made powered off, with disks of
+	// the point's sizes, every disk written whole.
+	const made = "DC0_H0_VM0-restored"
+	r, err = s.Starter(ctx, "restore", b1.BackupID, "--to-vm", vm, "--new-vm", made, "--json")
+	if err != nil || r.ExitCode != 0 {
+		t.Fatalf("restore into a new VM: %v %s", err, r)
+	}
+	rep = report{}
+	if err := stacktest.DecodeOne(r.Stdout, &rep); err != nil {
+		t.Fatal(err)
+	}
+	newDisks, err := l.Disks(made)
+	if err != nil || len(newDisks) != 2 || rep.VM != made || len(rep.Disks) != 2 {
+		t.Fatalf("the new VM %s: %+v %v; result %+v", made, newDisks, err, rep)
+	}
+	for i, d := range newDisks {
+		if d.Capacity != f.cap || rep.Disks[i].Mode != activities.RestoreWholeDisk {
+			t.Errorf("new VM disk %d: %+v, result %+v", d.Key, d, rep.Disks[i])
+		}
+		got := filepath.Join(f.dir, "made.raw")
+		if r, err := s.Starter(ctx, "lab", "read", "--vm", made, "--disk", strconv.Itoa(int(d.Key)), "--to", got); err != nil || r.ExitCode != 0 {
+			t.Fatalf("lab read %s: %v %s", made, err, r)
+		}
+		if diff, err := stacktest.SameContent(got, at1[f.keys[i]]); err != nil || diff != "" {
+			t.Errorf("the new VM's disk %d (the point's %d): %s %v", d.Key, f.keys[i], diff, err)
+		}
+	}
+	if names, err := stacktest.Snapshots(ctx, l, newDisks[0].VMRef); err != nil || len(names) != 0 {
+		t.Errorf("snapshots of the new VM: %v %v", names, err)
+	}
+
+	// 7. Canceled midway: the restore fails naming the snapshot it kept,
 	// and the sweeper leaves that snapshot alone.
 	gates := s.FaultPoints()
 	if err := gates.Arm(faultpoint.MidVMRestore); err != nil {
@@ -333,7 +365,7 @@ func TestRestoreIntoVM(t *testing.T) {
 		t.Errorf("the sweeper touched the kept restore snapshot: before %v, after %v", snaps, after)
 	}
 
-	// 7. On a terminal: the headline and a bar per disk, done at the end,
+	// 8. On a terminal: the headline and a bar per disk, done at the end,
 	// then the summary.
 	tty, err := testutil.OpenPTY(40, 220)
 	if err != nil {
