@@ -4,8 +4,11 @@
 // the areas that differ, after which `starter lab read` equals the disk
 // at backup time, no snapshot is left, and the next backup is full and
 // says why; a restore whose CBT continuity is broken writes the whole
-// disk; a canceled restore keeps its snapshot, names it, and the sweeper
-// leaves it alone.
+// disk, and so does one into another VM or into a new VM made beside the
+// source; what cannot work is refused by name; a restore held half way
+// shows in the progress query and `starter status`, `starter cancel`
+// ends it, it keeps its snapshot and names it, and the sweeper leaves
+// that snapshot alone; on a terminal, bars.
 package restorevm
 
 import (
