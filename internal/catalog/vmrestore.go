@@ -75,16 +75,6 @@ func (c *Catalog) FinishVMRestore(ctx context.Context, id, outcome, reason strin
 	return nil
 }
 
-// GetVMRestore returns one restore into a VM; ErrNotFound when unknown.
-func (c *Catalog) GetVMRestore(ctx context.Context, id string) (*VMRestore, error) {
-	row := c.pool.QueryRow(ctx, `SELECT `+vmRestoreColumns+` FROM vm_restores WHERE id = $1`, id)
-	r, err := scanVMRestore(row)
-	if errors.Is(err, pgx.ErrNoRows) {
-		return nil, fmt.Errorf("catalog: restore %s: %w", id, ErrNotFound)
-	}
-	return r, err
-}
-
 // RestoredSince returns the newest restore into the VM (by instance
 // UUID, under any profile: its disks are the same) that began after
 // restore point backupID began, whatever its outcome; nil when none did.

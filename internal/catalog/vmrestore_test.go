@@ -44,13 +44,10 @@ func TestVMRestores(t *testing.T) {
 	if err := c.FinishVMRestore(ctx, "r1", RestoreFailed, "disk 204: boom"); err != nil {
 		t.Fatal(err)
 	}
-	got, err = c.GetVMRestore(ctx, "r1")
-	if err != nil || got.Outcome != RestoreFailed || got.Error != "disk 204: boom" || got.FinishedAt.IsZero() ||
+	got, err = c.RestoredSince(ctx, "uuid-r", "p1")
+	if err != nil || got == nil || got.Outcome != RestoreFailed || got.Error != "disk 204: boom" || got.FinishedAt.IsZero() ||
 		got.Snapshot != "cbtflow-restore-r1 (snapshot-9)" {
-		t.Fatalf("finished: %+v %v", got, err)
-	}
-	if r, err := c.RestoredSince(ctx, "uuid-r", "p1"); err != nil || r == nil || r.ID != "r1" {
-		t.Fatalf("a failed restore counts too: %+v %v", r, err)
+		t.Fatalf("a failed restore counts too, finished: %+v %v", got, err)
 	}
 	// A restore point taken after the restore: its chain starts afresh.
 	begin("p2")
@@ -62,8 +59,5 @@ func TestVMRestores(t *testing.T) {
 	}
 	if err := c.FinishVMRestore(ctx, "r1", "maybe", ""); err == nil {
 		t.Error("FinishVMRestore with a bad outcome succeeded")
-	}
-	if _, err := c.GetVMRestore(ctx, "nope"); !errors.Is(err, ErrNotFound) {
-		t.Errorf("GetVMRestore(unknown) = %v, want ErrNotFound", err)
 	}
 }
