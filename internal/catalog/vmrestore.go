@@ -76,13 +76,19 @@ func (c *Catalog) FinishVMRestore(ctx context.Context, id, outcome, reason strin
 }
 
 // RestoredSince returns the newest restore into the VM (by instance
-// UUID, under any profile: its disks are the same) that began after
-// restore point backupID began, whatever its outcome; nil when none did.
-// A backup whose previous restore point is older than such a restore
-// must be full: the VM's change tracking no longer matches the chain.
+// UUID, under any profile: its disks are the same) that began, or ended,
+// after restore point backupID began, whatever its outcome; nil when none
+// did. A backup whose previous restore point is older than such a
+// restore must be full: the VM's change tracking no longer matches the
+// chain. One that ended after the point began counts too: that point's
+// snapshot may have caught the restore half way, and what the restore
+// wrote after it is not in the point's changes (the lab's CBT cannot see
+// it at all). A restore that never ended (its workflow terminated)
+// counts only when it began after the point.
 func (c *Catalog) RestoredSince(ctx context.Context, vmUUID, backupID string) (*VMRestore, error) {
-	row := c.pool.QueryRow(ctx, `SELECT `+vmRestoreColumns+` FROM vm_restores
-		WHERE vm_uuid = $1 AND started_at > (SELECT started_at FROM backups WHERE id = $2)
+	row := c.pool.QueryRow(ctx, `WITH point AS (SELECT started_at AS point_start FROM backups WHERE id = $2)
+		SELECT `+vmRestoreColumns+` FROM vm_restores, point
+		WHERE vm_uuid = $1 AND (started_at > point_start OR finished_at > point_start)
 		ORDER BY started_at DESC LIMIT 1`, vmUUID, backupID)
 	r, err := scanVMRestore(row)
 	if errors.Is(err, pgx.ErrNoRows) {

@@ -54,6 +54,25 @@ func TestVMRestores(t *testing.T) {
 	if r, err := c.RestoredSince(ctx, "uuid-r", "p2"); err != nil || r != nil {
 		t.Fatalf("after a newer point: %+v %v", r, err)
 	}
+	// A restore that runs while a point is taken, and ends after it
+	// began, counts for that point.
+	if err := c.BeginVMRestore(ctx, VMRestore{ID: "r2", Profile: "lab", VMUUID: "uuid-r", VMName: "vm-r", BackupID: "p1"}); err != nil {
+		t.Fatal(err)
+	}
+	begin("p3")
+	if r, err := c.RestoredSince(ctx, "uuid-r", "p3"); err != nil || r != nil {
+		t.Fatalf("a restore still running, begun before the point: %+v %v", r, err)
+	}
+	if err := c.FinishVMRestore(ctx, "r2", RestoreCompleted, ""); err != nil {
+		t.Fatal(err)
+	}
+	if r, err := c.RestoredSince(ctx, "uuid-r", "p3"); err != nil || r == nil || r.ID != "r2" {
+		t.Fatalf("a restore that ended after the point began: %+v %v, want r2", r, err)
+	}
+	begin("p4")
+	if r, err := c.RestoredSince(ctx, "uuid-r", "p4"); err != nil || r != nil {
+		t.Fatalf("after a point taken once the restore ended: %+v %v", r, err)
+	}
 	if err := c.FinishVMRestore(ctx, "nope", RestoreCompleted, ""); !errors.Is(err, ErrNotFound) {
 		t.Errorf("FinishVMRestore(unknown) = %v, want ErrNotFound", err)
 	}
