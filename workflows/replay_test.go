@@ -38,6 +38,7 @@ var recordedCases = []string{
 	"restore",              // a Restore of one disk into a file where the worker runs
 	"verify",               // a Verify of a restore point's two disks, both sound
 	"verify_failed",        // a Verify of a restore point the catalog does not have: PlanVerify fails
+	"export",               // an Export of one disk served over NBD, then stopped (canceled)
 }
 
 // recordCommand records the histories (new versions only; see

@@ -57,13 +57,14 @@ func TestHistories(t *testing.T) {
 
 	h.backups()
 	h.restoreAndVerify()
+	h.export()
 	h.failed()
 	h.canceled()
 	h.sweep()
 	h.prune()
 
-	if len(h.recorded) != 14 {
-		t.Fatalf("%d histories recorded, want 14", len(h.recorded))
+	if len(h.recorded) != 15 {
+		t.Fatalf("%d histories recorded, want 15", len(h.recorded))
 	}
 	// A history is saved only when every scenario went as it should.
 	scenariosOK := !t.Failed()
@@ -498,6 +499,36 @@ func (h *harness) restoreAndVerify() {
 		t.Errorf("failed verify: history ends %s with activities %q, want failed after PlanVerify", lastEvent(events), scheduled(events))
 	}
 	h.keep("verify_failed", events)
+}
+
+// export: an Export of a disk of the two-disk VM's newest point
+// (`starter export --detach`: served by the worker), stopped with
+// `starter export stop`, so it ends canceled after FindRestorePoint and
+// ServeExport.
+func (h *harness) export() {
+	t := h.t
+	b := h.newest
+	key := b.Disks[0].Key
+	res, err := h.s.Starter(h.ctx, "export", b.BackupID, "--disk", fmt.Sprint(key), "--detach", "--json")
+	if err != nil || res.ExitCode != 0 {
+		t.Fatalf("starter export %s --disk %d --detach: %v %s", b.BackupID, key, err, res)
+	}
+	var out struct {
+		URI string `json:"uri"`
+	}
+	if err := json.Unmarshal([]byte(res.Stdout), &out); err != nil || !strings.HasPrefix(out.URI, "nbd://") {
+		t.Errorf("starter export --json: %v, uri %q, want nbd://...: %s", err, out.URI, res.Stdout)
+	}
+	if res, err := h.s.Starter(h.ctx, "export", "stop", b.BackupID, "--disk", fmt.Sprint(key)); err != nil || res.ExitCode != 0 {
+		t.Fatalf("starter export stop %s --disk %d: %v %s", b.BackupID, key, err, res)
+	}
+	wid, run := h.closedRun("export", "WorkflowType = 'Export'")
+	events := stacktest.History(h.ctx, t, h.s, wid, run)
+	if lastEvent(events) != enumspb.EVENT_TYPE_WORKFLOW_EXECUTION_CANCELED || !slices.Equal(scheduled(events), []string{"FindRestorePoint", "ServeExport"}) {
+		t.Errorf("export: history ends %s with activities %q, want canceled after FindRestorePoint, ServeExport", lastEvent(events), scheduled(events))
+	}
+	h.waitNoNBD("the stopped export")
+	h.keep("export", events)
 }
 
 // failed: the backup's snapshot moref names an administrator's snapshot
