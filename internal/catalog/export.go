@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 
@@ -49,10 +50,19 @@ func lockVM(ctx context.Context, tx pgx.Tx, profile, vmUUID string) error {
 	return nil
 }
 
-// exportedChains returns, for each live export of a VM, the restore
-// points its chain reads (the exported point and every point it builds
-// on, by the catalog's backing links), keyed by restore point.
-func exportedChains(ctx context.Context, q querier, profile, vmUUID string) (map[string][]string, error) {
+// exportedLink is one image a live export reads: a restore point's disk
+// in the chain of an exported point (the exported one, or one it builds
+// on, by the catalog's backing links of that disk), and the export.
+type exportedLink struct {
+	BackupID string
+	DiskKey  int32
+	Lease    string
+}
+
+// exportedChains returns the images the live exports of a VM read: for
+// each export, its point's disk and the same disk of every point it
+// builds on.
+func exportedChains(ctx context.Context, q querier, profile, vmUUID string) ([]exportedLink, error) {
 	rows, err := q.Query(ctx, `WITH RECURSIVE ch(backup_id, disk_key, lease) AS (
 			SELECT e.backup_id, e.disk_key, e.id FROM exports e
 			WHERE e.profile = $1 AND e.vm_uuid = $2 AND e.expires_at > now()
@@ -61,40 +71,70 @@ func exportedChains(ctx context.Context, q querier, profile, vmUUID string) (map
 			JOIN ch ON d.backup_id = ch.backup_id AND d.disk_key = ch.disk_key
 			WHERE d.backing_backup_id IS NOT NULL
 		)
-		SELECT backup_id, lease FROM ch ORDER BY backup_id, lease`, profile, vmUUID)
+		SELECT backup_id, disk_key, lease FROM ch ORDER BY backup_id, lease, disk_key`, profile, vmUUID)
 	if err != nil {
 		return nil, fmt.Errorf("catalog: exported chains: %w", err)
 	}
-	out := map[string][]string{}
 	defer rows.Close()
+	var out []exportedLink
 	for rows.Next() {
-		var id, lease string
-		if err := rows.Scan(&id, &lease); err != nil {
+		var l exportedLink
+		if err := rows.Scan(&l.BackupID, &l.DiskKey, &l.Lease); err != nil {
 			return nil, fmt.Errorf("catalog: exported chains: %w", err)
 		}
-		out[id] = append(out[id], lease)
+		out = append(out, l)
 	}
 	return out, rows.Err()
 }
 
 // ExportedPoints returns the restore points of a VM that live exports
 // read, each with the IDs of the exports that read it: the exported
-// points and every point their chains build on. A prune keeps them.
+// points and every point their chains build on. A prune keeps them
+// (a point is removed with all its disks).
 func (c *Catalog) ExportedPoints(ctx context.Context, profile, vmUUID string) (map[string][]string, error) {
-	return exportedChains(ctx, c.pool, profile, vmUUID)
+	links, err := exportedChains(ctx, c.pool, profile, vmUUID)
+	if err != nil {
+		return nil, err
+	}
+	out := map[string][]string{}
+	for _, l := range links {
+		if !slices.Contains(out[l.BackupID], l.Lease) {
+			out[l.BackupID] = append(out[l.BackupID], l.Lease)
+		}
+	}
+	return out, nil
 }
 
 // checkNotExported fails with ErrExported, naming the first export, when
-// a live export of the VM reads any of the restore points ids. The caller
-// holds the VM's lock (lockVM).
-func checkNotExported(ctx context.Context, tx pgx.Tx, profile, vmUUID string, ids []string) error {
-	chains, err := exportedChains(ctx, tx, profile, vmUUID)
+// a live export of the VM reads any of the restore points removed (any of
+// their disks), or the image of a merged one (that point's disk: a merge
+// of another disk of an exported point rewrites nothing the export
+// reads). The caller holds the VM's lock (lockVM).
+func checkNotExported(ctx context.Context, tx pgx.Tx, profile, vmUUID string, removed []string, merged []MergedImage) error {
+	links, err := exportedChains(ctx, tx, profile, vmUUID)
 	if err != nil {
 		return err
 	}
-	for _, id := range ids {
-		if leases := chains[id]; len(leases) > 0 {
+	for _, id := range removed {
+		var leases []string
+		for _, l := range links {
+			if l.BackupID == id && !slices.Contains(leases, l.Lease) {
+				leases = append(leases, l.Lease)
+			}
+		}
+		if len(leases) > 0 {
 			return fmt.Errorf("%w: restore point %s is read by export %s (starter export stop ends it)", ErrExported, id, strings.Join(leases, ", "))
+		}
+	}
+	for _, m := range merged {
+		var leases []string
+		for _, l := range links {
+			if l.BackupID == m.BackupID && l.DiskKey == m.Key {
+				leases = append(leases, l.Lease)
+			}
+		}
+		if len(leases) > 0 {
+			return fmt.Errorf("%w: restore point %s disk %d is read by export %s (starter export stop ends it)", ErrExported, m.BackupID, m.Key, strings.Join(leases, ", "))
 		}
 	}
 	return nil

@@ -149,3 +149,52 @@ func TestExportAndPrune(t *testing.T) {
 		t.Errorf("chain of b3 after the prune: %v", ids)
 	}
 }
+
+// An export reads one disk's chain: a prune may merge another disk's
+// image of a point that chain goes through (the point itself is kept),
+// while that disk's own image, and removing the point, stay refused.
+func TestExportOfOneDiskLetsOtherDisksMerge(t *testing.T) {
+	c, _ := open(t)
+	ctx := context.Background()
+	// b1: both disks full; b2: 204 builds on b1, 205 full again (it was
+	// resized); b3: both build on b2.
+	disks := map[string][]Disk{
+		"b1": {disk(204, ModeFull, "d/b1-204", ""), disk(205, ModeFull, "d/b1-205", "")},
+		"b2": {disk(204, ModeIncremental, "d/b2-204", "b1"), disk(205, ModeFull, "d/b2-205", "")},
+		"b3": {disk(204, ModeIncremental, "d/b3-204", "b2"), disk(205, ModeIncremental, "d/b3-205", "b2")},
+	}
+	for _, id := range []string{"b1", "b2", "b3"} {
+		if err := c.Begin(ctx, Backup{ID: id, Profile: "lab", VMUUID: "uuid-p", VMName: "vm-p", Mode: "auto"}); err != nil {
+			t.Fatal(err)
+		}
+		if err := c.Commit(ctx, id, disks[id]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := c.TakeExport(ctx, ExportLease{ID: "export/b2/205", BackupID: "b2", DiskKey: 205}, time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	// Disk 205's image of b2 is read: no merge into it, and b2 stays.
+	m205 := MergedImage{BackupID: "b2", Key: 205, SizeBytes: 8192, SHA256: strings.Repeat("c", 64), TempPath: "t205"}
+	if err := c.BeginMerges(ctx, "p0", []MergedImage{m205}); !errors.Is(err, ErrExported) {
+		t.Errorf("merge into the exported disk's image: %v, want ErrExported", err)
+	}
+	if _, err := c.Prune(ctx, PruneRecord{ID: "p0", Profile: "lab", VMUUID: "uuid-p", Removed: []string{"b2"}}, nil); !errors.Is(err, ErrExported) {
+		t.Errorf("removing the exported point: %v, want ErrExported", err)
+	}
+	// b1 is no part of disk 205's chain: a prune keeping b2 and b3 merges
+	// b1 into b2's disk 204 and removes b1.
+	m204 := MergedImage{BackupID: "b2", Key: 204, SizeBytes: 8192, SHA256: strings.Repeat("b", 64), TempPath: "t204"}
+	if err := c.BeginMerges(ctx, "p1", []MergedImage{m204}); err != nil {
+		t.Fatalf("merge of another disk of the exported point: %v", err)
+	}
+	if _, err := c.Prune(ctx, PruneRecord{ID: "p1", Profile: "lab", VMUUID: "uuid-p", Removed: []string{"b1"}}, []MergedImage{m204}); err != nil {
+		t.Fatalf("prune of a point outside the exported disk's chain: %v", err)
+	}
+	if ids := chainIDs(t, c, "b3"); !slices.Equal(ids, []string{"b3", "b2"}) {
+		t.Errorf("chain of b3 disk 204 after the prune: %v", ids)
+	}
+	if got, err := c.ExportedPoints(ctx, "lab", "uuid-p"); err != nil || len(got) != 1 || !slices.Equal(got["b2"], []string{"export/b2/205"}) {
+		t.Errorf("exported points: %v %v, want b2 read by export/b2/205", got, err)
+	}
+}

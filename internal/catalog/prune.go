@@ -56,11 +56,7 @@ func (c *Catalog) BeginMerges(ctx context.Context, pruneID string, ms []MergedIm
 			if err := lockVM(ctx, tx, profile, vmUUID); err != nil {
 				return err
 			}
-			ids := make([]string, len(ms))
-			for i, m := range ms {
-				ids[i] = m.BackupID
-			}
-			if err := checkNotExported(ctx, tx, profile, vmUUID, ids); err != nil {
+			if err := checkNotExported(ctx, tx, profile, vmUUID, nil, ms); err != nil {
 				return fmt.Errorf("catalog: begin merges of prune %s: %w", pruneID, err)
 			}
 		}
@@ -229,16 +225,13 @@ func (c *Catalog) Prune(ctx context.Context, p PruneRecord, merged []MergedImage
 			return fmt.Errorf("catalog: prune %s: %w", p.ID, err)
 		}
 		freed = p.BytesFreed
-		// No point a live export reads is removed or gets a merged image
-		// (see BeginMerges): checked under the VM's lock.
+		// No point a live export reads is removed, and no image it reads
+		// is replaced by a merged one (see BeginMerges): checked under the
+		// VM's lock.
 		if err := lockVM(ctx, tx, p.Profile, p.VMUUID); err != nil {
 			return err
 		}
-		touched := append([]string{}, p.Removed...)
-		for _, m := range merged {
-			touched = append(touched, m.BackupID)
-		}
-		if err := checkNotExported(ctx, tx, p.Profile, p.VMUUID, touched); err != nil {
+		if err := checkNotExported(ctx, tx, p.Profile, p.VMUUID, p.Removed, merged); err != nil {
 			return fmt.Errorf("catalog: prune %s: %w", p.ID, err)
 		}
 		for _, m := range merged {
