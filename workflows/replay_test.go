@@ -39,6 +39,7 @@ var recordedCases = []string{
 	"verify",               // a Verify of a restore point's two disks, both sound
 	"verify_failed",        // a Verify of a restore point the catalog does not have: PlanVerify fails
 	"export",               // an Export of one disk served over NBD, then stopped (canceled)
+	"restorevm",            // a RestoreVM of a one-disk VM's backup into the powered-off VM
 }
 
 // recordCommand records the histories (new versions only; see

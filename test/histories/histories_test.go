@@ -62,9 +62,10 @@ func TestHistories(t *testing.T) {
 	h.canceled()
 	h.sweep()
 	h.prune()
+	h.restoreVM()
 
-	if len(h.recorded) != 15 {
-		t.Fatalf("%d histories recorded, want 15", len(h.recorded))
+	if len(h.recorded) != 16 {
+		t.Fatalf("%d histories recorded, want 16", len(h.recorded))
 	}
 	// A history is saved only when every scenario went as it should.
 	scenariosOK := !t.Failed()
@@ -756,6 +757,36 @@ func (h *harness) sweep() {
 		t.Errorf("sweep: history ends %s with activities %q, want completed after FindOrphans, RemoveSnapshot, FailBackup", lastEvent(events), sch)
 	}
 	h.keep("sweep", events)
+}
+
+// restoreVM: a RestoreVM of a one-disk VM's backup into the VM, powered
+// off after more writes (`starter restore --to-vm`): it completes, its
+// snapshot taken and removed.
+func (h *harness) restoreVM() {
+	t := h.t
+	const vm = "hist-restorevm"
+	ref, keys := h.createVM(vm, 64*MiB)
+	stacktest.WriteDisk(t, h.l, ref, keys[0], 4*MiB, stacktest.Pattern(61, MiB))
+	b := h.backup(vm)
+	if b.Status != "completed" {
+		t.Fatalf("backup of %s: %+v", vm, b)
+	}
+	stacktest.WriteDisk(t, h.l, ref, keys[0], 8*MiB, stacktest.Pattern(62, MiB))
+	if err := h.l.SetPower(vm, false); err != nil {
+		t.Fatal(err)
+	}
+	if res, err := h.s.Starter(h.ctx, "restore", b.BackupID, "--to-vm", vm, "--json"); err != nil || res.ExitCode != 0 {
+		t.Fatalf("starter restore %s --to-vm %s: %v %s", b.BackupID, vm, err, res)
+	}
+	wid, run := h.closedRun("restore-vm", "WorkflowType = 'RestoreVM'")
+	events := stacktest.History(h.ctx, t, h.s, wid, run)
+	sch := scheduled(events)
+	if lastEvent(events) != enumspb.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED || count(sch, "WriteVMDisk") != 1 ||
+		count(sch, "CreateRestoreSnapshot") != 1 || count(sch, "RemoveSnapshot") != 1 {
+		t.Errorf("restore-vm: history ends %s with activities %q, want completed after one CreateRestoreSnapshot, WriteVMDisk and RemoveSnapshot", lastEvent(events), sch)
+	}
+	h.waitNoNBD("the restore into " + vm)
+	h.keep("restorevm", events)
 }
 
 // prune: three backups of a VM, keep-last 1, a prune that merges the two
