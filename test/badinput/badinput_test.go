@@ -854,6 +854,8 @@ func (f *fixture) vmNames(t *testing.T) {
 	}
 }
 
+// dirNames lists dir's entries but SQLite's transient files (the dev
+// server's temporal.db-journal comes and goes with its transactions).
 func dirNames(t *testing.T, dir string) []string {
 	t.Helper()
 	es, err := os.ReadDir(dir)
@@ -862,6 +864,9 @@ func dirNames(t *testing.T, dir string) []string {
 	}
 	var out []string
 	for _, e := range es {
+		if n := e.Name(); strings.HasSuffix(n, "-journal") || strings.HasSuffix(n, "-wal") || strings.HasSuffix(n, "-shm") {
+			continue
+		}
 		out = append(out, e.Name())
 	}
 	return out
