@@ -78,6 +78,9 @@ type ExportProgress struct {
 	Images  []string  `json:"images,omitempty"`
 	Since   time.Time `json:"since,omitzero"`
 	Note    string    `json:"note,omitempty"`
+	// Port is the port an earlier attempt chose (listen port 0) and this
+	// one listens on again, carried from attempt to attempt.
+	Port string `json:"port,omitempty"`
 }
 
 // ServeExport serves one disk of a restore point read-only over NBD, the
@@ -98,19 +101,26 @@ func (a *Restorer) ServeExport(ctx context.Context, in ServeExportInput) (*Serve
 	if err != nil {
 		return nil, invalidInput(err.Error())
 	}
-	// A retry keeps the address the previous attempt chose, so the URI
-	// the operator was given stays good.
-	if port == "0" && activity.HasHeartbeatDetails(ctx) {
+	// A retry keeps the port an earlier attempt chose, so the URI the
+	// operator was given stays good; every heartbeat of this attempt
+	// carries it on (Port), also when it fails before it serves.
+	kept, pick := "", port == "0"
+	if pick && activity.HasHeartbeatDetails(ctx) {
 		var prev ExportProgress
-		if activity.GetHeartbeatDetails(ctx, &prev) == nil && prev.Address != "" {
-			if h, p, err := net.SplitHostPort(prev.Address); err == nil && h == host {
-				port = p
+		if activity.GetHeartbeatDetails(ctx, &prev) == nil {
+			if h, p, err := net.SplitHostPort(prev.Address); err == nil && h == host && p != "0" {
+				kept = p
+			} else if prev.Port != "" {
+				kept = prev.Port
 			}
+		}
+		if kept != "" {
+			port = kept
 		}
 	}
 
 	var mu sync.Mutex
-	latest := ExportProgress{Stage: ExportStageChecking}
+	latest := ExportProgress{Stage: ExportStageChecking, Port: kept}
 	set := func(p ExportProgress) {
 		mu.Lock()
 		latest = p
@@ -133,7 +143,7 @@ func (a *Restorer) ServeExport(ctx context.Context, in ServeExportInput) (*Serve
 		if !errors.Is(err, catalog.ErrMergePending) {
 			break
 		}
-		set(ExportProgress{Stage: ExportStageWaiting, Note: err.Error()})
+		set(ExportProgress{Stage: ExportStageWaiting, Note: err.Error(), Port: kept})
 		select {
 		case <-ctx.Done():
 			return nil, ctx.Err()
@@ -150,7 +160,7 @@ func (a *Restorer) ServeExport(ctx context.Context, in ServeExportInput) (*Serve
 			activity.GetLogger(ctx).Warn("export: the lease could not be deleted; it expires by itself", "export", in.ExportID, "error", err)
 		}
 	}()
-	set(ExportProgress{Stage: ExportStageChecking})
+	set(ExportProgress{Stage: ExportStageChecking, Port: kept})
 	chain, err := a.Catalog.Chain(ctx, in.BackupID, in.DiskKey)
 	if err != nil {
 		return nil, exportError(in, err)
@@ -166,13 +176,18 @@ func (a *Restorer) ServeExport(ctx context.Context, in ServeExportInput) (*Serve
 	}
 	defer exp.Close()
 	addr := exp.tcpAddr
+	// The lease lives ttl from the database's now, which is no earlier
+	// than this instant.
+	renewed := time.Now()
 	if _, err := a.Catalog.TakeExport(ctx, catalog.ExportLease{ID: in.ExportID, BackupID: in.BackupID, DiskKey: in.DiskKey, Address: addr}, exportLeaseTTL); err != nil {
 		return nil, exportError(in, err)
 	}
-	renewed := time.Now()
+	if pick {
+		kept = exp.port
+	}
 	uri := exportURI(host, exp.port)
 	since := time.Now().UTC()
-	set(ExportProgress{Stage: ExportStageServing, URI: uri, Address: addr, Images: images, Since: since})
+	set(ExportProgress{Stage: ExportStageServing, URI: uri, Address: addr, Images: images, Since: since, Port: kept})
 	activity.GetLogger(ctx).Info("export serving", "export", in.ExportID, "backup", in.BackupID, "disk", in.DiskKey,
 		"uri", uri, "images", len(images))
 
@@ -187,9 +202,15 @@ func (a *Restorer) ServeExport(ctx context.Context, in ServeExportInput) (*Serve
 		case <-exp.Done():
 			return nil, fmt.Errorf("export: qemu-nbd serving %s exited: %s", images[0], strings.TrimSpace(exp.Stderr()))
 		case <-tick.C:
-			if _, err := a.Catalog.RenewExport(ctx, in.ExportID, exportLeaseTTL); err == nil {
-				renewed = time.Now()
-			} else if errors.Is(err, catalog.ErrNotFound) || time.Since(renewed) > exportLeaseTTL-exportRenewMargin {
+			var stop bool
+			renewed, stop, err = renewLease(ctx, renewed, exportLeaseTTL-exportRenewMargin, func(ctx context.Context) error {
+				_, err := a.Catalog.RenewExport(ctx, in.ExportID, exportLeaseTTL)
+				return err
+			})
+			if err != nil && !stop {
+				activity.GetLogger(ctx).Warn("export: the lease could not be renewed; trying again", "export", in.ExportID, "error", err)
+			}
+			if stop {
 				// Nothing protects the images any more (or soon): stop
 				// serving them; the retry takes the lease again.
 				_ = exp.Close()
@@ -197,6 +218,34 @@ func (a *Restorer) ServeExport(ctx context.Context, in ServeExportInput) (*Serve
 			}
 		}
 	}
+}
+
+// renewLease renews a lease last renewed at renewed (an instant no later
+// than the database's now of that renewal), whose holder must stop
+// serving limit after it unless renewed again. The call is bounded by
+// what is left of limit: a database that does not answer (a lost
+// connection, a network partition) must not keep the export serving
+// past its lease's expiry. It returns the instant of the renewal (the
+// one before when it failed), and stop when the export must stop: the
+// lease is gone (catalog.ErrNotFound), or limit passed without a renewal.
+func renewLease(ctx context.Context, renewed time.Time, limit time.Duration, renew func(context.Context) error) (time.Time, bool, error) {
+	left := limit - time.Since(renewed)
+	if left <= 0 {
+		return renewed, true, fmt.Errorf("not renewed for %s", time.Since(renewed).Round(time.Millisecond))
+	}
+	start := time.Now()
+	rctx, cancel := context.WithTimeout(ctx, left)
+	err := renew(rctx)
+	cancel()
+	switch {
+	case err == nil:
+		return start, false, nil
+	case errors.Is(err, catalog.ErrNotFound):
+		return renewed, true, err
+	case time.Since(renewed) >= limit:
+		return renewed, true, fmt.Errorf("not renewed for %s: %w", time.Since(renewed).Round(time.Millisecond), err)
+	}
+	return renewed, false, err // tried again at the next tick, while limit allows
 }
 
 // invalidInput is a non-retryable InvalidInput error with msg.

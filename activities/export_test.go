@@ -2,15 +2,20 @@ package activities_test
 
 import (
 	"context"
+	"errors"
 	"log/slog"
 	"net"
 	"os"
 	"os/exec"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
+	"go.temporal.io/sdk/activity"
+	"go.temporal.io/sdk/converter"
+	"go.temporal.io/sdk/temporal"
 	"go.temporal.io/sdk/worker"
 
 	"github.com/cbtflow/cbtflow/activities"
@@ -154,4 +159,92 @@ func exported(t *testing.T, c *catalogFixture) []string {
 	}
 	slices.Sort(out)
 	return out
+}
+
+// A retry listens again on the port an earlier attempt chose, and carries
+// it on when it fails before serving (the port still taken, e.g. by the
+// qemu-nbd of an attempt that has not noticed it was replaced): the next
+// attempt still serves at the URI the operator was given.
+func TestServeExportRetryKeepsThePort(t *testing.T) {
+	c := newCatalogFixture(t)
+	c.begin(t, "b1", catVMUUID)
+	d1 := c.image(t, "b1", 2000, nil)
+	d1.SizeBytes, d1.SHA256 = fileSum(t, d1.Path)
+	if err := c.commit(t, "b1", d1); err != nil {
+		t.Fatal(err)
+	}
+	r := &activities.Restorer{Catalog: c.cat, Repo: c.repo}
+	logger := slog.New(slog.NewTextHandler(t.Output(), nil))
+	in := activities.ServeExportInput{ExportID: "export/b1/2000", BackupID: "b1", DiskKey: 2000}
+
+	taken, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer taken.Close()
+	addr := taken.Addr().String()
+	_, port, _ := net.SplitHostPort(addr)
+
+	// The attempt after one that served at addr: the port is taken, so it
+	// fails (retryably), and its last heartbeat names the port.
+	var mu sync.Mutex
+	var last activities.ExportProgress
+	beats := func(_ *activity.Info, d converter.EncodedValues) {
+		var p activities.ExportProgress
+		if d.Get(&p) == nil {
+			mu.Lock()
+			last = p
+			mu.Unlock()
+		}
+	}
+	env := newActivityEnv(t, logger, r)
+	env.SetOnActivityHeartbeatListener(beats)
+	env.SetHeartbeatDetails(activities.ExportProgress{Stage: activities.ExportStageServing, URI: "nbd://" + addr, Address: addr, Port: port})
+	_, err = env.ExecuteActivity(r.ServeExport, in)
+	var app *temporal.ApplicationError
+	if err == nil || errors.As(err, &app) && app.NonRetryable() {
+		t.Fatalf("an attempt whose port is taken: %v, want a retryable failure", err)
+	}
+	mu.Lock()
+	carried := last
+	mu.Unlock()
+	if carried.Port != port {
+		t.Fatalf("the failed attempt's last heartbeat %+v does not carry port %s on", carried, port)
+	}
+	if got := exported(t, c); len(got) != 0 {
+		t.Errorf("leases after the failed attempt: %v", got)
+	}
+
+	// The next attempt, the port free again, serves at the same URI.
+	taken.Close()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	env = newActivityEnv(t, logger, r)
+	env.SetWorkerOptions(worker.Options{BackgroundActivityContext: ctx})
+	env.SetHeartbeatDetails(carried)
+	done := make(chan error, 1)
+	go func() {
+		_, err := env.ExecuteActivity(r.ServeExport, in)
+		done <- err
+	}()
+	deadline := time.Now().Add(time.Minute)
+	for !answers(addr) {
+		select {
+		case err := <-done:
+			t.Fatalf("the next attempt ended before it served at %s: %v", addr, err)
+		case <-time.After(100 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("nothing serves %s after a minute", addr)
+		}
+	}
+	if diff, err := qemu.Compare(ctxT(t, time.Minute), "nbd://"+addr, "raw", d1.Path, "qcow2"); err != nil || diff != "" {
+		t.Errorf("the export differs from the point's disk: %q %v", diff, err)
+	}
+	cancel()
+	select {
+	case <-done:
+	case <-time.After(time.Minute):
+		t.Fatal("ServeExport did not end within a minute of its cancel")
+	}
 }
