@@ -72,7 +72,9 @@ type FindOrphansResult struct {
 
 // FindOrphans lists cbtflow snapshots older than the minimum age whose
 // backup is not running, on every configured vCenter, and running catalog
-// backups whose workflow has ended.
+// backups whose workflow has ended. It also records as failed the
+// restores into VMs whose workflow ended without recording their outcome
+// (finishAbandonedRestores).
 func (a *Sweeper) FindOrphans(ctx context.Context, in FindOrphansInput) (*FindOrphansResult, error) {
 	defer heartbeatEvery(ctx, 10*time.Second, nil)()
 	minAge := time.Duration(in.MinAgeSeconds) * time.Second
@@ -167,7 +169,49 @@ func (a *Sweeper) FindOrphans(ctx context.Context, in FindOrphansInput) (*FindOr
 			res.Backups = append(res.Backups, id)
 		}
 	}
+	if err := a.finishAbandonedRestores(ctx, now, minAge); err != nil {
+		return nil, err
+	}
 	return res, nil
+}
+
+// finishAbandonedRestores records as failed the restores into VMs older
+// than minAge that the catalog has as unfinished although their workflow
+// no longer runs (terminated, or it ended without recording its outcome):
+// until then catalog.RestoredSince makes every backup of the VM full. The
+// restore's snapshot, named in its row, is left for the operator.
+func (a *Sweeper) finishAbandonedRestores(ctx context.Context, now time.Time, minAge time.Duration) error {
+	restores, err := a.Catalog.UnfinishedVMRestores(ctx, "")
+	if catalog.Unusable(err) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	for _, r := range restores {
+		if now.Sub(r.StartedAt) < minAge || r.WorkflowID == "" {
+			continue
+		}
+		d, err := a.Workflows.DescribeWorkflow(ctx, r.WorkflowID, "")
+		var nf *serviceerror.NotFound
+		switch {
+		case errors.As(err, &nf):
+		case err != nil:
+			return fmt.Errorf("sweeper: describe workflow %s: %w", r.WorkflowID, err)
+		case d.Status == enumspb.WORKFLOW_EXECUTION_STATUS_RUNNING:
+			continue
+		}
+		why := "its workflow " + r.WorkflowID + " ended without recording the restore's outcome"
+		if r.Snapshot != "" {
+			why += "; the VM's snapshot " + r.Snapshot + " was kept: revert the VM to it to undo a partial restore"
+		}
+		if err := a.Catalog.FinishVMRestore(ctx, r.ID, catalog.RestoreFailed, why); err != nil {
+			return err
+		}
+		activity.GetLogger(ctx).Warn("sweeper: abandoned restore into a VM recorded as failed", "restore", r.ID, "vm", r.VMName,
+			"workflow", r.WorkflowID, "snapshot", r.Snapshot)
+	}
+	return nil
 }
 
 // stagedBackups lists the backups whose working folder in the repository

@@ -76,25 +76,52 @@ func (c *Catalog) FinishVMRestore(ctx context.Context, id, outcome, reason strin
 }
 
 // RestoredSince returns the newest restore into the VM (by instance
-// UUID, under any profile: its disks are the same) that began, or ended,
-// after restore point backupID began, whatever its outcome; nil when none
-// did. A backup whose previous restore point is older than such a
-// restore must be full: the VM's change tracking no longer matches the
-// chain. One that ended after the point began counts too: that point's
-// snapshot may have caught the restore half way, and what the restore
-// wrote after it is not in the point's changes (the lab's CBT cannot see
-// it at all). A restore that never ended (its workflow terminated)
-// counts only when it began after the point.
+// UUID, under any profile: its disks are the same) that began after
+// restore point backupID began, that ended after it, or that has not
+// ended, whatever its outcome; nil when none did. A backup whose previous
+// restore point is older than such a restore must be full: the VM's
+// change tracking no longer matches the chain. One that ended after the
+// point began counts too: that point's snapshot may have caught the
+// restore half way, and what the restore wrote after it is not in the
+// point's changes (the lab's CBT cannot see it at all). One that has not
+// ended (still running, or its workflow was terminated) counts for the
+// same reason, until FinishVMRestore records its end (the sweeper does
+// for a restore whose workflow is gone).
 func (c *Catalog) RestoredSince(ctx context.Context, vmUUID, backupID string) (*VMRestore, error) {
 	row := c.pool.QueryRow(ctx, `WITH point AS (SELECT started_at AS point_start FROM backups WHERE id = $2)
 		SELECT `+vmRestoreColumns+` FROM vm_restores, point
-		WHERE vm_uuid = $1 AND (started_at > point_start OR finished_at > point_start)
+		WHERE vm_uuid = $1 AND (started_at > point_start OR finished_at IS NULL OR finished_at > point_start)
 		ORDER BY started_at DESC LIMIT 1`, vmUUID, backupID)
 	r, err := scanVMRestore(row)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return nil, nil
 	}
 	return r, err
+}
+
+// UnfinishedVMRestores returns the restores into VMs whose outcome is not
+// recorded yet (running, or their workflow ended without recording it),
+// oldest first: into the VM of that instance UUID, or into any VM when
+// vmUUID is empty.
+func (c *Catalog) UnfinishedVMRestores(ctx context.Context, vmUUID string) ([]VMRestore, error) {
+	rows, err := c.pool.Query(ctx, `SELECT `+vmRestoreColumns+` FROM vm_restores
+		WHERE finished_at IS NULL AND ($1 = '' OR vm_uuid = $1) ORDER BY started_at, id`, vmUUID)
+	if err != nil {
+		return nil, fmt.Errorf("catalog: unfinished restores into VMs: %w", err)
+	}
+	defer rows.Close()
+	var out []VMRestore
+	for rows.Next() {
+		r, err := scanVMRestore(rows)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, *r)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("catalog: unfinished restores into VMs: %w", err)
+	}
+	return out, nil
 }
 
 const vmRestoreColumns = `id, profile, vm_uuid, vm_name, backup_id, workflow_id, snapshot, started_at, finished_at, outcome, error`

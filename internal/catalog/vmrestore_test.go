@@ -60,14 +60,26 @@ func TestVMRestores(t *testing.T) {
 		t.Fatal(err)
 	}
 	begin("p3")
-	if r, err := c.RestoredSince(ctx, "uuid-r", "p3"); err != nil || r != nil {
-		t.Fatalf("a restore still running, begun before the point: %+v %v", r, err)
+	// Still running: what it writes after p3's snapshot is not in p3's
+	// changes, so the next backup is full (also when its workflow was
+	// terminated and nothing records its end but the sweeper).
+	if r, err := c.RestoredSince(ctx, "uuid-r", "p3"); err != nil || r == nil || r.ID != "r2" {
+		t.Fatalf("a restore still running, begun before the point: %+v %v, want r2", r, err)
+	}
+	if un, err := c.UnfinishedVMRestores(ctx, ""); err != nil || len(un) != 1 || un[0].ID != "r2" {
+		t.Fatalf("UnfinishedVMRestores = %+v %v, want r2", un, err)
+	}
+	if un, err := c.UnfinishedVMRestores(ctx, "uuid-other"); err != nil || len(un) != 0 {
+		t.Fatalf("UnfinishedVMRestores(another VM) = %+v %v, want none", un, err)
 	}
 	if err := c.FinishVMRestore(ctx, "r2", RestoreCompleted, ""); err != nil {
 		t.Fatal(err)
 	}
 	if r, err := c.RestoredSince(ctx, "uuid-r", "p3"); err != nil || r == nil || r.ID != "r2" {
 		t.Fatalf("a restore that ended after the point began: %+v %v, want r2", r, err)
+	}
+	if un, err := c.UnfinishedVMRestores(ctx, "uuid-r"); err != nil || len(un) != 0 {
+		t.Fatalf("UnfinishedVMRestores after the end = %+v %v, want none", un, err)
 	}
 	begin("p4")
 	if r, err := c.RestoredSince(ctx, "uuid-r", "p4"); err != nil || r != nil {
