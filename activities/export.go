@@ -137,7 +137,12 @@ func (a *Restorer) ServeExport(ctx context.Context, in ServeExportInput) (*Serve
 
 	// The lease first, then the chain as the catalog has it under the
 	// lease: no prune removes or rewrites any of it from here on.
-	lease := catalog.ExportLease{ID: in.ExportID, BackupID: in.BackupID, DiskKey: in.DiskKey, Address: net.JoinHostPort(host, port)}
+	// This attempt holds the lease: a retry that takes it over is not
+	// undone by this one's renewals or its end.
+	info := activity.GetInfo(ctx)
+	holder := fmt.Sprintf("%s#%d", info.WorkflowExecution.RunID, info.Attempt)
+	lease := catalog.ExportLease{ID: in.ExportID, BackupID: in.BackupID, DiskKey: in.DiskKey,
+		Address: net.JoinHostPort(host, port), Holder: holder}
 	for {
 		_, err = a.Catalog.TakeExport(ctx, lease, exportLeaseTTL)
 		if !errors.Is(err, catalog.ErrMergePending) {
@@ -156,7 +161,7 @@ func (a *Restorer) ServeExport(ctx context.Context, in ServeExportInput) (*Serve
 	defer func() {
 		ectx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 		defer cancel()
-		if err := a.Catalog.EndExport(ectx, in.ExportID); err != nil {
+		if err := a.Catalog.EndExport(ectx, in.ExportID, holder); err != nil {
 			activity.GetLogger(ctx).Warn("export: the lease could not be deleted; it expires by itself", "export", in.ExportID, "error", err)
 		}
 	}()
@@ -179,7 +184,8 @@ func (a *Restorer) ServeExport(ctx context.Context, in ServeExportInput) (*Serve
 	// The lease lives ttl from the database's now, which is no earlier
 	// than this instant.
 	renewed := time.Now()
-	if _, err := a.Catalog.TakeExport(ctx, catalog.ExportLease{ID: in.ExportID, BackupID: in.BackupID, DiskKey: in.DiskKey, Address: addr}, exportLeaseTTL); err != nil {
+	lease.Address = addr
+	if _, err := a.Catalog.TakeExport(ctx, lease, exportLeaseTTL); err != nil {
 		return nil, exportError(in, err)
 	}
 	if pick {
@@ -204,7 +210,7 @@ func (a *Restorer) ServeExport(ctx context.Context, in ServeExportInput) (*Serve
 		case <-tick.C:
 			var stop bool
 			renewed, stop, err = renewLease(ctx, renewed, exportLeaseTTL-exportRenewMargin, func(ctx context.Context) error {
-				_, err := a.Catalog.RenewExport(ctx, in.ExportID, exportLeaseTTL)
+				_, err := a.Catalog.RenewExport(ctx, in.ExportID, holder, exportLeaseTTL)
 				return err
 			})
 			if err != nil && !stop {

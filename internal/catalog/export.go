@@ -15,12 +15,16 @@ import (
 // access): while it is live (ExpiresAt in the future), no prune removes
 // or rewrites the exported point or any point its chain builds on.
 type ExportLease struct {
-	ID        string // the export's workflow ID
-	Profile   string
-	VMUUID    string
-	BackupID  string
-	DiskKey   int32
-	Address   string // host:port the NBD server listens on ("" until it does)
+	ID       string // the export's workflow ID
+	Profile  string
+	VMUUID   string
+	BackupID string
+	DiskKey  int32
+	Address  string // host:port the NBD server listens on ("" until it does)
+	// Holder names the attempt that holds the lease (the export's
+	// ServeExport attempt): taking the lease again hands it to the new
+	// holder, and only the holder renews or ends it.
+	Holder    string
 	StartedAt time.Time
 	ExpiresAt time.Time
 }
@@ -160,7 +164,7 @@ func vmOf(ctx context.Context, tx pgx.Tx, backupID string) (profile, vmUUID stri
 // ErrMergePending when a prune's merge of an image of the chain is
 // pending (that prune may be renaming a new image over it right now).
 // It returns the lease with the VM filled in. Idempotent for one ID: a
-// retried export takes its lease again.
+// retried export takes its lease again, which then is its holder's.
 func (c *Catalog) TakeExport(ctx context.Context, l ExportLease, ttl time.Duration) (*ExportLease, error) {
 	if l.ID == "" || l.BackupID == "" {
 		return nil, errors.New("catalog: take export: ID and backup ID are required")
@@ -202,14 +206,14 @@ func (c *Catalog) TakeExport(ctx context.Context, l ExportLease, ttl time.Durati
 			}
 			id = backing
 		}
-		err = tx.QueryRow(ctx, `INSERT INTO exports (id, profile, vm_uuid, backup_id, disk_key, address, expires_at)
-			VALUES ($1, $2, $3, $4, $5, $6, now() + $7::interval)
+		err = tx.QueryRow(ctx, `INSERT INTO exports (id, profile, vm_uuid, backup_id, disk_key, address, expires_at, holder)
+			VALUES ($1, $2, $3, $4, $5, $6, now() + $7::interval, $8)
 			ON CONFLICT (id) DO UPDATE SET profile = EXCLUDED.profile, vm_uuid = EXCLUDED.vm_uuid,
 				backup_id = EXCLUDED.backup_id, disk_key = EXCLUDED.disk_key, address = EXCLUDED.address,
-				expires_at = EXCLUDED.expires_at,
+				expires_at = EXCLUDED.expires_at, holder = EXCLUDED.holder,
 				started_at = CASE WHEN exports.expires_at > now() THEN exports.started_at ELSE now() END
 			RETURNING started_at, expires_at`,
-			l.ID, profile, vmUUID, l.BackupID, l.DiskKey, l.Address, ttl.String()).Scan(&out.StartedAt, &out.ExpiresAt)
+			l.ID, profile, vmUUID, l.BackupID, l.DiskKey, l.Address, ttl.String(), l.Holder).Scan(&out.StartedAt, &out.ExpiresAt)
 		if err != nil {
 			return fmt.Errorf("catalog: take export %s: %w", l.ID, err)
 		}
@@ -222,17 +226,18 @@ func (c *Catalog) TakeExport(ctx context.Context, l ExportLease, ttl time.Durati
 	return &out, nil
 }
 
-// RenewExport extends a lease by ttl from now and returns its new expiry.
-// A lease that is gone (ended, or never taken) is ErrNotFound: the
-// export must stop, as nothing protects its images any more. A lease
+// RenewExport extends holder's lease by ttl from now and returns its new
+// expiry. A lease that is gone (ended, or never taken) is ErrNotFound:
+// the export must stop, as nothing protects its images any more. A lease
 // that expired meanwhile is not renewed either (a prune may have removed
-// its images since): ErrNotFound too.
-func (c *Catalog) RenewExport(ctx context.Context, id string, ttl time.Duration) (time.Time, error) {
+// its images since), nor one another holder took since (a retry of the
+// export): ErrNotFound too.
+func (c *Catalog) RenewExport(ctx context.Context, id, holder string, ttl time.Duration) (time.Time, error) {
 	var exp time.Time
 	err := c.pool.QueryRow(ctx, `UPDATE exports SET expires_at = now() + $2::interval
-		WHERE id = $1 AND expires_at > now() RETURNING expires_at`, id, ttl.String()).Scan(&exp)
+		WHERE id = $1 AND holder = $3 AND expires_at > now() RETURNING expires_at`, id, ttl.String(), holder).Scan(&exp)
 	if errors.Is(err, pgx.ErrNoRows) {
-		return time.Time{}, fmt.Errorf("catalog: export %s has no live lease: %w", id, ErrNotFound)
+		return time.Time{}, fmt.Errorf("catalog: export %s has no live lease held by %q: %w", id, holder, ErrNotFound)
 	}
 	if err != nil {
 		return time.Time{}, fmt.Errorf("catalog: renew export %s: %w", id, err)
@@ -240,9 +245,10 @@ func (c *Catalog) RenewExport(ctx context.Context, id string, ttl time.Duration)
 	return exp, nil
 }
 
-// EndExport deletes a lease. Idempotent.
-func (c *Catalog) EndExport(ctx context.Context, id string) error {
-	if _, err := c.pool.Exec(ctx, `DELETE FROM exports WHERE id = $1`, id); err != nil {
+// EndExport deletes holder's lease; one another holder took since (a
+// retry of the export) stays. Idempotent.
+func (c *Catalog) EndExport(ctx context.Context, id, holder string) error {
+	if _, err := c.pool.Exec(ctx, `DELETE FROM exports WHERE id = $1 AND holder = $2`, id, holder); err != nil {
 		return fmt.Errorf("catalog: end export %s: %w", id, err)
 	}
 	return nil

@@ -58,16 +58,16 @@ func TestExportLease(t *testing.T) {
 	if !slices.Equal(ids, []string{"b1", "b2"}) || !slices.Equal(got["b1"], []string{"export/b2/204"}) {
 		t.Errorf("exported points: %v, want b1 and b2 read by export/b2/204", got)
 	}
-	if _, err := c.RenewExport(ctx, "export/b2/204", time.Minute); err != nil {
+	if _, err := c.RenewExport(ctx, "export/b2/204", "", time.Minute); err != nil {
 		t.Errorf("renew: %v", err)
 	}
-	if err := c.EndExport(ctx, "export/b2/204"); err != nil {
+	if err := c.EndExport(ctx, "export/b2/204", ""); err != nil {
 		t.Fatal(err)
 	}
-	if err := c.EndExport(ctx, "export/b2/204"); err != nil {
+	if err := c.EndExport(ctx, "export/b2/204", ""); err != nil {
 		t.Errorf("end again: %v", err)
 	}
-	if _, err := c.RenewExport(ctx, "export/b2/204", time.Minute); !errors.Is(err, ErrNotFound) {
+	if _, err := c.RenewExport(ctx, "export/b2/204", "", time.Minute); !errors.Is(err, ErrNotFound) {
 		t.Errorf("renew of an ended lease: %v, want ErrNotFound", err)
 	}
 	// An expired lease counts as gone, and is not renewed.
@@ -81,7 +81,7 @@ func TestExportLease(t *testing.T) {
 	if got, err := c.ExportedPoints(ctx, "lab", "uuid-p"); err != nil || len(got) != 0 {
 		t.Errorf("exported points after expiry: %v %v", got, err)
 	}
-	if _, err := c.RenewExport(ctx, "export/b3/204", time.Minute); !errors.Is(err, ErrNotFound) {
+	if _, err := c.RenewExport(ctx, "export/b3/204", "", time.Minute); !errors.Is(err, ErrNotFound) {
 		t.Errorf("renew of an expired lease: %v, want ErrNotFound", err)
 	}
 	// Unknown point and disk.
@@ -138,7 +138,7 @@ func TestExportAndPrune(t *testing.T) {
 	}
 	// Once the exports end, the prune goes through.
 	for _, id := range []string{"export/b2/204", "export/b1/204"} {
-		if err := c.EndExport(ctx, id); err != nil {
+		if err := c.EndExport(ctx, id, ""); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -196,5 +196,40 @@ func TestExportOfOneDiskLetsOtherDisksMerge(t *testing.T) {
 	}
 	if got, err := c.ExportedPoints(ctx, "lab", "uuid-p"); err != nil || len(got) != 1 || !slices.Equal(got["b2"], []string{"export/b2/205"}) {
 		t.Errorf("exported points: %v %v, want b2 read by export/b2/205", got, err)
+	}
+}
+
+// A retried export takes the lease over: the attempt it replaced (still
+// running, its heartbeat timed out) can neither renew the lease nor
+// delete it, and stops; the new holder renews and ends it.
+func TestExportLeaseTakenOverByARetry(t *testing.T) {
+	c, _ := open(t)
+	ctx := context.Background()
+	fourPoints(t, c)
+	l := ExportLease{ID: "export/b2/204", BackupID: "b2", DiskKey: 204, Holder: "run#1"}
+	if _, err := c.TakeExport(ctx, l, time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	l.Holder = "run#2"
+	if _, err := c.TakeExport(ctx, l, time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.RenewExport(ctx, l.ID, "run#1", time.Minute); !errors.Is(err, ErrNotFound) {
+		t.Errorf("renewal by the replaced attempt: %v, want ErrNotFound", err)
+	}
+	if err := c.EndExport(ctx, l.ID, "run#1"); err != nil {
+		t.Fatal(err)
+	}
+	if ids := leaseIDs(t, c); !slices.Equal(ids, []string{l.ID}) {
+		t.Errorf("leases after the replaced attempt ended: %v, want the retry's", ids)
+	}
+	if _, err := c.RenewExport(ctx, l.ID, "run#2", time.Minute); err != nil {
+		t.Errorf("renewal by the holder: %v", err)
+	}
+	if err := c.EndExport(ctx, l.ID, "run#2"); err != nil {
+		t.Fatal(err)
+	}
+	if ids := leaseIDs(t, c); len(ids) != 0 {
+		t.Errorf("leases after the holder ended: %v", ids)
 	}
 }
