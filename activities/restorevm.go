@@ -213,8 +213,9 @@ func poweredOn(vm, ref, state string) error {
 // into and matches their disks by key. It refuses, non-retryably and by
 // name, what no retry mends: an unknown or uncommitted point
 // (NoRestorePoint), an unknown VM (VMNotFound), a VM that is not powered
-// off (VMPoweredOn), a VM whose backup runs, a disk the VM lacks or whose
-// capacity differs from the point's (RestoreRefused).
+// off (VMPoweredOn), a VM whose backup runs or into which another restore
+// has not ended, a disk the VM lacks or whose capacity differs from the
+// point's (RestoreRefused).
 func (a *VMRestorer) PlanRestoreVM(ctx context.Context, in PlanRestoreVMInput) (*PlanRestoreVMResult, error) {
 	defer heartbeatEvery(ctx, 10*time.Second, nil)()
 	b, err := a.Catalog.Get(ctx, in.BackupID)
@@ -253,6 +254,22 @@ func (a *VMRestorer) PlanRestoreVM(ctx context.Context, in PlanRestoreVMInput) (
 	if len(running) > 0 {
 		return nil, refusedRestore(fmt.Sprintf("restore: backup %s of VM %q is running: restore into the VM once it ended (starter status %s)",
 			running[0].ID, vm.Name, vm.Name))
+	}
+	// Two restores into one VM would write its disks at once (and the
+	// second's snapshot would hold the first's half-written disks): the
+	// starter gives each restore a workflow ID of its own, so the catalog
+	// says whether another one has not ended.
+	others, err := a.Catalog.UnfinishedVMRestores(ctx, vm.UUID)
+	if err != nil {
+		return nil, permanent(err)
+	}
+	self := activity.GetInfo(ctx).WorkflowExecution.ID
+	for _, r := range others {
+		if r.WorkflowID == self {
+			continue
+		}
+		return nil, refusedRestore(fmt.Sprintf("restore: restore %s of backup %s into VM %q (workflow %s) has not ended: wait for it to end, or cancel it (starter cancel %s), before restoring into the VM again",
+			r.ID, r.BackupID, vm.Name, r.WorkflowID, r.WorkflowID))
 	}
 	res := &PlanRestoreVMResult{BackupID: b.ID, PointVM: b.VMName, Profile: profile, VMRef: vm.Ref, VMUUID: vm.UUID,
 		VMName: vm.Name, VCenterUUID: c.InstanceUUID()}
