@@ -41,7 +41,20 @@ func (a *Catalog) BeginBackup(ctx context.Context, in BeginBackupInput) (*BeginB
 			return nil, temporal.NewNonRetryableApplicationError(err.Error(), ErrTypeInvalidInput, err)
 		}
 	}
-	err := a.Catalog.Begin(ctx, catalog.Backup{ID: in.BackupID, Profile: in.Profile, VMUUID: in.VMUUID,
+	// A restore into the VM writes its disks while it runs: a restore
+	// point taken now would hold half-restored disks. Refused before the
+	// catalog has the backup, so nothing is left to fail.
+	restores, err := a.Catalog.UnfinishedVMRestores(ctx, in.VMUUID)
+	if err != nil {
+		return nil, permanent(err)
+	}
+	if len(restores) > 0 {
+		r := restores[0]
+		return nil, temporal.NewNonRetryableApplicationError(fmt.Sprintf(
+			"backup of VM %q refused: restore %s of backup %s into the VM (workflow %s) has not ended, and a restore point taken now would hold half-restored disks: back the VM up once it ended (or cancel it: starter cancel %s)",
+			in.VMName, r.ID, r.BackupID, r.WorkflowID, r.WorkflowID), ErrTypeRestoreIntoVMRunning, nil)
+	}
+	err = a.Catalog.Begin(ctx, catalog.Backup{ID: in.BackupID, Profile: in.Profile, VMUUID: in.VMUUID,
 		VMName: in.VMName, Mode: in.Mode, WorkflowID: in.WorkflowID, RunID: in.RunID})
 	if err != nil {
 		return nil, permanent(err)

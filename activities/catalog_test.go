@@ -433,3 +433,26 @@ func TestFailBackupOnReadOnlyRepository(t *testing.T) {
 		t.Errorf("the partial image should be left on a read-only repository: %v", err)
 	}
 }
+
+// A backup of a VM into which a restore has not ended is refused, naming
+// the restore and its workflow, before the catalog records it: a restore
+// point taken then would hold half-restored disks. Once the restore
+// ended, the backup begins.
+func TestBeginBackupRefusedDuringARestoreIntoTheVM(t *testing.T) {
+	c := newCatalogFixture(t)
+	ctx := ctxT(t, time.Minute)
+	if err := c.cat.BeginVMRestore(ctx, catalog.VMRestore{ID: "r1", Profile: profileLab, VMUUID: catVMUUID, VMName: "DC0_H0_VM0",
+		BackupID: "b0", WorkflowID: "restore-vm/b0/x"}); err != nil {
+		t.Fatal(err)
+	}
+	_, err := execute[activities.BeginBackupResult](t, c.env, c.a.BeginBackup, activities.BeginBackupInput{
+		BackupID: "b1", Profile: profileLab, VMUUID: catVMUUID, VMName: "DC0_H0_VM0", Mode: "auto"})
+	wantAppError(t, err, activities.ErrTypeRestoreIntoVMRunning, "r1", "restore-vm/b0/x", "DC0_H0_VM0")
+	if _, err := c.cat.Get(ctx, "b1"); !errors.Is(err, catalog.ErrNotFound) {
+		t.Errorf("the refused backup is in the catalog: %v", err)
+	}
+	if err := c.cat.FinishVMRestore(ctx, "r1", catalog.RestoreCompleted, ""); err != nil {
+		t.Fatal(err)
+	}
+	c.begin(t, "b1", catVMUUID)
+}

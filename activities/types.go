@@ -54,6 +54,11 @@ const (
 	// started under another form of the per-VM workflow ID): it leaves
 	// the VM alone; the next prune tries again.
 	ErrTypeBackupRunning = "BackupRunning"
+	// ErrTypeRestoreIntoVMRunning: BeginBackup found a restore into the
+	// VM that has not ended (catalog.UnfinishedVMRestores; the sweeper
+	// ends one whose workflow is gone): the backup is refused before the
+	// catalog records it.
+	ErrTypeRestoreIntoVMRunning = "RestoreIntoVMRunning"
 	// ErrTypeRepositoryFull: the repository has less free space than the
 	// backup needs (CheckSpace): it fails before the snapshot, or after
 	// the CBT query when the exact changed bytes do not fit, before any
