@@ -21,7 +21,8 @@ var ErrVMNameTaken = errors.New("VM name taken")
 // per capacity (in that order, on one paravirtual SCSI controller) and
 // annotation as its notes (a restore into a new VM says which point it
 // holds). It is idempotent: a VM of that name whose notes are annotation
-// is the one an earlier attempt made, and is returned; a VM of that name
+// is the one an earlier attempt made, and is returned (given its disks
+// first when that attempt stopped before them); a VM of that name
 // with other notes is ErrVMNameTaken. Names with "/", "\" or "%" are
 // refused (they would be escaped into another name).
 func (c *Client) CreateVMBeside(ctx context.Context, besideRef, name string, capacities []int64, annotation string) (*VM, error) {
@@ -37,10 +38,16 @@ func (c *Client) CreateVMBeside(ctx context.Context, besideRef, name string, cap
 		if err := property.DefaultCollector(c.vim).RetrieveOne(ctx, existing[0], []string{"config.annotation"}, &mvm); err != nil {
 			return nil, fmt.Errorf("vsphere: VM %q: %w", name, err)
 		}
-		if len(existing) == 1 && mvm.Config != nil && mvm.Config.Annotation == annotation {
-			return c.loadVM(ctx, existing[0], name)
+		if len(existing) != 1 || mvm.Config == nil || mvm.Config.Annotation != annotation {
+			return nil, fmt.Errorf("vsphere: %w: a VM named %q exists (%s)", ErrVMNameTaken, name, existing[0].Value)
 		}
-		return nil, fmt.Errorf("vsphere: %w: a VM named %q exists (%s)", ErrVMNameTaken, name, existing[0].Value)
+		vm, err := c.loadVM(ctx, existing[0], name)
+		if err != nil || len(vm.Disks) > 0 {
+			return vm, err
+		}
+		// An earlier attempt made the VM and stopped before its disks
+		// (they are added in one reconfiguration: all or none): they are
+		// added now.
 	}
 	var src mo.VirtualMachine
 	if err := property.DefaultCollector(c.vim).RetrieveOne(ctx, vmRef(besideRef),
@@ -72,17 +79,22 @@ func (c *Client) CreateVMBeside(ctx context.Context, besideRef, name string, cap
 		NumCPUs:    1,
 		MemoryMB:   128,
 	}
-	task, err := folder.CreateVM(ctx, spec, pool, host)
-	if err != nil {
-		return nil, fmt.Errorf("vsphere: create VM %q: %w", name, err)
-	}
-	res, err := task.WaitForResult(ctx)
-	if err != nil {
-		return nil, fmt.Errorf("vsphere: create VM %q: %w", name, err)
-	}
-	ref, ok := res.Result.(types.ManagedObjectReference)
-	if !ok {
-		return nil, fmt.Errorf("vsphere: create VM %q: task returned %T, not a VM", name, res.Result)
+	var ref types.ManagedObjectReference
+	if len(existing) > 0 {
+		ref = existing[0]
+	} else {
+		task, err := folder.CreateVM(ctx, spec, pool, host)
+		if err != nil {
+			return nil, fmt.Errorf("vsphere: create VM %q: %w", name, err)
+		}
+		res, err := task.WaitForResult(ctx)
+		if err != nil {
+			return nil, fmt.Errorf("vsphere: create VM %q: %w", name, err)
+		}
+		var ok bool
+		if ref, ok = res.Result.(types.ManagedObjectReference); !ok {
+			return nil, fmt.Errorf("vsphere: create VM %q: task returned %T, not a VM", name, res.Result)
+		}
 	}
 	var devices object.VirtualDeviceList
 	scsi, err := devices.CreateSCSIController("pvscsi")
