@@ -173,9 +173,11 @@ func exportRun(ctx context.Context, e *env, cfg *config.Config, backupID string,
 
 // waitServing polls the export's progress until it serves (its URI), or
 // its workflow ended (the error says why). A wait for a prune's merge is
-// logged once.
+// logged once, and so is each failure of an attempt that is retried
+// (e.g. qemu-nbd cannot listen on the address: the port is taken), which
+// would otherwise show only when the retries are spent, minutes later.
 func waitServing(ctx context.Context, e *env, c client.Client, wid, runID string) (workflows.ExportProgress, error) {
-	noted := ""
+	noted, failed := "", ""
 	for {
 		qctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		p, err := queryExport(qctx, c, wid, runID)
@@ -188,6 +190,15 @@ func waitServing(ctx context.Context, e *env, c client.Client, wid, runID string
 			e.log.Info("export waiting", "why", p.Note)
 		}
 		desc, derr := c.DescribeWorkflow(ctx, wid, runID)
+		if derr == nil {
+			for _, pa := range desc.RawResponse.GetPendingActivities() {
+				if msg := pa.GetLastFailure().GetMessage(); msg != "" && msg != failed {
+					failed = msg
+					e.log.Warn("export: an attempt failed; it is retried", "activity", pa.GetActivityType().GetName(),
+						"attempt", pa.GetAttempt(), "error", msg)
+				}
+			}
+		}
 		if derr == nil && desc.RawResponse.GetWorkflowExecutionInfo().GetStatus() != enumspb.WORKFLOW_EXECUTION_STATUS_RUNNING {
 			werr := c.GetWorkflow(ctx, wid, runID).Get(ctx, nil)
 			if werr == nil {

@@ -11,5 +11,7 @@
 // point (rule "exported") and prunes the rest, and after `starter export
 // stop` the next prune removes it; an export that starts after a prune
 // planned (held at BeforeMerge) to rewrite its chain makes the prune skip
-// the VM, naming the export, with nothing changed.
+// the VM, naming the export, with nothing changed; an export on a
+// --listen port that is taken is named by the starter while its attempts
+// are retried, and Ctrl-C then stops it before it served (exit 1).
 package export

@@ -344,7 +344,38 @@ func TestExport(t *testing.T) {
 		t.Errorf("prune after export stop: %+v, want %s removed", pr, first.id)
 	}
 
-	// 8. Usage errors and an unknown point.
+	// 8. A --listen address whose port is taken: qemu-nbd cannot listen,
+	// and the starter says so while the attempts are retried (not when
+	// they are spent, minutes later); Ctrl-C then stops the export
+	// before it served: exit 1, no lease, the workflow canceled.
+	taken, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	busy, err := s.StartStarter("export", third.id, "--disk", k, "--listen", taken.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadline = time.Now().Add(time.Minute)
+	for !strings.Contains(busy.Stderr(), "Address already in use") && time.Now().Before(deadline) {
+		time.Sleep(200 * time.Millisecond)
+	}
+	if !strings.Contains(busy.Stderr(), "Address already in use") || !strings.Contains(busy.Stderr(), "retried") {
+		t.Errorf("export on a taken port: the starter did not say qemu-nbd cannot listen within a minute: %s", busy.Stderr())
+	}
+	if err := busy.Signal(os.Interrupt); err != nil {
+		t.Fatal(err)
+	}
+	res, err = busy.Wait(ctx)
+	taken.Close()
+	if err != nil || res.ExitCode != 1 || !strings.Contains(res.Stderr, "interrupted before it served") {
+		t.Errorf("export on a taken port, interrupted: want exit 1, interrupted before it served: %v %s", err, res)
+	}
+	if st := workflowStatus(ctx, t, s, wid); st != enumspb.WORKFLOW_EXECUTION_STATUS_CANCELED {
+		t.Errorf("the export on a taken port after Ctrl-C: %s, want canceled", st)
+	}
+
+	// 9. Usage errors and an unknown point.
 	for _, c := range []struct {
 		args []string
 		code int
