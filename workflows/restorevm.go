@@ -209,13 +209,6 @@ func RestoreVM(ctx workflow.Context, in RestoreVMInput) (*RestoreVMResult, error
 		prog.Disks = append(prog.Disks, RestoreVMDiskProgress{Key: d.Key, Capacity: d.Capacity, Phase: "pending"})
 	}
 
-	// Recorded before the first write: even a restore that fails now
-	// makes the next backup full.
-	if err := workflow.ExecuteActivity(withCatalogActivity(ctx), vmRestoreActs.BeginVMRestore, activities.BeginVMRestoreInput{
-		RestoreID: restoreID, Profile: plan.Profile, VMUUID: plan.VMUUID, VMName: plan.VMName, BackupID: in.BackupID,
-		WorkflowID: workflow.GetInfo(ctx).WorkflowExecution.ID}).Get(ctx, nil); err != nil {
-		return nil, err
-	}
 	// The outcome is recorded on every way out, canceled included.
 	finish := func(outcome, reason string) {
 		dctx, cancel := workflow.NewDisconnectedContext(ctx)
@@ -223,13 +216,30 @@ func RestoreVM(ctx workflow.Context, in RestoreVMInput) (*RestoreVMResult, error
 		_ = workflow.ExecuteActivity(withCatalogActivity(dctx), vmRestoreActs.FinishVMRestore, activities.FinishVMRestoreInput{
 			RestoreID: restoreID, Outcome: outcome, Error: reason}).Get(dctx, nil)
 	}
+	// Recorded before the first write: even a restore that fails now
+	// makes the next backup full. The record is finished even when a
+	// cancel arrives meanwhile, and then ended at once: an abandoned
+	// record of a restore that has not ended refuses the VM's backups
+	// and restores (until the sweeper ends it).
+	bctx, bcancel := workflow.NewDisconnectedContext(ctx)
+	err := workflow.ExecuteActivity(withCatalogActivity(bctx), vmRestoreActs.BeginVMRestore, activities.BeginVMRestoreInput{
+		RestoreID: restoreID, Profile: plan.Profile, VMUUID: plan.VMUUID, VMName: plan.VMName, BackupID: in.BackupID,
+		WorkflowID: workflow.GetInfo(ctx).WorkflowExecution.ID}).Get(bctx, nil)
+	bcancel()
+	if err == nil {
+		err = ctx.Err()
+	}
+	if err != nil {
+		finish("failed", causeMessage(err))
+		return nil, err
+	}
 
 	phase(RestoreVMSnapshot)
 	var snap activities.RestoreSnapshotResult
 	// A snapshot being taken is finished even when the restore is
 	// canceled meanwhile, so that its error can name it.
 	sctx, scancel := workflow.NewDisconnectedContext(ctx)
-	err := workflow.ExecuteActivity(withSnapshotActivity(sctx), vmRestoreActs.CreateRestoreSnapshot, activities.RestoreSnapshotInput{
+	err = workflow.ExecuteActivity(withSnapshotActivity(sctx), vmRestoreActs.CreateRestoreSnapshot, activities.RestoreSnapshotInput{
 		RestoreID: restoreID, Profile: plan.Profile, VMUUID: plan.VMUUID}).Get(sctx, &snap)
 	scancel()
 	if err != nil {
