@@ -62,8 +62,8 @@ Read the disk with any NBD client, e.g.
   nbdfuse, or a hypervisor that boots from NBD.
 
 --listen is HOST:PORT on the worker's machine (default 127.0.0.1 on a free
-port; port 0 picks a free one). 0.0.0.0 serves every interface, and the
-URI then names the worker's host name. The export has no authentication:
+port; port 0 picks a free one). 0.0.0.0, or no host (:PORT), serves
+every interface, and the URI then names the worker's host name. The export has no authentication:
 listen where only trusted clients reach it.
 
 While it runs, no prune removes or rewrites the exported point or any
