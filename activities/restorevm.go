@@ -642,6 +642,20 @@ func (a *VMRestorer) WriteVMDisk(ctx context.Context, in WriteVMDiskInput) (*Wri
 		if err := dst.Close(); err != nil {
 			return nil, fmt.Errorf("restore: disk %d into VM %q: stopping nbdkit: %w", key, vm.Name, err)
 		}
+		// The power state was checked before the write began; a VM
+		// started meanwhile (vSphere's lock on a disk VDDK writes
+		// forbids it, the lab's live image does not) wrote into the disk
+		// while it was restored: the disk is neither the point nor the
+		// VM's, and no retry can tell which areas it wrote.
+		state, err := vc.PowerState(ctx, vm.Ref)
+		if err != nil {
+			return nil, permanent(err)
+		}
+		if state != vsphere.PoweredOff {
+			return nil, temporal.NewNonRetryableApplicationError(fmt.Sprintf(
+				"VM %q (%s) was powered on while its disk %d was being restored (now %s): the disk mixes the restore point with what the VM wrote; power it off and restore again",
+				vm.Name, vm.Ref, vmKey, state), ErrTypeVMPoweredOn, nil)
+		}
 	} else {
 		res = &copier.Result{}
 	}

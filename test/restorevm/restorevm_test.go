@@ -8,7 +8,8 @@
 // source; what cannot work is refused by name; a restore held half way
 // shows in the progress query and `starter status`, `starter cancel`
 // ends it, it keeps its snapshot and names it, and the sweeper leaves
-// that snapshot alone; on a terminal, bars.
+// that snapshot alone; on a terminal, bars; a VM powered on half way
+// fails the restore, which says so.
 package restorevm
 
 import (
@@ -393,4 +394,40 @@ func TestRestoreIntoVM(t *testing.T) {
 		}
 	}
 	f.sameAs("after the restore on a terminal", at1)
+
+	// 9. Powered on half way through the write (the lab, unlike vSphere,
+	// does not lock the disk): the restore fails, saying so, and keeps
+	// its snapshot; it used to report the mixed disk restored (with one
+	// disk to write, or its VM's last).
+	if err := gates.Arm(faultpoint.MidVMRestore); err != nil {
+		t.Fatal(err)
+	}
+	run, err = s.StartStarter("restore", b1.BackupID, "--to-vm", vm, "--disk", strconv.Itoa(int(f.keys[1])), "--json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	wctx, wcancel = context.WithTimeout(ctx, 3*time.Minute)
+	if _, err := gates.Wait(wctx, faultpoint.MidVMRestore); err != nil {
+		wcancel()
+		t.Fatal(err)
+	}
+	wcancel()
+	if err := l.SetPower(vm, true); err != nil {
+		t.Fatal(err)
+	}
+	if err := gates.Release(faultpoint.MidVMRestore); err != nil {
+		t.Fatal(err)
+	}
+	r, err = run.Wait(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rep = report{}
+	if err := stacktest.DecodeOne(r.Stdout, &rep); err != nil {
+		t.Fatalf("%v\n%s", err, r)
+	}
+	if r.ExitCode != 1 || rep.Status != "failed" || !strings.Contains(rep.Error, "was powered on while its disk") ||
+		!strings.Contains(rep.Error, "the VM's snapshot \"cbtflow-restore-") {
+		t.Errorf("a restore during which the VM was powered on: %+v\n%s", rep, r)
+	}
 }
