@@ -243,7 +243,20 @@ func RestoreVM(ctx workflow.Context, in RestoreVMInput) (*RestoreVMResult, error
 		RestoreID: restoreID, Profile: plan.Profile, VMUUID: plan.VMUUID}).Get(sctx, &snap)
 	scancel()
 	if err != nil {
+		// Nothing was written: a snapshot an attempt took before it
+		// failed (or before its worker died) goes, so that no snapshot
+		// stays that the error does not name.
+		name := activities.RestoreSnapshotPrefix + restoreID
+		rctx, rcancel := workflow.NewDisconnectedContext(ctx)
+		rerr := workflow.ExecuteActivity(withCleanupActivity(rctx), vsphereActs.RemoveSnapshot, activities.RemoveSnapshotInput{
+			Profile: plan.Profile, VMRef: plan.VMRef, SnapshotName: name}).Get(rctx, nil)
+		rcancel()
 		finish("failed", causeMessage(err))
+		if rerr != nil {
+			return nil, temporal.NewNonRetryableApplicationError(fmt.Sprintf(
+				"restore of backup %s into VM %q failed before its first write: %s; the VM's snapshot %q, if it has one, could not be removed (%s): remove it",
+				in.BackupID, plan.VMName, causeMessage(err), name, causeMessage(rerr)), ErrTypeRestoreVMFailed, err)
+		}
 		return nil, err
 	}
 	prog.Snapshot, prog.SnapshotRef = snap.SnapshotName, snap.SnapshotRef

@@ -66,3 +66,30 @@ func TestRestoreVMWriteFailedKeepsSnapshot(t *testing.T) {
 		t.Errorf("FinishVMRestore calls %+v, want one, failed", *finished)
 	}
 }
+
+// A CreateRestoreSnapshot that failed for good (an attempt may have taken
+// the snapshot before it failed, or before its worker died) removes the
+// restore's snapshot by name: nothing was written, and no snapshot may
+// stay that the error does not name.
+func TestRestoreVMSnapshotFailedRemovesIt(t *testing.T) {
+	env, finished := restoreVMEnv(t)
+	env.OnActivity(vmRestoreActs.BeginVMRestore, mock.Anything, mock.Anything).Return(nil)
+	env.OnActivity(vmRestoreActs.CreateRestoreSnapshot, mock.Anything, mock.Anything).Return(nil,
+		temporal.NewNonRetryableApplicationError(`VM "vm1" is poweredOn`, activities.ErrTypeVMPoweredOn, nil))
+	var removed []activities.RemoveSnapshotInput
+	env.OnActivity(vsphereActs.RemoveSnapshot, mock.Anything, mock.Anything).Return(func(_ context.Context, in activities.RemoveSnapshotInput) error {
+		removed = append(removed, in)
+		return nil
+	})
+	env.ExecuteWorkflow(RestoreVM, RestoreVMInput{BackupID: "b1", VM: "vm1"})
+	if err := env.GetWorkflowError(); err == nil || !strings.Contains(err.Error(), "poweredOn") {
+		t.Errorf("workflow error %v, want the snapshot's failure", err)
+	}
+	if len(removed) != 1 || removed[0].SnapshotRef != "" || !strings.HasPrefix(removed[0].SnapshotName, activities.RestoreSnapshotPrefix) ||
+		removed[0].VMRef != "vm-1" {
+		t.Errorf("RemoveSnapshot calls %+v, want one, by the restore snapshot's name", removed)
+	}
+	if len(*finished) != 1 || (*finished)[0].Outcome != "failed" {
+		t.Errorf("FinishVMRestore calls %+v, want one, failed", *finished)
+	}
+}
