@@ -315,7 +315,7 @@ func (e *env) checkPrune(tl *Tally, name string, v *prunedVM, kept, removed []*k
 		}
 		for _, key := range sortedKeys(p.caps) {
 			tl.Committed++
-			if err := e.restoresAs(ctx, p.id, key, p.caps[key]); err != nil {
+			if err := e.restoresAs(ctx, p.id, key, p.caps[key], false); err != nil {
 				e.problem(tl, "%s: kept point %s disk %d: %v", name, p.id, key, err)
 			} else {
 				tl.Verified++
@@ -342,12 +342,18 @@ func (e *env) checkPrune(tl *Tally, name string, v *prunedVM, kept, removed []*k
 }
 
 // restoresAs restores disk key of restore point id and compares it with
-// the capture want.
-func (e *env) restoresAs(ctx context.Context, id string, key int32, want string) error {
+// the capture want: through the worker (a Restore workflow), or with
+// local in the starter's own process (restore --local), which needs no
+// worker — the one the harness killed is not back yet.
+func (e *env) restoresAs(ctx context.Context, id string, key int32, want string, local bool) error {
 	out := filepath.Join(e.data, "prune-restore.raw")
 	_ = os.Remove(out)
 	defer os.Remove(out)
-	res, err := e.s.Starter(ctx, "restore", id, "--disk", strconv.Itoa(int(key)), "--to", out)
+	args := []string{"restore", id, "--disk", strconv.Itoa(int(key)), "--to", out}
+	if local {
+		args = append(args, "--local")
+	}
+	res, err := e.s.Starter(ctx, args...)
 	if err != nil || res.ExitCode != 0 {
 		return fmt.Errorf("restore: %v %s", err, res)
 	}
@@ -442,7 +448,7 @@ func (e *env) killRestoreAt(tl *Tally, v *prunedVM) *fault {
 			restored := 0
 			for _, p := range v.points { // the removed ones are still in the catalog
 				for _, key := range sortedKeys(p.caps) {
-					if err := e.restoresAs(ictx, p.id, key, p.caps[key]); err != nil {
+					if err := e.restoresAs(ictx, p.id, key, p.caps[key], true); err != nil {
 						e.problem(tl, "killed at %s, merges pending: restore point %s disk %d: %v", point, p.id, key, err)
 					} else {
 						restored++
