@@ -275,7 +275,9 @@ func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*Tra
 			faultpoint.Hold(ctx, faultpoint.MidTransfer)
 		}
 	}
+	copyStart := time.Now()
 	res, err := copier.Copy(ctx, opts)
+	copyTook := time.Since(copyStart)
 	if err != nil {
 		if ctx.Err() != nil {
 			return nil, ctx.Err()
@@ -307,7 +309,9 @@ func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*Tra
 	}
 	activity.RecordHeartbeat(ctx, verifying)
 	faultpoint.Hold(ctx, faultpoint.BeforeCheck)
+	checkStart := time.Now()
 	check, err := qemu.Check(ctx, path)
+	checkTook := time.Since(checkStart)
 	if err != nil {
 		return nil, permanent(err)
 	}
@@ -316,6 +320,7 @@ func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*Tra
 	}
 	// The stamp before and after the hash proves that what was hashed is
 	// the file as it stays: the commit records this stamp with the hash.
+	hashStart := time.Now()
 	_, before, err := integrity.StampOf(path)
 	if err != nil {
 		return nil, permanent(err)
@@ -331,6 +336,7 @@ func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*Tra
 	if _, after, err := integrity.StampOf(path); err != nil || after != before {
 		return nil, fmt.Errorf("disk %d: %s changed while it was hashed (%v)", in.Key, path, err)
 	}
+	hashTook := time.Since(hashStart)
 	// The copy read what the moref named when it began; if the snapshot
 	// vanished or the moref names another snapshot now, nothing proves
 	// the data and the change ID are this backup's: it must not commit.
@@ -343,7 +349,9 @@ func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*Tra
 	metricsOr(a.Metrics).DiskTransferred(in.Mode, res.Read, res.Written, res.Zeroed, took)
 	return &TransferDiskResult{Path: path, ReadBytes: res.Read, WrittenBytes: res.Written + res.Zeroed,
 		SizeBytes: size, SHA256: sum, Seconds: took.Seconds(), Stamp: (*FileStamp)(&before),
-		DigestSHA256: digestSum, DigestSize: digestSize}, nil
+		DigestSHA256: digestSum, DigestSize: digestSize,
+		SetupSeconds: copyStart.Sub(start).Seconds(), CopySeconds: copyTook.Seconds(),
+		CheckSeconds: checkTook.Seconds(), HashSeconds: hashTook.Seconds()}, nil
 }
 
 // checkFailed is the error of a transfer whose image fails qemu-img check.

@@ -256,6 +256,17 @@ type TransferDiskResult struct {
 	// wrote none (Transfer.Digests off, or a worker before digests).
 	DigestSHA256 string `json:"digest_sha256,omitempty"`
 	DigestSize   int64  `json:"digest_size,omitempty"`
+	// SetupSeconds, CopySeconds, CheckSeconds and HashSeconds split
+	// Seconds into the attempt's steps (make bench's end-to-end table
+	// reads them from the workflow history): everything before the copy
+	// (slot, image creation, the NBD servers, the snapshot check), the
+	// copy with its final flush, qemu-img check, and the SHA-256 of the
+	// image. The rest of Seconds is closing the servers and the snapshot
+	// check after the copy. Zero in results of workers before them.
+	SetupSeconds float64 `json:"setup_seconds,omitempty"`
+	CopySeconds  float64 `json:"copy_seconds,omitempty"`
+	CheckSeconds float64 `json:"check_seconds,omitempty"`
+	HashSeconds  float64 `json:"hash_seconds,omitempty"`
 }
 
 // FileStamp identifies a file's content cheaply (inode, mtime and ctime

@@ -4,6 +4,11 @@
 // vary by tens of percent from one run to the next and only ratios measured
 // together mean anything.
 //
+// Its end-to-end part (e2e.go) times whole backups of lab VMs through the
+// real starter, worker, Temporal and PostgreSQL, on a stack of its own,
+// split into their phases from the workflow histories, beside nbdcopy's
+// time for the same bytes, run alternately. -part runs one part alone.
+//
 // It is a development tool, not part of cbtflow's product.
 package main
 
@@ -52,15 +57,35 @@ func main() {
 		seed    = flag.Uint64("seed", 1, "seed of the generated disk")
 		verbose = flag.Bool("v", false, "log each run")
 		only    = flag.String("tools", "", "comma-separated subset of cbtflow,nbdcopy,qemu-img to run (default all)")
+		part    = flag.String("part", "all", "copier (the copier against nbdcopy and qemu-img), e2e (whole backups through a stack of their own), or all")
+		incr    = flag.Int64("incr-data", 10*mib, "e2e: bytes changed before each incremental backup")
+		piece   = flag.Int64("incr-write", 64<<10, "e2e: bytes of each of those writes, at scattered places")
+		twoData = flag.Int64("two-data", 64*mib, "e2e: bytes of data on each disk of the unchanged two-disk VM")
 	)
 	flag.Parse()
 	if *runs < 5 {
 		fmt.Fprintln(os.Stderr, "bench: --runs must be at least 5")
 		os.Exit(2)
 	}
+	if *part != "all" && *part != "copier" && *part != "e2e" {
+		fmt.Fprintf(os.Stderr, "bench: --part %q: want copier, e2e or all\n", *part)
+		os.Exit(2)
+	}
+	if *incr <= 0 || *piece <= 0 || *incr%*piece != 0 {
+		fmt.Fprintf(os.Stderr, "bench: --incr-data %d must be a positive multiple of --incr-write %d\n", *incr, *piece)
+		os.Exit(2)
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	if err := run(ctx, *dir, *size, *data, *runs, *seed, *verbose, *only); err != nil {
+	var err error
+	if *part != "e2e" {
+		err = run(ctx, *dir, *size, *data, *runs, *seed, *verbose, *only)
+	}
+	if err == nil && *part != "copier" {
+		err = runE2E(ctx, e2eOptions{dir: *dir, size: *size, data: *data, incrData: *incr, incrWrite: *piece,
+			twoData: *twoData, runs: *runs, seed: *seed, verbose: *verbose})
+	}
+	if err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
 	}

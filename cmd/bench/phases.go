@@ -1,0 +1,177 @@
+package main
+
+import (
+	"fmt"
+	"slices"
+	"time"
+
+	enumspb "go.temporal.io/api/enums/v1"
+	historypb "go.temporal.io/api/history/v1"
+	"go.temporal.io/sdk/converter"
+
+	"github.com/cbtflow/cbtflow/activities"
+)
+
+// The rows of the end-to-end table, in the order a backup runs them.
+const (
+	rowResolve  = "resolve (ResolveVM)"
+	rowPrepare  = "prepare (PrepareVM)"
+	rowBegin    = "begin (BeginBackup)"
+	rowSpace    = "space check (CheckSpace)"
+	rowSnapshot = "snapshot (CreateSnapshot)"
+	rowQuery    = "CBT query (ChangedAreas)"
+	rowSetup    = "transfer: setup"
+	rowCopy     = "transfer: copy"
+	rowCheck    = "transfer: image check"
+	rowHash     = "transfer: checksum"
+	rowXferRest = "transfer: rest"
+	rowCommit   = "commit (CommitRestorePoint)"
+	rowRemove   = "snapshot removal (RemoveSnapshot)"
+	rowOther    = "other activities"
+	rowOverhead = "workflow overhead between activities"
+	rowQueued   = "  of which activity tasks queued"
+	rowStarter  = "starter outside the workflows"
+	rowTotal    = "end to end (starter backup --wait)"
+)
+
+var phaseRows = []string{rowResolve, rowPrepare, rowBegin, rowSpace, rowSnapshot, rowQuery,
+	rowSetup, rowCopy, rowCheck, rowHash, rowXferRest, rowCommit, rowRemove, rowOther,
+	rowOverhead, rowQueued, rowStarter, rowTotal}
+
+// activityRows names the row of each activity the backup workflows run;
+// TransferDisk is split by its result (transferRows).
+var activityRows = map[string]string{
+	"ResolveVM": rowResolve, "PrepareVM": rowPrepare, "BeginBackup": rowBegin, "CheckSpace": rowSpace,
+	"CreateSnapshot": rowSnapshot, "ChangedAreas": rowQuery, "CommitRestorePoint": rowCommit,
+	"RemoveSnapshot": rowRemove,
+}
+
+const transferActivity = "TransferDisk"
+
+// span is one activity's execution as the workflow history records it:
+// from the task's start (the attempt that completed) to its completion,
+// and when it was scheduled.
+type span struct {
+	activity   string
+	scheduled  time.Time
+	start, end time.Time
+	transfer   *activities.TransferDiskResult // TransferDisk's result
+}
+
+// spansOf lists the completed activities of one workflow history, and
+// the times the workflow started and closed.
+func spansOf(events []*historypb.HistoryEvent) (spans []span, opened, closed time.Time, err error) {
+	names := map[int64]string{}
+	scheduled := map[int64]time.Time{}
+	started := map[int64]time.Time{}
+	dc := converter.GetDefaultDataConverter()
+	for _, ev := range events {
+		t := ev.GetEventTime().AsTime()
+		switch ev.GetEventType() {
+		case enumspb.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED:
+			opened = t
+		case enumspb.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED:
+			closed = t
+		case enumspb.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
+			names[ev.GetEventId()] = ev.GetActivityTaskScheduledEventAttributes().GetActivityType().GetName()
+			scheduled[ev.GetEventId()] = t
+		case enumspb.EVENT_TYPE_ACTIVITY_TASK_STARTED:
+			started[ev.GetActivityTaskStartedEventAttributes().GetScheduledEventId()] = t
+		case enumspb.EVENT_TYPE_ACTIVITY_TASK_COMPLETED:
+			a := ev.GetActivityTaskCompletedEventAttributes()
+			id := a.GetScheduledEventId()
+			sp := span{activity: names[id], scheduled: scheduled[id], start: started[id], end: t}
+			if sp.activity == "" || sp.start.IsZero() {
+				return nil, opened, closed, fmt.Errorf("history event %d: completion of an activity whose schedule or start is not in the history", ev.GetEventId())
+			}
+			if sp.activity == transferActivity {
+				var tr activities.TransferDiskResult
+				if err := dc.FromPayloads(a.GetResult(), &tr); err != nil {
+					return nil, opened, closed, fmt.Errorf("history event %d: TransferDisk result: %w", ev.GetEventId(), err)
+				}
+				sp.transfer = &tr
+			}
+			spans = append(spans, sp)
+		}
+	}
+	if opened.IsZero() || closed.IsZero() {
+		return nil, opened, closed, fmt.Errorf("the history holds no start and completion of the workflow (%d events)", len(events))
+	}
+	return spans, opened, closed, nil
+}
+
+// interval is [start, end).
+type interval struct{ start, end time.Time }
+
+// covered is the time covered by the union of intervals.
+func covered(ivs []interval) time.Duration {
+	ivs = slices.Clone(ivs)
+	slices.SortFunc(ivs, func(a, b interval) int { return a.start.Compare(b.start) })
+	var total time.Duration
+	var cur interval
+	for i, iv := range ivs {
+		switch {
+		case i == 0:
+			cur = iv
+		case !iv.start.After(cur.end):
+			if iv.end.After(cur.end) {
+				cur.end = iv.end
+			}
+		default:
+			total += cur.end.Sub(cur.start)
+			cur = iv
+		}
+	}
+	if len(ivs) > 0 {
+		total += cur.end.Sub(cur.start)
+	}
+	return total
+}
+
+// phasesOf splits one backup's time, in seconds per row: each activity's
+// row is the wall time its executions cover (disks run in parallel count
+// once); TransferDisk's wall time is split among its steps in proportion
+// to their seconds summed over disks (exact with one disk). The workflow
+// overhead is the time between opened and closed (the first workflow's
+// start, the last one's close) that no activity covers: workflow tasks,
+// the child workflow's start, and activity tasks waiting from their
+// scheduling to their start (shown apart). The starter's part is the rest of its wall time (its
+// process, the start request, the result's delivery).
+func phasesOf(spans []span, opened, closed time.Time, wall time.Duration) map[string]float64 {
+	out := map[string]float64{}
+	byRow := map[string][]interval{}
+	var all, queued, transfers []interval
+	var sumTransfer, setup, cp, check, hash float64
+	for _, sp := range spans {
+		iv := interval{sp.start, sp.end}
+		all = append(all, iv)
+		queued = append(queued, interval{sp.scheduled, sp.end})
+		if sp.activity == transferActivity {
+			transfers = append(transfers, iv)
+			sumTransfer += sp.end.Sub(sp.start).Seconds()
+			if tr := sp.transfer; tr != nil {
+				setup, cp, check, hash = setup+tr.SetupSeconds, cp+tr.CopySeconds, check+tr.CheckSeconds, hash+tr.HashSeconds
+			}
+			continue
+		}
+		row, ok := activityRows[sp.activity]
+		if !ok {
+			row = rowOther
+		}
+		byRow[row] = append(byRow[row], iv)
+	}
+	for row, ivs := range byRow {
+		out[row] = covered(ivs).Seconds()
+	}
+	if wallT := covered(transfers).Seconds(); wallT > 0 && sumTransfer > 0 {
+		scale := wallT / sumTransfer
+		out[rowSetup], out[rowCopy], out[rowCheck], out[rowHash] = setup*scale, cp*scale, check*scale, hash*scale
+		out[rowXferRest] = max(0, wallT-(setup+cp+check+hash)*scale)
+	}
+	span := closed.Sub(opened)
+	out[rowOverhead] = max(0, (span - covered(all)).Seconds())
+	out[rowQueued] = max(0, (covered(queued) - covered(all)).Seconds())
+	out[rowStarter] = max(0, (wall - span).Seconds())
+	out[rowTotal] = wall.Seconds()
+	return out
+}
