@@ -75,7 +75,9 @@ func main() {
 		fmt.Fprintf(os.Stderr, "bench: --incr-data %d must be a positive multiple of --incr-write %d\n", *incr, *piece)
 		os.Exit(2)
 	}
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	// SIGPIPE too: `make bench | head` must not kill the bench before it
+	// stopped its stack and dropped its database.
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGPIPE)
 	defer stop()
 	var err error
 	if *part != "e2e" {
