@@ -1,5 +1,6 @@
-// Package stack starts a whole cbtflow stack on one machine for tests, and
-// for the chaos tests that kill and restart its parts: the Temporal dev
+// Package stack starts a whole cbtflow stack on one machine for tests, for
+// the chaos tests that kill and restart its parts, and for make bench's
+// end-to-end part (cmd/bench): the Temporal dev
 // server (the real `temporal` CLI, on free ports, with its state in a db
 // file so it can be restarted), the lab vCenter (in-process), the vCenter
 // profiles file, the repository folder, and the worker as a real separate
