@@ -75,9 +75,14 @@ func main() {
 		fmt.Fprintf(os.Stderr, "bench: --incr-data %d must be a positive multiple of --incr-write %d\n", *incr, *piece)
 		os.Exit(2)
 	}
-	// SIGPIPE too: `make bench | head` must not kill the bench before it
-	// stopped its stack and dropped its database.
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGPIPE)
+	// SIGPIPE is ignored, never caught: `make bench | head` must not kill
+	// the bench before it stopped its stack and dropped its database, and
+	// a caught SIGPIPE would also come from any socket of the process that
+	// a peer closed (the in-process lab's connections, NBD): it canceled
+	// a run half way. Ignored, a write to a closed stdout fails with EPIPE
+	// and the run goes on to its cleanup.
+	signal.Ignore(syscall.SIGPIPE)
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM, syscall.SIGHUP)
 	defer stop()
 	var err error
 	if *part != "e2e" {
