@@ -209,6 +209,19 @@ func poweredOn(vm, ref, state string) error {
 		vm, ref, state), ErrTypeVMPoweredOn, nil)
 }
 
+// requirePoweredOff refuses, non-retryably and by name, a VM that is not
+// powered off (poweredOn); a power state that cannot be read fails too.
+func requirePoweredOff(ctx context.Context, c *vsphere.Client, vm *vsphere.VM) error {
+	state, err := c.PowerState(ctx, vm.Ref)
+	if err != nil {
+		return permanent(err)
+	}
+	if state != vsphere.PoweredOff {
+		return poweredOn(vm.Name, vm.Ref, state)
+	}
+	return nil
+}
+
 // PlanRestoreVM looks the restore point up, finds the VM to write it
 // into and matches their disks by key. It refuses, non-retryably and by
 // name, what no retry mends: an unknown or uncommitted point
@@ -240,12 +253,8 @@ func (a *VMRestorer) PlanRestoreVM(ctx context.Context, in PlanRestoreVMInput) (
 	if err != nil {
 		return nil, permanent(err)
 	}
-	state, err := c.PowerState(ctx, vm.Ref)
-	if err != nil {
-		return nil, permanent(err)
-	}
-	if state != vsphere.PoweredOff {
-		return nil, poweredOn(vm.Name, vm.Ref, state)
+	if err := requirePoweredOff(ctx, c, vm); err != nil {
+		return nil, err
 	}
 	running, err := a.Catalog.List(ctx, catalog.ListFilter{VM: vm.UUID, Status: catalog.StatusRunning})
 	if err != nil {
@@ -355,12 +364,8 @@ func (a *VMRestorer) CreateRestoreSnapshot(ctx context.Context, in RestoreSnapsh
 	if err != nil {
 		return nil, permanent(err)
 	}
-	state, err := c.PowerState(ctx, vm.Ref)
-	if err != nil {
-		return nil, permanent(err)
-	}
-	if state != vsphere.PoweredOff {
-		return nil, poweredOn(vm.Name, vm.Ref, state)
+	if err := requirePoweredOff(ctx, c, vm); err != nil {
+		return nil, err
 	}
 	name := RestoreSnapshotPrefix + in.RestoreID
 	snap, err := c.CreateSnapshotDescribed(ctx, vm, name,
@@ -533,12 +538,8 @@ func (a *VMRestorer) WriteVMDisk(ctx context.Context, in WriteVMDiskInput) (*Wri
 	if err != nil {
 		return nil, permanent(err)
 	}
-	state, err := vc.PowerState(ctx, vm.Ref)
-	if err != nil {
-		return nil, permanent(err)
-	}
-	if state != vsphere.PoweredOff {
-		return nil, poweredOn(vm.Name, vm.Ref, state)
+	if err := requirePoweredOff(ctx, vc, vm); err != nil {
+		return nil, err
 	}
 	vmKey := key
 	if in.Disk.VMKey != 0 {

@@ -62,6 +62,15 @@ var ErrBadRequest = errors.New("bad source request")
 // New returns the opener for the profile's source: vsphere.SourceVDDK
 // (also when empty) or vsphere.SourceLab.
 func New(p vsphere.Profile) (Opener, error) {
+	return sourceOf(p)
+}
+
+// sourceOf is the profile's source, which both reads (Opener) and writes
+// (WriteOpener).
+func sourceOf(p vsphere.Profile) (interface {
+	Opener
+	WriteOpener
+}, error) {
 	switch p.Source {
 	case "", vsphere.SourceVDDK:
 		return vddkOpener{}, nil
@@ -265,13 +274,7 @@ var ErrPoweredOn = errors.New("VM is not powered off")
 // NewWriter returns the write opener for the profile's source, as New
 // does for reading.
 func NewWriter(p vsphere.Profile) (WriteOpener, error) {
-	switch p.Source {
-	case "", vsphere.SourceVDDK:
-		return vddkOpener{}, nil
-	case vsphere.SourceLab:
-		return labOpener{}, nil
-	}
-	return nil, fmt.Errorf("source: profile %q: unknown source %q (want %q or %q)", p.Name, p.Source, vsphere.SourceVDDK, vsphere.SourceLab)
+	return sourceOf(p)
 }
 
 func (r WriteRequest) check() error {
