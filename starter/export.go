@@ -126,7 +126,7 @@ func exportRun(ctx context.Context, e *env, cfg *config.Config, backupID string,
 	if errors.As(err, &started) {
 		msg := fmt.Sprintf("export: restore point %s disk %d is already exported (workflow %s)", backupID, key, wid)
 		qctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		if p, qerr := queryExport(qctx, c, wid, ""); qerr == nil && p.URI != "" {
+		if p, qerr := queryProgress[workflows.ExportProgress](qctx, c, wid, ""); qerr == nil && p.URI != "" {
 			msg = fmt.Sprintf("export: restore point %s disk %d is already exported at %s (workflow %s)", backupID, key, p.URI, wid)
 		}
 		cancel()
@@ -180,7 +180,7 @@ func waitServing(ctx context.Context, e *env, c client.Client, wid, runID string
 	noted, failed := "", ""
 	for {
 		qctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		p, err := queryExport(qctx, c, wid, runID)
+		p, err := queryProgress[workflows.ExportProgress](qctx, c, wid, runID)
 		cancel()
 		if err == nil && p.Phase == workflows.ExportServing && p.URI != "" {
 			return p, nil
@@ -236,17 +236,6 @@ func stopExport(e *env, c client.Client, wid, runID string, in workflows.ExportI
 		return fmt.Errorf("export: %s%s", how, failureMessage(err))
 	}
 	return nil
-}
-
-// queryExport asks an Export workflow for its progress.
-func queryExport(ctx context.Context, c client.Client, wid, runID string) (workflows.ExportProgress, error) {
-	v, err := c.QueryWorkflow(ctx, wid, runID, workflows.QueryProgress)
-	if err != nil {
-		return workflows.ExportProgress{}, err
-	}
-	var p workflows.ExportProgress
-	err = v.Get(&p)
-	return p, err
 }
 
 func newExportStopCmd(e *env) *cobra.Command {
@@ -324,7 +313,7 @@ func watchExport(ctx context.Context, e *env, c client.Client, w kindRun, asJSON
 		err = c.GetWorkflow(ctx, w.WorkflowID, w.RunID).Get(ctx, nil)
 	} else {
 		err = followLines(ctx, c, e.stdout, w, nil, func(ctx context.Context) (string, error) {
-			p, err := queryExport(ctx, c, w.WorkflowID, w.RunID)
+			p, err := queryProgress[workflows.ExportProgress](ctx, c, w.WorkflowID, w.RunID)
 			return fmt.Sprintf("export of backup %s disk %d: %s %s", p.BackupID, p.DiskKey, p.Phase, p.URI), err
 		})
 	}

@@ -53,7 +53,7 @@ var workflowKinds = []*workflowKind{
 	{
 		name: "restore", kind: "restore", workflowType: "Restore", byBackupID: true,
 		progress: func(ctx context.Context, c client.Client, w kindRun, en *statusEntry) error {
-			p, err := queryRestoreProgress(ctx, c, w.WorkflowID, w.RunID)
+			p, err := queryProgress[workflows.RestoreProgress](ctx, c, w.WorkflowID, w.RunID)
 			en.Restore = &p
 			if p.VM != "" {
 				en.VM = p.VM
@@ -74,7 +74,7 @@ var workflowKinds = []*workflowKind{
 	{
 		name: "verification", kind: "verify", workflowType: "Verify",
 		progress: func(ctx context.Context, c client.Client, w kindRun, en *statusEntry) error {
-			p, err := queryVerifyProgress(ctx, c, w.WorkflowID, w.RunID)
+			p, err := queryProgress[workflows.VerifyProgress](ctx, c, w.WorkflowID, w.RunID)
 			en.Verify = &p
 			return err
 		},
@@ -89,7 +89,7 @@ var workflowKinds = []*workflowKind{
 	{
 		name: "export", kind: "export", workflowType: "Export",
 		progress: func(ctx context.Context, c client.Client, w kindRun, en *statusEntry) error {
-			p, err := queryExport(ctx, c, w.WorkflowID, w.RunID)
+			p, err := queryProgress[workflows.ExportProgress](ctx, c, w.WorkflowID, w.RunID)
 			en.Export = &p
 			if p.VM != "" {
 				en.VM = p.VM
@@ -289,7 +289,7 @@ func watchRestore(ctx context.Context, e *env, c client.Client, w kindRun, asJSO
 		res, err = followRestore(ctx, c, e.stdout, w.WorkflowID, w.RunID)
 	default:
 		err = followLines(ctx, c, e.stdout, w, &res, func(ctx context.Context) (string, error) {
-			p, err := queryRestoreProgress(ctx, c, w.WorkflowID, w.RunID)
+			p, err := queryProgress[workflows.RestoreProgress](ctx, c, w.WorkflowID, w.RunID)
 			vm := ""
 			if p.VM != "" {
 				vm = " of VM " + p.VM
@@ -322,7 +322,7 @@ func watchVerify(ctx context.Context, e *env, c client.Client, w kindRun, asJSON
 		err = c.GetWorkflow(ctx, w.WorkflowID, w.RunID).Get(ctx, &res)
 	} else {
 		err = followLines(ctx, c, e.stdout, w, &res, func(ctx context.Context) (string, error) {
-			p, err := queryVerifyProgress(ctx, c, w.WorkflowID, w.RunID)
+			p, err := queryProgress[workflows.VerifyProgress](ctx, c, w.WorkflowID, w.RunID)
 			return fmt.Sprintf("verification %s: %s", w.WorkflowID, verifyPhaseText(p)), err
 		})
 	}
@@ -356,17 +356,6 @@ func followLines(ctx context.Context, c client.Client, out io.Writer, w kindRun,
 		case <-tick.C:
 		}
 	}
-}
-
-// queryVerifyProgress asks a Verify workflow for its progress.
-func queryVerifyProgress(ctx context.Context, c client.Client, wid, runID string) (workflows.VerifyProgress, error) {
-	v, err := c.QueryWorkflow(ctx, wid, runID, workflows.QueryProgress)
-	if err != nil {
-		return workflows.VerifyProgress{}, err
-	}
-	var p workflows.VerifyProgress
-	err = v.Get(&p)
-	return p, err
 }
 
 // verifyPhaseText says where a verification stands, in an operator's

@@ -99,13 +99,15 @@ func keyword(data []byte) string {
 	return strings.Trim(string(data), `"`)
 }
 
-// queryProgress asks a backup workflow for its progress.
-func queryProgress(ctx context.Context, c client.Client, wid, runID string) (workflows.Progress, error) {
+// queryProgress asks a workflow for its progress query's answer, P:
+// workflows.Progress of a backup, RestoreProgress of a restore, and so
+// on for each kind of workflow.
+func queryProgress[P any](ctx context.Context, c client.Client, wid, runID string) (P, error) {
+	var p P
 	v, err := c.QueryWorkflow(ctx, wid, runID, workflows.QueryProgress)
 	if err != nil {
-		return workflows.Progress{}, err
+		return p, err
 	}
-	var p workflows.Progress
 	err = v.Get(&p)
 	return p, err
 }
@@ -187,7 +189,7 @@ func follow(ctx context.Context, c client.Client, w io.Writer, wid, runID string
 	defer tick.Stop()
 	var last workflows.Progress
 	for {
-		if p, err := queryProgress(ctx, c, wid, runID); err == nil {
+		if p, err := queryProgress[workflows.Progress](ctx, c, wid, runID); err == nil {
 			last = steady(last, p)
 			v.show(last)
 		}

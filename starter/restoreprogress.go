@@ -15,31 +15,33 @@ import (
 	"github.com/cbtflow/cbtflow/workflows"
 )
 
-// queryRestoreProgress asks a Restore workflow for its progress.
-func queryRestoreProgress(ctx context.Context, c client.Client, wid, runID string) (workflows.RestoreProgress, error) {
-	v, err := c.QueryWorkflow(ctx, wid, runID, workflows.QueryProgress)
-	if err != nil {
-		return workflows.RestoreProgress{}, err
-	}
-	var p workflows.RestoreProgress
-	err = v.Get(&p)
-	return p, err
-}
-
 // followRestore waits for the Restore wid to end and returns its result
 // (the error of Get), drawing its progress on w meanwhile (a terminal):
 // a headline, then a bar for the chain's verification and one for the
 // writing, as `backup --wait` draws a backup's.
 func followRestore(ctx context.Context, c client.Client, w io.Writer, wid, runID string) (workflows.RestoreResult, error) {
-	var res workflows.RestoreResult
+	return followWorkflow(ctx, c, wid, runID, newRestoreBarView(ctx, w))
+}
+
+// resultView draws a workflow's progress answers (P) on a terminal,
+// then its end and result (R).
+type resultView[P, R any] interface {
+	show(P)
+	end(completed bool, res R)
+}
+
+// followWorkflow waits for the workflow wid to end and returns its result
+// (the error of Get), showing its progress query's answers on v every
+// pollInterval meanwhile (an answer that does not come keeps the last).
+func followWorkflow[P, R any](ctx context.Context, c client.Client, wid, runID string, v resultView[P, R]) (R, error) {
+	var res R
 	done := make(chan error, 1)
 	go func() { done <- c.GetWorkflow(ctx, wid, runID).Get(ctx, &res) }()
-	v := newRestoreBarView(ctx, w)
 	tick := time.NewTicker(pollInterval)
 	defer tick.Stop()
 	for {
 		qctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		if p, err := queryRestoreProgress(qctx, c, wid, runID); err == nil {
+		if p, err := queryProgress[P](qctx, c, wid, runID); err == nil {
 			v.show(p)
 		}
 		cancel()

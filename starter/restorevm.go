@@ -109,41 +109,12 @@ func printRestoreVM(e *env, out workflows.RestoreVMReport, asJSON bool) error {
 	return nil
 }
 
-// queryRestoreVMProgress asks a RestoreVM workflow for its progress.
-func queryRestoreVMProgress(ctx context.Context, c client.Client, wid, runID string) (workflows.RestoreVMProgress, error) {
-	v, err := c.QueryWorkflow(ctx, wid, runID, workflows.QueryProgress)
-	if err != nil {
-		return workflows.RestoreVMProgress{}, err
-	}
-	var p workflows.RestoreVMProgress
-	err = v.Get(&p)
-	return p, err
-}
-
 // followRestoreVM waits for the RestoreVM wid and returns its result,
 // drawing its progress on w (a terminal) meanwhile: a headline with the
 // phase and the snapshot, then a bar per disk (its stage, mode, bytes of
 // the areas to write, rate, ETA), as `restore --to` draws its bars.
 func followRestoreVM(ctx context.Context, c client.Client, w io.Writer, wid, runID string) (workflows.RestoreVMResult, error) {
-	var res workflows.RestoreVMResult
-	done := make(chan error, 1)
-	go func() { done <- c.GetWorkflow(ctx, wid, runID).Get(ctx, &res) }()
-	v := newRestoreVMBarView(ctx, w)
-	tick := time.NewTicker(pollInterval)
-	defer tick.Stop()
-	for {
-		qctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		if p, err := queryRestoreVMProgress(qctx, c, wid, runID); err == nil {
-			v.show(p)
-		}
-		cancel()
-		select {
-		case err := <-done:
-			v.end(err == nil, res)
-			return res, err
-		case <-tick.C:
-		}
-	}
+	return followWorkflow(ctx, c, wid, runID, newRestoreVMBarView(ctx, w))
 }
 
 // restoreVMDisk is what a disk's bar shows: its latest figures.

@@ -18,7 +18,7 @@ import (
 var restoreVMKind = &workflowKind{
 	name: "restore into a VM", kind: "restore-vm", workflowType: "RestoreVM", byBackupID: true,
 	progress: func(ctx context.Context, c client.Client, w kindRun, en *statusEntry) error {
-		p, err := queryRestoreVMProgress(ctx, c, w.WorkflowID, w.RunID)
+		p, err := queryProgress[workflows.RestoreVMProgress](ctx, c, w.WorkflowID, w.RunID)
 		en.RestoreVM = &p
 		if p.VM != "" {
 			en.VM = p.VM
@@ -67,7 +67,7 @@ func watchRestoreVM(ctx context.Context, e *env, c client.Client, w kindRun, asJ
 		err = c.GetWorkflow(ctx, w.WorkflowID, w.RunID).Get(ctx, &res)
 	} else {
 		err = followLines(ctx, c, e.stdout, w, &res, func(ctx context.Context) (string, error) {
-			p, err := queryRestoreVMProgress(ctx, c, w.WorkflowID, w.RunID)
+			p, err := queryProgress[workflows.RestoreVMProgress](ctx, c, w.WorkflowID, w.RunID)
 			return fmt.Sprintf("restore of backup %s into VM %s: %s %s", p.BackupID, p.VM, p.Phase, restoreVMDisksText(p)), err
 		})
 	}

@@ -234,7 +234,7 @@ func statusRun(ctx context.Context, e *env, cfg *config.Config, vm string, asJSO
 	for _, b := range found {
 		en := statusEntry{Kind: "backup", WorkflowID: b.WorkflowID, BackupID: b.BackupID, VM: b.VM, StartedAt: b.Started.UTC()}
 		qctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		en.Progress, err = queryProgress(qctx, c, b.WorkflowID, b.RunID)
+		en.Progress, err = queryProgress[workflows.Progress](qctx, c, b.WorkflowID, b.RunID)
 		cancel()
 		if err != nil {
 			en.Error = err.Error()
