@@ -153,22 +153,11 @@ func (a *Restorer) RestoreDisk(ctx context.Context, in RestoreDiskInput) (*Resto
 		mu.Unlock()
 		activity.RecordHeartbeat(ctx, p)
 	}
-	stop := make(chan struct{})
-	defer close(stop)
-	go func() {
-		tick := time.NewTicker(restoreBeat)
-		defer tick.Stop()
-		for {
-			select {
-			case <-stop:
-				return
-			case <-ctx.Done():
-				return
-			case <-tick.C:
-				beat()
-			}
-		}
-	}()
+	defer heartbeatEvery(ctx, restoreBeat, func() any {
+		mu.Lock()
+		defer mu.Unlock()
+		return latest
+	})()
 	beat()
 	stage, meter, halfway := "", newRateMeter(), false
 	o.Progress = func(p restore.Progress) {

@@ -163,22 +163,11 @@ func (a *Catalog) checkPointChain(ctx context.Context, chain []verify.Image) (*v
 		mu.Unlock()
 		activity.RecordHeartbeat(ctx, p)
 	}
-	stop := make(chan struct{})
-	defer close(stop)
-	go func() {
-		tick := time.NewTicker(verifyBeat)
-		defer tick.Stop()
-		for {
-			select {
-			case <-stop:
-				return
-			case <-ctx.Done():
-				return
-			case <-tick.C:
-				beat()
-			}
-		}
-	}()
+	defer heartbeatEvery(ctx, verifyBeat, func() any {
+		mu.Lock()
+		defer mu.Unlock()
+		return latest
+	})()
 	beat()
 	o := verify.Options{}
 	if faultpoint.Active(ctx) {
