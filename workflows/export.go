@@ -108,19 +108,15 @@ func Export(ctx workflow.Context, in ExportInput) (*ExportResult, error) {
 	}
 	_ = workflow.UpsertTypedSearchAttributes(ctx, SearchBackupID.ValueSet(in.BackupID))
 
-	var point activities.FindRestorePointResult
-	if err := workflow.ExecuteActivity(withCatalogActivity(ctx), restoreActs.FindRestorePoint,
-		activities.FindRestorePointInput{BackupID: in.BackupID, DiskKey: in.DiskKey}).Get(ctx, &point); err != nil {
+	point, err := findRestorePoint(ctx, in.BackupID, in.DiskKey)
+	if err != nil {
 		return nil, err
 	}
 	prog.VM, prog.Capacity = point.VM, point.Capacity
-	if point.VM != "" {
-		_ = workflow.UpsertTypedSearchAttributes(ctx, SearchVM.ValueSet(point.VM))
-	}
 
 	prog.Phase, prog.PhaseSince = ExportExporting, workflow.Now(ctx)
 	var res activities.ServeExportResult
-	err := workflow.ExecuteActivity(withExportActivity(ctx), restoreActs.ServeExport, activities.ServeExportInput{
+	err = workflow.ExecuteActivity(withExportActivity(ctx), restoreActs.ServeExport, activities.ServeExportInput{
 		ExportID: workflow.GetInfo(ctx).WorkflowExecution.ID, BackupID: in.BackupID, DiskKey: in.DiskKey, Listen: in.Listen,
 	}).Get(ctx, &res)
 	if err != nil {

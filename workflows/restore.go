@@ -126,15 +126,11 @@ func Restore(ctx workflow.Context, in RestoreInput) (*RestoreResult, error) {
 	}
 	_ = workflow.UpsertTypedSearchAttributes(ctx, SearchBackupID.ValueSet(in.BackupID))
 
-	var point activities.FindRestorePointResult
-	if err := workflow.ExecuteActivity(withCatalogActivity(ctx), restoreActs.FindRestorePoint,
-		activities.FindRestorePointInput{BackupID: in.BackupID, DiskKey: in.DiskKey}).Get(ctx, &point); err != nil {
+	point, err := findRestorePoint(ctx, in.BackupID, in.DiskKey)
+	if err != nil {
 		return nil, err
 	}
 	prog.VM, prog.Capacity = point.VM, point.Capacity
-	if point.VM != "" {
-		_ = workflow.UpsertTypedSearchAttributes(ctx, SearchVM.ValueSet(point.VM))
-	}
 
 	prog.Phase, prog.PhaseSince = RestoreVerifying, workflow.Now(ctx)
 	var res activities.RestoreDiskResult
@@ -147,6 +143,21 @@ func Restore(ctx workflow.Context, in RestoreInput) (*RestoreResult, error) {
 	prog.Done, prog.Total = res.Bytes, res.Bytes
 	return &RestoreResult{BackupID: in.BackupID, VM: point.VM, DiskKey: in.DiskKey, To: res.To, Format: in.Format,
 		Chain: res.Chain, Bytes: res.Bytes, Seconds: res.Seconds}, nil
+}
+
+// findRestorePoint looks a disk of a restore point up in the catalog
+// (FindRestorePoint) and, once the VM is known, sets CbtflowVM: the first
+// steps of a Restore and of an Export.
+func findRestorePoint(ctx workflow.Context, backupID string, key int32) (activities.FindRestorePointResult, error) {
+	var point activities.FindRestorePointResult
+	if err := workflow.ExecuteActivity(withCatalogActivity(ctx), restoreActs.FindRestorePoint,
+		activities.FindRestorePointInput{BackupID: backupID, DiskKey: key}).Get(ctx, &point); err != nil {
+		return point, err
+	}
+	if point.VM != "" {
+		_ = workflow.UpsertTypedSearchAttributes(ctx, SearchVM.ValueSet(point.VM))
+	}
+	return point, nil
 }
 
 // checkRestore refuses input that makes no restore, naming what is wrong.
