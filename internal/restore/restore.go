@@ -67,8 +67,16 @@ type Result struct {
 // catalog's chain changed meanwhile, the restore starts again once, on the
 // chain as it is now.
 func Disk(ctx context.Context, cat *catalog.Catalog, o Options) (*Result, error) {
+	return againOnChangedChain(ctx, cat, o, disk)
+}
+
+// againOnChangedChain runs fn, and once more when fn found damage and
+// the catalog's chain of the disk changed meanwhile (a prune replaced an
+// image or removed the point; removed, the restore point is not found).
+func againOnChangedChain(ctx context.Context, cat *catalog.Catalog, o Options,
+	fn func(context.Context, *catalog.Catalog, Options) (*Result, error)) (*Result, error) {
 	before, _ := cat.Chain(ctx, o.BackupID, o.DiskKey)
-	res, err := disk(ctx, cat, o)
+	res, err := fn(ctx, cat, o)
 	if !errors.Is(err, ErrDamaged) || before == nil {
 		return res, err
 	}
@@ -79,7 +87,7 @@ func Disk(ctx context.Context, cat *catalog.Catalog, o Options) (*Result, error)
 	if cerr != nil || sameChain(before, now) {
 		return res, err
 	}
-	return disk(ctx, cat, o)
+	return fn(ctx, cat, o)
 }
 
 // sameChain reports whether two reads of a chain recorded the same images.
@@ -126,19 +134,7 @@ func disk(ctx context.Context, cat *catalog.Catalog, o Options) (*Result, error)
 // to serve. o.To, o.Format, o.Force and o.Device are not used. As in
 // Disk, a chain a prune changed meanwhile is verified once more.
 func VerifyChain(ctx context.Context, cat *catalog.Catalog, o Options) (*Result, error) {
-	before, _ := cat.Chain(ctx, o.BackupID, o.DiskKey)
-	res, err := verifiedChain(ctx, cat, o)
-	if !errors.Is(err, ErrDamaged) || before == nil {
-		return res, err
-	}
-	now, cerr := cat.Chain(ctx, o.BackupID, o.DiskKey)
-	if errors.Is(cerr, catalog.ErrNotFound) {
-		return nil, notFound("restore: restore point %s was removed (by a prune) while it was being restored", o.BackupID)
-	}
-	if cerr != nil || sameChain(before, now) {
-		return res, err
-	}
-	return verifiedChain(ctx, cat, o)
+	return againOnChangedChain(ctx, cat, o, verifiedChain)
 }
 
 // verifiedChain looks the point up, verifies its chain and returns it
