@@ -1,6 +1,7 @@
 package activities
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -222,6 +223,22 @@ func requirePoweredOff(ctx context.Context, c *vsphere.Client, vm *vsphere.VM) e
 	return nil
 }
 
+// restorePoint is the catalog's committed backup backupID; an unknown or
+// uncommitted one is refused non-retryably (NoRestorePoint).
+func (a *VMRestorer) restorePoint(ctx context.Context, backupID string) (*catalog.Backup, error) {
+	b, err := a.Catalog.Get(ctx, backupID)
+	if errors.Is(err, catalog.ErrNotFound) {
+		return nil, temporal.NewNonRetryableApplicationError(fmt.Sprintf("restore: backup %s does not exist", backupID), ErrTypeNoRestorePoint, nil)
+	}
+	if err != nil {
+		return nil, permanent(err)
+	}
+	if b.Status != catalog.StatusCommitted {
+		return nil, temporal.NewNonRetryableApplicationError(fmt.Sprintf("restore: backup %s is %s, not a restore point", backupID, b.Status), ErrTypeNoRestorePoint, nil)
+	}
+	return b, nil
+}
+
 // PlanRestoreVM looks the restore point up, finds the VM to write it
 // into and matches their disks by key. It refuses, non-retryably and by
 // name, what no retry mends: an unknown or uncommitted point
@@ -231,20 +248,11 @@ func requirePoweredOff(ctx context.Context, c *vsphere.Client, vm *vsphere.VM) e
 // point's (RestoreRefused).
 func (a *VMRestorer) PlanRestoreVM(ctx context.Context, in PlanRestoreVMInput) (*PlanRestoreVMResult, error) {
 	defer heartbeatEvery(ctx, 10*time.Second, nil)()
-	b, err := a.Catalog.Get(ctx, in.BackupID)
-	if errors.Is(err, catalog.ErrNotFound) {
-		return nil, temporal.NewNonRetryableApplicationError(fmt.Sprintf("restore: backup %s does not exist", in.BackupID), ErrTypeNoRestorePoint, nil)
-	}
+	b, err := a.restorePoint(ctx, in.BackupID)
 	if err != nil {
-		return nil, permanent(err)
+		return nil, err
 	}
-	if b.Status != catalog.StatusCommitted {
-		return nil, temporal.NewNonRetryableApplicationError(fmt.Sprintf("restore: backup %s is %s, not a restore point", in.BackupID, b.Status), ErrTypeNoRestorePoint, nil)
-	}
-	profile := in.Profile
-	if profile == "" {
-		profile = b.Profile
-	}
+	profile := cmp.Or(in.Profile, b.Profile)
 	c, err := a.Sessions.Client(ctx, profile)
 	if err != nil {
 		return nil, permanent(err)
@@ -388,17 +396,11 @@ func (a *VMRestorer) CreateRestoreSnapshot(ctx context.Context, in RestoreSnapsh
 // (RestoreRefused).
 func (a *VMRestorer) CreateRestoreVM(ctx context.Context, in CreateRestoreVMInput) (*CreateRestoreVMResult, error) {
 	defer heartbeatEvery(ctx, 10*time.Second, nil)()
-	b, err := a.Catalog.Get(ctx, in.BackupID)
-	if errors.Is(err, catalog.ErrNotFound) {
-		return nil, temporal.NewNonRetryableApplicationError(fmt.Sprintf("restore: backup %s does not exist", in.BackupID), ErrTypeNoRestorePoint, nil)
-	}
+	b, err := a.restorePoint(ctx, in.BackupID)
 	if err != nil {
-		return nil, permanent(err)
+		return nil, err
 	}
-	if b.Status != catalog.StatusCommitted {
-		return nil, temporal.NewNonRetryableApplicationError(fmt.Sprintf("restore: backup %s is %s, not a restore point", in.BackupID, b.Status), ErrTypeNoRestorePoint, nil)
-	}
-	profile := cmpOr(in.Profile, b.Profile)
+	profile := cmp.Or(in.Profile, b.Profile)
 	c, err := a.Sessions.Client(ctx, profile)
 	if err != nil {
 		return nil, permanent(err)
@@ -421,13 +423,6 @@ func (a *VMRestorer) CreateRestoreVM(ctx context.Context, in CreateRestoreVMInpu
 	}
 	activity.GetLogger(ctx).Info("VM created for the restore", "vm", vm.Name, "vm_ref", vm.Ref, "beside", beside.Name, "restore", in.RestoreID)
 	return &CreateRestoreVMResult{VMRef: vm.Ref, VMName: vm.Name}, nil
-}
-
-func cmpOr(a, b string) string {
-	if a != "" {
-		return a
-	}
-	return b
 }
 
 // FinishVMRestore records the restore's outcome in the catalog.
