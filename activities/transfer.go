@@ -133,7 +133,7 @@ func waitBeat(ctx context.Context) time.Duration {
 
 // TransferDisk copies a disk's changed areas from the snapshot into a new
 // QCOW2 — a fresh image, or an overlay on the previous restore point — and
-// returns it durable, with its size and SHA-256. A retried attempt resumes
+// returns it durable, with its size and its proof (a seal or a SHA-256). A retried attempt resumes
 // from the last resume point it heartbeated (advanced only after a FLUSH).
 func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*TransferDiskResult, error) {
 	start := time.Now()
@@ -300,7 +300,8 @@ func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*Tra
 	}
 	_ = src.Close()
 
-	// Verifying: the image's check and its SHA-256 (a read of the whole
+	// Verifying: the image's check and its proof (the seal: a read of
+	// what the copy did not write itself; else a SHA-256 of the whole
 	// image), reported as their own stage.
 	verifying := TransferProgress{Path: path, ResumePoint: res.ResumePoint, Done: in.ChangedBytes, Total: in.ChangedBytes,
 		Key: in.Key, Stage: TransferStageVerifying}
@@ -326,10 +327,11 @@ func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*Tra
 		return nil, permanent(err)
 	}
 	hashRate := newRateMeter()
-	size, sum, err := integrity.Hash(ctx, path, func(n int64) {
+	hashBeat := func(n int64) {
 		verifying.Verified, verifying.Rate = n, hashRate.observe(time.Now(), n)
 		activity.RecordHeartbeat(ctx, verifying)
-	})
+	}
+	size, sum, err := a.proof(ctx, path, digests != nil, hashBeat)
 	if err != nil {
 		return nil, permanent(err)
 	}
@@ -352,6 +354,23 @@ func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*Tra
 		DigestSHA256: digestSum, DigestSize: digestSize,
 		SetupSeconds: copyStart.Sub(start).Seconds(), CopySeconds: copyTook.Seconds(),
 		CheckSeconds: checkTook.Seconds(), HashSeconds: hashTook.Seconds()}, nil
+}
+
+// proof returns the size of the image at path and the proof the commit
+// records with it: its seal when the transfer wrote its digest file (the
+// digest file already holds the SHA-256 of every range the copy wrote, so
+// only the rest of the file is read), else the SHA-256 of the whole file.
+// An image the seal cannot cover (a digest file that records a range the
+// image does not hold itself) is hashed whole, and the log says why.
+func (a *Transfer) proof(ctx context.Context, path string, digests bool, beat func(int64)) (int64, string, error) {
+	if digests {
+		size, seal, err := integrity.Seal(ctx, path, beat)
+		if !errors.Is(err, integrity.ErrNotSealable) {
+			return size, seal, err
+		}
+		activity.GetLogger(ctx).Warn("hashing the whole image: it cannot be sealed", "image", path, "error", err)
+	}
+	return integrity.Hash(ctx, path, beat)
 }
 
 // checkFailed is the error of a transfer whose image fails qemu-img check.

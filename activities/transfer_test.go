@@ -18,6 +18,7 @@ import (
 
 	"github.com/cbtflow/cbtflow/activities"
 	"github.com/cbtflow/cbtflow/internal/copier"
+	"github.com/cbtflow/cbtflow/internal/integrity"
 	"github.com/cbtflow/cbtflow/internal/qemu"
 	"github.com/cbtflow/cbtflow/internal/repository"
 	"github.com/cbtflow/cbtflow/lab"
@@ -92,7 +93,16 @@ func (f *fixture) checkResult(t *testing.T, b backup, res *activities.TransferDi
 		t.Errorf("image at %s, want %s", res.Path, want)
 	}
 	size, sum := fileSum(t, res.Path)
-	if res.SizeBytes != size || res.SHA256 != sum {
+	if f.tr.Digests {
+		// With its digest file, the image is sealed (internal/integrity),
+		// and the seal proves the file as it is.
+		if !integrity.IsSeal(res.SHA256) {
+			t.Errorf("result says proof %s for an image with a digest file, want a seal", res.SHA256)
+		}
+		if err := integrity.Verify(ctxT(t, time.Minute), res.Path, res.SHA256, nil); err != nil || res.SizeBytes != size {
+			t.Errorf("result says %d bytes, seal %s; the file has %d bytes: %v", res.SizeBytes, res.SHA256, size, err)
+		}
+	} else if res.SizeBytes != size || res.SHA256 != sum {
 		t.Errorf("result says %d bytes, sha256 %s; the file has %d bytes, sha256 %s", res.SizeBytes, res.SHA256, size, sum)
 	}
 	// The steps' seconds (make bench's table) are measured, and are

@@ -2,17 +2,18 @@
 // images that were committed, before a backup builds an overlay on them.
 //
 // The proof is cheap when nothing changed: each image's size, inode, mtime
-// and ctime are recorded when its SHA-256 is known (at commit, or after a
-// full re-hash); while they are the same, the file was not written, so it
+// and ctime are recorded when its proof is known (at commit, or after a
+// full re-read); while they are the same, the file was not written, so it
 // is not re-read. Any difference (a copied or remounted repository, a
-// touched file) costs one full SHA-256 of that image, after which the new
-// stamp can be recorded. The backing link in every image's QCOW2 header is
-// read each time (one small read) and must name the next image of the
-// chain as the catalog recorded it.
+// touched file) costs one full read of that image against its proof (its
+// seal or its SHA-256, see seal.go), after which the new stamp can be
+// recorded. The backing link in every image's QCOW2 header is read each
+// time (one small read) and must name the next image of the chain as the
+// catalog recorded it.
 //
-// The package reads files only; it knows nothing of the catalog's storage
-// or of Temporal. Restores verify the full SHA-256 of every image
-// regardless (internal/restore).
+// The package reads files (and the images' mappings, through qemu-img);
+// it knows nothing of the catalog's storage or of Temporal. Restores
+// verify the full proof of every image regardless (internal/restore).
 package integrity
 
 import (
@@ -60,7 +61,9 @@ func stampOf(fi os.FileInfo) Stamp {
 type Image struct {
 	Path   string // absolute
 	Size   int64
-	SHA256 string // hex
+	// SHA256 is the proof recorded at commit: the file's hex SHA-256, or
+	// its seal (IsSeal).
+	SHA256 string
 	Stamp  Stamp
 	// Backing is the absolute path of the image this one builds on, ""
 	// for a full image.
@@ -120,12 +123,8 @@ func Check(ctx context.Context, im Image, beat func()) (Outcome, error) {
 	if beat != nil {
 		hashBeat = func(int64) { beat() }
 	}
-	_, sum, err := Hash(ctx, im.Path, hashBeat)
-	if err != nil {
+	if err := Verify(ctx, im.Path, im.SHA256, hashBeat); err != nil {
 		return Outcome{}, err
-	}
-	if sum != im.SHA256 {
-		return Outcome{}, &Damage{im.Path, fmt.Sprintf("has SHA-256 %s, %s was recorded at commit", sum, im.SHA256)}
 	}
 	// Stat again: the stamp to record is the one the hash proved.
 	fi2, err := os.Stat(im.Path)

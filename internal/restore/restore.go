@@ -224,8 +224,9 @@ func resolve(root string, chain []catalog.ChainLink) ([]string, error) {
 	return paths, nil
 }
 
-// Verify checks that the file at path has the size and SHA-256 recorded
-// at commit. The error names the file.
+// Verify checks that the file at path has the size and the proof (its
+// seal or its SHA-256, see internal/integrity) recorded at commit. The
+// error names the file.
 func Verify(ctx context.Context, path string, size int64, sum string) error {
 	return verify(ctx, path, size, sum, nil)
 }
@@ -245,14 +246,11 @@ func verify(ctx context.Context, path string, size int64, sum string, beat func(
 	if fi.Size() != size {
 		return fmt.Errorf("restore: %w: %s is %d bytes, %d were recorded at commit", ErrDamaged, path, fi.Size(), size)
 	}
-	_, got, err := integrity.Hash(ctx, path, beat)
-	if err != nil {
-		return err
+	err = integrity.Verify(ctx, path, sum, beat)
+	if d := (*integrity.Damage)(nil); errors.As(err, &d) {
+		return fmt.Errorf("restore: %w: %s %s", ErrDamaged, d.Path, d.Reason)
 	}
-	if got != sum {
-		return fmt.Errorf("restore: %w: %s has SHA-256 %s, %s was recorded at commit", ErrDamaged, path, got, sum)
-	}
-	return nil
+	return err
 }
 
 func sameFile(a, b string) bool {

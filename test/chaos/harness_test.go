@@ -2,12 +2,9 @@ package chaos
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"math/rand/v2"
 	"net/url"
 	"os"
@@ -23,6 +20,7 @@ import (
 
 	"github.com/cbtflow/cbtflow/activities"
 	"github.com/cbtflow/cbtflow/internal/catalog"
+	"github.com/cbtflow/cbtflow/internal/integrity"
 	"github.com/cbtflow/cbtflow/lab"
 	"github.com/cbtflow/cbtflow/lab/labapi"
 	"github.com/cbtflow/cbtflow/testkit/stack"
@@ -650,23 +648,20 @@ func (e *env) settleProcesses(tl *Tally, when string) {
 	}
 }
 
-// checkImage checks a file's size and SHA-256 against the catalog's.
+// checkImage checks a file's size and proof (its seal or its SHA-256,
+// internal/integrity) against the catalog's.
 func checkImage(path string, size int64, sum string) error {
-	f, err := os.Open(path)
+	fi, err := os.Stat(path)
 	if err != nil {
 		return err
 	}
-	defer f.Close()
-	h := sha256.New()
-	n, err := io.Copy(h, f)
-	if err != nil {
-		return err
+	if fi.Size() != size {
+		return fmt.Errorf("%s is %d bytes, the catalog says %d", path, fi.Size(), size)
 	}
-	if n != size {
-		return fmt.Errorf("%s is %d bytes, the catalog says %d", path, n, size)
-	}
-	if got := hex.EncodeToString(h.Sum(nil)); got != sum {
-		return fmt.Errorf("%s has SHA-256 %s, the catalog says %s", path, got, sum)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	if err := integrity.Verify(ctx, path, sum, nil); err != nil {
+		return fmt.Errorf("%s does not match the catalog's proof %s: %w", path, sum, err)
 	}
 	return nil
 }

@@ -1,0 +1,314 @@
+package integrity
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/binary"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"hash"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/cbtflow/cbtflow/internal/digest"
+	"github.com/cbtflow/cbtflow/internal/qemu"
+)
+
+// A backup's image is recorded in the catalog with one of two proofs:
+//
+//   - the SHA-256 of the whole file (64 hex digits): images a prune merged,
+//     and those of transfers without a digest file;
+//   - a seal ("seal1:" and 64 hex digits), for images a transfer wrote with
+//     a digest file (internal/digest). The transfer knows the SHA-256 of
+//     every range it wrote as it streamed it; only the rest of the file
+//     (the QCOW2 metadata, the parts of clusters qemu filled from the
+//     backing file or with zeros, the file's tail) is read to seal it: a
+//     few MiB, where hashing the whole file read the backup's data again.
+//
+// The seal is SHA-256 over "cbtflow image seal 1\n", the file's size (u64,
+// big-endian), the SHA-256 of the digest file, and, in the file's order,
+// every range of the file that holds no byte of a data record — its offset
+// and length (u64 each) and its bytes. Where a data record's bytes lie in
+// the file is read from the image's own mapping (qemu-img map of the image
+// alone), which the QCOW2 metadata holds, which the seal covers.
+//
+// So every byte of the file is proven: a byte outside the records' ranges
+// by the seal, a byte inside by its record's SHA-256 in the digest file,
+// whose own SHA-256 the seal covers (and the catalog records apart). A
+// check of a seal reads the whole file once, as a full SHA-256 would.
+
+// SealPrefix starts a recorded seal.
+const SealPrefix = "seal1:"
+
+const sealDomain = "cbtflow image seal 1\n"
+
+// IsSeal reports whether a recorded proof is a seal.
+func IsSeal(recorded string) bool { return strings.HasPrefix(recorded, SealPrefix) }
+
+// ErrNotSealable is wrapped by Seal when the image cannot be sealed: its
+// digest file is not complete, or the image does not hold a range a data
+// record names. The caller records the file's SHA-256 instead.
+var ErrNotSealable = errors.New("integrity: the image cannot be sealed")
+
+// span is a range of the image file.
+type span struct{ off, n int64 }
+
+// Seal returns the size and the seal of the QCOW2 image at path, whose
+// complete digest file lies beside it (digest.PathOf). beat, when set, is
+// called about every second with the bytes read so far.
+func Seal(ctx context.Context, path string, beat func(done int64)) (int64, string, error) {
+	df, err := digest.Read(digest.PathOf(path))
+	if err != nil {
+		return 0, "", fmt.Errorf("%w: %v", ErrNotSealable, err)
+	}
+	if !df.Complete || df.Header.Image != filepath.Base(path) {
+		return 0, "", fmt.Errorf("%w: digest file %s is not the complete one of this image", ErrNotSealable, digest.PathOf(path))
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		return 0, "", err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return 0, "", err
+	}
+	ext, err := qemu.MapLayer(ctx, path)
+	if err != nil {
+		return 0, "", err
+	}
+	covered, err := recordSpans(df.Records, ext)
+	if err != nil {
+		return 0, "", fmt.Errorf("%w: %v", ErrNotSealable, err)
+	}
+	sum, err := sealOf(ctx, f, fi.Size(), df.SHA256, covered, beat)
+	if err != nil {
+		return 0, "", err
+	}
+	return fi.Size(), sum, nil
+}
+
+// VerifySeal proves the QCOW2 image at path against its recorded seal: the
+// file's bytes outside the digest file's data records by the seal, and the
+// data of every record by its SHA-256. A *Damage error says what differs;
+// other errors (I/O, a canceled ctx, qemu-img failing to run) say nothing
+// about the image. beat is called as in Seal.
+func VerifySeal(ctx context.Context, path, recorded string, beat func(done int64)) error {
+	if !IsSeal(recorded) {
+		return fmt.Errorf("integrity: %q is not a seal", recorded)
+	}
+	dpath := digest.PathOf(path)
+	df, err := digest.Read(dpath)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		return &Damage{path, fmt.Sprintf("its digest file %s, which its seal covers, is missing", dpath)}
+	case errors.Is(err, digest.ErrFormat):
+		return &Damage{path, fmt.Sprintf("its digest file %s, which its seal covers, is malformed: %v", dpath, err)}
+	case err != nil:
+		return err
+	case !df.Complete:
+		return &Damage{path, fmt.Sprintf("its digest file %s, which its seal covers, has no end record", dpath)}
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return err
+	}
+	ext, err := qemu.MapLayer(ctx, path)
+	if err != nil {
+		// qemu cannot read the image's metadata: a damaged file (or no
+		// qemu-img at all, which the message then says).
+		if errors.Is(err, exec.ErrNotFound) || ctx.Err() != nil {
+			return err
+		}
+		return &Damage{path, fmt.Sprintf("its QCOW2 mapping cannot be read: %v", err)}
+	}
+	covered, err := recordSpans(df.Records, ext)
+	if err != nil {
+		return &Damage{path, err.Error()}
+	}
+	var done int64
+	progress := func(n int64) {
+		done += n
+		if beat != nil {
+			beat(done)
+		}
+	}
+	got, err := sealOf(ctx, f, fi.Size(), df.SHA256, covered, progress)
+	if err != nil {
+		return err
+	}
+	if got != recorded {
+		return &Damage{path, fmt.Sprintf("has seal %s, %s was recorded at commit: the SHA-256 of its QCOW2 metadata, of the bytes no data record covers, or of its digest file %s differs", got, recorded, dpath)}
+	}
+	// The records' data, where the mapping puts it.
+	buf := make([]byte, digest.BlockSize)
+	last := time.Now()
+	for _, r := range df.Records {
+		if r.Kind != digest.KindData {
+			continue
+		}
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		h := sha256.New()
+		for _, s := range hostSpans(r.Offset, r.Length, ext) {
+			for s.n > 0 {
+				k := min(s.n, int64(len(buf)))
+				if _, err := f.ReadAt(buf[:k], s.off); err != nil {
+					return fmt.Errorf("integrity: %s: %w", path, err)
+				}
+				h.Write(buf[:k])
+				s.off, s.n = s.off+k, s.n-k
+				done += k
+			}
+		}
+		if got := h.Sum(nil); string(got) != string(r.Sum[:]) {
+			return &Damage{path, fmt.Sprintf("holds other data at disk offset %d (%d bytes) than the backup wrote there (SHA-256 %x, recorded %x in %s)",
+				r.Offset, r.Length, got, r.Sum, dpath)}
+		}
+		if beat != nil && time.Since(last) >= time.Second {
+			beat(done)
+			last = time.Now()
+		}
+	}
+	return nil
+}
+
+// Verify proves the file at path against the proof recorded at commit: a
+// seal (VerifySeal) or the file's SHA-256. A *Damage error names what
+// differs.
+func Verify(ctx context.Context, path, recorded string, beat func(done int64)) error {
+	if IsSeal(recorded) {
+		return VerifySeal(ctx, path, recorded, beat)
+	}
+	_, sum, err := Hash(ctx, path, beat)
+	if err != nil {
+		return err
+	}
+	if sum != recorded {
+		return &Damage{path, fmt.Sprintf("has SHA-256 %s, %s was recorded at commit", sum, recorded)}
+	}
+	return nil
+}
+
+// recordSpans returns the ranges of the image file that hold the data
+// records' bytes, sorted and merged. Every byte of every data record must
+// be data of the image itself.
+func recordSpans(recs []digest.Record, ext []qemu.MapExtent) ([]span, error) {
+	var out []span
+	for _, r := range recs {
+		if r.Kind != digest.KindData {
+			continue
+		}
+		spans := hostSpans(r.Offset, r.Length, ext)
+		var n int64
+		for _, s := range spans {
+			n += s.n
+		}
+		if n != r.Length {
+			return nil, fmt.Errorf("holds %d of the %d bytes its digest file records the backup wrote at disk offset %d", n, r.Length, r.Offset)
+		}
+		out = append(out, spans...)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].off < out[j].off })
+	merged := out[:0]
+	for _, s := range out {
+		if k := len(merged); k > 0 && merged[k-1].off+merged[k-1].n >= s.off {
+			if e := s.off + s.n; e > merged[k-1].off+merged[k-1].n {
+				merged[k-1].n = e - merged[k-1].off
+			}
+			continue
+		}
+		merged = append(merged, s)
+	}
+	return merged, nil
+}
+
+// hostSpans returns where the disk range [off, off+n) lies in the image
+// file, in disk order: the parts that are data of the image itself (not
+// of a backing file, not a zero cluster). ext is sorted by Start.
+func hostSpans(off, n int64, ext []qemu.MapExtent) []span {
+	end := off + n
+	i := sort.Search(len(ext), func(i int) bool { return ext[i].End() > off })
+	var out []span
+	for ; i < len(ext) && ext[i].Start < end; i++ {
+		e := ext[i]
+		if !e.Data || !e.HasOffset || e.Depth != 0 {
+			continue
+		}
+		s, t := max(off, e.Start), min(end, e.End())
+		if s < t {
+			out = append(out, span{e.Offset + s - e.Start, t - s})
+		}
+	}
+	return out
+}
+
+// sealOf hashes the seal of a file of size bytes whose ranges covered hold
+// the data records (sorted, merged), reading every other byte of it.
+func sealOf(ctx context.Context, f *os.File, size int64, digestSHA string, covered []span, beat func(int64)) (string, error) {
+	dsum, err := hex.DecodeString(digestSHA)
+	if err != nil || len(dsum) != sha256.Size {
+		return "", fmt.Errorf("integrity: digest file SHA-256 %q", digestSHA)
+	}
+	h := sha256.New()
+	h.Write([]byte(sealDomain))
+	writeU64(h, uint64(size))
+	h.Write(dsum)
+	buf := make([]byte, 1<<20)
+	var done int64
+	last := time.Now()
+	at := int64(0)
+	hashRange := func(off, n int64) error {
+		if n <= 0 {
+			return nil
+		}
+		writeU64(h, uint64(off))
+		writeU64(h, uint64(n))
+		for n > 0 {
+			if err := ctx.Err(); err != nil {
+				return err
+			}
+			k := min(n, int64(len(buf)))
+			if _, err := f.ReadAt(buf[:k], off); err != nil {
+				return fmt.Errorf("integrity: %s: %w", f.Name(), err)
+			}
+			h.Write(buf[:k])
+			off, n, done = off+k, n-k, done+k
+			if beat != nil && time.Since(last) >= time.Second {
+				beat(done)
+				last = time.Now()
+			}
+		}
+		return nil
+	}
+	for _, s := range covered {
+		if s.off+s.n > size {
+			return "", &Damage{f.Name(), fmt.Sprintf("maps data to bytes %d-%d, past its end (%d bytes)", s.off, s.off+s.n, size)}
+		}
+		if err := hashRange(at, s.off-at); err != nil {
+			return "", err
+		}
+		at = s.off + s.n
+	}
+	if err := hashRange(at, size-at); err != nil {
+		return "", err
+	}
+	return SealPrefix + hex.EncodeToString(h.Sum(nil)), nil
+}
+
+func writeU64(h hash.Hash, v uint64) {
+	var b [8]byte
+	binary.BigEndian.PutUint64(b[:], v)
+	h.Write(b[:])
+}

@@ -1,0 +1,321 @@
+package integrity
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/cbtflow/cbtflow/internal/digest"
+	"github.com/cbtflow/cbtflow/internal/qemu"
+)
+
+// write is one write of a test image: n bytes of value pattern at off, or
+// zeroes (pattern -1).
+type write struct {
+	off, n  int64
+	pattern int
+}
+
+// sealedImage makes a real QCOW2 image (over backing, when set) with
+// qemu-io and its digest file as a transfer would: a data record per
+// written range, a zero record per zeroed one.
+func sealedImage(t *testing.T, path, backing string, writes []write) {
+	t.Helper()
+	ctx := context.Background()
+	var err error
+	if backing == "" {
+		err = qemu.Create(ctx, path, 64<<20)
+	} else {
+		err = qemu.CreateOverlay(ctx, path, backing)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	w, err := digest.Create(digest.PathOf(path), digest.Header{Image: filepath.Base(path), Capacity: 64 << 20, Overlay: backing != ""})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Close()
+	args := []string{"-f", "qcow2"}
+	for _, x := range writes {
+		if x.pattern < 0 {
+			args = append(args, "-c", fmt.Sprintf("write -z %d %d", x.off, x.n))
+			w.Add(digest.Zero(x.off, x.n))
+			continue
+		}
+		args = append(args, "-c", fmt.Sprintf("write -P %d %d %d", x.pattern, x.off, x.n))
+		w.Add(digest.Data(x.off, bytes.Repeat([]byte{byte(x.pattern)}, int(x.n))))
+	}
+	if out, err := exec.Command("qemu-io", append(args, path)...).CombinedOutput(); err != nil {
+		t.Fatalf("qemu-io: %v: %s", err, out)
+	}
+	if err := w.Commit(64 << 20); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := w.Finish(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// sealedChain is a full image and an overlay with partial clusters (the
+// rest of a 64 KiB cluster filled from the backing file) and a zeroed range.
+func sealedChain(t *testing.T) (full, top string) {
+	t.Helper()
+	dir := t.TempDir()
+	full, top = filepath.Join(dir, "b1.qcow2"), filepath.Join(dir, "b2.qcow2")
+	sealedImage(t, full, "", []write{{0, 1 << 20, 1}, {10 << 20, 100 << 10, 2}, {20 << 20, 1 << 20, 5}})
+	sealedImage(t, top, full, []write{{512 << 10, 64 << 10, 3}, {20<<20 + 4096, 10 << 10, 4}, {30 << 20, 1 << 20, -1}})
+	return full, top
+}
+
+func seal(t *testing.T, path string) string {
+	t.Helper()
+	_, sum, err := Seal(context.Background(), path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !IsSeal(sum) {
+		t.Fatalf("Seal(%s) = %q, not a seal", path, sum)
+	}
+	return sum
+}
+
+func flipByte(t *testing.T, path string, off int64) {
+	t.Helper()
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	b := make([]byte, 1)
+	if _, err := f.ReadAt(b, off); err != nil {
+		t.Fatal(err)
+	}
+	b[0] ^= 0x5a
+	if _, err := f.WriteAt(b, off); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// hostOf returns where the image at path holds disk offset off itself.
+func hostOf(t *testing.T, path string, off int64) int64 {
+	t.Helper()
+	ext, err := qemu.MapLayer(context.Background(), path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := hostSpans(off, 1, ext)
+	if len(s) != 1 {
+		t.Fatalf("%s does not hold disk offset %d itself: %+v", path, off, ext)
+	}
+	return s[0].off
+}
+
+func copyFile(t *testing.T, from, to string) {
+	t.Helper()
+	b, err := os.ReadFile(from)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(to, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestSealSoundImages(t *testing.T) {
+	full, top := sealedChain(t)
+	for _, path := range []string{full, top} {
+		sum := seal(t, path)
+		if again := seal(t, path); again != sum {
+			t.Errorf("%s sealed twice: %s, then %s", path, sum, again)
+		}
+		if err := VerifySeal(context.Background(), path, sum, nil); err != nil {
+			t.Errorf("VerifySeal of a sound %s: %v", path, err)
+		}
+		if err := Verify(context.Background(), path, sum, nil); err != nil {
+			t.Errorf("Verify of a sound %s: %v", path, err)
+		}
+		// The seal is not the file's SHA-256, and a SHA-256 still verifies.
+		_, plain, err := Hash(context.Background(), path, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if strings.Contains(sum, plain) {
+			t.Errorf("the seal %s holds the file's SHA-256", sum)
+		}
+		if err := Verify(context.Background(), path, plain, nil); err != nil {
+			t.Errorf("Verify of %s against its SHA-256: %v", path, err)
+		}
+	}
+}
+
+// TestSealReadsLittle: sealing reads the file's metadata and the parts of
+// clusters no record covers, not the records' data.
+func TestSealReadsLittle(t *testing.T) {
+	full, top := sealedChain(t)
+	for _, c := range []struct {
+		path    string
+		written int64 // bytes of data records
+	}{{full, 1<<20 + 100<<10 + 1<<20}, {top, 64<<10 + 10<<10}} {
+		df, err := digest.Read(digest.PathOf(c.path))
+		if err != nil {
+			t.Fatal(err)
+		}
+		ext, err := qemu.MapLayer(context.Background(), c.path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		spans, err := recordSpans(df.Records, ext)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var n int64
+		for _, s := range spans {
+			n += s.n
+		}
+		if n != c.written {
+			t.Errorf("%s: the records cover %d bytes of the file, want %d", c.path, n, c.written)
+		}
+	}
+}
+
+func wantSealDamage(t *testing.T, err error, path string, says ...string) {
+	t.Helper()
+	var d *Damage
+	if !errors.As(err, &d) {
+		t.Fatalf("got %v, want Damage of %s", err, path)
+	}
+	if d.Path != path {
+		t.Errorf("Damage names %s, want %s", d.Path, path)
+	}
+	for _, s := range says {
+		if !strings.Contains(d.Reason, s) {
+			t.Errorf("Damage %q does not say %q", d.Reason, s)
+		}
+	}
+}
+
+func TestSealDetectsAlteration(t *testing.T) {
+	full, top := sealedChain(t)
+	sums := map[string]string{full: seal(t, full), top: seal(t, top)}
+	cases := []struct {
+		name  string
+		image string
+		alter func(t *testing.T, path string)
+		says  []string
+	}{
+		{"a byte of a record's data", top, func(t *testing.T, p string) { flipByte(t, p, hostOf(t, p, 20<<20+4096+100)) },
+			[]string{"holds other data at disk offset 20975616 (10240 bytes)", ".digests"}},
+		{"a byte of a full image's data", full, func(t *testing.T, p string) { flipByte(t, p, hostOf(t, p, 10<<20+5)) },
+			[]string{"holds other data at disk offset 10485760"}},
+		{"a byte a cluster holds from the backing file", top, func(t *testing.T, p string) { flipByte(t, p, hostOf(t, p, 20<<20+100)) },
+			[]string{"has seal"}},
+		{"a byte of the header", top, func(t *testing.T, p string) { flipByte(t, p, 0x68+7) }, nil},
+		{"a byte appended", full, func(t *testing.T, p string) {
+			f, err := os.OpenFile(p, os.O_APPEND|os.O_WRONLY, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer f.Close()
+			if _, err := f.Write([]byte{0}); err != nil {
+				t.Fatal(err)
+			}
+		}, []string{"has seal"}},
+		{"a digest of the digest file", top, func(t *testing.T, p string) {
+			// A data record's SHA-256: the file stays well formed.
+			b, err := os.ReadFile(digest.PathOf(p))
+			if err != nil {
+				t.Fatal(err)
+			}
+			r := digest.Data(512<<10, bytes.Repeat([]byte{3}, 64<<10))
+			at := bytes.Index(b, r.Sum[:])
+			if at < 0 {
+				t.Fatal("the record's SHA-256 is not in the digest file")
+			}
+			flipByte(t, digest.PathOf(p), int64(at+3))
+		}, []string{"has seal"}},
+		{"the digest file removed", full, func(t *testing.T, p string) {
+			if err := os.Remove(digest.PathOf(p)); err != nil {
+				t.Fatal(err)
+			}
+		}, []string{"digest file", "missing"}},
+		{"the digest file cut short", full, func(t *testing.T, p string) {
+			if err := os.Truncate(digest.PathOf(p), 20); err != nil {
+				t.Fatal(err)
+			}
+		}, []string{"digest file", "malformed"}},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			dir := t.TempDir()
+			path := filepath.Join(dir, filepath.Base(c.image))
+			copyFile(t, c.image, path)
+			copyFile(t, digest.PathOf(c.image), digest.PathOf(path))
+			if c.image == top {
+				// The overlay names its backing file by a relative path.
+				copyFile(t, full, filepath.Join(dir, filepath.Base(full)))
+			}
+			if err := VerifySeal(context.Background(), path, sums[c.image], nil); err != nil {
+				t.Fatalf("the copy before the change: %v", err)
+			}
+			c.alter(t, path)
+			wantSealDamage(t, VerifySeal(context.Background(), path, sums[c.image], nil), path, c.says...)
+			wantSealDamage(t, Verify(context.Background(), path, sums[c.image], nil), path)
+		})
+	}
+}
+
+func TestSealNeedsTheRecordsData(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "b1.qcow2")
+	sealedImage(t, path, "", []write{{0, 64 << 10, 1}})
+	// A digest file that records a write the image does not hold.
+	w, err := digest.Create(digest.PathOf(path), digest.Header{Image: "b1.qcow2", Capacity: 64 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.Add(digest.Data(0, bytes.Repeat([]byte{1}, 64<<10)))
+	w.Add(digest.Data(40<<20, bytes.Repeat([]byte{1}, 64<<10)))
+	if err := w.Commit(64 << 20); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := w.Finish(); err != nil {
+		t.Fatal(err)
+	}
+	w.Close()
+	if _, _, err := Seal(context.Background(), path, nil); !errors.Is(err, ErrNotSealable) {
+		t.Errorf("Seal of an image without a recorded write: %v, want ErrNotSealable", err)
+	}
+	// No digest file at all.
+	if err := os.Remove(digest.PathOf(path)); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := Seal(context.Background(), path, nil); !errors.Is(err, ErrNotSealable) {
+		t.Errorf("Seal without a digest file: %v, want ErrNotSealable", err)
+	}
+}
+
+// TestCheckUsesTheSeal: a chain check re-reads an image whose stamp changed
+// against its seal.
+func TestCheckUsesTheSeal(t *testing.T) {
+	full, _ := sealedChain(t)
+	size, st, err := StampOf(full)
+	if err != nil {
+		t.Fatal(err)
+	}
+	im := Image{Path: full, Size: size, SHA256: seal(t, full), Stamp: Stamp{Inode: st.Inode}}
+	out, err := Check(context.Background(), im, nil)
+	if err != nil || !out.Hashed {
+		t.Fatalf("Check with a changed stamp: %+v, %v; want a sound re-read", out, err)
+	}
+	flipByte(t, full, hostOf(t, full, 100))
+	_, err = Check(context.Background(), im, nil)
+	wantSealDamage(t, err, full, "holds other data at disk offset 0")
+}
+
