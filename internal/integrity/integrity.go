@@ -59,8 +59,8 @@ func stampOf(fi os.FileInfo) Stamp {
 
 // Image is one image of a chain as the catalog recorded it.
 type Image struct {
-	Path   string // absolute
-	Size   int64
+	Path string // absolute
+	Size int64
 	// SHA256 is the proof recorded at commit: the file's hex SHA-256, or
 	// its seal (IsSeal).
 	SHA256 string

@@ -318,4 +318,3 @@ func TestCheckUsesTheSeal(t *testing.T) {
 	_, err = Check(context.Background(), im, nil)
 	wantSealDamage(t, err, full, "holds other data at disk offset 0")
 }
-
