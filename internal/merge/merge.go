@@ -365,47 +365,12 @@ func heartbeat(beat func()) (stop func()) {
 	return func() { close(done); wg.Wait() }
 }
 
-// extent is one entry of qemu-img map --output=json. Depth is the index
-// in the chain of the image that holds it (0: Top); an area no image
-// holds is not Present.
-type extent struct {
-	Start   int64 `json:"start"`
-	Length  int64 `json:"length"`
-	Depth   int   `json:"depth"`
-	Present bool  `json:"present"`
-	Zero    bool  `json:"zero"`
-	Data    bool  `json:"data"`
-}
-
-func mapChain(ctx context.Context, top string) ([]extent, error) {
-	out, _, err := runImg(ctx, "map", []string{"map", "--output=json", "-f", "qcow2", top})
+func mapChain(ctx context.Context, top string) ([]qemu.MapExtent, error) {
+	out, _, err := runImg(ctx, "map", qemu.MapArgs(top))
 	if err != nil {
 		return nil, err
 	}
-	return parseMap(out)
-}
-
-func parseMap(out []byte) ([]extent, error) {
-	// qemu-img before 6.0 has no "present"; there, data or zero means
-	// present (an unallocated area reports neither only when the chain
-	// does not hold it).
-	var raw []struct {
-		extent
-		Present *bool `json:"present"`
-	}
-	if err := json.Unmarshal(out, &raw); err != nil {
-		return nil, fmt.Errorf("merge: parse qemu-img map: %w", err)
-	}
-	ext := make([]extent, len(raw))
-	for i, r := range raw {
-		ext[i] = r.extent
-		if r.Present != nil {
-			ext[i].Present = *r.Present
-		} else {
-			ext[i].Present = r.Data || r.Zero
-		}
-	}
-	return ext, nil
+	return qemu.ParseMap(out)
 }
 
 // measure returns the bytes qemu-img convert would write for top's whole

@@ -700,21 +700,6 @@ func TestBadInput(t *testing.T) {
 	}
 }
 
-func TestParseMap(t *testing.T) {
-	ext, err := parseMap([]byte(`[{ "start": 0, "length": 65536, "depth": 1, "present": true, "zero": false, "data": true, "offset": 327680},
-{ "start": 65536, "length": 65536, "depth": 1, "present": false, "zero": true, "data": false},
-{ "start": 131072, "length": 65536, "depth": 0, "zero": true, "data": false}]`))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if len(ext) != 3 || !ext[0].Present || ext[1].Present || !ext[2].Present || ext[0].Depth != 1 || ext[2].Start != 131072 {
-		t.Errorf("extents %+v", ext)
-	}
-	if _, err := parseMap([]byte(`{`)); err == nil {
-		t.Error("bad JSON accepted")
-	}
-}
-
 func TestHeartbeat(t *testing.T) {
 	old := beatEvery
 	beatEvery = time.Millisecond

@@ -15,6 +15,10 @@ func TestArgv(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	layerMap, err := LayerMapArgs(`/r/a "b".qcow2`)
+	if err != nil {
+		t.Fatal(err)
+	}
 	tests := []struct {
 		name string
 		got  []string
@@ -28,6 +32,10 @@ func TestArgv(t *testing.T) {
 			[]string{"create", "-q", "-f", "qcow2", "-b", "../../c/old.qcow2", "-F", "qcow2", "/repo/a/b/new.qcow2"}},
 		{"info", InfoArgs("/r/x.qcow2"),
 			[]string{"info", "--output=json", "--backing-chain", "-U", "/r/x.qcow2"}},
+		{"map", MapArgs("/r/x.qcow2"),
+			[]string{"map", "--output=json", "-f", "qcow2", "/r/x.qcow2"}},
+		{"map one layer", layerMap,
+			[]string{"map", "--output=json", "-U", `json:{"backing":null,"driver":"qcow2","file":{"driver":"file","filename":"/r/a \"b\".qcow2"}}`}},
 		{"check", CheckArgs("/r/x.qcow2"),
 			[]string{"check", "--output=json", "-f", "qcow2", "/r/x.qcow2"}},
 		{"compare", CompareArgs("a.raw", "raw", "b.qcow2", "qcow2"),
@@ -133,5 +141,25 @@ func TestDirectIOProbe(t *testing.T) {
 	// A missing image is not a reason to fall back: qemu-nbd reports it.
 	if !directIO("/nonexistent/cbtflow/x.qcow2") {
 		t.Error("directIO of a missing file = false; want true")
+	}
+}
+
+func TestParseMap(t *testing.T) {
+	ext, err := ParseMap([]byte(`[{ "start": 0, "length": 65536, "depth": 1, "present": true, "zero": false, "data": true, "offset": 327680},
+{ "start": 65536, "length": 65536, "depth": 1, "present": false, "zero": true, "data": false},
+{ "start": 131072, "length": 65536, "depth": 0, "zero": true, "data": false}]`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(ext) != 3 || !ext[0].Present || ext[1].Present || !ext[2].Present || ext[0].Depth != 1 || ext[2].Start != 131072 {
+		t.Errorf("extents %+v", ext)
+	}
+	if !ext[0].HasOffset || ext[0].Offset != 327680 || ext[1].HasOffset || ext[0].End() != 65536 {
+		t.Errorf("offsets %+v", ext)
+	}
+	for _, bad := range []string{`{`, `[{"start": -1, "length": 1}]`} {
+		if _, err := ParseMap([]byte(bad)); err == nil {
+			t.Errorf("%s accepted", bad)
+		}
 	}
 }
