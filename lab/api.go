@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"slices"
-	"syscall"
 
 	"github.com/vmware/govmomi/object"
 	"github.com/vmware/govmomi/simulator"
@@ -242,8 +241,7 @@ func (l *Lab) PunchHole(vmName string, key int32, off, length int64) error {
 	if off < 0 || length < 0 || off+length > d.capacity {
 		return rangeErr(off, length, d.capacity)
 	}
-	const punchHole, keepSize = 0x02, 0x01 // FALLOC_FL_*
-	if err := syscall.Fallocate(int(d.f.Fd()), punchHole|keepSize, off, length); err != nil {
+	if err := punchHole(d.f, off, length); err != nil {
 		return fmt.Errorf("lab: punch hole: %w", err)
 	}
 	d.mark(off, length)
@@ -373,6 +371,9 @@ func (l *Lab) LiveImage(vmName string, key int32) (ImageInfo, error) {
 	ended := d.series != nil
 	d.series = nil
 	d.written = true
+	// The dirty bitmap will miss what the writer writes: the next freeze
+	// copies the whole image instead of updating the previous one.
+	d.forgetFrozen()
 	d.mu.Unlock()
 	l.log.Info("live disk image opened for writing", "vm", name, "disk", key, "change_series_ended", ended)
 	return ImageInfo{Path: d.path, Capacity: info.Capacity, VM: name, Key: key}, nil

@@ -228,7 +228,7 @@ func (l *Lab) disk(vmRef string, key int32, capacity int64) (*disk, error) {
 	d := l.disks[id]
 	if d == nil {
 		var err error
-		d, err = openDisk(id, l.imagePath(vmRef, key), capacity)
+		d, err = openDisk(id, l.imagePath(vmRef, key), capacity, l.log)
 		if err != nil {
 			return nil, fmt.Errorf("lab: disk image of %s key %d: %w", vmRef, key, err)
 		}
@@ -285,6 +285,10 @@ func (l *Lab) onSnapshot(ctx *simulator.Context, snap *simulator.VirtualMachineS
 			d.base = backing.FileName
 		}
 		sd.img, sd.err = d.freeze(l.snapDir())
+		if sd.err == nil {
+			l.log.Debug("disk frozen", "vm", vm.Name, "snapshot", rec.ref, "disk", vd.Key,
+				"shared", d.frozen.shared, "in_place", d.frozen.inPlace, "bytes", d.frozen.bytes)
+		}
 		if d.series != nil {
 			sd.series, sd.gen = d.series, d.series.gen
 			sd.changeID = d.series.changeID(sd.gen)

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"sort"
@@ -32,11 +33,26 @@ type disk struct {
 	dirty    []uint64 // bitmap of blocks written since the last freeze
 	written  bool     // anything written (or punched) since the last freeze
 	series   *series  // nil while CBT is off
-	last     *frozenImage
-	seq      int    // names frozen images
-	base     string // backing file name before the first snapshot
-	deltas   int    // snapshots taken since the VM last had none
-	gone     bool   // removed from its VM: f is nil for good
+	// last is the image of the most recent freeze while a snapshot holds
+	// it. When its last snapshot goes, it becomes the mirror (a path,
+	// named by mirrorName): kept for the next freeze, which brings it up
+	// to date by rewriting only the blocks changed since (the dirty
+	// bitmap). At most one of them is set; a capacity change drops both.
+	last   *frozenImage
+	mirror string
+	frozen freezeStats // what the most recent freeze did
+	seq    int         // names frozen images
+	base   string      // backing file name before the first snapshot
+	deltas int         // snapshots taken since the VM last had none
+	gone   bool        // removed from its VM: f is nil for good
+	log    *slog.Logger
+}
+
+// freezeStats says how a freeze made its image, for the log and tests.
+type freezeStats struct {
+	shared  bool  // the previous image, unchanged
+	inPlace bool  // the mirror brought up to date (false: a full copy)
+	bytes   int64 // in place: the changed bytes rewritten (data copied, holes punched); full copy: the data copied
 }
 
 // series is one change-ID series of a disk: it starts when CBT is enabled
@@ -60,12 +76,12 @@ type frozenImage struct {
 	refs     int
 }
 
-func openDisk(id diskID, path string, capacity int64) (*disk, error) {
+func openDisk(id diskID, path string, capacity int64, log *slog.Logger) (*disk, error) {
 	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
 		return nil, err
 	}
-	d := &disk{id: id, path: path, f: f}
+	d := &disk{id: id, path: path, f: f, log: log}
 	if err := d.resize(capacity); err != nil {
 		f.Close()
 		return nil, err
@@ -82,6 +98,8 @@ func (d *disk) resize(capacity int64) error {
 	if err := d.f.Truncate(capacity); err != nil {
 		return err
 	}
+	// An image of the old capacity is no base for the next freeze's.
+	d.forgetFrozen()
 	if capacity < d.capacity {
 		// Shrinking is not a thing disks do; keep the bitmap consistent.
 		d.dirty = nil
@@ -143,6 +161,13 @@ func (d *disk) takeDirty() []Extent {
 // freeze makes (or shares) the frozen image of the disk's current content
 // and closes the current generation of the change series. Called with mu
 // held.
+//
+// Its cost follows what changed since the previous freeze, as long as no
+// snapshot holds that freeze's image any more (one snapshot at a time, as a
+// backup takes them): the kept mirror is renamed to the new image's name
+// and only the changed blocks are rewritten in it. Otherwise (the image
+// still held, no mirror, a failed update) the live image's data is copied
+// into a new file.
 func (d *disk) freeze(dir string) (*frozenImage, error) {
 	changed := d.takeDirty()
 	if d.series != nil {
@@ -151,23 +176,73 @@ func (d *disk) freeze(dir string) (*frozenImage, error) {
 	}
 	if d.last != nil && !d.written && d.last.capacity == d.capacity {
 		d.last.refs++
+		d.frozen = freezeStats{shared: true}
 		return d.last, nil
 	}
 	d.written = false
+	d.last = nil // a held image stays its snapshots'
 	d.seq++
 	path := filepath.Join(dir, fmt.Sprintf("%s-%d-%06d.raw", d.id.vm, d.id.key, d.seq))
-	if err := sparseCopy(d.f, path, d.capacity); err != nil {
+	if mirror := d.mirror; mirror != "" {
+		d.mirror = ""
+		n, err := d.refresh(mirror, path, changed)
+		if err == nil {
+			d.frozen = freezeStats{inPlace: true, bytes: n}
+			d.last = &frozenImage{path: path, capacity: d.capacity, refs: 1}
+			return d.last, nil
+		}
+		// Half updated: never a base for a later freeze.
+		d.log.Warn("kept frozen image not updated in place, copying the disk", "vm", d.id.vm, "disk", d.id.key, "err", err)
+		for _, p := range []string{mirror, path} {
+			if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
+				d.log.Warn("frozen image not removed", "vm", d.id.vm, "disk", d.id.key, "file", p, "err", err)
+			}
+		}
+	}
+	n, err := sparseCopy(d.f, path, d.capacity)
+	if err != nil {
 		_ = os.Remove(path)
-		d.last = nil
 		// The next freeze must copy again.
 		d.written = true
 		return nil, err
 	}
+	d.frozen = freezeStats{bytes: n}
 	d.last = &frozenImage{path: path, capacity: d.capacity, refs: 1}
 	return d.last, nil
 }
 
-// release drops one reference to img and removes the file with the last.
+// refresh turns the mirror (the live image as of the previous freeze) into
+// the image of the live one now: it renames it to path, so that the path
+// of the removed snapshot it was never resolves again, and makes each
+// changed range read as the live image does, data copied and holes
+// punched (a discarded block reads as zeros). It returns the bytes
+// rewritten. Called with mu held.
+func (d *disk) refresh(mirror, path string, changed []Extent) (int64, error) {
+	if err := os.Rename(mirror, path); err != nil {
+		return 0, err
+	}
+	out, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		return 0, err
+	}
+	var n int64
+	for _, e := range changed {
+		if err := syncRange(out, d.f, e); err != nil {
+			out.Close()
+			return n, err
+		}
+		n += e.Length
+	}
+	return n, out.Close()
+}
+
+// mirrorName is the name of a disk's mirror: the image of its most recent
+// freeze, kept once no snapshot holds it.
+func mirrorName(id diskID) string { return fmt.Sprintf("%s-%d.mirror", id.vm, id.key) }
+
+// release drops one reference to img. With the last, the image of the
+// disk's most recent freeze becomes its mirror, renamed so that the
+// removed snapshot's path no longer resolves; any other image is removed.
 func (d *disk) release(img *frozenImage) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -175,10 +250,32 @@ func (d *disk) release(img *frozenImage) error {
 	if img.refs > 0 {
 		return nil
 	}
-	if d.last == img {
-		d.last = nil
+	if d.last != img || d.f == nil {
+		return os.Remove(img.path)
 	}
-	return os.Remove(img.path)
+	d.last = nil
+	mirror := filepath.Join(filepath.Dir(img.path), mirrorName(d.id))
+	if err := os.Rename(img.path, mirror); err != nil {
+		return os.Remove(img.path) // no mirror: the next freeze copies
+	}
+	d.mirror = mirror
+	return nil
+}
+
+// forgetFrozen keeps the next freeze from building on the previous one's
+// image: the live image changed in a way the dirty bitmap does not record
+// (resized, written behind the lab's back), or the disk goes. The mirror is
+// deleted; an image a snapshot holds stays until its snapshot goes. Called
+// with mu held.
+func (d *disk) forgetFrozen() {
+	d.last = nil
+	if d.mirror == "" {
+		return
+	}
+	if err := os.Remove(d.mirror); err != nil && !errors.Is(err, os.ErrNotExist) {
+		d.log.Warn("kept frozen image not removed", "vm", d.id.vm, "disk", d.id.key, "file", d.mirror, "err", err)
+	}
+	d.mirror = ""
 }
 
 const (
@@ -188,9 +285,13 @@ const (
 
 // dataExtents lists the allocated ranges of f up to size, using
 // SEEK_DATA/SEEK_HOLE. It moves f's offset.
-func dataExtents(f *os.File, size int64) ([]Extent, error) {
+func dataExtents(f *os.File, size int64) ([]Extent, error) { return dataExtentsIn(f, 0, size) }
+
+// dataExtentsIn lists the allocated ranges of f within [off, end). It
+// moves f's offset.
+func dataExtentsIn(f *os.File, off, end int64) ([]Extent, error) {
 	var out []Extent
-	for off := int64(0); off < size; {
+	for off < end {
 		data, err := f.Seek(off, seekData)
 		if errors.Is(err, syscall.ENXIO) {
 			break
@@ -198,14 +299,14 @@ func dataExtents(f *os.File, size int64) ([]Extent, error) {
 		if err != nil {
 			return nil, err
 		}
-		if data >= size {
+		if data >= end {
 			break
 		}
 		hole, err := f.Seek(data, seekHole)
 		if err != nil {
 			return nil, err
 		}
-		hole = min(hole, size)
+		hole = min(hole, end)
 		out = append(out, Extent{Offset: data, Length: hole - data})
 		off = hole
 	}
@@ -215,40 +316,94 @@ func dataExtents(f *os.File, size int64) ([]Extent, error) {
 // sparseCopy copies the allocated ranges of src into a new file of size
 // bytes at dst: holes stay holes, so a mostly empty disk copies in
 // milliseconds (and with copy_file_range, reflinks where the file system
-// can).
-func sparseCopy(src *os.File, dst string, size int64) error {
+// can). It returns the bytes copied.
+func sparseCopy(src *os.File, dst string, size int64) (int64, error) {
 	exts, err := dataExtents(src, size)
 	if err != nil {
-		return err
+		return 0, err
 	}
 	out, err := os.OpenFile(dst, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
-		return err
+		return 0, err
 	}
 	if err := out.Truncate(size); err != nil {
 		out.Close()
+		return 0, err
+	}
+	var n int64
+	for _, e := range exts {
+		if err := copyExtent(out, src, e); err != nil {
+			out.Close()
+			return n, err
+		}
+		n += e.Length
+	}
+	return n, out.Close()
+}
+
+// copyExtent copies e from src to the same place in dst. It moves both
+// files' offsets.
+func copyExtent(dst, src *os.File, e Extent) error {
+	if _, err := src.Seek(e.Offset, io.SeekStart); err != nil {
 		return err
 	}
-	for _, e := range exts {
-		if _, err := src.Seek(e.Offset, io.SeekStart); err != nil {
-			out.Close()
-			return err
-		}
-		if _, err := out.Seek(e.Offset, io.SeekStart); err != nil {
-			out.Close()
-			return err
-		}
-		// *os.File.ReadFrom uses copy_file_range for a LimitedReader over a file.
-		n, err := out.ReadFrom(io.LimitReader(src, e.Length))
-		if err == nil && n != e.Length {
-			err = fmt.Errorf("short copy at %d: %d of %d bytes", e.Offset, n, e.Length)
-		}
-		if err != nil {
-			out.Close()
-			return err
-		}
+	if _, err := dst.Seek(e.Offset, io.SeekStart); err != nil {
+		return err
 	}
-	return out.Close()
+	// *os.File.ReadFrom uses copy_file_range for a LimitedReader over a file.
+	n, err := dst.ReadFrom(io.LimitReader(src, e.Length))
+	if err == nil && n != e.Length {
+		err = fmt.Errorf("short copy at %d: %d of %d bytes", e.Offset, n, e.Length)
+	}
+	return err
+}
+
+// syncRange makes e read in dst as it does in src: src's data is copied,
+// src's holes are punched (or, where the file system cannot punch,
+// written as zeros).
+func syncRange(dst, src *os.File, e Extent) error {
+	data, err := dataExtentsIn(src, e.Offset, e.End())
+	if err != nil {
+		return err
+	}
+	off := e.Offset
+	for _, x := range append(data, Extent{Offset: e.End()}) {
+		if x.Offset > off {
+			err := punchHole(dst, off, x.Offset-off)
+			if errors.Is(err, syscall.EOPNOTSUPP) {
+				err = writeZeros(dst, off, x.Offset-off)
+			}
+			if err != nil {
+				return err
+			}
+		}
+		if x.Length > 0 {
+			if err := copyExtent(dst, src, x); err != nil {
+				return err
+			}
+		}
+		off = x.End()
+	}
+	return nil
+}
+
+// punchHole deallocates [off, off+n) of f, keeping its size: it reads as
+// zeros.
+func punchHole(f *os.File, off, n int64) error {
+	const punchHole, keepSize = 0x02, 0x01 // FALLOC_FL_*
+	return syscall.Fallocate(int(f.Fd()), punchHole|keepSize, off, n)
+}
+
+func writeZeros(f *os.File, off, n int64) error {
+	zeros := make([]byte, min(n, chunkSize))
+	for n > 0 {
+		w, err := f.WriteAt(zeros[:min(n, int64(len(zeros)))], off)
+		if err != nil {
+			return err
+		}
+		off, n = off+int64(w), n-int64(w)
+	}
+	return nil
 }
 
 // alignExtents widens extents to whole blocks (clipped to capacity) and

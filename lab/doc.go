@@ -4,8 +4,8 @@
 // It is govmomi's simulator (the VPX inventory: /DC0, four VMs) extended so
 // that every virtual disk is backed by a real sparse raw image in the lab's
 // directory. Guest writes go into those images through the lab's Go API or
-// its lab-only HTTP endpoints; creating a snapshot freezes each disk (a sparse
-// copy), stamps a new change ID `<uuid>/<n>` into the snapshot's and the live
+// its lab-only HTTP endpoints; creating a snapshot freezes each disk (see
+// below), stamps a new change ID `<uuid>/<n>` into the snapshot's and the live
 // VM config, and QueryChangedDiskAreas answers with the areas really written
 // since an earlier change ID, at 64 KiB granularity, with the faults vSphere
 // returns. The frozen image of a snapshot's disk is what the worker's `lab`
@@ -21,6 +21,30 @@
 // SystemError for the lab's own failures (a disk it could not freeze, a
 // frozen image it cannot read). A client reads the first two as a CBT reset
 // and starts a new chain; a SystemError is a failure, never a reset.
+//
+// # Freezing a disk
+//
+// A snapshot's frozen image is a plain raw file of the disk's capacity with
+// the disk's content at the snapshot. Making it costs what changed since
+// the previous snapshot, not what the disk holds, in the common case of
+// one snapshot at a time (a backup takes one, reads it, removes it), so
+// that the lab's snapshot is cheap, as vSphere's redirect-on-write
+// snapshot is: when the last snapshot holding a disk's newest image goes,
+// the lab keeps that image as the disk's mirror (renamed, so the removed
+// snapshot's path no longer resolves), and the next freeze renames the
+// mirror to the new image's name and rewrites in it only the 64 KiB blocks
+// written or punched since (a punched block becomes a hole). An
+// incremental backup's 10 MiB of writes into a disk holding 1 GiB cost
+// milliseconds, not a copy of the 1 GiB. Without a write in between, the
+// snapshots share one image. The whole allocated content is copied (a
+// sparse copy, holes stay holes) when there is no mirror: the first
+// snapshot, one taken while another snapshot still holds the newest image,
+// after a growth, after LiveImage (its writer bypasses the change
+// tracking), or after a failed update (the half-updated mirror is deleted,
+// never trusted). A reader that keeps a removed snapshot's image open (the
+// lab cannot see it) reads what later freezes write into the file, where
+// it once read the deleted file's old content: read a snapshot's disk only
+// while the snapshot exists, as on vSphere.
 //
 // # Configuration changes
 //
@@ -76,10 +100,14 @@
 //
 //	disks/<vm moref>-<key>.raw          live disk images (sparse, full capacity)
 //	snapshots/<vm moref>-<key>-<n>.raw  frozen images of snapshot disks
+//	snapshots/<vm moref>-<key>.mirror   a disk's mirror: its newest frozen image once no snapshot holds it
 //	vcsim/                              the simulator's datastore folders
 //	tls.crt, tls.key                    the HTTPS certificate (only when Dir is given)
 //
-// Close removes the frozen images and the simulator folders. When Dir was
+// A frozen image is deleted, or becomes its disk's mirror, when its last
+// snapshot is removed; a mirror is no snapshot's and goes with its disk
+// (RemoveDisk, RemoveVM, a growth) and with the lab. Close removes the
+// frozen images, the mirrors and the simulator folders. When Dir was
 // given by the caller, Close keeps the live disk images and the certificate,
 // so a restarted lab on the same Dir sees the same disk content of the
 // default inventory and shows the same thumbprint, but a fresh change-ID

@@ -288,7 +288,7 @@ func (l *Lab) newDisk(vmRef string, key int32, capacity int64) error {
 	if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return err
 	}
-	d, err := openDisk(id, p, capacity)
+	d, err := openDisk(id, p, capacity, l.log)
 	if err != nil {
 		return err
 	}
@@ -309,8 +309,8 @@ func (l *Lab) dropDisk(vmRef string, key int32) {
 	}
 }
 
-// close closes the live image, and deletes it when remove is set. Frozen
-// images stay until their snapshots go.
+// close closes the live image and deletes the disk's mirror, and the live
+// image when remove is set. Frozen images stay until their snapshots go.
 func (d *disk) close(remove bool) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -318,6 +318,7 @@ func (d *disk) close(remove bool) {
 		d.f.Close()
 		d.f = nil
 	}
+	d.forgetFrozen()
 	d.gone = true
 	if remove {
 		_ = os.Remove(d.path)

@@ -1,0 +1,253 @@
+package lab_test
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"reflect"
+	"slices"
+	"testing"
+
+	"github.com/cbtflow/cbtflow/lab"
+)
+
+// liveContent is a disk's whole content now.
+func liveContent(t *testing.T, l *lab.Lab, vm string, key int32) []byte {
+	t.Helper()
+	var buf bytes.Buffer
+	if _, err := l.ReadDisk(vm, key, &buf); err != nil {
+		t.Fatal(err)
+	}
+	return buf.Bytes()
+}
+
+// imageOf returns the path of a snapshot's frozen image and checks that
+// it holds want.
+func imageOf(t *testing.T, l *lab.Lab, what, snapshot string, key int32, want []byte) string {
+	t.Helper()
+	img, err := l.SnapshotImage(snapshot, key)
+	if err != nil {
+		t.Fatalf("%s: %v", what, err)
+	}
+	got, err := os.ReadFile(img.Path)
+	if err != nil {
+		t.Fatalf("%s: %v", what, err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Errorf("%s: the frozen image of disk %d differs from the live disk at the snapshot", what, key)
+	}
+	return img.Path
+}
+
+func noPath(t *testing.T, what, path string) {
+	t.Helper()
+	if _, err := os.Stat(path); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("%s: %s still resolves: %v", what, path, err)
+	}
+}
+
+func dirNames(t *testing.T, dir string) []string {
+	t.Helper()
+	entries, err := os.ReadDir(dir)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		t.Fatal(err)
+	}
+	names := []string{}
+	for _, e := range entries {
+		names = append(names, e.Name())
+	}
+	return names
+}
+
+// A removed snapshot's frozen image no longer resolves, and each disk
+// keeps one file, its mirror, from which the next snapshot's image is
+// made; every snapshot's image equals the live disk at the snapshot,
+// while another is held too. The mirrors go with their disks (growth,
+// RemoveDisk, RemoveVM) and with the lab (Close): no file is left.
+func TestSnapshotImagesAndMirrors(t *testing.T) {
+	t.Parallel()
+	dir := filepath.Join(t.TempDir(), "lab")
+	l, err := lab.Start(context.Background(), lab.Options{Dir: dir, Password: password})
+	if err != nil {
+		t.Fatal(err)
+	}
+	closed := false
+	t.Cleanup(func() {
+		if !closed {
+			_ = l.Close()
+		}
+	})
+	c := mustConnect(t, l)
+	snaps := filepath.Join(dir, "snapshots")
+	ref, err := l.CreateVM("mirrored", 4<<20, 4<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	disks, err := l.Disks(ref)
+	if err != nil || len(disks) != 2 {
+		t.Fatalf("disks %+v, %v", disks, err)
+	}
+	a, b := disks[0].Key, disks[1].Key
+	mirrorA, mirrorB := fmt.Sprintf("%s-%d.mirror", ref, a), fmt.Sprintf("%s-%d.mirror", ref, b)
+	vm := findVM(t, c, "mirrored")
+	write(t, l, ref, a, 0, randomBytes(20*block))
+	write(t, l, ref, b, block, randomBytes(3*block))
+
+	s1 := snapshot(t, vm, "s1")
+	p1a := imageOf(t, l, "s1", s1.Value, a, liveContent(t, l, ref, a))
+	p1b := imageOf(t, l, "s1", s1.Value, b, liveContent(t, l, ref, b))
+	removeSnapshot(t, c, s1)
+	noPath(t, "removed s1", p1a)
+	noPath(t, "removed s1", p1b)
+	if got := dirNames(t, snaps); !reflect.DeepEqual(got, []string{mirrorA, mirrorB}) {
+		t.Errorf("after the only snapshot went, the snapshots folder holds %v, want the two mirrors", got)
+	}
+
+	// Overwritten, punched and zeroed blocks; disk b unchanged.
+	write(t, l, ref, a, 3*block+7, randomBytes(block))
+	write(t, l, ref, a, 10*block, make([]byte, block))
+	if err := l.PunchHole(ref, a, 15*block, 2*block); err != nil {
+		t.Fatal(err)
+	}
+	s2 := snapshot(t, vm, "s2")
+	want2a, want2b := liveContent(t, l, ref, a), liveContent(t, l, ref, b)
+	p2a := imageOf(t, l, "s2", s2.Value, a, want2a)
+	p2b := imageOf(t, l, "s2", s2.Value, b, want2b)
+
+	// s3 while s2 is held: independent images.
+	write(t, l, ref, a, 0, randomBytes(block))
+	if err := l.PunchHole(ref, a, 5*block, block); err != nil {
+		t.Fatal(err)
+	}
+	s3 := snapshot(t, vm, "s3")
+	p3a := imageOf(t, l, "s3", s3.Value, a, liveContent(t, l, ref, a))
+	write(t, l, ref, a, 1*block, randomBytes(block))
+	imageOf(t, l, "s2 after s3", s2.Value, a, want2a)
+	imageOf(t, l, "s2 after s3", s2.Value, b, want2b)
+	if p3a == p2a {
+		t.Error("s3 shares s2's image of a changed disk")
+	}
+	removeSnapshot(t, c, s2)
+	removeSnapshot(t, c, s3)
+	for _, p := range []string{p2a, p2b, p3a} {
+		noPath(t, "removed s2, s3", p)
+	}
+	if got := dirNames(t, snaps); !reflect.DeepEqual(got, []string{mirrorA, mirrorB}) {
+		t.Errorf("after every snapshot went, the snapshots folder holds %v, want the two mirrors", got)
+	}
+	s4 := snapshot(t, vm, "s4")
+	imageOf(t, l, "s4 from the mirror", s4.Value, a, liveContent(t, l, ref, a))
+	imageOf(t, l, "s4 from the mirror", s4.Value, b, liveContent(t, l, ref, b))
+	removeSnapshot(t, c, s4)
+
+	// Growth drops the mirror of the old capacity; the next snapshot is right.
+	if err := l.GrowDisk(ref, a, 8<<20); err != nil {
+		t.Fatal(err)
+	}
+	if got := dirNames(t, snaps); !reflect.DeepEqual(got, []string{mirrorB}) {
+		t.Errorf("after the growth of disk %d the snapshots folder holds %v, want %v", a, got, []string{mirrorB})
+	}
+	write(t, l, ref, a, 8<<20-3, []byte("end"))
+	s5 := snapshot(t, vm, "s5")
+	imageOf(t, l, "s5 after the growth", s5.Value, a, liveContent(t, l, ref, a))
+	removeSnapshot(t, c, s5)
+
+	if err := l.RemoveDisk(ref, b); err != nil {
+		t.Fatal(err)
+	}
+	if got := dirNames(t, snaps); !reflect.DeepEqual(got, []string{mirrorA}) {
+		t.Errorf("after RemoveDisk the snapshots folder holds %v, want %v", got, []string{mirrorA})
+	}
+	live := dirNames(t, filepath.Join(dir, "disks"))
+	if err := l.RemoveVM(ref); err != nil {
+		t.Fatal(err)
+	}
+	if got := dirNames(t, snaps); len(got) != 0 {
+		t.Errorf("after RemoveVM the snapshots folder holds %v", got)
+	}
+	want := slices.DeleteFunc(live, func(n string) bool { return n == fmt.Sprintf("%s-%d.raw", ref, a) })
+	if got := dirNames(t, filepath.Join(dir, "disks")); !reflect.DeepEqual(got, want) {
+		t.Errorf("after RemoveVM the disks folder holds %v, want %v", got, want)
+	}
+
+	// A mirror of a default VM's disk goes with Close.
+	s6 := snapshot(t, findVM(t, c, vm1), "s6")
+	removeSnapshot(t, c, s6)
+	if got := dirNames(t, snaps); len(got) != 1 {
+		t.Errorf("after the snapshot of %s went, the snapshots folder holds %v, want its mirror", vm1, got)
+	}
+	closed = true
+	if err := l.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if got := dirNames(t, dir); !reflect.DeepEqual(got, []string{"disks", "tls.crt", "tls.key"}) {
+		t.Errorf("after Close the lab dir holds %v", got)
+	}
+	if got := dirNames(t, filepath.Join(dir, "disks")); !reflect.DeepEqual(got, want) {
+		t.Errorf("after Close the disks folder holds %v, want the live images %v", got, want)
+	}
+}
+
+// What a writer outside the lab writes through LiveImage is in the next
+// snapshot's image, whether the previous snapshot went before the
+// LiveImage (its mirror is dropped) or after it (it is no mirror): the
+// dirty bitmap, from which a mirror is brought up to date, misses it.
+func TestLiveImageDropsMirror(t *testing.T) {
+	t.Parallel()
+	l := startLab(t, lab.Options{})
+	c := mustConnect(t, l)
+	vm := findVM(t, c, vm1)
+	lc := labClient(t, l)
+	ctx := context.Background()
+	if err := lc.SetPower(ctx, vm1, false); err != nil {
+		t.Fatal(err)
+	}
+	outside := func(data string) {
+		t.Helper()
+		img, err := lc.LiveImage(ctx, vm1, diskKey)
+		if err != nil {
+			t.Fatal(err)
+		}
+		f, err := os.OpenFile(img.Path, os.O_WRONLY, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		if _, err := f.WriteAt([]byte(data), 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	first := func(what, s string) {
+		t.Helper()
+		img, err := l.SnapshotImage(s, diskKey)
+		if err != nil {
+			t.Fatal(err)
+		}
+		f, err := os.Open(img.Path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		buf := make([]byte, 7)
+		if _, err := f.ReadAt(buf, 0); err != nil {
+			t.Fatal(err)
+		}
+		if want := string(readAt(t, l, vm1, diskKey, 0, 7)); string(buf) != want {
+			t.Errorf("%s: the image starts with %q, the live disk with %q", what, buf, want)
+		}
+	}
+
+	write(t, l, vm1, diskKey, 0, []byte("lab-one"))
+	removeSnapshot(t, c, snapshot(t, vm, "one"))
+	outside("outside")
+	s2 := snapshot(t, vm, "two")
+	first("released before LiveImage", s2.Value)
+
+	outside("again!!")
+	removeSnapshot(t, c, s2)
+	s3 := snapshot(t, vm, "three")
+	first("released after LiveImage", s3.Value)
+}
