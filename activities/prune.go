@@ -760,7 +760,8 @@ func (p *Pruner) removeLeftovers(ctx context.Context, in PruneVMInput) error {
 // settlePending settles the merges an interrupted prune of the VM left
 // pending, on proof only: when the file at the image's path is the new
 // image (same size and SHA-256), the catalog records it; when it is the
-// old one, the pending row and the new file go. A file that cannot be
+// old one (same size, and its seal or SHA-256 holds), the pending row and
+// the new file go. A file that cannot be
 // read (an unmounted repository, an I/O error) is an error, retried: a
 // guess here could make the catalog describe the wrong file. A file that
 // is neither is left as it is, with its pending row and the new file:
@@ -791,22 +792,33 @@ func settlePending(ctx context.Context, cat *catalog.Catalog, repo *repository.R
 		if err != nil {
 			return fmt.Errorf("prune: settling the interrupted merge of %s disk %d: %w (is the repository mounted?)", pm.BackupID, pm.Key, err)
 		}
-		var sum string
-		if fi.Size() == pm.SizeBytes || fi.Size() == old.SizeBytes {
-			if _, sum, err = integrity.Hash(ctx, path, func(int64) { activity.RecordHeartbeat(ctx) }); err != nil {
+		// Which proof the file holds: the merged image's (its SHA-256), or
+		// the old image's (its seal or SHA-256). Damage is "not this one";
+		// any other error says nothing about the file.
+		is := func(size int64, proof string) (bool, error) {
+			if fi.Size() != size {
+				return false, nil
+			}
+			err := integrity.Verify(ctx, path, proof, func(int64) { activity.RecordHeartbeat(ctx) })
+			if d := (*integrity.Damage)(nil); errors.As(err, &d) {
+				return false, nil
+			}
+			return err == nil, err
+		}
+		applied, err := is(pm.SizeBytes, pm.SHA256)
+		if err != nil {
+			return fmt.Errorf("prune: settling the interrupted merge of %s disk %d: %w", pm.BackupID, pm.Key, err)
+		}
+		if !applied {
+			isOld, err := is(old.SizeBytes, old.SHA256)
+			if err != nil {
 				return fmt.Errorf("prune: settling the interrupted merge of %s disk %d: %w", pm.BackupID, pm.Key, err)
 			}
-		}
-		var applied bool
-		switch {
-		case fi.Size() == pm.SizeBytes && sum == pm.SHA256:
-			applied = true
-		case fi.Size() == old.SizeBytes && sum == old.SHA256:
-			applied = false
-		default:
-			activity.GetLogger(ctx).Warn("an interrupted prune's merge: the image is neither the old one nor the merged one; left for the chain check",
-				"backup", pm.BackupID, "disk", pm.Key, "path", path, "merged_image", repo.Resolve(pm.TempPath))
-			continue
+			if !isOld {
+				activity.GetLogger(ctx).Warn("an interrupted prune's merge: the image is neither the old one nor the merged one; left for the chain check",
+					"backup", pm.BackupID, "disk", pm.Key, "path", path, "merged_image", repo.Resolve(pm.TempPath))
+				continue
+			}
 		}
 		if err := cat.SettleMerge(ctx, pm.BackupID, pm.Key, applied); err != nil {
 			return permanent(err)
