@@ -25,6 +25,31 @@ import (
 	"github.com/cbtflow/cbtflow/workflows"
 )
 
+// tmpfs is where the Temporal dev server's database goes (-temporal-tmpfs).
+const tmpfs = "/dev/shm"
+
+// temporalDBInto makes the Temporal dev server of a stack in stateDir
+// keep its SQLite database in dbDir: a symbolic link where the stack
+// names the file (STATE/temporal.db), which SQLite follows, its journal
+// too. It returns the database's path in dbDir.
+//
+// The dev server commits every workflow task to that file with fsync
+// (SQLite's default journal): on the disk the backups write GiBs to,
+// each such fsync waits behind their writeback, for seconds under the
+// scale case, until workflow tasks time out and heartbeats fail — a
+// cost of putting Temporal's store beside the repository, which no
+// production deployment does (Temporal keeps its own database).
+func temporalDBInto(stateDir, dbDir string) (string, error) {
+	if err := os.MkdirAll(stateDir, 0o700); err != nil {
+		return "", err
+	}
+	db := filepath.Join(dbDir, "temporal.db")
+	if err := os.Symlink(db, filepath.Join(stateDir, "temporal.db")); err != nil {
+		return "", err
+	}
+	return db, nil
+}
+
 // e2eOptions configure the end-to-end part.
 type e2eOptions struct {
 	dir        string // work folder, removed at the end
@@ -35,6 +60,38 @@ type e2eOptions struct {
 	runs       int
 	seed       uint64
 	verbose    bool
+	keep       bool // keep the work folder
+	// temporalTmpfs puts the Temporal dev server's database in memory
+	// (temporalDBInto).
+	temporalTmpfs bool
+	cases         []string // of e2eCases, in that order
+
+	scaleVMs             int   // VMs backed up at once
+	scaleSize, scaleData int64 // each of their two disks, and its data
+	scaleIncr            int64 // bytes changed on each disk before the incremental round
+
+	largeSize, largeRef int64 // the large disk and the disk it is compared with
+	largeData           int64 // the data both hold
+	largeSpread         bool  // the large disk's data at offsets scaled to its size
+
+	// copierRate is the copier part's full copy in bytes per second (0:
+	// the copier part did not run).
+	copierRate float64
+	targets    *targets
+}
+
+// e2eCases are the end-to-end part's cases: the full, incremental and
+// unchanged backups of one VM at a time (basic), many VMs at once through
+// one worker (scale), and a large sparse disk against a small one with
+// the same data (large).
+var e2eCases = []string{"basic", "scale", "large"}
+
+// e2eRun is the end-to-end part's stack and work folder, shared by its
+// cases.
+type e2eRun struct {
+	o    e2eOptions
+	s    *stack.Stack
+	work string
 }
 
 // The lab VMs the end-to-end part creates.
@@ -47,10 +104,10 @@ const (
 type sample map[string]float64
 
 // runE2E backs up lab VMs through the real starter, worker, Temporal and
-// PostgreSQL on a stack of its own, and prints where each backup's time
-// goes beside nbdcopy's time for the full backup's bytes, run alternately
-// with the full backups. Everything it starts or creates (the stack, its
-// database, the lab's images, the repository) is gone when it returns.
+// PostgreSQL on a stack of its own, case by case (o.cases), and prints
+// where the time goes and issue 12's targets. Everything it starts or
+// creates (the stack, its database, the lab's images, the repository) is
+// gone when it returns.
 func runE2E(ctx context.Context, o e2eOptions) (err error) {
 	if o.dir != "" {
 		if err := os.MkdirAll(o.dir, 0o755); err != nil {
@@ -61,7 +118,13 @@ func runE2E(ctx context.Context, o e2eOptions) (err error) {
 	if err != nil {
 		return err
 	}
-	defer func() { err = errors.Join(err, os.RemoveAll(work)) }()
+	defer func() {
+		if o.keep {
+			fmt.Printf("kept the end-to-end part's work folder %s (the stack's logs and state in %s)\n", work, filepath.Join(work, "state"))
+			return
+		}
+		err = errors.Join(err, os.RemoveAll(work))
+	}()
 
 	fmt.Printf("\nend to end: building the release worker and starter (make build), starting a stack of its own\n")
 	bins, err := releaseBinaries(ctx, filepath.Join(work, "bin"))
@@ -77,8 +140,26 @@ func runE2E(ctx context.Context, o e2eOptions) (err error) {
 		defer cancel()
 		err = errors.Join(err, drop(dctx))
 	}()
+	stateDir := filepath.Join(work, "state")
+	var temporalDB string
+	if o.temporalTmpfs {
+		dbDir, derr := os.MkdirTemp(tmpfs, "cbtflow-bench-temporal-")
+		if derr != nil {
+			return fmt.Errorf("the Temporal dev server's database in %s (-temporal-tmpfs=false keeps it on disk): %w", tmpfs, derr)
+		}
+		defer func() {
+			if o.keep {
+				fmt.Printf("kept the Temporal dev server's database folder %s\n", dbDir)
+				return
+			}
+			err = errors.Join(err, os.RemoveAll(dbDir))
+		}()
+		if temporalDB, err = temporalDBInto(stateDir, dbDir); err != nil {
+			return err
+		}
+	}
 	up := time.Now()
-	s, err := stack.Start(ctx, stack.Options{Dir: filepath.Join(work, "state"), DatabaseURL: dbURL, Binaries: bins})
+	s, err := stack.Start(ctx, stack.Options{Dir: stateDir, DatabaseURL: dbURL, Binaries: bins})
 	if err != nil {
 		return err
 	}
@@ -94,17 +175,51 @@ func runE2E(ctx context.Context, o e2eOptions) (err error) {
 		}
 	}()
 	fmt.Printf("stack up in %.1fs (Temporal dev server %s, lab, worker)\n", time.Since(up).Seconds(), s.TemporalAddress())
+	if temporalDB != "" {
+		if _, err := os.Stat(temporalDB); err != nil {
+			fmt.Printf("warning: the Temporal dev server did not make its database in %s (%v): it is on disk, beside the repository\n", temporalDB, err)
+		} else {
+			fmt.Printf("the Temporal dev server's database is in memory (%s), not on the disk of the repository and the lab\n", temporalDB)
+		}
+	}
 
+	r := &e2eRun{o: o, s: s, work: work}
+	for _, c := range o.cases {
+		start := time.Now()
+		switch c {
+		case "basic":
+			err = r.basic(ctx)
+		case "scale":
+			err = r.scale(ctx)
+		case "large":
+			err = r.large(ctx)
+		default:
+			err = fmt.Errorf("unknown case %q", c)
+		}
+		if err != nil {
+			return fmt.Errorf("end-to-end case %s: %w", c, err)
+		}
+		fmt.Printf("(end-to-end case %s took %.0fs)\n", c, time.Since(start).Seconds())
+	}
+	return nil
+}
+
+// basic times full, incremental and unchanged backups of one VM at a
+// time, phase by phase, beside nbdcopy's time for the full backup's
+// bytes, run alternately with the full backups.
+func (r *e2eRun) basic(ctx context.Context) error {
+	o, s, work := r.o, r.s, r.work
 	l := s.Lab()
 	src := filepath.Join(work, "one.raw")
 	if err := generate(src, o.size, o.data, o.seed); err != nil {
 		return err
 	}
+	defer os.Remove(src)
 	keyOne, err := labVM(l, vmOne, o.size)
 	if err != nil {
 		return err
 	}
-	if err := fillDisk(l, vmOne, keyOne[0], src); err != nil {
+	if err := fillDisk(l, vmOne, keyOne[0], src, nil); err != nil {
 		return err
 	}
 	keysTwo, err := labVM(l, vmTwo, o.size, o.size)
@@ -115,7 +230,7 @@ func runE2E(ctx context.Context, o e2eOptions) (err error) {
 		p := filepath.Join(work, fmt.Sprintf("two-%d.raw", i))
 		err := generate(p, o.size, o.twoData, o.seed+uint64(i)+1)
 		if err == nil {
-			err = fillDisk(l, vmTwo, k, p)
+			err = fillDisk(l, vmTwo, k, p, nil)
 		}
 		os.Remove(p)
 		if err != nil {
@@ -164,7 +279,7 @@ func runE2E(ctx context.Context, o e2eOptions) (err error) {
 			}
 			ref = append(ref, d)
 		}
-		if err := scatter(l, vmOne, keyOne[0], o.size, o.incrData, o.incrWrite, o.seed+100+uint64(i)); err != nil {
+		if err := scatter(labWriter(l, vmOne, keyOne[0]), o.size, o.incrData, o.incrWrite, o.seed+100+uint64(i)); err != nil {
 			return err
 		}
 		smp, changed, err := backupOnce(ctx, s, vmOne, workflows.ModeIncremental, -1)
@@ -186,65 +301,91 @@ func runE2E(ctx context.Context, o e2eOptions) (err error) {
 		}
 	}
 	slices.Sort(ref)
-	printE2E(o, full, incr, unchanged, median(ref))
-	return nil
-}
+	nbdcopy := median(ref)
 
-// printE2E prints the medians of every phase, nbdcopy's, and the targets
-// of issue 12 with PASS or FAIL.
-func printE2E(o e2eOptions, full, incr, unchanged []sample, nbdcopy float64) {
 	fmt.Printf("\nwhere the time of a backup goes, seconds (medians of %d runs of each; a row's median is its own, so the rows need not add up to the total):\n", len(full))
-	fmt.Printf("%-38s %9s %12s %10s\n", "phase", "full", "incremental", "unchanged")
-	cols := [][]sample{full, incr, unchanged}
-	meds := make([]map[string]float64, len(cols))
-	for c, col := range cols {
-		meds[c] = map[string]float64{}
-		for _, row := range phaseRows {
-			var v []float64
-			for _, s := range col {
-				v = append(v, s[row])
-			}
-			slices.Sort(v)
-			n := len(v)
-			meds[c][row] = (v[(n-1)/2] + v[n/2]) / 2
-		}
-	}
-	for _, row := range phaseRows {
-		if meds[0][row] == 0 && meds[1][row] == 0 && meds[2][row] == 0 {
-			continue
-		}
-		fmt.Printf("%-38s %9.3f %12.3f %10.3f\n", row, meds[0][row], meds[1][row], meds[2][row])
-	}
+	meds := printPhases([]string{"full", "incremental", "unchanged"}, [][]sample{full, incr, unchanged})
 	fmt.Printf("%-38s %9.3f\n", "nbdcopy --flush, the full's bytes", nbdcopy)
 	fmt.Printf("full: %d MiB of data on a %d GiB disk; incremental: %d MiB in %d KiB writes at scattered places; unchanged: %d disks, nothing written\n",
 		o.data/mib, o.size/gib, o.incrData/mib, o.incrWrite>>10, 2)
 
-	verdict := func(ok bool) string {
-		if ok {
-			return "PASS"
-		}
-		return "FAIL"
-	}
-	fmt.Println("\ntargets (issue 12; not asserted anywhere):")
-	ratio := meds[0][rowTotal] / nbdcopy
+	const section = "one backup at a time"
+	t := o.targets
 	note := ""
 	if o.data != 1*gib || o.size != 4*gib {
-		note = " (the target is for 1 GiB of data on a 4 GiB disk: these sizes differ)"
+		note = "the target is for 1 GiB of data on a 4 GiB disk: these sizes differ"
 	}
-	fmt.Printf("  full end to end / nbdcopy       %5.2f×  target ≤ 1.00×   %s%s\n", ratio, verdict(ratio <= 1.0), note)
+	ratio := meds[0][rowTotal] / nbdcopy
+	t.add(section, "full end to end / nbdcopy", fmt.Sprintf("%.2f×", ratio), "≤ 1.00×", rounded(ratio, 2) <= 1.0, note)
 	note = ""
 	if o.incrData != 10*mib || o.incrWrite != 64<<10 {
-		note = " (the target is for 10 MiB in 64 KiB writes: these sizes differ)"
+		note = "the target is for 10 MiB in 64 KiB writes: these sizes differ"
 	}
-	fmt.Printf("  incremental end to end          %5.3fs  target ≤ 0.350s  %s%s\n", meds[1][rowTotal], verdict(meds[1][rowTotal] <= 0.35), note)
-	fmt.Printf("  unchanged two-disk VM           %5.3fs  target ≤ 0.300s  %s\n", meds[2][rowTotal], verdict(meds[2][rowTotal] <= 0.3))
+	t.add(section, "incremental end to end", fmt.Sprintf("%.3fs", meds[1][rowTotal]), "≤ 0.350s", rounded(meds[1][rowTotal], 3) <= 0.35, note)
+	t.add(section, "unchanged two-disk VM", fmt.Sprintf("%.3fs", meds[2][rowTotal]), "≤ 0.300s", rounded(meds[2][rowTotal], 3) <= 0.3, "")
+	t.print(os.Stdout, section)
+	return nil
+}
+
+// printPhases prints the medians of every phase of each column's
+// samples, skipping rows that are zero in every column, and returns the
+// medians by column of every value of the samples (phases and others).
+func printPhases(names []string, cols [][]sample) []map[string]float64 {
+	fmt.Printf("%-38s", "phase")
+	for _, n := range names {
+		fmt.Printf(" %*s", max(9, len(n)), n)
+	}
+	fmt.Println()
+	meds := make([]map[string]float64, len(cols))
+	for c, col := range cols {
+		meds[c] = map[string]float64{}
+		rows := map[string]bool{}
+		for _, s := range col {
+			for row := range s {
+				rows[row] = true
+			}
+		}
+		for row := range rows {
+			var v []float64
+			for _, s := range col {
+				v = append(v, s[row])
+			}
+			meds[c][row] = medianOf(v)
+		}
+	}
+	for _, row := range phaseRows {
+		zero := true
+		for c := range cols {
+			zero = zero && meds[c][row] == 0
+		}
+		if zero {
+			continue
+		}
+		fmt.Printf("%-38s", row)
+		for c, n := range names {
+			fmt.Printf(" %*.3f", max(9, len(n)), meds[c][row])
+		}
+		fmt.Println()
+	}
+	return meds
+}
+
+// medianOf is the median of v (0 when empty); v is sorted in place.
+func medianOf(v []float64) float64 {
+	if len(v) == 0 {
+		return 0
+	}
+	slices.Sort(v)
+	n := len(v)
+	return (v[(n-1)/2] + v[n/2]) / 2
 }
 
 // backupOnce runs `starter backup VM --wait --json` and returns the
 // backup's phases, read from the histories of its Backup workflow (which
-// resolves the VM, starts BackupVM and ends) and of that BackupVM, and the bytes its disks changed. Every disk must have been
-// backed up in mode; changed, when not negative, is what each disk must
-// have changed.
+// resolves the VM, starts BackupVM and ends) and of that BackupVM, with
+// the sizes of what it wrote (sizeRows), and the bytes its disks changed.
+// Every disk must have been backed up in mode; changed, when not
+// negative, is what each disk must have changed.
 func backupOnce(ctx context.Context, s *stack.Stack, vm, mode string, changed int64, args ...string) (sample, int64, error) {
 	res, err := s.Starter(ctx, append([]string{"backup", vm, "--wait", "--json"}, args...)...)
 	if err != nil {
@@ -261,35 +402,58 @@ func backupOnce(ctx context.Context, s *stack.Stack, vm, mode string, changed in
 		}
 		total += d.ChangedBytes
 	}
-	child, err := history(ctx, s, rep.WorkflowID, "")
+	parent, child, err := backupHistories(ctx, s, rep.WorkflowID)
 	if err != nil {
 		return nil, 0, err
 	}
+	spans, opened, closed, err := backupSpans(parent, child)
+	if err != nil {
+		return nil, 0, fmt.Errorf("backup %s: %w", rep.BackupID, err)
+	}
+	smp := phasesOf(spans, opened, closed, res.Duration)
+	for _, sp := range spans {
+		if sp.transfer != nil {
+			smp[rowImageBytes] += float64(sp.transfer.SizeBytes)
+			smp[rowDigestBytes] += float64(sp.transfer.DigestSize)
+		}
+	}
+	return smp, total, nil
+}
+
+// backupHistories reads the history of a BackupVM workflow (by ID, its
+// latest run) and of the Backup workflow that started it.
+func backupHistories(ctx context.Context, s *stack.Stack, workflowID string) (parent, child []*historypb.HistoryEvent, err error) {
+	child, err = history(ctx, s, workflowID, "")
+	if err != nil {
+		return nil, nil, err
+	}
 	if len(child) == 0 || child[0].GetEventType() != enumspb.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED {
-		return nil, 0, fmt.Errorf("workflow %s: the history does not begin with its start", rep.WorkflowID)
+		return nil, nil, fmt.Errorf("workflow %s: the history does not begin with its start", workflowID)
 	}
 	parentExec := child[0].GetWorkflowExecutionStartedEventAttributes().GetParentWorkflowExecution()
 	if parentExec == nil {
-		return nil, 0, fmt.Errorf("workflow %s was started by no Backup workflow", rep.WorkflowID)
+		return nil, nil, fmt.Errorf("workflow %s was started by no Backup workflow", workflowID)
 	}
-	parent, err := history(ctx, s, parentExec.GetWorkflowId(), parentExec.GetRunId())
+	parent, err = history(ctx, s, parentExec.GetWorkflowId(), parentExec.GetRunId())
+	return parent, child, err
+}
+
+// backupSpans returns the activities of a backup's two workflows, when
+// the first (Backup) started and when the later of them closed: the
+// starter starts Backup detached and waits for BackupVM itself.
+func backupSpans(parent, child []*historypb.HistoryEvent) (spans []span, opened, closed time.Time, err error) {
+	spans, opened, closed, err = spansOf(parent)
 	if err != nil {
-		return nil, 0, err
-	}
-	spans, opened, closed, err := spansOf(parent)
-	if err != nil {
-		return nil, 0, fmt.Errorf("workflow %s: %w", parentExec.GetWorkflowId(), err)
+		return nil, opened, closed, fmt.Errorf("the Backup workflow: %w", err)
 	}
 	more, _, childClosed, err := spansOf(child)
 	if err != nil {
-		return nil, 0, fmt.Errorf("workflow %s: %w", rep.WorkflowID, err)
+		return nil, opened, closed, fmt.Errorf("the BackupVM workflow: %w", err)
 	}
-	// The starter starts Backup detached and waits for BackupVM itself:
-	// the backup's workflows end when the later of them closes.
 	if childClosed.After(closed) {
 		closed = childClosed
 	}
-	return phasesOf(append(spans, more...), opened, closed, res.Duration), total, nil
+	return append(spans, more...), opened, closed, nil
 }
 
 // history reads a workflow's whole history.
@@ -342,8 +506,20 @@ func labVM(l *lab.Lab, name string, capacities ...int64) ([]int32, error) {
 }
 
 // fillDisk writes the data extents of the sparse file src into a lab
-// disk, as a guest would; the disk's holes stay holes.
-func fillDisk(l *lab.Lab, vm string, key int32, src string) error {
+// disk, as a guest would; the disk's holes stay holes. place, when not
+// nil, moves each extent: its offset on the disk is place(offset in src).
+func fillDisk(l *lab.Lab, vm string, key int32, src string, place func(int64) int64) error {
+	return eachExtent(src, place, func(off int64, r *io.SectionReader) error {
+		if n, err := l.WriteDisk(vm, key, off, r); err != nil || n != r.Size() {
+			return fmt.Errorf("lab write %s/%d at %d: %d of %d bytes: %v", vm, key, off, n, r.Size(), err)
+		}
+		return nil
+	})
+}
+
+// eachExtent calls write with each data extent of the sparse file src
+// and its offset, moved by place when not nil.
+func eachExtent(src string, place func(int64) int64, write func(off int64, r *io.SectionReader) error) error {
 	extents, err := allocated(src)
 	if err != nil {
 		return err
@@ -354,16 +530,31 @@ func fillDisk(l *lab.Lab, vm string, key int32, src string) error {
 	}
 	defer f.Close()
 	for _, e := range extents {
-		if n, err := l.WriteDisk(vm, key, e.Offset, io.NewSectionReader(f, e.Offset, e.Length)); err != nil || n != e.Length {
-			return fmt.Errorf("lab write %s/%d at %d: %d of %d bytes: %v", vm, key, e.Offset, n, e.Length, err)
+		off := e.Offset
+		if place != nil {
+			off = place(off)
+		}
+		if err := write(off, io.NewSectionReader(f, e.Offset, e.Length)); err != nil {
+			return err
 		}
 	}
 	return nil
 }
 
-// scatter writes n bytes of random data into a lab disk in pieces of
-// piece bytes, each at a different piece-aligned place chosen at random.
-func scatter(l *lab.Lab, vm string, key int32, size, n, piece int64, seed uint64) error {
+// labWriter writes into a lab disk as a guest would.
+func labWriter(l *lab.Lab, vm string, key int32) func(off int64, p []byte) error {
+	return func(off int64, p []byte) error {
+		if _, err := l.WriteDisk(vm, key, off, bytes.NewReader(p)); err != nil {
+			return fmt.Errorf("lab write %s/%d at %d: %w", vm, key, off, err)
+		}
+		return nil
+	}
+}
+
+// scatter writes n bytes of random data in pieces of piece bytes, each
+// at a different piece-aligned place of a size-byte disk chosen at
+// random; write gets each piece (its buffer is reused).
+func scatter(write func(off int64, p []byte) error, size, n, piece int64, seed uint64) error {
 	r := rand.New(rand.NewPCG(seed, 0x5ca7))
 	slots := size / piece
 	if n/piece > slots {
@@ -381,9 +572,27 @@ func scatter(l *lab.Lab, vm string, key int32, size, n, piece int64, seed uint64
 		for i := range buf {
 			buf[i] = byte(r.UintN(255) + 1)
 		}
-		if _, err := l.WriteDisk(vm, key, s*piece, bytes.NewReader(buf)); err != nil {
-			return fmt.Errorf("lab write %s/%d at %d: %w", vm, key, s*piece, err)
+		if err := write(s*piece, buf); err != nil {
+			return err
 		}
 	}
 	return nil
+}
+
+// parseCases checks a comma-separated list of e2eCases and returns it in
+// the order of e2eCases.
+func parseCases(list string) ([]string, error) {
+	want := strings.Split(list, ",")
+	for _, c := range want {
+		if !slices.Contains(e2eCases, strings.TrimSpace(c)) {
+			return nil, fmt.Errorf("--cases: unknown case %q (cases: %s)", c, strings.Join(e2eCases, ", "))
+		}
+	}
+	var out []string
+	for _, c := range e2eCases {
+		if slices.ContainsFunc(want, func(w string) bool { return strings.TrimSpace(w) == c }) {
+			out = append(out, c)
+		}
+	}
+	return out, nil
 }

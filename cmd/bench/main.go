@@ -61,6 +61,19 @@ func main() {
 		incr    = flag.Int64("incr-data", 10*mib, "e2e: bytes changed before each incremental backup")
 		piece   = flag.Int64("incr-write", 64<<10, "e2e: bytes of each of those writes, at scattered places")
 		twoData = flag.Int64("two-data", 64*mib, "e2e: bytes of data on each disk of the unchanged two-disk VM")
+		keep    = flag.Bool("keep", false, "e2e: keep its work folder (the stack's logs and state, the repository) for a post-mortem instead of removing it; the database is dropped all the same")
+		tmpDB   = flag.Bool("temporal-tmpfs", true, "e2e: the Temporal dev server's database in "+tmpfs+" (false: on disk in the stack's folder, beside the repository and the lab's disks, whose writeback its every fsync then waits behind)")
+		cases   = flag.String("cases", strings.Join(e2eCases, ","), "e2e: comma-separated cases to run: basic (full, incremental, unchanged backups one at a time), scale (many VMs at once), large (a large sparse disk against a small one)")
+
+		scaleVMs  = flag.Int("scale-vms", 20, "e2e scale: VMs backed up at once")
+		scaleSize = flag.Int64("scale-size", 4*gib, "e2e scale: size of each of a VM's two disks")
+		scaleData = flag.Int64("scale-data", 64*mib, "e2e scale: bytes of data on each disk, in scattered 1 MiB pieces")
+		scaleIncr = flag.Int64("scale-incr", 4*mib, "e2e scale: bytes changed on each disk before the incremental round, in 64 KiB writes")
+
+		largeSize   = flag.Int64("large-size", 2<<40, "e2e large: size of the large sparse disk")
+		largeRef    = flag.Int64("large-ref", 10*gib, "e2e large: size of the disk it is compared with")
+		largeData   = flag.Int64("large-data", 1*gib, "e2e large: bytes of data on both disks, in scattered 1 MiB pieces (the incrementals change -incr-data in -incr-write writes)")
+		largeSpread = flag.Bool("large-spread", true, "e2e large: the large disk's data at offsets scaled to its size (false: at the small disk's offsets)")
 	)
 	flag.Parse()
 	if *runs < 5 {
@@ -75,6 +88,19 @@ func main() {
 		fmt.Fprintf(os.Stderr, "bench: --incr-data %d must be a positive multiple of --incr-write %d\n", *incr, *piece)
 		os.Exit(2)
 	}
+	caseList, err := parseCases(*cases)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "bench:", err)
+		os.Exit(2)
+	}
+	if *scaleVMs < 1 || *scaleData <= 0 || *scaleData%mib != 0 || *scaleData > *scaleSize || *scaleIncr <= 0 || *scaleIncr%(64<<10) != 0 {
+		fmt.Fprintln(os.Stderr, "bench: --scale-vms must be at least 1, --scale-data a multiple of 1 MiB no larger than --scale-size, --scale-incr a positive multiple of 64 KiB")
+		os.Exit(2)
+	}
+	if *largeData <= 0 || *largeData%mib != 0 || *largeData > *largeRef || *largeRef > *largeSize || *largeRef%*piece != 0 || *largeSize%mib != 0 {
+		fmt.Fprintln(os.Stderr, "bench: --large-data must be a positive multiple of 1 MiB no larger than --large-ref, itself no larger than --large-size (a multiple of 1 MiB) and a multiple of --incr-write")
+		os.Exit(2)
+	}
 	// SIGPIPE is ignored, never caught: `make bench | head` must not kill
 	// the bench before it stopped its stack and dropped its database, and
 	// a caught SIGPIPE would also come from any socket of the process that
@@ -84,14 +110,21 @@ func main() {
 	signal.Ignore(syscall.SIGPIPE)
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM, syscall.SIGHUP)
 	defer stop()
-	var err error
+	start := time.Now()
+	ts := &targets{}
+	var copierRate float64
 	if *part != "e2e" {
-		err = run(ctx, *dir, *size, *data, *runs, *seed, *verbose, *only)
+		copierRate, err = run(ctx, *dir, *size, *data, *runs, *seed, *verbose, *only, ts)
 	}
 	if err == nil && *part != "copier" {
 		err = runE2E(ctx, e2eOptions{dir: *dir, size: *size, data: *data, incrData: *incr, incrWrite: *piece,
-			twoData: *twoData, runs: *runs, seed: *seed, verbose: *verbose})
+			twoData: *twoData, runs: *runs, seed: *seed, verbose: *verbose, keep: *keep, temporalTmpfs: *tmpDB, cases: caseList,
+			scaleVMs: *scaleVMs, scaleSize: *scaleSize, scaleData: *scaleData, scaleIncr: *scaleIncr,
+			largeSize: *largeSize, largeRef: *largeRef, largeData: *largeData, largeSpread: *largeSpread,
+			copierRate: copierRate, targets: ts})
 	}
+	ts.summary(os.Stdout)
+	fmt.Printf("bench took %.0fs\n", time.Since(start).Seconds())
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
@@ -107,30 +140,32 @@ type tool struct {
 	rss   []int64 // peak RSS of the first command, KiB
 }
 
-func run(ctx context.Context, dir string, size, data int64, runs int, seed uint64, verbose bool, only string) error {
+// run is the copier part. It returns the copier's full copy in bytes per
+// second (0 when the copier was not among the tools).
+func run(ctx context.Context, dir string, size, data int64, runs int, seed uint64, verbose bool, only string, ts *targets) (float64, error) {
 	if dir == "" {
 		d, err := os.MkdirTemp("", "cbtflow-bench-")
 		if err != nil {
-			return err
+			return 0, err
 		}
 		defer os.RemoveAll(d)
 		dir = d
 	} else if err := os.MkdirAll(dir, 0o755); err != nil {
-		return err
+		return 0, err
 	}
 	self, err := os.Executable()
 	if err != nil {
-		return err
+		return 0, err
 	}
 
 	src := filepath.Join(dir, "source.raw")
 	fmt.Printf("generating %s: %d GiB disk, %d MiB of random data in scattered 1 MiB pieces\n", src, size/gib, data/mib)
 	if err := generate(src, size, data, seed); err != nil {
-		return err
+		return 0, err
 	}
 	extents, err := allocated(src)
 	if err != nil {
-		return err
+		return 0, err
 	}
 	var allocBytes int64
 	for _, e := range extents {
@@ -139,19 +174,19 @@ func run(ctx context.Context, dir string, size, data int64, runs int, seed uint6
 	fmt.Printf("source: %d bytes allocated in %d extents (what CBT \"*\" returns)\n", allocBytes, len(extents))
 	extentsFile := filepath.Join(dir, "extents.json")
 	if err := writeJSON(extentsFile, extents); err != nil {
-		return err
+		return 0, err
 	}
 
 	// 1. The copier does not read holes: count the source's reads with
 	// nbdkit's stats filter in a separate, untimed pass.
 	if err := checkNoHoleReads(ctx, dir, src, self, extentsFile, allocBytes, size); err != nil {
-		return err
+		return 0, err
 	}
 
 	// 2. Timed runs, one source server for every tool.
 	source, err := qemu.StartNbdkit(ctx, qemu.NbdkitFile(src, true))
 	if err != nil {
-		return err
+		return 0, err
 	}
 	defer source.Close()
 	srcURI := source.URI()
@@ -174,7 +209,7 @@ func run(ctx context.Context, dir string, size, data int64, runs int, seed uint6
 		want := strings.Split(only, ",")
 		tools = slices.DeleteFunc(tools, func(t *tool) bool { return !slices.Contains(want, t.name) })
 		if len(tools) == 0 {
-			return fmt.Errorf("--tools %q names no tool", only)
+			return 0, fmt.Errorf("--tools %q names no tool", only)
 		}
 	}
 	fmt.Println("commands (TARGET is a fresh QCOW2 of the disk's size, served by qemu-nbd where the tool needs NBD):")
@@ -196,7 +231,7 @@ func run(ctx context.Context, dir string, size, data int64, runs int, seed uint6
 			t := tools[(i+j)%len(tools)]
 			d, rss, cpu, err := timeOne(ctx, dir, t, size, src, i == 0)
 			if err != nil {
-				return fmt.Errorf("%s run %d: %w", t.name, i+1, err)
+				return 0, fmt.Errorf("%s run %d: %w", t.name, i+1, err)
 			}
 			t.times = append(t.times, d)
 			t.rss = append(t.rss, rss)
@@ -216,12 +251,29 @@ func run(ctx context.Context, dir string, size, data int64, runs int, seed uint6
 		fmt.Printf("%-8s %7.3fs %7.3fs %7.3fs  %d KiB\n", t.name, m, s[0].Seconds(), s[len(s)-1].Seconds(), slices.Max(t.rss))
 	}
 	fmt.Printf("copier peak memory: %d KiB (max RSS of the copier process over %d runs)\n", slices.Max(tools[0].rss), runs)
-	for _, other := range []string{"nbdcopy", "qemu-img"} {
-		if med["cbtflow"] > 0 && med[other] > 0 {
-			fmt.Printf("full cbtflow/%s %.2f\n", other, med["cbtflow"]/med[other])
+	const section = "the copier alone"
+	note := ""
+	if size != 4*gib || data != 1*gib {
+		note = "the target is for 1 GiB of data on a 4 GiB disk: these sizes differ"
+	}
+	for _, c := range []struct {
+		other string
+		goal  float64
+	}{{"nbdcopy", 0.7}, {"qemu-img", 0.8}} {
+		if med["cbtflow"] > 0 && med[c.other] > 0 {
+			ratio := med["cbtflow"] / med[c.other]
+			fmt.Printf("full cbtflow/%s %.2f\n", c.other, ratio)
+			ts.add(section, "full copy, copier / "+c.other, fmt.Sprintf("%.2f×", ratio), fmt.Sprintf("≤ %.2f×", c.goal), rounded(ratio, 2) <= c.goal, note)
 		}
 	}
-	return chainCheck(ctx, dir, src, runs, med["cbtflow"])
+	if err := chainCheck(ctx, dir, src, runs, med["cbtflow"]); err != nil {
+		return 0, err
+	}
+	ts.print(os.Stdout, section)
+	if med["cbtflow"] == 0 {
+		return 0, nil
+	}
+	return float64(allocBytes) / med["cbtflow"], nil
 }
 
 // chainCheck times the check every incremental runs before it builds on a

@@ -34,6 +34,13 @@ const (
 	rowTotal    = "end to end (starter backup --wait)"
 )
 
+// Sizes of what a backup wrote, in bytes, beside its phases in a sample
+// (not rows of the phase table): its QCOW2 images and their digest files.
+const (
+	rowImageBytes  = "QCOW2 images, bytes"
+	rowDigestBytes = "digest files, bytes"
+)
+
 var phaseRows = []string{rowResolve, rowPrepare, rowBegin, rowSpace, rowSnapshot, rowQuery,
 	rowSetup, rowCopy, rowCheck, rowHash, rowXferRest, rowCommit, rowRemove, rowOther,
 	rowOverhead, rowQueued, rowStarter, rowTotal}

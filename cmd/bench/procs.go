@@ -1,0 +1,263 @@
+package main
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"io/fs"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/cbtflow/cbtflow/testkit/stack"
+)
+
+// statusKiB returns the "kB" fields of a /proc/<pid>/status text (VmRSS,
+// VmHWM, ...), in KiB.
+func statusKiB(text string) map[string]int64 {
+	out := map[string]int64{}
+	for _, line := range strings.Split(text, "\n") {
+		name, rest, ok := strings.Cut(line, ":")
+		if !ok {
+			continue
+		}
+		f := strings.Fields(rest)
+		if len(f) != 2 || f[1] != "kB" {
+			continue
+		}
+		if v, err := strconv.ParseInt(f[0], 10, 64); err == nil {
+			out[name] = v
+		}
+	}
+	return out
+}
+
+// procStatus reads the "kB" fields of a process's status (statusKiB).
+func procStatus(pid int) (map[string]int64, error) {
+	b, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "status"))
+	if err != nil {
+		return nil, err
+	}
+	return statusKiB(string(b)), nil
+}
+
+// resetPeakRSS sets a process's VmHWM back to its current RSS (writing 5
+// to /proc/<pid>/clear_refs, Linux 4.0 and later), so that the VmHWM read
+// after a round is that round's peak, not the worker's lifetime's.
+func resetPeakRSS(pid int) error {
+	return os.WriteFile(filepath.Join("/proc", strconv.Itoa(pid), "clear_refs"), []byte("5"), 0)
+}
+
+// openFiles counts a process's open file descriptors.
+func openFiles(pid int) (int, error) {
+	es, err := os.ReadDir(filepath.Join("/proc", strconv.Itoa(pid), "fd"))
+	return len(es), err
+}
+
+// limitOf returns the soft limit of one line of a /proc/<pid>/limits text
+// ("Max open files  1048576  1048576  files"): the value as written,
+// "unlimited" included.
+func limitOf(text, name string) string {
+	for _, line := range strings.Split(text, "\n") {
+		if rest, ok := strings.CutPrefix(line, name); ok {
+			if f := strings.Fields(rest); len(f) > 0 {
+				return f[0]
+			}
+		}
+	}
+	return "?"
+}
+
+// gauges returns the values of one Prometheus metric in an exposition
+// text, keyed by the value of one of its labels (e.g. worker_type):
+// `name{...,label="v",...} 12` gives v: 12. Samples of the metric without
+// that label are keyed "". The metric may carry a prefix
+// (cbtflow_name): the worker's metrics scope has one.
+func gauges(text, name, label string) map[string]float64 {
+	out := map[string]float64{}
+	sc := bufio.NewScanner(strings.NewReader(text))
+	sc.Buffer(make([]byte, 0, 64<<10), 1<<20)
+	for sc.Scan() {
+		line := sc.Text()
+		end := strings.IndexAny(line, "{ ")
+		if end < 0 || strings.HasPrefix(line, "#") {
+			continue
+		}
+		if metric := line[:end]; metric != name && !strings.HasSuffix(metric, "_"+name) {
+			continue
+		}
+		rest := line[end:]
+		key := ""
+		if rest[0] == '{' {
+			end := strings.LastIndexByte(rest, '}')
+			if end < 0 {
+				continue
+			}
+			key = labelValue(rest[1:end], label)
+			rest = rest[end+1:]
+		}
+		f := strings.Fields(rest)
+		if len(f) == 0 {
+			continue
+		}
+		if v, err := strconv.ParseFloat(f[0], 64); err == nil {
+			out[key] = v
+		}
+	}
+	return out
+}
+
+// labelValue finds label="value" in a Prometheus label list.
+func labelValue(labels, label string) string {
+	for _, kv := range strings.Split(labels, ",") {
+		k, v, ok := strings.Cut(strings.TrimSpace(kv), "=")
+		if ok && k == label {
+			return strings.Trim(v, `"`)
+		}
+	}
+	return ""
+}
+
+// scrape reads the worker's metrics endpoint.
+func scrape(hc *http.Client, url string) (string, error) {
+	resp, err := hc.Get(url)
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return "", err
+	}
+	if resp.StatusCode != http.StatusOK {
+		return "", fmt.Errorf("%s: %s", url, resp.Status)
+	}
+	return string(b), nil
+}
+
+// slotsAvailable and slotsUsed are the SDK's gauges of a worker's task
+// slots, by worker_type (WorkflowWorker, ActivityWorker,
+// LocalActivityWorker, NexusWorker).
+const (
+	slotsAvailable = "temporal_worker_task_slots_available"
+	slotsUsed      = "temporal_worker_task_slots_used"
+)
+
+// peaks is what a sampler saw of the worker while a round ran.
+type peaks struct {
+	hwmKiB       int64 // VmHWM at the end, reset at the start
+	rssKiB       int64 // the highest VmRSS sampled
+	files        int   // the most open file descriptors
+	servers      int   // the most qemu-nbd and nbdkit children at once
+	serversRSS   int64 // their RSS summed, the most at once, KiB
+	activitySlot int   // the most activity slots in use (the SDK's gauge)
+	samples      int
+}
+
+// sampler watches the worker process (and its NBD servers) while a round
+// runs: every interval it reads the worker's RSS and open files, its
+// children, and the SDK's slot gauges from its metrics endpoint.
+type sampler struct {
+	pid  int
+	stop chan struct{}
+	done chan struct{}
+	mu   sync.Mutex
+	p    peaks
+}
+
+// startSampler resets the worker's VmHWM and starts sampling it.
+func startSampler(pid int, metricsURL string, interval time.Duration) (*sampler, error) {
+	if err := resetPeakRSS(pid); err != nil {
+		return nil, fmt.Errorf("reset the worker's peak RSS: %w", err)
+	}
+	s := &sampler{pid: pid, stop: make(chan struct{}), done: make(chan struct{})}
+	hc := httpClient()
+	go func() {
+		defer close(s.done)
+		tick := time.NewTicker(interval)
+		defer tick.Stop()
+		for {
+			s.sample(hc, metricsURL)
+			select {
+			case <-s.stop:
+				return
+			case <-tick.C:
+			}
+		}
+	}()
+	return s, nil
+}
+
+func (s *sampler) sample(hc *http.Client, metricsURL string) {
+	var p peaks
+	if st, err := procStatus(s.pid); err == nil {
+		p.rssKiB = st["VmRSS"]
+	}
+	p.files, _ = openFiles(s.pid)
+	for _, c := range stack.Descendants(s.pid) {
+		if name := filepath.Base(strings.Fields(c.Cmd + " ?")[0]); name == "qemu-nbd" || name == "nbdkit" {
+			p.servers++
+			if st, err := procStatus(c.Pid); err == nil {
+				p.serversRSS += st["VmRSS"]
+			}
+		}
+	}
+	if text, err := scrape(hc, metricsURL); err == nil {
+		p.activitySlot = int(gauges(text, slotsUsed, "worker_type")["ActivityWorker"])
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.p.samples++
+	s.p.rssKiB = max(s.p.rssKiB, p.rssKiB)
+	s.p.files = max(s.p.files, p.files)
+	s.p.servers = max(s.p.servers, p.servers)
+	s.p.serversRSS = max(s.p.serversRSS, p.serversRSS)
+	s.p.activitySlot = max(s.p.activitySlot, p.activitySlot)
+}
+
+// end stops sampling and returns the peaks, with the worker's VmHWM.
+func (s *sampler) end() (peaks, error) {
+	close(s.stop)
+	<-s.done
+	st, err := procStatus(s.pid)
+	if err != nil {
+		return peaks{}, fmt.Errorf("the worker's status: %w", err)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.p.hwmKiB = st["VmHWM"]
+	return s.p, nil
+}
+
+// diskUsage adds up the files below dir: their apparent size and the
+// bytes the file system allocated for them.
+func diskUsage(dir string) (apparent, allocated int64, err error) {
+	err = filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
+		if err != nil {
+			if os.IsNotExist(err) {
+				return nil
+			}
+			return err
+		}
+		if !d.Type().IsRegular() {
+			return nil
+		}
+		fi, err := d.Info()
+		if err != nil {
+			return nil // removed meanwhile
+		}
+		apparent += fi.Size()
+		if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+			allocated += st.Blocks * 512
+		}
+		return nil
+	})
+	return apparent, allocated, err
+}
+
+func httpClient() *http.Client { return &http.Client{Timeout: 2 * time.Second} }

@@ -1,0 +1,509 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/cbtflow/cbtflow/internal/qemu"
+	"github.com/cbtflow/cbtflow/workflows"
+)
+
+// scalePrefix names the scale case's lab VMs: bench-scale-01, ...
+const scalePrefix = "bench-scale-"
+
+// scaleWrite is the size of each write of the scale case's incremental
+// changes.
+const scaleWrite = 64 << 10
+
+// roundTimeout bounds one round of backups at once: a backup that hangs
+// fails the bench instead of holding it.
+const roundTimeout = 10 * time.Minute
+
+// round is one set of backups started at once.
+type round struct {
+	vms       int
+	completed int
+	failures  []string      // backups that did not complete, and why
+	wall      time.Duration // the first start to the last completion
+	bytes     int64         // changed bytes of every disk of the completed backups
+	latencies []float64     // each backup: its Backup's start to its BackupVM's close, s
+	retries   []retry
+	transfers transferSums
+	peaks     peaks
+	waited    int // transfers that logged waiting for a transfer slot
+}
+
+// transferSums adds up the TransferDisk activities of a round: their
+// count, their wall time and the steps their results report, in seconds.
+type transferSums struct {
+	n                               int
+	total, setup, copy, check, hash float64
+}
+
+func (t *transferSums) add(spans []span) {
+	for _, sp := range spans {
+		if tr := sp.transfer; tr != nil {
+			t.n++
+			t.total += sp.end.Sub(sp.start).Seconds()
+			t.setup += tr.SetupSeconds
+			t.copy += tr.CopySeconds
+			t.check += tr.CheckSeconds
+			t.hash += tr.HashSeconds
+		}
+	}
+}
+
+// copierRef is the copier alone on the data of one disk: the reference
+// of a round's throughput.
+type copierRef struct {
+	bytes   int64
+	seconds float64 // median
+}
+
+func (c copierRef) rate() float64 { return float64(c.bytes) / c.seconds }
+
+// scale backs up o.scaleVMs lab VMs of two disks each at once through the
+// one worker, twice: full backups, then incrementals of a few MiB per
+// disk. Each round's throughput is compared with the copier alone on one
+// disk's data, measured in the same run.
+func (r *e2eRun) scale(ctx context.Context) error {
+	o, s, work := r.o, r.s, r.work
+	l := s.Lab()
+	fmt.Printf("\n%d VMs at once through one worker\n", o.scaleVMs)
+	// Two patterns of data, one per disk, shared by every VM: no part of
+	// the product looks at other disks' data, and the setup stays short.
+	var srcs [2]string
+	for i := range srcs {
+		srcs[i] = filepath.Join(work, fmt.Sprintf("scale-%d.raw", i))
+		if err := generate(srcs[i], o.scaleSize, o.scaleData, o.seed+10+uint64(i)); err != nil {
+			return err
+		}
+		defer os.Remove(srcs[i])
+	}
+	setup := time.Now()
+	var vms []string
+	keys := map[string][]int32{}
+	for i := 1; i <= o.scaleVMs; i++ {
+		name := fmt.Sprintf("%s%02d", scalePrefix, i)
+		ks, err := labVM(l, name, o.scaleSize, o.scaleSize)
+		if err != nil {
+			return err
+		}
+		for d, k := range ks {
+			if err := fillDisk(l, name, k, srcs[d], nil); err != nil {
+				return err
+			}
+		}
+		vms = append(vms, name)
+		keys[name] = ks
+	}
+	fmt.Printf("lab VMs %s01..%02d: two %d GiB disks each, each disk holding %d MiB of random data in scattered 1 MiB pieces (set up in %.1fs)\n",
+		scalePrefix, o.scaleVMs, o.scaleSize/gib, o.scaleData/mib, time.Since(setup).Seconds())
+
+	// The references: the copier alone on one disk's data, and on one
+	// disk's incremental changes, timed half before and half after the
+	// round they are compared with.
+	fullAlone, err := r.newCopierAlone(ctx, srcs[0], o.scaleSize)
+	if err != nil {
+		return err
+	}
+	defer fullAlone.close()
+	incrSrc := filepath.Join(work, "scale-incr.raw")
+	if err := writeScattered(incrSrc, o.scaleSize, o.scaleIncr, scaleWrite, o.seed+1000); err != nil {
+		return err
+	}
+	defer os.Remove(incrSrc)
+	incrAlone, err := r.newCopierAlone(ctx, incrSrc, o.scaleSize)
+	if err != nil {
+		return err
+	}
+	defer incrAlone.close()
+	before := (o.runs + 1) / 2
+
+	limits, err := r.workerLimits()
+	if err != nil {
+		return err
+	}
+	fmt.Println(limits)
+
+	if err := fullAlone.run(ctx, before); err != nil {
+		return err
+	}
+	full, err := r.round(ctx, vms, workflows.ModeFull, 0, "--full")
+	if err != nil {
+		return err
+	}
+	if err := fullAlone.run(ctx, o.runs-before); err != nil {
+		return err
+	}
+	fullRef := fullAlone.ref()
+	r.printRound(fmt.Sprintf("full round: %d VMs at once, --full", o.scaleVMs), full, fullRef)
+	for i, vm := range vms {
+		for d, k := range keys[vm] {
+			if err := scatter(labWriter(l, vm, k), o.scaleSize, o.scaleIncr, scaleWrite, o.seed+2000+uint64(2*i+d)); err != nil {
+				return err
+			}
+		}
+	}
+	if err := incrAlone.run(ctx, before); err != nil {
+		return err
+	}
+	incr, err := r.round(ctx, vms, workflows.ModeIncremental, o.scaleIncr)
+	if err != nil {
+		return err
+	}
+	if err := incrAlone.run(ctx, o.runs-before); err != nil {
+		return err
+	}
+	incrRef := incrAlone.ref()
+	r.printRound(fmt.Sprintf("incremental round: %d VMs at once, %d MiB changed per disk in %d KiB writes", o.scaleVMs, o.scaleIncr/mib, scaleWrite>>10), incr, incrRef)
+
+	const section = "VMs at once through one worker"
+	t := o.targets
+	note := ""
+	if o.scaleVMs != 20 {
+		note = fmt.Sprintf("the target is for 20 VMs: %d here", o.scaleVMs)
+	}
+	for _, c := range []struct {
+		name string
+		rd   round
+		ref  copierRef
+	}{{"full", full, fullRef}, {"incremental", incr, incrRef}} {
+		rd := c.rd
+		t.add(section, c.name+" round: backups completed", fmt.Sprintf("%d/%d", rd.completed, rd.vms), fmt.Sprintf("%d/%d", rd.vms, rd.vms), rd.completed == rd.vms, note)
+		t.add(section, c.name+" round: retries and failed tasks", fmt.Sprint(len(rd.retries)), "0", len(rd.retries) == 0, "")
+		ratio := float64(rd.bytes) / rd.wall.Seconds() / c.ref.rate()
+		t.add(section, c.name+" round: throughput / one copier alone", fmt.Sprintf("%.2f×", ratio), "≥ 0.80×", rounded(ratio, 2) >= 0.8, "")
+		t.add(section, c.name+" round: worker peak RSS", fmt.Sprintf("%d MiB", rd.peaks.hwmKiB>>10), fmt.Sprintf("≤ %d MiB", rssBound>>20), rd.peaks.hwmKiB<<10 <= rssBound, "")
+	}
+	t.print(os.Stdout, section)
+	return nil
+}
+
+// rssBound is the worker's RSS the scale case accepts: what it needs
+// idle (about 40 MiB), the copier's buffers of every transfer slot (16
+// MiB each, 4 slots by default), and room for the SDK's caches of a few
+// hundred workflows. A worker whose memory grew with the backups it runs
+// rather than with its limits would pass it with 20 VMs only by luck, so
+// the figure is printed beside the limits.
+const rssBound = 256 << 20
+
+// round starts a backup of every VM at once (`starter backup VM --json`,
+// without --wait, each in its own process, all started together), waits
+// for every one to end, and reads from the histories and the worker what
+// they did. Each disk must be backed up in mode, and have changed at
+// least minChanged bytes.
+func (r *e2eRun) round(ctx context.Context, vms []string, mode string, minChanged int64, args ...string) (round, error) {
+	s := r.s
+	ctx, cancel := context.WithTimeout(ctx, roundTimeout)
+	defer cancel()
+	pid := s.WorkerPID()
+	if pid == 0 {
+		return round{}, fmt.Errorf("the worker is not running")
+	}
+	logStart, err := fileSize(s.WorkerLog())
+	if err != nil {
+		return round{}, err
+	}
+	smp, err := startSampler(pid, s.MetricsURL(), 100*time.Millisecond)
+	if err != nil {
+		return round{}, err
+	}
+	type outcome struct {
+		vm       string
+		workflow string
+		res      workflows.BackupVMResult
+		end      time.Time
+		err      error
+	}
+	out := make([]outcome, len(vms))
+	var wg sync.WaitGroup
+	start := time.Now()
+	for i, vm := range vms {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			o := &out[i]
+			o.vm = vm
+			res, err := s.Starter(ctx, append([]string{"backup", vm, "--json"}, args...)...)
+			if err != nil {
+				o.err = err
+				return
+			}
+			var rep workflows.BackupReport
+			if res.ExitCode != 0 || json.Unmarshal([]byte(res.Stdout), &rep) != nil || rep.Status != workflows.ReportRunning || rep.WorkflowID == "" {
+				o.err = fmt.Errorf("starter backup %s: %s", vm, res)
+				return
+			}
+			o.workflow = rep.WorkflowID
+			o.err = s.Client().GetWorkflow(ctx, rep.WorkflowID, "").Get(ctx, &o.res)
+			o.end = time.Now()
+		}()
+	}
+	wg.Wait()
+	pk, err := smp.end()
+	if err != nil {
+		return round{}, err
+	}
+	if ctx.Err() != nil {
+		return round{}, fmt.Errorf("the backups did not end within %s", roundTimeout)
+	}
+	rd := round{vms: len(vms), peaks: pk}
+	var last time.Time
+	for _, o := range out {
+		if o.end.After(last) {
+			last = o.end
+		}
+		if o.err != nil {
+			rd.failures = append(rd.failures, fmt.Sprintf("%s: %v", o.vm, oneLine(o.err.Error())))
+		} else {
+			ok := true
+			for _, d := range o.res.Disks {
+				if d.Mode != mode || d.ChangedBytes < minChanged {
+					rd.failures = append(rd.failures, fmt.Sprintf("%s: disk %d backed up %s with %d changed bytes, want %s with at least %d",
+						o.vm, d.Key, d.Mode, d.ChangedBytes, mode, minChanged))
+					ok = false
+				}
+				rd.bytes += d.ChangedBytes
+			}
+			if ok {
+				rd.completed++
+			}
+		}
+		if o.workflow == "" {
+			continue
+		}
+		parent, child, err := backupHistories(ctx, s, o.workflow)
+		if err != nil {
+			return round{}, err
+		}
+		rd.retries = append(rd.retries, retriesOf(parent)...)
+		rd.retries = append(rd.retries, retriesOf(child)...)
+		if o.err == nil {
+			if spans, opened, closed, err := backupSpans(parent, child); err == nil {
+				rd.latencies = append(rd.latencies, closed.Sub(opened).Seconds())
+				rd.transfers.add(spans)
+			}
+		}
+	}
+	rd.wall = last.Sub(start)
+	log, err := readFrom(s.WorkerLog(), logStart)
+	if err != nil {
+		return round{}, err
+	}
+	rd.waited = strings.Count(log, "waiting for a transfer slot")
+	return rd, nil
+}
+
+// printRound prints what a round did and the worker's peaks meanwhile.
+func (r *e2eRun) printRound(title string, rd round, ref copierRef) {
+	fmt.Printf("\n%s:\n", title)
+	row := func(name, format string, args ...any) {
+		fmt.Printf("  %-52s %s\n", name, fmt.Sprintf(format, args...))
+	}
+	row("backups completed", "%d of %d", rd.completed, rd.vms)
+	for _, f := range rd.failures {
+		row("  not completed", "%s", f)
+	}
+	row("wall time, first start to last completion", "%.2fs", rd.wall.Seconds())
+	lat := slices.Clone(rd.latencies)
+	if len(lat) > 0 {
+		slices.Sort(lat)
+		row("each backup, Backup's start to BackupVM's close", "median %.2fs, min %.2fs, max %.2fs", medianOf(slices.Clone(lat)), lat[0], lat[len(lat)-1])
+	}
+	rate := float64(rd.bytes) / rd.wall.Seconds()
+	row("bytes copied (changed bytes of every disk)", "%d MiB", rd.bytes/mib)
+	row("aggregate throughput", "%.1f MiB/s", rate/float64(mib))
+	row("one copier alone, one disk's bytes", "%.1f MiB/s (%d MiB in %.3fs, median of %d around the round; %.2f× of it)",
+		ref.rate()/float64(mib), ref.bytes/mib, ref.seconds, r.o.runs, rate/ref.rate())
+	if r.o.copierRate > 0 {
+		row("the copier part's full copy", "%.1f MiB/s (%.2f× of it)", r.o.copierRate/float64(mib), rate/r.o.copierRate)
+	}
+	if len(rd.retries) == 0 {
+		row("activity retries, failed activities, failed workflow tasks", "none")
+	} else {
+		row("activity retries, failed activities, failed workflow tasks", "%d", len(rd.retries))
+		for _, c := range retryCounts(rd.retries) {
+			fmt.Printf("    %s\n", c)
+		}
+	}
+	if tr := rd.transfers; tr.n > 0 {
+		row(fmt.Sprintf("the %d transfers (TransferDisk), seconds summed", tr.n), "%.1f: setup with the wait for a slot %.1f, copy %.1f, image check %.1f, checksum %.1f, rest %.1f",
+			tr.total, tr.setup, tr.copy, tr.check, tr.hash, max(0, tr.total-tr.setup-tr.copy-tr.check-tr.hash))
+	}
+	row("transfers that waited for a transfer slot", "%d", rd.waited)
+	row("worker peak RSS (VmHWM, reset before the round)", "%d MiB (highest VmRSS sampled: %d MiB)", rd.peaks.hwmKiB>>10, rd.peaks.rssKiB>>10)
+	row("worker's open files, most sampled", "%d", rd.peaks.files)
+	row("worker's NBD servers (qemu-nbd, nbdkit), most at once", "%d (their RSS together: %d MiB)", rd.peaks.servers, rd.peaks.serversRSS>>10)
+	row("activity slots in use, most sampled", "%d", rd.peaks.activitySlot)
+	row("samples (every 100 ms)", "%d", rd.peaks.samples)
+}
+
+// copierAlone times the bench's copy command (the copier in a process of
+// its own, as in the copier part) on the data of one sparse file, into a
+// fresh QCOW2 served by qemu-nbd, from nbdkit's file plugin: the copier
+// alone on the bytes a backup copies, measured between the backups so
+// that both see the same machine.
+type copierAlone struct {
+	r       *e2eRun
+	src     string
+	size    int64 // the disk's size, the target's
+	bytes   int64 // the data copied
+	extents string
+	source  *qemu.Export
+	tool    *tool
+	times   []time.Duration
+}
+
+// newCopierAlone serves src for copierAlone runs; close stops it.
+func (r *e2eRun) newCopierAlone(ctx context.Context, src string, size int64) (c *copierAlone, err error) {
+	self, err := os.Executable()
+	if err != nil {
+		return nil, err
+	}
+	extents, err := allocated(src)
+	if err != nil {
+		return nil, err
+	}
+	c = &copierAlone{r: r, src: src, size: size, extents: src + ".extents.json"}
+	for _, e := range extents {
+		c.bytes += e.Length
+	}
+	if err := writeJSON(c.extents, extents); err != nil {
+		return nil, err
+	}
+	if c.source, err = qemu.StartNbdkit(ctx, qemu.NbdkitFile(src, true)); err != nil {
+		os.Remove(c.extents)
+		return nil, err
+	}
+	c.tool = &tool{name: "cbtflow", serve: true, argv: func(target string) [][]string {
+		return [][]string{{self, "copy", "--source", c.source.URI(), "--target", target, "--extents", c.extents}}
+	}}
+	return c, nil
+}
+
+// run times n copies; the first copy of all is compared with the source.
+func (c *copierAlone) run(ctx context.Context, n int) error {
+	for i := 0; i < n; i++ {
+		d, _, _, err := timeOne(ctx, c.r.work, c.tool, c.size, c.src, len(c.times) == 0)
+		if err != nil {
+			return fmt.Errorf("the copier alone on %s, run %d: %w", filepath.Base(c.src), len(c.times)+1, err)
+		}
+		c.times = append(c.times, d)
+	}
+	return nil
+}
+
+// ref is the median of the runs so far.
+func (c *copierAlone) ref() copierRef {
+	t := slices.Clone(c.times)
+	slices.Sort(t)
+	return copierRef{bytes: c.bytes, seconds: median(t)}
+}
+
+func (c *copierAlone) close() {
+	c.source.Close()
+	os.Remove(c.extents)
+}
+
+// workerLimits describes the running worker's concurrency limits as it
+// was configured: its transfer slots (from its start-up log line), the
+// SDK's task slots (its gauges, available plus used), its open files
+// limit.
+func (r *e2eRun) workerLimits() (string, error) {
+	s := r.s
+	pid := s.WorkerPID()
+	b, err := os.ReadFile(s.WorkerLog())
+	if err != nil {
+		return "", err
+	}
+	transfers := logSetting(string(b), "worker starting", "max_transfers")
+	limits, err := os.ReadFile(fmt.Sprintf("/proc/%d/limits", pid))
+	if err != nil {
+		return "", err
+	}
+	text, err := scrape(httpClient(), s.MetricsURL())
+	if err != nil {
+		return "", err
+	}
+	avail, used := gauges(text, slotsAvailable, "worker_type"), gauges(text, slotsUsed, "worker_type")
+	slots := func(kind string) string {
+		a, ok := avail[kind]
+		if !ok {
+			return "? (no gauge yet)"
+		}
+		return fmt.Sprint(a + used[kind])
+	}
+	var w strings.Builder
+	fmt.Fprintf(&w, "the worker's concurrency limits, as configured (read from the running worker, pid %d):\n", pid)
+	fmt.Fprintf(&w, "  %-52s %s\n", "transfer slots (--max-transfers; its start-up log)", transfers)
+	fmt.Fprintf(&w, "  %-52s %s\n", "activity slots (SDK gauges: available + used)", slots("ActivityWorker"))
+	fmt.Fprintf(&w, "  %-52s %s\n", "local activity slots", slots("LocalActivityWorker"))
+	fmt.Fprintf(&w, "  %-52s %s\n", "workflow task slots", slots("WorkflowWorker"))
+	fmt.Fprintf(&w, "  %-52s %s", "open files (soft limit, /proc/PID/limits)", limitOf(string(limits), "Max open files"))
+	return w.String(), nil
+}
+
+// logSetting returns the value of key=value on the last line of a log
+// that contains marker ("?" when there is none).
+func logSetting(log, marker, key string) string {
+	v := "?"
+	for _, line := range strings.Split(log, "\n") {
+		if !strings.Contains(line, marker) {
+			continue
+		}
+		for _, f := range strings.Fields(line) {
+			if val, ok := strings.CutPrefix(f, key+"="); ok {
+				v = val
+			}
+		}
+	}
+	return v
+}
+
+// writeScattered makes a sparse file of size bytes holding n bytes of
+// random data in piece-byte writes at scattered places (scatter).
+func writeScattered(path string, size, n, piece int64, seed uint64) error {
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	if err := f.Truncate(size); err != nil {
+		return err
+	}
+	if err := scatter(func(off int64, p []byte) error { _, err := f.WriteAt(p, off); return err }, size, n, piece, seed); err != nil {
+		return err
+	}
+	return f.Close()
+}
+
+func fileSize(path string) (int64, error) {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return 0, err
+	}
+	return fi.Size(), nil
+}
+
+// readFrom reads a file from offset on.
+func readFrom(path string, offset int64) (string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	if _, err := f.Seek(offset, 0); err != nil {
+		return "", err
+	}
+	b, err := io.ReadAll(f)
+	return string(b), err
+}
