@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"hash"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -55,6 +56,9 @@ func IsSeal(recorded string) bool { return strings.HasPrefix(recorded, SealPrefi
 // record names. The caller records the file's SHA-256 instead.
 var ErrNotSealable = errors.New("integrity: the image cannot be sealed")
 
+// beatEvery is how often Seal and VerifySeal call their beat.
+var beatEvery = time.Second
+
 // span is a range of the image file.
 type span struct{ off, n int64 }
 
@@ -78,7 +82,7 @@ func Seal(ctx context.Context, path string, beat func(done int64)) (int64, strin
 	if err != nil {
 		return 0, "", err
 	}
-	ext, err := qemu.MapLayer(ctx, path)
+	ext, err := mapOf(ctx, path, fi)
 	if err != nil {
 		return 0, "", err
 	}
@@ -123,22 +127,21 @@ func VerifySeal(ctx context.Context, path, recorded string, beat func(done int64
 	if err != nil {
 		return err
 	}
-	ext, err := qemu.MapLayer(ctx, path)
+	ext, err := mapOf(ctx, path, fi)
 	if err != nil {
-		// qemu cannot read the image's metadata: a damaged file (or no
-		// qemu-img at all, which the message then says).
-		if errors.Is(err, exec.ErrNotFound) || ctx.Err() != nil {
+		if errors.Is(err, errReplaced) {
 			return err
 		}
-		return &Damage{path, fmt.Sprintf("its QCOW2 mapping cannot be read: %v", err)}
+		return mapFailure(ctx, f, path, err)
 	}
 	covered, err := recordSpans(df.Records, ext)
 	if err != nil {
 		return &Damage{path, err.Error()}
 	}
+	// sealOf reports the bytes it read so far; the records' reads follow.
 	var done int64
 	progress := func(n int64) {
-		done += n
+		done = n
 		if beat != nil {
 			beat(done)
 		}
@@ -176,12 +179,62 @@ func VerifySeal(ctx context.Context, path, recorded string, beat func(done int64
 			return &Damage{path, fmt.Sprintf("holds other data at disk offset %d (%d bytes) than the backup wrote there (SHA-256 %x, recorded %x in %s)",
 				r.Offset, r.Length, got, r.Sum, dpath)}
 		}
-		if beat != nil && time.Since(last) >= time.Second {
+		if beat != nil && time.Since(last) >= beatEvery {
 			beat(done)
 			last = time.Now()
 		}
 	}
 	return nil
+}
+
+// errReplaced is wrapped when the file at an image's path was replaced
+// while it was read: the mapping qemu-img read by the path and the bytes
+// read from the file opened before are not of one file. It says nothing
+// about either file; a check again reads the one there.
+var errReplaced = errors.New("integrity: the image file was replaced while it was read")
+
+// mapOf maps the QCOW2 image at path (qemu.MapLayer), which must still be
+// the file opened before, whose FileInfo is fi: qemu-img opens the path.
+func mapOf(ctx context.Context, path string, fi os.FileInfo) ([]qemu.MapExtent, error) {
+	ext, err := qemu.MapLayer(ctx, path)
+	now, serr := os.Stat(path)
+	if serr != nil {
+		return nil, fmt.Errorf("%w: %s: %v", errReplaced, path, serr)
+	}
+	if !os.SameFile(fi, now) {
+		return nil, fmt.Errorf("%w: %s", errReplaced, path)
+	}
+	return ext, err
+}
+
+// mapFailure is the error of a check whose qemu-img map of the image at
+// path (open as f) failed with err. Only qemu-img that ran to its end and
+// refused the image says the image is damaged (its metadata is not a
+// QCOW2 qemu reads), and then only when the file itself reads back whole:
+// qemu-img that could not start (missing, not executable, no memory for
+// a process), that a signal ended (the OOM killer, a canceled ctx), or an
+// I/O error of the storage says nothing about the image, and must not
+// mark a chain damaged.
+func mapFailure(ctx context.Context, f *os.File, path string, err error) error {
+	var exit *exec.ExitError
+	if ctx.Err() != nil || !errors.As(err, &exit) || !exit.Exited() {
+		return err
+	}
+	buf := make([]byte, 1<<20)
+	for off := int64(0); ; {
+		if cerr := ctx.Err(); cerr != nil {
+			return cerr
+		}
+		n, rerr := f.ReadAt(buf, off)
+		off += int64(n)
+		if errors.Is(rerr, io.EOF) {
+			break
+		}
+		if rerr != nil {
+			return fmt.Errorf("%w; reading %s: %v", err, path, rerr)
+		}
+	}
+	return &Damage{path, fmt.Sprintf("its QCOW2 mapping cannot be read: %v", err)}
 }
 
 // Verify proves the file at path against the proof recorded at commit: a
@@ -285,7 +338,7 @@ func sealOf(ctx context.Context, f *os.File, size int64, digestSHA string, cover
 			}
 			h.Write(buf[:k])
 			off, n, done = off+k, n-k, done+k
-			if beat != nil && time.Since(last) >= time.Second {
+			if beat != nil && time.Since(last) >= beatEvery {
 				beat(done)
 				last = time.Now()
 			}

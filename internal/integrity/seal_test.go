@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/cbtflow/cbtflow/internal/digest"
 	"github.com/cbtflow/cbtflow/internal/qemu"
@@ -317,4 +318,104 @@ func TestCheckUsesTheSeal(t *testing.T) {
 	flipByte(t, full, hostOf(t, full, 100))
 	_, err = Check(context.Background(), im, nil)
 	wantSealDamage(t, err, full, "holds other data at disk offset 0")
+}
+
+// TestVerifySealBeats: the bytes a check reports read grow with the read
+// and never pass the file's size (a restore shows them as its progress).
+func TestVerifySealBeats(t *testing.T) {
+	full, _ := sealedChain(t)
+	sum := seal(t, full)
+	fi, err := os.Stat(full)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func(d time.Duration) { beatEvery = d }(beatEvery)
+	beatEvery = 0 // a beat at every read
+	var beats []int64
+	if err := VerifySeal(context.Background(), full, sum, func(n int64) { beats = append(beats, n) }); err != nil {
+		t.Fatal(err)
+	}
+	if len(beats) < 3 {
+		t.Fatalf("%d beats, want one per read: %v", len(beats), beats)
+	}
+	for i, n := range beats {
+		if n > fi.Size() || (i > 0 && n < beats[i-1]) {
+			t.Fatalf("beats %v: not growing up to the file's %d bytes", beats, fi.Size())
+		}
+	}
+}
+
+// fakeQemuImg points qemu.QemuImg at a script for the test.
+func fakeQemuImg(t *testing.T, script string, mode os.FileMode) {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "qemu-img")
+	if err := os.WriteFile(p, []byte(script), mode); err != nil {
+		t.Fatal(err)
+	}
+	old := qemu.QemuImg
+	qemu.QemuImg = p
+	t.Cleanup(func() { qemu.QemuImg = old })
+}
+
+// TestVerifySealQemuImgFailing: qemu-img that cannot run, or that dies
+// by a signal (the OOM killer), says nothing about the image: the check
+// fails with a plain error, never Damage (which would mark the chain
+// damaged). qemu-img that refuses the image says Damage.
+func TestVerifySealQemuImgFailing(t *testing.T) {
+	full, _ := sealedChain(t)
+	sum := seal(t, full)
+	for _, c := range []struct {
+		name   string
+		script string
+		mode   os.FileMode
+	}{
+		{"killed by a signal", "#!/bin/sh\nkill -KILL $$\n", 0o755},
+		{"not executable", "#!/bin/sh\nexit 0\n", 0o644},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			fakeQemuImg(t, c.script, c.mode)
+			for _, err := range []error{
+				VerifySeal(context.Background(), full, sum, nil),
+				Verify(context.Background(), full, sum, nil),
+			} {
+				var d *Damage
+				if err == nil || errors.As(err, &d) {
+					t.Errorf("got %v, want a plain error", err)
+				}
+			}
+		})
+	}
+	// A file qemu-img cannot read as QCOW2 is damaged.
+	dir := t.TempDir()
+	path := filepath.Join(dir, filepath.Base(full))
+	copyFile(t, full, path)
+	copyFile(t, digest.PathOf(full), digest.PathOf(path))
+	flipByte(t, path, 0)
+	wantSealDamage(t, VerifySeal(context.Background(), path, sum, nil), path, "mapping")
+}
+
+// TestVerifySealFileReplaced: a file renamed over the image's path while
+// it is checked (a prune's merged image, which a restore does not wait
+// for) is not taken for damage of the file the check opened: the mapping
+// is of the one file, the bytes of the other.
+func TestVerifySealFileReplaced(t *testing.T) {
+	full, top := sealedChain(t)
+	sum := seal(t, full)
+	dir := t.TempDir()
+	path := filepath.Join(dir, filepath.Base(full))
+	copyFile(t, full, path)
+	copyFile(t, digest.PathOf(full), digest.PathOf(path))
+	other := filepath.Join(dir, "other")
+	copyFile(t, top, other)
+	real, err := exec.LookPath("qemu-img")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// qemu-img starts just after the rename.
+	fakeQemuImg(t, fmt.Sprintf("#!/bin/sh\nmv -f %s %s\nexec %s \"$@\"\n", other, path, real), 0o755)
+	err = VerifySeal(context.Background(), path, sum, nil)
+	var d *Damage
+	if err == nil || errors.As(err, &d) {
+		t.Fatalf("got %v, want a plain error", err)
+	}
 }
