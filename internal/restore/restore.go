@@ -284,8 +284,15 @@ func settledView(ctx context.Context, cat *catalog.Catalog, o Options, chain []c
 			continue
 		}
 		path := repository.ResolveUnder(o.Repository, chain[i].Path)
-		if Verify(ctx, path, chain[i].SizeBytes, chain[i].SHA256) == nil {
+		err := Verify(ctx, path, chain[i].SizeBytes, chain[i].SHA256)
+		if err == nil {
 			continue // still the old image
+		}
+		if !errors.Is(err, ErrDamaged) {
+			// Nothing is known of the file (qemu-img killed, an I/O
+			// error): it is not taken for the merged image, nor for
+			// neither.
+			return nil, err
 		}
 		if err := Verify(ctx, path, p.SizeBytes, p.SHA256); err != nil {
 			return nil, err // neither: damaged, named by Verify
