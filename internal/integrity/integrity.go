@@ -174,9 +174,14 @@ func BackingFile(path string) (string, error) {
 		return "", err
 	}
 	defer f.Close()
+	return backingOf(f, path)
+}
+
+// backingOf is BackingFile of the file f, open at path.
+func backingOf(f *os.File, path string) (string, error) {
 	var h [20]byte
-	if _, err := io.ReadFull(f, h[:]); err != nil {
-		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+	if _, err := f.ReadAt(h[:], 0); err != nil {
+		if errors.Is(err, io.EOF) {
 			return "", &Damage{path, "is too short for a QCOW2 header"}
 		}
 		return "", err

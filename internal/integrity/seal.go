@@ -36,7 +36,13 @@ import (
 // every range of the file that holds no byte of a data record — its offset
 // and length (u64 each) and its bytes. Where a data record's bytes lie in
 // the file is read from the image's own mapping (qemu-img map of the image
-// alone), which the QCOW2 metadata holds, which the seal covers.
+// alone), which the QCOW2 metadata holds, which the seal covers. A data
+// record's all-zero blocks (which the copier skips on a fresh image and
+// writes as NBD zeroes on an overlay) have no bytes in the file: the same
+// mapping says the image reads them as zeros (a zero cluster, or a cluster
+// an image without a backing file does not allocate), and a check hashes
+// zeros for them. A record that the image does not hold itself (its
+// backing file's data shows through) makes the image unsealable.
 //
 // So every byte of the file is proven: a byte outside the records' ranges
 // by the seal, a byte inside by its record's SHA-256 in the digest file,
@@ -86,7 +92,14 @@ func Seal(ctx context.Context, path string, beat func(done int64)) (int64, strin
 	if err != nil {
 		return 0, "", err
 	}
-	covered, err := recordSpans(df.Records, ext)
+	backing, err := backingOf(f, path)
+	if d := (*Damage)(nil); errors.As(err, &d) {
+		return 0, "", fmt.Errorf("%w: %v", ErrNotSealable, err)
+	}
+	if err != nil {
+		return 0, "", err
+	}
+	covered, err := recordSpans(df.Records, ext, backing == "")
 	if err != nil {
 		return 0, "", fmt.Errorf("%w: %v", ErrNotSealable, err)
 	}
@@ -134,7 +147,11 @@ func VerifySeal(ctx context.Context, path, recorded string, beat func(done int64
 		}
 		return mapFailure(ctx, f, path, err)
 	}
-	covered, err := recordSpans(df.Records, ext)
+	backing, err := backingOf(f, path)
+	if err != nil {
+		return err
+	}
+	covered, err := recordSpans(df.Records, ext, backing == "")
 	if err != nil {
 		return &Damage{path, err.Error()}
 	}
@@ -153,8 +170,10 @@ func VerifySeal(ctx context.Context, path, recorded string, beat func(done int64
 	if got != recorded {
 		return &Damage{path, fmt.Sprintf("has seal %s, %s was recorded at commit: the SHA-256 of its QCOW2 metadata, of the bytes no data record covers, or of its digest file %s differs", got, recorded, dpath)}
 	}
-	// The records' data, where the mapping puts it.
+	// The records' data, where the mapping puts it, and the zeros it says
+	// the image reads in their blocks it holds no data for.
 	buf := make([]byte, digest.BlockSize)
+	zeros := make([]byte, 64<<10)
 	last := time.Now()
 	for _, r := range df.Records {
 		if r.Kind != digest.KindData {
@@ -164,7 +183,14 @@ func VerifySeal(ctx context.Context, path, recorded string, beat func(done int64
 			return err
 		}
 		h := sha256.New()
-		for _, s := range hostSpans(r.Offset, r.Length, ext) {
+		for _, p := range recordParts(r.Offset, r.Length, ext, backing == "") {
+			s := p.span
+			if p.zero {
+				for ; s.n > 0; s.n -= min(s.n, int64(len(zeros))) {
+					h.Write(zeros[:min(s.n, int64(len(zeros)))])
+				}
+				continue
+			}
 			for s.n > 0 {
 				k := min(s.n, int64(len(buf)))
 				if _, err := f.ReadAt(buf[:k], s.off); err != nil {
@@ -256,22 +282,30 @@ func Verify(ctx context.Context, path, recorded string, beat func(done int64)) e
 
 // recordSpans returns the ranges of the image file that hold the data
 // records' bytes, sorted and merged. Every byte of every data record must
-// be data of the image itself.
-func recordSpans(recs []digest.Record, ext []qemu.MapExtent) ([]span, error) {
+// be the image's own (recordParts): its data, or zeros its metadata says
+// it reads there. zeroUnallocated says the image has no backing file.
+func recordSpans(recs []digest.Record, ext []qemu.MapExtent, zeroUnallocated bool) ([]span, error) {
 	var out []span
 	for _, r := range recs {
 		if r.Kind != digest.KindData {
 			continue
 		}
-		spans := hostSpans(r.Offset, r.Length, ext)
-		var n int64
-		for _, s := range spans {
-			n += s.n
+		var n, data int64
+		for _, p := range recordParts(r.Offset, r.Length, ext, zeroUnallocated) {
+			n += p.n
+			if !p.zero {
+				out = append(out, p.span)
+				data += p.n
+			}
 		}
 		if n != r.Length {
 			return nil, fmt.Errorf("holds %d of the %d bytes its digest file records the backup wrote at disk offset %d", n, r.Length, r.Offset)
 		}
-		out = append(out, spans...)
+		if data == 0 {
+			// The copier makes a zero record of an all-zero piece: data it
+			// wrote that the image reads as zeros was lost.
+			return nil, fmt.Errorf("holds none of the %d bytes its digest file records the backup wrote at disk offset %d", r.Length, r.Offset)
+		}
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].off < out[j].off })
 	merged := out[:0]
@@ -287,21 +321,51 @@ func recordSpans(recs []digest.Record, ext []qemu.MapExtent) ([]span, error) {
 	return merged, nil
 }
 
+// part is a piece of a data record's disk range as the image holds it:
+// data at a range of the file, or (zero) n bytes the image reads as zeros
+// by its own metadata — a zero cluster, or, in an image without a backing
+// file, a cluster it does not allocate: an all-zero block of the copy,
+// skipped on a fresh image, written as NBD zeroes on an overlay. The
+// mapping that says so lies in the metadata, which the seal covers.
+type part struct {
+	span
+	zero bool
+}
+
+// recordParts returns the parts of the disk range [off, off+n) the image
+// holds itself, in disk order (with gaps where it does not: its backing
+// file's data, a compressed cluster). ext is sorted by Start.
+func recordParts(off, n int64, ext []qemu.MapExtent, zeroUnallocated bool) []part {
+	end := off + n
+	i := sort.Search(len(ext), func(i int) bool { return ext[i].End() > off })
+	var out []part
+	for ; i < len(ext) && ext[i].Start < end; i++ {
+		e := ext[i]
+		s, t := max(off, e.Start), min(end, e.End())
+		if s >= t || e.Depth != 0 {
+			continue
+		}
+		switch {
+		case e.Data && e.HasOffset:
+			out = append(out, part{span{e.Offset + s - e.Start, t - s}, false})
+		case e.Data:
+			// Data without a place in the file (compressed): its bytes
+			// are not the file's.
+		case e.Zero && (e.Present || zeroUnallocated):
+			out = append(out, part{span{0, t - s}, true})
+		}
+	}
+	return out
+}
+
 // hostSpans returns where the disk range [off, off+n) lies in the image
 // file, in disk order: the parts that are data of the image itself (not
 // of a backing file, not a zero cluster). ext is sorted by Start.
 func hostSpans(off, n int64, ext []qemu.MapExtent) []span {
-	end := off + n
-	i := sort.Search(len(ext), func(i int) bool { return ext[i].End() > off })
 	var out []span
-	for ; i < len(ext) && ext[i].Start < end; i++ {
-		e := ext[i]
-		if !e.Data || !e.HasOffset || e.Depth != 0 {
-			continue
-		}
-		s, t := max(off, e.Start), min(end, e.End())
-		if s < t {
-			out = append(out, span{e.Offset + s - e.Start, t - s})
+	for _, p := range recordParts(off, n, ext, false) {
+		if !p.zero {
+			out = append(out, p.span)
 		}
 	}
 	return out

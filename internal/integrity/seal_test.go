@@ -172,7 +172,7 @@ func TestSealReadsLittle(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		spans, err := recordSpans(df.Records, ext)
+		spans, err := recordSpans(df.Records, ext, c.path == full)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -417,5 +417,118 @@ func TestVerifySealFileReplaced(t *testing.T) {
 	var d *Damage
 	if err == nil || errors.As(err, &d) {
 		t.Fatalf("got %v, want a plain error", err)
+	}
+}
+
+// pieceImage makes an image at path (over backing, when set), applies the
+// qemu-io commands, and writes its digest file with one data record of a
+// 1 MiB piece at offset 0 holding data: what the copier records for a
+// piece with zero blocks in it, which it skips on a fresh image and
+// writes as NBD zeroes on an overlay.
+func pieceImage(t *testing.T, path, backing string, data []byte, cmds ...string) {
+	t.Helper()
+	ctx := context.Background()
+	var err error
+	if backing == "" {
+		err = qemu.Create(ctx, path, 64<<20)
+	} else {
+		err = qemu.CreateOverlay(ctx, path, backing)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	args := []string{"-f", "qcow2"}
+	for _, c := range cmds {
+		args = append(args, "-c", c)
+	}
+	if out, err := exec.Command("qemu-io", append(args, path)...).CombinedOutput(); err != nil {
+		t.Fatalf("qemu-io: %v: %s", err, out)
+	}
+	w, err := digest.Create(digest.PathOf(path), digest.Header{Image: filepath.Base(path), Capacity: 64 << 20, Overlay: backing != ""})
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.Add(digest.Data(0, data))
+	if _, _, err := w.Finish(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestSealPieceWithZeroBlocks: a data record whose piece holds an all-zero
+// 64 KiB block (skipped on a fresh image, a zero cluster on an overlay) is
+// sealed, its zeros taken from the image's own mapping, not its data read;
+// a block the image does not hold itself (its backing file's shows
+// through) still makes it unsealable.
+func TestSealPieceWithZeroBlocks(t *testing.T) {
+	dir := t.TempDir()
+	piece := bytes.Repeat([]byte{7}, 1<<20)
+	copy(piece[64<<10:128<<10], make([]byte, 64<<10))
+	full := filepath.Join(dir, "b1.qcow2")
+	pieceImage(t, full, "", piece, "write -P 7 0 64k", "write -P 7 128k 896k")
+	top := filepath.Join(dir, "b2.qcow2")
+	pieceImage(t, top, full, piece, "write -P 7 0 64k", "write -z -u 64k 64k", "write -P 7 128k 896k")
+	topAlloc := filepath.Join(dir, "b3.qcow2")
+	pieceImage(t, topAlloc, full, piece, "write -P 7 0 64k", "write -z 64k 64k", "write -P 7 128k 896k")
+	for _, path := range []string{full, top, topAlloc} {
+		sum := seal(t, path)
+		if err := VerifySeal(context.Background(), path, sum, nil); err != nil {
+			t.Errorf("VerifySeal of a sound %s: %v", path, err)
+		}
+		df, err := digest.Read(digest.PathOf(path))
+		if err != nil {
+			t.Fatal(err)
+		}
+		ext, err := qemu.MapLayer(context.Background(), path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		spans, err := recordSpans(df.Records, ext, path == full)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var n int64
+		for _, s := range spans {
+			n += s.n
+		}
+		if n != 1<<20-64<<10 {
+			t.Errorf("%s: the record covers %d bytes of the file, want %d", path, n, 1<<20-64<<10)
+		}
+	}
+
+	// Altered: data where the zero block was, a byte of the data.
+	for _, c := range []struct {
+		name, image string
+		alter       func(t *testing.T, path string)
+	}{
+		{"data written over the zero block", full, func(t *testing.T, p string) {
+			if out, err := exec.Command("qemu-io", "-f", "qcow2", "-c", "write -P 9 70k 4k", p).CombinedOutput(); err != nil {
+				t.Fatalf("qemu-io: %v: %s", err, out)
+			}
+		}},
+		{"data written over the zero cluster", top, func(t *testing.T, p string) {
+			if out, err := exec.Command("qemu-io", "-f", "qcow2", "-c", "write -P 9 70k 4k", p).CombinedOutput(); err != nil {
+				t.Fatalf("qemu-io: %v: %s", err, out)
+			}
+		}},
+		{"a byte of the data", top, func(t *testing.T, p string) { flipByte(t, p, hostOf(t, p, 200<<10)) }},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			d := t.TempDir()
+			path := filepath.Join(d, filepath.Base(c.image))
+			copyFile(t, c.image, path)
+			copyFile(t, digest.PathOf(c.image), digest.PathOf(path))
+			copyFile(t, full, filepath.Join(d, "b1.qcow2"))
+			copyFile(t, digest.PathOf(full), digest.PathOf(filepath.Join(d, "b1.qcow2")))
+			sum := seal(t, path)
+			c.alter(t, path)
+			wantSealDamage(t, VerifySeal(context.Background(), path, sum, nil), path)
+		})
+	}
+
+	// The backing file's block shows through the overlay: not its own.
+	through := filepath.Join(dir, "b4.qcow2")
+	pieceImage(t, through, full, piece, "write -P 7 0 64k", "write -P 7 128k 896k")
+	if _, _, err := Seal(context.Background(), through, nil); !errors.Is(err, ErrNotSealable) {
+		t.Errorf("Seal of an overlay whose record's block is its backing file's: %v, want ErrNotSealable", err)
 	}
 }
