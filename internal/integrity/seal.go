@@ -358,19 +358,6 @@ func recordParts(off, n int64, ext []qemu.MapExtent, zeroUnallocated bool) []par
 	return out
 }
 
-// hostSpans returns where the disk range [off, off+n) lies in the image
-// file, in disk order: the parts that are data of the image itself (not
-// of a backing file, not a zero cluster). ext is sorted by Start.
-func hostSpans(off, n int64, ext []qemu.MapExtent) []span {
-	var out []span
-	for _, p := range recordParts(off, n, ext, false) {
-		if !p.zero {
-			out = append(out, p.span)
-		}
-	}
-	return out
-}
-
 // sealOf hashes the seal of a file of size bytes whose ranges covered hold
 // the data records (sorted, merged), reading every other byte of it.
 func sealOf(ctx context.Context, f *os.File, size int64, digestSHA string, covered []span, beat func(int64)) (string, error) {

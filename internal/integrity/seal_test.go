@@ -104,6 +104,18 @@ func flipByte(t *testing.T, path string, off int64) {
 	}
 }
 
+// hostSpans returns where the disk range [off, off+n) lies in the image
+// file itself (its data, not its zero clusters), in disk order.
+func hostSpans(off, n int64, ext []qemu.MapExtent) []span {
+	var out []span
+	for _, p := range recordParts(off, n, ext, false) {
+		if !p.zero {
+			out = append(out, p.span)
+		}
+	}
+	return out
+}
+
 // hostOf returns where the image at path holds disk offset off itself.
 func hostOf(t *testing.T, path string, off int64) int64 {
 	t.Helper()
