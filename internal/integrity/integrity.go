@@ -9,7 +9,8 @@
 // seal or its SHA-256, see seal.go), after which the new stamp can be
 // recorded. The backing link in every image's QCOW2 header is read each
 // time (one small read) and must name the next image of the chain as the
-// catalog recorded it.
+// catalog recorded it; a sealed image's digest file must be there (a
+// stat), since its seal cannot be proven without it.
 //
 // The package reads files (and the images' mappings, through qemu-img);
 // it knows nothing of the catalog's storage or of Temporal. Restores
@@ -28,6 +29,8 @@ import (
 	"path/filepath"
 	"syscall"
 	"time"
+
+	"github.com/cbtflow/cbtflow/internal/digest"
 )
 
 // Stamp identifies a file's content cheaply (see the package comment).
@@ -114,6 +117,17 @@ func Check(ctx context.Context, im Image, beat func()) (Outcome, error) {
 	}
 	if err := checkBacking(im); err != nil {
 		return Outcome{}, err
+	}
+	if IsSeal(im.SHA256) {
+		// The seal is proven with the digest file beside the image: one
+		// that is gone makes every point built on the image unrestorable,
+		// stamp or no stamp.
+		dpath := digest.PathOf(im.Path)
+		if _, err := os.Stat(dpath); errors.Is(err, os.ErrNotExist) {
+			return Outcome{}, &Damage{im.Path, fmt.Sprintf("its digest file %s, which its seal covers, is missing", dpath)}
+		} else if err != nil {
+			return Outcome{}, err
+		}
 	}
 	st := stampOf(fi)
 	if st.known() && st == im.Stamp {

@@ -544,3 +544,24 @@ func TestSealPieceWithZeroBlocks(t *testing.T) {
 		t.Errorf("Seal of an overlay whose record's block is its backing file's: %v, want ErrNotSealable", err)
 	}
 }
+
+// TestCheckSealedNeedsItsDigestFile: a chain check of a sealed image whose
+// stamp is unchanged (no data read) still finds its digest file gone:
+// without it the seal cannot be proven, and a restore would refuse every
+// point built on the image.
+func TestCheckSealedNeedsItsDigestFile(t *testing.T) {
+	full, _ := sealedChain(t)
+	size, st, err := StampOf(full)
+	if err != nil {
+		t.Fatal(err)
+	}
+	im := Image{Path: full, Size: size, SHA256: seal(t, full), Stamp: st}
+	if out, err := Check(context.Background(), im, nil); err != nil || out.Hashed {
+		t.Fatalf("Check of an unchanged image: %+v, %v; want sound, not re-read", out, err)
+	}
+	if err := os.Remove(digest.PathOf(full)); err != nil {
+		t.Fatal(err)
+	}
+	_, err = Check(context.Background(), im, nil)
+	wantSealDamage(t, err, full, "digest file", "missing")
+}
