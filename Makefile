@@ -45,7 +45,7 @@ clean: ## make down, then wipe .cbtflow/ and the dev database
 demo: deps build ## the main job on the lab: fresh stack, full + incremental backup, restores verified byte for byte
 	$(GO) run ./cmd/demo $(DEMO_FLAGS)
 
-bench: deps ## copier vs nbdcopy vs qemu-img convert (full copy, 4 GiB disk); chain check cost; whole backups through a stack of their own, phase by phase, vs nbdcopy (BENCH_FLAGS, e.g. -part e2e)
+bench: deps ## copier vs nbdcopy vs qemu-img convert (full copy, 4 GiB disk); chain check cost; whole backups through a stack of their own, phase by phase, vs nbdcopy; 20 VMs at once; a 2 TiB sparse disk (BENCH_FLAGS, e.g. -part e2e -cases scale)
 	$(GO) run ./cmd/bench $(BENCH_FLAGS)
 
 chaos: deps ## fault harness, on its own build with the fault points (bin/faultpoints/): ≥20 backups under worker kills, Temporal restarts, DB cuts, EIO, full repository; prints a table

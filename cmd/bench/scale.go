@@ -294,6 +294,9 @@ func (r *e2eRun) round(ctx context.Context, vms []string, mode string, minChange
 			}
 		}
 	}
+	if last.IsZero() { // none ended: the round's time is all there is
+		last = time.Now()
+	}
 	rd.wall = last.Sub(start)
 	log, err := readFrom(s.WorkerLog(), logStart)
 	if err != nil {
