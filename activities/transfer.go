@@ -177,7 +177,13 @@ func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*Tra
 	if err != nil {
 		return nil, err
 	}
-	defer release()
+	// The slot bounds the copies at once: it is given back as soon as the
+	// copy is durable and its NBD servers are stopped, so the image check
+	// and the seal (a read of the image's metadata) do not hold the next
+	// transfer back. The deferred call covers every earlier way out.
+	var releaseOnce sync.Once
+	freeSlot := func() { releaseOnce.Do(release) }
+	defer freeSlot()
 	if _, err := os.Stat(path); err != nil {
 		resume = TransferProgress{}
 	}
@@ -299,6 +305,7 @@ func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*Tra
 		return nil, fmt.Errorf("disk %d: stopping qemu-nbd: %w", in.Key, err)
 	}
 	_ = src.Close()
+	freeSlot()
 
 	// Verifying: the image's check and its proof (the seal: a read of
 	// what the copy did not write itself; else a SHA-256 of the whole
