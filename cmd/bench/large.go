@@ -204,22 +204,12 @@ func (r *e2eRun) large(ctx context.Context) error {
 // spreadFile writes the data extents of the sparse file src into a new
 // sparse file dst of size bytes, each at place(its offset).
 func spreadFile(src, dst string, size int64, place func(int64) int64) error {
-	f, err := os.Create(dst)
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	if err := f.Truncate(size); err != nil {
-		return err
-	}
-	err = eachExtent(src, place, func(off int64, r *io.SectionReader) error {
-		_, err := io.Copy(io.NewOffsetWriter(f, off), r)
-		return err
+	return makeSparse(dst, size, func(f *os.File) error {
+		return eachExtent(src, place, func(off int64, r *io.SectionReader) error {
+			_, err := io.Copy(io.NewOffsetWriter(f, off), r)
+			return err
+		})
 	})
-	if err != nil {
-		return err
-	}
-	return f.Close()
 }
 
 // backupWithRSS is backupOnce with the worker's peak RSS during the

@@ -496,6 +496,36 @@ func median(s []time.Duration) float64 {
 // pieces at random 1 MiB-aligned places; an eighth of the pieces are
 // neighbours, so extents have varied lengths as on a real disk.
 func generate(path string, size, data int64, seed uint64) error {
+	return makeSparse(path, size, func(f *os.File) error {
+		r := rand.New(rand.NewPCG(seed, 0xcb7f))
+		slots := size / mib
+		pieces := data / mib
+		used := make([]bool, slots)
+		buf := make([]byte, mib)
+		for n := int64(0); n < pieces; {
+			s := r.Int64N(slots)
+			if used[s] {
+				continue
+			}
+			used[s] = true
+			n++
+			for i := 0; i < len(buf); i += 8 {
+				v := r.Uint64()
+				for k := 0; k < 8; k++ {
+					buf[i+k] = byte(v >> (8 * k))
+				}
+			}
+			if _, err := f.WriteAt(buf, s*mib); err != nil {
+				return err
+			}
+		}
+		return f.Sync()
+	})
+}
+
+// makeSparse creates a file of size bytes at path, all a hole, lets
+// fill write into it, and closes it.
+func makeSparse(path string, size int64, fill func(f *os.File) error) error {
 	f, err := os.Create(path)
 	if err != nil {
 		return err
@@ -504,29 +534,10 @@ func generate(path string, size, data int64, seed uint64) error {
 	if err := f.Truncate(size); err != nil {
 		return err
 	}
-	r := rand.New(rand.NewPCG(seed, 0xcb7f))
-	slots := size / mib
-	pieces := data / mib
-	used := make([]bool, slots)
-	buf := make([]byte, mib)
-	for n := int64(0); n < pieces; {
-		s := r.Int64N(slots)
-		if used[s] {
-			continue
-		}
-		used[s] = true
-		n++
-		for i := 0; i < len(buf); i += 8 {
-			v := r.Uint64()
-			for k := 0; k < 8; k++ {
-				buf[i+k] = byte(v >> (8 * k))
-			}
-		}
-		if _, err := f.WriteAt(buf, s*mib); err != nil {
-			return err
-		}
+	if err := fill(f); err != nil {
+		return err
 	}
-	return f.Sync()
+	return f.Close()
 }
 
 // allocated lists the data extents of a sparse file (SEEK_DATA/SEEK_HOLE),

@@ -475,18 +475,9 @@ func logSetting(log, marker, key string) string {
 // writeScattered makes a sparse file of size bytes holding n bytes of
 // random data in piece-byte writes at scattered places (scatter).
 func writeScattered(path string, size, n, piece int64, seed uint64) error {
-	f, err := os.Create(path)
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	if err := f.Truncate(size); err != nil {
-		return err
-	}
-	if err := scatter(func(off int64, p []byte) error { _, err := f.WriteAt(p, off); return err }, size, n, piece, seed); err != nil {
-		return err
-	}
-	return f.Close()
+	return makeSparse(path, size, func(f *os.File) error {
+		return scatter(func(off int64, p []byte) error { _, err := f.WriteAt(p, off); return err }, size, n, piece, seed)
+	})
 }
 
 func fileSize(path string) (int64, error) {
