@@ -221,20 +221,6 @@ func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*Tra
 		defer digests.Close()
 	}
 
-	runDir, err := a.runtimeDir()
-	if err != nil {
-		return nil, permanent(err)
-	}
-	base := filepath.Join(runDir, in.BackupID+"-"+strconv.Itoa(int(in.Key)))
-	target, err := qemu.StartQemuNBD(ctx, qemu.QemuNBDOptions{Image: path, Format: "qcow2", Dir: base + "-t"})
-	if err != nil {
-		return nil, permanent(err)
-	}
-	defer target.Close()
-	opener, err := a.opener(profile)
-	if err != nil {
-		return nil, permanent(err)
-	}
 	vc, err := a.Sessions.Client(ctx, in.Profile)
 	if err != nil {
 		return nil, permanent(err)
@@ -250,46 +236,22 @@ func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*Tra
 	// Named now, while the VM exists: the check after the copy may find it
 	// gone.
 	what = fmt.Sprintf("disk %d of VM %q (%s, %s)", in.Key, vmName, in.VMRef, in.VMUUID)
-	src, err := opener.Open(ctx, source.Request{Profile: profile, VMRef: in.VMRef, SnapshotRef: in.SnapshotRef,
-		Disk: vsphere.Disk{Key: in.Key, Capacity: in.Capacity, FileName: in.FileName}, Dir: base + "-s"})
-	if err != nil {
-		return nil, permanent(err)
-	}
-	defer src.Close()
 
-	opts := a.Copy
-	opts.Source, opts.Target = src.URI(), target.URI()
-	opts.Extents = extents
-	opts.Overlay = in.Mode == ModeIncremental
-	opts.ResumeFrom = resume.ResumePoint
-	if digests != nil {
-		opts.Digests = digests
-	}
-	if faultpoint.Active(ctx) && opts.ProgressInterval == 0 {
-		// Fault tests hold a transfer at about half its bytes: a fast
-		// copy of a few hundred MiB must report progress often enough to
-		// be seen there, not only at its start and end.
-		opts.ProgressInterval = 10 * time.Millisecond
-	}
-	halfway := false
-	copyRate := newRateMeter()
-	opts.Progress = func(p copier.Progress) {
-		activity.RecordHeartbeat(ctx, TransferProgress{Path: path, ResumePoint: p.ResumePoint, Done: p.Done, Total: p.Total,
-			Key: in.Key, Stage: TransferStageCopying, Rate: copyRate.observe(time.Now(), p.Done)})
-		if faultpoint.Enabled && !halfway && p.Total > 0 && p.Done*2 >= p.Total && p.Done < p.Total {
-			halfway = true
-			faultpoint.Hold(ctx, faultpoint.MidTransfer)
-		}
-	}
 	copyStart := time.Now()
-	res, err := copier.Copy(ctx, opts)
-	copyTook := time.Since(copyStart)
-	if err != nil {
-		if ctx.Err() != nil {
-			return nil, ctx.Err()
+	var res *copier.Result
+	if len(extents) == 0 {
+		// Nothing changed (or an empty disk): the new image is the whole
+		// restore point as it is, so no NBD server is started and nothing
+		// is copied; what the copy's final FLUSH would have made durable,
+		// a sync does.
+		if err := syncFileAndDir(path); err != nil {
+			return nil, permanent(fmt.Errorf("disk %d: %w", in.Key, err))
 		}
-		return nil, permanent(fmt.Errorf("disk %d into %s: %w", in.Key, path, err))
+		res = &copier.Result{ResumePoint: in.Capacity}
+	} else if res, err = a.copyDisk(ctx, in, profile, path, extents, resume.ResumePoint, digests); err != nil {
+		return nil, err
 	}
+	copyTook := time.Since(copyStart)
 	// Every record is written and synced, with the folder, before the
 	// image is checked: the result names a durable file.
 	var digestSize int64
@@ -299,12 +261,6 @@ func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*Tra
 			return nil, permanent(fmt.Errorf("disk %d: %w", in.Key, err))
 		}
 	}
-	// A clean stop of qemu-nbd closes the image; the copy's final FLUSH
-	// already made the data durable.
-	if err := target.Close(); err != nil {
-		return nil, fmt.Errorf("disk %d: stopping qemu-nbd: %w", in.Key, err)
-	}
-	_ = src.Close()
 	freeSlot()
 
 	// Verifying: the image's check and its proof (the seal: a read of
@@ -361,6 +317,90 @@ func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*Tra
 		DigestSHA256: digestSum, DigestSize: digestSize,
 		SetupSeconds: copyStart.Sub(start).Seconds(), CopySeconds: copyTook.Seconds(),
 		CheckSeconds: checkTook.Seconds(), HashSeconds: hashTook.Seconds()}, nil
+}
+
+// copyDisk serves the image at path with qemu-nbd and the snapshot's disk
+// as NBD, copies the extents from resumeFrom on, and stops both servers:
+// when it returns, the copy's final FLUSH made the data durable.
+func (a *Transfer) copyDisk(ctx context.Context, in TransferDiskInput, profile vsphere.Profile, path string,
+	extents []copier.Extent, resumeFrom int64, digests *digest.Writer) (*copier.Result, error) {
+	runDir, err := a.runtimeDir()
+	if err != nil {
+		return nil, permanent(err)
+	}
+	base := filepath.Join(runDir, in.BackupID+"-"+strconv.Itoa(int(in.Key)))
+	target, err := qemu.StartQemuNBD(ctx, qemu.QemuNBDOptions{Image: path, Format: "qcow2", Dir: base + "-t"})
+	if err != nil {
+		return nil, permanent(err)
+	}
+	defer target.Close()
+	opener, err := a.opener(profile)
+	if err != nil {
+		return nil, permanent(err)
+	}
+	src, err := opener.Open(ctx, source.Request{Profile: profile, VMRef: in.VMRef, SnapshotRef: in.SnapshotRef,
+		Disk: vsphere.Disk{Key: in.Key, Capacity: in.Capacity, FileName: in.FileName}, Dir: base + "-s"})
+	if err != nil {
+		return nil, permanent(err)
+	}
+	defer src.Close()
+
+	opts := a.Copy
+	opts.Source, opts.Target = src.URI(), target.URI()
+	opts.Extents = extents
+	opts.Overlay = in.Mode == ModeIncremental
+	opts.ResumeFrom = resumeFrom
+	if digests != nil {
+		opts.Digests = digests
+	}
+	if faultpoint.Active(ctx) && opts.ProgressInterval == 0 {
+		// Fault tests hold a transfer at about half its bytes: a fast
+		// copy of a few hundred MiB must report progress often enough to
+		// be seen there, not only at its start and end.
+		opts.ProgressInterval = 10 * time.Millisecond
+	}
+	halfway := false
+	copyRate := newRateMeter()
+	opts.Progress = func(p copier.Progress) {
+		activity.RecordHeartbeat(ctx, TransferProgress{Path: path, ResumePoint: p.ResumePoint, Done: p.Done, Total: p.Total,
+			Key: in.Key, Stage: TransferStageCopying, Rate: copyRate.observe(time.Now(), p.Done)})
+		if faultpoint.Enabled && !halfway && p.Total > 0 && p.Done*2 >= p.Total && p.Done < p.Total {
+			halfway = true
+			faultpoint.Hold(ctx, faultpoint.MidTransfer)
+		}
+	}
+	res, err := copier.Copy(ctx, opts)
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+		return nil, permanent(fmt.Errorf("disk %d into %s: %w", in.Key, path, err))
+	}
+	// A clean stop of qemu-nbd closes the image; the copy's final FLUSH
+	// already made the data durable.
+	if err := target.Close(); err != nil {
+		return nil, fmt.Errorf("disk %d: stopping qemu-nbd: %w", in.Key, err)
+	}
+	_ = src.Close()
+	return res, nil
+}
+
+// syncFileAndDir makes a new file and its entry in its folder durable.
+func syncFileAndDir(path string) error {
+	for _, p := range []string{path, filepath.Dir(path)} {
+		f, err := os.Open(p)
+		if err != nil {
+			return err
+		}
+		err = f.Sync()
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // proof returns the size of the image at path and the proof the commit

@@ -200,9 +200,27 @@ func TestTransferDiskFullThenIncremental(t *testing.T) {
 		t.Errorf("the full image changed: %s", diff)
 	}
 
+	// Nothing written since: an empty overlay, made without NBD servers
+	// or a copy, checked and sealed like any other.
+	same := f.takeBackup(t, env, vm, "inc3", inc.disk.ChangeID)
+	if len(readExtentsFile(t, same.changed.ExtentsFile)) != 0 {
+		t.Fatalf("CBT reports changes with nothing written: %+v", same.changed)
+	}
+	sres := mustExecute[activities.TransferDiskResult](t, env, f.tr.TransferDisk, same.input(ires.Path))
+	f.checkResult(t, same, sres)
+	if sres.ReadBytes != 0 || sres.WrittenBytes != 0 {
+		t.Errorf("unchanged disk: read %d, wrote %d, want nothing", sres.ReadBytes, sres.WrittenBytes)
+	}
+	if diff := sameContent(t, f.frozen(t, same), sres.Path); diff != "" {
+		t.Errorf("the unchanged overlay differs from the disk: %s", diff)
+	}
+	if info, err := qemu.Info(ctxT(t, time.Minute), sres.Path); err != nil || len(info) != 3 || info[0].BackingFilename != filepath.Base(ires.Path) {
+		t.Errorf("the unchanged overlay's chain: %+v (%v)", info, err)
+	}
+
 	// Bad inputs are permanent.
 	bad := inc.input("")
-	bad.BackupID = "inc3"
+	bad.BackupID = "inc4"
 	bad.Mode = "incremental"
 	_, err = execute[activities.TransferDiskResult](t, env, f.tr.TransferDisk, bad)
 	wantAppError(t, err, activities.ErrTypeInvalidInput, "backing")
@@ -215,8 +233,8 @@ func TestTransferDiskFullThenIncremental(t *testing.T) {
 
 	// Each successful transfer reported its bytes and duration by mode;
 	// the refused ones nothing.
-	if len(m.transfers) != 2 {
-		t.Fatalf("transfers reported: %+v, want the full and the incremental", m.transfers)
+	if len(m.transfers) != 3 {
+		t.Fatalf("transfers reported: %+v, want the full and the two incrementals", m.transfers)
 	}
 	for i, want := range []struct {
 		mode string
@@ -227,6 +245,9 @@ func TestTransferDiskFullThenIncremental(t *testing.T) {
 			got.written <= 0 || got.took <= 0 || got.took.Seconds() > want.res.Seconds+1 {
 			t.Errorf("transfer %d reported as %+v; its result: %+v", i, got, *want.res)
 		}
+	}
+	if got := m.transfers[2]; got.mode != activities.ModeIncremental || got.read != 0 || got.written+got.zeroed != 0 || got.took <= 0 {
+		t.Errorf("the unchanged transfer reported as %+v", got)
 	}
 }
 

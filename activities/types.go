@@ -259,10 +259,12 @@ type TransferDiskResult struct {
 	// SetupSeconds, CopySeconds, CheckSeconds and HashSeconds split
 	// Seconds into the attempt's steps (make bench's end-to-end table
 	// reads them from the workflow history): everything before the copy
-	// (slot, image creation, the NBD servers, the snapshot check), the
-	// copy with its final flush, qemu-img check, and the SHA-256 of the
-	// image. The rest of Seconds is closing the servers and the snapshot
-	// check after the copy. Zero in results of workers before them.
+	// (slot, image creation, the snapshot check), the copy (the NBD
+	// servers started, the copier with its final flush, the servers
+	// stopped; a sync of the new image when nothing is to be copied),
+	// qemu-img check, and the image's seal (or SHA-256). The rest of
+	// Seconds is the digest file's end and the snapshot check after the
+	// copy. Zero in results of workers before them.
 	SetupSeconds float64 `json:"setup_seconds,omitempty"`
 	CopySeconds  float64 `json:"copy_seconds,omitempty"`
 	CheckSeconds float64 `json:"check_seconds,omitempty"`
