@@ -267,11 +267,30 @@ func backupInTerminal(ctx context.Context, t *testing.T, s *stack.Stack, key int
 		t.Fatal(err)
 	}
 	defer tty.Close()
+	// Held before the image check until the terminal shows the verifying
+	// stage: the image's seal reads its metadata only, so unheld that
+	// stage can pass between two frames.
+	gates := s.FaultPoints()
+	if err := gates.Arm(faultpoint.BeforeCheck); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = gates.Release(faultpoint.BeforeCheck) }()
 	st, err := s.StartStarterOn(tty.Slave, "backup", vm, "--mode", "full", "--wait")
 	if err != nil {
 		t.Fatal(err)
 	}
 	tty.CloseSlave()
+	wctx, wcancel := context.WithTimeout(ctx, 5*time.Minute)
+	defer wcancel()
+	if _, err := gates.Wait(wctx, faultpoint.BeforeCheck); err != nil {
+		t.Fatalf("the backup in a terminal never reached its image check: %v\n%s", err, st.Stderr())
+	}
+	for !strings.Contains(tty.Output(), "verifying") && wctx.Err() == nil {
+		time.Sleep(50 * time.Millisecond)
+	}
+	if err := gates.Release(faultpoint.BeforeCheck); err != nil {
+		t.Fatal(err)
+	}
 	r, err := st.Wait(ctx)
 	if err != nil {
 		t.Fatal(err)
