@@ -42,7 +42,13 @@ func newWorker(c client.Client, d deps, maxTransfers int) worker.Worker {
 	// transfers are bounded by their own slots, and the worker's limit
 	// stays the SDK's default (1000): a transfer waiting for a slot holds
 	// an activity slot, and snapshot, catalog and cleanup steps must still
-	// find one. Each backup transfers at most two disks at a time.
+	// find one. Each backup transfers at most two disks at a time. A
+	// backup's short steps run as local activities (the SDK's default
+	// limits: 1000 at once), and its snapshot and transfers are asked for
+	// eagerly (the SDK's default: DisableEagerActivities unset, and no
+	// TaskQueueActivitiesPerSecond, which would turn eager activities off),
+	// which the Temporal servers cbtflow starts grant (see
+	// testkit/stack.TemporalDynamicConfig).
 	opts := worker.Options{
 		BackgroundActivityContext: d.activityContext,
 		// A running transfer's progress is its latest heartbeat, which the

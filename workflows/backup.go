@@ -331,6 +331,27 @@ const (
 	versionBackupSearchAttributes = 1
 )
 
+// The change of Backup's and BackupVM's commands that runs the short
+// steps of a backup as local activities (see step): ResolveVM, PrepareVM,
+// BeginBackup, CheckSpace, ChangedAreas, CommitRestorePoint and
+// RemoveSnapshot. Consecutive local activities run in one workflow task,
+// on the worker that runs it, so a backup goes through a few workflow
+// tasks instead of one round trip through the server per step.
+// CreateSnapshot (a step vCenter carries on with when the worker dies, and
+// whose change IDs must be durable before anything builds on them) and
+// TransferDisk (whose heartbeats carry its resume point and progress)
+// stay activities, and so does FailBackup (the failure path).
+//
+// It is the last change of these workflows' commands so far: a run that
+// has it has every earlier one, and asks GetVersion for no other (see
+// since), and it sets only the search attributes that change (see
+// upsertKeywords): each is a command, and a workflow task with fewer
+// commands completes sooner.
+const (
+	changeLocalSteps  = "local-steps"
+	versionLocalSteps = 1
+)
+
 // Backup resolves the VM and runs its backup under the VM's canonical
 // workflow ID. A second start while one runs starts nothing and fails with
 // ErrTypeAlreadyRunning, whatever the VM was called and whatever profile
@@ -351,9 +372,12 @@ func Backup(ctx workflow.Context, in BackupInput) (*BackupResult, error) {
 	if err := workflow.SetQueryHandler(ctx, QueryProgress, func() (Progress, error) { return prog.answer(), nil }); err != nil {
 		return nil, err
 	}
+	// Runs recorded before the short steps ran as local activities
+	// resolved the VM with an activity: on replay they must.
+	local := workflow.GetVersion(ctx, changeLocalSteps, workflow.DefaultVersion, versionLocalSteps) >= versionLocalSteps
 	// Runs recorded before Backup set search attributes of its own must
 	// not upsert them on replay.
-	ownAttrs := workflow.GetVersion(ctx, changeBackupSearchAttributes, workflow.DefaultVersion, versionBackupSearchAttributes) >= versionBackupSearchAttributes
+	ownAttrs := since(ctx, local, changeBackupSearchAttributes, versionBackupSearchAttributes)
 	if ownAttrs {
 		_ = workflow.UpsertTypedSearchAttributes(ctx, SearchVM.ValueSet(in.VM))
 	}
@@ -362,7 +386,7 @@ func Backup(ctx workflow.Context, in BackupInput) (*BackupResult, error) {
 	// backup keeps that one. (Runs recorded before asked ResolveVM with a
 	// profile always, and got it back: they replay the same.)
 	var vm activities.ResolveVMResult
-	if err := workflow.ExecuteActivity(withShortActivity(ctx), vsphereActs.ResolveVM,
+	if err := step(ctx, local, shortActivity(), vsphereActs.ResolveVM,
 		activities.ResolveVMInput{Profile: in.Profile, VM: in.VM}).Get(ctx, &vm); err != nil {
 		return nil, err
 	}
@@ -379,8 +403,7 @@ func Backup(ctx workflow.Context, in BackupInput) (*BackupResult, error) {
 	// instance UUID started it under the profile's name: on replay they
 	// must start the same child.
 	wid := ProfileBackupWorkflowID(in.Profile, vm.VMUUID)
-	if workflow.GetVersion(ctx, changeVCenterWorkflowID, workflow.DefaultVersion, versionVCenterWorkflowID) >= versionVCenterWorkflowID &&
-		vm.VCenterUUID != "" {
+	if since(ctx, local, changeVCenterWorkflowID, versionVCenterWorkflowID) && vm.VCenterUUID != "" {
 		wid = BackupWorkflowID(vm.VCenterUUID, vm.VMUUID)
 	}
 	cctx := workflow.WithChildOptions(ctx, workflow.ChildWorkflowOptions{
@@ -469,6 +492,9 @@ type backupRun struct {
 	// uncancelable: the snapshot and the commit run to their end when the
 	// backup is canceled (see changeUncancelableSteps).
 	uncancelable bool
+	// local: the short steps run as local activities (see
+	// changeLocalSteps).
+	local bool
 }
 
 func (r *backupRun) setup(ctx workflow.Context) error {
@@ -492,8 +518,10 @@ func (r *backupRun) setup(ctx workflow.Context) error {
 		return err
 	}
 	r.log = workflow.GetLogger(ctx)
-	return workflow.UpsertTypedSearchAttributes(ctx,
-		SearchVCenter.ValueSet(r.in.Profile), SearchMode.ValueSet(r.in.Mode), SearchBackupID.ValueSet(r.in.BackupID))
+	// Runs recorded before the short steps ran as local activities ran
+	// them as activities: on replay they must.
+	r.local = workflow.GetVersion(ctx, changeLocalSteps, workflow.DefaultVersion, versionLocalSteps) >= versionLocalSteps
+	return r.upsertKeywords(ctx, keyword{SearchVCenter, r.in.Profile}, keyword{SearchMode, r.in.Mode}, keyword{SearchBackupID, r.in.BackupID})
 }
 
 // run is the pipeline of one backup, step by step; every step is an
@@ -521,16 +549,16 @@ func (r *backupRun) run(ctx workflow.Context) (res *BackupVMResult, err error) {
 	}
 	// Runs recorded before the space check neither checked nor queried
 	// every disk before the first transfer: on replay they must not.
-	spaceCheck := workflow.GetVersion(ctx, changeSpaceCheck, workflow.DefaultVersion, versionSpaceCheck) >= versionSpaceCheck
+	spaceCheck := since(ctx, r.local, changeSpaceCheck, versionSpaceCheck)
 	// Runs recorded before CbtflowMode said the mode that ran kept the
 	// mode asked for: on replay they must not upsert it.
-	modeThatRan := workflow.GetVersion(ctx, changeModeThatRan, workflow.DefaultVersion, versionModeThatRan) >= versionModeThatRan
+	modeThatRan := since(ctx, r.local, changeModeThatRan, versionModeThatRan)
 	if modeThatRan {
 		r.upsertMode(ctx, plans)
 	}
 	// Runs recorded before the snapshot and the commit ran to their end
 	// when canceled asked them to stop there: on replay they must.
-	r.uncancelable = workflow.GetVersion(ctx, changeUncancelableSteps, workflow.DefaultVersion, versionUncancelableSteps) >= versionUncancelableSteps
+	r.uncancelable = since(ctx, r.local, changeUncancelableSteps, versionUncancelableSteps)
 	if spaceCheck {
 		if err := r.checkSpace(ctx, spaceBefore(vm, begun, plans), false); err != nil {
 			return nil, err
@@ -562,16 +590,26 @@ func (r *backupRun) run(ctx workflow.Context) (res *BackupVMResult, err error) {
 func (r *backupRun) prepare(ctx workflow.Context) (activities.PrepareVMResult, error) {
 	r.setPhase(ctx, PhasePreparing)
 	var vm activities.PrepareVMResult
-	if err := workflow.ExecuteActivity(withShortActivity(ctx), vsphereActs.PrepareVM,
+	if err := step(ctx, r.local, shortActivity(), vsphereActs.PrepareVM,
 		activities.PrepareVMInput{Profile: r.in.Profile, VMUUID: r.in.VMUUID}).Get(ctx, &vm); err != nil {
 		return vm, err
+	}
+	if r.local && vm.CBTJustEnabled {
+		// A local activity's result is in the history only once the
+		// workflow task that ran it completes, and a worker that dies
+		// before that runs PrepareVM again, which then finds CBT on and
+		// would not say that it was off: a timer completes the task
+		// first (rare: CBT was off).
+		if err := workflow.Sleep(ctx, time.Millisecond); err != nil {
+			return vm, err
+		}
 	}
 	r.vmRef = vm.VMRef
 	if r.in.VMName == "" {
 		r.in.VMName = vm.VMName
 	}
 	r.progress.VM = vm.VMName
-	_ = workflow.UpsertTypedSearchAttributes(ctx, SearchVM.ValueSet(vm.VMName))
+	_ = r.upsertKeywords(ctx, keyword{SearchVM, vm.VMName})
 	if len(vm.Disks) == 0 {
 		return vm, temporal.NewNonRetryableApplicationError(
 			fmt.Sprintf("VM %s has no disks to back up", vm.VMName), activities.ErrTypeNoDisks, nil)
@@ -589,7 +627,7 @@ func (r *backupRun) begin(ctx workflow.Context, vm activities.PrepareVMResult) (
 		keys = append(keys, d.Key)
 	}
 	var begun activities.BeginBackupResult
-	if err := workflow.ExecuteActivity(withBeginActivity(ctx), catalogActs.BeginBackup, activities.BeginBackupInput{
+	if err := step(ctx, r.local, beginActivity(), catalogActs.BeginBackup, activities.BeginBackupInput{
 		BackupID: in.BackupID, Profile: in.Profile, VMUUID: in.VMUUID, VMName: vm.VMName, Mode: in.Mode,
 		WorkflowID: info.WorkflowExecution.ID, RunID: info.WorkflowExecution.RunID, DiskKeys: keys,
 	}).Get(ctx, &begun); err != nil {
@@ -690,7 +728,7 @@ func spaceBefore(vm activities.PrepareVMResult, begun activities.BeginBackupResu
 // the way out of every failure, and no image was written.
 func (r *backupRun) checkSpace(ctx workflow.Context, disks []activities.SpaceDisk, afterQuery bool) error {
 	var res activities.CheckSpaceResult
-	return workflow.ExecuteActivity(withSpaceActivity(ctx), transferActs.CheckSpace, activities.CheckSpaceInput{
+	return step(ctx, r.local, spaceActivity(), transferActs.CheckSpace, activities.CheckSpaceInput{
 		BackupID: r.in.BackupID, VMName: r.in.VMName, Disks: disks, AfterQuery: afterQuery,
 	}).Get(ctx, &res)
 }
@@ -837,7 +875,7 @@ func (r *backupRun) commit(ctx workflow.Context, commits []activities.CommitDisk
 		defer cancel()
 		actx = dctx
 	}
-	if err := workflow.ExecuteActivity(withCatalogActivity(actx), catalogActs.CommitRestorePoint,
+	if err := step(actx, r.local, catalogActivity(), catalogActs.CommitRestorePoint,
 		activities.CommitInput{BackupID: r.in.BackupID, Disks: commits}).Get(actx, nil); err != nil {
 		return err
 	}
@@ -861,7 +899,7 @@ func (r *backupRun) queryDisk(ctx workflow.Context, p *diskPlan, snapRef string)
 	in := r.in
 	query := func(changeID string) (activities.ChangedAreasResult, error) {
 		var areas activities.ChangedAreasResult
-		err := workflow.ExecuteActivity(withQueryActivity(ctx), vsphereActs.ChangedAreas, activities.ChangedAreasInput{
+		err := step(ctx, r.local, queryActivity(), vsphereActs.ChangedAreas, activities.ChangedAreasInput{
 			Profile: in.Profile, VMRef: r.vmRef, SnapshotRef: snapRef, BackupID: in.BackupID,
 			Key: p.Key, Capacity: p.Capacity, ChangeID: changeID,
 		}).Get(ctx, &areas)
@@ -926,7 +964,7 @@ func (r *backupRun) removeSnapshot(ctx workflow.Context, snap *activities.Create
 	if committed {
 		r.setPhase(ctx, PhaseRemovingSnapshot)
 	}
-	err := workflow.ExecuteActivity(withCleanupActivity(dctx), vsphereActs.RemoveSnapshot, activities.RemoveSnapshotInput{
+	err := step(dctx, r.local, cleanupActivity(), vsphereActs.RemoveSnapshot, activities.RemoveSnapshotInput{
 		Profile: r.in.Profile, VMRef: r.vmRef, SnapshotRef: snap.SnapshotRef,
 		SnapshotName: SnapshotName(r.in.BackupID),
 	}).Get(dctx, nil)
@@ -983,7 +1021,32 @@ func (r *backupRun) upsertMode(ctx workflow.Context, plans []diskPlan) {
 		return
 	}
 	r.modeShown = mode
-	_ = workflow.UpsertTypedSearchAttributes(ctx, SearchMode.ValueSet(mode))
+	_ = r.upsertKeywords(ctx, keyword{SearchMode, mode})
+}
+
+// keyword is a keyword search attribute's value.
+type keyword struct {
+	key   temporal.SearchAttributeKeyKeyword
+	value string
+}
+
+// upsertKeywords sets search attributes: all of them, in a run recorded
+// before the short steps ran as local activities (as it did); else only
+// those whose value changes (Backup starts BackupVM with its VM, profile,
+// mode and backup ID already set), and nothing when none does.
+func (r *backupRun) upsertKeywords(ctx workflow.Context, kws ...keyword) error {
+	have := workflow.GetTypedSearchAttributes(ctx)
+	var set []temporal.SearchAttributeUpdate
+	for _, kw := range kws {
+		if v, ok := have.GetKeyword(kw.key); r.local && ok && v == kw.value {
+			continue
+		}
+		set = append(set, kw.key.ValueSet(kw.value))
+	}
+	if len(set) == 0 {
+		return nil
+	}
+	return workflow.UpsertTypedSearchAttributes(ctx, set...)
 }
 
 func (r *backupRun) setMode(key int32, mode string) {
@@ -1038,9 +1101,47 @@ func rootMessage(err error) string {
 	return err.Error()
 }
 
+// since reports whether a run has a change of its commands: a run with
+// the local steps (changeLocalSteps) has every earlier change and asks no
+// more (each GetVersion is a command, a marker, and another, an upsert of
+// TemporalChangeVersion); a run without asks GetVersion, as it did.
+func since(ctx workflow.Context, local bool, changeID string, version workflow.Version) bool {
+	return local || workflow.GetVersion(ctx, changeID, workflow.DefaultVersion, version) >= version
+}
+
+// step runs one step of a backup: an activity with opts, or, when local
+// (changeLocalSteps), a local activity with the same time limits and
+// retries, and so the same errors: an attempt's error and whether it is
+// retried are the activity's own (its non-retryable types), whichever way
+// it runs.
+//
+// Only steps that can run again from the start do (each is read-only or
+// idempotent: a local activity whose workflow task is lost, with the
+// worker that ran it, runs again in the next one) and none whose
+// heartbeats say anything: a local activity records none. Their
+// heartbeats, when they run as activities, only tell a dead worker from a
+// slow step; a local activity needs none for that: the workflow task that
+// runs it times out (the SDK keeps a task open while a local activity
+// runs longer, and its workflow task timeout, 10 s, is shorter than their
+// heartbeat timeouts), and the next task runs it again. A cancel reaches a
+// local activity through its context, as a heartbeat's answer reaches an
+// activity; one that comes while the workflow task runs them is seen when
+// they end.
+func step(ctx workflow.Context, local bool, opts workflow.ActivityOptions, activity, in any) workflow.Future {
+	if !local {
+		return workflow.ExecuteActivity(workflow.WithActivityOptions(ctx, opts), activity, in)
+	}
+	return workflow.ExecuteLocalActivity(workflow.WithLocalActivityOptions(ctx, workflow.LocalActivityOptions{
+		ScheduleToCloseTimeout: opts.ScheduleToCloseTimeout,
+		StartToCloseTimeout:    opts.StartToCloseTimeout,
+		RetryPolicy:            opts.RetryPolicy,
+	}), activity, in)
+}
+
 // Activity options. Every activity has a total time limit
 // (ScheduleToClose), so retries are bounded; long ones heartbeat, so a dead
-// worker is noticed in seconds.
+// worker is noticed in seconds. A backup's short steps run with the same
+// time limits and retries as local activities (step).
 //
 // The first contact with vCenter (ResolveVM, PrepareVM) comes before
 // anything exists to clean up, and an operator waits for its answer: it
@@ -1053,14 +1154,14 @@ func rootMessage(err error) string {
 // answer ends the same way: in about a minute when nothing answers the
 // connection, about two when a server takes it and never replies. They
 // heartbeat, so a dead worker is noticed within 30 s here too.
-func withShortActivity(ctx workflow.Context) workflow.Context {
-	return workflow.WithActivityOptions(ctx, workflow.ActivityOptions{
+func shortActivity() workflow.ActivityOptions {
+	return workflow.ActivityOptions{
 		StartToCloseTimeout:    time.Minute,
 		ScheduleToCloseTimeout: 10 * time.Minute,
 		HeartbeatTimeout:       30 * time.Second, // they heartbeat every 10 s
 		RetryPolicy: &temporal.RetryPolicy{InitialInterval: time.Second, MaximumInterval: 30 * time.Second,
 			MaximumAttempts: FirstContactAttempts},
-	})
+	}
 }
 
 // CatalogRetryLimit bounds the retries of a catalog step: a database
@@ -1069,7 +1170,7 @@ func withShortActivity(ctx workflow.Context) workflow.Context {
 const CatalogRetryLimit = 10 * time.Minute
 
 // FirstContactAttempts bounds the attempts of a backup's first vCenter
-// calls (see withShortActivity).
+// calls (see shortActivity).
 const FirstContactAttempts = 6
 
 // Catalog steps are short transactions: a worker that dies in one is
@@ -1078,37 +1179,56 @@ const FirstContactAttempts = 6
 // database that is down or restarting), for CatalogRetryLimit; what
 // cannot (a database without cbtflow's tables, a chain that does not
 // link) fails at once.
-func withCatalogActivity(ctx workflow.Context) workflow.Context {
-	return workflow.WithActivityOptions(ctx, workflow.ActivityOptions{
+func catalogActivity() workflow.ActivityOptions {
+	return workflow.ActivityOptions{
 		StartToCloseTimeout:    20 * time.Second,
 		ScheduleToCloseTimeout: CatalogRetryLimit,
 		RetryPolicy:            &temporal.RetryPolicy{InitialInterval: time.Second, MaximumInterval: 30 * time.Second},
-	})
+	}
 }
 
 // BeginBackup is a catalog step that also proves every chain unchanged
 // before an overlay builds on it: cheap (a stat and a header read per
 // image), except that an image whose file stamp changed (a copied
 // repository) is re-read in full. It heartbeats, so a dead worker is
-// noticed in 30 s however long a re-read takes.
-func withBeginActivity(ctx workflow.Context) workflow.Context {
-	return workflow.WithActivityOptions(ctx, workflow.ActivityOptions{
+// noticed in 30 s however long a re-read takes (as a local activity, in
+// the workflow task's timeout: see step).
+func beginActivity() workflow.ActivityOptions {
+	return workflow.ActivityOptions{
 		StartToCloseTimeout:    time.Hour,
 		ScheduleToCloseTimeout: time.Hour + CatalogRetryLimit,
 		HeartbeatTimeout:       30 * time.Second, // it heartbeats every 10 s
 		RetryPolicy:            &temporal.RetryPolicy{InitialInterval: time.Second, MaximumInterval: 30 * time.Second},
-	})
+	}
 }
 
 // The space check is a statfs: short; it retries only what can heal (a
 // repository mount that is back), for CatalogRetryLimit. Too little room
 // fails at once (activities.ErrTypeRepositoryFull).
-func withSpaceActivity(ctx workflow.Context) workflow.Context {
-	return workflow.WithActivityOptions(ctx, workflow.ActivityOptions{
+func spaceActivity() workflow.ActivityOptions {
+	return workflow.ActivityOptions{
 		StartToCloseTimeout:    time.Minute,
 		ScheduleToCloseTimeout: CatalogRetryLimit,
 		RetryPolicy:            &temporal.RetryPolicy{InitialInterval: time.Second, MaximumInterval: 30 * time.Second},
-	})
+	}
+}
+
+func queryActivity() workflow.ActivityOptions {
+	return workflow.ActivityOptions{
+		StartToCloseTimeout:    30 * time.Minute,
+		ScheduleToCloseTimeout: 2 * time.Hour,
+		HeartbeatTimeout:       30 * time.Second, // it heartbeats every 10 s
+		RetryPolicy:            &temporal.RetryPolicy{InitialInterval: time.Second, MaximumInterval: 30 * time.Second},
+	}
+}
+
+func cleanupActivity() workflow.ActivityOptions {
+	return workflow.ActivityOptions{
+		StartToCloseTimeout:    10 * time.Minute,
+		ScheduleToCloseTimeout: time.Hour,
+		HeartbeatTimeout:       30 * time.Second, // the activities heartbeat every 10 s
+		RetryPolicy:            &temporal.RetryPolicy{InitialInterval: time.Second, MaximumInterval: 30 * time.Second},
+	}
 }
 
 func withSnapshotActivity(ctx workflow.Context) workflow.Context {
@@ -1117,15 +1237,6 @@ func withSnapshotActivity(ctx workflow.Context) workflow.Context {
 		ScheduleToCloseTimeout: time.Hour,
 		HeartbeatTimeout:       30 * time.Second, // it heartbeats every 10 s
 		RetryPolicy:            &temporal.RetryPolicy{InitialInterval: 2 * time.Second, MaximumInterval: time.Minute},
-	})
-}
-
-func withQueryActivity(ctx workflow.Context) workflow.Context {
-	return workflow.WithActivityOptions(ctx, workflow.ActivityOptions{
-		StartToCloseTimeout:    30 * time.Minute,
-		ScheduleToCloseTimeout: 2 * time.Hour,
-		HeartbeatTimeout:       30 * time.Second, // it heartbeats every 10 s
-		RetryPolicy:            &temporal.RetryPolicy{InitialInterval: time.Second, MaximumInterval: 30 * time.Second},
 	})
 }
 
@@ -1144,11 +1255,21 @@ func withTransferActivity(ctx workflow.Context) workflow.Context {
 	})
 }
 
+// The options of shortActivity, catalogActivity, queryActivity and
+// cleanupActivity in a workflow context, for the steps that always run as
+// activities (FailBackup, and those of the other workflows).
+func withShortActivity(ctx workflow.Context) workflow.Context {
+	return workflow.WithActivityOptions(ctx, shortActivity())
+}
+
+func withCatalogActivity(ctx workflow.Context) workflow.Context {
+	return workflow.WithActivityOptions(ctx, catalogActivity())
+}
+
+func withQueryActivity(ctx workflow.Context) workflow.Context {
+	return workflow.WithActivityOptions(ctx, queryActivity())
+}
+
 func withCleanupActivity(ctx workflow.Context) workflow.Context {
-	return workflow.WithActivityOptions(ctx, workflow.ActivityOptions{
-		StartToCloseTimeout:    10 * time.Minute,
-		ScheduleToCloseTimeout: time.Hour,
-		HeartbeatTimeout:       30 * time.Second, // the activities heartbeat every 10 s
-		RetryPolicy:            &temporal.RetryPolicy{InitialInterval: time.Second, MaximumInterval: 30 * time.Second},
-	})
+	return workflow.WithActivityOptions(ctx, cleanupActivity())
 }

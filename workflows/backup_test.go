@@ -514,6 +514,8 @@ func TestBackupStartsChildUnderVMWorkflowID(t *testing.T) {
 			env.OnActivity(vsphereActs.ChangedAreas, mock.Anything, mock.Anything).Return(f.changedAreas(nil))
 			env.OnActivity(transferActs.TransferDisk, mock.Anything, mock.Anything).Return(f.transferOK)
 			if c.old {
+				// A run that old has none of the later changes either.
+				env.OnGetVersion(changeLocalSteps, workflow.DefaultVersion, versionLocalSteps).Return(workflow.DefaultVersion)
 				env.OnGetVersion(changeVCenterWorkflowID, workflow.DefaultVersion, versionVCenterWorkflowID).Return(workflow.DefaultVersion)
 			}
 			env.ExecuteWorkflow(Backup, BackupInput{VM: "vm-62", Profile: c.profile})

@@ -9,6 +9,7 @@ import (
 	enumspb "go.temporal.io/api/enums/v1"
 	failurepb "go.temporal.io/api/failure/v1"
 	historypb "go.temporal.io/api/history/v1"
+	"go.temporal.io/sdk/converter"
 )
 
 func TestStatusKiB(t *testing.T) {
@@ -68,7 +69,8 @@ time=3 level=INFO msg="worker starting" max_transfers=8 other=1
 
 // TestRetriesOf: an activity whose completing attempt is not its first,
 // one that failed for good, and workflow tasks that failed or timed out
-// are each listed once, with why; first attempts are not.
+// are each listed once, with why; first attempts are not; nor are local
+// activities that completed at once or were canceled.
 func TestRetriesOf(t *testing.T) {
 	ev := func(id int64, typ enumspb.EventType, set func(*historypb.HistoryEvent)) *historypb.HistoryEvent {
 		e := &historypb.HistoryEvent{EventId: id, EventType: typ}
@@ -90,7 +92,23 @@ func TestRetriesOf(t *testing.T) {
 			e.Attributes = &historypb.HistoryEvent_ActivityTaskStartedEventAttributes{ActivityTaskStartedEventAttributes: a}
 		})
 	}
+	local := func(id int64, name string, attempt int32, failure *failurepb.Failure) *historypb.HistoryEvent {
+		return ev(id, enumspb.EVENT_TYPE_MARKER_RECORDED, func(e *historypb.HistoryEvent) {
+			p, err := converter.GetDefaultDataConverter().ToPayloads(struct {
+				ActivityType string
+				Attempt      int32
+			}{name, attempt})
+			if err != nil {
+				t.Fatal(err)
+			}
+			e.Attributes = &historypb.HistoryEvent_MarkerRecordedEventAttributes{MarkerRecordedEventAttributes: &historypb.MarkerRecordedEventAttributes{
+				MarkerName: localActivityMarker, Details: map[string]*commonpb.Payloads{"data": p}, Failure: failure}}
+		})
+	}
 	events := []*historypb.HistoryEvent{
+		local(1, "BeginBackup", 1, nil), local(2, "CheckSpace", 2, nil),
+		local(3, "ChangedAreas", 1, &failurepb.Failure{Message: "refused"}),
+		local(4, "ChangedAreas", 1, &failurepb.Failure{Message: "canceled", FailureInfo: &failurepb.Failure_CanceledFailureInfo{CanceledFailureInfo: &failurepb.CanceledFailureInfo{}}}),
 		scheduled(5, "PrepareVM"), started(6, 5, 1, ""),
 		scheduled(10, "TransferDisk"), started(11, 10, 3, "activity Heartbeat\n timeout"),
 		scheduled(20, "CommitRestorePoint"), started(21, 20, 1, ""),
@@ -105,6 +123,8 @@ func TestRetriesOf(t *testing.T) {
 	}
 	got := retriesOf(events)
 	want := []retry{
+		{what: "CheckSpace attempt 2"},
+		{what: "ChangedAreas failed", failure: "refused"},
 		{what: "TransferDisk attempt 3", failure: "activity Heartbeat timeout"},
 		{what: "CommitRestorePoint failed", failure: "database gone"},
 		{what: "workflow task timed out", failure: "StartToClose"},
@@ -113,7 +133,7 @@ func TestRetriesOf(t *testing.T) {
 		t.Errorf("retriesOf =\n%v\nwant\n%v", got, want)
 	}
 	counts := retryCounts(append(got, got[0]))
-	if len(counts) != 3 || !strings.HasPrefix(counts[0], "2× TransferDisk attempt 3: ") {
+	if len(counts) != 5 || !strings.HasPrefix(counts[0], "2× CheckSpace attempt 2") {
 		t.Errorf("retryCounts = %q", counts)
 	}
 }

@@ -55,9 +55,16 @@ var activityRows = map[string]string{
 
 const transferActivity = "TransferDisk"
 
+// localActivityMarker is the name of the marker that records a local
+// activity's result (the SDK's).
+const localActivityMarker = "LocalActivity"
+
 // span is one activity's execution as the workflow history records it:
 // from the task's start (the attempt that completed) to its completion,
-// and when it was scheduled.
+// and when it was scheduled. A local activity (a backup's short steps)
+// has only its end in the history (its marker's ReplayTime): it starts
+// when the workflow task that ran it started, or when the local activity
+// recorded before it in that task ended, and it is scheduled then.
 type span struct {
 	activity   string
 	scheduled  time.Time
@@ -71,10 +78,32 @@ func spansOf(events []*historypb.HistoryEvent) (spans []span, opened, closed tim
 	names := map[int64]string{}
 	scheduled := map[int64]time.Time{}
 	started := map[int64]time.Time{}
+	// localFrom is where the next local activity's span starts.
+	var localFrom time.Time
 	dc := converter.GetDefaultDataConverter()
 	for _, ev := range events {
 		t := ev.GetEventTime().AsTime()
 		switch ev.GetEventType() {
+		case enumspb.EVENT_TYPE_WORKFLOW_TASK_STARTED:
+			localFrom = t
+		case enumspb.EVENT_TYPE_MARKER_RECORDED:
+			a := ev.GetMarkerRecordedEventAttributes()
+			if a.GetMarkerName() != localActivityMarker {
+				continue
+			}
+			var data struct {
+				ActivityType string
+				ReplayTime   time.Time
+			}
+			if err := dc.FromPayloads(a.GetDetails()["data"], &data); err != nil {
+				return nil, opened, closed, fmt.Errorf("history event %d: local activity marker: %w", ev.GetEventId(), err)
+			}
+			from := localFrom
+			localFrom = data.ReplayTime
+			if a.GetFailure() != nil || data.ReplayTime.Before(from) {
+				continue
+			}
+			spans = append(spans, span{activity: data.ActivityType, scheduled: from, start: from, end: data.ReplayTime})
 		case enumspb.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED:
 			opened = t
 		case enumspb.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED:

@@ -2,8 +2,16 @@ package main
 
 import (
 	"math"
+	"reflect"
 	"testing"
 	"time"
+
+	commonpb "go.temporal.io/api/common/v1"
+	enumspb "go.temporal.io/api/enums/v1"
+	failurepb "go.temporal.io/api/failure/v1"
+	historypb "go.temporal.io/api/history/v1"
+	"go.temporal.io/sdk/converter"
+	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/cbtflow/cbtflow/activities"
 )
@@ -37,5 +45,59 @@ func TestPhasesOf(t *testing.T) {
 	}
 	if got[rowSetup] != 0 || got[rowCheck] != 0 || got[rowCommit] != 0 {
 		t.Errorf("rows of nothing are not zero: %v", got)
+	}
+}
+
+// TestSpansOfLocalActivities: a local activity's span runs from the
+// start of its workflow task, or the end of the local activity recorded
+// before it in that task, to its marker's ReplayTime; a failed one counts
+// for nothing but moves the next one's start.
+func TestSpansOfLocalActivities(t *testing.T) {
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	at := func(ms int) time.Time { return t0.Add(time.Duration(ms) * time.Millisecond) }
+	dc := converter.GetDefaultDataConverter()
+	var events []*historypb.HistoryEvent
+	add := func(typ enumspb.EventType, ms int, attrs *historypb.MarkerRecordedEventAttributes) {
+		ev := &historypb.HistoryEvent{EventId: int64(len(events) + 1), EventType: typ, EventTime: timestamppb.New(at(ms))}
+		if attrs != nil {
+			ev.Attributes = &historypb.HistoryEvent_MarkerRecordedEventAttributes{MarkerRecordedEventAttributes: attrs}
+		}
+		events = append(events, ev)
+	}
+	marker := func(activity string, end int, failed bool) *historypb.MarkerRecordedEventAttributes {
+		p, err := dc.ToPayloads(struct {
+			ActivityType string
+			ReplayTime   time.Time
+		}{activity, at(end)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		a := &historypb.MarkerRecordedEventAttributes{MarkerName: localActivityMarker, Details: map[string]*commonpb.Payloads{"data": p}}
+		if failed {
+			a.Failure = &failurepb.Failure{Message: "refused"}
+		}
+		return a
+	}
+	add(enumspb.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED, 0, nil)
+	add(enumspb.EVENT_TYPE_WORKFLOW_TASK_STARTED, 100, nil)
+	add(enumspb.EVENT_TYPE_WORKFLOW_TASK_COMPLETED, 400, nil)
+	add(enumspb.EVENT_TYPE_MARKER_RECORDED, 400, marker("PrepareVM", 150, false))
+	add(enumspb.EVENT_TYPE_MARKER_RECORDED, 400, marker("ChangedAreas", 200, true))
+	add(enumspb.EVENT_TYPE_MARKER_RECORDED, 400, marker("ChangedAreas", 350, false))
+	add(enumspb.EVENT_TYPE_WORKFLOW_TASK_STARTED, 500, nil)
+	add(enumspb.EVENT_TYPE_WORKFLOW_TASK_COMPLETED, 700, nil)
+	add(enumspb.EVENT_TYPE_MARKER_RECORDED, 700, marker("CommitRestorePoint", 600, false))
+	add(enumspb.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED, 700, nil)
+	spans, opened, closed, err := spansOf(events)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []span{
+		{activity: "PrepareVM", scheduled: at(100), start: at(100), end: at(150)},
+		{activity: "ChangedAreas", scheduled: at(200), start: at(200), end: at(350)},
+		{activity: "CommitRestorePoint", scheduled: at(500), start: at(500), end: at(600)},
+	}
+	if !reflect.DeepEqual(spans, want) || !opened.Equal(at(0)) || !closed.Equal(at(700)) {
+		t.Errorf("spans %+v from %v to %v, want %+v from 0 to 700 ms", spans, opened, closed, want)
 	}
 }

@@ -7,6 +7,7 @@ import (
 
 	enumspb "go.temporal.io/api/enums/v1"
 	historypb "go.temporal.io/api/history/v1"
+	"go.temporal.io/sdk/converter"
 )
 
 // retry is something a workflow history shows was done more than once or
@@ -21,12 +22,30 @@ type retry struct {
 // retriesOf lists the retries of one workflow history. A retried
 // activity's ActivityTaskStarted event is written when the activity
 // closes, with the attempt that closed it and the failure of the attempt
-// before (LastFailure): one event however many attempts.
+// before (LastFailure): one event however many attempts. A local activity
+// (a backup's short steps) has its marker, with the attempt that ended it
+// and, when it failed, its failure (a canceled one is no retry).
 func retriesOf(events []*historypb.HistoryEvent) []retry {
 	names := map[int64]string{}
 	var out []retry
+	dc := converter.GetDefaultDataConverter()
 	for _, ev := range events {
 		switch ev.GetEventType() {
+		case enumspb.EVENT_TYPE_MARKER_RECORDED:
+			a := ev.GetMarkerRecordedEventAttributes()
+			var data struct {
+				ActivityType string
+				Attempt      int32
+			}
+			if a.GetMarkerName() != localActivityMarker || dc.FromPayloads(a.GetDetails()["data"], &data) != nil {
+				continue
+			}
+			if data.Attempt > 1 {
+				out = append(out, retry{what: fmt.Sprintf("%s attempt %d", data.ActivityType, data.Attempt)})
+			}
+			if f := a.GetFailure(); f != nil && f.GetCanceledFailureInfo() == nil {
+				out = append(out, retry{what: data.ActivityType + " failed", failure: oneLine(f.GetMessage())})
+			}
 		case enumspb.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
 			names[ev.GetEventId()] = ev.GetActivityTaskScheduledEventAttributes().GetActivityType().GetName()
 		case enumspb.EVENT_TYPE_ACTIVITY_TASK_STARTED:

@@ -515,7 +515,7 @@ func (f *fixture) addKnown(t *testing.T, b stacktest.BackupJSON) {
 // non-retryable error of type errType, and the workflow failed.
 func (f *fixture) failedOnce(t *testing.T, workflowID, activity, errType string) activityRuns {
 	t.Helper()
-	r := summarize(stacktest.History(f.ctx, t, f.s, workflowID, ""))
+	r := summarize(t, stacktest.History(f.ctx, t, f.s, workflowID, ""))
 	if r.status != enumspb.EVENT_TYPE_WORKFLOW_EXECUTION_FAILED {
 		t.Errorf("workflow %s ended with %v, want failed", workflowID, r.status)
 	}
@@ -547,7 +547,7 @@ func (f *fixture) failedOnce(t *testing.T, workflowID, activity, errType string)
 // non-retryable error of type errType, with no activity failing.
 func (f *fixture) workflowFailedWith(t *testing.T, workflowID, errType string) activityRuns {
 	t.Helper()
-	r := summarize(stacktest.History(f.ctx, t, f.s, workflowID, ""))
+	r := summarize(t, stacktest.History(f.ctx, t, f.s, workflowID, ""))
 	if r.closed == nil {
 		t.Fatalf("workflow %s ended with %v, want failed", workflowID, r.status)
 	}
@@ -669,7 +669,7 @@ func (f *fixture) startUnreachable(t *testing.T) func(*testing.T) {
 			}
 		}
 		h := stacktest.History(f.ctx, t, f.s, b.WorkflowID, "")
-		r2 := summarize(h)
+		r2 := summarize(t, h)
 		if r2.status != enumspb.EVENT_TYPE_WORKFLOW_EXECUTION_FAILED || r2.scheduled["ResolveVM"] != 1 || len(r2.scheduled) != 1 {
 			t.Errorf("start workflow %s: %v, activities %v: want failed after ResolveVM alone", b.WorkflowID, r2.status, r2.scheduled)
 		}

@@ -13,6 +13,7 @@ import (
 	"testing"
 
 	"github.com/cbtflow/cbtflow/internal/digest"
+	"github.com/cbtflow/cbtflow/testkit/stacktest"
 	enumspb "go.temporal.io/api/enums/v1"
 	failurepb "go.temporal.io/api/failure/v1"
 	historypb "go.temporal.io/api/history/v1"
@@ -90,35 +91,35 @@ func readOnlyBind(t *testing.T, dir string) {
 	}
 }
 
-// activityRuns summarizes the activities of one history.
+// activityRuns summarizes the activities of one history: its activities
+// and local activities (stacktest.Steps).
 type activityRuns struct {
-	scheduled map[string]int                                    // activity type → times scheduled
-	attempts  map[string][]int32                                // activity type → attempt of each started event
+	scheduled map[string]int                                    // activity type → times scheduled (run, of a local activity)
+	attempts  map[string][]int32                                // activity type → the last attempt of each started one
 	failures  map[string][]*failurepb.Failure                   // activity type → failures
 	canceled  map[string]int                                    // activity type → cancellations
 	closed    *historypb.WorkflowExecutionFailedEventAttributes // nil unless the workflow failed
 	status    enumspb.EventType                                 // the last event's type
 }
 
-func summarize(events []*historypb.HistoryEvent) activityRuns {
+func summarize(t testing.TB, events []*historypb.HistoryEvent) activityRuns {
+	t.Helper()
 	r := activityRuns{scheduled: map[string]int{}, attempts: map[string][]int32{}, failures: map[string][]*failurepb.Failure{}, canceled: map[string]int{}}
-	names := map[int64]string{}
+	for _, s := range stacktest.Steps(t, events) {
+		r.scheduled[s.Type]++
+		if s.Attempt > 0 {
+			r.attempts[s.Type] = append(r.attempts[s.Type], int32(s.Attempt))
+		}
+		if s.Failure != nil {
+			r.failures[s.Type] = append(r.failures[s.Type], s.Failure)
+		}
+		if s.Canceled {
+			r.canceled[s.Type]++
+		}
+	}
 	for _, ev := range events {
-		switch ev.GetEventType() {
-		case enumspb.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
-			name := ev.GetActivityTaskScheduledEventAttributes().GetActivityType().GetName()
-			names[ev.GetEventId()] = name
-			r.scheduled[name]++
-		case enumspb.EVENT_TYPE_ACTIVITY_TASK_STARTED:
-			a := ev.GetActivityTaskStartedEventAttributes()
-			r.attempts[names[a.GetScheduledEventId()]] = append(r.attempts[names[a.GetScheduledEventId()]], a.GetAttempt())
-		case enumspb.EVENT_TYPE_ACTIVITY_TASK_FAILED:
-			a := ev.GetActivityTaskFailedEventAttributes()
-			r.failures[names[a.GetScheduledEventId()]] = append(r.failures[names[a.GetScheduledEventId()]], a.GetFailure())
-		case enumspb.EVENT_TYPE_ACTIVITY_TASK_CANCELED:
-			r.canceled[names[ev.GetActivityTaskCanceledEventAttributes().GetScheduledEventId()]]++
-		case enumspb.EVENT_TYPE_WORKFLOW_EXECUTION_FAILED:
-			r.closed = ev.GetWorkflowExecutionFailedEventAttributes()
+		if a := ev.GetWorkflowExecutionFailedEventAttributes(); a != nil {
+			r.closed = a
 		}
 	}
 	if len(events) > 0 {

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	enumspb "go.temporal.io/api/enums/v1"
+	historypb "go.temporal.io/api/history/v1"
 	"go.temporal.io/api/workflowservice/v1"
 
 	"github.com/cbtflow/cbtflow/activities"
@@ -373,30 +374,29 @@ func (e *env) snapshots(ctx context.Context, vmName string) ([]string, error) {
 }
 
 // attempts reads the history of the newest run of workflow wid and returns
-// the highest attempt of activity, and the last failure's type.
+// the highest attempt of activity, and the last failure's type. A local
+// activity (a backup's short steps) counts its attempts in each workflow
+// task that ran it: a task lost with its worker ran it once more
+// (stacktest.Step's Reruns).
 func (e *env) attempts(wid, activity string) (attempt int, failureType string, err error) {
 	ctx, cancel := context.WithTimeout(e.ctx, time.Minute)
 	defer cancel()
+	var events []*historypb.HistoryEvent
 	it := e.s.Client().GetWorkflowHistory(ctx, wid, "", false, enumspb.HISTORY_EVENT_FILTER_TYPE_ALL_EVENT)
-	scheduled := map[int64]string{}
 	for it.HasNext() {
 		ev, err := it.Next()
 		if err != nil {
 			return 0, "", err
 		}
-		switch ev.GetEventType() {
-		case enumspb.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
-			scheduled[ev.GetEventId()] = ev.GetActivityTaskScheduledEventAttributes().GetActivityType().GetName()
-		case enumspb.EVENT_TYPE_ACTIVITY_TASK_STARTED:
-			a := ev.GetActivityTaskStartedEventAttributes()
-			if scheduled[a.GetScheduledEventId()] == activity {
-				attempt = max(attempt, int(a.GetAttempt()))
-			}
-		case enumspb.EVENT_TYPE_ACTIVITY_TASK_FAILED:
-			a := ev.GetActivityTaskFailedEventAttributes()
-			if scheduled[a.GetScheduledEventId()] == activity {
-				failureType = a.GetFailure().GetApplicationFailureInfo().GetType()
-			}
+		events = append(events, ev)
+	}
+	for _, s := range stacktest.Steps(e.t, events) {
+		if s.Type != activity {
+			continue
+		}
+		attempt = max(attempt, s.Attempt+s.Reruns)
+		if s.Failure != nil {
+			failureType = s.Failure.GetApplicationFailureInfo().GetType()
 		}
 	}
 	return attempt, failureType, nil

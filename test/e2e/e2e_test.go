@@ -15,7 +15,6 @@ import (
 	"testing"
 	"time"
 
-	enumspb "go.temporal.io/api/enums/v1"
 	historypb "go.temporal.io/api/history/v1"
 
 	"github.com/cbtflow/cbtflow/activities"
@@ -400,28 +399,14 @@ func unknownVM(ctx context.Context, t *testing.T, s *stack.Stack) {
 	if hist == nil {
 		t.Fatalf("no failed Backup workflow for %s", name)
 	}
-	scheduled, started := 0, 0
-	for _, ev := range hist {
-		switch ev.GetEventType() {
-		case enumspb.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
-			scheduled++
-			if at := ev.GetActivityTaskScheduledEventAttributes().GetActivityType().GetName(); at != "ResolveVM" {
-				t.Errorf("unknown VM: activity %s scheduled, want only ResolveVM", at)
-			}
-		case enumspb.EVENT_TYPE_ACTIVITY_TASK_STARTED:
-			started++
-			if a := ev.GetActivityTaskStartedEventAttributes().GetAttempt(); a != 1 {
-				t.Errorf("unknown VM: ResolveVM ran %d attempts, want 1", a)
-			}
-		case enumspb.EVENT_TYPE_ACTIVITY_TASK_FAILED:
-			info := ev.GetActivityTaskFailedEventAttributes().GetFailure().GetApplicationFailureInfo()
-			if !info.GetNonRetryable() || info.GetType() != activities.ErrTypeVMNotFound {
-				t.Errorf("unknown VM: activity failure %+v, want non-retryable %s", info, activities.ErrTypeVMNotFound)
-			}
-		}
+	steps := stacktest.Steps(t, hist)
+	if len(steps) != 1 || steps[0].Type != "ResolveVM" || steps[0].Attempt != 1 {
+		t.Errorf("unknown VM: activities %+v, want one ResolveVM, attempted once", steps)
 	}
-	if scheduled != 1 || started != 1 {
-		t.Errorf("unknown VM: %d activities scheduled, %d started, want 1 and 1", scheduled, started)
+	for _, st := range steps {
+		if info := st.Failure.GetApplicationFailureInfo(); !info.GetNonRetryable() || info.GetType() != activities.ErrTypeVMNotFound {
+			t.Errorf("unknown VM: %s failed with %+v, want non-retryable %s", st.Type, info, activities.ErrTypeVMNotFound)
+		}
 	}
 }
 

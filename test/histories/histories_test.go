@@ -14,6 +14,7 @@ import (
 	"time"
 
 	enumspb "go.temporal.io/api/enums/v1"
+	failurepb "go.temporal.io/api/failure/v1"
 	historypb "go.temporal.io/api/history/v1"
 	"go.temporal.io/sdk/client"
 	"go.temporal.io/sdk/temporal"
@@ -279,29 +280,26 @@ func (h *harness) noLeftovers(label, vm, ref, backupID string) {
 	}
 }
 
-// scheduled lists the activity types the history scheduled, in order.
-func scheduled(events []*historypb.HistoryEvent) []string {
+// scheduled lists the activity types the history ran, in order: its
+// activities and local activities (stacktest.Steps).
+func scheduled(t testing.TB, events []*historypb.HistoryEvent) []string {
+	t.Helper()
 	var out []string
-	for _, ev := range events {
-		if a := ev.GetActivityTaskScheduledEventAttributes(); a != nil {
-			out = append(out, a.GetActivityType().GetName())
-		}
+	for _, s := range stacktest.Steps(t, events) {
+		out = append(out, s.Type)
 	}
 	return out
 }
 
-// activityFailures returns, per activity type, the failures of its
-// attempts that the history recorded (the last attempt's).
-func activityFailures(events []*historypb.HistoryEvent) map[string][]*historypb.ActivityTaskFailedEventAttributes {
-	types := map[int64]string{}
-	out := map[string][]*historypb.ActivityTaskFailedEventAttributes{}
-	for _, ev := range events {
-		if a := ev.GetActivityTaskScheduledEventAttributes(); a != nil {
-			types[ev.GetEventId()] = a.GetActivityType().GetName()
-		}
-		if a := ev.GetActivityTaskFailedEventAttributes(); a != nil {
-			n := types[a.GetScheduledEventId()]
-			out[n] = append(out[n], a)
+// activityFailures returns, per activity type, the failures that its
+// activities and local activities ended with (each one's last
+// attempt's).
+func activityFailures(t testing.TB, events []*historypb.HistoryEvent) map[string][]*failurepb.Failure {
+	t.Helper()
+	out := map[string][]*failurepb.Failure{}
+	for _, s := range stacktest.Steps(t, events) {
+		if s.Failure != nil {
+			out[s.Type] = append(out[s.Type], s.Failure)
 		}
 	}
 	return out
@@ -341,8 +339,8 @@ func (h *harness) backups() {
 		}
 	}
 	_, events := h.history(full.BackupID)
-	if lastEvent(events) != enumspb.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED || count(scheduled(events), "TransferDisk") != 2 {
-		t.Errorf("full backup: history ends %s with transfers %q, want completed with 2 transfers", lastEvent(events), scheduled(events))
+	if lastEvent(events) != enumspb.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED || count(scheduled(t, events), "TransferDisk") != 2 {
+		t.Errorf("full backup: history ends %s with transfers %q, want completed with 2 transfers", lastEvent(events), scheduled(t, events))
 	}
 	h.keep("backupvm_full", events)
 
@@ -418,13 +416,13 @@ func (h *harness) backups() {
 		}
 	}
 	_, events = h.history(reset.BackupID)
-	fails := activityFailures(events)["ChangedAreas"]
-	if len(fails) != 2 || count(scheduled(events), "ChangedAreas") != 4 || lastEvent(events) != enumspb.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED {
+	fails := activityFailures(t, events)["ChangedAreas"]
+	if len(fails) != 2 || count(scheduled(t, events), "ChangedAreas") != 4 || lastEvent(events) != enumspb.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED {
 		t.Errorf("backup after a CBT reset: %d ChangedAreas failed of %q, history ends %s; want the 2 incremental queries refused, then 2 full ones",
-			len(fails), scheduled(events), lastEvent(events))
+			len(fails), scheduled(t, events), lastEvent(events))
 	}
 	for _, f := range fails {
-		if info := f.GetFailure().GetApplicationFailureInfo(); info.GetType() != activities.ErrTypeCBTReset || !info.GetNonRetryable() {
+		if info := f.GetApplicationFailureInfo(); info.GetType() != activities.ErrTypeCBTReset || !info.GetNonRetryable() {
 			t.Errorf("backup after a CBT reset: ChangedAreas failed with %+v, want non-retryable %s", info, activities.ErrTypeCBTReset)
 		}
 	}
@@ -470,8 +468,8 @@ func (h *harness) restoreAndVerify() {
 	}
 	wid, run := h.closedRun("restore", "WorkflowType = 'Restore'")
 	events := stacktest.History(h.ctx, t, h.s, wid, run)
-	if lastEvent(events) != enumspb.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED || !slices.Equal(scheduled(events), []string{"FindRestorePoint", "RestoreDisk"}) {
-		t.Errorf("restore: history ends %s with activities %q, want completed after FindRestorePoint, RestoreDisk", lastEvent(events), scheduled(events))
+	if lastEvent(events) != enumspb.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED || !slices.Equal(scheduled(t, events), []string{"FindRestorePoint", "RestoreDisk"}) {
+		t.Errorf("restore: history ends %s with activities %q, want completed after FindRestorePoint, RestoreDisk", lastEvent(events), scheduled(t, events))
 	}
 	h.keep("restore", events)
 
@@ -480,8 +478,8 @@ func (h *harness) restoreAndVerify() {
 	}
 	wid, run = h.closedRun("verify", "WorkflowType = 'Verify'")
 	events = stacktest.History(h.ctx, t, h.s, wid, run)
-	if lastEvent(events) != enumspb.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED || !slices.Equal(scheduled(events), []string{"PlanVerify", "VerifyPoint", "VerifyPoint"}) {
-		t.Errorf("verify: history ends %s with activities %q, want completed after PlanVerify and a VerifyPoint per disk", lastEvent(events), scheduled(events))
+	if lastEvent(events) != enumspb.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED || !slices.Equal(scheduled(t, events), []string{"PlanVerify", "VerifyPoint", "VerifyPoint"}) {
+		t.Errorf("verify: history ends %s with activities %q, want completed after PlanVerify and a VerifyPoint per disk", lastEvent(events), scheduled(t, events))
 	}
 	h.keep("verify", events)
 
@@ -496,8 +494,8 @@ func (h *harness) restoreAndVerify() {
 		t.Errorf("a Verify of an unknown restore point ended with %v, want %s naming it", err, activities.ErrTypeInvalidInput)
 	}
 	events = stacktest.History(h.ctx, t, h.s, vrun.GetID(), vrun.GetRunID())
-	if lastEvent(events) != enumspb.EVENT_TYPE_WORKFLOW_EXECUTION_FAILED || !slices.Equal(scheduled(events), []string{"PlanVerify"}) {
-		t.Errorf("failed verify: history ends %s with activities %q, want failed after PlanVerify", lastEvent(events), scheduled(events))
+	if lastEvent(events) != enumspb.EVENT_TYPE_WORKFLOW_EXECUTION_FAILED || !slices.Equal(scheduled(t, events), []string{"PlanVerify"}) {
+		t.Errorf("failed verify: history ends %s with activities %q, want failed after PlanVerify", lastEvent(events), scheduled(t, events))
 	}
 	h.keep("verify_failed", events)
 }
@@ -525,8 +523,8 @@ func (h *harness) export() {
 	}
 	wid, run := h.closedRun("export", "WorkflowType = 'Export'")
 	events := stacktest.History(h.ctx, t, h.s, wid, run)
-	if lastEvent(events) != enumspb.EVENT_TYPE_WORKFLOW_EXECUTION_CANCELED || !slices.Equal(scheduled(events), []string{"FindRestorePoint", "ServeExport"}) {
-		t.Errorf("export: history ends %s with activities %q, want canceled after FindRestorePoint, ServeExport", lastEvent(events), scheduled(events))
+	if lastEvent(events) != enumspb.EVENT_TYPE_WORKFLOW_EXECUTION_CANCELED || !slices.Equal(scheduled(t, events), []string{"FindRestorePoint", "ServeExport"}) {
+		t.Errorf("export: history ends %s with activities %q, want canceled after FindRestorePoint, ServeExport", lastEvent(events), scheduled(t, events))
 	}
 	h.waitNoNBD("the stopped export")
 	h.keep("export", events)
@@ -587,13 +585,13 @@ func (h *harness) failed() {
 		}
 	}
 	_, events := h.history(out.BackupID)
-	fails := activityFailures(events)["ChangedAreas"]
+	fails := activityFailures(t, events)["ChangedAreas"]
 	if len(fails) != 1 || lastEvent(events) != enumspb.EVENT_TYPE_WORKFLOW_EXECUTION_FAILED {
 		t.Errorf("failed backup: ChangedAreas failures %v, history ends %s; want one, and failed", fails, lastEvent(events))
-	} else if info := fails[0].GetFailure().GetApplicationFailureInfo(); info.GetType() != activities.ErrTypeSnapshotIdentity || !info.GetNonRetryable() {
+	} else if info := fails[0].GetApplicationFailureInfo(); info.GetType() != activities.ErrTypeSnapshotIdentity || !info.GetNonRetryable() {
 		t.Errorf("failed backup: ChangedAreas failed with %+v, want non-retryable %s", info, activities.ErrTypeSnapshotIdentity)
 	}
-	sch := scheduled(events)
+	sch := scheduled(t, events)
 	if slices.Contains(sch, "CommitRestorePoint") || slices.Contains(sch, "TransferDisk") || !slices.Contains(sch, "FailBackup") || !slices.Contains(sch, "RemoveSnapshot") {
 		t.Errorf("failed backup: activities %q, want no transfer or commit, then RemoveSnapshot and FailBackup", sch)
 	}
@@ -652,7 +650,7 @@ func (h *harness) canceled() {
 		t.Fatalf("the canceled backup %s ended with %v, want canceled", backupID, err)
 	}
 	_, events := h.history(backupID)
-	sch := scheduled(events)
+	sch := scheduled(t, events)
 	if lastEvent(events) != enumspb.EVENT_TYPE_WORKFLOW_EXECUTION_CANCELED || slices.Contains(sch, "CommitRestorePoint") ||
 		!slices.Contains(sch, "RemoveSnapshot") || !slices.Contains(sch, "FailBackup") {
 		t.Errorf("canceled backup: history ends %s with activities %q; want canceled, no commit, the snapshot removed and the backup failed", lastEvent(events), sch)
@@ -752,7 +750,7 @@ func (h *harness) sweep() {
 	}
 	ex := runs[0].GetExecution()
 	events := stacktest.History(h.ctx, t, h.s, ex.GetWorkflowId(), ex.GetRunId())
-	sch := scheduled(events)
+	sch := scheduled(t, events)
 	if lastEvent(events) != enumspb.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED || !slices.Equal(sch, []string{"FindOrphans", "RemoveSnapshot", "FailBackup"}) {
 		t.Errorf("sweep: history ends %s with activities %q, want completed after FindOrphans, RemoveSnapshot, FailBackup", lastEvent(events), sch)
 	}
@@ -780,7 +778,7 @@ func (h *harness) restoreVM() {
 	}
 	wid, run := h.closedRun("restore-vm", "WorkflowType = 'RestoreVM'")
 	events := stacktest.History(h.ctx, t, h.s, wid, run)
-	sch := scheduled(events)
+	sch := scheduled(t, events)
 	if lastEvent(events) != enumspb.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED || count(sch, "WriteVMDisk") != 1 ||
 		count(sch, "CreateRestoreSnapshot") != 1 || count(sch, "RemoveSnapshot") != 1 {
 		t.Errorf("restore-vm: history ends %s with activities %q, want completed after one CreateRestoreSnapshot, WriteVMDisk and RemoveSnapshot", lastEvent(events), sch)
@@ -824,8 +822,8 @@ func (h *harness) prune() {
 	}
 	ex := runs[0].GetExecution()
 	events := stacktest.History(h.ctx, t, h.s, ex.GetWorkflowId(), ex.GetRunId())
-	if lastEvent(events) != enumspb.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED || !slices.Equal(scheduled(events), []string{"PlanPrune"}) {
-		t.Errorf("prune: history ends %s with activities %q, want completed after PlanPrune (and a PruneVM child)", lastEvent(events), scheduled(events))
+	if lastEvent(events) != enumspb.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED || !slices.Equal(scheduled(t, events), []string{"PlanPrune"}) {
+		t.Errorf("prune: history ends %s with activities %q, want completed after PlanPrune (and a PruneVM child)", lastEvent(events), scheduled(t, events))
 	}
 	h.keep("prune", events)
 	runs = stacktest.ListWorkflows(h.ctx, t, h.s, "WorkflowType = 'PruneVM'")
@@ -834,8 +832,8 @@ func (h *harness) prune() {
 	}
 	ex = runs[0].GetExecution()
 	events = stacktest.History(h.ctx, t, h.s, ex.GetWorkflowId(), ex.GetRunId())
-	if lastEvent(events) != enumspb.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED || !slices.Equal(scheduled(events), []string{"PlanVM", "MergeImage", "ApplyPrune"}) {
-		t.Errorf("prunevm: history ends %s with activities %q, want completed after PlanVM, MergeImage, ApplyPrune", lastEvent(events), scheduled(events))
+	if lastEvent(events) != enumspb.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED || !slices.Equal(scheduled(t, events), []string{"PlanVM", "MergeImage", "ApplyPrune"}) {
+		t.Errorf("prunevm: history ends %s with activities %q, want completed after PlanVM, MergeImage, ApplyPrune", lastEvent(events), scheduled(t, events))
 	}
 	h.keep("prunevm", events)
 }

@@ -21,6 +21,7 @@ import (
 	"go.temporal.io/sdk/converter"
 	tlog "go.temporal.io/sdk/log"
 	"go.temporal.io/sdk/worker"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/cbtflow/cbtflow/testkit/stacktest"
 	"github.com/cbtflow/cbtflow/workflows"
@@ -30,8 +31,8 @@ import (
 // workflow gave, one string per event a command generated (an activity
 // scheduled or its cancel requested, with the activity's type; a child
 // started, with its type; a marker, with GetVersion's change ID and
-// version; a search attribute upsert, with its keys; a timer; the
-// workflow's end), sorted. Events that are no command (activity and
+// version, or a local activity's type; a search attribute upsert, with
+// its keys; a timer; the workflow's end), sorted. Events that are no command (activity and
 // workflow task results, signals, cancel requests from outside) are left
 // out, and so are values (IDs, inputs, times): they differ from run to
 // run. The order is left out too: the disks of a backup are copied in
@@ -55,6 +56,11 @@ func commandsOf(events []*historypb.HistoryEvent) []string {
 		case enumspb.EVENT_TYPE_MARKER_RECORDED:
 			a := ev.GetMarkerRecordedEventAttributes()
 			s := typ + " " + a.GetMarkerName()
+			if a.GetMarkerName() == "LocalActivity" {
+				var data struct{ ActivityType string }
+				_ = converter.GetDefaultDataConverter().FromPayloads(a.GetDetails()["data"], &data)
+				s += " " + data.ActivityType
+			}
 			if a.GetMarkerName() == "Version" {
 				var id string
 				var v int
@@ -112,11 +118,16 @@ func checkNoSecret(t *testing.T, name string, events []*historypb.HistoryEvent, 
 }
 
 // replay replays the history on the current workflows, registered as the
-// worker registers them.
+// worker registers them. It replays a copy: the SDK merges each upsert of
+// search attributes into the map of the start event's, in place, and a
+// history recorded after that would start with the attributes the run
+// ended with (BackupVM reads those it started with: see upsertKeywords
+// in workflows).
 func replay(events []*historypb.HistoryEvent) error {
+	h := &historypb.History{Events: events}
 	r := worker.NewWorkflowReplayer()
 	workflows.Register(r)
-	return r.ReplayWorkflowHistory(tlog.NewStructuredLogger(slog.New(slog.DiscardHandler)), &historypb.History{Events: events})
+	return r.ReplayWorkflowHistory(tlog.NewStructuredLogger(slog.New(slog.DiscardHandler)), proto.Clone(h).(*historypb.History))
 }
 
 func marshal(events []*historypb.HistoryEvent) ([]byte, error) {

@@ -8,8 +8,6 @@ import (
 	"testing"
 	"time"
 
-	enumspb "go.temporal.io/api/enums/v1"
-
 	"github.com/cbtflow/cbtflow/activities"
 	"github.com/cbtflow/cbtflow/internal/faultpoint"
 	"github.com/cbtflow/cbtflow/lab"
@@ -335,25 +333,18 @@ func noNBDProcesses(t *testing.T, s *stack.Stack) {
 }
 
 // lastFailure reads the history of workflow wid: the highest attempt of
-// activity, and its last failure's type and whether it was non-retryable.
+// activity (an activity's or a local activity's: stacktest.Steps), and
+// its last failure's type and whether it was non-retryable.
 func lastFailure(ctx context.Context, t *testing.T, s *stack.Stack, wid, activity string) (attempts int, typ string, nonRetryable bool) {
 	t.Helper()
-	scheduled := map[int64]string{}
-	for _, ev := range stacktest.History(ctx, t, s, wid, "") {
-		switch ev.GetEventType() {
-		case enumspb.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
-			scheduled[ev.GetEventId()] = ev.GetActivityTaskScheduledEventAttributes().GetActivityType().GetName()
-		case enumspb.EVENT_TYPE_ACTIVITY_TASK_STARTED:
-			a := ev.GetActivityTaskStartedEventAttributes()
-			if scheduled[a.GetScheduledEventId()] == activity {
-				attempts = max(attempts, int(a.GetAttempt()))
-			}
-		case enumspb.EVENT_TYPE_ACTIVITY_TASK_FAILED:
-			a := ev.GetActivityTaskFailedEventAttributes()
-			if scheduled[a.GetScheduledEventId()] == activity {
-				info := a.GetFailure().GetApplicationFailureInfo()
-				typ, nonRetryable = info.GetType(), info.GetNonRetryable()
-			}
+	for _, st := range stacktest.Steps(t, stacktest.History(ctx, t, s, wid, "")) {
+		if st.Type != activity {
+			continue
+		}
+		attempts = max(attempts, st.Attempt)
+		if st.Failure != nil {
+			info := st.Failure.GetApplicationFailureInfo()
+			typ, nonRetryable = info.GetType(), info.GetNonRetryable()
 		}
 	}
 	return attempts, typ, nonRetryable

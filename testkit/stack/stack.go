@@ -6,9 +6,11 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -33,6 +35,29 @@ const Profile = "lab"
 
 // Namespace is the Temporal namespace the stack uses (the dev server's).
 const Namespace = "default"
+
+// TemporalDynamicConfig is the dynamic configuration cbtflow's Temporal
+// servers run with, here and wherever one is started (scripts/dev for
+// make dev and the demo, deploy/temporal/dynamicconfig.yaml for docker
+// compose; a test checks they agree): activity eager execution, off by
+// default in the server, hands an activity that a workflow task schedules
+// on the worker's own task queue back to that worker in the answer to the
+// task's completion (the SDK asks for it when the worker has a free
+// slot), instead of through the task queue: each step of a backup starts
+// one round trip through the server sooner.
+var TemporalDynamicConfig = map[string]string{
+	"system.enableActivityEagerExecution": "true",
+}
+
+// TemporalDynamicConfigArgs are TemporalDynamicConfig as arguments of
+// `temporal server start-dev`.
+func TemporalDynamicConfigArgs() []string {
+	var args []string
+	for _, k := range slices.Sorted(maps.Keys(TemporalDynamicConfig)) {
+		args = append(args, "--dynamic-config-value", k+"="+TemporalDynamicConfig[k])
+	}
+	return args
+}
 
 // Options configure Start.
 type Options struct {
@@ -305,6 +330,7 @@ func (s *Stack) StartTemporal(ctx context.Context) error {
 	for _, a := range workflows.SearchAttributeNames {
 		args = append(args, "--search-attribute", a+"=Keyword")
 	}
+	args = append(args, TemporalDynamicConfigArgs()...)
 	// The CLI reads no config file or profile of the user's.
 	env := childEnv("HOME=" + s.tmpDir)
 	p, err := startProc("temporal", s.opts.Binaries.Temporal, args, env, s.TemporalLog())
