@@ -278,10 +278,11 @@ func TestMaxTransfers(t *testing.T) {
 	defer serverLog.Close()
 	// Without cbtflow's dynamic configuration (stack.TemporalDynamicConfig):
 	// what is tested here is the worker's slots, however its activities
-	// reach it, and an eagerly started transfer's 2 s heartbeat timeout
-	// runs from the answer to the workflow task, before the worker has the
-	// task. (On a busy machine those 2 s are tight either way: it failed
-	// 2 of 6 runs with eager execution, 1 of 4 without.)
+	// reach it, and an eagerly started transfer's heartbeat timeout runs
+	// from the answer to the workflow task, before the worker has the
+	// task. (A 2 s heartbeat timeout was tight on a busy machine either
+	// way: it failed 2 of 6 runs with eager execution, 1 of 4 without; it
+	// is 6 s now.)
 	srv, err := testsuite.StartDevServer(ctx, testsuite.DevServerOptions{ExistingPath: bin, LogLevel: "warn",
 		Stdout: serverLog, Stderr: serverLog,
 		ClientOptions: &client.Options{Logger: tlog.NewStructuredLogger(logger)}})
@@ -295,9 +296,9 @@ func TestMaxTransfers(t *testing.T) {
 	})
 	c := srv.Client()
 
-	// Each transfer is held 5 s in the middle of its copy: with 2 slots,
-	// the last ones wait about 10 s, five times their heartbeat timeout.
-	hooks := &holdTransfers{hold: 5 * time.Second}
+	// Each transfer is held 15 s in the middle of its copy: with 2 slots,
+	// the last ones wait about 30 s, five times their heartbeat timeout.
+	hooks := &holdTransfers{hold: 15 * time.Second}
 	w := newWorker(c, deps{sessions: sessions, repo: repo, namespace: "default",
 		activityContext: faultpoint.With(context.Background(), hooks)}, n)
 	w.RegisterWorkflow(transferFanOut)
@@ -332,7 +333,7 @@ func TestMaxTransfers(t *testing.T) {
 		}
 	}()
 
-	in := fanOutInput{Profile: profile.Name, VM: lab.SecondDiskVM, HeartbeatTimeout: 2 * time.Second}
+	in := fanOutInput{Profile: profile.Name, VM: lab.SecondDiskVM, HeartbeatTimeout: 6 * time.Second}
 	for i := range n + 3 {
 		in.Backups = append(in.Backups, fmt.Sprintf("slots%d", i))
 	}
