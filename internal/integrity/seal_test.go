@@ -87,6 +87,17 @@ func seal(t *testing.T, path string) string {
 	return sum
 }
 
+// sealedRecord records the full image at path as a commit would: size,
+// seal and stamp.
+func sealedRecord(t *testing.T, path string) Image {
+	t.Helper()
+	size, st, err := StampOf(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return Image{Path: path, Size: size, SHA256: seal(t, path), Stamp: st}
+}
+
 func flipByte(t *testing.T, path string, off int64) {
 	t.Helper()
 	f, err := os.OpenFile(path, os.O_RDWR, 0)
@@ -318,11 +329,8 @@ func TestSealNeedsTheRecordsData(t *testing.T) {
 // against its seal.
 func TestCheckUsesTheSeal(t *testing.T) {
 	full, _ := sealedChain(t)
-	size, st, err := StampOf(full)
-	if err != nil {
-		t.Fatal(err)
-	}
-	im := Image{Path: full, Size: size, SHA256: seal(t, full), Stamp: Stamp{Inode: st.Inode}}
+	im := sealedRecord(t, full)
+	im.Stamp = Stamp{Inode: im.Stamp.Inode} // changed: the image is re-read
 	out, err := Check(context.Background(), im, nil)
 	if err != nil || !out.Hashed {
 		t.Fatalf("Check with a changed stamp: %+v, %v; want a sound re-read", out, err)
@@ -551,17 +559,13 @@ func TestSealPieceWithZeroBlocks(t *testing.T) {
 // point built on the image.
 func TestCheckSealedNeedsItsDigestFile(t *testing.T) {
 	full, _ := sealedChain(t)
-	size, st, err := StampOf(full)
-	if err != nil {
-		t.Fatal(err)
-	}
-	im := Image{Path: full, Size: size, SHA256: seal(t, full), Stamp: st}
+	im := sealedRecord(t, full)
 	if out, err := Check(context.Background(), im, nil); err != nil || out.Hashed {
 		t.Fatalf("Check of an unchanged image: %+v, %v; want sound, not re-read", out, err)
 	}
 	if err := os.Remove(digest.PathOf(full)); err != nil {
 		t.Fatal(err)
 	}
-	_, err = Check(context.Background(), im, nil)
+	_, err := Check(context.Background(), im, nil)
 	wantSealDamage(t, err, full, "digest file", "missing")
 }
