@@ -25,31 +25,6 @@ import (
 	"github.com/cbtflow/cbtflow/workflows"
 )
 
-// tmpfs is where the Temporal dev server's database goes (-temporal-tmpfs).
-const tmpfs = "/dev/shm"
-
-// temporalDBInto makes the Temporal dev server of a stack in stateDir
-// keep its SQLite database in dbDir: a symbolic link where the stack
-// names the file (STATE/temporal.db), which SQLite follows, its journal
-// too. It returns the database's path in dbDir.
-//
-// The dev server commits every workflow task to that file with fsync
-// (SQLite's default journal): on the disk the backups write GiBs to,
-// each such fsync waits behind their writeback, for seconds under the
-// scale case, until workflow tasks time out and heartbeats fail — a
-// cost of putting Temporal's store beside the repository, which no
-// production deployment does (Temporal keeps its own database).
-func temporalDBInto(stateDir, dbDir string) (string, error) {
-	if err := os.MkdirAll(stateDir, 0o700); err != nil {
-		return "", err
-	}
-	db := filepath.Join(dbDir, "temporal.db")
-	if err := os.Symlink(db, filepath.Join(stateDir, "temporal.db")); err != nil {
-		return "", err
-	}
-	return db, nil
-}
-
 // e2eOptions configure the end-to-end part.
 type e2eOptions struct {
 	dir        string // work folder, removed at the end
@@ -62,7 +37,8 @@ type e2eOptions struct {
 	verbose    bool
 	keep       bool // keep the work folder
 	// temporalTmpfs puts the Temporal dev server's database in memory
-	// (temporalDBInto).
+	// (in stack.TemporalDBTmpfs, the default of package stack; false
+	// is its Options.TemporalDBOnDisk).
 	temporalTmpfs bool
 	cases         []string // of e2eCases, in that order
 
@@ -120,7 +96,7 @@ func runE2E(ctx context.Context, o e2eOptions) (err error) {
 	}
 	defer func() {
 		if o.keep {
-			fmt.Printf("kept the end-to-end part's work folder %s (the stack's logs and state in %s)\n", work, filepath.Join(work, "state"))
+			fmt.Printf("kept the end-to-end part's work folder %s (the stack's logs and state, Temporal's database included, in %s)\n", work, filepath.Join(work, "state"))
 			return
 		}
 		err = errors.Join(err, os.RemoveAll(work))
@@ -140,26 +116,8 @@ func runE2E(ctx context.Context, o e2eOptions) (err error) {
 		defer cancel()
 		err = errors.Join(err, drop(dctx))
 	}()
-	stateDir := filepath.Join(work, "state")
-	var temporalDB string
-	if o.temporalTmpfs {
-		dbDir, derr := os.MkdirTemp(tmpfs, "cbtflow-bench-temporal-")
-		if derr != nil {
-			return fmt.Errorf("the Temporal dev server's database in %s (-temporal-tmpfs=false keeps it on disk): %w", tmpfs, derr)
-		}
-		defer func() {
-			if o.keep {
-				fmt.Printf("kept the Temporal dev server's database folder %s\n", dbDir)
-				return
-			}
-			err = errors.Join(err, os.RemoveAll(dbDir))
-		}()
-		if temporalDB, err = temporalDBInto(stateDir, dbDir); err != nil {
-			return err
-		}
-	}
 	up := time.Now()
-	s, err := stack.Start(ctx, stack.Options{Dir: stateDir, DatabaseURL: dbURL, Binaries: bins})
+	s, err := stack.Start(ctx, stack.Options{Dir: filepath.Join(work, "state"), DatabaseURL: dbURL, Binaries: bins, TemporalDBOnDisk: !o.temporalTmpfs})
 	if err != nil {
 		return err
 	}
@@ -175,12 +133,14 @@ func runE2E(ctx context.Context, o e2eOptions) (err error) {
 		}
 	}()
 	fmt.Printf("stack up in %.1fs (Temporal dev server %s, lab, worker)\n", time.Since(up).Seconds(), s.TemporalAddress())
-	if temporalDB != "" {
-		if _, err := os.Stat(temporalDB); err != nil {
-			fmt.Printf("warning: the Temporal dev server did not make its database in %s (%v): it is on disk, beside the repository\n", temporalDB, err)
-		} else {
-			fmt.Printf("the Temporal dev server's database is in memory (%s), not on the disk of the repository and the lab\n", temporalDB)
+	if db := s.TemporalDB(); !strings.HasPrefix(db, stack.TemporalDBTmpfs+"/") {
+		if o.temporalTmpfs {
+			fmt.Printf("warning: the Temporal dev server's database is on disk (%s), beside the repository: %s is missing or not writable\n", db, stack.TemporalDBTmpfs)
 		}
+	} else if _, err := os.Stat(db); err != nil {
+		fmt.Printf("warning: the Temporal dev server did not make its database in %s (%v)\n", db, err)
+	} else {
+		fmt.Printf("the Temporal dev server's database is in memory (%s), not on the disk of the repository and the lab\n", db)
 	}
 
 	r := &e2eRun{o: o, s: s, work: work}

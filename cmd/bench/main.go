@@ -34,6 +34,7 @@ import (
 	"github.com/cbtflow/cbtflow/internal/copier"
 	"github.com/cbtflow/cbtflow/internal/integrity"
 	"github.com/cbtflow/cbtflow/internal/qemu"
+	"github.com/cbtflow/cbtflow/testkit/stack"
 )
 
 const (
@@ -61,8 +62,8 @@ func main() {
 		incr    = flag.Int64("incr-data", 10*mib, "e2e: bytes changed before each incremental backup")
 		piece   = flag.Int64("incr-write", 64<<10, "e2e: bytes of each of those writes, at scattered places")
 		twoData = flag.Int64("two-data", 64*mib, "e2e: bytes of data on each disk of the unchanged two-disk VM")
-		keep    = flag.Bool("keep", false, "e2e: keep its work folder (the stack's logs and state, the repository) for a post-mortem instead of removing it; the database is dropped all the same")
-		tmpDB   = flag.Bool("temporal-tmpfs", true, "e2e: the Temporal dev server's database in "+tmpfs+" (false: on disk in the stack's folder, beside the repository and the lab's disks, whose writeback its every fsync then waits behind)")
+		keep    = flag.Bool("keep", false, "e2e: keep its work folder (the stack's logs and state, Temporal's database, the repository) for a post-mortem instead of removing it; the database is dropped all the same")
+		tmpDB   = flag.Bool("temporal-tmpfs", true, "e2e: the Temporal dev server's database in "+stack.TemporalDBTmpfs+", as every stack of package testkit/stack has it (false: on disk in the stack's folder, beside the repository and the lab's disks, whose writeback its every fsync then waits behind)")
 		cases   = flag.String("cases", strings.Join(e2eCases, ","), "e2e: comma-separated cases to run: basic (full, incremental, unchanged backups one at a time), scale (many VMs at once), large (a large sparse disk against a small one)")
 
 		scaleVMs  = flag.Int("scale-vms", 20, "e2e scale: VMs backed up at once")

@@ -61,9 +61,12 @@ func TemporalDynamicConfigArgs() []string {
 
 // Options configure Start.
 type Options struct {
-	// Dir is the state folder: Temporal's db file, the lab's disks, the
-	// repository, the profiles file, every log. Required; it is kept after
-	// Close (for post-mortems) and may be reused by a later stack.
+	// Dir is the state folder: Temporal's database (temporal.db; while
+	// the stack runs a symbolic link to it in TemporalDBTmpfs, see
+	// TemporalDBOnDisk), the lab's disks, the repository, the profiles
+	// file, every log. Required; it is kept after Close (for
+	// post-mortems), Temporal's database in it, and may be reused by a
+	// later stack.
 	Dir string
 	// DatabaseURL is the catalog's PostgreSQL database, typically a fresh
 	// one from CreateDatabase. Required.
@@ -95,6 +98,14 @@ type Options struct {
 	LabAliases []string
 	// StartTimeout bounds each component's start; 2 minutes when zero.
 	StartTimeout time.Duration
+	// TemporalDBOnDisk keeps the Temporal dev server's database in the
+	// state folder while the stack runs. By default it is in a folder of
+	// the stack's own in TemporalDBTmpfs (in memory), where its fsyncs
+	// do not wait behind the writeback of the backups on the state
+	// folder's disk; Close copies it into the state folder and removes
+	// that folder. Without a writable TemporalDBTmpfs it stays on disk
+	// all the same (stack.log says so).
+	TemporalDBOnDisk bool
 }
 
 // Stack is a running cbtflow stack. Its methods are safe for concurrent
@@ -114,6 +125,9 @@ type Stack struct {
 	metricsAddr string
 	vcenters    string
 	repository  string
+	// temporalDBDir is the stack's folder in TemporalDBTmpfs that holds
+	// Temporal's database, "" when it is in the state folder.
+	temporalDBDir string
 
 	mu       sync.Mutex
 	temporal *proc
@@ -154,6 +168,9 @@ func Start(ctx context.Context, opts Options) (s *Stack, err error) {
 	s.log = slog.New(slog.NewTextHandler(s.stackLog, nil))
 	if s.tmpDir, err = os.MkdirTemp("", "cbtstack-"); err != nil {
 		return s, fmt.Errorf("stack: %w", err)
+	}
+	if err := s.setupTemporalDB(); err != nil {
+		return s, err
 	}
 	if err := os.MkdirAll(s.repository, 0o700); err != nil {
 		return s, fmt.Errorf("stack: %w", err)
@@ -311,9 +328,10 @@ func childEnv(extra ...string) []string {
 	return append(env, extra...)
 }
 
-// StartTemporal starts the Temporal dev server on the stack's port and db
-// file (the state survives a restart) and waits until it serves the
-// namespace with cbtflow's search attributes.
+// StartTemporal starts the Temporal dev server on the stack's port and
+// database (STATE/temporal.db, see TemporalDB: the state survives a
+// restart) and waits until it serves the namespace with cbtflow's search
+// attributes.
 func (s *Stack) StartTemporal(ctx context.Context) error {
 	s.mu.Lock()
 	if s.temporal != nil && !s.temporal.exited() {
@@ -321,7 +339,7 @@ func (s *Stack) StartTemporal(ctx context.Context) error {
 		return errors.New("stack: Temporal is running already")
 	}
 	args := []string{"server", "start-dev", "--ip", "127.0.0.1", "--port", strconv.Itoa(s.grpcPort),
-		"--db-filename", filepath.Join(s.dir, "temporal.db"), "--log-level", "warn"}
+		"--db-filename", filepath.Join(s.dir, temporalDBName), "--log-level", "warn"}
 	if s.uiPort != 0 {
 		args = append(args, "--ui-port", strconv.Itoa(s.uiPort))
 	} else {
@@ -440,7 +458,7 @@ func (s *Stack) StopTemporal(kill bool) error {
 }
 
 // RestartTemporal stops the Temporal server gracefully and starts it again
-// on the same port and db file: workflows, schedules and search attributes
+// on the same port and database: workflows, schedules and search attributes
 // survive; Client reconnects.
 func (s *Stack) RestartTemporal(ctx context.Context) error {
 	if err := s.StopTemporal(false); err != nil {
@@ -617,7 +635,9 @@ func (s *Stack) needles() []string {
 
 // Close stops the worker, the Temporal server and the lab, then checks
 // that no process of the stack is left: one that is gets killed (by pid)
-// and reported in the error. The state folder is kept.
+// and reported in the error. The state folder is kept, Temporal's
+// database copied into it from TemporalDBTmpfs, whose folder of the
+// stack's is removed, as is the worker's TMPDIR.
 func (s *Stack) Close() error {
 	s.mu.Lock()
 	if s.closed {
@@ -663,6 +683,9 @@ func (s *Stack) Close() error {
 	s.mu.Unlock()
 	if s.clientLog != nil {
 		s.clientLog.Close()
+	}
+	if err := s.closeTemporalDB(); err != nil {
+		errs = append(errs, err)
 	}
 	s.log.Info("closed", "errors", len(errs))
 	if s.stackLog != nil {

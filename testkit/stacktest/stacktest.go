@@ -89,7 +89,7 @@ func New(t testing.TB, opts stack.Options) *stack.Stack {
 		logTails(t, opts.Dir)
 		t.Fatal(err)
 	}
-	t.Logf("stack up in %s: temporal %s, state %s", time.Since(start).Round(time.Millisecond), s.TemporalAddress(), s.Dir())
+	t.Logf("stack up in %s: temporal %s (database %s), state %s", time.Since(start).Round(time.Millisecond), s.TemporalAddress(), s.TemporalDB(), s.Dir())
 	t.Cleanup(func() {
 		if err := s.Close(); err != nil {
 			t.Error(err)

@@ -1,0 +1,11 @@
+package stack
+
+// SetTemporalDBTmpfs makes the stacks started until restore is called put
+// Temporal's database in dir instead of TemporalDBTmpfs.
+func SetTemporalDBTmpfs(dir string) (restore func()) {
+	old := temporalDBTmpfs
+	temporalDBTmpfs = dir
+	return func() { temporalDBTmpfs = old }
+}
+
+var MoveTemporalDB = moveTemporalDB
