@@ -1,6 +1,7 @@
 package integrity
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/binary"
@@ -18,44 +19,71 @@ import (
 
 	"github.com/cbtflow/cbtflow/internal/digest"
 	"github.com/cbtflow/cbtflow/internal/qemu"
+	"github.com/cbtflow/cbtflow/internal/sparse"
 )
 
 // A backup's image is recorded in the catalog with one of two proofs:
 //
 //   - the SHA-256 of the whole file (64 hex digits): images a prune merged,
 //     and those of transfers without a digest file;
-//   - a seal ("seal1:" and 64 hex digits), for images a transfer wrote with
-//     a digest file (internal/digest). The transfer knows the SHA-256 of
-//     every range it wrote as it streamed it; only the rest of the file
-//     (the QCOW2 metadata, the parts of clusters qemu filled from the
-//     backing file or with zeros, the file's tail) is read to seal it: a
-//     few MiB, where hashing the whole file read the backup's data again.
+//   - a seal ("seal2:" and 64 hex digits; "seal1:" for images sealed before
+//     version 2, still proven), for images a transfer wrote with a digest
+//     file (internal/digest). The transfer knows the SHA-256 of every range
+//     it wrote as it streamed it; only the rest of the file (the QCOW2
+//     metadata, the parts of clusters qemu filled from the backing file or
+//     with zeros, the file's tail) is read to seal it: a few MiB, where
+//     hashing the whole file read the backup's data again.
 //
-// The seal is SHA-256 over "cbtflow image seal 1\n", the file's size (u64,
-// big-endian), the SHA-256 of the digest file, and, in the file's order,
-// every range of the file that holds no byte of a data record — its offset
-// and length (u64 each) and its bytes. Where a data record's bytes lie in
-// the file is read from the image's own mapping (qemu-img map of the image
-// alone), which the QCOW2 metadata holds, which the seal covers. A data
-// record's all-zero blocks (which the copier skips on a fresh image and
-// writes as NBD zeroes on an overlay) have no bytes in the file: the same
-// mapping says the image reads them as zeros (a zero cluster, or a cluster
-// an image without a backing file does not allocate), and a check hashes
-// zeros for them. A record that the image does not hold itself (its
-// backing file's data shows through) makes the image unsealable.
+// The seal is SHA-256 over a domain string ("cbtflow image seal 2\n"), the
+// file's size (u64, big-endian), the SHA-256 of the digest file, and, in
+// the file's order, every range of the file that holds no byte of a data
+// record — its offset and length (u64 each) and its content. Where a data
+// record's bytes lie in the file is read from the image's own mapping
+// (qemu-img map of the image alone), which the QCOW2 metadata holds, which
+// the seal covers. A data record's all-zero blocks (which the copier skips
+// on a fresh image and writes as NBD zeroes on an overlay) have no bytes in
+// the file: the same mapping says the image reads them as zeros (a zero
+// cluster, or a cluster an image without a backing file does not
+// allocate), and a check hashes zeros for them. A record that the image
+// does not hold itself (its backing file's data shows through) makes the
+// image unsealable.
+//
+// A range's content is hashed in pieces: the range cut at every multiple
+// of 4 KiB of the file. A piece holding a non-zero byte is hashed as the
+// byte 1 and its bytes; a run of all-zero pieces as the byte 0 and the
+// run's length (u64). Where a piece lies is known from the range, so the
+// form is unambiguous, and it depends only on the bytes: a hole of a
+// sparse file and written zeros hash alike, but a hole's pieces are known
+// to be zero without reading them (SEEK_DATA/SEEK_HOLE). Images with large
+// clusters (2 MiB, internal/qemu) are sparse: the unwritten subclusters of
+// a cluster are holes in the file, which a seal of version 1 (every byte
+// of a range hashed as it is) had to read.
 //
 // So every byte of the file is proven: a byte outside the records' ranges
 // by the seal, a byte inside by its record's SHA-256 in the digest file,
 // whose own SHA-256 the seal covers (and the catalog records apart). A
-// check of a seal reads the whole file once, as a full SHA-256 would.
+// check of a seal reads the file's data once, as a full SHA-256 would,
+// and skips its holes.
 
-// SealPrefix starts a recorded seal.
-const SealPrefix = "seal1:"
+// SealPrefix starts a seal made now (version 2).
+const SealPrefix = "seal2:"
 
-const sealDomain = "cbtflow image seal 1\n"
+// sealPrefix1 starts a seal of version 1: every byte of a range hashed as
+// it is, holes read.
+const sealPrefix1 = "seal1:"
+
+const (
+	sealDomain  = "cbtflow image seal 2\n"
+	sealDomain1 = "cbtflow image seal 1\n"
+)
+
+// pieceSize is the grid on which a seal of version 2 cuts a range.
+const pieceSize = 4096
 
 // IsSeal reports whether a recorded proof is a seal.
-func IsSeal(recorded string) bool { return strings.HasPrefix(recorded, SealPrefix) }
+func IsSeal(recorded string) bool {
+	return strings.HasPrefix(recorded, SealPrefix) || strings.HasPrefix(recorded, sealPrefix1)
+}
 
 // ErrNotSealable is wrapped by Seal when the image cannot be sealed: its
 // digest file is not complete, or the image does not hold a range a data
@@ -72,6 +100,11 @@ type span struct{ off, n int64 }
 // complete digest file lies beside it (digest.PathOf). beat, when set, is
 // called about every second with the bytes read so far.
 func Seal(ctx context.Context, path string, beat func(done int64)) (int64, string, error) {
+	return sealVersion(ctx, path, 2, beat)
+}
+
+// sealVersion is Seal of a given version (tests make seals of version 1).
+func sealVersion(ctx context.Context, path string, version int, beat func(done int64)) (int64, string, error) {
 	df, err := digest.Read(digest.PathOf(path))
 	if err != nil {
 		return 0, "", fmt.Errorf("%w: %v", ErrNotSealable, err)
@@ -103,7 +136,7 @@ func Seal(ctx context.Context, path string, beat func(done int64)) (int64, strin
 	if err != nil {
 		return 0, "", fmt.Errorf("%w: %v", ErrNotSealable, err)
 	}
-	sum, err := sealOf(ctx, f, fi.Size(), df.SHA256, covered, beat)
+	sum, err := sealOf(ctx, f, fi.Size(), df.SHA256, covered, version, beat)
 	if err != nil {
 		return 0, "", err
 	}
@@ -163,7 +196,11 @@ func VerifySeal(ctx context.Context, path, recorded string, beat func(done int64
 			beat(done)
 		}
 	}
-	got, err := sealOf(ctx, f, fi.Size(), df.SHA256, covered, progress)
+	version := 2
+	if strings.HasPrefix(recorded, sealPrefix1) {
+		version = 1
+	}
+	got, err := sealOf(ctx, f, fi.Size(), df.SHA256, covered, version, progress)
 	if err != nil {
 		return err
 	}
@@ -358,58 +395,155 @@ func recordParts(off, n int64, ext []qemu.MapExtent, zeroUnallocated bool) []par
 	return out
 }
 
-// sealOf hashes the seal of a file of size bytes whose ranges covered hold
-// the data records (sorted, merged), reading every other byte of it.
-func sealOf(ctx context.Context, f *os.File, size int64, digestSHA string, covered []span, beat func(int64)) (string, error) {
+// sealOf hashes the seal (of version 1 or 2) of a file of size bytes
+// whose ranges covered hold the data records (sorted, merged), reading
+// every other byte of it: every byte for version 1, its data segments for
+// version 2.
+func sealOf(ctx context.Context, f *os.File, size int64, digestSHA string, covered []span, version int, beat func(int64)) (string, error) {
 	dsum, err := hex.DecodeString(digestSHA)
 	if err != nil || len(dsum) != sha256.Size {
 		return "", fmt.Errorf("integrity: digest file SHA-256 %q", digestSHA)
 	}
-	h := sha256.New()
-	h.Write([]byte(sealDomain))
-	writeU64(h, uint64(size))
-	h.Write(dsum)
-	buf := make([]byte, 1<<20)
-	var done int64
-	last := time.Now()
-	at := int64(0)
+	s := &sealer{ctx: ctx, f: f, h: sha256.New(), buf: make([]byte, 1<<20), beat: beat, last: time.Now()}
+	prefix, hashContent := SealPrefix, s.pieces
+	s.h.Write([]byte(sealDomain))
+	if version == 1 {
+		prefix, hashContent = sealPrefix1, s.bytes
+		s.h.Reset()
+		s.h.Write([]byte(sealDomain1))
+	}
+	writeU64(s.h, uint64(size))
+	s.h.Write(dsum)
 	hashRange := func(off, n int64) error {
 		if n <= 0 {
 			return nil
 		}
-		writeU64(h, uint64(off))
-		writeU64(h, uint64(n))
-		for n > 0 {
-			if err := ctx.Err(); err != nil {
-				return err
-			}
-			k := min(n, int64(len(buf)))
-			if _, err := f.ReadAt(buf[:k], off); err != nil {
-				return fmt.Errorf("integrity: %s: %w", f.Name(), err)
-			}
-			h.Write(buf[:k])
-			off, n, done = off+k, n-k, done+k
-			if beat != nil && time.Since(last) >= beatEvery {
-				beat(done)
-				last = time.Now()
-			}
-		}
-		return nil
+		writeU64(s.h, uint64(off))
+		writeU64(s.h, uint64(n))
+		return hashContent(off, off+n)
 	}
-	for _, s := range covered {
-		if s.off+s.n > size {
-			return "", &Damage{f.Name(), fmt.Sprintf("maps data to bytes %d-%d, past its end (%d bytes)", s.off, s.off+s.n, size)}
+	at := int64(0)
+	for _, c := range covered {
+		if c.off+c.n > size {
+			return "", &Damage{f.Name(), fmt.Sprintf("maps data to bytes %d-%d, past its end (%d bytes)", c.off, c.off+c.n, size)}
 		}
-		if err := hashRange(at, s.off-at); err != nil {
+		if err := hashRange(at, c.off-at); err != nil {
 			return "", err
 		}
-		at = s.off + s.n
+		at = c.off + c.n
 	}
 	if err := hashRange(at, size-at); err != nil {
 		return "", err
 	}
-	return SealPrefix + hex.EncodeToString(h.Sum(nil)), nil
+	return prefix + hex.EncodeToString(s.h.Sum(nil)), nil
 }
+
+// sealer hashes the content of a seal's ranges.
+type sealer struct {
+	ctx  context.Context
+	f    *os.File
+	h    hash.Hash
+	buf  []byte
+	beat func(int64)
+	done int64 // bytes of the file hashed so far, holes included
+	last time.Time
+	zero int64 // length of the run of zero pieces not yet hashed
+}
+
+// progress counts n more bytes hashed and beats when it is time.
+func (s *sealer) progress(n int64) {
+	s.done += n
+	if s.beat != nil && time.Since(s.last) >= beatEvery {
+		s.beat(s.done)
+		s.last = time.Now()
+	}
+}
+
+// read reads [off, end) of the file in pieces of at most len(buf),
+// calling fn with each.
+func (s *sealer) read(off, end int64, fn func(off int64, b []byte)) error {
+	for off < end {
+		if err := s.ctx.Err(); err != nil {
+			return err
+		}
+		// Every read but the last ends on the piece grid (len(buf) is a
+		// multiple of a piece), so no piece is split between two reads.
+		k := min(end-off, int64(len(s.buf))-off%pieceSize)
+		if _, err := s.f.ReadAt(s.buf[:k], off); err != nil {
+			return fmt.Errorf("integrity: %s: %w", s.f.Name(), err)
+		}
+		fn(off, s.buf[:k])
+		off += k
+		s.progress(k)
+	}
+	return nil
+}
+
+// bytes hashes [off, end) as it is (version 1).
+func (s *sealer) bytes(off, end int64) error {
+	return s.read(off, end, func(_ int64, b []byte) { s.h.Write(b) })
+}
+
+// pieces hashes [off, end) in pieces (version 2): each data segment,
+// widened to whole pieces, is read and its pieces hashed; the holes
+// between count as zero pieces without a read.
+func (s *sealer) pieces(off, end int64) error {
+	at := off // the range is hashed up to here
+	err := sparse.Segments(s.f, off, end, func(segOff, n int64) error {
+		from := max(at, segOff/pieceSize*pieceSize)
+		to := min(end, (segOff+n+pieceSize-1)/pieceSize*pieceSize)
+		if from <= at {
+			from = at
+		} else {
+			s.zero += from - at
+			s.progress(from - at)
+		}
+		if to <= from {
+			return nil
+		}
+		at = to
+		return s.read(from, to, func(o int64, b []byte) {
+			for len(b) > 0 {
+				k := min(int64(len(b)), pieceSize-o%pieceSize)
+				s.piece(b[:k])
+				o, b = o+k, b[k:]
+			}
+		})
+	})
+	if err != nil {
+		return fmt.Errorf("integrity: %s: %w", s.f.Name(), err)
+	}
+	if at < end {
+		s.zero += end - at
+		s.progress(end - at)
+	}
+	s.endRun()
+	return nil
+}
+
+// piece hashes one piece: a zero piece extends the run of zero pieces.
+func (s *sealer) piece(b []byte) {
+	if isZero(b) {
+		s.zero += int64(len(b))
+		return
+	}
+	s.endRun()
+	s.h.Write([]byte{1})
+	s.h.Write(b)
+}
+
+// endRun hashes the run of zero pieces before, if any.
+func (s *sealer) endRun() {
+	if s.zero > 0 {
+		s.h.Write([]byte{0})
+		writeU64(s.h, uint64(s.zero))
+		s.zero = 0
+	}
+}
+
+var zeroPiece [pieceSize]byte
+
+func isZero(b []byte) bool { return bytes.Equal(b, zeroPiece[:len(b)]) }
 
 func writeU64(h hash.Hash, v uint64) {
 	var b [8]byte

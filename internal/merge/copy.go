@@ -9,43 +9,13 @@ import (
 	"path/filepath"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/cbtflow/cbtflow/internal/sparse"
 )
 
 // copyChunk is the most copy_file_range moves between two checks of the
 // context.
 const copyChunk = 32 << 20
-
-// segments calls fn for each data segment of f (SEEK_DATA/SEEK_HOLE), in
-// order. A filesystem without SEEK_DATA reports the whole file as data.
-func segments(f *os.File, size int64, fn func(off, n int64) error) error {
-	var off int64
-	for off < size {
-		start, err := unix.Seek(int(f.Fd()), off, unix.SEEK_DATA)
-		if errors.Is(err, unix.ENXIO) {
-			return nil // only a hole remains
-		}
-		if errors.Is(err, unix.EINVAL) || errors.Is(err, unix.EOPNOTSUPP) {
-			return fn(off, size-off)
-		}
-		if err != nil {
-			return err
-		}
-		end, err := unix.Seek(int(f.Fd()), start, unix.SEEK_HOLE)
-		if err != nil {
-			return err
-		}
-		if end > size {
-			end = size
-		}
-		if end > start {
-			if err := fn(start, end-start); err != nil {
-				return err
-			}
-		}
-		off = end
-	}
-	return nil
-}
 
 // allocated returns the bytes in path's data segments: what a sparse copy
 // of the file reads and writes.
@@ -60,7 +30,7 @@ func allocated(path string) (int64, error) {
 		return 0, err
 	}
 	var n int64
-	err = segments(f, fi.Size(), func(_, k int64) error { n += k; return nil })
+	err = sparse.Segments(f, 0, fi.Size(), func(_, k int64) error { n += k; return nil })
 	return n, err
 }
 
@@ -112,7 +82,7 @@ func copySparse(ctx context.Context, src, dst string) (copied int64, cloned bool
 	}
 	useCFR := true
 	buf := make([]byte, 1<<20)
-	err = segments(in, fi.Size(), func(off, n int64) error {
+	err = sparse.Segments(in, 0, fi.Size(), func(off, n int64) error {
 		for n > 0 {
 			if err := ctx.Err(); err != nil {
 				return err

@@ -25,11 +25,11 @@ func TestArgv(t *testing.T) {
 		want []string
 	}{
 		{"create", CreateArgs("/r/x.qcow2", 1<<30),
-			[]string{"create", "-q", "-f", "qcow2", "/r/x.qcow2", "1073741824"}},
+			[]string{"create", "-q", "-f", "qcow2", "-o", "cluster_size=2M,extended_l2=on", "/r/x.qcow2", "1073741824"}},
 		{"overlay same folder", overlay,
-			[]string{"create", "-q", "-f", "qcow2", "-b", "b1.qcow2", "-F", "qcow2", "/repo/vm/204/b2.qcow2"}},
+			[]string{"create", "-q", "-f", "qcow2", "-o", "cluster_size=2M,extended_l2=on", "-b", "b1.qcow2", "-F", "qcow2", "/repo/vm/204/b2.qcow2"}},
 		{"overlay other folder", overlayUp,
-			[]string{"create", "-q", "-f", "qcow2", "-b", "../../c/old.qcow2", "-F", "qcow2", "/repo/a/b/new.qcow2"}},
+			[]string{"create", "-q", "-f", "qcow2", "-o", "cluster_size=2M,extended_l2=on", "-b", "../../c/old.qcow2", "-F", "qcow2", "/repo/a/b/new.qcow2"}},
 		{"info", InfoArgs("/r/x.qcow2"),
 			[]string{"info", "--output=json", "--backing-chain", "-U", "/r/x.qcow2"}},
 		{"map", MapArgs("/r/x.qcow2"),

@@ -17,10 +17,32 @@ import (
 // elsewhere.
 var QemuImg = "qemu-img"
 
+// ImageOptions is the layout of every image cbtflow creates: 2 MiB
+// clusters, each of 32 subclusters of 64 KiB (extended L2 entries, QCOW2
+// since qemu 5.2).
+//
+// Why: qemu allocates an L2 table for each region of the disk a write
+// first touches, and writes it, with the L1 entry and the refcounts before
+// it, synchronously and one at a time. With 64 KiB clusters an L2 table
+// maps 512 MiB, so 1 GiB of data spread over a 2 TiB disk (as a file
+// system spreads its metadata) made about a thousand of them: measured,
+// 1024 writes of 64 KiB spread over 2 TiB took 2.6 s into a fresh image,
+// 0.2 s over 10 GiB. With 2 MiB clusters and extended L2 entries a table
+// maps 256 GiB: 0.3 s. The subclusters keep small writes small: a 64 KiB
+// write of an incremental allocates its 64 KiB subcluster, without
+// copying the rest of its 2 MiB cluster from the backing file (or writing
+// zeros into it in a full image); the cluster's other subclusters stay
+// holes in the file. So an image's file is sparse, its size up to 32
+// times the bytes it holds for scattered 64 KiB writes, while the space
+// it takes is what was written and its metadata (about 8 MiB for tables).
+// Everything that reads a whole image knows its holes (the seal, sparse
+// copies in a merge).
+const ImageOptions = "cluster_size=2M,extended_l2=on"
+
 // CreateArgs returns the qemu-img argv (without the program name) that
 // creates a fresh QCOW2 image of size bytes at path.
 func CreateArgs(path string, size int64) []string {
-	return []string{"create", "-q", "-f", "qcow2", path, strconv.FormatInt(size, 10)}
+	return []string{"create", "-q", "-f", "qcow2", "-o", ImageOptions, path, strconv.FormatInt(size, 10)}
 }
 
 // OverlayArgs returns the qemu-img argv that creates a QCOW2 overlay at
@@ -32,7 +54,7 @@ func OverlayArgs(path, backing string) ([]string, error) {
 	if err != nil {
 		return nil, err
 	}
-	return []string{"create", "-q", "-f", "qcow2", "-b", rel, "-F", "qcow2", path}, nil
+	return []string{"create", "-q", "-f", "qcow2", "-o", ImageOptions, "-b", rel, "-F", "qcow2", path}, nil
 }
 
 func relativeBacking(path, backing string) (string, error) {
