@@ -20,6 +20,7 @@ import (
 	"github.com/cbtflow/cbtflow/internal/faultpoint"
 	"github.com/cbtflow/cbtflow/internal/integrity"
 	"github.com/cbtflow/cbtflow/internal/repository"
+	"github.com/cbtflow/cbtflow/internal/sparse"
 )
 
 // Catalog holds the activities that read and write the catalog.
@@ -224,11 +225,13 @@ func (a *Catalog) CommitRestorePoint(ctx context.Context, in CommitInput) error 
 	faultpoint.Hold(ctx, faultpoint.BeforeCommit)
 	disks := make([]catalog.Disk, 0, len(in.Disks))
 	for _, d := range in.Disks {
-		size, stamp, err := integrity.StampOf(d.Path)
+		fi, err := os.Stat(d.Path)
 		if err != nil {
 			return temporal.NewNonRetryableApplicationError(
 				fmt.Sprintf("disk %d: image %s is missing: %v", d.Key, d.Path, err), ErrTypeInvalidInput, err)
 		}
+		size, stamp := fi.Size(), integrity.StampOfInfo(fi)
+		allocated, _ := sparse.Allocated(fi)
 		if size != d.SizeBytes {
 			return temporal.NewNonRetryableApplicationError(
 				fmt.Sprintf("disk %d: image %s is %d bytes, the transfer reported %d", d.Key, d.Path, size, d.SizeBytes),
@@ -255,7 +258,7 @@ func (a *Catalog) CommitRestorePoint(ctx context.Context, in CommitInput) error 
 		disks = append(disks, catalog.Disk{Key: d.Key, Capacity: d.Capacity, Mode: d.Mode, Path: rel,
 			BackingBackupID: d.BackingBackupID, ChangeIDFrom: d.ChangeIDFrom, ChangeID: d.ChangeID,
 			ChangedBytes: d.ChangedBytes, WrittenBytes: d.WrittenBytes, SizeBytes: d.SizeBytes, SHA256: d.SHA256, Note: d.Note,
-			Stamp: catalog.FileStamp(stamp), DigestSHA256: dsum, DigestSize: dsize})
+			Stamp: catalog.FileStamp(stamp), DigestSHA256: dsum, DigestSize: dsize, AllocatedBytes: allocated})
 	}
 	// A catalog that cannot serve (dropped, its tables gone) fails here,
 	// before anything says a commit may have happened.

@@ -237,6 +237,12 @@ func TestCommitRestorePoint(t *testing.T) {
 				got.SHA256 != want.SHA256 || got.Mode != want.Mode || got.Capacity != want.Capacity {
 				t.Errorf("disk %d recorded as %+v, committed %+v", j, got, want)
 			}
+			// With the space its file takes (its blocks), which usage sums.
+			if fi, err := os.Stat(want.Path); err != nil {
+				t.Fatal(err)
+			} else if blocks := fi.Sys().(*syscall.Stat_t).Blocks * 512; got.AllocatedBytes != blocks || blocks == 0 {
+				t.Errorf("disk %d recorded with %d bytes allocated, its file has %d", j, got.AllocatedBytes, blocks)
+			}
 		}
 	}
 	if _, err := os.Stat(staging); !errors.Is(err, os.ErrNotExist) {

@@ -272,36 +272,39 @@ func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*Tra
 		verifying.VerifyTotal = fi.Size()
 	}
 	activity.RecordHeartbeat(ctx, verifying)
-	faultpoint.Hold(ctx, faultpoint.BeforeCheck)
-	checkStart := time.Now()
-	check, err := qemu.Check(ctx, path)
-	checkTook := time.Since(checkStart)
-	if err != nil {
-		return nil, permanent(err)
-	}
-	if !check.Clean() {
-		return nil, checkFailed(in, path, resumed, check)
-	}
-	// The stamp before and after the hash proves that what was hashed is
-	// the file as it stays: the commit records this stamp with the hash.
-	hashStart := time.Now()
-	_, before, err := integrity.StampOf(path)
-	if err != nil {
-		return nil, permanent(err)
-	}
 	hashRate := newRateMeter()
-	hashBeat := func(n int64) {
+	faultpoint.Hold(ctx, faultpoint.BeforeCheck)
+	// The check (qemu-img check, a read of the metadata) and the proof (a
+	// read of what the copy did not write) read the image at once: both
+	// only read it, and the proof counts only if the check is clean.
+	type checked struct {
+		res  *qemu.CheckResult
+		err  error
+		took time.Duration
+	}
+	checkDone := make(chan checked, 1)
+	go func() {
+		start := time.Now()
+		res, err := qemu.Check(ctx, path)
+		checkDone <- checked{res, err, time.Since(start)}
+	}()
+	hashStart := time.Now()
+	size, sum, before, proofErr := a.stampedProof(ctx, in.Key, path, digests != nil, func(n int64) {
 		verifying.Verified, verifying.Rate = n, hashRate.observe(time.Now(), n)
 		activity.RecordHeartbeat(ctx, verifying)
-	}
-	size, sum, err := a.proof(ctx, path, digests != nil, hashBeat)
-	if err != nil {
-		return nil, permanent(err)
-	}
-	if _, after, err := integrity.StampOf(path); err != nil || after != before {
-		return nil, fmt.Errorf("disk %d: %s changed while it was hashed (%v)", in.Key, path, err)
-	}
+	})
 	hashTook := time.Since(hashStart)
+	check := <-checkDone
+	checkTook := check.took
+	if check.err != nil {
+		return nil, permanent(check.err)
+	}
+	if !check.res.Clean() {
+		return nil, checkFailed(in, path, resumed, check.res)
+	}
+	if proofErr != nil {
+		return nil, proofErr
+	}
 	// The copy read what the moref named when it began; if the snapshot
 	// vanished or the moref names another snapshot now, nothing proves
 	// the data and the change ID are this backup's: it must not commit.
@@ -418,6 +421,25 @@ func (a *Transfer) proof(ctx context.Context, path string, digests bool, beat fu
 		activity.GetLogger(ctx).Warn("hashing the whole image: it cannot be sealed", "image", path, "error", err)
 	}
 	return integrity.Hash(ctx, path, beat)
+}
+
+// stampedProof returns the image's size, its proof (proof) and its file
+// stamp, which is the same before and after the proof was taken: the
+// commit records the stamp with the proof, so what was proven is the file
+// as it stays.
+func (a *Transfer) stampedProof(ctx context.Context, key int32, path string, digests bool, beat func(int64)) (int64, string, integrity.Stamp, error) {
+	_, before, err := integrity.StampOf(path)
+	if err != nil {
+		return 0, "", before, permanent(err)
+	}
+	size, sum, err := a.proof(ctx, path, digests, beat)
+	if err != nil {
+		return 0, "", before, permanent(err)
+	}
+	if _, after, err := integrity.StampOf(path); err != nil || after != before {
+		return 0, "", before, fmt.Errorf("disk %d: %s changed while it was hashed (%v)", key, path, err)
+	}
+	return size, sum, before, nil
 }
 
 // checkFailed is the error of a transfer whose image fails qemu-img check.

@@ -262,9 +262,10 @@ type TransferDiskResult struct {
 	// (slot, image creation, the snapshot check), the copy (the NBD
 	// servers started, the copier with its final flush, the servers
 	// stopped; a sync of the new image when nothing is to be copied),
-	// qemu-img check, and the image's seal (or SHA-256). The rest of
-	// Seconds is the digest file's end and the snapshot check after the
-	// copy. Zero in results of workers before them.
+	// qemu-img check, and the image's seal (or SHA-256) — the last two
+	// run at the same time, so their times overlap. The rest of Seconds
+	// is the digest file's end and the snapshot check after the copy.
+	// Zero in results of workers before them.
 	SetupSeconds float64 `json:"setup_seconds,omitempty"`
 	CopySeconds  float64 `json:"copy_seconds,omitempty"`
 	CheckSeconds float64 `json:"check_seconds,omitempty"`

@@ -177,7 +177,7 @@ func phasesOf(spans []span, opened, closed time.Time, wall time.Duration) map[st
 	out := map[string]float64{}
 	byRow := map[string][]interval{}
 	var all, queued, transfers []interval
-	var sumTransfer, setup, cp, check, hash float64
+	var sumTransfer, setup, cp, check, hash, verify float64
 	for _, sp := range spans {
 		iv := interval{sp.start, sp.end}
 		all = append(all, iv)
@@ -187,6 +187,8 @@ func phasesOf(spans []span, opened, closed time.Time, wall time.Duration) map[st
 			sumTransfer += sp.end.Sub(sp.start).Seconds()
 			if tr := sp.transfer; tr != nil {
 				setup, cp, check, hash = setup+tr.SetupSeconds, cp+tr.CopySeconds, check+tr.CheckSeconds, hash+tr.HashSeconds
+				// The check and the seal run at once (since issue 12).
+				verify += max(tr.CheckSeconds, tr.HashSeconds)
 			}
 			continue
 		}
@@ -202,7 +204,7 @@ func phasesOf(spans []span, opened, closed time.Time, wall time.Duration) map[st
 	if wallT := covered(transfers).Seconds(); wallT > 0 && sumTransfer > 0 {
 		scale := wallT / sumTransfer
 		out[rowSetup], out[rowCopy], out[rowCheck], out[rowHash] = setup*scale, cp*scale, check*scale, hash*scale
-		out[rowXferRest] = max(0, wallT-(setup+cp+check+hash)*scale)
+		out[rowXferRest] = max(0, wallT-(setup+cp+verify)*scale)
 	}
 	span := closed.Sub(opened)
 	out[rowOverhead] = max(0, (span - covered(all)).Seconds())

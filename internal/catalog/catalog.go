@@ -219,9 +219,13 @@ type Disk struct {
 	ChangeID        string // the disk's change ID in this backup's snapshot
 	ChangedBytes    int64
 	WrittenBytes    int64
-	SizeBytes       int64  // the QCOW2's size at commit
-	SHA256          string // hex SHA-256 of the QCOW2 at commit
-	Note            string // e.g. why a disk fell back to a full backup
+	SizeBytes       int64 // the QCOW2's size at commit
+	// AllocatedBytes is the space its file took at commit (its blocks: an
+	// image is sparse); 0 when unknown (committed before it was recorded,
+	// or merged by a prune since), when SizeBytes stands for it.
+	AllocatedBytes int64
+	SHA256         string // hex SHA-256 of the QCOW2 at commit
+	Note           string // e.g. why a disk fell back to a full backup
 	// Stamp is the image file's identity when its SHA-256 was last proven:
 	// while it is unchanged, so is the file, and no re-read is needed.
 	Stamp FileStamp
@@ -325,12 +329,12 @@ func (c *Catalog) Commit(ctx context.Context, backupID string, disks []Disk) err
 			}
 			_, err := tx.Exec(ctx, `INSERT INTO backup_disks (backup_id, disk_key, capacity, mode, path,
 				backing_backup_id, change_id_from, change_id, changed_bytes, written_bytes, size_bytes, sha256, note,
-				file_inode, file_mtime_ns, file_ctime_ns, digest_sha256, digest_size)
+				file_inode, file_mtime_ns, file_ctime_ns, digest_sha256, digest_size, allocated_bytes)
 				VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,
-					NULLIF($17, ''), NULLIF($18::bigint, 0))`,
+					NULLIF($17, ''), NULLIF($18::bigint, 0), NULLIF($19::bigint, 0))`,
 				backupID, d.Key, d.Capacity, d.Mode, d.Path, backing, d.ChangeIDFrom, d.ChangeID,
 				d.ChangedBytes, d.WrittenBytes, d.SizeBytes, d.SHA256, d.Note,
-				d.Stamp.Inode, d.Stamp.MtimeNs, d.Stamp.CtimeNs, d.DigestSHA256, d.DigestSize)
+				d.Stamp.Inode, d.Stamp.MtimeNs, d.Stamp.CtimeNs, d.DigestSHA256, d.DigestSize, d.AllocatedBytes)
 			if err != nil {
 				return fmt.Errorf("catalog: commit %s disk %d: %w", backupID, d.Key, err)
 			}
@@ -435,12 +439,12 @@ type LatestDisk struct {
 const diskColumns = `d.disk_key, d.capacity, d.mode, d.path, coalesce(d.backing_backup_id, ''), d.change_id_from,
 	d.change_id, d.changed_bytes, d.written_bytes, d.size_bytes, d.sha256, d.note,
 	d.file_inode, d.file_mtime_ns, d.file_ctime_ns, d.damaged, coalesce(d.digest_sha256, ''), coalesce(d.digest_size, 0),
-	d.digest_partial`
+	d.digest_partial, coalesce(d.allocated_bytes, 0)`
 
 func scanDisk(row pgx.Row, backupID *string, d *Disk, extra ...any) error {
 	dst := []any{&d.Key, &d.Capacity, &d.Mode, &d.Path, &d.BackingBackupID, &d.ChangeIDFrom,
 		&d.ChangeID, &d.ChangedBytes, &d.WrittenBytes, &d.SizeBytes, &d.SHA256, &d.Note,
-		&d.Stamp.Inode, &d.Stamp.MtimeNs, &d.Stamp.CtimeNs, &d.Damaged, &d.DigestSHA256, &d.DigestSize, &d.DigestPartial}
+		&d.Stamp.Inode, &d.Stamp.MtimeNs, &d.Stamp.CtimeNs, &d.Damaged, &d.DigestSHA256, &d.DigestSize, &d.DigestPartial, &d.AllocatedBytes}
 	if backupID != nil {
 		dst = append([]any{backupID}, dst...)
 	}

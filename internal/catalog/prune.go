@@ -170,7 +170,7 @@ func applyMerged(ctx context.Context, tx pgx.Tx, m MergedImage, pruneID string) 
 	} else {
 		note += ": now builds on " + m.Backing
 	}
-	tag, err := tx.Exec(ctx, `UPDATE backup_disks SET backing_backup_id = $3, size_bytes = $4, sha256 = $5,
+	tag, err := tx.Exec(ctx, `UPDATE backup_disks SET backing_backup_id = $3, size_bytes = $4, sha256 = $5, allocated_bytes = NULL,
 			file_inode = $6, file_mtime_ns = $7, file_ctime_ns = $8, digest_partial = true,
 			note = CASE WHEN note = '' THEN $9 ELSE note || '; ' || $9 END
 		WHERE backup_id = $1 AND disk_key = $2`,

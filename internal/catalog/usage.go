@@ -21,7 +21,9 @@ type VMUsage struct {
 	// restore points (the times retention goes by); zero when there is
 	// none.
 	Oldest, Newest time.Time
-	// Bytes is the sum of the sizes of the restore points' images.
+	// Bytes is the space the restore points' images take: the sum of
+	// their allocated bytes at commit (Disk.AllocatedBytes), or of their
+	// sizes where that is unknown.
 	Bytes int64
 	// NewestImage is the path, relative to the repository root, of one
 	// image of the newest restore point ("" when there is none): whoever
@@ -37,7 +39,7 @@ type VMUsage struct {
 func (c *Catalog) Usage(ctx context.Context) ([]VMUsage, error) {
 	rows, err := c.pool.Query(ctx, `WITH points AS (
 			SELECT b.vm_id, b.id, b.started_at,
-				coalesce(sum(d.size_bytes), 0) AS bytes,
+				coalesce(sum(coalesce(d.allocated_bytes, d.size_bytes)), 0) AS bytes,
 				coalesce(bool_or(d.damaged <> ''), false) AS damaged,
 				min(d.path) AS image
 			FROM backups b LEFT JOIN backup_disks d ON d.backup_id = b.id

@@ -2,6 +2,7 @@ package catalog
 
 import (
 	"context"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -20,6 +21,9 @@ func TestUsageAndPruneTotals(t *testing.T) {
 	}
 
 	t0 := time.Date(2026, 11, 1, 2, 0, 0, 0, time.UTC)
+	// allocated is the space some images took at commit (their blocks);
+	// the others' is unknown, their size stands for it.
+	allocated := map[string]int64{"a2/204": 3, "a3/204": 50}
 	// point commits a restore point of vm with one image per size, its
 	// started_at at t0 + i days.
 	point := func(vm Backup, id string, i int, backing string, sizes ...int64) {
@@ -37,6 +41,7 @@ func TestUsageAndPruneTotals(t *testing.T) {
 			d := disk(int32(204+k), mode, "c/"+id, backing)
 			d.Path = vm.Profile + "/" + vm.VMUUID + "/" + d.ChangeID[2:] + "-" + string(rune('a'+k)) + ".qcow2"
 			d.SizeBytes = s
+			d.AllocatedBytes = allocated[fmt.Sprintf("%s/%d", id, d.Key)]
 			disks = append(disks, d)
 		}
 		if err := c.Commit(ctx, id, disks); err != nil {
@@ -95,12 +100,13 @@ func TestUsageAndPruneTotals(t *testing.T) {
 	vmB := VM{VMRef: VMRef{Profile: "other", UUID: "uuid-a"}, Name: "vm-a"}
 	vmF := VM{VMRef: VMRef{Profile: "lab", UUID: "uuid-f"}, Name: "vm-f"}
 	check("before the prune", []VMUsage{
-		{VM: vmA, RestorePoints: 4, Damaged: 2, Oldest: day(0), Newest: day(3), Bytes: 1755, NewestImage: "lab/uuid-a/a4-a.qcow2"},
+		{VM: vmA, RestorePoints: 4, Damaged: 2, Oldest: day(0), Newest: day(3), Bytes: 1000 + 200 + 3 + 4 + 50 + 6 + 7 + 8, NewestImage: "lab/uuid-a/a4-a.qcow2"},
 		{VM: vmB, RestorePoints: 1, Oldest: day(5), Newest: day(5), Bytes: 64, NewestImage: "other/uuid-a/b1-a.qcow2"},
 		{VM: vmF},
 	})
 
-	// A prune removes a1 and merges a2's images into full ones, bigger.
+	// A prune removes a1 and merges a2's images into full ones, bigger:
+	// their space is no longer known, their size stands for it.
 	merged := []MergedImage{
 		{BackupID: "a2", Key: 204, SizeBytes: 1010, SHA256: strings.Repeat("c", 64), TempPath: "t1"},
 		{BackupID: "a2", Key: 205, SizeBytes: 202, SHA256: strings.Repeat("c", 64), TempPath: "t2"},
@@ -113,7 +119,7 @@ func TestUsageAndPruneTotals(t *testing.T) {
 		t.Fatal(err)
 	}
 	check("after the prune", []VMUsage{
-		{VM: vmA, RestorePoints: 3, Damaged: 2, Oldest: day(1), Newest: day(3), Bytes: 1010 + 202 + 500 + 6 + 7 + 8, NewestImage: "lab/uuid-a/a4-a.qcow2"},
+		{VM: vmA, RestorePoints: 3, Damaged: 2, Oldest: day(1), Newest: day(3), Bytes: 1010 + 202 + 50 + 6 + 7 + 8, NewestImage: "lab/uuid-a/a4-a.qcow2"},
 		{VM: vmB, RestorePoints: 1, Oldest: day(5), Newest: day(5), Bytes: 64, NewestImage: "other/uuid-a/b1-a.qcow2"},
 		{VM: vmF},
 	})

@@ -52,6 +52,9 @@ func StampOf(path string) (int64, Stamp, error) {
 	return fi.Size(), stampOf(fi), nil
 }
 
+// StampOfInfo is the stamp of a file already stat'ed.
+func StampOfInfo(fi os.FileInfo) Stamp { return stampOf(fi) }
+
 func stampOf(fi os.FileInfo) Stamp {
 	st, ok := fi.Sys().(*syscall.Stat_t)
 	if !ok {

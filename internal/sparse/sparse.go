@@ -7,6 +7,7 @@ package sparse
 import (
 	"errors"
 	"os"
+	"syscall"
 
 	"golang.org/x/sys/unix"
 )
@@ -44,4 +45,16 @@ func Segments(f *os.File, off, end int64, fn func(off, n int64) error) error {
 		off = stop
 	}
 	return nil
+}
+
+// Allocated returns the bytes the file system stores for a file (its
+// blocks, st_blocks × 512): less than its size when it has holes, a little
+// more for its last block and metadata. ok is false where the file system
+// does not say.
+func Allocated(fi os.FileInfo) (n int64, ok bool) {
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if !ok {
+		return 0, false
+	}
+	return st.Blocks * 512, true
 }
