@@ -61,7 +61,7 @@ type VMPrunePlan struct {
 	Kept         []KeptPoint    `json:"kept"`
 	Removed      []RemovedPoint `json:"removed"`
 	Merges       []MergeStep    `json:"merges,omitempty"`
-	// BytesToFree: the removed images' sizes (the merged images' growth
+	// BytesToFree: the space the removed images take (catalog.Disk.SpaceBytes; the merged images' growth
 	// is known only once they are written).
 	BytesToFree int64 `json:"bytes_to_free"`
 }
@@ -270,7 +270,7 @@ func (p *Pruner) planVM(ctx context.Context, points []catalog.Backup) (*VMPruneP
 		}
 		plan.Removed = append(plan.Removed, RemovedPoint{BackupID: b.ID, Time: b.StartedAt, Reason: reason})
 		for _, d := range b.Disks {
-			plan.BytesToFree += d.SizeBytes
+			plan.BytesToFree += d.SpaceBytes()
 		}
 	}
 	// A kept image that builds on removed ones gets their data merged in.
@@ -567,7 +567,7 @@ func (p *Pruner) ApplyPrune(ctx context.Context, in ApplyPruneInput) (*ApplyPrun
 		for _, d := range b.Disks {
 			path := p.Repo.Resolve(d.Path)
 			files[b.ID] = append(files[b.ID], path, path+digest.Suffix)
-			sizes[b.ID] += d.SizeBytes + d.DigestSize
+			sizes[b.ID] += d.SpaceBytes() + d.DigestSize
 		}
 	}
 	var freed int64

@@ -430,6 +430,15 @@ func (c *Catalog) CloseChain(ctx context.Context, profile, vmUUID string, key in
 	return nil
 }
 
+// SpaceBytes is the space the disk's image takes: its allocated bytes,
+// or its size where they are unknown.
+func (d Disk) SpaceBytes() int64 {
+	if d.AllocatedBytes > 0 {
+		return d.AllocatedBytes
+	}
+	return d.SizeBytes
+}
+
 // LatestDisk is a disk of a committed restore point with its backup ID.
 type LatestDisk struct {
 	BackupID string
