@@ -21,6 +21,7 @@ import (
 	"github.com/cbtflow/cbtflow/internal/qemu"
 	"github.com/cbtflow/cbtflow/internal/repository"
 	"github.com/cbtflow/cbtflow/internal/source"
+	"github.com/cbtflow/cbtflow/internal/sparse"
 	"github.com/cbtflow/cbtflow/internal/vsphere"
 )
 
@@ -274,6 +275,17 @@ func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*Tra
 	activity.RecordHeartbeat(ctx, verifying)
 	hashRate := newRateMeter()
 	faultpoint.Hold(ctx, faultpoint.BeforeCheck)
+	// The zeros of the image's metadata (qemu writes its 2 MiB tables
+	// whole) are freed before the check and the stamp: the content stays
+	// as it is, the space it takes shrinks to what it uses.
+	if digests != nil {
+		if _, err := integrity.Compact(ctx, path); err != nil {
+			if ctx.Err() != nil {
+				return nil, ctx.Err()
+			}
+			log.Warn("the zeros of the image's metadata were not freed", "disk", in.Key, "image", path, "error", err)
+		}
+	}
 	// The check (qemu-img check, a read of the metadata) and the proof (a
 	// read of what the copy did not write) read the image at once: both
 	// only read it, and the proof counts only if the check is clean.
@@ -305,6 +317,10 @@ func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*Tra
 	if proofErr != nil {
 		return nil, proofErr
 	}
+	var allocated int64
+	if fi, err := os.Stat(path); err == nil {
+		allocated, _ = sparse.Allocated(fi)
+	}
 	// The copy read what the moref named when it began; if the snapshot
 	// vanished or the moref names another snapshot now, nothing proves
 	// the data and the change ID are this backup's: it must not commit.
@@ -316,7 +332,7 @@ func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*Tra
 	took := time.Since(start)
 	metricsOr(a.Metrics).DiskTransferred(in.Mode, res.Read, res.Written, res.Zeroed, took)
 	return &TransferDiskResult{Path: path, ReadBytes: res.Read, WrittenBytes: res.Written + res.Zeroed,
-		SizeBytes: size, SHA256: sum, Seconds: took.Seconds(), Stamp: (*FileStamp)(&before),
+		SizeBytes: size, AllocatedBytes: allocated, SHA256: sum, Seconds: took.Seconds(), Stamp: (*FileStamp)(&before),
 		DigestSHA256: digestSum, DigestSize: digestSize,
 		SetupSeconds: copyStart.Sub(start).Seconds(), CopySeconds: copyTook.Seconds(),
 		CheckSeconds: checkTook.Seconds(), HashSeconds: hashTook.Seconds()}, nil

@@ -241,12 +241,15 @@ type TransferDiskInput struct {
 
 // TransferDiskResult is the durable QCOW2 of one disk.
 type TransferDiskResult struct {
-	Path         string  `json:"path"`
-	ReadBytes    int64   `json:"read_bytes"`
-	WrittenBytes int64   `json:"written_bytes"` // data and zeroes written
-	SizeBytes    int64   `json:"size_bytes"`    // the QCOW2 file's size
-	SHA256       string  `json:"sha256"`
-	Seconds      float64 `json:"seconds"`
+	Path         string `json:"path"`
+	ReadBytes    int64  `json:"read_bytes"`
+	WrittenBytes int64  `json:"written_bytes"` // data and zeroes written
+	SizeBytes    int64  `json:"size_bytes"`    // the QCOW2 file's size
+	// AllocatedBytes is the space the file takes when it is proven (its
+	// blocks): less than its size, since an image is sparse.
+	AllocatedBytes int64   `json:"allocated_bytes,omitempty"`
+	SHA256         string  `json:"sha256"`
+	Seconds        float64 `json:"seconds"`
 	// Stamp is the image file's identity while SHA256 was computed: the
 	// commit records it only if the file still has it.
 	Stamp *FileStamp `json:"stamp,omitempty"`

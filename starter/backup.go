@@ -291,8 +291,14 @@ func printBackup(e *env, out workflows.BackupReport, asJSON bool) error {
 		fmt.Fprintf(e.stdout, "warning: %s\n", w)
 	}
 	for _, d := range out.Disks {
+		// The QCOW2's space: what its file takes (it is sparse), or its
+		// size from workers that do not say.
+		qcow2 := units.Bytes(d.SizeBytes)
+		if d.AllocatedBytes > 0 {
+			qcow2 = units.Bytes(d.AllocatedBytes)
+		}
 		fmt.Fprintf(e.stdout, "  disk %d %-11s changed %s, written %s, QCOW2 %s, %s  %s  change ID %s\n", d.Key, d.Mode,
-			units.Bytes(d.ChangedBytes), units.Bytes(d.WrittenBytes), units.Bytes(d.SizeBytes), units.Seconds(d.Seconds), d.Path, d.ChangeID)
+			units.Bytes(d.ChangedBytes), units.Bytes(d.WrittenBytes), qcow2, units.Seconds(d.Seconds), d.Path, d.ChangeID)
 		if d.Note != "" {
 			fmt.Fprintf(e.stdout, "    note: %s\n", d.Note)
 		}

@@ -88,7 +88,7 @@ var (
 	backupKeys         = []string{"backup_id", "disks", "status", "vm", "vm_uuid", "workflow_id"}
 	backupOptionalKeys = []string{"error", "warnings"}
 	diskKeys           = []string{"change_id", "changed_bytes", "key", "mode", "path", "seconds", "size_bytes", "written_bytes"}
-	diskOptionalKeys   = []string{"note"}
+	diskOptionalKeys   = []string{"allocated_bytes", "note"}
 	backupStatuses     = []string{workflows.ReportRunning, workflows.ReportCompleted, workflows.ReportFailed,
 		workflows.ReportCanceled, workflows.ReportTerminated, workflows.ReportAlreadyRunning}
 )
@@ -103,7 +103,7 @@ func TestBackupJSONContract(t *testing.T) {
 		BackupID: "b1", VM: "vm", VMUUID: "u1", Status: workflows.ReportFailed, Error: "boom",
 		WorkflowID: "backup/v/u1", Warnings: []string{"w"},
 		Disks: []workflows.DiskResult{{Key: 2000, Mode: workflows.ModeFull, ChangedBytes: 1, WrittenBytes: 1,
-			SizeBytes: 1, Path: "/r/x.qcow2", ChangeID: "c", Seconds: 1, Note: "n"}},
+			SizeBytes: 1, AllocatedBytes: 1, Path: "/r/x.qcow2", ChangeID: "c", Seconds: 1, Note: "n"}},
 	}
 	empty := workflows.BackupReport{Disks: []workflows.DiskResult{{}}}
 	for _, c := range []struct {

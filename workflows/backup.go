@@ -96,21 +96,25 @@ type BackupVMResult struct {
 
 // DiskResult is one disk of a restore point.
 type DiskResult struct {
-	Key          int32   `json:"key"`
-	Mode         string  `json:"mode"`
-	ChangedBytes int64   `json:"changed_bytes"`
-	WrittenBytes int64   `json:"written_bytes"`
-	SizeBytes    int64   `json:"size_bytes"`
-	Path         string  `json:"path"`
-	ChangeID     string  `json:"change_id"`
-	Seconds      float64 `json:"seconds"`
-	Note         string  `json:"note,omitempty"`
+	Key          int32  `json:"key"`
+	Mode         string `json:"mode"`
+	ChangedBytes int64  `json:"changed_bytes"`
+	WrittenBytes int64  `json:"written_bytes"`
+	SizeBytes    int64  `json:"size_bytes"`
+	// AllocatedBytes is the space the QCOW2 file takes (it is sparse, its
+	// size larger); absent from workers before it.
+	AllocatedBytes int64   `json:"allocated_bytes,omitempty"`
+	Path           string  `json:"path"`
+	ChangeID       string  `json:"change_id"`
+	Seconds        float64 `json:"seconds"`
+	Note           string  `json:"note,omitempty"`
 	// The sizes and the time again in human units (1.5 GiB, 4.2s), for
 	// the Web UI's result view; the numbers above are the contract.
-	Changed  string `json:"changed,omitempty"`
-	Written  string `json:"written,omitempty"`
-	Size     string `json:"size,omitempty"`
-	Duration string `json:"duration,omitempty"`
+	Changed   string `json:"changed,omitempty"`
+	Written   string `json:"written,omitempty"`
+	Size      string `json:"size,omitempty"`
+	Allocated string `json:"allocated,omitempty"`
+	Duration  string `json:"duration,omitempty"`
 }
 
 // BackupReport is the object `starter backup --json` prints: the one
@@ -942,8 +946,11 @@ func (r *backupRun) copyDisk(ctx workflow.Context, p *diskPlan, sd activities.Sn
 		note = p.Reason
 	}
 	res := DiskResult{Key: p.Key, Mode: p.Mode, ChangedBytes: areas.ChangedBytes, WrittenBytes: tr.WrittenBytes,
-		SizeBytes: tr.SizeBytes, Path: tr.Path, ChangeID: sd.ChangeID, Seconds: tr.Seconds, Note: note,
+		SizeBytes: tr.SizeBytes, AllocatedBytes: tr.AllocatedBytes, Path: tr.Path, ChangeID: sd.ChangeID, Seconds: tr.Seconds, Note: note,
 		Changed: units.Bytes(areas.ChangedBytes), Written: units.Bytes(tr.WrittenBytes), Size: units.Bytes(tr.SizeBytes), Duration: units.Seconds(tr.Seconds)}
+	if tr.AllocatedBytes > 0 {
+		res.Allocated = units.Bytes(tr.AllocatedBytes)
+	}
 	c := activities.CommitDisk{Key: p.Key, Capacity: p.Capacity, Mode: p.Mode, Path: tr.Path,
 		BackingBackupID: p.BackingBackupID, ChangeIDFrom: p.FromChangeID, ChangeID: sd.ChangeID,
 		ChangedBytes: areas.ChangedBytes, WrittenBytes: tr.WrittenBytes, SizeBytes: tr.SizeBytes, SHA256: tr.SHA256, Note: note, Stamp: tr.Stamp,

@@ -208,6 +208,9 @@ func run(ctx context.Context, out io.Writer, s *stack) (err error) {
 			}
 			r := row{Backup: n, Disk: d, Mode: rd.Mode, Changed: rd.ChangedBytes, Written: rd.WrittenBytes,
 				QCOW2: rd.SizeBytes, Seconds: rd.Seconds, Verified: cmp.Equal}
+			if rd.AllocatedBytes > 0 { // the space the (sparse) image takes
+				r.QCOW2 = rd.AllocatedBytes
+			}
 			switch {
 			case cmp.SizeA != cmp.SizeB:
 				r.Diff = fmt.Sprintf("%d bytes restored, %d recorded", cmp.SizeB, cmp.SizeA)

@@ -105,13 +105,6 @@ func Seal(ctx context.Context, path string, beat func(done int64)) (int64, strin
 
 // sealVersion is Seal of a given version (tests make seals of version 1).
 func sealVersion(ctx context.Context, path string, version int, beat func(done int64)) (int64, string, error) {
-	df, err := digest.Read(digest.PathOf(path))
-	if err != nil {
-		return 0, "", fmt.Errorf("%w: %v", ErrNotSealable, err)
-	}
-	if !df.Complete || df.Header.Image != filepath.Base(path) {
-		return 0, "", fmt.Errorf("%w: digest file %s is not the complete one of this image", ErrNotSealable, digest.PathOf(path))
-	}
 	f, err := os.Open(path)
 	if err != nil {
 		return 0, "", err
@@ -121,26 +114,45 @@ func sealVersion(ctx context.Context, path string, version int, beat func(done i
 	if err != nil {
 		return 0, "", err
 	}
-	ext, err := mapOf(ctx, path, fi)
+	df, covered, err := sealLayout(ctx, path, f, fi)
 	if err != nil {
 		return 0, "", err
-	}
-	backing, err := backingOf(f, path)
-	if d := (*Damage)(nil); errors.As(err, &d) {
-		return 0, "", fmt.Errorf("%w: %v", ErrNotSealable, err)
-	}
-	if err != nil {
-		return 0, "", err
-	}
-	covered, err := recordSpans(df.Records, ext, backing == "")
-	if err != nil {
-		return 0, "", fmt.Errorf("%w: %v", ErrNotSealable, err)
 	}
 	sum, err := sealOf(ctx, f, fi.Size(), df.SHA256, covered, version, beat)
 	if err != nil {
 		return 0, "", err
 	}
 	return fi.Size(), sum, nil
+}
+
+// sealLayout reads the complete digest file of the image at path (open
+// as f, whose FileInfo is fi) and returns it with the ranges of the file
+// that hold its data records' bytes. An image that cannot be sealed gives
+// an error wrapping ErrNotSealable.
+func sealLayout(ctx context.Context, path string, f *os.File, fi os.FileInfo) (*digest.File, []span, error) {
+	df, err := digest.Read(digest.PathOf(path))
+	if err != nil {
+		return nil, nil, fmt.Errorf("%w: %v", ErrNotSealable, err)
+	}
+	if !df.Complete || df.Header.Image != filepath.Base(path) {
+		return nil, nil, fmt.Errorf("%w: digest file %s is not the complete one of this image", ErrNotSealable, digest.PathOf(path))
+	}
+	ext, err := mapOf(ctx, path, fi)
+	if err != nil {
+		return nil, nil, err
+	}
+	backing, err := backingOf(f, path)
+	if d := (*Damage)(nil); errors.As(err, &d) {
+		return nil, nil, fmt.Errorf("%w: %v", ErrNotSealable, err)
+	}
+	if err != nil {
+		return nil, nil, err
+	}
+	covered, err := recordSpans(df.Records, ext, backing == "")
+	if err != nil {
+		return nil, nil, fmt.Errorf("%w: %v", ErrNotSealable, err)
+	}
+	return df, covered, nil
 }
 
 // VerifySeal proves the QCOW2 image at path against its recorded seal: the
