@@ -13,10 +13,12 @@ import (
 
 // The margin the space check adds to what a backup's disks write:
 // SpaceMarginPercent of their bytes (QCOW2's L2 and refcount tables, about
-// 0.02% of the data with 64 KiB clusters, and the slack of an estimate)
-// plus SpaceMarginPerDisk for each disk (each image's header, L1 and
-// refcount tables, the table of each 512 MiB region a few scattered
-// writes touch, the extents file in the staging folder).
+// 0.001% of the data with 2 MiB clusters of extended L2 entries, and the
+// slack of an estimate) plus SpaceMarginPerDisk for each disk (each
+// image's header, L1 and refcount tables, which qemu writes as whole 2 MiB
+// clusters before the transfer frees their zeros, an L2 table of 2 MiB for
+// each 256 GiB region the writes touch, the extents file in the staging
+// folder).
 const (
 	SpaceMarginPercent = 5
 	SpaceMarginPerDisk = 64 << 20
