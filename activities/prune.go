@@ -21,6 +21,7 @@ import (
 	"github.com/cbtflow/cbtflow/internal/merge"
 	"github.com/cbtflow/cbtflow/internal/repository"
 	"github.com/cbtflow/cbtflow/internal/retention"
+	"github.com/cbtflow/cbtflow/internal/sparse"
 )
 
 // Pruner holds the activities of retention: plan what a policy removes,
@@ -425,6 +426,20 @@ type MergedImage struct {
 	CtimeNs   int64  `json:"ctime_ns"`
 	Method    string `json:"method"`
 	OldSize   int64  `json:"old_size_bytes"`
+	// OldAllocated and Allocated are the space the image it replaces and
+	// the merged image take (their blocks: images are sparse); absent
+	// from workers before them, when the sizes stand for them.
+	OldAllocated int64 `json:"old_allocated_bytes,omitempty"`
+	Allocated    int64 `json:"allocated_bytes,omitempty"`
+}
+
+// freed is the space the merge gives back (negative when the merged image
+// takes more than the one it replaces).
+func (m MergedImage) freed() int64 {
+	if m.OldAllocated > 0 && m.Allocated > 0 {
+		return m.OldAllocated - m.Allocated
+	}
+	return m.OldSize - m.SizeBytes
 }
 
 // MergeImage writes the merged image of one step beside the kept image
@@ -495,9 +510,15 @@ func (p *Pruner) MergeImage(ctx context.Context, in MergeImageInput) (*MergedIma
 	if err != nil {
 		return nil, err
 	}
+	oldAllocated, _ := sparse.Allocated(fi)
+	var allocated int64
+	if tfi, err := os.Stat(job.Temp); err == nil {
+		allocated, _ = sparse.Allocated(tfi)
+	}
 	return &MergedImage{BackupID: in.Step.BackupID, Key: in.Step.Key, Base: in.Step.Base, TempPath: rel,
 		SizeBytes: res.Size, SHA256: res.SHA256, Inode: res.Stamp.Inode, MtimeNs: res.Stamp.MtimeNs,
-		CtimeNs: res.Stamp.CtimeNs, Method: est.Method, OldSize: fi.Size()}, nil
+		CtimeNs: res.Stamp.CtimeNs, Method: est.Method, OldSize: fi.Size(),
+		OldAllocated: oldAllocated, Allocated: allocated}, nil
 }
 
 // exportedError types a catalog transaction refused because an export
@@ -576,7 +597,7 @@ func (p *Pruner) ApplyPrune(ctx context.Context, in ApplyPruneInput) (*ApplyPrun
 		merged = append(merged, catalog.MergedImage{BackupID: m.BackupID, Key: m.Key, Backing: m.Base,
 			SizeBytes: m.SizeBytes, SHA256: m.SHA256, TempPath: m.TempPath,
 			Stamp: catalog.FileStamp{Inode: m.Inode, MtimeNs: m.MtimeNs, CtimeNs: m.CtimeNs}})
-		freed += m.OldSize - m.SizeBytes
+		freed += m.freed()
 	}
 	var removeFiles []string
 	committed := true

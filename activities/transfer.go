@@ -275,20 +275,11 @@ func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*Tra
 	activity.RecordHeartbeat(ctx, verifying)
 	hashRate := newRateMeter()
 	faultpoint.Hold(ctx, faultpoint.BeforeCheck)
-	// The zeros of the image's metadata (qemu writes its 2 MiB tables
-	// whole) are freed before the check and the stamp: the content stays
-	// as it is, the space it takes shrinks to what it uses.
-	if digests != nil {
-		if _, err := integrity.Compact(ctx, path); err != nil {
-			if ctx.Err() != nil {
-				return nil, ctx.Err()
-			}
-			log.Warn("the zeros of the image's metadata were not freed", "disk", in.Key, "image", path, "error", err)
-		}
-	}
+
 	// The check (qemu-img check, a read of the metadata) and the proof (a
-	// read of what the copy did not write) read the image at once: both
-	// only read it, and the proof counts only if the check is clean.
+	// read of what the copy did not write, after freeing the metadata's
+	// zeros, which changes no byte) run at once, and the proof counts
+	// only if the check is clean.
 	type checked struct {
 		res  *qemu.CheckResult
 		err  error
@@ -442,8 +433,19 @@ func (a *Transfer) proof(ctx context.Context, path string, digests bool, beat fu
 // stampedProof returns the image's size, its proof (proof) and its file
 // stamp, which is the same before and after the proof was taken: the
 // commit records the stamp with the proof, so what was proven is the file
-// as it stays.
+// as it stays. With digests, the zeros of the image's metadata (qemu
+// writes its 2 MiB tables whole) are freed first (integrity.Compact, a
+// write that leaves the content as it is, so before the stamp): the space
+// the image takes shrinks to what it uses.
 func (a *Transfer) stampedProof(ctx context.Context, key int32, path string, digests bool, beat func(int64)) (int64, string, integrity.Stamp, error) {
+	if digests {
+		if _, err := integrity.Compact(ctx, path); err != nil {
+			if ctx.Err() != nil {
+				return 0, "", integrity.Stamp{}, ctx.Err()
+			}
+			activity.GetLogger(ctx).Warn("the zeros of the image's metadata were not freed", "disk", key, "image", path, "error", err)
+		}
+	}
 	_, before, err := integrity.StampOf(path)
 	if err != nil {
 		return 0, "", before, permanent(err)

@@ -1,7 +1,6 @@
 package integrity
 
 import (
-	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/binary"
@@ -78,7 +77,7 @@ const (
 )
 
 // pieceSize is the grid on which a seal of version 2 cuts a range.
-const pieceSize = 4096
+const pieceSize = sparse.PieceSize
 
 // IsSeal reports whether a recorded proof is a seal.
 func IsSeal(recorded string) bool {
@@ -535,7 +534,7 @@ func (s *sealer) pieces(off, end int64) error {
 
 // piece hashes one piece: a zero piece extends the run of zero pieces.
 func (s *sealer) piece(b []byte) {
-	if isZero(b) {
+	if sparse.IsZero(b) {
 		s.zero += int64(len(b))
 		return
 	}
@@ -552,10 +551,6 @@ func (s *sealer) endRun() {
 		s.zero = 0
 	}
 }
-
-var zeroPiece [pieceSize]byte
-
-func isZero(b []byte) bool { return bytes.Equal(b, zeroPiece[:len(b)]) }
 
 func writeU64(h hash.Hash, v uint64) {
 	var b [8]byte

@@ -147,3 +147,22 @@ func syncDir(path string) error {
 	}
 	return d.Close()
 }
+
+// punchZeros frees the all-zero 4 KiB pieces of the file at path
+// (sparse.Puncher); the caller syncs it.
+func punchZeros(ctx context.Context, path string) error {
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return err
+	}
+	p := sparse.NewPuncher(f)
+	if err := p.Zeros(ctx, 0, fi.Size()); err != nil {
+		return err
+	}
+	return p.Flush()
+}

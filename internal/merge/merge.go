@@ -259,6 +259,12 @@ func Run(ctx context.Context, j Job, p Plan, beat func()) (res Result, err error
 			return Result{}, err
 		}
 	}
+	// qemu-img writes new L2 tables and refcount blocks whole (2 MiB in
+	// images of internal/qemu.ImageOptions): their zeros are freed, which
+	// changes no byte of the file.
+	if err := punchZeros(ctx, j.Temp); err != nil {
+		return Result{}, fmt.Errorf("merge: %w", err)
+	}
 	// qemu-img flushes at close with cache=writeback; fsync again so
 	// durability does not hang on it, and the folder for Temp's name.
 	if err := syncFile(j.Temp); err != nil {

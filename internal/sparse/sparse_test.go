@@ -1,6 +1,8 @@
 package sparse
 
 import (
+	"bytes"
+	"context"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -55,5 +57,56 @@ func TestSegments(t *testing.T) {
 	}
 	if got := collect(4*mib, 4*mib); len(got) != 0 {
 		t.Errorf("segments of an empty range: %v", got)
+	}
+}
+
+// TestPuncher: written zeros become holes, whole 4 KiB pieces only, in the
+// ranges given; the file reads the same and keeps its size.
+func TestPuncher(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "f")
+	content := make([]byte, 1<<20)
+	for i := 100; i < 200; i++ { // in the first piece: it stays
+		content[i] = 1
+	}
+	for i := 512 << 10; i < 512<<10+10; i++ { // a piece in the middle
+		content[i] = 2
+	}
+	if err := os.WriteFile(path, content, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	p := NewPuncher(f)
+	// Two ranges: the first stops short of a piece's end (that piece is
+	// not punched), the second runs to the end.
+	if err := p.Zeros(context.Background(), 0, 256<<10+100); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Zeros(context.Background(), 300<<10, 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	want := int64(256<<10-4096) + (1<<20 - 300<<10 - 4096)
+	if p.Freed() != want {
+		t.Errorf("freed %d bytes, want %d", p.Freed(), want)
+	}
+	got, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, content) {
+		t.Fatal("the file reads differently after punching")
+	}
+	var data int64
+	if err := Segments(f, 0, 1<<20, func(_, n int64) error { data += n; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if data > 1<<20-want {
+		t.Errorf("%d bytes of data segments after punching %d of %d", data, want, 1<<20)
 	}
 }

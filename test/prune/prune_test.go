@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -91,7 +92,8 @@ func vmFiles(t *testing.T, root string) ([]string, int64) {
 		if err != nil {
 			return err
 		}
-		total += fi.Size()
+		// The space the files take: images are sparse.
+		total += fi.Sys().(*syscall.Stat_t).Blocks * 512
 		// An image's digest file (internal/digest) goes with its image;
 		// one without its image is listed.
 		if img, ok := strings.CutSuffix(path, digest.Suffix); ok {
