@@ -261,8 +261,8 @@ func TestExport(t *testing.T) {
 	if err := s.KillWorker(); err != nil {
 		t.Fatal(err)
 	}
-	if ps := stack.ProcsMentioning(dx.Images[0]); len(ps) != 0 {
-		t.Errorf("after the worker's SIGKILL, processes still serve %s: %v", dx.Images[0], ps)
+	if ps := stack.WaitGone(10*time.Second, dx.Images[0]); len(ps) != 0 {
+		t.Errorf("10 s after the worker's SIGKILL, processes still serve %s: %v", dx.Images[0], ps)
 	}
 	if err := s.StartWorker(ctx); err != nil {
 		t.Fatal(err)

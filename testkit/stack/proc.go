@@ -216,9 +216,11 @@ func Descendants(pid int) []Proc {
 	return out
 }
 
-// waitGone waits until no process mentions any of needles, and returns
-// those left after timeout.
-func waitGone(timeout time.Duration, needles ...string) []Proc {
+// WaitGone waits until no process mentions any of needles, and returns
+// those left after timeout. A child killed with its parent (Pdeathsig)
+// dies soon after the parent, not at once: a check right after a kill
+// waits for it.
+func WaitGone(timeout time.Duration, needles ...string) []Proc {
 	deadline := time.Now().Add(timeout)
 	for {
 		left := ProcsMentioning(needles...)

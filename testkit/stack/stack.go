@@ -668,7 +668,7 @@ func (s *Stack) Close() error {
 	if s.labLog != nil {
 		s.labLog.Close()
 	}
-	if left := waitGone(15*time.Second, s.needles()...); len(left) > 0 {
+	if left := WaitGone(15*time.Second, s.needles()...); len(left) > 0 {
 		errs = append(errs, fmt.Errorf("stack: processes left behind: %s", describe(left)))
 		for _, p := range left {
 			_ = syscall.Kill(p.Pid, syscall.SIGKILL)
