@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/cbtflow/cbtflow/internal/digest"
+	"github.com/cbtflow/cbtflow/internal/qcow2"
 	"github.com/cbtflow/cbtflow/internal/qemu"
 	"github.com/cbtflow/cbtflow/internal/sparse"
 )
@@ -136,7 +137,7 @@ func sealLayout(ctx context.Context, path string, f *os.File, fi os.FileInfo) (*
 	if !df.Complete || df.Header.Image != filepath.Base(path) {
 		return nil, nil, fmt.Errorf("%w: digest file %s is not the complete one of this image", ErrNotSealable, digest.PathOf(path))
 	}
-	ext, err := mapOf(ctx, path, fi)
+	ext, err := mapOf(ctx, f, path, fi)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -184,7 +185,7 @@ func VerifySeal(ctx context.Context, path, recorded string, beat func(done int64
 	if err != nil {
 		return err
 	}
-	ext, err := mapOf(ctx, path, fi)
+	ext, err := mapOf(ctx, f, path, fi)
 	if err != nil {
 		if errors.Is(err, errReplaced) {
 			return err
@@ -267,9 +268,19 @@ func VerifySeal(ctx context.Context, path, recorded string, beat func(done int64
 // about either file; a check again reads the one there.
 var errReplaced = errors.New("integrity: the image file was replaced while it was read")
 
-// mapOf maps the QCOW2 image at path (qemu.MapLayer), which must still be
-// the file opened before, whose FileInfo is fi: qemu-img opens the path.
-func mapOf(ctx context.Context, path string, fi os.FileInfo) ([]qemu.MapExtent, error) {
+// layerMap is qcow2.MapLayer; tests make it refuse, to reach qemu-img.
+var layerMap = qcow2.MapLayer
+
+// mapOf maps the QCOW2 image at path, open as f, whose FileInfo is fi:
+// from its own metadata (qcow2.MapLayer, no process, the cost of its
+// tables), or, for an image that reader does not take (or cannot read:
+// a truncated table), by qemu-img (qemu.MapLayer), which decides whether
+// it is damaged. qemu-img opens the path, which must still be the file
+// opened before.
+func mapOf(ctx context.Context, f *os.File, path string, fi os.FileInfo) ([]qemu.MapExtent, error) {
+	if ext, err := layerMap(f); err == nil {
+		return ext, nil
+	}
 	ext, err := qemu.MapLayer(ctx, path)
 	now, serr := os.Stat(path)
 	if serr != nil {
