@@ -19,7 +19,10 @@ import (
 	"io"
 	"os"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/cbtflow/cbtflow/internal/qemu"
+	"github.com/cbtflow/cbtflow/internal/sparse"
 )
 
 // ErrUnsupported is wrapped when the image is one MapLayer does not read.
@@ -134,6 +137,14 @@ func MapLayer(f *os.File) ([]qemu.MapExtent, error) {
 	if _, err := f.ReadAt(l1, int64(h.l1Offset)); err != nil {
 		return nil, fmt.Errorf("qcow2: %s: L1 table: %w", f.Name(), err)
 	}
+	// The tables are read one after the other; the kernel reads them all
+	// at once when asked first (they are not in the page cache after a
+	// writer that bypassed it, qemu-nbd's O_DIRECT).
+	for i := int64(0); i*l2Span < size; i++ {
+		if off := int64(binary.BigEndian.Uint64(l1[i*8:]) & offsetMask); off != 0 {
+			_ = unix.Fadvise(int(f.Fd()), off, cluster, unix.FADV_WILLNEED)
+		}
+	}
 	l2 := make([]byte, cluster)
 	for i := int64(0); i*l2Span < size; i++ {
 		start := i * l2Span
@@ -145,11 +156,28 @@ func MapLayer(f *os.File) ([]qemu.MapExtent, error) {
 		if l2Offset%cluster != 0 {
 			return nil, unsupported("%s: L2 table at %d, not on a cluster", f.Name(), l2Offset)
 		}
-		if _, err := f.ReadAt(l2, l2Offset); err != nil {
+		// Only the table's data is read: its holes (zeros a compaction
+		// freed, internal/integrity.Compact) are empty entries.
+		clear(l2)
+		err := sparse.Segments(f, l2Offset, l2Offset+cluster, func(off, n int64) error {
+			_, err := f.ReadAt(l2[off-l2Offset:off-l2Offset+n], off)
+			return err
+		})
+		if err != nil {
 			return nil, fmt.Errorf("qcow2: %s: L2 table at %d: %w", f.Name(), l2Offset, err)
 		}
 		for j := int64(0); j < perL2 && start+j*cluster < size; j++ {
 			at := start + j*cluster
+			// A page of empty entries at once: most of a large disk's
+			// entries are.
+			if j%pageEntries(entryBytes) == 0 {
+				if page := l2[j*entryBytes : min(int64(len(l2)), (j+pageEntries(entryBytes))*entryBytes)]; sparse.IsZero(page) {
+					n := int64(len(page)) / entryBytes
+					m.add(at, n*cluster, kindAbsent, 0)
+					j += n - 1
+					continue
+				}
+			}
 			entry := binary.BigEndian.Uint64(l2[j*entryBytes:])
 			if entry&flagCompressed != 0 {
 				return nil, unsupported("%s: a compressed cluster at disk offset %d", f.Name(), at)
@@ -177,6 +205,19 @@ func MapLayer(f *os.File) ([]qemu.MapExtent, error) {
 			if host == 0 && alloc != 0 || alloc&zero != 0 {
 				return nil, unsupported("%s: an invalid subcluster bitmap %#x at disk offset %d", f.Name(), bitmap, at)
 			}
+			// Whole clusters of one kind at once: most of a large disk's
+			// entries are empty.
+			switch {
+			case alloc == 0 && zero == 0:
+				m.add(at, cluster, kindAbsent, 0)
+				continue
+			case zero == ^uint32(0):
+				m.add(at, cluster, kindZero, 0)
+				continue
+			case alloc == ^uint32(0):
+				m.add(at, cluster, kindData, host)
+				continue
+			}
 			sub := cluster / 32
 			for k := int64(0); k < 32; k++ {
 				switch {
@@ -192,6 +233,9 @@ func MapLayer(f *os.File) ([]qemu.MapExtent, error) {
 	}
 	return m.out, nil
 }
+
+// pageEntries is how many L2 entries of entryBytes fill 4 KiB.
+func pageEntries(entryBytes int64) int64 { return 4096 / entryBytes }
 
 type kind int
 
