@@ -374,6 +374,7 @@ func backupOnce(ctx context.Context, s *stack.Stack, vm, mode string, changed in
 	for _, sp := range spans {
 		if sp.transfer != nil {
 			smp[rowImageBytes] += float64(sp.transfer.SizeBytes)
+			smp[rowImageAllocated] += float64(sp.transfer.AllocatedBytes)
 			smp[rowDigestBytes] += float64(sp.transfer.DigestSize)
 		}
 	}

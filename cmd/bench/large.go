@@ -156,7 +156,8 @@ func (r *e2eRun) large(ctx context.Context) error {
 	meds := printPhases(names, cols)
 	for _, row := range []struct{ name, key string }{
 		{"worker peak RSS during the backup, MiB", rowWorkerRSS},
-		{"QCOW2 image, MiB", rowImageBytes},
+		{"QCOW2 image's file size, MiB", rowImageBytes},
+		{"QCOW2 image's space taken, MiB", rowImageAllocated},
 		{"digest file, KiB", rowDigestBytes},
 	} {
 		fmt.Printf("%-38s", row.name)
@@ -165,7 +166,7 @@ func (r *e2eRun) large(ctx context.Context) error {
 			switch row.key {
 			case rowWorkerRSS:
 				v /= 1024
-			case rowImageBytes:
+			case rowImageBytes, rowImageAllocated:
 				v /= float64(mib)
 			default:
 				v /= 1024

@@ -37,8 +37,9 @@ const (
 // Sizes of what a backup wrote, in bytes, beside its phases in a sample
 // (not rows of the phase table): its QCOW2 images and their digest files.
 const (
-	rowImageBytes  = "QCOW2 images, bytes"
-	rowDigestBytes = "digest files, bytes"
+	rowImageBytes     = "QCOW2 images, bytes"
+	rowImageAllocated = "QCOW2 images, bytes allocated"
+	rowDigestBytes    = "digest files, bytes"
 )
 
 var phaseRows = []string{rowResolve, rowPrepare, rowBegin, rowSpace, rowSnapshot, rowQuery,
