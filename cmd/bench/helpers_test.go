@@ -102,7 +102,7 @@ func TestRetriesOf(t *testing.T) {
 				t.Fatal(err)
 			}
 			e.Attributes = &historypb.HistoryEvent_MarkerRecordedEventAttributes{MarkerRecordedEventAttributes: &historypb.MarkerRecordedEventAttributes{
-				MarkerName: localActivityMarker, Details: map[string]*commonpb.Payloads{"data": p}, Failure: failure}}
+				MarkerName: "LocalActivity", Details: map[string]*commonpb.Payloads{"data": p}, Failure: failure}}
 		})
 	}
 	events := []*historypb.HistoryEvent{

@@ -10,6 +10,7 @@ import (
 	"go.temporal.io/sdk/converter"
 
 	"github.com/cbtflow/cbtflow/activities"
+	"github.com/cbtflow/cbtflow/testkit/stack"
 )
 
 // The rows of the end-to-end table, in the order a backup runs them.
@@ -56,10 +57,6 @@ var activityRows = map[string]string{
 
 const transferActivity = "TransferDisk"
 
-// localActivityMarker is the name of the marker that records a local
-// activity's result (the SDK's).
-const localActivityMarker = "LocalActivity"
-
 // span is one activity's execution as the workflow history records it:
 // from the task's start (the attempt that completed) to its completion,
 // and when it was scheduled. A local activity (a backup's short steps)
@@ -88,20 +85,16 @@ func spansOf(events []*historypb.HistoryEvent) (spans []span, opened, closed tim
 		case enumspb.EVENT_TYPE_WORKFLOW_TASK_STARTED:
 			localFrom = t
 		case enumspb.EVENT_TYPE_MARKER_RECORDED:
-			a := ev.GetMarkerRecordedEventAttributes()
-			if a.GetMarkerName() != localActivityMarker {
+			data, ok, err := stack.LocalActivityOf(ev)
+			if err != nil {
+				return nil, opened, closed, err
+			}
+			if !ok {
 				continue
-			}
-			var data struct {
-				ActivityType string
-				ReplayTime   time.Time
-			}
-			if err := dc.FromPayloads(a.GetDetails()["data"], &data); err != nil {
-				return nil, opened, closed, fmt.Errorf("history event %d: local activity marker: %w", ev.GetEventId(), err)
 			}
 			from := localFrom
 			localFrom = data.ReplayTime
-			if a.GetFailure() != nil || data.ReplayTime.Before(from) {
+			if ev.GetMarkerRecordedEventAttributes().GetFailure() != nil || data.ReplayTime.Before(from) {
 				continue
 			}
 			spans = append(spans, span{activity: data.ActivityType, scheduled: from, start: from, end: data.ReplayTime})

@@ -72,7 +72,7 @@ func TestSpansOfLocalActivities(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		a := &historypb.MarkerRecordedEventAttributes{MarkerName: localActivityMarker, Details: map[string]*commonpb.Payloads{"data": p}}
+		a := &historypb.MarkerRecordedEventAttributes{MarkerName: "LocalActivity", Details: map[string]*commonpb.Payloads{"data": p}}
 		if failed {
 			a.Failure = &failurepb.Failure{Message: "refused"}
 		}

@@ -2,12 +2,12 @@ package main
 
 import (
 	"fmt"
+	"github.com/cbtflow/cbtflow/testkit/stack"
 	"slices"
 	"strings"
 
 	enumspb "go.temporal.io/api/enums/v1"
 	historypb "go.temporal.io/api/history/v1"
-	"go.temporal.io/sdk/converter"
 )
 
 // retry is something a workflow history shows was done more than once or
@@ -28,16 +28,12 @@ type retry struct {
 func retriesOf(events []*historypb.HistoryEvent) []retry {
 	names := map[int64]string{}
 	var out []retry
-	dc := converter.GetDefaultDataConverter()
 	for _, ev := range events {
 		switch ev.GetEventType() {
 		case enumspb.EVENT_TYPE_MARKER_RECORDED:
 			a := ev.GetMarkerRecordedEventAttributes()
-			var data struct {
-				ActivityType string
-				Attempt      int32
-			}
-			if a.GetMarkerName() != localActivityMarker || dc.FromPayloads(a.GetDetails()["data"], &data) != nil {
+			data, ok, err := stack.LocalActivityOf(ev)
+			if !ok || err != nil {
 				continue
 			}
 			if data.Attempt > 1 {

@@ -5,14 +5,12 @@ import (
 	"context"
 	"strings"
 	"testing"
-	"time"
 
 	enumspb "go.temporal.io/api/enums/v1"
 	failurepb "go.temporal.io/api/failure/v1"
 	historypb "go.temporal.io/api/history/v1"
 	workflowpb "go.temporal.io/api/workflow/v1"
 	"go.temporal.io/api/workflowservice/v1"
-	"go.temporal.io/sdk/converter"
 	"google.golang.org/protobuf/reflect/protoreflect"
 
 	"github.com/cbtflow/cbtflow/testkit/stack"
@@ -127,7 +125,6 @@ func Steps(t testing.TB, events []*historypb.HistoryEvent) []Step {
 	// lost counts the workflow tasks lost since the last one completed;
 	// lostBefore those before the one whose markers follow.
 	lost, lostBefore := 0, 0
-	dc := converter.GetDefaultDataConverter()
 	for _, ev := range events {
 		switch ev.GetEventType() {
 		case enumspb.EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT:
@@ -163,19 +160,15 @@ func Steps(t testing.TB, events []*historypb.HistoryEvent) []Step {
 				out[i].Canceled = true
 			}
 		case enumspb.EVENT_TYPE_MARKER_RECORDED:
-			a := ev.GetMarkerRecordedEventAttributes()
-			if a.GetMarkerName() != localActivityMarker {
+			data, ok, err := stack.LocalActivityOf(ev)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !ok {
 				continue
 			}
-			var data struct {
-				ActivityType string
-				Attempt      int
-				Backoff      time.Duration
-			}
-			if err := dc.FromPayloads(a.GetDetails()["data"], &data); err != nil {
-				t.Fatalf("history event %d: local activity marker: %v", ev.GetEventId(), err)
-			}
-			s := Step{Type: data.ActivityType, Local: true, Attempt: data.Attempt, Reruns: lostBefore, Failure: a.GetFailure()}
+			s := Step{Type: data.ActivityType, Local: true, Attempt: int(data.Attempt), Reruns: lostBefore,
+				Failure: ev.GetMarkerRecordedEventAttributes().GetFailure()}
 			if s.Failure.GetCanceledFailureInfo() != nil {
 				// Canceled (another disk failed, the workflow was
 				// canceled), as an activity's ActivityTaskCanceled.
@@ -197,7 +190,3 @@ func Steps(t testing.TB, events []*historypb.HistoryEvent) []Step {
 	}
 	return out
 }
-
-// localActivityMarker is the name of the marker that records a local
-// activity's result (the SDK's).
-const localActivityMarker = "LocalActivity"
