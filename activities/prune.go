@@ -595,7 +595,7 @@ func (p *Pruner) ApplyPrune(ctx context.Context, in ApplyPruneInput) (*ApplyPrun
 	var merged []catalog.MergedImage
 	for _, m := range in.Merged {
 		merged = append(merged, catalog.MergedImage{BackupID: m.BackupID, Key: m.Key, Backing: m.Base,
-			SizeBytes: m.SizeBytes, SHA256: m.SHA256, TempPath: m.TempPath,
+			SizeBytes: m.SizeBytes, SHA256: m.SHA256, TempPath: m.TempPath, AllocatedBytes: m.Allocated,
 			Stamp: catalog.FileStamp{Inode: m.Inode, MtimeNs: m.MtimeNs, CtimeNs: m.CtimeNs}})
 		freed += m.freed()
 	}

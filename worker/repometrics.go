@@ -59,7 +59,8 @@ var (
 			fmt.Sprint(maxVMSeries)+" is.",
 		[]string{"vm", "vm_uuid", "profile"}, nil)
 	descUsed = prom.NewDesc("cbtflow_repository_used_bytes",
-		"Bytes the restore points' images take in the repository, by the sizes the catalog records.", nil, nil)
+		"Bytes the restore points' images take in the repository, as the catalog records them: the space each image's file took "+
+			"(images are sparse), or its size for an image recorded before that.", nil, nil)
 	descFree = prom.NewDesc("cbtflow_repository_free_bytes",
 		"Bytes the worker may still write on the repository's filesystem (statfs).", nil, nil)
 	descSize = prom.NewDesc("cbtflow_repository_size_bytes",

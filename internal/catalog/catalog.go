@@ -220,9 +220,9 @@ type Disk struct {
 	ChangedBytes    int64
 	WrittenBytes    int64
 	SizeBytes       int64 // the QCOW2's size at commit
-	// AllocatedBytes is the space its file took at commit (its blocks: an
-	// image is sparse); 0 when unknown (committed before it was recorded,
-	// or merged by a prune since), when SizeBytes stands for it.
+	// AllocatedBytes is the space its file took at commit, or as a
+	// prune's merge rewrote it (its blocks: an image is sparse); 0 when
+	// unknown (recorded before it was), when SizeBytes stands for it.
 	AllocatedBytes int64
 	SHA256         string // hex SHA-256 of the QCOW2 at commit
 	Note           string // e.g. why a disk fell back to a full backup

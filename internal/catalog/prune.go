@@ -22,6 +22,9 @@ type MergedImage struct {
 	SHA256    string
 	Stamp     FileStamp
 	TempPath  string
+	// AllocatedBytes is the space the new file takes; 0 when unknown
+	// (SizeBytes then stands for it).
+	AllocatedBytes int64
 }
 
 // PendingMerge is a MergedImage recorded by BeginMerges and not yet
@@ -70,17 +73,17 @@ func (c *Catalog) BeginMerges(ctx context.Context, pruneID string, ms []MergedIm
 			}
 			var owner string
 			err := tx.QueryRow(ctx, `INSERT INTO pending_merges (backup_id, disk_key, prune_id, new_backing_backup_id,
-					new_size_bytes, new_sha256, new_file_inode, new_file_mtime_ns, new_file_ctime_ns, temp_path)
-				VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+					new_size_bytes, new_sha256, new_file_inode, new_file_mtime_ns, new_file_ctime_ns, temp_path, new_allocated_bytes)
+				VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, NULLIF($11::bigint, 0))
 				ON CONFLICT (backup_id, disk_key) DO UPDATE SET
 					new_backing_backup_id = EXCLUDED.new_backing_backup_id, new_size_bytes = EXCLUDED.new_size_bytes,
 					new_sha256 = EXCLUDED.new_sha256, new_file_inode = EXCLUDED.new_file_inode,
 					new_file_mtime_ns = EXCLUDED.new_file_mtime_ns, new_file_ctime_ns = EXCLUDED.new_file_ctime_ns,
-					temp_path = EXCLUDED.temp_path
+					temp_path = EXCLUDED.temp_path, new_allocated_bytes = EXCLUDED.new_allocated_bytes
 				WHERE pending_merges.prune_id = EXCLUDED.prune_id
 				RETURNING prune_id`,
 				m.BackupID, m.Key, pruneID, backing, m.SizeBytes, m.SHA256,
-				m.Stamp.Inode, m.Stamp.MtimeNs, m.Stamp.CtimeNs, m.TempPath).Scan(&owner)
+				m.Stamp.Inode, m.Stamp.MtimeNs, m.Stamp.CtimeNs, m.TempPath, m.AllocatedBytes).Scan(&owner)
 			if errors.Is(err, pgx.ErrNoRows) {
 				return fmt.Errorf("catalog: restore point %s disk %d: %w", m.BackupID, m.Key, ErrPendingMerge)
 			}
@@ -93,11 +96,11 @@ func (c *Catalog) BeginMerges(ctx context.Context, pruneID string, ms []MergedIm
 }
 
 const pendingColumns = `p.prune_id, p.backup_id, p.disk_key, coalesce(p.new_backing_backup_id, ''), p.new_size_bytes,
-	p.new_sha256, p.new_file_inode, p.new_file_mtime_ns, p.new_file_ctime_ns, p.temp_path`
+	p.new_sha256, p.new_file_inode, p.new_file_mtime_ns, p.new_file_ctime_ns, p.temp_path, coalesce(p.new_allocated_bytes, 0)`
 
 func scanPending(row pgx.Row, p *PendingMerge) error {
 	return row.Scan(&p.PruneID, &p.BackupID, &p.Key, &p.Backing, &p.SizeBytes, &p.SHA256,
-		&p.Stamp.Inode, &p.Stamp.MtimeNs, &p.Stamp.CtimeNs, &p.TempPath)
+		&p.Stamp.Inode, &p.Stamp.MtimeNs, &p.Stamp.CtimeNs, &p.TempPath, &p.AllocatedBytes)
 }
 
 // PendingMerges returns the unsettled merges of a VM's restore points.
@@ -170,11 +173,12 @@ func applyMerged(ctx context.Context, tx pgx.Tx, m MergedImage, pruneID string) 
 	} else {
 		note += ": now builds on " + m.Backing
 	}
-	tag, err := tx.Exec(ctx, `UPDATE backup_disks SET backing_backup_id = $3, size_bytes = $4, sha256 = $5, allocated_bytes = NULL,
+	tag, err := tx.Exec(ctx, `UPDATE backup_disks SET backing_backup_id = $3, size_bytes = $4, sha256 = $5,
+			allocated_bytes = NULLIF($10::bigint, 0),
 			file_inode = $6, file_mtime_ns = $7, file_ctime_ns = $8, digest_partial = true,
 			note = CASE WHEN note = '' THEN $9 ELSE note || '; ' || $9 END
 		WHERE backup_id = $1 AND disk_key = $2`,
-		m.BackupID, m.Key, backing, m.SizeBytes, m.SHA256, m.Stamp.Inode, m.Stamp.MtimeNs, m.Stamp.CtimeNs, note)
+		m.BackupID, m.Key, backing, m.SizeBytes, m.SHA256, m.Stamp.Inode, m.Stamp.MtimeNs, m.Stamp.CtimeNs, note, m.AllocatedBytes)
 	if err != nil {
 		return fmt.Errorf("catalog: merged image of %s disk %d: %w", m.BackupID, m.Key, err)
 	}

@@ -106,9 +106,10 @@ func TestUsageAndPruneTotals(t *testing.T) {
 	})
 
 	// A prune removes a1 and merges a2's images into full ones, bigger:
-	// their space is no longer known, their size stands for it.
+	// the space of the one whose merge says it counts, the other's size
+	// stands for it.
 	merged := []MergedImage{
-		{BackupID: "a2", Key: 204, SizeBytes: 1010, SHA256: strings.Repeat("c", 64), TempPath: "t1"},
+		{BackupID: "a2", Key: 204, SizeBytes: 1010, SHA256: strings.Repeat("c", 64), TempPath: "t1", AllocatedBytes: 101},
 		{BackupID: "a2", Key: 205, SizeBytes: 202, SHA256: strings.Repeat("c", 64), TempPath: "t2"},
 	}
 	if _, err := c.Prune(ctx, PruneRecord{ID: "p1", Profile: "lab", VMUUID: "uuid-a", Removed: []string{"a1"}, BytesFreed: 22}, merged); err != nil {
@@ -119,7 +120,7 @@ func TestUsageAndPruneTotals(t *testing.T) {
 		t.Fatal(err)
 	}
 	check("after the prune", []VMUsage{
-		{VM: vmA, RestorePoints: 3, Damaged: 2, Oldest: day(1), Newest: day(3), Bytes: 1010 + 202 + 50 + 6 + 7 + 8, NewestImage: "lab/uuid-a/a4-a.qcow2"},
+		{VM: vmA, RestorePoints: 3, Damaged: 2, Oldest: day(1), Newest: day(3), Bytes: 101 + 202 + 50 + 6 + 7 + 8, NewestImage: "lab/uuid-a/a4-a.qcow2"},
 		{VM: vmB, RestorePoints: 1, Oldest: day(5), Newest: day(5), Bytes: 64, NewestImage: "other/uuid-a/b1-a.qcow2"},
 		{VM: vmF},
 	})

@@ -4,6 +4,7 @@ import (
 	"context"
 	"os"
 
+	"github.com/cbtflow/cbtflow/internal/qemu"
 	"github.com/cbtflow/cbtflow/internal/sparse"
 )
 
@@ -30,6 +31,15 @@ func Compact(ctx context.Context, path string) (int64, error) {
 		return 0, err
 	}
 	defer f.Close()
+	// No qemu may write the image while its zeros are punched (a piece
+	// read as zero could be written before its punch): a stray attempt's
+	// qemu-nbd, say. One that serves it writable now makes this a no-op;
+	// one that starts before the end fails to open it.
+	release, err := qemu.HoldOffWriters(f)
+	if err != nil {
+		return 0, err
+	}
+	defer release()
 	fi, err := f.Stat()
 	if err != nil {
 		return 0, err

@@ -2,11 +2,13 @@ package integrity
 
 import (
 	"context"
+	"errors"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/cbtflow/cbtflow/internal/qemu"
 )
@@ -63,5 +65,26 @@ func TestCompact(t *testing.T) {
 		if err != nil || !check.Clean() {
 			t.Errorf("%s: qemu-img check after compacting: %+v, %v", name, check, err)
 		}
+	}
+}
+
+// TestCompactWhileWritten: an image a qemu-nbd serves writable (a stray
+// attempt's) is not compacted: nothing is punched, and the error says why.
+func TestCompactWhileWritten(t *testing.T) {
+	_, top := sealedChain(t)
+	before := allocatedOf(t, top)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	exp, err := qemu.StartQemuNBD(ctx, qemu.QemuNBDOptions{Image: top, Format: "qcow2", Dir: filepath.Join(t.TempDir(), "nbd")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer exp.Close()
+	freed, err := Compact(context.Background(), top)
+	if !errors.Is(err, qemu.ErrImageWritten) || freed != 0 {
+		t.Errorf("compacting a served image: freed %d, %v; want 0 and ErrImageWritten", freed, err)
+	}
+	if after := allocatedOf(t, top); after != before {
+		t.Errorf("the served image took %d bytes before, %d after", before, after)
 	}
 }

@@ -42,6 +42,7 @@ const (
 
 // header is what MapLayer needs of a QCOW2 header.
 type header struct {
+	version     uint32
 	clusterBits uint32
 	size        uint64 // the disk's size
 	l1Size      uint32
@@ -53,47 +54,100 @@ func unsupported(format string, a ...any) error {
 	return fmt.Errorf("%w: %s", ErrUnsupported, fmt.Sprintf(format, a...))
 }
 
+// Header extensions this reader knows to change nothing of the mapping.
+const (
+	extEnd           = 0
+	extBackingFormat = 0xe2792aca
+	extFeatureNames  = 0x6803f857
+)
+
+// maxExtents bounds the mapping of one image (about 100 MiB of extents):
+// a crafted image whose L1 entries all name one fragmented L2 table must
+// not take the worker's memory.
+const maxExtents = 1 << 21
+
+// maxSize bounds the disk sizes read (qemu's own limit for QCOW2 is
+// lower still): every offset of the disk fits an int64 with room.
+const maxSize = 1 << 56
+
 func readHeader(f *os.File) (header, error) {
-	var b [104]byte
+	var b [4096]byte
 	n, err := f.ReadAt(b[:], 0)
-	if err != nil && !(errors.Is(err, io.EOF) && n >= 72) {
-		if errors.Is(err, io.EOF) {
-			return header{}, unsupported("%s is too short for a QCOW2 header", f.Name())
-		}
+	if err != nil && !errors.Is(err, io.EOF) {
 		return header{}, err
+	}
+	if n < 72 {
+		return header{}, unsupported("%s is too short for a QCOW2 header", f.Name())
 	}
 	be := binary.BigEndian
 	if string(b[:4]) != "QFI\xfb" {
 		return header{}, unsupported("%s has no QCOW2 magic", f.Name())
 	}
 	h := header{clusterBits: be.Uint32(b[20:24]), size: be.Uint64(b[24:32]), l1Size: be.Uint32(b[36:40]),
-		l1Offset: be.Uint64(b[40:48])}
-	version := be.Uint32(b[4:8])
-	switch version {
+		l1Offset: be.Uint64(b[40:48]), version: be.Uint32(b[4:8])}
+	if h.clusterBits < 9 || h.clusterBits > 21 {
+		return header{}, unsupported("%s: cluster bits %d", f.Name(), h.clusterBits)
+	}
+	cluster := uint64(1) << h.clusterBits
+	headerLength := uint64(72)
+	switch h.version {
 	case 2:
 	case 3:
-		if n < 104 {
-			return header{}, unsupported("%s: version 3 header cut short", f.Name())
+		headerLength = uint64(be.Uint32(b[100:104]))
+		if n < 104 || headerLength < 104 || headerLength > uint64(n) || headerLength%8 != 0 {
+			return header{}, unsupported("%s: version 3 header of %d bytes", f.Name(), headerLength)
 		}
 		incompat := be.Uint64(b[72:80])
 		if incompat&^(incompatCompress|incompatExtendedL2) != 0 {
 			return header{}, unsupported("%s: incompatible features %#x", f.Name(), incompat)
 		}
 		h.extendedL2 = incompat&incompatExtendedL2 != 0
+		if order := be.Uint32(b[96:100]); order > 6 {
+			return header{}, unsupported("%s: refcount order %d", f.Name(), order)
+		}
 	default:
-		return header{}, unsupported("%s: QCOW2 version %d", f.Name(), version)
+		return header{}, unsupported("%s: QCOW2 version %d", f.Name(), h.version)
 	}
 	if crypt := be.Uint32(b[32:36]); crypt != 0 {
 		return header{}, unsupported("%s: encrypted (method %d)", f.Name(), crypt)
 	}
-	if h.clusterBits < 9 || h.clusterBits > 21 {
-		return header{}, unsupported("%s: cluster bits %d", f.Name(), h.clusterBits)
+	if snapshots := be.Uint32(b[60:64]); snapshots != 0 {
+		return header{}, unsupported("%s: %d internal snapshots", f.Name(), snapshots)
+	}
+	if h.size%512 != 0 || h.size > maxSize {
+		return header{}, unsupported("%s: a disk of %d bytes", f.Name(), h.size)
 	}
 	if h.extendedL2 && h.clusterBits < 14 {
 		return header{}, unsupported("%s: extended L2 entries with cluster bits %d", f.Name(), h.clusterBits)
 	}
-	if h.l1Offset%(1<<h.clusterBits) != 0 {
+	if h.l1Offset%cluster != 0 {
 		return header{}, unsupported("%s: L1 table at %d, not on a cluster", f.Name(), h.l1Offset)
+	}
+	if rt := be.Uint64(b[48:56]); rt == 0 || rt%cluster != 0 {
+		return header{}, unsupported("%s: refcount table at %d, not on a cluster", f.Name(), rt)
+	}
+	// Header extensions, up to the end marker, within the header's
+	// cluster and before the backing file's name: only those known to
+	// say nothing of the mapping.
+	end := min(uint64(n), cluster)
+	if bfo := be.Uint64(b[8:16]); bfo != 0 {
+		end = min(end, bfo)
+	}
+	for at := headerLength; ; {
+		if at+8 > end {
+			return header{}, unsupported("%s: header extensions run past %d", f.Name(), end)
+		}
+		typ, length := be.Uint32(b[at:]), uint64(be.Uint32(b[at+4:]))
+		if typ == extEnd {
+			break
+		}
+		if typ != extBackingFormat && typ != extFeatureNames {
+			return header{}, unsupported("%s: header extension %#x", f.Name(), typ)
+		}
+		at += 8 + (length+7)/8*8
+		if at > end {
+			return header{}, unsupported("%s: header extension %#x of %d bytes runs past %d", f.Name(), typ, length, end)
+		}
 	}
 	// The L1 table must map the whole disk and no more than qemu allows
 	// (32 MiB of entries).
@@ -166,6 +220,9 @@ func MapLayer(f *os.File) ([]qemu.MapExtent, error) {
 		if err != nil {
 			return nil, fmt.Errorf("qcow2: %s: L2 table at %d: %w", f.Name(), l2Offset, err)
 		}
+		if len(m.out) > maxExtents {
+			return nil, unsupported("%s: more than %d extents", f.Name(), maxExtents)
+		}
 		for j := int64(0); j < perL2 && start+j*cluster < size; j++ {
 			at := start + j*cluster
 			// A page of empty entries at once: most of a large disk's
@@ -188,6 +245,8 @@ func MapLayer(f *os.File) ([]qemu.MapExtent, error) {
 			}
 			if !h.extendedL2 {
 				switch {
+				case entry&flagZero != 0 && h.version < 3:
+					return nil, unsupported("%s: the zero flag in a version %d image at disk offset %d", f.Name(), h.version, at)
 				case entry&flagZero != 0:
 					m.add(at, cluster, kindZero, 0)
 				case host == 0:

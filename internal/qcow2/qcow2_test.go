@@ -2,6 +2,7 @@ package qcow2
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
@@ -150,7 +151,36 @@ func TestMapLayerRefuses(t *testing.T) {
 	if err := os.WriteFile(notQcow, []byte("not a qcow2 image at all, but long enough for a header read of 104 bytes ......................................"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	for _, path := range []string{compressed, notQcow, raw} {
+	// Headers qemu refuses, or reads otherwise than this reader would:
+	// a fresh image with bytes of its header patched.
+	patched := func(name string, at int64, b []byte) string {
+		path := filepath.Join(dir, name+".qcow2")
+		create(t, path, qemu.ImageOptions, 64<<20, "")
+		f, err := os.OpenFile(path, os.O_RDWR, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		if _, err := f.WriteAt(b, at); err != nil {
+			t.Fatal(err)
+		}
+		return path
+	}
+	u32 := func(v uint32) []byte { return binary.BigEndian.AppendUint32(nil, v) }
+	u64 := func(v uint64) []byte { return binary.BigEndian.AppendUint64(nil, v) }
+	cases := []string{
+		compressed, notQcow, raw,
+		patched("huge-size", 24, u64(1<<64-11)),
+		patched("odd-size", 24, u64(64<<20-100)),
+		patched("refcount-order", 96, u32(7)),
+		patched("refcount-table", 48, u64(2<<20+512)),
+		patched("short-header", 100, u32(50)),
+		patched("long-extension", 112+4, u32(1<<20)),
+		patched("unknown-extension", 112, u32(0x23852875)), // bitmaps
+		patched("snapshots", 60, u32(1)),
+		patched("dirty", 72, u64(1|1<<4)),
+	}
+	for _, path := range cases {
 		f, err := os.Open(path)
 		if err != nil {
 			t.Fatal(err)

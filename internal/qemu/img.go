@@ -17,7 +17,7 @@ import (
 // elsewhere.
 var QemuImg = "qemu-img"
 
-// ImageOptions is the layout of every image cbtflow creates: 2 MiB
+// ImageOptions is the layout of every image a backup creates: 2 MiB
 // clusters, each of 32 subclusters of 64 KiB (extended L2 entries, QCOW2
 // since qemu 5.2).
 //
@@ -34,9 +34,12 @@ var QemuImg = "qemu-img"
 // zeros into it in a full image); the cluster's other subclusters stay
 // holes in the file. So an image's file is sparse, its size up to 32
 // times the bytes it holds for scattered 64 KiB writes, while the space
-// it takes is what was written and its metadata (about 8 MiB for tables).
-// Everything that reads a whole image knows its holes (the seal, sparse
-// copies in a merge).
+// it takes is what was written and its metadata (qemu writes an L2 table
+// and a refcount block whole, 2 MiB each, whose zeros the transfer then
+// frees: internal/integrity.Compact). The seal and a merge's copy skip
+// the holes; a whole-file SHA-256 (a merged image's, a transfer's
+// without a digest file) reads them as zeros. A merge by convert writes
+// qemu-img's default layout (64 KiB clusters, no holes to speak of).
 const ImageOptions = "cluster_size=2M,extended_l2=on"
 
 // CreateArgs returns the qemu-img argv (without the program name) that
