@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"runtime"
 	"sync"
 	"syscall"
 	"time"
@@ -63,12 +64,14 @@ func Copy(ctx context.Context, opts Options) (*Result, error) {
 	// effort: the kernel caps the size, and TCP keeps its autotuning.
 	_, _ = c.dst.SetSendBuffer(targetSendBuffer)
 
-	wake, stopWake, err := wakeOnDone(ctx)
-	if err != nil {
+	if c.waker, err = newWaker(ctx); err != nil {
 		return nil, err
 	}
-	defer stopWake()
-	c.wakeFd = wake
+	defer c.waker.close()
+	if opts.Digests != nil {
+		c.startHashers()
+		defer c.stopHashers() // before the buffers they read are freed
+	}
 	if err := c.run(ctx); err != nil {
 		c.report()
 		return nil, err
@@ -174,7 +177,13 @@ type copier struct {
 	src, dst *nbd.Handle
 	srcs     []*nbd.Handle // src first; more when the source allows multi-conn
 	srcBusy  []int         // reads in flight per source connection
-	wakeFd   int
+	waker    *waker
+
+	// The digests of what is read are taken by hashers, off the loop:
+	// hashJobs to them, hashed back (each wakes the poll).
+	hashJobs chan hashJob
+	hashed   chan hashResult
+	hashers  sync.WaitGroup
 
 	bufs    []*nbd.Buffer
 	free    []*request
@@ -290,6 +299,7 @@ func (c *copier) run(ctx context.Context) error {
 		if err := ctx.Err(); err != nil {
 			return fmt.Errorf("copier: %w", err)
 		}
+		c.takeHashed()
 		if err := c.fill(); err != nil {
 			return err
 		}
@@ -306,7 +316,7 @@ func (c *copier) run(ctx context.Context) error {
 		}
 		c.maybeReport(now)
 
-		woken, err := nbd.PollHandles(hs, c.wakeFd, c.timeout(now))
+		woken, err := nbd.PollHandles(hs, c.waker.r, c.timeout(now))
 		if err != nil {
 			var pe *nbd.PollError
 			if errors.As(err, &pe) && pe.Index >= 0 {
@@ -319,7 +329,10 @@ func (c *copier) run(ctx context.Context) error {
 			return fmt.Errorf("copier: %w", err)
 		}
 		if woken {
-			return fmt.Errorf("copier: %w", ctx.Err())
+			if err := ctx.Err(); err != nil {
+				return fmt.Errorf("copier: %w", err)
+			}
+			c.waker.drain() // a hasher's result, taken at the loop's top
 		}
 		for more := true; more; {
 			more = false
@@ -529,10 +542,12 @@ func (c *copier) srcDone(conn int, d nbd.Completion) error {
 		return err
 	}
 	if c.opts.Digests != nil {
-		// The writes are on their way (libnbd hands them to the socket
-		// when sent): hashing now overlaps the target's work. The buffer
-		// is not reused before the request finishes, which is later.
-		digestRuns(c.opts.Digests, data, r.off, c.runs)
+		// The writes are on their way: a hasher takes the digests while
+		// the target works and the loop sends more. The request finishes
+		// (its buffer reused, the resume point free to pass it) only
+		// once they are back.
+		r.pending++
+		c.hashJobs <- hashJob{req: r, data: data, runs: append([]run(nil), c.runs...)}
 	}
 	if r.pending == 0 {
 		c.finish(r)
@@ -563,6 +578,69 @@ func digestRuns(sink DigestSink, data []byte, off int64, runs []run) {
 			sink.Add(digest.Data(off+int64(start), data[start:start+n]))
 		}
 		start += n
+	}
+}
+
+// hashJob is a read's data to take the digests of; hashResult its
+// records.
+type hashJob struct {
+	req  *request
+	data []byte
+	runs []run
+}
+
+type hashResult struct {
+	req     *request
+	records recordList
+}
+
+// recordList collects records (a DigestSink without durability).
+type recordList []digest.Record
+
+func (l *recordList) Add(r digest.Record) { *l = append(*l, r) }
+func (l *recordList) Commit(int64) error  { return nil }
+
+// startHashers starts a hasher per CPU (at most 4). The channels hold a
+// job and a result for every request at once, so neither side blocks.
+func (c *copier) startHashers() {
+	c.hashJobs = make(chan hashJob, len(c.bufs))
+	c.hashed = make(chan hashResult, len(c.bufs))
+	for range min(runtime.NumCPU(), 4) {
+		c.hashers.Add(1)
+		go func() {
+			defer c.hashers.Done()
+			for j := range c.hashJobs {
+				var recs recordList
+				digestRuns(&recs, j.data, j.req.off, j.runs)
+				c.hashed <- hashResult{req: j.req, records: recs}
+				c.waker.wake()
+			}
+		}()
+	}
+}
+
+// stopHashers lets the hashers end the jobs they have and waits for them.
+func (c *copier) stopHashers() {
+	close(c.hashJobs)
+	c.hashers.Wait()
+}
+
+// takeHashed adds the records the hashers are done with and finishes
+// their requests whose commands are done too.
+func (c *copier) takeHashed() {
+	for {
+		select {
+		case h := <-c.hashed:
+			for _, rec := range h.records {
+				c.opts.Digests.Add(rec)
+			}
+			h.req.pending--
+			if h.req.pending == 0 {
+				c.finish(h.req)
+			}
+		default:
+			return
+		}
 	}
 }
 
@@ -670,28 +748,51 @@ func (c *copier) report() {
 	}
 }
 
-// wakeOnDone returns a pipe's read end that becomes readable when ctx is
-// done, so the poll wakes at once instead of polling the context.
-func wakeOnDone(ctx context.Context) (int, func(), error) {
+// waker is a pipe whose read end the copy's poll watches: it becomes
+// readable when ctx is done, or when a hasher has a result.
+type waker struct {
+	r, w   int
+	mu     sync.Mutex
+	closed bool
+	stop   func() bool
+}
+
+// newWaker returns a waker that wakes when ctx is done, so the poll wakes
+// at once instead of polling the context.
+func newWaker(ctx context.Context) (*waker, error) {
 	var p [2]int
 	if err := syscall.Pipe2(p[:], syscall.O_NONBLOCK|syscall.O_CLOEXEC); err != nil {
-		return -1, nil, fmt.Errorf("copier: pipe: %w", err)
+		return nil, fmt.Errorf("copier: pipe: %w", err)
 	}
-	var mu sync.Mutex
-	closed := false
-	stop := context.AfterFunc(ctx, func() {
-		mu.Lock()
-		defer mu.Unlock()
-		if !closed {
-			_, _ = syscall.Write(p[1], []byte{1})
+	k := &waker{r: p[0], w: p[1]}
+	k.stop = context.AfterFunc(ctx, k.wake)
+	return k, nil
+}
+
+// wake makes the read end readable (a full pipe already is).
+func (k *waker) wake() {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if !k.closed {
+		_, _ = syscall.Write(k.w, []byte{1})
+	}
+}
+
+// drain empties the pipe, so the next poll sleeps until the next wake.
+func (k *waker) drain() {
+	var b [64]byte
+	for {
+		if n, err := syscall.Read(k.r, b[:]); n <= 0 || err != nil {
+			return
 		}
-	})
-	return p[0], func() {
-		stop()
-		mu.Lock()
-		defer mu.Unlock()
-		closed = true
-		syscall.Close(p[0])
-		syscall.Close(p[1])
-	}, nil
+	}
+}
+
+func (k *waker) close() {
+	k.stop()
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	k.closed = true
+	syscall.Close(k.r)
+	syscall.Close(k.w)
 }
