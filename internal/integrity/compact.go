@@ -22,8 +22,8 @@ import (
 // zeros the same), so Compact may run before the image is sealed or at
 // any time after. Its stamp changes (a punch is a write), so it runs
 // before the stamp that a seal is recorded with. Only whole 4 KiB pieces
-// on the file's 4 KiB grid are punched (sparse.Puncher). A file system that cannot punch
-// holes frees nothing, without an error. An image that cannot be sealed
+// on the file's 4 KiB grid are punched (sparse.Puncher). A file system
+// that cannot punch holes frees nothing, without an error. An image that cannot be sealed
 // gives an error wrapping ErrNotSealable.
 func Compact(ctx context.Context, path string) (int64, error) {
 	f, err := os.OpenFile(path, os.O_RDWR, 0)
@@ -49,14 +49,8 @@ func Compact(ctx context.Context, path string) (int64, error) {
 		return 0, err
 	}
 	p := sparse.NewPuncher(f)
-	at := int64(0)
-	for _, c := range append(covered, span{fi.Size(), 0}) {
-		if c.off > at {
-			if err := p.Zeros(ctx, at, min(c.off, fi.Size())); err != nil {
-				return p.Freed(), err
-			}
-		}
-		at = max(at, c.off+c.n)
+	if err := gaps(covered, fi.Size(), func(off, end int64) error { return p.Zeros(ctx, off, end) }); err != nil {
+		return p.Freed(), err
 	}
 	// The holes are not synced: a punch a crash undoes leaves the zeros
 	// it would have freed, the same content.

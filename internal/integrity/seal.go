@@ -39,8 +39,9 @@ import (
 // the file's order, every range of the file that holds no byte of a data
 // record — its offset and length (u64 each) and its content. Where a data
 // record's bytes lie in the file is read from the image's own mapping
-// (qemu-img map of the image alone), which the QCOW2 metadata holds, which
-// the seal covers. A data record's all-zero blocks (which the copier skips
+// (its L1 and L2 tables, internal/qcow2, as qemu-img map of the image
+// alone says; qemu-img itself for an image that reader refuses), which the
+// QCOW2 metadata holds, which the seal covers. A data record's all-zero blocks (which the copier skips
 // on a fresh image and writes as NBD zeroes on an overlay) have no bytes in
 // the file: the same mapping says the image reads them as zeros (a zero
 // cluster, or a cluster an image without a backing file does not
@@ -444,20 +445,34 @@ func sealOf(ctx context.Context, f *os.File, size int64, digestSHA string, cover
 		writeU64(s.h, uint64(n))
 		return hashContent(off, off+n)
 	}
-	at := int64(0)
 	for _, c := range covered {
 		if c.off+c.n > size {
 			return "", &Damage{f.Name(), fmt.Sprintf("maps data to bytes %d-%d, past its end (%d bytes)", c.off, c.off+c.n, size)}
 		}
-		if err := hashRange(at, c.off-at); err != nil {
-			return "", err
-		}
-		at = c.off + c.n
 	}
-	if err := hashRange(at, size-at); err != nil {
+	if err := gaps(covered, size, func(off, end int64) error { return hashRange(off, end-off) }); err != nil {
 		return "", err
 	}
 	return prefix + hex.EncodeToString(s.h.Sum(nil)), nil
+}
+
+// gaps calls fn, in order, for each range [off, end) of a file of size
+// bytes that the ranges covered (sorted, merged) leave out: what a seal
+// hashes and a compaction may punch.
+func gaps(covered []span, size int64, fn func(off, end int64) error) error {
+	at := int64(0)
+	for _, c := range covered {
+		if end := min(c.off, size); end > at {
+			if err := fn(at, end); err != nil {
+				return err
+			}
+		}
+		at = max(at, c.off+c.n)
+	}
+	if size > at {
+		return fn(at, size)
+	}
+	return nil
 }
 
 // sealer hashes the content of a seal's ranges.
