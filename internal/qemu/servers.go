@@ -62,10 +62,16 @@ func (o QemuNBDOptions) Args(socket string) []string {
 	if shared <= 0 {
 		shared = 4
 	}
-	args := []string{"-t", "-k", socket, "-f", o.Format, "-e", strconv.Itoa(shared)}
+	args := []string{"-t", "-k", socket}
 	if host, port, err := net.SplitHostPort(o.Listen); err == nil {
-		args = []string{"-t", "-b", host, "-p", port, "-f", o.Format, "-e", strconv.Itoa(shared)}
+		args = []string{"-t", "-b", host, "-p", port}
 	}
+	opts := o.Format == "qcow2" && !o.ReadOnly
+	if !opts {
+		// The options name the format (qemu-nbd refuses both).
+		args = append(args, "-f", o.Format)
+	}
+	args = append(args, "-e", strconv.Itoa(shared))
 	if o.ReadOnly {
 		args = append(args, "-r")
 	} else {
@@ -82,7 +88,36 @@ func (o QemuNBDOptions) Args(socket string) []string {
 	if cache != "" {
 		args = append(args, "--cache="+cache)
 	}
+	if opts {
+		return append(args, "--image-opts", writableQcow2Opts(o.Image))
+	}
 	return append(args, o.Image)
+}
+
+// writableQcow2Opts are the block options of a QCOW2 image qemu-nbd serves
+// writable. qemu writes its metadata in whole cache entries: a new L2 table
+// (2 MiB with the images' 2 MiB clusters, ImageOptions) is written whole,
+// zeros and all, though it holds a few entries, and by default (an entry
+// is a cluster) every flush writes each table it touched whole again. So
+//
+//   - l2-cache-entry-size=65536: a table is cached, and written back, in
+//     64 KiB slices (4096 entries, 8 GiB of the disk each); a flush writes
+//     the slices that changed;
+//   - file.detect-zeroes=unmap (with file.discard=unmap): a write of zeros
+//     to the file (a new table's empty slices) punches a hole instead, so
+//     the image stays sparse and the disk is spared the zeros.
+//
+// Measured with the copier writing 160 scattered 64 KiB pieces (10 MiB)
+// into an overlay of a 2 TiB disk (8 tables), 3 runs each: qemu-nbd wrote
+// 72 MiB to the disk and left 32 MiB allocated with qemu's defaults; 37
+// MiB and 24 MiB with these options, the copy 0.21-0.32 s against
+// 0.31-0.33 s. 4 KiB slices wrote 29 MiB but cost qemu-nbd twice the CPU
+// (4000 write and punch calls against 1300) and the copy was no faster.
+func writableQcow2Opts(image string) string {
+	// A comma in an option's value is written twice.
+	name := strings.ReplaceAll(image, ",", ",,")
+	return "driver=qcow2,l2-cache-entry-size=65536," +
+		"file.driver=file,file.filename=" + name + ",file.detect-zeroes=unmap,file.discard=unmap"
 }
 
 func (o QemuNBDOptions) validate() error {
