@@ -199,6 +199,7 @@ func (r *e2eRun) basic(ctx context.Context) error {
 	}
 	fmt.Printf("lab VM %s: one %d GiB disk holding %d MiB of random data in scattered 1 MiB pieces\n", vmOne, o.size/gib, o.data/mib)
 	fmt.Printf("lab VM %s: two %d GiB disks holding %d MiB each, unchanged between its backups\n", vmTwo, o.size/gib, o.twoData/mib)
+	settle()
 
 	// The nbdcopy reference: the same bytes, served as the lab source
 	// serves a snapshot's image (nbdkit's file plugin, read-only), into

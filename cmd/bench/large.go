@@ -77,6 +77,7 @@ func (r *e2eRun) large(ctx context.Context) error {
 	if err := r.printLabUsage("after writing the data"); err != nil {
 		return err
 	}
+	settle()
 	// Incremental changes: the same writes on both disks, each write's
 	// offset on the large disk scaled as the data's (in 64 KiB units).
 	placeWrite := func(off int64) int64 { return off }

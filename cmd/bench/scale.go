@@ -127,6 +127,7 @@ func (r *e2eRun) scale(ctx context.Context) error {
 	}
 	defer incrAlone.close()
 	before := (o.runs + 1) / 2
+	settle()
 
 	limits, err := r.workerLimits()
 	if err != nil {
@@ -153,6 +154,7 @@ func (r *e2eRun) scale(ctx context.Context) error {
 			}
 		}
 	}
+	settle()
 	if err := incrAlone.run(ctx, before); err != nil {
 		return err
 	}
