@@ -339,21 +339,37 @@ func (a *Transfer) copyDisk(ctx context.Context, in TransferDiskInput, profile v
 		return nil, permanent(err)
 	}
 	base := filepath.Join(runDir, in.BackupID+"-"+strconv.Itoa(int(in.Key)))
-	target, err := qemu.StartQemuNBD(ctx, qemu.QemuNBDOptions{Image: path, Format: "qcow2", Dir: base + "-t"})
-	if err != nil {
-		return nil, permanent(err)
-	}
-	defer target.Close()
 	opener, err := a.opener(profile)
 	if err != nil {
 		return nil, permanent(err)
 	}
-	src, err := opener.Open(ctx, source.Request{Profile: profile, VMRef: in.VMRef, SnapshotRef: in.SnapshotRef,
-		Disk: vsphere.Disk{Key: in.Key, Capacity: in.Capacity, FileName: in.FileName}, Dir: base + "-s"})
-	if err != nil {
-		return nil, permanent(err)
+	// The two servers start at once: each start waits for its server to
+	// accept connections, time the slot is held and nothing is copied.
+	type started struct {
+		exp *qemu.Export
+		err error
 	}
-	defer src.Close()
+	targetStarted := make(chan started, 1)
+	go func() {
+		exp, err := qemu.StartQemuNBD(ctx, qemu.QemuNBDOptions{Image: path, Format: "qcow2", Dir: base + "-t"})
+		targetStarted <- started{exp, err}
+	}()
+	src, srcErr := opener.Open(ctx, source.Request{Profile: profile, VMRef: in.VMRef, SnapshotRef: in.SnapshotRef,
+		Disk: vsphere.Disk{Key: in.Key, Capacity: in.Capacity, FileName: in.FileName}, Dir: base + "-s"})
+	if srcErr == nil {
+		defer src.Close()
+	}
+	t := <-targetStarted
+	if t.err == nil {
+		defer t.exp.Close()
+	}
+	if t.err != nil {
+		return nil, permanent(t.err)
+	}
+	if srcErr != nil {
+		return nil, permanent(srcErr)
+	}
+	target := t.exp
 
 	opts := a.Copy
 	opts.Source, opts.Target = src.URI(), target.URI()
