@@ -261,3 +261,128 @@ func diskUsage(dir string) (apparent, allocated int64, err error) {
 }
 
 func httpClient() *http.Client { return &http.Client{Timeout: 2 * time.Second} }
+
+// clockTicks is the unit of /proc's CPU times (USER_HZ, 100 on Linux).
+const clockTicks = 100
+
+// procCPU returns the CPU seconds (user and system) a process used, with
+// those of its children it waited for: the worker's exited qemu-nbd,
+// nbdkit and qemu-img count in the worker's.
+func procCPU(pid int) (float64, error) {
+	b, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "stat"))
+	if err != nil {
+		return 0, err
+	}
+	return statCPU(string(b))
+}
+
+// statCPU reads utime, stime, cutime and cstime (fields 14 to 17) from a
+// /proc/<pid>/stat text, whose command (field 2) may hold spaces.
+func statCPU(text string) (float64, error) {
+	i := strings.LastIndexByte(text, ')')
+	if i < 0 {
+		return 0, fmt.Errorf("/proc stat %q", text)
+	}
+	f := strings.Fields(text[i+1:]) // from field 3 on
+	if len(f) < 15 {
+		return 0, fmt.Errorf("/proc stat %q", text)
+	}
+	var ticks int64
+	for _, v := range f[11:15] {
+		n, err := strconv.ParseInt(v, 10, 64)
+		if err != nil {
+			return 0, fmt.Errorf("/proc stat %q", text)
+		}
+		ticks += n
+	}
+	return float64(ticks) / clockTicks, nil
+}
+
+// commandCPU adds up procCPU of every process whose command (comm) is
+// name: PostgreSQL's server and backends, say.
+func commandCPU(name string) float64 {
+	es, _ := os.ReadDir("/proc")
+	var sum float64
+	for _, e := range es {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		comm, err := os.ReadFile(filepath.Join("/proc", e.Name(), "comm"))
+		if err != nil || strings.TrimSpace(string(comm)) != name {
+			continue
+		}
+		if c, err := procCPU(pid); err == nil {
+			sum += c
+		}
+	}
+	return sum
+}
+
+// machineCPU returns the machine's busy CPU seconds (every CPU time of
+// /proc/stat's first line but idle and iowait) and its CPU count.
+func machineCPU() (float64, int, error) {
+	b, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return 0, 0, err
+	}
+	var busy int64
+	cpus := 0
+	for i, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) == 0 || !strings.HasPrefix(f[0], "cpu") {
+			continue
+		}
+		if i > 0 {
+			cpus++
+			continue
+		}
+		for j, v := range f[1:] {
+			if j == 3 || j == 4 || j >= 8 { // idle, iowait; guest times are in user's
+				continue
+			}
+			n, err := strconv.ParseInt(v, 10, 64)
+			if err != nil {
+				return 0, 0, fmt.Errorf("/proc/stat: %q", line)
+			}
+			busy += n
+		}
+	}
+	return float64(busy) / clockTicks, cpus, nil
+}
+
+// cpuUse is where the machine's CPU went: the seconds of each part of a
+// stack, read before and after a round (cpuSnapshot), and their
+// difference (sub).
+type cpuUse struct {
+	machine, worker, temporal, postgres, bench float64
+	cpus                                       int
+}
+
+// cpuSnapshot reads the CPU seconds so far of the machine, the worker
+// (with the NBD servers and qemu-img runs it waited for), the Temporal
+// dev server, every PostgreSQL process, and this process (the lab's
+// vCenter and disks, and the starters it ran).
+func cpuSnapshot(workerPID, temporalPID int) (cpuUse, error) {
+	var u cpuUse
+	var err error
+	if u.machine, u.cpus, err = machineCPU(); err != nil {
+		return u, err
+	}
+	if u.worker, err = procCPU(workerPID); err != nil {
+		return u, fmt.Errorf("the worker's CPU: %w", err)
+	}
+	if u.temporal, err = procCPU(temporalPID); err != nil {
+		return u, fmt.Errorf("the Temporal server's CPU: %w", err)
+	}
+	if u.bench, err = procCPU(os.Getpid()); err != nil {
+		return u, err
+	}
+	u.postgres = commandCPU("postgres")
+	return u, nil
+}
+
+func (u cpuUse) sub(before cpuUse) cpuUse {
+	return cpuUse{machine: u.machine - before.machine, worker: u.worker - before.worker, temporal: u.temporal - before.temporal,
+		postgres: u.postgres - before.postgres, bench: u.bench - before.bench, cpus: u.cpus}
+}

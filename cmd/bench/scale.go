@@ -39,6 +39,7 @@ type round struct {
 	transfers transferSums
 	peaks     peaks
 	waited    int // transfers that logged waiting for a transfer slot
+	cpu       cpuUse
 }
 
 // transferSums adds up the TransferDisk activities of a round: their
@@ -219,6 +220,10 @@ func (r *e2eRun) round(ctx context.Context, vms []string, mode string, minChange
 	if err != nil {
 		return round{}, err
 	}
+	cpuBefore, err := cpuSnapshot(pid, s.TemporalPID())
+	if err != nil {
+		return round{}, err
+	}
 	type outcome struct {
 		vm       string
 		workflow string
@@ -251,6 +256,10 @@ func (r *e2eRun) round(ctx context.Context, vms []string, mode string, minChange
 		}()
 	}
 	wg.Wait()
+	cpuAfter, err := cpuSnapshot(pid, s.TemporalPID())
+	if err != nil {
+		return round{}, err
+	}
 	pk, err := smp.end()
 	if err != nil {
 		return round{}, err
@@ -258,7 +267,7 @@ func (r *e2eRun) round(ctx context.Context, vms []string, mode string, minChange
 	if ctx.Err() != nil {
 		return round{}, fmt.Errorf("the backups did not end within %s", roundTimeout)
 	}
-	rd := round{vms: len(vms), peaks: pk}
+	rd := round{vms: len(vms), peaks: pk, cpu: cpuAfter.sub(cpuBefore)}
 	var last time.Time
 	for _, o := range out {
 		if o.end.After(last) {
@@ -345,6 +354,16 @@ func (r *e2eRun) printRound(title string, rd round, ref copierRef) {
 			tr.total, tr.setup, tr.copy, tr.check, tr.hash, max(0, tr.total-tr.setup-tr.copy-tr.check-tr.hash))
 	}
 	row("transfers that waited for a transfer slot", "%d", rd.waited)
+	if c := rd.cpu; c.cpus > 0 {
+		// Every start to the last completion (the CPU is read after the
+		// last backup's result, a little after its completion).
+		row("CPU seconds used, machine (of CPUs × wall time)", "%.1f of %.1f", c.machine, float64(c.cpus)*rd.wall.Seconds())
+		row("  the worker, its NBD servers and qemu-img runs", "%.1f", c.worker)
+		row("  the Temporal dev server", "%.1f", c.temporal)
+		row("  PostgreSQL", "%.1f", c.postgres)
+		row("  the bench: the lab's vCenter and disks, the starters", "%.1f", c.bench)
+		row("  the rest of the machine", "%.1f", max(0, c.machine-c.worker-c.temporal-c.postgres-c.bench))
+	}
 	row("worker peak RSS (VmHWM, reset before the round)", "%d MiB (highest VmRSS sampled: %d MiB)", rd.peaks.hwmKiB>>10, rd.peaks.rssKiB>>10)
 	row("worker's open files, most sampled", "%d", rd.peaks.files)
 	row("worker's NBD servers (qemu-nbd, nbdkit), most at once", "%d (their RSS together: %d MiB)", rd.peaks.servers, rd.peaks.serversRSS>>10)

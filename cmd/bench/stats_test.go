@@ -1,6 +1,9 @@
 package main
 
-import "testing"
+import (
+	"os"
+	"testing"
+)
 
 func TestStatsBytes(t *testing.T) {
 	stats := `elapsed time: 1.2 s
@@ -19,5 +22,29 @@ total: 9 ops, 1.960459 s, 2.00 MiB, 1.02 MiB/s
 	}
 	if _, err := statsBytes(stats, "write"); err == nil {
 		t.Error("missing op: no error")
+	}
+}
+
+func TestStatCPU(t *testing.T) {
+	// A command with spaces and a parenthesis; utime 150, stime 50,
+	// cutime 300, cstime 100 ticks.
+	text := "4242 (qemu-nbd (x) y) S 1 4242 4242 0 -1 4194560 1000 0 0 0 150 50 300 100 20 0 3 0 1234 100000 500 18446744073709551615\n"
+	got, err := statCPU(text)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got != 6 {
+		t.Errorf("statCPU = %v s, want 6 (600 ticks)", got)
+	}
+	if _, err := statCPU("4242 (short) S 1 2"); err == nil {
+		t.Error("a short stat line was read")
+	}
+	self, err := procCPU(os.Getpid())
+	if err != nil || self < 0 {
+		t.Errorf("procCPU(self) = %v, %v", self, err)
+	}
+	busy, cpus, err := machineCPU()
+	if err != nil || busy <= 0 || cpus < 1 {
+		t.Errorf("machineCPU = %v s, %d CPUs, %v", busy, cpus, err)
 	}
 }

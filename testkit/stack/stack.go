@@ -580,6 +580,17 @@ func (s *Stack) WorkerPID() int {
 	return s.worker.pid()
 }
 
+// TemporalPID is the pid of the running Temporal dev server, 0 when none
+// runs.
+func (s *Stack) TemporalPID() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.temporal == nil || s.temporal.exited() {
+		return 0
+	}
+	return s.temporal.pid()
+}
+
 // KillWorker kills the worker with SIGKILL, as a crash would, and waits
 // for it to exit. Its qemu-nbd and nbdkit die by their parent-death
 // signal, not by any cleanup of the worker.
