@@ -252,6 +252,10 @@ func (c *Client) Profile() Profile { return c.profile }
 // standalone ESXi host).
 func (c *Client) InstanceUUID() string { return c.vim.ServiceContent.About.InstanceUuid }
 
+// idleConnsPerVCenter is how many idle connections to one vCenter a
+// session keeps for its next calls.
+const idleConnsPerVCenter = 32
+
 // connect opens the SOAP connection, logs in and starts the keep-alive.
 func connect(ctx context.Context, p Profile, log *slog.Logger, opts SessionOptions) (*Client, error) {
 	if err := p.Validate(); err != nil {
@@ -270,6 +274,12 @@ func connect(ctx context.Context, p Profile, log *slog.Logger, opts SessionOptio
 	d := &tls.Dialer{NetDialer: &net.Dialer{Timeout: opts.DialTimeout, KeepAlive: 30 * time.Second}, Config: cfg}
 	tr.DialTLSContext = d.DialContext
 	tr.TLSHandshakeTimeout = opts.DialTimeout
+	// Every activity of every backup at once calls through this one
+	// session: with net/http's default of 2 idle connections a host, all
+	// but two were closed after each call and the next call paid a new
+	// TLS handshake (20 VMs backed up at once: about 70 handshakes, 6% of
+	// the worker's CPU).
+	tr.MaxIdleConnsPerHost = idleConnsPerVCenter
 
 	// The connect has a deadline of its own, so that a server that takes
 	// the connection and never answers is unreachable, not a hang until

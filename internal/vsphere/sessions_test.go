@@ -3,6 +3,7 @@ package vsphere
 import (
 	"errors"
 	"net"
+	"net/http/httptrace"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -329,5 +330,51 @@ func TestUnreachableAfterLogin(t *testing.T) {
 	}
 	if err := f.sessions.Close(ctx); err == nil || !strings.Contains(err.Error(), "logout") {
 		t.Fatalf("Close with vCenter gone = %v, want the logout error", err)
+	}
+}
+
+// TestConcurrentCallsReuseConnections: calls made at once through one
+// session, as the activities of many backups make them, go out on
+// connections kept from earlier calls, not on new ones (each a TLS
+// handshake).
+func TestConcurrentCallsReuseConnections(t *testing.T) {
+	f := startLab(t, lab.Options{})
+	c := f.client(t)
+	var mu sync.Mutex
+	dialed := 0
+	ctx := httptrace.WithClientTrace(ctxT(t), &httptrace.ClientTrace{GotConn: func(info httptrace.GotConnInfo) {
+		if !info.Reused {
+			mu.Lock()
+			dialed++
+			mu.Unlock()
+		}
+	}})
+	const callers = 12
+	burst := func() {
+		var wg sync.WaitGroup
+		for range callers {
+			wg.Go(func() {
+				if _, err := c.FindVM(ctx, "DC0_H0_VM1"); err != nil {
+					t.Error(err)
+				}
+			})
+		}
+		wg.Wait()
+	}
+	burst()
+	mu.Lock()
+	first := dialed
+	mu.Unlock()
+	for range 3 {
+		burst()
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if first == 0 {
+		t.Fatal("no connection was traced: the trace does not see the session's calls")
+	}
+	// The first burst opens what it needs; the next ones find them idle.
+	if more := dialed - first; more > 2 {
+		t.Errorf("%d new connections for 3 more bursts of %d calls at once (%d for the first): idle connections were closed", more, callers, first)
 	}
 }
