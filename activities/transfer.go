@@ -18,6 +18,7 @@ import (
 	"github.com/cbtflow/cbtflow/internal/digest"
 	"github.com/cbtflow/cbtflow/internal/faultpoint"
 	"github.com/cbtflow/cbtflow/internal/integrity"
+	"github.com/cbtflow/cbtflow/internal/qcow2"
 	"github.com/cbtflow/cbtflow/internal/qemu"
 	"github.com/cbtflow/cbtflow/internal/repository"
 	"github.com/cbtflow/cbtflow/internal/source"
@@ -501,7 +502,7 @@ func checkFailed(in TransferDiskInput, path string, resumed bool, check *qemu.Ch
 
 func (a *Transfer) createImage(ctx context.Context, in TransferDiskInput, path string) error {
 	if in.Mode == ModeFull {
-		return permanent(qemu.Create(ctx, path, in.Capacity))
+		return permanent(qcow2.Make(ctx, path, in.Capacity))
 	}
 	if in.BackingPath == "" {
 		return temporal.NewNonRetryableApplicationError(fmt.Sprintf("disk %d: incremental without a backing image", in.Key), ErrTypeInvalidInput, nil)
@@ -509,7 +510,7 @@ func (a *Transfer) createImage(ctx context.Context, in TransferDiskInput, path s
 	if !a.Repo.Contains(in.BackingPath) {
 		return temporal.NewNonRetryableApplicationError(fmt.Sprintf("disk %d: backing image %s is outside the repository", in.Key, in.BackingPath), ErrTypeInvalidInput, nil)
 	}
-	return permanent(qemu.CreateOverlay(ctx, path, in.BackingPath))
+	return permanent(qcow2.MakeOverlay(ctx, path, in.BackingPath))
 }
 
 func (a *Transfer) opener(p vsphere.Profile) (source.Opener, error) {

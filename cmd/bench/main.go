@@ -33,6 +33,7 @@ import (
 
 	"github.com/cbtflow/cbtflow/internal/copier"
 	"github.com/cbtflow/cbtflow/internal/integrity"
+	"github.com/cbtflow/cbtflow/internal/qcow2"
 	"github.com/cbtflow/cbtflow/internal/qemu"
 	"github.com/cbtflow/cbtflow/testkit/stack"
 )
@@ -300,7 +301,7 @@ func chainCheck(ctx context.Context, dir, src string, runs int, copySeconds floa
 	for i := 0; i < length; i++ {
 		path := filepath.Join(cdir, fmt.Sprintf("b%02d.qcow2", i))
 		if i > 0 {
-			if err := qemu.CreateOverlay(ctx, path, prev); err != nil {
+			if err := qcow2.MakeOverlay(ctx, path, prev); err != nil {
 				return err
 			}
 		}
@@ -365,7 +366,7 @@ func timeOne(ctx context.Context, dir string, t *tool, size int64, src string, v
 	var target string
 	var exp *qemu.Export
 	if t.serve {
-		if err := qemu.Create(ctx, img, size); err != nil {
+		if err := qcow2.Make(ctx, img, size); err != nil {
 			return 0, 0, 0, err
 		}
 		var err error
@@ -427,7 +428,7 @@ func checkNoHoleReads(ctx context.Context, dir, src, self, extentsFile string, a
 	defer source.Close()
 	img := filepath.Join(dir, "target-stats.qcow2")
 	defer os.Remove(img)
-	if err := qemu.Create(ctx, img, size); err != nil {
+	if err := qcow2.Make(ctx, img, size); err != nil {
 		return err
 	}
 	target, err := qemu.StartQemuNBD(ctx, qemu.QemuNBDOptions{Image: img, Format: "qcow2"})

@@ -1,9 +1,14 @@
-// Package qcow2 reads where a QCOW2 image holds its disk's data, from its
-// own metadata (its header, L1 table and L2 tables), without qemu: what
-// `qemu-img map` of the image alone says, read in one pass over the L2
-// tables the image has, with no process to start. The cost is the image's
-// tables, not its disk's size: an empty 2 TiB overlay is its header and
-// its L1 table.
+// Package qcow2 knows the QCOW2 format without qemu, for the two things
+// a backup does most often with it:
+//
+//   - it creates the repository's empty images (Create, Make,
+//     MakeOverlay), byte for byte as qemu-img create makes them with
+//     qemu.ImageOptions, its zeros left as holes and no process started;
+//   - it reads where an image holds its disk's data, from its own
+//     metadata (its header, L1 table and L2 tables): what `qemu-img map`
+//     of the image alone says, read in one pass over the L2 tables the
+//     image has. The cost is the image's tables, not its disk's size: an
+//     empty 2 TiB overlay is its header and its L1 table.
 //
 // It reads the images cbtflow writes (QCOW2 version 2 or 3, 64 KiB or
 // 2 MiB clusters, with or without extended L2 entries) and refuses,

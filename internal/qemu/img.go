@@ -53,14 +53,16 @@ func CreateArgs(path string, size int64) []string {
 // overlay's directory, so a repository can be moved or mounted elsewhere;
 // qemu-img resolves a relative backing name against the overlay's folder.
 func OverlayArgs(path, backing string) ([]string, error) {
-	rel, err := relativeBacking(path, backing)
+	rel, err := RelativeBacking(path, backing)
 	if err != nil {
 		return nil, err
 	}
 	return []string{"create", "-q", "-f", "qcow2", "-o", ImageOptions, "-b", rel, "-F", "qcow2", path}, nil
 }
 
-func relativeBacking(path, backing string) (string, error) {
+// RelativeBacking names backing relative to the folder of the overlay at
+// path, as the overlays of a repository name their backing files.
+func RelativeBacking(path, backing string) (string, error) {
 	absPath, err := filepath.Abs(path)
 	if err != nil {
 		return "", err

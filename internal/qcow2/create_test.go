@@ -1,0 +1,187 @@
+package qcow2
+
+import (
+	"bytes"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+
+	"github.com/cbtflow/cbtflow/internal/qemu"
+)
+
+// qemuImg runs qemu-img and fails the test when it fails.
+func qemuImg(t *testing.T, args ...string) string {
+	t.Helper()
+	out, err := exec.Command("qemu-img", args...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("qemu-img %s: %v\n%s", strings.Join(args, " "), err, out)
+	}
+	return string(out)
+}
+
+// TestCreateAsQemuImg: an image Create makes is the image qemu-img create
+// makes with the repository's options (qemu.CreateArgs), byte for byte,
+// full or overlay, and its zeros take no space.
+func TestCreateAsQemuImg(t *testing.T) {
+	dir := t.TempDir()
+	if err := os.Mkdir(filepath.Join(dir, "sub"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	// Backing files of both layouts: the repository's, and qemu's default
+	// 64 KiB clusters (what a merge by convert writes).
+	qemuImg(t, qemu.CreateArgs(filepath.Join(dir, "base.qcow2"), 4<<30)...)
+	qemuImg(t, "create", "-q", "-f", "qcow2", filepath.Join(dir, "merged.qcow2"), strconv.Itoa(1<<30+512))
+	for _, tc := range []struct {
+		name     string
+		capacity int64
+		path     string // below dir
+		backing  string // as the overlay names it
+	}{
+		{"4 GiB", 4 << 30, "a.qcow2", ""},
+		{"10 GiB and 512 bytes", 10<<30 + 512, "a.qcow2", ""},
+		{"512 bytes", 512, "a.qcow2", ""},
+		{"2 TiB", 2 << 40, "a.qcow2", ""},
+		{"62 TiB, vSphere's largest disk", 62 << 40, "a.qcow2", ""},
+		{"overlay beside its backing file", 0, "o.qcow2", "base.qcow2"},
+		{"overlay in another folder", 0, "sub/o.qcow2", "../base.qcow2"},
+		{"overlay on a 64 KiB-cluster image", 0, "sub/o.qcow2", "../merged.qcow2"},
+		{"overlay named absolutely", 0, "o.qcow2", filepath.Join(dir, "base.qcow2")},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ours := filepath.Join(dir, tc.path)
+			theirs := ours + ".qemu"
+			t.Cleanup(func() { os.Remove(ours); os.Remove(theirs) })
+			if err := Create(ours, tc.capacity, tc.backing); err != nil {
+				t.Fatalf("Create: %v", err)
+			}
+			if tc.backing == "" {
+				qemuImg(t, qemu.CreateArgs(theirs, tc.capacity)...)
+			} else {
+				qemuImg(t, "create", "-q", "-f", "qcow2", "-o", qemu.ImageOptions, "-b", tc.backing, "-F", "qcow2", theirs)
+			}
+			a, err := os.ReadFile(ours)
+			if err != nil {
+				t.Fatal(err)
+			}
+			b, err := os.ReadFile(theirs)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(a, b) {
+				at := 0
+				for at < min(len(a), len(b)) && a[at] == b[at] {
+					at++
+				}
+				t.Fatalf("Create wrote %d bytes, qemu-img create %d; they differ first at byte %#x", len(a), len(b), at)
+			}
+			var st syscall.Stat_t
+			if err := syscall.Stat(ours, &st); err != nil {
+				t.Fatal(err)
+			}
+			if used := st.Blocks * 512; used > 64<<10 {
+				t.Errorf("the image takes %d bytes: its zeros were written", used)
+			}
+			out := qemuImg(t, "check", ours)
+			if !strings.Contains(out, "No errors were found") {
+				t.Errorf("qemu-img check: %s", out)
+			}
+		})
+	}
+}
+
+// TestCreateRefuses: what Create cannot make as qemu-img would is
+// refused, with ErrUnsupported where qemu-img can make it, and nothing is
+// left behind.
+func TestCreateRefuses(t *testing.T) {
+	dir := t.TempDir()
+	exists := filepath.Join(dir, "exists.qcow2")
+	if err := os.WriteFile(exists, []byte("keep"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	qemuImg(t, qemu.CreateArgs(filepath.Join(dir, "base.qcow2"), 4<<30)...)
+	notQcow2 := filepath.Join(dir, "raw.img")
+	if err := os.WriteFile(notQcow2, make([]byte, 4096), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name        string
+		capacity    int64
+		path        string
+		backing     string
+		unsupported bool
+		want        string
+	}{
+		{"not a multiple of 512", 1000, "a.qcow2", "", true, "1000 bytes"},
+		{"more than 64 PiB", 1 << 57, "a.qcow2", "", true, "L1 table"},
+		{"no size", 0, "a.qcow2", "", false, "size must be positive"},
+		{"a file that exists", 4 << 30, "exists.qcow2", "", false, "file exists"},
+		{"no backing file", 0, "a.qcow2", "missing.qcow2", false, "backing file"},
+		{"a backing file that is not QCOW2", 0, "a.qcow2", "raw.img", true, "no QCOW2 magic"},
+		{"a size other than the backing file's", 1 << 30, "a.qcow2", "base.qcow2", true, "an overlay of 1073741824 bytes"},
+		{"a backing name qemu refuses", 0, "a.qcow2", strings.Repeat("x", 1024), false, "backing file"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := filepath.Join(dir, tc.path)
+			err := Create(p, tc.capacity, tc.backing)
+			if err == nil {
+				t.Fatal("Create made it")
+			}
+			if errors.Is(err, ErrUnsupported) != tc.unsupported {
+				t.Errorf("error %v: unsupported %v, want %v", err, errors.Is(err, ErrUnsupported), tc.unsupported)
+			}
+			if !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("error %q does not say %q", err, tc.want)
+			}
+			if tc.path == "exists.qcow2" {
+				if b, _ := os.ReadFile(exists); string(b) != "keep" {
+					t.Errorf("the existing file holds %q", b)
+				}
+			} else if _, err := os.Stat(p); !errors.Is(err, os.ErrNotExist) {
+				t.Errorf("Create left %s: %v", p, err)
+			}
+		})
+	}
+}
+
+// TestMakeFallsBack: what Create refuses, Make and MakeOverlay leave to
+// qemu-img create; what it makes, they make.
+func TestMakeFallsBack(t *testing.T) {
+	ctx := t.Context()
+	dir := t.TempDir()
+	odd := filepath.Join(dir, "odd.qcow2")
+	if err := Make(ctx, odd, 1000); err != nil {
+		t.Fatalf("Make of 1000 bytes: %v", err)
+	}
+	// qemu-img rounds the size up to a sector.
+	if out := qemuImg(t, "info", odd); !strings.Contains(out, "virtual size: 1 KiB (1024 bytes)") {
+		t.Errorf("qemu-img info of the image qemu-img made:\n%s", out)
+	}
+	full := filepath.Join(dir, "full.qcow2")
+	if err := Make(ctx, full, 64<<20); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Mkdir(filepath.Join(dir, "sub"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	over := filepath.Join(dir, "sub", "over.qcow2")
+	if err := MakeOverlay(ctx, over, full); err != nil {
+		t.Fatal(err)
+	}
+	out := qemuImg(t, "info", "--output=json", over)
+	for _, want := range []string{`"backing-filename": "../full.qcow2"`, `"virtual-size": 67108864`, `"cluster-size": 2097152`, `"extended-l2": true`} {
+		if !strings.Contains(out, want) {
+			t.Errorf("qemu-img info of the overlay lacks %s:\n%s", want, out)
+		}
+	}
+	if err := MakeOverlay(ctx, filepath.Join(dir, "o2.qcow2"), filepath.Join(dir, "missing.qcow2")); err == nil || !strings.Contains(err.Error(), "backing file") {
+		t.Errorf("overlay on a missing file: %v", err)
+	}
+	if err := Make(ctx, full, 64<<20); err == nil {
+		t.Error("Make overwrote an image")
+	}
+}
