@@ -324,3 +324,19 @@ func TestMalformed(t *testing.T) {
 		t.Errorf("without the end record: %v, complete %v", err, f != nil && f.Complete)
 	}
 }
+
+// BenchmarkData: a data record's digest, of a 64 KiB write and of a
+// whole block, with each algorithm (go test -run XXX -bench .).
+func BenchmarkData(b *testing.B) {
+	for _, alg := range []Algorithm{SHA256, BLAKE3} {
+		for _, n := range []int{64 << 10, BlockSize} {
+			buf := bytes.Repeat([]byte("cbtflow!"), n/8)
+			b.Run(fmt.Sprintf("%v/%dKiB", alg, n>>10), func(b *testing.B) {
+				b.SetBytes(int64(n))
+				for b.Loop() {
+					Data(alg, 0, buf)
+				}
+			})
+		}
+	}
+}
