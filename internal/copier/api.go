@@ -93,12 +93,12 @@ type Options struct {
 	FlushBytes    int64
 
 	// Digests, when set, is given a record of every range of the extents
-	// this call copies (package digest): the digest of each range of data
-	// (made with the sink's Algorithm)
-	// read from the source, cut at digest.BlockSize boundaries of the disk,
-	// and a zero record for each range the target reads as zeros (a hole
-	// in the source's block status, or data read as all zero, whether
-	// written as NBD zeroes or skipped). The data is hashed from the
+	// this call copies (package digest): the digest, with the sink's
+	// Algorithm, of each range of data read from the source, cut at
+	// digest.BlockSize boundaries of the disk, and a zero record for each
+	// range the target reads as zeros (a hole in the source's block
+	// status, or data read as all zero, whether written as NBD zeroes or
+	// skipped). The data is hashed from the
 	// request's buffer after its writes are sent, while the target works.
 	// Before the resume point advances past a record, Commit is called
 	// with the new resume point, and its error ends the copy: records
