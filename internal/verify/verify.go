@@ -15,10 +15,10 @@
 // range decides what the point reads there, so a range is checked against
 // the newest record covering it. A data record (a digest of up to 1 MiB,
 // made with its digest file's algorithm: BLAKE3, or SHA-256 for a file an
-// older release wrote)
-// that a newer image overwrote in part cannot be checked (its digest is of
-// the whole range): it is skipped and counted (Result.SkippedRecords); a
-// zero record is checked on the parts no newer record covers. An image
+// older release wrote) that a newer image overwrote in part cannot be
+// checked (its digest is of the whole range): it is skipped and counted
+// (Result.SkippedRecords); a zero record is checked on the parts no newer
+// record covers. An image
 // without a digest file (made before digests existed) may have written
 // anywhere, so the records of the images it builds on cannot be checked
 // either; so too below an image a prune merged removed points into
