@@ -45,7 +45,7 @@ type Transfer struct {
 	// nil: none.
 	Metrics Metrics
 	// Digests makes every transfer write the image's digest file beside
-	// it (<image>.digests, internal/digest: the SHA-256 of every block
+	// it (<image>.digests, internal/digest: the BLAKE3 of every block
 	// written, the ranges zeroed), which the commit records and a
 	// verification (internal/verify) checks the point against. The
 	// worker sets it; the paths that remove images (FailBackup, prunes)

@@ -49,6 +49,10 @@ func TestTransferDigestsCommitAndVerify(t *testing.T) {
 		if err != nil || r.DigestSHA256 != sum || r.DigestSize != size {
 			t.Fatalf("%s: the result says digest file %d bytes %s; the file: %d %s (%v)", r.Path, r.DigestSize, r.DigestSHA256, size, sum, err)
 		}
+		// A transfer now writes BLAKE3 digests.
+		if df, err := digest.Read(digest.PathOf(r.Path)); err != nil || df.Header.Algorithm != digest.BLAKE3 {
+			t.Fatalf("%s's digest file: %v, %+v; want one of BLAKE3", r.Path, err, df)
+		}
 	}
 	commit := func(b backup, r *activities.TransferDiskResult, backing string, withDigest bool) {
 		t.Helper()

@@ -93,11 +93,12 @@ type Options struct {
 	FlushBytes    int64
 
 	// Digests, when set, is given a record of every range of the extents
-	// this call copies (package digest): the SHA-256 of each range of data
-	// read from the source, cut at digest.BlockSize boundaries of the disk,
-	// and a zero record for each range the target reads as zeros (a hole
-	// in the source's block status, or data read as all zero, whether
-	// written as NBD zeroes or skipped). The data is hashed from the
+	// this call copies (package digest): the digest, with the sink's
+	// Algorithm, of each range of data read from the source, cut at
+	// digest.BlockSize boundaries of the disk, and a zero record for each
+	// range the target reads as zeros (a hole in the source's block
+	// status, or data read as all zero, whether written as NBD zeroes or
+	// skipped). The data is hashed from the
 	// request's buffer after its writes are sent, while the target works.
 	// Before the resume point advances past a record, Commit is called
 	// with the new resume point, and its error ends the copy: records
@@ -147,6 +148,9 @@ type Result struct {
 // Its methods are called from the copying goroutine and must not keep it
 // long: Commit syncs a small file every FlushInterval or so.
 type DigestSink interface {
+	// Algorithm is the hash the data records are made with: the digest
+	// file's (its header's algorithm).
+	Algorithm() digest.Algorithm
 	// Add takes a record; records arrive in completion order.
 	Add(digest.Record)
 	// Commit makes every record ending at or below resumePoint durable.

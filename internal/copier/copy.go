@@ -563,8 +563,9 @@ type run struct {
 
 // digestRuns gives sink the records of data, read from the disk at off:
 // one per piece between digest.BlockSize boundaries, a zero record when
-// one zero run holds the whole piece, the piece's SHA-256 otherwise.
-func digestRuns(sink DigestSink, data []byte, off int64, runs []run) {
+// one zero run holds the whole piece, the piece's digest (made with alg)
+// otherwise.
+func digestRuns(sink *recordList, alg digest.Algorithm, data []byte, off int64, runs []run) {
 	ri := 0
 	for start := 0; start < len(data); {
 		n := digest.BlockSize - int((off+int64(start))%digest.BlockSize)
@@ -575,7 +576,7 @@ func digestRuns(sink DigestSink, data []byte, off int64, runs []run) {
 		if ri < len(runs) && runs[ri].zero && runs[ri].start+runs[ri].n >= start+n {
 			sink.Add(digest.Zero(off+int64(start), int64(n)))
 		} else {
-			sink.Add(digest.Data(off+int64(start), data[start:start+n]))
+			sink.Add(digest.Data(alg, off+int64(start), data[start:start+n]))
 		}
 		start += n
 	}
@@ -594,24 +595,24 @@ type hashResult struct {
 	records recordList
 }
 
-// recordList collects records (a DigestSink without durability).
+// recordList collects records.
 type recordList []digest.Record
 
 func (l *recordList) Add(r digest.Record) { *l = append(*l, r) }
-func (l *recordList) Commit(int64) error  { return nil }
 
 // startHashers starts a hasher per CPU (at most 4). The channels hold a
 // job and a result for every request at once, so neither side blocks.
 func (c *copier) startHashers() {
 	c.hashJobs = make(chan hashJob, len(c.bufs))
 	c.hashed = make(chan hashResult, len(c.bufs))
+	alg := c.opts.Digests.Algorithm()
 	for range min(runtime.NumCPU(), 4) {
 		c.hashers.Add(1)
 		go func() {
 			defer c.hashers.Done()
 			for j := range c.hashJobs {
 				var recs recordList
-				digestRuns(&recs, j.data, j.req.off, j.runs)
+				digestRuns(&recs, alg, j.data, j.req.off, j.runs)
 				c.hashed <- hashResult{req: j.req, records: recs}
 				c.waker.wake()
 			}

@@ -3,7 +3,6 @@ package copier_test
 import (
 	"bytes"
 	"context"
-	"crypto/sha256"
 	"os"
 	"path/filepath"
 	"testing"
@@ -14,8 +13,9 @@ import (
 )
 
 // checkDigests reads the digest file of a finished copy and checks that
-// its records cover exactly the extents and describe the source's bytes.
-func checkDigests(t *testing.T, path string, src *source) *digest.File {
+// its records cover exactly the extents and describe the source's bytes
+// with the algorithm alg.
+func checkDigests(t *testing.T, path string, src *source, alg digest.Algorithm) *digest.File {
 	t.Helper()
 	f, err := digest.Read(path)
 	if err != nil {
@@ -23,6 +23,9 @@ func checkDigests(t *testing.T, path string, src *source) *digest.File {
 	}
 	if !f.Complete {
 		t.Fatal("digest file incomplete")
+	}
+	if f.Header.Algorithm != alg {
+		t.Fatalf("digest file of %v, want %v", f.Header.Algorithm, alg)
 	}
 	raw, err := os.Open(src.path)
 	if err != nil {
@@ -43,8 +46,8 @@ func checkDigests(t *testing.T, path string, src *source) *digest.File {
 		}
 		switch r.Kind {
 		case digest.KindData:
-			if sha256.Sum256(b) != r.Sum {
-				t.Fatalf("data record at %d (%d bytes): digest differs from the source's bytes", r.Offset, r.Length)
+			if alg.Sum(b) != r.Sum {
+				t.Fatalf("data record at %d (%d bytes): %v digest differs from the source's bytes", r.Offset, r.Length, alg)
 			}
 		case digest.KindZero:
 			if !bytes.Equal(b, make([]byte, len(b))) {
@@ -75,13 +78,17 @@ func TestDigests(t *testing.T) {
 	dir := t.TempDir()
 	testutil.CheckNoSockets(t, dir)
 	src := makeSource(t, dir, 256*MiB, 48, 8, 7)
+	// The fresh image's file has the default algorithm (BLAKE3), the
+	// overlay's is written with SHA-256: the copier hashes with the
+	// writer's.
 	for _, overlay := range []bool{false, true} {
 		name := map[bool]string{false: "fresh", true: "overlay"}[overlay]
+		alg := map[bool]digest.Algorithm{false: 0, true: digest.SHA256}[overlay]
 		t.Run(name, func(t *testing.T) {
 			img := filepath.Join(dir, name+".qcow2")
 			run(t, dir, "qemu-img", "create", "-q", "-f", "qcow2", img, "256M")
 			dpath := digest.PathOf(img)
-			w, err := digest.Create(dpath, digest.Header{Image: filepath.Base(img), Capacity: src.size, Overlay: overlay})
+			w, err := digest.Create(dpath, digest.Header{Image: filepath.Base(img), Capacity: src.size, Overlay: overlay, Algorithm: alg})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -99,7 +106,7 @@ func TestDigests(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			f := checkDigests(t, dpath, src)
+			f := checkDigests(t, dpath, src, map[bool]digest.Algorithm{false: digest.BLAKE3, true: digest.SHA256}[overlay])
 			if f.Size != size || f.SHA256 != sum {
 				t.Errorf("Finish said %d bytes %s, the file has %d %s", size, sum, f.Size, f.SHA256)
 			}
@@ -111,7 +118,9 @@ func TestDigests(t *testing.T) {
 }
 
 // A copy interrupted after its resume point advanced, resumed with the
-// digest file as Resume left it, records every range exactly once.
+// digest file as Resume left it, records every range exactly once. The
+// file was begun with SHA-256 (by an older release) and is resumed with a
+// header that names no algorithm: the copy goes on with the file's.
 func TestDigestsResumed(t *testing.T) {
 	testutil.CheckNoChildren(t)
 	dir := t.TempDir()
@@ -121,7 +130,9 @@ func TestDigestsResumed(t *testing.T) {
 	run(t, dir, "qemu-img", "create", "-q", "-f", "qcow2", img, "256M")
 	dpath := digest.PathOf(img)
 	head := digest.Header{Image: filepath.Base(img), Capacity: src.size, Overlay: true}
-	w, err := digest.Create(dpath, head)
+	sha := head
+	sha.Algorithm = digest.SHA256
+	w, err := digest.Create(dpath, sha)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -154,6 +165,6 @@ func TestDigestsResumed(t *testing.T) {
 	if _, _, err := w.Finish(); err != nil {
 		t.Fatal(err)
 	}
-	checkDigests(t, dpath, src)
+	checkDigests(t, dpath, src, digest.SHA256)
 	t.Logf("resumed at %d", resume)
 }

@@ -14,7 +14,8 @@
 // operation and offset. Progress carries a resume point that advances only
 // after a FLUSH of the target, because qemu-nbd acknowledges writes before
 // they are durable. With Options.Digests it records what it writes: the
-// SHA-256 of every piece of data (at most 1 MiB, aligned) and the ranges
+// digest of every piece of data (at most 1 MiB, aligned; BLAKE3, or the
+// algorithm of a digest file an older release began) and the ranges
 // that read as zeros, hashed from the buffers it already holds, committed
 // with each resume point (package digest).
 //

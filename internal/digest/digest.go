@@ -6,9 +6,11 @@
 // A digest file is a header and a sequence of records, sorted by offset
 // and not overlapping:
 //
-//   - a data record is the SHA-256 of a range the copier read from the
+//   - a data record is the digest of a range the copier read from the
 //     source and wrote: at most BlockSize bytes, never across a multiple
-//     of BlockSize on the disk (a 2 MiB write makes two records);
+//     of BlockSize on the disk (a 2 MiB write makes two records). The
+//     header names the file's algorithm: BLAKE3-256 for files written
+//     now, SHA-256 for files written before (still read and checked);
 //   - a zero record is a range of any length that the image reads as
 //     zeros: written as NBD zeroes on an overlay, skipped on a fresh image,
 //     read as all-zero or reported as a hole by the source's block status.
@@ -21,14 +23,16 @@
 //     bytes it covers.
 //
 // Ranges of the disk that the backup did not copy have no record. The
-// file's own SHA-256 and size are recorded in the catalog with the image.
+// file's own SHA-256 (always SHA-256, whatever its records' algorithm) and
+// size are recorded in the catalog with the image.
 //
 // The encoding is binary, little-endian:
 //
-//	header: "CBTFDGST" | version u16 (1) | algorithm u8 (1: SHA-256) |
+//	header: "CBTFDGST" | version u16 (1) |
+//	        algorithm u8 (1: SHA-256, 2: BLAKE3-256) |
 //	        flags u8 (1: overlay) | block size u32 | capacity u64 |
 //	        name length u16 | image file name
-//	'D' offset u64 | length u32 | SHA-256 [32]
+//	'D' offset u64 | length u32 | digest [32] (the header's algorithm)
 //	'Z' offset u64 | length u64
 //	'M' offset u64
 //	'E' records u64 | data bytes u64 | zero bytes u64
@@ -41,6 +45,9 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"hash"
+
+	"github.com/zeebo/blake3"
 )
 
 // BlockSize is the largest range one data record covers, and its
@@ -56,7 +63,6 @@ func PathOf(imagePath string) string { return imagePath + Suffix }
 const (
 	magic          = "CBTFDGST"
 	version        = 1
-	algorithmSHA   = 1
 	flagOverlay    = 1
 	maxNameLength  = 1024
 	headerFixedLen = 8 + 2 + 1 + 1 + 4 + 8 + 2
@@ -71,11 +77,66 @@ const (
 )
 
 const (
-	dataLen = 1 + 8 + 4 + sha256.Size
+	dataLen = 1 + 8 + 4 + SumSize
 	zeroLen = 1 + 8 + 8
 	markLen = 1 + 8
 	endLen  = 1 + 8 + 8 + 8
 )
+
+// SumSize is the length of a data record's digest, for every algorithm.
+const SumSize = 32
+
+// Algorithm is the hash of a digest file's data records, its header's
+// algorithm byte.
+type Algorithm uint8
+
+// The algorithms a digest file's records are made with. The zero
+// Algorithm is none: a Header without one is written with Default.
+const (
+	SHA256 Algorithm = 1 // SHA-256, the files written before BLAKE3
+	BLAKE3 Algorithm = 2 // BLAKE3 with a 256-bit output
+
+	// Default is the algorithm of files written now.
+	Default = BLAKE3
+)
+
+// Known reports whether a is an algorithm this release reads and writes.
+func (a Algorithm) Known() bool { return a == SHA256 || a == BLAKE3 }
+
+// String names the algorithm: "SHA-256", "BLAKE3".
+func (a Algorithm) String() string {
+	switch a {
+	case SHA256:
+		return "SHA-256"
+	case BLAKE3:
+		return "BLAKE3"
+	}
+	return fmt.Sprintf("digest algorithm %d", uint8(a))
+}
+
+// Sum returns the digest of b. It panics for an algorithm that is not
+// Known (a Header or File's algorithm always is).
+func (a Algorithm) Sum(b []byte) [SumSize]byte {
+	switch a {
+	case SHA256:
+		return sha256.Sum256(b)
+	case BLAKE3:
+		return blake3.Sum256(b)
+	}
+	panic(fmt.Sprintf("digest: Sum with unknown %v", a))
+}
+
+// New returns a hash that computes the digest Sum returns, for data
+// written in pieces. It panics for an algorithm that is not Known.
+func (a Algorithm) New() hash.Hash {
+	switch a {
+	case SHA256:
+		return sha256.New()
+	case BLAKE3:
+		return blake3.New()
+	}
+	panic(fmt.Sprintf("digest: New with unknown %v", a))
+}
 
 // Header describes the image a digest file belongs to.
 type Header struct {
@@ -88,6 +149,17 @@ type Header struct {
 	// BlockSize is the data records' largest length and alignment;
 	// BlockSize when zero.
 	BlockSize int
+	// Algorithm is the data records' hash. Create writes Default when it
+	// is zero; Resume then keeps the file's. Read and Parse return the
+	// file's.
+	Algorithm Algorithm
+}
+
+func (h Header) algorithm() Algorithm {
+	if h.Algorithm == 0 {
+		return Default
+	}
+	return h.Algorithm
 }
 
 func (h Header) blockSize() int {
@@ -102,16 +174,18 @@ type Record struct {
 	Kind   byte // KindData or KindZero
 	Offset int64
 	Length int64
-	// Sum is the SHA-256 of the range's bytes (data records only).
-	Sum [sha256.Size]byte
+	// Sum is the digest of the range's bytes (data records only), made
+	// with the algorithm of the digest file it is in.
+	Sum [SumSize]byte
 }
 
 // End returns the offset just past the record.
 func (r Record) End() int64 { return r.Offset + r.Length }
 
-// Data returns the data record of b, read from the disk at off.
-func Data(off int64, b []byte) Record {
-	return Record{Kind: KindData, Offset: off, Length: int64(len(b)), Sum: sha256.Sum256(b)}
+// Data returns the data record of b, read from the disk at off, with its
+// digest made by a (the algorithm of the file it is for).
+func Data(a Algorithm, off int64, b []byte) Record {
+	return Record{Kind: KindData, Offset: off, Length: int64(len(b)), Sum: a.Sum(b)}
 }
 
 // Zero returns the zero record of n bytes at off.
@@ -129,10 +203,13 @@ func encodeHeader(h Header) ([]byte, error) {
 	if len(h.Image) == 0 || len(h.Image) > maxNameLength {
 		return nil, fmt.Errorf("digest: image name of %d bytes", len(h.Image))
 	}
+	if a := h.algorithm(); !a.Known() {
+		return nil, fmt.Errorf("digest: unknown algorithm byte %d", uint8(a))
+	}
 	b := make([]byte, 0, headerFixedLen+len(h.Image))
 	b = append(b, magic...)
 	b = binary.LittleEndian.AppendUint16(b, version)
-	b = append(b, algorithmSHA)
+	b = append(b, byte(h.algorithm()))
 	var flags byte
 	if h.Overlay {
 		flags |= flagOverlay

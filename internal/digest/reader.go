@@ -11,6 +11,8 @@ import (
 
 // File is a digest file as read.
 type File struct {
+	// Header is the file's; its Algorithm is the one its data records'
+	// sums were made with.
 	Header  Header
 	Records []Record // sorted by offset, not overlapping
 	// Complete says the file ends with its end record, whose totals
@@ -81,10 +83,11 @@ func parseHeader(b []byte) (Header, int, error) {
 	if v := binary.LittleEndian.Uint16(b[8:10]); v != version {
 		return Header{}, 0, formatErr("version %d, this release reads %d", v, version)
 	}
-	if a := b[10]; a != algorithmSHA {
-		return Header{}, 0, formatErr("unknown digest algorithm %d", a)
-	}
 	var h Header
+	if h.Algorithm = Algorithm(b[10]); !h.Algorithm.Known() {
+		return Header{}, 0, formatErr("unknown digest algorithm byte %d (this release reads %d: %v, %d: %v)",
+			b[10], SHA256, SHA256, BLAKE3, BLAKE3)
+	}
 	h.Overlay = b[11]&flagOverlay != 0
 	h.BlockSize = int(binary.LittleEndian.Uint32(b[12:16]))
 	h.Capacity = int64(binary.LittleEndian.Uint64(b[16:24]))
@@ -167,18 +170,27 @@ func (s *scanner) next() (item, bool, error) {
 	return it, true, nil
 }
 
-// sameHeader reports whether a file's header is the one expected.
-func sameHeader(b []byte, want Header) (int, error) {
+// sameHeader checks that a file's header is the one expected and returns
+// it and its length. A want without an Algorithm takes the file's: the
+// records kept and those to come are made alike. A want with another
+// algorithm than the file's does not match.
+func sameHeader(b []byte, want Header) (Header, int, error) {
 	h, n, err := parseHeader(b)
 	if err != nil {
-		return 0, err
+		return Header{}, 0, err
+	}
+	if want.Algorithm == 0 {
+		want.Algorithm = h.Algorithm
+	}
+	if want.Algorithm != h.Algorithm {
+		return Header{}, 0, fmt.Errorf("digest: the file's records are %v digests, not %v", h.Algorithm, want.Algorithm)
 	}
 	enc, err := encodeHeader(want)
 	if err != nil {
-		return 0, err
+		return Header{}, 0, err
 	}
 	if !bytes.Equal(b[:n], enc) {
-		return 0, fmt.Errorf("digest: the file's header (%+v) is not this image's (%+v)", h, want)
+		return Header{}, 0, fmt.Errorf("digest: the file's header (%+v) is not this image's (%+v)", h, want)
 	}
-	return n, nil
+	return h, n, nil
 }

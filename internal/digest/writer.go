@@ -19,6 +19,7 @@ import (
 // its one event loop.
 type Writer struct {
 	path    string
+	alg     Algorithm // the header's
 	f       *os.File
 	pending []Record
 	buf     []byte
@@ -43,7 +44,7 @@ func Create(path string, h Header) (*Writer, error) {
 	if err != nil {
 		return nil, fmt.Errorf("digest: %w", err)
 	}
-	w := &Writer{path: path, f: f}
+	w := &Writer{path: path, alg: h.algorithm(), f: f}
 	if _, err := f.Write(hdr); err != nil {
 		f.Close()
 		return nil, fmt.Errorf("digest: %s: %w", path, err)
@@ -64,13 +65,16 @@ func Create(path string, h Header) (*Writer, error) {
 // drops everything after them (records of data not known durable, a
 // record cut short by a crash, an end record) and appends a mark. The
 // file must have been committed at least as far as resumeFrom, with the
-// header h; otherwise the error wraps ErrCannotResume.
+// header h; otherwise the error wraps ErrCannotResume. The file keeps its
+// algorithm: an h without one takes the file's (a file an older release
+// began with SHA-256 goes on with SHA-256), an h with another one does
+// not match.
 func Resume(path string, h Header, resumeFrom int64) (*Writer, error) {
 	b, err := os.ReadFile(path)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrCannotResume, err)
 	}
-	n, err := sameHeader(b, h)
+	fh, n, err := sameHeader(b, h)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %s: %v", ErrCannotResume, path, err)
 	}
@@ -105,7 +109,7 @@ func Resume(path string, h Header, resumeFrom int64) (*Writer, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrCannotResume, err)
 	}
-	w := &Writer{path: path, f: f, totals: totals, last: last}
+	w := &Writer{path: path, alg: fh.Algorithm, f: f, totals: totals, last: last}
 	if err := f.Truncate(int64(keep)); err != nil {
 		f.Close()
 		return nil, fmt.Errorf("digest: %s: %w", path, err)
@@ -124,6 +128,10 @@ func Resume(path string, h Header, resumeFrom int64) (*Writer, error) {
 
 // Path returns the file's path.
 func (w *Writer) Path() string { return w.path }
+
+// Algorithm returns the algorithm of the file's data records: the records
+// added must be made with it (Data).
+func (w *Writer) Algorithm() Algorithm { return w.alg }
 
 // Add records r, to be written by the Commit that passes its end.
 func (w *Writer) Add(r Record) { w.pending = append(w.pending, r) }
@@ -229,7 +237,9 @@ func (w *Writer) Close() error {
 	return err
 }
 
-// HashFile returns the size and hex SHA-256 of a digest file.
+// HashFile returns the size and hex SHA-256 of a digest file (the
+// catalog's record of the file itself: SHA-256 whatever the algorithm of
+// its records).
 func HashFile(path string) (int64, string, error) {
 	f, err := os.Open(path)
 	if err != nil {

@@ -28,7 +28,7 @@ import (
 //     and those of transfers without a digest file;
 //   - a seal ("seal2:" and 64 hex digits; "seal1:" for images sealed before
 //     version 2, still proven), for images a transfer wrote with a digest
-//     file (internal/digest). The transfer knows the SHA-256 of every range
+//     file (internal/digest). The transfer knows the digest of every range
 //     it wrote as it streamed it; only the rest of the file (the QCOW2
 //     metadata, the parts of clusters qemu filled from the backing file or
 //     with zeros, the file's tail) is read to seal it: a few MiB, where
@@ -61,8 +61,9 @@ import (
 // of a range hashed as it is) had to read.
 //
 // So every byte of the file is proven: a byte outside the records' ranges
-// by the seal, a byte inside by its record's SHA-256 in the digest file,
-// whose own SHA-256 the seal covers (and the catalog records apart). A
+// by the seal, a byte inside by its record's digest in the digest file
+// (BLAKE3, or SHA-256 in a file an older release wrote), whose own
+// SHA-256 the seal covers (and the catalog records apart). A
 // check of a seal reads the file's data once, as a full SHA-256 would,
 // and skips its holes.
 
@@ -158,7 +159,8 @@ func sealLayout(ctx context.Context, path string, f *os.File, fi os.FileInfo) (*
 
 // VerifySeal proves the QCOW2 image at path against its recorded seal: the
 // file's bytes outside the digest file's data records by the seal, and the
-// data of every record by its SHA-256. A *Damage error says what differs;
+// data of every record by its digest (made with its digest file's
+// algorithm: BLAKE3, or SHA-256). A *Damage error says what differs;
 // other errors (I/O, a canceled ctx, qemu-img failing to run) say nothing
 // about the image. beat is called as in Seal.
 func VerifySeal(ctx context.Context, path, recorded string, beat func(done int64)) error {
@@ -232,7 +234,7 @@ func VerifySeal(ctx context.Context, path, recorded string, beat func(done int64
 		if err := ctx.Err(); err != nil {
 			return err
 		}
-		h := sha256.New()
+		h := df.Header.Algorithm.New() // the records' own algorithm
 		for _, p := range recordParts(r.Offset, r.Length, ext, backing == "") {
 			s := p.span
 			if p.zero {
@@ -252,8 +254,8 @@ func VerifySeal(ctx context.Context, path, recorded string, beat func(done int64
 			}
 		}
 		if got := h.Sum(nil); string(got) != string(r.Sum[:]) {
-			return &Damage{path, fmt.Sprintf("holds other data at disk offset %d (%d bytes) than the backup wrote there (SHA-256 %x, recorded %x in %s)",
-				r.Offset, r.Length, got, r.Sum, dpath)}
+			return &Damage{path, fmt.Sprintf("holds other data at disk offset %d (%d bytes) than the backup wrote there (%v %x, recorded %x in %s)",
+				r.Offset, r.Length, df.Header.Algorithm, got, r.Sum, dpath)}
 		}
 		if beat != nil && time.Since(last) >= beatEvery {
 			beat(done)

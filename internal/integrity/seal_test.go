@@ -29,6 +29,13 @@ type write struct {
 // written range, a zero record per zeroed one.
 func sealedImage(t *testing.T, path, backing string, writes []write) {
 	t.Helper()
+	sealedImageOf(t, path, backing, 0, writes)
+}
+
+// sealedImageOf is sealedImage with the digest file's records made with
+// alg (0: the default).
+func sealedImageOf(t *testing.T, path, backing string, alg digest.Algorithm, writes []write) {
+	t.Helper()
 	ctx := context.Background()
 	var err error
 	if backing == "" {
@@ -39,7 +46,7 @@ func sealedImage(t *testing.T, path, backing string, writes []write) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	w, err := digest.Create(digest.PathOf(path), digest.Header{Image: filepath.Base(path), Capacity: 64 << 20, Overlay: backing != ""})
+	w, err := digest.Create(digest.PathOf(path), digest.Header{Image: filepath.Base(path), Capacity: 64 << 20, Overlay: backing != "", Algorithm: alg})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -52,7 +59,7 @@ func sealedImage(t *testing.T, path, backing string, writes []write) {
 			continue
 		}
 		args = append(args, "-c", fmt.Sprintf("write -P %d %d %d", x.pattern, x.off, x.n))
-		w.Add(digest.Data(x.off, bytes.Repeat([]byte{byte(x.pattern)}, int(x.n))))
+		w.Add(digest.Data(w.Algorithm(), x.off, bytes.Repeat([]byte{byte(x.pattern)}, int(x.n))))
 	}
 	if out, err := exec.Command("qemu-io", append(args, path)...).CombinedOutput(); err != nil {
 		t.Fatalf("qemu-io: %v: %s", err, out)
@@ -69,10 +76,16 @@ func sealedImage(t *testing.T, path, backing string, writes []write) {
 // rest of a 64 KiB cluster filled from the backing file) and a zeroed range.
 func sealedChain(t *testing.T) (full, top string) {
 	t.Helper()
+	return sealedChainOf(t, 0)
+}
+
+// sealedChainOf is sealedChain with digest files of alg.
+func sealedChainOf(t *testing.T, alg digest.Algorithm) (full, top string) {
+	t.Helper()
 	dir := t.TempDir()
 	full, top = filepath.Join(dir, "b1.qcow2"), filepath.Join(dir, "b2.qcow2")
-	sealedImage(t, full, "", []write{{0, 1 << 20, 1}, {10 << 20, 100 << 10, 2}, {20 << 20, 1 << 20, 5}})
-	sealedImage(t, top, full, []write{{512 << 10, 64 << 10, 3}, {20<<20 + 4096, 10 << 10, 4}, {30 << 20, 1 << 20, -1}})
+	sealedImageOf(t, full, "", alg, []write{{0, 1 << 20, 1}, {10 << 20, 100 << 10, 2}, {20 << 20, 1 << 20, 5}})
+	sealedImageOf(t, top, full, alg, []write{{512 << 10, 64 << 10, 3}, {20<<20 + 4096, 10 << 10, 4}, {30 << 20, 1 << 20, -1}})
 	return full, top
 }
 
@@ -236,7 +249,7 @@ func TestSealDetectsAlteration(t *testing.T) {
 		says  []string
 	}{
 		{"a byte of a record's data", top, func(t *testing.T, p string) { flipByte(t, p, hostOf(t, p, 20<<20+4096+100)) },
-			[]string{"holds other data at disk offset 20975616 (10240 bytes)", ".digests"}},
+			[]string{"holds other data at disk offset 20975616 (10240 bytes)", "(BLAKE3 ", ".digests"}},
 		{"a byte of a full image's data", full, func(t *testing.T, p string) { flipByte(t, p, hostOf(t, p, 10<<20+5)) },
 			[]string{"holds other data at disk offset 10485760"}},
 		{"a byte a cluster holds from the backing file", top, func(t *testing.T, p string) { flipByte(t, p, hostOf(t, p, 20<<20+100)) },
@@ -253,15 +266,15 @@ func TestSealDetectsAlteration(t *testing.T) {
 			}
 		}, []string{"has seal"}},
 		{"a digest of the digest file", top, func(t *testing.T, p string) {
-			// A data record's SHA-256: the file stays well formed.
+			// A data record's digest: the file stays well formed.
 			b, err := os.ReadFile(digest.PathOf(p))
 			if err != nil {
 				t.Fatal(err)
 			}
-			r := digest.Data(512<<10, bytes.Repeat([]byte{3}, 64<<10))
+			r := digest.Data(digest.Default, 512<<10, bytes.Repeat([]byte{3}, 64<<10))
 			at := bytes.Index(b, r.Sum[:])
 			if at < 0 {
-				t.Fatal("the record's SHA-256 is not in the digest file")
+				t.Fatal("the record's digest is not in the digest file")
 			}
 			flipByte(t, digest.PathOf(p), int64(at+3))
 		}, []string{"has seal"}},
@@ -296,6 +309,38 @@ func TestSealDetectsAlteration(t *testing.T) {
 	}
 }
 
+// TestSealRecordAlgorithms: images whose digest files were written with
+// SHA-256 (an older release's) and with BLAKE3 are sealed and verified,
+// each record checked with its file's algorithm, and a byte of a record's
+// data altered is found and named with it.
+func TestSealRecordAlgorithms(t *testing.T) {
+	for _, alg := range []digest.Algorithm{digest.SHA256, digest.BLAKE3} {
+		t.Run(alg.String(), func(t *testing.T) {
+			full, top := sealedChainOf(t, alg)
+			for _, path := range []string{full, top} {
+				df, err := digest.Read(digest.PathOf(path))
+				if err != nil || df.Header.Algorithm != alg {
+					t.Fatalf("%s's digest file: %v, %+v; want %v", path, err, df, alg)
+				}
+				sum := seal(t, path)
+				if err := VerifySeal(context.Background(), path, sum, nil); err != nil {
+					t.Fatalf("VerifySeal of a sound %s: %v", path, err)
+				}
+				// A byte of the first data record's data.
+				r := df.Records[0]
+				if r.Kind != digest.KindData {
+					t.Fatalf("%s: first record %+v", path, r)
+				}
+				flipByte(t, path, hostOf(t, path, r.Offset+7))
+				err = VerifySeal(context.Background(), path, sum, nil)
+				wantSealDamage(t, err, path, fmt.Sprintf("holds other data at disk offset %d (%d bytes)", r.Offset, r.Length),
+					"("+alg.String()+" ", digest.PathOf(path))
+				wantSealDamage(t, Verify(context.Background(), path, sum, nil), path, "("+alg.String()+" ")
+			}
+		})
+	}
+}
+
 func TestSealNeedsTheRecordsData(t *testing.T) {
 	dir := t.TempDir()
 	path := filepath.Join(dir, "b1.qcow2")
@@ -305,8 +350,8 @@ func TestSealNeedsTheRecordsData(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	w.Add(digest.Data(0, bytes.Repeat([]byte{1}, 64<<10)))
-	w.Add(digest.Data(40<<20, bytes.Repeat([]byte{1}, 64<<10)))
+	w.Add(digest.Data(w.Algorithm(), 0, bytes.Repeat([]byte{1}, 64<<10)))
+	w.Add(digest.Data(w.Algorithm(), 40<<20, bytes.Repeat([]byte{1}, 64<<10)))
 	if err := w.Commit(64 << 20); err != nil {
 		t.Fatal(err)
 	}
@@ -482,7 +527,7 @@ func pieceImage(t *testing.T, path, backing string, data []byte, cmds ...string)
 	if err != nil {
 		t.Fatal(err)
 	}
-	w.Add(digest.Data(0, data))
+	w.Add(digest.Data(w.Algorithm(), 0, data))
 	if _, _, err := w.Finish(); err != nil {
 		t.Fatal(err)
 	}

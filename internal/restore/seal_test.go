@@ -38,7 +38,7 @@ func TestSettledViewTransientError(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	w.Add(digest.Data(0, bytes.Repeat([]byte{0xaa}, mib)))
+	w.Add(digest.Data(w.Algorithm(), 0, bytes.Repeat([]byte{0xaa}, mib)))
 	dsize, dsum, err := w.Finish()
 	if err != nil {
 		t.Fatal(err)

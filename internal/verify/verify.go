@@ -13,10 +13,12 @@
 //
 // Which record a range is checked against: the newest image that wrote a
 // range decides what the point reads there, so a range is checked against
-// the newest record covering it. A data record (a SHA-256 of up to 1 MiB)
-// that a newer image overwrote in part cannot be checked (its digest is of
-// the whole range): it is skipped and counted (Result.SkippedRecords); a
-// zero record is checked on the parts no newer record covers. An image
+// the newest record covering it. A data record (a digest of up to 1 MiB,
+// made with its digest file's algorithm: BLAKE3, or SHA-256 for a file an
+// older release wrote) that a newer image overwrote in part cannot be
+// checked (its digest is of the whole range): it is skipped and counted
+// (Result.SkippedRecords); a zero record is checked on the parts no newer
+// record covers. An image
 // without a digest file (made before digests existed) may have written
 // anywhere, so the records of the images it builds on cannot be checked
 // either; so too below an image a prune merged removed points into
@@ -375,9 +377,11 @@ func (v *verifier) readBlocks(ctx context.Context) error {
 			if err := h.Pread(b, c.rec.Offset); err != nil {
 				return fmt.Errorf("verify: reading %s at offset %d: %w", top, c.rec.Offset, err)
 			}
-			if got := sha256.Sum256(b); got != c.rec.Sum {
+			// The record is checked with its own file's algorithm.
+			alg := v.files[c.image].Header.Algorithm
+			if got := alg.Sum(b); got != c.rec.Sum {
 				v.problem(c.image, im.Path, c.rec.Offset, c.rec.Length,
-					"reads with SHA-256 %x through the chain, the backup recorded %x", got, c.rec.Sum)
+					"reads with %v %x through the chain, the backup recorded %x", alg, got, c.rec.Sum)
 				bad++
 			}
 		} else {

@@ -33,7 +33,10 @@ type write struct {
 //	b2:        zeros over [1, 2 MiB), 0xbb over [4, 6 MiB)
 //	b3:        0xcc over [2.5 MiB, 2.5 MiB + 64 KiB), which overwrites a
 //	           part of b1's record of [2, 3 MiB)
-func makeChain(t *testing.T) []Image {
+//
+// The digest files are written with algs[i] (the default, BLAKE3, beyond
+// algs).
+func makeChain(t *testing.T, algs ...digest.Algorithm) []Image {
 	t.Helper()
 	ctx := context.Background()
 	dir := t.TempDir()
@@ -56,7 +59,11 @@ func makeChain(t *testing.T) []Image {
 				t.Fatal(err)
 			}
 		}
-		w, err := digest.Create(digest.PathOf(path), digest.Header{Image: filepath.Base(path), Capacity: 16 * mib, Overlay: i > 0})
+		var alg digest.Algorithm
+		if i < len(algs) {
+			alg = algs[i]
+		}
+		w, err := digest.Create(digest.PathOf(path), digest.Header{Image: filepath.Base(path), Capacity: 16 * mib, Overlay: i > 0, Algorithm: alg})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -73,7 +80,7 @@ func makeChain(t *testing.T) []Image {
 				if wr.pattern == 0 {
 					w.Add(digest.Zero(off, n))
 				} else {
-					w.Add(digest.Data(off, bytes.Repeat([]byte{wr.pattern}, int(n))))
+					w.Add(digest.Data(w.Algorithm(), off, bytes.Repeat([]byte{wr.pattern}, int(n))))
 				}
 				off += n
 			}
@@ -169,12 +176,14 @@ func wantProblem(t *testing.T, res *Result, file string, offset int64, reason st
 	}
 }
 
-func TestFlippedByteInAMiddleImage(t *testing.T) {
-	testutil.CheckNoChildren(t)
-	chain := makeChain(t)
-	mid := chain[1].Path
-	at := hostOffset(t, mid, 4*mib+12345)
-	f, err := os.OpenFile(mid, os.O_RDWR, 0)
+// flipByte flips a bit of the byte that image i of the chain holds at
+// guest offset off, and records the image's new size and SHA-256: the
+// catalog follows the flip, only the block digests see it.
+func flipByte(t *testing.T, chain []Image, i int, off int64) {
+	t.Helper()
+	path := chain[i].Path
+	at := hostOffset(t, path, off)
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -187,15 +196,57 @@ func TestFlippedByteInAMiddleImage(t *testing.T) {
 		t.Fatal(err)
 	}
 	f.Close()
-	// The catalog's SHA-256 follows the flip: only the block digests see it.
-	chain[1] = recorded(t, chain[1])
+	chain[i] = recorded(t, chain[i])
+}
+
+func TestFlippedByteInAMiddleImage(t *testing.T) {
+	testutil.CheckNoChildren(t)
+	chain := makeChain(t)
+	mid := chain[1].Path
+	flipByte(t, chain, 1, 4*mib+12345)
 	res := verifyChain(t, chain)
 	if !res.BlocksRead || len(res.Problems) != 1 {
 		t.Fatalf("problems %v (blocks read %v); want the one flipped block", res.Problems, res.BlocksRead)
 	}
-	wantProblem(t, res, mid, 4*mib, "the backup recorded")
+	wantProblem(t, res, mid, 4*mib, "reads with BLAKE3")
 	if p := res.First(); p.Image != mid || p.Length != mib {
 		t.Errorf("problem %+v: want image %s and the 1 MiB record", p, mid)
+	}
+}
+
+// A chain whose images' digest files have different algorithms (those an
+// older release wrote with SHA-256 below, newer ones with BLAKE3): each
+// record is checked with its own file's, and a flipped byte is found in
+// either kind, named with its file's algorithm.
+func TestMixedAlgorithms(t *testing.T) {
+	testutil.CheckNoChildren(t)
+	for _, algs := range [][]digest.Algorithm{
+		{digest.SHA256, digest.BLAKE3, digest.SHA256},
+		{digest.BLAKE3, digest.SHA256, digest.BLAKE3},
+	} {
+		t.Run(algs[0].String()+"-"+algs[1].String(), func(t *testing.T) {
+			chain := makeChain(t, algs...)
+			for i, im := range chain {
+				if f, err := digest.Read(digest.PathOf(im.Path)); err != nil || f.Header.Algorithm != algs[i] {
+					t.Fatalf("b%d's digest file: %v, %+v; want %v", i+1, err, f, algs[i])
+				}
+			}
+			res := verifyChain(t, chain)
+			if !res.OK() || res.CheckedRecords != 6 {
+				t.Fatalf("a sound chain: %v, %d records checked", res.Err(), res.CheckedRecords)
+			}
+			// b1's record of [0, 1 MiB) and b2's of [4, 5 MiB).
+			flipByte(t, chain, 0, 777)
+			flipByte(t, chain, 1, 4*mib+12345)
+			res = verifyChain(t, chain)
+			if !res.BlocksRead || len(res.Problems) != 2 {
+				t.Fatalf("problems %v (blocks read %v); want the two flipped blocks", res.Problems, res.BlocksRead)
+			}
+			wantProblem(t, res, chain[0].Path, 0, "reads with "+algs[0].String())
+			if p := res.Problems[1]; p.File != chain[1].Path || p.Offset != 4*mib || !strings.Contains(p.Reason, "reads with "+algs[1].String()) {
+				t.Errorf("second problem %q (file %s, offset %d); want b2's at 4 MiB with %v", p, p.File, p.Offset, algs[1])
+			}
+		})
 	}
 }
 
