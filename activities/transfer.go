@@ -207,7 +207,7 @@ func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*Tra
 		if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
 			return nil, permanent(err)
 		}
-		if err := a.createImage(ctx, in, path); err != nil {
+		if err := a.createImage(ctx, in, path, extents); err != nil {
 			return nil, err
 		}
 		if a.Digests {
@@ -500,9 +500,15 @@ func checkFailed(in TransferDiskInput, path string, resumed bool, check *qemu.Ch
 		ErrTypeImageCorrupt)
 }
 
-func (a *Transfer) createImage(ctx context.Context, in TransferDiskInput, path string) error {
+// createImage makes the empty image at path, with the L2 tables of the
+// extents the copy will write (qcow2.Create).
+func (a *Transfer) createImage(ctx context.Context, in TransferDiskInput, path string, extents []copier.Extent) error {
+	written := make([]qcow2.Range, len(extents))
+	for i, e := range extents {
+		written[i] = qcow2.Range{Offset: e.Offset, Length: e.Length}
+	}
 	if in.Mode == ModeFull {
-		return permanent(qcow2.Make(ctx, path, in.Capacity))
+		return permanent(qcow2.Make(ctx, path, in.Capacity, written...))
 	}
 	if in.BackingPath == "" {
 		return temporal.NewNonRetryableApplicationError(fmt.Sprintf("disk %d: incremental without a backing image", in.Key), ErrTypeInvalidInput, nil)
@@ -510,7 +516,7 @@ func (a *Transfer) createImage(ctx context.Context, in TransferDiskInput, path s
 	if !a.Repo.Contains(in.BackingPath) {
 		return temporal.NewNonRetryableApplicationError(fmt.Sprintf("disk %d: backing image %s is outside the repository", in.Key, in.BackingPath), ErrTypeInvalidInput, nil)
 	}
-	return permanent(qcow2.MakeOverlay(ctx, path, in.BackingPath))
+	return permanent(qcow2.MakeOverlay(ctx, path, in.BackingPath, written...))
 }
 
 func (a *Transfer) opener(p vsphere.Profile) (source.Opener, error) {

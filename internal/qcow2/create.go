@@ -7,15 +7,20 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 
 	"github.com/cbtflow/cbtflow/internal/qemu"
 )
 
+// Range is a range of the disk, in bytes.
+type Range struct{ Offset, Length int64 }
+
 // Make makes a fresh image of size bytes at path, as qemu.Create does:
 // by Create, or by qemu-img create where Create cannot. It refuses to
-// overwrite an existing file.
-func Make(ctx context.Context, path string, size int64) error {
-	if err := Create(path, size, ""); !errors.Is(err, ErrUnsupported) {
+// overwrite an existing file. written, when known, are the ranges of the
+// disk that will be written (Create makes their L2 tables).
+func Make(ctx context.Context, path string, size int64, written ...Range) error {
+	if err := Create(path, size, "", written...); !errors.Is(err, ErrUnsupported) {
 		return err
 	}
 	return qemu.Create(ctx, path, size)
@@ -24,8 +29,8 @@ func Make(ctx context.Context, path string, size int64) error {
 // MakeOverlay makes an overlay at path on backing (a QCOW2 image, named
 // relative to path's folder in the overlay), as qemu.CreateOverlay does:
 // by Create, or by qemu-img create where Create cannot. It refuses to
-// overwrite an existing file.
-func MakeOverlay(ctx context.Context, path, backing string) error {
+// overwrite an existing file; written are as for Make.
+func MakeOverlay(ctx context.Context, path, backing string, written ...Range) error {
 	if _, err := os.Stat(backing); err != nil {
 		return fmt.Errorf("qcow2: create overlay %s: backing file: %w", path, err)
 	}
@@ -33,7 +38,7 @@ func MakeOverlay(ctx context.Context, path, backing string) error {
 	if err != nil {
 		return err
 	}
-	if err := Create(path, 0, rel); !errors.Is(err, ErrUnsupported) {
+	if err := Create(path, 0, rel, written...); !errors.Is(err, ErrUnsupported) {
 		return err
 	}
 	return qemu.CreateOverlay(ctx, path, backing)
@@ -48,7 +53,8 @@ const (
 	createRefcountOrder = 4
 	createL2Entries     = createCluster / 16 // extended L2 entries: 16 bytes
 	headerLength        = 112
-	maxBackingName      = 1023 // qemu's limit
+	maxBackingName      = 1023    // qemu's limit
+	l1Copied            = 1 << 63 // an L1 entry's table has refcount 1
 )
 
 // featureNames is the feature name table qemu writes into every image it
@@ -73,10 +79,20 @@ var featureNames = []struct {
 // absolute); the image then takes its size from it, as qemu-img create -b
 // does, and capacity must be 0.
 //
+// written, when given, are the ranges of the disk that will be written:
+// Create then also makes the L2 table of every 256 GiB of the disk they
+// touch, empty (a hole of the file: every entry unallocated), and points
+// the L1 table at it. qemu allocates a missing table as it writes: it
+// writes the new table whole and syncs the file twice (the table, then
+// the L1 entry) each time, 8 times for a 2 TiB disk written all over; a
+// table that exists is only updated. The image is then no longer the one
+// qemu-img create makes byte for byte, but one it could have made:
+// qemu-img check finds it clean and every byte of it unallocated.
+//
 // An image it cannot make so (a capacity not a multiple of 512 bytes, an
 // L1 table of more than one cluster, a backing file whose header it does
 // not read) gives an error wrapping ErrUnsupported: qemu-img can.
-func Create(path string, capacity int64, backing string) error {
+func Create(path string, capacity int64, backing string, written ...Range) error {
 	if backing != "" {
 		size, err := backingSize(path, backing)
 		if err != nil {
@@ -101,6 +117,26 @@ func Create(path string, capacity int64, backing string) error {
 		return unsupported("a backing file name of %d bytes", len(backing))
 	}
 	head := header0(uint64(capacity), uint32(l1Size), backing)
+	// The tables written ranges need, in the clusters after the L1 table.
+	var tables []uint64 // their L1 indices, in order
+	for _, r := range written {
+		if r.Length <= 0 {
+			continue
+		}
+		if r.Offset < 0 || r.Offset+r.Length > capacity {
+			return fmt.Errorf("qcow2: create %s: range [%d, %d) outside a disk of %d bytes", path, r.Offset, r.Offset+r.Length, capacity)
+		}
+		for i := uint64(r.Offset) / (createCluster * createL2Entries); i <= uint64(r.Offset+r.Length-1)/(createCluster*createL2Entries); i++ {
+			if !slices.Contains(tables, i) {
+				tables = append(tables, i)
+			}
+		}
+	}
+	slices.Sort(tables)
+	clusters := 4 + len(tables)
+	if clusters > createCluster/2 {
+		return unsupported("%d L2 tables (more than one refcount block counts)", len(tables))
+	}
 
 	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
 	if err != nil {
@@ -110,16 +146,28 @@ func Create(path string, capacity int64, backing string) error {
 	// Cluster 0 the header, 1 the refcount table, 2 its one refcount
 	// block, 3 the L1 table (all zero: no L2 table yet), as qemu-img lays
 	// them out; the refcount block counts those four clusters.
+	// The L2 tables follow, in clusters 4 on, each L1 entry with the
+	// flag that says its table is the image's own (refcount 1).
 	refTable := be.AppendUint64(nil, 2*createCluster)
 	var refBlock []byte
-	for range 4 {
+	for range clusters {
 		refBlock = be.AppendUint16(refBlock, 1)
+	}
+	size := int64(3*createCluster + l1Size*8)
+	var l1 []byte
+	if len(tables) > 0 {
+		l1 = make([]byte, l1Size*8)
+		for k, i := range tables {
+			be.PutUint64(l1[i*8:], uint64(4+k)*createCluster|l1Copied)
+		}
+		size = int64(clusters) * createCluster
 	}
 	err = errors.Join(
 		write(f, head, 0),
 		write(f, refTable, createCluster),
 		write(f, refBlock, 2*createCluster),
-		f.Truncate(3*createCluster+int64(l1Size)*8),
+		write(f, l1, 3*createCluster),
+		f.Truncate(size),
 	)
 	if cerr := f.Close(); err == nil {
 		err = cerr
@@ -132,6 +180,9 @@ func Create(path string, capacity int64, backing string) error {
 }
 
 func write(f *os.File, b []byte, off int64) error {
+	if len(b) == 0 {
+		return nil
+	}
 	_, err := f.WriteAt(b, off)
 	return err
 }

@@ -3,6 +3,7 @@ package qcow2
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -183,5 +184,68 @@ func TestMakeFallsBack(t *testing.T) {
 	}
 	if err := Make(ctx, full, 64<<20); err == nil {
 		t.Error("Make overwrote an image")
+	}
+}
+
+// TestCreateTables: an image made with the L2 tables of the ranges to be
+// written is clean and empty; qemu writes through those tables (and
+// allocates the others itself), and reads what it wrote, the backing
+// file's data elsewhere.
+func TestCreateTables(t *testing.T) {
+	dir := t.TempDir()
+	const gib = int64(1) << 30
+	const table = 256 * gib // what one L2 table maps
+	base := filepath.Join(dir, "base.qcow2")
+	if err := Create(base, 2<<40, ""); err != nil {
+		t.Fatal(err)
+	}
+	qemuIO(t, base, "write -q -P 0x11 0 1M", fmt.Sprintf("write -q -P 0x11 %d 1M", 5*table))
+	for _, tc := range []struct {
+		name    string
+		backing string
+	}{{"full", ""}, {"overlay", "base.qcow2"}} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := filepath.Join(dir, tc.name+".qcow2")
+			written := []Range{{0, 1 << 20}, {3*table - 64<<10, 128 << 10}, {7 * table, 64 << 10}}
+			capacity := int64(2 << 40)
+			if tc.backing != "" {
+				capacity = 0
+			}
+			if err := Create(p, capacity, tc.backing, written...); err != nil {
+				t.Fatal(err)
+			}
+			if out := qemuImg(t, "check", p); !strings.Contains(out, "No errors were found") {
+				t.Fatalf("qemu-img check of the new image: %s", out)
+			}
+			// Tables for L1 indices 0, 2, 3 and 7: every byte unallocated.
+			m := qemuImg(t, "map", "--output=json", p)
+			if tc.backing == "" && strings.Contains(m, `"data": true`) || strings.Contains(m, `"depth": 0, "present": true`) {
+				t.Fatalf("the new image holds data:\n%s", m)
+			}
+			var st syscall.Stat_t
+			if err := syscall.Stat(p, &st); err != nil {
+				t.Fatal(err)
+			}
+			if fi, _ := os.Stat(p); fi.Size() != 8*createCluster || st.Blocks*512 > 64<<10 {
+				t.Errorf("the image is %d bytes taking %d: want 8 clusters (4 of them tables), holes", fi.Size(), st.Blocks*512)
+			}
+			// Writes into made tables, across two of them, and into one
+			// qemu makes (L1 index 5).
+			qemuIO(t, p, "write -q -P 0x22 64K 64K", fmt.Sprintf("write -q -P 0x33 %d 128K", 3*table-64<<10),
+				fmt.Sprintf("write -q -P 0x44 %d 64K", 5*table+2<<20))
+			back := "0x00"
+			if tc.backing != "" {
+				back = "0x11"
+			}
+			qemuIO(t, p, "read -q -P 0x22 64K 64K", fmt.Sprintf("read -q -P 0x33 %d 128K", 3*table-64<<10),
+				fmt.Sprintf("read -q -P 0x44 %d 64K", 5*table+2<<20), "read -q -P "+back+" 0 64K",
+				fmt.Sprintf("read -q -P %s %d 1M", back, 5*table), fmt.Sprintf("read -q -P 0 %d 64K", 7*table))
+			if out := qemuImg(t, "check", p); !strings.Contains(out, "No errors were found") {
+				t.Fatalf("qemu-img check after the writes: %s", out)
+			}
+		})
+	}
+	if err := Create(filepath.Join(dir, "x.qcow2"), 1<<30, "", Range{1 << 30, 512}); err == nil || !strings.Contains(err.Error(), "outside a disk") {
+		t.Errorf("a range past the disk's end: %v", err)
 	}
 }
