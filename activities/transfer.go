@@ -432,7 +432,7 @@ func syncFileAndDir(path string) error {
 
 // proof returns the size of the image at path and the proof the commit
 // records with it: its seal when the transfer wrote its digest file (the
-// digest file already holds the SHA-256 of every range the copy wrote, so
+// digest file already holds the digest of every range the copy wrote, so
 // only the rest of the file is read), else the SHA-256 of the whole file.
 // An image the seal cannot cover (a digest file that records a range the
 // image does not hold itself) is hashed whole, and the log says why.

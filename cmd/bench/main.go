@@ -31,6 +31,8 @@ import (
 	"syscall"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/cbtflow/cbtflow/internal/copier"
 	"github.com/cbtflow/cbtflow/internal/integrity"
 	"github.com/cbtflow/cbtflow/internal/qcow2"
@@ -254,6 +256,15 @@ func run(ctx context.Context, dir string, size, data int64, runs int, seed uint6
 		fmt.Printf("%-8s %7.3fs %7.3fs %7.3fs  %d KiB\n", t.name, m, s[0].Seconds(), s[len(s)-1].Seconds(), slices.Max(t.rss))
 	}
 	fmt.Printf("copier peak memory: %d KiB (max RSS of the copier process over %d runs)\n", slices.Max(tools[0].rss), runs)
+	if floor, err := diskFloor(dir, allocBytes, 3); err != nil {
+		return 0, err
+	} else {
+		fmt.Printf("the disk's floor: writing the same %d MiB straight to a file (O_DIRECT, 2 MiB at a time, then fsync) took %.3fs (median of 3):", allocBytes/mib, floor)
+		for _, t := range tools {
+			fmt.Printf(" %s %.2f×", t.name, med[t.name]/floor)
+		}
+		fmt.Println(" of it")
+	}
 	const section = "the copier alone"
 	note := ""
 	if size != 4*gib || data != 1*gib {
@@ -277,6 +288,45 @@ func run(ctx context.Context, dir string, size, data int64, runs int, seed uint6
 		return 0, nil
 	}
 	return float64(allocBytes) / med["cbtflow"], nil
+}
+
+// diskFloor times writing n bytes of random data to a new file in dir
+// with O_DIRECT, 2 MiB at a time, and an fsync, the median of runs: what
+// no copy of n bytes into a file of that disk goes below.
+func diskFloor(dir string, n int64, runs int) (float64, error) {
+	const chunk = 2 << 20
+	buf, err := unix.Mmap(-1, 0, chunk, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_ANON|unix.MAP_PRIVATE) // page-aligned
+	if err != nil {
+		return 0, err
+	}
+	defer unix.Munmap(buf)
+	rand.NewChaCha8([32]byte{1}).Read(buf)
+	path := filepath.Join(dir, "floor.raw")
+	defer os.Remove(path)
+	var times []time.Duration
+	for range runs {
+		os.Remove(path)
+		start := time.Now()
+		f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL|unix.O_DIRECT, 0o600)
+		if err != nil {
+			return 0, err
+		}
+		for off := int64(0); off < n && err == nil; off += chunk {
+			_, err = f.WriteAt(buf, off)
+		}
+		if err == nil {
+			err = f.Sync()
+		}
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+		if err != nil {
+			return 0, fmt.Errorf("the disk's floor: %w", err)
+		}
+		times = append(times, time.Since(start))
+	}
+	slices.Sort(times)
+	return median(times), nil
 }
 
 // chainCheck times the check every incremental runs before it builds on a
