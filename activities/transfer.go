@@ -364,11 +364,8 @@ func (a *Transfer) copyDisk(ctx context.Context, in TransferDiskInput, profile v
 	if t.err == nil {
 		defer t.exp.Close()
 	}
-	if t.err != nil {
-		return nil, permanent(t.err)
-	}
-	if srcErr != nil {
-		return nil, permanent(srcErr)
+	if t.err != nil || srcErr != nil {
+		return nil, permanent(errors.Join(t.err, srcErr))
 	}
 	target := t.exp
 

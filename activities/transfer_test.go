@@ -516,10 +516,16 @@ func TestTransferDiskRepositoryFaults(t *testing.T) {
 		t.Logf("error: %v", err)
 	})
 	t.Run("no space for the image", func(t *testing.T) {
-		mnt := mountTmpfs(t, "64k") // not even for the QCOW2 header and tables
+		mnt := mountTmpfs(t, "4k") // not even for the QCOW2 header and tables
 		err := transfer(t, filepath.Join(mnt, "repo"), nil)
 		wantAppError(t, err, activities.ErrTypeNoSpace)
+		if err == nil || !strings.Contains(err.Error(), "create") {
+			t.Errorf("error %v: not the image's creation", err)
+		}
 		t.Logf("error: %v", err)
+		if es, _ := filepath.Glob(filepath.Join(mnt, "repo", "*", "*", "*", "*.qcow2")); len(es) > 0 {
+			t.Errorf("a partial image is left: %v", es)
+		}
 	})
 	t.Run("read-only", func(t *testing.T) {
 		mnt := mountTmpfs(t, "8m")

@@ -272,7 +272,8 @@ const clockTicks = 100
 
 // procCPU returns the CPU seconds (user and system) a process used, with
 // those of its children it waited for: the worker's exited qemu-nbd,
-// nbdkit and qemu-img count in the worker's.
+// nbdkit and qemu-img count in the worker's (a round ends with none
+// running).
 func procCPU(pid int) (float64, error) {
 	b, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "stat"))
 	if err != nil {
@@ -343,7 +344,7 @@ func machineCPU() (float64, int, error) {
 			continue
 		}
 		for j, v := range f[1:] {
-			if j == 3 || j == 4 || j >= 8 { // idle, iowait; guest times are in user's
+			if j == 3 || j == 4 || j >= 7 { // idle, iowait, steal (another guest's); guest times are in user's
 				continue
 			}
 			n, err := strconv.ParseInt(v, 10, 64)
@@ -377,8 +378,10 @@ func cpuSnapshot(workerPID, temporalPID int) (cpuUse, error) {
 	if u.worker, err = procCPU(workerPID); err != nil {
 		return u, fmt.Errorf("the worker's CPU: %w", err)
 	}
-	if u.temporal, err = procCPU(temporalPID); err != nil {
-		return u, fmt.Errorf("the Temporal server's CPU: %w", err)
+	if temporalPID != 0 { // else a Temporal server of another's: "the rest"
+		if u.temporal, err = procCPU(temporalPID); err != nil {
+			return u, fmt.Errorf("the Temporal server's CPU: %w", err)
+		}
 	}
 	if u.bench, err = procCPU(os.Getpid()); err != nil {
 		return u, err

@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"slices"
 
 	"github.com/cbtflow/cbtflow/internal/qemu"
 )
@@ -118,21 +117,25 @@ func Create(path string, capacity int64, backing string, written ...Range) error
 	}
 	head := header0(uint64(capacity), uint32(l1Size), backing)
 	// The tables written ranges need, in the clusters after the L1 table.
-	var tables []uint64 // their L1 indices, in order
+	need := make([]bool, l1Size)
 	for _, r := range written {
 		if r.Length <= 0 {
 			continue
 		}
-		if r.Offset < 0 || r.Offset+r.Length > capacity {
-			return fmt.Errorf("qcow2: create %s: range [%d, %d) outside a disk of %d bytes", path, r.Offset, r.Offset+r.Length, capacity)
+		if r.Offset < 0 || r.Offset >= capacity || r.Length > capacity-r.Offset {
+			return fmt.Errorf("qcow2: create %s: range of %d bytes at %d outside a disk of %d bytes", path, r.Length, r.Offset, capacity)
 		}
-		for i := uint64(r.Offset) / (createCluster * createL2Entries); i <= uint64(r.Offset+r.Length-1)/(createCluster*createL2Entries); i++ {
-			if !slices.Contains(tables, i) {
-				tables = append(tables, i)
-			}
+		const mapped = createCluster * createL2Entries // by one table
+		for i := r.Offset / mapped; i <= (r.Offset+r.Length-1)/mapped; i++ {
+			need[i] = true
 		}
 	}
-	slices.Sort(tables)
+	var tables []uint64 // their L1 indices, in order
+	for i, ok := range need {
+		if ok {
+			tables = append(tables, uint64(i))
+		}
+	}
 	clusters := 4 + len(tables)
 	if clusters > createCluster/2 {
 		return unsupported("%d L2 tables (more than one refcount block counts)", len(tables))

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"math"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -245,7 +246,63 @@ func TestCreateTables(t *testing.T) {
 			}
 		})
 	}
-	if err := Create(filepath.Join(dir, "x.qcow2"), 1<<30, "", Range{1 << 30, 512}); err == nil || !strings.Contains(err.Error(), "outside a disk") {
-		t.Errorf("a range past the disk's end: %v", err)
+	for _, r := range []Range{{1 << 30, 512}, {512, math.MaxInt64}, {-512, 1024}, {1<<30 - 512, 1024}} {
+		if err := Create(filepath.Join(dir, "x.qcow2"), 1<<30, "", r); err == nil || !strings.Contains(err.Error(), "outside a disk") {
+			t.Errorf("range %+v of a 1 GiB disk: %v", r, err)
+		}
+	}
+}
+
+// TestCreateServed: an image Create makes, with its tables, served
+// writable by qemu-nbd as the transfer serves it (qemu.StartQemuNBD) and
+// written through NBD — data, all-zero payloads (in a made table, in one
+// qemu makes, at the file's end), NBD zeroes and trims — reads back what
+// was written and is clean for qemu-img check.
+func TestCreateServed(t *testing.T) {
+	dir := t.TempDir()
+	const gib = int64(1) << 30
+	img := filepath.Join(dir, "a,b.qcow2") // a comma: written twice in the options
+	if err := Create(img, 600*gib, "", Range{0, gib}, Range{300 * gib, gib}); err != nil {
+		t.Fatal(err)
+	}
+	exp, err := qemu.StartQemuNBD(t.Context(), qemu.QemuNBDOptions{Image: img, Format: "qcow2", Dir: filepath.Join(dir, "nbd")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer exp.Close()
+	io := func(cmds ...string) {
+		t.Helper()
+		args := []string{"-f", "raw"}
+		for _, c := range cmds {
+			args = append(args, "-c", c)
+		}
+		out, err := exec.Command("qemu-io", append(args, exp.URI())...).CombinedOutput()
+		if err != nil || strings.Contains(string(out), "fail") || strings.Contains(string(out), "error") {
+			t.Fatalf("qemu-io %v: %v: %s", cmds, err, out)
+		}
+	}
+	writes := []string{
+		"write -q -P 0 0 2M", // zeros into a new cluster of a made table
+		"write -q -P 0x11 2M 64K",
+		fmt.Sprintf("write -q -P 0 %d 2M", 512*gib), // zeros where qemu makes the table
+		fmt.Sprintf("write -q -P 0x22 %d 192K", 300*gib+4<<20),
+		fmt.Sprintf("write -q -z %d 64K", 300*gib+4<<20), // an NBD zero over data
+		"discard -q 2M 2M",
+		fmt.Sprintf("write -q -P 0 %d 4M", 599*gib), // zeros at the disk's end
+		"flush",
+	}
+	io(writes...)
+	io("read -q -P 0 0 2M", "read -q -P 0 2M 2M", fmt.Sprintf("read -q -P 0 %d 2M", 512*gib),
+		fmt.Sprintf("read -q -P 0 %d 64K", 300*gib+4<<20), fmt.Sprintf("read -q -P 0x22 %d 128K", 300*gib+4<<20+64<<10),
+		fmt.Sprintf("read -q -P 0 %d 4M", 599*gib))
+	if err := exp.Close(); err != nil {
+		t.Fatal(err)
+	}
+	res, err := qemu.Check(t.Context(), img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !res.Clean() {
+		t.Errorf("qemu-img check: %+v", res)
 	}
 }

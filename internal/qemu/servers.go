@@ -95,30 +95,27 @@ func (o QemuNBDOptions) Args(socket string) []string {
 }
 
 // writableQcow2Opts are the block options of a QCOW2 image qemu-nbd serves
-// writable. qemu writes its metadata in whole cache entries: by default
-// (an entry is a cluster) every flush writes each L2 table it touched
-// whole again, 2 MiB with the images' 2 MiB clusters (ImageOptions), and
-// a table qemu allocates is written whole, zeros and all. So
+// writable: the image named on its file node (a comma in its path written
+// twice), and l2-cache-entry-size=4096. qemu writes its metadata in whole
+// cache entries: by default (an entry is a cluster) every flush writes
+// each L2 table it touched whole again, 2 MiB with the images' 2 MiB
+// clusters (ImageOptions); in 4 KiB slices (256 entries, 512 MiB of the
+// disk each) a flush writes the slices that changed. The transfer's
+// images come with the L2 tables their copy needs (internal/qcow2.Create),
+// so qemu allocates none (a table it allocates, it writes whole, zeros and
+// all, and syncs twice). The discard mode (--discard) and the cache mode
+// (--cache) reach the file node as with -f.
 //
-//   - l2-cache-entry-size=4096: a table is cached, and written back, in
-//     4 KiB slices (256 entries, 512 MiB of the disk each); a flush writes
-//     the slices that changed;
-//   - file.detect-zeroes=unmap (with file.discard=unmap): a write of zeros
-//     to the file (a new table's empty slices) punches a hole instead, so
-//     the image stays sparse and the disk is spared the zeros.
-//
-// The transfer's images come with the L2 tables their copy needs
-// (internal/qcow2.Create), so qemu allocates none. Measured with the
-// copier writing 160 scattered 64 KiB pieces (10 MiB) into an overlay of
-// a 2 TiB disk (8 tables), 3 runs each: qemu's defaults on an image
-// without tables wrote 72 MiB to the disk; with these options and the
-// tables made, 12.9 MiB and the copy took 0.10 s instead of 0.18-0.20 s
-// (64 KiB slices: 20 MiB, 0.12-0.13 s; without the tables, 36.7 MiB).
+// Measured with the copier writing 160 scattered 64 KiB pieces (10 MiB)
+// into an overlay of a 2 TiB disk (8 tables), 3 runs each: qemu's defaults
+// on an image without tables wrote 72 MiB to the disk; with the tables
+// made and 4 KiB slices, 12.9 MiB, and the copy took 0.10 s instead of
+// 0.18-0.20 s. (Punching the zeros qemu writes, file.detect-zeroes=unmap,
+// saved nothing more with the tables made, and can leave a cluster qemu
+// allocated past the file's end, which qemu-img check counts as a
+// corruption.)
 func writableQcow2Opts(image string) string {
-	// A comma in an option's value is written twice.
-	name := strings.ReplaceAll(image, ",", ",,")
-	return "driver=qcow2,l2-cache-entry-size=4096," +
-		"file.driver=file,file.filename=" + name + ",file.detect-zeroes=unmap,file.discard=unmap"
+	return "driver=qcow2,l2-cache-entry-size=4096,file.driver=file,file.filename=" + strings.ReplaceAll(image, ",", ",,")
 }
 
 func (o QemuNBDOptions) validate() error {
