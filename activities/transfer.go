@@ -306,6 +306,9 @@ func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*Tra
 	if !check.res.Clean() {
 		return nil, checkFailed(in, path, resumed, check.res)
 	}
+	if errors.Is(proofErr, integrity.ErrNotSealable) {
+		return nil, imageFailed(in, path, resumed, fmt.Sprintf("disk %d: image %s cannot be proven to hold what its copy wrote (%v)", in.Key, path, proofErr))
+	}
 	if proofErr != nil {
 		return nil, proofErr
 	}
@@ -431,15 +434,13 @@ func syncFileAndDir(path string) error {
 // records with it: its seal when the transfer wrote its digest file (the
 // digest file already holds the digest of every range the copy wrote, so
 // only the rest of the file is read), else the SHA-256 of the whole file.
-// An image the seal cannot cover (a digest file that records a range the
-// image does not hold itself) is hashed whole, and the log says why.
+// An image the seal cannot cover (its digest file unreadable, or a record
+// of a range the image does not hold itself: a write of the copy that is
+// not there) gives an error wrapping integrity.ErrNotSealable: hashing it
+// whole would prove the image as it is, not as the copy wrote it.
 func (a *Transfer) proof(ctx context.Context, path string, digests bool, beat func(int64)) (int64, string, error) {
 	if digests {
-		size, seal, err := integrity.Seal(ctx, path, beat)
-		if !errors.Is(err, integrity.ErrNotSealable) {
-			return size, seal, err
-		}
-		activity.GetLogger(ctx).Warn("hashing the whole image: it cannot be sealed", "image", path, "error", err)
+		return integrity.Seal(ctx, path, beat)
 	}
 	return integrity.Hash(ctx, path, beat)
 }
@@ -448,7 +449,7 @@ func (a *Transfer) proof(ctx context.Context, path string, digests bool, beat fu
 // stamp, which is the same before and after the proof was taken: the
 // commit records the stamp with the proof, so what was proven is the file
 // as it stays. With digests, the zeros of the image's metadata (qemu
-// writes its 2 MiB tables whole) are freed first (integrity.Compact, a
+// writes its 2 MiB refcount blocks whole) are freed first (integrity.Compact, a
 // write that leaves the content as it is, so before the stamp): the space
 // the image takes shrinks to what it uses.
 func (a *Transfer) stampedProof(ctx context.Context, key int32, path string, digests bool, beat func(int64)) (int64, string, integrity.Stamp, error) {
@@ -465,6 +466,9 @@ func (a *Transfer) stampedProof(ctx context.Context, key int32, path string, dig
 		return 0, "", before, permanent(err)
 	}
 	size, sum, err := a.proof(ctx, path, digests, beat)
+	if errors.Is(err, integrity.ErrNotSealable) {
+		return 0, "", before, err
+	}
 	if err != nil {
 		return 0, "", before, permanent(err)
 	}
@@ -484,7 +488,14 @@ func (a *Transfer) stampedProof(ctx context.Context, key int32, path string, dig
 // transfer fails non-retryably, naming the image, for an operator to look
 // at the repository's storage.
 func checkFailed(in TransferDiskInput, path string, resumed bool, check *qemu.CheckResult) error {
-	msg := fmt.Sprintf("disk %d: image %s fails qemu-img check (%d corruptions, %d check errors)", in.Key, path, check.Corruptions, check.CheckErrors)
+	return imageFailed(in, path, resumed, fmt.Sprintf("disk %d: image %s fails qemu-img check (%d corruptions, %d check errors)", in.Key, path, check.Corruptions, check.CheckErrors))
+}
+
+// imageFailed is the error of a transfer whose image is not sound after
+// its copy (msg says how): one copied from scratch fails non-retryably;
+// one resumed from an earlier attempt is removed, and the next attempt
+// copies afresh.
+func imageFailed(in TransferDiskInput, path string, resumed bool, msg string) error {
 	if !resumed {
 		return temporal.NewNonRetryableApplicationError(msg+" after a copy from scratch: the repository's storage (or qemu) damaged it, and a new copy would not fare better",
 			ErrTypeImageCorrupt, nil)

@@ -18,6 +18,7 @@ import (
 
 	"github.com/cbtflow/cbtflow/activities"
 	"github.com/cbtflow/cbtflow/internal/copier"
+	"github.com/cbtflow/cbtflow/internal/digest"
 	"github.com/cbtflow/cbtflow/internal/faultpoint"
 	"github.com/cbtflow/cbtflow/internal/qemu"
 	"github.com/cbtflow/cbtflow/internal/repository"
@@ -189,4 +190,64 @@ func TestTransferDiskCheckFails(t *testing.T) {
 			t.Errorf("the image differs from the disk at snapshot time: %s", diff)
 		}
 	})
+}
+
+// damageDigestsBeforeCheck is a faultpoint.Holder that cuts a transfer's
+// digest file in half where the transfer is about to check and prove its
+// image: what the copy recorded can no longer be read.
+type damageDigestsBeforeCheck struct {
+	t     *testing.T
+	path  string // the image's
+	mu    sync.Mutex
+	times int
+}
+
+func (d *damageDigestsBeforeCheck) Hold(ctx context.Context, p faultpoint.Point) {
+	if p != faultpoint.BeforeCheck {
+		return
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.times++
+	dp := digest.PathOf(d.path)
+	fi, err := os.Stat(dp)
+	if err == nil {
+		err = os.Truncate(dp, fi.Size()/2)
+	}
+	if err != nil {
+		d.t.Errorf("damage %s: %v", dp, err)
+	}
+}
+
+// TestTransferDiskUnsealable: an image that cannot be proven against the
+// digests its copy recorded (here its digest file is damaged after the
+// copy) is not committed with a hash of the file as it is: the transfer
+// fails, naming the image, as for a failed image check.
+func TestTransferDiskUnsealable(t *testing.T) {
+	testutil.CheckNoChildren(t)
+	f := newFixture(t, lab.Options{})
+	testutil.CheckNoSockets(t, f.runDir)
+	env := f.newEnv(t)
+	vm := f.prepareVM(t, env)
+	key := vm.disks[1].Key
+	f.apply(t, key, write{off: 0, n: 4 << 20, seed: 71}, write{off: 1 << 30, n: 1 << 20, seed: 72})
+	b := f.takeBackup(t, env, vm, "unsealable1", "*")
+	path, err := f.repo.ImagePath(repository.Key{Profile: profileLab, VMUUID: vm.uuid, DiskKey: key, BackupID: b.id})
+	if err != nil {
+		t.Fatal(err)
+	}
+	hooks := &damageDigestsBeforeCheck{t: t, path: path}
+	tr := &activities.Transfer{Sessions: f.sessions, Repo: f.repo, RuntimeDir: f.runDir, Digests: true}
+	held := newActivityEnv(t, f.log, tr)
+	holdAt(held, hooks)
+	_, err = execute[activities.TransferDiskResult](t, held, tr.TransferDisk, b.input(""))
+	if hooks.times != 1 {
+		t.Fatalf("the digest file was damaged %d times, want 1 (error: %v)", hooks.times, err)
+	}
+	wantAppError(t, err, activities.ErrTypeImageCorrupt, path, "cannot be proven")
+	var app *temporal.ApplicationError
+	if !errors.As(err, &app) || !app.NonRetryable() {
+		t.Errorf("%v: want it non-retryable (copied from scratch)", err)
+	}
+	t.Logf("error: %v", err)
 }
