@@ -48,3 +48,19 @@ func TestStatCPU(t *testing.T) {
 		t.Errorf("machineCPU = %v s, %d CPUs, %v", busy, cpus, err)
 	}
 }
+
+// TestDiskFloor: the floor writes the bytes asked for (rounded up to its
+// 2 MiB writes), synced, and removes its file.
+func TestDiskFloor(t *testing.T) {
+	dir := t.TempDir()
+	floor, err := diskFloor(dir, 5<<20, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if floor <= 0 {
+		t.Errorf("floor %v s", floor)
+	}
+	if es, _ := os.ReadDir(dir); len(es) != 0 {
+		t.Errorf("left behind: %v", es)
+	}
+}
