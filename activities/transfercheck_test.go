@@ -26,34 +26,39 @@ import (
 	"github.com/cbtflow/cbtflow/testkit/testutil"
 )
 
-// corruptBeforeCheck is a faultpoint.Holder that damages a transfer's image where
-// the transfer is about to run qemu-img check: the image is closed, and
-// its first refcount block is zeroed, so every cluster in use has a
-// refcount of 0 (a corruption each).
-type corruptBeforeCheck struct {
-	t *testing.T
+// beforeCheck is a faultpoint.Holder that damages a transfer's files
+// where the transfer is about to check and prove its image (the image is
+// closed, its digest file complete), and counts how often.
+type beforeCheck struct {
+	t      *testing.T
+	damage func() error
 
 	mu    sync.Mutex
-	path  string
 	times int
 }
 
-func (c *corruptBeforeCheck) Hold(ctx context.Context, p faultpoint.Point) {
+func (c *beforeCheck) Hold(ctx context.Context, p faultpoint.Point) {
 	if p != faultpoint.BeforeCheck {
 		return
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.times++
-	if err := zeroRefcountBlock(c.path); err != nil {
-		c.t.Errorf("damage %s: %v", c.path, err)
+	if err := c.damage(); err != nil {
+		c.t.Errorf("damage before the check: %v", err)
 	}
 }
 
-func (c *corruptBeforeCheck) count() int {
+func (c *beforeCheck) count() int {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.times
+}
+
+// corruptBeforeCheck zeroes the image's first refcount block before its
+// check, so every cluster in use has a refcount of 0 (a corruption each).
+func corruptBeforeCheck(t *testing.T, path string) *beforeCheck {
+	return &beforeCheck{t: t, damage: func() error { return zeroRefcountBlock(path) }}
 }
 
 // zeroRefcountBlock overwrites a QCOW2's first refcount block with zeros.
@@ -120,7 +125,7 @@ func TestTransferDiskCheckFails(t *testing.T) {
 	t.Run("copied from scratch", func(t *testing.T) {
 		b := f.takeBackup(t, env, vm, "check1", "*")
 		path := imagePath(b)
-		hooks := &corruptBeforeCheck{t: t, path: path}
+		hooks := corruptBeforeCheck(t, path)
 		tr := transfer()
 		held := newActivityEnv(t, f.log, tr)
 		holdAt(held, hooks)
@@ -156,7 +161,7 @@ func TestTransferDiskCheckFails(t *testing.T) {
 		}
 
 		// Attempt 2 resumes, and its image fails the check.
-		hooks := &corruptBeforeCheck{t: t, path: path}
+		hooks := corruptBeforeCheck(t, path)
 		tr2 := transfer()
 		env2 := newActivityEnv(t, f.log, tr2)
 		holdAt(env2, hooks)
@@ -192,33 +197,6 @@ func TestTransferDiskCheckFails(t *testing.T) {
 	})
 }
 
-// damageDigestsBeforeCheck is a faultpoint.Holder that cuts a transfer's
-// digest file in half where the transfer is about to check and prove its
-// image: what the copy recorded can no longer be read.
-type damageDigestsBeforeCheck struct {
-	t     *testing.T
-	path  string // the image's
-	mu    sync.Mutex
-	times int
-}
-
-func (d *damageDigestsBeforeCheck) Hold(ctx context.Context, p faultpoint.Point) {
-	if p != faultpoint.BeforeCheck {
-		return
-	}
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	d.times++
-	dp := digest.PathOf(d.path)
-	fi, err := os.Stat(dp)
-	if err == nil {
-		err = os.Truncate(dp, fi.Size()/2)
-	}
-	if err != nil {
-		d.t.Errorf("damage %s: %v", dp, err)
-	}
-}
-
 // TestTransferDiskUnsealable: an image that cannot be proven against the
 // digests its copy recorded (here its digest file is damaged after the
 // copy) is not committed with a hash of the file as it is: the transfer
@@ -236,13 +214,21 @@ func TestTransferDiskUnsealable(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	hooks := &damageDigestsBeforeCheck{t: t, path: path}
+	// The digest file cut in half: what the copy recorded cannot be read.
+	hooks := &beforeCheck{t: t, damage: func() error {
+		dp := digest.PathOf(path)
+		fi, err := os.Stat(dp)
+		if err != nil {
+			return err
+		}
+		return os.Truncate(dp, fi.Size()/2)
+	}}
 	tr := &activities.Transfer{Sessions: f.sessions, Repo: f.repo, RuntimeDir: f.runDir, Digests: true}
 	held := newActivityEnv(t, f.log, tr)
 	holdAt(held, hooks)
 	_, err = execute[activities.TransferDiskResult](t, held, tr.TransferDisk, b.input(""))
-	if hooks.times != 1 {
-		t.Fatalf("the digest file was damaged %d times, want 1 (error: %v)", hooks.times, err)
+	if hooks.count() != 1 {
+		t.Fatalf("the digest file was damaged %d times, want 1 (error: %v)", hooks.count(), err)
 	}
 	wantAppError(t, err, activities.ErrTypeImageCorrupt, path, "cannot be proven")
 	var app *temporal.ApplicationError
