@@ -466,9 +466,6 @@ func (a *Transfer) stampedProof(ctx context.Context, key int32, path string, dig
 		return 0, "", before, permanent(err)
 	}
 	size, sum, err := a.proof(ctx, path, digests, beat)
-	if errors.Is(err, integrity.ErrNotSealable) {
-		return 0, "", before, err
-	}
 	if err != nil {
 		return 0, "", before, permanent(err)
 	}
