@@ -285,11 +285,7 @@ func procCPU(pid int) (float64, error) {
 // statCPU reads utime, stime, cutime and cstime (fields 14 to 17) from a
 // /proc/<pid>/stat text, whose command (field 2) may hold spaces.
 func statCPU(text string) (float64, error) {
-	i := strings.LastIndexByte(text, ')')
-	if i < 0 {
-		return 0, fmt.Errorf("/proc stat %q", text)
-	}
-	f := strings.Fields(text[i+1:]) // from field 3 on
+	f := stack.StatFields(text) // from field 3 on
 	if len(f) < 15 {
 		return 0, fmt.Errorf("/proc stat %q", text)
 	}

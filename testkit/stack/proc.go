@@ -165,13 +165,19 @@ func zombie(pid int) bool {
 	if err != nil {
 		return true
 	}
-	s := string(stat)
-	i := strings.LastIndexByte(s, ')')
-	if i < 0 {
-		return false
-	}
-	f := strings.Fields(s[i+1:])
+	f := StatFields(string(stat))
 	return len(f) > 0 && (f[0] == "Z" || f[0] == "X")
+}
+
+// StatFields returns the fields of a /proc/<pid>/stat text from the third
+// on (the state first), past the command in parentheses, which may hold
+// spaces and parentheses itself; nil for a text without one.
+func StatFields(stat string) []string {
+	i := strings.LastIndexByte(stat, ')')
+	if i < 0 {
+		return nil
+	}
+	return strings.Fields(stat[i+1:])
 }
 
 // Descendants lists the live descendants of pid.
@@ -190,12 +196,7 @@ func Descendants(pid int) []Proc {
 		if err != nil {
 			continue
 		}
-		s := string(stat)
-		i := strings.LastIndexByte(s, ')')
-		if i < 0 {
-			continue
-		}
-		f := strings.Fields(s[i+1:])
+		f := StatFields(string(stat))
 		if len(f) < 2 || f[0] == "Z" || f[0] == "X" {
 			continue
 		}
