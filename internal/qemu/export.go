@@ -194,10 +194,10 @@ func (e *Export) waitReady(ctx context.Context, timeout time.Duration) error {
 	tick := time.NewTicker(5 * time.Millisecond)
 	defer tick.Stop()
 	for {
-		if e.tcp != "" && greets("tcp", e.tcp) {
+		if e.tcp != "" && Greets("tcp", e.tcp) {
 			return nil
 		}
-		if _, err := os.Stat(e.socket); e.tcp == "" && err == nil && greets("unix", e.socket) {
+		if _, err := os.Stat(e.socket); e.tcp == "" && err == nil && Greets("unix", e.socket) {
 			return nil
 		}
 		select {
@@ -212,10 +212,10 @@ func (e *Export) waitReady(ctx context.Context, timeout time.Duration) error {
 	}
 }
 
-// greets reports whether an NBD server at addr answers a connection
-// with its greeting. A listening socket alone is not enough: qemu-nbd
-// binds it before it opens the image, and may still fail.
-func greets(network, addr string) bool {
+// Greets reports whether an NBD server at addr ("unix" or "tcp") answers
+// a connection with its greeting. A listening socket alone is not enough:
+// qemu-nbd binds it before it opens the image, and may still fail.
+func Greets(network, addr string) bool {
 	c, err := net.DialTimeout(network, addr, time.Second)
 	if err != nil {
 		return false

@@ -6,8 +6,6 @@ package nbdtest
 
 import (
 	"fmt"
-	"io"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -16,6 +14,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/cbtflow/cbtflow/internal/qemu"
 )
 
 // Server is a running NBD server process serving one unix socket.
@@ -75,7 +75,9 @@ func start(t testing.TB, sock, prog string, argv ...string) *Server {
 			t.Fatalf("%s %s exited before serving: %v: %s", prog, strings.Join(argv, " "), s.waitErr, s.Stderr())
 		default:
 		}
-		if greets(sock) {
+		// Its greeting, not an accepting socket: qemu-nbd binds it before
+		// it has opened its image.
+		if qemu.Greets("unix", sock) {
 			return s
 		}
 		if time.Now().After(deadline) {
@@ -84,21 +86,6 @@ func start(t testing.TB, sock, prog string, argv ...string) *Server {
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
-}
-
-// greets reports whether the server on sock answers with the NBD
-// greeting: a socket that accepts is not enough, qemu-nbd binds it before
-// it has opened its image (internal/qemu waits the same way).
-func greets(sock string) bool {
-	c, err := net.DialTimeout("unix", sock, time.Second)
-	if err != nil {
-		return false
-	}
-	defer c.Close()
-	_ = c.SetReadDeadline(time.Now().Add(time.Second))
-	magic := make([]byte, 8)
-	_, err = io.ReadFull(c, magic)
-	return err == nil && string(magic) == "NBDMAGIC"
 }
 
 type lockedWriter struct {
