@@ -8,7 +8,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -19,7 +18,7 @@ import (
 // qemuImg runs qemu-img and fails the test when it fails.
 func qemuImg(t *testing.T, args ...string) string {
 	t.Helper()
-	out, err := exec.Command("qemu-img", args...).CombinedOutput()
+	out, err := exec.Command(qemu.QemuImg, args...).CombinedOutput()
 	if err != nil {
 		t.Fatalf("qemu-img %s: %v\n%s", strings.Join(args, " "), err, out)
 	}
@@ -37,7 +36,7 @@ func TestCreateAsQemuImg(t *testing.T) {
 	// Backing files of both layouts: the repository's, and qemu's default
 	// 64 KiB clusters (what a merge by convert writes).
 	qemuImg(t, qemu.CreateArgs(filepath.Join(dir, "base.qcow2"), 4<<30)...)
-	qemuImg(t, "create", "-q", "-f", "qcow2", filepath.Join(dir, "merged.qcow2"), strconv.Itoa(1<<30+512))
+	create(t, filepath.Join(dir, "merged.qcow2"), "", 1<<30+512, "")
 	for _, tc := range []struct {
 		name     string
 		capacity int64
@@ -64,7 +63,7 @@ func TestCreateAsQemuImg(t *testing.T) {
 			if tc.backing == "" {
 				qemuImg(t, qemu.CreateArgs(theirs, tc.capacity)...)
 			} else {
-				qemuImg(t, "create", "-q", "-f", "qcow2", "-o", qemu.ImageOptions, "-b", tc.backing, "-F", "qcow2", theirs)
+				create(t, theirs, qemu.ImageOptions, 0, tc.backing)
 			}
 			a, err := os.ReadFile(ours)
 			if err != nil {

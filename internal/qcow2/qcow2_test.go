@@ -80,9 +80,7 @@ func create(t *testing.T, path, opts string, size int64, backing string) {
 	if size > 0 { // else the backing file's
 		args = append(args, fmt.Sprint(size))
 	}
-	if out, err := exec.Command(qemu.QemuImg, args...).CombinedOutput(); err != nil {
-		t.Fatalf("qemu-img %v: %v: %s", args, err, out)
-	}
+	qemuImg(t, args...)
 }
 
 // TestMapLayerAsQemu: for images of both layouts (64 KiB clusters; 2 MiB
