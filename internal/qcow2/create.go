@@ -30,9 +30,6 @@ func Make(ctx context.Context, path string, size int64, written ...Range) error 
 // by Create, or by qemu-img create where Create cannot. It refuses to
 // overwrite an existing file; written are as for Make.
 func MakeOverlay(ctx context.Context, path, backing string, written ...Range) error {
-	if _, err := os.Stat(backing); err != nil {
-		return fmt.Errorf("qcow2: create overlay %s: backing file: %w", path, err)
-	}
 	rel, err := qemu.RelativeBacking(path, backing)
 	if err != nil {
 		return err
