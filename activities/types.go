@@ -265,8 +265,9 @@ type TransferDiskResult struct {
 	// (slot, image creation, the snapshot check), the copy (the NBD
 	// servers started, the copier with its final flush, the servers
 	// stopped; a sync of the new image when nothing is to be copied),
-	// qemu-img check, and the image's seal (or SHA-256) — the last two
-	// run at the same time, so their times overlap. The rest of Seconds
+	// the image's check (internal/qcow2.Check), and its seal (or
+	// SHA-256) — the last two run at the same time, so their times
+	// overlap. The rest of Seconds
 	// is the digest file's end and the snapshot check after the copy.
 	// Zero in results of workers before them.
 	SetupSeconds float64 `json:"setup_seconds,omitempty"`
@@ -310,7 +311,7 @@ type TransferProgress struct {
 const (
 	TransferStageWaiting   = "waiting"   // for a transfer slot of the worker
 	TransferStageCopying   = "copying"   // the changed areas, from the snapshot into the image
-	TransferStageVerifying = "verifying" // qemu-img check and SHA-256 of the image
+	TransferStageVerifying = "verifying" // the image's check and its seal (or SHA-256)
 )
 
 // CommitDisk is one disk of a restore point to commit.

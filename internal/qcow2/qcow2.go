@@ -45,7 +45,7 @@ const (
 	flagZero       = 1 << 0 // standard L2 entries: the cluster reads as zeros
 )
 
-// header is what MapLayer needs of a QCOW2 header.
+// header is what MapLayer and Check need of a QCOW2 header.
 type header struct {
 	version     uint32
 	clusterBits uint32
@@ -53,6 +53,13 @@ type header struct {
 	l1Size      uint32
 	l1Offset    uint64
 	extendedL2  bool
+
+	refcountOrder  uint32 // refcounts of 1<<order bits
+	rtOffset       uint64 // the refcount table
+	rtClusters     uint32
+	backingOffset  uint64 // the backing file's name, 0 without one
+	backingSize    uint32
+	snapshotOffset uint64
 }
 
 func unsupported(format string, a ...any) error {
@@ -89,7 +96,9 @@ func readHeader(f *os.File) (header, error) {
 		return header{}, unsupported("%s has no QCOW2 magic", f.Name())
 	}
 	h := header{clusterBits: be.Uint32(b[20:24]), size: be.Uint64(b[24:32]), l1Size: be.Uint32(b[36:40]),
-		l1Offset: be.Uint64(b[40:48]), version: be.Uint32(b[4:8])}
+		l1Offset: be.Uint64(b[40:48]), version: be.Uint32(b[4:8]),
+		refcountOrder: 4, rtOffset: be.Uint64(b[48:56]), rtClusters: be.Uint32(b[56:60]),
+		backingOffset: be.Uint64(b[8:16]), backingSize: be.Uint32(b[16:20]), snapshotOffset: be.Uint64(b[64:72])}
 	if h.clusterBits < 9 || h.clusterBits > 21 {
 		return header{}, unsupported("%s: cluster bits %d", f.Name(), h.clusterBits)
 	}
@@ -107,8 +116,8 @@ func readHeader(f *os.File) (header, error) {
 			return header{}, unsupported("%s: incompatible features %#x", f.Name(), incompat)
 		}
 		h.extendedL2 = incompat&incompatExtendedL2 != 0
-		if order := be.Uint32(b[96:100]); order > 6 {
-			return header{}, unsupported("%s: refcount order %d", f.Name(), order)
+		if h.refcountOrder = be.Uint32(b[96:100]); h.refcountOrder > 6 {
+			return header{}, unsupported("%s: refcount order %d", f.Name(), h.refcountOrder)
 		}
 	default:
 		return header{}, unsupported("%s: QCOW2 version %d", f.Name(), h.version)

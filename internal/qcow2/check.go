@@ -1,0 +1,346 @@
+package qcow2
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"os"
+
+	"github.com/cbtflow/cbtflow/internal/qemu"
+	"github.com/cbtflow/cbtflow/internal/sparse"
+)
+
+// Check checks the metadata of the QCOW2 image at path as `qemu-img
+// check` does, and returns its result: without a process when the image
+// proves clean by Prove, else by running qemu-img check, which decides
+// and says what it found. Either way a clean result means the same: every
+// cluster the image's tables use is counted exactly once in its
+// refcounts, and no entry is malformed.
+func Check(ctx context.Context, path string) (*qemu.CheckResult, error) {
+	if r, err := Prove(ctx, path); err == nil {
+		return r, nil
+	} else if ctx.Err() != nil {
+		return nil, ctx.Err()
+	}
+	return qemu.Check(ctx, path)
+}
+
+// ErrNotProven is wrapped by Prove's error when the image is not one it
+// can call clean: something in its metadata is other than a clean image
+// of cbtflow's writers has it (not necessarily damage: qemu-img check
+// calls a leaked cluster clean). ErrUnsupported is wrapped instead for
+// an image this package does not read at all.
+var ErrNotProven = errors.New("qcow2: the image is not proven clean")
+
+func notProven(format string, a ...any) error {
+	return fmt.Errorf("%w: %s", ErrNotProven, fmt.Sprintf(format, a...))
+}
+
+// maxCheckClusters bounds the clusters of a file Prove counts (a uint16
+// each: 8 MiB): 8 TiB of a 2 MiB-cluster image's file, 256 GiB of a
+// 64 KiB one. A larger file is left to qemu-img.
+const maxCheckClusters = 1 << 22
+
+// Prove reads the metadata of the QCOW2 image at path — its header, L1
+// table, L2 tables, refcount table and refcount blocks, never its data —
+// and returns what qemu-img check prints of it when it can show the image
+// clean, and an error otherwise. It shows it clean only when it finds
+// what qemu-img check counts, and stricter:
+//
+//   - every table and data cluster is on a cluster boundary and starts
+//     within the file; every reserved bit of an entry is zero;
+//   - no cluster is used twice: the header's, the L1 table's, the
+//     refcount table's, each refcount block's, each L2 table's and each
+//     data cluster's;
+//   - every refcount equals the uses counted: no cluster is missing
+//     from the refcounts (qemu-img: a corruption) and none is counted
+//     unused (qemu-img: a leak, which it calls clean but Prove does not);
+//   - every L1 and L2 entry of a used cluster says its refcount is 1
+//     (QCOW_OFLAG_COPIED), and no other does;
+//   - an extended L2 entry allocates no subcluster it also reads as
+//     zeros, and none of an unallocated cluster.
+//
+// Anything else — a feature or layout this package does not read
+// (ErrUnsupported), or any of the above not holding (ErrNotProven) — is
+// an error: qemu-img check then decides (Check).
+func Prove(ctx context.Context, path string) (*qemu.CheckResult, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	h, err := readHeader(f)
+	if err != nil {
+		return nil, err
+	}
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	c := &checker{f: f, h: h, cluster: int64(1) << h.clusterBits}
+	if h.refcountOrder != 4 {
+		return nil, unsupported("%s: refcount order %d", f.Name(), h.refcountOrder)
+	}
+	nb := (fi.Size() + c.cluster - 1) / c.cluster
+	if nb > maxCheckClusters {
+		return nil, unsupported("%s: a file of %d clusters", f.Name(), nb)
+	}
+	c.refs = make([]uint16, nb)
+	if err := c.count(ctx); err != nil {
+		return nil, err
+	}
+	end, err := c.compare(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return &qemu.CheckResult{Filename: path, Format: "qcow2", ImageEndOffset: end,
+		TotalClusters: (int64(h.size) + c.cluster - 1) / c.cluster}, nil
+}
+
+// checker counts the uses of every cluster of an image's file.
+type checker struct {
+	f       *os.File
+	h       header
+	cluster int64
+	refs    []uint16 // uses of each cluster of the file, counted
+	blocks  []block  // the refcount table's blocks
+	buf     []byte
+}
+
+// block is a refcount block: the index of its refcount table entry, and
+// its offset in the file.
+type block struct{ index, offset int64 }
+
+// use counts a use of every cluster of [off, off+n).
+func (c *checker) use(what string, off, n int64) error {
+	if off%c.cluster != 0 {
+		return notProven("%s: %s at %d, not on a cluster", c.f.Name(), what, off)
+	}
+	for k := off / c.cluster; k < (off+n+c.cluster-1)/c.cluster; k++ {
+		if k >= int64(len(c.refs)) {
+			return notProven("%s: %s at %d, past the file's end (%d clusters)", c.f.Name(), what, off, len(c.refs))
+		}
+		if c.refs[k] != 0 {
+			return notProven("%s: %s at %d uses cluster %d, used before", c.f.Name(), what, off, k)
+		}
+		c.refs[k] = 1
+	}
+	return nil
+}
+
+// table reads n bytes at off.
+func (c *checker) table(off, n int64) ([]byte, error) {
+	b := make([]byte, n)
+	if _, err := c.f.ReadAt(b, off); err != nil {
+		return nil, fmt.Errorf("qcow2: %s: reading %d bytes at %d: %w", c.f.Name(), n, off, err)
+	}
+	return b, nil
+}
+
+// dataPiece is the most of a table data calls fn with at once.
+const dataPiece = 64 << 10
+
+// data calls fn with the bytes of [off, off+n) the file stores, in
+// order, in pieces of at most dataPiece starting on 4 KiB from off
+// (rel: the piece's offset from off): the holes between them (zeros a
+// compaction freed, or never written) read as zeros, so a caller takes
+// them as empty entries without reading them. off is on a cluster.
+func (c *checker) data(off, n int64, fn func(rel int64, b []byte) error) error {
+	if c.buf == nil {
+		c.buf = make([]byte, dataPiece)
+	}
+	err := sparse.Segments(c.f, off, off+n, func(at, k int64) error {
+		lo, hi := (at-off)&^4095, min(n, (at-off+k+4095)&^4095)
+		for rel := lo; rel < hi; rel += dataPiece {
+			b := c.buf[:min(dataPiece, hi-rel)]
+			if _, err := c.f.ReadAt(b, off+rel); err != nil {
+				return err
+			}
+			if err := fn(rel, b); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil && !errors.Is(err, ErrNotProven) && !errors.Is(err, ErrUnsupported) {
+		return fmt.Errorf("qcow2: %s: reading %d bytes at %d: %w", c.f.Name(), n, off, err)
+	}
+	return err
+}
+
+// Entry bits beside the offset: qemu's L1E_OFFSET_MASK, L2E_OFFSET_MASK
+// and the flags of QCOW2's specification.
+const (
+	flagCopied = 1 << 63
+	l1Reserved = ^uint64(offsetMask | flagCopied)
+	l2Reserved = ^uint64(offsetMask|flagCopied|flagCompressed) &^ flagZero
+)
+
+// count counts the uses of the file's clusters: the header, the L1
+// table, every L2 table and data cluster it maps, the refcount table and
+// its blocks.
+func (c *checker) count(ctx context.Context) error {
+	h, name := c.h, c.f.Name()
+	if h.snapshotOffset != 0 && h.snapshotOffset%uint64(c.cluster) != 0 {
+		return notProven("%s: snapshot table at %d", name, h.snapshotOffset)
+	}
+	if h.backingOffset != 0 && h.backingOffset+uint64(h.backingSize) > uint64(c.cluster) {
+		return notProven("%s: backing file name at %d past the header's cluster", name, h.backingOffset)
+	}
+	if err := c.use("the header", 0, c.cluster); err != nil {
+		return err
+	}
+	if h.l1Size > 0 {
+		if err := c.use("the L1 table", int64(h.l1Offset), int64(h.l1Size)*8); err != nil {
+			return err
+		}
+	}
+	if h.rtClusters == 0 || int64(h.rtClusters) > int64(len(c.refs)) {
+		return notProven("%s: a refcount table of %d clusters", name, h.rtClusters)
+	}
+	rtSize := int64(h.rtClusters) * c.cluster
+	if err := c.use("the refcount table", int64(h.rtOffset), rtSize); err != nil {
+		return err
+	}
+	err := c.data(int64(h.rtOffset), rtSize, func(rel int64, b []byte) error {
+		for i := int64(0); i < int64(len(b)); i += 8 {
+			e := binary.BigEndian.Uint64(b[i:])
+			if e == 0 {
+				continue
+			}
+			index := (rel + i) / 8
+			if e%uint64(c.cluster) != 0 {
+				return notProven("%s: refcount table entry %d is %#x", name, index, e)
+			}
+			if err := c.use(fmt.Sprintf("refcount block %d", index), int64(e), c.cluster); err != nil {
+				return err
+			}
+			c.blocks = append(c.blocks, block{index, int64(e)})
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+
+	l1, err := c.table(int64(h.l1Offset), int64(h.l1Size)*8)
+	if err != nil {
+		return err
+	}
+	entryBytes := int64(8)
+	if h.extendedL2 {
+		entryBytes = 16
+	}
+	perL2 := c.cluster / entryBytes
+	for i := int64(0); i < int64(h.l1Size); i++ {
+		e := binary.BigEndian.Uint64(l1[i*8:])
+		if e == 0 {
+			continue
+		}
+		l2Offset := int64(e & offsetMask)
+		if e&l1Reserved != 0 || l2Offset == 0 || e&flagCopied == 0 {
+			return notProven("%s: L1 entry %d is %#x", name, i, e)
+		}
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		if err := c.use(fmt.Sprintf("L2 table %d", i), l2Offset, c.cluster); err != nil {
+			return err
+		}
+		err := c.data(l2Offset, c.cluster, func(rel int64, b []byte) error {
+			for at := int64(0); at < int64(len(b)); at += 4096 {
+				// A page of empty entries at once: most of a table's are.
+				page := b[at:min(int64(len(b)), at+4096)]
+				if sparse.IsZero(page) {
+					continue
+				}
+				for j := int64(0); j < int64(len(page)); j += entryBytes {
+					if err := c.entry(page[j:j+entryBytes], i*perL2+(rel+at+j)/entryBytes); err != nil {
+						return err
+					}
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// entry counts the use of one L2 entry's data cluster, the n-th cluster
+// of the disk.
+func (c *checker) entry(b []byte, n int64) error {
+	name := c.f.Name()
+	e := binary.BigEndian.Uint64(b)
+	var bitmap uint64
+	if c.h.extendedL2 {
+		bitmap = binary.BigEndian.Uint64(b[8:])
+	}
+	if e == 0 && bitmap == 0 {
+		return nil
+	}
+	if e&flagCompressed != 0 {
+		return unsupported("%s: a compressed cluster at disk offset %d", name, n*c.cluster)
+	}
+	host := int64(e & offsetMask)
+	switch {
+	case n*c.cluster >= int64(c.h.size):
+		return notProven("%s: L2 entry %#x for cluster %d, past the disk's end", name, e, n)
+	case e&l2Reserved != 0, c.h.extendedL2 && e&flagZero != 0, !c.h.extendedL2 && e&flagZero != 0 && c.h.version < 3:
+		return notProven("%s: L2 entry %#x at disk offset %d", name, e, n*c.cluster)
+	case (host != 0) != (e&flagCopied != 0):
+		return notProven("%s: L2 entry %#x at disk offset %d: its copied flag", name, e, n*c.cluster)
+	}
+	alloc, zero := uint32(bitmap), uint32(bitmap>>32)
+	if alloc&zero != 0 || host == 0 && alloc != 0 {
+		return notProven("%s: subcluster bitmap %#x at disk offset %d", name, bitmap, n*c.cluster)
+	}
+	if host == 0 {
+		return nil
+	}
+	return c.use(fmt.Sprintf("the data of disk offset %d", n*c.cluster), host, c.cluster)
+}
+
+// compare reads the refcount blocks and compares each cluster's
+// refcount with the uses counted; it returns the end of the last cluster
+// used (qemu-img check's image-end-offset). A cluster without a refcount
+// block has refcount 0; a cluster past the file's end must have 0.
+func (c *checker) compare(ctx context.Context) (int64, error) {
+	name := c.f.Name()
+	perBlock := c.cluster / 2 // 16-bit refcounts
+	stored := make([]uint16, len(c.refs))
+	for _, bl := range c.blocks {
+		if err := ctx.Err(); err != nil {
+			return 0, err
+		}
+		first := bl.index * perBlock
+		err := c.data(bl.offset, c.cluster, func(rel int64, b []byte) error {
+			for i := int64(0); i < int64(len(b)); i += 2 {
+				if k := first + (rel+i)/2; k >= int64(len(stored)) {
+					if !sparse.IsZero(b[i:]) {
+						return notProven("%s: refcount block %d counts a cluster past the file's end", name, bl.index)
+					}
+					return nil
+				}
+				stored[first+(rel+i)/2] = binary.BigEndian.Uint16(b[i:])
+			}
+			return nil
+		})
+		if err != nil {
+			return 0, err
+		}
+	}
+	end := int64(0)
+	for k, used := range c.refs {
+		if stored[k] != used {
+			return 0, notProven("%s: cluster %d has refcount %d, used %d times", name, k, stored[k], used)
+		}
+		if used != 0 {
+			end = int64(k+1) * c.cluster
+		}
+	}
+	return end, nil
+}
