@@ -138,35 +138,13 @@ func (c *checker) table(off, n int64) ([]byte, error) {
 	return b, nil
 }
 
-// dataPiece is the most of a table data calls fn with at once.
-const dataPiece = 64 << 10
-
-// data calls fn with the bytes of [off, off+n) the file stores, in
-// order, in pieces of at most dataPiece starting on 4 KiB from off
-// (rel: the piece's offset from off): the holes between them (zeros a
-// compaction freed, or never written) read as zeros, so a caller takes
-// them as empty entries without reading them. off is on a cluster.
+// data calls fn with the bytes of [off, off+n) the file stores, as
+// dataPieces does.
 func (c *checker) data(off, n int64, fn func(rel int64, b []byte) error) error {
 	if c.buf == nil {
 		c.buf = make([]byte, dataPiece)
 	}
-	err := sparse.Segments(c.f, off, off+n, func(at, k int64) error {
-		lo, hi := (at-off)&^4095, min(n, (at-off+k+4095)&^4095)
-		for rel := lo; rel < hi; rel += dataPiece {
-			b := c.buf[:min(dataPiece, hi-rel)]
-			if _, err := c.f.ReadAt(b, off+rel); err != nil {
-				return err
-			}
-			if err := fn(rel, b); err != nil {
-				return err
-			}
-		}
-		return nil
-	})
-	if err != nil && !errors.Is(err, ErrNotProven) && !errors.Is(err, ErrUnsupported) {
-		return fmt.Errorf("qcow2: %s: reading %d bytes at %d: %w", c.f.Name(), n, off, err)
-	}
-	return err
+	return dataPieces(c.f, c.buf, off, n, fn)
 }
 
 // Entry bits beside the offset: qemu's L1E_OFFSET_MASK, L2E_OFFSET_MASK

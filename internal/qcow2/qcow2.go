@@ -213,7 +213,7 @@ func MapLayer(f *os.File) ([]qemu.MapExtent, error) {
 			_ = unix.Fadvise(int(f.Fd()), off, cluster, unix.FADV_WILLNEED)
 		}
 	}
-	l2 := make([]byte, cluster)
+	buf := make([]byte, dataPiece)
 	for i := int64(0); i*l2Span < size; i++ {
 		start := i * l2Span
 		l2Offset := int64(binary.BigEndian.Uint64(l1[i*8:]) & offsetMask)
@@ -224,91 +224,138 @@ func MapLayer(f *os.File) ([]qemu.MapExtent, error) {
 		if l2Offset%cluster != 0 {
 			return nil, unsupported("%s: L2 table at %d, not on a cluster", f.Name(), l2Offset)
 		}
-		// Only the table's data is read: its holes (zeros a compaction
-		// freed, internal/integrity.Compact) are empty entries.
-		clear(l2)
-		err := sparse.Segments(f, l2Offset, l2Offset+cluster, func(off, n int64) error {
-			_, err := f.ReadAt(l2[off-l2Offset:off-l2Offset+n], off)
-			return err
-		})
-		if err != nil {
-			return nil, fmt.Errorf("qcow2: %s: L2 table at %d: %w", f.Name(), l2Offset, err)
+		// Only the table's data is read: its holes (never written, or
+		// zeros a compaction freed) are empty entries, as are its pages
+		// of zeros.
+		next := int64(0) // the first entry not yet mapped
+		absentTo := func(j int64) {
+			if j > next {
+				m.add(start+next*cluster, (j-next)*cluster, kindAbsent, 0)
+				next = j
+			}
 		}
-		if len(m.out) > maxExtents {
-			return nil, unsupported("%s: more than %d extents", f.Name(), maxExtents)
-		}
-		for j := int64(0); j < perL2 && start+j*cluster < size; j++ {
-			at := start + j*cluster
-			// A page of empty entries at once: most of a large disk's
-			// entries are.
-			if j%pageEntries(entryBytes) == 0 {
-				if page := l2[j*entryBytes : min(int64(len(l2)), (j+pageEntries(entryBytes))*entryBytes)]; sparse.IsZero(page) {
-					n := int64(len(page)) / entryBytes
-					m.add(at, n*cluster, kindAbsent, 0)
-					j += n - 1
+		err := dataPieces(f, buf, l2Offset, cluster, func(rel int64, b []byte) error {
+			if len(m.out) > maxExtents {
+				return unsupported("%s: more than %d extents", f.Name(), maxExtents)
+			}
+			for at := int64(0); at < int64(len(b)); at += 4096 {
+				page := b[at:min(int64(len(b)), at+4096)]
+				if sparse.IsZero(page) {
 					continue
 				}
-			}
-			entry := binary.BigEndian.Uint64(l2[j*entryBytes:])
-			if entry&flagCompressed != 0 {
-				return nil, unsupported("%s: a compressed cluster at disk offset %d", f.Name(), at)
-			}
-			host := int64(entry & offsetMask)
-			if host%cluster != 0 {
-				return nil, unsupported("%s: a cluster at %d, not on a cluster", f.Name(), host)
-			}
-			if !h.extendedL2 {
-				switch {
-				case entry&flagZero != 0 && h.version < 3:
-					return nil, unsupported("%s: the zero flag in a version %d image at disk offset %d", f.Name(), h.version, at)
-				case entry&flagZero != 0:
-					m.add(at, cluster, kindZero, 0)
-				case host == 0:
-					m.add(at, cluster, kindAbsent, 0)
-				default:
-					m.add(at, cluster, kindData, host)
-				}
-				continue
-			}
-			if entry&flagZero != 0 {
-				return nil, unsupported("%s: the zero flag in an extended L2 entry at disk offset %d", f.Name(), at)
-			}
-			bitmap := binary.BigEndian.Uint64(l2[j*entryBytes+8:])
-			alloc, zero := uint32(bitmap), uint32(bitmap>>32)
-			if host == 0 && alloc != 0 || alloc&zero != 0 {
-				return nil, unsupported("%s: an invalid subcluster bitmap %#x at disk offset %d", f.Name(), bitmap, at)
-			}
-			// Whole clusters of one kind at once: most of a large disk's
-			// entries are empty.
-			switch {
-			case alloc == 0 && zero == 0:
-				m.add(at, cluster, kindAbsent, 0)
-				continue
-			case zero == ^uint32(0):
-				m.add(at, cluster, kindZero, 0)
-				continue
-			case alloc == ^uint32(0):
-				m.add(at, cluster, kindData, host)
-				continue
-			}
-			sub := cluster / 32
-			for k := int64(0); k < 32; k++ {
-				switch {
-				case alloc&(1<<k) != 0:
-					m.add(at+k*sub, sub, kindData, host+k*sub)
-				case zero&(1<<k) != 0:
-					m.add(at+k*sub, sub, kindZero, 0)
-				default:
-					m.add(at+k*sub, sub, kindAbsent, 0)
+				for k := int64(0); k < int64(len(page)); k += entryBytes {
+					j := (rel + at + k) / entryBytes
+					if start+j*cluster >= size {
+						return nil
+					}
+					absentTo(j)
+					if err := m.entry(f.Name(), h, page[k:k+entryBytes], start+j*cluster, cluster); err != nil {
+						return err
+					}
+					next = j + 1
 				}
 			}
+			return nil
+		})
+		if err != nil {
+			return nil, err
 		}
+		absentTo(perL2)
 	}
 	return m.out, nil
 }
 
 // pageEntries is how many L2 entries of entryBytes fill 4 KiB.
 func pageEntries(entryBytes int64) int64 { return 4096 / entryBytes }
+
+// entry maps the cluster at disk offset at from its L2 entry b.
+func (m *mapper) entry(name string, h header, b []byte, at, cluster int64) error {
+	entry := binary.BigEndian.Uint64(b)
+	if entry&flagCompressed != 0 {
+		return unsupported("%s: a compressed cluster at disk offset %d", name, at)
+	}
+	host := int64(entry & offsetMask)
+	if host%cluster != 0 {
+		return unsupported("%s: a cluster at %d, not on a cluster", name, host)
+	}
+	if !h.extendedL2 {
+		switch {
+		case entry&flagZero != 0 && h.version < 3:
+			return unsupported("%s: the zero flag in a version %d image at disk offset %d", name, h.version, at)
+		case entry&flagZero != 0:
+			m.add(at, cluster, kindZero, 0)
+		case host == 0:
+			m.add(at, cluster, kindAbsent, 0)
+		default:
+			m.add(at, cluster, kindData, host)
+		}
+		return nil
+	}
+	if entry&flagZero != 0 {
+		return unsupported("%s: the zero flag in an extended L2 entry at disk offset %d", name, at)
+	}
+	bitmap := binary.BigEndian.Uint64(b[8:])
+	alloc, zero := uint32(bitmap), uint32(bitmap>>32)
+	if host == 0 && alloc != 0 || alloc&zero != 0 {
+		return unsupported("%s: an invalid subcluster bitmap %#x at disk offset %d", name, bitmap, at)
+	}
+	// Whole clusters of one kind at once: most of a large disk's
+	// entries are empty.
+	switch {
+	case alloc == 0 && zero == 0:
+		m.add(at, cluster, kindAbsent, 0)
+		return nil
+	case zero == ^uint32(0):
+		m.add(at, cluster, kindZero, 0)
+		return nil
+	case alloc == ^uint32(0):
+		m.add(at, cluster, kindData, host)
+		return nil
+	}
+	sub := cluster / 32
+	for k := int64(0); k < 32; k++ {
+		switch {
+		case alloc&(1<<k) != 0:
+			m.add(at+k*sub, sub, kindData, host+k*sub)
+		case zero&(1<<k) != 0:
+			m.add(at+k*sub, sub, kindZero, 0)
+		default:
+			m.add(at+k*sub, sub, kindAbsent, 0)
+		}
+	}
+	return nil
+}
+
+// dataPiece is the most of a table dataPieces calls fn with at once.
+const dataPiece = 64 << 10
+
+// dataPieces calls fn with the bytes of [off, off+n) of f the file
+// stores, in order, in pieces of at most dataPiece (of buf, which holds
+// at least that) starting on 4 KiB from off (rel: the piece's offset from
+// off): the holes between them (never written, or zeros a compaction
+// freed) read as zeros, so a caller takes them as empty entries without
+// reading them. off is on a cluster, so on 4 KiB.
+func dataPieces(f *os.File, buf []byte, off, n int64, fn func(rel int64, b []byte) error) error {
+	var inner error // a read's or fn's, returned as it is
+	err := sparse.Segments(f, off, off+n, func(at, k int64) error {
+		lo, hi := (at-off)&^4095, min(n, (at-off+k+4095)&^4095)
+		for rel := lo; rel < hi; rel += dataPiece {
+			b := buf[:min(dataPiece, hi-rel)]
+			if _, err := f.ReadAt(b, off+rel); err != nil {
+				inner = fmt.Errorf("qcow2: %s: reading %d bytes at %d: %w", f.Name(), len(b), off+rel, err)
+				return inner
+			}
+			if inner = fn(rel, b); inner != nil {
+				return inner
+			}
+		}
+		return nil
+	})
+	if err != nil && err != inner {
+		return fmt.Errorf("qcow2: %s: finding the data of %d bytes at %d: %w", f.Name(), n, off, err)
+	}
+	return err
+}
 
 type kind int
 
