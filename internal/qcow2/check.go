@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"strings"
 
 	"github.com/cbtflow/cbtflow/internal/qemu"
 	"github.com/cbtflow/cbtflow/internal/sparse"
@@ -74,6 +75,11 @@ func Prove(ctx context.Context, path string) (*qemu.CheckResult, error) {
 	if err != nil {
 		return nil, err
 	}
+	// qemu-img check opens the image's backing chain, and fails when it
+	// cannot.
+	if err := backingOpens(path, f, h, 0); err != nil {
+		return nil, err
+	}
 	fi, err := f.Stat()
 	if err != nil {
 		return nil, err
@@ -96,6 +102,48 @@ func Prove(ctx context.Context, path string) (*qemu.CheckResult, error) {
 	}
 	return &qemu.CheckResult{Filename: path, Format: "qcow2", ImageEndOffset: end,
 		TotalClusters: (int64(h.size) + c.cluster - 1) / c.cluster}, nil
+}
+
+// maxBackingChain bounds the backing files Prove follows.
+const maxBackingChain = 64
+
+// backingOpens returns nil when the backing chain of the image at path,
+// open as f with header h, is one qemu opens: each backing file named
+// by a plain path (no protocol, no json:) of a QCOW2 image its format
+// extension says is one, whose header this package reads. Else an
+// error: qemu-img check decides.
+func backingOpens(path string, f *os.File, h header, depth int) error {
+	if h.backingOffset == 0 {
+		return nil
+	}
+	if h.backingSize == 0 || h.backingFormat != "qcow2" {
+		return unsupported("%s: a backing file of format %q, its name of %d bytes", f.Name(), h.backingFormat, h.backingSize)
+	}
+	if depth >= maxBackingChain {
+		return unsupported("%s: a backing chain of more than %d files", f.Name(), maxBackingChain)
+	}
+	b := make([]byte, h.backingSize)
+	if _, err := f.ReadAt(b, int64(h.backingOffset)); err != nil {
+		return fmt.Errorf("qcow2: %s: its backing file's name: %w", f.Name(), err)
+	}
+	name := string(b)
+	if strings.ContainsAny(name, ":\x00") {
+		return unsupported("%s: backing file %q", f.Name(), name)
+	}
+	if !strings.HasPrefix(name, "/") {
+		// As qemu's path_combine: beside the image, as its path names it.
+		name = path[:strings.LastIndex(path, "/")+1] + name
+	}
+	bf, err := os.Open(name)
+	if err != nil {
+		return notProven("%s: backing file: %v", f.Name(), err)
+	}
+	defer bf.Close()
+	bh, err := readHeader(bf)
+	if err != nil {
+		return err
+	}
+	return backingOpens(name, bf, bh, depth+1)
 }
 
 // checker counts the uses of every cluster of an image's file.
