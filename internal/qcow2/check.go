@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"strings"
+	"syscall"
 
 	"github.com/cbtflow/cbtflow/internal/qemu"
 	"github.com/cbtflow/cbtflow/internal/sparse"
@@ -134,11 +135,16 @@ func backingOpens(path string, f *os.File, h header, depth int) error {
 		// As qemu's path_combine: beside the image, as its path names it.
 		name = path[:strings.LastIndex(path, "/")+1] + name
 	}
-	bf, err := os.Open(name)
+	// Not blocked by a FIFO a crafted name may name: only a regular
+	// file is read.
+	bf, err := os.OpenFile(name, os.O_RDONLY|syscall.O_NONBLOCK, 0)
 	if err != nil {
 		return notProven("%s: backing file: %v", f.Name(), err)
 	}
 	defer bf.Close()
+	if fi, err := bf.Stat(); err != nil || !fi.Mode().IsRegular() {
+		return unsupported("%s: backing file %s is not a regular file", f.Name(), name)
+	}
 	bh, err := readHeader(bf)
 	if err != nil {
 		return err

@@ -7,7 +7,9 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/cbtflow/cbtflow/internal/qemu"
 )
@@ -462,5 +464,35 @@ func TestProveRefusesWhatQemuCannotOpen(t *testing.T) {
 				t.Logf("Prove: %v", err)
 			}
 		})
+	}
+}
+
+// TestProveBackingFIFO: an overlay whose backing file name names a FIFO
+// does not block Prove (qemu-img check itself blocks on it: Prove does
+// not ask it here).
+func TestProveBackingFIFO(t *testing.T) {
+	dir := t.TempDir()
+	create(t, filepath.Join(dir, "base.qcow2"), qemu.ImageOptions, 64<<20, "")
+	p := filepath.Join(dir, "image.qcow2")
+	create(t, p, qemu.ImageOptions, 0, "base.qcow2")
+	if err := os.Remove(filepath.Join(dir, "base.qcow2")); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Mkfifo(filepath.Join(dir, "base.qcow2"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		_, err := Prove(t.Context(), p)
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if err == nil {
+			t.Fatal("Prove calls an overlay on a FIFO clean")
+		}
+		t.Logf("Prove: %v", err)
+	case <-time.After(10 * time.Second):
+		t.Fatal("Prove blocks on a backing FIFO")
 	}
 }
