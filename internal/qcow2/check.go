@@ -171,6 +171,9 @@ func (c *checker) use(what string, off, n int64) error {
 	if off%c.cluster != 0 {
 		return notProven("%s: %s at %d, not on a cluster", c.f.Name(), what, off)
 	}
+	if off < 0 { // a refcount table entry of 2^63 or more
+		return notProven("%s: %s at %#x, past the file's end", c.f.Name(), what, uint64(off))
+	}
 	for k := off / c.cluster; k < (off+n+c.cluster-1)/c.cluster; k++ {
 		if k >= int64(len(c.refs)) {
 			return notProven("%s: %s at %d, past the file's end (%d clusters)", c.f.Name(), what, off, len(c.refs))

@@ -277,6 +277,9 @@ func TestProveRefusesDamage(t *testing.T) {
 		{"refcount block gone", func(t *testing.T, im *image) {
 			im.put64(t, im.rt, 0)
 		}, true},
+		{"refcount block past an int64", func(t *testing.T, im *image) {
+			im.put64(t, im.rt, 0xb7<<56)
+		}, true},
 		{"refcount block not on a cluster", func(t *testing.T, im *image) {
 			im.put64(t, im.rt, uint64(im.block+512))
 		}, true},
