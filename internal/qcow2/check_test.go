@@ -398,6 +398,10 @@ func TestProveRefusesWhatQemuCannotOpen(t *testing.T) {
 			ext := append(append(u32(extBackingFormat), u32(16)...), "qcow2\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"...)
 			put(t, p, 112, append(ext, make([]byte, 8)...))
 		}},
+		{"header extension end with a length past the cluster", qemu.ImageOptions, false, func(t *testing.T, p string, h header) {
+			ext := append(append(u32(extBackingFormat), u32(5)...), "qcow2\x00\x00\x00"...)
+			put(t, p, 112, append(append(ext, u32(0)...), u32(4<<20)...))
+		}},
 		{"unknown compression type", qemu.ImageOptions, false, func(t *testing.T, p string, h header) {
 			put(t, p, 104, []byte{7})
 		}},

@@ -177,6 +177,10 @@ func readHeader(f *os.File) (header, error) {
 		}
 		typ, length := be.Uint32(b[at:]), uint64(be.Uint32(b[at+4:]))
 		if typ == extEnd {
+			// qemu checks the length of every extension, the end's too.
+			if length != 0 {
+				return header{}, unsupported("%s: header extension end of %d bytes", f.Name(), length)
+			}
 			break
 		}
 		if typ != extBackingFormat && typ != extFeatureNames {
