@@ -239,7 +239,9 @@ const (
 // its blocks.
 func (c *checker) count(ctx context.Context) error {
 	h, name := c.h, c.f.Name()
-	if h.snapshotOffset != 0 && h.snapshotOffset%uint64(c.cluster) != 0 {
+	// qemu-img check validates the snapshot table's offset even without
+	// a snapshot: on a cluster, and within an int64.
+	if h.snapshotOffset%uint64(c.cluster) != 0 || h.snapshotOffset > maxSize {
 		return notProven("%s: snapshot table at %d", name, h.snapshotOffset)
 	}
 	if h.backingOffset != 0 && h.backingOffset+uint64(h.backingSize) > uint64(c.cluster) {

@@ -434,6 +434,9 @@ func TestProveRefusesWhatQemuCannotOpen(t *testing.T) {
 			}
 			put(t, p, blk+2*(rt/c), []byte{0, 0})
 		}},
+		{"snapshot table offset past an int64, without snapshots", qemu.ImageOptions, false, func(t *testing.T, p string, h header) {
+			put(t, p, 64, u64(0xffffffff00000000))
+		}},
 		{"refcount table offset past an int64", qemu.ImageOptions, false, func(t *testing.T, p string, h header) {
 			put(t, p, 48, u64(1<<63))
 		}},
