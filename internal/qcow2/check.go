@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"strings"
+	"syscall"
 
 	"github.com/cbtflow/cbtflow/internal/qemu"
 	"github.com/cbtflow/cbtflow/internal/sparse"
@@ -76,6 +78,11 @@ func Prove(ctx context.Context, path string) (*qemu.CheckResult, error) {
 	if err != nil {
 		return nil, err
 	}
+	// qemu-img check opens the image's backing chain, and fails when it
+	// cannot.
+	if err := backingOpens(path, f, h, 0); err != nil {
+		return nil, err
+	}
 	fi, err := f.Stat()
 	if err != nil {
 		return nil, err
@@ -100,6 +107,53 @@ func Prove(ctx context.Context, path string) (*qemu.CheckResult, error) {
 		TotalClusters: (int64(h.size) + c.cluster - 1) / c.cluster}, nil
 }
 
+// maxBackingChain bounds the backing files Prove follows.
+const maxBackingChain = 64
+
+// backingOpens returns nil when the backing chain of the image at path,
+// open as f with header h, is one qemu opens: each backing file named
+// by a plain path (no protocol, no json:) of a QCOW2 image its format
+// extension says is one, whose header this package reads. Else an
+// error: qemu-img check decides.
+func backingOpens(path string, f *os.File, h header, depth int) error {
+	if h.backingOffset == 0 {
+		return nil
+	}
+	if h.backingSize == 0 || h.backingFormat != "qcow2" {
+		return unsupported("%s: a backing file of format %q, its name of %d bytes", f.Name(), h.backingFormat, h.backingSize)
+	}
+	if depth >= maxBackingChain {
+		return unsupported("%s: a backing chain of more than %d files", f.Name(), maxBackingChain)
+	}
+	b := make([]byte, h.backingSize)
+	if _, err := f.ReadAt(b, int64(h.backingOffset)); err != nil {
+		return fmt.Errorf("qcow2: %s: its backing file's name: %w", f.Name(), err)
+	}
+	name := string(b)
+	if strings.ContainsAny(name, ":\x00") {
+		return unsupported("%s: backing file %q", f.Name(), name)
+	}
+	if !strings.HasPrefix(name, "/") {
+		// As qemu's path_combine: beside the image, as its path names it.
+		name = path[:strings.LastIndex(path, "/")+1] + name
+	}
+	// Not blocked by a FIFO a crafted name may name: only a regular
+	// file is read.
+	bf, err := os.OpenFile(name, os.O_RDONLY|syscall.O_NONBLOCK, 0)
+	if err != nil {
+		return notProven("%s: backing file: %v", f.Name(), err)
+	}
+	defer bf.Close()
+	if fi, err := bf.Stat(); err != nil || !fi.Mode().IsRegular() {
+		return unsupported("%s: backing file %s is not a regular file", f.Name(), name)
+	}
+	bh, err := readHeader(bf)
+	if err != nil {
+		return err
+	}
+	return backingOpens(name, bf, bh, depth+1)
+}
+
 // checker counts the uses of every cluster of an image's file.
 type checker struct {
 	f       *os.File
@@ -118,6 +172,9 @@ type block struct{ index, offset int64 }
 func (c *checker) use(what string, off, n int64) error {
 	if off%c.cluster != 0 {
 		return notProven("%s: %s at %d, not on a cluster", c.f.Name(), what, off)
+	}
+	if off < 0 { // a refcount table entry of 2^63 or more
+		return notProven("%s: %s at %#x, past the file's end", c.f.Name(), what, uint64(off))
 	}
 	for k := off / c.cluster; k < (off+n+c.cluster-1)/c.cluster; k++ {
 		if k >= int64(len(c.refs)) {
@@ -162,7 +219,9 @@ const (
 // its blocks.
 func (c *checker) count(ctx context.Context) error {
 	h, name := c.h, c.f.Name()
-	if h.snapshotOffset != 0 && h.snapshotOffset%uint64(c.cluster) != 0 {
+	// qemu-img check validates the snapshot table's offset even without
+	// a snapshot: on a cluster, and within an int64.
+	if h.snapshotOffset%uint64(c.cluster) != 0 || h.snapshotOffset > maxSize {
 		return notProven("%s: snapshot table at %d", name, h.snapshotOffset)
 	}
 	if h.backingOffset != 0 && h.backingOffset+uint64(h.backingSize) > uint64(c.cluster) {

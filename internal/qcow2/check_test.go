@@ -7,7 +7,9 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/cbtflow/cbtflow/internal/qemu"
 )
@@ -272,6 +274,9 @@ func TestProveRefusesDamage(t *testing.T) {
 		{"refcount block gone", func(t *testing.T, im *image) {
 			im.put64(t, im.rt, 0)
 		}, true},
+		{"refcount block past an int64", func(t *testing.T, im *image) {
+			im.put64(t, im.rt, 0xb7<<56)
+		}, true},
 		{"refcount block not on a cluster", func(t *testing.T, im *image) {
 			im.put64(t, im.rt, uint64(im.block+512))
 		}, true},
@@ -347,5 +352,166 @@ func TestProveRefcountPastTheFile(t *testing.T) {
 	im.refcount(t, (im.fileSize/createCluster+3)*createCluster, 1)
 	if r := proveAsQemu(t, im.path, true); r == nil || !r.Clean() || r.Leaks != 0 {
 		t.Fatalf("qemu-img check: %+v", r)
+	}
+}
+
+// TestProveRefusesWhatQemuCannotOpen: an image whose metadata counts
+// clean but which qemu-img check cannot open (exit 1) — a header field
+// or extension qemu refuses, or a backing chain it cannot open — is not
+// proven clean, and Prove does not panic on offsets past an int64.
+func TestProveRefusesWhatQemuCannotOpen(t *testing.T) {
+	const mib = 1 << 20
+	put := func(t *testing.T, p string, off int64, b []byte) {
+		t.Helper()
+		im := &image{path: p}
+		im.write(t, off, b)
+	}
+	u64 := func(v uint64) []byte { return binary.BigEndian.AppendUint64(nil, v) }
+	u32 := func(v uint32) []byte { return binary.BigEndian.AppendUint32(nil, v) }
+	for _, tc := range []struct {
+		name    string
+		opts    string
+		overlay bool
+		damage  func(t *testing.T, p string, h header)
+	}{
+		{"backing file missing", qemu.ImageOptions, true, func(t *testing.T, p string, h header) {
+			if err := os.Remove(filepath.Join(filepath.Dir(p), "base.qcow2")); err != nil {
+				t.Fatal(err)
+			}
+		}},
+		{"backing file's backing file missing", qemu.ImageOptions, true, func(t *testing.T, p string, h header) {
+			dir := filepath.Dir(p)
+			if err := os.Rename(filepath.Join(dir, "base.qcow2"), filepath.Join(dir, "mid.qcow2")); err != nil {
+				t.Fatal(err)
+			}
+			create(t, filepath.Join(dir, "base0.qcow2"), qemu.ImageOptions, 64*mib, "")
+			create(t, filepath.Join(dir, "base.qcow2"), qemu.ImageOptions, 0, "base0.qcow2")
+			if err := os.Remove(filepath.Join(dir, "base0.qcow2")); err != nil {
+				t.Fatal(err)
+			}
+		}},
+		{"backing format unknown", qemu.ImageOptions, true, func(t *testing.T, p string, h header) {
+			f, err := os.ReadFile(p)
+			if err != nil {
+				t.Fatal(err)
+			}
+			i := strings.Index(string(f[:4096]), "qcow2")
+			put(t, p, int64(i), []byte("qcowx"))
+		}},
+		{"backing file name of 1024 bytes", qemu.ImageOptions, true, func(t *testing.T, p string, h header) {
+			name := strings.Repeat("./", (1024-len("base.qcow2"))/2) + "base.qcow2"
+			put(t, p, int64(h.backingOffset), []byte(name))
+			put(t, p, 16, u32(uint32(len(name))))
+		}},
+		{"backing format extension of 16 bytes", qemu.ImageOptions, false, func(t *testing.T, p string, h header) {
+			ext := append(append(u32(extBackingFormat), u32(16)...), "qcow2\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"...)
+			put(t, p, 112, append(ext, make([]byte, 8)...))
+		}},
+		{"header extension end with a length past the cluster", qemu.ImageOptions, false, func(t *testing.T, p string, h header) {
+			ext := append(append(u32(extBackingFormat), u32(5)...), "qcow2\x00\x00\x00"...)
+			put(t, p, 112, append(append(ext, u32(0)...), u32(4<<20)...))
+		}},
+		{"unknown compression type", qemu.ImageOptions, false, func(t *testing.T, p string, h header) {
+			put(t, p, 104, []byte{7})
+		}},
+		{"compression bit with zlib", qemu.ImageOptions, false, func(t *testing.T, p string, h header) {
+			put(t, p, 72, u64(incompatExtendedL2|incompatCompress))
+		}},
+		{"data-file-raw without a data file", qemu.ImageOptions, false, func(t *testing.T, p string, h header) {
+			put(t, p, 88, u64(2))
+		}},
+		{"refcount table of 129 64 KiB clusters", "cluster_size=64K", false, func(t *testing.T, p string, h header) {
+			// The table moved to the file's end, 129 clusters (qemu's
+			// limit: 8 MiB), counted in the refcount block.
+			const c = 64 << 10
+			b, err := os.ReadFile(p)
+			if err != nil {
+				t.Fatal(err)
+			}
+			rt := int64(h.rtOffset)
+			blk := int64(binary.BigEndian.Uint64(b[rt:]) & offsetMask)
+			at := (int64(len(b)) + c - 1) / c
+			if err := os.Truncate(p, (at+129)*c); err != nil {
+				t.Fatal(err)
+			}
+			put(t, p, at*c, b[rt:rt+int64(h.rtClusters)*c])
+			put(t, p, rt, make([]byte, c))
+			put(t, p, 48, u64(uint64(at*c)))
+			put(t, p, 56, u32(129))
+			for k := at; k < at+129; k++ {
+				put(t, p, blk+2*k, []byte{0, 1})
+			}
+			put(t, p, blk+2*(rt/c), []byte{0, 0})
+		}},
+		{"snapshot table offset past an int64, without snapshots", qemu.ImageOptions, false, func(t *testing.T, p string, h header) {
+			put(t, p, 64, u64(0xffffffff00000000))
+		}},
+		{"refcount table offset past an int64", qemu.ImageOptions, false, func(t *testing.T, p string, h header) {
+			put(t, p, 48, u64(1<<63))
+		}},
+		{"L1 table offset past an int64", qemu.ImageOptions, false, func(t *testing.T, p string, h header) {
+			put(t, p, 40, u64(1<<63))
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			p := filepath.Join(dir, "image.qcow2")
+			if tc.overlay {
+				create(t, filepath.Join(dir, "base.qcow2"), tc.opts, 64*mib, "")
+				create(t, p, tc.opts, 0, "base.qcow2")
+			} else {
+				create(t, p, tc.opts, 64*mib, "")
+			}
+			qemuIO(t, p, "write -q -P 1 0 1M")
+			proveAsQemu(t, p, true)
+			f, err := os.Open(p)
+			if err != nil {
+				t.Fatal(err)
+			}
+			h, err := readHeader(f)
+			f.Close()
+			if err != nil {
+				t.Fatal(err)
+			}
+			tc.damage(t, p, h)
+			if r := proveAsQemu(t, p, false); r != nil {
+				t.Errorf("qemu-img check opens it (%+v): the damage is not what the case says", r)
+			}
+			if _, err := Prove(t.Context(), p); err == nil {
+				t.Fatal("Prove calls an image qemu-img check cannot open clean")
+			} else {
+				t.Logf("Prove: %v", err)
+			}
+		})
+	}
+}
+
+// TestProveBackingFIFO: an overlay whose backing file name names a FIFO
+// does not block Prove (qemu-img check itself blocks on it: Prove does
+// not ask it here).
+func TestProveBackingFIFO(t *testing.T) {
+	dir := t.TempDir()
+	create(t, filepath.Join(dir, "base.qcow2"), qemu.ImageOptions, 64<<20, "")
+	p := filepath.Join(dir, "image.qcow2")
+	create(t, p, qemu.ImageOptions, 0, "base.qcow2")
+	if err := os.Remove(filepath.Join(dir, "base.qcow2")); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Mkfifo(filepath.Join(dir, "base.qcow2"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		_, err := Prove(t.Context(), p)
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if err == nil {
+			t.Fatal("Prove calls an overlay on a FIFO clean")
+		}
+		t.Logf("Prove: %v", err)
+	case <-time.After(10 * time.Second):
+		t.Fatal("Prove blocks on a backing FIFO")
 	}
 }

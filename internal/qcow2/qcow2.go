@@ -59,6 +59,7 @@ type header struct {
 	rtClusters     uint32
 	backingOffset  uint64 // the backing file's name, 0 without one
 	backingSize    uint32
+	backingFormat  string // the backing format extension's, "" without one
 	snapshotOffset uint64
 }
 
@@ -116,6 +117,19 @@ func readHeader(f *os.File) (header, error) {
 			return header{}, unsupported("%s: incompatible features %#x", f.Name(), incompat)
 		}
 		h.extendedL2 = incompat&incompatExtendedL2 != 0
+		// qemu refuses to open an image whose compression type is
+		// unknown, or disagrees with the compression feature bit; and
+		// one that says its data file is raw without a data file.
+		var ctype byte
+		if headerLength > 104 {
+			ctype = b[104]
+		}
+		if ctype > 1 || (ctype != 0) != (incompat&incompatCompress != 0) {
+			return header{}, unsupported("%s: compression type %d with incompatible features %#x", f.Name(), ctype, incompat)
+		}
+		if autoclear := be.Uint64(b[88:96]); autoclear != 0 {
+			return header{}, unsupported("%s: autoclear features %#x", f.Name(), autoclear)
+		}
 		if h.refcountOrder = be.Uint32(b[96:100]); h.refcountOrder > 6 {
 			return header{}, unsupported("%s: refcount order %d", f.Name(), h.refcountOrder)
 		}
@@ -134,11 +148,21 @@ func readHeader(f *os.File) (header, error) {
 	if h.extendedL2 && h.clusterBits < 14 {
 		return header{}, unsupported("%s: extended L2 entries with cluster bits %d", f.Name(), h.clusterBits)
 	}
-	if h.l1Offset%cluster != 0 {
+	// Offsets past what an entry can name (qemu's offset masks) are not
+	// read: they would not fit an int64.
+	if h.l1Offset%cluster != 0 || h.l1Offset > maxSize {
 		return header{}, unsupported("%s: L1 table at %d, not on a cluster", f.Name(), h.l1Offset)
 	}
-	if rt := be.Uint64(b[48:56]); rt == 0 || rt%cluster != 0 {
+	if rt := be.Uint64(b[48:56]); rt == 0 || rt%cluster != 0 || rt > maxSize {
 		return header{}, unsupported("%s: refcount table at %d, not on a cluster", f.Name(), rt)
+	}
+	// qemu's limits: a refcount table of at most 8 MiB, a backing file
+	// name of at most 1023 bytes.
+	if uint64(h.rtClusters) > 8<<20>>h.clusterBits {
+		return header{}, unsupported("%s: a refcount table of %d clusters", f.Name(), h.rtClusters)
+	}
+	if h.backingOffset != 0 && (h.backingSize > 1023 || h.backingOffset+uint64(h.backingSize) > cluster) {
+		return header{}, unsupported("%s: a backing file name of %d bytes", f.Name(), h.backingSize)
 	}
 	// Header extensions, up to the end marker, within the header's
 	// cluster and before the backing file's name: only those known to
@@ -153,10 +177,21 @@ func readHeader(f *os.File) (header, error) {
 		}
 		typ, length := be.Uint32(b[at:]), uint64(be.Uint32(b[at+4:]))
 		if typ == extEnd {
+			// qemu checks the length of every extension, the end's too.
+			if length != 0 {
+				return header{}, unsupported("%s: header extension end of %d bytes", f.Name(), length)
+			}
 			break
 		}
 		if typ != extBackingFormat && typ != extFeatureNames {
 			return header{}, unsupported("%s: header extension %#x", f.Name(), typ)
+		}
+		if typ == extBackingFormat {
+			// qemu refuses a name of 16 bytes or more.
+			if length >= 16 || at+8+length > end {
+				return header{}, unsupported("%s: a backing format of %d bytes", f.Name(), length)
+			}
+			h.backingFormat = string(b[at+8 : at+8+length])
 		}
 		at += 8 + (length+7)/8*8
 		if at > end {
