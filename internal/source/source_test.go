@@ -108,7 +108,7 @@ func TestVDDKOptions(t *testing.T) {
 				t.Errorf("params\n got %q\nwant %q", o.Params, tc.params)
 			}
 			argv := o.Args("/run/x/nbd.sock")
-			want := cat([]string{"--foreground", "--exit-with-parent", "--unix", "/run/x/nbd.sock", "--readonly",
+			want := cat([]string{"--foreground", "--exit-with-parent", "--unix", "/run/x/nbd.sock", "--readonly", "--threads", "8",
 				"--filter=retry", "--filter=cacheextents", "vddk"}, tc.params)
 			if !slices.Equal(argv, want) {
 				t.Errorf("argv\n got %q\nwant %q", argv, want)
@@ -129,7 +129,7 @@ func TestLabOptions(t *testing.T) {
 		t.Fatal(err)
 	}
 	got := o.Args("/run/src/nbd.sock")
-	want := []string{"--foreground", "--exit-with-parent", "--unix", "/run/src/nbd.sock", "--readonly", "file", "file=/lab/snap.img"}
+	want := []string{"--foreground", "--exit-with-parent", "--unix", "/run/src/nbd.sock", "--readonly", "--threads", "8", "file", "file=/lab/snap.img"}
 	if !slices.Equal(got, want) {
 		t.Errorf("without filters: %q\nwant %q", got, want)
 	}
@@ -144,7 +144,7 @@ func TestLabOptions(t *testing.T) {
 		t.Fatal(err)
 	}
 	got = o.Args("/run/src/nbd.sock")
-	want = []string{"--foreground", "--exit-with-parent", "--unix", "/run/src/nbd.sock", "--readonly",
+	want = []string{"--foreground", "--exit-with-parent", "--unix", "/run/src/nbd.sock", "--readonly", "--threads", "8",
 		"--filter=error", "--filter=delay", "file", "file=/lab/snap.img", "error=EIO", "error-pread-rate=5%", "delay-read=10ms"}
 	if !slices.Equal(got, want) {
 		t.Errorf("with filters: %q\nwant %q", got, want)
