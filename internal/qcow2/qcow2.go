@@ -300,9 +300,6 @@ func MapLayer(f *os.File) ([]qemu.MapExtent, error) {
 	return m.out, nil
 }
 
-// pageEntries is how many L2 entries of entryBytes fill 4 KiB.
-func pageEntries(entryBytes int64) int64 { return 4096 / entryBytes }
-
 // entry maps the cluster at disk offset at from its L2 entry b.
 func (m *mapper) entry(name string, h header, b []byte, at, cluster int64) error {
 	entry := binary.BigEndian.Uint64(b)
