@@ -19,6 +19,7 @@ import (
 	"github.com/cbtflow/cbtflow/activities"
 	"github.com/cbtflow/cbtflow/internal/copier"
 	"github.com/cbtflow/cbtflow/internal/integrity"
+	"github.com/cbtflow/cbtflow/internal/qcow2"
 	"github.com/cbtflow/cbtflow/internal/qemu"
 	"github.com/cbtflow/cbtflow/internal/repository"
 	"github.com/cbtflow/cbtflow/lab"
@@ -81,8 +82,9 @@ func sameContent(t *testing.T, raw, qcow2 string) string {
 }
 
 // checkResult checks what every successful transfer promises: the image
-// is at the repository's path for the backup, it passes qemu-img check,
-// and its size and SHA-256 are the ones reported.
+// is at the repository's path for the backup, it passes qemu-img check
+// (and Prove, the worker's own check), and its size and SHA-256 are the
+// ones reported.
 func (f *fixture) checkResult(t *testing.T, b backup, res *activities.TransferDiskResult) {
 	t.Helper()
 	want, err := f.repo.ImagePath(repository.Key{Profile: profileLab, VMUUID: b.vm.uuid, DiskKey: b.disk.Key, BackupID: b.id})
@@ -117,6 +119,11 @@ func (f *fixture) checkResult(t *testing.T, b backup, res *activities.TransferDi
 	}
 	if !check.Clean() {
 		t.Errorf("qemu-img check %s: %+v", res.Path, check)
+	}
+	// A transfer's image is one its check proves clean in the worker
+	// (internal/qcow2.Prove), without qemu-img.
+	if _, err := qcow2.Prove(ctxT(t, time.Minute), res.Path); err != nil {
+		t.Errorf("the image is not proven clean without qemu-img: %v", err)
 	}
 }
 
