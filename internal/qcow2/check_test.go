@@ -66,16 +66,10 @@ func TestProveAsQemuImg(t *testing.T) {
 	for _, opts := range []string{"", qemu.ImageOptions, "cluster_size=64K,extended_l2=on"} {
 		t.Run(strings.ReplaceAll(opts, ",", "+"), func(t *testing.T) {
 			dir := t.TempDir()
-			base, top, empty := filepath.Join(dir, "base.qcow2"), filepath.Join(dir, "top.qcow2"), filepath.Join(dir, "empty.qcow2")
-			create(t, base, opts, size, "")
-			proveAsQemu(t, base, true)
-			qemuIO(t, base, "write -P 1 0 1M", "write -P 2 5M 4k", "write -P 3 9M 100k", "write -z 20M 3M",
-				"write -P 4 30M 4M", "write -z -u 31M 64k", "discard 33M 64k", "write -P 5 70M 64k",
-				fmt.Sprintf("write -P 6 %d 4096", size-4096))
-			create(t, top, opts, 0, "base.qcow2")
-			qemuIO(t, top, "write -P 7 512k 64k", "write -P 8 9M 4k", "write -z 30M 1M", "write -z -u 32M 128k",
-				"write -P 9 69M 1M")
-			create(t, empty, opts, 2<<30, "base.qcow2")
+			fresh := filepath.Join(dir, "fresh.qcow2")
+			create(t, fresh, opts, size, "")
+			proveAsQemu(t, fresh, true)
+			base, top, empty := sampleImages(t, dir, opts, size)
 			for _, p := range []string{base, top, empty} {
 				proveAsQemu(t, p, true)
 			}

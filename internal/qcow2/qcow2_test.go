@@ -83,6 +83,26 @@ func create(t *testing.T, path, opts string, size int64, backing string) {
 	qemuImg(t, args...)
 }
 
+// sampleImages makes, in dir, images of layout opts (qemu-img create's
+// -o) written by qemu: base, of size bytes, with data, zeros with and
+// without storage, a discard, writes of part of a cluster and at the
+// disk's end; top, an overlay on it with more of each; and empty, an
+// empty overlay of 2 GiB on base (larger than its backing: the rest
+// reads zeros).
+func sampleImages(t *testing.T, dir, opts string, size int64) (base, top, empty string) {
+	t.Helper()
+	base, top, empty = filepath.Join(dir, "base.qcow2"), filepath.Join(dir, "top.qcow2"), filepath.Join(dir, "empty.qcow2")
+	create(t, base, opts, size, "")
+	qemuIO(t, base, "write -P 1 0 1M", "write -P 2 5M 4k", "write -P 3 9M 100k", "write -z 20M 3M",
+		"write -P 4 30M 4M", "write -z -u 31M 64k", "discard 33M 64k", "write -P 5 70M 64k",
+		fmt.Sprintf("write -P 6 %d 4096", size-4096))
+	create(t, top, opts, 0, "base.qcow2")
+	qemuIO(t, top, "write -P 7 512k 64k", "write -P 8 9M 4k", "write -z 30M 1M", "write -z -u 32M 128k",
+		"write -P 9 69M 1M")
+	create(t, empty, opts, 2<<30, "base.qcow2")
+	return base, top, empty
+}
+
 // TestMapLayerAsQemu: for images of both layouts (64 KiB clusters; 2 MiB
 // clusters with extended L2 entries, internal/qemu.ImageOptions), full
 // and overlays, with data, zeros with and without storage, discards,
@@ -94,16 +114,7 @@ func TestMapLayerAsQemu(t *testing.T) {
 	size := int64(70*mib + 3*64<<10 + 4096)
 	for _, opts := range []string{"", qemu.ImageOptions, "cluster_size=64K,extended_l2=on"} {
 		t.Run(strings.ReplaceAll(opts, ",", "+"), func(t *testing.T) {
-			dir := t.TempDir()
-			base, top, empty := filepath.Join(dir, "base.qcow2"), filepath.Join(dir, "top.qcow2"), filepath.Join(dir, "empty.qcow2")
-			create(t, base, opts, size, "")
-			qemuIO(t, base, "write -P 1 0 1M", "write -P 2 5M 4k", "write -P 3 9M 100k", "write -z 20M 3M",
-				"write -P 4 30M 4M", "write -z -u 31M 64k", "discard 33M 64k", "write -P 5 70M 64k",
-				fmt.Sprintf("write -P 6 %d 4096", size-4096))
-			create(t, top, opts, 0, "base.qcow2")
-			qemuIO(t, top, "write -P 7 512k 64k", "write -P 8 9M 4k", "write -z 30M 1M", "write -z -u 32M 128k",
-				"write -P 9 69M 1M")
-			create(t, empty, opts, 2<<30, "base.qcow2") // larger than its backing: the rest reads zeros
+			base, top, empty := sampleImages(t, t.TempDir(), opts, size)
 			for _, path := range []string{base, top, empty} {
 				want, err := qemu.MapLayer(context.Background(), path)
 				if err != nil {
