@@ -312,35 +312,25 @@ func (c *checker) count(ctx context.Context) error {
 // entry counts the use of one L2 entry's data cluster, the n-th cluster
 // of the disk.
 func (c *checker) entry(b []byte, n int64) error {
-	name := c.f.Name()
-	e := binary.BigEndian.Uint64(b)
-	var bitmap uint64
-	if c.h.extendedL2 {
-		bitmap = binary.BigEndian.Uint64(b[8:])
-	}
-	if e == 0 && bitmap == 0 {
+	name, at := c.f.Name(), n*c.cluster
+	if sparse.IsZero(b) {
 		return nil
 	}
-	if e&flagCompressed != 0 {
-		return unsupported("%s: a compressed cluster at disk offset %d", name, n*c.cluster)
+	if at >= int64(c.h.size) {
+		return notProven("%s: L2 entry %#x for cluster %d, past the disk's end", name, binary.BigEndian.Uint64(b), n)
 	}
-	host := int64(e & offsetMask)
+	e, err := decodeL2(name, c.h, b, at, c.cluster)
 	switch {
-	case n*c.cluster >= int64(c.h.size):
-		return notProven("%s: L2 entry %#x for cluster %d, past the disk's end", name, e, n)
-	case e&l2Reserved != 0, c.h.extendedL2 && e&flagZero != 0, !c.h.extendedL2 && e&flagZero != 0 && c.h.version < 3:
-		return notProven("%s: L2 entry %#x at disk offset %d", name, e, n*c.cluster)
-	case (host != 0) != (e&flagCopied != 0):
-		return notProven("%s: L2 entry %#x at disk offset %d: its copied flag", name, e, n*c.cluster)
-	}
-	alloc, zero := uint32(bitmap), uint32(bitmap>>32)
-	if alloc&zero != 0 || host == 0 && alloc != 0 {
-		return notProven("%s: subcluster bitmap %#x at disk offset %d", name, bitmap, n*c.cluster)
-	}
-	if host == 0 {
+	case err != nil:
+		return err
+	case e.raw&l2Reserved != 0:
+		return notProven("%s: L2 entry %#x at disk offset %d", name, e.raw, at)
+	case (e.host != 0) != (e.raw&flagCopied != 0):
+		return notProven("%s: L2 entry %#x at disk offset %d: its copied flag", name, e.raw, at)
+	case e.host == 0:
 		return nil
 	}
-	return c.use(fmt.Sprintf("the data of disk offset %d", n*c.cluster), host, c.cluster)
+	return c.use(fmt.Sprintf("the data of disk offset %d", at), e.host, c.cluster)
 }
 
 // compare reads the refcount blocks and compares each cluster's

@@ -300,21 +300,55 @@ func MapLayer(f *os.File) ([]qemu.MapExtent, error) {
 	return m.out, nil
 }
 
+// l2Entry is one L2 entry, decoded.
+type l2Entry struct {
+	raw         uint64
+	host        int64 // the cluster's offset in the file, 0 if none
+	zeroFlag    bool  // a standard entry's: the cluster reads as zeros
+	alloc, zero uint32
+}
+
+// decodeL2 decodes the L2 entry b of the cluster at disk offset at, and
+// refuses (ErrUnsupported) one this package does not read or that is
+// malformed: a compressed cluster, an offset not on a cluster, the zero
+// flag where the image's format has none, an invalid subcluster bitmap.
+func decodeL2(name string, h header, b []byte, at, cluster int64) (l2Entry, error) {
+	e := l2Entry{raw: binary.BigEndian.Uint64(b)}
+	if e.raw&flagCompressed != 0 {
+		return e, unsupported("%s: a compressed cluster at disk offset %d", name, at)
+	}
+	e.host = int64(e.raw & offsetMask)
+	if e.host%cluster != 0 {
+		return e, unsupported("%s: a cluster at %d, not on a cluster", name, e.host)
+	}
+	e.zeroFlag = e.raw&flagZero != 0
+	if !h.extendedL2 {
+		if e.zeroFlag && h.version < 3 {
+			return e, unsupported("%s: the zero flag in a version %d image at disk offset %d", name, h.version, at)
+		}
+		return e, nil
+	}
+	if e.zeroFlag {
+		return e, unsupported("%s: the zero flag in an extended L2 entry at disk offset %d", name, at)
+	}
+	bitmap := binary.BigEndian.Uint64(b[8:])
+	e.alloc, e.zero = uint32(bitmap), uint32(bitmap>>32)
+	if e.host == 0 && e.alloc != 0 || e.alloc&e.zero != 0 {
+		return e, unsupported("%s: an invalid subcluster bitmap %#x at disk offset %d", name, bitmap, at)
+	}
+	return e, nil
+}
+
 // entry maps the cluster at disk offset at from its L2 entry b.
 func (m *mapper) entry(name string, h header, b []byte, at, cluster int64) error {
-	entry := binary.BigEndian.Uint64(b)
-	if entry&flagCompressed != 0 {
-		return unsupported("%s: a compressed cluster at disk offset %d", name, at)
+	e, err := decodeL2(name, h, b, at, cluster)
+	if err != nil {
+		return err
 	}
-	host := int64(entry & offsetMask)
-	if host%cluster != 0 {
-		return unsupported("%s: a cluster at %d, not on a cluster", name, host)
-	}
+	host, alloc, zero := e.host, e.alloc, e.zero
 	if !h.extendedL2 {
 		switch {
-		case entry&flagZero != 0 && h.version < 3:
-			return unsupported("%s: the zero flag in a version %d image at disk offset %d", name, h.version, at)
-		case entry&flagZero != 0:
+		case e.zeroFlag:
 			m.add(at, cluster, kindZero, 0)
 		case host == 0:
 			m.add(at, cluster, kindAbsent, 0)
@@ -322,14 +356,6 @@ func (m *mapper) entry(name string, h header, b []byte, at, cluster int64) error
 			m.add(at, cluster, kindData, host)
 		}
 		return nil
-	}
-	if entry&flagZero != 0 {
-		return unsupported("%s: the zero flag in an extended L2 entry at disk offset %d", name, at)
-	}
-	bitmap := binary.BigEndian.Uint64(b[8:])
-	alloc, zero := uint32(bitmap), uint32(bitmap>>32)
-	if host == 0 && alloc != 0 || alloc&zero != 0 {
-		return unsupported("%s: an invalid subcluster bitmap %#x at disk offset %d", name, bitmap, at)
 	}
 	// Whole clusters of one kind at once: most of a large disk's
 	// entries are empty.
