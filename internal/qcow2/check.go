@@ -188,15 +188,6 @@ func (c *checker) use(what string, off, n int64) error {
 	return nil
 }
 
-// table reads n bytes at off.
-func (c *checker) table(off, n int64) ([]byte, error) {
-	b := make([]byte, n)
-	if _, err := c.f.ReadAt(b, off); err != nil {
-		return nil, fmt.Errorf("qcow2: %s: reading %d bytes at %d: %w", c.f.Name(), n, off, err)
-	}
-	return b, nil
-}
-
 // data calls fn with the bytes of [off, off+n) the file stores, as
 // dataPieces does.
 func (c *checker) data(off, n int64, fn func(rel int64, b []byte) error) error {
@@ -263,7 +254,7 @@ func (c *checker) count(ctx context.Context) error {
 		return err
 	}
 
-	l1, err := c.table(int64(h.l1Offset), int64(h.l1Size)*8)
+	l1, err := readL1(c.f, h)
 	if err != nil {
 		return err
 	}

@@ -236,9 +236,9 @@ func MapLayer(f *os.File) ([]qemu.MapExtent, error) {
 	size := int64(h.size)
 	m := &mapper{size: size}
 
-	l1 := make([]byte, int64(h.l1Size)*8)
-	if _, err := f.ReadAt(l1, int64(h.l1Offset)); err != nil {
-		return nil, fmt.Errorf("qcow2: %s: L1 table: %w", f.Name(), err)
+	l1, err := readL1(f, h)
+	if err != nil {
+		return nil, err
 	}
 	// The tables are read one after the other; the kernel reads them all
 	// at once when asked first (they are not in the page cache after a
@@ -337,6 +337,15 @@ func decodeL2(name string, h header, b []byte, at, cluster int64) (l2Entry, erro
 		return e, unsupported("%s: an invalid subcluster bitmap %#x at disk offset %d", name, bitmap, at)
 	}
 	return e, nil
+}
+
+// readL1 reads the L1 table of the image open as f, whose header is h.
+func readL1(f *os.File, h header) ([]byte, error) {
+	l1 := make([]byte, int64(h.l1Size)*8)
+	if _, err := f.ReadAt(l1, int64(h.l1Offset)); err != nil {
+		return nil, fmt.Errorf("qcow2: %s: L1 table: %w", f.Name(), err)
+	}
+	return l1, nil
 }
 
 // entry maps the cluster at disk offset at from its L2 entry b.
