@@ -308,15 +308,19 @@ type Buffer struct {
 	n int
 }
 
-// NewBuffer allocates n bytes of C memory. Free it after the last command
-// using it completed (or its handle was closed).
+// NewBuffer allocates n bytes of C memory, on a 4 KiB boundary (so that
+// the buffer can be written to a file opened with O_DIRECT). Free it
+// after the last command using it completed (or its handle was closed).
 func NewBuffer(n int) *Buffer {
-	p := C.malloc(C.size_t(n))
-	if p == nil {
+	var p unsafe.Pointer
+	if C.posix_memalign(&p, BufferAlign, C.size_t(max(n, 1))) != 0 || p == nil {
 		panic("nbd: out of memory")
 	}
 	return &Buffer{p: p, n: n}
 }
+
+// BufferAlign is the alignment of NewBuffer's memory.
+const BufferAlign = 4096
 
 // Bytes returns the buffer as a slice over the C memory. It is invalid after
 // Free.
