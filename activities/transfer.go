@@ -44,6 +44,13 @@ type Transfer struct {
 	// Metrics receives each successful transfer's bytes and duration;
 	// nil: none.
 	Metrics Metrics
+	// QemuNBDTarget makes every transfer write its image through
+	// qemu-nbd, as transfers did before the copier wrote images itself
+	// (qcow2.Writer); without it, qemu-nbd writes only the images the
+	// writer does not take (another layout, more than one refcount
+	// block's worth of clusters, a resume point an attempt through
+	// qemu-nbd left off the image's subclusters).
+	QemuNBDTarget bool
 	// Digests makes every transfer write the image's digest file beside
 	// it (<image>.digests, internal/digest: the BLAKE3 of every block
 	// written, the ranges zeroed), which the commit records and a
@@ -241,6 +248,7 @@ func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*Tra
 
 	copyStart := time.Now()
 	var res *copier.Result
+	var writer string
 	if len(extents) == 0 {
 		// Nothing changed (or an empty disk): the new image is the whole
 		// restore point as it is, so no NBD server is started and nothing
@@ -250,7 +258,7 @@ func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*Tra
 			return nil, permanent(fmt.Errorf("disk %d: %w", in.Key, err))
 		}
 		res = &copier.Result{ResumePoint: in.Capacity}
-	} else if res, err = a.copyDisk(ctx, in, profile, path, extents, resume.ResumePoint, digests); err != nil {
+	} else if res, writer, err = a.copyDisk(ctx, in, profile, path, extents, resume.ResumePoint, digests); err != nil {
 		return nil, err
 	}
 	copyTook := time.Since(copyStart)
@@ -331,50 +339,69 @@ func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*Tra
 		SizeBytes: size, AllocatedBytes: allocated, SHA256: sum, Seconds: took.Seconds(), Stamp: (*FileStamp)(&before),
 		DigestSHA256: digestSum, DigestSize: digestSize,
 		SetupSeconds: copyStart.Sub(start).Seconds(), CopySeconds: copyTook.Seconds(),
-		CheckSeconds: checkTook.Seconds(), HashSeconds: hashTook.Seconds()}, nil
+		CheckSeconds: checkTook.Seconds(), HashSeconds: hashTook.Seconds(), Writer: writer}, nil
 }
 
-// copyDisk serves the image at path with qemu-nbd and the snapshot's disk
-// as NBD, copies the extents from resumeFrom on, and stops both servers:
-// when it returns, the copy's final FLUSH made the data durable.
+// copyDisk serves the snapshot's disk as NBD and copies the extents from
+// resumeFrom on into the image at path, which the copier writes itself
+// (qcow2.Writer), or qemu-nbd serves where the writer cannot; then it
+// stops the servers: when it returns, the copy's final FLUSH made the
+// data durable.
 func (a *Transfer) copyDisk(ctx context.Context, in TransferDiskInput, profile vsphere.Profile, path string,
-	extents []copier.Extent, resumeFrom int64, digests *digest.Writer) (*copier.Result, error) {
+	extents []copier.Extent, resumeFrom int64, digests *digest.Writer) (*copier.Result, string, error) {
 	runDir, err := a.runtimeDir()
 	if err != nil {
-		return nil, permanent(err)
+		return nil, "", permanent(err)
 	}
 	base := filepath.Join(runDir, in.BackupID+"-"+strconv.Itoa(int(in.Key)))
 	opener, err := a.opener(profile)
 	if err != nil {
-		return nil, permanent(err)
+		return nil, "", permanent(err)
 	}
-	// The two servers start at once: each start waits for its server to
-	// accept connections, time the slot is held and nothing is copied.
+	img, err := a.openImage(ctx, in, path, extents, resumeFrom)
+	if err != nil {
+		return nil, "", permanent(err)
+	}
+	if img != nil {
+		defer img.Close()
+	}
+	// Where qemu-nbd serves the image, the two servers start at once:
+	// each start waits for its server to accept connections, time the
+	// slot is held and nothing is copied.
 	type started struct {
 		exp *qemu.Export
 		err error
 	}
 	targetStarted := make(chan started, 1)
-	go func() {
-		exp, err := qemu.StartQemuNBD(ctx, qemu.QemuNBDOptions{Image: path, Format: "qcow2", Dir: base + "-t"})
-		targetStarted <- started{exp, err}
-	}()
+	if img == nil {
+		go func() {
+			exp, err := qemu.StartQemuNBD(ctx, qemu.QemuNBDOptions{Image: path, Format: "qcow2", Dir: base + "-t"})
+			targetStarted <- started{exp, err}
+		}()
+	} else {
+		targetStarted <- started{}
+	}
 	src, srcErr := opener.Open(ctx, source.Request{Profile: profile, VMRef: in.VMRef, SnapshotRef: in.SnapshotRef,
 		Disk: vsphere.Disk{Key: in.Key, Capacity: in.Capacity, FileName: in.FileName}, Dir: base + "-s"})
 	if srcErr == nil {
 		defer src.Close()
 	}
 	t := <-targetStarted
-	if t.err == nil {
+	if t.exp != nil {
 		defer t.exp.Close()
 	}
 	if t.err != nil || srcErr != nil {
-		return nil, permanent(errors.Join(t.err, srcErr))
+		return nil, "", permanent(errors.Join(t.err, srcErr))
 	}
 	target := t.exp
 
 	opts := a.Copy
-	opts.Source, opts.Target = src.URI(), target.URI()
+	opts.Source = src.URI()
+	if img != nil {
+		opts.Image = img
+	} else {
+		opts.Target = target.URI()
+	}
 	opts.Extents = extents
 	opts.Overlay = in.Mode == ModeIncremental
 	opts.ResumeFrom = resumeFrom
@@ -400,17 +427,56 @@ func (a *Transfer) copyDisk(ctx context.Context, in TransferDiskInput, profile v
 	res, err := copier.Copy(ctx, opts)
 	if err != nil {
 		if ctx.Err() != nil {
-			return nil, ctx.Err()
+			return nil, "", ctx.Err()
 		}
-		return nil, permanent(fmt.Errorf("disk %d into %s: %w", in.Key, path, err))
+		return nil, "", permanent(fmt.Errorf("disk %d into %s: %w", in.Key, path, err))
 	}
 	// A clean stop of qemu-nbd closes the image; the copy's final FLUSH
 	// already made the data durable.
-	if err := target.Close(); err != nil {
-		return nil, fmt.Errorf("disk %d: stopping qemu-nbd: %w", in.Key, err)
+	if target != nil {
+		if err := target.Close(); err != nil {
+			return nil, "", fmt.Errorf("disk %d: stopping qemu-nbd: %w", in.Key, err)
+		}
 	}
 	_ = src.Close()
-	return res, nil
+	if img != nil {
+		return res, WriterCopier, nil
+	}
+	return res, WriterQemuNBD, nil
+}
+
+// openImage opens the image at path for the copier to write itself, or
+// returns nil where qemu-nbd is to serve it: QemuNBDTarget, an image the
+// writer does not take (qcow2.ErrUnsupported), or a resume point off its
+// subclusters (left by an attempt through qemu-nbd).
+func (a *Transfer) openImage(ctx context.Context, in TransferDiskInput, path string, extents []copier.Extent, resumeFrom int64) (*qcow2.Writer, error) {
+	if a.QemuNBDTarget {
+		return nil, nil
+	}
+	log := activity.GetLogger(ctx)
+	w, err := qcow2.OpenWriter(path, ranges(extents)...)
+	if errors.Is(err, qcow2.ErrUnsupported) {
+		log.Info("qemu-nbd writes the image", "disk", in.Key, "backup", in.BackupID, "reason", err.Error())
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("disk %d: %w", in.Key, err)
+	}
+	if g := w.Granularity(); resumeFrom%g != 0 {
+		log.Info("qemu-nbd writes the image", "disk", in.Key, "backup", in.BackupID,
+			"reason", fmt.Sprintf("resume point %d is not on the image's subclusters of %d bytes", resumeFrom, g))
+		return nil, w.Close()
+	}
+	return w, nil
+}
+
+// ranges are the extents as ranges of an image.
+func ranges(extents []copier.Extent) []qcow2.Range {
+	rs := make([]qcow2.Range, len(extents))
+	for i, e := range extents {
+		rs[i] = qcow2.Range{Offset: e.Offset, Length: e.Length}
+	}
+	return rs
 }
 
 // syncFileAndDir makes a new file and its entry in its folder durable.
@@ -509,10 +575,7 @@ func imageFailed(in TransferDiskInput, path string, resumed bool, msg string) er
 // createImage makes the empty image at path, with the L2 tables of the
 // extents the copy will write (qcow2.Create).
 func (a *Transfer) createImage(ctx context.Context, in TransferDiskInput, path string, extents []copier.Extent) error {
-	written := make([]qcow2.Range, len(extents))
-	for i, e := range extents {
-		written[i] = qcow2.Range{Offset: e.Offset, Length: e.Length}
-	}
+	written := ranges(extents)
 	if in.Mode == ModeFull {
 		return permanent(qcow2.Make(ctx, path, in.Capacity, written...))
 	}

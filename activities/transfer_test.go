@@ -127,11 +127,21 @@ func (f *fixture) checkResult(t *testing.T, b backup, res *activities.TransferDi
 	}
 }
 
+// TestTransferDiskFullThenIncremental: the copier writes the images
+// itself (qcow2.Writer); and, the same again, through qemu-nbd
+// (Transfer.QemuNBDTarget).
 func TestTransferDiskFullThenIncremental(t *testing.T) {
+	for _, writer := range []string{activities.WriterCopier, activities.WriterQemuNBD} {
+		t.Run(writer, func(t *testing.T) { testFullThenIncremental(t, writer) })
+	}
+}
+
+func testFullThenIncremental(t *testing.T, writer string) {
 	testutil.CheckNoChildren(t)
 	f := newFixture(t, lab.Options{})
 	m := &recordedMetrics{}
 	f.tr.Metrics = m
+	f.tr.QemuNBDTarget = writer == activities.WriterQemuNBD
 	testutil.CheckNoSockets(t, f.runDir)
 	env := f.newEnv(t)
 	vm := f.prepareVM(t, env)
@@ -223,6 +233,9 @@ func TestTransferDiskFullThenIncremental(t *testing.T) {
 	}
 	if info, err := qemu.Info(ctxT(t, time.Minute), sres.Path); err != nil || len(info) != 3 || info[0].BackingFilename != filepath.Base(ires.Path) {
 		t.Errorf("the unchanged overlay's chain: %+v (%v)", info, err)
+	}
+	if res.Writer != writer || ires.Writer != writer || sres.Writer != "" {
+		t.Errorf("images written by %q and %q, and %q with nothing copied; want %q, %q and nothing", res.Writer, ires.Writer, sres.Writer, writer, writer)
 	}
 
 	// Bad inputs are permanent.

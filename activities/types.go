@@ -274,7 +274,17 @@ type TransferDiskResult struct {
 	CopySeconds  float64 `json:"copy_seconds,omitempty"`
 	CheckSeconds float64 `json:"check_seconds,omitempty"`
 	HashSeconds  float64 `json:"hash_seconds,omitempty"`
+	// Writer is what wrote the image's data: WriterCopier (the copier,
+	// in process) or WriterQemuNBD; empty when nothing was copied, and
+	// in results of workers before it.
+	Writer string `json:"writer,omitempty"`
 }
+
+// What wrote a transfer's image (TransferDiskResult.Writer).
+const (
+	WriterCopier  = "copier"
+	WriterQemuNBD = "qemu-nbd"
+)
 
 // FileStamp identifies a file's content cheaply (inode, mtime and ctime
 // in nanoseconds): any write changes it.

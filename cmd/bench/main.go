@@ -36,6 +36,7 @@ import (
 
 	"github.com/cbtflow/cbtflow/internal/copier"
 	"github.com/cbtflow/cbtflow/internal/integrity"
+	"github.com/cbtflow/cbtflow/internal/nbd"
 	"github.com/cbtflow/cbtflow/internal/qcow2"
 	"github.com/cbtflow/cbtflow/internal/qemu"
 	"github.com/cbtflow/cbtflow/testkit/stack"
@@ -61,7 +62,7 @@ func main() {
 		runs    = flag.Int("runs", 5, "timed runs of each tool (at least 5)")
 		seed    = flag.Uint64("seed", 1, "seed of the generated disk")
 		verbose = flag.Bool("v", false, "log each run")
-		only    = flag.String("tools", "", "comma-separated subset of cbtflow,nbdcopy,qemu-img to run (default all)")
+		only    = flag.String("tools", "", "comma-separated subset of cbtflow,cbt-nbd,nbdcopy,qemu-img to run (default all)")
 		part    = flag.String("part", "all", "copier (the copier against nbdcopy and qemu-img), e2e (whole backups through a stack of their own), or all")
 		incr    = flag.Int64("incr-data", 10*mib, "e2e: bytes changed before each incremental backup")
 		piece   = flag.Int64("incr-write", 64<<10, "e2e: bytes of each of those writes, at scattered places")
@@ -197,12 +198,15 @@ func run(ctx context.Context, dir string, size, data int64, runs int, seed uint6
 	defer source.Close()
 	srcURI := source.URI()
 	tools := []*tool{
-		{name: "cbtflow", serve: true, argv: func(t string) [][]string {
-			argv := []string{self, "copy", "--source", srcURI, "--target", t, "--extents", extentsFile}
+		{name: "cbtflow", argv: func(t string) [][]string {
+			argv := []string{self, "copy", "--source", srcURI, "--image", t, "--extents", extentsFile}
 			if verbose {
 				argv = append(argv, "-v")
 			}
 			return [][]string{argv}
+		}},
+		{name: "cbt-nbd", serve: true, argv: func(t string) [][]string {
+			return [][]string{{self, "copy", "--source", srcURI, "--target", t, "--extents", extentsFile}}
 		}},
 		{name: "nbdcopy", serve: true, argv: func(t string) [][]string {
 			return [][]string{{"nbdcopy", "--flush", srcURI, t}}
@@ -218,7 +222,8 @@ func run(ctx context.Context, dir string, size, data int64, runs int, seed uint6
 			return 0, fmt.Errorf("--tools %q names no tool", only)
 		}
 	}
-	fmt.Println("commands (TARGET is a fresh QCOW2 of the disk's size, served by qemu-nbd where the tool needs NBD):")
+	fmt.Println("commands (TARGET is a fresh QCOW2 of the disk's size, served by qemu-nbd where the tool needs NBD;")
+	fmt.Println("cbtflow writes the image itself, as a backup does; cbt-nbd is the copier into qemu-nbd, as a backup did before):")
 	for _, t := range tools {
 		target := "TARGET.qcow2"
 		if t.serve {
@@ -497,15 +502,7 @@ func checkNoHoleReads(ctx context.Context, dir, src, self, extentsFile string, a
 	defer source.Close()
 	img := filepath.Join(dir, "target-stats.qcow2")
 	defer os.Remove(img)
-	if err := qcow2.Make(ctx, img, size); err != nil {
-		return err
-	}
-	target, err := qemu.StartQemuNBD(ctx, qemu.QemuNBDOptions{Image: img, Format: "qcow2"})
-	if err != nil {
-		return err
-	}
-	defer target.Close()
-	cmd := exec.CommandContext(ctx, self, "copy", "--source", source.URI(), "--target", target.URI(), "--extents", extentsFile)
+	cmd := exec.CommandContext(ctx, self, "copy", "--source", source.URI(), "--image", img, "--extents", extentsFile)
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 	if err := cmd.Run(); err != nil {
 		return fmt.Errorf("copier through the stats filter: %w", err)
@@ -669,6 +666,7 @@ func copyMain(args []string) error {
 	fs := flag.NewFlagSet("copy", flag.ContinueOnError)
 	source := fs.String("source", "", "source NBD URI")
 	target := fs.String("target", "", "target NBD URI")
+	image := fs.String("image", "", "a new QCOW2 image the copier makes and writes itself (instead of --target)")
 	extentsFile := fs.String("extents", "", "JSON file of extents")
 	reqSize := fs.Int("request-size", 0, "bytes per request (0: the copier's default)")
 	inFlight := fs.Int("in-flight", 0, "requests in flight (0: the copier's default)")
@@ -694,6 +692,16 @@ func copyMain(args []string) error {
 	var written time.Duration
 	opts := copier.Options{Source: *source, Target: *target, Extents: extents,
 		RequestSize: *reqSize, InFlight: *inFlight, SourceConnections: *srcConns}
+	if *image != "" {
+		// As a backup makes it: the image with the extents' tables, then
+		// written in process.
+		w, err := openImage(*source, *image, extents)
+		if err != nil {
+			return err
+		}
+		defer w.Close()
+		opts.Image = w
+	}
 	if *verbose {
 		opts.ProgressInterval = time.Millisecond
 		opts.Progress = func(p copier.Progress) {
@@ -708,4 +716,26 @@ func copyMain(args []string) error {
 			written.Seconds(), res.Duration.Seconds(), res.Flushes)
 	}
 	return err
+}
+
+// openImage makes a fresh image at path of the size of the disk at the
+// NBD URI src, with the tables of extents, and opens it for the copier.
+func openImage(src, path string, extents []copier.Extent) (*qcow2.Writer, error) {
+	h, err := nbd.Connect(src)
+	if err != nil {
+		return nil, err
+	}
+	size, err := h.Size()
+	h.Close()
+	if err != nil {
+		return nil, err
+	}
+	rs := make([]qcow2.Range, len(extents))
+	for i, e := range extents {
+		rs[i] = qcow2.Range{Offset: e.Offset, Length: e.Length}
+	}
+	if err := qcow2.Create(path, size, "", rs...); err != nil {
+		return nil, err
+	}
+	return qcow2.OpenWriter(path, rs...)
 }

@@ -4,6 +4,7 @@ import (
 	"time"
 
 	"github.com/cbtflow/cbtflow/internal/digest"
+	"github.com/cbtflow/cbtflow/internal/qcow2"
 )
 
 // Extent is a byte range of the disk that must be copied, as CBT
@@ -16,6 +17,25 @@ type Extent struct {
 
 // End returns the offset just past the extent.
 func (e Extent) End() int64 { return e.Offset + e.Length }
+
+// widen returns exts widened to whole units of gran (each end rounded up,
+// but not past size where the extent ends within it), merged where they
+// then touch.
+func widen(exts []Extent, gran, size int64) []Extent {
+	var out []Extent
+	for _, e := range exts {
+		lo, hi := e.Offset/gran*gran, (e.End()+gran-1)/gran*gran
+		if hi > size && e.End() <= size {
+			hi = size
+		}
+		if n := len(out); n > 0 && lo <= out[n-1].End() {
+			out[n-1].Length = max(out[n-1].End(), hi) - out[n-1].Offset
+			continue
+		}
+		out = append(out, Extent{Offset: lo, Length: hi - lo})
+	}
+	return out
+}
 
 // Defaults used where an Options field is left zero.
 //
@@ -48,6 +68,17 @@ type Options struct {
 
 	// Extents are the areas to copy: sorted, non-overlapping.
 	Extents []Extent
+
+	// Image, instead of Target, is a QCOW2 image the copier writes itself
+	// (qcow2.Writer, opened by the caller, who closes it): no NBD server
+	// on the target side. Every write and zero then covers whole
+	// subclusters of the image, so nothing is read from its backing file:
+	// the extents are widened to them (clamped to the disk's end), the
+	// rest of each subcluster copied from the source, which holds it too;
+	// ResumeFrom must be on a subcluster, as every resume point of such a
+	// copy is. Its final flush makes the data and the image's metadata
+	// durable.
+	Image *qcow2.Writer
 
 	// Overlay says the target is a QCOW2 overlay over older data. Zero chunks
 	// (all-zero reads and holes reported by the source's block status) are

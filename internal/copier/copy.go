@@ -28,10 +28,19 @@ func Copy(ctx context.Context, opts Options) (*Result, error) {
 	if err := opts.validate(); err != nil {
 		return nil, err
 	}
+	if opts.Image != nil {
+		g := opts.Image.Granularity()
+		opts.Extents = widen(opts.Extents, g, opts.Image.Size())
+		opts.SparseSize = max(opts.SparseSize/int(g), 1) * int(g)
+	}
 	c := &copier{opts: opts, start: time.Now()}
 	defer c.freeBuffers() // after the handles are closed (defers run in reverse)
 
 	var err error
+	if c.waker, err = newWaker(ctx); err != nil {
+		return nil, err
+	}
+	defer c.waker.close()
 	if c.src, err = nbd.Connect(opts.Source); err != nil {
 		return nil, fmt.Errorf("copier: source: %w", err)
 	}
@@ -52,22 +61,24 @@ func Copy(ctx context.Context, opts Options) (*Result, error) {
 			}
 		}
 	}
-	if c.dst, err = nbd.Connect(opts.Target); err != nil {
-		return nil, fmt.Errorf("copier: target: %w", err)
+	if opts.Image != nil {
+		c.image = newImageTarget(opts.Image, c.waker, 4*opts.InFlight)
+		c.tgt = c.image
+	} else {
+		if c.dst, err = nbd.Connect(opts.Target); err != nil {
+			return nil, fmt.Errorf("copier: target: %w", err)
+		}
+		c.tgt = nbdTarget{c.dst}
+		// Hand a whole write request to the kernel at once: with the
+		// default ~200 KiB send buffer of a unix socket, a 2 MiB write
+		// goes out in ten pieces, each a poll wake-up waiting for the
+		// server to read. Best effort: the kernel caps the size, and TCP
+		// keeps its autotuning.
+		_, _ = c.dst.SetSendBuffer(targetSendBuffer)
 	}
 	if err := c.check(); err != nil {
 		return nil, err
 	}
-	// Hand a whole write request to the kernel at once: with the default
-	// ~200 KiB send buffer of a unix socket, a 2 MiB write goes out in ten
-	// pieces, each a poll wake-up waiting for the server to read. Best
-	// effort: the kernel caps the size, and TCP keeps its autotuning.
-	_, _ = c.dst.SetSendBuffer(targetSendBuffer)
-
-	if c.waker, err = newWaker(ctx); err != nil {
-		return nil, err
-	}
-	defer c.waker.close()
 	if opts.Digests != nil {
 		c.startHashers()
 		defer c.stopHashers() // before the buffers they read are freed
@@ -114,8 +125,8 @@ func (o *Options) setDefaults() {
 }
 
 func (o *Options) validate() error {
-	if o.Source == "" || o.Target == "" {
-		return errors.New("copier: source and target URIs are required")
+	if o.Source == "" || (o.Target == "") == (o.Image == nil) {
+		return errors.New("copier: a source URI and either a target URI or an image are required")
 	}
 	if o.SourceConnections > maxSourceConnections {
 		return fmt.Errorf("copier: %d source connections, at most %d", o.SourceConnections, maxSourceConnections)
@@ -135,6 +146,14 @@ func (o *Options) validate() error {
 	}
 	if o.ResumeFrom < 0 {
 		return fmt.Errorf("copier: negative resume point %d", o.ResumeFrom)
+	}
+	if o.Image != nil {
+		if g := o.Image.Granularity(); o.ResumeFrom%g != 0 && o.ResumeFrom < prev {
+			return fmt.Errorf("copier: resume point %d is not on the image's subclusters of %d bytes", o.ResumeFrom, g)
+		}
+		if o.RequestSize%int(o.Image.Granularity()) != 0 {
+			return fmt.Errorf("copier: request size %d is not whole subclusters of %d bytes", o.RequestSize, o.Image.Granularity())
+		}
 	}
 	return nil
 }
@@ -174,9 +193,11 @@ type request struct {
 type copier struct {
 	opts     Options
 	start    time.Time
-	src, dst *nbd.Handle
+	src, dst *nbd.Handle   // dst: an NBD target's connection
 	srcs     []*nbd.Handle // src first; more when the source allows multi-conn
-	srcBusy  []int         // reads in flight per source connection
+	tgt      target
+	image    *imageTarget // when the copier writes the image itself
+	srcBusy  []int        // reads in flight per source connection
 	waker    *waker
 
 	// The digests of what is read are taken by hashers, off the loop:
@@ -211,6 +232,9 @@ type copier struct {
 // (briefly, on every connection at once) so the servers see a clean
 // disconnect, then closes the handles.
 func (c *copier) closeHandles() {
+	if c.image != nil {
+		c.image.stop()
+	}
 	hs := append([]*nbd.Handle(nil), c.srcs...)
 	if c.dst != nil {
 		hs = append(hs, c.dst)
@@ -252,9 +276,9 @@ func (c *copier) check() error {
 	c.prog.ResumePoint = max(o.ResumeFrom, 0)
 	for _, side := range []struct {
 		name string
-		h    *nbd.Handle
-	}{{"source", c.src}, {"target", c.dst}} {
-		size, err := side.h.Size()
+		size func() (int64, error)
+	}{{"source", c.src.Size}, {"target", c.tgt.size}} {
+		size, err := side.size()
 		if err != nil {
 			return fmt.Errorf("copier: %s: %w", side.name, err)
 		}
@@ -262,19 +286,17 @@ func (c *copier) check() error {
 			return fmt.Errorf("copier: %s has %d bytes, extents end at %d", side.name, size, c.lastEnd)
 		}
 	}
-	if ok, err := c.dst.CanFlush(); err != nil || !ok {
-		return fmt.Errorf("copier: target cannot flush (%v): no durable resume point possible", err)
-	}
-	if o.Overlay {
-		if ok, err := c.dst.CanZero(); err != nil || !ok {
-			return fmt.Errorf("copier: overlay target cannot write zeroes (%v)", err)
-		}
+	if err := c.tgt.check(o.Overlay); err != nil {
+		return err
 	}
 	var status statusFunc
 	if ok, err := c.src.CanMetaContext(nbd.MetaBaseAllocation); err == nil && ok {
 		status = c.src.BlockStatus
 	}
 	c.plan = newPlanner(o.Extents, o.ResumeFrom, int64(o.RequestSize), status)
+	if o.Image != nil {
+		c.plan.align = o.Image.Granularity()
+	}
 	for i := 0; i < o.InFlight; i++ {
 		b := nbd.NewBuffer(o.RequestSize)
 		c.bufs = append(c.bufs, b)
@@ -293,7 +315,10 @@ func (c *copier) check() error {
 // run is the event loop: plan and send requests while there is room, wait
 // on both sockets, and react to completions, until the final flush.
 func (c *copier) run(ctx context.Context) error {
-	hs := append(append([]*nbd.Handle(nil), c.srcs...), c.dst)
+	hs := append([]*nbd.Handle(nil), c.srcs...)
+	if c.dst != nil {
+		hs = append(hs, c.dst) // an image's completions wake the waker
+	}
 	done := make([]nbd.Completion, 64)
 	for {
 		if err := ctx.Err(); err != nil {
@@ -345,7 +370,7 @@ func (c *copier) run(ctx context.Context) error {
 				}
 				more = more || n == len(done)
 			}
-			m := c.dst.AioDrain(done)
+			m := c.tgt.drain(done)
 			for _, d := range done[:m] {
 				if err := c.dstDone(d); err != nil {
 					return err
@@ -358,7 +383,7 @@ func (c *copier) run(ctx context.Context) error {
 				return errors.New("copier: source connection died")
 			}
 		}
-		if c.dst.IsDead() {
+		if c.tgt.dead() {
 			return errors.New("copier: target connection died")
 		}
 	}
@@ -437,11 +462,11 @@ func (c *copier) send(o *op) error {
 		}
 		return c.sendErr(o, err)
 	case opWrite:
-		ck, err = c.dst.AioPwrite(o.req.buf, o.bufOff, int(o.n), o.off, 0)
+		ck, err = c.tgt.pwrite(o.req.buf, o.bufOff, int(o.n), o.off)
 	case opZero:
-		ck, err = c.dst.AioZero(o.off, o.n, 0)
+		ck, err = c.tgt.zero(o.off, o.n)
 	case opFlush:
-		ck, err = c.dst.AioFlush()
+		ck, err = c.tgt.flush()
 	}
 	if err == nil {
 		c.dstOps[ck] = o
@@ -464,14 +489,14 @@ func (c *copier) sendErr(o *op, err error) error {
 }
 
 // failed decides between a retry and giving up on a failed command.
-func (c *copier) failed(o *op, e *nbd.Error, h *nbd.Handle) error {
+func (c *copier) failed(o *op, e *nbd.Error, dead bool) error {
 	e.Op = opNames[o.kind]
 	e.Offset, e.Length = o.off, o.n
 	if o.kind == opFlush {
 		e.Offset, e.Length = -1, 0
 	}
 	o.attempts++
-	if o.attempts > c.opts.Retries || h.IsDead() {
+	if o.attempts > c.opts.Retries || dead {
 		side := "target"
 		if o.kind == opRead {
 			side = "source"
@@ -513,7 +538,7 @@ func (c *copier) srcDone(conn int, d nbd.Completion) error {
 	}
 	c.srcBusy[conn]--
 	if d.Err != nil {
-		return c.failed(o, d.Err, c.srcs[conn])
+		return c.failed(o, d.Err, c.srcs[conn].IsDead())
 	}
 	r := o.req
 	c.prog.Read += r.n
@@ -653,7 +678,7 @@ func (c *copier) dstDone(d nbd.Completion) error {
 		return fmt.Errorf("copier: unknown target cookie %d", d.Cookie)
 	}
 	if d.Err != nil {
-		return c.failed(o, d.Err, c.dst)
+		return c.failed(o, d.Err, c.tgt.dead())
 	}
 	switch o.kind {
 	case opFlush:

@@ -25,6 +25,10 @@ type planner struct {
 	pos     int64 // everything below pos is planned
 	reqSize int64
 	maxZero int64
+	// align, when above 1, is the unit every chunk starts and ends on
+	// (but the last extent's end): a zero chunk is only what block status
+	// reports zero in whole units, the rest is read as data.
+	align int64
 
 	status     statusFunc // nil: the source has no block status
 	window     int64
@@ -73,7 +77,19 @@ func (p *planner) next() (chunk, bool) {
 			}
 			w := p.win[p.wi]
 			zero = w.Zero()
-			limit = min(limit, w.Offset+w.Length)
+			end := w.Offset + w.Length
+			if p.align > 1 {
+				down, up := end/p.align*p.align, (end+p.align-1)/p.align*p.align
+				switch {
+				case !zero:
+					end = up
+				case down > p.pos:
+					end = down
+				default: // less than a unit of zeros: read
+					zero, end = false, up
+				}
+			}
+			limit = min(limit, end)
 		}
 		max := p.reqSize
 		if zero {
