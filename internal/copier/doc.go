@@ -1,5 +1,7 @@
 // Package copier copies a list of disk extents from an NBD source to an NBD
-// target, the data path of a backup: extents in, bytes out.
+// target, or into a QCOW2 image it writes itself (Options.Image, through
+// qcow2.Writer: no server on that side), the data path of a backup:
+// extents in, bytes out.
 //
 // It keeps many requests in flight through libnbd's asynchronous API with
 // buffers allocated in C, so memory stays bounded by InFlight × RequestSize.
@@ -20,5 +22,6 @@
 // with each resume point (package digest).
 //
 // It is not a scheduler of disks, nor does it start NBD servers: the caller
-// serves the source and the target and hands over their URIs.
+// serves the source (and an NBD target) and hands over their URIs, or
+// opens the image.
 package copier
