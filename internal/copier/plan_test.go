@@ -166,3 +166,85 @@ func TestTrackerResumeBookkeeping(t *testing.T) {
 		t.Errorf("queue holds %d entries (head %d)", len(tr.q), tr.head)
 	}
 }
+
+// TestPlannerAligned: with align (a copy into an image it writes
+// itself), extents widened to whole units and block status cut anywhere,
+// every chunk starts and ends on a unit (the last at the disk's end), a
+// zero chunk is only whole units the source reports zero, and together
+// the chunks are the widened extents.
+func TestPlannerAligned(t *testing.T) {
+	const unit, size = 16, 1000
+	r := rand.New(rand.NewPCG(5, 6))
+	for range 200 {
+		// Block status: runs of 1 to 40 bytes, data or zero.
+		var all []nbd.Extent
+		for off := int64(0); off < size; {
+			n := min(r.Int64N(40)+1, size-off)
+			var fl uint32
+			if r.IntN(2) == 0 {
+				fl = nbd.StateZero | nbd.StateHole
+			}
+			all = append(all, nbd.Extent{Offset: off, Length: n, Flags: fl})
+			off += n
+		}
+		status := func(off, n int64) ([]nbd.Extent, error) {
+			var out []nbd.Extent
+			for _, e := range all {
+				s, end := max(e.Offset, off), min(e.Offset+e.Length, off+n)
+				if s < end {
+					out = append(out, nbd.Extent{Offset: s, Length: end - s, Flags: e.Flags})
+				}
+			}
+			// A server may answer less than asked.
+			return out[:max(1, len(out)/2)], nil
+		}
+		var exts []Extent
+		for off := r.Int64N(30); off < size; {
+			n := min(r.Int64N(50)+1, size-off)
+			exts = append(exts, Extent{off, n})
+			off += n + r.Int64N(60) + 1
+		}
+		wide := widen(exts, unit, size)
+		p := newPlanner(wide, 0, 4*unit, status)
+		p.align = unit
+		p.window = 7 * unit
+		zeroAt := func(off int64) bool {
+			for _, e := range all {
+				if off >= e.Offset && off < e.Offset+e.Length {
+					return e.Zero()
+				}
+			}
+			return false
+		}
+		var covered []Extent
+		for {
+			c, ok := p.next()
+			if !ok {
+				break
+			}
+			if c.off%unit != 0 || (c.n%unit != 0 && c.off+c.n != size) {
+				t.Fatalf("chunk %+v is not whole units of %d (extents %v)", c, unit, wide)
+			}
+			if c.zero {
+				for off := c.off; off < c.off+c.n; off++ {
+					if !zeroAt(off) {
+						t.Fatalf("zero chunk %+v over data at %d", c, off)
+					}
+				}
+			}
+			if n := len(covered); n > 0 && covered[n-1].End() == c.off {
+				covered[n-1].Length += c.n
+			} else {
+				covered = append(covered, Extent{c.off, c.n})
+			}
+		}
+		if len(covered) != len(wide) {
+			t.Fatalf("chunks cover %v, the widened extents are %v", covered, wide)
+		}
+		for i := range wide {
+			if covered[i] != wide[i] {
+				t.Fatalf("chunks cover %v, the widened extents are %v", covered, wide)
+			}
+		}
+	}
+}
