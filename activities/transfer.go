@@ -447,7 +447,8 @@ func (a *Transfer) copyDisk(ctx context.Context, in TransferDiskInput, profile v
 
 // openImage opens the image at path for the copier to write itself, or
 // returns nil where qemu-nbd is to serve it: QemuNBDTarget, an image the
-// writer does not take (qcow2.ErrUnsupported), or a resume point off its
+// writer does not take (qcow2.ErrUnsupported), one larger than the disk
+// (a capacity not a multiple of 512 bytes), or a resume point off its
 // subclusters (left by an attempt through qemu-nbd).
 func (a *Transfer) openImage(ctx context.Context, in TransferDiskInput, path string, extents []copier.Extent, resumeFrom int64) (*qcow2.Writer, error) {
 	if a.QemuNBDTarget {
@@ -461,6 +462,13 @@ func (a *Transfer) openImage(ctx context.Context, in TransferDiskInput, path str
 	}
 	if err != nil {
 		return nil, fmt.Errorf("disk %d: %w", in.Key, err)
+	}
+	if w.Size() != in.Capacity {
+		// qemu-img made it (Create does not make such a disk), its size
+		// rounded up to 512 bytes.
+		log.Info("qemu-nbd writes the image", "disk", in.Key, "backup", in.BackupID,
+			"reason", fmt.Sprintf("the image holds %d bytes for a disk of %d", w.Size(), in.Capacity))
+		return nil, w.Close()
 	}
 	if g := w.Granularity(); resumeFrom%g != 0 {
 		log.Info("qemu-nbd writes the image", "disk", in.Key, "backup", in.BackupID,

@@ -94,7 +94,7 @@ func (r *e2eRun) large(ctx context.Context) error {
 
 	// The copier alone on the same data laid out as on each disk, into a
 	// fresh QCOW2 of the disk's size, timed between the backups: what of
-	// a difference comes from QCOW2 and qemu-nbd rather than from the
+	// a difference comes from QCOW2 rather than from the
 	// rest of the backup.
 	bigSrc := filepath.Join(work, "large-big.raw")
 	if err := spreadFile(src, bigSrc, o.largeSize, place); err != nil {
@@ -198,7 +198,7 @@ func (r *e2eRun) large(ctx context.Context) error {
 		t.add(section, fmt.Sprintf("%s: %s disk / %s disk", c.name, big, small), fmt.Sprintf("%.2f×", ratio), "≤ 1.20×", rounded(ratio, 2) <= 1.2, note)
 	}
 	ratio := bigAlone.seconds / smallAlone.seconds
-	fmt.Printf("the copier alone: %s disk / %s disk %.2f× (no target: what QCOW2 and qemu-nbd cost of the full's ratio)\n", big, small, ratio)
+	fmt.Printf("the copier alone: %s disk / %s disk %.2f× (no target: what the QCOW2 costs of the full's ratio)\n", big, small, ratio)
 	t.print(os.Stdout, section)
 	return nil
 }

@@ -373,7 +373,8 @@ func (r *e2eRun) printRound(title string, rd round, ref copierRef) {
 
 // copierAlone times the bench's copy command (the copier in a process of
 // its own, as in the copier part) on the data of one sparse file, into a
-// fresh QCOW2 served by qemu-nbd, from nbdkit's file plugin: the copier
+// fresh QCOW2 it writes itself (as a backup does: --image), from nbdkit's
+// file plugin: the copier
 // alone on the bytes a backup copies, measured between the backups so
 // that both see the same machine.
 type copierAlone struct {
@@ -408,8 +409,8 @@ func (r *e2eRun) newCopierAlone(ctx context.Context, src string, size int64) (c 
 		os.Remove(c.extents)
 		return nil, err
 	}
-	c.tool = &tool{name: "cbtflow", serve: true, argv: func(target string) [][]string {
-		return [][]string{{self, "copy", "--source", c.source.URI(), "--target", target, "--extents", c.extents}}
+	c.tool = &tool{name: "cbtflow", argv: func(target string) [][]string {
+		return [][]string{{self, "copy", "--source", c.source.URI(), "--image", target, "--extents", c.extents}}
 	}}
 	return c, nil
 }

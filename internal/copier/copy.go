@@ -30,8 +30,17 @@ func Copy(ctx context.Context, opts Options) (*Result, error) {
 	}
 	if opts.Image != nil {
 		g := opts.Image.Granularity()
+		end := int64(0)
+		if n := len(opts.Extents); n > 0 {
+			end = opts.Extents[n-1].End()
+		}
 		opts.Extents = widen(opts.Extents, g, opts.Image.Size())
 		opts.SparseSize = max(opts.SparseSize/int(g), 1) * int(g)
+		// A resume point past the last extent (off the subclusters, where
+		// that extent ended) is past the widened one too.
+		if n := len(opts.Extents); n > 0 && opts.ResumeFrom >= end {
+			opts.ResumeFrom = max(opts.ResumeFrom, opts.Extents[n-1].End())
+		}
 	}
 	c := &copier{opts: opts, start: time.Now()}
 	defer c.freeBuffers() // after the handles are closed (defers run in reverse)
@@ -284,6 +293,13 @@ func (c *copier) check() error {
 		}
 		if size < c.lastEnd {
 			return fmt.Errorf("copier: %s has %d bytes, extents end at %d", side.name, size, c.lastEnd)
+		}
+	}
+	// An image's subclusters are copied whole, up to its end: it must end
+	// where the disk does.
+	if o.Image != nil {
+		if size, _ := c.src.Size(); size != o.Image.Size() {
+			return fmt.Errorf("copier: the image holds a disk of %d bytes, the source has %d", o.Image.Size(), size)
 		}
 	}
 	if err := c.tgt.check(o.Overlay); err != nil {

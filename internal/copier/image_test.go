@@ -6,6 +6,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"testing"
 
@@ -208,5 +209,46 @@ func TestImageResumed(t *testing.T) {
 	defer w.Close()
 	if _, err := copier.Copy(context.Background(), copier.Options{Source: s.URI, Image: w, Extents: src.extents, ResumeFrom: 4096}); err == nil {
 		t.Error("a resume point of 4096 into an image of 64 KiB subclusters was taken")
+	}
+}
+
+// TestImageEdges: a resume point past the last extent, off the
+// subclusters where that extent ends, copies nothing; an image larger
+// than the disk (qemu-img rounds a capacity up to 512 bytes) is refused,
+// naming both sizes, where its last subcluster could not be copied whole.
+func TestImageEdges(t *testing.T) {
+	testutil.CheckNoChildren(t)
+	dir := t.TempDir()
+	testutil.CheckNoSockets(t, dir)
+	src, _ := smallSource(t, dir)
+	s := serveSource(t, dir, src.path)
+	ex := []copier.Extent{{Offset: src.data[0], Length: 100 << 10}}
+	w := openImage(t, filepath.Join(dir, "end.qcow2"), src.size, "", ex)
+	res, err := copier.Copy(context.Background(), copier.Options{Source: s.URI, Image: w, Extents: ex, ResumeFrom: ex[0].End()})
+	if err := errors.Join(err, w.Close()); err != nil {
+		t.Fatalf("resumed at the end of the extents: %v", err)
+	}
+	if res.Read != 0 || res.Written != 0 {
+		t.Errorf("resumed at the end: %+v, want nothing read or written", *res)
+	}
+
+	const odd = 3<<20 + 100
+	raw := filepath.Join(dir, "odd.raw")
+	if err := os.WriteFile(raw, make([]byte, odd), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	img := filepath.Join(dir, "odd.qcow2")
+	if err := qcow2.Make(context.Background(), img, odd); err != nil {
+		t.Fatal(err)
+	}
+	w, err = qcow2.OpenWriter(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Close()
+	so := serveSource(t, dir, raw)
+	_, err = copier.Copy(context.Background(), copier.Options{Source: so.URI, Image: w, Extents: []copier.Extent{{Offset: 0, Length: odd}}})
+	if err == nil || !strings.Contains(err.Error(), "3145828") || !strings.Contains(err.Error(), "3146240") {
+		t.Errorf("an image of %d bytes for a disk of %d: %v, want an error naming both", w.Size(), odd, err)
 	}
 }

@@ -177,7 +177,15 @@ func openWriter(f *os.File, written []Range) (*Writer, error) {
 		}
 	}
 	if need > w.limit {
-		return nil, unsupported("%s: %d clusters, more than one refcount block counts (%d)", name, need, w.limit)
+		// Counted again, exactly: an image written before (a resumed
+		// copy) has clusters for part of the ranges already.
+		more, err := w.missing(written)
+		if err != nil {
+			return nil, err
+		}
+		if need = w.next + more; need > w.limit {
+			return nil, unsupported("%s: %d clusters, more than one refcount block counts (%d)", name, need, w.limit)
+		}
 	}
 
 	// The file ends at the last cluster in use, whole: what lies past it
@@ -186,6 +194,40 @@ func openWriter(f *os.File, written []Range) (*Writer, error) {
 		return nil, fmt.Errorf("qcow2: %s: %w", name, err)
 	}
 	return w, nil
+}
+
+// missing counts the clusters the sorted ranges would take: a data
+// cluster for each cluster of the disk they touch that has none, and the
+// tables missing.
+func (w *Writer) missing(written []Range) (int64, error) {
+	var n int64
+	tables := map[int64]bool{}
+	next := int64(0) // the first cluster not yet counted
+	for _, r := range written {
+		if r.Length <= 0 {
+			continue
+		}
+		for c := max(r.Offset/w.cluster, next); c <= (r.Offset+r.Length-1)/w.cluster; c++ {
+			next = c + 1
+			at := c * w.cluster
+			if t := at / w.perTable; w.l1[t]&offsetMask == 0 {
+				if !tables[t] {
+					tables[t] = true
+					n++
+				}
+				n++
+				continue
+			}
+			s, i, err := w.slot(at) // its table exists: nothing is taken
+			if err != nil {
+				return 0, err
+			}
+			if binary.BigEndian.Uint64(s.b[i:])&offsetMask == 0 {
+				n++
+			}
+		}
+	}
+	return n, nil
 }
 
 // Size is the disk's size in bytes.

@@ -332,3 +332,39 @@ func TestWriterRefuses(t *testing.T) {
 }
 
 func uintptrOf(b []byte) uintptr { return uintptr(unsafe.Pointer(unsafe.SliceData(b))) }
+
+// TestWriterReopenCounts: an image written before (a resumed copy) is
+// opened again for ranges whose clusters it mostly has: only the clusters
+// still to take count against the refcount block (16 KiB clusters, whose
+// one refcount block counts 8192 of them, make it small).
+func TestWriterReopenCounts(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "small.qcow2")
+	const cluster, size = 16 << 10, 256 << 20 // 16384 clusters
+	create(t, path, "cluster_size=16K,extended_l2=on", size, "")
+	first := Range{0, 5000 * cluster}
+	w, err := OpenWriter(path, first)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sub := w.Granularity()
+	b := aligned(rand.New(rand.NewPCG(1, 1)), sub, false)
+	for c := int64(0); c < 5000; c++ {
+		if err := w.Write(b, c*cluster); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := errors.Join(w.Flush(), w.Close()); err != nil {
+		t.Fatal(err)
+	}
+	// 5000 clusters had, 3000 more to take: within the 8192.
+	w, err = OpenWriter(path, Range{0, 8000 * cluster})
+	if err != nil {
+		t.Fatalf("reopened for 8000 clusters of which 5000 are there: %v", err)
+	}
+	w.Close()
+	if _, err := OpenWriter(path, Range{0, 9000 * cluster}); !errors.Is(err, ErrUnsupported) {
+		t.Errorf("reopened for 4000 clusters more than the 5000 there: %v, want ErrUnsupported", err)
+	}
+	proveAsQemu(t, path, true)
+}
