@@ -110,22 +110,28 @@ func openWriter(f *os.File, written []Range) (*Writer, error) {
 		limit: cluster * 8 / 16, slices: map[int64]*l2Slice{}}
 	be := binary.BigEndian
 
-	// The refcount table: one block, counting the clusters from 0.
-	rt := make([]byte, int64(h.rtClusters)*cluster)
-	if _, err := f.ReadAt(rt, int64(h.rtOffset)); err != nil {
-		return nil, fmt.Errorf("qcow2: %s: refcount table: %w", name, err)
+	// The refcount table: one block, counting the clusters from 0 (its
+	// holes read as empty entries, and are not read).
+	buf := make([]byte, dataPiece)
+	err = dataPieces(f, buf, int64(h.rtOffset), int64(h.rtClusters)*cluster, func(rel int64, b []byte) error {
+		for i := 0; i < len(b); i += 8 {
+			e := int64(be.Uint64(b[i:]) &^ 511)
+			switch {
+			case rel+int64(i) == 0:
+				w.refBlock = e
+			case e != 0:
+				return unsupported("%s: more than one refcount block", name)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
 	}
-	w.refBlock = int64(be.Uint64(rt) &^ 511)
 	if w.refBlock == 0 || w.refBlock%cluster != 0 {
 		return nil, unsupported("%s: the first refcount block at %d", name, w.refBlock)
 	}
-	for i := 8; i < len(rt); i += 8 {
-		if be.Uint64(rt[i:]) != 0 {
-			return nil, unsupported("%s: more than one refcount block", name)
-		}
-	}
 	// The clusters in use: up to the last one with a refcount.
-	buf := make([]byte, dataPiece)
 	err = dataPieces(f, buf, w.refBlock, cluster, func(rel int64, b []byte) error {
 		for i := len(b) - 2; i >= 0; i -= 2 {
 			if be.Uint16(b[i:]) != 0 {

@@ -312,6 +312,23 @@ func TestWriterRefuses(t *testing.T) {
 		}
 	}
 
+	// A second refcount block (the table's second entry).
+	two := filepath.Join(dir, "two-blocks.qcow2")
+	if err := Create(two, 8<<20, ""); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.OpenFile(two, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt([]byte{0, 0, 0, 0, 0, 0x80, 0, 0}, createCluster+8); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	if _, err := OpenWriter(two); !errors.Is(err, ErrUnsupported) || !strings.Contains(err.Error(), "more than one refcount block") {
+		t.Errorf("an image with two refcount blocks: %v, want ErrUnsupported naming them", err)
+	}
+
 	small := filepath.Join(dir, "small-clusters.qcow2")
 	create(t, small, "cluster_size=65536", 8<<20, "")
 	if _, err := OpenWriter(small); !errors.Is(err, ErrUnsupported) {
