@@ -18,7 +18,12 @@ type statusFunc func(off, n int64) ([]nbd.Extent, error)
 
 // planner cuts the extents into chunks, in offset order, split where the
 // source's block status changes between data and zero. It asks for block
-// status one window at a time, so its memory does not grow with the disk.
+// status one window at a time, so its memory does not grow with the disk,
+// and only over an extent larger than a request: a smaller one is read
+// (what reads as zeros is found zero then), since a block status round
+// trip costs about what reading it does, and asked over the gaps between
+// small extents it took a quarter of an incremental's copy (nbdkit's file
+// plugin: 6 ms for a GiB holding 75 pieces).
 type planner struct {
 	exts    []Extent
 	i       int
@@ -68,9 +73,9 @@ func (p *planner) next() (chunk, bool) {
 			continue
 		}
 		limit, zero := e.End(), false
-		if p.status != nil {
+		if p.status != nil && e.Length > p.reqSize {
 			if p.pos < p.winStart || p.pos >= p.winEnd {
-				p.fetch()
+				p.fetch(e.End())
 			}
 			for p.win[p.wi].Offset+p.win[p.wi].Length <= p.pos {
 				p.wi++
@@ -102,11 +107,11 @@ func (p *planner) next() (chunk, bool) {
 	return chunk{}, false
 }
 
-// fetch loads the block status window starting at p.pos. A failure is not
-// fatal: the window is then read as data, which costs time, never
-// correctness, since read data is checked for zeros anyway.
-func (p *planner) fetch() {
-	end := p.exts[len(p.exts)-1].End()
+// fetch loads the block status window starting at p.pos, up to end (the
+// current extent's). A failure is not fatal: the window is then read as
+// data, which costs time, never correctness, since read data is checked
+// for zeros anyway.
+func (p *planner) fetch(end int64) {
 	n := min(p.window, end-p.pos)
 	win, err := p.status(p.pos, n)
 	if err != nil || len(win) == 0 || win[0].Offset != p.pos {
