@@ -3,6 +3,7 @@ package repository
 import (
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 )
@@ -89,5 +90,21 @@ func TestRelResolve(t *testing.T) {
 	}
 	if got := moved.Resolve(rel); got != filepath.Join(moved.Root(), rel) {
 		t.Errorf("moved: %s", got)
+	}
+}
+
+// TestIsComponent: the hand-written check says what the regular
+// expression of a component says, on names built from every kind of
+// byte around the limits.
+func TestIsComponent(t *testing.T) {
+	re := regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`)
+	pieces := []string{"", "a", "Z", "9", ".", "-", "_", "/", " ", "é", "\x00", "..", "ab", strings.Repeat("x", 126), strings.Repeat("y", 127), strings.Repeat("z", 128)}
+	for _, a := range pieces {
+		for _, b := range pieces {
+			s := a + b
+			if got, want := isComponent(s), re.MatchString(s); got != want {
+				t.Errorf("isComponent(%q) = %v, want %v", s, got, want)
+			}
+		}
 	}
 }
