@@ -48,8 +48,9 @@ type Transfer struct {
 	// qemu-nbd, as transfers did before the copier wrote images itself
 	// (qcow2.Writer); without it, qemu-nbd writes only the images the
 	// writer does not take (another layout, more than one refcount
-	// block's worth of clusters, a resume point an attempt through
-	// qemu-nbd left off the image's subclusters).
+	// block's worth of clusters, an image larger than the disk (a
+	// capacity not a multiple of 512 bytes), a resume point an attempt
+	// through qemu-nbd left off the image's subclusters).
 	QemuNBDTarget bool
 	// Digests makes every transfer write the image's digest file beside
 	// it (<image>.digests, internal/digest: the BLAKE3 of every block
@@ -455,7 +456,7 @@ func (a *Transfer) openImage(ctx context.Context, in TransferDiskInput, path str
 		return nil, nil
 	}
 	log := activity.GetLogger(ctx)
-	w, err := qcow2.OpenWriter(path, ranges(extents)...)
+	w, err := qcow2.OpenWriter(path, copier.Ranges(extents)...)
 	if errors.Is(err, qcow2.ErrUnsupported) {
 		log.Info("qemu-nbd writes the image", "disk", in.Key, "backup", in.BackupID, "reason", err.Error())
 		return nil, nil
@@ -463,28 +464,22 @@ func (a *Transfer) openImage(ctx context.Context, in TransferDiskInput, path str
 	if err != nil {
 		return nil, fmt.Errorf("disk %d: %w", in.Key, err)
 	}
+	reason := ""
 	if w.Size() != in.Capacity {
 		// qemu-img made it (Create does not make such a disk), its size
 		// rounded up to 512 bytes.
-		log.Info("qemu-nbd writes the image", "disk", in.Key, "backup", in.BackupID,
-			"reason", fmt.Sprintf("the image holds %d bytes for a disk of %d", w.Size(), in.Capacity))
-		return nil, w.Close()
+		reason = fmt.Sprintf("the image holds %d bytes for a disk of %d", w.Size(), in.Capacity)
+	} else if g := w.Granularity(); resumeFrom%g != 0 && len(extents) > 0 && resumeFrom < extents[len(extents)-1].End() {
+		reason = fmt.Sprintf("resume point %d is not on the image's subclusters of %d bytes", resumeFrom, g)
 	}
-	if g := w.Granularity(); resumeFrom%g != 0 {
-		log.Info("qemu-nbd writes the image", "disk", in.Key, "backup", in.BackupID,
-			"reason", fmt.Sprintf("resume point %d is not on the image's subclusters of %d bytes", resumeFrom, g))
-		return nil, w.Close()
+	if reason == "" {
+		return w, nil
 	}
-	return w, nil
-}
-
-// ranges are the extents as ranges of an image.
-func ranges(extents []copier.Extent) []qcow2.Range {
-	rs := make([]qcow2.Range, len(extents))
-	for i, e := range extents {
-		rs[i] = qcow2.Range{Offset: e.Offset, Length: e.Length}
+	log.Info("qemu-nbd writes the image", "disk", in.Key, "backup", in.BackupID, "reason", reason)
+	if err := w.Close(); err != nil {
+		log.Warn("closing the image", "disk", in.Key, "backup", in.BackupID, "error", err)
 	}
-	return rs
+	return nil, nil
 }
 
 // syncFileAndDir makes a new file and its entry in its folder durable.
@@ -583,7 +578,7 @@ func imageFailed(in TransferDiskInput, path string, resumed bool, msg string) er
 // createImage makes the empty image at path, with the L2 tables of the
 // extents the copy will write (qcow2.Create).
 func (a *Transfer) createImage(ctx context.Context, in TransferDiskInput, path string, extents []copier.Extent) error {
-	written := ranges(extents)
+	written := copier.Ranges(extents)
 	if in.Mode == ModeFull {
 		return permanent(qcow2.Make(ctx, path, in.Capacity, written...))
 	}

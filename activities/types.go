@@ -274,9 +274,11 @@ type TransferDiskResult struct {
 	CopySeconds  float64 `json:"copy_seconds,omitempty"`
 	CheckSeconds float64 `json:"check_seconds,omitempty"`
 	HashSeconds  float64 `json:"hash_seconds,omitempty"`
-	// Writer is what wrote the image's data: WriterCopier (the copier,
-	// in process) or WriterQemuNBD; empty when nothing was copied, and
-	// in results of workers before it.
+	// Writer is what wrote the image's data in the attempt that ended
+	// it (an attempt resumed an earlier one's image, which another may
+	// have written): WriterCopier (the copier, in process) or
+	// WriterQemuNBD; empty when nothing was copied, and in results of
+	// workers before it.
 	Writer string `json:"writer,omitempty"`
 }
 

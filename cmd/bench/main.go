@@ -730,10 +730,7 @@ func openImage(src, path string, extents []copier.Extent) (*qcow2.Writer, error)
 	if err != nil {
 		return nil, err
 	}
-	rs := make([]qcow2.Range, len(extents))
-	for i, e := range extents {
-		rs[i] = qcow2.Range{Offset: e.Offset, Length: e.Length}
-	}
+	rs := copier.Ranges(extents)
 	if err := qcow2.Create(path, size, "", rs...); err != nil {
 		return nil, err
 	}

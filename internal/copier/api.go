@@ -18,6 +18,16 @@ type Extent struct {
 // End returns the offset just past the extent.
 func (e Extent) End() int64 { return e.Offset + e.Length }
 
+// Ranges are the extents as ranges of an image (qcow2.Create's and
+// qcow2.OpenWriter's written ranges).
+func Ranges(exts []Extent) []qcow2.Range {
+	rs := make([]qcow2.Range, len(exts))
+	for i, e := range exts {
+		rs[i] = qcow2.Range{Offset: e.Offset, Length: e.Length}
+	}
+	return rs
+}
+
 // widen returns exts widened to whole units of gran (each end rounded up,
 // but not past size where the extent ends within it), merged where they
 // then touch.
@@ -58,8 +68,8 @@ const (
 	DefaultSparseSize        = 64 << 10 // granularity of zero detection
 )
 
-// Options describe one copy. Source, Target and Extents are required; every
-// other field has a default.
+// Options describe one copy. Source, Target or Image, and Extents are
+// required; every other field has a default.
 type Options struct {
 	// Source and Target are NBD URIs (nbd+unix:///?socket=PATH, nbd://host/…).
 	// The source is only read; the target must be at least as large as the
@@ -82,7 +92,8 @@ type Options struct {
 
 	// Overlay says the target is a QCOW2 overlay over older data. Zero chunks
 	// (all-zero reads and holes reported by the source's block status) are
-	// then written as NBD zeroes, so the backing file cannot show through.
+	// then written as NBD zeroes (marked zero in an Image's L2 entries), so
+	// the backing file cannot show through.
 	// On a fresh image (Overlay false) they are skipped: the image reads as
 	// zero already.
 	Overlay bool
@@ -107,8 +118,9 @@ type Options struct {
 
 	// SparseSize is the granularity (bytes) at which data read from the
 	// source is checked for zeros: an all-zero block of this size is skipped
-	// (fresh image) or written as an NBD zero (overlay). Default 64 KiB, the
-	// QCOW2 cluster size.
+	// (fresh image) or written as an NBD zero (overlay). Default 64 KiB, a
+	// subcluster of the repository's images; with Image, rounded to whole
+	// subclusters.
 	SparseSize int
 
 	// Retries is how many more times a failed request is tried, after
@@ -169,8 +181,9 @@ type Result struct {
 	Read, Written, Zeroed, Skipped int64
 	Retried                        int64
 	Flushes                        int64
-	// ResumePoint is the end of the last extent once the final FLUSH
-	// succeeded.
+	// ResumePoint is the end of the last extent once the final flush
+	// succeeded (with Image, of the last extent widened to subclusters,
+	// which can lie past the caller's, up to the disk's end).
 	ResumePoint int64
 	Duration    time.Duration
 }

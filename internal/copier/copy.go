@@ -13,8 +13,9 @@ import (
 	"github.com/cbtflow/cbtflow/internal/nbd"
 )
 
-// Copy copies opts.Extents from opts.Source to opts.Target and returns what
-// it did. It ends with a FLUSH of the target: when it returns without error,
+// Copy copies opts.Extents from opts.Source to opts.Target (or into
+// opts.Image) and returns what it did. It ends with a flush of the target
+// (an NBD FLUSH, or the image's Flush): when it returns without error,
 // every extent is durable. On error, the last Progress.ResumePoint reported
 // is a valid Options.ResumeFrom for a new attempt. Cancelling ctx stops the
 // copy promptly; connections are always closed before Copy returns.
@@ -134,8 +135,11 @@ func (o *Options) setDefaults() {
 }
 
 func (o *Options) validate() error {
-	if o.Source == "" || (o.Target == "") == (o.Image == nil) {
-		return errors.New("copier: a source URI and either a target URI or an image are required")
+	if o.Target != "" && o.Image != nil {
+		return errors.New("copier: both a target URI and an image: give one")
+	}
+	if o.Source == "" || (o.Target == "" && o.Image == nil) {
+		return errors.New("copier: a source URI and a target URI or an image are required")
 	}
 	if o.SourceConnections > maxSourceConnections {
 		return fmt.Errorf("copier: %d source connections, at most %d", o.SourceConnections, maxSourceConnections)
@@ -283,23 +287,25 @@ func (c *copier) check() error {
 		c.lastEnd = o.Extents[n-1].End()
 	}
 	c.prog.ResumePoint = max(o.ResumeFrom, 0)
+	srcSize, err := c.src.Size()
+	if err != nil {
+		return fmt.Errorf("copier: source: %w", err)
+	}
+	// An image's subclusters are copied whole, up to its end: it must end
+	// where the disk does.
+	if o.Image != nil && srcSize != o.Image.Size() {
+		return fmt.Errorf("copier: the image holds a disk of %d bytes, the source has %d", o.Image.Size(), srcSize)
+	}
 	for _, side := range []struct {
 		name string
 		size func() (int64, error)
-	}{{"source", c.src.Size}, {"target", c.tgt.size}} {
+	}{{"source", func() (int64, error) { return srcSize, nil }}, {"target", c.tgt.size}} {
 		size, err := side.size()
 		if err != nil {
 			return fmt.Errorf("copier: %s: %w", side.name, err)
 		}
 		if size < c.lastEnd {
 			return fmt.Errorf("copier: %s has %d bytes, extents end at %d", side.name, size, c.lastEnd)
-		}
-	}
-	// An image's subclusters are copied whole, up to its end: it must end
-	// where the disk does.
-	if o.Image != nil {
-		if size, _ := c.src.Size(); size != o.Image.Size() {
-			return fmt.Errorf("copier: the image holds a disk of %d bytes, the source has %d", o.Image.Size(), size)
 		}
 	}
 	if err := c.tgt.check(o.Overlay); err != nil {
@@ -400,6 +406,9 @@ func (c *copier) run(ctx context.Context) error {
 			}
 		}
 		if c.tgt.dead() {
+			if c.image != nil {
+				return fmt.Errorf("copier: image: %w", c.image.w.Err())
+			}
 			return errors.New("copier: target connection died")
 		}
 	}

@@ -8,14 +8,18 @@
 // Data requests are large (2 MiB by default), which is what a QCOW2 target
 // served by qemu-nbd digests cheapest; reads are spread over a few source
 // connections when the source advertises multi-conn, and every connection
-// is driven from one event loop.
-// It asks the source for block status so it does not read holes, and treats
-// zero chunks according to the target: skipped on a fresh image, written as
-// NBD zeroes on an overlay, where skipping would let the backing file show
-// through. Failed requests are retried; a persistent failure names the
-// operation and offset. Progress carries a resume point that advances only
-// after a FLUSH of the target, because qemu-nbd acknowledges writes before
-// they are durable. With Options.Digests it records what it writes: the
+// is driven from one event loop (an image's writes run on a few
+// goroutines, which wake it).
+// It asks the source for block status over extents larger than a request
+// so it does not read holes (a smaller extent is read), and treats zero
+// chunks according to the target: skipped on a fresh image, written as
+// NBD zeroes (or marked zero in an image's L2 entries) on an overlay,
+// where skipping would let the backing file show through. Failed requests
+// are retried; a persistent failure names the operation and offset.
+// Progress carries a resume point that advances only after a flush of the
+// target (an NBD FLUSH, because qemu-nbd acknowledges writes before they
+// are durable; or the image writer's Flush, which syncs its data and
+// metadata). With Options.Digests it records what it writes: the
 // digest of every piece of data (at most 1 MiB, aligned; BLAKE3, or the
 // algorithm of a digest file an older release began) and the ranges
 // that read as zeros, hashed from the buffers it already holds, committed

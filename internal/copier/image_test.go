@@ -20,10 +20,7 @@ import (
 // dir) for the extents and opens it for the copier to write.
 func openImage(t *testing.T, path string, size int64, backing string, ex []copier.Extent) *qcow2.Writer {
 	t.Helper()
-	rs := make([]qcow2.Range, len(ex))
-	for i, e := range ex {
-		rs[i] = qcow2.Range{Offset: e.Offset, Length: e.Length}
-	}
+	rs := copier.Ranges(ex)
 	if backing != "" {
 		size = 0
 	}

@@ -153,4 +153,4 @@ func (t *imageTarget) drain(out []nbd.Completion) int {
 	return n
 }
 
-func (t *imageTarget) dead() bool { return t.w.Broken() }
+func (t *imageTarget) dead() bool { return t.w.Err() != nil }

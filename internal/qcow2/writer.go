@@ -4,11 +4,14 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"slices"
 	"sync"
 	"syscall"
 	"unsafe"
+
+	"golang.org/x/sys/unix"
 )
 
 // Writer writes a disk's data into a QCOW2 image in process: the
@@ -29,7 +32,8 @@ import (
 // Data goes to the file with O_DIRECT where the file system and the
 // buffer allow it (nbd.NewBuffer's memory is aligned), so a backup does
 // not fill the page cache. Metadata stays in memory until Flush, which
-// makes the data durable, then the refcounts, then the L2 and L1 tables:
+// writes the refcounts of the new clusters and makes them and the data
+// durable (one sync), then writes the L2 and L1 tables (another):
 // a crash at any point leaves an image qemu-img check finds clean or
 // leaking, never one that points at what was not written, and the image
 // holds at least what the last Flush covered. A failed Flush breaks the
@@ -61,6 +65,9 @@ type Writer struct {
 	flushMu sync.Mutex
 }
 
+// ErrLocked is wrapped when OpenWriter finds the image in use.
+var ErrLocked = errors.New("the image is locked")
+
 // l2Slice is 4 KiB of an L2 table (256 entries), as last read or
 // changed.
 type l2Slice struct {
@@ -76,12 +83,25 @@ const sliceSize = 4096
 // with 2 MiB clusters), or of a layout Writer does not write, gives an
 // error wrapping ErrUnsupported; qemu-nbd can write it.
 //
-// Clusters past the last one the refcounts count (data an attempt wrote
-// before it crashed, never made part of the image) are cut off.
+// The image is locked while it is open (an open file description lock
+// on the whole file): an image another Writer, or a qemu process, has
+// open gives an error wrapping ErrLocked, before anything is read or
+// cut, and qemu opens none the Writer has (a transfer's stale attempt
+// that still writes cannot share the image with its retry). Clusters
+// past the last one the refcounts count (data an attempt wrote before it
+// crashed, never made part of the image) are cut off.
 func OpenWriter(path string, written ...Range) (*Writer, error) {
 	f, err := os.OpenFile(path, os.O_RDWR, 0)
 	if err != nil {
 		return nil, fmt.Errorf("qcow2: open %s for writing: %w", path, err)
+	}
+	lock := unix.Flock_t{Type: unix.F_WRLCK, Whence: io.SeekStart}
+	if err := unix.FcntlFlock(f.Fd(), unix.F_OFD_SETLK, &lock); err != nil {
+		f.Close()
+		if errors.Is(err, unix.EAGAIN) || errors.Is(err, unix.EACCES) {
+			return nil, fmt.Errorf("qcow2: open %s for writing: %w (another process has it open: a writer, or qemu)", path, ErrLocked)
+		}
+		return nil, fmt.Errorf("qcow2: lock %s for writing: %w", path, err)
 	}
 	w, err := openWriter(f, written)
 	if err != nil {
@@ -251,11 +271,12 @@ func (w *Writer) Close() error {
 	return err
 }
 
-// Broken reports whether a Flush failed: nothing more can be written.
-func (w *Writer) Broken() bool {
+// Err returns the error of the Flush that failed, nil while none did:
+// after one, nothing more can be written.
+func (w *Writer) Err() error {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	return w.broken != nil
+	return w.broken
 }
 
 // check refuses a range that is not whole subclusters of the disk.

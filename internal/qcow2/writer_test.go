@@ -194,8 +194,16 @@ func TestWriterCrash(t *testing.T) {
 	if fi, err := os.Stat(path); err != nil || fi.Size() != flushed*w.cluster {
 		t.Errorf("reopened: the file has %v bytes, want %d (its clusters in use)", fi.Size(), flushed*w.cluster)
 	}
+	// Checked by qemu with the writer closed (it locks the image), then
+	// opened again.
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
 	proveAsQemu(t, path, true)
 	sameDisk(t, path, refPath)
+	if w, err = OpenWriter(path, Range{0, size}); err != nil {
+		t.Fatal(err)
+	}
 
 	// The retry writes on, rewriting what was lost.
 	if err := w.Write(later, 20<<20); err != nil {
@@ -384,4 +392,34 @@ func TestWriterReopenCounts(t *testing.T) {
 		t.Errorf("reopened for 4000 clusters more than the 5000 there: %v, want ErrUnsupported", err)
 	}
 	proveAsQemu(t, path, true)
+}
+
+// TestWriterLocks: an image a Writer has open is not opened by another
+// (ErrLocked, nothing cut) nor by qemu; closed, it is.
+func TestWriterLocks(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "l.qcow2")
+	if err := Create(path, 8<<20, "", Range{0, 8 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	w, err := OpenWriter(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := OpenWriter(path); !errors.Is(err, ErrLocked) || !strings.Contains(err.Error(), "l.qcow2") {
+		t.Errorf("a second writer: %v, want ErrLocked naming the image", err)
+	}
+	if out, err := exec.Command("qemu-img", "info", "-U", path).CombinedOutput(); err != nil {
+		t.Errorf("qemu-img info -U (no lock) of an image being written: %v\n%s", err, out)
+	}
+	if out, _ := exec.Command("qemu-io", "-f", "qcow2", "-c", "write 0 64k", path).CombinedOutput(); !strings.Contains(string(out), "lock") {
+		t.Errorf("qemu-io opened an image a Writer has open, or failed for another reason than its lock:\n%s", out)
+	}
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	w, err = OpenWriter(path)
+	if err != nil {
+		t.Fatalf("reopened after Close: %v", err)
+	}
+	w.Close()
 }
