@@ -64,6 +64,18 @@ func sameDisk(t *testing.T, path, ref string) {
 	}
 }
 
+// flushAndCompare flushes and closes w, and asserts that its image at
+// path is clean (proven, with qemu-img check's figures) and reads as the
+// raw file refPath.
+func flushAndCompare(t *testing.T, w *Writer, path, refPath string) {
+	t.Helper()
+	if err := errors.Join(w.Flush(), w.Close()); err != nil {
+		t.Fatal(err)
+	}
+	proveAsQemu(t, path, true)
+	sameDisk(t, path, refPath)
+}
+
 // writeRandom writes and zeroes random whole-subcluster ranges (some
 // ending at the disk's end) into w and ref, flushing now and then.
 func writeRandom(t *testing.T, w *Writer, ref *refDisk, rng *rand.Rand, ops int) {
@@ -143,11 +155,7 @@ func TestWriterAsQemu(t *testing.T) {
 				t.Errorf("the image's file system takes O_DIRECT, the writer did not open it so")
 			}
 			writeRandom(t, w, ref, rng, 60)
-			if err := errors.Join(w.Flush(), w.Close()); err != nil {
-				t.Fatal(err)
-			}
-			proveAsQemu(t, path, true)
-			sameDisk(t, path, refPath)
+			flushAndCompare(t, w, path, refPath)
 		})
 	}
 }
@@ -211,11 +219,7 @@ func TestWriterCrash(t *testing.T) {
 	}
 	ref.write(later, 20<<20)
 	writeRandom(t, w, ref, rng, 20)
-	if err := errors.Join(w.Flush(), w.Close()); err != nil {
-		t.Fatal(err)
-	}
-	proveAsQemu(t, path, true)
-	sameDisk(t, path, refPath)
+	flushAndCompare(t, w, path, refPath)
 }
 
 // TestWriterConcurrent: writers and zeroers on disjoint ranges and a
@@ -280,11 +284,7 @@ func TestWriterConcurrent(t *testing.T) {
 	if err := <-errs; err != nil {
 		t.Fatal(err)
 	}
-	if err := errors.Join(w.Flush(), w.Close()); err != nil {
-		t.Fatal(err)
-	}
-	proveAsQemu(t, path, true)
-	sameDisk(t, path, refPath)
+	flushAndCompare(t, w, path, refPath)
 }
 
 // TestWriterRefuses: ranges that are not whole subclusters, or outside
