@@ -346,7 +346,7 @@ func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*Tra
 // copyDisk serves the snapshot's disk as NBD and copies the extents from
 // resumeFrom on into the image at path, which the copier writes itself
 // (qcow2.Writer), or qemu-nbd serves where the writer cannot; then it
-// stops the servers: when it returns, the copy's final FLUSH made the
+// stops the servers: when it returns, the copy's final flush made the
 // data durable.
 func (a *Transfer) copyDisk(ctx context.Context, in TransferDiskInput, profile vsphere.Profile, path string,
 	extents []copier.Extent, resumeFrom int64, digests *digest.Writer) (*copier.Result, string, error) {

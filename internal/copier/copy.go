@@ -296,16 +296,16 @@ func (c *copier) check() error {
 	if o.Image != nil && srcSize != o.Image.Size() {
 		return fmt.Errorf("copier: the image holds a disk of %d bytes, the source has %d", o.Image.Size(), srcSize)
 	}
+	tgtSize, err := c.tgt.size()
+	if err != nil {
+		return fmt.Errorf("copier: target: %w", err)
+	}
 	for _, side := range []struct {
 		name string
-		size func() (int64, error)
-	}{{"source", func() (int64, error) { return srcSize, nil }}, {"target", c.tgt.size}} {
-		size, err := side.size()
-		if err != nil {
-			return fmt.Errorf("copier: %s: %w", side.name, err)
-		}
-		if size < c.lastEnd {
-			return fmt.Errorf("copier: %s has %d bytes, extents end at %d", side.name, size, c.lastEnd)
+		size int64
+	}{{"source", srcSize}, {"target", tgtSize}} {
+		if side.size < c.lastEnd {
+			return fmt.Errorf("copier: %s has %d bytes, extents end at %d", side.name, side.size, c.lastEnd)
 		}
 	}
 	if err := c.tgt.check(o.Overlay); err != nil {

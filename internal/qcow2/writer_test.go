@@ -64,6 +64,24 @@ func sameDisk(t *testing.T, path, ref string) {
 	}
 }
 
+// freshWriter makes a fresh image name.qcow2 of size bytes (Create, with
+// its tables) in a new folder, opens it for writing the whole disk, and
+// makes its raw reference name.raw.
+func freshWriter(t *testing.T, name string, size int64) (w *Writer, ref *refDisk, path, refPath string) {
+	t.Helper()
+	dir := t.TempDir()
+	path, refPath = filepath.Join(dir, name+".qcow2"), filepath.Join(dir, name+".raw")
+	if err := Create(path, size, "", Range{0, size}); err != nil {
+		t.Fatal(err)
+	}
+	ref = newRef(t, refPath, size)
+	w, err := OpenWriter(path, Range{0, size})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return w, ref, path, refPath
+}
+
 // flushAndCompare flushes and closes w, and asserts that its image at
 // path is clean (proven, with qemu-img check's figures) and reads as the
 // raw file refPath.
@@ -166,17 +184,9 @@ func TestWriterAsQemu(t *testing.T) {
 // there gives the whole disk.
 func TestWriterCrash(t *testing.T) {
 	const size = 40 << 20
-	dir := t.TempDir()
 	rng := rand.New(rand.NewPCG(3, 4))
-	path, refPath := filepath.Join(dir, "d.qcow2"), filepath.Join(dir, "d.raw")
-	if err := Create(path, size, "", Range{0, size}); err != nil {
-		t.Fatal(err)
-	}
-	ref := newRef(t, refPath, size)
-	w, err := OpenWriter(path, Range{0, size})
-	if err != nil {
-		t.Fatal(err)
-	}
+	w, ref, path, refPath := freshWriter(t, "d", size)
+	var err error
 	first := aligned(rng, 6<<20, true)
 	if err := w.Write(first, 0); err != nil {
 		t.Fatal(err)
@@ -226,16 +236,7 @@ func TestWriterCrash(t *testing.T) {
 // flusher at once give the image of the same writes one by one.
 func TestWriterConcurrent(t *testing.T) {
 	const size = 64 << 20
-	dir := t.TempDir()
-	path, refPath := filepath.Join(dir, "c.qcow2"), filepath.Join(dir, "c.raw")
-	if err := Create(path, size, "", Range{0, size}); err != nil {
-		t.Fatal(err)
-	}
-	ref := newRef(t, refPath, size)
-	w, err := OpenWriter(path, Range{0, size})
-	if err != nil {
-		t.Fatal(err)
-	}
+	w, ref, path, refPath := freshWriter(t, "c", size)
 	const workers = 8
 	span := int64(size / workers)
 	data := make([][]byte, workers)
