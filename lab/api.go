@@ -218,6 +218,9 @@ func (d *disk) writeAt(p []byte, off int64) (int64, error) {
 		tooLong = rangeErr(off, n, d.capacity)
 		n = max(d.capacity-off, 0)
 	}
+	if err := d.unshare(); err != nil {
+		return 0, err
+	}
 	w, err := d.f.WriteAt(p[:n], off)
 	d.mark(off, int64(w))
 	if err != nil {
@@ -233,6 +236,11 @@ func (l *Lab) PunchHole(vmName string, key int32, off, length int64) error {
 	if err != nil {
 		return err
 	}
+	return d.punch(off, length)
+}
+
+// punch deallocates [off, off+length) of the live image.
+func (d *disk) punch(off, length int64) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if d.f == nil {
@@ -240,6 +248,9 @@ func (l *Lab) PunchHole(vmName string, key int32, off, length int64) error {
 	}
 	if off < 0 || length < 0 || off+length > d.capacity {
 		return rangeErr(off, length, d.capacity)
+	}
+	if err := d.unshare(); err != nil {
+		return err
 	}
 	if err := punchHole(d.f, off, length); err != nil {
 		return fmt.Errorf("lab: punch hole: %w", err)
@@ -345,7 +356,9 @@ func (l *Lab) SnapshotImage(snapshot string, key int32) (ImageInfo, error) {
 // Writes through the image bypass the lab, so its change tracking cannot
 // see them: the disk's change-ID series ends here (the next snapshot
 // starts a new one, and every earlier change ID is refused from then on,
-// as after a CBT reset), and the next snapshot copies the image afresh.
+// as after a CBT reset), and the next snapshot makes a new image rather
+// than share the previous one; a snapshot that still holds an image of
+// the disk keeps it, the live image moving to a copy of its own first.
 // Nothing the lab answers later can then miss what such a writer wrote.
 func (l *Lab) LiveImage(vmName string, key int32) (ImageInfo, error) {
 	vm, err := l.findVM(vmName)
@@ -368,12 +381,22 @@ func (l *Lab) LiveImage(vmName string, key int32) (ImageInfo, error) {
 		return ImageInfo{}, err
 	}
 	d.mu.Lock()
+	if d.f == nil {
+		err := d.closedErr()
+		d.mu.Unlock()
+		return ImageInfo{}, err
+	}
+	// The writer writes the live image's file: a snapshot's image must not
+	// be that file any more.
+	if err := d.unshare(); err != nil {
+		d.mu.Unlock()
+		return ImageInfo{}, err
+	}
 	ended := d.series != nil
 	d.series = nil
-	d.written = true
 	// The dirty bitmap will miss what the writer writes: the next freeze
-	// copies the whole image instead of updating the previous one.
-	d.forgetFrozen()
+	// must not share the previous image.
+	d.written = true
 	d.mu.Unlock()
 	l.log.Info("live disk image opened for writing", "vm", name, "disk", key, "change_series_ended", ended)
 	return ImageInfo{Path: d.path, Capacity: info.Capacity, VM: name, Key: key}, nil

@@ -287,7 +287,7 @@ func (l *Lab) onSnapshot(ctx *simulator.Context, snap *simulator.VirtualMachineS
 		sd.img, sd.err = d.freeze(l.snapDir())
 		if sd.err == nil {
 			l.log.Debug("disk frozen", "vm", vm.Name, "snapshot", rec.ref, "disk", vd.Key,
-				"shared", d.frozen.shared, "in_place", d.frozen.inPlace, "bytes", d.frozen.bytes)
+				"shared", d.frozen.shared, "linked", d.frozen.linked, "bytes_copied", d.frozen.bytes)
 		}
 		if d.series != nil {
 			sd.series, sd.gen = d.series, d.series.gen

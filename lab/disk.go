@@ -22,7 +22,7 @@ type diskID struct {
 // disk is the state of one tracked virtual disk. mu orders guest writes
 // against snapshot freezes: a freeze sees every write either entirely
 // before it or entirely after it, and the changed blocks it records agree
-// with the image it copies.
+// with the image it freezes.
 type disk struct {
 	id   diskID
 	path string
@@ -34,12 +34,11 @@ type disk struct {
 	written  bool     // anything written (or punched) since the last freeze
 	series   *series  // nil while CBT is off
 	// last is the image of the most recent freeze while a snapshot holds
-	// it. When its last snapshot goes, it becomes the mirror (a path,
-	// named by mirrorName): kept for the next freeze, which brings it up
-	// to date by rewriting only the blocks changed since (the dirty
-	// bitmap). At most one of them is set; a capacity change drops both.
+	// it: the next freeze shares it when nothing was written in between.
+	// While it is live (a second name of the live image's file), every
+	// change of the live image first moves the live image to a copy of
+	// its own (unshare).
 	last   *frozenImage
-	mirror string
 	frozen freezeStats // what the most recent freeze did
 	seq    int         // names frozen images
 	base   string      // backing file name before the first snapshot
@@ -50,9 +49,9 @@ type disk struct {
 
 // freezeStats says how a freeze made its image, for the log and tests.
 type freezeStats struct {
-	shared  bool  // the previous image, unchanged
-	inPlace bool  // the mirror brought up to date (false: a full copy)
-	bytes   int64 // in place: the changed bytes rewritten (data copied, holes punched); full copy: the data copied
+	shared bool  // the previous image, unchanged
+	linked bool  // a new name of the live image's file (false: a copy)
+	bytes  int64 // a copy: the data copied
 }
 
 // series is one change-ID series of a disk: it starts when CBT is enabled
@@ -68,12 +67,15 @@ func newSeries() *series { return &series{uuid: uuid.NewString()} }
 
 func (s *series) changeID(gen int) string { return fmt.Sprintf("%s/%d", s.uuid, gen) }
 
-// frozenImage is a snapshot's copy of a disk. Snapshots taken without a
+// frozenImage is a snapshot's image of a disk. Snapshots taken without a
 // write in between share one.
 type frozenImage struct {
 	path     string
 	capacity int64
 	refs     int
+	// live: path is a hard link to the live image's file, which nothing
+	// has changed since the freeze (see disk.unshare).
+	live bool
 }
 
 func openDisk(id diskID, path string, capacity int64, log *slog.Logger) (*disk, error) {
@@ -95,11 +97,12 @@ func (d *disk) resize(capacity int64) error {
 	if capacity == d.capacity {
 		return nil
 	}
+	if err := d.unshare(); err != nil {
+		return err
+	}
 	if err := d.f.Truncate(capacity); err != nil {
 		return err
 	}
-	// An image of the old capacity is no base for the next freeze's.
-	d.forgetFrozen()
 	if capacity < d.capacity {
 		// Shrinking is not a thing disks do; keep the bitmap consistent.
 		d.dirty = nil
@@ -162,12 +165,14 @@ func (d *disk) takeDirty() []Extent {
 // and closes the current generation of the change series. Called with mu
 // held.
 //
-// Its cost follows what changed since the previous freeze, as long as no
-// snapshot holds that freeze's image any more (one snapshot at a time, as a
-// backup takes them): the kept mirror is renamed to the new image's name
-// and only the changed blocks are rewritten in it. Otherwise (the image
-// still held, no mirror, a failed update) the live image's data is copied
-// into a new file.
+// It costs what vSphere's redirect-on-write snapshot costs: nothing that
+// grows with the disk. The image is a second name (a hard link) of the
+// live image's file, and the live image moves to a copy of its own only
+// when it is next changed while a snapshot still holds the image
+// (unshare). A backup's snapshot, read and removed with nothing written
+// meanwhile, never copies anything. Where the file system has no hard
+// links, the live image's data is copied into the image (holes stay
+// holes).
 func (d *disk) freeze(dir string) (*frozenImage, error) {
 	changed := d.takeDirty()
 	if d.series != nil {
@@ -183,26 +188,17 @@ func (d *disk) freeze(dir string) (*frozenImage, error) {
 	d.last = nil // a held image stays its snapshots'
 	d.seq++
 	path := filepath.Join(dir, fmt.Sprintf("%s-%d-%06d.raw", d.id.vm, d.id.key, d.seq))
-	if mirror := d.mirror; mirror != "" {
-		d.mirror = ""
-		n, err := d.refresh(mirror, path, changed)
-		if err == nil {
-			d.frozen = freezeStats{inPlace: true, bytes: n}
-			d.last = &frozenImage{path: path, capacity: d.capacity, refs: 1}
-			return d.last, nil
-		}
-		// Half updated: never a base for a later freeze.
-		d.log.Warn("kept frozen image not updated in place, copying the disk", "vm", d.id.vm, "disk", d.id.key, "err", err)
-		for _, p := range []string{mirror, path} {
-			if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
-				d.log.Warn("frozen image not removed", "vm", d.id.vm, "disk", d.id.key, "file", p, "err", err)
-			}
-		}
+	err := os.Link(d.path, path)
+	if err == nil {
+		d.frozen = freezeStats{linked: true}
+		d.last = &frozenImage{path: path, capacity: d.capacity, refs: 1, live: true}
+		return d.last, nil
 	}
+	d.log.Warn("frozen image not linked to the live image, copying the disk", "vm", d.id.vm, "disk", d.id.key, "err", err)
 	n, err := sparseCopy(d.f, path, d.capacity)
 	if err != nil {
 		_ = os.Remove(path)
-		// The next freeze must copy again.
+		// The next freeze must not share what this one did not freeze.
 		d.written = true
 		return nil, err
 	}
@@ -211,38 +207,41 @@ func (d *disk) freeze(dir string) (*frozenImage, error) {
 	return d.last, nil
 }
 
-// refresh turns the mirror (the live image as of the previous freeze) into
-// the image of the live one now: it renames it to path, so that the path
-// of the removed snapshot it was never resolves again, and makes each
-// changed range read as the live image does, data copied and holes
-// punched (a discarded block reads as zeros). It returns the bytes
-// rewritten. Called with mu held.
-func (d *disk) refresh(mirror, path string, changed []Extent) (int64, error) {
-	if err := os.Rename(mirror, path); err != nil {
-		return 0, err
+// unshare is called before every change of the live image (a write, a
+// punch, a resize, a writer outside the lab): when a held frozen image is
+// still the live image's file, the live image moves to a copy of it (a
+// sparse copy into a new file, renamed over the live image's name), and
+// the frozen image keeps the file, and what a reader that has it open
+// reads, unchanged. Called with mu held and f open. A failed copy leaves
+// both as they were.
+func (d *disk) unshare() error {
+	img := d.last
+	if img == nil || !img.live {
+		return nil
 	}
-	out, err := os.OpenFile(path, os.O_RDWR, 0)
+	tmp := d.path + ".unshare"
+	_ = os.Remove(tmp) // a leftover of a lab that died mid-copy
+	n, err := sparseCopy(d.f, tmp, d.capacity)
+	if err == nil {
+		err = os.Rename(tmp, d.path)
+	}
+	var f *os.File
+	if err == nil {
+		f, err = os.OpenFile(d.path, os.O_RDWR, 0)
+	}
 	if err != nil {
-		return 0, err
+		_ = os.Remove(tmp)
+		return fmt.Errorf("lab: copy the live image of disk %d of %s away from its snapshot's: %w", d.id.key, d.id.vm, err)
 	}
-	var n int64
-	for _, e := range changed {
-		if err := syncRange(out, d.f, e); err != nil {
-			out.Close()
-			return n, err
-		}
-		n += e.Length
-	}
-	return n, out.Close()
+	d.f.Close()
+	d.f = f
+	img.live = false
+	d.log.Debug("live image copied away from a held snapshot image", "vm", d.id.vm, "disk", d.id.key, "bytes", n)
+	return nil
 }
 
-// mirrorName is the name of a disk's mirror: the image of its most recent
-// freeze, kept once no snapshot holds it.
-func mirrorName(id diskID) string { return fmt.Sprintf("%s-%d.mirror", id.vm, id.key) }
-
-// release drops one reference to img. With the last, the image of the
-// disk's most recent freeze becomes its mirror, renamed so that the
-// removed snapshot's path no longer resolves; any other image is removed.
+// release drops one reference to img; the last removes its name (the
+// live image's file stays where the image was live).
 func (d *disk) release(img *frozenImage) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -250,32 +249,11 @@ func (d *disk) release(img *frozenImage) error {
 	if img.refs > 0 {
 		return nil
 	}
-	if d.last != img || d.f == nil {
-		return os.Remove(img.path)
+	if d.last == img {
+		d.last = nil
 	}
-	d.last = nil
-	mirror := filepath.Join(filepath.Dir(img.path), mirrorName(d.id))
-	if err := os.Rename(img.path, mirror); err != nil {
-		return os.Remove(img.path) // no mirror: the next freeze copies
-	}
-	d.mirror = mirror
-	return nil
-}
-
-// forgetFrozen keeps the next freeze from building on the previous one's
-// image: the live image changed in a way the dirty bitmap does not record
-// (resized, written behind the lab's back), or the disk goes. The mirror is
-// deleted; an image a snapshot holds stays until its snapshot goes. Called
-// with mu held.
-func (d *disk) forgetFrozen() {
-	d.last = nil
-	if d.mirror == "" {
-		return
-	}
-	if err := os.Remove(d.mirror); err != nil && !errors.Is(err, os.ErrNotExist) {
-		d.log.Warn("kept frozen image not removed", "vm", d.id.vm, "disk", d.id.key, "file", d.mirror, "err", err)
-	}
-	d.mirror = ""
+	img.live = false
+	return os.Remove(img.path)
 }
 
 const (
@@ -358,52 +336,11 @@ func copyExtent(dst, src *os.File, e Extent) error {
 	return err
 }
 
-// syncRange makes e read in dst as it does in src: src's data is copied,
-// src's holes are punched (or, where the file system cannot punch,
-// written as zeros).
-func syncRange(dst, src *os.File, e Extent) error {
-	data, err := dataExtentsIn(src, e.Offset, e.End())
-	if err != nil {
-		return err
-	}
-	off := e.Offset
-	for _, x := range append(data, Extent{Offset: e.End()}) {
-		if x.Offset > off {
-			err := punchHole(dst, off, x.Offset-off)
-			if errors.Is(err, syscall.EOPNOTSUPP) {
-				err = writeZeros(dst, off, x.Offset-off)
-			}
-			if err != nil {
-				return err
-			}
-		}
-		if x.Length > 0 {
-			if err := copyExtent(dst, src, x); err != nil {
-				return err
-			}
-		}
-		off = x.End()
-	}
-	return nil
-}
-
 // punchHole deallocates [off, off+n) of f, keeping its size: it reads as
 // zeros.
 func punchHole(f *os.File, off, n int64) error {
 	const punchHole, keepSize = 0x02, 0x01 // FALLOC_FL_*
 	return syscall.Fallocate(int(f.Fd()), punchHole|keepSize, off, n)
-}
-
-func writeZeros(f *os.File, off, n int64) error {
-	zeros := make([]byte, min(n, chunkSize))
-	for n > 0 {
-		w, err := f.WriteAt(zeros[:min(n, int64(len(zeros)))], off)
-		if err != nil {
-			return err
-		}
-		off, n = off+int64(w), n-int64(w)
-	}
-	return nil
 }
 
 // alignExtents widens extents to whole blocks (clipped to capacity) and

@@ -25,26 +25,23 @@
 // # Freezing a disk
 //
 // A snapshot's frozen image is a plain raw file of the disk's capacity with
-// the disk's content at the snapshot. Making it costs what changed since
-// the previous snapshot, not what the disk holds, in the common case of
-// one snapshot at a time (a backup takes one, reads it, removes it), so
-// that the lab's snapshot is cheap, as vSphere's redirect-on-write
-// snapshot is: when the last snapshot holding a disk's newest image goes,
-// the lab keeps that image as the disk's mirror (renamed, so the removed
-// snapshot's path no longer resolves), and the next freeze renames the
-// mirror to the new image's name and rewrites in it only the 64 KiB blocks
-// written or punched since (a punched block becomes a hole). An
-// incremental backup's 10 MiB of writes into a disk holding 1 GiB cost
-// milliseconds, not a copy of the 1 GiB. Without a write in between, the
-// snapshots share one image. The whole allocated content is copied (a
-// sparse copy, holes stay holes) when there is no mirror: the first
-// snapshot, one taken while another snapshot still holds the newest image,
-// after a growth, after LiveImage (its writer bypasses the change
-// tracking), or after a failed update (the half-updated mirror is deleted,
-// never trusted). A reader that keeps a removed snapshot's image open (the
-// lab cannot see it) reads what later freezes write into the file, where
-// it once read the deleted file's old content: read a snapshot's disk only
-// while the snapshot exists, as on vSphere.
+// the disk's content at the snapshot. Making it costs nothing that grows
+// with the disk, as vSphere's redirect-on-write snapshot does not: the
+// image is a second name (a hard link) of the live image's file. The first
+// change of the disk while a snapshot holds that image (a guest write, a
+// punched hole, a growth, LiveImage for a writer outside the lab) first
+// moves the live image to a copy of its own (a sparse copy, holes stay
+// holes, renamed over the live image's name), so the snapshot's image,
+// and a reader that has it open, keep the content of the freeze. A backup
+// takes its snapshot, reads it and removes it with nothing written to the
+// disk meanwhile: it copies nothing. A write while a backup holds its
+// snapshot costs one copy of the disk's data, as the lab's first freeze
+// once did. Without a write in between, snapshots share one image. Where
+// the snapshots' folder cannot hold a hard link of the live image (another
+// file system), a freeze copies the live image's data. A reader that keeps
+// a removed snapshot's image open (the lab cannot see it) may read what
+// is written to the disk later: read a snapshot's disk only while the
+// snapshot exists, as on vSphere.
 //
 // # Configuration changes
 //
@@ -99,17 +96,14 @@
 // Under Options.Dir the lab keeps
 //
 //	disks/<vm moref>-<key>.raw          live disk images (sparse, full capacity)
-//	snapshots/<vm moref>-<key>-<n>.raw  frozen images of snapshot disks
-//	snapshots/<vm moref>-<key>.mirror   a disk's mirror: its newest frozen image once no snapshot holds it
+//	snapshots/<vm moref>-<key>-<n>.raw  frozen images of snapshot disks (a hard link of the live image until it changes)
 //	vcsim/                              the simulator's datastore folders
 //	tls.crt, tls.key                    the HTTPS certificate (only when Dir is given)
 //
-// A frozen image is deleted, or becomes its disk's mirror, when its last
-// snapshot is removed; a mirror is no snapshot's and goes with its disk
-// (RemoveDisk, RemoveVM, a growth) and with the lab. Close removes the
-// frozen images, the mirrors and the simulator folders. When Dir was
-// given by the caller, Close keeps the live disk images and the certificate,
-// so a restarted lab on the same Dir sees the same disk content of the
+// A frozen image's name is deleted when its last snapshot is removed (the
+// live image's file stays where it was its link). Close removes the frozen
+// images and the simulator folders. When Dir was given by the caller,
+// Close keeps the live disk images and the certificate, so a restarted lab on the same Dir sees the same disk content of the
 // default inventory and shows the same thumbprint, but a fresh change-ID
 // series: change IDs of an earlier lab are refused. Disks and VMs added by
 // an earlier lab are gone with its in-memory inventory: Start deletes their

@@ -15,7 +15,7 @@ import (
 
 // The freezes of one disk, on real sparse files: a snapshot's image must
 // equal the live disk at its freeze, byte for byte, however it was made
-// (copied in full, updated in place from the mirror, shared).
+// (a link to the live image, shared, copied), whatever is written after.
 
 const testCapacity = 16 << 20
 
@@ -43,12 +43,9 @@ func (d *disk) testWrite(t *testing.T, off int64, p []byte) {
 
 func (d *disk) testPunch(t *testing.T, off, n int64) {
 	t.Helper()
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	if err := punchHole(d.f, off, n); err != nil {
+	if err := d.punch(off, n); err != nil {
 		t.Fatal(err)
 	}
-	d.mark(off, n)
 }
 
 func (d *disk) testFreeze(t *testing.T, dir string) *frozenImage {
@@ -150,256 +147,257 @@ func randomData(rng *rand.Rand, n int) []byte {
 	return b
 }
 
-// A freeze after the previous image's snapshot went updates that image in
-// place: the same file (inode), renamed, with only the changed blocks
-// rewritten, and equal to the live disk, overwritten, punched, zeroed and
-// partly written blocks included.
-func TestFreezeInPlace(t *testing.T) {
+// readerOf opens img as nbdkit does, for the whole life of a snapshot.
+func readerOf(t *testing.T, img *frozenImage) *os.File {
+	t.Helper()
+	f, err := os.Open(img.path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	return f
+}
+
+// sameThroughReader checks that a reader opened before the changes still
+// reads want.
+func sameThroughReader(t *testing.T, what string, r *os.File, want []byte) {
+	t.Helper()
+	got, err := io.ReadAll(io.NewSectionReader(r, 0, int64(len(want))+1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Errorf("%s: a reader opened at the freeze reads other content (%d bytes, want %d)", what, len(got), len(want))
+	}
+}
+
+// A freeze is a second name of the live image's file: nothing copied. The
+// first change after it moves the live image to a copy of its own; the
+// snapshot's image, and a reader that had it open, keep the content of
+// the freeze, overwritten, punched, zeroed and partly written blocks
+// included, and the live disk has every change.
+func TestFreezeLinks(t *testing.T) {
 	d, dir := newTestDisk(t)
 	rng := rand.New(rand.NewSource(1))
 	for i := range int64(32) {
 		d.testWrite(t, i*3*BlockSize/2, randomData(rng, BlockSize))
 	}
 	s1 := d.testFreeze(t, dir)
-	if d.frozen.inPlace || d.frozen.bytes == 0 {
-		t.Fatalf("first freeze %+v, want a full copy", d.frozen)
+	if !d.frozen.linked || d.frozen.bytes != 0 || !s1.live {
+		t.Fatalf("freeze %+v (live %v), want a link", d.frozen, s1.live)
 	}
-	sameImage(t, "s1", d, s1, d.content(t), liveAllocated(t, d))
-	ino := inode(t, s1.path)
-	d.testRelease(t, s1)
-	gone(t, "released snapshot", s1.path)
-	mirror := filepath.Join(dir, mirrorName(d.id))
-	if inode(t, mirror) != ino {
-		t.Fatal("the mirror is not the released image")
+	if inode(t, s1.path) != inode(t, d.path) {
+		t.Fatal("the frozen image is not the live image's file")
 	}
+	want1, alloc1 := d.content(t), liveAllocated(t, d)
+	r := readerOf(t, s1)
 
-	d.testWrite(t, 5*BlockSize, randomData(rng, BlockSize))        // block 5, overwritten
+	d.testWrite(t, 5*BlockSize, randomData(rng, BlockSize)) // block 5, overwritten
+	if inode(t, s1.path) == inode(t, d.path) || s1.live {
+		t.Fatal("written while held: the live image is still the frozen image's file")
+	}
+	moved := inode(t, d.path)
 	d.testWrite(t, 40*BlockSize+100, randomData(rng, 2*BlockSize)) // 40-42, unaligned
 	d.testWrite(t, 3*BlockSize/2, make([]byte, BlockSize))         // 1-2, zeros over data
 	d.testPunch(t, 9*BlockSize, 2*BlockSize)                       // 9-10, discarded
 	d.testPunch(t, 200*BlockSize, BlockSize)                       // 200, discarded, was a hole
 	d.testWrite(t, 100*BlockSize+10, []byte("partly written"))     // 100, the rest a hole
 	d.testWrite(t, testCapacity-5, []byte("end!!"))                // the last block
-	const want = 11 * BlockSize
+	if inode(t, d.path) != moved {
+		t.Error("the live image was copied again: once is enough")
+	}
+	sameImage(t, "s1 after the writes", d, s1, want1, alloc1)
+	sameThroughReader(t, "s1 after the writes", r, want1)
 
+	live := d.content(t)
+	for _, c := range []struct {
+		off  int64
+		want []byte
+	}{{5 * BlockSize, nil}, {9 * BlockSize, make([]byte, 2*BlockSize)}, {100*BlockSize + 10, []byte("partly written")}, {testCapacity - 5, []byte("end!!")}} {
+		if c.want != nil && !bytes.Equal(live[c.off:c.off+int64(len(c.want))], c.want) {
+			t.Errorf("the live disk at %d does not hold what was written there", c.off)
+		}
+	}
+	if bytes.Equal(live[5*BlockSize:6*BlockSize], want1[5*BlockSize:6*BlockSize]) {
+		t.Error("the live disk's block 5 was not overwritten")
+	}
+
+	// The next freeze links the moved live image; its release removes
+	// the name alone.
 	s2 := d.testFreeze(t, dir)
-	if !d.frozen.inPlace {
-		t.Fatalf("freeze after the release %+v, want in place", d.frozen)
+	if !d.frozen.linked || inode(t, s2.path) != moved {
+		t.Errorf("s2: %+v, want a link to the live image", d.frozen)
 	}
-	if d.frozen.bytes != want {
-		t.Errorf("in place: %d bytes rewritten, want the %d changed", d.frozen.bytes, want)
-	}
-	if inode(t, s2.path) != ino {
-		t.Error("in place: a new file, not the mirror")
-	}
-	gone(t, "mirror taken over", mirror)
-	sameImage(t, "s2 in place", d, s2, d.content(t), liveAllocated(t, d))
-
-	// Nothing written: a released image is taken over as it is.
+	sameImage(t, "s2", d, s2, live, liveAllocated(t, d))
 	d.testRelease(t, s2)
-	s3 := d.testFreeze(t, dir)
-	if !d.frozen.inPlace || d.frozen.bytes != 0 || inode(t, s3.path) != ino || s3.path == s2.path {
-		t.Errorf("unchanged freeze after the release: %+v, %s", d.frozen, s3.path)
+	gone(t, "released s2", s2.path)
+	if !bytes.Equal(d.content(t), live) || inode(t, d.path) != moved {
+		t.Error("releasing a linked image changed the live disk")
 	}
-	gone(t, "released unchanged snapshot", s2.path)
-	sameImage(t, "s3 unchanged", d, s3, d.content(t), liveAllocated(t, d))
+	d.testRelease(t, s1)
+	gone(t, "released s1", s1.path)
+	if entries, _ := os.ReadDir(dir); len(entries) != 0 {
+		t.Errorf("snapshots folder after every release: %v", entries)
+	}
+	// Nothing held: a write changes the live image's file in place.
+	d.testWrite(t, 0, []byte("in place"))
+	if inode(t, d.path) != moved {
+		t.Error("a write with no snapshot held copied the live image")
+	}
 }
 
-// An image a snapshot still holds is never updated: the next freeze with
-// writes in between copies the disk, and each snapshot keeps its own
-// content. Once the older goes, it is deleted; the newest becomes the
-// mirror.
+// Snapshots without a write in between share one image; each snapshot
+// keeps the content of its freeze whatever is written, punched or frozen
+// after it, and whichever goes first.
 func TestFreezeWhileHeld(t *testing.T) {
 	d, dir := newTestDisk(t)
 	rng := rand.New(rand.NewSource(2))
 	d.testWrite(t, 0, randomData(rng, 4*BlockSize))
 	s1 := d.testFreeze(t, dir)
-	d.testRelease(t, s1)
+	want1, alloc1 := d.content(t), liveAllocated(t, d)
+	shared := d.testFreeze(t, dir)
+	if shared != s1 || !d.frozen.shared {
+		t.Errorf("unchanged disk: a new image %s (%+v), want s1's shared", shared.path, d.frozen)
+	}
+	d.testRelease(t, shared)
+	if _, err := os.Stat(s1.path); err != nil {
+		t.Fatalf("one of two snapshots went: %v", err)
+	}
 
 	d.testWrite(t, BlockSize, randomData(rng, BlockSize))
+	d.testPunch(t, 0, BlockSize)
 	s2 := d.testFreeze(t, dir)
 	want2, alloc2 := d.content(t), liveAllocated(t, d)
-	if !d.frozen.inPlace {
-		t.Fatalf("s2: %+v, want in place", d.frozen)
-	}
-
-	// s2 held: s3 shares nothing with it.
-	shared := d.testFreeze(t, dir)
-	if shared != s2 || !d.frozen.shared {
-		t.Errorf("unchanged disk: a new image %s (%+v), want s2's shared", shared.path, d.frozen)
-	}
+	r2 := readerOf(t, s2)
 	d.testWrite(t, 2*BlockSize, randomData(rng, BlockSize))
-	d.testPunch(t, 0, BlockSize)
 	s3 := d.testFreeze(t, dir)
-	if d.frozen.inPlace || d.frozen.shared {
-		t.Errorf("s3 while s2 is held: %+v, want a full copy", d.frozen)
-	}
-	if inode(t, s3.path) == inode(t, s2.path) {
-		t.Fatal("s3 and the held s2 are one file")
-	}
 	want3, alloc3 := d.content(t), liveAllocated(t, d)
 	d.testWrite(t, 3*BlockSize, randomData(rng, BlockSize))
+	for _, img := range []*frozenImage{s1, s2, s3} {
+		if img.live {
+			t.Errorf("%s: live after a write", img.path)
+		}
+	}
+	sameImage(t, "held s1", d, s1, want1, alloc1)
 	sameImage(t, "held s2", d, s2, want2, alloc2)
-	sameImage(t, "s3 copied", d, s3, want3, alloc3)
+	sameImage(t, "held s3", d, s3, want3, alloc3)
 
-	// s3, the newest, goes first: it becomes the mirror, and s4 starts
-	// from it while s2 is still held, untouched.
+	// The newest goes first, then the oldest: the middle one is intact.
 	d.testRelease(t, s3)
+	d.testRelease(t, s1)
 	gone(t, "s3 released", s3.path)
-	s4 := d.testFreeze(t, dir)
-	if !d.frozen.inPlace || d.frozen.bytes != BlockSize {
-		t.Errorf("s4 after the release of s3: %+v, want one block in place", d.frozen)
-	}
-	sameImage(t, "s4 from s3's image", d, s4, d.content(t), liveAllocated(t, d))
-	sameImage(t, "held s2 after s4", d, s2, want2, alloc2)
-	// s2 is no base for anything: it goes when released.
-	d.testRelease(t, shared)
+	gone(t, "s1 released", s1.path)
+	d.testWrite(t, 7*BlockSize, randomData(rng, BlockSize))
+	sameImage(t, "s2 after the others went", d, s2, want2, alloc2)
+	sameThroughReader(t, "s2 after the others went", r2, want2)
 	d.testRelease(t, s2)
-	gone(t, "s2 released", s2.path)
-	if _, err := os.Stat(filepath.Join(dir, mirrorName(d.id))); !errors.Is(err, os.ErrNotExist) {
-		t.Errorf("an older image became the mirror: %v", err)
+	if entries, _ := os.ReadDir(dir); len(entries) != 0 {
+		t.Errorf("snapshots folder after every release: %v", entries)
 	}
 
-	// s4, the newest, goes: it is the mirror, and s5 starts from it.
-	d.testRelease(t, s4)
-	d.testWrite(t, 7*BlockSize, randomData(rng, BlockSize))
-	s5 := d.testFreeze(t, dir)
-	if !d.frozen.inPlace || d.frozen.bytes != BlockSize {
-		t.Errorf("s5: %+v, want one block in place", d.frozen)
-	}
-	sameImage(t, "s5", d, s5, d.content(t), liveAllocated(t, d))
-	d.testRelease(t, s5)
-	entries, _ := os.ReadDir(dir)
-	if len(entries) != 1 || entries[0].Name() != mirrorName(d.id) {
-		t.Errorf("snapshots folder after every release: %v, want the mirror alone", entries)
-	}
+	// A disk removed while a snapshot holds it: the image stays until the
+	// snapshot goes.
+	s4 := d.testFreeze(t, dir)
+	want4 := d.content(t)
 	d.close(true)
-	if entries, _ := os.ReadDir(dir); len(entries) != 0 {
-		t.Errorf("snapshots folder after the disk went: %v", entries)
-	}
 	gone(t, "removed disk", d.path)
+	sameImage(t, "s4 of the removed disk", d, s4, want4, nil)
+	d.testRelease(t, s4)
+	if entries, _ := os.ReadDir(dir); len(entries) != 0 {
+		t.Errorf("snapshots folder after the disk and its snapshot went: %v", entries)
+	}
 }
 
-// A grown disk drops the mirror (of the old capacity) at once; its next
-// freeze copies, and the one after starts from that again.
+// A disk grown while a snapshot holds its image: the image keeps the old
+// capacity and content, and the next freeze has the new capacity.
 func TestFreezeGrown(t *testing.T) {
 	d, dir := newTestDisk(t)
 	d.testWrite(t, testCapacity-3, []byte("end"))
-	d.testRelease(t, d.testFreeze(t, dir))
-	mirror := filepath.Join(dir, mirrorName(d.id))
-	if _, err := os.Stat(mirror); err != nil {
-		t.Fatal(err)
-	}
+	s1 := d.testFreeze(t, dir)
+	want1 := d.content(t)
 	d.mu.Lock()
 	err := d.resize(2 * testCapacity)
 	d.mu.Unlock()
 	if err != nil {
 		t.Fatal(err)
 	}
-	gone(t, "mirror of the old capacity", mirror)
-	s := d.testFreeze(t, dir)
-	if d.frozen.inPlace {
-		t.Errorf("grown: %+v, want a full copy", d.frozen)
-	}
-	sameImage(t, "grown", d, s, d.content(t), liveAllocated(t, d))
-	d.testRelease(t, s)
+	sameImage(t, "held across the growth", d, s1, want1, nil)
 	d.testWrite(t, 2*testCapacity-BlockSize, []byte("new end"))
-	s = d.testFreeze(t, dir)
-	if !d.frozen.inPlace {
-		t.Errorf("after the growth: %+v, want in place", d.frozen)
+	s2 := d.testFreeze(t, dir)
+	if s2 == s1 || s2.capacity != 2*testCapacity {
+		t.Errorf("grown: image %s of %d bytes", s2.path, s2.capacity)
 	}
-	sameImage(t, "grown, then written", d, s, d.content(t), liveAllocated(t, d))
+	sameImage(t, "grown", d, s2, d.content(t), liveAllocated(t, d))
 }
 
-// A mirror that fails mid-update is deleted, never trusted again: the
-// freeze copies instead, and is right.
-func TestFreezeInPlaceFails(t *testing.T) {
-	d, dir := newTestDisk(t)
-	d.testWrite(t, 0, []byte("first"))
-	d.testRelease(t, d.testFreeze(t, dir))
-	mirror := filepath.Join(dir, mirrorName(d.id))
-
-	// A directory in its place: renamed, it cannot be opened for writing.
-	if err := os.Remove(mirror); err != nil {
-		t.Fatal(err)
+// Where the snapshots' folder is on another file system than the live
+// images (no hard link across), a freeze copies the live image's data, and
+// a later write changes the live image in place.
+func TestFreezeCopiesWithoutLink(t *testing.T) {
+	d, _ := newTestDisk(t)
+	dir, err := os.MkdirTemp("/dev/shm", "cbtflow-lab-test-")
+	if err != nil {
+		t.Fatalf("a folder on tmpfs, another file system than the test's: %v", err)
 	}
-	if err := os.Mkdir(mirror, 0o700); err != nil {
-		t.Fatal(err)
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	if st, lst := devOf(t, dir), devOf(t, d.path); st == lst {
+		t.Fatalf("%s and %s are on one file system: the test needs two", dir, d.path)
 	}
-	d.testWrite(t, BlockSize, []byte("second"))
+	d.testWrite(t, BlockSize, []byte("copied"))
 	s := d.testFreeze(t, dir)
-	if d.frozen.inPlace {
-		t.Errorf("%+v: want a full copy after the failed update", d.frozen)
+	if d.frozen.linked || d.frozen.bytes <= 0 || d.frozen.bytes > BlockSize || s.live {
+		t.Errorf("freeze across file systems: %+v, want a copy of the written block's data", d.frozen)
 	}
-	sameImage(t, "after a failed update", d, s, d.content(t), liveAllocated(t, d))
-	gone(t, "failed mirror", mirror)
-	entries, _ := os.ReadDir(dir)
-	if len(entries) != 1 {
-		t.Errorf("snapshots folder holds %v, want the new image alone", entries)
+	want, alloc := d.content(t), liveAllocated(t, d)
+	ino := inode(t, d.path)
+	d.testWrite(t, 0, []byte("after"))
+	if inode(t, d.path) != ino {
+		t.Error("a write after a copied freeze moved the live image")
 	}
-
-	// The mirror gone behind the lab's back: the same.
+	sameImage(t, "copied", d, s, want, alloc)
 	d.testRelease(t, s)
-	if err := os.Remove(mirror); err != nil {
-		t.Fatal(err)
-	}
-	d.testWrite(t, 2*BlockSize, []byte("third"))
-	s = d.testFreeze(t, dir)
-	if d.frozen.inPlace {
-		t.Errorf("%+v: want a full copy without the mirror", d.frozen)
-	}
-	sameImage(t, "without the mirror", d, s, d.content(t), liveAllocated(t, d))
+	gone(t, "released copy", s.path)
 }
 
-// syncRange writes zeros where the file system cannot punch: the result
-// reads the same. Checked here on the range logic alone (data and holes
-// interleaved, a range ending in a hole).
-func TestSyncRange(t *testing.T) {
-	dir := t.TempDir()
-	src, err := os.Create(filepath.Join(dir, "src"))
-	if err != nil {
+// A failed move of the live image fails the write and changes nothing:
+// the snapshot's image and the live disk are as they were, and the next
+// write moves it.
+func TestUnshareFails(t *testing.T) {
+	d, dir := newTestDisk(t)
+	d.testWrite(t, 0, []byte("before"))
+	s := d.testFreeze(t, dir)
+	want := d.content(t)
+	// A folder with a file in it where the copy goes: it cannot be made.
+	block := d.path + ".unshare"
+	if err := os.MkdirAll(filepath.Join(block, "x"), 0o700); err != nil {
 		t.Fatal(err)
 	}
-	defer src.Close()
-	dst, err := os.Create(filepath.Join(dir, "dst"))
-	if err != nil {
+	if _, err := d.writeAt([]byte("refused"), 0); err == nil {
+		t.Fatal("the write succeeded though the live image could not be moved")
+	}
+	if !s.live || inode(t, s.path) != inode(t, d.path) {
+		t.Error("a failed move unlinked the snapshot's image from the live image")
+	}
+	sameImage(t, "after a failed move", d, s, want, nil)
+	if !bytes.Equal(d.content(t), want) {
+		t.Error("a failed move changed the live disk")
+	}
+	if err := os.RemoveAll(block); err != nil {
 		t.Fatal(err)
 	}
-	defer dst.Close()
-	for _, f := range []*os.File{src, dst} {
-		if err := f.Truncate(8 * BlockSize); err != nil {
-			t.Fatal(err)
-		}
+	d.testWrite(t, 0, []byte("after!"))
+	sameImage(t, "after the move", d, s, want, nil)
+	if got := d.content(t); string(got[:6]) != "after!" {
+		t.Errorf("the live disk starts with %q", got[:6])
 	}
-	old := bytes.Repeat([]byte{0xee}, 8*BlockSize)
-	if _, err := dst.WriteAt(old, 0); err != nil {
+	gone(t, "the copy's temporary name", block)
+}
+
+func devOf(t *testing.T, path string) uint64 {
+	t.Helper()
+	var st syscall.Stat_t
+	if err := syscall.Stat(path, &st); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := src.WriteAt([]byte("data"), BlockSize+8192); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := src.WriteAt([]byte("more"), 3*BlockSize); err != nil {
-		t.Fatal(err)
-	}
-	e := Extent{Offset: BlockSize, Length: 4 * BlockSize}
-	if err := syncRange(dst, src, e); err != nil {
-		t.Fatal(err)
-	}
-	want := bytes.Clone(old)
-	clear(want[e.Offset:e.End()])
-	copy(want[BlockSize+8192:], "data")
-	copy(want[3*BlockSize:], "more")
-	got, err := io.ReadAll(io.NewSectionReader(dst, 0, 8*BlockSize))
-	if err != nil || !bytes.Equal(got, want) {
-		t.Errorf("synced range differs (%v)", err)
-	}
-	// The zeros fallback alone.
-	if err := writeZeros(dst, 0, BlockSize+1); err != nil {
-		t.Fatal(err)
-	}
-	clear(want[:BlockSize+1])
-	got, _ = io.ReadAll(io.NewSectionReader(dst, 0, 8*BlockSize))
-	if !bytes.Equal(got, want) {
-		t.Error("writeZeros")
-	}
+	return uint64(st.Dev)
 }

@@ -309,8 +309,9 @@ func (l *Lab) dropDisk(vmRef string, key int32) {
 	}
 }
 
-// close closes the live image and deletes the disk's mirror, and the live
-// image when remove is set. Frozen images stay until their snapshots go.
+// close closes the live image, and deletes it when remove is set. Frozen
+// images stay until their snapshots go (one that was the live image's
+// file keeps it under its own name).
 func (d *disk) close(remove bool) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -318,7 +319,7 @@ func (d *disk) close(remove bool) {
 		d.f.Close()
 		d.f = nil
 	}
-	d.forgetFrozen()
+	d.last = nil
 	d.gone = true
 	if remove {
 		_ = os.Remove(d.path)
