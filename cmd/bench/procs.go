@@ -146,6 +146,7 @@ func scrape(hc *http.Client, url string) (string, error) {
 const (
 	slotsAvailable = "temporal_worker_task_slots_available"
 	slotsUsed      = "temporal_worker_task_slots_used"
+	numPollers     = "temporal_num_pollers"
 )
 
 // peaks is what a sampler saw of the worker while a round ran.
