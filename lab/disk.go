@@ -5,8 +5,10 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math/bits"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"sync"
 	"syscall"
@@ -31,6 +33,7 @@ type disk struct {
 	f        *os.File // the live image
 	capacity int64
 	dirty    []uint64 // bitmap of blocks written since the last freeze
+	touched  []int64  // the indexes of dirty's non-zero words, in the order they became so
 	written  bool     // anything written (or punched) since the last freeze
 	series   *series  // nil while CBT is off
 	// last is the image of the most recent freeze while a snapshot holds
@@ -105,7 +108,7 @@ func (d *disk) resize(capacity int64) error {
 	}
 	if capacity < d.capacity {
 		// Shrinking is not a thing disks do; keep the bitmap consistent.
-		d.dirty = nil
+		d.dirty, d.touched = nil, nil
 		d.written = true
 	}
 	old := d.capacity
@@ -131,33 +134,40 @@ func (d *disk) mark(off, n int64) {
 	}
 	d.written = true
 	for b := off / BlockSize; b < blocks(off+n); b++ {
-		d.dirty[b/64] |= 1 << (b % 64)
+		w := b / 64
+		if d.dirty[w] == 0 {
+			d.touched = append(d.touched, w)
+		}
+		d.dirty[w] |= 1 << (b % 64)
 	}
 }
 
-// dirtyExtents returns the changed blocks as merged extents clipped to the
-// capacity, and clears the bitmap. Called with mu held.
+// takeDirty returns the changed blocks as merged extents clipped to the
+// capacity, and clears the bitmap. Called with mu held. Its cost follows
+// the words written since the last freeze (touched), not the disk's size:
+// a 2 TiB disk's bitmap has half a million words.
 func (d *disk) takeDirty() []Extent {
+	slices.Sort(d.touched)
 	var out []Extent
-	nb := blocks(d.capacity)
-	for b := int64(0); b < nb; b++ {
-		w := d.dirty[b/64]
-		if w == 0 {
-			b += 63 - b%64
-			continue
-		}
-		if w&(1<<(b%64)) == 0 {
-			continue
-		}
-		start := b * BlockSize
-		end := min(start+BlockSize, d.capacity)
-		if n := len(out); n > 0 && out[n-1].End() == start {
-			out[n-1].Length = end - out[n-1].Offset
-		} else {
-			out = append(out, Extent{Offset: start, Length: end - start})
+	for _, w := range d.touched {
+		word := d.dirty[w]
+		d.dirty[w] = 0
+		for word != 0 {
+			bit := int64(bits.TrailingZeros64(word))
+			word &= word - 1
+			start := (w*64 + bit) * BlockSize
+			if start >= d.capacity {
+				break
+			}
+			end := min(start+BlockSize, d.capacity)
+			if n := len(out); n > 0 && out[n-1].End() == start {
+				out[n-1].Length = end - out[n-1].Offset
+			} else {
+				out = append(out, Extent{Offset: start, Length: end - start})
+			}
 		}
 	}
-	clear(d.dirty)
+	d.touched = d.touched[:0]
 	return out
 }
 

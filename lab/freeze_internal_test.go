@@ -401,3 +401,43 @@ func devOf(t *testing.T, path string) uint64 {
 	}
 	return uint64(st.Dev)
 }
+
+// takeDirty, which walks only the bitmap's words written since the last
+// freeze, returns what a scan of the whole bitmap returns: random marks,
+// adjacent words merged, a last block cut at a capacity that is no
+// multiple of the block size; and leaves the bitmap clear.
+func TestTakeDirty(t *testing.T) {
+	rng := rand.New(rand.NewSource(3))
+	for round := range 200 {
+		capacity := int64(1+rng.Intn(40*64))*BlockSize - int64(rng.Intn(2))*1024
+		d := &disk{capacity: capacity, dirty: make([]uint64, (blocks(capacity)+63)/64)}
+		for range rng.Intn(30) {
+			off := rng.Int63n(capacity)
+			n := min(1+rng.Int63n(int64(rng.Intn(3)+1)*64*BlockSize), capacity-off)
+			d.mark(off, n)
+		}
+		var want []Extent
+		for b := range blocks(capacity) {
+			if d.dirty[b/64]&(1<<(b%64)) == 0 {
+				continue
+			}
+			start, end := b*BlockSize, min((b+1)*BlockSize, capacity)
+			if n := len(want); n > 0 && want[n-1].End() == start {
+				want[n-1].Length = end - want[n-1].Offset
+			} else {
+				want = append(want, Extent{Offset: start, Length: end - start})
+			}
+		}
+		if got := d.takeDirty(); !reflect.DeepEqual(got, want) {
+			t.Fatalf("round %d (capacity %d): takeDirty %v, want %v", round, capacity, got, want)
+		}
+		for i, w := range d.dirty {
+			if w != 0 {
+				t.Fatalf("round %d: word %d left set after takeDirty", round, i)
+			}
+		}
+		if got := d.takeDirty(); got != nil {
+			t.Fatalf("round %d: a second takeDirty returned %v", round, got)
+		}
+	}
+}
