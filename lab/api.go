@@ -397,6 +397,9 @@ func (l *Lab) LiveImage(vmName string, key int32) (ImageInfo, error) {
 	// The dirty bitmap will miss what the writer writes: the next freeze
 	// must not share the previous image.
 	d.written = true
+	// The writer may keep the file open past the next snapshot: no later
+	// freeze may be a link of it.
+	d.outside = true
 	d.mu.Unlock()
 	l.log.Info("live disk image opened for writing", "vm", name, "disk", key, "change_series_ended", ended)
 	return ImageInfo{Path: d.path, Capacity: info.Capacity, VM: name, Key: key}, nil

@@ -48,6 +48,11 @@ type disk struct {
 	deltas int         // snapshots taken since the VM last had none
 	gone   bool        // removed from its VM: f is nil for good
 	log    *slog.Logger
+
+	// outside: LiveImage handed the live image's path to a writer outside
+	// the lab, which may hold the file open and write it at any time: a
+	// freeze copies, never links (a link would share that writer's file).
+	outside bool
 }
 
 // freezeStats says how a freeze made its image, for the log and tests.
@@ -198,7 +203,10 @@ func (d *disk) freeze(dir string) (*frozenImage, error) {
 	d.last = nil // a held image stays its snapshots'
 	d.seq++
 	path := filepath.Join(dir, fmt.Sprintf("%s-%d-%06d.raw", d.id.vm, d.id.key, d.seq))
-	err := os.Link(d.path, path)
+	err := errors.New("a writer outside the lab may hold the live image (LiveImage)")
+	if !d.outside {
+		err = os.Link(d.path, path)
+	}
 	if err == nil {
 		d.frozen = freezeStats{linked: true}
 		d.last = &frozenImage{path: path, capacity: d.capacity, refs: 1, live: true}
