@@ -341,7 +341,9 @@ func (l *Lab) removeStaleImages() error {
 	}
 	l.mu.Unlock()
 	for _, e := range entries {
-		if e.IsDir() || used[e.Name()] || !strings.HasSuffix(e.Name(), ".raw") {
+		// "<image>.unshare": a copy disk.unshare did not finish.
+		stale := strings.HasSuffix(e.Name(), ".raw") || strings.HasSuffix(e.Name(), ".raw.unshare")
+		if e.IsDir() || used[e.Name()] || !stale {
 			continue
 		}
 		if err := os.Remove(filepath.Join(l.dir, "disks", e.Name())); err != nil {
