@@ -194,7 +194,8 @@ func (d *disk) freeze(dir string) (*frozenImage, error) {
 		d.series.gen++
 		d.series.changes = append(d.series.changes, changed)
 	}
-	if d.last != nil && !d.written && d.last.capacity == d.capacity {
+	// After LiveImage the writer may have written since, unseen.
+	if d.last != nil && !d.written && !d.outside && d.last.capacity == d.capacity {
 		d.last.refs++
 		d.frozen = freezeStats{shared: true}
 		return d.last, nil

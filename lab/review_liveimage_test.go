@@ -65,3 +65,47 @@ func TestLiveImageWriterAcrossSnapshot(t *testing.T) {
 		t.Errorf("the live disk starts with %q, want the writer's %q", got, "third!!")
 	}
 }
+
+// The writer writes between two snapshots without the lab seeing it: the
+// second snapshot must not share the first one's image.
+func TestLiveImageWriterBetweenSnapshots(t *testing.T) {
+	t.Parallel()
+	l := startLab(t, lab.Options{})
+	c := mustConnect(t, l)
+	ref, err := l.CreateVM("restored2", 4<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	disks, err := l.Disks(ref)
+	if err != nil || len(disks) != 1 {
+		t.Fatalf("disks %+v, %v", disks, err)
+	}
+	key := disks[0].Key
+	vm := findVM(t, c, "restored2")
+	lc := labClient(t, l)
+	ctx := context.Background()
+	if err := lc.SetPower(ctx, ref, false); err != nil {
+		t.Fatal(err)
+	}
+	img, err := lc.LiveImage(ctx, ref, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.OpenFile(img.Path, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := f.WriteAt([]byte("first!!"), 0); err != nil {
+		t.Fatal(err)
+	}
+	s1 := snapshot(t, vm, "s1")
+	want1 := liveContent(t, l, ref, key)
+	if _, err := f.WriteAt([]byte("second!"), 0); err != nil {
+		t.Fatal(err)
+	}
+	s2 := snapshot(t, vm, "s2")
+	want2 := liveContent(t, l, ref, key)
+	imageOf(t, l, "s1", s1.Value, key, want1)
+	imageOf(t, l, "s2, the writer's second write before it", s2.Value, key, want2)
+}
