@@ -360,6 +360,8 @@ func (l *Lab) SnapshotImage(snapshot string, key int32) (ImageInfo, error) {
 // than share the previous one; a snapshot that still holds an image of
 // the disk keeps it, the live image moving to a copy of its own first.
 // Nothing the lab answers later can then miss what such a writer wrote.
+// The writer may keep the file open: from then on, every snapshot of the
+// disk copies the live image (never a link of the file, never a share).
 func (l *Lab) LiveImage(vmName string, key int32) (ImageInfo, error) {
 	vm, err := l.findVM(vmName)
 	if err != nil {
