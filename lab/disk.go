@@ -204,16 +204,17 @@ func (d *disk) freeze(dir string) (*frozenImage, error) {
 	d.last = nil // a held image stays its snapshots'
 	d.seq++
 	path := filepath.Join(dir, fmt.Sprintf("%s-%d-%06d.raw", d.id.vm, d.id.key, d.seq))
-	err := errors.New("a writer outside the lab may hold the live image (LiveImage)")
+	// A writer outside the lab (LiveImage) may hold the live image's file
+	// open and write it: the image is a copy then.
 	if !d.outside {
-		err = os.Link(d.path, path)
+		err := os.Link(d.path, path)
+		if err == nil {
+			d.frozen = freezeStats{linked: true}
+			d.last = &frozenImage{path: path, capacity: d.capacity, refs: 1, live: true}
+			return d.last, nil
+		}
+		d.log.Warn("frozen image not linked to the live image, copying the disk", "vm", d.id.vm, "disk", d.id.key, "err", err)
 	}
-	if err == nil {
-		d.frozen = freezeStats{linked: true}
-		d.last = &frozenImage{path: path, capacity: d.capacity, refs: 1, live: true}
-		return d.last, nil
-	}
-	d.log.Warn("frozen image not linked to the live image, copying the disk", "vm", d.id.vm, "disk", d.id.key, "err", err)
 	n, err := sparseCopy(d.f, path, d.capacity)
 	if err != nil {
 		_ = os.Remove(path)
@@ -241,12 +242,16 @@ func (d *disk) unshare() error {
 	tmp := d.path + ".unshare"
 	_ = os.Remove(tmp) // a leftover of a lab that died mid-copy
 	n, err := sparseCopy(d.f, tmp, d.capacity)
-	if err == nil {
-		err = os.Rename(tmp, d.path)
-	}
+	// The copy is opened before it takes the live image's name: once it
+	// has the name, nothing may fail.
 	var f *os.File
 	if err == nil {
-		f, err = os.OpenFile(d.path, os.O_RDWR, 0)
+		f, err = os.OpenFile(tmp, os.O_RDWR, 0)
+	}
+	if err == nil {
+		if err = os.Rename(tmp, d.path); err != nil {
+			f.Close()
+		}
 	}
 	if err != nil {
 		_ = os.Remove(tmp)

@@ -36,9 +36,12 @@
 // takes its snapshot, reads it and removes it with nothing written to the
 // disk meanwhile: it copies nothing. A write while a backup holds its
 // snapshot costs one copy of the disk's data, as the lab's first freeze
-// once did. Without a write in between, snapshots share one image. Where
-// the snapshots' folder cannot hold a hard link of the live image (another
-// file system), a freeze copies the live image's data. A reader that keeps
+// once did. Without a write in between, snapshots share one image. A
+// freeze copies the live image's data instead where the snapshots' folder
+// cannot hold a hard link of it (another file system), and, for as long as
+// the lab runs, once LiveImage handed the live image to a writer outside
+// the lab, which may keep the file open and write it after a snapshot
+// (the lab cannot see it close). A reader that keeps
 // a removed snapshot's image open (the lab cannot see it) may read what
 // is written to the disk later: read a snapshot's disk only while the
 // snapshot exists, as on vSphere.

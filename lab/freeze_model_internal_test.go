@@ -13,15 +13,15 @@ import (
 // allocation of its freeze, the live disk is the model, the change areas
 // of each freeze cover every block that differs from the previous freeze,
 // and nothing is left in the snapshots folder at the end.
-func TestReviewFreezeModel(t *testing.T) {
-	for seed := range int64(60) {
+func TestFreezeModel(t *testing.T) {
+	for seed := range int64(24) {
 		t.Run(fmt.Sprint(seed), func(t *testing.T) {
 			rng := rand.New(rand.NewSource(seed))
 			d, dir := newTestDisk(t)
 			if seed%4 == 3 {
-				shm, err := os.MkdirTemp("/dev/shm", "cbtflow-review-")
+				shm, err := os.MkdirTemp("/dev/shm", "cbtflow-lab-test-")
 				if err != nil {
-					t.Skip(err)
+					t.Fatalf("a folder on tmpfs for the copy fallback: %v", err)
 				}
 				t.Cleanup(func() { os.RemoveAll(shm) })
 				dir = shm

@@ -11,7 +11,7 @@ import (
 
 // Writes, punches, reads and extents race freezes and releases: every
 // image equals the live disk as read under the same lock as its freeze.
-func TestReviewFreezeRace(t *testing.T) {
+func TestFreezeRace(t *testing.T) {
 	d, dir := newTestDisk(t)
 	var wg sync.WaitGroup
 	stop := make(chan struct{})
