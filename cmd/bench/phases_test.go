@@ -101,3 +101,29 @@ func TestSpansOfLocalActivities(t *testing.T) {
 		t.Errorf("spans %+v from %v to %v, want %+v from 0 to 700 ms", spans, opened, closed, want)
 	}
 }
+
+// TestWorkflowTasksQueued: each task's wait from its scheduling to its
+// start, summed; a task scheduled again after a timeout waits from its
+// last scheduling; one never started adds nothing.
+func TestWorkflowTasksQueued(t *testing.T) {
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	ev := func(typ enumspb.EventType, ms int) *historypb.HistoryEvent {
+		return &historypb.HistoryEvent{EventType: typ, EventTime: timestamppb.New(t0.Add(time.Duration(ms) * time.Millisecond))}
+	}
+	events := []*historypb.HistoryEvent{
+		ev(enumspb.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED, 0),
+		ev(enumspb.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED, 0),
+		ev(enumspb.EVENT_TYPE_WORKFLOW_TASK_STARTED, 30),
+		ev(enumspb.EVENT_TYPE_WORKFLOW_TASK_COMPLETED, 50),
+		ev(enumspb.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED, 50),
+		ev(enumspb.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED, 100),
+		ev(enumspb.EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT, 200),
+		ev(enumspb.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED, 300),
+		ev(enumspb.EVENT_TYPE_WORKFLOW_TASK_STARTED, 310),
+		ev(enumspb.EVENT_TYPE_WORKFLOW_TASK_COMPLETED, 320),
+		ev(enumspb.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED, 400),
+	}
+	if got, want := workflowTasksQueued(events), 40*time.Millisecond; got != want {
+		t.Errorf("workflowTasksQueued = %v, want %v", got, want)
+	}
+}

@@ -31,10 +31,11 @@ const roundTimeout = 10 * time.Minute
 type round struct {
 	vms       int
 	completed int
-	failures  []string      // backups that did not complete, and why
-	wall      time.Duration // the first start to the last completion
-	bytes     int64         // changed bytes of every disk of the completed backups
-	latencies []float64     // each backup: its Backup's start to its BackupVM's close, s
+	failures  []string             // backups that did not complete, and why
+	wall      time.Duration        // the first start to the last completion
+	bytes     int64                // changed bytes of every disk of the completed backups
+	latencies []float64            // each backup: its Backup's start to its BackupVM's close, s
+	phases    []map[string]float64 // each completed backup's phases (phasesOf), its workflow tasks' wait in the queue as rowTasksQueued
 	retries   []retry
 	transfers transferSums
 	peaks     peaks
@@ -301,6 +302,9 @@ func (r *e2eRun) round(ctx context.Context, vms []string, mode string, minChange
 		if o.err == nil {
 			if spans, opened, closed, err := backupSpans(parent, child); err == nil {
 				rd.latencies = append(rd.latencies, closed.Sub(opened).Seconds())
+				ph := phasesOf(spans, opened, closed, closed.Sub(opened))
+				ph[rowTasksQueued] = (workflowTasksQueued(parent) + workflowTasksQueued(child)).Seconds()
+				rd.phases = append(rd.phases, ph)
 				rd.transfers.add(spans)
 			}
 		}
@@ -332,6 +336,21 @@ func (r *e2eRun) printRound(title string, rd round, ref copierRef) {
 	if len(lat) > 0 {
 		slices.Sort(lat)
 		row("each backup, Backup's start to BackupVM's close", "median %.2fs, min %.2fs, max %.2fs", medianOf(slices.Clone(lat)), lat[0], lat[len(lat)-1])
+	}
+	if len(rd.phases) > 0 {
+		row("each backup's phases, seconds", "median (max) of the %d completed", len(rd.phases))
+		for _, name := range []string{rowSnapshot, rowQuery, rowSetup, rowCopy, rowOverhead, rowTasksQueued} {
+			var v []float64
+			for _, ph := range rd.phases {
+				v = append(v, ph[name])
+			}
+			slices.Sort(v)
+			label := strings.TrimSpace(name)
+			if name == rowSetup {
+				label += ", the wait for a slot included"
+			}
+			row("  "+label, "%.3f (%.3f)", medianOf(slices.Clone(v)), v[len(v)-1])
+		}
 	}
 	rate := float64(rd.bytes) / rd.wall.Seconds()
 	row("bytes copied (changed bytes of every disk)", "%d MiB", rd.bytes/mib)
