@@ -185,9 +185,10 @@ func (d *disk) takeDirty() []Extent {
 // live image's file, and the live image moves to a copy of its own only
 // when it is next changed while a snapshot still holds the image
 // (unshare). A backup's snapshot, read and removed with nothing written
-// meanwhile, never copies anything. Where the file system has no hard
-// links, the live image's data is copied into the image (holes stay
-// holes).
+// meanwhile, never copies anything. The live image's data is copied into
+// the image instead (holes stay holes) where the file system has no hard
+// link for it, and once LiveImage handed the file to a writer outside the
+// lab (outside).
 func (d *disk) freeze(dir string) (*frozenImage, error) {
 	changed := d.takeDirty()
 	if d.series != nil {

@@ -66,14 +66,7 @@ func TestLiveImageKeepsSnapshots(t *testing.T) {
 	ref, key, vm := poweredOff(t, l, "kept")
 	first := func(what, s, want string) {
 		t.Helper()
-		img, err := l.SnapshotImage(s, key)
-		if err != nil {
-			t.Fatalf("%s: %v", what, err)
-		}
-		got, err := os.ReadFile(img.Path)
-		if err != nil {
-			t.Fatalf("%s: %v", what, err)
-		}
+		_, got := imageBytes(t, l, what, s, key)
 		if string(got[:len(want)]) != want {
 			t.Errorf("%s: the image starts with %q, want %q", what, got[:len(want)], want)
 		}

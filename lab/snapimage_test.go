@@ -28,6 +28,17 @@ func liveContent(t *testing.T, l *lab.Lab, vm string, key int32) []byte {
 // it holds want.
 func imageOf(t *testing.T, l *lab.Lab, what, snapshot string, key int32, want []byte) string {
 	t.Helper()
+	path, got := imageBytes(t, l, what, snapshot, key)
+	if !bytes.Equal(got, want) {
+		t.Errorf("%s: the frozen image of disk %d differs from the live disk at the snapshot", what, key)
+	}
+	return path
+}
+
+// imageBytes returns the path and the content of a snapshot's frozen
+// image.
+func imageBytes(t *testing.T, l *lab.Lab, what, snapshot string, key int32) (string, []byte) {
+	t.Helper()
 	img, err := l.SnapshotImage(snapshot, key)
 	if err != nil {
 		t.Fatalf("%s: %v", what, err)
@@ -36,10 +47,7 @@ func imageOf(t *testing.T, l *lab.Lab, what, snapshot string, key int32, want []
 	if err != nil {
 		t.Fatalf("%s: %v", what, err)
 	}
-	if !bytes.Equal(got, want) {
-		t.Errorf("%s: the frozen image of disk %d differs from the live disk at the snapshot", what, key)
-	}
-	return img.Path
+	return img.Path, got
 }
 
 func noPath(t *testing.T, what, path string) {
