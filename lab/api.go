@@ -396,11 +396,9 @@ func (l *Lab) LiveImage(vmName string, key int32) (ImageInfo, error) {
 	}
 	ended := d.series != nil
 	d.series = nil
-	// The dirty bitmap will miss what the writer writes: the next freeze
-	// must not share the previous image.
-	d.written = true
-	// The writer may keep the file open past the next snapshot: no later
-	// freeze may be a link of it.
+	// The dirty bitmap will miss what the writer writes, and the writer
+	// may keep the file open past the next snapshot: no later freeze may
+	// share the previous image or be a link of the file.
 	d.outside = true
 	d.mu.Unlock()
 	l.log.Info("live disk image opened for writing", "vm", name, "disk", key, "change_series_ended", ended)
