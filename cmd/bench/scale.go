@@ -34,8 +34,7 @@ type round struct {
 	failures  []string             // backups that did not complete, and why
 	wall      time.Duration        // the first start to the last completion
 	bytes     int64                // changed bytes of every disk of the completed backups
-	latencies []float64            // each backup: its Backup's start to its BackupVM's close, s
-	phases    []map[string]float64 // each completed backup's phases (phasesOf), its workflow tasks' wait in the queue as rowTasksQueued
+	phases    []map[string]float64 // each completed backup's phases (phasesOf: rowTotal is its Backup's start to its BackupVM's close), its workflow tasks' wait in the queue as rowTasksQueued
 	retries   []retry
 	transfers transferSums
 	peaks     peaks
@@ -301,7 +300,6 @@ func (r *e2eRun) round(ctx context.Context, vms []string, mode string, minChange
 		rd.retries = append(rd.retries, retriesOf(child)...)
 		if o.err == nil {
 			if spans, opened, closed, err := backupSpans(parent, child); err == nil {
-				rd.latencies = append(rd.latencies, closed.Sub(opened).Seconds())
 				ph := phasesOf(spans, opened, closed, closed.Sub(opened))
 				ph[rowTasksQueued] = (workflowTasksQueued(parent) + workflowTasksQueued(child)).Seconds()
 				rd.phases = append(rd.phases, ph)
@@ -332,19 +330,21 @@ func (r *e2eRun) printRound(title string, rd round, ref copierRef) {
 		row("  not completed", "%s", f)
 	}
 	row("wall time, first start to last completion", "%.2fs", rd.wall.Seconds())
-	lat := slices.Clone(rd.latencies)
-	if len(lat) > 0 {
-		slices.Sort(lat)
-		row("each backup, Backup's start to BackupVM's close", "median %.2fs, min %.2fs, max %.2fs", medianOf(slices.Clone(lat)), lat[0], lat[len(lat)-1])
+	// column is one phase of every completed backup, sorted.
+	column := func(name string) []float64 {
+		var v []float64
+		for _, ph := range rd.phases {
+			v = append(v, ph[name])
+		}
+		slices.Sort(v)
+		return v
 	}
 	if len(rd.phases) > 0 {
+		lat := column(rowTotal)
+		row("each backup, Backup's start to BackupVM's close", "median %.2fs, min %.2fs, max %.2fs", medianOf(slices.Clone(lat)), lat[0], lat[len(lat)-1])
 		row("each backup's phases, seconds", "median (max) of the %d completed", len(rd.phases))
 		for _, name := range []string{rowSnapshot, rowQuery, rowSetup, rowCopy, rowOverhead, rowTasksQueued} {
-			var v []float64
-			for _, ph := range rd.phases {
-				v = append(v, ph[name])
-			}
-			slices.Sort(v)
+			v := column(name)
 			label := strings.TrimSpace(name)
 			if name == rowSetup {
 				label += ", the wait for a slot included"
