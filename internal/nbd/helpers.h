@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <libnbd.h>
+#include <sys/mman.h>
 
 // cbt_ret is a libnbd result with, on failure (r == -1), errno and a copy
 // of the message that the Go side frees.
@@ -38,7 +39,19 @@ static cbt_ret cbt_check(int64_t r) {
 
 static struct nbd_handle *cbt_create(cbt_ret *r) {
 	struct nbd_handle *h = nbd_create();
-	*r = h == NULL ? cbt_fail() : cbt_ok(0);
+	if (h == NULL) {
+		*r = cbt_fail();
+		return NULL;
+	}
+	/* libnbd zeroes a read's buffer before sending it unless told not
+	   to: a guard for callers that use a failed read's buffer, which
+	   cbtflow never does; it was a quarter of the copier's CPU. */
+	if (nbd_set_pread_initialize(h, false) == -1) {
+		*r = cbt_fail();
+		nbd_close(h);
+		return NULL;
+	}
+	*r = cbt_ok(0);
 	return h;
 }
 

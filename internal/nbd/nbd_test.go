@@ -9,6 +9,7 @@ import (
 	"syscall"
 	"testing"
 	"time"
+	"unsafe"
 
 	"github.com/cbtflow/cbtflow/internal/nbd"
 	"github.com/cbtflow/cbtflow/testkit/nbdtest"
@@ -316,5 +317,59 @@ func TestErrorsNameOpAndOffset(t *testing.T) {
 	// Async argument errors are reported at once with op and offset.
 	if _, err := h.AioPread(buf, 0, 4096, 1<<20); err == nil || !strings.Contains(err.Error(), "aio_pread at offset 1048576") {
 		t.Errorf("aio_pread past the end: %v", err)
+	}
+}
+
+// TestReadsDoNotPreZero: libnbd zeroes a read's buffer before it sends the
+// read unless told not to (nbd_set_pread_initialize), a guard for callers
+// that use a buffer whose read failed; the copier never does, and that
+// memset was a quarter of its CPU. A failed read must leave the buffer as
+// it was.
+func TestReadsDoNotPreZero(t *testing.T) {
+	testutil.CheckNoChildren(t)
+	dir := t.TempDir()
+	testutil.CheckNoSockets(t, dir)
+	bad := nbdtest.StartNbdkit(t, dir, "--filter=error", "memory", "1M", "error=EIO", "error-pread-rate=100%")
+	h := connect(t, bad.URI)
+	was := pattern(4096, 3)
+	b := bytes.Clone(was)
+	if err := h.Pread(b, 0); !errors.Is(err, syscall.EIO) {
+		t.Fatalf("pread on EIO server: %v", err)
+	}
+	if !bytes.Equal(b, was) {
+		t.Error("a failed synchronous read changed its buffer: libnbd pre-zeroes reads")
+	}
+	buf := nbd.NewBuffer(4096)
+	defer buf.Free()
+	copy(buf.Bytes(), was)
+	c, err := h.AioPread(buf, 0, 4096, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if errs := drive(t, h, map[nbd.Cookie]bool{c: true}); errs[c] == nil {
+		t.Fatal("async pread on EIO server succeeded")
+	}
+	if !bytes.Equal(buf.Bytes(), was) {
+		t.Error("a failed asynchronous read changed its buffer: libnbd pre-zeroes reads")
+	}
+}
+
+// TestBufferAlignment: every buffer can be written with O_DIRECT, and one
+// of a huge page or more starts on a huge page (the kernel then backs it
+// with huge pages where it can: fewer faults, and O_DIRECT pins fewer
+// pages).
+func TestBufferAlignment(t *testing.T) {
+	for _, n := range []int{1, 4096, 64 << 10, 2 << 20, 4 << 20} {
+		b := nbd.NewBuffer(n)
+		addr := uintptr(unsafe.Pointer(&b.Bytes()[0]))
+		want := uintptr(nbd.BufferAlign)
+		if n >= 2<<20 {
+			want = 2 << 20
+		}
+		if addr%want != 0 {
+			t.Errorf("NewBuffer(%d) at %#x: not on a %d-byte boundary", n, addr, want)
+		}
+		b.Bytes()[n-1] = 1 // the whole buffer is ours
+		b.Free()
 	}
 }
