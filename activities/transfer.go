@@ -13,6 +13,7 @@ import (
 
 	"go.temporal.io/sdk/activity"
 	"go.temporal.io/sdk/temporal"
+	"golang.org/x/sys/unix"
 
 	"github.com/cbtflow/cbtflow/internal/copier"
 	"github.com/cbtflow/cbtflow/internal/digest"
@@ -355,6 +356,14 @@ func (a *Transfer) copyDisk(ctx context.Context, in TransferDiskInput, profile v
 		return nil, "", permanent(err)
 	}
 	base := filepath.Join(runDir, in.BackupID+"-"+strconv.Itoa(int(in.Key)))
+	// The servers' folders are named by the transfer, not made fresh, so
+	// that a retry finds and stops a server a killed attempt left there;
+	// the servers remove their sockets and pid files when they stop, and
+	// the folders go after them (deferred first, so run last). A folder
+	// that is not empty stays: a retry's server is in it.
+	for _, dir := range []string{base + "-s", base + "-t"} {
+		defer removeEmptyDir(dir)
+	}
 	opener, err := a.opener(profile)
 	if err != nil {
 		return nil, "", permanent(err)
@@ -480,6 +489,11 @@ func (a *Transfer) openImage(ctx context.Context, in TransferDiskInput, path str
 		log.Warn("closing the image", "disk", in.Key, "backup", in.BackupID, "error", err)
 	}
 	return nil, nil
+}
+
+// removeEmptyDir removes dir if it exists and is empty.
+func removeEmptyDir(dir string) {
+	_ = unix.Rmdir(dir)
 }
 
 // syncFileAndDir makes a new file and its entry in its folder durable.

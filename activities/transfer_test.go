@@ -187,6 +187,10 @@ func testFullThenIncremental(t *testing.T, writer string) {
 		t.Errorf("qemu-img info of the full image: %+v", info)
 	}
 	_, fullSum := fileSum(t, res.Path)
+	// The NBD servers' folders go with their servers.
+	if left, err := os.ReadDir(f.runDir); err != nil || len(left) != 0 {
+		t.Errorf("the runtime folder holds %v after the transfer (%v): want nothing", left, err)
+	}
 
 	inc := f.takeBackup(t, env, vm, "inc2", full.disk.ChangeID)
 	ires := mustExecute[activities.TransferDiskResult](t, env, f.tr.TransferDisk, inc.input(res.Path))
