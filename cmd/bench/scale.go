@@ -216,7 +216,7 @@ func (r *e2eRun) round(ctx context.Context, vms []string, mode string, minChange
 	if err != nil {
 		return round{}, err
 	}
-	smp, err := startSampler(pid, s.MetricsURL(), 100*time.Millisecond)
+	smp, err := startSampler(pid, s.MetricsURL(), sampleEvery)
 	if err != nil {
 		return round{}, err
 	}
@@ -387,7 +387,7 @@ func (r *e2eRun) printRound(title string, rd round, ref copierRef) {
 	row("worker's open files, most sampled", "%d", rd.peaks.files)
 	row("worker's NBD servers (qemu-nbd, nbdkit), most at once", "%d (their RSS together: %d MiB)", rd.peaks.servers, rd.peaks.serversRSS>>10)
 	row("activity slots in use, most sampled", "%d", rd.peaks.activitySlot)
-	row("samples (every 100 ms)", "%d", rd.peaks.samples)
+	row(fmt.Sprintf("samples (every %d ms)", sampleEvery.Milliseconds()), "%d", rd.peaks.samples)
 }
 
 // copierAlone times the bench's copy command (the copier in a process of

@@ -268,10 +268,13 @@ const targetSendBuffer = 4 << 20
 // closeGrace bounds how long an aborted copy waits for its last replies.
 const closeGrace = 2 * time.Second
 
+// freeBuffers hands the buffers back to the pool: it runs once nothing
+// reads or fills them (see Copy's defers).
 func (c *copier) freeBuffers() {
 	for _, b := range c.bufs {
-		b.Free()
+		buffers.put(b)
 	}
+	c.bufs = nil
 }
 
 // check reads sizes and capabilities and builds the pipeline.
@@ -320,7 +323,7 @@ func (c *copier) check() error {
 		c.plan.align = o.Image.Granularity()
 	}
 	for i := 0; i < o.InFlight; i++ {
-		b := nbd.NewBuffer(o.RequestSize)
+		b := buffers.get(o.RequestSize)
 		c.bufs = append(c.bufs, b)
 		c.free = append(c.free, &request{buf: b})
 	}
