@@ -4,7 +4,9 @@
 // extents in, bytes out.
 //
 // It keeps many requests in flight through libnbd's asynchronous API with
-// buffers allocated in C, so memory stays bounded by InFlight × RequestSize.
+// buffers allocated in C, so memory stays bounded by InFlight × RequestSize
+// per copy; the buffers of finished copies are kept for the next ones
+// (pool.go: at most 4 copies' worth, freed after a minute without a copy).
 // Data requests are large (2 MiB by default), which is what a QCOW2 target
 // served by qemu-nbd digests cheapest; reads are spread over a few source
 // connections when the source advertises multi-conn, and every connection
