@@ -360,7 +360,9 @@ func (a *Transfer) copyDisk(ctx context.Context, in TransferDiskInput, profile v
 	// that a retry finds and stops a server a killed attempt left there;
 	// the servers remove their sockets and pid files when they stop, and
 	// the folders go after them (deferred first, so run last). A folder
-	// that is not empty stays: a retry's server is in it.
+	// that is not empty stays: a retry's server is in it; a retry whose
+	// server was starting in it, still empty, makes it again (see
+	// internal/qemu's start).
 	for _, dir := range []string{base + "-s", base + "-t"} {
 		defer removeEmptyDir(dir)
 	}

@@ -45,7 +45,11 @@ static struct nbd_handle *cbt_create(cbt_ret *r) {
 	}
 	/* libnbd zeroes a read's buffer before sending it unless told not
 	   to: a guard for callers that use a failed read's buffer, which
-	   cbtflow never does; it was a quarter of the copier's CPU. */
+	   cbtflow never does, and for a successful read whose reply's chunks
+	   add up to its length without covering it (libnbd does not check
+	   that), which could leave bytes as they were: the copier's buffers
+	   hold zeros or that copy's own data (internal/copier's pool). The
+	   memset of every read was a quarter of the copier's CPU. */
 	if (nbd_set_pread_initialize(h, false) == -1) {
 		*r = cbt_fail();
 		nbd_close(h);

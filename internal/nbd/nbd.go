@@ -308,7 +308,7 @@ type Buffer struct {
 	n int
 }
 
-// NewBuffer allocates n bytes of C memory, on a 4 KiB boundary (so that
+// NewBuffer allocates n bytes of zeroed C memory, on a 4 KiB boundary (so that
 // the buffer can be written to a file opened with O_DIRECT); a buffer of
 // a huge page (2 MiB) or more starts on a huge page and asks the kernel
 // to back it with huge pages (MADV_HUGEPAGE; where transparent huge
@@ -329,6 +329,8 @@ func NewBuffer(n int) *Buffer {
 	if n >= hugePage {
 		C.madvise(p, C.size_t(n), C.MADV_HUGEPAGE)
 	}
+	// Memory malloc reuses holds what it held: another copy's data.
+	C.memset(p, 0, C.size_t(max(n, 1)))
 	return &Buffer{p: p, n: n}
 }
 

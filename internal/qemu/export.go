@@ -122,7 +122,26 @@ type spec struct {
 // start runs a server in the foreground and waits until its socket accepts
 // connections. When dir is given, a server that an earlier, killed attempt
 // left there (recorded in the pid file) is stopped first.
+//
+// A given dir that vanished while the server started (an earlier attempt
+// of the same transfer removing its folder, empty as it was, as it ended)
+// is made again, and the server started once more: that attempt removes
+// its folder once.
 func start(ctx context.Context, s spec) (*Export, error) {
+	e, err := startIn(ctx, s)
+	if err != nil && s.dir != "" {
+		if _, serr := os.Stat(s.dir); errors.Is(serr, os.ErrNotExist) {
+			return startIn(ctx, s)
+		}
+	}
+	return e, err
+}
+
+// testHookStarting, when set, runs once the folder is ready, before the
+// server's process starts.
+var testHookStarting func(dir string)
+
+func startIn(ctx context.Context, s spec) (*Export, error) {
 	dir, ownDir, err := exportDir(s.dir)
 	if err != nil {
 		return nil, err
@@ -155,6 +174,9 @@ func start(ctx context.Context, s spec) (*Export, error) {
 		return nil, fmt.Errorf("qemu: remove stale socket: %w", err)
 	}
 
+	if testHookStarting != nil {
+		testHookStarting(dir)
+	}
 	args := s.args(e.socket)
 	e.cmd = exec.Command(s.program, args...)
 	e.cmd.Stderr = e.stderr
