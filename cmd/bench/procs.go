@@ -331,13 +331,12 @@ func commandCPU(name string) float64 {
 
 // machineCPU returns the machine's busy CPU seconds (every CPU time of
 // /proc/stat's first line but idle and iowait) and its CPU count.
-func machineCPU() (float64, int, error) {
+func machineCPU() (busySeconds, stealSeconds float64, cpus int, err error) {
 	b, err := os.ReadFile("/proc/stat")
 	if err != nil {
-		return 0, 0, err
+		return 0, 0, 0, err
 	}
-	var busy int64
-	cpus := 0
+	var busy, steal int64
 	for i, line := range strings.Split(string(b), "\n") {
 		f := strings.Fields(line)
 		if len(f) == 0 || !strings.HasPrefix(f[0], "cpu") {
@@ -348,17 +347,21 @@ func machineCPU() (float64, int, error) {
 			continue
 		}
 		for j, v := range f[1:] {
-			if j == 3 || j == 4 || j >= 7 { // idle, iowait, steal (another guest's); guest times are in user's
+			if j == 3 || j == 4 || j > 7 { // idle, iowait; guest times are in user's
 				continue
 			}
 			n, err := strconv.ParseInt(v, 10, 64)
 			if err != nil {
-				return 0, 0, fmt.Errorf("/proc/stat: %q", line)
+				return 0, 0, 0, fmt.Errorf("/proc/stat: %q", line)
+			}
+			if j == 7 { // steal: the hypervisor ran another guest on our CPUs
+				steal += n
+				continue
 			}
 			busy += n
 		}
 	}
-	return float64(busy) / clockTicks, cpus, nil
+	return float64(busy) / clockTicks, float64(steal) / clockTicks, cpus, nil
 }
 
 // cpuUse is where the machine's CPU went: the seconds of each part of a
@@ -366,6 +369,7 @@ func machineCPU() (float64, int, error) {
 // difference (sub).
 type cpuUse struct {
 	machine, worker, temporal, postgres, bench float64
+	steal                                      float64 // the host's: not ours, not in machine
 	cpus                                       int
 }
 
@@ -376,7 +380,7 @@ type cpuUse struct {
 func cpuSnapshot(workerPID, temporalPID int) (cpuUse, error) {
 	var u cpuUse
 	var err error
-	if u.machine, u.cpus, err = machineCPU(); err != nil {
+	if u.machine, u.steal, u.cpus, err = machineCPU(); err != nil {
 		return u, err
 	}
 	if u.worker, err = procCPU(workerPID); err != nil {
@@ -396,5 +400,5 @@ func cpuSnapshot(workerPID, temporalPID int) (cpuUse, error) {
 
 func (u cpuUse) sub(before cpuUse) cpuUse {
 	return cpuUse{machine: u.machine - before.machine, worker: u.worker - before.worker, temporal: u.temporal - before.temporal,
-		postgres: u.postgres - before.postgres, bench: u.bench - before.bench, cpus: u.cpus}
+		postgres: u.postgres - before.postgres, bench: u.bench - before.bench, steal: u.steal - before.steal, cpus: u.cpus}
 }

@@ -143,6 +143,9 @@ func (r *e2eRun) scale(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	// As before the round: the round's writes are written back first,
+	// so the copier alone does not wait behind them.
+	settle()
 	if err := fullAlone.run(ctx, o.runs-before); err != nil {
 		return err
 	}
@@ -163,6 +166,9 @@ func (r *e2eRun) scale(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	// As before the round: the round's writes are written back first,
+	// so the copier alone does not wait behind them.
+	settle()
 	if err := incrAlone.run(ctx, o.runs-before); err != nil {
 		return err
 	}
@@ -382,6 +388,7 @@ func (r *e2eRun) printRound(title string, rd round, ref copierRef) {
 		row("  PostgreSQL", "%.1f", c.postgres)
 		row("  the bench: the lab's vCenter and disks, the starters", "%.1f", c.bench)
 		row("  the rest of the machine", "%.1f", max(0, c.machine-c.worker-c.temporal-c.postgres-c.bench))
+		row("CPU seconds the host took (steal: other guests ran on these CPUs)", "%.1f", c.steal)
 	}
 	row("worker peak RSS (VmHWM, reset before the round)", "%d MiB (highest VmRSS sampled: %d MiB)", rd.peaks.hwmKiB>>10, rd.peaks.rssKiB>>10)
 	row("worker's open files, most sampled", "%d", rd.peaks.files)

@@ -43,9 +43,9 @@ func TestStatCPU(t *testing.T) {
 	if err != nil || self < 0 {
 		t.Errorf("procCPU(self) = %v, %v", self, err)
 	}
-	busy, cpus, err := machineCPU()
-	if err != nil || busy <= 0 || cpus < 1 {
-		t.Errorf("machineCPU = %v s, %d CPUs, %v", busy, cpus, err)
+	busy, steal, cpus, err := machineCPU()
+	if err != nil || busy <= 0 || steal < 0 || cpus < 1 {
+		t.Errorf("machineCPU = %v s busy, %v s stolen, %d CPUs, %v", busy, steal, cpus, err)
 	}
 }
 
