@@ -14,6 +14,7 @@ import (
 	"go.temporal.io/sdk/client"
 
 	"github.com/cbtflow/cbtflow/internal/faultpoint"
+	"github.com/cbtflow/cbtflow/lab/labapi"
 	"github.com/cbtflow/cbtflow/testkit/stack"
 	"github.com/cbtflow/cbtflow/testkit/stacktest"
 	"github.com/cbtflow/cbtflow/testkit/testutil"
@@ -275,6 +276,14 @@ func backupInTerminal(ctx context.Context, t *testing.T, s *stack.Stack, key int
 		t.Fatal(err)
 	}
 	defer func() { _ = gates.Release(faultpoint.BeforeCheck) }()
+	// The bar must be seen to advance: each 2 MiB read of the snapshot
+	// waits 20 ms, so that the copy of 4 GiB (8 reads at once) lasts
+	// about 5 s however fast the machine copies (3 s unslowed on one of
+	// 6 December, when the bar showed only 0, 23 and 47%).
+	if err := s.Lab().SetSourceFilters([]labapi.Filter{{Filter: "delay", Params: []string{"delay-read=20ms"}}}); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = s.Lab().SetSourceFilters(nil) }()
 	st, err := s.StartStarterOn(tty.Slave, "backup", vm, "--mode", "full", "--wait")
 	if err != nil {
 		t.Fatal(err)
