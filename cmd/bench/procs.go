@@ -330,7 +330,8 @@ func commandCPU(name string) float64 {
 }
 
 // machineCPU returns the machine's busy CPU seconds (every CPU time of
-// /proc/stat's first line but idle and iowait) and its CPU count.
+// /proc/stat's first line but idle, iowait and steal), the seconds the
+// host took from its CPUs (steal), and its CPU count.
 func machineCPU() (busySeconds, stealSeconds float64, cpus int, err error) {
 	b, err := os.ReadFile("/proc/stat")
 	if err != nil {

@@ -93,10 +93,3 @@ func (p *bufferPool) drain() {
 	}
 	p.bytes = 0
 }
-
-// kept returns the bytes the pool holds.
-func (p *bufferPool) kept() int64 {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.bytes
-}

@@ -1,9 +1,17 @@
 package copier
 
 import (
-	"github.com/cbtflow/cbtflow/internal/nbd"
 	"testing"
+
+	"github.com/cbtflow/cbtflow/internal/nbd"
 )
+
+// kept returns the bytes the pool holds.
+func (p *bufferPool) kept() int64 {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.bytes
+}
 
 func TestBufferPool(t *testing.T) {
 	p := &bufferPool{free: map[int][]*nbd.Buffer{}}
