@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -8,7 +9,10 @@ import (
 	"errors"
 	"fmt"
 	"net/url"
+	"slices"
+	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -42,8 +46,8 @@ func newBackupCmd(e *env) *cobra.Command {
 	var cfg config.Config
 	var o backupOptions
 	cmd := &cobra.Command{
-		Use:   "backup VM",
-		Short: "back up a VM (by name, inventory path or moref)",
+		Use:   "backup VM [VM...]",
+		Short: "back up VMs (each by name, inventory path or moref)",
 		Long: `Back up a VM named by name, inventory path (/DC0/vm/NAME) or moref (vm-62).
 
 Without --wait it returns once the backup started; with --wait it exits 0
@@ -53,11 +57,18 @@ Exit codes: 0 started (or completed with --wait), 1 failed, 2 bad usage,
 3 a backup of this VM is already running, 4 interrupted (Ctrl-C, SIGTERM)
 while the backup goes on in the background: the starter never cancels it;
 it prints the backup ID and how to follow or cancel it (with --json, the
-backup as status "running").`,
-		Args: exactArgs(1, "exactly one VM"),
+backup as status "running").
+
+Several VMs: each gets its own backup, all started at once (at most
+` + strconv.Itoa(startsAtOnce) + ` start requests in flight), each reported as it starts (or, with
+--wait, as it ends): its summary, or with --json its object on a line of
+its own (JSON Lines, in the order they end). One VM's failure does not
+stop the others. The exit code is the worst of theirs: 1 when any
+failed, else 3 when any was already running, else 4 when interrupted,
+else 0; stderr ends with a count of each outcome.`,
+		Args: minArgs(1, "at least one VM"),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			o.vm = args[0]
-			return backupRun(cmd.Context(), e, &cfg, o)
+			return backupCmdRun(cmd.Context(), e, &cfg, o, args)
 		},
 	}
 	addConfigFlags(cmd, &cfg, useTemporal)
@@ -71,24 +82,36 @@ backup as status "running").`,
 }
 
 type backupOptions struct {
-	vm               string
 	profile          *string
 	mode             string
 	full, wait, json bool
 }
 
-func backupRun(ctx context.Context, e *env, cfg *config.Config, o backupOptions) error {
-	vm, profile, mode, wait, asJSON := o.vm, o.profile, &o.mode, &o.wait, &o.json
+// startsAtOnce bounds the start requests of a backup of several VMs that
+// are in flight at once (each a Backup workflow resolving its VM); the
+// waits for their ends are not bounded.
+const startsAtOnce = 16
+
+// backupCmdRun is `starter backup VM [VM...]`.
+func backupCmdRun(ctx context.Context, e *env, cfg *config.Config, o backupOptions, vms []string) error {
 	if o.full {
-		if *mode != workflows.ModeAuto && *mode != workflows.ModeFull {
-			return usageError{fmt.Errorf("backup: --full contradicts --mode %s", *mode)}
+		if o.mode != workflows.ModeAuto && o.mode != workflows.ModeFull {
+			return usageError{fmt.Errorf("backup: --full contradicts --mode %s", o.mode)}
 		}
-		*mode = workflows.ModeFull
+		o.mode = workflows.ModeFull
 	}
-	switch *mode {
+	switch o.mode {
 	case workflows.ModeAuto, workflows.ModeFull, workflows.ModeIncremental:
 	default:
-		return usageError{fmt.Errorf("backup: invalid --mode %q: use auto, full or incremental", *mode)}
+		return usageError{fmt.Errorf("backup: invalid --mode %q: use auto, full or incremental", o.mode)}
+	}
+	for i, vm := range vms {
+		if strings.TrimSpace(vm) == "" {
+			return usageError{fmt.Errorf("backup: VM %d of %d is empty", i+1, len(vms))}
+		}
+		if j := slices.Index(vms[:i], vm); j >= 0 {
+			return usageError{fmt.Errorf("backup: VM %q is given twice", vm)}
+		}
 	}
 
 	c, err := dialTemporal(ctx, e, cfg)
@@ -96,6 +119,93 @@ func backupRun(ctx context.Context, e *env, cfg *config.Config, o backupOptions)
 		return err
 	}
 	defer c.Close()
+	if len(vms) == 1 {
+		return backupRun(ctx, e, cfg, c, o, vms[0], nil)
+	}
+	return backupMany(ctx, e, cfg, c, o, vms)
+}
+
+// backupMany backs up several VMs at once, each as backupRun backs up
+// one, and prints each one's report and error whole, as it comes.
+func backupMany(ctx context.Context, e *env, cfg *config.Config, c client.Client, o backupOptions, vms []string) error {
+	var (
+		mu    sync.Mutex
+		wg    sync.WaitGroup
+		count = map[int]int{} // exit code → VMs
+		worst = 0
+		slots = make(chan struct{}, startsAtOnce)
+	)
+	// The order of the codes' severity: failed, already running,
+	// interrupted, done.
+	rank := map[int]int{0: 0, exitDetached: 1, exitAlreadyRunning: 2, 1: 3}
+	for _, vm := range vms {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			var out, errOut bytes.Buffer
+			one := *e
+			one.stdout, one.stderr = &out, &errOut
+			err := backupRun(ctx, &one, cfg, c, o, vm, slots)
+			code := 0
+			if err != nil {
+				code = 1
+				var exit exitError
+				if errors.As(err, &exit) {
+					code = exit.code
+				}
+				if !errors.As(err, &exit) || !exit.quiet {
+					fmt.Fprintln(&errOut, "starter:", err)
+				}
+			}
+			mu.Lock()
+			defer mu.Unlock()
+			_, _ = e.stdout.Write(out.Bytes())
+			_, _ = e.stderr.Write(errOut.Bytes())
+			count[code]++
+			if rank[code] > rank[worst] {
+				worst = code
+			}
+		}()
+	}
+	wg.Wait()
+	if worst == 0 {
+		return nil
+	}
+	done := "started"
+	if o.wait {
+		done = "completed"
+	}
+	var parts []string
+	for _, c := range []struct {
+		code int
+		what string
+	}{{0, done}, {1, "failed"}, {exitAlreadyRunning, "already running"}, {exitDetached, "going on after the interrupt"}} {
+		if n := count[c.code]; n > 0 {
+			parts = append(parts, fmt.Sprintf("%d %s", n, c.what))
+		}
+	}
+	return exitError{code: worst, err: fmt.Errorf("backup of %d VMs: %s", len(vms), strings.Join(parts, ", "))}
+}
+
+// backupRun backs up one VM: it starts the backup and, with --wait,
+// waits for its end. slots, when set, bounds the starts in flight.
+func backupRun(ctx context.Context, e *env, cfg *config.Config, c client.Client, o backupOptions, vm string, slots chan struct{}) error {
+	profile, mode, wait, asJSON := o.profile, &o.mode, &o.wait, &o.json
+	if slots != nil {
+		select {
+		case slots <- struct{}{}:
+		case <-ctx.Done():
+			// Interrupted before this one's start was asked for.
+			return exitError{code: 1, err: fmt.Errorf("backup of VM %s: interrupted before it was started: nothing was started", vm)}
+		}
+	}
+	freeSlot := func() {
+		if slots != nil {
+			<-slots
+			slots = nil
+		}
+	}
+	defer freeSlot()
 
 	startID := "start-backup/" + randomID()
 	if *profile != "" {
@@ -143,6 +253,7 @@ func backupRun(ctx context.Context, e *env, cfg *config.Config, o backupOptions)
 		}
 		return exitError{code: 1, err: fmt.Errorf("backup of VM %s: %s", vm, msg)}
 	}
+	freeSlot()
 	e.log.Info("backup started", "vm", started.VM, "backup", started.BackupID, "workflow", started.WorkflowID)
 	out := workflows.BackupReport{BackupID: started.BackupID, VM: started.VM, VMUUID: started.VMUUID, WorkflowID: started.WorkflowID, Status: workflows.ReportRunning, Disks: []workflows.DiskResult{}}
 	if ctx.Err() != nil {

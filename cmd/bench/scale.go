@@ -205,8 +205,8 @@ func (r *e2eRun) scale(ctx context.Context) error {
 // the figure is printed beside the limits.
 const rssBound = 256 << 20
 
-// round starts a backup of every VM at once (`starter backup VM --json`,
-// without --wait, each in its own process, all started together), waits
+// round starts a backup of every VM at once (`starter backup VM... --json`,
+// without --wait: one process starts them all), waits
 // for every one to end, and reads from the histories and the worker what
 // they did. Each disk must be backed up in mode, and have changed at
 // least minChanged bytes.
@@ -240,23 +240,29 @@ func (r *e2eRun) round(ctx context.Context, vms []string, mode string, minChange
 	out := make([]outcome, len(vms))
 	var wg sync.WaitGroup
 	start := time.Now()
+	res, err := s.Starter(ctx, append(append([]string{"backup"}, vms...), append([]string{"--json"}, args...)...)...)
+	if err != nil {
+		return round{}, err
+	}
+	started := map[string]workflows.BackupReport{}
+	for line := range strings.Lines(res.Stdout) {
+		var rep workflows.BackupReport
+		if json.Unmarshal([]byte(line), &rep) == nil {
+			started[rep.VM] = rep
+		}
+	}
 	for i, vm := range vms {
+		o := &out[i]
+		o.vm = vm
+		rep, ok := started[vm]
+		if !ok || rep.Status != workflows.ReportRunning || rep.WorkflowID == "" {
+			o.err = fmt.Errorf("starter backup: %s not started: %s", vm, res)
+			continue
+		}
+		o.workflow = rep.WorkflowID
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			o := &out[i]
-			o.vm = vm
-			res, err := s.Starter(ctx, append([]string{"backup", vm, "--json"}, args...)...)
-			if err != nil {
-				o.err = err
-				return
-			}
-			var rep workflows.BackupReport
-			if res.ExitCode != 0 || json.Unmarshal([]byte(res.Stdout), &rep) != nil || rep.Status != workflows.ReportRunning || rep.WorkflowID == "" {
-				o.err = fmt.Errorf("starter backup %s: %s", vm, res)
-				return
-			}
-			o.workflow = rep.WorkflowID
 			o.err = s.Client().GetWorkflow(ctx, rep.WorkflowID, "").Get(ctx, &o.res)
 			o.end = time.Now()
 		}()

@@ -29,12 +29,12 @@ func TestCommandLine(t *testing.T) {
 		stdout, stderr string
 	}{
 		{[]string{"--help"}, 0, "Available Commands:", ""},
-		{[]string{"help", "backup"}, 0, "Usage:\n  starter backup VM [flags]", ""},
+		{[]string{"help", "backup"}, 0, "Usage:\n  starter backup VM [VM...] [flags]", ""},
 		{[]string{"schedule", "describe", "-h"}, 0, "Usage:\n  starter schedule describe VM", ""},
 		{[]string{"--version"}, 0, runtime.Version(), ""},
 		{[]string{"completion", "bash"}, 0, "bash completion", ""},
 		{nil, 2, "", "no command given"},
-		{[]string{"backup"}, 2, "", "starter: backup: give exactly one VM, got none"},
+		{[]string{"backup"}, 2, "", "starter: backup: give at least one VM, got none"},
 		{[]string{"backup", vm, "--wiat"}, 2, "", "starter: backup: unknown flag: --wiat"},
 		{[]string{"backup", vm, "--mode", "everything"}, 2, "", `backup: invalid --mode "everything"`},
 		{[]string{"bakup", vm}, 2, "", `unknown command "bakup" for "starter"; did you mean backup?`},
