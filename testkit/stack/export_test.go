@@ -9,3 +9,10 @@ func SetTemporalDBTmpfs(dir string) (restore func()) {
 }
 
 var MoveTemporalDB = moveTemporalDB
+
+// HandOutNext makes the next free port handed out port, taken or not.
+func HandOutNext(port int) {
+	handedOut.Lock()
+	defer handedOut.Unlock()
+	handedOut.next = port
+}

@@ -88,6 +88,7 @@ func (p *proc) stop(sig syscall.Signal, grace time.Duration) error {
 var handedOut = struct {
 	sync.Mutex
 	ports map[int]bool
+	next  int // a test's port for the next call (export_test.go)
 }{ports: map[int]bool{}}
 
 // freePort returns a TCP port on 127.0.0.1 that was free a moment ago and
@@ -95,6 +96,10 @@ var handedOut = struct {
 func freePort() (int, error) {
 	handedOut.Lock()
 	defer handedOut.Unlock()
+	if p := handedOut.next; p != 0 {
+		handedOut.next = 0
+		return p, nil
+	}
 	for range 100 {
 		ln, err := net.Listen("tcp", "127.0.0.1:0")
 		if err != nil {

@@ -1,6 +1,7 @@
 package stack
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -197,7 +198,7 @@ func Start(ctx context.Context, opts Options) (s *Stack, err error) {
 	}
 	s.metricsAddr = "127.0.0.1:" + strconv.Itoa(mport)
 
-	if err := s.StartTemporal(ctx); err != nil {
+	if err := s.startTemporalRetrying(ctx, true); err != nil {
 		return s, err
 	}
 	if err := s.startLab(ctx); err != nil {
@@ -332,7 +333,67 @@ func childEnv(extra ...string) []string {
 // database (STATE/temporal.db, see TemporalDB: the state survives a
 // restart) and waits until it serves the namespace with cbtflow's search
 // attributes.
+//
+// The dev server picks free ports of its own (its HTTP API, its metrics,
+// its internal services), and another process may bind one between its
+// pick and its bind: a start that ends so ("address already in use") is
+// tried again, up to temporalStartAttempts times.
 func (s *Stack) StartTemporal(ctx context.Context) error {
+	return s.startTemporalRetrying(ctx, false)
+}
+
+// startTemporalRetrying is StartTemporal; newPort: a start whose port was
+// taken is tried again on another gRPC port too (the stack's first start,
+// before anything knows the port).
+func (s *Stack) startTemporalRetrying(ctx context.Context, newPort bool) error {
+	for attempt := 1; ; attempt++ {
+		from, _ := fileSize(s.TemporalLog())
+		err := s.startTemporal(ctx)
+		if err == nil || attempt == temporalStartAttempts || !s.temporalPortTaken(from) {
+			return err
+		}
+		if newPort {
+			port, perr := freePort()
+			if perr != nil {
+				return err
+			}
+			s.grpcPort = port
+			if s.client != nil {
+				s.client.Close()
+				s.client = nil
+			}
+		}
+	}
+}
+
+// temporalStartAttempts bounds StartTemporal's starts.
+const temporalStartAttempts = 3
+
+// temporalPortTaken reports whether Temporal's log, from offset from on,
+// says that it exited because a port it picked was taken.
+func (s *Stack) temporalPortTaken(from int64) bool {
+	s.mu.Lock()
+	p := s.temporal
+	s.mu.Unlock()
+	if p == nil || !p.exited() {
+		return false
+	}
+	b, err := os.ReadFile(s.TemporalLog())
+	if err != nil || int64(len(b)) < from {
+		return false
+	}
+	return bytes.Contains(b[from:], []byte("address already in use"))
+}
+
+func fileSize(path string) (int64, error) {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return 0, err
+	}
+	return fi.Size(), nil
+}
+
+func (s *Stack) startTemporal(ctx context.Context) error {
 	s.mu.Lock()
 	if s.temporal != nil && !s.temporal.exited() {
 		s.mu.Unlock()

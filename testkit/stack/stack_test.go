@@ -2,6 +2,7 @@ package stack_test
 
 import (
 	"context"
+	"net"
 	"net/http"
 	"os"
 	"strings"
@@ -108,5 +109,35 @@ func TestStackLifecycle(t *testing.T) {
 	}
 	if left := s.Leftovers(); len(left) > 0 {
 		t.Fatalf("leftover processes: %v", left)
+	}
+}
+
+// A stack whose first pick of Temporal's port is taken by another process
+// (as the dev server's own picks of free ports can be, on a busy machine)
+// still comes up: the start that fails on it is tried again on another
+// port.
+func TestTemporalStartRetriesATakenPort(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	taken := ln.Addr().String()
+	stack.HandOutNext(ln.Addr().(*net.TCPAddr).Port)
+	s := stacktest.New(t, stack.Options{NoWorker: true})
+	if s.TemporalAddress() == taken {
+		t.Fatalf("Temporal is said to serve on %s, the port the test holds", taken)
+	}
+	log, err := os.ReadFile(s.TemporalLog())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := strings.Count(string(log), "=== temporal: starting"); n != 2 || !strings.Contains(string(log), "address already in use") {
+		t.Errorf("Temporal's log shows %d starts, want 2, the first refused its port:\n%s", n, log)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if _, err := s.Client().CheckHealth(ctx, &client.CheckHealthRequest{}); err != nil {
+		t.Errorf("Temporal on %s: %v", s.TemporalAddress(), err)
 	}
 }
