@@ -170,7 +170,7 @@ func (c *Client) RemoveOwnSnapshot(ctx context.Context, vmRefValue, snapRef, nam
 		_, err := c.CheckSnapshot(ctx, vmRefValue, snapRef, name)
 		switch {
 		case err == nil:
-			return snapRef, c.RemoveSnapshot(ctx, vmRefValue, snapRef)
+			return snapRef, c.removeSnapshot(ctx, vmRefValue, snapRef, true)
 		case errors.Is(err, ErrVMNotFound):
 			c.log.Info("snapshot not removed: its VM is gone", "vm_ref", vmRefValue, "snapshot", snapRef, "snapshot_name", name)
 			return "", nil
@@ -198,5 +198,5 @@ func (c *Client) RemoveOwnSnapshot(ctx context.Context, vmRefValue, snapRef, nam
 		}
 		return "", err
 	}
-	return s.Ref, c.RemoveSnapshot(ctx, vmRefValue, s.Ref)
+	return s.Ref, c.removeSnapshot(ctx, vmRefValue, s.Ref, true)
 }

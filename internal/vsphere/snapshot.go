@@ -9,6 +9,7 @@ import (
 
 	"github.com/vmware/govmomi/object"
 	"github.com/vmware/govmomi/property"
+	"github.com/vmware/govmomi/task"
 	"github.com/vmware/govmomi/vim25/methods"
 	"github.com/vmware/govmomi/vim25/mo"
 	"github.com/vmware/govmomi/vim25/types"
@@ -69,38 +70,111 @@ func (c *Client) CreateSnapshotDescribed(ctx context.Context, vm *VM, name, desc
 		return nil, fmt.Errorf("vsphere: create snapshot of %s: empty snapshot name", vm.Name)
 	}
 	ref := vmRef(vm.Ref)
-	if err := c.waitSnapshotTasks(ctx, vm); err != nil {
-		return nil, err
+	// One read says whether the snapshot exists already (an earlier
+	// attempt took it) and which tasks ran on the VM lately.
+	var mvm mo.VirtualMachine
+	if err := property.DefaultCollector(c.vim).RetrieveOne(ctx, ref, []string{"name", "snapshot", "recentTask"}, &mvm); err != nil {
+		return nil, fmt.Errorf("vsphere: create snapshot %q of %s (%s): %w", name, vm.Name, vm.Ref, vmNotFound(err))
 	}
-	if s, err := c.FindSnapshot(ctx, vm.Ref, name); err != nil || s != nil {
+	reuse := func(s *Snapshot, err error) (*Snapshot, error) {
 		if s != nil {
 			c.log.Info("snapshot exists, reusing it", "vm", vm.Name, "vm_ref", vm.Ref, "snapshot", s.Ref, "snapshot_name", name)
 		}
 		return s, err
+	}
+	if s, err := c.snapshotNamed(ctx, vm.Ref, &mvm, name); err != nil || s != nil {
+		return reuse(s, err)
+	}
+	// Not there: an earlier attempt's creation may still run. Once it
+	// ended, the snapshot is looked for again.
+	waited, err := c.waitSnapshotTasks(ctx, vm, mvm.RecentTask)
+	if err != nil {
+		return nil, err
+	}
+	if waited {
+		if s, err := c.FindSnapshot(ctx, vm.Ref, name); err != nil || s != nil {
+			return reuse(s, err)
+		}
 	}
 	const memory, quiesce = false, false // crash-consistent
 	task, err := object.NewVirtualMachine(c.vim, ref).CreateSnapshot(ctx, name, description, memory, quiesce)
 	if err != nil {
 		return nil, fmt.Errorf("vsphere: create snapshot %q of %s (%s): %w", name, vm.Name, vm.Ref, vmNotFound(err))
 	}
-	res, err := task.WaitForResult(ctx)
+	info, err := c.waitTask(ctx, task.Reference())
 	if err != nil {
 		return nil, fmt.Errorf("vsphere: create snapshot %q of %s (%s): %w", name, vm.Name, vm.Ref, vmNotFound(err))
 	}
-	sref, ok := res.Result.(types.ManagedObjectReference)
+	sref, ok := info.Result.(types.ManagedObjectReference)
 	if !ok {
-		return nil, fmt.Errorf("vsphere: create snapshot %q of %s (%s): task returned %T, not a snapshot", name, vm.Name, vm.Ref, res.Result)
+		return nil, fmt.Errorf("vsphere: create snapshot %q of %s (%s): task returned %T, not a snapshot", name, vm.Name, vm.Ref, info.Result)
 	}
 	c.log.Info("snapshot created", "vm", vm.Name, "vm_ref", vm.Ref, "snapshot", sref.Value, "snapshot_name", name)
-	// Read name and time from the tree, as a retry would.
-	s, err := c.findSnapshot(ctx, vm.Ref, name, func(t types.VirtualMachineSnapshotTree) bool { return t.Snapshot == sref })
+	return c.createdSnapshot(ctx, vm, name, sref)
+}
+
+// createdSnapshot reads a snapshot just created as a retry would find it:
+// its name and time from the VM's tree, its disks from its config, both
+// in one call.
+func (c *Client) createdSnapshot(ctx context.Context, vm *VM, name string, sref types.ManagedObjectReference) (*Snapshot, error) {
+	ref := vmRef(vm.Ref)
+	res, err := property.DefaultCollector(c.vim).RetrieveProperties(ctx, types.RetrieveProperties{SpecSet: []types.PropertyFilterSpec{{
+		ObjectSet: []types.ObjectSpec{{Obj: ref}, {Obj: sref}},
+		PropSet: []types.PropertySpec{
+			{Type: ref.Type, PathSet: []string{"name", "snapshot"}},
+			{Type: sref.Type, PathSet: []string{"config.hardware.device"}},
+		},
+	}}})
 	if err != nil {
-		return nil, err
+		if isFault(err, &types.ManagedObjectNotFound{}) {
+			return nil, fmt.Errorf("vsphere: %w: snapshot %s (%q) of %s is gone right after its creation: %w", ErrSnapshotNotFound, sref.Value, name, vm.Name, err)
+		}
+		return nil, fmt.Errorf("vsphere: snapshot %s (%q) of %s: %w", sref.Value, name, vm.Name, err)
 	}
-	if s == nil {
+	var mvm mo.VirtualMachine
+	var ms *mo.VirtualMachineSnapshot
+	for _, oc := range res.Returnval {
+		switch oc.Obj {
+		case ref:
+			err = mo.LoadObjectContent([]types.ObjectContent{oc}, &mvm)
+		case sref:
+			ms = &mo.VirtualMachineSnapshot{}
+			err = mo.LoadObjectContent([]types.ObjectContent{oc}, ms)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("vsphere: snapshot %s (%q) of %s: %w", sref.Value, name, vm.Name, err)
+		}
+	}
+	var at *types.VirtualMachineSnapshotTree
+	if mvm.Snapshot != nil {
+		walkSnapshots(mvm.Snapshot.RootSnapshotList, func(t types.VirtualMachineSnapshotTree) {
+			if t.Snapshot == sref && at == nil {
+				at = &t
+			}
+		})
+	}
+	if at == nil || ms == nil {
 		return nil, fmt.Errorf("vsphere: %w: snapshot %s (%q) of %s is not in its snapshot tree after creation", ErrSnapshotNotFound, sref.Value, name, vm.Name)
 	}
-	return s, nil
+	return &Snapshot{Ref: sref.Value, Name: at.Name, Created: at.CreateTime, Disks: disksOf(ms.Config.Hardware.Device)}, nil
+}
+
+// waitTask waits for a task to end and returns its info; a task that
+// failed returns its fault, as object.Task.WaitForResult does. The task's
+// info is read once first: a task that ended already (a snapshot of the
+// lab, a removal of a small delta) then costs that one call instead of
+// the five of a property collector's wait.
+func (c *Client) waitTask(ctx context.Context, ref types.ManagedObjectReference) (*types.TaskInfo, error) {
+	var t mo.Task
+	if err := property.DefaultCollector(c.vim).RetrieveOne(ctx, ref, []string{"info"}, &t); err == nil {
+		switch t.Info.State {
+		case types.TaskInfoStateSuccess:
+			return &t.Info, nil
+		case types.TaskInfoStateError:
+			return &t.Info, task.Error{LocalizedMethodFault: t.Info.Error, Description: t.Info.Description}
+		}
+	}
+	return object.NewTask(c.vim, ref).WaitForResult(ctx)
 }
 
 // vmNotFound adds ErrVMNotFound to a ManagedObjectNotFound fault.
@@ -111,30 +185,27 @@ func vmNotFound(err error) error {
 	return err
 }
 
-// waitSnapshotTasks waits for the VM's snapshot creations that are queued
-// or running. Their outcome does not matter here: the caller looks for the
+// waitSnapshotTasks waits for the VM's snapshot creations among its
+// recent tasks that are queued or running, and reports whether there were
+// any. Their outcome does not matter here: the caller looks for the
 // snapshot by name afterwards.
-func (c *Client) waitSnapshotTasks(ctx context.Context, vm *VM) error {
+func (c *Client) waitSnapshotTasks(ctx context.Context, vm *VM, recent []types.ManagedObjectReference) (waited bool, err error) {
+	if len(recent) == 0 {
+		return false, nil
+	}
 	pc := property.DefaultCollector(c.vim)
-	var mvm mo.VirtualMachine
-	if err := pc.RetrieveOne(ctx, vmRef(vm.Ref), []string{"recentTask"}, &mvm); err != nil {
-		return fmt.Errorf("vsphere: snapshot tasks of %s (%s): %w", vm.Name, vm.Ref, vmNotFound(err))
-	}
-	if len(mvm.RecentTask) == 0 {
-		return nil
-	}
 	var tasks []mo.Task
-	if err := pc.Retrieve(ctx, mvm.RecentTask, []string{"info"}, &tasks); err != nil {
+	if err := pc.Retrieve(ctx, recent, []string{"info"}, &tasks); err != nil {
 		// A task can expire between the two reads; one bad reference fails
 		// the whole retrieval, so look at them one by one.
 		tasks = tasks[:0]
-		for _, ref := range mvm.RecentTask {
+		for _, ref := range recent {
 			var t mo.Task
 			if err := pc.RetrieveOne(ctx, ref, []string{"info"}, &t); err != nil {
 				if isFault(err, &types.ManagedObjectNotFound{}) {
 					continue
 				}
-				return fmt.Errorf("vsphere: snapshot tasks of %s (%s): %w", vm.Name, vm.Ref, err)
+				return false, fmt.Errorf("vsphere: snapshot tasks of %s (%s): %w", vm.Name, vm.Ref, err)
 			}
 			tasks = append(tasks, t)
 		}
@@ -144,16 +215,17 @@ func (c *Client) waitSnapshotTasks(ctx context.Context, vm *VM) error {
 		if !createSnapshotTask(info) || (info.State != types.TaskInfoStateQueued && info.State != types.TaskInfoStateRunning) {
 			continue
 		}
+		waited = true
 		c.log.Info("waiting for a running snapshot task", "vm", vm.Name, "vm_ref", vm.Ref, "task", t.Self.Value)
-		if _, err := object.NewTask(c.vim, t.Self).WaitForResult(ctx); err != nil {
+		if _, err := c.waitTask(ctx, t.Self); err != nil {
 			if ctx.Err() != nil {
-				return fmt.Errorf("vsphere: waiting for snapshot task %s of %s: %w", t.Self.Value, vm.Name, ctx.Err())
+				return waited, fmt.Errorf("vsphere: waiting for snapshot task %s of %s: %w", t.Self.Value, vm.Name, ctx.Err())
 			}
 			// A failed earlier attempt: the caller makes its own snapshot.
 			c.log.Info("earlier snapshot task failed", "vm", vm.Name, "task", t.Self.Value, "err", err)
 		}
 	}
-	return nil
+	return waited, nil
 }
 
 // FindSnapshot returns the VM's snapshot named name (searching the whole
@@ -170,6 +242,18 @@ func (c *Client) findSnapshot(ctx context.Context, vmRefValue, what string, matc
 	if err := property.DefaultCollector(c.vim).RetrieveOne(ctx, vmRef(vmRefValue), []string{"name", "snapshot"}, &mvm); err != nil {
 		return nil, fmt.Errorf("vsphere: find snapshot %q of %s: %w", what, vmRefValue, vmNotFound(err))
 	}
+	return c.snapshotIn(ctx, vmRefValue, &mvm, what, match)
+}
+
+// snapshotNamed is FindSnapshot on a VM's name and snapshot tree read
+// already.
+func (c *Client) snapshotNamed(ctx context.Context, vmRefValue string, mvm *mo.VirtualMachine, name string) (*Snapshot, error) {
+	return c.snapshotIn(ctx, vmRefValue, mvm, name, func(t types.VirtualMachineSnapshotTree) bool { return t.Name == name })
+}
+
+// snapshotIn is findSnapshot on a VM's name and snapshot tree read
+// already.
+func (c *Client) snapshotIn(ctx context.Context, vmRefValue string, mvm *mo.VirtualMachine, what string, match func(types.VirtualMachineSnapshotTree) bool) (*Snapshot, error) {
 	var found []types.VirtualMachineSnapshotTree
 	if mvm.Snapshot != nil {
 		walkSnapshots(mvm.Snapshot.RootSnapshotList, func(t types.VirtualMachineSnapshotTree) {
@@ -219,21 +303,30 @@ func walkSnapshots(ts []types.VirtualMachineSnapshotTree, fn func(types.VirtualM
 // moref: a backup removes its own snapshot with RemoveOwnSnapshot, which
 // checks that the moref still names it.
 func (c *Client) RemoveSnapshot(ctx context.Context, vmRefValue, snapRef string) error {
+	return c.removeSnapshot(ctx, vmRefValue, snapRef, false)
+}
+
+// removeSnapshot is RemoveSnapshot; inTree: the caller just found the
+// snapshot in the VM's tree (CheckSnapshot), so whose it is is not read
+// again.
+func (c *Client) removeSnapshot(ctx context.Context, vmRefValue, snapRef string, inTree bool) error {
 	ref := snapshotRef(snapRef)
-	var ms mo.VirtualMachineSnapshot
-	if err := property.DefaultCollector(c.vim).RetrieveOne(ctx, ref, []string{"vm"}, &ms); err != nil {
-		if isFault(err, &types.ManagedObjectNotFound{}) {
-			return nil
+	if !inTree {
+		var ms mo.VirtualMachineSnapshot
+		if err := property.DefaultCollector(c.vim).RetrieveOne(ctx, ref, []string{"vm"}, &ms); err != nil {
+			if isFault(err, &types.ManagedObjectNotFound{}) {
+				return nil
+			}
+			return fmt.Errorf("vsphere: remove snapshot %s of %s: %w", snapRef, vmRefValue, err)
 		}
-		return fmt.Errorf("vsphere: remove snapshot %s of %s: %w", snapRef, vmRefValue, err)
-	}
-	if ms.Vm.Value != vmRefValue {
-		return fmt.Errorf("vsphere: remove snapshot %s: it belongs to VM %s, not %s", snapRef, ms.Vm.Value, vmRefValue)
+		if ms.Vm.Value != vmRefValue {
+			return fmt.Errorf("vsphere: remove snapshot %s: it belongs to VM %s, not %s", snapRef, ms.Vm.Value, vmRefValue)
+		}
 	}
 	res, err := methods.RemoveSnapshot_Task(ctx, c.vim, &types.RemoveSnapshot_Task{
 		This: ref, RemoveChildren: false, Consolidate: types.NewBool(true)})
 	if err == nil {
-		err = object.NewTask(c.vim, res.Returnval).Wait(ctx)
+		_, err = c.waitTask(ctx, res.Returnval)
 	}
 	if err != nil {
 		if isFault(err, &types.ManagedObjectNotFound{}) || isFault(err, &types.NotFound{}) {

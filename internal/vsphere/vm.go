@@ -241,7 +241,7 @@ func (c *Client) EnableCBT(ctx context.Context, vm *VM) (changed bool, err error
 	}
 	task, err := object.NewVirtualMachine(c.vim, ref).Reconfigure(ctx, types.VirtualMachineConfigSpec{ChangeTrackingEnabled: types.NewBool(true)})
 	if err == nil {
-		err = task.Wait(ctx)
+		_, err = c.waitTask(ctx, task.Reference())
 	}
 	if err != nil {
 		return false, fmt.Errorf("vsphere: enable CBT on %s (%s): %w", vm.Name, vm.Ref, err)
