@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cbtflow/cbtflow/internal/copier"
 	"github.com/cbtflow/cbtflow/internal/vsphere"
 	"github.com/cbtflow/cbtflow/lab"
 	"github.com/cbtflow/cbtflow/lab/labapi"
@@ -123,13 +124,18 @@ func TestVDDKOptions(t *testing.T) {
 }
 
 func TestLabOptions(t *testing.T) {
+	// Enough threads on each connection for the most reads the copier
+	// keeps on one: the connection with the fewest in flight gets the next.
+	if LabReadThreads*copier.DefaultSourceConnections < copier.DefaultInFlight {
+		t.Fatalf("LabReadThreads %d × %d connections < %d reads in flight", LabReadThreads, copier.DefaultSourceConnections, copier.DefaultInFlight)
+	}
 	img := labapi.ImageInfo{Path: "/lab/snap.img", Capacity: 1 << 30}
 	o, err := LabOptions(img, "/run/src")
 	if err != nil {
 		t.Fatal(err)
 	}
 	got := o.Args("/run/src/nbd.sock")
-	want := []string{"--foreground", "--exit-with-parent", "--unix", "/run/src/nbd.sock", "--readonly", "--threads", "8", "file", "file=/lab/snap.img"}
+	want := []string{"--foreground", "--exit-with-parent", "--unix", "/run/src/nbd.sock", "--readonly", "--threads", "3", "file", "file=/lab/snap.img"}
 	if !slices.Equal(got, want) {
 		t.Errorf("without filters: %q\nwant %q", got, want)
 	}
@@ -144,7 +150,7 @@ func TestLabOptions(t *testing.T) {
 		t.Fatal(err)
 	}
 	got = o.Args("/run/src/nbd.sock")
-	want = []string{"--foreground", "--exit-with-parent", "--unix", "/run/src/nbd.sock", "--readonly", "--threads", "8",
+	want = []string{"--foreground", "--exit-with-parent", "--unix", "/run/src/nbd.sock", "--readonly", "--threads", "3",
 		"--filter=error", "--filter=delay", "file", "file=/lab/snap.img", "error=EIO", "error-pread-rate=5%", "delay-read=10ms"}
 	if !slices.Equal(got, want) {
 		t.Errorf("with filters: %q\nwant %q", got, want)
