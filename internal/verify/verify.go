@@ -39,6 +39,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"sync"
 	"time"
 
 	"github.com/cbtflow/cbtflow/internal/digest"
@@ -414,10 +415,12 @@ func (v *verifier) readBlocks(ctx context.Context) error {
 	return nil
 }
 
-var zeros = make([]byte, digest.BlockSize)
+// zeros is a block of zeros, made on first use: every process that links
+// this package (the starter too) would otherwise zero 1 MiB at its start.
+var zeros = sync.OnceValue(func() []byte { return make([]byte, digest.BlockSize) })
 
 func firstNonZero(b []byte) int {
-	if bytes.Equal(b, zeros[:len(b)]) {
+	if bytes.Equal(b, zeros()[:len(b)]) {
 		return -1
 	}
 	for i, c := range b {
