@@ -22,6 +22,7 @@ import (
 	"os/signal"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -233,7 +234,14 @@ func serve(log *slog.Logger, o options) error {
 		slog.Group("temporal", "address", cfg.TemporalAddress, "namespace", cfg.Namespace, "task_queue", workflows.TaskQueue),
 		databaseAttrs(cfg.DatabaseURL), "repository", repoRoot, "vcenters", cfg.VCenters, profilesAttr(profiles),
 		"metrics", metricsAddr, "max_transfers", o.maxTransfers)
-	sessions := vsphere.NewSessionsWithOptions(profiles, log, vsphere.SessionOptions{DefaultProfile: o.defaultProfile})
+	// vCenter calls are counted once the metrics are served (below).
+	var vcenterCalls atomic.Pointer[metrics.Backup]
+	sessions := vsphere.NewSessionsWithOptions(profiles, log, vsphere.SessionOptions{DefaultProfile: o.defaultProfile,
+		OnCall: func(profile, method string) {
+			if b := vcenterCalls.Load(); b != nil {
+				b.VCenterCall(profile, method)
+			}
+		}})
 	defer func() {
 		cctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
@@ -272,6 +280,7 @@ func serve(log *slog.Logger, o options) error {
 		defer ms.Close(context.Background())
 		opts.MetricsHandler = sdktally.NewMetricsHandler(ms.Scope)
 		bm = ms.Backup
+		vcenterCalls.Store(ms.Backup)
 		log.Info("serving metrics", "addr", "http://"+ms.Addr()+"/metrics")
 	}
 	c, err := client.DialContext(ctx, opts)

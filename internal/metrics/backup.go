@@ -19,6 +19,7 @@ type Backup struct {
 	changedBytes          prom.Histogram
 	snapshotAge           prom.Histogram
 	failures              *prom.CounterVec
+	vcenterCalls          *prom.CounterVec
 }
 
 // durationBuckets (seconds) run from 1 s to about 9 h.
@@ -49,11 +50,14 @@ func NewBackup() *Backup {
 		failures: prom.NewCounterVec(prom.CounterOpts{Name: "cbtflow_activity_failures_total",
 			Help: "Failed activity attempts, by activity, error type (the ApplicationError type, Canceled, or other) and whether Temporal retries them (retryable: true, false)."},
 			[]string{"activity", "type", "retryable"}),
+		vcenterCalls: prom.NewCounterVec(prom.CounterOpts{Name: "cbtflow_vcenter_calls_total",
+			Help: "Calls the worker made to a vCenter's API, by vCenter profile and method (RetrievePropertiesEx, CreateSnapshot_Task, QueryChangedDiskAreas, ...), logins and keep-alives included."},
+			[]string{"vcenter", "method"}),
 	}
 }
 
 func (b *Backup) collectors() []prom.Collector {
-	return []prom.Collector{b.read, b.written, b.zeroed, b.transferSeconds, b.backupSeconds, b.changedBytes, b.snapshotAge, b.failures}
+	return []prom.Collector{b.read, b.written, b.zeroed, b.transferSeconds, b.backupSeconds, b.changedBytes, b.snapshotAge, b.failures, b.vcenterCalls}
 }
 
 // Describe implements prometheus.Collector.
@@ -93,4 +97,9 @@ func (b *Backup) SnapshotRemoved(age time.Duration) {
 // ActivityFailed records a failed activity attempt.
 func (b *Backup) ActivityFailed(activity, errType string, retryable bool) {
 	b.failures.WithLabelValues(activity, errType, strconv.FormatBool(retryable)).Inc()
+}
+
+// VCenterCall counts a call to a vCenter (vsphere.SessionOptions.OnCall).
+func (b *Backup) VCenterCall(profile, method string) {
+	b.vcenterCalls.WithLabelValues(profile, method).Inc()
 }

@@ -21,6 +21,9 @@ func TestBackupMetrics(t *testing.T) {
 	b.SnapshotRemoved(80 * time.Second)
 	b.ActivityFailed("TransferDisk", "ImageCorrupt", false)
 	b.ActivityFailed("TransferDisk", "ImageCorrupt", false)
+	b.VCenterCall("lab", "RetrievePropertiesEx")
+	b.VCenterCall("lab", "RetrievePropertiesEx")
+	b.VCenterCall("lab", "CreateSnapshot_Task")
 
 	mfs, err := reg.Gather()
 	if err != nil {
@@ -60,12 +63,14 @@ func TestBackupMetrics(t *testing.T) {
 		"cbtflow_backup_changed_bytes/sum":                                3 << 20,
 		"cbtflow_snapshot_age_seconds/sum":                                80,
 		"cbtflow_activity_failures_total/TransferDisk/false/ImageCorrupt": 2, // labels by name
+		"cbtflow_vcenter_calls_total/RetrievePropertiesEx/lab":            2,
+		"cbtflow_vcenter_calls_total/CreateSnapshot_Task/lab":             1,
 	} {
 		if got[series] != want {
 			t.Errorf("%s = %v, want %v", series, got[series], want)
 		}
 	}
-	if len(names) != 8 {
-		t.Errorf("metrics gathered: %v, want 8", names)
+	if len(names) != 9 {
+		t.Errorf("metrics gathered: %v, want 9", names)
 	}
 }

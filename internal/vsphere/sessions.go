@@ -64,6 +64,11 @@ type SessionOptions struct {
 	// is the default, and with several there is none (see
 	// Sessions.DefaultProfile).
 	DefaultProfile string
+	// OnCall, when set, is told of every call made to a vCenter (its
+	// profile and the method, e.g. "RetrievePropertiesEx"), logins and
+	// keep-alives included, before the call: the worker counts them
+	// (cbtflow_vcenter_calls_total).
+	OnCall func(profile, method string)
 }
 
 // Sessions keeps one logged-in session per vCenter profile, created on
@@ -299,7 +304,7 @@ func connect(ctx context.Context, p Profile, log *slog.Logger, opts SessionOptio
 	}
 	c := &Client{profile: p, log: log.With("vcenter", p.Name), vim: vc, sc: sc,
 		stop: make(chan struct{}), done: make(chan struct{})}
-	c.auth = &reauth{sc: sc, sm: *vc.ServiceContent.SessionManager, profile: p, log: c.log}
+	c.auth = &reauth{sc: sc, sm: *vc.ServiceContent.SessionManager, profile: p, log: c.log, onCall: opts.OnCall}
 	vc.RoundTripper = c.auth
 	if err := c.auth.login(cctx, "connect"); err != nil {
 		sc.CloseIdleConnections()
@@ -391,6 +396,7 @@ type reauth struct {
 	mu     sync.Mutex // serializes logins
 	gen    uint64     // bumped by every successful login
 	logins atomic.Int64
+	onCall func(profile, method string) // SessionOptions.OnCall
 }
 
 func (r *reauth) generation() uint64 {
@@ -401,6 +407,9 @@ func (r *reauth) generation() uint64 {
 
 // RoundTrip implements soap.RoundTripper.
 func (r *reauth) RoundTrip(ctx context.Context, req, res soap.HasFault) error {
+	if r.onCall != nil {
+		r.onCall(r.profile.Name, methodName(req))
+	}
 	switch req.(type) {
 	case *methods.LoginBody, *methods.LogoutBody:
 		return r.sc.RoundTrip(ctx, req, res)
@@ -418,6 +427,16 @@ func (r *reauth) RoundTrip(ctx context.Context, req, res soap.HasFault) error {
 		v.Elem().SetZero()
 	}
 	return r.transportError(ctx, r.sc.RoundTrip(ctx, req, res))
+}
+
+// methodName is the vSphere method a request body calls:
+// *methods.RetrievePropertiesExBody is "RetrievePropertiesEx".
+func methodName(req soap.HasFault) string {
+	t := reflect.TypeOf(req)
+	for t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	return strings.TrimSuffix(t.Name(), "Body")
 }
 
 // transportError marks an error that is neither a vSphere fault nor the
@@ -453,6 +472,9 @@ func (r *reauth) loginLocked(ctx context.Context, reason string) error {
 		return err
 	}
 	req := types.Login{This: r.sm, UserName: r.profile.User, Password: pw}
+	if r.onCall != nil {
+		r.onCall(r.profile.Name, "Login")
+	}
 	if _, err := methods.Login(ctx, r.sc, &req); err != nil {
 		if isFault(err, &types.InvalidLogin{}) {
 			return fmt.Errorf("vsphere: profile %q: %w: %s refused user %q (wrong user name or password in %s)",

@@ -1,0 +1,78 @@
+package vsphere
+
+import (
+	"context"
+	"maps"
+	"sync"
+	"testing"
+
+	"github.com/cbtflow/cbtflow/lab"
+)
+
+// SessionOptions.OnCall is told of every call a client makes, by method;
+// a backup's snapshot and its removal make few of them: a task that ended
+// already is read once (not waited for through a property collector of
+// its own: five calls), the VM's tree and recent tasks are read together,
+// and the new snapshot's tree entry and config together.
+func TestSnapshotCalls(t *testing.T) {
+	f := startLab(t, lab.Options{})
+	ctx := ctxT(t)
+	var mu sync.Mutex
+	calls := map[string]int{}
+	s := NewSessionsWithOptions(map[string]Profile{"lab": f.profile}, nil, SessionOptions{OnCall: func(profile, method string) {
+		mu.Lock()
+		defer mu.Unlock()
+		if profile != "lab" {
+			t.Errorf("a call named profile %q", profile)
+		}
+		calls[method]++
+	}})
+	t.Cleanup(func() { _ = s.Close(context.Background()) })
+	c, err := s.Client(ctx, "lab")
+	if err != nil {
+		t.Fatal(err)
+	}
+	vm, err := c.FindVM(ctx, lab.SecondDiskVM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	take := func() map[string]int {
+		mu.Lock()
+		defer mu.Unlock()
+		out := maps.Clone(calls)
+		clear(calls)
+		return out
+	}
+	if got := take(); got["Login"] != 1 || got["RetrievePropertiesEx"] == 0 {
+		t.Errorf("calls of the connect and FindVM: %v, want one Login and the reads", got)
+	}
+
+	const name = "cbtflow-calls-1"
+	snap, err := c.CreateSnapshot(ctx, vm, name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The tree and recent tasks, their infos, the task's info, the new
+	// snapshot: four reads at most; a task that had not ended yet is
+	// waited for with a property collector (its WaitForUpdatesEx calls
+	// depend on how long the task takes).
+	got := take()
+	if got["CreateSnapshot_Task"] != 1 || got["RetrievePropertiesEx"] > 4 || got["CreatePropertyCollector"] > 1 {
+		t.Errorf("CreateSnapshot made the calls %v, want one CreateSnapshot_Task, at most 4 reads and one collector", got)
+	}
+	// Found again: one read of the tree, one of its config.
+	if _, err := c.CreateSnapshot(ctx, vm, name); err != nil {
+		t.Fatal(err)
+	}
+	if got := take(); len(got) != 1 || got["RetrievePropertiesEx"] != 2 {
+		t.Errorf("CreateSnapshot of an existing snapshot made the calls %v, want 2 reads", got)
+	}
+	if _, err := c.RemoveOwnSnapshot(ctx, vm.Ref, snap.Ref, name); err != nil {
+		t.Fatal(err)
+	}
+	// The check of the tree, the task, its info (or a collector's wait).
+	got = take()
+	if got["RemoveSnapshot_Task"] != 1 || got["RetrievePropertiesEx"] > 2 || got["CreatePropertyCollector"] > 1 {
+		t.Errorf("RemoveOwnSnapshot made the calls %v, want one RemoveSnapshot_Task, at most 2 reads and one collector", got)
+	}
+}
