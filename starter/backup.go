@@ -62,10 +62,12 @@ backup as status "running").
 Several VMs: each gets its own backup, all started at once (at most
 ` + strconv.Itoa(startsAtOnce) + ` start requests in flight), each reported as it starts (or, with
 --wait, as it ends): its summary, or with --json its object on a line of
-its own (JSON Lines, in the order they end). One VM's failure does not
-stop the others. The exit code is the worst of theirs: 1 when any
-failed, else 3 when any was already running, else 4 when interrupted,
-else 0; stderr ends with a count of each outcome.`,
+its own (JSON Lines, in the order they end; a VM whose backup could not
+be started gets its line too, status "failed"). One VM's failure does
+not stop the others. The exit code is the worst of theirs: 1 when any
+failed (an interrupt that kept a VM's backup from starting counts so),
+else 3 when any was already running, else 4 when interrupted, else 0;
+stderr ends with a count of each outcome.`,
 		Args: minArgs(1, "at least one VM"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return backupCmdRun(cmd.Context(), e, &cfg, o, args)
@@ -168,9 +170,6 @@ func backupMany(ctx context.Context, e *env, cfg *config.Config, c client.Client
 		}()
 	}
 	wg.Wait()
-	if worst == 0 {
-		return nil
-	}
 	done := "started"
 	if o.wait {
 		done = "completed"
@@ -184,19 +183,40 @@ func backupMany(ctx context.Context, e *env, cfg *config.Config, c client.Client
 			parts = append(parts, fmt.Sprintf("%d %s", n, c.what))
 		}
 	}
-	return exitError{code: worst, err: fmt.Errorf("backup of %d VMs: %s", len(vms), strings.Join(parts, ", "))}
+	summary := fmt.Errorf("backup of %d VMs: %s", len(vms), strings.Join(parts, ", "))
+	if worst == 0 {
+		fmt.Fprintln(e.stderr, "starter:", summary)
+		return nil
+	}
+	return exitError{code: worst, err: summary}
 }
 
 // backupRun backs up one VM: it starts the backup and, with --wait,
 // waits for its end. slots, when set, bounds the starts in flight.
 func backupRun(ctx context.Context, e *env, cfg *config.Config, c client.Client, o backupOptions, vm string, slots chan struct{}) error {
 	profile, mode, wait, asJSON := o.profile, &o.mode, &o.wait, &o.json
+	// notStarted reports a backup that was not started, on stdout too
+	// with --json (one report per VM, whatever happened).
+	notStarted := func(err error) error {
+		if *asJSON {
+			_ = printBackup(e, workflows.BackupReport{VM: vm, Status: workflows.ReportFailed, Error: err.Error(), Disks: []workflows.DiskResult{}}, true)
+		}
+		return exitError{code: 1, err: err}
+	}
 	if slots != nil {
+		got := false
 		select {
 		case slots <- struct{}{}:
+			got = true
 		case <-ctx.Done():
+		}
+		if got && ctx.Err() != nil {
+			<-slots // both were ready: the interrupt wins
+			got = false
+		}
+		if !got {
 			// Interrupted before this one's start was asked for.
-			return exitError{code: 1, err: fmt.Errorf("backup of VM %s: interrupted before it was started: nothing was started", vm)}
+			return notStarted(fmt.Errorf("backup of VM %s: interrupted before it was started: nothing was started", vm))
 		}
 	}
 	freeSlot := func() {
@@ -216,7 +236,7 @@ func backupRun(ctx context.Context, e *env, cfg *config.Config, c client.Client,
 		TaskQueue: workflows.TaskQueue,
 	}, workflows.Backup, workflows.BackupInput{VM: vm, Profile: *profile, Mode: *mode, Detach: true})
 	if err != nil && ctx.Err() == nil {
-		return fmt.Errorf("backup: start: %w", err)
+		return notStarted(fmt.Errorf("backup of VM %s: start: %w", vm, err))
 	}
 	if err != nil {
 		// Interrupted during the start request, which may have reached
@@ -237,7 +257,7 @@ func backupRun(ctx context.Context, e *env, cfg *config.Config, c client.Client,
 		var nf *serviceerror.NotFound
 		switch {
 		case errors.As(err, &nf):
-			return exitError{code: 1, err: fmt.Errorf("backup of VM %s: interrupted before it was started: nothing was started", vm)}
+			return notStarted(fmt.Errorf("backup of VM %s: interrupted before it was started: nothing was started", vm))
 		case err != nil && octx.Err() != nil:
 			return detached(e, cfg, workflows.BackupReport{VM: vm, WorkflowID: startID, Disks: []workflows.DiskResult{}}, *asJSON)
 		}

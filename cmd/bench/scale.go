@@ -244,6 +244,8 @@ func (r *e2eRun) round(ctx context.Context, vms []string, mode string, minChange
 	if err != nil {
 		return round{}, err
 	}
+	// Keyed by the VM's name as the worker resolved it: the bench names
+	// its VMs by name, so that is the name given.
 	started := map[string]workflows.BackupReport{}
 	for line := range strings.Lines(res.Stdout) {
 		var rep workflows.BackupReport

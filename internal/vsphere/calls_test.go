@@ -12,8 +12,8 @@ import (
 // SessionOptions.OnCall is told of every call a client makes, by method;
 // a backup's snapshot and its removal make few of them: a task that ended
 // already is read once (not waited for through a property collector of
-// its own: five calls), the VM's tree and recent tasks are read together,
-// and the new snapshot's tree entry and config together.
+// its own: five calls), and the new snapshot's tree entry and config are
+// read together.
 func TestSnapshotCalls(t *testing.T) {
 	f := startLab(t, lab.Options{})
 	ctx := ctxT(t)
@@ -52,20 +52,20 @@ func TestSnapshotCalls(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// The tree and recent tasks, their infos, the task's info, the new
-	// snapshot: four reads at most; a task that had not ended yet is
+	// The recent tasks, their infos, the tree, the task's info, the new
+	// snapshot: five reads at most; a task that had not ended yet is
 	// waited for with a property collector (its WaitForUpdatesEx calls
 	// depend on how long the task takes).
 	got := take()
-	if got["CreateSnapshot_Task"] != 1 || got["RetrievePropertiesEx"] > 4 || got["CreatePropertyCollector"] > 1 {
-		t.Errorf("CreateSnapshot made the calls %v, want one CreateSnapshot_Task, at most 4 reads and one collector", got)
+	if got["CreateSnapshot_Task"] != 1 || got["RetrievePropertiesEx"] > 5 || got["CreatePropertyCollector"] > 1 {
+		t.Errorf("CreateSnapshot made the calls %v, want one CreateSnapshot_Task, at most 5 reads and one collector", got)
 	}
-	// Found again: one read of the tree, one of its config.
+	// Found again: the recent tasks, their infos, the tree, its config.
 	if _, err := c.CreateSnapshot(ctx, vm, name); err != nil {
 		t.Fatal(err)
 	}
-	if got := take(); len(got) != 1 || got["RetrievePropertiesEx"] != 2 {
-		t.Errorf("CreateSnapshot of an existing snapshot made the calls %v, want 2 reads", got)
+	if got := take(); len(got) != 1 || got["RetrievePropertiesEx"] > 4 {
+		t.Errorf("CreateSnapshot of an existing snapshot made the calls %v, want 4 reads at most", got)
 	}
 	if _, err := c.RemoveOwnSnapshot(ctx, vm.Ref, snap.Ref, name); err != nil {
 		t.Fatal(err)

@@ -70,31 +70,22 @@ func (c *Client) CreateSnapshotDescribed(ctx context.Context, vm *VM, name, desc
 		return nil, fmt.Errorf("vsphere: create snapshot of %s: empty snapshot name", vm.Name)
 	}
 	ref := vmRef(vm.Ref)
-	// One read says whether the snapshot exists already (an earlier
-	// attempt took it) and which tasks ran on the VM lately.
-	var mvm mo.VirtualMachine
-	if err := property.DefaultCollector(c.vim).RetrieveOne(ctx, ref, []string{"name", "snapshot", "recentTask"}, &mvm); err != nil {
-		return nil, fmt.Errorf("vsphere: create snapshot %q of %s (%s): %w", name, vm.Name, vm.Ref, vmNotFound(err))
+	// An earlier attempt's creation may still run: it is waited for
+	// first, and only then is the tree read (read together, a task that
+	// ends between the two reads would make a second snapshot of the
+	// name).
+	var recent mo.VirtualMachine
+	if err := property.DefaultCollector(c.vim).RetrieveOne(ctx, ref, []string{"recentTask"}, &recent); err != nil {
+		return nil, fmt.Errorf("vsphere: snapshot tasks of %s (%s): %w", vm.Name, vm.Ref, vmNotFound(err))
 	}
-	reuse := func(s *Snapshot, err error) (*Snapshot, error) {
+	if _, err := c.waitSnapshotTasks(ctx, vm, recent.RecentTask); err != nil {
+		return nil, err
+	}
+	if s, err := c.FindSnapshot(ctx, vm.Ref, name); err != nil || s != nil {
 		if s != nil {
 			c.log.Info("snapshot exists, reusing it", "vm", vm.Name, "vm_ref", vm.Ref, "snapshot", s.Ref, "snapshot_name", name)
 		}
 		return s, err
-	}
-	if s, err := c.snapshotNamed(ctx, vm.Ref, &mvm, name); err != nil || s != nil {
-		return reuse(s, err)
-	}
-	// Not there: an earlier attempt's creation may still run. Once it
-	// ended, the snapshot is looked for again.
-	waited, err := c.waitSnapshotTasks(ctx, vm, mvm.RecentTask)
-	if err != nil {
-		return nil, err
-	}
-	if waited {
-		if s, err := c.FindSnapshot(ctx, vm.Ref, name); err != nil || s != nil {
-			return reuse(s, err)
-		}
 	}
 	const memory, quiesce = false, false // crash-consistent
 	task, err := object.NewVirtualMachine(c.vim, ref).CreateSnapshot(ctx, name, description, memory, quiesce)
@@ -127,14 +118,21 @@ func (c *Client) createdSnapshot(ctx context.Context, vm *VM, name string, sref 
 	}}})
 	if err != nil {
 		if isFault(err, &types.ManagedObjectNotFound{}) {
-			return nil, fmt.Errorf("vsphere: %w: snapshot %s (%q) of %s is gone right after its creation: %w", ErrSnapshotNotFound, sref.Value, name, vm.Name, err)
+			// The VM or the snapshot is gone: the reads of a retry say
+			// which.
+			s, ferr := c.findSnapshot(ctx, vm.Ref, name, func(t types.VirtualMachineSnapshotTree) bool { return t.Snapshot.Value == sref.Value })
+			if ferr == nil && s == nil {
+				ferr = fmt.Errorf("vsphere: %w: snapshot %s (%q) of %s is gone right after its creation", ErrSnapshotNotFound, sref.Value, name, vm.Name)
+			}
+			return s, ferr
 		}
 		return nil, fmt.Errorf("vsphere: snapshot %s (%q) of %s: %w", sref.Value, name, vm.Name, err)
 	}
 	var mvm mo.VirtualMachine
 	var ms *mo.VirtualMachineSnapshot
 	for _, oc := range res.Returnval {
-		switch oc.Obj {
+		// By type and value: a server may name its GUID in the answer.
+		switch (types.ManagedObjectReference{Type: oc.Obj.Type, Value: oc.Obj.Value}) {
 		case ref:
 			err = mo.LoadObjectContent([]types.ObjectContent{oc}, &mvm)
 		case sref:
@@ -148,7 +146,7 @@ func (c *Client) createdSnapshot(ctx context.Context, vm *VM, name string, sref 
 	var at *types.VirtualMachineSnapshotTree
 	if mvm.Snapshot != nil {
 		walkSnapshots(mvm.Snapshot.RootSnapshotList, func(t types.VirtualMachineSnapshotTree) {
-			if t.Snapshot == sref && at == nil {
+			if t.Snapshot.Type == sref.Type && t.Snapshot.Value == sref.Value && at == nil {
 				at = &t
 			}
 		})
@@ -243,12 +241,6 @@ func (c *Client) findSnapshot(ctx context.Context, vmRefValue, what string, matc
 		return nil, fmt.Errorf("vsphere: find snapshot %q of %s: %w", what, vmRefValue, vmNotFound(err))
 	}
 	return c.snapshotIn(ctx, vmRefValue, &mvm, what, match)
-}
-
-// snapshotNamed is FindSnapshot on a VM's name and snapshot tree read
-// already.
-func (c *Client) snapshotNamed(ctx context.Context, vmRefValue string, mvm *mo.VirtualMachine, name string) (*Snapshot, error) {
-	return c.snapshotIn(ctx, vmRefValue, mvm, name, func(t types.VirtualMachineSnapshotTree) bool { return t.Name == name })
 }
 
 // snapshotIn is findSnapshot on a VM's name and snapshot tree read

@@ -76,7 +76,7 @@ func TestBackupOfSeveralVMs(t *testing.T) {
 	// they then complete as incrementals.
 	r = run(ctx, t, s, "backup", vm1, vm0, "--json")
 	reports = decodeLines(t, r.Stdout)
-	if r.ExitCode != 0 || len(reports) != 2 {
+	if r.ExitCode != 0 || len(reports) != 2 || !strings.Contains(r.Stderr, "starter: backup of 2 VMs: 2 started") {
 		t.Fatalf("backup of %s and %s without --wait: %s", vm1, vm0, r)
 	}
 	vms := []string{}
