@@ -112,6 +112,20 @@ func gauges(text, name, label string) map[string]float64 {
 	return out
 }
 
+// vcenterCalls is the worker's count of its calls to vCenter, every
+// method's together.
+func vcenterCalls(metricsURL string) (float64, error) {
+	text, err := scrape(httpClient(), metricsURL)
+	if err != nil {
+		return 0, err
+	}
+	var n float64
+	for _, v := range gauges(text, "cbtflow_vcenter_calls_total", "method") {
+		n += v
+	}
+	return n, nil
+}
+
 // labelValue finds label="value" in a Prometheus label list.
 func labelValue(labels, label string) string {
 	for _, kv := range strings.Split(labels, ",") {

@@ -40,6 +40,7 @@ type round struct {
 	peaks     peaks
 	waited    int // transfers that logged waiting for a transfer slot
 	cpu       cpuUse
+	vcenter   float64 // calls the worker made to the lab's vCenter in the round
 }
 
 // transferSums adds up the TransferDisk activities of a round: their
@@ -222,6 +223,10 @@ func (r *e2eRun) round(ctx context.Context, vms []string, mode string, minChange
 	if err != nil {
 		return round{}, err
 	}
+	callsBefore, err := vcenterCalls(s.MetricsURL())
+	if err != nil {
+		return round{}, err
+	}
 	smp, err := startSampler(pid, s.MetricsURL(), sampleEvery)
 	if err != nil {
 		return round{}, err
@@ -281,7 +286,11 @@ func (r *e2eRun) round(ctx context.Context, vms []string, mode string, minChange
 	if ctx.Err() != nil {
 		return round{}, fmt.Errorf("the backups did not end within %s", roundTimeout)
 	}
-	rd := round{vms: len(vms), peaks: pk, cpu: cpuAfter.sub(cpuBefore)}
+	callsAfter, err := vcenterCalls(s.MetricsURL())
+	if err != nil {
+		return round{}, err
+	}
+	rd := round{vms: len(vms), peaks: pk, cpu: cpuAfter.sub(cpuBefore), vcenter: callsAfter - callsBefore}
 	var last time.Time
 	for _, o := range out {
 		if o.end.After(last) {
@@ -374,6 +383,7 @@ func (r *e2eRun) printRound(title string, rd round, ref copierRef) {
 	if r.o.copierRate > 0 {
 		row("the copier part's full copy", "%.1f MiB/s (%.2f× of it)", r.o.copierRate/float64(mib), rate/r.o.copierRate)
 	}
+	row("vCenter calls (the worker's cbtflow_vcenter_calls_total)", "%.0f, %.1f per backup", rd.vcenter, rd.vcenter/float64(max(rd.vms, 1)))
 	if len(rd.retries) == 0 {
 		row("activity retries, failed activities, failed workflow tasks", "none")
 	} else {
