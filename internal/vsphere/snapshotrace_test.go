@@ -7,7 +7,6 @@ import (
 	"testing"
 
 	"github.com/vmware/govmomi/object"
-	"github.com/vmware/govmomi/simulator"
 	"github.com/vmware/govmomi/vim25/methods"
 	"github.com/vmware/govmomi/vim25/soap"
 
@@ -42,22 +41,8 @@ func (h *hookRT) RoundTrip(ctx context.Context, req, res soap.HasFault) error {
 // VM's recent tasks gives one snapshot of the name, not two: the retry
 // waits for the tasks before it reads the tree.
 func TestCreateSnapshotTaskEndsBetweenReads(t *testing.T) {
-	saved := simulator.TaskDelay
-	simulator.TaskDelay = simulator.DelayConfig{MethodDelay: map[string]int{"CreateSnapshotEx": 1500, "LockHandoff": 0}}
-	t.Cleanup(func() { simulator.TaskDelay = saved })
-	f := startLab(t, lab.Options{})
-	ctx := ctxT(t)
-	c := f.client(t)
-	vm, err := c.FindVM(ctx, "DC0_H0_VM1")
-	if err != nil {
-		t.Fatal(err)
-	}
 	const name = "cbtflow-retried"
-	admin, _ := f.adminSession(t)
-	task, err := object.NewVirtualMachine(admin, vmRef(vm.Ref)).CreateSnapshot(ctx, name, "first attempt", false, false)
-	if err != nil {
-		t.Fatal(err)
-	}
+	ctx, c, vm, task := runningSnapshotTask(t, name)
 	c.vim.RoundTripper = &hookRT{
 		next: c.vim.RoundTripper,
 		match: func(req soap.HasFault) bool {

@@ -2,6 +2,7 @@ package vsphere
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"strings"
 	"testing"
@@ -274,16 +275,16 @@ func TestRemoveSnapshotAndList(t *testing.T) {
 	}
 }
 
-// TestCreateSnapshotWaitsForRunningTask plays a retried activity whose
-// first attempt's snapshot task is still running: the retry must wait for
-// it and return its snapshot instead of making a second one.
-func TestCreateSnapshotWaitsForRunningTask(t *testing.T) {
-	// Delay the simulator's snapshot task, without holding the VM's lock
-	// during the delay (so the VM's properties stay readable).
+// runningSnapshotTask starts a lab whose snapshot tasks take 1.5 s
+// (without holding the VM's lock meanwhile, so that its properties stay
+// readable), and has an administrator start a snapshot of DC0_H0_VM1
+// named name: an earlier attempt's task, still running. It returns a
+// client of the lab, the VM and that task.
+func runningSnapshotTask(t *testing.T, name string) (context.Context, *Client, *VM, *object.Task) {
+	t.Helper()
 	saved := simulator.TaskDelay
 	simulator.TaskDelay = simulator.DelayConfig{MethodDelay: map[string]int{"CreateSnapshotEx": 1500, "LockHandoff": 0}}
 	t.Cleanup(func() { simulator.TaskDelay = saved })
-
 	f := startLab(t, lab.Options{})
 	ctx := ctxT(t)
 	c := f.client(t)
@@ -291,12 +292,20 @@ func TestCreateSnapshotWaitsForRunningTask(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	const name = "cbtflow-retried"
 	admin, _ := f.adminSession(t)
 	task, err := object.NewVirtualMachine(admin, vmRef(vm.Ref)).CreateSnapshot(ctx, name, "first attempt", false, false)
 	if err != nil {
 		t.Fatal(err)
 	}
+	return ctx, c, vm, task
+}
+
+// TestCreateSnapshotWaitsForRunningTask plays a retried activity whose
+// first attempt's snapshot task is still running: the retry must wait for
+// it and return its snapshot instead of making a second one.
+func TestCreateSnapshotWaitsForRunningTask(t *testing.T) {
+	const name = "cbtflow-retried"
+	ctx, c, vm, task := runningSnapshotTask(t, name)
 	start := time.Now()
 	s, err := c.CreateSnapshot(ctx, vm, name)
 	if err != nil {
