@@ -74,11 +74,7 @@ func (c *Client) CreateSnapshotDescribed(ctx context.Context, vm *VM, name, desc
 	// first, and only then is the tree read (read together, a task that
 	// ends between the two reads would make a second snapshot of the
 	// name).
-	var recent mo.VirtualMachine
-	if err := property.DefaultCollector(c.vim).RetrieveOne(ctx, ref, []string{"recentTask"}, &recent); err != nil {
-		return nil, fmt.Errorf("vsphere: snapshot tasks of %s (%s): %w", vm.Name, vm.Ref, vmNotFound(err))
-	}
-	if _, err := c.waitSnapshotTasks(ctx, vm, recent.RecentTask); err != nil {
+	if err := c.waitSnapshotTasks(ctx, vm); err != nil {
 		return nil, err
 	}
 	if s, err := c.FindSnapshot(ctx, vm.Ref, name); err != nil || s != nil {
@@ -183,27 +179,30 @@ func vmNotFound(err error) error {
 	return err
 }
 
-// waitSnapshotTasks waits for the VM's snapshot creations among its
-// recent tasks that are queued or running, and reports whether there were
-// any. Their outcome does not matter here: the caller looks for the
+// waitSnapshotTasks waits for the VM's snapshot creations that are queued
+// or running. Their outcome does not matter here: the caller looks for the
 // snapshot by name afterwards.
-func (c *Client) waitSnapshotTasks(ctx context.Context, vm *VM, recent []types.ManagedObjectReference) (waited bool, err error) {
-	if len(recent) == 0 {
-		return false, nil
-	}
+func (c *Client) waitSnapshotTasks(ctx context.Context, vm *VM) error {
 	pc := property.DefaultCollector(c.vim)
+	var mvm mo.VirtualMachine
+	if err := pc.RetrieveOne(ctx, vmRef(vm.Ref), []string{"recentTask"}, &mvm); err != nil {
+		return fmt.Errorf("vsphere: snapshot tasks of %s (%s): %w", vm.Name, vm.Ref, vmNotFound(err))
+	}
+	if len(mvm.RecentTask) == 0 {
+		return nil
+	}
 	var tasks []mo.Task
-	if err := pc.Retrieve(ctx, recent, []string{"info"}, &tasks); err != nil {
+	if err := pc.Retrieve(ctx, mvm.RecentTask, []string{"info"}, &tasks); err != nil {
 		// A task can expire between the two reads; one bad reference fails
 		// the whole retrieval, so look at them one by one.
 		tasks = tasks[:0]
-		for _, ref := range recent {
+		for _, ref := range mvm.RecentTask {
 			var t mo.Task
 			if err := pc.RetrieveOne(ctx, ref, []string{"info"}, &t); err != nil {
 				if isFault(err, &types.ManagedObjectNotFound{}) {
 					continue
 				}
-				return false, fmt.Errorf("vsphere: snapshot tasks of %s (%s): %w", vm.Name, vm.Ref, err)
+				return fmt.Errorf("vsphere: snapshot tasks of %s (%s): %w", vm.Name, vm.Ref, err)
 			}
 			tasks = append(tasks, t)
 		}
@@ -213,17 +212,16 @@ func (c *Client) waitSnapshotTasks(ctx context.Context, vm *VM, recent []types.M
 		if !createSnapshotTask(info) || (info.State != types.TaskInfoStateQueued && info.State != types.TaskInfoStateRunning) {
 			continue
 		}
-		waited = true
 		c.log.Info("waiting for a running snapshot task", "vm", vm.Name, "vm_ref", vm.Ref, "task", t.Self.Value)
 		if _, err := c.waitTask(ctx, t.Self); err != nil {
 			if ctx.Err() != nil {
-				return waited, fmt.Errorf("vsphere: waiting for snapshot task %s of %s: %w", t.Self.Value, vm.Name, ctx.Err())
+				return fmt.Errorf("vsphere: waiting for snapshot task %s of %s: %w", t.Self.Value, vm.Name, ctx.Err())
 			}
 			// A failed earlier attempt: the caller makes its own snapshot.
 			c.log.Info("earlier snapshot task failed", "vm", vm.Name, "task", t.Self.Value, "err", err)
 		}
 	}
-	return waited, nil
+	return nil
 }
 
 // FindSnapshot returns the VM's snapshot named name (searching the whole
@@ -240,12 +238,6 @@ func (c *Client) findSnapshot(ctx context.Context, vmRefValue, what string, matc
 	if err := property.DefaultCollector(c.vim).RetrieveOne(ctx, vmRef(vmRefValue), []string{"name", "snapshot"}, &mvm); err != nil {
 		return nil, fmt.Errorf("vsphere: find snapshot %q of %s: %w", what, vmRefValue, vmNotFound(err))
 	}
-	return c.snapshotIn(ctx, vmRefValue, &mvm, what, match)
-}
-
-// snapshotIn is findSnapshot on a VM's name and snapshot tree read
-// already.
-func (c *Client) snapshotIn(ctx context.Context, vmRefValue string, mvm *mo.VirtualMachine, what string, match func(types.VirtualMachineSnapshotTree) bool) (*Snapshot, error) {
 	var found []types.VirtualMachineSnapshotTree
 	if mvm.Snapshot != nil {
 		walkSnapshots(mvm.Snapshot.RootSnapshotList, func(t types.VirtualMachineSnapshotTree) {
