@@ -66,8 +66,9 @@ func (t *transferSums) add(spans []span) {
 // copierRef is the copier alone on the data of one disk: the reference
 // of a round's throughput.
 type copierRef struct {
-	bytes   int64
-	seconds float64 // median
+	bytes    int64
+	seconds  float64 // median
+	min, max float64 // the fastest and the slowest run
 }
 
 func (c copierRef) rate() float64 { return float64(c.bytes) / c.seconds }
@@ -378,8 +379,8 @@ func (r *e2eRun) printRound(title string, rd round, ref copierRef) {
 	rate := float64(rd.bytes) / rd.wall.Seconds()
 	row("bytes copied (changed bytes of every disk)", "%d MiB", rd.bytes/mib)
 	row("aggregate throughput", "%.1f MiB/s", rate/float64(mib))
-	row("one copier alone, one disk's bytes", "%.1f MiB/s (%d MiB in %.3fs, median of %d around the round; %.2f× of it)",
-		ref.rate()/float64(mib), ref.bytes/mib, ref.seconds, r.o.runs, rate/ref.rate())
+	row("one copier alone, one disk's bytes", "%.1f MiB/s (%d MiB in %.3fs, median of %d around the round, %.3f–%.3fs; %.2f× of it)",
+		ref.rate()/float64(mib), ref.bytes/mib, ref.seconds, r.o.runs, ref.min, ref.max, rate/ref.rate())
 	if r.o.copierRate > 0 {
 		row("the copier part's full copy", "%.1f MiB/s (%.2f× of it)", r.o.copierRate/float64(mib), rate/r.o.copierRate)
 	}
@@ -475,7 +476,7 @@ func (c *copierAlone) run(ctx context.Context, n int) error {
 func (c *copierAlone) ref() copierRef {
 	t := slices.Clone(c.times)
 	slices.Sort(t)
-	return copierRef{bytes: c.bytes, seconds: median(t)}
+	return copierRef{bytes: c.bytes, seconds: median(t), min: t[0].Seconds(), max: t[len(t)-1].Seconds()}
 }
 
 func (c *copierAlone) close() {
