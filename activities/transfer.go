@@ -60,6 +60,36 @@ type Transfer struct {
 	// worker sets it; the paths that remove images (FailBackup, prunes)
 	// remove their digest files with them.
 	Digests bool
+	// HeartbeatQuiet is how long an attempt of TransferDisk runs before
+	// it sends its first heartbeat (0: from its start). Each heartbeat is
+	// a round trip through Temporal and a write of the workflow's state
+	// there; an incremental of a few MiB ends well within a second or two,
+	// and its heartbeats were most of what it cost Temporal beyond its
+	// completion. What the quiet start gives up is bounded by it: a cancel
+	// reaches the attempt that much later (cancels are answered in
+	// heartbeat responses), a retry of an attempt that died within it
+	// copies afresh (no resume point was recorded; one an earlier attempt
+	// recorded stays), and the progress shows the disk's transfer as
+	// started, with none of its bytes, until then. It must stay well
+	// within the workflow's HeartbeatTimeout for transfers (15 s). An
+	// attempt that holds at fault points (tests) heartbeats from its
+	// start, as they look for its progress where it holds.
+	HeartbeatQuiet time.Duration
+}
+
+// beater returns what records a heartbeat of a TransferDisk attempt that
+// started at started: nothing within its HeartbeatQuiet.
+func (a *Transfer) beater(ctx context.Context, started time.Time) func(TransferProgress) {
+	quiet := a.HeartbeatQuiet
+	if faultpoint.Active(ctx) {
+		quiet = 0
+	}
+	return func(p TransferProgress) {
+		if quiet > 0 && time.Since(started) < quiet {
+			return
+		}
+		activity.RecordHeartbeat(ctx, p)
+	}
 }
 
 // TransferSlots bounds how many TransferDisk calls of one worker process
@@ -148,6 +178,7 @@ func waitBeat(ctx context.Context) time.Duration {
 // from the last resume point it heartbeated (advanced only after a FLUSH).
 func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*TransferDiskResult, error) {
 	start := time.Now()
+	beat := a.beater(ctx, start)
 	log := activity.GetLogger(ctx)
 	profile, err := a.Sessions.Profile(in.Profile)
 	if err != nil {
@@ -182,7 +213,7 @@ func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*Tra
 			waited = true
 			log.Info("waiting for a transfer slot", "disk", in.Key, "backup", in.BackupID)
 		}
-		activity.RecordHeartbeat(ctx, TransferProgress{Path: resume.Path, ResumePoint: resume.ResumePoint,
+		beat(TransferProgress{Path: resume.Path, ResumePoint: resume.ResumePoint,
 			Key: in.Key, Stage: TransferStageWaiting, Done: resume.Done, Total: in.ChangedBytes})
 	})
 	if err != nil {
@@ -260,7 +291,7 @@ func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*Tra
 			return nil, permanent(fmt.Errorf("disk %d: %w", in.Key, err))
 		}
 		res = &copier.Result{ResumePoint: in.Capacity}
-	} else if res, writer, err = a.copyDisk(ctx, in, profile, path, extents, resume.ResumePoint, digests); err != nil {
+	} else if res, writer, err = a.copyDisk(ctx, in, profile, path, extents, resume.ResumePoint, digests, beat); err != nil {
 		return nil, err
 	}
 	copyTook := time.Since(copyStart)
@@ -283,7 +314,7 @@ func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*Tra
 	if fi, err := os.Stat(path); err == nil {
 		verifying.VerifyTotal = fi.Size()
 	}
-	activity.RecordHeartbeat(ctx, verifying)
+	beat(verifying)
 	hashRate := newRateMeter()
 	faultpoint.Hold(ctx, faultpoint.BeforeCheck)
 
@@ -306,7 +337,7 @@ func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*Tra
 	hashStart := time.Now()
 	size, sum, before, proofErr := a.stampedProof(ctx, in.Key, path, digests != nil, func(n int64) {
 		verifying.Verified, verifying.Rate = n, hashRate.observe(time.Now(), n)
-		activity.RecordHeartbeat(ctx, verifying)
+		beat(verifying)
 	})
 	hashTook := time.Since(hashStart)
 	check := <-checkDone
@@ -350,7 +381,7 @@ func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*Tra
 // stops the servers: when it returns, the copy's final flush made the
 // data durable.
 func (a *Transfer) copyDisk(ctx context.Context, in TransferDiskInput, profile vsphere.Profile, path string,
-	extents []copier.Extent, resumeFrom int64, digests *digest.Writer) (*copier.Result, string, error) {
+	extents []copier.Extent, resumeFrom int64, digests *digest.Writer, beat func(TransferProgress)) (*copier.Result, string, error) {
 	runDir, err := a.runtimeDir()
 	if err != nil {
 		return nil, "", permanent(err)
@@ -429,7 +460,7 @@ func (a *Transfer) copyDisk(ctx context.Context, in TransferDiskInput, profile v
 	halfway := false
 	copyRate := newRateMeter()
 	opts.Progress = func(p copier.Progress) {
-		activity.RecordHeartbeat(ctx, TransferProgress{Path: path, ResumePoint: p.ResumePoint, Done: p.Done, Total: p.Total,
+		beat(TransferProgress{Path: path, ResumePoint: p.ResumePoint, Done: p.Done, Total: p.Total,
 			Key: in.Key, Stage: TransferStageCopying, Rate: copyRate.observe(time.Now(), p.Done)})
 		if faultpoint.Enabled && !halfway && p.Total > 0 && p.Done*2 >= p.Total && p.Done < p.Total {
 			halfway = true

@@ -37,6 +37,14 @@ type deps struct {
 // newWorker returns the worker of cbtflow's task queue with every workflow
 // and activity registered; tests build theirs here too, so what they
 // check is what the worker runs.
+// transferHeartbeatQuiet is how long a transfer attempt runs before its
+// first heartbeat (activities.Transfer.HeartbeatQuiet): most incrementals
+// end within it and send none. Of 20 VMs' incrementals at once (bench,
+// scale case), those heartbeats were about one request in nine the worker
+// made of Temporal, each a write of the workflow's state there. A cancel
+// reaches a transfer at most that much later.
+const transferHeartbeatQuiet = 2 * time.Second
+
 func newWorker(c client.Client, d deps, maxTransfers int) worker.Worker {
 	// Temporal bounds only all of a worker's activities together, so the
 	// transfers are bounded by their own slots, and the worker's limit
@@ -73,7 +81,7 @@ func newWorker(c client.Client, d deps, maxTransfers int) worker.Worker {
 	workflows.Register(w)
 	w.RegisterActivity(&activities.VSphere{Sessions: d.sessions, Repo: d.repo, Metrics: d.metrics})
 	w.RegisterActivity(&activities.Transfer{Sessions: d.sessions, Repo: d.repo, Digests: true,
-		Slots: activities.NewTransferSlots(maxTransfers), Metrics: d.metrics})
+		Slots: activities.NewTransferSlots(maxTransfers), Metrics: d.metrics, HeartbeatQuiet: transferHeartbeatQuiet})
 	w.RegisterActivity(&activities.Catalog{Catalog: d.catalog, Repo: d.repo, Metrics: d.metrics})
 	w.RegisterActivity(&activities.Pruner{Catalog: d.catalog, Repo: d.repo})
 	w.RegisterActivity(&activities.Restorer{Catalog: d.catalog, Repo: d.repo})
