@@ -10,7 +10,7 @@ import (
 )
 
 // SessionOptions.OnCall is told of every call a client makes, by method;
-// a backup's snapshot and its removal make few of them: a task that ended
+// finding a VM, a backup's snapshot and its removal make few of them: a task that ended
 // already is read once (not waited for through a property collector of
 // its own: five calls), and the new snapshot's tree entry and config are
 // read together.
@@ -45,6 +45,16 @@ func TestSnapshotCalls(t *testing.T) {
 	}
 	if got := take(); got["Login"] != 1 || got["RetrievePropertiesEx"] == 0 {
 		t.Errorf("calls of the connect and FindVM: %v, want one Login and the reads", got)
+	}
+
+	// A VM is found by its instance UUID, and its properties are read,
+	// in a call each (its inventory path, which nothing used, took one
+	// more).
+	if _, err := c.VMByUUID(ctx, vm.UUID); err != nil {
+		t.Fatal(err)
+	}
+	if got := take(); len(got) != 2 || got["FindByUuid"] != 1 || got["RetrievePropertiesEx"] != 1 {
+		t.Errorf("VMByUUID made the calls %v, want one FindByUuid and one read", got)
 	}
 
 	const name = "cbtflow-calls-1"

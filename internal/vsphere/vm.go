@@ -7,7 +7,6 @@ import (
 	"regexp"
 	"strings"
 
-	"github.com/vmware/govmomi/find"
 	"github.com/vmware/govmomi/object"
 	"github.com/vmware/govmomi/property"
 	"github.com/vmware/govmomi/view"
@@ -20,8 +19,7 @@ type VM struct {
 	Ref        string // moref value, e.g. "vm-62"
 	UUID       string // instance UUID (config.instanceUuid)
 	Name       string
-	Path       string // inventory path, e.g. /DC0/vm/DC0_H0_VM0
-	CBTEnabled bool   // config.changeTrackingEnabled
+	CBTEnabled bool // config.changeTrackingEnabled
 	Disks      []Disk
 }
 
@@ -149,7 +147,7 @@ func (c *Client) allVMs(ctx context.Context, props []string) ([]mo.VirtualMachin
 	return vms, nil
 }
 
-// loadVM reads a VM's properties and inventory path. asked is what the
+// loadVM reads a VM's properties in one call. asked is what the
 // caller named the VM by, for errors.
 func (c *Client) loadVM(ctx context.Context, ref types.ManagedObjectReference, asked string) (*VM, error) {
 	var mvm mo.VirtualMachine
@@ -163,15 +161,10 @@ func (c *Client) loadVM(ctx context.Context, ref types.ManagedObjectReference, a
 	if mvm.Config == nil {
 		return nil, fmt.Errorf("vsphere: VM %q (%s) has no config (inaccessible or orphaned?)", asked, ref.Value)
 	}
-	path, err := find.InventoryPath(ctx, c.vim, ref)
-	if err != nil {
-		return nil, fmt.Errorf("vsphere: VM %q (%s): inventory path: %w", asked, ref.Value, err)
-	}
 	return &VM{
 		Ref:        ref.Value,
 		UUID:       mvm.Config.InstanceUuid,
 		Name:       mvm.Name,
-		Path:       path,
 		CBTEnabled: mvm.Config.ChangeTrackingEnabled != nil && *mvm.Config.ChangeTrackingEnabled,
 		Disks:      disksOf(mvm.Config.Hardware.Device),
 	}, nil
