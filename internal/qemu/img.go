@@ -171,7 +171,16 @@ func CheckArgs(path string) []string {
 
 // Check runs qemu-img check on one QCOW2 image. A damaged image is not an
 // error: the result says so (Clean); an error means the check could not run.
+//
+// qemu-img check opens the image's backing chain, and spins for ever on a
+// chain that comes back to an image of it (qemu 7.2; damage, or a hostile
+// file in the repository): the chain is read first with qemu-img info,
+// which refuses such a chain, naming the file that loops (as it refuses
+// a backing file that is missing, where the check would fail the same way).
 func Check(ctx context.Context, path string) (*CheckResult, error) {
+	if _, err := Info(ctx, path); err != nil {
+		return nil, err
+	}
 	cmd := exec.CommandContext(ctx, QemuImg, CheckArgs(path)...)
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr

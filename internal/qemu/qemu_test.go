@@ -339,3 +339,47 @@ func TestCompareSizeMismatch(t *testing.T) {
 		t.Errorf("diff=%q err=%v", diff, err)
 	}
 }
+
+// Check of an image whose backing chain comes back to it (damage, or a
+// hostile file in the repository) fails at once, naming the loop, where
+// qemu-img check spun for ever; so does the check of an overlay whose
+// backing file is gone, as it did.
+func TestCheckRefusesALoopingChain(t *testing.T) {
+	testutil.CheckNoChildren(t)
+	dir := t.TempDir()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute) // a spinning check ends here, failed
+	defer cancel()
+
+	// loop.qcow2 is its own backing file; a.qcow2 and b.qcow2 each other's.
+	loop, a, b := filepath.Join(dir, "loop.qcow2"), filepath.Join(dir, "a.qcow2"), filepath.Join(dir, "b.qcow2")
+	for _, p := range []string{loop, a, b} {
+		if err := Create(ctx, p, 64*mib); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, rb := range [][2]string{{loop, "loop.qcow2"}, {a, "b.qcow2"}, {b, "a.qcow2"}} {
+		if out, err := exec.Command(QemuImg, "rebase", "-u", "-F", "qcow2", "-b", rb[1], rb[0]).CombinedOutput(); err != nil {
+			t.Fatalf("qemu-img rebase: %v: %s", err, out)
+		}
+	}
+	base, over := filepath.Join(dir, "base.qcow2"), filepath.Join(dir, "over.qcow2")
+	if err := Create(ctx, base, 64*mib); err != nil {
+		t.Fatal(err)
+	}
+	if err := CreateOverlay(ctx, over, base); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(base); err != nil {
+		t.Fatal(err)
+	}
+
+	for _, c := range []struct{ path, want string }{{loop, "infinite loop"}, {a, "infinite loop"}, {over, "base.qcow2"}} {
+		res, err := Check(ctx, c.path)
+		if ctx.Err() != nil {
+			t.Fatalf("check of %s did not end: %v", filepath.Base(c.path), err)
+		}
+		if err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("check of %s = %+v, %v; want an error naming %q", filepath.Base(c.path), res, err, c.want)
+		}
+	}
+}
