@@ -10,9 +10,10 @@ func SetTemporalDBTmpfs(dir string) (restore func()) {
 
 var MoveTemporalDB = moveTemporalDB
 
-// HandOutNext makes the next free port handed out port, taken or not.
-func HandOutNext(port int) {
+// HandOutNext makes the next free ports handed out ports, in order,
+// taken or not.
+func HandOutNext(ports ...int) {
 	handedOut.Lock()
 	defer handedOut.Unlock()
-	handedOut.next = port
+	handedOut.next = ports
 }

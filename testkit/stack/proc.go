@@ -88,7 +88,7 @@ func (p *proc) stop(sig syscall.Signal, grace time.Duration) error {
 var handedOut = struct {
 	sync.Mutex
 	ports map[int]bool
-	next  int // a test's port for the next call (export_test.go)
+	next  []int // a test's ports for the next calls (export_test.go)
 }{ports: map[int]bool{}}
 
 // freePort returns a TCP port on 127.0.0.1 that was free a moment ago and
@@ -96,8 +96,9 @@ var handedOut = struct {
 func freePort() (int, error) {
 	handedOut.Lock()
 	defer handedOut.Unlock()
-	if p := handedOut.next; p != 0 {
-		handedOut.next = 0
+	if len(handedOut.next) > 0 {
+		p := handedOut.next[0]
+		handedOut.next = handedOut.next[1:]
 		return p, nil
 	}
 	for range 100 {

@@ -343,8 +343,8 @@ func (s *Stack) StartTemporal(ctx context.Context) error {
 }
 
 // startTemporalRetrying is StartTemporal; newPort: a start whose port was
-// taken is tried again on another gRPC port too (the stack's first start,
-// before anything knows the port).
+// taken is tried again on another gRPC port, and Web UI port, too (the
+// stack's first start, before anything knows them).
 func (s *Stack) startTemporalRetrying(ctx context.Context, newPort bool) error {
 	for attempt := 1; ; attempt++ {
 		from, _ := fileSize(s.TemporalLog())
@@ -353,11 +353,18 @@ func (s *Stack) startTemporalRetrying(ctx context.Context, newPort bool) error {
 			return err
 		}
 		if newPort {
+			// Which of its ports was taken, the log does not say
+			// plainly: the gRPC port and the Web UI's are picked again.
 			port, perr := freePort()
 			if perr != nil {
 				return err
 			}
 			s.grpcPort = port
+			if s.uiPort != 0 {
+				if s.uiPort, perr = freePort(); perr != nil {
+					return err
+				}
+			}
 			if s.client != nil {
 				s.client.Close()
 				s.client = nil

@@ -141,3 +141,38 @@ func TestTemporalStartRetriesATakenPort(t *testing.T) {
 		t.Errorf("Temporal on %s: %v", s.TemporalAddress(), err)
 	}
 }
+
+// The same for the Web UI's port: a stack with the Web UI whose first
+// port for it is taken starts Temporal again with another.
+func TestTemporalStartRetriesATakenUIPort(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	free, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	grpcPort := free.Addr().(*net.TCPAddr).Port
+	free.Close()
+	taken := ln.Addr().String()
+	// The gRPC port first (free), then the Web UI's (held here).
+	stack.HandOutNext(grpcPort, ln.Addr().(*net.TCPAddr).Port)
+	s := stacktest.New(t, stack.Options{NoWorker: true, WebUI: true})
+	if s.UIAddr() == taken {
+		t.Fatalf("the Web UI is said to serve on %s, the port the test holds", taken)
+	}
+	log, err := os.ReadFile(s.TemporalLog())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := strings.Count(string(log), "=== temporal: starting"); n != 2 || !strings.Contains(string(log), "address already in use") {
+		t.Errorf("Temporal's log shows %d starts, want 2, the first refused its port:\n%s", n, log)
+	}
+	c, err := net.DialTimeout("tcp", s.UIAddr(), 10*time.Second)
+	if err != nil {
+		t.Fatalf("the Web UI on %s: %v", s.UIAddr(), err)
+	}
+	c.Close()
+}
