@@ -38,9 +38,13 @@ type Export struct {
 	socket  string
 	tcp     string // host:port when the server listens on TCP (QemuNBDOptions.Listen)
 	pidFile string
-	stderr  *tailBuffer
-	done    chan struct{} // closed when the process has been reaped
-	waitErr error
+	// sockInfo is the socket as the server made it (once it was ready):
+	// Close removes the socket at that path only while it is still this
+	// one.
+	sockInfo os.FileInfo
+	stderr   *tailBuffer
+	done     chan struct{} // closed when the process has been reaped
+	waitErr  error
 
 	closeOnce sync.Once
 	closeErr  error
@@ -70,7 +74,8 @@ func (e *Export) Stderr() string { return e.stderr.String() }
 
 // Close stops the server (SIGTERM, then SIGKILL after a grace period),
 // waits for it, and removes its socket, pid file and — when Start made it —
-// its directory. It is safe to call more than once.
+// its directory; a socket and a pid file that a later start in the same
+// directory made stay (see stop). It is safe to call more than once.
 func (e *Export) Close() error {
 	e.closeOnce.Do(func() { e.closeErr = e.stop(syscall.SIGTERM, 10*time.Second) })
 	return e.closeErr
@@ -96,9 +101,27 @@ func (e *Export) stop(sig syscall.Signal, grace time.Duration) error {
 			<-e.done
 		}
 	}
+	// A later start in the same folder (a retry of the same transfer,
+	// which stopped this server as stale) owns the socket and the pid file
+	// at these paths now: they are removed only while they are this
+	// server's. The pid file names the server started last; the socket is
+	// this one when it is the file this server made.
+	// (An inode is soon reused: the file is compared with its time too.)
 	var errs []error
-	for _, p := range []string{e.socket, e.pidFile} {
-		if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
+	ours := e.pidFileIsOurs()
+	sockOurs := ours
+	if ours && e.sockInfo != nil {
+		fi, err := os.Lstat(e.socket)
+		sockOurs = err == nil && os.SameFile(fi, e.sockInfo) && fi.ModTime().Equal(e.sockInfo.ModTime())
+	}
+	for _, f := range []struct {
+		path string
+		ours bool
+	}{{e.socket, sockOurs}, {e.pidFile, ours}} {
+		if !f.ours {
+			continue
+		}
+		if err := os.Remove(f.path); err != nil && !errors.Is(err, os.ErrNotExist) {
 			errs = append(errs, err)
 		}
 	}
@@ -108,6 +131,16 @@ func (e *Export) stop(sig syscall.Signal, grace time.Duration) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// pidFileIsOurs reports whether the pid file names this server's process,
+// or is gone.
+func (e *Export) pidFileIsOurs() bool {
+	b, err := os.ReadFile(e.pidFile)
+	if errors.Is(err, os.ErrNotExist) {
+		return true
+	}
+	return err == nil && strings.TrimSpace(string(b)) == strconv.Itoa(e.cmd.Process.Pid)
 }
 
 // spec is what Start needs to run one server.
@@ -204,6 +237,9 @@ func startIn(ctx context.Context, s spec) (*Export, error) {
 	if err := e.waitReady(ctx, timeout); err != nil {
 		_ = e.Kill()
 		return nil, err
+	}
+	if e.tcp == "" {
+		e.sockInfo, _ = os.Lstat(e.socket)
 	}
 	return e, nil
 }

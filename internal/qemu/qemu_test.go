@@ -3,10 +3,12 @@ package qemu
 import (
 	"bytes"
 	"context"
+	"errors"
 	"math/rand/v2"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -266,6 +268,51 @@ func TestRestartStopsStaleServer(t *testing.T) {
 	_ = first.Close()
 	if diff, err := Compare(ctx, src, "raw", img, "qcow2"); err != nil || diff != "" {
 		t.Fatalf("image differs: %q %v", diff, err)
+	}
+}
+
+// A server stopped as stale by a later start in the same folder (a retry
+// of the same transfer) and closed after it leaves the later server's
+// socket and pid file alone: the later server still answers on its
+// socket, and its own Close removes them.
+func TestCloseLeavesALaterServersFiles(t *testing.T) {
+	testutil.CheckNoChildren(t)
+	ctx := ctxT(t)
+	dir := t.TempDir()
+	img := filepath.Join(dir, "t.qcow2")
+	if err := Create(ctx, img, 16*mib); err != nil {
+		t.Fatal(err)
+	}
+	sockDir := filepath.Join(dir, "s")
+	first, err := StartQemuNBD(ctx, QemuNBDOptions{Image: img, Format: "qcow2", Dir: sockDir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	second, err := StartQemuNBD(ctx, QemuNBDOptions{Image: img, Format: "qcow2", Dir: sockDir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer second.Close()
+	if second.Socket() != first.Socket() {
+		t.Fatalf("the two servers' sockets are %s and %s: want one path", first.Socket(), second.Socket())
+	}
+	if err := first.Close(); err != nil {
+		t.Fatalf("close of the stale server: %v", err)
+	}
+	if !Greets("unix", second.Socket()) {
+		t.Fatal("the later server no longer answers on its socket once the stale one was closed")
+	}
+	pidFile := filepath.Join(sockDir, pidFileName)
+	if b, err := os.ReadFile(pidFile); err != nil || strings.TrimSpace(string(b)) != strconv.Itoa(second.Pid()) {
+		t.Fatalf("pid file after the stale server's close: %q, %v; want the later server's pid %d", b, err, second.Pid())
+	}
+	if err := second.Close(); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []string{second.Socket(), pidFile} {
+		if _, err := os.Lstat(p); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("%s is left after the later server's close (%v)", p, err)
+		}
 	}
 }
 
