@@ -104,15 +104,17 @@ func (e *Export) stop(sig syscall.Signal, grace time.Duration) error {
 	// A later start in the same folder (a retry of the same transfer,
 	// which stopped this server as stale) owns the socket and the pid file
 	// at these paths now: they are removed only while they are this
-	// server's. The pid file names the server started last; the socket is
-	// this one when it is the file this server made.
-	// (An inode is soon reused: the file is compared with its time too.)
+	// server's. The pid file is while it names this server (a later start
+	// removes it, then writes its own); the socket is while it is the file
+	// this server made (an inode is soon reused: its time is compared
+	// too), or, made before the server was ready, while the pid file is.
+	// A folder Start made for this server alone is all its own.
 	var errs []error
-	ours := e.pidFileIsOurs()
+	ours := e.ownDir || e.pidFileNamesUs()
 	sockOurs := ours
-	if ours && e.sockInfo != nil {
+	if e.sockInfo != nil {
 		fi, err := os.Lstat(e.socket)
-		sockOurs = err == nil && os.SameFile(fi, e.sockInfo) && fi.ModTime().Equal(e.sockInfo.ModTime())
+		sockOurs = e.ownDir || err == nil && os.SameFile(fi, e.sockInfo) && fi.ModTime().Equal(e.sockInfo.ModTime())
 	}
 	for _, f := range []struct {
 		path string
@@ -133,13 +135,10 @@ func (e *Export) stop(sig syscall.Signal, grace time.Duration) error {
 	return errors.Join(errs...)
 }
 
-// pidFileIsOurs reports whether the pid file names this server's process,
-// or is gone.
-func (e *Export) pidFileIsOurs() bool {
+// pidFileNamesUs reports whether the pid file names this server's
+// process.
+func (e *Export) pidFileNamesUs() bool {
 	b, err := os.ReadFile(e.pidFile)
-	if errors.Is(err, os.ErrNotExist) {
-		return true
-	}
 	return err == nil && strings.TrimSpace(string(b)) == strconv.Itoa(e.cmd.Process.Pid)
 }
 
@@ -323,12 +322,20 @@ func stopStale(pidFile, program, socket string) error {
 	if err != nil {
 		return fmt.Errorf("qemu: read pid file: %w", err)
 	}
+	// The stale server's own Close may remove its pid file meanwhile (its
+	// owner sees it exit): gone is as good as removed.
+	remove := func() error {
+		if err := os.Remove(pidFile); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return err
+		}
+		return nil
+	}
 	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
 	if err != nil || pid <= 0 {
-		return os.Remove(pidFile)
+		return remove()
 	}
 	if !isServer(pid, program, socket) {
-		return os.Remove(pidFile)
+		return remove()
 	}
 	_ = syscall.Kill(pid, syscall.SIGKILL)
 	for i := 0; i < 500 && isServer(pid, program, socket); i++ {
@@ -337,7 +344,7 @@ func stopStale(pidFile, program, socket string) error {
 	if isServer(pid, program, socket) {
 		return fmt.Errorf("qemu: stale %s (pid %d) on %s does not exit", program, pid, socket)
 	}
-	return os.Remove(pidFile)
+	return remove()
 }
 
 // isServer reports whether pid is a live process running program with
