@@ -60,28 +60,36 @@ type Transfer struct {
 	// worker sets it; the paths that remove images (FailBackup, prunes)
 	// remove their digest files with them.
 	Digests bool
-	// HeartbeatQuiet is how long an attempt of TransferDisk runs before
-	// it sends its first heartbeat (0: from its start). Each heartbeat is
-	// a round trip through Temporal and a write of the workflow's state
-	// there; an incremental of a few MiB ends well within a second or two,
-	// and its heartbeats were most of what it cost Temporal beyond its
-	// completion. What the quiet start gives up is bounded by it: a cancel
-	// reaches the attempt that much later (cancels are answered in
-	// heartbeat responses), a retry of an attempt that died within it
-	// copies afresh (no resume point was recorded; one an earlier attempt
-	// recorded stays), and the progress shows the disk's transfer as
-	// started, with none of its bytes, until then. It must stay well
-	// within the workflow's HeartbeatTimeout for transfers (15 s). An
-	// attempt that holds at fault points (tests) heartbeats from its
-	// start, as they look for its progress where it holds.
+	// HeartbeatQuiet is how long the first attempt of a TransferDisk runs
+	// before it sends its first heartbeat (0: from its start). Each
+	// heartbeat is a round trip through Temporal and a write of the
+	// workflow's state there; an incremental of a few MiB ends well within
+	// a second or two, and its heartbeats were most of what it cost
+	// Temporal beyond its completion. What the quiet start gives up: a
+	// cancel reaches the attempt later (cancels are answered in heartbeat
+	// responses: at its first heartbeat after the quiet start, or, while
+	// it waits for a slot, at its next wait beat), a retry of an attempt
+	// that died within it copies afresh (no resume point was recorded),
+	// and the progress shows the disk's transfer as started, with none of
+	// its bytes, until then. A retry heartbeats from its start: the
+	// details the server keeps are then an earlier attempt's, and would
+	// stand for this one's (its resume point, its progress) until it
+	// replaced them. It is held to half the attempt's HeartbeatTimeout
+	// (the workflow gives transfers 15 s). An attempt that holds at fault
+	// points (tests) heartbeats from its start, as they look for its
+	// progress where it holds.
 	HeartbeatQuiet time.Duration
 }
 
 // beater returns what records a heartbeat of a TransferDisk attempt that
-// started at started: nothing within its HeartbeatQuiet.
+// started at started: nothing within its quiet start (HeartbeatQuiet).
 func (a *Transfer) beater(ctx context.Context, started time.Time) func(TransferProgress) {
+	info := activity.GetInfo(ctx)
 	quiet := a.HeartbeatQuiet
-	if faultpoint.Active(ctx) {
+	if hb := info.HeartbeatTimeout; hb > 0 {
+		quiet = min(quiet, hb/2)
+	}
+	if faultpoint.Active(ctx) || info.Attempt > 1 {
 		quiet = 0
 	}
 	return func(p TransferProgress) {

@@ -34,17 +34,18 @@ type deps struct {
 	log *slog.Logger
 }
 
+// transferHeartbeatQuiet is how long a transfer's first attempt runs
+// before its first heartbeat (activities.Transfer.HeartbeatQuiet): most
+// incrementals end within it and send none. Of 20 VMs' incrementals at
+// once (bench, scale case), those heartbeats were about one request in
+// nine the worker made of Temporal, each a write of the workflow's state
+// there. A cancel reaches a transfer that much later, or, while it waits
+// for a slot, at its next wait beat (within 4 s).
+const transferHeartbeatQuiet = 2 * time.Second
+
 // newWorker returns the worker of cbtflow's task queue with every workflow
 // and activity registered; tests build theirs here too, so what they
 // check is what the worker runs.
-// transferHeartbeatQuiet is how long a transfer attempt runs before its
-// first heartbeat (activities.Transfer.HeartbeatQuiet): most incrementals
-// end within it and send none. Of 20 VMs' incrementals at once (bench,
-// scale case), those heartbeats were about one request in nine the worker
-// made of Temporal, each a write of the workflow's state there. A cancel
-// reaches a transfer at most that much later.
-const transferHeartbeatQuiet = 2 * time.Second
-
 func newWorker(c client.Client, d deps, maxTransfers int) worker.Worker {
 	// Temporal bounds only all of a worker's activities together, so the
 	// transfers are bounded by their own slots, and the worker's limit

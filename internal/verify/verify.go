@@ -276,7 +276,7 @@ func (v *verifier) checkFile(ctx context.Context, i int) error {
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
-		v.problem(i, im.Path, -1, 0, "qemu-img check cannot read it: %v", err)
+		v.problem(i, im.Path, -1, 0, "qemu-img cannot check it: %v", err)
 		return nil
 	}
 	if !check.Clean() {
