@@ -232,25 +232,43 @@ func TestStartFailsClearly(t *testing.T) {
 	}
 }
 
+// attempts is a 16 MiB image in a test's folder and what starts qemu-nbd
+// on it in one socket folder, as the attempts of one transfer do: a start
+// stops the server an earlier one left there.
+type attempts struct {
+	ctx      context.Context
+	dir, img string
+	sockDir  string
+}
+
+func newAttempts(t *testing.T) *attempts {
+	t.Helper()
+	testutil.CheckNoChildren(t)
+	a := &attempts{ctx: ctxT(t), dir: t.TempDir()}
+	testutil.CheckNoSockets(t, a.dir)
+	a.img, a.sockDir = filepath.Join(a.dir, "t.qcow2"), filepath.Join(a.dir, "s")
+	if err := Create(a.ctx, a.img, 16*mib); err != nil {
+		t.Fatal(err)
+	}
+	return a
+}
+
+func (a *attempts) start() (*Export, error) {
+	return StartQemuNBD(a.ctx, QemuNBDOptions{Image: a.img, Format: "qcow2", Dir: a.sockDir})
+}
+
 // A retry after a killed worker finds the previous server still holding
 // the image's write lock; starting in the same Dir stops it first.
 func TestRestartStopsStaleServer(t *testing.T) {
-	testutil.CheckNoChildren(t)
-	ctx := ctxT(t)
-	dir := t.TempDir()
-	testutil.CheckNoSockets(t, dir)
-	img := filepath.Join(dir, "t.qcow2")
-	if err := Create(ctx, img, 16*mib); err != nil {
-		t.Fatal(err)
-	}
-	sock := filepath.Join(dir, "sock")
-	first, err := StartQemuNBD(ctx, QemuNBDOptions{Image: img, Format: "qcow2", Dir: sock})
+	a := newAttempts(t)
+	ctx, dir, img := a.ctx, a.dir, a.img
+	first, err := a.start()
 	if err != nil {
 		t.Fatal(err)
 	}
 	// Without the stale-server check the second qemu-nbd would fail on the
 	// image's write lock.
-	second, err := StartQemuNBD(ctx, QemuNBDOptions{Image: img, Format: "qcow2", Dir: sock})
+	second, err := a.start()
 	if err != nil {
 		t.Fatalf("restart in the same directory: %v", err)
 	}
@@ -276,19 +294,12 @@ func TestRestartStopsStaleServer(t *testing.T) {
 // socket and pid file alone: the later server still answers on its
 // socket, and its own Close removes them.
 func TestCloseLeavesALaterServersFiles(t *testing.T) {
-	testutil.CheckNoChildren(t)
-	ctx := ctxT(t)
-	dir := t.TempDir()
-	img := filepath.Join(dir, "t.qcow2")
-	if err := Create(ctx, img, 16*mib); err != nil {
-		t.Fatal(err)
-	}
-	sockDir := filepath.Join(dir, "s")
-	first, err := StartQemuNBD(ctx, QemuNBDOptions{Image: img, Format: "qcow2", Dir: sockDir})
+	a := newAttempts(t)
+	first, err := a.start()
 	if err != nil {
 		t.Fatal(err)
 	}
-	second, err := StartQemuNBD(ctx, QemuNBDOptions{Image: img, Format: "qcow2", Dir: sockDir})
+	second, err := a.start()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -302,7 +313,7 @@ func TestCloseLeavesALaterServersFiles(t *testing.T) {
 	if !Greets("unix", second.Socket()) {
 		t.Fatal("the later server no longer answers on its socket once the stale one was closed")
 	}
-	pidFile := filepath.Join(sockDir, pidFileName)
+	pidFile := filepath.Join(a.sockDir, pidFileName)
 	if b, err := os.ReadFile(pidFile); err != nil || strings.TrimSpace(string(b)) != strconv.Itoa(second.Pid()) {
 		t.Fatalf("pid file after the stale server's close: %q, %v; want the later server's pid %d", b, err, second.Pid())
 	}
@@ -322,16 +333,9 @@ func TestCloseLeavesALaterServersFiles(t *testing.T) {
 // of the start. (Before, about a third of these starts failed: "remove
 // .../nbd.pid: no such file or directory".)
 func TestStartWhileStaleServerCloses(t *testing.T) {
-	testutil.CheckNoChildren(t)
-	ctx := ctxT(t)
-	dir := t.TempDir()
-	img := filepath.Join(dir, "t.qcow2")
-	if err := Create(ctx, img, 16*mib); err != nil {
-		t.Fatal(err)
-	}
-	sockDir := filepath.Join(dir, "s")
+	a := newAttempts(t)
 	for i := range 20 {
-		stale, err := StartQemuNBD(ctx, QemuNBDOptions{Image: img, Format: "qcow2", Dir: sockDir})
+		stale, err := a.start()
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -341,7 +345,7 @@ func TestStartWhileStaleServerCloses(t *testing.T) {
 			<-stale.Done()
 			_ = stale.Close()
 		}()
-		later, err := StartQemuNBD(ctx, QemuNBDOptions{Image: img, Format: "qcow2", Dir: sockDir})
+		later, err := a.start()
 		<-closed
 		if err != nil {
 			t.Fatalf("start %d, stopping a stale server that its owner closes meanwhile: %v", i+1, err)
