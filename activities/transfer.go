@@ -85,19 +85,27 @@ type Transfer struct {
 // started at started: nothing within its quiet start (HeartbeatQuiet).
 func (a *Transfer) beater(ctx context.Context, started time.Time) func(TransferProgress) {
 	info := activity.GetInfo(ctx)
-	quiet := a.HeartbeatQuiet
-	if hb := info.HeartbeatTimeout; hb > 0 {
-		quiet = min(quiet, hb/2)
-	}
-	if faultpoint.Active(ctx) || info.Attempt > 1 {
-		quiet = 0
-	}
+	quiet := quietStart(a.HeartbeatQuiet, info.Attempt, info.HeartbeatTimeout, faultpoint.Active(ctx))
 	return func(p TransferProgress) {
 		if quiet > 0 && time.Since(started) < quiet {
 			return
 		}
 		activity.RecordHeartbeat(ctx, p)
 	}
+}
+
+// quietStart is the quiet start of an attempt (its number, from 1) of an
+// activity with the given HeartbeatTimeout (0: none): HeartbeatQuiet for a
+// first attempt, held to half the timeout; none for a retry, nor where
+// fault points hold the attempt.
+func quietStart(quiet time.Duration, attempt int32, heartbeatTimeout time.Duration, faultPoints bool) time.Duration {
+	if faultPoints || attempt > 1 {
+		return 0
+	}
+	if heartbeatTimeout > 0 {
+		quiet = min(quiet, heartbeatTimeout/2)
+	}
+	return quiet
 }
 
 // TransferSlots bounds how many TransferDisk calls of one worker process
