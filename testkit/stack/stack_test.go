@@ -128,17 +128,24 @@ func TestTemporalStartRetriesATakenPort(t *testing.T) {
 	if s.TemporalAddress() == taken {
 		t.Fatalf("Temporal is said to serve on %s, the port the test holds", taken)
 	}
+	wantStartedTwice(t, s)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if _, err := s.Client().CheckHealth(ctx, &client.CheckHealthRequest{}); err != nil {
+		t.Errorf("Temporal on %s: %v", s.TemporalAddress(), err)
+	}
+}
+
+// wantStartedTwice checks that Temporal's log shows two starts, the first
+// refused a port it was given.
+func wantStartedTwice(t *testing.T, s *stack.Stack) {
+	t.Helper()
 	log, err := os.ReadFile(s.TemporalLog())
 	if err != nil {
 		t.Fatal(err)
 	}
 	if n := strings.Count(string(log), "=== temporal: starting"); n != 2 || !strings.Contains(string(log), "address already in use") {
 		t.Errorf("Temporal's log shows %d starts, want 2, the first refused its port:\n%s", n, log)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	if _, err := s.Client().CheckHealth(ctx, &client.CheckHealthRequest{}); err != nil {
-		t.Errorf("Temporal on %s: %v", s.TemporalAddress(), err)
 	}
 }
 
@@ -163,13 +170,7 @@ func TestTemporalStartRetriesATakenUIPort(t *testing.T) {
 	if s.UIAddr() == taken {
 		t.Fatalf("the Web UI is said to serve on %s, the port the test holds", taken)
 	}
-	log, err := os.ReadFile(s.TemporalLog())
-	if err != nil {
-		t.Fatal(err)
-	}
-	if n := strings.Count(string(log), "=== temporal: starting"); n != 2 || !strings.Contains(string(log), "address already in use") {
-		t.Errorf("Temporal's log shows %d starts, want 2, the first refused its port:\n%s", n, log)
-	}
+	wantStartedTwice(t, s)
 	c, err := net.DialTimeout("tcp", s.UIAddr(), 10*time.Second)
 	if err != nil {
 		t.Fatalf("the Web UI on %s: %v", s.UIAddr(), err)
