@@ -341,12 +341,13 @@ func TestConcurrentCallsReuseConnections(t *testing.T) {
 	f := startLab(t, lab.Options{})
 	c := f.client(t)
 	var mu sync.Mutex
-	dialed := 0
+	got, dialed := 0, 0
 	ctx := httptrace.WithClientTrace(ctxT(t), &httptrace.ClientTrace{GotConn: func(info httptrace.GotConnInfo) {
+		mu.Lock()
+		defer mu.Unlock()
+		got++
 		if !info.Reused {
-			mu.Lock()
 			dialed++
-			mu.Unlock()
 		}
 	}})
 	const callers = 12
@@ -370,8 +371,10 @@ func TestConcurrentCallsReuseConnections(t *testing.T) {
 	}
 	mu.Lock()
 	defer mu.Unlock()
-	if first == 0 {
-		t.Fatal("no connection was traced: the trace does not see the session's calls")
+	// Every call takes a connection; on a busy machine the first burst may
+	// find the login's connection free each time and dial none.
+	if got < callers {
+		t.Fatalf("%d connections traced for %d calls: the trace does not see the session's calls", got, callers)
 	}
 	// The first burst opens what it needs; the next ones find them idle.
 	if more := dialed - first; more > 2 {

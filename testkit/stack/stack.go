@@ -192,11 +192,6 @@ func Start(ctx context.Context, opts Options) (s *Stack, err error) {
 			return s, err
 		}
 	}
-	mport, err := freePort()
-	if err != nil {
-		return s, err
-	}
-	s.metricsAddr = "127.0.0.1:" + strconv.Itoa(mport)
 
 	if err := s.startTemporalRetrying(ctx, true); err != nil {
 		return s, err
@@ -276,8 +271,12 @@ func (s *Stack) UIAddr() string {
 }
 
 // MetricsURL is the worker's Prometheus endpoint; it keeps its address
-// across worker restarts.
-func (s *Stack) MetricsURL() string { return "http://" + s.metricsAddr + "/metrics" }
+// across worker restarts, unless a start found its port taken (StartWorker).
+func (s *Stack) MetricsURL() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return "http://" + s.metricsAddr + "/metrics"
+}
 
 // Repository is the folder of restore points.
 func (s *Stack) Repository() string { return s.repository }
@@ -337,7 +336,7 @@ func childEnv(extra ...string) []string {
 // The dev server picks free ports of its own (its HTTP API, its metrics,
 // its internal services), and another process may bind one between its
 // pick and its bind: a start that ends so ("address already in use") is
-// tried again, up to temporalStartAttempts times.
+// tried again, up to startAttempts times.
 func (s *Stack) StartTemporal(ctx context.Context) error {
 	return s.startTemporalRetrying(ctx, false)
 }
@@ -349,7 +348,10 @@ func (s *Stack) startTemporalRetrying(ctx context.Context, newPort bool) error {
 	for attempt := 1; ; attempt++ {
 		from, _ := fileSize(s.TemporalLog())
 		err := s.startTemporal(ctx)
-		if err == nil || attempt == temporalStartAttempts || !s.temporalPortTaken(from) {
+		s.mu.Lock()
+		p := s.temporal
+		s.mu.Unlock()
+		if err == nil || attempt == startAttempts || !portTaken(p, s.TemporalLog(), from) {
 			return err
 		}
 		if newPort {
@@ -373,19 +375,17 @@ func (s *Stack) startTemporalRetrying(ctx context.Context, newPort bool) error {
 	}
 }
 
-// temporalStartAttempts bounds StartTemporal's starts.
-const temporalStartAttempts = 3
+// startAttempts bounds the starts of Temporal, and of the worker, that
+// fail on a port taken meanwhile.
+const startAttempts = 3
 
-// temporalPortTaken reports whether Temporal's log, from offset from on,
-// says that it exited because a port it picked was taken.
-func (s *Stack) temporalPortTaken(from int64) bool {
-	s.mu.Lock()
-	p := s.temporal
-	s.mu.Unlock()
+// portTaken reports whether process p has exited and its log, from offset
+// from on, says a port it was to bind was taken.
+func portTaken(p *proc, log string, from int64) bool {
 	if p == nil || !p.exited() {
 		return false
 	}
-	b, err := os.ReadFile(s.TemporalLog())
+	b, err := os.ReadFile(log)
 	if err != nil || int64(len(b)) < from {
 		return false
 	}
@@ -536,8 +536,27 @@ func (s *Stack) RestartTemporal(ctx context.Context) error {
 }
 
 // StartWorker starts the worker process and waits until it polls the task
-// queue.
+// queue. Its metrics port is picked at its first start, after Temporal's
+// (whose own picks of free ports could otherwise take it); a start that
+// fails because the port was taken meanwhile ("address already in use") is
+// tried again on another, up to startAttempts times. MetricsURL follows.
 func (s *Stack) StartWorker(ctx context.Context) error {
+	for attempt := 1; ; attempt++ {
+		from, _ := fileSize(s.WorkerLog())
+		err := s.startWorker(ctx)
+		s.mu.Lock()
+		p := s.worker
+		s.mu.Unlock()
+		if err == nil || attempt == startAttempts || !portTaken(p, s.WorkerLog(), from) {
+			return err
+		}
+		s.mu.Lock()
+		s.metricsAddr = ""
+		s.mu.Unlock()
+	}
+}
+
+func (s *Stack) startWorker(ctx context.Context) error {
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
@@ -546,6 +565,14 @@ func (s *Stack) StartWorker(ctx context.Context) error {
 	if s.worker != nil && !s.worker.exited() {
 		s.mu.Unlock()
 		return errors.New("stack: the worker is running already")
+	}
+	if s.metricsAddr == "" {
+		port, err := freePort()
+		if err != nil {
+			s.mu.Unlock()
+			return err
+		}
+		s.metricsAddr = "127.0.0.1:" + strconv.Itoa(port)
 	}
 	extra := append(s.Env(), "CBTFLOW_METRICS_ADDR="+s.metricsAddr, "TMPDIR="+s.tmpDir)
 	if s.opts.FaultPoints {
