@@ -622,7 +622,10 @@ func (a *VMRestorer) WriteVMDisk(ctx context.Context, in WriteVMDiskInput) (*Wri
 		opts.Progress = func(p copier.Progress) {
 			set(VMRestoreProgress{Key: key, Stage: VMRestoreStageWriting, Mode: mode, Done: p.Done, Total: p.Total,
 				Rate: rate.observe(time.Now(), p.Done), ResumePoint: p.ResumePoint})
-			if faultpoint.Enabled && !halfway && p.Total > 0 && p.Done*2 >= p.Total && p.Done < p.Total {
+			// Half the disk written, or, for a copy whose progress came
+			// no sooner (a small disk, a busy machine), at its end, before
+			// the power state is read again: the hold is always met.
+			if faultpoint.Enabled && !halfway && p.Total > 0 && p.Done*2 >= p.Total {
 				halfway = true
 				faultpoint.Hold(ctx, faultpoint.MidVMRestore)
 			}

@@ -53,7 +53,7 @@ const (
 // The fault points of a restore.
 const (
 	MidRestore   Point = "mid-restore"    // RestoreDisk: about half of the disk written, into its temporary file
-	MidVMRestore Point = "mid-vm-restore" // WriteVMDisk: about half of the disk written into the VM's disk
+	MidVMRestore Point = "mid-vm-restore" // WriteVMDisk: about half of the disk written into the VM's disk (at the latest, all of it, before the power state is read again)
 )
 
 // The fault points of a verification.
