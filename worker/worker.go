@@ -3,7 +3,9 @@ package main
 import (
 	"cmp"
 	"context"
+	"fmt"
 	"log/slog"
+	"os"
 	"time"
 
 	"go.temporal.io/sdk/client"
@@ -84,11 +86,19 @@ func newWorker(c client.Client, d deps, maxTransfers int) worker.Worker {
 	w.RegisterActivity(&activities.Transfer{Sessions: d.sessions, Repo: d.repo, Digests: true,
 		Slots: activities.NewTransferSlots(maxTransfers), Metrics: d.metrics, HeartbeatQuiet: transferHeartbeatQuiet})
 	w.RegisterActivity(&activities.Catalog{Catalog: d.catalog, Repo: d.repo, Metrics: d.metrics})
+	w.RegisterActivity(&activities.Launcher{Service: c.WorkflowService(), Namespace: d.namespace, Identity: launcherIdentity()})
 	w.RegisterActivity(&activities.Pruner{Catalog: d.catalog, Repo: d.repo})
 	w.RegisterActivity(&activities.Restorer{Catalog: d.catalog, Repo: d.repo})
 	w.RegisterActivity(&activities.VMRestorer{Sessions: d.sessions, Catalog: d.catalog, Repo: d.repo})
 	w.RegisterActivity(&activities.Sweeper{Sessions: d.sessions, Catalog: d.catalog, Repo: d.repo, Workflows: c, Namespace: d.namespace})
 	return w
+}
+
+// launcherIdentity names the worker in the histories of the workflows it
+// starts (activities.Launcher), as the SDK names a client: PID@host.
+func launcherIdentity() string {
+	host, _ := os.Hostname()
+	return fmt.Sprintf("%d@%s", os.Getpid(), host)
 }
 
 // pollerBehavior is how a worker's pollers of one kind of task scale:

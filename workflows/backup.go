@@ -1,6 +1,7 @@
 package workflows
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"sort"
@@ -286,6 +287,7 @@ var (
 	vsphereActs  *activities.VSphere
 	transferActs *activities.Transfer
 	catalogActs  *activities.Catalog
+	launcherActs *activities.Launcher
 )
 
 // The change of Backup's commands that made the per-VM workflow ID
@@ -346,14 +348,39 @@ const (
 // TransferDisk (whose heartbeats carry its resume point and progress)
 // stay activities, and so does FailBackup (the failure path).
 //
-// It is the last change of these workflows' commands so far: a run that
-// has it has every earlier one, and asks GetVersion for no other (see
-// since), and it sets only the search attributes that change (see
+// It is BackupVM's last change of its commands so far (Backup's is
+// changeDetachedStart): a run that has it has every earlier one, and asks
+// GetVersion for no other (see since), and it sets only the search
+// attributes that change (see
 // upsertKeywords): each is a command, and a workflow task with fewer
 // commands completes sooner.
 const (
 	changeLocalSteps  = "local-steps"
 	versionLocalSteps = 1
+)
+
+// The change of Backup's commands that starts a detached BackupVM (the
+// starter's backups) through the client, in a local activity
+// (activities.Launcher.StartWorkflow), and ends in the same, first,
+// workflow task. Before, it started BackupVM as a child and ended in a
+// second workflow task, once the server had started the child (a transfer
+// task of its own) and told the parent: per backup a workflow task, its
+// writes of the workflow's state and a round trip through the server
+// more. A Backup that waits for its BackupVM (schedules, the Web UI)
+// still starts it as a child, whose end it waits for and whose cancel it
+// asks for. It is Backup's latest change: Backup asks for it first, and a
+// run that has it asks for no earlier one (changeLocalSteps is then
+// true, see since).
+const (
+	changeDetachedStart  = "detached-start"
+	versionDetachedStart = 1
+)
+
+// Memo keys of a BackupVM started detached: the Backup workflow that
+// started it (its parent, in the history of one started as a child).
+const (
+	MemoStartedByWorkflowID = "started_by_workflow_id"
+	MemoStartedByRunID      = "started_by_run_id"
 )
 
 // Backup resolves the VM and runs its backup under the VM's canonical
@@ -376,9 +403,13 @@ func Backup(ctx workflow.Context, in BackupInput) (*BackupResult, error) {
 	if err := workflow.SetQueryHandler(ctx, QueryProgress, func() (Progress, error) { return prog.answer(), nil }); err != nil {
 		return nil, err
 	}
-	// Runs recorded before the short steps ran as local activities
-	// resolved the VM with an activity: on replay they must.
-	local := workflow.GetVersion(ctx, changeLocalSteps, workflow.DefaultVersion, versionLocalSteps) >= versionLocalSteps
+	// Runs recorded before a detached Backup started its BackupVM through
+	// the client started it as a child (the latest change: a run with it
+	// has every earlier one, see since); those recorded before the short
+	// steps ran as local activities resolved the VM with an activity: on
+	// replay they must.
+	detachedStart := workflow.GetVersion(ctx, changeDetachedStart, workflow.DefaultVersion, versionDetachedStart) >= versionDetachedStart
+	local := detachedStart || workflow.GetVersion(ctx, changeLocalSteps, workflow.DefaultVersion, versionLocalSteps) >= versionLocalSteps
 	// Runs recorded before Backup set search attributes of its own must
 	// not upsert them on replay.
 	ownAttrs := since(ctx, local, changeBackupSearchAttributes, versionBackupSearchAttributes)
@@ -410,6 +441,34 @@ func Backup(ctx workflow.Context, in BackupInput) (*BackupResult, error) {
 	if since(ctx, local, changeVCenterWorkflowID, versionVCenterWorkflowID) && vm.VCenterUUID != "" {
 		wid = BackupWorkflowID(vm.VCenterUUID, vm.VMUUID)
 	}
+	vmIn := BackupVMInput{
+		Profile: in.Profile, VMUUID: vm.VMUUID, VMName: vm.VMName, Mode: in.Mode, BackupID: backupID,
+		MaxChainLength: in.FullEvery,
+	}
+	// The VM's backup runs already: nothing started.
+	running := func(cause error) (*BackupResult, error) {
+		if in.SkipIfRunning {
+			msg := fmt.Sprintf("a backup or a prune of VM %s (%s) is running as workflow %s: nothing started", vm.VMName, vm.VMUUID, wid)
+			workflow.GetLogger(ctx).Info(msg)
+			prog.Phase, prog.PhaseSince, prog.Skipped, prog.WorkflowID = PhaseSkipped, workflow.Now(ctx), msg, wid
+			return &BackupResult{WorkflowID: wid, VM: vm.VMName, VMUUID: vm.VMUUID, Profile: in.Profile, Skipped: msg}, nil
+		}
+		return nil, temporal.NewNonRetryableApplicationError(
+			fmt.Sprintf("a backup of VM %s (%s) is already running as workflow %s", vm.VMName, vm.VMUUID, wid),
+			ErrTypeAlreadyRunning, cause, AlreadyRunningDetails{WorkflowID: wid, VM: vm.VMName, VMUUID: vm.VMUUID})
+	}
+	if in.Detach && detachedStart {
+		runID, err := startDetached(ctx, wid, vmIn)
+		if err != nil {
+			var app *temporal.ApplicationError
+			if errors.As(err, &app) && app.Type() == activities.ErrTypeWorkflowRunning {
+				return running(err)
+			}
+			return nil, err
+		}
+		prog.Phase, prog.PhaseSince, prog.WorkflowID = PhaseStarted, workflow.Now(ctx), wid
+		return &BackupResult{WorkflowID: wid, RunID: runID, BackupID: backupID, VM: vm.VMName, VMUUID: vm.VMUUID, Profile: in.Profile}, nil
+	}
 	cctx := workflow.WithChildOptions(ctx, workflow.ChildWorkflowOptions{
 		WorkflowID:            wid,
 		TaskQueue:             TaskQueue,
@@ -420,22 +479,11 @@ func Backup(ctx workflow.Context, in BackupInput) (*BackupResult, error) {
 			SearchVM.ValueSet(vm.VMName), SearchMode.ValueSet(in.Mode),
 			SearchVCenter.ValueSet(in.Profile), SearchBackupID.ValueSet(backupID)),
 	})
-	child := workflow.ExecuteChildWorkflow(cctx, BackupVM, BackupVMInput{
-		Profile: in.Profile, VMUUID: vm.VMUUID, VMName: vm.VMName, Mode: in.Mode, BackupID: backupID,
-		MaxChainLength: in.FullEvery,
-	})
+	child := workflow.ExecuteChildWorkflow(cctx, BackupVM, vmIn)
 	var exec workflow.Execution
 	if err := child.GetChildWorkflowExecution().Get(ctx, &exec); err != nil {
 		if temporal.IsWorkflowExecutionAlreadyStartedError(err) {
-			if in.SkipIfRunning {
-				msg := fmt.Sprintf("a backup or a prune of VM %s (%s) is running as workflow %s: nothing started", vm.VMName, vm.VMUUID, wid)
-				workflow.GetLogger(ctx).Info(msg)
-				prog.Phase, prog.PhaseSince, prog.Skipped, prog.WorkflowID = PhaseSkipped, workflow.Now(ctx), msg, wid
-				return &BackupResult{WorkflowID: wid, VM: vm.VMName, VMUUID: vm.VMUUID, Profile: in.Profile, Skipped: msg}, nil
-			}
-			return nil, temporal.NewNonRetryableApplicationError(
-				fmt.Sprintf("a backup of VM %s (%s) is already running as workflow %s", vm.VMName, vm.VMUUID, wid),
-				ErrTypeAlreadyRunning, err, AlreadyRunningDetails{WorkflowID: wid, VM: vm.VMName, VMUUID: vm.VMUUID})
+			return running(err)
 		}
 		return nil, err
 	}
@@ -453,6 +501,36 @@ func Backup(ctx workflow.Context, in BackupInput) (*BackupResult, error) {
 	}
 	return res, nil
 }
+
+// startDetached starts the BackupVM of in under wid (changeDetachedStart),
+// with the search attributes a child gets and the Backup named in its
+// memo, and returns its run ID. The request ID is the Backup's run ID: run
+// again (its workflow task lost with the worker that ran it), the start
+// finds the BackupVM it started, running or ended, and starts no other.
+// A BackupVM of wid started otherwise fails it with
+// activities.ErrTypeWorkflowRunning.
+func startDetached(ctx workflow.Context, wid string, in BackupVMInput) (string, error) {
+	arg, err := json.Marshal(in)
+	if err != nil {
+		return "", err
+	}
+	self := workflow.GetInfo(ctx).WorkflowExecution
+	var started activities.StartWorkflowResult
+	err = step(ctx, true, launchActivity(), launcherActs.StartWorkflow, activities.StartWorkflowInput{
+		WorkflowID: wid, WorkflowType: backupVMType, TaskQueue: TaskQueue, Arg: arg,
+		Keywords: map[string]string{
+			SearchVM.GetName(): in.VMName, SearchMode.GetName(): in.Mode,
+			SearchVCenter.GetName(): in.Profile, SearchBackupID.GetName(): in.BackupID,
+		},
+		Memo:      map[string]string{MemoStartedByWorkflowID: self.ID, MemoStartedByRunID: self.RunID},
+		RequestID: self.RunID,
+	}).Get(ctx, &started)
+	return started.RunID, err
+}
+
+// backupVMType is BackupVM's workflow type (Register registers it by its
+// function's name).
+const backupVMType = "BackupVM"
 
 // ModeThatRan is full when any disk's backup was full, else incremental.
 func (r *BackupVMResult) ModeThatRan() string {
@@ -1168,6 +1246,17 @@ func shortActivity() workflow.ActivityOptions {
 		HeartbeatTimeout:       30 * time.Second, // they heartbeat every 10 s
 		RetryPolicy: &temporal.RetryPolicy{InitialInterval: time.Second, MaximumInterval: 30 * time.Second,
 			MaximumAttempts: FirstContactAttempts},
+	}
+}
+
+// launchActivity: a start of a workflow (Backup's detached BackupVM), a
+// request to the Temporal server the worker polls, retried while it cannot
+// be reached for a few minutes.
+func launchActivity() workflow.ActivityOptions {
+	return workflow.ActivityOptions{
+		StartToCloseTimeout:    30 * time.Second,
+		ScheduleToCloseTimeout: 5 * time.Minute,
+		RetryPolicy:            &temporal.RetryPolicy{InitialInterval: time.Second, MaximumInterval: 30 * time.Second},
 	}
 }
 

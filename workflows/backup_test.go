@@ -2,6 +2,7 @@ package workflows
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"strconv"
 	"strings"
@@ -12,6 +13,7 @@ import (
 
 	"github.com/stretchr/testify/mock"
 	"go.temporal.io/sdk/activity"
+	"go.temporal.io/sdk/client"
 	"go.temporal.io/sdk/temporal"
 	"go.temporal.io/sdk/testsuite"
 	"go.temporal.io/sdk/workflow"
@@ -61,6 +63,7 @@ func newEnv(t *testing.T, f *fakeVM) *testsuite.TestWorkflowEnvironment {
 	env.RegisterActivity(&activities.VSphere{})
 	env.RegisterActivity(&activities.Transfer{})
 	env.RegisterActivity(&activities.Catalog{})
+	env.RegisterActivity(&activities.Launcher{})
 
 	env.OnActivity(vsphereActs.ResolveVM, mock.Anything, mock.Anything).Return(
 		func(_ context.Context, in activities.ResolveVMInput) (*activities.ResolveVMResult, error) {
@@ -515,6 +518,7 @@ func TestBackupStartsChildUnderVMWorkflowID(t *testing.T) {
 			env.OnActivity(transferActs.TransferDisk, mock.Anything, mock.Anything).Return(f.transferOK)
 			if c.old {
 				// A run that old has none of the later changes either.
+				env.OnGetVersion(changeDetachedStart, workflow.DefaultVersion, versionDetachedStart).Return(workflow.DefaultVersion)
 				env.OnGetVersion(changeLocalSteps, workflow.DefaultVersion, versionLocalSteps).Return(workflow.DefaultVersion)
 				env.OnGetVersion(changeVCenterWorkflowID, workflow.DefaultVersion, versionVCenterWorkflowID).Return(workflow.DefaultVersion)
 			}
@@ -543,6 +547,99 @@ func TestBackupStartsChildUnderVMWorkflowID(t *testing.T) {
 				if tr.Profile != profile {
 					t.Errorf("transfer of disk %d under profile %q, want %q", tr.Key, tr.Profile, profile)
 				}
+			}
+		})
+	}
+}
+
+// A detached Backup (the starter's) starts its BackupVM through the
+// client, in a local activity, and ends: the start names the canonical
+// workflow ID, BackupVM's type and input, the search attributes a child
+// gets, the Backup in its memo, and the Backup's run ID as its request ID
+// (a start run again finds its own). A run of that ID started otherwise
+// is the VM's running backup: refused (ErrTypeAlreadyRunning), or, with
+// SkipIfRunning, skipped. Replaying a run recorded before the change,
+// Backup starts the child as it did.
+func TestBackupDetachedStartsBackupVM(t *testing.T) {
+	const vc = "4b1d6a2e-52c0-4b8e-9d0c-3f5e2a1b7c90"
+	const wid = "backup/" + vc + "/uuid-0"
+	for _, c := range []struct {
+		name    string
+		running bool // another BackupVM of the VM runs
+		skip    bool
+		old     bool // replaying a run recorded before the change
+	}{
+		{name: "started"},
+		{name: "already running", running: true},
+		{name: "skipped", running: true, skip: true},
+		{name: "recorded before the change", old: true},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			f := &fakeVM{vcenterUUID: vc}
+			env := newEnv(t, f)
+			env.OnActivity(vsphereActs.ChangedAreas, mock.Anything, mock.Anything).Return(f.changedAreas(nil))
+			env.OnActivity(transferActs.TransferDisk, mock.Anything, mock.Anything).Return(f.transferOK)
+			var starts []activities.StartWorkflowInput
+			env.OnActivity(launcherActs.StartWorkflow, mock.Anything, mock.Anything).Return(
+				func(_ context.Context, in activities.StartWorkflowInput) (*activities.StartWorkflowResult, error) {
+					starts = append(starts, in)
+					if c.running {
+						return nil, temporal.NewNonRetryableApplicationError("workflow "+in.WorkflowID+" runs already",
+							activities.ErrTypeWorkflowRunning, nil, activities.WorkflowRunningDetails{WorkflowID: in.WorkflowID, RunID: "other-run"})
+					}
+					return &activities.StartWorkflowResult{RunID: "run-1"}, nil
+				})
+			if c.old {
+				env.OnGetVersion(changeDetachedStart, workflow.DefaultVersion, versionDetachedStart).Return(workflow.DefaultVersion)
+			}
+			env.SetStartWorkflowOptions(client.StartWorkflowOptions{ID: "backup-start-1"})
+			env.ExecuteWorkflow(Backup, BackupInput{VM: "vm-62", Detach: true, SkipIfRunning: c.skip})
+			var res BackupResult
+			err := env.GetWorkflowError()
+			if err == nil {
+				err = env.GetWorkflowResult(&res)
+			}
+			switch {
+			case c.old:
+				if err != nil || len(starts) != 0 || len(f.begun) != 1 || f.begun[0].WorkflowID != wid || res.WorkflowID != wid {
+					t.Fatalf("replayed: %v, %+v; launcher starts %d, BackupVM runs %+v: want the child under %s", err, res, len(starts), f.begun, wid)
+				}
+				return
+			case c.running && c.skip:
+				if err != nil || res.Skipped == "" || res.WorkflowID != wid || res.RunID != "" {
+					t.Fatalf("skipped: %v, %+v, want a skipped result naming %s", err, res, wid)
+				}
+			case c.running:
+				var app *temporal.ApplicationError
+				if !errors.As(err, &app) || app.Type() != ErrTypeAlreadyRunning || !strings.Contains(err.Error(), wid) {
+					t.Fatalf("already running: %v, want %s naming %s", err, ErrTypeAlreadyRunning, wid)
+				}
+			default:
+				if err != nil || res.WorkflowID != wid || res.RunID != "run-1" || res.BackupID == "" || res.Result != nil || res.VM == "" {
+					t.Fatalf("started: %v, %+v, want BackupVM %s run run-1, not waited for", err, res, wid)
+				}
+			}
+			if len(f.begun) != 0 {
+				t.Errorf("BackupVM ran in the Backup's test environment (%+v): it was started as a child", f.begun)
+			}
+			if len(starts) != 1 {
+				t.Fatalf("%d starts, want 1", len(starts))
+			}
+			st := starts[0]
+			var arg BackupVMInput
+			if err := json.Unmarshal(st.Arg, &arg); err != nil {
+				t.Fatal(err)
+			}
+			if st.WorkflowID != wid || st.WorkflowType != "BackupVM" || st.TaskQueue != TaskQueue || st.RequestID == "" || st.RequestID != st.Memo[MemoStartedByRunID] ||
+				arg.VMUUID != "uuid-0" || arg.Profile != workerDefaultProfile || arg.BackupID == "" || arg.Mode != ModeAuto {
+				t.Errorf("the start: %+v (argument %+v)", st, arg)
+			}
+			if st.Keywords[SearchBackupID.GetName()] != arg.BackupID || st.Keywords[SearchVM.GetName()] == "" ||
+				st.Keywords[SearchMode.GetName()] != ModeAuto || st.Keywords[SearchVCenter.GetName()] != workerDefaultProfile {
+				t.Errorf("the start's search attributes: %v", st.Keywords)
+			}
+			if st.Memo[MemoStartedByWorkflowID] != "backup-start-1" || st.Memo[MemoStartedByRunID] == "" {
+				t.Errorf("the start's memo: %v, want the Backup backup-start-1 and its run", st.Memo)
 			}
 		})
 	}

@@ -3,10 +3,11 @@
 // Every side effect is an activity of package activities.
 //
 // Backup is what operators, the Web UI and schedules start with a VM named
-// any way ({"vm": "DC0_H0_VM0"}); it resolves the VM and runs BackupVM as a
-// child under the VM's canonical workflow ID (BackupWorkflowID: the
-// vCenter's and the VM's instance UUIDs, not the profile's name), so one VM
-// never has two backups at once.
+// any way ({"vm": "DC0_H0_VM0"}); it resolves the VM and runs BackupVM
+// under the VM's canonical workflow ID (BackupWorkflowID: the vCenter's
+// and the VM's instance UUIDs, not the profile's name), so one VM never
+// has two backups at once: as a child when it waits for it, through the
+// client (a local activity) when it is started detached.
 package workflows
 
 import (

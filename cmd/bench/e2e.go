@@ -392,11 +392,24 @@ func backupHistories(ctx context.Context, s *stack.Stack, workflowID string) (pa
 	if len(child) == 0 || child[0].GetEventType() != enumspb.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED {
 		return nil, nil, fmt.Errorf("workflow %s: the history does not begin with its start", workflowID)
 	}
-	parentExec := child[0].GetWorkflowExecutionStartedEventAttributes().GetParentWorkflowExecution()
-	if parentExec == nil {
+	started := child[0].GetWorkflowExecutionStartedEventAttributes()
+	if parentExec := started.GetParentWorkflowExecution(); parentExec != nil {
+		parent, err = history(ctx, s, parentExec.GetWorkflowId(), parentExec.GetRunId())
+		return parent, child, err
+	}
+	// Started detached, through the client: the memo names its Backup.
+	memo := started.GetMemo().GetFields()
+	var by, run string
+	if f := memo[workflows.MemoStartedByWorkflowID]; f != nil {
+		_ = json.Unmarshal(f.GetData(), &by)
+	}
+	if f := memo[workflows.MemoStartedByRunID]; f != nil {
+		_ = json.Unmarshal(f.GetData(), &run)
+	}
+	if by == "" {
 		return nil, nil, fmt.Errorf("workflow %s was started by no Backup workflow", workflowID)
 	}
-	parent, err = history(ctx, s, parentExec.GetWorkflowId(), parentExec.GetRunId())
+	parent, err = history(ctx, s, by, run)
 	return parent, child, err
 }
 

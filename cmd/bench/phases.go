@@ -16,6 +16,7 @@ import (
 // The rows of the end-to-end table, in the order a backup runs them.
 const (
 	rowResolve  = "resolve (ResolveVM)"
+	rowStart    = "start of BackupVM (StartWorkflow)"
 	rowPrepare  = "prepare (PrepareVM)"
 	rowBegin    = "begin (BeginBackup)"
 	rowSpace    = "space check (CheckSpace)"
@@ -46,14 +47,14 @@ const (
 	rowDigestBytes    = "digest files, bytes"
 )
 
-var phaseRows = []string{rowResolve, rowPrepare, rowBegin, rowSpace, rowSnapshot, rowQuery,
+var phaseRows = []string{rowResolve, rowStart, rowPrepare, rowBegin, rowSpace, rowSnapshot, rowQuery,
 	rowSetup, rowCopy, rowCheck, rowHash, rowXferRest, rowCommit, rowRemove, rowOther,
 	rowOverhead, rowQueued, rowStarter, rowTotal}
 
 // activityRows names the row of each activity the backup workflows run;
 // TransferDisk is split by its result (transferRows).
 var activityRows = map[string]string{
-	"ResolveVM": rowResolve, "PrepareVM": rowPrepare, "BeginBackup": rowBegin, "CheckSpace": rowSpace,
+	"ResolveVM": rowResolve, "StartWorkflow": rowStart, "PrepareVM": rowPrepare, "BeginBackup": rowBegin, "CheckSpace": rowSpace,
 	"CreateSnapshot": rowSnapshot, "ChangedAreas": rowQuery, "CommitRestorePoint": rowCommit,
 	"RemoveSnapshot": rowRemove,
 }

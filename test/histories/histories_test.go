@@ -17,6 +17,7 @@ import (
 	failurepb "go.temporal.io/api/failure/v1"
 	historypb "go.temporal.io/api/history/v1"
 	"go.temporal.io/sdk/client"
+	"go.temporal.io/sdk/converter"
 	"go.temporal.io/sdk/temporal"
 
 	"github.com/cbtflow/cbtflow/activities"
@@ -361,29 +362,46 @@ func (h *harness) backups() {
 	}
 	h.keep("backupvm_incremental", events)
 
-	// The Backup that started it: ResolveVM, then the child under the
-	// vCenter's and the VM's instance UUIDs.
+	// The Backup that started it (the starter's, detached): ResolveVM,
+	// then BackupVM under the vCenter's and the VM's instance UUIDs,
+	// started through the client (StartWorkflow, a local activity, in the
+	// same workflow task), the Backup named in its memo.
 	_, run := h.backupVMRun(incr.BackupID)
 	desc, err := h.s.Client().DescribeWorkflow(h.ctx, wid, run)
 	if err != nil {
 		t.Fatal(err)
 	}
-	parent := desc.RawResponse.GetWorkflowExecutionInfo().GetParentExecution()
-	if parent == nil {
-		t.Fatalf("BackupVM %s has no parent Backup", wid)
+	info := desc.RawResponse.GetWorkflowExecutionInfo()
+	if p := info.GetParentExecution(); p != nil {
+		t.Errorf("BackupVM %s was started as a child of %s: a detached Backup starts it through the client", wid, p.GetWorkflowId())
 	}
-	pevents := stacktest.History(h.ctx, t, h.s, parent.GetWorkflowId(), parent.GetRunId())
+	memo := map[string]string{}
+	for k, f := range info.GetMemo().GetFields() {
+		var v string
+		_ = json.Unmarshal(f.GetData(), &v)
+		memo[k] = v
+	}
+	by, byRun := memo[workflows.MemoStartedByWorkflowID], memo[workflows.MemoStartedByRunID]
+	if by == "" || byRun == "" {
+		t.Fatalf("BackupVM %s names no Backup in its memo: %v", wid, memo)
+	}
+	pevents := stacktest.History(h.ctx, t, h.s, by, byRun)
 	var children []string
 	for _, ev := range pevents {
 		if a := ev.GetStartChildWorkflowExecutionInitiatedEventAttributes(); a != nil {
 			children = append(children, a.GetWorkflowId())
 		}
 	}
-	if len(children) != 1 || children[0] != wid || strings.Count(wid, "/") != 2 || strings.Contains(wid, "/lab/") {
-		t.Errorf("the Backup started children %q, want %s, named by the vCenter's instance UUID", children, wid)
+	var res workflows.BackupResult
+	if a := pevents[len(pevents)-1].GetWorkflowExecutionCompletedEventAttributes(); a == nil ||
+		converter.GetDefaultDataConverter().FromPayloads(a.GetResult(), &res) != nil {
+		t.Fatalf("the Backup of the incremental: history ends %s", lastEvent(pevents))
 	}
-	if lastEvent(pevents) != enumspb.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED {
-		t.Errorf("the Backup of the incremental: history ends %s", lastEvent(pevents))
+	if len(children) != 0 || res.WorkflowID != wid || res.RunID != run || strings.Count(wid, "/") != 2 || strings.Contains(wid, "/lab/") {
+		t.Errorf("the Backup started children %q and returned %s run %s, want none and %s run %s, named by the vCenter's instance UUID", children, res.WorkflowID, res.RunID, wid, run)
+	}
+	if n := countWorkflowTasks(pevents); n != 1 {
+		t.Errorf("the Backup of the incremental ran %d workflow tasks, want 1", n)
 	}
 	h.keep("backup", pevents)
 	h.waiting(vm)
@@ -664,6 +682,17 @@ func (h *harness) canceled() {
 	}
 	h.noLeftovers("canceled backup", vm, ref, backupID)
 	h.keep("backupvm_canceled", events)
+}
+
+// countWorkflowTasks counts a history's completed workflow tasks.
+func countWorkflowTasks(events []*historypb.HistoryEvent) int {
+	n := 0
+	for _, ev := range events {
+		if ev.GetEventType() == enumspb.EVENT_TYPE_WORKFLOW_TASK_COMPLETED {
+			n++
+		}
+	}
+	return n
 }
 
 // skipped: a Backup as a schedule starts it (skip_if_running) while the
