@@ -51,25 +51,21 @@ type StartWorkflowInput struct {
 }
 
 // StartWorkflowResult is the run started (or found started by the same
-// request).
+// request), or the run of the workflow ID that runs already.
 type StartWorkflowResult struct {
 	RunID string `json:"run_id"`
-}
-
-// ErrTypeWorkflowRunning: another run of the workflow ID runs, started by
-// another request; its details are a WorkflowRunningDetails.
-const ErrTypeWorkflowRunning = "WorkflowRunning"
-
-// WorkflowRunningDetails names the running workflow.
-type WorkflowRunningDetails struct {
-	WorkflowID string `json:"workflow_id"`
-	RunID      string `json:"run_id"`
+	// Running: nothing was started; RunID is the run that another request
+	// started and that runs. (A result, not an error: a VM whose backup
+	// runs is no failure of the worker's, and its metrics and alerts
+	// count failed activities.)
+	Running bool `json:"running,omitempty"`
 }
 
 // StartWorkflow starts in.WorkflowType under in.WorkflowID when no run of
 // that ID runs (a closed one's ID is reused), and returns the new run's
-// ID, or, when the latest run was started by the same request, that run's.
-// A run of the ID started otherwise fails it with ErrTypeWorkflowRunning.
+// ID, or, when the ID's latest run was started by the same request, that
+// run's. A run of the ID started otherwise that runs is returned as
+// Running.
 func (l *Launcher) StartWorkflow(ctx context.Context, in StartWorkflowInput) (*StartWorkflowResult, error) {
 	if in.WorkflowID == "" || in.WorkflowType == "" || in.TaskQueue == "" || in.RequestID == "" {
 		return nil, temporal.NewNonRetryableApplicationError(
@@ -98,7 +94,7 @@ func (l *Launcher) StartWorkflow(ctx context.Context, in StartWorkflowInput) (*S
 		for k, v := range in.Keywords {
 			p, err := dc.ToPayload(v)
 			if err != nil {
-				return nil, err
+				return nil, temporal.NewNonRetryableApplicationError("StartWorkflow: search attribute "+k+": "+err.Error(), ErrTypeInvalidInput, err)
 			}
 			// As the SDK's typed search attributes mark theirs.
 			p.Metadata["type"] = []byte("Keyword")
@@ -110,7 +106,7 @@ func (l *Launcher) StartWorkflow(ctx context.Context, in StartWorkflowInput) (*S
 		for k, v := range in.Memo {
 			p, err := dc.ToPayload(v)
 			if err != nil {
-				return nil, err
+				return nil, temporal.NewNonRetryableApplicationError("StartWorkflow: memo "+k+": "+err.Error(), ErrTypeInvalidInput, err)
 			}
 			req.Memo.Fields[k] = p
 		}
@@ -121,12 +117,12 @@ func (l *Launcher) StartWorkflow(ctx context.Context, in StartWorkflowInput) (*S
 	}
 	var running *serviceerror.WorkflowExecutionAlreadyStarted
 	var invalid *serviceerror.InvalidArgument
+	var noNamespace *serviceerror.NamespaceNotFound
+	var denied *serviceerror.PermissionDenied
 	switch {
 	case errors.As(err, &running):
-		return nil, temporal.NewNonRetryableApplicationError(
-			fmt.Sprintf("workflow %s runs already (run %s)", in.WorkflowID, running.RunId),
-			ErrTypeWorkflowRunning, err, WorkflowRunningDetails{WorkflowID: in.WorkflowID, RunID: running.RunId})
-	case errors.As(err, &invalid):
+		return &StartWorkflowResult{RunID: running.RunId, Running: true}, nil
+	case errors.As(err, &invalid), errors.As(err, &noNamespace), errors.As(err, &denied):
 		// A namespace without cbtflow's search attributes, say: no retry
 		// changes that.
 		return nil, temporal.NewNonRetryableApplicationError(

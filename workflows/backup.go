@@ -458,14 +458,14 @@ func Backup(ctx workflow.Context, in BackupInput) (*BackupResult, error) {
 			ErrTypeAlreadyRunning, cause, AlreadyRunningDetails{WorkflowID: wid, VM: vm.VMName, VMUUID: vm.VMUUID})
 	}
 	if in.Detach && detachedStart {
-		runID, err := startDetached(ctx, wid, vmIn)
+		started, err := startDetached(ctx, wid, vmIn)
 		if err != nil {
-			var app *temporal.ApplicationError
-			if errors.As(err, &app) && app.Type() == activities.ErrTypeWorkflowRunning {
-				return running(err)
-			}
 			return nil, err
 		}
+		if started.Running {
+			return running(nil)
+		}
+		runID := started.RunID
 		prog.Phase, prog.PhaseSince, prog.WorkflowID = PhaseStarted, workflow.Now(ctx), wid
 		return &BackupResult{WorkflowID: wid, RunID: runID, BackupID: backupID, VM: vm.VMName, VMUUID: vm.VMUUID, Profile: in.Profile}, nil
 	}
@@ -504,18 +504,22 @@ func Backup(ctx workflow.Context, in BackupInput) (*BackupResult, error) {
 
 // startDetached starts the BackupVM of in under wid (changeDetachedStart),
 // with the search attributes a child gets and the Backup named in its
-// memo, and returns its run ID. The request ID is the Backup's run ID: run
-// again (its workflow task lost with the worker that ran it), the start
-// finds the BackupVM it started, running or ended, and starts no other.
-// A BackupVM of wid started otherwise fails it with
-// activities.ErrTypeWorkflowRunning.
-func startDetached(ctx workflow.Context, wid string, in BackupVMInput) (string, error) {
+// memo, and returns its run, or the run of wid that runs already
+// (Running). The request ID is the Backup's run ID: run again (its
+// workflow task lost with the worker that ran it), the start finds the
+// BackupVM it started while that is wid's latest run, running or ended.
+// Should that BackupVM have ended and another run of wid have started
+// meanwhile (within the lost task's timeout), the Backup says the VM's
+// backup runs, or, when that one ended too, starts a BackupVM that
+// BeginBackup refuses at once (its backup ID taken): never a second
+// backup.
+func startDetached(ctx workflow.Context, wid string, in BackupVMInput) (activities.StartWorkflowResult, error) {
+	var started activities.StartWorkflowResult
 	arg, err := json.Marshal(in)
 	if err != nil {
-		return "", err
+		return started, err
 	}
 	self := workflow.GetInfo(ctx).WorkflowExecution
-	var started activities.StartWorkflowResult
 	err = step(ctx, true, launchActivity(), launcherActs.StartWorkflow, activities.StartWorkflowInput{
 		WorkflowID: wid, WorkflowType: backupVMType, TaskQueue: TaskQueue, Arg: arg,
 		Keywords: map[string]string{
@@ -525,7 +529,7 @@ func startDetached(ctx workflow.Context, wid string, in BackupVMInput) (string, 
 		Memo:      map[string]string{MemoStartedByWorkflowID: self.ID, MemoStartedByRunID: self.RunID},
 		RequestID: self.RunID,
 	}).Get(ctx, &started)
-	return started.RunID, err
+	return started, err
 }
 
 // backupVMType is BackupVM's workflow type (Register registers it by its

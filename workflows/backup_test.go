@@ -584,8 +584,7 @@ func TestBackupDetachedStartsBackupVM(t *testing.T) {
 				func(_ context.Context, in activities.StartWorkflowInput) (*activities.StartWorkflowResult, error) {
 					starts = append(starts, in)
 					if c.running {
-						return nil, temporal.NewNonRetryableApplicationError("workflow "+in.WorkflowID+" runs already",
-							activities.ErrTypeWorkflowRunning, nil, activities.WorkflowRunningDetails{WorkflowID: in.WorkflowID, RunID: "other-run"})
+						return &activities.StartWorkflowResult{RunID: "other-run", Running: true}, nil
 					}
 					return &activities.StartWorkflowResult{RunID: "run-1"}, nil
 				})
