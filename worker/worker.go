@@ -61,13 +61,12 @@ func newWorker(c client.Client, d deps, maxTransfers int) worker.Worker {
 	// which the Temporal servers cbtflow starts grant (see
 	// testkit/stack.TemporalDynamicConfig).
 	//
-	// Workflow and activity tasks are fetched by pollers that scale with
-	// the task queue's load (pollerBehavior), not the SDK's fixed 2 each:
-	// with 20 backups started at once, their workflow tasks waited in the
-	// queue for 0.7–0.9 s of each backup's 1.6–1.9 s with 2 pollers, 0.5 s
-	// with 8 (bench, scale case).
+	// Workflow tasks are fetched by a fixed number of pollers
+	// (workflowTaskPollers); activity tasks, which mostly come eagerly in
+	// the answer to a workflow task anyway, by pollers that scale with the
+	// task queue's load (pollerBehavior).
 	opts := worker.Options{
-		WorkflowTaskPollerBehavior: pollerBehavior(),
+		WorkflowTaskPollerBehavior: worker.NewPollerBehaviorSimpleMaximum(worker.PollerBehaviorSimpleMaximumOptions{MaximumNumberOfPollers: workflowTaskPollers}),
 		ActivityTaskPollerBehavior: pollerBehavior(),
 		BackgroundActivityContext:  d.activityContext,
 		// A running transfer's progress is its latest heartbeat, which the
@@ -100,6 +99,17 @@ func launcherIdentity() string {
 	host, _ := os.Hostname()
 	return fmt.Sprintf("%d@%s", os.Getpid(), host)
 }
+
+// workflowTaskPollers is how many long polls for workflow tasks the
+// worker holds open, split by the SDK between its sticky queue and the
+// task queue: enough that the workflow tasks of 20 backups started at once
+// find a poller waiting and are handed over at once. Scaled by the SDK's
+// autoscaler (1 to 100, 5 at first), the pollers fell to 1 while the
+// worker was idle, and of 20 backups started then one waited 2.2–2.6 s in
+// the queue for a workflow task, in 3 of 6 runs of the bench's scale case;
+// with 16 fixed, none waited more than 0.43 s, and each backup's tasks
+// waited 0.20–0.26 s in the queue, summed, against 0.30–0.54 s.
+const workflowTaskPollers = 16
 
 // pollerBehavior is how a worker's pollers of one kind of task scale:
 // between 1 and 100 (the SDK's bounds), starting with 5, up while polls

@@ -519,15 +519,15 @@ func (r *e2eRun) workerLimits() (string, error) {
 	fmt.Fprintf(&w, "  %-52s %s\n", "local activity slots", slots("LocalActivityWorker"))
 	fmt.Fprintf(&w, "  %-52s %s\n", "workflow task slots", slots("WorkflowWorker"))
 	pollers := gauges(text, numPollers, "poller_type")
-	poll := func(kind string) string {
+	poll := func(kind, how string) string {
 		n, ok := pollers[kind]
 		if !ok {
 			return "? (no gauge yet)"
 		}
-		return fmt.Sprintf("%v now (scaled by the SDK between 1 and 100)", n)
+		return fmt.Sprintf("%v now (%s)", n, how)
 	}
-	fmt.Fprintf(&w, "  %-52s %s\n", "workflow task pollers (SDK gauge)", poll("workflow_task"))
-	fmt.Fprintf(&w, "  %-52s %s\n", "activity task pollers", poll("activity_task"))
+	fmt.Fprintf(&w, "  %-52s %s\n", "workflow task pollers (SDK gauge)", poll("workflow_task", "the worker's fixed number, split between its sticky and normal queues"))
+	fmt.Fprintf(&w, "  %-52s %s\n", "activity task pollers", poll("activity_task", "scaled by the SDK between 1 and 100"))
 	fmt.Fprintf(&w, "  %-52s %s", "open files (soft limit, /proc/PID/limits)", limitOf(string(limits), "Max open files"))
 	return w.String(), nil
 }
