@@ -89,27 +89,19 @@ func (l *Launcher) StartWorkflow(ctx context.Context, in StartWorkflowInput) (*S
 		// A running one is refused, never joined nor terminated.
 		WorkflowIdConflictPolicy: enumspb.WORKFLOW_ID_CONFLICT_POLICY_FAIL,
 	}
-	if len(in.Keywords) > 0 {
-		req.SearchAttributes = &commonpb.SearchAttributes{IndexedFields: map[string]*commonpb.Payload{}}
-		for k, v := range in.Keywords {
-			p, err := dc.ToPayload(v)
-			if err != nil {
-				return nil, temporal.NewNonRetryableApplicationError("StartWorkflow: search attribute "+k+": "+err.Error(), ErrTypeInvalidInput, err)
-			}
-			// As the SDK's typed search attributes mark theirs.
-			p.Metadata["type"] = []byte("Keyword")
-			req.SearchAttributes.IndexedFields[k] = p
-		}
+	keywords, err := stringPayloads(in.Keywords, "search attribute", "Keyword")
+	if err != nil {
+		return nil, err
 	}
-	if len(in.Memo) > 0 {
-		req.Memo = &commonpb.Memo{Fields: map[string]*commonpb.Payload{}}
-		for k, v := range in.Memo {
-			p, err := dc.ToPayload(v)
-			if err != nil {
-				return nil, temporal.NewNonRetryableApplicationError("StartWorkflow: memo "+k+": "+err.Error(), ErrTypeInvalidInput, err)
-			}
-			req.Memo.Fields[k] = p
-		}
+	if keywords != nil {
+		req.SearchAttributes = &commonpb.SearchAttributes{IndexedFields: keywords}
+	}
+	memo, err := stringPayloads(in.Memo, "memo", "")
+	if err != nil {
+		return nil, err
+	}
+	if memo != nil {
+		req.Memo = &commonpb.Memo{Fields: memo}
 	}
 	resp, err := l.Service.StartWorkflowExecution(ctx, req)
 	if err == nil {
@@ -129,4 +121,25 @@ func (l *Launcher) StartWorkflow(ctx context.Context, in StartWorkflowInput) (*S
 			fmt.Sprintf("Temporal refuses to start workflow %s: %v", in.WorkflowID, err), ErrTypeInvalidInput, err)
 	}
 	return nil, err
+}
+
+// stringPayloads encodes the strings of m as payloads (nil for none),
+// each marked with its search attribute type when saType is set, as the
+// SDK's typed search attributes mark theirs; what names m in an error.
+func stringPayloads(m map[string]string, what, saType string) (map[string]*commonpb.Payload, error) {
+	if len(m) == 0 {
+		return nil, nil
+	}
+	out := make(map[string]*commonpb.Payload, len(m))
+	for k, v := range m {
+		p, err := converter.GetDefaultDataConverter().ToPayload(v)
+		if err != nil {
+			return nil, temporal.NewNonRetryableApplicationError("StartWorkflow: "+what+" "+k+": "+err.Error(), ErrTypeInvalidInput, err)
+		}
+		if saType != "" {
+			p.Metadata["type"] = []byte(saType)
+		}
+		out[k] = p
+	}
+	return out, nil
 }

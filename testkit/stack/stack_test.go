@@ -117,13 +117,8 @@ func TestStackLifecycle(t *testing.T) {
 // still comes up: the start that fails on it is tried again on another
 // port.
 func TestTemporalStartRetriesATakenPort(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	taken := ln.Addr().String()
-	stack.HandOutNext(ln.Addr().(*net.TCPAddr).Port)
+	taken, takenPort := holdPort(t)
+	stack.HandOutNext(takenPort)
 	s := stacktest.New(t, stack.Options{NoWorker: true})
 	if s.TemporalAddress() == taken {
 		t.Fatalf("Temporal is said to serve on %s, the port the test holds", taken)
@@ -134,6 +129,29 @@ func TestTemporalStartRetriesATakenPort(t *testing.T) {
 	if _, err := s.Client().CheckHealth(ctx, &client.CheckHealthRequest{}); err != nil {
 		t.Errorf("Temporal on %s: %v", s.TemporalAddress(), err)
 	}
+}
+
+// holdPort listens on a free port of 127.0.0.1 until the test ends, as
+// another process would that took it: its address and port.
+func holdPort(t *testing.T) (string, int) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	return ln.Addr().String(), ln.Addr().(*net.TCPAddr).Port
+}
+
+// closedPort returns a port of 127.0.0.1 that was free a moment ago.
+func closedPort(t *testing.T) int {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port
 }
 
 // wantStartedTwice checks that Temporal's log shows two starts, the first
@@ -161,20 +179,10 @@ func wantLogStartedTwice(t *testing.T, name, path string) {
 // follows it. (A stack once failed so in CI: the port picked for the
 // metrics was free, then taken before the worker bound it.)
 func TestWorkerStartRetriesATakenMetricsPort(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	free, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	grpcPort := free.Addr().(*net.TCPAddr).Port
-	free.Close()
-	taken := ln.Addr().String()
+	taken, takenPort := holdPort(t)
+	grpcPort := closedPort(t)
 	// Temporal's gRPC port first (free), then the metrics port (held here).
-	stack.HandOutNext(grpcPort, ln.Addr().(*net.TCPAddr).Port)
+	stack.HandOutNext(grpcPort, takenPort)
 	s := stacktest.New(t, stack.Options{})
 	if strings.Contains(s.MetricsURL(), taken) {
 		t.Fatalf("the worker's metrics are said to be at %s, the port the test holds", s.MetricsURL())
@@ -193,20 +201,10 @@ func TestWorkerStartRetriesATakenMetricsPort(t *testing.T) {
 // The same for the Web UI's port: a stack with the Web UI whose first
 // port for it is taken starts Temporal again with another.
 func TestTemporalStartRetriesATakenUIPort(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	free, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	grpcPort := free.Addr().(*net.TCPAddr).Port
-	free.Close()
-	taken := ln.Addr().String()
+	taken, takenPort := holdPort(t)
+	grpcPort := closedPort(t)
 	// The gRPC port first (free), then the Web UI's (held here).
-	stack.HandOutNext(grpcPort, ln.Addr().(*net.TCPAddr).Port)
+	stack.HandOutNext(grpcPort, takenPort)
 	s := stacktest.New(t, stack.Options{NoWorker: true, WebUI: true})
 	if s.UIAddr() == taken {
 		t.Fatalf("the Web UI is said to serve on %s, the port the test holds", taken)
