@@ -345,32 +345,47 @@ func (s *Stack) StartTemporal(ctx context.Context) error {
 // taken is tried again on another gRPC port, and Web UI port, too (the
 // stack's first start, before anything knows them).
 func (s *Stack) startTemporalRetrying(ctx context.Context, newPort bool) error {
-	for attempt := 1; ; attempt++ {
-		from, _ := fileSize(s.TemporalLog())
-		err := s.startTemporal(ctx)
-		s.mu.Lock()
-		p := s.temporal
-		s.mu.Unlock()
-		if err == nil || attempt == startAttempts || !portTaken(p, s.TemporalLog(), from) {
+	return s.startRetrying(s.TemporalLog(), func() *proc { return s.temporal }, func() error { return s.startTemporal(ctx) }, func() error {
+		if !newPort {
+			return nil
+		}
+		// Which of its ports was taken, the log does not say plainly:
+		// the gRPC port and the Web UI's are picked again.
+		port, err := freePort()
+		if err != nil {
 			return err
 		}
-		if newPort {
-			// Which of its ports was taken, the log does not say
-			// plainly: the gRPC port and the Web UI's are picked again.
-			port, perr := freePort()
-			if perr != nil {
+		s.grpcPort = port
+		if s.uiPort != 0 {
+			if s.uiPort, err = freePort(); err != nil {
 				return err
 			}
-			s.grpcPort = port
-			if s.uiPort != 0 {
-				if s.uiPort, perr = freePort(); perr != nil {
-					return err
-				}
-			}
-			if s.client != nil {
-				s.client.Close()
-				s.client = nil
-			}
+		}
+		if s.client != nil {
+			s.client.Close()
+			s.client = nil
+		}
+		return nil
+	})
+}
+
+// startRetrying runs start, the start of a process whose log is log and
+// which started returns (read under s.mu), until it succeeds, fails
+// otherwise than on a port taken meanwhile (portTaken), or has failed
+// startAttempts times; before each new start, repick picks other ports.
+// The error is the last start's.
+func (s *Stack) startRetrying(log string, started func() *proc, start, repick func() error) error {
+	for attempt := 1; ; attempt++ {
+		from, _ := fileSize(log)
+		err := start()
+		s.mu.Lock()
+		p := started()
+		s.mu.Unlock()
+		if err == nil || attempt == startAttempts || !portTaken(p, log, from) {
+			return err
+		}
+		if rerr := repick(); rerr != nil {
+			return err
 		}
 	}
 }
@@ -541,19 +556,12 @@ func (s *Stack) RestartTemporal(ctx context.Context) error {
 // fails because the port was taken meanwhile ("address already in use") is
 // tried again on another, up to startAttempts times. MetricsURL follows.
 func (s *Stack) StartWorker(ctx context.Context) error {
-	for attempt := 1; ; attempt++ {
-		from, _ := fileSize(s.WorkerLog())
-		err := s.startWorker(ctx)
-		s.mu.Lock()
-		p := s.worker
-		s.mu.Unlock()
-		if err == nil || attempt == startAttempts || !portTaken(p, s.WorkerLog(), from) {
-			return err
-		}
+	return s.startRetrying(s.WorkerLog(), func() *proc { return s.worker }, func() error { return s.startWorker(ctx) }, func() error {
 		s.mu.Lock()
 		s.metricsAddr = ""
 		s.mu.Unlock()
-	}
+		return nil
+	})
 }
 
 func (s *Stack) startWorker(ctx context.Context) error {
