@@ -1,8 +1,10 @@
 package vsphere
 
 import (
+	"bytes"
 	"context"
 	"maps"
+	"slices"
 	"sync"
 	"testing"
 
@@ -34,6 +36,11 @@ func TestSnapshotCalls(t *testing.T) {
 	}
 	vm, err := c.FindVM(ctx, lab.SecondDiskVM)
 	if err != nil {
+		t.Fatal(err)
+	}
+	// Data on the last disk, away from its end: its changed areas.
+	last := vm.Disks[len(vm.Disks)-1]
+	if _, err := f.lab.WriteDisk(vm.Name, last.Key, lab.BlockSize, bytes.NewReader(bytes.Repeat([]byte{7}, lab.BlockSize))); err != nil {
 		t.Fatal(err)
 	}
 	take := func() map[string]int {
@@ -76,6 +83,22 @@ func TestSnapshotCalls(t *testing.T) {
 	}
 	if got := take(); len(got) != 1 || got["RetrievePropertiesEx"] > 4 {
 		t.Errorf("CreateSnapshot of an existing snapshot made the calls %v, want 4 reads at most", got)
+	}
+	// A disk's changed areas that one answer describes to the disk's end
+	// take one query: none more from the end of its last area, which
+	// could only come back empty.
+	var areas []area
+	if err := c.QueryChangedAreas(ctx, vm.Ref, snap.Ref, last.Key, last.Capacity, "*", func(off, n int64) error {
+		areas = append(areas, area{off, n})
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if want := []area{{lab.BlockSize, lab.BlockSize}}; !slices.Equal(areas, want) {
+		t.Errorf("changed areas %v, want %v", areas, want)
+	}
+	if got := take(); len(got) != 1 || got["QueryChangedDiskAreas"] != 1 {
+		t.Errorf("QueryChangedAreas of a disk made the calls %v, want one QueryChangedDiskAreas", got)
 	}
 	if _, err := c.RemoveOwnSnapshot(ctx, vm.Ref, snap.Ref, name); err != nil {
 		t.Fatal(err)

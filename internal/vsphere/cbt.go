@@ -15,9 +15,10 @@ import (
 // allocated areas (a full backup); a stored change ID asks for the areas
 // changed since it.
 //
-// It starts at offset 0 and continues from the end of the last area of each
-// answer (or from the answer's startOffset+length when it has none) until
-// capacity is covered. An answer that does not move forward is an error,
+// It starts at offset 0 and continues from the end of the range each
+// answer describes (startOffset+length; from the end of its last area
+// when that lies further) until capacity is covered: one call for a disk
+// whose answer covers it whole. An answer that does not move forward is an error,
 // not an endless loop. A vSphere fault is returned as *CBTError, with
 // FirstQuery set when it answered the first call; an error from fn is
 // returned as is.
@@ -85,8 +86,15 @@ func pageChangedAreas(what string, capacity int64, query func(start int64) (type
 			}
 			next = max(next, a.Start+a.Length)
 		}
-		if len(info.ChangedArea) == 0 {
-			next = info.StartOffset + info.Length
+		// The answer lists every changed area of the range it describes,
+		// [StartOffset, StartOffset+Length) (vSphere's DiskChangeInfo):
+		// the next query starts past that range, which for an answer
+		// that covers the rest of the disk ends the paging without a
+		// query that could only come back empty. A range that begins
+		// past the offset asked says nothing of the gap before it: it
+		// moves the next query only as far as its last area.
+		if info.StartOffset <= start {
+			next = max(next, info.StartOffset+info.Length)
 		}
 		if next <= start {
 			return fmt.Errorf("vsphere: QueryChangedDiskAreas(%s, offset %d): the answer (start %d, length %d, %d areas) does not move forward",

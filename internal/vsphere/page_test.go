@@ -25,13 +25,35 @@ func TestPageChangedAreas(t *testing.T) {
 		err      string
 	}{
 		{
+			name: "an answer that describes the whole disk is the only query", capacity: 1000,
+			answers: []answer{
+				{0, types.DiskChangeInfo{StartOffset: 0, Length: 1000, ChangedArea: []types.DiskChangeExtent{ext(100, 10), ext(500, 20)}}},
+			},
+			want: []area{{100, 10}, {500, 20}},
+		},
+		{
 			name: "empty page continues from start+length", capacity: 1000,
 			answers: []answer{
 				{0, types.DiskChangeInfo{StartOffset: 0, Length: 400}},
 				{400, types.DiskChangeInfo{StartOffset: 400, Length: 600, ChangedArea: []types.DiskChangeExtent{ext(500, 10)}}},
-				{510, types.DiskChangeInfo{StartOffset: 510, Length: 490}},
 			},
 			want: []area{{500, 10}},
+		},
+		{
+			name: "a page continues from the end of its range, not of its last area", capacity: 1000,
+			answers: []answer{
+				{0, types.DiskChangeInfo{StartOffset: 0, Length: 400, ChangedArea: []types.DiskChangeExtent{ext(100, 10)}}},
+				{400, types.DiskChangeInfo{StartOffset: 400, Length: 600, ChangedArea: []types.DiskChangeExtent{ext(700, 10)}}},
+			},
+			want: []area{{100, 10}, {700, 10}},
+		},
+		{
+			name: "a range that begins past the offset asked moves on only to its last area", capacity: 1000,
+			answers: []answer{
+				{0, types.DiskChangeInfo{StartOffset: 100, Length: 900, ChangedArea: []types.DiskChangeExtent{ext(200, 10)}}},
+				{210, types.DiskChangeInfo{StartOffset: 210, Length: 790, ChangedArea: []types.DiskChangeExtent{ext(50, 10), ext(300, 10)}}},
+			},
+			want: []area{{200, 10}, {300, 10}},
 		},
 		{
 			name: "overlapping pages and an area past the end are clipped", capacity: 1000,
@@ -52,8 +74,8 @@ func TestPageChangedAreas(t *testing.T) {
 		{
 			name: "areas behind the start", capacity: 1000,
 			answers: []answer{
-				{0, types.DiskChangeInfo{StartOffset: 0, Length: 100, ChangedArea: []types.DiskChangeExtent{ext(0, 50)}}},
-				{50, types.DiskChangeInfo{StartOffset: 50, Length: 100, ChangedArea: []types.DiskChangeExtent{ext(10, 20)}}},
+				{0, types.DiskChangeInfo{StartOffset: 0, Length: 50, ChangedArea: []types.DiskChangeExtent{ext(0, 50)}}},
+				{50, types.DiskChangeInfo{StartOffset: 50, Length: 0, ChangedArea: []types.DiskChangeExtent{ext(10, 20)}}},
 			},
 			want: []area{{0, 50}}, err: "does not move forward",
 		},
