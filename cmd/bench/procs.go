@@ -2,12 +2,15 @@ package main
 
 import (
 	"bufio"
+	"cmp"
 	"fmt"
 	"io"
 	"io/fs"
+	"maps"
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -112,18 +115,52 @@ func gauges(text, name, label string) map[string]float64 {
 	return out
 }
 
-// vcenterCalls is the worker's count of its calls to vCenter, every
-// method's together.
-func vcenterCalls(metricsURL string) (float64, error) {
+// vcenterCalls is the worker's count of its calls to vCenter, by method.
+func vcenterCalls(metricsURL string) (calls, error) {
 	text, err := scrape(httpClient(), metricsURL)
 	if err != nil {
-		return 0, err
+		return nil, err
 	}
+	return gauges(text, "cbtflow_vcenter_calls_total", "method"), nil
+}
+
+// calls counts vCenter calls by method.
+type calls map[string]float64
+
+// sub is the calls made since before.
+func (c calls) sub(before calls) calls {
+	out := calls{}
+	for m, v := range c {
+		if d := v - before[m]; d > 0 {
+			out[m] = d
+		}
+	}
+	return out
+}
+
+func (c calls) total() float64 {
 	var n float64
-	for _, v := range gauges(text, "cbtflow_vcenter_calls_total", "method") {
+	for _, v := range c {
 		n += v
 	}
-	return n, nil
+	return n
+}
+
+// perBackup lists the methods, most called first, each with its calls
+// per backup: "RetrievePropertiesEx 12.0, ...".
+func (c calls) perBackup(backups int) string {
+	methods := slices.Collect(maps.Keys(c))
+	slices.SortFunc(methods, func(a, b string) int {
+		if c[a] != c[b] {
+			return cmp.Compare(c[b], c[a])
+		}
+		return strings.Compare(a, b)
+	})
+	parts := make([]string, len(methods))
+	for i, m := range methods {
+		parts[i] = fmt.Sprintf("%s %.1f", m, c[m]/float64(max(backups, 1)))
+	}
+	return strings.Join(parts, ", ")
 }
 
 // labelValue finds label="value" in a Prometheus label list.

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -40,7 +41,7 @@ type round struct {
 	peaks     peaks
 	waited    int // transfers that logged waiting for a transfer slot
 	cpu       cpuUse
-	vcenter   float64 // calls the worker made to the lab's vCenter in the round
+	vcenter   calls // calls the worker made to the lab's vCenter in the round, by method
 }
 
 // transferSums adds up the TransferDisk activities of a round: their
@@ -112,8 +113,8 @@ func (r *e2eRun) scale(ctx context.Context) error {
 		scalePrefix, o.scaleVMs, o.scaleSize/gib, o.scaleData/mib, time.Since(setup).Seconds())
 
 	// The references: the copier alone on one disk's data, and on one
-	// disk's incremental changes, timed half before and half after the
-	// round they are compared with.
+	// disk's incremental changes, one run before each round they are
+	// compared with.
 	fullAlone, err := r.newCopierAlone(ctx, srcs[0], o.scaleSize)
 	if err != nil {
 		return err
@@ -129,53 +130,67 @@ func (r *e2eRun) scale(ctx context.Context) error {
 		return err
 	}
 	defer incrAlone.close()
-	before := (o.runs + 1) / 2
-	settle()
 
 	limits, err := r.workerLimits()
 	if err != nil {
 		return err
 	}
 	fmt.Println(limits)
+	fmt.Printf("%d rounds of each kind, each after one run of the copier alone; the page cache is written back (sync) before each of both, so that neither waits behind the other's writes\n", o.runs)
 
-	if err := fullAlone.run(ctx, before); err != nil {
+	// The full rounds keep only the newest restore point of each VM: a
+	// prune between them removes the round before last's (a default
+	// retention policy of --keep-last 1 for their time), so the rounds
+	// hold the space of two, not of every one.
+	if err := r.starterOK(ctx, "retention", "set", "--default", "--keep-last", "1"); err != nil {
 		return err
 	}
-	full, err := r.round(ctx, vms, workflows.ModeFull, 0, "--full")
-	if err != nil {
-		return err
-	}
-	// As before the round: the round's writes are written back first,
-	// so the copier alone does not wait behind them.
-	settle()
-	if err := fullAlone.run(ctx, o.runs-before); err != nil {
-		return err
-	}
-	fullRef := fullAlone.ref()
-	r.printRound(fmt.Sprintf("full round: %d VMs at once, --full", o.scaleVMs), full, fullRef)
-	for i, vm := range vms {
-		for d, k := range keys[vm] {
-			if err := scatter(labWriter(l, vm, k), o.scaleSize, o.scaleIncr, scaleWrite, o.seed+2000+uint64(2*i+d)); err != nil {
+	var full, incr []round
+	for i := range o.runs {
+		if i >= 2 {
+			if err := r.starterOK(ctx, "prune", "--wait"); err != nil {
 				return err
 			}
 		}
+		writeBack()
+		if err := fullAlone.run(ctx, 1); err != nil {
+			return err
+		}
+		writeBack()
+		rd, err := r.round(ctx, vms, workflows.ModeFull, 0, "--full")
+		if err != nil {
+			return err
+		}
+		full = append(full, rd)
 	}
-	settle()
-	if err := incrAlone.run(ctx, before); err != nil {
+	if err := r.starterOK(ctx, "retention", "clear", "--default"); err != nil {
 		return err
 	}
-	incr, err := r.round(ctx, vms, workflows.ModeIncremental, o.scaleIncr)
-	if err != nil {
-		return err
-	}
-	// As before the round: the round's writes are written back first,
-	// so the copier alone does not wait behind them.
-	settle()
-	if err := incrAlone.run(ctx, o.runs-before); err != nil {
-		return err
+	fullRef := fullAlone.ref()
+	r.printRounds(fmt.Sprintf("full rounds: %d VMs at once, --full", o.scaleVMs), full, fullRef, fullAlone.times)
+
+	for i := range o.runs {
+		for v, vm := range vms {
+			for d, k := range keys[vm] {
+				seed := o.seed + 2000 + uint64(1000*i+2*v+d)
+				if err := scatter(labWriter(l, vm, k), o.scaleSize, o.scaleIncr, scaleWrite, seed); err != nil {
+					return err
+				}
+			}
+		}
+		writeBack()
+		if err := incrAlone.run(ctx, 1); err != nil {
+			return err
+		}
+		writeBack()
+		rd, err := r.round(ctx, vms, workflows.ModeIncremental, o.scaleIncr)
+		if err != nil {
+			return err
+		}
+		incr = append(incr, rd)
 	}
 	incrRef := incrAlone.ref()
-	r.printRound(fmt.Sprintf("incremental round: %d VMs at once, %d MiB changed per disk in %d KiB writes", o.scaleVMs, o.scaleIncr/mib, scaleWrite>>10), incr, incrRef)
+	r.printRounds(fmt.Sprintf("incremental rounds: %d VMs at once, %d MiB changed per disk in %d KiB writes", o.scaleVMs, o.scaleIncr/mib, scaleWrite>>10), incr, incrRef, incrAlone.times)
 
 	const section = "VMs at once through one worker"
 	t := o.targets
@@ -184,18 +199,59 @@ func (r *e2eRun) scale(ctx context.Context) error {
 		note = fmt.Sprintf("the target is for 20 VMs: %d here", o.scaleVMs)
 	}
 	for _, c := range []struct {
-		name string
-		rd   round
-		ref  copierRef
+		name   string
+		rounds []round
+		ref    copierRef
 	}{{"full", full, fullRef}, {"incremental", incr, incrRef}} {
-		rd := c.rd
-		t.add(section, c.name+" round: backups completed", fmt.Sprintf("%d/%d", rd.completed, rd.vms), fmt.Sprintf("%d/%d", rd.vms, rd.vms), rd.completed == rd.vms, note)
-		t.add(section, c.name+" round: retries and failed tasks", fmt.Sprint(len(rd.retries)), "0", len(rd.retries) == 0, "")
-		ratio := float64(rd.bytes) / rd.wall.Seconds() / c.ref.rate()
-		t.add(section, c.name+" round: throughput / one copier alone", fmt.Sprintf("%.2f×", ratio), "≥ 0.80×", rounded(ratio, 2) >= 0.8, "")
-		t.add(section, c.name+" round: worker peak RSS", fmt.Sprintf("%d MiB", rd.peaks.hwmKiB>>10), fmt.Sprintf("≤ %d MiB", rssBound>>20), rd.peaks.hwmKiB<<10 <= rssBound, "")
+		var vms, completed, retries int
+		var hwm int64
+		for _, rd := range c.rounds {
+			vms += rd.vms
+			completed += rd.completed
+			retries += len(rd.retries)
+			hwm = max(hwm, rd.peaks.hwmKiB<<10)
+		}
+		t.add(section, c.name+" rounds: backups completed", fmt.Sprintf("%d/%d", completed, vms), fmt.Sprintf("%d/%d", vms, vms), completed == vms, note)
+		t.add(section, c.name+" rounds: retries and failed tasks", fmt.Sprint(retries), "0", retries == 0, "")
+		ratio := medianRate(c.rounds) / c.ref.rate()
+		t.add(section, c.name+" round: throughput / one copier alone", fmt.Sprintf("%.2f×", ratio), "≥ 0.80×", rounded(ratio, 2) >= 0.8,
+			fmt.Sprintf("medians of %d rounds and %d runs", len(c.rounds), o.runs))
+		t.add(section, c.name+" rounds: worker peak RSS", fmt.Sprintf("%d MiB", hwm>>20), fmt.Sprintf("≤ %d MiB", rssBound>>20), hwm <= rssBound, "the highest of the rounds")
 	}
 	t.print(os.Stdout, section)
+	return nil
+}
+
+// rate is a round's throughput: the changed bytes of its completed
+// backups over its wall time.
+func (rd round) rate() float64 { return float64(rd.bytes) / rd.wall.Seconds() }
+
+// medianRate is the median of the rounds' throughputs.
+func medianRate(rounds []round) float64 {
+	v := make([]float64, len(rounds))
+	for i, rd := range rounds {
+		v[i] = rd.rate()
+	}
+	return medianOf(v)
+}
+
+// medianRound is the round of the median wall time (the faster of the
+// two middle ones for an even count).
+func medianRound(rounds []round) round {
+	s := slices.Clone(rounds)
+	slices.SortFunc(s, func(a, b round) int { return cmp.Compare(a.wall, b.wall) })
+	return s[(len(s)-1)/2]
+}
+
+// starterOK runs the starter with args and fails unless it exits 0.
+func (r *e2eRun) starterOK(ctx context.Context, args ...string) error {
+	res, err := r.s.Starter(ctx, args...)
+	if err != nil {
+		return err
+	}
+	if res.ExitCode != 0 {
+		return fmt.Errorf("starter %s: %s", strings.Join(args, " "), res)
+	}
 	return nil
 }
 
@@ -291,7 +347,7 @@ func (r *e2eRun) round(ctx context.Context, vms []string, mode string, minChange
 	if err != nil {
 		return round{}, err
 	}
-	rd := round{vms: len(vms), peaks: pk, cpu: cpuAfter.sub(cpuBefore), vcenter: callsAfter - callsBefore}
+	rd := round{vms: len(vms), peaks: pk, cpu: cpuAfter.sub(cpuBefore), vcenter: callsAfter.sub(callsBefore)}
 	var last time.Time
 	for _, o := range out {
 		if o.end.After(last) {
@@ -343,9 +399,32 @@ func (r *e2eRun) round(ctx context.Context, vms []string, mode string, minChange
 	return rd, nil
 }
 
+// printRounds prints each round in a line, beside the run of the copier
+// alone before it (times, in the order run), then the round of the median
+// wall time in detail.
+func (r *e2eRun) printRounds(title string, rounds []round, ref copierRef, times []time.Duration) {
+	fmt.Printf("\n%s:\n", title)
+	for i, rd := range rounds {
+		alone := "-"
+		if i < len(times) {
+			alone = fmt.Sprintf("%.3fs", times[i].Seconds())
+		}
+		fmt.Printf("  round %d: %d of %d completed, %.2fs, %.1f MiB/s (%.2f× the copier alone's median), the copier alone before it %s, worker peak RSS %d MiB\n",
+			i+1, rd.completed, rd.vms, rd.wall.Seconds(), rd.rate()/float64(mib), rd.rate()/ref.rate(), alone, rd.peaks.hwmKiB>>10)
+		for _, f := range rd.failures {
+			fmt.Printf("    not completed: %s\n", f)
+		}
+	}
+	fmt.Printf("  median of the rounds' throughputs %.1f MiB/s, %.2f× the copier alone (%.1f MiB/s, median of %d runs)\n",
+		medianRate(rounds)/float64(mib), medianRate(rounds)/ref.rate(), ref.rate()/float64(mib), len(times))
+	med := medianRound(rounds)
+	n := slices.IndexFunc(rounds, func(rd round) bool { return rd.wall == med.wall })
+	r.printRound(fmt.Sprintf("the round of the median wall time (round %d), in detail", n+1), med, ref)
+}
+
 // printRound prints what a round did and the worker's peaks meanwhile.
 func (r *e2eRun) printRound(title string, rd round, ref copierRef) {
-	fmt.Printf("\n%s:\n", title)
+	fmt.Printf("%s:\n", title)
 	row := func(name, format string, args ...any) {
 		fmt.Printf("  %-52s %s\n", name, fmt.Sprintf(format, args...))
 	}
@@ -379,12 +458,13 @@ func (r *e2eRun) printRound(title string, rd round, ref copierRef) {
 	rate := float64(rd.bytes) / rd.wall.Seconds()
 	row("bytes copied (changed bytes of every disk)", "%d MiB", rd.bytes/mib)
 	row("aggregate throughput", "%.1f MiB/s", rate/float64(mib))
-	row("one copier alone, one disk's bytes", "%.1f MiB/s (%d MiB in %.3fs, median of %d around the round, %.3f–%.3fs; %.2f× of it)",
+	row("one copier alone, one disk's bytes", "%.1f MiB/s (%d MiB in %.3fs, median of %d, one before each round, %.3f–%.3fs; %.2f× of it)",
 		ref.rate()/float64(mib), ref.bytes/mib, ref.seconds, r.o.runs, ref.min, ref.max, rate/ref.rate())
 	if r.o.copierRate > 0 {
 		row("the copier part's full copy", "%.1f MiB/s (%.2f× of it)", r.o.copierRate/float64(mib), rate/r.o.copierRate)
 	}
-	row("vCenter calls (the worker's cbtflow_vcenter_calls_total)", "%.0f, %.1f per backup", rd.vcenter, rd.vcenter/float64(max(rd.vms, 1)))
+	row("vCenter calls (the worker's cbtflow_vcenter_calls_total)", "%.0f, %.1f per backup", rd.vcenter.total(), rd.vcenter.total()/float64(max(rd.vms, 1)))
+	row("  per backup, by method", "%s", rd.vcenter.perBackup(rd.vms))
 	if len(rd.retries) == 0 {
 		row("activity retries, failed activities, failed workflow tasks", "none")
 	} else {
