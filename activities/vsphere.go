@@ -115,7 +115,10 @@ func (a *VSphere) CreateSnapshot(ctx context.Context, in CreateSnapshotInput) (*
 	if err != nil {
 		return nil, err
 	}
-	vm, err := c.VMByUUID(ctx, in.VMUUID)
+	// PrepareVM found the VM by its instance UUID: its moref is checked
+	// against that UUID, and the VM looked up by it again only when the
+	// moref no longer names it.
+	vm, err := c.VMAt(ctx, in.VMRef, in.VMUUID)
 	if err != nil {
 		return nil, permanent(err)
 	}

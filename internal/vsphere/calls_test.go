@@ -3,6 +3,7 @@ package vsphere
 import (
 	"bytes"
 	"context"
+	"errors"
 	"maps"
 	"slices"
 	"sync"
@@ -53,6 +54,35 @@ func TestSnapshotCalls(t *testing.T) {
 	if got := take(); got["Login"] != 1 || got["RetrievePropertiesEx"] == 0 {
 		t.Errorf("calls of the connect and FindVM: %v, want one Login and the reads", got)
 	}
+
+	// A VM a step resolved before is read at its moref, its instance UUID
+	// checked, in one call; a moref that names another VM, or none, finds
+	// it by its UUID.
+	at, err := c.VMAt(ctx, vm.Ref, vm.UUID)
+	if err != nil || at.Ref != vm.Ref || at.Name != vm.Name || at.UUID != vm.UUID {
+		t.Fatalf("VMAt(%s, %s) = %+v, %v", vm.Ref, vm.UUID, at, err)
+	}
+	if got := take(); len(got) != 1 || got["RetrievePropertiesEx"] != 1 {
+		t.Errorf("VMAt made the calls %v, want one read", got)
+	}
+	other, err := c.FindVM(ctx, "DC0_H0_VM1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	take()
+	for _, ref := range []string{other.Ref, "vm-999999", ""} {
+		at, err := c.VMAt(ctx, ref, vm.UUID)
+		if err != nil || at.Ref != vm.Ref || at.Name != vm.Name || len(at.Disks) != len(vm.Disks) {
+			t.Fatalf("VMAt(%q, %s) = %+v, %v, want %s found by its UUID", ref, vm.UUID, at, err, vm.Ref)
+		}
+		if got := take(); got["FindByUuid"] != 1 {
+			t.Errorf("VMAt(%q) made the calls %v, want a FindByUuid", ref, got)
+		}
+	}
+	if _, err := c.VMAt(ctx, vm.Ref, "00000000-0000-0000-0000-000000000000"); !errors.Is(err, ErrVMNotFound) {
+		t.Errorf("VMAt with a UUID no VM has: %v, want ErrVMNotFound", err)
+	}
+	take()
 
 	// A VM is found by its instance UUID, and its properties are read,
 	// in a call each (its inventory path, which nothing used, took one

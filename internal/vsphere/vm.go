@@ -116,6 +116,29 @@ func (c *Client) VMByUUID(ctx context.Context, uuid string) (*VM, error) {
 	return c.loadVM(ctx, mref.Reference(), uuid)
 }
 
+// VMAt returns the VM at moref ref while it is still the VM of instance
+// UUID uuid, read in one call of two small properties; else (the moref
+// gone or reissued to another VM, or none given) the VM of that UUID, as
+// VMByUUID finds it. A step that a backup's earlier step resolved (its
+// snapshot, after PrepareVM) needs no more: found at ref, the VM has only
+// Ref, UUID and Name (neither its disks nor CBTEnabled).
+func (c *Client) VMAt(ctx context.Context, ref, uuid string) (*VM, error) {
+	if uuid == "" {
+		return nil, fmt.Errorf("vsphere: %w: empty instance UUID", ErrVMNotFound)
+	}
+	if ref != "" {
+		var mvm mo.VirtualMachine
+		err := property.DefaultCollector(c.vim).RetrieveOne(ctx, vmRef(ref), []string{"name", "config.instanceUuid"}, &mvm)
+		switch {
+		case err == nil && mvm.Config != nil && strings.EqualFold(mvm.Config.InstanceUuid, uuid):
+			return &VM{Ref: ref, UUID: uuid, Name: mvm.Name}, nil
+		case err != nil && !isFault(err, &types.ManagedObjectNotFound{}):
+			return nil, fmt.Errorf("vsphere: VM %s (instance UUID %s): %w", ref, uuid, err)
+		}
+	}
+	return c.VMByUUID(ctx, uuid)
+}
+
 // vmsNamed lists the VMs whose name is exactly name. Names are compared
 // here, not in a property filter, whose patterns would treat '*' specially.
 func (c *Client) vmsNamed(ctx context.Context, name string) ([]types.ManagedObjectReference, error) {
