@@ -6,6 +6,7 @@ import (
 	"io"
 	"log/slog"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -145,4 +146,28 @@ func TestPrepareVMAllocatedBytes(t *testing.T) {
 	if n := p.Disks[1].AllocatedBytes; n < 5<<20 || n > 5<<20+lab.BlockSize {
 		t.Errorf("disk %d allocated %d bytes, want the 5 MiB written", p.Disks[1].Key, n)
 	}
+
+	// Skipped, the allocation is left out, and AllocatedBytes reads it for
+	// the disks asked: the same figures.
+	skipped := mustExecute[activities.PrepareVMResult](t, env, f.vs.PrepareVM, activities.PrepareVMInput{Profile: profileLab, VMUUID: r.VMUUID, SkipAllocation: true})
+	for _, d := range skipped.Disks {
+		if d.AllocatedBytes != 0 || d.AllocatedUnknown {
+			t.Errorf("disk %+v: PrepareVM read the allocation it was told to skip", d)
+		}
+	}
+	in := activities.AllocatedBytesInput{Profile: profileLab, VMRef: p.VMRef, VMName: p.VMName,
+		Disks: []activities.AllocationDisk{{Key: p.Disks[1].Key, Capacity: p.Disks[1].Capacity}, {Key: 4242, Capacity: 1 << 30}}}
+	a := mustExecute[activities.AllocatedBytesResult](t, env, f.vs.AllocatedBytes, in)
+	want := []activities.AllocationDisk{
+		{Key: p.Disks[1].Key, Capacity: p.Disks[1].Capacity, AllocatedBytes: p.Disks[1].AllocatedBytes},
+		{Key: 4242, Capacity: 1 << 30, AllocatedBytes: 1 << 30, AllocatedUnknown: true}, // not in the layout: its capacity
+	}
+	if !slices.Equal(a.Disks, want) {
+		t.Errorf("AllocatedBytes = %+v, want %+v", a.Disks, want)
+	}
+	_, err = execute[activities.AllocatedBytesResult](t, env, f.vs.AllocatedBytes, activities.AllocatedBytesInput{Profile: profileLab, VMRef: p.VMRef})
+	wantAppError(t, err, activities.ErrTypeInvalidInput, "at least one disk")
+	in.VMRef = "vm-999999"
+	_, err = execute[activities.AllocatedBytesResult](t, env, f.vs.AllocatedBytes, in)
+	wantAppError(t, err, activities.ErrTypeVMNotFound, "vm-999999")
 }

@@ -100,6 +100,37 @@ type ResolveVMResult struct {
 type PrepareVMInput struct {
 	Profile string `json:"profile"`
 	VMUUID  string `json:"vm_uuid"`
+	// SkipAllocation leaves the disks' AllocatedBytes out (0): the backup
+	// asks for them (AllocatedBytes) only for the disks it backs up full,
+	// so that an incremental backup makes neither RefreshStorageInfo nor
+	// the read of the VM's file layout.
+	SkipAllocation bool `json:"skip_allocation,omitempty"`
+}
+
+// AllocatedBytesInput names the disks of a VM (PrepareVM's) whose
+// allocation a backup needs: those it backs up full.
+type AllocatedBytesInput struct {
+	Profile string `json:"profile"`
+	VMRef   string `json:"vm_ref"`
+	VMName  string `json:"vm_name,omitempty"` // for messages
+	// Disks are the disks' keys and capacities (each value is clipped to
+	// its disk's capacity).
+	Disks []AllocationDisk `json:"disks"`
+}
+
+// AllocationDisk is one disk of AllocatedBytesInput, and of its result
+// with its allocation.
+type AllocationDisk struct {
+	Key      int32 `json:"key"`
+	Capacity int64 `json:"capacity"`
+	// AllocatedBytes and AllocatedUnknown are as in VMDisk (results only).
+	AllocatedBytes   int64 `json:"allocated_bytes,omitempty"`
+	AllocatedUnknown bool  `json:"allocated_unknown,omitempty"`
+}
+
+// AllocatedBytesResult is every disk of the input with its allocation.
+type AllocatedBytesResult struct {
+	Disks []AllocationDisk `json:"disks"`
 }
 
 // VMDisk is one disk of the live VM.

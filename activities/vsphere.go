@@ -91,18 +91,59 @@ func (a *VSphere) PrepareVM(ctx context.Context, in PrepareVMInput) (*PrepareVMR
 	}
 	// What each disk holds (its extents in the VM's file layout): the
 	// space check's need for a full backup of it. A disk the layout does
-	// not know counts with its capacity.
+	// not know counts with its capacity. A backup that asks for it only
+	// where it backs up full (AllocatedBytes) skips it here.
+	var allocated map[int32]int64
+	if !in.SkipAllocation {
+		if allocated, err = c.AllocatedBytes(ctx, vm); err != nil {
+			return nil, permanent(err)
+		}
+	}
+	for _, d := range vm.Disks {
+		disk := VMDisk{Key: d.Key, Label: d.Label, Capacity: d.Capacity, FileName: d.FileName}
+		if !in.SkipAllocation {
+			disk.AllocatedBytes, disk.AllocatedUnknown = allocationOf(allocated, d.Key, d.Capacity)
+		}
+		res.Disks = append(res.Disks, disk)
+	}
+	return res, nil
+}
+
+// allocationOf is a disk's allocation as AllocatedBytes found it: its
+// capacity, and unknown, when the layout does not know the disk.
+func allocationOf(allocated map[int32]int64, key int32, capacity int64) (int64, bool) {
+	n, known := allocated[key]
+	if !known {
+		return capacity, true
+	}
+	return n, false
+}
+
+// AllocatedBytes reads what each of the given disks of a VM holds on its
+// datastore (vsphere.Client.AllocatedBytes: RefreshStorageInfo, then the
+// VM's file layout): the space check's need for a full backup of them.
+func (a *VSphere) AllocatedBytes(ctx context.Context, in AllocatedBytesInput) (*AllocatedBytesResult, error) {
+	if in.VMRef == "" || len(in.Disks) == 0 {
+		return nil, temporal.NewNonRetryableApplicationError(
+			fmt.Sprintf("allocated bytes: a VM moref (%q) and at least one disk (%d) are needed", in.VMRef, len(in.Disks)), ErrTypeInvalidInput, nil)
+	}
+	defer heartbeatEvery(ctx, 10*time.Second, nil)()
+	c, err := a.client(ctx, in.Profile)
+	if err != nil {
+		return nil, err
+	}
+	vm := &vsphere.VM{Ref: in.VMRef, Name: in.VMName}
+	for _, d := range in.Disks {
+		vm.Disks = append(vm.Disks, vsphere.Disk{Key: d.Key, Capacity: d.Capacity})
+	}
 	allocated, err := c.AllocatedBytes(ctx, vm)
 	if err != nil {
 		return nil, permanent(err)
 	}
-	for _, d := range vm.Disks {
-		n, known := allocated[d.Key]
-		if !known {
-			n = d.Capacity
-		}
-		res.Disks = append(res.Disks, VMDisk{Key: d.Key, Label: d.Label, Capacity: d.Capacity, FileName: d.FileName,
-			AllocatedBytes: n, AllocatedUnknown: !known})
+	res := &AllocatedBytesResult{}
+	for _, d := range in.Disks {
+		d.AllocatedBytes, d.AllocatedUnknown = allocationOf(allocated, d.Key, d.Capacity)
+		res.Disks = append(res.Disks, d)
 	}
 	return res, nil
 }

@@ -348,15 +348,28 @@ const (
 // TransferDisk (whose heartbeats carry its resume point and progress)
 // stay activities, and so does FailBackup (the failure path).
 //
-// It is BackupVM's last change of its commands so far (Backup's is
-// changeDetachedStart): a run that has it has every earlier one, and asks
-// GetVersion for no other (see since), and it sets only the search
+// A run that has it has every earlier change, and asks GetVersion for
+// no other (see since), and it sets only the search
 // attributes that change (see
 // upsertKeywords): each is a command, and a workflow task with fewer
 // commands completes sooner.
 const (
 	changeLocalSteps  = "local-steps"
 	versionLocalSteps = 1
+)
+
+// The change of BackupVM's commands that reads the disks' allocation (the
+// space check's need for a full backup: RefreshStorageInfo, then the VM's
+// file layout) only for the disks planned full, in a local activity
+// (activities.VSphere.AllocatedBytes) after BeginBackup, where PrepareVM
+// read it for every disk before: an incremental backup makes two vCenter
+// calls fewer, one of them a refresh that a real vCenter may take long
+// over. It is BackupVM's latest change: BackupVM asks for it first, and a
+// run that has it asks for no earlier one (changeLocalSteps is then true,
+// see since).
+const (
+	changeAllocationWhenFull  = "allocation-when-full"
+	versionAllocationWhenFull = 1
 )
 
 // The change of Backup's commands that starts a detached BackupVM (the
@@ -581,6 +594,9 @@ type backupRun struct {
 	// local: the short steps run as local activities (see
 	// changeLocalSteps).
 	local bool
+	// allocationWhenFull: the disks' allocation is read only for the
+	// disks planned full (see changeAllocationWhenFull).
+	allocationWhenFull bool
 }
 
 func (r *backupRun) setup(ctx workflow.Context) error {
@@ -604,9 +620,12 @@ func (r *backupRun) setup(ctx workflow.Context) error {
 		return err
 	}
 	r.log = workflow.GetLogger(ctx)
-	// Runs recorded before the short steps ran as local activities ran
-	// them as activities: on replay they must.
-	r.local = workflow.GetVersion(ctx, changeLocalSteps, workflow.DefaultVersion, versionLocalSteps) >= versionLocalSteps
+	// Runs recorded before the allocation was read only for full disks
+	// read it in PrepareVM; runs recorded before the short steps ran as
+	// local activities ran them as activities: on replay they must. The
+	// newest change is asked first, and implies the others.
+	r.allocationWhenFull = workflow.GetVersion(ctx, changeAllocationWhenFull, workflow.DefaultVersion, versionAllocationWhenFull) >= versionAllocationWhenFull
+	r.local = r.allocationWhenFull || workflow.GetVersion(ctx, changeLocalSteps, workflow.DefaultVersion, versionLocalSteps) >= versionLocalSteps
 	return r.upsertKeywords(ctx, keyword{SearchVCenter, r.in.Profile}, keyword{SearchMode, r.in.Mode}, keyword{SearchBackupID, r.in.BackupID})
 }
 
@@ -646,6 +665,11 @@ func (r *backupRun) run(ctx workflow.Context) (res *BackupVMResult, err error) {
 	// when canceled asked them to stop there: on replay they must.
 	r.uncancelable = since(ctx, r.local, changeUncancelableSteps, versionUncancelableSteps)
 	if spaceCheck {
+		if r.allocationWhenFull {
+			if err := r.allocation(ctx, &vm, plans); err != nil {
+				return nil, err
+			}
+		}
 		if err := r.checkSpace(ctx, spaceBefore(vm, begun, plans), false); err != nil {
 			return nil, err
 		}
@@ -677,7 +701,7 @@ func (r *backupRun) prepare(ctx workflow.Context) (activities.PrepareVMResult, e
 	r.setPhase(ctx, PhasePreparing)
 	var vm activities.PrepareVMResult
 	if err := step(ctx, r.local, shortActivity(), vsphereActs.PrepareVM,
-		activities.PrepareVMInput{Profile: r.in.Profile, VMUUID: r.in.VMUUID}).Get(ctx, &vm); err != nil {
+		activities.PrepareVMInput{Profile: r.in.Profile, VMUUID: r.in.VMUUID, SkipAllocation: r.allocationWhenFull}).Get(ctx, &vm); err != nil {
 		return vm, err
 	}
 	if r.local && vm.CBTJustEnabled {
@@ -774,6 +798,41 @@ func (r *backupRun) plan(vm activities.PrepareVMResult, begun activities.BeginBa
 		r.progress.Disks = append(r.progress.Disks, DiskProgress{Key: p.Key, Mode: p.Mode, Phase: DiskWaiting})
 	}
 	return plans, nil
+}
+
+// allocation reads the allocation of the disks planned full into vm's
+// disks (PrepareVM left it out): nothing for a backup of incrementals
+// only.
+func (r *backupRun) allocation(ctx workflow.Context, vm *activities.PrepareVMResult, plans []diskPlan) error {
+	full := map[int32]bool{}
+	for _, p := range plans {
+		if p.Mode == ModeFull {
+			full[p.Key] = true
+		}
+	}
+	in := activities.AllocatedBytesInput{Profile: r.in.Profile, VMRef: vm.VMRef, VMName: vm.VMName}
+	for _, d := range vm.Disks {
+		if full[d.Key] {
+			in.Disks = append(in.Disks, activities.AllocationDisk{Key: d.Key, Capacity: d.Capacity})
+		}
+	}
+	if len(in.Disks) == 0 {
+		return nil
+	}
+	var res activities.AllocatedBytesResult
+	if err := step(ctx, r.local, shortActivity(), vsphereActs.AllocatedBytes, in).Get(ctx, &res); err != nil {
+		return err
+	}
+	got := map[int32]activities.AllocationDisk{}
+	for _, d := range res.Disks {
+		got[d.Key] = d
+	}
+	for i := range vm.Disks {
+		if a, ok := got[vm.Disks[i].Key]; ok {
+			vm.Disks[i].AllocatedBytes, vm.Disks[i].AllocatedUnknown = a.AllocatedBytes, a.AllocatedUnknown
+		}
+	}
+	return nil
 }
 
 // spaceBefore is what each planned disk will write, as known before the

@@ -38,6 +38,9 @@ type fakeVM struct {
 	spaceChecks []activities.CheckSpaceInput
 	snapshots   int
 	calls       []string
+	// prepared are PrepareVM's inputs, allocations AllocatedBytes'.
+	prepared    []activities.PrepareVMInput
+	allocations []activities.AllocatedBytesInput
 	// spaceFull fails CheckSpace with RepositoryFull: before the snapshot
 	// ("before"), or after the CBT queries ("after").
 	spaceFull string
@@ -76,13 +79,40 @@ func newEnv(t *testing.T, f *fakeVM) *testsuite.TestWorkflowEnvironment {
 			}
 			return &activities.ResolveVMResult{Profile: profile, VMRef: "vm-62", VMUUID: "uuid-0", VMName: "vm0", VCenterUUID: f.vcenterUUID}, nil
 		}).Maybe()
+	// The VM's disks: 204 holds 300 MiB, 205 is not in its file layout
+	// (its allocation unknown: its capacity).
+	allocation := map[int32]activities.AllocationDisk{
+		204: {Key: 204, Capacity: 1 << 30, AllocatedBytes: 300 << 20},
+		205: {Key: 205, Capacity: 2 << 30, AllocatedBytes: 2 << 30, AllocatedUnknown: true},
+	}
 	env.OnActivity(vsphereActs.PrepareVM, mock.Anything, mock.Anything).Return(
-		func(context.Context, activities.PrepareVMInput) (*activities.PrepareVMResult, error) {
-			return &activities.PrepareVMResult{
+		func(_ context.Context, in activities.PrepareVMInput) (*activities.PrepareVMResult, error) {
+			f.mu.Lock()
+			f.prepared = append(f.prepared, in)
+			f.mu.Unlock()
+			res := &activities.PrepareVMResult{
 				VMRef: "vm-62", VMName: "vm0", CBTJustEnabled: f.cbtJustEnabled,
-				Disks: []activities.VMDisk{{Key: 204, Capacity: 1 << 30, FileName: "[ds] vm0/disk1.vmdk", AllocatedBytes: 300 << 20},
-					{Key: 205, Capacity: 2 << 30, FileName: "[ds] vm0/disk2.vmdk", AllocatedBytes: 2 << 30, AllocatedUnknown: true}},
-			}, nil
+				Disks: []activities.VMDisk{{Key: 204, Capacity: 1 << 30, FileName: "[ds] vm0/disk1.vmdk"},
+					{Key: 205, Capacity: 2 << 30, FileName: "[ds] vm0/disk2.vmdk"}},
+			}
+			if !in.SkipAllocation {
+				for i, d := range res.Disks {
+					res.Disks[i].AllocatedBytes, res.Disks[i].AllocatedUnknown = allocation[d.Key].AllocatedBytes, allocation[d.Key].AllocatedUnknown
+				}
+			}
+			return res, nil
+		}).Maybe()
+	env.OnActivity(vsphereActs.AllocatedBytes, mock.Anything, mock.Anything).Return(
+		func(_ context.Context, in activities.AllocatedBytesInput) (*activities.AllocatedBytesResult, error) {
+			f.mu.Lock()
+			defer f.mu.Unlock()
+			f.allocations = append(f.allocations, in)
+			f.calls = append(f.calls, "AllocatedBytes")
+			res := &activities.AllocatedBytesResult{}
+			for _, d := range in.Disks {
+				res.Disks = append(res.Disks, allocation[d.Key])
+			}
+			return res, nil
 		}).Maybe()
 	env.OnActivity(catalogActs.BeginBackup, mock.Anything, mock.Anything).Return(
 		func(_ context.Context, in activities.BeginBackupInput) (*activities.BeginBackupResult, error) {
@@ -236,6 +266,10 @@ func TestBackupVMIncremental(t *testing.T) {
 		if d.BackingBackupID != "b0" || d.ChangeIDFrom != want[d.Key] {
 			t.Errorf("committed %+v", d)
 		}
+	}
+	// No disk is backed up full: the disks' allocation is not read.
+	if len(f.prepared) != 1 || !f.prepared[0].SkipAllocation || len(f.allocations) != 0 {
+		t.Errorf("PrepareVM got %+v, AllocatedBytes %+v: want the allocation skipped and not read", f.prepared, f.allocations)
 	}
 }
 

@@ -12,7 +12,8 @@ import (
 	"go.temporal.io/sdk/converter"
 )
 
-// A backup runs its short steps as local activities (changeLocalSteps),
+// A backup runs its short steps as local activities (changeLocalSteps;
+// AllocatedBytes since changeAllocationWhenFull, here for the full disks),
 // and as activities the snapshot, the transfers and the failure path:
 // here a backup that succeeds, then one whose second space check finds
 // the repository full.
@@ -22,10 +23,10 @@ func TestShortStepsRunAsLocalActivities(t *testing.T) {
 		local, remote   []string
 	}{
 		{"completed", "",
-			[]string{"BeginBackup", "ChangedAreas", "CheckSpace", "CommitRestorePoint", "PrepareVM", "RemoveSnapshot", "ResolveVM"},
+			[]string{"AllocatedBytes", "BeginBackup", "ChangedAreas", "CheckSpace", "CommitRestorePoint", "PrepareVM", "RemoveSnapshot", "ResolveVM"},
 			[]string{"CreateSnapshot", "TransferDisk"}},
 		{"failed", "after",
-			[]string{"BeginBackup", "ChangedAreas", "CheckSpace", "PrepareVM", "RemoveSnapshot", "ResolveVM"},
+			[]string{"AllocatedBytes", "BeginBackup", "ChangedAreas", "CheckSpace", "PrepareVM", "RemoveSnapshot", "ResolveVM"},
 			[]string{"CreateSnapshot", "FailBackup"}},
 	} {
 		t.Run(c.name, func(t *testing.T) {

@@ -26,9 +26,16 @@ func TestBackupVMSpaceCheckOrder(t *testing.T) {
 	if err := env.GetWorkflowError(); err != nil {
 		t.Fatal(err)
 	}
-	want := []string{"CheckSpace", "CreateSnapshot", "ChangedAreas", "ChangedAreas", "CheckSpace", "TransferDisk", "TransferDisk"}
+	want := []string{"AllocatedBytes", "CheckSpace", "CreateSnapshot", "ChangedAreas", "ChangedAreas", "CheckSpace", "TransferDisk", "TransferDisk"}
 	if !slices.Equal(f.calls, want) {
 		t.Errorf("activities ran %v, want %v", f.calls, want)
+	}
+	// The allocation is read for the full disk only, PrepareVM having
+	// left it out.
+	wantAlloc := []activities.AllocationDisk{{Key: 205, Capacity: 2 << 30}}
+	if len(f.prepared) != 1 || !f.prepared[0].SkipAllocation || len(f.allocations) != 1 ||
+		f.allocations[0].VMRef != "vm-62" || f.allocations[0].Profile != "lab" || !slices.Equal(f.allocations[0].Disks, wantAlloc) {
+		t.Errorf("PrepareVM got %+v, AllocatedBytes %+v: want the allocation skipped, then read for %+v", f.prepared, f.allocations, wantAlloc)
 	}
 	if len(f.spaceChecks) != 2 {
 		t.Fatalf("space checks %+v", f.spaceChecks)

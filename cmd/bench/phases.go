@@ -19,6 +19,7 @@ const (
 	rowStart    = "start of BackupVM (StartWorkflow)"
 	rowPrepare  = "prepare (PrepareVM)"
 	rowBegin    = "begin (BeginBackup)"
+	rowAlloc    = "allocation (AllocatedBytes)"
 	rowSpace    = "space check (CheckSpace)"
 	rowSnapshot = "snapshot (CreateSnapshot)"
 	rowQuery    = "CBT query (ChangedAreas)"
@@ -47,14 +48,14 @@ const (
 	rowDigestBytes    = "digest files, bytes"
 )
 
-var phaseRows = []string{rowResolve, rowStart, rowPrepare, rowBegin, rowSpace, rowSnapshot, rowQuery,
+var phaseRows = []string{rowResolve, rowStart, rowPrepare, rowBegin, rowAlloc, rowSpace, rowSnapshot, rowQuery,
 	rowSetup, rowCopy, rowCheck, rowHash, rowXferRest, rowCommit, rowRemove, rowOther,
 	rowOverhead, rowQueued, rowStarter, rowTotal}
 
 // activityRows names the row of each activity the backup workflows run;
 // TransferDisk is split by its result (transferRows).
 var activityRows = map[string]string{
-	"ResolveVM": rowResolve, "StartWorkflow": rowStart, "PrepareVM": rowPrepare, "BeginBackup": rowBegin, "CheckSpace": rowSpace,
+	"ResolveVM": rowResolve, "StartWorkflow": rowStart, "PrepareVM": rowPrepare, "BeginBackup": rowBegin, "AllocatedBytes": rowAlloc, "CheckSpace": rowSpace,
 	"CreateSnapshot": rowSnapshot, "ChangedAreas": rowQuery, "CommitRestorePoint": rowCommit,
 	"RemoveSnapshot": rowRemove,
 }
