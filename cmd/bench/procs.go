@@ -454,3 +454,36 @@ func (u cpuUse) sub(before cpuUse) cpuUse {
 	return cpuUse{machine: u.machine - before.machine, worker: u.worker - before.worker, temporal: u.temporal - before.temporal,
 		postgres: u.postgres - before.postgres, bench: u.bench - before.bench, steal: u.steal - before.steal, cpus: u.cpus}
 }
+
+// quietBusy is the share of the machine's CPUs in use below which
+// waitQuiet calls the machine quiet, and quietWindow the time over which
+// it is measured.
+const (
+	quietBusy   = 0.15
+	quietWindow = 250 * time.Millisecond
+	quietMax    = 15 * time.Second
+)
+
+// waitQuiet waits until the machine's CPUs were busy less than quietBusy
+// of a quietWindow (what the stack does after a round: the dev server's
+// tasks of the closed workflows, the worker's and the NBD servers' exits),
+// at most quietMax, and returns how long it waited and the share of the
+// last window.
+func waitQuiet() (time.Duration, float64, error) {
+	start := time.Now()
+	for {
+		before, _, cpus, err := machineCPU()
+		if err != nil {
+			return 0, 0, err
+		}
+		time.Sleep(quietWindow)
+		after, _, _, err := machineCPU()
+		if err != nil {
+			return 0, 0, err
+		}
+		share := (after - before) / (float64(cpus) * quietWindow.Seconds())
+		if share < quietBusy || time.Since(start) >= quietMax {
+			return time.Since(start), share, nil
+		}
+	}
+}

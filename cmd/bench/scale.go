@@ -136,7 +136,15 @@ func (r *e2eRun) scale(ctx context.Context) error {
 		return err
 	}
 	fmt.Println(limits)
-	fmt.Printf("%d rounds of each kind, each after one run of the copier alone; the page cache is written back (sync) before each of both, so that neither waits behind the other's writes\n", o.runs)
+	fmt.Printf("%d rounds of each kind, each after one run of the copier alone; before each of both, the page cache is written back (sync), so that neither waits behind the other's writes, and the machine left to become quiet (its CPUs less than %.0f%% busy over %d ms, at most %s: the stack's work after a round, its workflows' closing tasks, would slow the copier alone)\n",
+		o.runs, quietBusy*100, quietWindow.Milliseconds(), quietMax)
+	var waits []time.Duration
+	settleQuiet := func() error {
+		writeBack()
+		d, _, err := waitQuiet()
+		waits = append(waits, d)
+		return err
+	}
 
 	// The full rounds keep only the newest restore point of each VM: a
 	// prune between them removes the round before last's (a default
@@ -152,11 +160,15 @@ func (r *e2eRun) scale(ctx context.Context) error {
 				return err
 			}
 		}
-		writeBack()
+		if err := settleQuiet(); err != nil {
+			return err
+		}
 		if err := fullAlone.run(ctx, 1); err != nil {
 			return err
 		}
-		writeBack()
+		if err := settleQuiet(); err != nil {
+			return err
+		}
 		rd, err := r.round(ctx, vms, workflows.ModeFull, 0, "--full")
 		if err != nil {
 			return err
@@ -178,11 +190,15 @@ func (r *e2eRun) scale(ctx context.Context) error {
 				}
 			}
 		}
-		writeBack()
+		if err := settleQuiet(); err != nil {
+			return err
+		}
 		if err := incrAlone.run(ctx, 1); err != nil {
 			return err
 		}
-		writeBack()
+		if err := settleQuiet(); err != nil {
+			return err
+		}
 		rd, err := r.round(ctx, vms, workflows.ModeIncremental, o.scaleIncr)
 		if err != nil {
 			return err
@@ -191,6 +207,9 @@ func (r *e2eRun) scale(ctx context.Context) error {
 	}
 	incrRef := incrAlone.ref()
 	r.printRounds(fmt.Sprintf("incremental rounds: %d VMs at once, %d MiB changed per disk in %d KiB writes", o.scaleVMs, o.scaleIncr/mib, scaleWrite>>10), incr, incrRef, incrAlone.times)
+
+	slices.Sort(waits)
+	fmt.Printf("\nthe waits for a quiet machine: median %.2fs, longest %.2fs (of %d)\n", median(waits), waits[len(waits)-1].Seconds(), len(waits))
 
 	const section = "VMs at once through one worker"
 	t := o.targets
