@@ -59,7 +59,7 @@ func widen(exts []Extent, gran, size int64) []Extent {
 // with 8 in flight over 3 source connections than with 16 over one.
 const (
 	DefaultRequestSize       = 2 << 20 // bytes per data request; see above
-	DefaultInFlight          = 8       // requests in flight: 16 MiB of buffers
+	DefaultInFlight          = 8       // requests in flight: at most 16 MiB of buffers (see fittedRequestSize)
 	DefaultSourceConnections = 3       // when the source allows multi-conn
 	DefaultRetries           = 3       // extra attempts of a failed request
 	DefaultRetryBackoff      = 100 * time.Millisecond
@@ -104,7 +104,9 @@ type Options struct {
 
 	// RequestSize is the size of one read/write request in bytes; InFlight
 	// the number of read/write requests in flight at once. Memory use is
-	// about RequestSize × InFlight, independent of the disk size.
+	// about RequestSize × InFlight, independent of the disk size, and less
+	// for a copy whose extents are all smaller than RequestSize: its
+	// requests are then the size of its largest (fittedRequestSize).
 	RequestSize int
 	InFlight    int
 

@@ -47,7 +47,8 @@ var buffers = &bufferPool{free: map[int][]*nbd.Buffer{}}
 // add up to its length, without checking that they cover it, so a
 // faulty server could leave bytes of the buffer as they were. Those must
 // never be another copy's, another VM's, data: clearing 16 MiB per copy
-// costs a millisecond.
+// costs a millisecond (a copy of small extents has small buffers: see
+// fittedRequestSize).
 func (p *bufferPool) get(n int) *nbd.Buffer {
 	p.mu.Lock()
 	if l := p.free[n]; len(l) > 0 {

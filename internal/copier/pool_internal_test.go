@@ -64,3 +64,35 @@ func TestBufferPool(t *testing.T) {
 	}
 	p.idle.Stop()
 }
+
+// A copy's requests, and so its buffers, are no larger than its largest
+// extent needs, in whole units of zero detection and of the image's
+// subclusters; never larger than the request size asked for.
+func TestFittedRequestSize(t *testing.T) {
+	ext := func(lens ...int64) []Extent {
+		var out []Extent
+		off := int64(0)
+		for _, n := range lens {
+			out = append(out, Extent{Offset: off, Length: n})
+			off += n + 1<<20
+		}
+		return out
+	}
+	for _, c := range []struct {
+		name string
+		o    Options
+		want int
+	}{
+		{"scattered 64 KiB areas", Options{RequestSize: 2 << 20, SparseSize: 64 << 10, Extents: ext(64<<10, 64<<10)}, 64 << 10},
+		{"the largest rounded up", Options{RequestSize: 2 << 20, SparseSize: 64 << 10, Extents: ext(64<<10, 200<<10, 4<<10)}, 256 << 10},
+		{"a tiny area: one unit", Options{RequestSize: 2 << 20, SparseSize: 64 << 10, Extents: ext(512)}, 64 << 10},
+		{"zero detection's unit", Options{RequestSize: 2 << 20, SparseSize: 256 << 10, Extents: ext(64 << 10)}, 256 << 10},
+		{"an extent of a request or more", Options{RequestSize: 2 << 20, SparseSize: 64 << 10, Extents: ext(64<<10, 3<<20)}, 2 << 20},
+		{"a request size below the unit", Options{RequestSize: 32 << 10, SparseSize: 64 << 10, Extents: ext(64 << 10)}, 32 << 10},
+		{"no extents", Options{RequestSize: 2 << 20, SparseSize: 64 << 10}, 64 << 10},
+	} {
+		if got := fittedRequestSize(c.o); got != c.want {
+			t.Errorf("%s: %d, want %d", c.name, got, c.want)
+		}
+	}
+}
