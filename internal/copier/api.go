@@ -115,7 +115,8 @@ type Options struct {
 	// source without multi-conn gets one. Reads are spread over them: nbdkit
 	// sends one reply at a time per connection, so several connections keep
 	// several replies streaming (3 measured about 10% faster than 2 and as
-	// fast as 4 on the bench). Set 1 where a connection is costly.
+	// fast as 4 on the bench). Set 1 where a connection is costly. A copy
+	// of less than 32 MiB of data (multiConnBytes) reads over one.
 	SourceConnections int
 
 	// SparseSize is the granularity (bytes) at which data read from the

@@ -470,20 +470,30 @@ func TestCancelStopsPromptly(t *testing.T) {
 }
 
 // TestSourceConnections checks that reads are spread over several source
-// connections only when the source advertises multi-conn.
+// connections only when the source advertises multi-conn, and the copy
+// holds 32 MiB of data or more.
 func TestSourceConnections(t *testing.T) {
 	testutil.CheckNoChildren(t)
 	dir := t.TempDir()
 	testutil.CheckNoSockets(t, dir)
-	src, _ := smallSource(t, dir)
+	src, _ := smallSource(t, dir) // 64 MiB of data
+	little := makeSource(t, t.TempDir(), 256*MiB, 31, 0, 5)
+	little.extents = nil // its data only: CBT's areas of a small incremental
+	for _, off := range little.data {
+		little.extents = append(little.extents, copier.Extent{Offset: off, Length: MiB})
+	}
+	little.extents = mergeExtents(little.extents)
 	for _, tc := range []struct {
 		name  string
+		src   *source
 		args  []string
 		conns int
 	}{
-		{"multi-conn", nil, copier.DefaultSourceConnections},
-		{"no multi-conn", []string{"--filter=multi-conn", "multi-conn-mode=disable"}, 1},
+		{"multi-conn", src, nil, copier.DefaultSourceConnections},
+		{"no multi-conn", src, []string{"--filter=multi-conn", "multi-conn-mode=disable"}, 1},
+		{"multi-conn, 31 MiB of data", little, nil, 1},
 	} {
+		src := tc.src
 		t.Run(tc.name, func(t *testing.T) {
 			img := filepath.Join(dir, "conns.qcow2")
 			run(t, dir, "qemu-img", "create", "-q", "-f", "qcow2", img, "256M")
