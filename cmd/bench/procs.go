@@ -465,10 +465,12 @@ const (
 )
 
 // waitQuiet waits until the machine's CPUs were busy less than quietBusy
-// of a quietWindow (what the stack does after a round: the dev server's
-// tasks of the closed workflows, the worker's and the NBD servers' exits),
-// at most quietMax, and returns how long it waited and the share of the
-// last window.
+// of a quietWindow (whatever a round or a copy left running: the dev
+// server's tasks of the closed workflows, the NBD servers' exits), at most
+// quietMax, and returns how long it waited and the share of the last
+// window. So far the machine was quiet within the first window every
+// time: the reference's 2× spread before the sixth of December's fifth
+// session came from the copier's own buffers, not from the stack.
 func waitQuiet() (time.Duration, float64, error) {
 	start := time.Now()
 	for {

@@ -136,7 +136,7 @@ func (r *e2eRun) scale(ctx context.Context) error {
 		return err
 	}
 	fmt.Println(limits)
-	fmt.Printf("%d rounds of each kind, each after one run of the copier alone; before each of both, the page cache is written back (sync), so that neither waits behind the other's writes, and the machine left to become quiet (its CPUs less than %.0f%% busy over %d ms, at most %s: the stack's work after a round, its workflows' closing tasks, would slow the copier alone)\n",
+	fmt.Printf("%d rounds of each kind, each after one run of the copier alone; before each of both, the page cache is written back (sync), so that neither waits behind the other's writes, and the machine let become quiet (its CPUs less than %.0f%% busy over %d ms, at most %s), so that neither runs beside what the other left running\n",
 		o.runs, quietBusy*100, quietWindow.Milliseconds(), quietMax)
 	var waits []time.Duration
 	settleQuiet := func() error {
