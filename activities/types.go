@@ -404,7 +404,7 @@ type RemoveSnapshotInput struct {
 
 // The bases of a SpaceDisk's bytes: how a disk's need was learned.
 const (
-	SpaceAllocated = "allocated" // a full: the disk's allocated bytes (PrepareVM)
+	SpaceAllocated = "allocated" // a full: the disk's allocated bytes (AllocatedBytes)
 	SpaceCapacity  = "capacity"  // a full whose allocation is unknown: its capacity
 	SpaceEstimated = "estimated" // an incremental before its CBT query: the most its recent incrementals changed
 	SpaceChanged   = "changed"   // after the CBT query: the exact changed (or, for a full, allocated) bytes

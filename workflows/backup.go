@@ -828,16 +828,23 @@ func (r *backupRun) allocation(ctx workflow.Context, vm *activities.PrepareVMRes
 		got[d.Key] = d
 	}
 	for i := range vm.Disks {
-		if a, ok := got[vm.Disks[i].Key]; ok {
-			vm.Disks[i].AllocatedBytes, vm.Disks[i].AllocatedUnknown = a.AllocatedBytes, a.AllocatedUnknown
+		d := &vm.Disks[i]
+		if !full[d.Key] {
+			continue
+		}
+		if a, ok := got[d.Key]; ok {
+			d.AllocatedBytes, d.AllocatedUnknown = a.AllocatedBytes, a.AllocatedUnknown
+		} else { // not answered for: counted as the layout counts a disk it does not know
+			d.AllocatedBytes, d.AllocatedUnknown = d.Capacity, true
 		}
 	}
 	return nil
 }
 
 // spaceBefore is what each planned disk will write, as known before the
-// snapshot: a full disk its allocated bytes (PrepareVM; its capacity when
-// the VM's file layout does not know it); an incremental the most any of
+// snapshot: a full disk its allocated bytes (AllocatedBytes; PrepareVM in
+// runs recorded before; its capacity when the VM's file layout does not
+// know it); an incremental the most any of
 // the recent incrementals in its chain changed (BeginBackup), 0 when it
 // has none yet. Only CBT's answer, after the snapshot, is exact: the
 // check runs again then.

@@ -41,6 +41,8 @@ type fakeVM struct {
 	// prepared are PrepareVM's inputs, allocations AllocatedBytes'.
 	prepared    []activities.PrepareVMInput
 	allocations []activities.AllocatedBytesInput
+	// allocationNone: AllocatedBytes answers for no disk.
+	allocationNone bool
 	// spaceFull fails CheckSpace with RepositoryFull: before the snapshot
 	// ("before"), or after the CBT queries ("after").
 	spaceFull string
@@ -110,7 +112,9 @@ func newEnv(t *testing.T, f *fakeVM) *testsuite.TestWorkflowEnvironment {
 			f.calls = append(f.calls, "AllocatedBytes")
 			res := &activities.AllocatedBytesResult{}
 			for _, d := range in.Disks {
-				res.Disks = append(res.Disks, allocation[d.Key])
+				if !f.allocationNone {
+					res.Disks = append(res.Disks, allocation[d.Key])
+				}
 			}
 			return res, nil
 		}).Maybe()

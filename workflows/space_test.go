@@ -104,3 +104,23 @@ func TestBackupVMRepositoryFullAfterQuery(t *testing.T) {
 		t.Errorf("removals %+v, failed %+v: want the snapshot removed and the backup failed", f.removed, f.failed)
 	}
 }
+
+// A full disk that AllocatedBytes does not answer for counts with its
+// capacity, as one the VM's file layout does not know: never as empty.
+func TestBackupVMAllocationNotAnswered(t *testing.T) {
+	f := &fakeVM{allocationNone: true}
+	env := newEnv(t, f)
+	env.OnActivity(vsphereActs.ChangedAreas, mock.Anything, mock.Anything).Return(f.changedAreas(nil))
+	env.OnActivity(transferActs.TransferDisk, mock.Anything, mock.Anything).Return(f.transferOK)
+	env.ExecuteWorkflow(BackupVM, BackupVMInput{Profile: "lab", VMUUID: "uuid-0", BackupID: "b1"})
+	if err := env.GetWorkflowError(); err != nil {
+		t.Fatal(err)
+	}
+	want := []activities.SpaceDisk{
+		{Key: 204, Mode: ModeFull, Bytes: 1 << 30, Basis: activities.SpaceCapacity},
+		{Key: 205, Mode: ModeFull, Bytes: 2 << 30, Basis: activities.SpaceCapacity},
+	}
+	if len(f.spaceChecks) == 0 || !slices.Equal(f.spaceChecks[0].Disks, want) {
+		t.Errorf("check before the snapshot %+v, want disks %+v", f.spaceChecks, want)
+	}
+}

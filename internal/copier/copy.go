@@ -127,9 +127,9 @@ func dataBytes(extents []Extent, from int64) int64 {
 }
 
 // fittedRequestSize is the request size of a copy: o.RequestSize, or,
-// when every extent is smaller, the largest extent rounded up to whole
-// units of zero detection (SparseSize, at least 64 KiB) and of the image's
-// subclusters. A chunk never spans extents, so no request of the copy is
+// when every extent is smaller, the largest extent rounded up to a unit
+// (of zero detection, SparseSize, at least 64 KiB, and whole subclusters
+// of the image) times a power of two. A chunk never spans extents, so no request of the copy is
 // larger, and its InFlight buffers need be no larger either: a copy of
 // scattered 64 KiB areas (an incremental) takes 8 buffers of 64 KiB, not
 // 8 of 2 MiB, which its process had to fault in and zero (16 MiB, on huge
@@ -146,7 +146,12 @@ func fittedRequestSize(o Options) int {
 		g := o.Image.Granularity()
 		unit = (unit + g - 1) / g * g
 	}
-	need := max((longest+unit-1)/unit*unit, unit)
+	// Powers of two of the unit: a few sizes, whose buffers the pool can
+	// hand from one copy to the next.
+	need := unit
+	for need < longest {
+		need *= 2
+	}
 	if need >= int64(o.RequestSize) {
 		return o.RequestSize
 	}

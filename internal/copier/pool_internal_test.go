@@ -85,6 +85,8 @@ func TestFittedRequestSize(t *testing.T) {
 	}{
 		{"scattered 64 KiB areas", Options{RequestSize: 2 << 20, SparseSize: 64 << 10, Extents: ext(64<<10, 64<<10)}, 64 << 10},
 		{"the largest rounded up", Options{RequestSize: 2 << 20, SparseSize: 64 << 10, Extents: ext(64<<10, 200<<10, 4<<10)}, 256 << 10},
+		{"to a power of two of the unit", Options{RequestSize: 2 << 20, SparseSize: 64 << 10, Extents: ext(320 << 10)}, 512 << 10},
+		{"at most the request size", Options{RequestSize: 2 << 20, SparseSize: 64 << 10, Extents: ext(1100 << 10)}, 2 << 20},
 		{"a tiny area: one unit", Options{RequestSize: 2 << 20, SparseSize: 64 << 10, Extents: ext(512)}, 64 << 10},
 		{"zero detection's unit", Options{RequestSize: 2 << 20, SparseSize: 256 << 10, Extents: ext(64 << 10)}, 256 << 10},
 		{"an extent of a request or more", Options{RequestSize: 2 << 20, SparseSize: 64 << 10, Extents: ext(64<<10, 3<<20)}, 2 << 20},

@@ -72,10 +72,32 @@ func pageChangedAreas(what string, capacity int64, query func(start int64) (type
 		if err != nil {
 			return err
 		}
+		// The answer lists every changed area of the range it describes,
+		// [StartOffset, StartOffset+Length) (vSphere's DiskChangeInfo):
+		// the next query starts past that range, which for an answer
+		// that covers the rest of the disk ends the paging without a
+		// query that could only come back empty. A range that begins past
+		// the offset asked leaves the bytes before it undescribed: an
+		// error, never a gap in the backup. An area that begins past the
+		// range is left to the next query, which describes what lies
+		// before it. An answer without a length (none of vSphere's) is
+		// taken to describe up to the end of its last area.
+		if info.StartOffset > start {
+			return fmt.Errorf("vsphere: QueryChangedDiskAreas(%s, offset %d): the answer describes the disk from offset %d on, past the offset asked",
+				what, start, info.StartOffset)
+		}
+		described := info.Length > 0
+		rangeEnd := info.StartOffset + info.Length
 		next := start
+		if described {
+			next = max(next, rangeEnd)
+		}
 		for _, a := range info.ChangedArea {
 			if a.Length < 0 || a.Start < 0 {
 				return fmt.Errorf("vsphere: QueryChangedDiskAreas(%s, offset %d): bad area [%d, +%d)", what, start, a.Start, a.Length)
+			}
+			if described && a.Start >= rangeEnd {
+				continue
 			}
 			s, e := max(a.Start, done), min(a.Start+a.Length, capacity)
 			if e > s {
@@ -85,16 +107,6 @@ func pageChangedAreas(what string, capacity int64, query func(start int64) (type
 				done = e
 			}
 			next = max(next, a.Start+a.Length)
-		}
-		// The answer lists every changed area of the range it describes,
-		// [StartOffset, StartOffset+Length) (vSphere's DiskChangeInfo):
-		// the next query starts past that range, which for an answer
-		// that covers the rest of the disk ends the paging without a
-		// query that could only come back empty. A range that begins
-		// past the offset asked says nothing of the gap before it: it
-		// moves the next query only as far as its last area.
-		if info.StartOffset <= start {
-			next = max(next, info.StartOffset+info.Length)
 		}
 		if next <= start {
 			return fmt.Errorf("vsphere: QueryChangedDiskAreas(%s, offset %d): the answer (start %d, length %d, %d areas) does not move forward",

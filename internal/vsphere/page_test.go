@@ -48,12 +48,35 @@ func TestPageChangedAreas(t *testing.T) {
 			want: []area{{100, 10}, {700, 10}},
 		},
 		{
-			name: "a range that begins past the offset asked moves on only to its last area", capacity: 1000,
+			name: "a range that begins past the offset asked is an error", capacity: 1000,
 			answers: []answer{
 				{0, types.DiskChangeInfo{StartOffset: 100, Length: 900, ChangedArea: []types.DiskChangeExtent{ext(200, 10)}}},
-				{210, types.DiskChangeInfo{StartOffset: 210, Length: 790, ChangedArea: []types.DiskChangeExtent{ext(50, 10), ext(300, 10)}}},
 			},
-			want: []area{{200, 10}, {300, 10}},
+			err: "past the offset asked",
+		},
+		{
+			name: "an area past the range is left to the next query", capacity: 1000,
+			answers: []answer{
+				{0, types.DiskChangeInfo{StartOffset: 0, Length: 400, ChangedArea: []types.DiskChangeExtent{ext(100, 10), ext(600, 10)}}},
+				{400, types.DiskChangeInfo{StartOffset: 400, Length: 600, ChangedArea: []types.DiskChangeExtent{ext(450, 10), ext(600, 10)}}},
+			},
+			want: []area{{100, 10}, {450, 10}, {600, 10}},
+		},
+		{
+			name: "an area across the range's end moves the next query past it", capacity: 1000,
+			answers: []answer{
+				{0, types.DiskChangeInfo{StartOffset: 0, Length: 400, ChangedArea: []types.DiskChangeExtent{ext(390, 20)}}},
+				{410, types.DiskChangeInfo{StartOffset: 410, Length: 590}},
+			},
+			want: []area{{390, 20}},
+		},
+		{
+			name: "an answer without a length describes up to its last area", capacity: 1000,
+			answers: []answer{
+				{0, types.DiskChangeInfo{StartOffset: 0, ChangedArea: []types.DiskChangeExtent{ext(100, 10)}}},
+				{110, types.DiskChangeInfo{StartOffset: 110, Length: 890}},
+			},
+			want: []area{{100, 10}},
 		},
 		{
 			name: "overlapping pages and an area past the end are clipped", capacity: 1000,
