@@ -163,6 +163,14 @@ func (a *VSphere) CreateSnapshot(ctx context.Context, in CreateSnapshotInput) (*
 	if err != nil {
 		return nil, permanent(err)
 	}
+	if in.VMRef != "" && vm.Ref != in.VMRef {
+		// The backup's later steps (its CBT queries, the snapshot's
+		// removal) name the VM by the moref it began with: a snapshot taken
+		// at the new one would be left for the sweeper.
+		return nil, temporal.NewNonRetryableApplicationError(
+			fmt.Sprintf("VM %s (instance UUID %s) is at %s now, not at %s where this backup found it (removed from the inventory and added again?): no snapshot taken; back it up again",
+				vm.Name, in.VMUUID, vm.Ref, in.VMRef), ErrTypeVMNotFound, nil)
+	}
 	name := SnapshotPrefix + in.BackupID
 	stop := heartbeatEvery(ctx, 10*time.Second, nil)
 	snap, err := c.CreateSnapshot(ctx, vm, name)

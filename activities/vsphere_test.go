@@ -227,6 +227,20 @@ func TestCreateSnapshot(t *testing.T) {
 	if n := len(f.lab.ChangeIDLog()); n != 4 {
 		t.Errorf("the lab stamped %d change IDs, want 4 (two snapshots of two disks)", n)
 	}
+
+	// A moref that names another VM now (the backup's VM removed from the
+	// inventory and added again at a new one): no snapshot of either, and
+	// an error naming both morefs, not a snapshot the backup's later steps
+	// would miss.
+	other := mustExecute[activities.ResolveVMResult](t, env, f.vs.ResolveVM, activities.ResolveVMInput{Profile: profileLab, VM: "DC0_H0_VM1"})
+	_, err := execute[activities.CreateSnapshotResult](t, env, f.vs.CreateSnapshot, activities.CreateSnapshotInput{
+		Profile: profileLab, VMRef: other.VMRef, VMUUID: vm.uuid, BackupID: "moved"})
+	wantAppError(t, err, activities.ErrTypeVMNotFound, "at "+vm.ref+" now, not at "+other.VMRef)
+	for _, ref := range []string{vm.ref, other.VMRef} {
+		if got := f.snapshotsNamed(t, ref, activities.SnapshotPrefix+"moved"); len(got) != 0 {
+			t.Errorf("snapshots of %s named %smoved: %+v, want none", ref, activities.SnapshotPrefix, got)
+		}
+	}
 }
 
 // write is one guest write of the tests: data at an offset, zeros, or a
