@@ -13,6 +13,8 @@ import (
 	"go.temporal.io/api/workflowservice/v1"
 	"go.temporal.io/sdk/converter"
 	"go.temporal.io/sdk/temporal"
+
+	"github.com/cbtflow/cbtflow/internal/faultpoint"
 )
 
 // Launcher starts a workflow for a workflow, as a local activity: a
@@ -105,6 +107,7 @@ func (l *Launcher) StartWorkflow(ctx context.Context, in StartWorkflowInput) (*S
 	}
 	resp, err := l.Service.StartWorkflowExecution(ctx, req)
 	if err == nil {
+		faultpoint.Hold(ctx, faultpoint.AfterStartWorkflow)
 		return &StartWorkflowResult{RunID: resp.GetRunId()}, nil
 	}
 	var running *serviceerror.WorkflowExecutionAlreadyStarted

@@ -34,6 +34,7 @@ type Point = string
 
 // The fault points, in the order a backup reaches them.
 const (
+	AfterStartWorkflow   Point = "after-start-workflow"   // StartWorkflow (a detached Backup's): its BackupVM started, the local activity not yet completed
 	AfterSnapshot        Point = "after-snapshot"         // CreateSnapshot: snapshot taken, activity not yet completed
 	MidTransfer          Point = "mid-transfer"           // TransferDisk: about half of a disk's bytes copied
 	BeforeCheck          Point = "before-check"           // TransferDisk: the image copied and closed, qemu-img check not yet run
@@ -63,7 +64,7 @@ const (
 
 // All are every fault point, a backup's, a prune's, a restore's, then a
 // verification's.
-var All = []Point{AfterSnapshot, MidTransfer, BeforeCheck, BeforeCommit, AfterCommit, BeforeRemoveSnapshot,
+var All = []Point{AfterStartWorkflow, AfterSnapshot, MidTransfer, BeforeCheck, BeforeCommit, AfterCommit, BeforeRemoveSnapshot,
 	BeforeMerge, AfterMerge, BeforePruneCommit, AfterPruneCommit, MidRestore, MidVMRestore, MidVerify}
 
 // EnvDir names the worker's environment variable with the folder of its

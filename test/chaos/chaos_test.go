@@ -187,6 +187,9 @@ func killWorker(t *testing.T, ctx context.Context) []*Tally {
 		bytes               int64
 	}{
 		{faultpoint.MidTransfer, "TransferDisk", vms[0], 256 * MiB},
+		// The Backup's StartWorkflow is in the Backup's history, not the
+		// BackupVM's: detachedStartOnce checks its rerun.
+		{faultpoint.AfterStartWorkflow, "", vms[3], 32 * MiB},
 		{faultpoint.AfterSnapshot, "CreateSnapshot", vms[1], 32 * MiB},
 		{faultpoint.BeforeCommit, "CommitRestorePoint", vms[2], 32 * MiB},
 		{faultpoint.AfterCommit, "CommitRestorePoint", vms[3], 32 * MiB},
@@ -204,7 +207,11 @@ func killWorker(t *testing.T, ctx context.Context) []*Tally {
 			byPoint[s.point] = tl
 			out = append(out, tl)
 		}
+		since := time.Now()
 		r := e.backup(tl, fmt.Sprintf("kill-%d", i+1), s.vm, uint64(100+i), s.bytes, e.killAt(tl, s.point, s.activity), false, backupTimeout)
+		if s.point == faultpoint.AfterStartWorkflow {
+			e.detachedStartOnce(tl, r, since)
+		}
 		e.check(tl, r)
 	}
 	// A verification of the two-disk VM's newest point, killed half way.

@@ -2,7 +2,9 @@
 // VMs on whole stacks (package stack: the Temporal dev server, the lab
 // vCenter with real CBT, a fresh PostgreSQL database, the worker as a real
 // process) while it injects one fault at a time — the worker killed at
-// each step boundary, the Temporal server restarted, the database cut
+// each step boundary (the first: once a Backup started its BackupVM,
+// before the Backup's workflow task completed, where the rerun must find
+// that BackupVM and start no second), the Temporal server restarted, the database cut
 // during the commit, read errors on the source disk, a full repository, a
 // backup's snapshot moref made to name an administrator's snapshot, a
 // restore into a VM whose worker is killed half way (group restore-vm) —

@@ -18,6 +18,7 @@ import (
 	enumspb "go.temporal.io/api/enums/v1"
 	historypb "go.temporal.io/api/history/v1"
 	"go.temporal.io/api/workflowservice/v1"
+	"go.temporal.io/sdk/converter"
 
 	"github.com/cbtflow/cbtflow/activities"
 	"github.com/cbtflow/cbtflow/internal/catalog"
@@ -27,6 +28,7 @@ import (
 	"github.com/cbtflow/cbtflow/testkit/stack"
 	"github.com/cbtflow/cbtflow/testkit/stacktest"
 	"github.com/cbtflow/cbtflow/testkit/testutil"
+	"github.com/cbtflow/cbtflow/workflows"
 )
 
 const (
@@ -400,6 +402,45 @@ func (e *env) attempts(wid, activity string) (attempt int, failureType string, e
 		}
 	}
 	return attempt, failureType, nil
+}
+
+// detachedStartOnce checks a backup whose worker was killed once its
+// Backup had started the BackupVM, before the Backup's workflow task
+// completed: the next worker ran the Backup's steps again, and its
+// StartWorkflow found the BackupVM the first one started (the same request
+// ID) instead of starting a second, which BeginBackup would have refused.
+func (e *env) detachedStartOnce(tl *Tally, r *run, since time.Time) {
+	if r.out.WorkflowID == "" {
+		return // the backup's own problem is reported
+	}
+	ctx, cancel := context.WithTimeout(e.ctx, time.Minute)
+	defer cancel()
+	q := fmt.Sprintf("WorkflowId = '%s' AND StartTime >= '%s'", r.out.WorkflowID, since.UTC().Format(time.RFC3339Nano))
+	resp, err := e.s.Client().ListWorkflow(ctx, &workflowservice.ListWorkflowExecutionsRequest{Query: q})
+	if err != nil {
+		e.problem(tl, "%s: listing its BackupVM runs: %v", r.label, err)
+		return
+	}
+	if n := len(resp.GetExecutions()); n != 1 {
+		e.problem(tl, "%s: %d BackupVM runs of %s since the backup began, want 1", r.label, n, r.out.WorkflowID)
+		return
+	}
+	var backup string
+	if f := resp.GetExecutions()[0].GetMemo().GetFields()[workflows.MemoStartedByWorkflowID]; f != nil {
+		_ = converter.GetDefaultDataConverter().FromPayload(f, &backup)
+	}
+	if backup == "" {
+		e.problem(tl, "%s: the BackupVM run names no Backup in its memo", r.label)
+		return
+	}
+	n, _, err := e.attempts(backup, "StartWorkflow")
+	if err != nil {
+		e.problem(tl, "%s: the Backup's history: %v", r.label, err)
+	} else if n < 2 {
+		e.problem(tl, "%s: the Backup's StartWorkflow ran %d time(s): the kill did not hit it", r.label, n)
+	} else {
+		e.t.Logf("%s: one BackupVM run of %s since the backup began; its Backup %s ran StartWorkflow %d times", r.label, r.out.WorkflowID, backup, n)
+	}
 }
 
 // check runs the checks every scenario ends with, for its runs, and adds

@@ -213,14 +213,14 @@ func TestRestoreWorkflow(t *testing.T) {
 		{"20990101T000000Z-000000000000", k, filepath.Join(out, "x.raw"), "starter: restore: backup 20990101T000000Z-000000000000 does not exist", activities.ErrTypeNoRestorePoint},
 		{b.BackupID, "99", filepath.Join(out, "x.raw"), "starter: restore: backup " + b.BackupID + " has no disk 99", activities.ErrTypeNoRestorePoint},
 	} {
-		start := time.Now()
+		// A failure no retry mends ends at once: the history shows one
+		// attempt, failed non-retryably (below), not a wall-clock bound,
+		// which a busy machine overruns (it took 20.04 s of a 20 s bound
+		// once, with the activity failed in its first attempt at once).
 		res := rs.run(ctx, t, "restore", c.id, "--disk", c.key, "--to", c.to)
 		if res.code != 1 || !strings.Contains(res.stderr, c.want) {
 			t.Errorf("restore %s disk %s to %s: want exit 1 and %q, got %s", c.id, c.key, c.to, c.want, res)
 			continue
-		}
-		if took := time.Since(start); took > 20*time.Second {
-			t.Errorf("restore %s disk %s to %s took %s: a failure no retry mends must end at once", c.id, c.key, c.to, took)
 		}
 		attempts, failed := 0, 0
 		for _, e := range stacktest.History(ctx, t, s, workflowOf(t, res.stderr), "") {
