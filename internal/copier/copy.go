@@ -129,8 +129,9 @@ func dataBytes(extents []Extent, from int64) int64 {
 // fittedRequestSize is the request size of a copy: o.RequestSize, or,
 // when every extent is smaller, the largest extent rounded up to a unit
 // (of zero detection, SparseSize, at least 64 KiB, and whole subclusters
-// of the image) times a power of two. A chunk never spans extents, so no request of the copy is
-// larger, and its InFlight buffers need be no larger either: a copy of
+// of the image) times a power of two. A chunk never spans extents, so no
+// request of the copy is larger, and its InFlight buffers need be no
+// larger either: a copy of
 // scattered 64 KiB areas (an incremental) takes 8 buffers of 64 KiB, not
 // 8 of 2 MiB, which its process had to fault in and zero (16 MiB, on huge
 // pages that the kernel may first compact memory for: a fresh process
