@@ -145,6 +145,20 @@ func (r *e2eRun) scale(ctx context.Context) error {
 		waits = append(waits, d)
 		return err
 	}
+	// aloneThenRound times one run of the copier alone, then a round,
+	// each on a settled, quiet machine.
+	aloneThenRound := func(alone *copierAlone, mode string, minChanged int64, args ...string) (round, error) {
+		if err := settleQuiet(); err != nil {
+			return round{}, err
+		}
+		if err := alone.run(ctx, 1); err != nil {
+			return round{}, err
+		}
+		if err := settleQuiet(); err != nil {
+			return round{}, err
+		}
+		return r.round(ctx, vms, mode, minChanged, args...)
+	}
 
 	// The full rounds keep only the newest restore point of each VM: a
 	// prune between them removes the round before last's (a retention
@@ -166,16 +180,7 @@ func (r *e2eRun) scale(ctx context.Context) error {
 				return err
 			}
 		}
-		if err := settleQuiet(); err != nil {
-			return err
-		}
-		if err := fullAlone.run(ctx, 1); err != nil {
-			return err
-		}
-		if err := settleQuiet(); err != nil {
-			return err
-		}
-		rd, err := r.round(ctx, vms, workflows.ModeFull, 0, "--full")
+		rd, err := aloneThenRound(fullAlone, workflows.ModeFull, 0, "--full")
 		if err != nil {
 			return err
 		}
@@ -200,16 +205,7 @@ func (r *e2eRun) scale(ctx context.Context) error {
 				}
 			}
 		}
-		if err := settleQuiet(); err != nil {
-			return err
-		}
-		if err := incrAlone.run(ctx, 1); err != nil {
-			return err
-		}
-		if err := settleQuiet(); err != nil {
-			return err
-		}
-		rd, err := r.round(ctx, vms, workflows.ModeIncremental, o.scaleIncr)
+		rd, err := aloneThenRound(incrAlone, workflows.ModeIncremental, o.scaleIncr)
 		if err != nil {
 			return err
 		}
