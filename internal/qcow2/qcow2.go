@@ -279,6 +279,13 @@ func MapLayer(f *os.File) ([]qemu.MapExtent, error) {
 					continue
 				}
 				for k := int64(0); k < int64(len(page)); k += entryBytes {
+					if emptyEntry(page[k : k+entryBytes]) {
+						// Absent, as a run of them up to the next entry
+						// that is not (absentTo) maps it: a page of a
+						// large disk's table holds a few entries of its
+						// scattered writes among hundreds of empty ones.
+						continue
+					}
 					j := (rel + at + k) / entryBytes
 					if start+j*cluster >= size {
 						return nil
@@ -298,6 +305,16 @@ func MapLayer(f *os.File) ([]qemu.MapExtent, error) {
 		absentTo(perL2)
 	}
 	return m.out, nil
+}
+
+// emptyEntry reports whether b, an L2 entry of 8 or 16 bytes, is all
+// zero: no cluster, no flag, no subcluster (an absent cluster in either
+// format).
+func emptyEntry(b []byte) bool {
+	if binary.BigEndian.Uint64(b) != 0 {
+		return false
+	}
+	return len(b) < 16 || binary.BigEndian.Uint64(b[8:]) == 0
 }
 
 // l2Entry is one L2 entry, decoded.
