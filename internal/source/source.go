@@ -26,6 +26,7 @@ import (
 	"fmt"
 	"net/url"
 	"strings"
+	"sync"
 
 	"github.com/cbtflow/cbtflow/internal/copier"
 	"github.com/cbtflow/cbtflow/internal/qemu"
@@ -105,14 +106,40 @@ func (r Request) check() error {
 // plugin.
 type labOpener struct{}
 
+// labClients are the lab API clients of the lab openers, one per lab (its
+// URL and thumbprint, as a profile names them), kept with their idle
+// connections. Every transfer from a lab asks it for its image: a client
+// per ask, closed after it, paid a TLS handshake on both ends each time,
+// 40 in a round of 20 two-disk VMs backed up at once.
+var labClients struct {
+	mu sync.Mutex
+	m  map[labKey]*labapi.Client
+}
+
+type labKey struct{ url, thumbprint string }
+
+// labClient returns the lab API client of profile p's lab.
+func labClient(p vsphere.Profile) *labapi.Client {
+	k := labKey{p.URL, p.Thumbprint}
+	labClients.mu.Lock()
+	defer labClients.mu.Unlock()
+	if c := labClients.m[k]; c != nil {
+		return c
+	}
+	if labClients.m == nil {
+		labClients.m = map[labKey]*labapi.Client{}
+	}
+	c := &labapi.Client{BaseURL: p.URL, Thumbprint: p.Thumbprint}
+	labClients.m[k] = c
+	return c
+}
+
 // Open implements Opener.
 func (labOpener) Open(ctx context.Context, req Request) (*qemu.Export, error) {
 	if err := req.check(); err != nil {
 		return nil, err
 	}
-	lc := &labapi.Client{BaseURL: req.Profile.URL, Thumbprint: req.Profile.Thumbprint}
-	defer lc.CloseIdleConnections()
-	img, err := lc.SnapshotImage(ctx, req.SnapshotRef, req.Disk.Key)
+	img, err := labClient(req.Profile).SnapshotImage(ctx, req.SnapshotRef, req.Disk.Key)
 	if err != nil {
 		if errors.Is(err, labapi.ErrUnknownSnapshot) || errors.Is(err, labapi.ErrUnknownDisk) {
 			return nil, fmt.Errorf("source: lab image of disk %d of snapshot %s: %w: %w", req.Disk.Key, req.SnapshotRef, vsphere.ErrSnapshotNotFound, err)
@@ -329,9 +356,7 @@ func (labOpener) OpenWrite(ctx context.Context, req WriteRequest) (*qemu.Export,
 	if err := req.check(); err != nil {
 		return nil, err
 	}
-	lc := &labapi.Client{BaseURL: req.Profile.URL, Thumbprint: req.Profile.Thumbprint}
-	defer lc.CloseIdleConnections()
-	img, err := lc.LiveImage(ctx, req.VMRef, req.Disk.Key)
+	img, err := labClient(req.Profile).LiveImage(ctx, req.VMRef, req.Disk.Key)
 	if err != nil {
 		if errors.Is(err, labapi.ErrPoweredOn) {
 			return nil, fmt.Errorf("source: disk %d of %s: %w: %w", req.Disk.Key, req.VMRef, ErrPoweredOn, err)

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net/http/httptrace"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -250,9 +251,21 @@ func TestLabOpener(t *testing.T) {
 	}
 	req := Request{Profile: profile, VMRef: vm.Ref, SnapshotRef: snap.Ref, Disk: snap.Disks[1], Dir: filepath.Join(dir, "src")}
 	for attempt := range 2 { // a retried attempt reuses the Dir
-		e, err := o.Open(ctx, req)
+		// The lab's answer comes over a connection kept from the attempt
+		// before (labClients): no TLS handshake per transfer.
+		var conns, reused int
+		traced := httptrace.WithClientTrace(ctx, &httptrace.ClientTrace{GotConn: func(ci httptrace.GotConnInfo) {
+			conns++
+			if ci.Reused {
+				reused++
+			}
+		}})
+		e, err := o.Open(traced, req)
 		if err != nil {
 			t.Fatalf("Open (attempt %d): %v", attempt, err)
+		}
+		if conns != 1 || (attempt > 0 && reused != 1) {
+			t.Errorf("Open (attempt %d) asked the lab over %d connections, %d of them kept from before: want 1, kept after the first Open", attempt, conns, reused)
 		}
 		out := filepath.Join(dir, "out.raw")
 		_ = os.Remove(out)

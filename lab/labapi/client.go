@@ -40,6 +40,9 @@ type Client struct {
 	err  error
 }
 
+// idleConns is how many idle connections to its lab a Client keeps.
+const idleConns = 16
+
 func (c *Client) init() error {
 	c.once.Do(func() {
 		u, err := url.Parse(c.BaseURL)
@@ -74,6 +77,10 @@ func (c *Client) init() error {
 		}
 		tr := http.DefaultTransport.(*http.Transport).Clone()
 		tr.TLSClientConfig = tc
+		// One lab: as many idle connections as callers ask at once (a
+		// worker's transfers each ask for their image), so that a
+		// shared client pays no TLS handshake per ask.
+		tr.MaxIdleConnsPerHost = idleConns
 		c.hc = &http.Client{Transport: tr}
 	})
 	return c.err
