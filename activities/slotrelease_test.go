@@ -70,3 +70,28 @@ func TestTransferSlotFreedBeforeCheck(t *testing.T) {
 	f.checkResult(t, first, firstRes)
 	f.checkResult(t, second, secondRes)
 }
+
+// TransferDisks checks the snapshot after every disk's copy: removed
+// while a disk is held before its image check, the activity fails, naming
+// the snapshot, "after the copy".
+func TestTransferDisksSnapshotGoneAfterCopy(t *testing.T) {
+	testutil.CheckNoChildren(t)
+	f := newFixture(t, lab.Options{})
+	env := f.newEnv(t)
+	vm := f.prepareVM(t, env)
+	f.apply(t, vm.disks[0].Key, write{off: 0, n: 1 << 20, seed: 41})
+	f.apply(t, vm.disks[1].Key, write{off: 0, n: 1 << 20, seed: 42})
+	db := f.takeDisksBackup(t, env, vm, "goneafter1")
+	snap := db.backups[0].snap
+	other := f.newEnv(t)
+	var removeErr error
+	holdAt(env, &runOnceAt{point: faultpoint.BeforeCheck, fn: func() {
+		removeErr = runRemove(t, other, f, activities.RemoveSnapshotInput{Profile: profileLab, VMRef: vm.ref,
+			SnapshotRef: snap.SnapshotRef, SnapshotName: snap.SnapshotName})
+	}})
+	_, err := execute[activities.TransferDisksResult](t, env, f.tr.TransferDisks, db.in)
+	if removeErr != nil {
+		t.Fatal(removeErr)
+	}
+	wantAppError(t, err, activities.ErrTypeSnapshotGone, snap.SnapshotRef, "after the copy")
+}

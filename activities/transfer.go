@@ -84,13 +84,21 @@ type Transfer struct {
 // beater returns what records a heartbeat of a TransferDisk attempt that
 // started at started: nothing within its quiet start (HeartbeatQuiet).
 func (a *Transfer) beater(ctx context.Context, started time.Time) func(TransferProgress) {
+	beat := a.quietBeater(ctx, started)
+	return func(p TransferProgress) { beat(p) }
+}
+
+// quietBeater returns what records a heartbeat with any details for an
+// attempt (of TransferDisk or TransferDisks) that started at started:
+// nothing within its quiet start (HeartbeatQuiet).
+func (a *Transfer) quietBeater(ctx context.Context, started time.Time) func(details any) {
 	info := activity.GetInfo(ctx)
 	quiet := quietStart(a.HeartbeatQuiet, info.Attempt, info.HeartbeatTimeout, faultpoint.Active(ctx))
-	return func(p TransferProgress) {
+	return func(details any) {
 		if quiet > 0 && time.Since(started) < quiet {
 			return
 		}
-		activity.RecordHeartbeat(ctx, p)
+		activity.RecordHeartbeat(ctx, details)
 	}
 }
 
@@ -194,7 +202,22 @@ func waitBeat(ctx context.Context) time.Duration {
 // from the last resume point it heartbeated (advanced only after a FLUSH).
 func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*TransferDiskResult, error) {
 	start := time.Now()
-	beat := a.beater(ctx, start)
+	var resume TransferProgress
+	if activity.HasHeartbeatDetails(ctx) {
+		if err := activity.GetHeartbeatDetails(ctx, &resume); err != nil {
+			resume = TransferProgress{}
+		}
+	}
+	return a.transfer(ctx, in, start, resume, a.beater(ctx, start), "")
+}
+
+// transfer is one disk's transfer (TransferDisk), begun at start, from
+// resume (the last progress an earlier attempt heartbeated, or none),
+// its progress told to beat. It checks the snapshot before it reads it
+// and after the copy, unless checkedVM names the VM: then the caller
+// (TransferDisks) checked it before and checks it after, for every disk
+// at once.
+func (a *Transfer) transfer(ctx context.Context, in TransferDiskInput, start time.Time, resume TransferProgress, beat func(TransferProgress), checkedVM string) (*TransferDiskResult, error) {
 	log := activity.GetLogger(ctx)
 	profile, err := a.Sessions.Profile(in.Profile)
 	if err != nil {
@@ -214,11 +237,8 @@ func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*Tra
 
 	// Resume only an image this activity made and flushed; anything else
 	// at this path is a partial file of a dead attempt.
-	var resume TransferProgress
-	if activity.HasHeartbeatDetails(ctx) {
-		if err := activity.GetHeartbeatDetails(ctx, &resume); err != nil || resume.Path != path {
-			resume = TransferProgress{}
-		}
+	if resume.Path != path {
+		resume = TransferProgress{}
 	}
 	// Nothing is opened or written before the slot is ours. The wait
 	// heartbeats the resume point it was given, so a retry that waits
@@ -287,9 +307,11 @@ func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*Tra
 	what := fmt.Sprintf("disk %d of VM %s (%s)", in.Key, in.VMRef, in.VMUUID)
 	// Read only from this backup's own snapshot: a moref alone proves
 	// nothing after a vCenter restart.
-	vmName, err := vc.CheckSnapshot(ctx, in.VMRef, in.SnapshotRef, snapName)
-	if err != nil {
-		return nil, snapshotErr(what, err)
+	vmName := checkedVM
+	if checkedVM == "" {
+		if vmName, err = vc.CheckSnapshot(ctx, in.VMRef, in.SnapshotRef, snapName); err != nil {
+			return nil, snapshotErr(what, err)
+		}
 	}
 	// Named now, while the VM exists: the check after the copy may find it
 	// gone.
@@ -377,8 +399,10 @@ func (a *Transfer) TransferDisk(ctx context.Context, in TransferDiskInput) (*Tra
 	// The copy read what the moref named when it began; if the snapshot
 	// vanished or the moref names another snapshot now, nothing proves
 	// the data and the change ID are this backup's: it must not commit.
-	if _, err := vc.CheckSnapshot(ctx, in.VMRef, in.SnapshotRef, snapName); err != nil {
-		return nil, snapshotErr(what+", after the copy", err)
+	if checkedVM == "" {
+		if _, err := vc.CheckSnapshot(ctx, in.VMRef, in.SnapshotRef, snapName); err != nil {
+			return nil, snapshotErr(what+", after the copy", err)
+		}
 	}
 	log.Info("disk transferred", "disk", in.Key, "backup", in.BackupID, "mode", in.Mode,
 		"written", res.Written, "zeroed", res.Zeroed, "skipped", res.Skipped, "retried", res.Retried, "size", size)

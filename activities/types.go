@@ -327,6 +327,36 @@ type FileStamp struct {
 	CtimeNs int64 `json:"ctime_ns"`
 }
 
+// TransferDisksInput is the transfers of a backup's disks, in one
+// activity (TransferDisks).
+type TransferDisksInput struct {
+	Disks []TransferDiskInput `json:"disks"`
+	// MaxParallel is how many of them copy at once (less than 1: one);
+	// the worker's transfer slots bound them too.
+	MaxParallel int `json:"max_parallel"`
+}
+
+// TransferDisksResult is every disk's durable QCOW2, in the order of
+// TransferDisksInput.Disks.
+type TransferDisksResult struct {
+	Disks []TransferDiskResult `json:"disks"`
+}
+
+// TransferDisksProgress is the heartbeat detail of TransferDisks: each
+// running disk's latest TransferProgress (its resume point, what the
+// progress query reports), and the result of each disk done, which a
+// retry keeps instead of copying the disk again.
+type TransferDisksProgress struct {
+	Disks []TransferProgress `json:"disks"`
+	Done  []TransferDiskDone `json:"done,omitempty"`
+}
+
+// TransferDiskDone is a disk of TransferDisks that is done.
+type TransferDiskDone struct {
+	Key    int32              `json:"key"`
+	Result TransferDiskResult `json:"result"`
+}
+
 // TransferProgress is the heartbeat detail of TransferDisk: the resume
 // point of a retry (it advances only after a FLUSH of the target), and
 // what the workflow's progress query reports of a running transfer (the
@@ -355,6 +385,10 @@ const (
 	TransferStageWaiting   = "waiting"   // for a transfer slot of the worker
 	TransferStageCopying   = "copying"   // the changed areas, from the snapshot into the image
 	TransferStageVerifying = "verifying" // the image's check and its seal (or SHA-256)
+	// TransferStageDone: the image is durable and proven; the other
+	// disks of the same TransferDisks still run (progress readers make
+	// it from TransferDisksProgress.Done).
+	TransferStageDone = "done"
 )
 
 // CommitDisk is one disk of a restore point to commit.

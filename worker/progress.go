@@ -36,10 +36,11 @@ const warnEvery = time.Minute
 // transferActivity is TransferDisk's activity type (its method name),
 // restoreActivity RestoreDisk's.
 const (
-	transferActivity = "TransferDisk"
-	restoreActivity  = "RestoreDisk"
-	verifyActivity   = "VerifyPoint"
-	exportActivity   = "ServeExport"
+	transferActivity  = "TransferDisk"
+	transfersActivity = "TransferDisks"
+	restoreActivity   = "RestoreDisk"
+	verifyActivity    = "VerifyPoint"
+	exportActivity    = "ServeExport"
 )
 
 // liveProgress completes the answers of the workflows' progress query
@@ -228,6 +229,19 @@ func (l *liveProgress) describe(ctx context.Context, namespace, workflowID, runI
 				continue
 			}
 			d.beats = append(d.beats, tp)
+		case transfersActivity:
+			var tp activities.TransferDisksProgress
+			if err := dc.FromPayloads(a.GetHeartbeatDetails(), &tp); err != nil {
+				continue
+			}
+			for _, b := range tp.Disks {
+				if b.Key != 0 || b.Stage != "" {
+					d.beats = append(d.beats, b)
+				}
+			}
+			for _, done := range tp.Done {
+				d.beats = append(d.beats, activities.TransferProgress{Key: done.Key, Stage: activities.TransferStageDone})
+			}
 		case restoreActivity:
 			var rp activities.RestoreProgress
 			if err := dc.FromPayloads(a.GetHeartbeatDetails(), &rp); err != nil || rp.Stage == "" {

@@ -246,7 +246,8 @@ type DiskProgress struct {
 }
 
 // ApplyTransfers adds what the running transfers' heartbeats say (their
-// latest details, activities.TransferProgress) to the disks they copy.
+// latest details, activities.TransferProgress; a TransferDisks' per disk,
+// its disks done as activities.TransferStageDone) to the disks they copy.
 func (p *Progress) ApplyTransfers(beats []activities.TransferProgress) {
 	for _, b := range beats {
 		for i := range p.Disks {
@@ -255,6 +256,11 @@ func (p *Progress) ApplyTransfers(beats []activities.TransferProgress) {
 				continue
 			}
 			p.Live = true
+			if b.Stage == activities.TransferStageDone {
+				// Done in a TransferDisks whose other disks still run.
+				d.Phase, d.Done, d.Rate, d.ETASeconds, d.Percent = DiskDone, d.Total, 0, 0, 100
+				continue
+			}
 			if b.Total > 0 {
 				d.Done, d.Total = b.Done, b.Total
 			}
@@ -370,6 +376,21 @@ const (
 const (
 	changeAllocationWhenFull  = "allocation-when-full"
 	versionAllocationWhenFull = 1
+)
+
+// The change of BackupVM's commands that transfers every disk in one
+// activity (activities.Transfer.TransferDisks, MaxParallelDisks at a time
+// inside it) instead of a TransferDisk per disk: per backup of two disks
+// an activity task and a workflow task fewer (the one that recorded the
+// first disk's end and did nothing else). Its heartbeat carries each disk's
+// resume point and the result of each disk done, so a retry copies no
+// disk twice. It is BackupVM's latest change: BackupVM asks for it first,
+// and a run that has it asks for no earlier one
+// (changeAllocationWhenFull is then true, and with it every earlier
+// change).
+const (
+	changeOneTransfer  = "one-transfer"
+	versionOneTransfer = 1
 )
 
 // The change of Backup's commands that starts a detached BackupVM (the
@@ -597,6 +618,9 @@ type backupRun struct {
 	// allocationWhenFull: the disks' allocation is read only for the
 	// disks planned full (see changeAllocationWhenFull).
 	allocationWhenFull bool
+	// oneTransfer: every disk is transferred in one activity (see
+	// changeOneTransfer).
+	oneTransfer bool
 }
 
 func (r *backupRun) setup(ctx workflow.Context) error {
@@ -620,11 +644,14 @@ func (r *backupRun) setup(ctx workflow.Context) error {
 		return err
 	}
 	r.log = workflow.GetLogger(ctx)
-	// Runs recorded before the allocation was read only for full disks
-	// read it in PrepareVM; runs recorded before the short steps ran as
-	// local activities ran them as activities: on replay they must. The
-	// newest change is asked first, and implies the others.
-	r.allocationWhenFull = workflow.GetVersion(ctx, changeAllocationWhenFull, workflow.DefaultVersion, versionAllocationWhenFull) >= versionAllocationWhenFull
+	// Runs recorded before the disks were transferred in one activity
+	// transferred each in its own; runs recorded before the allocation
+	// was read only for full disks read it in PrepareVM; runs recorded
+	// before the short steps ran as local activities ran them as
+	// activities: on replay they must. The newest change is asked first,
+	// and implies the others.
+	r.oneTransfer = workflow.GetVersion(ctx, changeOneTransfer, workflow.DefaultVersion, versionOneTransfer) >= versionOneTransfer
+	r.allocationWhenFull = r.oneTransfer || workflow.GetVersion(ctx, changeAllocationWhenFull, workflow.DefaultVersion, versionAllocationWhenFull) >= versionAllocationWhenFull
 	r.local = r.allocationWhenFull || workflow.GetVersion(ctx, changeLocalSteps, workflow.DefaultVersion, versionLocalSteps) >= versionLocalSteps
 	return r.upsertKeywords(ctx, keyword{SearchVCenter, r.in.Profile}, keyword{SearchMode, r.in.Mode}, keyword{SearchBackupID, r.in.BackupID})
 }
@@ -956,6 +983,9 @@ func (r *backupRun) transferDisks(ctx workflow.Context, plans []diskPlan, snap a
 	if err := r.checkSpace(ctx, exact, true); err != nil {
 		return nil, nil, err
 	}
+	if r.oneTransfer {
+		return r.copyDisks(ctx, plans, snapDisks, snap.SnapshotRef, areas)
+	}
 	err = r.eachDisk(ctx, plans, snapDisks, snap.SnapshotRef, func(gctx workflow.Context, i int, sd activities.SnapshotDisk) error {
 		res, c, err := r.copyDisk(gctx, &plans[i], sd, snap.SnapshotRef, areas[i])
 		results[i], commits[i] = res, c
@@ -1076,18 +1106,75 @@ func (r *backupRun) queryDisk(ctx workflow.Context, p *diskPlan, snapRef string)
 	return areas, err
 }
 
-// copyDisk transfers the disk's changed areas (queryDisk) into its image.
-func (r *backupRun) copyDisk(ctx workflow.Context, p *diskPlan, sd activities.SnapshotDisk, snapRef string, areas activities.ChangedAreasResult) (DiskResult, activities.CommitDisk, error) {
+// copyDisks transfers every disk's changed areas (queryDisk) into its
+// image in one activity (changeOneTransfer), MaxParallelDisks at a time.
+func (r *backupRun) copyDisks(ctx workflow.Context, plans []diskPlan, snapDisks map[int32]activities.SnapshotDisk, snapRef string,
+	areas []activities.ChangedAreasResult) ([]DiskResult, []activities.CommitDisk, error) {
+	in := activities.TransferDisksInput{MaxParallel: r.in.MaxParallelDisks}
+	for i := range plans {
+		sd, ok := snapDisks[plans[i].Key]
+		if !ok {
+			return nil, nil, temporal.NewNonRetryableApplicationError(
+				fmt.Sprintf("disk %d is not in snapshot %s", plans[i].Key, snapRef), activities.ErrTypeInvalidInput, nil)
+		}
+		in.Disks = append(in.Disks, r.transferInput(&plans[i], sd, snapRef, areas[i]))
+	}
+	for i := range plans {
+		r.setDisk(plans[i].Key, DiskTransferring, 0, areas[i].ChangedBytes)
+	}
+	var tr activities.TransferDisksResult
+	err := workflow.ExecuteActivity(withTransferActivity(ctx), transferActs.TransferDisks, in).Get(ctx, &tr)
+	if err == nil && len(tr.Disks) != len(plans) {
+		err = temporal.NewNonRetryableApplicationError(fmt.Sprintf("TransferDisks answered for %d disks of %d", len(tr.Disks), len(plans)), activities.ErrTypeInvalidInput, nil)
+	}
+	// Canceled: the backup ends canceled, even when the transfer ended
+	// before it saw the cancel (as eachDisk does).
+	if ctx.Err() != nil {
+		for _, p := range plans {
+			r.setDisk(p.Key, DiskCanceled, -1, -1)
+		}
+		return nil, nil, temporal.NewCanceledError()
+	}
+	if err != nil {
+		for _, p := range plans {
+			r.setDisk(p.Key, DiskFailed, -1, -1)
+		}
+		return nil, nil, err
+	}
+	results := make([]DiskResult, len(plans))
+	commits := make([]activities.CommitDisk, len(plans))
+	for i := range plans {
+		results[i], commits[i] = r.transferred(&plans[i], snapDisks[plans[i].Key], areas[i], tr.Disks[i])
+	}
+	return results, commits, nil
+}
+
+// transferInput is the transfer of the disk's changed areas (queryDisk)
+// into its image.
+func (r *backupRun) transferInput(p *diskPlan, sd activities.SnapshotDisk, snapRef string, areas activities.ChangedAreasResult) activities.TransferDiskInput {
 	in := r.in
-	r.setDisk(p.Key, DiskTransferring, 0, areas.ChangedBytes)
-	var tr activities.TransferDiskResult
-	if err := workflow.ExecuteActivity(withTransferActivity(ctx), transferActs.TransferDisk, activities.TransferDiskInput{
+	return activities.TransferDiskInput{
 		Profile: in.Profile, VMRef: r.vmRef, VMUUID: in.VMUUID, SnapshotRef: snapRef, BackupID: in.BackupID,
 		Key: p.Key, Capacity: p.Capacity, FileName: sd.FileName, Mode: p.Mode, BackingPath: p.BackingPath,
 		ExtentsFile: areas.ExtentsFile, ChangedBytes: areas.ChangedBytes,
-	}).Get(ctx, &tr); err != nil {
+	}
+}
+
+// copyDisk transfers the disk's changed areas (queryDisk) into its image.
+func (r *backupRun) copyDisk(ctx workflow.Context, p *diskPlan, sd activities.SnapshotDisk, snapRef string, areas activities.ChangedAreasResult) (DiskResult, activities.CommitDisk, error) {
+	r.setDisk(p.Key, DiskTransferring, 0, areas.ChangedBytes)
+	var tr activities.TransferDiskResult
+	if err := workflow.ExecuteActivity(withTransferActivity(ctx), transferActs.TransferDisk, r.transferInput(p, sd, snapRef, areas)).Get(ctx, &tr); err != nil {
 		return DiskResult{}, activities.CommitDisk{}, err
 	}
+	res, c := r.transferred(p, sd, areas, tr)
+	return res, c, nil
+}
+
+// transferred is the result and the commit of a disk whose transfer
+// ended with tr.
+func (r *backupRun) transferred(p *diskPlan, sd activities.SnapshotDisk, areas activities.ChangedAreasResult, tr activities.TransferDiskResult) (DiskResult, activities.CommitDisk) {
+	in := r.in
 	r.setDisk(p.Key, DiskDone, areas.ChangedBytes, areas.ChangedBytes)
 	note := ""
 	if p.Mode == ModeFull && in.Mode != ModeFull {
@@ -1103,7 +1190,7 @@ func (r *backupRun) copyDisk(ctx workflow.Context, p *diskPlan, sd activities.Sn
 		BackingBackupID: p.BackingBackupID, ChangeIDFrom: p.FromChangeID, ChangeID: sd.ChangeID,
 		ChangedBytes: areas.ChangedBytes, WrittenBytes: tr.WrittenBytes, SizeBytes: tr.SizeBytes, SHA256: tr.SHA256, Note: note, Stamp: tr.Stamp,
 		DigestSHA256: tr.DigestSHA256, DigestSize: tr.DigestSize}
-	return res, c, nil
+	return res, c
 }
 
 // removeSnapshot runs on every exit path, in a disconnected context so a

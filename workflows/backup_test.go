@@ -14,6 +14,7 @@ import (
 	"github.com/stretchr/testify/mock"
 	"go.temporal.io/sdk/activity"
 	"go.temporal.io/sdk/client"
+	"go.temporal.io/sdk/converter"
 	"go.temporal.io/sdk/temporal"
 	"go.temporal.io/sdk/testsuite"
 	"go.temporal.io/sdk/workflow"
@@ -209,7 +210,7 @@ func TestBackupVMFull(t *testing.T) {
 	f := &fakeVM{}
 	env := newEnv(t, f)
 	env.OnActivity(vsphereActs.ChangedAreas, mock.Anything, mock.Anything).Return(f.changedAreas(nil))
-	env.OnActivity(transferActs.TransferDisk, mock.Anything, mock.Anything).Return(f.transferOK)
+	onTransfers(env, f.transferOK)
 	env.ExecuteWorkflow(BackupVM, BackupVMInput{Profile: "lab", VMUUID: "uuid-0", BackupID: "b1"})
 	if err := env.GetWorkflowError(); err != nil {
 		t.Fatal(err)
@@ -250,7 +251,7 @@ func TestBackupVMIncremental(t *testing.T) {
 	}}
 	env := newEnv(t, f)
 	env.OnActivity(vsphereActs.ChangedAreas, mock.Anything, mock.Anything).Return(f.changedAreas(nil))
-	env.OnActivity(transferActs.TransferDisk, mock.Anything, mock.Anything).Return(f.transferOK)
+	onTransfers(env, f.transferOK)
 	env.ExecuteWorkflow(BackupVM, BackupVMInput{Profile: "lab", VMUUID: "uuid-0", BackupID: "b1"})
 	if err := env.GetWorkflowError(); err != nil {
 		t.Fatal(err)
@@ -287,7 +288,7 @@ func TestBackupVMCBTResetFallsBackToFull(t *testing.T) {
 	}}
 	env := newEnv(t, f)
 	env.OnActivity(vsphereActs.ChangedAreas, mock.Anything, mock.Anything).Return(f.changedAreas(map[string]bool{"52 aa/1": true}))
-	env.OnActivity(transferActs.TransferDisk, mock.Anything, mock.Anything).Return(f.transferOK)
+	onTransfers(env, f.transferOK)
 	env.ExecuteWorkflow(BackupVM, BackupVMInput{Profile: "lab", VMUUID: "uuid-0", BackupID: "b1"})
 	if err := env.GetWorkflowError(); err != nil {
 		t.Fatal(err)
@@ -345,7 +346,7 @@ func TestBackupVMCBTQueryFailureFailsBackup(t *testing.T) {
 			}
 			return ok(ctx, in)
 		})
-	env.OnActivity(transferActs.TransferDisk, mock.Anything, mock.Anything).Return(f.transferOK)
+	onTransfers(env, f.transferOK)
 	env.ExecuteWorkflow(BackupVM, BackupVMInput{Profile: "lab", VMUUID: "uuid-0", BackupID: "b1"})
 	err := env.GetWorkflowError()
 	// The workflow wraps the disk's error ("disk 204: ..."): the
@@ -372,7 +373,7 @@ func TestBackupVMTransferFailsForGood(t *testing.T) {
 	f := &fakeVM{}
 	env := newEnv(t, f)
 	env.OnActivity(vsphereActs.ChangedAreas, mock.Anything, mock.Anything).Return(f.changedAreas(nil))
-	env.OnActivity(transferActs.TransferDisk, mock.Anything, mock.Anything).Return(
+	onTransfers(env,
 		func(ctx context.Context, in activities.TransferDiskInput) (*activities.TransferDiskResult, error) {
 			if in.Key == 205 {
 				return nil, temporal.NewNonRetryableApplicationError("no space left on device", activities.ErrTypeNoSpace, nil)
@@ -409,7 +410,7 @@ func TestBackupVMCanceledMidTransfer(t *testing.T) {
 	// the test with a message instead of a panic.
 	const notCanceled = 10 * time.Second
 	env.SetTestTimeout(3 * notCanceled)
-	env.OnActivity(transferActs.TransferDisk, mock.Anything, mock.Anything).Return(
+	onTransfers(env,
 		func(ctx context.Context, in activities.TransferDiskInput) (*activities.TransferDiskResult, error) {
 			started.Add(1)
 			// Cancel the workflow once a transfer runs: a callback of the
@@ -462,7 +463,7 @@ func TestBackupVMCancelDuringSnapshotOrCommit(t *testing.T) {
 			f := &fakeVM{}
 			env := newEnv(t, f)
 			env.OnActivity(vsphereActs.ChangedAreas, mock.Anything, mock.Anything).Return(f.changedAreas(nil)).Maybe()
-			env.OnActivity(transferActs.TransferDisk, mock.Anything, mock.Anything).Return(f.transferOK).Maybe()
+			onTransfers(env, f.transferOK)
 			f.during = func(ctx context.Context, s string) {
 				if s != step {
 					return
@@ -553,7 +554,7 @@ func TestBackupStartsChildUnderVMWorkflowID(t *testing.T) {
 			f := &fakeVM{vcenterUUID: c.vcenterUUID}
 			env := newEnv(t, f)
 			env.OnActivity(vsphereActs.ChangedAreas, mock.Anything, mock.Anything).Return(f.changedAreas(nil))
-			env.OnActivity(transferActs.TransferDisk, mock.Anything, mock.Anything).Return(f.transferOK)
+			onTransfers(env, f.transferOK)
 			if c.old {
 				// A run that old has none of the later changes either.
 				env.OnGetVersion(changeDetachedStart, workflow.DefaultVersion, versionDetachedStart).Return(workflow.DefaultVersion)
@@ -616,7 +617,7 @@ func TestBackupDetachedStartsBackupVM(t *testing.T) {
 			f := &fakeVM{vcenterUUID: vc}
 			env := newEnv(t, f)
 			env.OnActivity(vsphereActs.ChangedAreas, mock.Anything, mock.Anything).Return(f.changedAreas(nil))
-			env.OnActivity(transferActs.TransferDisk, mock.Anything, mock.Anything).Return(f.transferOK)
+			onTransfers(env, f.transferOK)
 			var starts []activities.StartWorkflowInput
 			env.OnActivity(launcherActs.StartWorkflow, mock.Anything, mock.Anything).Return(
 				func(_ context.Context, in activities.StartWorkflowInput) (*activities.StartWorkflowResult, error) {
@@ -723,7 +724,7 @@ func TestBackupVMReportsClosedChains(t *testing.T) {
 	f := &fakeVM{closed: []int32{206}}
 	env := newEnv(t, f)
 	env.OnActivity(vsphereActs.ChangedAreas, mock.Anything, mock.Anything).Return(f.changedAreas(nil))
-	env.OnActivity(transferActs.TransferDisk, mock.Anything, mock.Anything).Return(f.transferOK)
+	onTransfers(env, f.transferOK)
 	env.ExecuteWorkflow(BackupVM, BackupVMInput{Profile: "lab", VMUUID: "uuid-0", BackupID: "b1"})
 	if err := env.GetWorkflowError(); err != nil {
 		t.Fatal(err)
@@ -747,7 +748,7 @@ func TestBackupVMCBTJustEnabledWarns(t *testing.T) {
 	}}
 	env := newEnv(t, f)
 	env.OnActivity(vsphereActs.ChangedAreas, mock.Anything, mock.Anything).Return(f.changedAreas(nil))
-	env.OnActivity(transferActs.TransferDisk, mock.Anything, mock.Anything).Return(f.transferOK)
+	onTransfers(env, f.transferOK)
 	env.ExecuteWorkflow(BackupVM, BackupVMInput{Profile: "lab", VMUUID: "uuid-0", BackupID: "b1"})
 	if err := env.GetWorkflowError(); err != nil {
 		t.Fatal(err)
@@ -766,5 +767,95 @@ func TestBackupVMCBTJustEnabledWarns(t *testing.T) {
 		if q.ChangeID != "*" {
 			t.Errorf("disk %d queried from %q, want *", q.Key, q.ChangeID)
 		}
+	}
+}
+
+// transferFunc is a TransferDisk mock.
+type transferFunc = func(context.Context, activities.TransferDiskInput) (*activities.TransferDiskResult, error)
+
+// onTransfers mocks the transfers with fn: TransferDisk (runs recorded
+// before changeOneTransfer) and TransferDisks, which runs fn for each
+// disk, MaxParallel at a time, and fails with the first disk's error,
+// the others canceled, as the activity does.
+func onTransfers(env *testsuite.TestWorkflowEnvironment, fn transferFunc) {
+	env.OnActivity(transferActs.TransferDisk, mock.Anything, mock.Anything).Return(fn).Maybe()
+	env.OnActivity(transferActs.TransferDisks, mock.Anything, mock.Anything).Return(
+		func(ctx context.Context, in activities.TransferDisksInput) (*activities.TransferDisksResult, error) {
+			dctx, cancel := context.WithCancel(ctx)
+			defer cancel()
+			out := &activities.TransferDisksResult{Disks: make([]activities.TransferDiskResult, len(in.Disks))}
+			sem := make(chan struct{}, max(in.MaxParallel, 1))
+			var wg sync.WaitGroup
+			var mu sync.Mutex
+			var first error
+			for i, d := range in.Disks {
+				wg.Go(func() {
+					sem <- struct{}{}
+					defer func() { <-sem }()
+					if dctx.Err() != nil {
+						return
+					}
+					r, err := fn(dctx, d)
+					mu.Lock()
+					defer mu.Unlock()
+					if err != nil {
+						if first == nil {
+							first = err
+						}
+						cancel()
+						return
+					}
+					out.Disks[i] = *r
+				})
+			}
+			wg.Wait()
+			if ctx.Err() != nil {
+				return nil, ctx.Err()
+			}
+			if first != nil {
+				return nil, first
+			}
+			return out, nil
+		}).Maybe()
+}
+
+// A backup transfers its disks in one activity (changeOneTransfer): one
+// TransferDisks with every disk, as TransferDisk would have had each, and
+// MaxParallelDisks; the result and the commit name each disk's image.
+func TestBackupVMOneTransfer(t *testing.T) {
+	f := &fakeVM{}
+	env := newEnv(t, f)
+	env.OnActivity(vsphereActs.ChangedAreas, mock.Anything, mock.Anything).Return(f.changedAreas(nil))
+	var calls []activities.TransferDisksInput
+	onTransfers(env, f.transferOK)
+	env.SetOnActivityStartedListener(func(info *activity.Info, _ context.Context, args converter.EncodedValues) {
+		if info.ActivityType.Name == "TransferDisk" {
+			t.Errorf("a TransferDisk ran")
+		}
+		if info.ActivityType.Name != "TransferDisks" {
+			return
+		}
+		var in activities.TransferDisksInput
+		if err := args.Get(&in); err != nil {
+			t.Error(err)
+		}
+		calls = append(calls, in)
+	})
+	env.ExecuteWorkflow(BackupVM, BackupVMInput{Profile: "lab", VMUUID: "uuid-0", BackupID: "b1", MaxParallelDisks: 3})
+	if err := env.GetWorkflowError(); err != nil {
+		t.Fatal(err)
+	}
+	if len(calls) != 1 || len(calls[0].Disks) != 2 || calls[0].MaxParallel != 3 {
+		t.Fatalf("TransferDisks calls %+v: want one, of both disks, 3 at once", calls)
+	}
+	for i, key := range []int32{204, 205} {
+		d := calls[0].Disks[i]
+		if d.Key != key || d.BackupID != "b1" || d.Mode != ModeFull || d.SnapshotRef == "" || d.ExtentsFile == "" || d.FileName == "" {
+			t.Errorf("disk %d's transfer: %+v", key, d)
+		}
+	}
+	if len(f.commits) != 1 || len(f.commits[0].Disks) != 2 || f.commits[0].Disks[0].Key != 204 || f.commits[0].Disks[1].Key != 205 ||
+		f.commits[0].Disks[0].SHA256 == "" {
+		t.Errorf("commits %+v", f.commits)
 	}
 }

@@ -24,7 +24,7 @@ func TestShortStepsRunAsLocalActivities(t *testing.T) {
 	}{
 		{"completed", "",
 			[]string{"AllocatedBytes", "BeginBackup", "ChangedAreas", "CheckSpace", "CommitRestorePoint", "PrepareVM", "RemoveSnapshot", "ResolveVM"},
-			[]string{"CreateSnapshot", "TransferDisk"}},
+			[]string{"CreateSnapshot", "TransferDisks"}},
 		{"failed", "after",
 			[]string{"AllocatedBytes", "BeginBackup", "ChangedAreas", "CheckSpace", "PrepareVM", "RemoveSnapshot", "ResolveVM"},
 			[]string{"CreateSnapshot", "FailBackup"}},
@@ -33,7 +33,7 @@ func TestShortStepsRunAsLocalActivities(t *testing.T) {
 			f := &fakeVM{spaceFull: c.spaceFull}
 			env := newEnv(t, f)
 			env.OnActivity(vsphereActs.ChangedAreas, mock.Anything, mock.Anything).Return(f.changedAreas(nil))
-			env.OnActivity(transferActs.TransferDisk, mock.Anything, mock.Anything).Return(f.transferOK)
+			onTransfers(env, f.transferOK)
 			var mu sync.Mutex
 			ran := map[bool]map[string]bool{true: {}, false: {}}
 			env.SetOnActivityStartedListener(func(info *activity.Info, _ context.Context, _ converter.EncodedValues) {

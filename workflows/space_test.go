@@ -21,7 +21,7 @@ func TestBackupVMSpaceCheckOrder(t *testing.T) {
 	}}
 	env := newEnv(t, f)
 	env.OnActivity(vsphereActs.ChangedAreas, mock.Anything, mock.Anything).Return(f.changedAreas(nil))
-	env.OnActivity(transferActs.TransferDisk, mock.Anything, mock.Anything).Return(f.transferOK)
+	onTransfers(env, f.transferOK)
 	env.ExecuteWorkflow(BackupVM, BackupVMInput{Profile: "lab", VMUUID: "uuid-0", BackupID: "b1"})
 	if err := env.GetWorkflowError(); err != nil {
 		t.Fatal(err)
@@ -64,7 +64,7 @@ func TestBackupVMRepositoryFullBeforeSnapshot(t *testing.T) {
 	f := &fakeVM{spaceFull: "before"}
 	env := newEnv(t, f)
 	env.OnActivity(vsphereActs.ChangedAreas, mock.Anything, mock.Anything).Return(f.changedAreas(nil)).Maybe()
-	env.OnActivity(transferActs.TransferDisk, mock.Anything, mock.Anything).Return(f.transferOK).Maybe()
+	onTransfers(env, f.transferOK)
 	env.ExecuteWorkflow(BackupVM, BackupVMInput{Profile: "lab", VMUUID: "uuid-0", BackupID: "b1"})
 	err := env.GetWorkflowError()
 	if err == nil || !isType(err, activities.ErrTypeRepositoryFull) {
@@ -92,7 +92,7 @@ func TestBackupVMRepositoryFullAfterQuery(t *testing.T) {
 	f := &fakeVM{spaceFull: "after"}
 	env := newEnv(t, f)
 	env.OnActivity(vsphereActs.ChangedAreas, mock.Anything, mock.Anything).Return(f.changedAreas(nil))
-	env.OnActivity(transferActs.TransferDisk, mock.Anything, mock.Anything).Return(f.transferOK).Maybe()
+	onTransfers(env, f.transferOK)
 	env.ExecuteWorkflow(BackupVM, BackupVMInput{Profile: "lab", VMUUID: "uuid-0", BackupID: "b1"})
 	if err := env.GetWorkflowError(); err == nil || !isType(err, activities.ErrTypeRepositoryFull) {
 		t.Fatalf("error %v, want %s", err, activities.ErrTypeRepositoryFull)
@@ -111,7 +111,7 @@ func TestBackupVMAllocationNotAnswered(t *testing.T) {
 	f := &fakeVM{allocationNone: true}
 	env := newEnv(t, f)
 	env.OnActivity(vsphereActs.ChangedAreas, mock.Anything, mock.Anything).Return(f.changedAreas(nil))
-	env.OnActivity(transferActs.TransferDisk, mock.Anything, mock.Anything).Return(f.transferOK)
+	onTransfers(env, f.transferOK)
 	env.ExecuteWorkflow(BackupVM, BackupVMInput{Profile: "lab", VMUUID: "uuid-0", BackupID: "b1"})
 	if err := env.GetWorkflowError(); err != nil {
 		t.Fatal(err)

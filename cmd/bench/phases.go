@@ -60,7 +60,12 @@ var activityRows = map[string]string{
 	"RemoveSnapshot": rowRemove,
 }
 
-const transferActivity = "TransferDisk"
+// transferActivity is TransferDisk; transfersActivity TransferDisks, whose
+// disks count as a TransferDisk each.
+const (
+	transferActivity  = "TransferDisk"
+	transfersActivity = "TransferDisks"
+)
 
 // span is one activity's execution as the workflow history records it:
 // from the task's start (the attempt that completed) to its completion,
@@ -119,12 +124,26 @@ func spansOf(events []*historypb.HistoryEvent) (spans []span, opened, closed tim
 			if sp.activity == "" || sp.start.IsZero() {
 				return nil, opened, closed, fmt.Errorf("history event %d: completion of an activity whose schedule or start is not in the history", ev.GetEventId())
 			}
-			if sp.activity == transferActivity {
+			switch sp.activity {
+			case transferActivity:
 				var tr activities.TransferDiskResult
 				if err := dc.FromPayloads(a.GetResult(), &tr); err != nil {
 					return nil, opened, closed, fmt.Errorf("history event %d: TransferDisk result: %w", ev.GetEventId(), err)
 				}
 				sp.transfer = &tr
+			case transfersActivity:
+				// A span per disk, as a TransferDisk each: the rows and
+				// the sums count disks.
+				var tr activities.TransferDisksResult
+				if err := dc.FromPayloads(a.GetResult(), &tr); err != nil {
+					return nil, opened, closed, fmt.Errorf("history event %d: TransferDisks result: %w", ev.GetEventId(), err)
+				}
+				for i := range tr.Disks {
+					d := sp
+					d.activity, d.transfer = transferActivity, &tr.Disks[i]
+					spans = append(spans, d)
+				}
+				continue
 			}
 			spans = append(spans, sp)
 		}

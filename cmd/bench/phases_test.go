@@ -127,3 +127,40 @@ func TestWorkflowTasksQueued(t *testing.T) {
 		t.Errorf("workflowTasksQueued = %v, want %v", got, want)
 	}
 }
+
+// TestSpansOfTransferDisks: one TransferDisks of two disks is two
+// transfers, each with the activity's times and its disk's result.
+func TestSpansOfTransferDisks(t *testing.T) {
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	at := func(ms int) *timestamppb.Timestamp {
+		return timestamppb.New(t0.Add(time.Duration(ms) * time.Millisecond))
+	}
+	res := activities.TransferDisksResult{Disks: []activities.TransferDiskResult{{Path: "a", CopySeconds: 0.1}, {Path: "b", CopySeconds: 0.2}}}
+	p, err := converter.GetDefaultDataConverter().ToPayloads(res)
+	if err != nil {
+		t.Fatal(err)
+	}
+	events := []*historypb.HistoryEvent{
+		{EventId: 1, EventType: enumspb.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED, EventTime: at(0)},
+		{EventId: 2, EventType: enumspb.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED, EventTime: at(100), Attributes: &historypb.HistoryEvent_ActivityTaskScheduledEventAttributes{
+			ActivityTaskScheduledEventAttributes: &historypb.ActivityTaskScheduledEventAttributes{ActivityType: &commonpb.ActivityType{Name: "TransferDisks"}}}},
+		{EventId: 3, EventType: enumspb.EVENT_TYPE_ACTIVITY_TASK_STARTED, EventTime: at(110), Attributes: &historypb.HistoryEvent_ActivityTaskStartedEventAttributes{
+			ActivityTaskStartedEventAttributes: &historypb.ActivityTaskStartedEventAttributes{ScheduledEventId: 2}}},
+		{EventId: 4, EventType: enumspb.EVENT_TYPE_ACTIVITY_TASK_COMPLETED, EventTime: at(500), Attributes: &historypb.HistoryEvent_ActivityTaskCompletedEventAttributes{
+			ActivityTaskCompletedEventAttributes: &historypb.ActivityTaskCompletedEventAttributes{ScheduledEventId: 2, Result: p}}},
+		{EventId: 5, EventType: enumspb.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED, EventTime: at(600)},
+	}
+	spans, _, _, err := spansOf(events)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(spans) != 2 {
+		t.Fatalf("spans %+v, want 2", spans)
+	}
+	for i, sp := range spans {
+		if sp.activity != "TransferDisk" || !sp.scheduled.Equal(at(100).AsTime()) || !sp.start.Equal(at(110).AsTime()) || !sp.end.Equal(at(500).AsTime()) ||
+			sp.transfer == nil || *sp.transfer != res.Disks[i] {
+			t.Errorf("span %d: %+v, want TransferDisk from 110 to 500 ms with %+v", i, sp, res.Disks[i])
+		}
+	}
+}

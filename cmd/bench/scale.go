@@ -44,8 +44,9 @@ type round struct {
 	vcenter   calls // calls the worker made to the lab's vCenter in the round, by method
 }
 
-// transferSums adds up the TransferDisk activities of a round: their
-// count, their wall time and the steps their results report, in seconds.
+// transferSums adds up the transfers of a round (a TransferDisk each, or
+// each disk of a TransferDisks): their count, their wall time and the
+// steps their results report, in seconds.
 type transferSums struct {
 	n                               int
 	total, setup, copy, check, hash float64
@@ -55,7 +56,12 @@ func (t *transferSums) add(spans []span) {
 	for _, sp := range spans {
 		if tr := sp.transfer; tr != nil {
 			t.n++
-			t.total += sp.end.Sub(sp.start).Seconds()
+			// The disk's own time (a TransferDisks' disks share its span).
+			if tr.Seconds > 0 {
+				t.total += tr.Seconds
+			} else {
+				t.total += sp.end.Sub(sp.start).Seconds()
+			}
 			t.setup += tr.SetupSeconds
 			t.copy += tr.CopySeconds
 			t.check += tr.CheckSeconds

@@ -765,7 +765,7 @@ func (f *fixture) incrementalFirst(t *testing.T) {
 		t.Errorf("want exit 1 and status failed, got %s", res)
 	}
 	r := f.workflowFailedWith(t, b.WorkflowID, activities.ErrTypeNoRestorePoint)
-	if r.scheduled["CreateSnapshot"] != 0 || r.scheduled["TransferDisk"] != 0 || r.scheduled["FailBackup"] != 1 {
+	if r.scheduled["CreateSnapshot"] != 0 || r.scheduled["TransferDisk"] != 0 || r.scheduled["TransferDisks"] != 0 || r.scheduled["FailBackup"] != 1 {
 		t.Errorf("activities %v: want no snapshot, no transfer, the backup marked failed", r.scheduled)
 	}
 	// It failed, it did not vanish: the catalog says so.
@@ -906,7 +906,7 @@ func (f *fixture) readOnlyDiskFolder(t *testing.T) {
 		if !strings.Contains(b.Error, dir+"/") || !strings.Contains(strings.ToLower(b.Error), "read-only") {
 			t.Errorf("error %q does not name the read-only folder %s", b.Error, dir)
 		}
-		f.failedOnce(t, b.WorkflowID, "TransferDisk", activities.ErrTypeReadOnly)
+		f.failedOnce(t, b.WorkflowID, "TransferDisks", activities.ErrTypeReadOnly)
 	})
 }
 

@@ -393,7 +393,9 @@ func (e *env) attempts(wid, activity string) (attempt int, failureType string, e
 		events = append(events, ev)
 	}
 	for _, s := range stacktest.Steps(e.t, events) {
-		if s.Type != activity {
+		// "TransferDisk" names a backup's transfer: since the change
+		// one-transfer, every disk's in one TransferDisks.
+		if s.Type != activity && (activity != "TransferDisk" || s.Type != "TransferDisks") {
 			continue
 		}
 		attempt = max(attempt, s.Attempt+s.Reruns)

@@ -1,0 +1,198 @@
+package activities
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"sync"
+	"time"
+
+	"go.temporal.io/sdk/activity"
+	"go.temporal.io/sdk/temporal"
+
+	"github.com/cbtflow/cbtflow/internal/integrity"
+)
+
+// TransferDisks transfers every disk of a backup in one activity, each as
+// TransferDisk does (the same slots, resume points, checks and proofs;
+// the snapshot is checked once for all, before and after),
+// MaxParallel at a time. A backup of two disks is then one activity task
+// and one workflow task at its end, where a TransferDisk per disk made an
+// activity task each and a workflow task at the end of each.
+//
+// Its heartbeat (TransferDisksProgress) carries every running disk's
+// latest progress, its resume point, and the result of every disk done:
+// a retry resumes each disk from its point and does not copy a disk done
+// again, as long as that disk's image still has the file stamp its proof
+// was taken with (else the disk is transferred again). The first disk
+// that fails cancels the others, and its error, which names it, is the
+// activity's: retried or not as TransferDisk's would be.
+func (a *Transfer) TransferDisks(ctx context.Context, in TransferDisksInput) (*TransferDisksResult, error) {
+	start := time.Now()
+	if len(in.Disks) == 0 {
+		return nil, temporal.NewNonRetryableApplicationError("TransferDisks: no disks", ErrTypeInvalidInput, nil)
+	}
+	first := in.Disks[0]
+	seen := map[int32]bool{}
+	var keys []int32
+	for _, d := range in.Disks {
+		if seen[d.Key] {
+			return nil, temporal.NewNonRetryableApplicationError(fmt.Sprintf("TransferDisks: disk %d given twice", d.Key), ErrTypeInvalidInput, nil)
+		}
+		if d.Profile != first.Profile || d.VMRef != first.VMRef || d.VMUUID != first.VMUUID || d.SnapshotRef != first.SnapshotRef || d.BackupID != first.BackupID {
+			return nil, temporal.NewNonRetryableApplicationError(fmt.Sprintf("TransferDisks: disk %d is not of the backup, VM and snapshot of disk %d", d.Key, first.Key), ErrTypeInvalidInput, nil)
+		}
+		seen[d.Key] = true
+		keys = append(keys, d.Key)
+	}
+	var prev TransferDisksProgress
+	if activity.HasHeartbeatDetails(ctx) {
+		if err := activity.GetHeartbeatDetails(ctx, &prev); err != nil {
+			prev = TransferDisksProgress{}
+		}
+	}
+	beat := a.quietBeater(ctx, start)
+	beats := &disksBeat{beat: func(p TransferDisksProgress) { beat(p) }}
+	results := make([]*TransferDiskResult, len(in.Disks))
+	for i, d := range in.Disks {
+		if r := prev.doneResult(d.Key); r != nil && unchanged(r) {
+			results[i] = r
+			beats.done(d.Key, *r)
+			activity.GetLogger(ctx).Info("disk transferred by an earlier attempt, its image unchanged", "disk", d.Key, "backup", d.BackupID, "image", r.Path)
+		}
+	}
+	// The snapshot is checked once for every disk: before any reads it
+	// (a moref alone proves nothing after a vCenter restart), and after
+	// every copy, the disks done by an earlier attempt included (if the
+	// snapshot vanished or the moref names another one now, nothing
+	// proves the data and the change IDs are this backup's).
+	vc, err := a.Sessions.Client(ctx, first.Profile)
+	if err != nil {
+		return nil, permanent(err)
+	}
+	snapName := SnapshotPrefix + first.BackupID
+	what := fmt.Sprintf("disks %v of VM %s (%s)", keys, first.VMRef, first.VMUUID)
+	vmName, err := vc.CheckSnapshot(ctx, first.VMRef, first.SnapshotRef, snapName)
+	if err != nil {
+		return nil, snapshotErr(what, err)
+	}
+	what = fmt.Sprintf("disks %v of VM %q (%s, %s)", keys, vmName, first.VMRef, first.VMUUID)
+	dctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	sem := make(chan struct{}, max(in.MaxParallel, 1))
+	var (
+		wg       sync.WaitGroup
+		mu       sync.Mutex
+		firstErr error
+	)
+	for i, d := range in.Disks {
+		if results[i] != nil {
+			continue
+		}
+		wg.Go(func() {
+			select {
+			case sem <- struct{}{}:
+			case <-dctx.Done():
+				return
+			}
+			defer func() { <-sem }()
+			if dctx.Err() != nil {
+				return
+			}
+			r, err := a.transfer(dctx, d, time.Now(), prev.progress(d.Key), beats.set, vmName)
+			mu.Lock()
+			defer mu.Unlock()
+			if err != nil {
+				if firstErr == nil && (ctx.Err() != nil || dctx.Err() == nil) {
+					firstErr = err
+				}
+				cancel()
+				return
+			}
+			results[i] = r
+			beats.done(d.Key, *r)
+		})
+	}
+	wg.Wait()
+	if ctx.Err() != nil {
+		return nil, ctx.Err()
+	}
+	if firstErr != nil {
+		return nil, firstErr
+	}
+	if _, err := vc.CheckSnapshot(ctx, first.VMRef, first.SnapshotRef, snapName); err != nil {
+		return nil, snapshotErr(what+", after the copy", err)
+	}
+	out := &TransferDisksResult{Disks: make([]TransferDiskResult, len(results))}
+	for i, r := range results {
+		out.Disks[i] = *r
+	}
+	return out, nil
+}
+
+// unchanged reports whether the image of a disk done by an earlier
+// attempt still has the file stamp its proof was taken with.
+func unchanged(r *TransferDiskResult) bool {
+	if r.Stamp == nil || r.Path == "" {
+		return false
+	}
+	_, now, err := integrity.StampOf(r.Path)
+	return err == nil && FileStamp(now) == *r.Stamp
+}
+
+// disksBeat gathers the progress of TransferDisks' disks into its
+// heartbeat.
+type disksBeat struct {
+	beat func(TransferDisksProgress)
+	mu   sync.Mutex
+	p    TransferDisksProgress
+}
+
+// set records a running disk's progress and heartbeats them all.
+func (b *disksBeat) set(p TransferProgress) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	i := slices.IndexFunc(b.p.Disks, func(d TransferProgress) bool { return d.Key == p.Key })
+	if i < 0 {
+		b.p.Disks = append(b.p.Disks, p)
+	} else {
+		b.p.Disks[i] = p
+	}
+	b.send()
+}
+
+// done records a disk's result and heartbeats.
+func (b *disksBeat) done(key int32, r TransferDiskResult) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.p.Disks = slices.DeleteFunc(b.p.Disks, func(d TransferProgress) bool { return d.Key == key })
+	b.p.Done = append(b.p.Done, TransferDiskDone{Key: key, Result: r})
+	b.send()
+}
+
+// send heartbeats a copy (the SDK keeps the details until it sends them).
+func (b *disksBeat) send() {
+	b.beat(TransferDisksProgress{Disks: slices.Clone(b.p.Disks), Done: slices.Clone(b.p.Done)})
+}
+
+// doneResult is the result an earlier attempt recorded for disk key.
+func (p TransferDisksProgress) doneResult(key int32) *TransferDiskResult {
+	for _, d := range p.Done {
+		if d.Key == key {
+			r := d.Result
+			return &r
+		}
+	}
+	return nil
+}
+
+// progress is the last progress an earlier attempt recorded for disk
+// key (its resume point), or none.
+func (p TransferDisksProgress) progress(key int32) TransferProgress {
+	for _, d := range p.Disks {
+		if d.Key == key {
+			return d
+		}
+	}
+	return TransferProgress{}
+}
