@@ -1,16 +1,25 @@
 package activities
 
 import (
+	"cmp"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
 	"fmt"
+	"io"
+	"os"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
 	"go.temporal.io/sdk/activity"
 	"go.temporal.io/sdk/temporal"
 
+	"github.com/cbtflow/cbtflow/internal/digest"
 	"github.com/cbtflow/cbtflow/internal/integrity"
+	"github.com/cbtflow/cbtflow/internal/repository"
 )
 
 // TransferDisks transfers every disk of a backup in one activity, each as
@@ -23,10 +32,13 @@ import (
 // Its heartbeat (TransferDisksProgress) carries every running disk's
 // latest progress, its resume point, and the result of every disk done:
 // a retry resumes each disk from its point and does not copy a disk done
-// again, as long as that disk's image still has the file stamp its proof
-// was taken with (else the disk is transferred again). The first disk
-// that fails cancels the others, and its error, which names it, is the
-// activity's: retried or not as TransferDisk's would be.
+// again, as long as that disk's image is still the one its result names
+// (its path, the file stamp its proof was taken with, its digest file;
+// else the disk is transferred again). A disk that fails for good cancels
+// the others; one whose error a retry may cure lets the running ones
+// finish, for the retry to keep, and no other starts. The first error,
+// the disk named in it, is the activity's: retried or not as
+// TransferDisk's would be.
 func (a *Transfer) TransferDisks(ctx context.Context, in TransferDisksInput) (*TransferDisksResult, error) {
 	start := time.Now()
 	if len(in.Disks) == 0 {
@@ -55,12 +67,28 @@ func (a *Transfer) TransferDisks(ctx context.Context, in TransferDisksInput) (*T
 	beats := &disksBeat{beat: func(p TransferDisksProgress) { beat(p) }}
 	results := make([]*TransferDiskResult, len(in.Disks))
 	for i, d := range in.Disks {
-		if r := prev.doneResult(d.Key); r != nil && unchanged(r) {
+		if r := prev.doneResult(d.Key); r != nil && a.unchanged(d, r) {
 			results[i] = r
 			beats.done(d.Key, *r)
 			activity.GetLogger(ctx).Info("disk transferred by an earlier attempt, its image unchanged", "disk", d.Key, "backup", d.BackupID, "image", r.Path)
 		}
 	}
+	// The disks to transfer, those an earlier attempt began (a resume
+	// point) first, else in the order given; their resume points stay in
+	// the heartbeat until they start, so that a retry of this attempt
+	// still has them.
+	var pending []int
+	for i, d := range in.Disks {
+		if results[i] == nil {
+			pending = append(pending, i)
+			if p := prev.progress(d.Key); p.Path != "" {
+				beats.keep(p)
+			}
+		}
+	}
+	slices.SortStableFunc(pending, func(x, y int) int {
+		return cmp.Compare(boolInt(prev.progress(in.Disks[y].Key).Path != ""), boolInt(prev.progress(in.Disks[x].Key).Path != ""))
+	})
 	// The snapshot is checked once for every disk: before any reads it
 	// (a moref alone proves nothing after a vCenter restart), and after
 	// every copy, the disks done by an earlier attempt included (if the
@@ -77,6 +105,9 @@ func (a *Transfer) TransferDisks(ctx context.Context, in TransferDisksInput) (*T
 		return nil, snapshotErr(what, err)
 	}
 	what = fmt.Sprintf("disks %v of VM %q (%s, %s)", keys, vmName, first.VMRef, first.VMUUID)
+	// A disk that fails for good cancels the others: the backup fails.
+	// One that may succeed when retried lets the running ones finish (the
+	// retry keeps them) and starts no other.
 	dctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	sem := make(chan struct{}, max(in.MaxParallel, 1))
@@ -85,28 +116,32 @@ func (a *Transfer) TransferDisks(ctx context.Context, in TransferDisksInput) (*T
 		mu       sync.Mutex
 		firstErr error
 	)
-	for i, d := range in.Disks {
-		if results[i] != nil {
-			continue
+	failed := func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return firstErr != nil
+	}
+	for _, i := range pending {
+		select {
+		case sem <- struct{}{}:
+		case <-dctx.Done():
 		}
+		if dctx.Err() != nil || failed() {
+			break
+		}
+		d := in.Disks[i]
 		wg.Go(func() {
-			select {
-			case sem <- struct{}{}:
-			case <-dctx.Done():
-				return
-			}
 			defer func() { <-sem }()
-			if dctx.Err() != nil {
-				return
-			}
 			r, err := a.transfer(dctx, d, time.Now(), prev.progress(d.Key), beats.set, vmName)
 			mu.Lock()
 			defer mu.Unlock()
 			if err != nil {
 				if firstErr == nil && (ctx.Err() != nil || dctx.Err() == nil) {
-					firstErr = err
+					firstErr = diskErr(d.Key, err)
+					if !retryable(err) {
+						cancel()
+					}
 				}
-				cancel()
 				return
 			}
 			results[i] = r
@@ -130,14 +165,64 @@ func (a *Transfer) TransferDisks(ctx context.Context, in TransferDisksInput) (*T
 	return out, nil
 }
 
-// unchanged reports whether the image of a disk done by an earlier
-// attempt still has the file stamp its proof was taken with.
-func unchanged(r *TransferDiskResult) bool {
+// unchanged reports whether the image of disk d, done by an earlier
+// attempt with result r, is still what r says: at the disk's image path
+// in this worker's repository, with the file stamp its proof was taken
+// with, and its digest file (when r names one) of the size and SHA-256
+// r says (the commit records neither otherwise, and the backup would
+// fail where a new transfer succeeds).
+func (a *Transfer) unchanged(d TransferDiskInput, r *TransferDiskResult) bool {
 	if r.Stamp == nil || r.Path == "" {
 		return false
 	}
-	_, now, err := integrity.StampOf(r.Path)
-	return err == nil && FileStamp(now) == *r.Stamp
+	path, err := a.Repo.ImagePath(repository.Key{Profile: d.Profile, VMUUID: d.VMUUID, DiskKey: d.Key, BackupID: d.BackupID})
+	if err != nil || path != r.Path {
+		return false
+	}
+	if _, now, err := integrity.StampOf(r.Path); err != nil || FileStamp(now) != *r.Stamp {
+		return false
+	}
+	if r.DigestSHA256 == "" {
+		return true
+	}
+	f, err := os.Open(digest.PathOf(r.Path))
+	if err != nil {
+		return false
+	}
+	defer f.Close()
+	h := sha256.New()
+	n, err := io.Copy(h, f)
+	return err == nil && n == r.DigestSize && hex.EncodeToString(h.Sum(nil)) == r.DigestSHA256
+}
+
+// diskErr names disk key in err, unless its message does already, keeping
+// what the SDK reads of it: an ApplicationError's type, retryability and
+// details; a cancel as it is.
+func diskErr(key int32, err error) error {
+	name := fmt.Sprintf("disk %d", key)
+	if strings.Contains(err.Error(), name) || errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+		return err
+	}
+	var app *temporal.ApplicationError
+	if errors.As(err, &app) {
+		return temporal.NewApplicationErrorWithOptions(name+": "+app.Message(), app.Type(),
+			temporal.ApplicationErrorOptions{NonRetryable: app.NonRetryable(), Cause: err, Category: app.Category()})
+	}
+	return fmt.Errorf("%s: %w", name, err)
+}
+
+// retryable reports whether Temporal retries an activity that fails with
+// err.
+func retryable(err error) bool {
+	var app *temporal.ApplicationError
+	return !errors.As(err, &app) || !app.NonRetryable()
+}
+
+func boolInt(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 // disksBeat gathers the progress of TransferDisks' disks into its
@@ -159,6 +244,14 @@ func (b *disksBeat) set(p TransferProgress) {
 		b.p.Disks[i] = p
 	}
 	b.send()
+}
+
+// keep records the progress of a disk an earlier attempt began, until it
+// starts (without heartbeating).
+func (b *disksBeat) keep(p TransferProgress) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.p.Disks = append(b.p.Disks, p)
 }
 
 // done records a disk's result and heartbeats.

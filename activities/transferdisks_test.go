@@ -58,6 +58,7 @@ func (f *fixture) checkDisks(t *testing.T, db disksBackup, res *activities.Trans
 func TestTransferDisks(t *testing.T) {
 	testutil.CheckNoChildren(t)
 	f := newFixture(t, lab.Options{})
+	f.tr.Digests = true // as the worker runs it
 	testutil.CheckNoSockets(t, f.runDir)
 	env := f.newEnv(t)
 	vm := f.prepareVM(t, env)
@@ -87,6 +88,25 @@ func TestTransferDisks(t *testing.T) {
 	if res2.Disks[1].ReadBytes != second.ReadBytes || res2.Disks[1].Seconds == second.Seconds {
 		t.Errorf("the disk not done was not transferred again: %+v", res2.Disks[1])
 	}
+
+	// A result whose digest file or path is not the image's as it is now
+	// is not kept either (the commit would refuse it).
+	if first.DigestSHA256 == "" {
+		t.Fatal("the transfer recorded no digest file")
+	}
+	wrongDigest, wrongPath := first, first
+	wrongDigest.DigestSHA256 = strings.Repeat("0", 64)
+	wrongPath.Path += ".elsewhere"
+	for _, r := range []activities.TransferDiskResult{wrongDigest, wrongPath} {
+		envW := f.newEnv(t)
+		envW.SetHeartbeatDetails(activities.TransferDisksProgress{Done: []activities.TransferDiskDone{{Key: db.in.Disks[0].Key, Result: r}}})
+		resW := mustExecute[activities.TransferDisksResult](t, envW, f.tr.TransferDisks, db.in)
+		f.checkDisks(t, db, resW)
+		if sameResult(resW.Disks[0], r) || resW.Disks[0].Seconds == first.Seconds {
+			t.Errorf("a done disk's result naming another digest or path (%s, %s) was kept", r.DigestSHA256, r.Path)
+		}
+	}
+	first = mustExecute[activities.TransferDisksResult](t, f.newEnv(t), f.tr.TransferDisks, db.in).Disks[0]
 
 	// Its image changed since (its stamp differs): it is transferred again.
 	now := time.Now().Add(time.Minute)

@@ -1123,7 +1123,7 @@ func (r *backupRun) copyDisks(ctx workflow.Context, plans []diskPlan, snapDisks 
 		r.setDisk(plans[i].Key, DiskTransferring, 0, areas[i].ChangedBytes)
 	}
 	var tr activities.TransferDisksResult
-	err := workflow.ExecuteActivity(withTransferActivity(ctx), transferActs.TransferDisks, in).Get(ctx, &tr)
+	err := workflow.ExecuteActivity(withTransfersActivity(ctx, len(in.Disks), in.MaxParallel), transferActs.TransferDisks, in).Get(ctx, &tr)
 	if err == nil && len(tr.Disks) != len(plans) {
 		err = temporal.NewNonRetryableApplicationError(fmt.Sprintf("TransferDisks answered for %d disks of %d", len(tr.Disks), len(plans)), activities.ErrTypeInvalidInput, nil)
 	}
@@ -1498,14 +1498,35 @@ func withSnapshotActivity(ctx workflow.Context) workflow.Context {
 // that outlives 8 attempts (a disk that cannot be read) is not going away,
 // and the snapshot should not stay on the VM for long: about 3 minutes.
 func withTransferActivity(ctx workflow.Context) workflow.Context {
-	return workflow.WithActivityOptions(ctx, workflow.ActivityOptions{
+	return workflow.WithActivityOptions(ctx, transferActivity())
+}
+
+func transferActivity() workflow.ActivityOptions {
+	return workflow.ActivityOptions{
 		StartToCloseTimeout:    24 * time.Hour,
 		ScheduleToCloseTimeout: 48 * time.Hour,
 		HeartbeatTimeout:       15 * time.Second,
 		WaitForCancellation:    true,
 		RetryPolicy: &temporal.RetryPolicy{InitialInterval: 2 * time.Second, MaximumInterval: 30 * time.Second,
 			MaximumAttempts: 8},
-	})
+	}
+}
+
+// withTransfersActivity: TransferDisks of n disks, maxParallel at a time,
+// with the limits TransferDisk has for one disk, for each round of
+// maxParallel disks, and its attempts for each disk (each attempt keeps
+// the disks done: a disk that keeps failing still fails the backup after
+// about as many attempts of its own, while errors of different disks, each
+// costing an attempt, do not add up to the budget of one).
+func withTransfersActivity(ctx workflow.Context, n, maxParallel int) workflow.Context {
+	opts := transferActivity()
+	rounds := time.Duration((n + max(maxParallel, 1) - 1) / max(maxParallel, 1))
+	opts.StartToCloseTimeout *= max(rounds, 1)
+	opts.ScheduleToCloseTimeout *= max(rounds, 1)
+	policy := *opts.RetryPolicy
+	policy.MaximumAttempts *= int32(max(n, 1))
+	opts.RetryPolicy = &policy
+	return workflow.WithActivityOptions(ctx, opts)
 }
 
 // The options of shortActivity, catalogActivity, queryActivity and

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"strconv"
 	"strings"
 	"sync"
@@ -857,5 +858,26 @@ func TestBackupVMOneTransfer(t *testing.T) {
 	if len(f.commits) != 1 || len(f.commits[0].Disks) != 2 || f.commits[0].Disks[0].Key != 204 || f.commits[0].Disks[1].Key != 205 ||
 		f.commits[0].Disks[0].SHA256 == "" {
 		t.Errorf("commits %+v", f.commits)
+	}
+}
+
+// TransferDisks of 5 disks, 2 at a time, has TransferDisk's limits for
+// each of its 3 rounds and its 8 attempts for each disk.
+func TestTransfersActivityOptions(t *testing.T) {
+	var s testsuite.WorkflowTestSuite
+	env := s.NewTestWorkflowEnvironment()
+	env.RegisterWorkflowWithOptions(func(ctx workflow.Context) (string, error) {
+		o := workflow.GetActivityOptions(withTransfersActivity(ctx, 5, 2))
+		one := workflow.GetActivityOptions(withTransferActivity(ctx))
+		return fmt.Sprintf("%v %v %d %v %d", o.StartToCloseTimeout, o.ScheduleToCloseTimeout, o.RetryPolicy.MaximumAttempts,
+			o.HeartbeatTimeout, one.RetryPolicy.MaximumAttempts), nil
+	}, workflow.RegisterOptions{Name: "options"})
+	env.ExecuteWorkflow("options")
+	var got string
+	if err := env.GetWorkflowResult(&got); err != nil {
+		t.Fatal(err)
+	}
+	if want := "72h0m0s 144h0m0s 40 15s 8"; got != want {
+		t.Errorf("options %q, want %q", got, want)
 	}
 }

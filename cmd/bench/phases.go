@@ -202,7 +202,12 @@ func phasesOf(spans []span, opened, closed time.Time, wall time.Duration) map[st
 		queued = append(queued, interval{sp.scheduled, sp.end})
 		if sp.activity == transferActivity {
 			transfers = append(transfers, iv)
-			sumTransfer += sp.end.Sub(sp.start).Seconds()
+			// The disk's own time: a TransferDisks' disks share its span.
+			if tr := sp.transfer; tr != nil && tr.Seconds > 0 {
+				sumTransfer += tr.Seconds
+			} else {
+				sumTransfer += sp.end.Sub(sp.start).Seconds()
+			}
 			if tr := sp.transfer; tr != nil {
 				setup, cp, check, hash = setup+tr.SetupSeconds, cp+tr.CopySeconds, check+tr.CheckSeconds, hash+tr.HashSeconds
 				// The check and the seal run at once (since issue 12).
