@@ -36,9 +36,9 @@ import (
 // (its path, the file stamp its proof was taken with, its digest file;
 // else the disk is transferred again). A disk that fails for good cancels
 // the others; one whose error a retry may cure lets the running ones
-// finish, for the retry to keep, and no other starts. The first error,
-// the disk named in it, is the activity's: retried or not as
-// TransferDisk's would be.
+// finish, for the retry to keep, and no other starts. The first error
+// (or the first for good after it), the disk named in it, is the
+// activity's: retried or not as TransferDisk's would be.
 func (a *Transfer) TransferDisks(ctx context.Context, in TransferDisksInput) (*TransferDisksResult, error) {
 	start := time.Now()
 	if len(in.Disks) == 0 {
@@ -69,14 +69,13 @@ func (a *Transfer) TransferDisks(ctx context.Context, in TransferDisksInput) (*T
 	for i, d := range in.Disks {
 		if r := prev.doneResult(d.Key); r != nil && a.unchanged(d, r) {
 			results[i] = r
-			beats.done(d.Key, *r)
-			activity.GetLogger(ctx).Info("disk transferred by an earlier attempt, its image unchanged", "disk", d.Key, "backup", d.BackupID, "image", r.Path)
 		}
 	}
 	// The disks to transfer, those an earlier attempt began (a resume
 	// point) first, else in the order given; their resume points stay in
-	// the heartbeat until they start, so that a retry of this attempt
-	// still has them.
+	// the heartbeat until they start (as waiting), so that a retry of
+	// this attempt still has them. They are in the state before the
+	// first heartbeat that records the disks kept as done.
 	var pending []int
 	for i, d := range in.Disks {
 		if results[i] == nil {
@@ -84,6 +83,12 @@ func (a *Transfer) TransferDisks(ctx context.Context, in TransferDisksInput) (*T
 			if p := prev.progress(d.Key); p.Path != "" {
 				beats.keep(p)
 			}
+		}
+	}
+	for i, d := range in.Disks {
+		if r := results[i]; r != nil {
+			beats.done(d.Key, *r)
+			activity.GetLogger(ctx).Info("disk transferred by an earlier attempt, its image unchanged", "disk", d.Key, "backup", d.BackupID, "image", r.Path)
 		}
 	}
 	slices.SortStableFunc(pending, func(x, y int) int {
@@ -136,12 +141,17 @@ func (a *Transfer) TransferDisks(ctx context.Context, in TransferDisksInput) (*T
 			mu.Lock()
 			defer mu.Unlock()
 			if err != nil {
-				if firstErr == nil && (ctx.Err() != nil || dctx.Err() == nil) {
+				// The first error, unless a later one is for good: a
+				// disk that fails for good cancels the others (errors
+				// of disks canceled so are not theirs).
+				own := ctx.Err() != nil || dctx.Err() == nil
+				if own && (firstErr == nil || (retryable(firstErr) && !retryable(err))) {
 					firstErr = diskErr(d.Key, err)
 					if !retryable(err) {
 						cancel()
 					}
 				}
+				beats.stopped(d.Key)
 				return
 			}
 			results[i] = r
@@ -196,8 +206,9 @@ func (a *Transfer) unchanged(d TransferDiskInput, r *TransferDiskResult) bool {
 }
 
 // diskErr names disk key in err, unless its message does already, keeping
-// what the SDK reads of it: an ApplicationError's type, retryability and
-// details; a cancel as it is.
+// what the SDK and the workflow read of it: an ApplicationError's type,
+// retryability and category (not its details: no transfer error has
+// any); a cancel as it is.
 func diskErr(key int32, err error) error {
 	name := fmt.Sprintf("disk %d", key)
 	if strings.Contains(err.Error(), name) || errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
@@ -246,12 +257,31 @@ func (b *disksBeat) set(p TransferProgress) {
 	b.send()
 }
 
-// keep records the progress of a disk an earlier attempt began, until it
-// starts (without heartbeating).
+// keep records the resume point of a disk an earlier attempt began, as
+// waiting, until it starts (without heartbeating).
 func (b *disksBeat) keep(p TransferProgress) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	b.p.Disks = append(b.p.Disks, p)
+	b.p.Disks = append(b.p.Disks, waiting(p))
+}
+
+// stopped records a disk whose transfer failed as waiting (for a retry),
+// its resume point kept, and heartbeats.
+func (b *disksBeat) stopped(key int32) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	i := slices.IndexFunc(b.p.Disks, func(d TransferProgress) bool { return d.Key == key })
+	if i < 0 {
+		return
+	}
+	b.p.Disks[i] = waiting(b.p.Disks[i])
+	b.send()
+}
+
+// waiting is a disk's progress p as a disk that waits: its resume point
+// and bytes done, no stage of a running copy, no rate.
+func waiting(p TransferProgress) TransferProgress {
+	return TransferProgress{Path: p.Path, ResumePoint: p.ResumePoint, Done: p.Done, Total: p.Total, Key: p.Key, Stage: TransferStageWaiting}
 }
 
 // done records a disk's result and heartbeats.

@@ -1,12 +1,16 @@
 package activities_test
 
 import (
+	"context"
 	"os"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
+	"go.temporal.io/sdk/interceptor"
 	"go.temporal.io/sdk/testsuite"
+	"go.temporal.io/sdk/worker"
 
 	"github.com/cbtflow/cbtflow/activities"
 	"github.com/cbtflow/cbtflow/lab"
@@ -165,4 +169,76 @@ func sameResult(a, b activities.TransferDiskResult) bool {
 	}
 	a.Stamp, b.Stamp = nil, nil
 	return a == b
+}
+
+// disksBeats records the heartbeats of a TransferDisks.
+type disksBeats struct {
+	interceptor.WorkerInterceptorBase
+	mu    sync.Mutex
+	beats []activities.TransferDisksProgress
+}
+
+func (r *disksBeats) InterceptActivity(ctx context.Context, next interceptor.ActivityInboundInterceptor) interceptor.ActivityInboundInterceptor {
+	return &disksBeatsInbound{ActivityInboundInterceptorBase: interceptor.ActivityInboundInterceptorBase{Next: next}, root: r}
+}
+
+type disksBeatsInbound struct {
+	interceptor.ActivityInboundInterceptorBase
+	root *disksBeats
+}
+
+func (i *disksBeatsInbound) Init(outbound interceptor.ActivityOutboundInterceptor) error {
+	o := &disksBeatsOutbound{root: i.root}
+	o.Next = outbound
+	return i.Next.Init(o)
+}
+
+type disksBeatsOutbound struct {
+	interceptor.ActivityOutboundInterceptorBase
+	root *disksBeats
+}
+
+func (o *disksBeatsOutbound) RecordHeartbeat(ctx context.Context, details ...any) {
+	o.Next.RecordHeartbeat(ctx, details...)
+	if len(details) == 1 {
+		if p, ok := details[0].(activities.TransferDisksProgress); ok {
+			o.root.mu.Lock()
+			o.root.beats = append(o.root.beats, p)
+			o.root.mu.Unlock()
+		}
+	}
+}
+
+// A retry keeps, in its first heartbeat (the disks kept as done), the
+// resume point of a disk it has not started yet, as waiting.
+func TestTransferDisksKeepsResumePoints(t *testing.T) {
+	testutil.CheckNoChildren(t)
+	f := newFixture(t, lab.Options{})
+	f.tr.Digests = true
+	env := f.newEnv(t)
+	vm := f.prepareVM(t, env)
+	f.apply(t, vm.disks[0].Key, write{off: 0, n: 1 << 20, seed: 51})
+	f.apply(t, vm.disks[1].Key, write{off: 0, n: 1 << 20, seed: 52})
+	db := f.takeDisksBackup(t, env, vm, "keep1")
+	res := mustExecute[activities.TransferDisksResult](t, f.newEnv(t), f.tr.TransferDisks, db.in)
+	k0, k1 := db.in.Disks[0].Key, db.in.Disks[1].Key
+	begun := activities.TransferProgress{Path: "/elsewhere/partial.qcow2", ResumePoint: 1 << 20, Done: 1 << 20, Total: 2 << 20,
+		Key: k1, Stage: activities.TransferStageCopying, Rate: 1e6}
+	rec := &disksBeats{}
+	env2 := f.newEnv(t)
+	env2.SetWorkerOptions(worker.Options{Interceptors: []interceptor.WorkerInterceptor{rec}})
+	env2.SetHeartbeatDetails(activities.TransferDisksProgress{Disks: []activities.TransferProgress{begun},
+		Done: []activities.TransferDiskDone{{Key: k0, Result: res.Disks[0]}}})
+	res2 := mustExecute[activities.TransferDisksResult](t, env2, f.tr.TransferDisks, db.in)
+	f.checkDisks(t, db, res2)
+	rec.mu.Lock()
+	defer rec.mu.Unlock()
+	if len(rec.beats) == 0 {
+		t.Fatal("no heartbeat")
+	}
+	want := activities.TransferProgress{Path: begun.Path, ResumePoint: begun.ResumePoint, Done: begun.Done, Total: begun.Total,
+		Key: k1, Stage: activities.TransferStageWaiting}
+	if b := rec.beats[0]; len(b.Done) != 1 || b.Done[0].Key != k0 || len(b.Disks) != 1 || b.Disks[0] != want {
+		t.Errorf("first heartbeat %+v: want disk %d done and disk %d waiting at its resume point (%+v)", b, k0, k1, want)
+	}
 }

@@ -1514,10 +1514,10 @@ func transferActivity() workflow.ActivityOptions {
 
 // withTransfersActivity: TransferDisks of n disks, maxParallel at a time,
 // with the limits TransferDisk has for one disk, for each round of
-// maxParallel disks, and its attempts for each disk (each attempt keeps
-// the disks done: a disk that keeps failing still fails the backup after
-// about as many attempts of its own, while errors of different disks, each
-// costing an attempt, do not add up to the budget of one).
+// maxParallel disks, and its attempts for each disk: errors of different
+// disks, each costing an attempt (a retry keeps the disks done), do not
+// use up the budget of one; a disk that keeps failing is tried in every
+// attempt, up to 8 per disk of the backup, before the backup fails.
 func withTransfersActivity(ctx workflow.Context, n, maxParallel int) workflow.Context {
 	opts := transferActivity()
 	rounds := time.Duration((n + max(maxParallel, 1) - 1) / max(maxParallel, 1))
