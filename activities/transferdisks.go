@@ -3,12 +3,8 @@ package activities
 import (
 	"cmp"
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"fmt"
-	"io"
-	"os"
 	"slices"
 	"strings"
 	"sync"
@@ -195,14 +191,8 @@ func (a *Transfer) unchanged(d TransferDiskInput, r *TransferDiskResult) bool {
 	if r.DigestSHA256 == "" {
 		return true
 	}
-	f, err := os.Open(digest.PathOf(r.Path))
-	if err != nil {
-		return false
-	}
-	defer f.Close()
-	h := sha256.New()
-	n, err := io.Copy(h, f)
-	return err == nil && n == r.DigestSize && hex.EncodeToString(h.Sum(nil)) == r.DigestSHA256
+	size, sum, err := digest.HashFile(digest.PathOf(r.Path))
+	return err == nil && size == r.DigestSize && sum == r.DigestSHA256
 }
 
 // diskErr names disk key in err, unless its message does already, keeping
