@@ -1,7 +1,6 @@
 package activities
 
 import (
-	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -72,24 +71,24 @@ func (a *Transfer) TransferDisks(ctx context.Context, in TransferDisksInput) (*T
 	// the heartbeat until they start (as waiting), so that a retry of
 	// this attempt still has them. They are in the state before the
 	// first heartbeat that records the disks kept as done.
-	var pending []int
+	var begun, fresh []int
 	for i, d := range in.Disks {
-		if results[i] == nil {
-			pending = append(pending, i)
-			if p := prev.progress(d.Key); p.Path != "" {
-				beats.keep(p)
-			}
+		switch p := prev.progress(d.Key); {
+		case results[i] != nil:
+		case p.Path != "":
+			beats.keep(p)
+			begun = append(begun, i)
+		default:
+			fresh = append(fresh, i)
 		}
 	}
+	pending := append(begun, fresh...)
 	for i, d := range in.Disks {
 		if r := results[i]; r != nil {
 			beats.done(d.Key, *r)
 			activity.GetLogger(ctx).Info("disk transferred by an earlier attempt, its image unchanged", "disk", d.Key, "backup", d.BackupID, "image", r.Path)
 		}
 	}
-	slices.SortStableFunc(pending, func(x, y int) int {
-		return cmp.Compare(boolInt(prev.progress(in.Disks[y].Key).Path != ""), boolInt(prev.progress(in.Disks[x].Key).Path != ""))
-	})
 	// The snapshot is checked once for every disk: before any reads it
 	// (a moref alone proves nothing after a vCenter restart), and after
 	// every copy, the disks done by an earlier attempt included (if the
@@ -217,13 +216,6 @@ func diskErr(key int32, err error) error {
 func retryable(err error) bool {
 	var app *temporal.ApplicationError
 	return !errors.As(err, &app) || !app.NonRetryable()
-}
-
-func boolInt(b bool) int {
-	if b {
-		return 1
-	}
-	return 0
 }
 
 // disksBeat gathers the progress of TransferDisks' disks into its
